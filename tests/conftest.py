@@ -1,0 +1,30 @@
+"""Fixtures that start real servers: a Redis-compatible server from the binary the project installs."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+
+from emp_machine.runtime.redis_server import PrivateRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real server for the session, on a free loopback port."""
+    server = PrivateRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def redis(redis_server):
+    """A client on a clean database: every test starts from FLUSHALL."""
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
