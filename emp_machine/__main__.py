@@ -1,0 +1,3 @@
+from emp_machine.runtime.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""`emp-machine` and its subcommands. Parses, sets up logging, builds a Manifest and hands it on.
+
+Heavy imports stay inside the commands: `emp-machine worker` starts for every worker process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from emp_machine.errors import EmpError, NoMachineRunning
+
+USAGE_EXIT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EmpError as exc:
+        print(f"emp-machine: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emp-machine", description="Boot and operate an EMP worker machine.")
+    parser.add_argument("--manifest", "-m", help="machine manifest (default: $EMP_MANIFEST or the built-in "
+                                                 "simulation manifest)")
+    parser.set_defaults(func=cmd_run)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="boot the machine (the default command)")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="boot the simulation machine with a private Redis")
+    demo.set_defaults(func=cmd_demo)
+
+    validate = sub.add_parser("validate", help="check a manifest and exit (0 valid, 2 invalid)")
+    validate.add_argument("path")
+    validate.set_defaults(func=cmd_validate)
+
+    render = sub.add_parser("render", help="print the supervisord config the manifest gives (secrets hidden)")
+    render.add_argument("path")
+    render.add_argument("--gpus", type=int, help="lay out as if this many GPUs were present")
+    render.set_defaults(func=cmd_render)
+
+    ps = sub.add_parser("ps", help="list the processes of the running machine, like `pm2 list`")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_ps)
+
+    restart = sub.add_parser("restart", help="gracefully restart a process (or `all`)")
+    restart.add_argument("name")
+    restart.set_defaults(func=cmd_restart)
+
+    logs = sub.add_parser("logs", help="show a process's log")
+    logs.add_argument("name")
+    logs.add_argument("-n", "--lines", type=int, default=100)
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.set_defaults(func=cmd_logs)
+
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--index", type=int, required=True)
+    worker.set_defaults(func=cmd_worker)
+
+    for p in (run, demo, ps, restart, logs, worker):
+        p.add_argument("--manifest", "-m", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+# -- running a machine --------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from emp_machine.runtime import manifest as mf
+
+    path = Path(args.manifest) if args.manifest else mf.default_manifest()
+    return _boot(mf.load(path))
+
+
+def cmd_demo(args) -> int:
+    from emp_machine.runtime import manifest as mf
+
+    return _boot(mf.load(Path(args.manifest) if args.manifest else mf.BUILTIN_DEFAULT))
+
+
+def _boot(manifest) -> int:
+    import asyncio
+
+    from emp_machine.runtime import hardware, plan
+    from emp_machine.runtime.machine import Machine, resolved_manifest_path
+
+    _setup_logging(manifest.machine.id)
+    hw = hardware.probe()
+    state = Path(manifest.machine.state_dir)
+    resolved = resolved_manifest_path(state)
+    the_plan = plan.build(manifest, hw, resolved_manifest=resolved, environ=dict(os.environ))
+    resolved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.write(manifest.model_dump_json())
+    return asyncio.run(Machine(manifest, the_plan, hw).run())
+
+
+def cmd_worker(args) -> int:
+    from emp_machine.runtime import worker
+
+    return worker.run(Path(args.manifest), args.index)
+
+
+# -- manifests ----------------------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    from emp_machine.runtime import manifest as mf
+
+    manifest = mf.load(args.path)
+    workers = sum(1 for _ in manifest.workers)
+    print(f"{args.path}: valid (machine {manifest.machine.id}, {len(manifest.services)} service(s), "
+          f"{workers} worker group(s))")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from emp_machine.runtime import hardware, plan
+    from emp_machine.runtime import manifest as mf
+    from emp_machine.runtime.identity import redact_url
+    from emp_machine.runtime.machine import resolved_manifest_path
+    from emp_machine.supervisor import config as svconfig
+
+    manifest = mf.load(args.path)
+    if args.gpus is not None:
+        manifest = manifest.model_copy(update={"machine": manifest.machine.model_copy(update={"gpus": args.gpus})})
+    the_plan = plan.build(manifest, hardware.probe(), environ=dict(os.environ),
+                          resolved_manifest=resolved_manifest_path(Path(manifest.machine.state_dir)))
+    text = svconfig.render(list(the_plan.specs), the_plan.paths, parent_pid=os.getpid(),
+                           machine_id=the_plan.machine_id, log_max_bytes=manifest.logs.max_size,
+                           log_backups=manifest.logs.backups)
+    print(_redact_config(text, redact_url))
+    return 0
+
+
+def _redact_config(text: str, redact_url) -> str:
+    """Hide URL passwords and the values of secret-looking variables in a rendered config."""
+    import re
+
+    secret = re.compile(r'(\b[A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH)[A-Z0-9_]*=)(["\'])[^"\']*\2')
+    text = secret.sub(lambda m: f"{m.group(1)}{m.group(2)}***{m.group(2)}", text)
+    return re.sub(r"\b(?:redis|rediss|https?)://[^\s\"',]+", lambda m: redact_url(m.group(0)), text)
+
+
+# -- operating a running machine ----------------------------------------------------------------------------
+def _target(args) -> dict:
+    """The running machine's pointer document: from --manifest / $EMP_MANIFEST, else the only one running."""
+    from emp_machine.runtime import manifest as mf
+
+    explicit = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST")
+    if explicit:
+        manifest = mf.load(explicit)
+        pointer = Path(manifest.machine.state_dir) / "run" / "machine.json"
+        try:
+            doc = json.loads(pointer.read_text(encoding="utf-8"))
+            os.kill(int(doc["pid"]), 0)
+            return doc
+        except (OSError, ValueError, KeyError):
+            raise NoMachineRunning(f"no machine is running for {explicit} (looked for {pointer})") from None
+    machines = mf.running_machines()
+    if not machines:
+        raise NoMachineRunning("no machine is running on this host; start one with "
+                               "`emp-machine --manifest <file>`, or name its manifest with --manifest")
+    if len(machines) > 1:
+        names = ", ".join(f"{m['machine_id']} ({m['manifest']})" for m in machines)
+        raise NoMachineRunning(f"{len(machines)} machines are running ({names}); choose one with --manifest")
+    return machines[0]
+
+
+def _control(doc: dict):
+    from emp_machine.supervisor.control import Supervisor
+
+    return Supervisor(doc["socket"])
+
+
+def cmd_ps(args) -> int:
+    import psutil
+
+    doc = _target(args)
+    rows = _control(doc).processes()
+    trees = {}
+    for row in rows:
+        if row.pid:
+            try:
+                root = psutil.Process(row.pid)
+                trees[row.name] = [root, *root.children(recursive=True)]
+                for proc in trees[row.name]:
+                    proc.cpu_percent(None)
+            except psutil.Error:
+                pass
+    time.sleep(0.25)  # cpu_percent needs two samples; one short interval for the whole table
+    table = []
+    for row in rows:
+        cpu, rss = 0.0, 0
+        for proc in trees.get(row.name, []):
+            try:
+                cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        table.append({"name": row.name, "pid": row.pid or None, "state": row.state.lower(),
+                      "uptime_s": round(row.uptime), "restarts": row.restarts, "cpu_percent": round(cpu, 1),
+                      "memory_bytes": rss, "errored_reason": row.errored_reason or None})
+    if args.json:
+        print(json.dumps({"machine_id": doc["machine_id"], "processes": table}, indent=2))
+        return 0
+    from emp_machine.units import format_size
+
+    print(f"machine {doc['machine_id']}  ({doc['manifest']})")
+    header = f"{'NAME':<18} {'PID':>7}  {'STATE':<9} {'UPTIME':>8} {'RESTARTS':>8} {'CPU%':>6} {'MEMORY':>9}"
+    print(header)
+    for t in table:
+        print(f"{t['name']:<18} {t['pid'] or '-':>7}  {t['state']:<9} {_ago(t['uptime_s']) if t['pid'] else '-':>8} "
+              f"{t['restarts']:>8} {t['cpu_percent']:>6} {format_size(t['memory_bytes']) if t['pid'] else '-':>9}")
+        if t["errored_reason"]:
+            print(f"{'':<18} errored: {t['errored_reason']}")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def cmd_restart(args) -> int:
+    from emp_machine.supervisor.control import Supervisor
+
+    doc = _target(args)
+    control = _control(doc)
+    names = [r.name for r in control.processes()]
+    targets = [n for n in names if n != "redis"] if args.name == "all" else [args.name]
+    for name in targets:
+        if name not in names:
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; processes: {', '.join(names)}"
+            raise EmpError(f"no process named {name}{hint}")
+    for name in targets:
+        Supervisor(doc["socket"], timeout=120).restart(name)
+        print(f"restarted {name}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    doc = _target(args)
+    path = Path(doc["logs"]) / f"{args.name}.log"
+    if not path.exists():
+        available = sorted(p.stem for p in Path(doc["logs"]).glob("*.log"))
+        raise EmpError(f"no log for {args.name} at {path}; logs: {', '.join(available) or 'none yet'}")
+    for line in _tail(path, args.lines):
+        sys.stdout.write(line)
+    sys.stdout.flush()
+    if args.follow:
+        _follow(path)
+    return 0
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        end = fh.tell()
+        block, data = 8192, b""
+        while end > 0 and data.count(b"\n") <= count:
+            step = min(block, end)
+            end -= step
+            fh.seek(end)
+            data = fh.read(step) + data
+    lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+    return lines[-count:] if count > 0 else []
+
+
+def _follow(path: Path) -> None:
+    """Print lines as they are appended; reopen when supervisord rotates the file."""
+    fh = open(path, "rb")
+    fh.seek(0, os.SEEK_END)
+    inode = os.fstat(fh.fileno()).st_ino
+    while True:
+        chunk = fh.read()
+        if chunk:
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+            continue
+        try:
+            if os.stat(path).st_ino != inode or os.stat(path).st_size < fh.tell():
+                fh.close()
+                fh = open(path, "rb")
+                inode = os.fstat(fh.fileno()).st_ino
+                continue
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+
+
+# -- logging ------------------------------------------------------------------------------------------------
+class _JsonFormatter(logging.Formatter):
+    _skip = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def __init__(self, machine_id: str):
+        super().__init__()
+        self.machine_id = machine_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
+               f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "message": record.getMessage(),
+               "machine_id": self.machine_id, "source": record.name}
+        doc.update({k: v for k, v in record.__dict__.items() if k not in self._skip and v is not None})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def _setup_logging(machine_id: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonFormatter(machine_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)

@@ -1,0 +1,67 @@
+"""machine_id / worker_id / request_id rules, and the Railway and container environment.
+
+Pure functions of what they are given: `manifest.load()` passes the environment in.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def machine_id(explicit: str, machine_type: str, environ: Mapping[str, str], hostname: str) -> str:
+    """Stable across restarts of the same machine, never a random suffix per boot.
+
+    Order: the manifest's `machine.id`; `MACHINE_ID`; Railway's replica (`{type}-{service}-{replica[:8]}`);
+    the host name (`{type}-{hostname}`). A container's host name is stable for its lifetime.
+    """
+    if explicit:
+        return explicit
+    if environ.get("MACHINE_ID"):
+        return environ["MACHINE_ID"]
+    replica = environ.get("RAILWAY_REPLICA_ID", "")
+    if replica:
+        service = _slug(environ.get("RAILWAY_SERVICE_NAME", ""))
+        parts = [machine_type, service, _slug(replica)[:8]]
+        return "-".join(p for p in parts if p)
+    host = _slug(hostname.split(".")[0]) or "localhost"
+    return host if host.startswith(f"{machine_type}-") else f"{machine_type}-{host}"
+
+
+def worker_id(machine_id_: str, index: int) -> str:
+    return f"{machine_id_}-worker-{index}"
+
+
+def request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+def default_state_dir(machine_id_: str, environ: Mapping[str, str]) -> str:
+    """`$XDG_STATE_HOME/emp-machine/<id>`, else `~/.local/state/emp-machine/<id>`."""
+    return str(state_root(environ) / _slug(machine_id_))
+
+
+def state_root(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / "emp-machine"
+
+
+def redact_url(url: str) -> str:
+    """Hide the password (and a user name that may be a token) of a URL; anything else passes unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme or (parts.password is None and not parts.username):
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,539 @@
+"""The machine manifest: pydantic models, YAML loading with line numbers, ${VAR} interpolation, env overrides.
+
+This is the one module that reads the process environment (STYLE.md section 4): `load()` resolves
+everything that depends on it (interpolation, `EMP_*` overrides, `REDIS_URL`, the machine id, the state
+directory) and hands back a frozen `Manifest` that the rest of the code passes down.
+
+Every problem becomes a `ManifestProblem` naming the dotted field path, the YAML line when known, what was
+expected and, for misspelt names, the closest valid one. `load()` raises one `ManifestError` listing them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import socket
+import string
+import typing
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from emp_machine.errors import ManifestError, ManifestProblem
+from emp_machine.runtime import identity
+from emp_machine.supervisor.config import STOP_SIGNALS, env_value_problem
+from emp_machine.telemetry.config import TelemetryConfig
+from emp_machine.units import ByteSize, Duration
+
+ENV_PREFIX = "EMP_"
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
+RESERVED_NAMES = {"worker", "redis", "supervisord", "machine"}
+SERVICE_PLACEHOLDERS = {"index", "port", "gpu", "machine_id", "name"}
+WORKER_PLACEHOLDERS = {"index", "machine_id", "worker_id", "service_port", "service_index", "name"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MachineSection(_Model):
+    id: str = Field("", description="stable machine id; empty: MACHINE_ID, else Railway replica, else host name")
+    type: str = Field("generic", pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$", description="machine type, e.g. comfyui")
+    region: str = ""
+    gpus: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = Field(
+        "auto", description="GPU count: 'auto' asks the NVIDIA driver (none found is 0)")
+    state_dir: str = Field("", description="runtime files (socket, logs, embedded Redis); empty: per-user default")
+
+
+class RedisSection(_Model):
+    url: str = Field("embedded", description="redis://... or 'embedded' for a private server run by the machine")
+
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, value: str) -> str:
+        if value != "embedded" and not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("expected 'embedded' or a URL starting with redis://, rediss:// or unix://")
+        return value
+
+
+class HealthSection(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(9090, ge=1, le=65535)
+    public_url: str = Field("", description="URL the monitor reaches :9090 at; empty: derived when possible")
+    token_env: str = Field("EMP_HEALTH_TOKEN", description="environment variable holding the bearer token")
+    cors_origins: tuple[str, ...] = ()
+
+
+class StatusSection(_Model):
+    interval: Duration = Field(10.0, gt=0)
+
+
+class LogsSection(_Model):
+    max_size: ByteSize = Field(10 * 2**20, gt=0, description="rotate a process log file at this size")
+    backups: int = Field(5, ge=0, le=100)
+
+
+class SupervisorSection(_Model):
+    memory_check_interval: Duration = Field(2.0, gt=0)
+    boot_timeout: Duration = Field(60.0, gt=0, description="longest wait for supervisord to come up")
+
+
+class RestartSection(_Model):
+    policy: Literal["always", "on-failure", "never"] = "always"
+    backoff_initial: Duration = 0.1
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max: Duration = 30.0
+    reset_after: Duration = Field(30.0, description="uptime after which a crash counts as the first again")
+    max_restarts: int = Field(10, ge=1)
+    window: Duration = Field(60.0, gt=0)
+    cooldown: Duration = Field(300.0, gt=0, description="an errored process is tried again after this")
+
+
+class HealthCheck(_Model):
+    http: str | None = Field(None, description="URL template answered with 2xx when healthy, e.g. "
+                                               "http://127.0.0.1:{port}/system_stats")
+    tcp: int | str | None = Field(None, description="port (or '{port}') that accepts a connection when healthy")
+    interval: Duration = Field(5.0, gt=0)
+    timeout: Duration = Field(2.0, gt=0)
+    start_period: Duration = Field(60.0, ge=0, description="failures during this time after start don't count")
+    retries: int = Field(3, ge=1, description="consecutive failures that make the service unhealthy")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "HealthCheck":
+        if (self.http is None) == (self.tcp is None):
+            raise ValueError("give exactly one of 'http' (a URL) or 'tcp' (a port)")
+        return self
+
+
+class ServiceSection(_Model):
+    command: str = Field(min_length=1, description="command template; placeholders {index} {port} {gpu}")
+    cwd: str | None = None
+    instances: Union[Literal["per_gpu"], Annotated[int, Field(ge=0, le=64)]] = 1
+    port: int | None = Field(None, ge=1, le=65535, description="base port: instance i listens on port + i")
+    env: dict[str, str] = Field(default_factory=dict)
+    health: HealthCheck | None = None
+    required: bool = Field(True, description="the machine is unhealthy while this service is")
+    restart: RestartSection = Field(default_factory=RestartSection)
+    memory_limit: ByteSize | None = Field(None, description="restart gracefully when the process tree's RSS "
+                                                            "exceeds this")
+    stop_signal: Literal[STOP_SIGNALS] = "TERM"  # type: ignore[valid-type]
+    stop_grace: Duration = 30.0
+
+
+class WorkerGroup(_Model):
+    connector: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description="connector name (entry point)")
+    service: str | None = Field(None, description="bind to this service: start once it is healthy")
+    count: Union[Literal["per_instance"], Annotated[int, Field(ge=0, le=256)]] | None = Field(
+        None, description="integer, or per_instance (one per instance of `service`, the default when bound)")
+    job_types: tuple[str, ...] = Field((), description="job types (service_required) served; default: connector")
+    concurrency: int = Field(1, ge=1, le=64)
+    settings: dict[str, Any] = Field(default_factory=dict, description="connector settings")
+    capabilities: dict[str, Any] = Field(default_factory=dict, description="extra capability keys for matching")
+    env: dict[str, str] = Field(default_factory=dict)
+    restart: RestartSection = Field(default_factory=RestartSection)
+    memory_limit: ByteSize | None = None
+    stop_grace: Duration = 30.0
+
+
+class Manifest(BaseSettings):
+    """A whole machine. Built by `load()`; `EMP_<SECTION>__<FIELD>` environment variables override YAML."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix=ENV_PREFIX,
+                                      env_nested_delimiter="__", case_sensitive=False)
+
+    version: Literal[1] = 1
+    machine: MachineSection = Field(default_factory=MachineSection)
+    redis: RedisSection = Field(default_factory=RedisSection)
+    health: HealthSection = Field(default_factory=HealthSection)
+    status: StatusSection = Field(default_factory=StatusSection)
+    logs: LogsSection = Field(default_factory=LogsSection)
+    supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    services: dict[str, ServiceSection] = Field(default_factory=dict)
+    workers: dict[str, WorkerGroup] = Field(default_factory=dict)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    # Set by load(): where the manifest came from (for workers started from it and for messages).
+    source: str = Field("", exclude=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Environment first: an EMP_* variable beats the YAML value, as operators expect of an override.
+        return (_MappingEnvSource(settings_cls, _ENVIRON.get()), init_settings)
+
+
+_ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("emp_manifest_environ", default={})
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' env source, reading a given mapping instead of os.environ (tests pass dicts)."""
+
+    def __init__(self, settings_cls, environ: Mapping[str, str]):
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+
+def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Manifest:
+    """Read, interpolate, validate and resolve a manifest file. Raises ManifestError (never anything else)."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(file, [ManifestProblem("", "file not found", hint="check the --manifest path")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(file, [ManifestProblem("", f"cannot read the file: {exc}")]) from None
+    return loads(text, file=file, environ=os.environ if environ is None else environ,
+                 base_dir=Path(path).resolve().parent)
+
+
+def loads(text: str, *, file: str = "<manifest>", environ: Mapping[str, str] | None = None,
+          base_dir: Path | None = None) -> Manifest:
+    environ = {} if environ is None else environ
+    data, lines = _parse_yaml(text, file)
+    problems: list[ManifestProblem] = []
+    data = _interpolate(data, environ, (), lines, problems)
+    if problems:
+        raise ManifestError(file, problems)
+    overrides = _env_overrides(environ)
+    token = _ENVIRON.set(environ)
+    try:
+        manifest = Manifest(**data)
+    except ValidationError as exc:
+        raise ManifestError(file, _problems_from_validation(exc, lines, overrides)) from None
+    except ValueError as exc:  # pydantic-settings reports malformed EMP_* JSON values this way
+        raise ManifestError(file, [ManifestProblem("", f"environment override: {exc}")]) from None
+    finally:
+        _ENVIRON.reset(token)
+    problems = _cross_check(manifest, lines)
+    if problems:
+        raise ManifestError(file, problems)
+    return _resolve(manifest, environ, file, base_dir)
+
+
+def _parse_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ManifestError(file, [ManifestProblem("", f"not valid YAML: {problem}", line=line,
+                                                   hint="check indentation, colons and quotes")]) from None
+    if data is None:
+        raise ManifestError(file, [ManifestProblem("", "the manifest is empty",
+                                                   hint="start from machines/simulation.yaml")])
+    if not isinstance(data, dict):
+        raise ManifestError(file, [ManifestProblem("", f"expected a mapping of sections at the top, got "
+                                                       f"{type(data).__name__}", line=1)])
+    lines: dict[tuple, int] = {}
+    problems: list[ManifestProblem] = []
+    _index_lines(node, (), lines, problems)
+    if problems:
+        raise ManifestError(file, problems)
+    return data, lines
+
+
+def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems: list[ManifestProblem]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.append(ManifestProblem(_dotted(path + (key,)), "this key appears twice",
+                                                line=key_node.start_mark.line + 1, hint="keep one of them"))
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _index_lines(value_node, path + (key,), lines, problems)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, path + (i,), lines, problems)
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}")
+
+
+def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dict, problems: list) -> Any:
+    """`${VAR}` (required), `${VAR:-default}` (unset or empty), `$$` for a literal dollar."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, environ, path + (k,), lines, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, environ, path + (i,), lines, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        if match.group(3) is not None:
+            problems.append(ManifestProblem(_dotted(path), f"malformed variable reference {match.group(0)!r}",
+                                            line=_line(lines, path), hint="write ${NAME} or ${NAME:-default}"))
+            return ""
+        name, default = match.group(1), match.group(2)
+        current = environ.get(name)
+        if current is None or (current == "" and default is not None):
+            if default is not None:
+                return default
+            problems.append(ManifestProblem(_dotted(path), f"environment variable {name} is not set",
+                                            line=_line(lines, path),
+                                            hint=f"export {name}, or write ${{{name}:-default}}"))
+            return ""
+        return current
+
+    return _VAR.sub(replace, value)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple, str]:
+    """EMP_HEALTH__PORT -> ('health', 'port'): which paths the environment overrides, for error messages."""
+    fields = set(Manifest.model_fields)
+    found = {}
+    for key in environ:
+        upper = key.upper()
+        if upper.startswith(ENV_PREFIX):
+            parts = tuple(p.lower() for p in upper[len(ENV_PREFIX):].split("__"))
+            if parts and parts[0] in fields:
+                found[parts] = key
+    return found
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line(lines: dict[tuple, int], path: tuple) -> int | None:
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]] if cut else None
+    return None
+
+
+def _problems_from_validation(exc: ValidationError, lines: dict, overrides: dict) -> list[ManifestProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = _clean_loc(err["loc"])
+        if loc and loc[-1] == "source":
+            continue
+        message, hint = _message(err, loc)
+        env_key = next((overrides[p] for p in overrides if loc[: len(p)] == p), None)
+        if env_key:
+            hint = f"set by environment variable {env_key}" + (f"; {hint}" if hint else "")
+        problems.append(ManifestProblem(_dotted(loc), message, line=_line(lines, loc), hint=hint))
+    return problems
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """pydantic adds union-branch tags ('int', 'literal[...]', 'function-after[...]') to locations: drop them."""
+    return tuple(p for p in loc if isinstance(p, int) or not (
+        "[" in p or p in ("int", "str", "float", "bool", "dict", "list", "tuple", "none", "constrained-int")))
+
+
+def _message(err: dict, loc: tuple) -> tuple[str, str | None]:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else (f"valid keys: {', '.join(valid)}" if valid else None)
+        return "unknown key", hint
+    if kind == "missing":
+        return "required field is missing", None
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    got = err.get("input")
+    if (kind not in ("model_type", "dict_type") and not isinstance(got, (dict, list)) and got is not None
+            and "got " not in message):
+        message += f" (got {_safe_repr(loc, got)})"
+    return message, None
+
+
+_SECRET_KEY = re.compile(r"(pass|secret|token|key|auth|credential)", re.IGNORECASE)
+
+
+def _safe_repr(loc: tuple, value: Any) -> str:
+    if any(isinstance(p, str) and _SECRET_KEY.search(p) for p in loc):
+        return "<redacted>"
+    if isinstance(value, str):
+        return repr(identity.redact_url(value))
+    return repr(value)
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """The field names accepted at `loc`, found by walking the model annotations."""
+    annotation: Any = Manifest
+    for part in loc:
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return []
+    model = _model_of(annotation)
+    return [name for name in model.model_fields if name != "source"] if model else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        model = _model_of(arg)
+        if model:
+            return model
+    return None
+
+
+def _step(annotation: Any, part: Any) -> Any:
+    """The annotation one level below `annotation` at key or index `part`."""
+    model = _model_of(annotation)
+    if typing.get_origin(annotation) is dict or (model is None and typing.get_args(annotation)):
+        args = typing.get_args(annotation)
+        return args[-1] if args else None
+    if model is not None and isinstance(part, str) and part in model.model_fields:
+        return model.model_fields[part].annotation
+    return None
+
+
+def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
+    """Rules across fields: names, bindings, placeholders, environment values carried by supervisord."""
+    problems: list[ManifestProblem] = []
+
+    def add(path: tuple, message: str, hint: str | None = None) -> None:
+        problems.append(ManifestProblem(_dotted(path), message, line=_line(lines, path), hint=hint))
+
+    for group, names in (("services", manifest.services), ("workers", manifest.workers)):
+        for name in names:
+            if not re.match(NAME_PATTERN, name):
+                add((group, name), "names are lower-case letters, digits, '-' and '_', starting with a letter "
+                                   "(at most 40)")
+            elif name in RESERVED_NAMES:
+                add((group, name), f"'{name}' is reserved for the machine's own processes", "pick another name")
+
+    for name, svc in manifest.services.items():
+        placeholders = set(SERVICE_PLACEHOLDERS)
+        if svc.port is None:
+            placeholders.discard("port")
+        if svc.instances != "per_gpu":
+            placeholders.discard("gpu")
+        texts: list[tuple[tuple, str]] = [(("services", name, "command"), svc.command)]
+        if svc.cwd:
+            texts.append((("services", name, "cwd"), svc.cwd))
+        texts += [(("services", name, "env", k), v) for k, v in svc.env.items()]
+        if svc.health and svc.health.http:
+            texts.append((("services", name, "health", "http"), svc.health.http))
+        if svc.health and isinstance(svc.health.tcp, str):
+            texts.append((("services", name, "health", "tcp"), svc.health.tcp))
+            if svc.health.tcp != "{port}" and not svc.health.tcp.isdigit():
+                add(("services", name, "health", "tcp"), "expected a port number or '{port}'")
+        for path, text in texts:
+            _check_placeholders(text, placeholders, path, add, svc)
+        _check_env(("services", name, "env"), svc.env, add)
+
+    services = list(manifest.services)
+    for name, group in manifest.workers.items():
+        if group.service is not None and group.service not in manifest.services:
+            close = difflib.get_close_matches(group.service, services, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else (
+                f"declared services: {', '.join(services)}" if services else "declare it under services:")
+            add(("workers", name, "service"), f"no service named '{group.service}'", hint)
+        if group.count == "per_instance" and group.service is None:
+            add(("workers", name, "count"), "per_instance needs a bound service", "set workers.<name>.service")
+        placeholders = set(WORKER_PLACEHOLDERS)
+        if group.service is None:
+            placeholders -= {"service_port", "service_index"}
+        for key, value in group.env.items():
+            _check_placeholders(value, placeholders, ("workers", name, "env", key), add, None)
+        _check_env(("workers", name, "env"), group.env, add)
+    return problems
+
+
+def _check_placeholders(text: str, allowed: set[str], path: tuple, add, svc: ServiceSection | None) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        add(path, f"malformed placeholder: {exc}", "write {name}; a literal brace is {{ or }}")
+        return
+    for field_name in fields:
+        if field_name in allowed:
+            continue
+        if field_name == "port" and svc is not None and svc.port is None:
+            add(path, "{port} is used but the service has no port", "set a base port: port: 8188")
+        elif field_name == "gpu" and svc is not None:
+            add(path, "{gpu} is only known with instances: per_gpu", "use {index}, or instances: per_gpu")
+        else:
+            close = difflib.get_close_matches(field_name, sorted(allowed), n=1, cutoff=0.5)
+            hint = f"did you mean '{{{close[0]}}}'?" if close else f"known: {', '.join(sorted(allowed))}"
+            add(path, f"unknown placeholder {{{field_name}}}", hint)
+
+
+def _check_env(path: tuple, env: dict[str, str], add) -> None:
+    for key, value in env.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            add(path + (key,), "environment variable names are letters, digits and '_', not starting with a digit")
+        elif (problem := env_value_problem(value)) is not None:
+            add(path + (key,), f"the value {problem}, which supervisord cannot pass on")
+
+
+# -- resolution ---------------------------------------------------------------------------------------------
+
+def _resolve(manifest: Manifest, environ: Mapping[str, str], file: str, base_dir: Path | None) -> Manifest:
+    """Fill what the environment decides: machine id, Redis URL override, state directory, source path."""
+    machine = manifest.machine
+    machine_id = identity.machine_id(machine.id, machine.type, environ, socket.gethostname())
+    region = machine.region or environ.get("RAILWAY_REPLICA_REGION", "")
+    state_dir = machine.state_dir or identity.default_state_dir(machine_id, environ)
+    redis_url = environ.get("REDIS_URL") or environ.get("HUB_REDIS_URL") or manifest.redis.url
+    try:
+        redis = RedisSection(url=redis_url)
+    except ValidationError:
+        name = "REDIS_URL" if environ.get("REDIS_URL") else "HUB_REDIS_URL"
+        raise ManifestError(file, [ManifestProblem("redis.url", f"environment variable {name} is not a Redis "
+                                                                "URL", hint="expected redis://host:port/db")]) from None
+    if base_dir is not None and not Path(state_dir).is_absolute():
+        state_dir = str(base_dir / state_dir)
+    return manifest.model_copy(update={
+        "machine": machine.model_copy(update={"id": machine_id, "region": region, "state_dir": state_dir}),
+        "redis": redis,
+        "source": str(Path(file).resolve()) if file != "<manifest>" else "",
+    })
+
+
+# -- finding manifests and running machines (operator commands) ---------------------------------------------
+
+BUILTIN_DEFAULT = Path(__file__).resolve().parent.parent / "machines" / "simulation.yaml"
+
+
+def default_manifest(environ: Mapping[str, str] | None = None) -> Path:
+    """`EMP_MANIFEST`, else the simulation manifest shipped in the package (the embedded default)."""
+    environ = os.environ if environ is None else environ
+    return Path(environ["EMP_MANIFEST"]) if environ.get("EMP_MANIFEST") else BUILTIN_DEFAULT
+
+
+def running_machines(environ: Mapping[str, str] | None = None) -> list[dict]:
+    """Pointer documents (`run/machine.json`) of machines whose process is alive, under the state root."""
+    environ = os.environ if environ is None else environ
+    found = []
+    for pointer in sorted(identity.state_root(environ).glob("*/run/machine.json")):
+        try:
+            doc = json.loads(pointer.read_text(encoding="utf-8"))
+            os.kill(int(doc["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append(doc)
+    return found
+
