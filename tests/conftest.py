@@ -28,3 +28,22 @@ def redis(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture
+def machine_factory(tmp_path_factory, redis_server):
+    """Start real machines from manifest text; each is stopped (SIGTERM, then KILL) at the end of the test."""
+    from tests.harness import RunningMachine, machine_env, write_manifest
+
+    machines = []
+
+    def start(body: str, *, redis_url: str | None = None, env: dict | None = None):
+        state = tmp_path_factory.mktemp("m")
+        manifest = write_manifest(state / "manifest.yaml", body, state, redis_url or redis_server.url)
+        machine = RunningMachine(manifest, state, {**machine_env(), **(env or {})})
+        machines.append(machine)
+        return machine
+
+    yield start
+    for machine in machines:
+        machine.close()

@@ -275,9 +275,13 @@ class Machine:
     def _on_sweep(self, rows: tuple[ProcessInfo, ...]) -> None:
         for row in rows:
             before = self.processes.get(row.name)
-            if before is not None and (before.state, before.pid) != (row.state, row.pid):
-                step("process.state", process_name=row.name, state=row.state, pid=row.pid, restarts=row.restarts,
-                     previous=before.state, errored_reason=row.errored_reason or None)
+            changed = (before.state, before.pid) != (row.state, row.pid) if before else row.state not in (
+                "RUNNING", "STOPPED", "STARTING")
+            if changed:
+                level = logging.WARNING if row.state in ("ERRORED", "FATAL", "BACKOFF") else logging.INFO
+                step("process.state", level=level, process_name=row.name, state=row.state, pid=row.pid,
+                     restarts=row.restarts, previous=before.state if before else None,
+                     errored_reason=row.errored_reason or None)
             self.processes[row.name] = row
 
     async def _sweep(self) -> None:

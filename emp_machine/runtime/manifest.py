@@ -271,7 +271,12 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*
 def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dict, problems: list) -> Any:
     """`${VAR}` (required), `${VAR:-default}` (unset or empty), `$$` for a literal dollar."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, environ, path + (k,), lines, problems) for k, v in value.items()}
+        for key in value:
+            if not isinstance(key, str):
+                problems.append(ManifestProblem(_dotted(path + (str(key),)), f"keys must be names, got {key!r}",
+                                                line=_line(lines, path + (key,)), hint="quote it or rename it"))
+        return {k: _interpolate(v, environ, path + (k,), lines, problems) for k, v in value.items()
+                if isinstance(k, str)}
     if isinstance(value, list):
         return [_interpolate(v, environ, path + (i,), lines, problems) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
@@ -341,15 +346,28 @@ def _problems_from_validation(exc: ValidationError, lines: dict, overrides: dict
     return problems
 
 
+_UNION_TAG = re.compile(r"^(function-(after|before|wrap|plain)|literal|lax-or-strict|json-or-python|union|"
+                        r"nullable|chain|tagged-union|model|constrained-[a-z]+)(\[.*\])?$")
+_BARE_TAGS = {"int", "str", "float", "bool", "none", "dict", "list", "tuple"}
+
+
 def _clean_loc(loc: tuple) -> tuple:
-    """pydantic adds union-branch tags ('int', 'literal[...]', 'function-after[...]') to locations: drop them."""
-    return tuple(p for p in loc if isinstance(p, int) or not (
-        "[" in p or p in ("int", "str", "float", "bool", "dict", "list", "tuple", "none", "constrained-int")))
+    """pydantic adds union-branch tags ('int', 'literal['per_gpu']', 'function-after[...]') to locations.
+
+    Known imprecision: a user's dict key spelt exactly like a bare tag (a service named `int`) is dropped
+    from the path too; the message and line stay right.
+    """
+    out: list = []
+    for part in loc:
+        if isinstance(part, str) and out and (_UNION_TAG.match(part) or part in _BARE_TAGS):
+            continue
+        out.append(part)
+    return tuple(out)
 
 
 def _message(err: dict, loc: tuple) -> tuple[str, str | None]:
     kind = err["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and loc:
         valid = _valid_keys(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else (f"valid keys: {', '.join(valid)}" if valid else None)

@@ -63,6 +63,7 @@ class RestartTracker:
     errored_since: float | None = None
     retry_at: float | None = None
     last_exit_status: int | None = None
+    started_once: bool = False
     _recent: collections.deque = field(default_factory=collections.deque, repr=False)
 
     def on_exit(self, now: float, uptime: float, expected: bool, exit_status: int | None = None) -> Decision:
@@ -96,7 +97,10 @@ class RestartTracker:
         self.restarts += 1
 
     def on_manual_start(self) -> None:
-        """An operator (re)started the process: forget the errored state and the window."""
+        """The machine or an operator started the process: a restart when it ran before; forget errored."""
+        if self.started_once:
+            self.restarts += 1
+        self.started_once = True
         self.errored = False
         self.errored_since = None
         self.retry_at = None

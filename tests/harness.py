@@ -1,0 +1,142 @@
+"""Run a real machine (emp-machine in its own process, real supervisord) and watch it, with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from emp_machine.errors import SupervisorError
+from emp_machine.supervisor.control import Supervisor
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail the test with `message` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {message}")
+        time.sleep(interval)
+
+
+class RunningMachine:
+    def __init__(self, manifest: Path, state_dir: Path, env: dict[str, str]):
+        self.manifest = manifest
+        self.state_dir = state_dir
+        self.log_path = state_dir / "machine.out"
+        self.env = env
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "emp_machine", "--manifest", str(manifest)],
+                                     stdout=self._out, stderr=subprocess.STDOUT, env=env)
+        self.control = Supervisor(state_dir / "run" / "supervisor.sock")
+
+    # -- observation -------------------------------------------------------------------------------------
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"message": line, "raw": True})
+        return out
+
+    def event(self, message: str, **match) -> dict | None:
+        for ev in self.events():
+            if ev.get("message") == message and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+        return None
+
+    def wait_event(self, message: str, timeout: float = 15.0, **match) -> dict:
+        return wait_for(lambda: self.event(message, **match) or self._dead(message), timeout,
+                        message=f"machine log event {message} {match or ''}\n{self.tail()}")
+
+    def _dead(self, waiting_for: str):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"machine exited ({self.proc.returncode}) while waiting for {waiting_for}:\n"
+                                 f"{self.tail()}")
+        return None
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+    def processes(self) -> dict:
+        return {row.name: row for row in self.control.processes()}
+
+    def process(self, name: str):
+        """The process row, or None while supervisord is not (yet) answering."""
+        try:
+            return self.processes().get(name)
+        except SupervisorError:
+            return None
+
+    def wait_ready(self, timeout: float = 20.0) -> dict:
+        return self.wait_event("machine_ready", timeout)
+
+    def log_of(self, process: str) -> str:
+        path = self.state_dir / "logs" / f"{process}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "emp_machine", *args, "--manifest", str(self.manifest)],
+                              capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    # -- control -----------------------------------------------------------------------------------------
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"machine did not exit within {timeout}s:\n{self.tail()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+def write_manifest(path: Path, body: str, state_dir: Path, redis_url: str) -> Path:
+    """A test manifest: the given sections plus a private state dir and the test Redis (or embedded)."""
+    text = textwrap.dedent(body).strip() + "\n"
+    if "machine:" not in text:
+        text = f"machine:\n  type: test\n  id: test-{state_dir.name}\n  state_dir: {state_dir}\n" + text
+    if "redis:" not in text:
+        text += f"redis:\n  url: {redis_url}\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def machine_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0): count it as gone
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

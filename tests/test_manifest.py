@@ -1,0 +1,271 @@
+"""Manifests: the shipped examples validate; every bad one gets file, line, field path and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emp_machine.errors import ManifestError
+from emp_machine.runtime import identity, manifest as mf
+
+MACHINES = Path(__file__).resolve().parent.parent / "machines"
+ENV = {"HOME": "/home/op"}
+
+GOOD = """
+machine: {type: comfyui, id: m1}
+services:
+  comfyui:
+    command: python main.py --port {port}
+    instances: 2
+    port: 8188
+    health: {http: "http://127.0.0.1:{port}/system_stats", start_period: 2m}
+    memory_limit: 24GiB
+workers:
+  comfyui:
+    connector: comfyui
+    service: comfyui
+"""
+
+
+def load(text: str, environ: dict | None = None, file: str = "m.yaml") -> mf.Manifest:
+    return mf.loads(textwrap.dedent(text), file=file, environ={**ENV, **(environ or {})})
+
+
+def problems(text: str, environ: dict | None = None) -> list:
+    with pytest.raises(ManifestError) as info:
+        load(text, environ)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", sorted(MACHINES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_manifests_validate(path):
+    manifest = mf.load(path, ENV)
+    assert manifest.machine.id and manifest.source == str(path.resolve())
+
+
+def test_good_manifest_values_and_defaults():
+    m = load(GOOD)
+    svc = m.services["comfyui"]
+    assert svc.memory_limit == 24 * 2**30
+    assert svc.health.start_period == 120.0 and svc.health.retries == 3
+    assert m.workers["comfyui"].count is None and m.workers["comfyui"].concurrency == 1
+    assert m.status.interval == 10.0 and m.health.port == 9090
+    assert m.telemetry.sampling.spans_per_second == 100 and m.telemetry.buffer.max_size == 100 * 10**6
+    assert m.machine.state_dir == "/home/op/.local/state/emp-machine/m1"
+
+
+def test_interpolation_defaults_required_and_escapes():
+    m = load("""
+    machine: {type: t, id: "${MID:-fallback}", region: "${REGION}"}
+    health: {port: "${PORT:-9191}"}
+    telemetry: {service_name: "cost $$5"}
+    """, {"REGION": "eu-west"})
+    assert (m.machine.id, m.machine.region, m.health.port) == ("fallback", "eu-west", 9191)
+    assert m.telemetry.service_name == "cost $5"
+    assert load('machine: {type: t, id: "${MID:-x}"}', {"MID": ""}).machine.id == "x"
+
+
+def test_environment_overrides_yaml_through_pydantic_settings():
+    m = load(GOOD, {"EMP_HEALTH__PORT": "9191", "EMP_SERVICES__COMFYUI__INSTANCES": "3"})
+    assert m.health.port == 9191
+    assert m.services["comfyui"].instances == 3
+    assert m.services["comfyui"].port == 8188  # the rest of the YAML section is kept
+
+
+def test_redis_url_from_environment_beats_manifest():
+    assert load("redis: {url: embedded}", {"REDIS_URL": "redis://h:6379/1"}).redis.url == "redis://h:6379/1"
+    assert load("redis: {url: embedded}", {"HUB_REDIS_URL": "redis://hub:6379/0"}).redis.url == "redis://hub:6379/0"
+
+
+def test_machine_id_rules():
+    railway = {"RAILWAY_REPLICA_ID": "4f1c2d3e-aaaa-bbbb", "RAILWAY_SERVICE_NAME": "Comfy GPU"}
+    assert identity.machine_id("explicit", "comfyui", {"MACHINE_ID": "env"}, "host") == "explicit"
+    assert identity.machine_id("", "comfyui", {"MACHINE_ID": "env"}, "host") == "env"
+    assert identity.machine_id("", "comfyui", railway, "host") == "comfyui-comfy-gpu-4f1c2d3e"
+    assert identity.machine_id("", "comfyui", {}, "Box-7.local") == "comfyui-box-7"
+    # stable: the same inputs give the same id at every boot
+    assert identity.machine_id("", "sim", {}, "h") == identity.machine_id("", "sim", {}, "h")
+    assert identity.worker_id("m", 3) == "m-worker-3"
+    assert identity.request_id().startswith("req-")
+
+
+# -- bad manifests: (yaml, environment, expected path, expected line, words in message or hint) --------------
+BAD = {
+    "unknown top-level key": ("machien: {type: x}", {}, "machien", 1, "did you mean 'machine'"),
+    "unknown nested key": ("machine:\n  typ: x", {}, "machine.typ", 2, "did you mean 'type'"),
+    "misspelt service key": (GOOD.replace("instances: 2", "instanses: 2"), {}, "services.comfyui.instanses", 6,
+                             "did you mean 'instances'"),
+    "port not a number": ("health: {port: abc}", {}, "health.port", 1, "valid integer"),
+    "port out of range": ("health: {port: 70000}", {}, "health.port", 1, "less than or equal to 65535"),
+    "bad duration": ("status: {interval: soon}", {}, "status.interval", 1, "duration such as '10s'"),
+    "negative duration": ("status: {interval: -5s}", {}, "status.interval", 1, "duration"),
+    "bad size": (GOOD.replace("24GiB", "24 potatoes"), {}, "services.comfyui.memory_limit", 9, "size such as"),
+    "instances neither int nor per_gpu": (GOOD.replace("instances: 2", "instances: lots"), {},
+                                          "services.comfyui.instances", 6, "per_gpu"),
+    "health with both http and tcp": (GOOD.replace('start_period: 2m', 'tcp: 1'), {}, "services.comfyui.health",
+                                      8, "exactly one of 'http'"),
+    "health with neither": (GOOD.replace('http: "http://127.0.0.1:{port}/system_stats", ', ''), {},
+                            "services.comfyui.health", 8, "exactly one"),
+    "worker bound to unknown service": (GOOD.replace("service: comfyui", "service: comfyiu"), {},
+                                        "workers.comfyui.service", 13, "did you mean 'comfyui'"),
+    "per_instance without service": ("workers:\n  w:\n    connector: simulation\n    count: per_instance", {},
+                                     "workers.w.count", 4, "bound service"),
+    "unknown placeholder": (GOOD.replace("--port {port}", "--port {prot}"), {}, "services.comfyui.command", 5,
+                            "did you mean '{port}'"),
+    "port placeholder without port": ("services:\n  s:\n    command: run --port {port}", {},
+                                      "services.s.command", 3, "set a base port"),
+    "gpu placeholder without per_gpu": ("services:\n  s:\n    command: run --gpu {gpu}", {},
+                                        "services.s.command", 3, "per_gpu"),
+    "missing command": ("services:\n  s:\n    instances: 1", {}, "services.s.command", 2, "required"),
+    "missing connector": ("workers:\n  w:\n    count: 2", {}, "workers.w.connector", 2, "required"),
+    "reserved service name": ("services:\n  redis:\n    command: x", {}, "services.redis", 2, "reserved"),
+    "bad service name": ("services:\n  My Service:\n    command: x", {}, "services.My Service", 2, "lower-case"),
+    "unset required variable": ("machine: {type: t, region: '${REGION}'}", {}, "machine.region", 1,
+                                "REGION is not set"),
+    "malformed variable": ("machine: {type: t, region: '${1BAD}'}", {}, "machine.region", 1, "malformed variable"),
+    "bad redis url": ("redis: {url: 'http://x'}", {}, "redis.url", 1, "redis://"),
+    "bad restart policy": ("workers:\n  w:\n    connector: s\n    restart: {policy: sometimes}", {},
+                           "workers.w.restart.policy", 4, "'always'"),
+    "bad stop signal": ("services:\n  s:\n    command: x\n    stop_signal: STOP", {}, "services.s.stop_signal",
+                        4, "'TERM'"),
+    "env value supervisord cannot carry": ("services:\n  s:\n    command: x\n    env: {A: 'it''s \"x\"'}", {},
+                                           "services.s.env.A", 4, "both"),
+    "bad env name": ("services:\n  s:\n    command: x\n    env: {'1A': v}", {}, "services.s.env.1A", 4,
+                     "letters, digits"),
+    "duplicate key": ("machine: {type: a}\nmachine: {type: b}", {}, "machine", 2, "appears twice"),
+    "wrong version": ("version: 2", {}, "version", 1, "1"),
+    "section not a mapping": ("services: [a, b]", {}, "services", 1, "dictionary"),
+    "override from env is bad": ("health: {port: 9090}", {"EMP_HEALTH__PORT": "nine"}, "health.port", 1,
+                                 "EMP_HEALTH__PORT"),
+    "telemetry budget invalid": ("telemetry: {sampling: {spans_per_second: 0}}", {},
+                                 "telemetry.sampling.spans_per_second", 1, "greater than 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_manifest_names_path_line_and_fix(case):
+    text, environ, path, line, words = BAD[case]
+    found = problems(text, environ)
+    match = [p for p in found if p.path == path]
+    assert match, f"expected a problem at {path}, got {found}"
+    problem = match[0]
+    assert problem.line == line, problem
+    rendered = problem.render()
+    assert words in rendered, rendered
+    assert rendered.startswith(f"line {line}, {path}:")
+
+
+def test_yaml_syntax_error_has_a_line():
+    found = problems("machine:\n  type: x\n bad: [")
+    assert found[0].line is not None and "not valid YAML" in found[0].message
+
+
+def test_empty_and_non_mapping_documents():
+    assert "empty" in problems("")[0].message
+    assert "mapping of sections" in problems("- a\n- b")[0].message
+
+
+def test_all_problems_are_listed_at_once():
+    found = problems("machine: {typ: x}\nhealth: {port: abc}\nstatus: {interval: soon}")
+    assert {p.path for p in found} == {"machine.typ", "health.port", "status.interval"}
+
+
+def test_secrets_are_not_echoed_in_errors():
+    found = problems("redis: {url: 'http://user:hunter2@host'}")
+    assert "hunter2" not in ManifestError("m.yaml", found).render()
+    found = problems("health: {token_env: [1]}")
+    assert found
+
+
+def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("machine:\n  typ: x\n")
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "validate", str(bad)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2
+    assert str(bad) in done.stderr and "line 2, machine.typ: unknown key (did you mean 'type'?)" in done.stderr
+    assert "Traceback" not in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "emp_machine", "validate", str(tmp_path / "nope.yaml")],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+    good = subprocess.run([sys.executable, "-m", "emp_machine", "validate", str(MACHINES / "comfyui.yaml")],
+                          capture_output=True, text=True, timeout=30)
+    assert good.returncode == 0 and "valid" in good.stdout
+
+
+def test_cli_render_hides_secrets(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(textwrap.dedent(f"""
+        machine: {{type: t, id: r1, state_dir: {tmp_path}}}
+        redis: {{url: "redis://:s3cretpass@redis.internal:6379/0"}}
+        workers:
+          w:
+            connector: openai
+            env: {{OPENAI_API_KEY: sk-live-abcdef123456}}
+    """))
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "render", str(manifest)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "[program:worker-0]" in done.stdout and "[unix_http_server]" in done.stdout
+    assert "s3cretpass" not in done.stdout and "sk-live-abcdef123456" not in done.stdout
+    assert "redis://***@redis.internal:6379/0" in done.stdout
+    assert "inet_http_server" not in done.stdout  # no TCP control port, ever
+
+
+def test_render_per_gpu_without_gpu_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "render", str(MACHINES / "comfyui.yaml")],
+                          capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin",
+                                                                           "HOME": str(tmp_path)})
+    assert done.returncode == 2 and "per_gpu" in done.stderr and "machine.gpus" in done.stderr
+    two = subprocess.run([sys.executable, "-m", "emp_machine", "render", str(MACHINES / "comfyui.yaml"), "--gpus",
+                          "2"], capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin",
+                                                                                 "HOME": str(tmp_path)})
+    assert two.returncode == 0, two.stderr
+    assert "[program:comfyui-gpu1]" in two.stdout and 'CUDA_VISIBLE_DEVICES="1"' in two.stdout
+    assert "--port 8189" in two.stdout
+
+
+# -- property-based: nothing a user can write produces a traceback ------------------------------------------
+# EMP_HYPOTHESIS_EXAMPLES=5000 for a longer hunt than CI's
+EXAMPLES = int(os.environ.get("EMP_HYPOTHESIS_EXAMPLES", "300"))
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                     st.text(max_size=12), st.sampled_from(["10s", "5m", "512MiB", "per_gpu", "per_instance",
+                                                            "embedded", "{port}", "${X}", "${X:-1}", "{gpu}"]))
+_keys = st.sampled_from(["machine", "redis", "services", "workers", "health", "status", "telemetry", "logs",
+                         "supervisor", "type", "id", "command", "instances", "port", "connector", "service",
+                         "count", "health", "http", "tcp", "env", "restart", "policy", "memory_limit", "x",
+                         "version", "settings", "sampling", "buffer", "stop_signal"])
+_trees = st.recursive(_scalars, lambda children: st.one_of(
+    st.lists(children, max_size=3), st.dictionaries(_keys, children, max_size=5)), max_leaves=25)
+
+
+def _assert_no_crash(text: str) -> None:
+    try:
+        mf.loads(text, file="h.yaml", environ=ENV)
+    except ManifestError as exc:
+        assert exc.problems and all(p.render() for p in exc.problems)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_keys, _trees, max_size=6))
+def test_random_manifests_never_raise_anything_but_manifest_error(tree):
+    import yaml
+
+    _assert_no_crash(yaml.safe_dump(tree))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.data())
+def test_mutated_shipped_manifests_never_raise_anything_but_manifest_error(data):
+    text = (MACHINES / data.draw(st.sampled_from(["comfyui.yaml", "simulation.yaml", "openai.yaml"]))).read_text()
+    pos = data.draw(st.integers(0, len(text)))
+    cut = data.draw(st.integers(0, 8))
+    insert = data.draw(st.text(alphabet=" :-{}[]$#'\"\n\tabc0123", max_size=6))
+    _assert_no_crash(text[:pos] + insert + text[pos + cut:])

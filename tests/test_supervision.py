@@ -1,0 +1,309 @@
+"""A real machine under a real supervisord: boot, drain, restarts with backoff, errored, memory, gating, orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.harness import pid_alive, wait_for
+
+PY = sys.executable
+
+TWO_WORKERS = """
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    stop_grace: 5s
+"""
+
+
+def test_boot_then_sigterm_drains_in_order_and_exits_zero(machine_factory):
+    machine = machine_factory(TWO_WORKERS)
+    machine.wait_ready()
+    procs = machine.processes()
+    assert {n: p.state for n, p in procs.items()} == {"worker-0": "RUNNING", "worker-1": "RUNNING"}
+    pids = [p.pid for p in procs.values()]
+    supervisord_pid = int((machine.state_dir / "run" / "supervisord.pid").read_text())
+    for name in ("worker-0", "worker-1"):
+        wait_for(lambda: '"worker.spawned"' in machine.log_of(name), message=f"{name} to be up")
+
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit() == 0
+    messages = [e.get("message") for e in machine.events()]
+    order = ["boot.start", "boot.supervisord", "machine_ready", "shutdown.signal", "shutdown.worker_stopped",
+             "shutdown.supervisord", "shutdown.done"]
+    assert [m for m in messages if m in order] == order
+    assert not any(pid_alive(p) for p in [*pids, supervisord_pid])
+    # each worker saw the TERM and stopped on its own (graceful, not killed)
+    for name in ("worker-0", "worker-1"):
+        assert '"worker.stopped"' in machine.log_of(name)
+    assert not (machine.state_dir / "run" / "machine.json").exists()
+
+
+def test_every_process_gets_only_its_declared_environment(machine_factory):
+    machine = machine_factory(f"""
+services:
+  envdump:
+    command: {PY} -c "import json,os,time; print(json.dumps(dict(os.environ)), flush=True); time.sleep(600)"
+    port: 7001
+    env:
+      GREETING: "hello {{index}} on {{port}}"
+""", env={"EMP_TEST_LEAK": "must-not-leak", "SOME_SECRET_TOKEN": "abc"})
+    machine.wait_ready()
+    line = wait_for(lambda: machine.log_of("envdump-0").strip(), message="envdump output")
+    env = json.loads(line.splitlines()[0])
+    assert env["GREETING"] == "hello 0 on 7001"
+    assert env["SERVICE_TYPE"] == "envdump" and env["SERVICE_PORT"] == "7001"
+    assert env["MACHINE_ID"].startswith("test-")
+    assert "EMP_TEST_LEAK" not in env and "SOME_SECRET_TOKEN" not in env
+
+
+def test_crash_loop_backs_off_then_errors_then_recovers_after_cooldown(machine_factory, tmp_path):
+    starts = tmp_path / "starts"
+    machine = machine_factory(f"""
+services:
+  crasher:
+    command: {PY} -c "import sys,time; open('{starts}','a').write(repr(time.time())+chr(10)); sys.exit(3)"
+    restart:
+      backoff_initial: 100ms
+      backoff_factor: 2
+      max_restarts: 4
+      window: 60s
+      cooldown: 3s
+""")
+    machine.wait_ready()
+    row = wait_for(lambda: (r := machine.process("crasher-0")) and r.state == "ERRORED" and r, timeout=15,
+                   message="crasher to become ERRORED")
+    assert "4 restarts within 60s" in row.errored_reason
+    times = [float(t) for t in starts.read_text().split()]
+    assert len(times) == 5  # the first start and 4 restarts
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # first restart immediate, then 100 ms, 200 ms, 400 ms: each wait at least its backoff, and growing
+    for gap, delay in zip(gaps, (0.0, 0.1, 0.2, 0.4)):
+        assert gap >= delay * 0.95, gaps
+    assert gaps[1] < gaps[2] < gaps[3], gaps
+    assert gaps[0] < 0.5, gaps
+
+    # errored is not FATAL for good: after the cool-down it is tried again
+    wait_for(lambda: len(starts.read_text().split()) > 5, timeout=10, message="a start after the cool-down")
+    assert machine.event("process.state", process_name="crasher-0", state="ERRORED") is not None
+
+
+def test_first_restart_after_a_stable_run_is_immediate(machine_factory):
+    machine = machine_factory(f"""
+services:
+  steady:
+    command: {PY} -c "import time; time.sleep(600)"
+    restart: {{reset_after: 0s}}
+""")
+    machine.wait_ready()
+    old = wait_for(lambda: (p := machine.process("steady-0")) and p.pid and p, message="steady running")
+    os.kill(old.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    new = wait_for(lambda: (p := machine.process("steady-0")) and p.pid not in (0, old.pid) and p, timeout=5,
+                   interval=0.005, message="a replacement process")
+    assert time.monotonic() - killed < 1.0  # stock supervisord would need up to a full second to notice
+    assert new.restarts == 1 and new.state == "RUNNING"
+
+
+def test_process_over_its_memory_limit_is_restarted_gracefully(machine_factory):
+    machine = machine_factory(f"""
+supervisor:
+  memory_check_interval: 200ms
+services:
+  hog:
+    command: {PY} -c "x = bytearray(200 * 2**20); import time; time.sleep(600)"
+    memory_limit: 100MiB
+""")
+    machine.wait_ready()
+    first = wait_for(lambda: (p := machine.process("hog-0")) and p.pid and p, message="hog running")
+    event = machine.wait_event("resource.exhausted", timeout=20, process_name="hog-0")
+    assert event["rss_bytes"] > event["limit_bytes"] == 100 * 2**20
+    wait_for(lambda: (p := machine.process("hog-0")) and p.pid not in (0, first.pid), timeout=15,
+             message="hog restarted with a new pid")
+    machine.wait_event("process.restarted", process_name="hog-0")
+
+
+def test_worker_bound_to_a_service_starts_only_once_the_service_is_healthy(machine_factory, tmp_path):
+    gate = tmp_path / "open"
+    port = _free_port()
+    script = tmp_path / "listener.py"
+    script.write_text(f"""import os, socket, sys, time
+while not os.path.exists({str(gate)!r}):
+    time.sleep(0.02)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(600)
+""")
+    machine = machine_factory(f"""
+services:
+  slow:
+    command: {PY} {script} {{port}}
+    port: {port}
+    health: {{tcp: "{{port}}", interval: 100ms, start_period: 30s}}
+workers:
+  bound:
+    connector: simulation
+    service: slow
+""")
+    wait_for(lambda: (p := machine.process("slow-0")) and p.state == "RUNNING", message="service running")
+    # The service is up but not healthy: the worker must still be down, across several probe intervals.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert machine.process("worker-0").state == "STOPPED"
+        time.sleep(0.1)
+    gate.write_text("go")
+    opened = time.time()
+    machine.wait_ready()
+    healthy = machine.event("service.healthy", process_name="slow-0")
+    started = machine.event("process.start", process_name="worker-0")
+    assert healthy and started
+    events = [e for e in machine.events() if e.get("message") in ("service.healthy", "process.start")]
+    assert events.index(healthy) < events.index(started)
+    assert machine.process("worker-0").start >= int(opened)
+
+
+def test_sigkill_of_the_machine_leaves_no_orphans(machine_factory):
+    machine = machine_factory(TWO_WORKERS + f"""
+services:
+  stubborn:
+    # ignores SIGTERM and has a child of its own: only a group SIGKILL removes both
+    command: {PY} -c "import signal,subprocess,sys,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); time.sleep(600)"
+    stop_grace: 60s
+""")
+    machine.wait_ready()
+    wait_for(lambda: len(psutil.Process(machine.proc.pid).children(recursive=True)) >= 5,
+             message="supervisord, two workers, the service and its child")
+    everything = [p.pid for p in psutil.Process(machine.proc.pid).children(recursive=True)]
+    machine.proc.kill()
+    machine.proc.wait()
+    killed = time.monotonic()
+    wait_for(lambda: not any(pid_alive(p) for p in everything), timeout=10, interval=0.1,
+             message=f"all of {everything} to be gone")
+    assert time.monotonic() - killed < 10
+
+
+def test_supervisord_lost_is_restarted_once_then_the_machine_gives_up(machine_factory):
+    machine = machine_factory(TWO_WORKERS)
+    machine.wait_ready()
+    pidfile = machine.state_dir / "run" / "supervisord.pid"
+    first = int(pidfile.read_text())
+    old_workers = {p.pid for p in machine.processes().values()}
+    os.kill(first, signal.SIGKILL)
+    machine.wait_event("supervisord.lost", action="restart once")
+    second = wait_for(lambda: pidfile.exists() and (pid := int(pidfile.read_text() or 0)) != first and pid,
+                      timeout=15, message="a new supervisord")
+    wait_for(lambda: machine.control.is_up() and all(p.state == "RUNNING" for p in machine.processes().values()),
+             timeout=15, message="workers running under the new supervisord")
+    assert not any(pid_alive(p) for p in old_workers)  # the orphans of the first one were stopped
+    assert not old_workers & {p.pid for p in machine.processes().values()}
+
+    os.kill(second, signal.SIGKILL)
+    assert machine.wait_exit(20) == 1
+    assert machine.event("supervisord.lost", action="exit")
+
+
+def test_second_signal_stops_at_once(machine_factory):
+    machine = machine_factory(f"""
+services:
+  stubborn:
+    command: {PY} -c "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    stop_grace: 60s
+""")
+    machine.wait_ready()
+    pid = machine.process("stubborn-0").pid
+    machine.signal(signal.SIGTERM)
+    machine.wait_event("shutdown.drain")
+    machine.signal(signal.SIGINT)
+    assert machine.wait_exit(10) == 1
+    wait_for(lambda: not pid_alive(pid), timeout=5, message="the stubborn service to be killed")
+
+
+def test_ps_restart_and_logs_against_a_running_machine(machine_factory):
+    machine = machine_factory(TWO_WORKERS)
+    machine.wait_ready()
+    ps = machine.cli("ps", "--json")
+    assert ps.returncode == 0, ps.stderr
+    table = {row["name"]: row for row in json.loads(ps.stdout)["processes"]}
+    assert set(table) == {"worker-0", "worker-1"}
+    assert all(row["state"] == "running" and row["pid"] and row["memory_bytes"] > 0 for row in table.values())
+    old_pid = table["worker-0"]["pid"]
+
+    human = machine.cli("ps")
+    assert "worker-0" in human.stdout and "RESTARTS" in human.stdout
+
+    restarted = machine.cli("restart", "worker-0")
+    assert restarted.returncode == 0, restarted.stderr
+    after = machine.process("worker-0")
+    assert after.pid != old_pid and after.state == "RUNNING" and after.restarts == 1
+
+    logs = machine.cli("logs", "worker-0", "-n", "2")
+    assert logs.returncode == 0
+    lines = logs.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["worker_id"].endswith("worker-0") for line in lines)
+
+    unknown = machine.cli("restart", "worker-9")
+    assert unknown.returncode == 1 and "no process named worker-9; did you mean worker-" in unknown.stderr
+    missing_log = machine.cli("logs", "nope")
+    assert missing_log.returncode == 1 and "worker-0" in missing_log.stderr
+
+
+def test_operator_commands_say_clearly_when_no_machine_runs(tmp_path):
+    import subprocess
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"machine: {{type: test, state_dir: {tmp_path / 'state'}}}\n")
+    for args in (["ps"], ["restart", "all"], ["logs", "worker-0"]):
+        done = subprocess.run([PY, "-m", "emp_machine", *args, "--manifest", str(manifest)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1
+        assert "no machine is running" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_embedded_redis_is_supervised_and_workers_wait_for_it(machine_factory):
+    import redis as redis_lib
+
+    machine = machine_factory(TWO_WORKERS, redis_url="embedded")
+    machine.wait_ready()
+    procs = machine.processes()
+    assert procs["redis"].state == "RUNNING"
+    port = next(c.laddr.port for c in psutil.Process(procs["redis"].pid).net_connections()
+                if c.status == psutil.CONN_LISTEN)
+    client = redis_lib.Redis(host="127.0.0.1", port=port)
+    assert client.ping()
+    client.close()
+    events = [e.get("message") + ":" + str(e.get("process_name")) for e in machine.events()]
+    assert events.index("service.healthy:redis") < events.index("process.start:worker-0")
+    env = (machine.state_dir / "run" / "supervisord.conf").read_text()
+    assert f'REDIS_URL="redis://127.0.0.1:{port}/0"' in env
+
+
+def _free_port() -> int:
+    from emp_machine.runtime.redis_server import free_port
+
+    return free_port()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_supervisord_after(request):
+    """Every test in this module must leave no supervisord of its own behind."""
+    before = {p.pid for p in psutil.process_iter() if _is_supervisord(p)}
+    yield
+    wait_for(lambda: not ({p.pid for p in psutil.process_iter() if _is_supervisord(p)} - before), timeout=15,
+             message="no stray supervisord")
+
+
+def _is_supervisord(proc: psutil.Process) -> bool:
+    try:
+        return "supervisor.supervisord" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
