@@ -255,21 +255,19 @@ class _JobOps:
         if not capabilities.get("worker_id"):
             raise ValueError("worker capabilities need a worker_id")
         caps = json.dumps(capabilities, separators=(",", ":"))
-        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, *hints))
-        if not reply[0] and int(reply[1]) and self._reconcile_due():
-            # Jobs the API submitted while no worker heard job_submitted: index them, then look again.
+        may_reconcile = self._reconcile_allowed()
+        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if may_reconcile else "0", *hints))
+        if not reply[0] and int(reply[1]) and may_reconcile:
+            # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
+            self._last_reconcile = time.monotonic()
             yield from self._reconcile()
-            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms))
+            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0"))
         if not reply[0]:
             return None
         return Job(reply[0], _pairs(reply[2:]))
 
-    def _reconcile_due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_reconcile < self._reconcile_every:
-            return False
-        self._last_reconcile = now
-        return True
+    def _reconcile_allowed(self) -> bool:
+        return time.monotonic() - self._last_reconcile >= self._reconcile_every
 
     def _reconcile(self) -> _Op:
         adopted = removed = pruned = 0

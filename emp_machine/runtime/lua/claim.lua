@@ -4,7 +4,9 @@
 --           job_service_required_map, hardware, models, customer_access, optional workflow_id, ...)
 -- ARGV[2] = lease in ms
 -- ARGV[3] = ms during which a job this worker just failed is left to other workers
--- ARGV[4..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
+-- ARGV[4] = '1': when jobs:pending holds jobs our index lacks, claim nothing and say so (the caller
+--           reconciles, then claims with '0'), so an unindexed higher-priority job is not passed over
+-- ARGV[5..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
 -- Returns {job_id or '', unindexed (1 when jobs:pending holds jobs our index lacks), HGETALL of the job...}
 --
 -- Order: highest index score (priority, then oldest first). Each requirement class is matched once and
@@ -173,7 +175,11 @@ local now = now_ms()
 local wf = caps.workflow_id
 if type(wf) ~= 'string' or wf == '' then wf = nil end
 
-for i = 4, #ARGV do adopt(ARGV[i]) end
+for i = 5, #ARGV do adopt(ARGV[i]) end
+
+local unindexed = 0
+if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1 end
+if unindexed == 1 and ARGV[4] == '1' then return {'', 1} end
 
 -- The first job in queue q this worker may take, skipping (and cleaning out) jobs that cannot run.
 -- Stops at scores not above `floor`: a better candidate was already found elsewhere.
@@ -223,8 +229,6 @@ for _, svc in ipairs(job_types(caps)) do
   end
 end
 
-local unindexed = 0
-if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1 end
 if not best_id then return {'', unindexed} end
 
 local id = best_id

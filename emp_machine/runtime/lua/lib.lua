@@ -103,8 +103,8 @@ end
 local function parse_requirements(raw)
   if not raw or raw == '' then return nil end
   local ok, v = pcall(cjson.decode, raw)
-  if ok and type(v) == 'table' then return v end
-  return nil  -- malformed requirements count as none (contract)
+  if ok and type(v) == 'table' and v[1] == nil then return v end
+  return nil  -- malformed (or non-object) requirements count as none (contract)
 end
 
 -- Jobs with the same requirements (and, when isolation is asked for, the same customer) match exactly
