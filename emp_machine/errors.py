@@ -55,3 +55,43 @@ class SupervisorError(EmpError):
 
 class NoMachineRunning(EmpError):
     """An operator command found no running machine to talk to."""
+
+
+class JobError(EmpError):
+    """A job failed; the subclass says whether it may run again (see can_retry)."""
+
+    retryable = False
+
+
+class RetryableJobError(JobError):
+    """Worth another attempt: connection refused, timeout, 429, 5xx, service restarted mid-job."""
+
+    retryable = True
+
+
+class FatalJobError(JobError):
+    """Will fail again however often it runs: validation rejected, other 4xx, bad payload."""
+
+    retryable = False
+
+
+class JobCancelled(EmpError):
+    """The job was cancelled by its owner: not a failure, and never marked completed."""
+
+
+class ConnectorNotFound(EmpError):
+    """No installed connector has that name; the message lists those that are."""
+
+
+class ConnectorLoadError(EmpError):
+    """A connector's entry point could not be imported or is not a Connector class."""
+
+
+def can_retry(error: BaseException) -> bool:
+    """The one place that maps an exception from a job to the contract's `can_retry`.
+
+    Classified errors say so themselves. Unclassified timeouts and connection errors are transient by
+    nature; anything else unexpected is a bug in a connector and would fail again, so it is final."""
+    if isinstance(error, JobError):
+        return error.retryable
+    return isinstance(error, (TimeoutError, ConnectionError))
