@@ -182,21 +182,24 @@ if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1
 if unindexed == 1 and ARGV[4] == '1' then return {'', 1} end
 
 -- The first job in queue q this worker may take, skipping (and cleaning out) jobs that cannot run.
--- Stops at scores not above `floor`: a better candidate was already found elsewhere.
-local function head_of(q, floor)
-  local offset = 0
+-- Stops at scores not above `floor`: a better candidate was already found elsewhere. Most claims take
+-- the head, so the first read is one entry and later reads grow.
+local function head_of(svc, cls, floor)
+  local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
+  local offset, size = 0, 1
   while true do
-    local chunk = redis.call('ZREVRANGE', q, offset, offset + 15, 'WITHSCORES')
-    if #chunk == 0 then return nil end
+    local chunk = redis.call('ZREVRANGE', q, offset, offset + size - 1, 'WITHSCORES')
+    if #chunk == 0 then
+      -- The claim below leaves an emptied class listed (saving a call per claim); drop it here.
+      if offset == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
+      return nil
+    end
     local dropped = 0
     for i = 1, #chunk, 2 do
       local id, score = chunk[i], tonumber(chunk[i + 1])
       if floor and score <= floor then return nil end
       local f = redis.call('HMGET', 'job:' .. id, 'status', 'workflow_id', 'last_failed_worker', 'failed_at')
-      if not redis.call('ZSCORE', KEYS[1], id) then
-        index_remove(id)  -- left jobs:pending without us (e.g. removed by the API)
-        dropped = dropped + 1
-      elseif not f[1] and redis.call('EXISTS', 'job:' .. id) == 0 then
+      if not f[1] and redis.call('EXISTS', 'job:' .. id) == 0 then
         dequeue(id)  -- hash missing: remove rather than skip forever
         dropped = dropped + 1
       elseif f[1] and f[1] ~= '' and f[1] ~= 'pending' then
@@ -214,33 +217,49 @@ local function head_of(q, floor)
       end
     end
     offset = offset + #chunk / 2 - dropped
+    size = math.min(size * 4, 256)
   end
 end
 
-local best_id, best_score
-for _, svc in ipairs(job_types(caps)) do
-  local classes = redis.call('HGETALL', 'jobs:idx:classes:' .. svc)
-  for i = 1, #classes, 2 do
-    local desc = cjson.decode(classes[i + 1])
-    if class_matches(caps, desc[1], desc[2], svc) then
-      local id, score = head_of('jobs:idx:queue:' .. svc .. ':' .. classes[i], best_score)
-      if id then best_id, best_score = id, score end
+-- The best candidate over every matching class; a candidate that left jobs:pending without us (e.g.
+-- removed by the API) is dropped from the index and the choice made again.
+local types = job_types(caps)
+local best_id, best_q
+while true do
+  local best_score
+  best_id = nil
+  for _, svc in ipairs(types) do
+    local classes = redis.call('HGETALL', 'jobs:idx:classes:' .. svc)
+    for i = 1, #classes, 2 do
+      local desc = cjson.decode(classes[i + 1])
+      if class_matches(caps, desc[1], desc[2], svc) then
+        local id, score = head_of(svc, classes[i], best_score)
+        if id then best_id, best_score, best_q = id, score, 'jobs:idx:queue:' .. svc .. ':' .. classes[i] end
+      end
     end
   end
+  if not best_id then return {'', unindexed} end
+  if redis.call('ZREM', KEYS[1], best_id) == 1 then break end
+  index_remove(best_id)
 end
-
-if not best_id then return {'', unindexed} end
 
 local id = best_id
 local jkey = 'job:' .. id
 local at = iso(now)
-dequeue(id)
+redis.call('HDEL', KEYS[2], id)
+redis.call('ZREM', best_q, id)
 redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', wid, 'assigned_at', at)
 local flat = redis.call('HGETALL', jkey)
 local job = {}
 for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
 redis.call('HSET', 'jobs:active:' .. wid, id, cjson.encode(job))
-refresh_worker(wid, now, true, id)
+local old_status = redis.call('HGET', 'worker:' .. wid, 'status') or ''
+redis.call('HSET', 'worker:' .. wid, 'status', 'busy', 'current_job_id', id)
+if old_status ~= 'busy' then
+  redis.call('HSET', 'worker:' .. wid, 'last_status_change', at)
+  publish('worker_status', {worker_id = wid, old_status = old_status, new_status = 'busy', current_job_id = id,
+    timestamp = now})
+end
 redis.call('ZADD', KEYS[3], now + lease_ms, id)
 local machine = caps.machine_id
 if type(machine) ~= 'string' then machine = '' end

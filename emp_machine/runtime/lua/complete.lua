@@ -29,5 +29,5 @@ for i, name in ipairs(names) do
 end
 local head = cjson.encode(msg)
 redis.call('PUBLISH', 'complete_job', string.sub(head, 1, -2) .. ',"result":' .. result .. '}')
-add_event(id, {t = now, ev = 'completed', worker_id = wid})
+add_event(id, {t = now, ev = 'completed', worker_id = wid}, true)
 return 'ok'

@@ -30,7 +30,7 @@ if retryable and new < max then
 end
 redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new, 'error', err)
 redis.call('HSET', 'jobs:failed', id, cjson.encode({error = err, failed_at = at, retry_count = new}))
-add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false})
+add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false}, true)
 publish('job_failed', {job_id = id, worker_id = wid, status = 'failed', error = err, failed_at = at,
   retry_count = new, can_retry = false, timestamp = now})
 return {'failed', new}

@@ -164,10 +164,10 @@ local function adopt(id)
 end
 
 -- The per-job timeline (our addition): an append-only list of small JSON events.
-local function add_event(id, ev)
+-- The TTL is set when the list is created and renewed when the job ends (final = true).
+local function add_event(id, ev, final)
   local key = 'job:' .. id .. ':events'
-  redis.call('RPUSH', key, cjson.encode(ev))
-  redis.call('EXPIRE', key, EVENTS_TTL_S)
+  if redis.call('RPUSH', key, cjson.encode(ev)) == 1 or final then redis.call('EXPIRE', key, EVENTS_TTL_S) end
 end
 
 local function publish(channel, msg)
