@@ -64,9 +64,15 @@ class JobError(EmpError):
 
 
 class RetryableJobError(JobError):
-    """Worth another attempt: connection refused, timeout, 429, 5xx, service restarted mid-job."""
+    """Worth another attempt: connection refused, timeout, 429, 5xx, service restarted mid-job.
+
+    `retry_after_s` carries a service's own back-off (HTTP Retry-After) for the retry scheduler."""
 
     retryable = True
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class FatalJobError(JobError):
@@ -95,3 +101,15 @@ def can_retry(error: BaseException) -> bool:
     if isinstance(error, JobError):
         return error.retryable
     return isinstance(error, (TimeoutError, ConnectionError))
+
+
+def classify(error: BaseException) -> JobError | JobCancelled:
+    """Any exception out of a connector's run, as a classified job outcome (STYLE.md section 3: a plugin
+    cannot kill the host). Classified errors pass through; anything else becomes a JobError naming the
+    exception type, retryable or not by `can_retry`."""
+    if isinstance(error, (JobError, JobCancelled)):
+        return error
+    cls = RetryableJobError if can_retry(error) else FatalJobError
+    wrapped = cls(f"connector raised {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
