@@ -6,6 +6,8 @@ merged, `service_headers` and `log_event` are the two seams it replaces, so conn
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import logging
 import mimetypes
@@ -18,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from emp_machine.errors import RetryableJobError
+from emp_machine.errors import JobCancelled, RetryableJobError
 
 REDACTED = "[REDACTED]"
 # LogRecord attributes a caller's field must not shadow (logging raises KeyError on a clash).
@@ -141,3 +143,21 @@ def sniff_image_suffix(data: bytes) -> str:
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return ".gif"
     return ".bin"
+
+
+async def until_cancelled(coro, cancelled: asyncio.Event, what: str):
+    """Await `coro` unless `cancelled` is set first: then the request is abandoned (closing its
+    connection, which is all an HTTP service without a cancel endpoint offers) and JobCancelled raised."""
+    work = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise JobCancelled(f"{what} cancelled")
