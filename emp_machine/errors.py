@@ -55,3 +55,61 @@ class SupervisorError(EmpError):
 
 class NoMachineRunning(EmpError):
     """An operator command found no running machine to talk to."""
+
+
+class JobError(EmpError):
+    """A job failed; the subclass says whether it may run again (see can_retry)."""
+
+    retryable = False
+
+
+class RetryableJobError(JobError):
+    """Worth another attempt: connection refused, timeout, 429, 5xx, service restarted mid-job.
+
+    `retry_after_s` carries a service's own back-off (HTTP Retry-After) for the retry scheduler."""
+
+    retryable = True
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class FatalJobError(JobError):
+    """Will fail again however often it runs: validation rejected, other 4xx, bad payload."""
+
+    retryable = False
+
+
+class JobCancelled(EmpError):
+    """The job was cancelled by its owner: not a failure, and never marked completed."""
+
+
+class ConnectorNotFound(EmpError):
+    """No installed connector has that name; the message lists those that are."""
+
+
+class ConnectorLoadError(EmpError):
+    """A connector's entry point could not be imported or is not a Connector class."""
+
+
+def can_retry(error: BaseException) -> bool:
+    """The one place that maps an exception from a job to the contract's `can_retry`.
+
+    Classified errors say so themselves. Unclassified timeouts and connection errors are transient by
+    nature; anything else unexpected is a bug in a connector and would fail again, so it is final."""
+    if isinstance(error, JobError):
+        return error.retryable
+    return isinstance(error, (TimeoutError, ConnectionError))
+
+
+def classify(error: BaseException) -> JobError | JobCancelled:
+    """Any exception out of a connector's run, as a classified job outcome (STYLE.md section 3: a plugin
+    cannot kill the host). Classified errors pass through; anything else becomes a JobError naming the
+    exception type, retryable or not by `can_retry`."""
+    if isinstance(error, (JobError, JobCancelled)):
+        return error
+    cls = RetryableJobError if can_retry(error) else FatalJobError
+    wrapped = cls(f"connector raised {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped

@@ -1,0 +1,199 @@
+"""Benchmark of the Redis job contract (issue 4): claim cost, claims/s, progress, submit->claim latency.
+
+One command, loopback only, bounded well under 2 minutes; starts its own private Redis:
+    ./dev bench jobs        (or: .venv/bin/python bench/jobs.py)
+Prints each figure beside its target. Redis time per call comes from INFO commandstats (EVALSHA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import redis as redis_lib
+import redis.asyncio as aioredis
+
+from emp_machine.runtime.jobs import AsyncJobStore, JobSignals, JobStore, contract_fields
+from emp_machine.runtime.redis_server import PrivateRedis
+
+SIM = {"worker_id": "bench-w0", "machine_id": "bench", "services": ["sim"], "hardware": {"gpu_memory_gb": 24}}
+CLAIMS_PER_CASE = 300
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def evalsha_usec(client) -> tuple[int, float]:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), float(stats.get("usec_per_call", 0.0))
+
+
+def fill(client, store: JobStore, total: int, mix: str) -> None:
+    """`total` pending jobs written through the submit script. mix 'third': 1/3 claimable by SIM, 1/3
+    another job type, 1/3 same type with unmet hardware; mix 'none': half each of the last two."""
+    script = store._scripts["submit"]
+    pipe = client.pipeline(transaction=False)
+    for i in range(total):
+        kind = i % 3 if mix == "third" else 1 + i % 2
+        service = "other" if kind == 1 else "sim"
+        requirements = {"hardware": {"gpu_memory_gb": 80}} if kind == 2 else None
+        fields = contract_fields(f"j{i}", service, {"steps": 1}, requirements=requirements)
+        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
+               args=[f"j{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+
+
+def claim_cost(client, total: int, mix: str) -> dict:
+    client.flushall()
+    store = JobStore(client)
+    fill(client, store, total, mix)
+    client.config_resetstat()
+    n = min(CLAIMS_PER_CASE, total // 3) if mix == "third" else CLAIMS_PER_CASE
+    times, claimed = [], 0
+    for _ in range(n):
+        started = time.perf_counter()
+        job = store.claim(SIM)
+        times.append((time.perf_counter() - started) * 1e6)
+        claimed += job is not None
+    calls, usec = evalsha_usec(client)
+    return {"n": n, "claimed": claimed, "p50": pct(times, 0.5), "p99": pct(times, 0.99), "redis_us": usec,
+            "calls": calls}
+
+
+def _claimer(url: str, index: int, start_at: float, duration_s: float, out) -> None:
+    client = redis_lib.Redis.from_url(url, decode_responses=True)
+    store = JobStore(client)
+    caps = {**SIM, "worker_id": f"bench-w{index}"}
+    while time.time() < start_at:
+        time.sleep(0.001)
+    count, end = 0, start_at + duration_s
+    while time.time() < end:
+        if store.claim(caps) is not None:
+            count += 1
+    out.put(count)
+
+
+def claims_per_second(client, url: str, workers: int = 8, duration_s: float = 3.0) -> tuple[float, float]:
+    client.flushall()
+    store = JobStore(client)
+    pipe = client.pipeline(transaction=False)
+    script = store._scripts["submit"]
+    for i in range(50_000):  # all claimable, so the 8 workers never run dry (they take ~15k in 3 s)
+        fields = contract_fields(f"j{i}", "sim", {})
+        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
+               args=[f"j{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    client.config_resetstat()
+    queue: mp.Queue = mp.Queue()
+    start_at = time.time() + 1.0
+    procs = [mp.Process(target=_claimer, args=(url, i, start_at, duration_s, queue)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    total = sum(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(10)
+    _, usec = evalsha_usec(client)
+    return total / duration_s, usec
+
+
+def progress_cost(client) -> tuple[float, float, float]:
+    client.flushall()
+    store = JobStore(client)
+    job_id = store.submit("sim", {})
+    store.claim(SIM)
+    store.start(job_id, SIM["worker_id"])
+    client.config_resetstat()
+    times = []
+    for i in range(2000):
+        started = time.perf_counter()
+        store.progress(job_id, SIM["worker_id"], i % 100, "working", current_step=i % 5, total_steps=5)
+        times.append((time.perf_counter() - started) * 1e6)
+    return pct(times, 0.5), pct(times, 0.99), evalsha_usec(client)[1]
+
+
+def _submitter(url: str, rounds: int, start_at: float) -> None:
+    """Another process, as the EMP API is: submits one job every 5 ms, stamping it with perf_counter
+    (CLOCK_MONOTONIC on Linux, shared by every process on the machine)."""
+    store = JobStore(redis_lib.Redis.from_url(url, decode_responses=True))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    for i in range(rounds):
+        store.submit("sim", {"sent": time.perf_counter()}, job_id=f"lat{i}")
+        time.sleep(0.005)
+
+
+def submit_to_claim(url: str, client, rounds: int = 300) -> tuple[float, float, int]:
+    """An idle async worker (JobSignals + claim) wakes for each job a submitter process sends; latency
+    from just before the submit call to the claim's return. Also counts the Redis commands the idle
+    worker sends in 2 s."""
+    client.flushall()
+    latencies: list[float] = []
+
+    async def worker():
+        aclient = aioredis.from_url(url, decode_responses=True)
+        store = AsyncJobStore(aclient)
+        async with JobSignals(aclient, ["sim"]) as signals:
+            assert await store.claim(SIM, hints=signals.arm()) is None
+            client.config_resetstat()
+            await signals.wait(2.0)  # idle: nothing submitted, the worker should cost Redis nothing
+            stats = client.info("commandstats")
+            idle = sum(v["calls"] for k, v in stats.items()  # our own INFO / CONFIG RESETSTAT aside
+                       if not k.startswith(("cmdstat_info", "cmdstat_config")))
+            proc = mp.Process(target=_submitter, args=(url, rounds, time.time() + 0.5))
+            proc.start()
+            while len(latencies) < rounds:
+                job = await store.claim(SIM, hints=signals.arm())
+                if job is None:
+                    if not await signals.wait(10):
+                        break
+                    continue
+                latencies.append((time.perf_counter() - job.payload()["sent"]) * 1e6)
+            proc.join(10)
+        await aclient.aclose()
+        return idle
+
+    idle_calls = asyncio.run(worker())
+    return pct(latencies, 0.5), pct(latencies, 0.99), idle_calls
+
+
+def main() -> None:
+    print(f"emp-machine job contract benchmark  ({platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"private Valkey on loopback; client and server share the CPUs)")
+    with PrivateRedis(Path(tempfile.mkdtemp(prefix="emp-bench-jobs-"))) as server:
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        print("\nclaim cost (sync client, one at a time)                client p50 / p99     Redis/call  target")
+        for total in (100, 10_000, 50_000):
+            for mix, label in (("third", "1/3 matching"), ("none", "none matching")):
+                r = claim_cost(client, total, mix)
+                print(f"  {total:>6} pending, {label:<14} {r['claimed']:>4}/{r['n']:<4} claimed  "
+                      f"{r['p50']:7.0f} / {r['p99']:6.0f} us   {r['redis_us']:7.1f} us   <= 60 us Redis")
+        rate, usec = claims_per_second(client, server.url)
+        print(f"\nclaims/s, 8 worker processes, 50k pending           {rate:8.0f}/s  "
+              f"(Redis {usec:.1f} us/call)  target >= 4000/s")
+        p50, p99, usec = progress_cost(client)
+        print(f"progress update                                     p50 {p50 / 1000:.3f} ms  p99 {p99 / 1000:.3f} ms"
+              f"  (Redis {usec:.1f} us)  target p99 <= 1.5 ms")
+        p50, p99, idle = submit_to_claim(server.url, client)
+        print(f"submit -> claim, idle worker woken by job_submitted  p50 {p50 / 1000:.3f} ms  p99 {p99 / 1000:.3f} ms"
+              f"  target p99 <= 2 ms")
+        print(f"Redis commands from an idle worker in 2 s            {idle}  target 0")
+        print("jobs/s through 2 full workers                       not measured: needs the worker process "
+              "(runtime/worker.py)")
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    main()
+    print(f"\n(total {time.monotonic() - started:.0f} s)")

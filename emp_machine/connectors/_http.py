@@ -1,0 +1,163 @@
+"""What every HTTP connector shares: trace headers, lifecycle log lines, redaction, error mapping, files.
+
+The telemetry package (another branch) will own context propagation and `service.call` spans; until it is
+merged, `service_headers` and `log_event` are the two seams it replaces, so connectors call only these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import mimetypes
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from emp_machine.errors import JobCancelled, RetryableJobError
+
+REDACTED = "[REDACTED]"
+# LogRecord attributes a caller's field must not shadow (logging raises KeyError on a clash).
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
+    """`x-job-id`, `x-request-id` and, when the job carries them, `traceparent` / `tracestate`.
+
+    Reads the fields with getattr so a job object from any producer (or a later ConnectorJob with more trace
+    fields) works; a malformed traceparent is passed through untouched, as the architecture asks."""
+    headers = {"x-job-id": str(job.id), "x-request-id": request_id or f"req-{uuid.uuid4()}"}
+    for name in ("traceparent", "tracestate"):
+        value = getattr(job, name, None)
+        if value:
+            headers[name] = str(value)
+    return headers
+
+
+def log_event(logger: logging.Logger, event: str, job_id: str, level: int = logging.INFO,
+              **fields: Any) -> None:
+    """One lifecycle line (received, started, progress, completed, failed) with the service's fields both
+    in the text (for humans) and as record attributes (for the JSON log formatter)."""
+    extra = {("field_" + k if k in _RESERVED else k): v for k, v in fields.items()}
+    extra.update(event_type=event, job_id=job_id)
+    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    logger.log(level, "%s job_id=%s %s", event, job_id, text, extra=extra)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret replaced; secrets shorter than 4 characters are ignored (they would
+    redact ordinary words and are not credentials anyway)."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def transport_error(service: str, url: str, exc: BaseException) -> RetryableJobError:
+    """A connection refused / reset / timed out talking to a service: always worth another attempt."""
+    kind = "timed out" if isinstance(exc, TimeoutError) else "unreachable"
+    return RetryableJobError(f"{service} {kind} at {strip_query(url)}: {type(exc).__name__}: {exc}")
+
+
+# aiohttp's connection errors are OSError subclasses but not ConnectionError; name them once here.
+TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError)
+
+
+def strip_query(url: str) -> str:
+    """Query strings can carry tokens: errors and logs show only scheme, host and path."""
+    return url.split("?", 1)[0]
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` (OpenAI) or `Retry-After` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, default: str = "output") -> str:
+    """A file name that cannot leave its directory, whatever the service called the file."""
+    cleaned = _UNSAFE.sub("_", Path(name).name).strip("._")
+    return cleaned[:120] or default
+
+
+def unique_path(directory: Path, name: str) -> Path:
+    """`directory/name`, or `stem-N.suffix` when a file of that name is already there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    n = 1
+    while path.exists():
+        path = directory / f"{Path(name).stem}-{n}{Path(name).suffix}"
+        n += 1
+    return path
+
+
+def mime_for(name: str, header: str | None = None) -> str:
+    if header and header.split(";")[0].strip() not in ("", "application/octet-stream"):
+        return header.split(";")[0].strip()
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+async def save_response(response: aiohttp.ClientResponse, path: Path) -> int:
+    """Stream a response body to `path` (outputs can be large: never hold them whole in memory)."""
+    size = 0
+    with path.open("wb") as out:
+        async for chunk in response.content.iter_chunked(1 << 16):
+            out.write(chunk)
+            size += len(chunk)
+    return size
+
+
+def sniff_image_suffix(data: bytes) -> str:
+    """The suffix for base64 image bytes, whose name the service never says."""
+    if data.startswith(b"\x89PNG"):
+        return ".png"
+    if data.startswith(b"\xff\xd8"):
+        return ".jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return ".gif"
+    return ".bin"
+
+
+async def until_cancelled(coro, cancelled: asyncio.Event, what: str):
+    """Await `coro` unless `cancelled` is set first: then the request is abandoned (closing its
+    connection, which is all an HTTP service without a cancel endpoint offers) and JobCancelled raised."""
+    work = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise JobCancelled(f"{what} cancelled")

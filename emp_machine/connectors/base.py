@@ -1,0 +1,120 @@
+"""The connector interface: one job in, calls to one kind of service, progress out, a result back.
+
+A connector never touches Redis: the worker claims the job, hands it over as a `ConnectorJob`, forwards
+progress and records the `JobResult` or the classified error. Connectors are async, constructed once per
+worker from their validated manifest settings and a `ConnectorContext`, and reused for every job.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+# Awaited with (percent 0-100, message). It may raise JobCancelled when the job was cancelled meanwhile:
+# a connector lets that propagate (after stopping its service-side work) rather than catching it.
+ProgressFn = Callable[[float, str], Awaitable[None]]
+
+
+class ConnectorSettings(BaseModel):
+    """Base of every connector's settings model: unknown keys are manifest errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What a connector shares with its worker: identity, where outputs go, and the telemetry handles.
+
+    `tracer` is an OpenTelemetry-API tracer or None (no spans); `logger` defaults to stdlib logging so a
+    connector runs (for example under `emp-machine try`) without the telemetry package set up."""
+
+    machine_id: str
+    worker_id: str
+    output_dir: Path
+    service_type: str = ""
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_machine.connectors"))
+    tracer: Any = None
+
+
+@dataclass(frozen=True)
+class ConnectorJob:
+    """One job as a connector sees it: no Redis fields beyond what it needs."""
+
+    id: str
+    service_required: str
+    payload: Any
+    attempt: int = 1
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file a job produced, stored under the machine's output directory and passed by reference."""
+
+    path: str
+    mime_type: str
+    size_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "mime_type": self.mime_type, "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a successful job returns: small data, output file references, and the service's metadata."""
+
+    data: Any = None
+    outputs: list[OutputFile] = field(default_factory=list)
+    service_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `result` of complete_job / jobs:completed: references, never inline blobs."""
+        return {"data": self.data, "outputs": [o.to_json() for o in self.outputs],
+                "service_metadata": dict(self.service_metadata)}
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    reason: str = ""
+
+
+class Connector(abc.ABC):
+    """Base of every connector. Subclasses set `name` and `Settings` and implement `run`.
+
+    `run` returns a JobResult or raises RetryableJobError / FatalJobError (emp_machine.errors) with the
+    service's own message; JobCancelled when `cancel` stopped it. Any other exception is treated by the
+    worker as a failure of that job alone (errors.can_retry decides), never of the worker."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[ConnectorSettings]] = ConnectorSettings
+
+    def __init__(self, settings: ConnectorSettings, context: ConnectorContext):
+        self.settings = settings
+        self.context = context
+        self.log = context.logger
+
+    @classmethod
+    def from_settings(cls, raw: Mapping[str, Any], context: ConnectorContext) -> Connector:
+        """Validate raw manifest settings (pydantic ValidationError names the field) and construct."""
+        return cls(cls.Settings.model_validate(dict(raw)), context)
+
+    async def health(self) -> Health:
+        """Cheap enough to call every few seconds. The default says healthy; services override it."""
+        return Health(True)
+
+    @abc.abstractmethod
+    async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
+        """Run one job to the end, reporting progress."""
+
+    async def cancel(self, job_id: str) -> None:
+        """Stop job `job_id` if it is running here; its `run` then raises JobCancelled. Idempotent."""
+
+    async def close(self) -> None:
+        """Release connections and sessions; called once when the worker stops."""

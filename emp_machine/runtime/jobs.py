@@ -1,0 +1,559 @@
+"""The EMP Redis job contract: the only module that knows key names and channels.
+
+Wire format: `../shared/emp-redis-contract.md`, followed field by field so the EMP API server can submit
+jobs and read results exactly as it does with the Node machine. Each operation is one named Lua script in
+`lua/` (with `lib.lua` prepended), so every state change is atomic and costs one round trip.
+
+Our additions beside the contract's keys (documented in docs/jobs.md):
+- `jobs:idx:*`: a per-job-type, per-requirement-class index of `jobs:pending`, so a claim looks at the
+  head of a few queues instead of walking the whole queue. Jobs the EMP API submits (only `jobs:pending`
+  and `job:{id}`) are adopted into it from their `job_submitted` message, or by `reconcile()`.
+- `jobs:leases`: claim leases (job id -> expiry ms), renewed by the heartbeat, reaped when expired.
+- `job:{id}:events`: an append-only timeline per job (submitted, claimed, started, failed, ...).
+- channel `job_requeued`: a job went back to the queue (retry, hand-back, expired lease); wakes workers.
+
+`JobStore` takes a sync `redis.Redis` (CLI, tests); `AsyncJobStore` a `redis.asyncio.Redis` (the
+worker) and its methods return awaitables. Both run the same operation code (generators of `_Call`s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from importlib.resources import files
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+# Contract keys and channels.
+PENDING = "jobs:pending"
+COMPLETED = "jobs:completed"
+FAILED = "jobs:failed"
+CH_SUBMITTED = "job_submitted"
+CH_CANCEL = "cancel_job"
+# Ours.
+INDEX_OF = "jobs:idx:of"
+LEASES = "jobs:leases"
+CH_REQUEUED = "job_requeued"
+_FIXED_KEYS = [PENDING, INDEX_OF, LEASES]
+
+CANCELLED_ERROR = "Job cancelled by user"
+HEARTBEAT_TTL_S = 60
+_CHUNK = 500
+
+_SCRIPTS = ("submit", "adopt", "prune", "claim", "start", "progress", "complete", "fail", "hand_back",
+            "heartbeat", "reap", "worker_status", "cancel")
+
+
+def job_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def progress_key(job_id: str) -> str:
+    return f"job:{job_id}:progress"
+
+
+def events_key(job_id: str) -> str:
+    return f"job:{job_id}:events"
+
+
+def active_key(worker_id: str) -> str:
+    return f"jobs:active:{worker_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"worker:{worker_id}"
+
+
+def heartbeat_key(worker_id: str) -> str:
+    return f"worker:{worker_id}:heartbeat"
+
+
+def script_source(name: str) -> str:
+    """The text registered for script `name`: lib.lua, then the script itself."""
+    lua = files("emp_machine.runtime").joinpath("lua")
+    return lua.joinpath("lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+
+
+def iso_now() -> str:
+    """ISO-8601 UTC with milliseconds, as the API's Date.toISOString() writes it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def submission_score(priority: float, time_ms: int) -> float:
+    """The contract's score: P x 10^15 - floor(T_ms / 1000), in doubles like the TypeScript API."""
+    return float(priority) * 1e15 - float(time_ms // 1000)
+
+
+class Ownership(StrEnum):
+    """Whether the calling worker still owns a job it is running."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"  # the API failed it ("Job cancelled by user"): stop, never complete it
+    LOST = "lost"  # the lease expired and the job went back to the queue or to another worker
+    MISSING = "missing"  # the job hash is gone
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job: the job:{id} hash as it stood right after the claim."""
+
+    id: str
+    fields: dict[str, str]
+
+    @property
+    def service_required(self) -> str:
+        return self.fields.get("service_required", "")
+
+    @property
+    def retry_count(self) -> int:
+        return int(self.fields.get("retry_count") or 0)
+
+    def payload(self) -> Any:
+        """The decoded payload; raises ValueError when the producer wrote something that is not JSON."""
+        return json.loads(self.fields.get("payload") or "null")
+
+
+@dataclass(frozen=True)
+class FailOutcome:
+    outcome: str  # 'retried', 'failed', or an Ownership value when the job was not ours any more
+    retry_count: int
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    renewed: list[str]
+    lost: list[str]
+    cancelled: list[str]
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    adopted: int
+    removed_missing: int
+    pruned: int
+
+
+@dataclass(frozen=True)
+class StuckJob:
+    job_id: str
+    worker_id: str
+    status: str
+    assigned_at: str
+    lease_expired: bool
+    heartbeat_alive: bool
+
+
+@dataclass(frozen=True)
+class Timeline:
+    job: dict[str, str]
+    progress: dict[str, str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def contract_fields(job_id: str, service_required: str, payload: Any, *, priority: float = 50,
+                    requirements: Mapping[str, Any] | str | None = None, customer_id: str = "",
+                    max_retries: int = 3, workflow_id: str = "", workflow_priority: float | None = None,
+                    workflow_datetime_ms: int | None = None, current_step: int | None = None,
+                    total_steps: int | None = None, trace: Mapping[str, str] | None = None,
+                    ctx: Mapping[str, Any] | None = None, created_at: str | None = None) -> dict[str, str]:
+    """The job:{id} hash exactly as the EMP API writes it: every contract field, all strings."""
+    def text(value: Any) -> str:
+        return "" if value is None else str(value)
+
+    if isinstance(requirements, Mapping):
+        requirements = json.dumps(requirements, separators=(",", ":"))
+    trace = trace or {}
+    return {
+        "id": job_id,
+        "service_required": service_required,
+        "priority": text(priority),
+        "payload": json.dumps(payload, separators=(",", ":")),
+        "requirements": requirements or "",
+        "customer_id": customer_id,
+        "created_at": created_at or iso_now(),
+        "status": "pending",
+        "retry_count": "0",
+        "max_retries": str(max_retries),
+        "workflow_id": workflow_id,
+        "workflow_priority": text(workflow_priority),
+        "workflow_datetime": text(workflow_datetime_ms),
+        "current_step": text(current_step),
+        "total_steps": text(total_steps),
+        "job_trace_id": trace.get("job_trace_id", ""),
+        "job_span_id": trace.get("job_span_id", ""),
+        "workflow_trace_id": trace.get("workflow_trace_id", ""),
+        "workflow_span_id": trace.get("workflow_span_id", ""),
+        "ctx": json.dumps(dict(ctx or {}), separators=(",", ":")),
+    }
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One round trip: a named script (args after the fixed keys) or a client method."""
+
+    script: str | None
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list | tuple):
+        return [_text(v) for v in value]
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    return value
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2]))
+
+
+_Op = Generator[_Call, Any, Any]
+
+
+class _JobOps:
+    """The operations, written once as generators of round trips; subclasses say how to run them."""
+
+    def __init__(self, client: Any, *, lease_s: float = 60.0, avoid_reclaim_s: float = 10.0,
+                 reconcile_min_interval_s: float = 1.0):
+        """`lease_s`: how long a claim holds without a heartbeat before the reaper re-queues it.
+        `avoid_reclaim_s`: how long a job a worker just failed is left to other workers.
+        `reconcile_min_interval_s`: at most one queue reconcile per interval, triggered by a claim that
+        sees jobs in jobs:pending our index lacks."""
+        self._client = client
+        self.lease_ms = int(lease_s * 1000)
+        self.avoid_ms = int(avoid_reclaim_s * 1000)
+        self._reconcile_every = reconcile_min_interval_s
+        self._last_reconcile = float("-inf")
+        self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
+
+    # ---- submission (the API's side, used by the CLI, tests and benchmarks) ----
+
+    def _submit(self, service_required: str, payload: Any, job_id: str | None, **options: Any) -> _Op:
+        job_id = job_id or str(uuid.uuid4())
+        fields = contract_fields(job_id, service_required, payload, **options)
+        flat = [x for pair in fields.items() for x in pair]
+        yield _Call("submit", (job_id, *flat))
+        return job_id
+
+    def _cancel(self, job_id: str, reason: str) -> _Op:
+        return bool((yield _Call("cancel", (job_id, reason))))
+
+    # ---- claim and the index ----
+
+    def _claim(self, capabilities: Mapping[str, Any], hints: Iterable[str]) -> _Op:
+        if not capabilities.get("worker_id"):
+            raise ValueError("worker capabilities need a worker_id")
+        caps = json.dumps(capabilities, separators=(",", ":"))
+        may_reconcile = self._reconcile_allowed()
+        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if may_reconcile else "0", *hints))
+        if not reply[0] and int(reply[1]) and may_reconcile:
+            # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
+            self._last_reconcile = time.monotonic()
+            yield from self._reconcile()
+            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0"))
+        if not reply[0]:
+            return None
+        return Job(reply[0], _pairs(reply[2:]))
+
+    def _reconcile_allowed(self) -> bool:
+        return time.monotonic() - self._last_reconcile >= self._reconcile_every
+
+    def _reconcile(self) -> _Op:
+        adopted = removed = pruned = 0
+        start = 0
+        while True:
+            ids = yield _Call(None, ("zrange", PENDING, start, start + _CHUNK - 1))
+            if not ids:
+                break
+            a, r = yield _Call("adopt", tuple(ids))
+            adopted, removed = adopted + int(a), removed + int(r)
+            start += len(ids) - int(r)  # removed ids shift the ranks after them
+        cursor = 0
+        while True:
+            cursor, entries = yield _Call(None, ("hscan", INDEX_OF), {"cursor": cursor, "count": _CHUNK})
+            if entries:
+                pruned += int((yield _Call("prune", tuple(entries))))
+            if int(cursor) == 0:
+                break
+        return ReconcileReport(adopted, removed, pruned)
+
+    # ---- running a job ----
+
+    def _start(self, job_id: str, worker_id: str) -> _Op:
+        return Ownership((yield _Call("start", (job_id, worker_id))))
+
+    def _progress(self, job_id: str, worker_id: str, percent: float, message: str,
+                  current_step: int | None, total_steps: int | None, estimated_completion: str | None) -> _Op:
+        args = (job_id, worker_id, f"{max(0.0, min(100.0, float(percent))):g}", message,
+                "" if current_step is None else current_step, "" if total_steps is None else total_steps,
+                estimated_completion or "")
+        return Ownership((yield _Call("progress", args)))
+
+    def _complete(self, job_id: str, worker_id: str, result: Any, message: str) -> _Op:
+        data = json.dumps(result, separators=(",", ":"))
+        return Ownership((yield _Call("complete", (job_id, worker_id, data, message))))
+
+    def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool) -> _Op:
+        outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0"))
+        return FailOutcome(outcome, int(count))
+
+    def _hand_back(self, job_id: str, worker_id: str, reason: str) -> _Op:
+        return Ownership((yield _Call("hand_back", (job_id, worker_id, reason))))
+
+    # ---- workers, leases, reaper ----
+
+    def _set_worker_status(self, worker_id: str, status: str, extra: Mapping[str, str]) -> _Op:
+        ttl = 0 if status == "offline" else HEARTBEAT_TTL_S
+        flat = [x for pair in extra.items() for x in pair]
+        return (yield _Call("worker_status", (worker_id, status, ttl, *flat)))
+
+    def _heartbeat(self, worker_id: str) -> _Op:
+        reply = yield _Call("heartbeat", (worker_id, self.lease_ms, HEARTBEAT_TTL_S))
+        renewed, lost, cancelled = [], [], []
+        for state, job_id in zip(reply[::2], reply[1::2]):
+            {"ok": renewed, "cancelled": cancelled}.get(state, lost).append(job_id)
+        return HeartbeatResult(renewed, lost, cancelled)
+
+    def _reap(self, limit: int) -> _Op:
+        return list((yield _Call("reap", (limit,))))
+
+    def _stuck(self) -> _Op:
+        seconds, micros = yield _Call(None, ("time",))
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        found: list[StuckJob] = []
+        cursor = 0
+        while True:
+            cursor, keys = yield _Call(None, ("scan",), {"cursor": cursor, "match": "jobs:active:*", "count": 500})
+            for key in keys:
+                worker_id = key.removeprefix("jobs:active:")
+                alive = bool((yield _Call(None, ("exists", heartbeat_key(worker_id)))))
+                for job_id in (yield _Call(None, ("hkeys", key))):
+                    status, owner, assigned_at = yield _Call(
+                        None, ("hmget", job_key(job_id), ["status", "worker_id", "assigned_at"]))
+                    lease = yield _Call(None, ("zscore", LEASES, job_id))
+                    expired = lease is not None and float(lease) <= now_ms
+                    if status in ("assigned", "in_progress") and owner == worker_id and (expired or not alive):
+                        found.append(StuckJob(job_id, worker_id, status, assigned_at or "", expired, alive))
+            if int(cursor) == 0:
+                return found
+
+    # ---- reading ----
+
+    def _timeline(self, job_id: str) -> _Op:
+        job = yield _Call(None, ("hgetall", job_key(job_id)))
+        progress = yield _Call(None, ("hgetall", progress_key(job_id)))
+        events = yield _Call(None, ("lrange", events_key(job_id), 0, -1))
+        return Timeline(job, progress, [json.loads(e) for e in events])
+
+    def _is_cancelled(self, job_id: str) -> _Op:
+        status = yield _Call(None, ("hget", job_key(job_id), "status"))
+        return status in ("failed", "cancelled")
+
+
+def _public(op_name: str, doc: str):
+    """A public method that builds the generator `op_name` and hands it to the store's driver."""
+    def method(self, *args, **kwargs):
+        return self._drive(getattr(self, op_name)(*args, **kwargs))
+    method.__doc__ = doc
+    return method
+
+
+class _Api(_JobOps):
+    def submit(self, service_required: str, payload: Any, *, job_id: str | None = None, **options: Any):
+        """Write a job as the EMP API does (options: see contract_fields); returns its id."""
+        return self._drive(self._submit(service_required, payload, job_id, **options))
+
+    def claim(self, capabilities: Mapping[str, Any], *, hints: Iterable[str] = ()):
+        """Claim the best job these capabilities can serve, or None. `hints`: ids from job_submitted."""
+        return self._drive(self._claim(capabilities, tuple(hints)))
+
+    def progress(self, job_id: str, worker_id: str, percent: float, message: str = "", *,
+                 current_step: int | None = None, total_steps: int | None = None,
+                 estimated_completion: str | None = None):
+        """Record and publish progress in one round trip; returns Ownership (CANCELLED: stop the job)."""
+        return self._drive(self._progress(job_id, worker_id, percent, message, current_step, total_steps,
+                                          estimated_completion))
+
+    def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed"):
+        """Mark the job completed with `result` (references, not blobs); returns Ownership."""
+        return self._drive(self._complete(job_id, worker_id, result, message))
+
+    def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool):
+        """Retry (retryable and attempts left) or fail for good; returns FailOutcome."""
+        return self._drive(self._fail(job_id, worker_id, error, retryable))
+
+    def hand_back(self, job_id: str, worker_id: str, reason: str = "drain"):
+        """Return a running job to the queue without counting an attempt; returns Ownership."""
+        return self._drive(self._hand_back(job_id, worker_id, reason))
+
+    def register_worker(self, worker_id: str, machine_id: str, capabilities: Mapping[str, Any],
+                        connector_statuses: Mapping[str, Any] | None = None):
+        """Write worker:{id} as idle with its capabilities and start its heartbeat key."""
+        extra = {"machine_id": machine_id, "capabilities": json.dumps(capabilities),
+                 "connector_statuses": json.dumps(dict(connector_statuses or {}))}
+        return self._drive(self._set_worker_status(worker_id, "idle", extra))
+
+    def set_worker_status(self, worker_id: str, status: str):
+        """idle / busy / offline (offline also deletes the heartbeat key); publishes worker_status."""
+        return self._drive(self._set_worker_status(worker_id, status, {}))
+
+    start = _public("_start", "assigned -> in_progress; returns Ownership.")
+    cancel = _public("_cancel", "Cancel a job the way the EMP API does (job_id, reason); True if it was live.")
+    heartbeat = _public("_heartbeat", "Renew the heartbeat key and the worker's leases; returns HeartbeatResult.")
+    reconcile = _public("_reconcile", "Index API-submitted jobs and drop stale index entries (the slow sweep).")
+    stuck_jobs = _public("_stuck", "Assigned or running jobs whose lease or worker heartbeat expired.")
+    timeline = _public("_timeline", "The job hash, its progress hash and its event list.")
+    is_cancelled = _public("_is_cancelled", "True when the API cancelled (failed) the job.")
+
+    def reap_expired_leases(self, limit: int = 100):
+        """Re-queue up to `limit` jobs whose lease expired (retry count kept); returns their ids."""
+        return self._drive(self._reap(limit))
+
+
+class JobStore(_Api):
+    """The job contract over a sync `redis.Redis` client."""
+
+    def _exec(self, call: _Call) -> Any:
+        if call.script:
+            return _text(self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args)))
+        name, *args = call.args
+        return _text(getattr(self._client, name)(*args, **call.kwargs))
+
+    def _drive(self, op: _Op) -> Any:
+        try:
+            call = next(op)
+            while True:
+                call = op.send(self._exec(call))
+        except StopIteration as done:
+            return done.value
+
+
+class AsyncJobStore(_Api):
+    """The job contract over a `redis.asyncio.Redis` client: every method returns an awaitable."""
+
+    async def _exec(self, call: _Call) -> Any:
+        if call.script:
+            return _text(await self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args)))
+        name, *args = call.args
+        return _text(await getattr(self._client, name)(*args, **call.kwargs))
+
+    async def _drive(self, op: _Op) -> Any:
+        try:
+            call = next(op)
+            while True:
+                call = op.send(await self._exec(call))
+        except StopIteration as done:
+            return done.value
+
+
+class JobSignals:
+    """The pub/sub side of a worker process: wake-ups and cancellations, on one connection.
+
+    Idle workers do not poll: `arm()` before a claim, and when the claim finds nothing, `wait()` returns as
+    soon as `job_submitted` or `job_requeued` names a job type this worker serves (ids from those
+    messages come back from the next `arm()`, to pass to `claim(hints=...)`, which indexes API-submitted
+    jobs in the same round trip). `wait()` also returns at its timeout: the caller's slow fallback sweep
+    for anything missed. After a lost connection it wakes the worker, since messages may have been lost.
+    `cancel_job` messages call `on_cancel(job_id, reason)`.
+    """
+
+    _MAX_HINTS = 256
+
+    def __init__(self, client: Any, job_types: Iterable[str], on_cancel: Any = None,
+                 reconnect_delay_s: float = 0.5):
+        self._client = client
+        self._types = set(job_types)
+        self._on_cancel = on_cancel
+        self._reconnect_delay_s = reconnect_delay_s
+        self._wake = asyncio.Event()
+        self._hints: list[str] = []
+        self._task: Any = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="job-signals")
+        await self._subscribed.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def __aenter__(self) -> JobSignals:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def arm(self) -> list[str]:
+        """Clear the wake-up before a claim; returns the job ids announced since the last arm()."""
+        self._wake.clear()
+        hints, self._hints = self._hints, []
+        return hints
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True when woken by a job this worker serves, False when `timeout_s` passed."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    def _handle(self, channel: str, data: str) -> None:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict):
+            if channel != CH_CANCEL:
+                self._wake.set()  # unreadable announcement: look rather than miss a job
+            return
+        job_id = str(msg.get("job_id") or "")
+        if channel == CH_CANCEL:
+            if job_id and self._on_cancel is not None:
+                self._on_cancel(job_id, str(msg.get("reason") or ""))
+            return
+        service = msg.get("service_required")
+        if service is not None and service not in self._types:
+            return
+        if channel == CH_SUBMITTED and job_id and len(self._hints) < self._MAX_HINTS:
+            self._hints.append(job_id)
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        first = True
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CH_SUBMITTED, CH_REQUEUED, CH_CANCEL)
+                self._subscribed.set()
+                if not first:
+                    self._wake.set()  # messages may have been missed while disconnected
+                first = False
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if msg is not None and msg.get("type") == "message":
+                        self._handle(_text(msg["channel"]), _text(msg["data"]))
+            except (RedisConnectionError, RedisTimeout, OSError):
+                await asyncio.sleep(self._reconnect_delay_s)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # closing a broken connection may fail again; nothing to keep
+                    pass

@@ -1,0 +1,33 @@
+-- complete.lua: the job succeeded. A cancelled job is never marked completed.
+-- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
+-- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = result JSON (references to outputs, no blobs),
+-- ARGV[4] = message
+-- Returns 'ok', 'cancelled', 'lost' or 'missing'.
+local id, wid, result = ARGV[1], ARGV[2], ARGV[3]
+local now = now_ms()
+local state = ownership(id, wid)
+if state ~= 'ok' then
+  release_not_owned(id, wid, now, state)
+  return state
+end
+local at = iso(now)
+local jkey = 'job:' .. id
+redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at)
+release(id, wid, now, state)
+-- The result is spliced in as received: decoding and re-encoding it in Lua would turn [] into {}.
+redis.call('HSET', 'jobs:completed', id,
+  '{"success":true,"data":' .. result .. ',"completed_at":' .. cjson.encode(at) .. '}')
+local msg = {job_id = id, worker_id = wid, progress = 100, status = 'completed', message = ARGV[4],
+  timestamp = now}
+local f = redis.call('HMGET', jkey, 'workflow_id', 'current_step', 'total_steps', 'workflow_priority',
+  'workflow_datetime')
+local names = {'workflow_id', 'current_step', 'total_steps', 'workflow_priority', 'workflow_datetime'}
+for i, name in ipairs(names) do
+  if f[i] and f[i] ~= '' then
+    if name == 'workflow_id' then msg[name] = f[i] else msg[name] = tonumber(f[i]) or f[i] end
+  end
+end
+local head = cjson.encode(msg)
+redis.call('PUBLISH', 'complete_job', string.sub(head, 1, -2) .. ',"result":' .. result .. '}')
+add_event(id, {t = now, ev = 'completed', worker_id = wid}, true)
+return 'ok'

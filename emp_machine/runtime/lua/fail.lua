@@ -1,0 +1,36 @@
+-- fail.lua: the job failed. Retryable failures go back to the queue with the submission score until
+-- max_retries; otherwise the failure is final. job_failed always carries can_retry.
+-- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
+-- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = error message, ARGV[4] = '1' when retryable
+-- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'.
+local id, wid, err = ARGV[1], ARGV[2], ARGV[3]
+local retryable = ARGV[4] == '1'
+local now = now_ms()
+local state = ownership(id, wid)
+if state ~= 'ok' then
+  release_not_owned(id, wid, now, state)
+  return {state, 0}
+end
+local jkey = 'job:' .. id
+local at = iso(now)
+local f = redis.call('HMGET', jkey, 'retry_count', 'max_retries')
+local new = (tonumber(f[1]) or 0) + 1
+local max = tonumber(f[2]) or 3
+release(id, wid, now, state)
+if retryable and new < max then
+  redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,
+    'last_failed_worker', wid, 'failed_at', at, 'error', err)
+  enqueue(id)
+  add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = true})
+  publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = err, failed_at = at,
+    retry_count = new, can_retry = true, timestamp = now})
+  publish('job_requeued', {job_id = id, service_required = redis.call('HGET', jkey, 'service_required'),
+    reason = 'retry', timestamp = now})
+  return {'retried', new}
+end
+redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new, 'error', err)
+redis.call('HSET', 'jobs:failed', id, cjson.encode({error = err, failed_at = at, retry_count = new}))
+add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false}, true)
+publish('job_failed', {job_id = id, worker_id = wid, status = 'failed', error = err, failed_at = at,
+  retry_count = new, can_retry = false, timestamp = now})
+return {'failed', new}

@@ -1,0 +1,19 @@
+-- hand_back.lua: a draining worker returns a job to the queue without counting an attempt.
+-- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
+-- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = reason
+-- Returns 'ok', 'cancelled', 'lost' or 'missing'.
+local id, wid = ARGV[1], ARGV[2]
+local now = now_ms()
+local state = ownership(id, wid)
+if state ~= 'ok' then
+  release_not_owned(id, wid, now, state)
+  return state
+end
+local jkey = 'job:' .. id
+redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
+release(id, wid, now, state)
+enqueue(id)
+add_event(id, {t = now, ev = 'handed_back', worker_id = wid, reason = ARGV[3]})
+publish('job_requeued', {job_id = id, service_required = redis.call('HGET', jkey, 'service_required'),
+  reason = ARGV[3], timestamp = now})
+return 'ok'

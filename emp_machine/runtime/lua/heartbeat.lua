@@ -1,0 +1,22 @@
+-- heartbeat.lua: the worker is alive; renew its heartbeat key and the leases of the jobs it owns.
+-- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
+-- ARGV[1] = worker id, ARGV[2] = lease in ms, ARGV[3] = heartbeat key TTL in s (contract: 60)
+-- Returns {state, job id, state, job id, ...} for each job in jobs:active:{wid}: 'ok' (lease renewed), or
+-- 'cancelled' / 'lost' / 'missing' (no longer this worker's; dropped from jobs:active).
+local wid = ARGV[1]
+local now = now_ms()
+local at = iso(now)
+redis.call('SET', 'worker:' .. wid .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
+redis.call('HSET', 'worker:' .. wid, 'last_heartbeat', at)
+local out = {}
+for _, id in ipairs(redis.call('HKEYS', 'jobs:active:' .. wid)) do
+  local state = ownership(id, wid)
+  if state == 'ok' then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
+  else
+    release_not_owned(id, wid, now, state)
+  end
+  table.insert(out, state)
+  table.insert(out, id)
+end
+return out

@@ -1,0 +1,217 @@
+-- lib.lua: helpers shared by every job script. Redis scripts cannot include one another, so jobs.py
+-- prepends this file to each script before registering it.
+-- Every script is called with the same three fixed keys first:
+-- KEYS[1] = jobs:pending        (contract ZSET, score = P x 10^15 - floor(T_ms / 1000))
+-- KEYS[2] = jobs:idx:of         (our HASH job id -> "<service>\n<class>": where the job sits in the index)
+-- KEYS[3] = jobs:leases         (our ZSET job id -> lease expiry, epoch ms)
+-- Dynamic keys (single-node Redis only, like the EMP API's own claim): job:{id}, job:{id}:events,
+-- jobs:active:{wid}, worker:{wid}, jobs:idx:classes:{service} (HASH class -> [requirements, customer]),
+-- jobs:idx:queue:{service}:{class} (ZSET job id -> index score).
+
+local EVENTS_TTL_S = 7 * 86400
+-- Index score: priority first, then creation time in ms. 2^42 ms reaches the year 2109; the contract
+-- score cannot order by time within one priority (50 x 10^15 exceeds 2^53, so it moves in steps of 8 s).
+local PRIORITY_SHIFT = 4398046511104
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m > 2) and (m - 3) or (m + 9)
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = (mp < 10) and (mp + 3) or (mp - 9)
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+
+-- ISO-8601 UTC with milliseconds, the form the EMP API writes (Date.toISOString).
+local function iso(ms)
+  local s = math.floor(ms / 1000)
+  local days = math.floor(s / 86400)
+  local rem = s - days * 86400
+  local y, m, d = civil_from_days(days)
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
+    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60, ms - s * 1000)
+end
+
+-- Epoch ms from ISO-8601 (with Z or an offset), epoch ms, or "<seconds>.<micros>" as the upstream claim
+-- writes assigned_at. nil when unparsable.
+local function time_ms(v)
+  if not v or v == '' then return nil end
+  local n = tonumber(v)
+  if n then
+    if n < 1e11 then return math.floor(n * 1000) end
+    return math.floor(n)
+  end
+  local y, mo, d, h, mi, s, rest = string.match(v, '^(%d%d%d%d)-(%d%d)-(%d%d)[T ](%d%d):(%d%d):(%d%d)(.*)$')
+  if not y then return nil end
+  local ms = 0
+  local frac = string.match(rest, '^%.(%d+)')
+  if frac then
+    ms = tonumber(string.sub(frac .. '000', 1, 3))
+    rest = string.sub(rest, #frac + 2)
+  end
+  local off = 0
+  local sign, oh, om = string.match(rest, '^([%+%-])(%d%d):?(%d%d)$')
+  if sign then
+    off = (tonumber(oh) * 60 + tonumber(om)) * 60000
+    if sign == '-' then off = -off end
+  end
+  local days = days_from_civil(tonumber(y), tonumber(mo), tonumber(d))
+  return (days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)) * 1000 + ms - off
+end
+
+-- Lua turns numbers into strings with 14 significant digits; scores need all 17 to round-trip.
+local function fmt(n)
+  return string.format('%.17g', n)
+end
+
+-- Fields that decide a job's place in the queue, in the order HMGET returns them.
+local ORDER_FIELDS = {'service_required', 'requirements', 'customer_id', 'priority', 'workflow_priority',
+  'created_at', 'workflow_datetime'}
+
+local function order_of(f)
+  local p = tonumber(f[5]) or tonumber(f[4]) or 50
+  local t = tonumber(f[7]) or time_ms(f[6]) or now_ms()
+  return p, t
+end
+
+-- The contract's submission score, also used for retries and re-queues.
+local function pending_score(f)
+  local p, t = order_of(f)
+  return p * 1e15 - math.floor(t / 1000)
+end
+
+local function parse_requirements(raw)
+  if not raw or raw == '' then return nil end
+  local ok, v = pcall(cjson.decode, raw)
+  if ok and type(v) == 'table' and v[1] == nil then return v end
+  return nil  -- malformed (or non-object) requirements count as none (contract)
+end
+
+-- Jobs with the same requirements (and, when isolation is asked for, the same customer) match exactly
+-- the same workers, so they share one index queue: a claim evaluates each class once, not each job.
+local function class_of(raw, customer_id)
+  local req = parse_requirements(raw)
+  if not req then return '0', '', '' end
+  local pos = req.positive_requirements
+  if type(pos) ~= 'table' then pos = req end
+  local cust = ''
+  if pos.customer_isolation ~= nil then cust = customer_id or '' end
+  return redis.sha1hex(raw .. '\n' .. cust), raw, cust
+end
+
+local function index_add(id, f)
+  local svc = f[1] or ''
+  local cls, raw, cust = class_of(f[2], f[3])
+  local p, t = order_of(f)
+  redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
+  redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(p * PRIORITY_SHIFT - t), id)
+  redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls)
+end
+
+local function index_remove(id)
+  local loc = redis.call('HGET', KEYS[2], id)
+  if not loc then return end
+  redis.call('HDEL', KEYS[2], id)
+  local svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
+  local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
+  redis.call('ZREM', q, id)
+  if redis.call('EXISTS', q) == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
+end
+
+-- Put a job (back) into the pending queue and our index, with the submission score.
+local function enqueue(id)
+  local f = redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS))
+  redis.call('ZADD', KEYS[1], fmt(pending_score(f)), id)
+  index_add(id, f)
+end
+
+local function dequeue(id)
+  redis.call('ZREM', KEYS[1], id)
+  index_remove(id)
+end
+
+-- Index a job that reached jobs:pending without us (the EMP API writes only jobs:pending + job:{id}).
+-- 1 = indexed, 0 = nothing to do, -1 = its hash is missing, so it was removed from the queue.
+local function adopt(id)
+  if redis.call('HEXISTS', KEYS[2], id) == 1 then return 0 end
+  if not redis.call('ZSCORE', KEYS[1], id) then return 0 end
+  if redis.call('EXISTS', 'job:' .. id) == 0 then
+    redis.call('ZREM', KEYS[1], id)
+    return -1
+  end
+  index_add(id, redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS)))
+  return 1
+end
+
+-- The per-job timeline (our addition): an append-only list of small JSON events.
+-- The TTL is set when the list is created and renewed when the job ends (final = true).
+local function add_event(id, ev, final)
+  local key = 'job:' .. id .. ':events'
+  if redis.call('RPUSH', key, cjson.encode(ev)) == 1 or final then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+end
+
+local function publish(channel, msg)
+  redis.call('PUBLISH', channel, cjson.encode(msg))
+end
+
+-- Worker status follows its active jobs: busy while any remain. Publishes worker_status on a change.
+local function refresh_worker(wid, now, create, current)
+  local wkey = 'worker:' .. wid
+  if not create and redis.call('EXISTS', wkey) == 0 then return end
+  local remaining = redis.call('HKEYS', 'jobs:active:' .. wid)
+  local new, cur = 'idle', ''
+  if #remaining > 0 then new, cur = 'busy', current or remaining[1] end
+  local old = redis.call('HGET', wkey, 'status') or ''
+  redis.call('HSET', wkey, 'status', new, 'current_job_id', cur)
+  if old ~= new then
+    redis.call('HSET', wkey, 'last_status_change', iso(now))
+    publish('worker_status', {worker_id = wid, old_status = old, new_status = new, current_job_id = cur,
+      timestamp = now})
+  end
+end
+
+-- Whether worker wid still owns job id: 'ok', 'cancelled' (the API failed it under us), 'lost' (the lease
+-- expired and the job went back to the queue or to another worker) or 'missing' (no hash).
+local function ownership(id, wid)
+  local f = redis.call('HMGET', 'job:' .. id, 'status', 'worker_id')
+  if not f[1] and redis.call('EXISTS', 'job:' .. id) == 0 then return 'missing' end
+  if f[1] == 'failed' or f[1] == 'cancelled' then return 'cancelled' end
+  if f[2] ~= wid or (f[1] ~= 'assigned' and f[1] ~= 'in_progress') then return 'lost' end
+  return 'ok'
+end
+
+-- Drop worker wid's bookkeeping for a job it no longer runs. The lease stays when the job now belongs
+-- to someone else (state 'lost').
+local function release(id, wid, now, state)
+  redis.call('HDEL', 'jobs:active:' .. wid, id)
+  if state ~= 'lost' then redis.call('ZREM', KEYS[3], id) end
+  refresh_worker(wid, now, false)
+end
+
+-- Bookkeeping for a job its worker can no longer finish, for every non-'ok' ownership state.
+local function release_not_owned(id, wid, now, state)
+  release(id, wid, now, state)
+  if state == 'cancelled' then add_event(id, {t = now, ev = 'cancelled', worker_id = wid}) end
+end
+
+-- ---- end of lib.lua ----

@@ -1,0 +1,17 @@
+-- submit.lua: write a job exactly as the EMP API does, and index it.
+-- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
+-- ARGV[1] = job id
+-- ARGV[2..] = field, value pairs of the job:{id} hash (all contract fields, strings)
+-- Returns the score written to jobs:pending (as a string, 17 significant digits).
+local id = ARGV[1]
+local jkey = 'job:' .. id
+local fields = {}
+for i = 2, #ARGV do table.insert(fields, ARGV[i]) end
+redis.call('HSET', jkey, unpack(fields))
+enqueue(id)
+local now = now_ms()
+local f = redis.call('HMGET', jkey, 'service_required', 'priority', 'workflow_id', 'customer_id')
+add_event(id, {t = now, ev = 'submitted', service_required = f[1]})
+publish('job_submitted', {job_id = id, service_required = f[1], priority = tonumber(f[2]) or f[2],
+  workflow_id = f[3], customer_id = f[4], timestamp = now})
+return redis.call('ZSCORE', KEYS[1], id)

@@ -1,0 +1,29 @@
+-- worker_status.lua: register a worker or change its status (idle / busy / offline); publishes
+-- worker_status on a change.
+-- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
+-- ARGV[1] = worker id, ARGV[2] = new status, ARGV[3] = heartbeat key TTL in s ('0': delete the key)
+-- ARGV[4..] = extra field, value pairs for worker:{wid} (machine_id, capabilities, connector_statuses)
+-- Returns the old status.
+local wid, new = ARGV[1], ARGV[2]
+local wkey = 'worker:' .. wid
+local now = now_ms()
+local at = iso(now)
+local old = redis.call('HGET', wkey, 'status') or ''
+redis.call('HSET', wkey, 'worker_id', wid, 'status', new, 'last_heartbeat', at)
+for i = 4, #ARGV, 2 do redis.call('HSET', wkey, ARGV[i], ARGV[i + 1]) end
+local cur = redis.call('HGET', wkey, 'current_job_id') or ''
+if new ~= 'busy' then
+  cur = ''
+  redis.call('HSET', wkey, 'current_job_id', '')
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', wkey .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
+else
+  redis.call('DEL', wkey .. ':heartbeat')
+end
+if old ~= new then
+  redis.call('HSET', wkey, 'last_status_change', at)
+  publish('worker_status', {worker_id = wid, old_status = old, new_status = new, current_job_id = cur,
+    timestamp = now})
+end
+return old

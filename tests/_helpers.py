@@ -1,0 +1,46 @@
+"""Helpers shared by the connector tests (imported, not a conftest: no fixtures are auto-applied)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from emp_machine.connectors.base import ConnectorJob
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class Progress:
+    """A progress callback that records (percent, message) and can fire a hook once on a condition."""
+
+    def __init__(self):
+        self.seen: list[tuple[float, str]] = []
+        self._hooks: list[tuple[Callable[[float, str], bool], Callable[[], Awaitable]]] = []
+
+    def when(self, condition: Callable[[float, str], bool], action: Callable[[], Awaitable]) -> None:
+        self._hooks.append((condition, action))
+
+    async def __call__(self, percent: float, message: str) -> None:
+        self.seen.append((percent, message))
+        for hook in list(self._hooks):
+            if hook[0](percent, message):
+                self._hooks.remove(hook)
+                await hook[1]()
+
+    @property
+    def percents(self) -> list[float]:
+        return [p for p, _ in self.seen]
+
+
+def job(payload, job_id="job-1", service="comfyui") -> ConnectorJob:
+    return ConnectorJob(job_id, service, payload, traceparent=TRACEPARENT)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait on a condition with a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)

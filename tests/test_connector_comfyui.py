@@ -1,0 +1,331 @@
+"""The comfyui connector against the protocol-faithful fake (tests/fakes/comfyui.py), over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+
+import aiohttp
+import pytest
+from _helpers import TRACEPARENT, Progress, job, wait_for
+from fakes.comfyui import FakeComfyUI
+
+from emp_machine.connectors._comfyui_events import ProgressTracker, execution_error
+from emp_machine.connectors.base import ConnectorContext
+from emp_machine.connectors.comfyui import ComfyUIConnector
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
+
+
+def happy(color=None, **overrides):
+    """The captured two-output workflow (§2); a random colour defeats the server's cache between tests."""
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                     "color": random.randrange(1 << 24) if color is None else color}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "ImageScale", "inputs": {"image": ["2", 0], "upscale_method": "bilinear",
+                                                     "width": 128, "height": 96, "crop": "disabled"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "capture/happy"}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+    for key, value in overrides.items():
+        node, name = key.split("__")
+        graph[node]["inputs"][name] = value
+    return graph
+
+
+def sleeper(seconds):
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                         "color": random.randrange(1 << 24)}},
+            "2": {"class_type": "TestSleep", "inputs": {"value": ["1", 0], "seconds": seconds}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "sleep"}}}
+
+
+def slow_chain():
+    graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1,
+                                                          "color": random.randrange(1 << 24)}}}
+    for node, source in (("10", "1"), ("11", "10"), ("12", "11")):
+        graph[node] = {"class_type": "ImageBlur", "inputs": {"image": [source, 0], "blur_radius": 15, "sigma": 3.0}}
+    graph["99"] = {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "slow"}}
+    return graph
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(**knobs):
+        server = FakeComfyUI(**knobs).start()
+        servers.append(server)
+        return server
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def context(tmp_path):
+    return ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=tmp_path / "out",
+                            logger=logging.getLogger("test.comfyui"))
+
+
+def connector(context, server, **settings):
+    return ComfyUIConnector.from_settings({"base_url": server.url if server else "http://127.0.0.1:9",
+                                           **settings}, context)
+
+
+def run(conn, payload, progress=None, job_id="job-1"):
+    progress = progress or Progress()
+
+    async def main():
+        try:
+            return await conn.run(job(payload, job_id), progress)
+        finally:
+            await conn.close()
+    return asyncio.run(main()), progress
+
+
+def test_success_downloads_outputs_and_reports_progress(fake, context, caplog):
+    server = fake()
+    caplog.set_level(logging.INFO, "test.comfyui")
+    result, progress = run(connector(context, server), {"workflow": happy()})
+    by_name = {o.path.rsplit("/", 1)[-1]: o for o in result.outputs}
+    assert sorted(by_name) == ["4_happy_00001_.png", f"5_ComfyUI_temp_{server.proc.temp_suffix}_00001_.png"]
+    for output in result.outputs:
+        data = open(output.path, "rb").read()
+        assert data.startswith(b"\x89PNG") and len(data) == output.size_bytes and output.mime_type == "image/png"
+        assert output.path.startswith(str(context.output_dir / "job-1"))
+    assert server.files[("output", "capture", "happy_00001_.png")] == open(by_name["4_happy_00001_.png"].path, "rb").read()
+    # 0 when queued, one report per node, 100 only with the result in hand, never backwards
+    assert progress.percents[0] == 0 and progress.percents[-1] == 100
+    assert progress.percents == sorted(progress.percents) and max(progress.percents[:-1]) < 100
+    assert [m for _, m in progress.seen[1:-1]] == ["node 1 (EmptyImage)", "node 2 (ImageInvert)",
+                                                    "node 5 (PreviewImage)", "node 3 (ImageScale)",
+                                                    "node 4 (SaveImage)"]
+    meta = result.service_metadata
+    assert result.data == {"prompt_id": meta["prompt_id"], "node_outputs": {}} and meta["cached_nodes"] == []
+    # our own prompt_id and client_id, the same client id on the socket and in the POST, trace headers
+    [post] = [r for r in server.requests if r[:2] == ("POST", "/prompt")]
+    [ws] = [r for r in server.requests if r[1].startswith("/ws?")]
+    assert ws[1] == f"/ws?clientId={meta['client_id']}"
+    assert post[2]["traceparent"] == TRACEPARENT and post[2]["x-job-id"] == "job-1"
+    assert post[2]["x-request-id"].startswith("req-")
+    assert server.requests.index(ws) < server.requests.index(post)  # the socket first (§7.1)
+    events = [r.event_type for r in caplog.records]
+    assert events[0] == "job.received" and "job.started" in events and events[-1] == "job.completed"
+    assert all(r.prompt_id == meta["prompt_id"] for r in caplog.records)
+
+
+def test_bare_graph_and_text_outputs(fake, context):
+    server = fake()
+    graph = {"1": {"class_type": "PrimitiveString", "inputs": {"value": f"hello {random.random()}"}},
+             "2": {"class_type": "RegexReplace", "inputs": {"string": ["1", 0], "regex_pattern": "l+", "replace": "L"}},
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    result, _ = run(connector(context, server), graph)
+    assert result.outputs == [] and result.data["node_outputs"]["3"]["text"][0].startswith("heLo ")
+
+
+def test_float_progress_is_throttled_monotonic_and_fractional(fake, context):
+    server = fake(preview_frames=True)  # binary preview frames interleaved: skipped, not fatal
+    result, progress = run(connector(context, server), sleeper(0.3))
+    inside = [p for p, m in progress.seen if m == "node 2 (TestSleep)"]
+    # node 2 is the second of three nodes: its float value/max moves percent through (33.3, 66.7)
+    assert len(inside) >= 5 and all(33.3 <= p < 66.7 for p in inside)
+    assert any(p != int(p) for p in inside)
+    assert len(inside) < 31  # ~30 ticks at 10 ms, reported only per whole percent moved
+    assert progress.percents == sorted(progress.percents) and progress.percents[-1] == 100
+    assert len(result.outputs) == 1
+
+
+def test_cached_rerun_still_returns_the_files(fake, context):
+    server = fake()
+    graph = happy(color=123)
+    first, _ = run(connector(context, server), graph, job_id="a")
+    second, progress = run(connector(context, server), graph, job_id="b")
+    assert second.service_metadata["cached_nodes"] == ["1", "2", "3", "4", "5"]
+    assert [o.size_bytes for o in second.outputs] == [o.size_bytes for o in first.outputs]
+    assert [o.path.rsplit("/", 1)[1] for o in second.outputs] == [o.path.rsplit("/", 1)[1] for o in first.outputs]
+    assert progress.percents[-1] == 100 and all(not m.startswith("node ") for _, m in progress.seen)
+
+
+def test_history_lagging_behind_the_terminal_frame_is_polled(fake, context):
+    server = fake(history_hidden_gets=3)
+    result, _ = run(connector(context, server), happy())
+    assert len(result.outputs) == 2
+    gets = [r for r in server.requests if r[1].startswith("/history/")]
+    assert len(gets) == 4
+
+
+def test_history_that_never_appears_is_a_retryable_failure(fake, context):
+    server = fake(history_hidden_gets=10**6)
+    with pytest.raises(RetryableJobError, match="/history had no entry within 0.3 s"):
+        run(connector(context, server, history_wait_s=0.3), happy())
+
+
+@pytest.mark.parametrize("graph,fragments", [
+    (happy(**{"1__width": 100000}), ["prompt_outputs_failed_validation",
+                                     "node 1 (EmptyImage): value_bigger_than_max: Value 100000 bigger than max"]),
+    ({**happy(), "2": {"class_type": "NoSuchNode", "inputs": {}}}, ["invalid_prompt", "NoSuchNode does not exist"]),
+    (happy(**{"2__image": ["42", 0]}), ["node 2 (ImageInvert): exception_during_inner_validation"]),
+])
+def test_rejected_workflow_is_permanent_with_node_errors(fake, context, graph, fragments):
+    server = fake()
+    with pytest.raises(FatalJobError) as caught:
+        run(connector(context, server), graph)
+    assert all(f in str(caught.value) for f in fragments), str(caught.value)
+    assert "rejected the workflow" in str(caught.value) and not can_retry(caught.value)
+
+
+def test_200_with_node_errors_is_permanent_and_the_partial_run_is_stopped(fake, context):
+    server = fake()
+    with pytest.raises(FatalJobError) as caught:
+        run(connector(context, server), happy(**{"3__upscale_method": "super-resolution"}))
+    text = str(caught.value)
+    assert "accepted only part" in text and "node 3 (ImageScale): value_not_in_list" in text
+    assert "super-resolution" in text
+    assert ("POST", "/queue") in [r[:2] for r in server.requests] and server.interrupt_calls
+    assert list(context.output_dir.glob("**/*.png")) == []
+
+
+@pytest.mark.parametrize("node,error,fragment", [
+    ({"class_type": "RegexReplace", "inputs": {"string": ["1", 0], "regex_pattern": "(", "replace": "x"}},
+     FatalJobError, "node 2 (RegexReplace) raised re.error: missing ), unterminated subpattern at position 0"),
+    ({"class_type": "TestSyncError", "inputs": {"value": ["1", 0]}},
+     FatalJobError, "node 2 (TestSyncError) raised RuntimeError: Intentional sync execution error"),
+    ({"class_type": "CustomOOM", "inputs": {"value": ["1", 0]}},
+     RetryableJobError, "node 2 (CustomOOM) raised torch.OutOfMemoryError: CUDA out of memory"),
+])
+def test_execution_error_names_node_and_exception(fake, context, node, error, fragment):
+    server = fake()
+    graph = {"1": {"class_type": "PrimitiveString", "inputs": {"value": f"hello {random.random()}"}}, "2": node,
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    with pytest.raises(error) as caught:
+        run(connector(context, server), graph)
+    assert type(caught.value) is error and fragment in str(caught.value)
+    assert "current_inputs" not in str(caught.value)
+
+
+def test_execution_error_classification_rules():
+    def classify(exc_type, message="boom"):
+        return type(execution_error({"node_id": "7", "node_type": "X", "exception_type": exc_type,
+                                     "exception_message": message + "\n"}))
+    assert classify("torch.cuda.OutOfMemoryError") is RetryableJobError
+    assert classify("RuntimeError", "CUDA error: out of memory") is RetryableJobError
+    assert classify("requests.exceptions.ConnectionError") is RetryableJobError
+    assert classify("ValueError") is FatalJobError and classify("FileNotFoundError") is FatalJobError
+
+
+@pytest.mark.parametrize("payload,fragment", [
+    ({"nodes": [], "links": []}, "UI format"), ([1, 2], "payload must be"), ({}, "payload must be"),
+    ({"workflow": {"1": {"inputs": {}}}}, "is not an object with a class_type"),
+])
+def test_bad_payload_fails_before_any_request(context, payload, fragment):
+    with pytest.raises(FatalJobError, match=fragment):
+        run(connector(context, None), payload)
+
+
+def test_cancel_running_prompt_interrupts_it(fake, context):
+    server = fake()
+    conn = connector(context, server)
+    progress = Progress()
+    progress.when(lambda p, m: m == "node 2 (TestSleep)", lambda: conn.cancel("job-1"))
+    started = time.monotonic()
+    with pytest.raises(JobCancelled, match="interrupted prompt .* at node 2 \\(TestSleep\\)"):
+        run(conn, sleeper(30), progress)
+    assert time.monotonic() - started < 5
+    assert server.interrupt_calls[-1]["prompt_id"]
+
+
+def test_cancel_pending_prompt_deletes_it_from_the_queue(fake, context):
+    server = fake()
+    conn = connector(context, server)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:  # another client keeps the server busy
+            async with http.post(server.url + "/prompt", json={"prompt": sleeper(30)}) as response:
+                blocker = (await response.json())["prompt_id"]
+            progress = Progress()
+            progress.when(lambda p, m: m.startswith("queued"), lambda: conn.cancel("job-1"))
+            with pytest.raises(JobCancelled):
+                await conn.run(job(sleeper(0.1)), progress)
+            async with http.get(server.url + "/queue") as response:
+                queue = await response.json()
+            assert [i[1] for i in queue["queue_running"]] == [blocker] and queue["queue_pending"] == []
+            assert progress.percents == [0]
+            await http.post(server.url + "/interrupt")
+        await conn.close()
+    asyncio.run(main())
+
+
+def test_job_timeout_is_retryable_and_stops_the_prompt(fake, context):
+    server = fake()
+    with pytest.raises(RetryableJobError, match="did not finish within 0.5 s"):
+        run(connector(context, server, job_timeout_s=0.5), sleeper(30))
+    assert server.interrupt_calls
+
+
+def test_server_killed_mid_job_and_restarted_empty_is_retryable(fake, context):
+    server = fake(blur_s=0.5)
+    conn = connector(context, server)
+    progress = Progress()
+
+    async def kill_and_restart():
+        await server.kill()
+        await server.restart()
+    progress.when(lambda p, m: m == "node 10 (ImageBlur)", kill_and_restart)
+    with pytest.raises(RetryableJobError, match="restarted during prompt .* in neither /history nor /queue"):
+        run(conn, slow_chain(), progress)
+    assert server.proc.history == {}
+
+
+def test_server_killed_and_not_back_in_time_is_retryable(fake, context):
+    server = fake(blur_s=0.5)
+    conn = connector(context, server, reconnect_timeout_s=0.5)
+    progress = Progress()
+    progress.when(lambda p, m: m == "node 10 (ImageBlur)", server.kill)
+    with pytest.raises(RetryableJobError, match="not back within 0.5 s"):
+        run(conn, slow_chain(), progress)
+
+
+def test_dropped_socket_reconnects_and_the_job_still_completes(fake, context):
+    server = fake(blur_s=0.3)
+    progress = Progress()
+    progress.when(lambda p, m: m == "node 10 (ImageBlur)", server.drop_sockets)
+    result, _ = run(connector(context, server), slow_chain(), progress)
+    assert len(result.outputs) == 1 and progress.percents[-1] == 100
+    assert len([r for r in server.requests if r[1].startswith("/ws?")]) == 2
+    client_ids = {r[1] for r in server.requests if r[1].startswith("/ws?")}
+    assert len(client_ids) == 1  # the same client id, so the prompt's events come to the new socket
+
+
+def test_connection_refused_is_retryable_and_health_says_why(fake, context):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connection refused
+        conn = ComfyUIConnector.from_settings({"base_url": f"http://127.0.0.1:{port}"}, context)
+        with pytest.raises(RetryableJobError, match="ComfyUI unreachable"):
+            run(conn, happy())
+        health = asyncio.run(conn.health())
+    assert not health.healthy and "unreachable" in health.reason
+    server = fake()
+    up = connector(context, server)
+
+    async def check():
+        try:
+            return await up.health()
+        finally:
+            await up.close()
+    assert asyncio.run(check()).healthy
+
+
+def test_progress_tracker_counts_cached_nodes_and_never_goes_back():
+    tracker = ProgressTracker({str(i): {"class_type": "X"} for i in range(1, 5)})
+    tracker.cached(["1", "2"])
+    assert tracker.percent() == 50
+    tracker.executing("3")
+    tracker.tick("3", 0.15, 0.3)
+    assert tracker.percent() == 62.5
+    tracker.tick("3", "bad", None)  # ignored, not a crash
+    assert tracker.report()[0] == 62.5 and tracker.report()[0] is None

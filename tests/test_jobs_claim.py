@@ -1,0 +1,241 @@
+"""Claim order and matching rules, including jobs written by the EMP API alone (real server)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from emp_machine.runtime.jobs import JobStore, contract_fields, submission_score
+
+
+def caps(worker_id="w1", services=("sim",), **extra):
+    return {"worker_id": worker_id, "machine_id": "m1", "services": list(services), **extra}
+
+
+def api_submit(redis, job_id, service="sim", priority=50, created_ms=None, **options):
+    """What the TypeScript API does: job hash + jobs:pending, nothing of ours."""
+    created_ms = created_ms or int(time.time() * 1000)
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created_ms / 1000)) + f".{created_ms % 1000:03d}Z"
+    fields = contract_fields(job_id, service, {}, priority=priority, created_at=iso, **options)
+    redis.hset(f"job:{job_id}", mapping=fields)
+    redis.zadd("jobs:pending", {job_id: submission_score(priority, created_ms)})
+    redis.publish("job_submitted", json.dumps({"job_id": job_id, "service_required": service}))
+
+
+@pytest.fixture
+def store(redis):
+    return JobStore(redis, reconcile_min_interval_s=0)
+
+
+def claim_all(store, worker):
+    out = []
+    while (job := store.claim(worker)) is not None:
+        out.append(job.id)
+    return out
+
+
+def test_highest_priority_first_then_oldest(store):
+    # Order within one priority is by created_at (ms); ids are chosen so that id order would disagree.
+    low = store.submit("sim", {}, job_id="low", priority=10)
+    first = store.submit("sim", {}, job_id="z-first", priority=50, created_at="2026-01-01T00:00:00.001Z")
+    second = store.submit("sim", {}, job_id="a-second", priority=50, created_at="2026-01-01T00:00:00.002Z")
+    high = store.submit("sim", {}, job_id="high", priority=90)
+    wf = store.submit("sim", {}, job_id="wf", priority=1, workflow_priority=95)
+    assert claim_all(store, caps()) == [wf, high, first, second, low]
+
+
+def test_fifo_within_one_priority_even_within_one_second(store):
+    # The contract score cannot tell these apart (same second): the index orders them by ms.
+    base = 1_700_000_000_000
+    ids = [store.submit("sim", {}, job_id=f"j{9 - i}", workflow_priority=50, workflow_datetime_ms=base + i * 3)
+           for i in range(6)]
+    assert claim_all(store, caps()) == ids
+
+
+def test_api_submitted_jobs_are_claimed_in_order_with_ours(store, redis):
+    now = int(time.time() * 1000)
+    api_submit(redis, "api-old", created_ms=now - 60_000)
+    store.submit("sim", {}, job_id="ours")
+    api_submit(redis, "api-high", priority=70, created_ms=now)
+    # No hints: the claim notices jobs:pending holds jobs the index lacks and reconciles.
+    assert claim_all(store, caps()) == ["api-high", "api-old", "ours"]
+    assert redis.zcard("jobs:pending") == 0 and redis.hlen("jobs:idx:of") == 0
+
+
+def test_hints_index_api_jobs_in_the_claim_round_trip(redis):
+    store = JobStore(redis, reconcile_min_interval_s=3600)  # rule out the reconcile path
+    store.reconcile()
+    api_submit(redis, "api-1")
+    assert store.claim(caps(), hints=["api-1", "no-such-job"]).id == "api-1"
+
+
+@pytest.mark.parametrize("kind", ["other type", "unmet requirements"])
+def test_matching_job_behind_5000_non_matching_is_claimed(store, redis, kind):
+    pipe = redis.pipeline(transaction=False)
+    for i in range(5000):
+        if kind == "other type":
+            fields = contract_fields(f"x{i}", "other", {}, priority=90)
+        else:
+            fields = contract_fields(f"x{i}", "sim", {}, priority=90, requirements={"hardware": {"gpu_memory_gb": 80}})
+        pipe.hset(f"job:x{i}", mapping=fields)
+        pipe.zadd("jobs:pending", {f"x{i}": submission_score(90, int(time.time() * 1000))})
+    pipe.execute()
+    store.reconcile()
+    store.submit("sim", {}, job_id="target", priority=1)
+    started = time.perf_counter()
+    assert store.claim(caps(hardware={"gpu_memory_gb": 24})).id == "target"
+    assert time.perf_counter() - started < 0.5
+    assert redis.zcard("jobs:pending") == 5000
+
+
+def test_job_types_from_services_or_job_service_required_map(store):
+    store.submit("a", {}, job_id="ja")
+    store.submit("b", {}, job_id="jb")
+    store.submit("c", {}, job_id="jc")
+    assert store.claim(caps(services=["x"])) is None
+    assert store.claim(caps(services=[], job_service_required_map=["b"])).id == "jb"
+    mapped = caps(services=[], job_service_required_map=[{"job_service_required": "c", "worker_service": "c1"}])
+    assert store.claim(mapped).id == "jc"
+    assert store.claim(caps(services=["a"])).id == "ja"
+
+
+def test_workflow_restricted_worker_takes_only_its_workflow(store):
+    store.submit("sim", {}, job_id="free", priority=90)
+    store.submit("sim", {}, job_id="other", priority=80, workflow_id="wf-2")
+    store.submit("sim", {}, job_id="mine", priority=10, workflow_id="wf-1")
+    assert store.claim(caps(workflow_id="wf-1")).id == "mine"
+    assert store.claim(caps(workflow_id="wf-1")) is None
+    assert store.claim(caps()).id == "free"
+
+
+WORKER = {
+    "hardware": {"gpu_memory_gb": 24, "ram_gb": 64, "cpu_cores": 8, "gpu_model": "RTX 4090"},
+    "models": {"sim": ["sdxl", "flux"]},
+    "customer_access": {"isolation": "strict", "allowed_customers": ["acme"], "denied_customers": ["evil"]},
+    "region": "eu", "features": ["fp8", "lora"], "version": 3, "extras": {"vae": "fast"},
+}
+
+RULES = [
+    ("no requirements", "", "", True),
+    ("gpu memory fits", {"hardware": {"gpu_memory_gb": 24}}, "", True),
+    ("gpu memory too small", {"hardware": {"gpu_memory_gb": 48}}, "", False),
+    ("ram too small", {"hardware": {"ram_gb": 128}}, "", False),
+    ("cpu fits", {"hardware": {"cpu_cores": 4, "ram_gb": "all"}}, "", True),
+    ("cpu too few", {"hardware": {"cpu_cores": 16}}, "", False),
+    ("strict isolation, allowed customer", {"customer_isolation": "strict"}, "acme", True),
+    ("strict isolation, customer not allowed", {"customer_isolation": "strict"}, "other", False),
+    ("strict isolation, denied customer", {"customer_isolation": "strict"}, "evil", False),
+    ("models available", {"models": ["sdxl"]}, "", True),
+    ("model missing", {"models": ["sdxl", "sd3"]}, "", False),
+    ("array contains all", {"features": ["fp8", "lora"]}, "", True),
+    ("array lacks one", {"features": ["fp8", "int4"]}, "", False),
+    ("membership", {"features": "lora"}, "", True),
+    ("number at least", {"version": 2}, "", True),
+    ("number too low", {"version": 4}, "", False),
+    ("equality", {"region": "eu"}, "", True),
+    ("inequality", {"region": "us"}, "", False),
+    ("nested object", {"extras": {"vae": "fast"}}, "", True),
+    ("unknown capability", {"quantum": True}, "", False),
+    ("positive_requirements form", {"positive_requirements": {"region": "eu"}}, "", True),
+    ("positive_requirements form fails", {"positive_requirements": {"region": "us"}}, "", False),
+    ("negative hardware hit", {"negative_requirements": {"hardware": {"gpu_model": "RTX 4090"}}}, "", False),
+    ("negative hardware miss", {"negative_requirements": {"hardware": {"gpu_model": "A100"}}}, "", True),
+    ("negative capability hit", {"negative_requirements": {"region": "eu"}}, "", False),
+    ("negative with positive", {"positive_requirements": {"region": "eu"},
+                                "negative_requirements": {"features": "int4"}}, "", True),
+    ("malformed JSON counts as none", "{not json", "", True),
+    ("non-object JSON counts as none", "[1,2]", "", True),
+]
+
+
+@pytest.mark.parametrize("requirements,customer,expected", [r[1:] for r in RULES], ids=[r[0] for r in RULES])
+def test_matching_rules(store, requirements, customer, expected):
+    store.submit("sim", {}, job_id="job", requirements=requirements, customer_id=customer)
+    job = store.claim(caps(**WORKER))
+    assert (job is not None) is expected
+
+
+def test_strict_isolation_needs_a_strict_worker(store):
+    store.submit("sim", {}, job_id="job", requirements={"customer_isolation": "strict"}, customer_id="acme")
+    assert store.claim(caps(customer_access={"isolation": "loose"})) is None
+    assert store.claim(caps(customer_access={"isolation": "strict", "allowed_customers": ["acme"]})).id == "job"
+
+
+def test_isolation_classes_are_per_customer(store):
+    # Same requirements, different customers: one worker may serve one customer and not the other.
+    store.submit("sim", {}, job_id="evil-job", priority=90, requirements={"customer_isolation": "strict"},
+                 customer_id="evil")
+    store.submit("sim", {}, job_id="acme-job", priority=10, requirements={"customer_isolation": "strict"},
+                 customer_id="acme")
+    assert claim_all(store, caps(**WORKER)) == ["acme-job"]
+
+
+def test_job_with_missing_hash_is_removed_from_the_queue(store, redis):
+    store.submit("sim", {}, job_id="gone", priority=90)
+    store.submit("sim", {}, job_id="ok", priority=10)
+    redis.delete("job:gone")
+    assert store.claim(caps()).id == "ok"
+    assert redis.zscore("jobs:pending", "gone") is None and redis.hexists("jobs:idx:of", "gone") == 0
+
+
+def test_api_job_with_missing_hash_is_removed_by_adoption(store, redis):
+    redis.zadd("jobs:pending", {"ghost": 1})
+    assert store.claim(caps()) is None
+    assert redis.zcard("jobs:pending") == 0
+
+
+def test_cancelled_pending_job_is_never_claimed(store, redis):
+    store.submit("sim", {}, job_id="cancelled", priority=90)
+    store.submit("sim", {}, job_id="live", priority=10)
+    assert store.cancel("cancelled", "user asked") is True
+    assert redis.zscore("jobs:pending", "cancelled") is not None  # the API leaves it queued
+    assert claim_all(store, caps()) == ["live"]
+    assert redis.zscore("jobs:pending", "cancelled") is None
+    assert redis.hget("job:cancelled", "status") == "failed"
+
+
+def test_worker_does_not_reclaim_a_job_it_just_failed_while_others_can(redis):
+    store = JobStore(redis, avoid_reclaim_s=30)
+    store.submit("sim", {}, job_id="flaky")
+    store.claim(caps("w1"))
+    store.fail("flaky", "w1", "transient", retryable=True)
+    assert store.claim(caps("w1")) is None
+    assert store.claim(caps("w2")).id == "flaky"
+
+
+def test_failed_job_comes_back_to_the_same_worker_after_the_avoid_window(redis):
+    store = JobStore(redis, avoid_reclaim_s=0.2)
+    store.submit("sim", {}, job_id="flaky")
+    store.claim(caps("w1"))
+    store.fail("flaky", "w1", "transient", retryable=True)
+    assert store.claim(caps("w1")) is None
+    deadline = time.monotonic() + 5
+    job = None
+    while job is None and time.monotonic() < deadline:
+        job = store.claim(caps("w1"))
+    assert job is not None and job.id == "flaky"
+
+
+def test_index_entry_of_a_job_removed_by_someone_else_is_dropped(store, redis):
+    store.submit("sim", {}, job_id="removed", priority=90)
+    store.submit("sim", {}, job_id="kept", priority=10)
+    redis.zrem("jobs:pending", "removed")
+    assert store.claim(caps()).id == "kept"
+    assert redis.hexists("jobs:idx:of", "removed") == 0
+
+
+def test_reconcile_adopts_and_prunes(store, redis):
+    api_submit(redis, "api-1")
+    store.submit("sim", {}, job_id="stale")
+    redis.zrem("jobs:pending", "stale")
+    redis.zadd("jobs:pending", {"ghost": 5})
+    report = store.reconcile()
+    assert (report.adopted, report.removed_missing, report.pruned) == (1, 1, 1)
+    assert redis.hlen("jobs:idx:of") == redis.zcard("jobs:pending") == 1
+
+
+def test_capabilities_need_a_worker_id(store):
+    with pytest.raises(ValueError, match="worker_id"):
+        store.claim({"services": ["sim"]})

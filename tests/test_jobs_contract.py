@@ -1,0 +1,219 @@
+"""The job contract's wire shape, field by field (../shared/emp-redis-contract.md), on a real server."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+import time
+
+import pytest
+
+from emp_machine.runtime.jobs import JobStore, submission_score
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+CONTRACT_JOB_FIELDS = {
+    "id", "service_required", "priority", "payload", "requirements", "customer_id", "created_at", "status",
+    "retry_count", "max_retries", "workflow_id", "workflow_priority", "workflow_datetime", "current_step",
+    "total_steps", "job_trace_id", "job_span_id", "workflow_trace_id", "workflow_span_id", "ctx",
+}
+CAPS = {"worker_id": "w1", "machine_id": "m1", "services": ["sim"]}
+
+
+class Listener:
+    """A real subscription that collects JSON messages; `wait_for` polls it against a deadline."""
+
+    def __init__(self, redis, *channels):
+        self.pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(*channels)
+        self.messages: list[tuple[str, dict]] = []
+
+    def wait_for(self, channel: str, count: int = 1, deadline_s: float = 5.0) -> list[dict]:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            got = [m for c, m in self.messages if c == channel]
+            if len(got) >= count:
+                return got
+            msg = self.pubsub.get_message(timeout=0.05)
+            if msg and msg["type"] == "message":
+                self.messages.append((msg["channel"], json.loads(msg["data"])))
+        raise AssertionError(f"{count} message(s) on {channel} not received; got {self.messages}")
+
+    def close(self):
+        self.pubsub.close()
+
+
+@pytest.fixture
+def store(redis):
+    return JobStore(redis)
+
+
+@pytest.fixture
+def listen(redis):
+    made = []
+
+    def make(*channels):
+        made.append(Listener(redis, *channels))
+        return made[-1]
+    yield make
+    for item in made:
+        item.close()
+
+
+def test_submit_writes_every_contract_field_as_the_api_does(store, redis, listen):
+    sub = listen("job_submitted")
+    trace = {"job_trace_id": "a" * 32, "job_span_id": "b" * 16, "workflow_trace_id": "temp-trace-id",
+             "workflow_span_id": ""}
+    job_id = store.submit("sim", {"steps": 2}, priority=70, requirements={"hardware": {"gpu_memory_gb": 8}},
+                          customer_id="c1", max_retries=5, workflow_id="wf1", workflow_priority=80,
+                          workflow_datetime_ms=1_700_000_000_123, current_step=1, total_steps=3, trace=trace,
+                          ctx={"k": "v"})
+    job = redis.hgetall(f"job:{job_id}")
+    assert set(job) == CONTRACT_JOB_FIELDS
+    assert job["id"] == job_id and job["service_required"] == "sim" and job["priority"] == "70"
+    assert json.loads(job["payload"]) == {"steps": 2}
+    assert json.loads(job["requirements"]) == {"hardware": {"gpu_memory_gb": 8}}
+    assert job["customer_id"] == "c1" and job["status"] == "pending"
+    assert job["retry_count"] == "0" and job["max_retries"] == "5"
+    assert job["workflow_id"] == "wf1" and job["workflow_priority"] == "80"
+    assert job["workflow_datetime"] == "1700000000123"
+    assert job["current_step"] == "1" and job["total_steps"] == "3"
+    assert job["job_trace_id"] == "a" * 32 and job["workflow_trace_id"] == "temp-trace-id"
+    assert json.loads(job["ctx"]) == {"k": "v"}
+    assert ISO.match(job["created_at"])
+    # P and T come from the workflow fields when present.
+    assert redis.zscore("jobs:pending", job_id) == submission_score(80, 1_700_000_000_123)
+    [msg] = sub.wait_for("job_submitted")
+    assert msg["job_id"] == job_id and msg["service_required"] == "sim" and msg["priority"] == 70
+
+
+def test_submit_defaults_are_empty_strings_and_score_uses_created_at(store, redis):
+    job_id = store.submit("sim", {})
+    job = redis.hgetall(f"job:{job_id}")
+    for name in ("requirements", "customer_id", "workflow_id", "workflow_priority", "workflow_datetime",
+                 "current_step", "total_steps", "job_trace_id", "job_span_id"):
+        assert job[name] == "", name
+    assert job["priority"] == "50" and job["max_retries"] == "3"
+    created = calendar.timegm(time.strptime(job["created_at"][:19], "%Y-%m-%dT%H:%M:%S"))
+    created_ms = int(created * 1000) + int(job["created_at"][20:23])
+    assert redis.zscore("jobs:pending", job_id) == submission_score(50, created_ms)
+
+
+def test_claim_transitions_and_messages(store, redis, listen):
+    sub = listen("job_claimed", "update_job_progress", "worker_status")
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {})
+    job = store.claim(CAPS)
+    assert job.id == job_id
+    assert redis.zscore("jobs:pending", job_id) is None
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "assigned" and stored["worker_id"] == "w1" and ISO.match(stored["assigned_at"])
+    active = json.loads(redis.hget("jobs:active:w1", job_id))
+    assert active["id"] == job_id and active["status"] == "assigned"
+    worker = redis.hgetall("worker:w1")
+    assert worker["status"] == "busy" and worker["current_job_id"] == job_id
+    assert ISO.match(worker["last_status_change"])
+    [claimed] = sub.wait_for("job_claimed")
+    assert claimed["job_id"] == job_id and claimed["worker_id"] == "w1" and claimed["status"] == "claimed"
+    [progress] = sub.wait_for("update_job_progress")
+    assert progress["job_id"] == job_id and progress["worker_id"] == "w1" and progress["progress"] == 0
+    assert isinstance(progress["timestamp"], int) and progress["timestamp"] > 1_600_000_000_000
+    statuses = sub.wait_for("worker_status", 2)
+    assert statuses[-1] == {"worker_id": "w1", "old_status": "idle", "new_status": "busy",
+                            "current_job_id": job_id, "timestamp": statuses[-1]["timestamp"]}
+
+
+def test_register_worker_and_heartbeat_key(store, redis):
+    store.register_worker("w1", "m1", CAPS, {"sim": "active"})
+    worker = redis.hgetall("worker:w1")
+    assert worker["worker_id"] == "w1" and worker["machine_id"] == "m1" and worker["status"] == "idle"
+    assert json.loads(worker["capabilities"]) == CAPS
+    assert json.loads(worker["connector_statuses"]) == {"sim": "active"}
+    assert ISO.match(worker["last_heartbeat"]) and worker["current_job_id"] == ""
+    assert 55 <= redis.ttl("worker:w1:heartbeat") <= 60
+    store.heartbeat("w1")
+    assert 55 <= redis.ttl("worker:w1:heartbeat") <= 60
+    store.set_worker_status("w1", "offline")
+    assert redis.hget("worker:w1", "status") == "offline"
+    assert redis.exists("worker:w1:heartbeat") == 0
+
+
+def test_progress_writes_hash_and_message(store, redis, listen):
+    sub = listen("update_job_progress")
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    assert store.start(job_id, "w1") == "ok"
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "in_progress" and ISO.match(stored["started_at"])
+    assert store.progress(job_id, "w1", 42.5, "working", current_step=2, total_steps=4,
+                          estimated_completion="2030-01-01T00:00:00.000Z") == "ok"
+    hash_ = redis.hgetall(f"job:{job_id}:progress")
+    assert hash_["progress"] == "42.5" and hash_["status"] == "in_progress" and hash_["message"] == "working"
+    assert ISO.match(hash_["updated_at"])
+    msg = sub.wait_for("update_job_progress", 2)[-1]
+    assert msg == {"job_id": job_id, "worker_id": "w1", "progress": 42.5, "status": "in_progress",
+                   "message": "working", "current_step": 2, "total_steps": 4,
+                   "estimated_completion": "2030-01-01T00:00:00.000Z", "timestamp": msg["timestamp"]}
+
+
+def test_complete_transitions_and_message(store, redis, listen):
+    sub = listen("complete_job", "worker_status")
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {}, workflow_id="wf", current_step=2, total_steps=3, workflow_priority=60,
+                          workflow_datetime_ms=1_700_000_000_000)
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    result = {"outputs": [{"path": "/out/a.png", "mime": "image/png", "size": 10}], "empty": []}
+    assert store.complete(job_id, "w1", result, "done") == "ok"
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "completed" and ISO.match(stored["completed_at"])
+    assert redis.hexists("jobs:active:w1", job_id) == 0
+    done = json.loads(redis.hget("jobs:completed", job_id))
+    assert done == {"success": True, "data": result, "completed_at": stored["completed_at"]}
+    [msg] = sub.wait_for("complete_job")
+    assert msg == {"job_id": job_id, "worker_id": "w1", "progress": 100, "status": "completed",
+                   "message": "done", "result": result, "timestamp": msg["timestamp"], "workflow_id": "wf",
+                   "current_step": 2, "total_steps": 3, "workflow_priority": 60,
+                   "workflow_datetime": 1_700_000_000_000}
+    assert redis.hget("worker:w1", "status") == "idle"
+    assert sub.wait_for("worker_status", 3)[-1]["new_status"] == "idle"
+    assert redis.zscore("jobs:leases", job_id) is None
+
+
+def test_retry_then_final_failure_with_can_retry_always_set(redis, listen):
+    store = JobStore(redis, avoid_reclaim_s=0)
+    sub = listen("job_failed")
+    job_id = store.submit("sim", {}, max_retries=3, priority=40)
+    score = redis.zscore("jobs:pending", job_id)
+    for attempt in (1, 2):
+        assert store.claim(CAPS).id == job_id
+        assert store.fail(job_id, "w1", f"boom {attempt}", retryable=True).outcome == "retried"
+        stored = redis.hgetall(f"job:{job_id}")
+        assert stored["status"] == "pending" and stored["worker_id"] == "" and stored["assigned_at"] == ""
+        assert stored["retry_count"] == str(attempt) and stored["last_failed_worker"] == "w1"
+        assert stored["error"] == f"boom {attempt}" and ISO.match(stored["failed_at"])
+        assert redis.zscore("jobs:pending", job_id) == score  # the submission formula, not a new one
+        assert redis.hexists("jobs:active:w1", job_id) == 0
+    assert store.claim(CAPS).id == job_id
+    outcome = store.fail(job_id, "w1", "boom 3", retryable=True)
+    assert (outcome.outcome, outcome.retry_count) == ("failed", 3)
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "failed" and stored["retry_count"] == "3" and stored["error"] == "boom 3"
+    assert redis.zscore("jobs:pending", job_id) is None
+    assert json.loads(redis.hget("jobs:failed", job_id)) == {
+        "error": "boom 3", "failed_at": stored["failed_at"], "retry_count": 3}
+    msgs = sub.wait_for("job_failed", 3)
+    assert [m["can_retry"] for m in msgs] == [True, True, False]
+    assert msgs[-1] == {"job_id": job_id, "worker_id": "w1", "status": "failed", "error": "boom 3",
+                        "failed_at": stored["failed_at"], "retry_count": 3, "can_retry": False,
+                        "timestamp": msgs[-1]["timestamp"]}
+    assert store.claim(CAPS) is None
+
+
+def test_permanent_failure_is_final_at_once(store, redis, listen):
+    sub = listen("job_failed")
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    assert store.fail(job_id, "w1", "bad payload", retryable=False).outcome == "failed"
+    assert redis.hget(f"job:{job_id}", "status") == "failed"
+    assert sub.wait_for("job_failed")[0]["can_retry"] is False

@@ -1,0 +1,208 @@
+"""Hand-back, cancel, leases, the reaper, stuck jobs and the timeline (real server, short leases)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from emp_machine.runtime.jobs import JobStore
+
+CAPS = {"worker_id": "w1", "machine_id": "m1", "services": ["sim"]}
+CAPS2 = {"worker_id": "w2", "machine_id": "m2", "services": ["sim"]}
+
+
+def until(predicate, deadline_s=5.0, what="condition"):
+    """Poll `predicate` until it returns something truthy; fail at the deadline."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"{what} not met within {deadline_s} s")
+
+
+@pytest.fixture
+def store(redis):
+    return JobStore(redis, lease_s=0.3, avoid_reclaim_s=0)
+
+
+def test_hand_back_returns_the_job_without_counting_an_attempt(store, redis):
+    job_id = store.submit("sim", {}, priority=60)
+    score = redis.zscore("jobs:pending", job_id)
+    store.register_worker("w1", "m1", CAPS)
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    assert store.hand_back(job_id, "w1", "drain") == "ok"
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "pending" and stored["retry_count"] == "0" and stored["worker_id"] == ""
+    assert redis.zscore("jobs:pending", job_id) == score
+    assert redis.hlen("jobs:active:w1") == 0 and redis.zscore("jobs:leases", job_id) is None
+    assert redis.hget("worker:w1", "status") == "idle"
+    assert store.claim(CAPS2).id == job_id
+
+
+def test_cancel_while_running_is_seen_by_progress_and_blocks_completion(store, redis):
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    assert store.is_cancelled(job_id) is False
+    assert store.cancel(job_id, "user") is True
+    assert store.is_cancelled(job_id) is True
+    assert store.progress(job_id, "w1", 50) == "cancelled"
+    assert redis.hget(f"job:{job_id}:progress", "progress") is None
+    assert store.complete(job_id, "w1", {"x": 1}) == "cancelled"
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "failed" and stored["error"] == "Job cancelled by user"
+    assert redis.hexists("jobs:completed", job_id) == 0
+    assert redis.hlen("jobs:active:w1") == 0 and redis.zscore("jobs:leases", job_id) is None
+    assert store.fail(job_id, "w1", "stopped", retryable=True).outcome == "cancelled"
+    assert redis.hget(f"job:{job_id}", "error") == "Job cancelled by user"
+
+
+def test_cancel_of_a_finished_or_unknown_job_does_nothing(store, redis):
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    store.complete(job_id, "w1", {})
+    assert store.cancel(job_id, "late") is False
+    assert redis.hget(f"job:{job_id}", "status") == "completed"
+    assert store.cancel("nope", "x") is False
+
+
+def test_expired_lease_is_reaped_with_retry_count_kept(store, redis):
+    sub = redis.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe("job_requeued")
+    job_id = store.submit("sim", {}, max_retries=5)
+    store.claim(CAPS)
+    store.fail(job_id, "w1", "once", retryable=True)
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    # w1 "dies": no heartbeat. The reaper re-queues the job once the lease runs out.
+    assert until(lambda: store.reap_expired_leases(), what="lease expiry") == [job_id]
+    stored = redis.hgetall(f"job:{job_id}")
+    assert stored["status"] == "pending" and stored["retry_count"] == "1" and stored["worker_id"] == ""
+    assert redis.hexists("jobs:active:w1", job_id) == 0
+    seen = []
+
+    def lease_message():
+        msg = sub.get_message(timeout=0.05)
+        if msg:
+            seen.append(json.loads(msg["data"]))
+        return [m for m in seen if m["reason"] == "lease_expired"]
+    [msg] = until(lease_message, what="job_requeued message for the expired lease")
+    assert msg["job_id"] == job_id and msg["worker_id"] == "w1" and msg["service_required"] == "sim"
+    assert [m["reason"] for m in seen] == ["retry", "lease_expired"]
+    sub.close()
+    # The dead worker learns it lost the job; another worker runs it.
+    assert store.claim(CAPS2).id == job_id
+    assert store.complete(job_id, "w1", {}) == "lost"
+    assert redis.hget(f"job:{job_id}", "worker_id") == "w2"
+    assert redis.zscore("jobs:leases", job_id) is not None  # w2's lease untouched by w1
+    assert store.complete(job_id, "w2", {}) == "ok"
+
+
+def test_heartbeat_renews_the_lease(store, redis):
+    job_id = store.submit("sim", {})
+    store.register_worker("w1", "m1", CAPS)
+    store.claim(CAPS)
+    first = redis.zscore("jobs:leases", job_id)
+    end = time.monotonic() + 1.0  # > 3 leases
+    while time.monotonic() < end:
+        assert store.heartbeat("w1").renewed == [job_id]
+        assert store.reap_expired_leases() == []
+        time.sleep(0.05)
+    assert redis.zscore("jobs:leases", job_id) > first
+    assert redis.hget(f"job:{job_id}", "status") == "assigned"
+
+
+def test_heartbeat_reports_cancelled_and_lost_jobs(store, redis):
+    cancelled = store.submit("sim", {}, priority=90)
+    lost = store.submit("sim", {}, priority=10)
+    store.claim(CAPS)
+    store.claim(CAPS)
+    store.cancel(cancelled, "user")
+    redis.hset(f"job:{lost}", mapping={"worker_id": "someone-else"})
+    result = store.heartbeat("w1")
+    assert (result.renewed, result.cancelled, result.lost) == ([], [cancelled], [lost])
+    assert redis.hlen("jobs:active:w1") == 0
+
+
+def test_concurrent_reapers_requeue_each_job_exactly_once(redis, redis_url):
+    import redis as redis_lib
+    store = JobStore(redis, lease_s=0.2)
+    ids = [store.submit("sim", {}) for _ in range(40)]
+    for i in range(40):
+        store.claim({**CAPS, "worker_id": f"w{i}"})
+    until(lambda: redis.zcount("jobs:leases", "-inf", int(time.time() * 1000) - 50) == 40, what="leases expire")
+    results: list[list[str]] = []
+    barrier = threading.Barrier(4)
+
+    def reap():
+        client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        reaper = JobStore(client)
+        barrier.wait()
+        got = []
+        while batch := reaper.reap_expired_leases(limit=3):
+            got.extend(batch)
+        results.append(got)
+        client.close()
+
+    threads = [threading.Thread(target=reap) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    reaped = [job for got in results for job in got]
+    assert sorted(reaped) == sorted(ids)  # each once, none lost
+    assert redis.zcard("jobs:pending") == 40 and redis.zcard("jobs:leases") == 0
+
+
+def test_stuck_jobs_lists_expired_leases_and_dead_workers(store, redis):
+    store.register_worker("w1", "m1", CAPS)
+    store.register_worker("w2", "m2", CAPS2)
+    a = store.submit("sim", {}, priority=90)
+    b = store.submit("sim", {}, priority=10)
+    store.claim(CAPS)
+    store.claim(CAPS2)
+    assert store.stuck_jobs() == []
+    redis.delete("worker:w2:heartbeat")  # w2 stopped heartbeating
+    stuck = store.stuck_jobs()
+    assert [(s.job_id, s.worker_id, s.heartbeat_alive) for s in stuck] == [(b, "w2", False)]
+    until(lambda: len(store.stuck_jobs()) == 2, what="w1's lease expiring")
+    by_id = {s.job_id: s for s in store.stuck_jobs()}
+    assert by_id[a].lease_expired and by_id[a].heartbeat_alive and by_id[a].status == "assigned"
+
+
+def test_timeline_records_each_step(redis):
+    store = JobStore(redis, avoid_reclaim_s=0)
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    store.fail(job_id, "w1", "flaky", retryable=True)
+    store.claim(CAPS2)
+    store.hand_back(job_id, "w2", "drain")
+    store.claim(CAPS2)
+    store.start(job_id, "w2")
+    store.progress(job_id, "w2", 50, "half")
+    store.complete(job_id, "w2", {"ok": True})
+    timeline = store.timeline(job_id)
+    assert [e["ev"] for e in timeline.events] == [
+        "submitted", "claimed", "started", "failed", "claimed", "handed_back", "claimed", "started", "completed"]
+    failed = timeline.events[3]
+    assert failed["error"] == "flaky" and failed["can_retry"] is True and failed["retry_count"] == 1
+    assert timeline.events[4]["worker_id"] == "w2" and timeline.events[4]["machine_id"] == "m2"
+    times = [e["t"] for e in timeline.events]
+    assert times == sorted(times)
+    assert timeline.job["status"] == "completed" and timeline.progress["progress"] == "50"
+    assert 0 < redis.ttl(f"job:{job_id}:events") <= 7 * 86400
+
+
+def test_operations_on_a_missing_job_say_so(store):
+    assert store.start("nope", "w1") == "missing"
+    assert store.progress("nope", "w1", 10) == "missing"
+    assert store.complete("nope", "w1", {}) == "missing"
+    assert store.hand_back("nope", "w1") == "missing"
+    assert store.fail("nope", "w1", "x", retryable=True).outcome == "missing"

@@ -1,0 +1,143 @@
+"""Each Lua script called directly with EVAL: its KEYS/ARGV interface and raw reply (real server)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from emp_machine.runtime.jobs import contract_fields, script_source, submission_score
+
+KEYS = ["jobs:pending", "jobs:idx:of", "jobs:leases"]
+CAPS = json.dumps({"worker_id": "w1", "machine_id": "m1", "services": ["sim"]})
+
+
+def run(redis, name, *args):
+    return redis.eval(script_source(name), len(KEYS), *KEYS, *args)
+
+
+def lib(redis, body, *args):
+    return redis.eval(script_source("adopt").split("-- adopt.lua")[0] + body, len(KEYS), *KEYS, *args)
+
+
+def submit(redis, job_id, **options):
+    fields = contract_fields(job_id, "sim", {}, **options)
+    return run(redis, "submit", job_id, *[x for kv in fields.items() for x in kv])
+
+
+def claim(redis, caps=CAPS, lease_ms=60_000, avoid_ms=0, may_reconcile="0", *hints):
+    return run(redis, "claim", caps, lease_ms, avoid_ms, may_reconcile, *hints)
+
+
+@pytest.mark.parametrize("text,ms", [
+    ("2025-11-22T10:00:00.123Z", 1763805600123),
+    ("2025-11-22T10:00:00Z", 1763805600000),
+    ("2025-11-22T12:00:00.5+02:00", 1763805600500),
+    ("1763805600123", 1763805600123),
+    ("1763805600.123456", 1763805600123),  # the upstream claim's assigned_at form
+    ("2000-02-29T23:59:59.999Z", 951868799999),
+])
+def test_lib_time_parsing_and_iso(redis, text, ms):
+    parsed, back = lib(redis, "local ms = time_ms(ARGV[1]); return {ms, iso(ms)}", text)
+    assert parsed == ms
+    assert back == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def test_lib_unparsable_time_is_nil(redis):
+    assert lib(redis, "return time_ms(ARGV[1]) == nil and 1 or 0", "yesterday") == 1
+
+
+def test_submit_script_returns_the_exact_score(redis):
+    score = submit(redis, "j1", priority=50, workflow_datetime_ms=1_763_805_600_999)
+    assert float(score) == submission_score(50, 1_763_805_600_999) == redis.zscore("jobs:pending", "j1")
+    assert redis.hget("jobs:idx:of", "j1") == "sim\n0"
+
+
+def test_adopt_script(redis):
+    redis.hset("job:api", mapping=contract_fields("api", "sim", {}))
+    redis.zadd("jobs:pending", {"api": 1, "ghost": 2})
+    assert run(redis, "adopt", "api", "ghost", "not-queued") == [1, 1]
+    assert run(redis, "adopt", "api") == [0, 0]
+    assert redis.zrange("jobs:pending", 0, -1) == ["api"]
+
+
+def test_prune_script(redis):
+    submit(redis, "j1")
+    submit(redis, "j2")
+    redis.zrem("jobs:pending", "j1")
+    assert run(redis, "prune", "j1", "j2") == 1
+    assert redis.hkeys("jobs:idx:of") == ["j2"]
+
+
+def test_claim_script_reply_and_reconcile_flag(redis):
+    assert claim(redis) == ["", 0]
+    redis.hset("job:api", mapping=contract_fields("api", "sim", {}))
+    redis.zadd("jobs:pending", {"api": 1})
+    assert claim(redis, CAPS, 60_000, 0, "1") == ["", 1]  # unindexed job: reconcile first
+    reply = claim(redis, CAPS, 60_000, 0, "0", "api")  # hint adopts it in the same call
+    assert reply[:2] == ["api", 0]
+    fields = dict(zip(reply[2::2], reply[3::2]))
+    assert fields["status"] == "assigned" and fields["worker_id"] == "w1"
+    assert redis.zscore("jobs:leases", "api") > time.time() * 1000 + 50_000
+
+
+def test_start_and_progress_scripts(redis):
+    submit(redis, "j1")
+    claim(redis)
+    assert run(redis, "start", "j1", "other") == "lost"
+    assert run(redis, "start", "j1", "w1") == "ok"
+    assert run(redis, "progress", "j1", "w1", "30", "msg", "", "", "") == "ok"
+    assert redis.hget("job:j1:progress", "progress") == "30"
+
+
+def test_complete_script_splices_the_result_verbatim(redis):
+    submit(redis, "j1")
+    claim(redis)
+    assert run(redis, "complete", "j1", "w1", '{"a":[],"b":{}}', "done") == "ok"
+    assert redis.hget("jobs:completed", "j1").startswith('{"success":true,"data":{"a":[],"b":{}},')
+
+
+def test_fail_script(redis):
+    submit(redis, "j1", max_retries=2)
+    claim(redis)
+    assert run(redis, "fail", "j1", "w1", "e1", "1") == ["retried", 1]
+    claim(redis)
+    assert run(redis, "fail", "j1", "w1", "e2", "1") == ["failed", 2]
+    assert run(redis, "fail", "j1", "w1", "e3", "1") == ["cancelled", 0]  # a failed job is not ours
+
+
+def test_hand_back_script(redis):
+    submit(redis, "j1")
+    claim(redis)
+    assert run(redis, "hand_back", "j1", "w1", "drain") == "ok"
+    assert redis.hget("job:j1", "retry_count") == "0" and redis.zscore("jobs:pending", "j1") is not None
+
+
+def test_heartbeat_script(redis):
+    submit(redis, "j1")
+    claim(redis, CAPS, 1)
+    assert run(redis, "heartbeat", "w1", 60_000, 60) == ["ok", "j1"]
+    assert redis.zscore("jobs:leases", "j1") > time.time() * 1000 + 50_000
+    assert redis.ttl("worker:w1:heartbeat") > 55
+
+
+def test_reap_script(redis):
+    submit(redis, "j1")
+    claim(redis, CAPS, -1)  # already expired
+    assert run(redis, "reap", 10) == ["j1"]
+    assert run(redis, "reap", 10) == []
+    assert redis.hget("job:j1", "status") == "pending"
+
+
+def test_worker_status_script(redis):
+    assert run(redis, "worker_status", "w1", "idle", 60, "machine_id", "m1") == ""
+    assert run(redis, "worker_status", "w1", "offline", 0) == "idle"
+    assert redis.hget("worker:w1", "machine_id") == "m1" and redis.exists("worker:w1:heartbeat") == 0
+
+
+def test_cancel_script(redis):
+    submit(redis, "j1")
+    assert run(redis, "cancel", "j1", "why") == 1
+    assert run(redis, "cancel", "j1", "why") == 0
+    assert run(redis, "cancel", "nope", "why") == 0

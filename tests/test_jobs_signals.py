@@ -1,0 +1,106 @@
+"""The async store and the wake-up: idle workers sleep until a job they serve is announced."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import redis.asyncio as aioredis
+
+from emp_machine.runtime.jobs import AsyncJobStore, JobSignals, JobStore, contract_fields, submission_score
+
+CAPS = {"worker_id": "w1", "machine_id": "m1", "services": ["sim"]}
+
+
+def test_async_store_runs_a_job_end_to_end(redis, redis_url):
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        store = AsyncJobStore(client)
+        job_id = await store.submit("sim", {"steps": 1})
+        job = await store.claim(CAPS)
+        assert job.id == job_id and job.payload() == {"steps": 1}
+        assert await store.start(job_id, "w1") == "ok"
+        assert await store.progress(job_id, "w1", 50) == "ok"
+        assert await store.complete(job_id, "w1", {"done": True}) == "ok"
+        assert (await store.reconcile()).adopted == 0
+        await client.aclose()
+    asyncio.run(main())
+    assert redis.hget(f"job:{redis.hkeys('jobs:completed')[0]}", "status") == "completed"
+
+
+def test_idle_worker_wakes_on_a_job_it_serves_and_not_on_others(redis, redis_url):
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        store = AsyncJobStore(client)
+        async with JobSignals(client, ["sim"]) as signals:
+            signals.arm()
+            assert await store.claim(CAPS) is None
+            JobStore(redis).submit("other", {})
+            assert await signals.wait(0.3) is False  # not our job type: stay asleep
+            JobStore(redis).submit("sim", {}, job_id="mine")
+            assert await signals.wait(5) is True
+            hints = signals.arm()
+            assert hints == ["mine"]
+            assert (await store.claim(CAPS, hints=hints)).id == "mine"
+        await client.aclose()
+    asyncio.run(main())
+
+
+def test_api_submitted_job_is_indexed_from_its_announcement(redis, redis_url):
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        store = AsyncJobStore(client, reconcile_min_interval_s=3600)  # only the hint can index it
+        store._last_reconcile = float("inf")
+        async with JobSignals(client, ["sim"]) as signals:
+            signals.arm()
+            redis.hset("job:api", mapping=contract_fields("api", "sim", {}))
+            redis.zadd("jobs:pending", {"api": submission_score(50, 1_700_000_000_000)})
+            redis.publish("job_submitted", json.dumps({"job_id": "api", "service_required": "sim"}))
+            assert await signals.wait(5) is True
+            assert await store.claim(CAPS) is None  # without the hint the index does not know it
+            assert (await store.claim(CAPS, hints=signals.arm())).id == "api"
+        await client.aclose()
+    asyncio.run(main())
+
+
+def test_requeued_job_wakes_workers_and_cancel_reaches_the_callback(redis, redis_url):
+    cancelled = []
+
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        sync = JobStore(redis, avoid_reclaim_s=0)
+        job_id = sync.submit("sim", {})
+        sync.claim({**CAPS, "worker_id": "w9"})
+        async with JobSignals(client, ["sim"], on_cancel=lambda j, r: cancelled.append((j, r))) as signals:
+            signals.arm()
+            sync.hand_back(job_id, "w9", "drain")
+            assert await signals.wait(5) is True
+            assert signals.arm() == []  # re-queued jobs are already indexed: no hint needed
+            sync.claim(CAPS)
+            sync.cancel(job_id, "user asked")
+            for _ in range(500):
+                if cancelled:
+                    break
+                await asyncio.sleep(0.01)
+        await client.aclose()
+    asyncio.run(main())
+    assert cancelled and cancelled[0][1] == "user asked"
+
+
+def test_lost_subscription_reconnects_and_wakes_the_worker(redis, redis_url):
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        async with JobSignals(client, ["sim"], reconnect_delay_s=0.05) as signals:
+            signals.arm()
+            assert redis.client_kill_filter(_type="pubsub") >= 1
+            assert await signals.wait(5) is True  # woken: messages may have been missed
+            signals.arm()
+            for _ in range(500):  # wait until the new subscription is in place
+                if redis.pubsub_numsub("job_submitted")[0][1] >= 1:
+                    break
+                await asyncio.sleep(0.01)
+            JobStore(redis).submit("sim", {}, job_id="after")
+            assert await signals.wait(5) is True
+            assert signals.arm() == ["after"]
+        await client.aclose()
+    asyncio.run(main())
