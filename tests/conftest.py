@@ -33,7 +33,7 @@ def redis(redis_server):
 @pytest.fixture
 def machine_factory(tmp_path_factory, redis_server):
     """Start real machines from manifest text; each is stopped (SIGTERM, then KILL) at the end of the test."""
-    from tests.harness import RunningMachine, machine_env, write_manifest
+    from harness import RunningMachine, machine_env, write_manifest
 
     machines = []
 

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import pid_alive, wait_for
+from harness import pid_alive, wait_for
 
 PY = sys.executable
 
