@@ -66,11 +66,32 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     logs.set_defaults(func=cmd_logs)
 
+    submit = sub.add_parser("submit", help="submit a job exactly as the EMP API does; prints its id")
+    submit.add_argument("--type", required=True, help="job type (service_required)")
+    submit.add_argument("--payload", default="{}", help="JSON, or @file.json")
+    submit.add_argument("--priority", type=int, default=50)
+    submit.add_argument("--max-retries", type=int, default=3)
+    submit.add_argument("--wait", action="store_true", help="follow progress to the end")
+    submit.add_argument("--timeout", type=float, default=600)
+    submit.set_defaults(func=cmd_submit)
+
+    job = sub.add_parser("job", help="a job's timeline: claims, progress, failures, retries, the end")
+    job.add_argument("job_id")
+    job.add_argument("--json", action="store_true")
+    job.set_defaults(func=cmd_job)
+
+    stuck = sub.add_parser("stuck", help="jobs assigned or running whose lease or worker heartbeat expired")
+    stuck.add_argument("--json", action="store_true")
+    stuck.set_defaults(func=cmd_stuck)
+
+    for p in (submit, job, stuck):
+        p.add_argument("--redis", help="Redis URL (default: the running machine's, else the manifest's)")
+
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--index", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
 
-    for p in (run, demo, ps, restart, logs, worker):
+    for p in (run, demo, ps, restart, logs, worker, submit, job, stuck):
         p.add_argument("--manifest", "-m", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -110,7 +131,7 @@ def _boot(manifest) -> int:
 def cmd_worker(args) -> int:
     from emp_machine.runtime import worker
 
-    return worker.run(Path(args.manifest), args.index)
+    return worker.run(Path(args.manifest), args.index, os.environ)
 
 
 # -- manifests ----------------------------------------------------------------------------------------------
@@ -306,6 +327,100 @@ def _follow(path: Path) -> None:
         except FileNotFoundError:
             pass
         time.sleep(0.2)
+
+
+# -- jobs -------------------------------------------------------------------------------------------------
+def _store(args):
+    """A sync JobStore on: --redis, else the running machine's Redis, else the manifest's redis.url."""
+    import redis
+
+    from emp_machine.runtime import manifest as mf
+    from emp_machine.runtime.identity import redact_url
+    from emp_machine.runtime.jobs import JobStore
+
+    url = args.redis
+    if not url:
+        try:
+            url = _target(args).get("redis_url")
+        except NoMachineRunning:
+            url = None
+    if not url:
+        manifest = mf.load(getattr(args, "manifest", None) or mf.default_manifest())
+        url = manifest.redis.url
+        if url == "embedded":
+            raise NoMachineRunning("the manifest uses an embedded Redis and no machine is running: start the "
+                                   "machine first, or pass --redis URL")
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise EmpError(f"Redis at {redact_url(url)} is not reachable: {exc.__class__.__name__}") from None
+    return client, JobStore(client)
+
+
+def cmd_submit(args) -> int:
+    from emp_machine.runtime import queries
+
+    raw = Path(args.payload[1:]).read_text(encoding="utf-8") if args.payload.startswith("@") else args.payload
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        raise EmpError(f"--payload is not JSON: {exc}") from None
+    client, store = _store(args)
+    job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries)
+    print(job_id)
+    if not args.wait:
+        return 0
+
+    def bar(percent: float, message: str) -> None:
+        filled = int(percent / 5)
+        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}% {message[:40]:<40}", end="", flush=True)
+
+    job = queries.wait_for_end(client, store, job_id, bar, args.timeout)
+    print()
+    status = job.get("status", "unknown")
+    print(f"{job_id}: {status}" + (f" ({job.get('error')})" if status == "failed" else ""))
+    return 0 if status == "completed" else 1
+
+
+def cmd_job(args) -> int:
+    from emp_machine.runtime import queries
+
+    _, store = _store(args)
+    doc = queries.timeline(store, args.job_id)
+    if doc is None:
+        raise EmpError(f"no job {args.job_id} in Redis")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"job {doc['job_id']}  type {doc['service_required']}  status {doc['status']}  "
+          f"retries {doc['retry_count']}/{doc['max_retries']}  total {queries.format_ms(doc['total_ms'])}")
+    if doc["trace_id"]:
+        print(f"trace {doc['trace_id']}")
+    if doc["error"]:
+        print(f"error {doc['error']}")
+    print(f"{'AT (UTC)':<13} {'STEP':<14} {'+TIME':>9}  {'WORKER':<28} DETAIL")
+    for step in doc["steps"]:
+        print(f"{queries.format_at(step['at_ms']):<13} {step['event']:<14} "
+              f"{queries.format_ms(step['since_previous_ms']):>9}  {step['worker_id']:<28} {step['detail']}")
+    return 0
+
+
+def cmd_stuck(args) -> int:
+    from emp_machine.runtime import queries
+
+    _, store = _store(args)
+    rows = queries.stuck(store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no stuck jobs")
+        return 0
+    print(f"{'JOB':<40} {'STATUS':<12} {'WORKER':<30} REASON")
+    for row in rows:
+        print(f"{row['job_id']:<40} {row['status']:<12} {row['worker_id']:<30} {row['reason']}")
+    return 0
 
 
 # -- logging ------------------------------------------------------------------------------------------------

@@ -390,8 +390,9 @@ class Machine:
     def _write_pointer(self) -> None:
         """`run/machine.json` lets `emp-machine ps|restart|logs` find this machine without its manifest."""
         doc = {"pid": os.getpid(), "machine_id": self.plan.machine_id, "socket": str(self.paths.socket),
-               "logs": str(self.paths.logs), "manifest": self.manifest.source, "started_at": time.time()}
-        target = self.paths.run / "machine.json"
+               "logs": str(self.paths.logs), "manifest": self.manifest.source, "started_at": time.time(),
+               "redis_url": self.plan.redis_url}
+        target = self.paths.run / "machine.json"  # in run/ (0700): the Redis URL may hold a password
         target.write_text(json.dumps(doc), encoding="utf-8")
 
     def _remove_pointer(self) -> None:

@@ -140,7 +140,11 @@ class WorkerGroup(_Model):
     env: dict[str, str] = Field(default_factory=dict)
     restart: RestartSection = Field(default_factory=RestartSection)
     memory_limit: ByteSize | None = None
-    stop_grace: Duration = 30.0
+    stop_grace: Duration = Field(30.0, description="on SIGTERM a running job has this long to finish, less "
+                                                   "a margin to hand it back; then SIGKILL")
+    lease: Duration = Field(60.0, ge=1.0, description="claim lease; the heartbeat renews it every third of it")
+    job_timeout: Duration = Field(3600.0, gt=0, description="a job running longer fails as retryable")
+    job_timeouts: dict[str, Duration] = Field(default_factory=dict, description="per job type")
 
 
 class Manifest(BaseSettings):

@@ -151,11 +151,17 @@ def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, en
             services.append(ServiceInstance(process, name, index, values["gpu"], port, _probe(svc.health, values),
                                             svc.required, svc.memory_limit))
 
+    def bound_to(group) -> list[ServiceInstance]:
+        return [s for s in services if s.service == group.service] if group.service else []
+
+    def count_of(group) -> int:
+        return group.count if isinstance(group.count, int) else len(bound_to(group)) if group.service else 1
+
+    total_workers = sum(count_of(g) for g in manifest.workers.values())
     index = 0
     for group_name, group in manifest.workers.items():
-        bound = [s for s in services if s.service == group.service] if group.service else []
-        count = group.count if isinstance(group.count, int) else len(bound) if group.service else 1
-        for n in range(count):
+        bound = bound_to(group)
+        for n in range(count_of(group)):
             service = bound[n % len(bound)] if bound else None
             wid = identity.worker_id(machine_id, index)
             process = f"worker-{index}"
@@ -167,7 +173,8 @@ def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, en
             env.update({"MACHINE_ID": machine_id, "WORKER_ID": wid, "WORKER_INDEX": str(index),
                         "WORKER_GROUP": group_name, "CONNECTOR": group.connector,
                         "SERVICE_TYPE": group.service or group.connector, "REDIS_URL": redis_url,
-                        "PYTHONUNBUFFERED": "1"})
+                        "PYTHONUNBUFFERED": "1",
+                        "EMP_WORKERS_TOTAL": str(total_workers)})  # each worker's share of the telemetry budget
             if service is not None and service.port is not None:
                 env["EMP_SERVICE_PORT"] = str(service.port)
             argv = (sys.executable, "-m", "emp_machine", "worker", "--manifest", str(resolved_manifest),

@@ -1,43 +1,475 @@
-"""One worker process, as supervisord starts it.
+"""One worker process: claim -> connector -> progress -> complete / fail, with a lease, drain and cancel.
 
-Placeholder until the jobs issue: it loads the resolved manifest, announces itself, stays alive with a
-heartbeat log line, and exits 0 on SIGTERM. It processes no jobs, and says so in its log.
+supervisord starts it as `emp-machine worker --manifest run/manifest.json --index i` with its identity in
+the environment. The loop follows arq's shape (STYLE.md section 2): claim while capacity remains, one task
+per job, finishing writes shielded so a cancellation cannot half-record a job. Idle, it waits on
+`job_submitted` through JobSignals instead of polling, with a slow fallback sweep.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import asyncio
+import logging
 import signal
-import sys
-import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from emp_machine.runtime.manifest import Manifest
+import redis.asyncio as aioredis
+from opentelemetry.trace import StatusCode
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
-HEARTBEAT_S = 30.0
+from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
+from emp_machine.connectors.registry import ConnectorRegistry
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
+from emp_machine.runtime.jobs import AsyncJobStore, Job, JobSignals, Ownership
+from emp_machine.runtime.manifest import Manifest, WorkerGroup
+
+FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
+PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
+DRAIN_MARGIN_S = 2.0  # kept from stop_grace to hand a job back before supervisord's SIGKILL
+REDIS_RETRY_MAX_S = 5.0
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
 
-def _line(event: str, **fields) -> None:
-    record = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info",
-              "event_type": event, "message": event, **fields}
-    print(json.dumps(record), flush=True)
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who this process is, from the environment the machine gave it (plan.py writes these variables)."""
+
+    index: int
+    worker_id: str
+    machine_id: str
+    group: str
+    redis_url: str
+    service_port: int | None
+
+    @classmethod
+    def from_environ(cls, manifest: Manifest, index: int, environ: Mapping[str, str]) -> "WorkerIdentity":
+        machine_id = environ.get("MACHINE_ID") or manifest.machine.id
+        group = environ.get("WORKER_GROUP") or next(iter(manifest.workers), "")
+        port = environ.get("EMP_SERVICE_PORT")
+        return cls(index=index, worker_id=environ.get("WORKER_ID") or f"{machine_id}-worker-{index}",
+                   machine_id=machine_id, group=group,
+                   redis_url=environ.get("REDIS_URL") or manifest.redis.url,
+                   service_port=int(port) if port else None)
 
 
-def run(manifest_path: Path, index: int) -> int:
+def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
+    """Fill `{service_port}`, `{worker_id}`, ... in connector settings strings."""
+    if isinstance(value, str):
+        try:
+            return value.format(**values)
+        except (KeyError, IndexError, ValueError):
+            return value
+    if isinstance(value, dict):
+        return {k: expand_settings(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_settings(v, values) for v in value]
+    return value
+
+
+def capabilities(ident: WorkerIdentity, group: WorkerGroup, hardware: Mapping[str, Any]) -> dict[str, Any]:
+    """The capability JSON the claim matches against (contract: absent keys omitted, never null)."""
+    types = list(group.job_types or (group.connector,))
+    caps: dict[str, Any] = {
+        "worker_id": ident.worker_id, "machine_id": ident.machine_id, "services": types,
+        "job_service_required_map": types, "hardware": dict(hardware),
+        "performance": {"concurrent_jobs": group.concurrency},
+    }
+    caps.update(group.capabilities)
+    return caps
+
+
+class _Progress:
+    """The connector's progress callback for one job: throttled writes, cancellation surfaced as JobCancelled."""
+
+    def __init__(self, worker: "Worker", job: Job):
+        self.worker, self.job = worker, job
+        self.last_sent = 0.0
+        self.pending: tuple[float, str] | None = None
+        self.flusher: asyncio.Task | None = None
+        self.last_percent = -1.0
+
+    async def __call__(self, percent: float, message: str = "") -> None:
+        if self.job.id in self.worker.cancelled:
+            raise JobCancelled(f"job {self.job.id} was cancelled")
+        percent = max(0.0, min(100.0, float(percent)))
+        now = time.monotonic()
+        if percent in (0.0, 100.0) or now - self.last_sent >= PROGRESS_INTERVAL_S:
+            self.pending = None
+            await self._send(percent, message)
+        else:
+            self.pending = (percent, message)
+            if self.flusher is None or self.flusher.done():
+                self.flusher = asyncio.create_task(self._flush_later(PROGRESS_INTERVAL_S - (now - self.last_sent)))
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))
+        if self.pending is not None:
+            percent, message = self.pending
+            self.pending = None
+            await self._send(percent, message)
+
+    async def _send(self, percent: float, message: str) -> None:
+        self.last_sent = time.monotonic()
+        self.last_percent = percent
+        try:
+            own = await self.worker.store.progress(self.job.id, self.worker.ident.worker_id, percent, message)
+        except _REDIS_DOWN as exc:  # progress is advisory: a Redis blip must not fail the job
+            self.worker.log.warning("progress not recorded: Redis unreachable",
+                                    extra={"job_id": self.job.id, "error": str(exc)})
+            return
+        if own is Ownership.CANCELLED:
+            self.worker.cancelled.add(self.job.id)
+            raise JobCancelled(f"job {self.job.id} was cancelled")
+        if own in (Ownership.LOST, Ownership.MISSING):
+            self.worker.lost.add(self.job.id)
+            raise JobCancelled(f"job {self.job.id} is no longer ours ({own})")
+
+    def close(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
+
+
+class Worker:
+    def __init__(self, manifest: Manifest, ident: WorkerIdentity, client: aioredis.Redis, connector: Connector,
+                 telemetry: Any, hardware: Mapping[str, Any]):
+        self.manifest = manifest
+        self.ident = ident
+        self.group = manifest.workers[ident.group]
+        self.redis = client
+        self.store = AsyncJobStore(client, lease_s=self.group.lease)
+        self.connector = connector
+        self.telemetry = telemetry
+        self.log = telemetry.logger("emp.worker")
+        self.caps = capabilities(ident, self.group, hardware)
+        self.job_types = list(self.caps["services"])
+        self.slots = asyncio.Semaphore(self.group.concurrency)
+        self.running: dict[str, asyncio.Task] = {}
+        self.cancelled: set[str] = set()
+        self.lost: set[str] = set()
+        self.draining = asyncio.Event()
+        self.status = "offline"
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        await self._register()
+        signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
+        await signals.start()
+        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reaper())]
+        self.telemetry.events.emit("worker.spawned", worker_id=self.ident.worker_id,
+                                   connector=self.group.connector, job_types=self.job_types)
+        try:
+            await self._claim_loop(signals)
+            await self._drain()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await signals.close()
+            await self._set_status("offline")
+            await self.connector.close()
+        self.log.info("worker stopped", extra={"event_type": "worker.stopped"})
+        return 0
+
+    async def _claim_loop(self, signals: JobSignals) -> None:
+        backoff = 0.1
+        while not self.draining.is_set():
+            if not await self._acquire_slot():
+                return
+            hints = signals.arm()
+            try:
+                job = await self.store.claim(self.caps, hints=hints)
+                backoff = 0.1
+            except _REDIS_DOWN as exc:
+                self.slots.release()
+                self.log.warning("claim failed: Redis unreachable", extra={"error": str(exc)})
+                await self._sleep_or_drain(backoff)
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+                continue
+            if job is None:
+                self.slots.release()
+                if not self.running:
+                    await self._set_status("idle")
+                waiter = asyncio.create_task(signals.wait(FALLBACK_SWEEP_S))
+                drain = asyncio.create_task(self.draining.wait())
+                await asyncio.wait({waiter, drain}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                drain.cancel()
+                continue
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            self.running[job.id] = task
+            task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))
+
+    async def _acquire_slot(self) -> bool:
+        """Wait for a free slot; False when draining started first (then no slot is held)."""
+        acquire = asyncio.create_task(self.slots.acquire())
+        drain = asyncio.create_task(self.draining.wait())
+        await asyncio.wait({acquire, drain}, return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        if not acquire.done():
+            acquire.cancel()
+        try:
+            await acquire
+        except asyncio.CancelledError:
+            return False
+        if self.draining.is_set():
+            self.slots.release()
+            return False
+        return True
+
+    def _job_done(self, job_id: str, task: asyncio.Task) -> None:
+        self.running.pop(job_id, None)
+        self.cancelled.discard(job_id)
+        self.lost.discard(job_id)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
+
+    async def _drain(self) -> None:
+        """Let running jobs finish within the grace; hand the rest back without counting an attempt."""
+        if not self.running:
+            return
+        grace = max(0.5, self.group.stop_grace - DRAIN_MARGIN_S)
+        self.log.info("draining", extra={"event_type": "worker.draining", "running": list(self.running),
+                                         "grace_s": grace})
+        _, pending = await asyncio.wait(list(self.running.values()), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=DRAIN_MARGIN_S)
+
+    # -- one job -----------------------------------------------------------------------------------------
+    async def _run_job(self, job: Job) -> None:
+        tel = self.telemetry
+        job_type = job.service_required
+        started = time.monotonic()
+        with tel.job_span(job.id, job_hash=job.fields, job_type=job_type,
+                          attributes={"job.attempt": job.retry_count + 1}) as span:
+            try:
+                own = await self.store.start(job.id, self.ident.worker_id)
+            except _REDIS_DOWN:
+                own = Ownership.OK  # the claim already made it ours; carry on and let the finish retry
+            if own is not Ownership.OK:
+                return
+            await self._set_status("busy", current_job_id=job.id)
+            tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=job.retry_count + 1)
+            progress = _Progress(self, job)
+            try:
+                with tel.tracer.start_as_current_span("task.preprocessing"):
+                    try:
+                        payload = job.payload()
+                    except ValueError as exc:
+                        raise FatalJobError(f"malformed job payload: not JSON ({exc})") from None
+                    connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
+                                                 attempt=job.retry_count + 1,
+                                                 traceparent=tel.http_headers(job.id).get("traceparent"))
+                await progress(0, "started")
+                timeout = self.group.job_timeouts.get(job_type, self.group.job_timeout)
+                with tel.tracer.start_as_current_span("service.call", attributes={"connector": self.group.connector}):
+                    try:
+                        result = await asyncio.wait_for(self.connector.run(connector_job, progress), timeout)
+                    except TimeoutError:
+                        await self._safe_cancel(job.id)
+                        tel.events.emit("job.timeout", level=logging.WARNING, job_id=job.id, timeout_s=timeout)
+                        raise RetryableJobError(f"job timed out after {timeout:g}s") from None
+                with tel.tracer.start_as_current_span("result.postprocessing"):
+                    await progress(100, "completed")
+                    await self._finish_ok(job, result)
+                tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
+                tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
+                                duration_ms=round((time.monotonic() - started) * 1000, 1))
+            except asyncio.CancelledError:
+                # drain ran out of time, or the worker is stopping: the job goes back, no attempt counted
+                await asyncio.shield(self._hand_back(job))
+                raise
+            except JobCancelled as exc:
+                await asyncio.shield(self._finish_cancelled(job, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a connector cannot kill the worker (STYLE.md 3)
+                error = classify(exc)
+                if isinstance(error, JobCancelled):
+                    await asyncio.shield(self._finish_cancelled(job, str(error)))
+                    return
+                span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
+                await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started))
+            finally:
+                progress.close()
+                if len(self.running) <= 1:
+                    await self._set_status("idle")
+
+    async def _finish_ok(self, job: Job, result: JobResult) -> None:
+        if job.id in self.cancelled or job.id in self.lost:
+            raise JobCancelled(f"job {job.id} was cancelled before it completed")
+        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, result.to_json())
+        if own is Ownership.CANCELLED:
+            raise JobCancelled(f"job {job.id} was cancelled before it completed")
+
+    async def _finish_failed(self, job: Job, error: Exception, duration_s: float) -> None:
+        retryable = bool(getattr(error, "retryable", False))
+        outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, str(error),
+                                       retryable=retryable)
+        status = "retried" if outcome.outcome == "retried" else "failed"
+        self.telemetry.metrics.job_finished(job.service_required, status, duration_s, self.ident.worker_id)
+        if status == "retried":
+            self.telemetry.events.emit("job.retry", level=logging.WARNING, job_id=job.id, error=str(error),
+                                       retry_count=outcome.retry_count)
+        else:
+            self.telemetry.events.emit("job.failed", level=logging.ERROR, job_id=job.id, error=str(error),
+                                       retryable=retryable, retry_count=outcome.retry_count)
+
+    async def _finish_cancelled(self, job: Job, reason: str) -> None:
+        """Never completed: the API already failed it (cancel) or it went to someone else (lost lease)."""
+        self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "job_id": job.id,
+                                                                 "reason": reason})
+        if job.id in self.lost:
+            return
+        await self._retrying(self.store.fail, job.id, self.ident.worker_id, "Job cancelled by user",
+                             retryable=False)
+
+    async def _hand_back(self, job: Job) -> None:
+        await self._safe_cancel(job.id)
+        own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain")
+        self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own))
+
+    async def _safe_cancel(self, job_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.connector.cancel(job_id), 5)
+        except Exception as exc:  # noqa: BLE001 - best effort: the job is being given up anyway
+            self.log.warning("connector cancel failed", extra={"job_id": job_id, "error": str(exc)})
+
+    async def _retrying(self, fn, *args, deadline_s: float | None = None, **kwargs):
+        """Finishing writes must land: retry through a Redis outage until the lease would have expired."""
+        deadline = time.monotonic() + (deadline_s or self.group.lease)
+        backoff = 0.1
+        while True:
+            try:
+                return await fn(*args, **kwargs)
+            except _REDIS_DOWN as exc:
+                if time.monotonic() > deadline:
+                    self.log.error("giving up a finishing write: Redis unreachable; the reaper will requeue the "
+                                   "job", extra={"error": str(exc)})
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+
+    # -- signals, heartbeat, reaper ----------------------------------------------------------------------
+    def _on_signal(self) -> None:
+        if not self.draining.is_set():
+            self.draining.set()
+        else:  # a second signal: give the running jobs back now
+            for task in self.running.values():
+                task.cancel()
+
+    def _on_cancel(self, job_id: str, reason: str) -> None:
+        if job_id in self.running:
+            self.cancelled.add(job_id)
+            asyncio.get_running_loop().create_task(self._safe_cancel(job_id))
+
+    async def _register(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
+                await self.store.heartbeat(self.ident.worker_id)
+                self.status = "idle"
+                return
+            except _REDIS_DOWN as exc:
+                self.log.warning("Redis unreachable at start; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+
+    async def _set_status(self, status: str, current_job_id: str = "") -> None:
+        if status == self.status:
+            return
+        try:
+            await self.store.set_worker_status(self.ident.worker_id, status)
+            self.status = status
+        except _REDIS_DOWN:
+            pass
+
+    async def _heartbeat(self) -> None:
+        interval = max(0.2, self.group.lease / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                beat = await self.store.heartbeat(self.ident.worker_id)
+            except _REDIS_DOWN as exc:
+                self.log.warning("heartbeat failed: Redis unreachable", extra={"error": str(exc)})
+                continue
+            for job_id in beat.cancelled:
+                self._on_cancel(job_id, "cancelled (seen by heartbeat)")
+            for job_id in beat.lost:
+                if job_id in self.running:
+                    self.lost.add(job_id)
+                    self.cancelled.add(job_id)
+                    await self._safe_cancel(job_id)
+
+    async def _reaper(self) -> None:
+        """Every machine reaps: a job whose worker died (lease expired) goes back to the queue."""
+        interval = min(15.0, max(0.5, self.group.lease / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                requeued = await self.store.reap_expired_leases()
+            except RedisError:
+                continue
+            if requeued:
+                self.telemetry.events.emit("jobs.requeued", level=logging.WARNING, job_ids=list(requeued),
+                                           reason="lease expired")
+
+    async def _sleep_or_drain(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.draining.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> int:
+    """Build the worker's parts (telemetry, Redis client, connector) and run it until drained."""
+    from emp_machine import telemetry as telemetry_pkg
+    from emp_machine.runtime import hardware as hw
+
+    ident = WorkerIdentity.from_environ(manifest, index, environ)
+    group = manifest.workers[ident.group]
+    state = Path(manifest.machine.state_dir)
+    workers_total = max(1, int(environ.get("EMP_WORKERS_TOTAL") or 1))
+    tel = telemetry_pkg.setup(manifest.telemetry, machine_id=ident.machine_id, worker_id=ident.worker_id,
+                              service_type=group.service or group.connector, region=manifest.machine.region or None,
+                              buffer_path=state / "telemetry" / f"{ident.worker_id}.db",
+                              process_share=1 / (workers_total + 1))
+    tel.install_logging()
+    try:
+        registry = ConnectorRegistry.discover()
+        values = {"index": index, "machine_id": ident.machine_id, "worker_id": ident.worker_id,
+                  "service_port": ident.service_port or "", "name": f"worker-{index}"}
+        context = ConnectorContext(machine_id=ident.machine_id, worker_id=ident.worker_id,
+                                   output_dir=state / "outputs" / ident.worker_id,
+                                   service_type=group.service or group.connector,
+                                   logger=tel.logger(f"emp.connector.{group.connector}"), tracer=tel.tracer)
+        connector = registry.get(group.connector).from_settings(expand_settings(group.settings, values), context)
+        probe = hw.probe()
+        hardware = {"ram_gb": round(probe.memory_total_bytes / 2**30, 1)}
+        if probe.gpus:
+            hardware.update(gpu_memory_gb=round(probe.gpu_memory_gb, 1), gpu_model=probe.gpu_model)
+        client = aioredis.Redis.from_url(ident.redis_url, decode_responses=True, socket_connect_timeout=5,
+                                         socket_keepalive=True, health_check_interval=30)
+        worker = Worker(manifest, ident, client, connector, tel, hardware)
+        try:
+            return await worker.run()
+        finally:
+            await client.aclose()
+    finally:
+        tel.shutdown(timeout=5)
+
+
+def run(manifest_path: Path, index: int, environ: Mapping[str, str]) -> int:
     manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
-    worker_id = os.environ.get("WORKER_ID", f"{manifest.machine.id}-worker-{index}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    _line("worker.spawned", machine_id=manifest.machine.id, worker_id=worker_id, pid=os.getpid(),
-          connector=os.environ.get("CONNECTOR", ""), note="placeholder worker: takes no jobs yet")
-    while not stop.wait(HEARTBEAT_S):
-        _line("worker.heartbeat", worker_id=worker_id)
-    _line("worker.stopped", worker_id=worker_id, reason="signal")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run(Path(sys.argv[1]), int(sys.argv[2])))
+    return asyncio.run(serve(manifest, index, environ))

@@ -1,0 +1,113 @@
+"""Operator queries over the job contract: submit like the EMP API, a job's timeline, stuck jobs.
+
+Data in, data out: `cli.py` prints tables or JSON from what these return.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from emp_machine.runtime.jobs import JobStore
+
+
+@dataclass(frozen=True)
+class Step:
+    at_ms: int
+    event: str
+    worker_id: str
+    detail: str
+    since_previous_ms: int | None
+
+
+def _iso_to_ms(value: str) -> int | None:
+    if not value:
+        return None
+    try:
+        if value.replace(".", "", 1).isdigit():  # "<unix seconds>.<micros>" from the upstream claim
+            return int(float(value) * 1000)
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
+    """The job's hash, progress and each recorded step with the time since the step before."""
+    data = store.timeline(job_id)
+    if not data.job and not data.events:
+        return None
+    steps: list[Step] = []
+    previous = None
+    for ev in data.events:
+        at = int(ev.get("t") or 0)
+        detail = {k: v for k, v in ev.items() if k not in ("t", "ev", "worker_id")}
+        steps.append(Step(at, str(ev.get("ev", "?")), str(ev.get("worker_id") or ""),
+                          ", ".join(f"{k}={v}" for k, v in detail.items()),
+                          None if previous is None else at - previous))
+        previous = at
+    job = data.job
+    created = _iso_to_ms(job.get("created_at", ""))
+    finished = _iso_to_ms(job.get("completed_at", "") or job.get("failed_at", ""))
+    return {
+        "job_id": job_id,
+        "status": job.get("status", "unknown"),
+        "service_required": job.get("service_required", ""),
+        "retry_count": int(job.get("retry_count") or 0),
+        "max_retries": int(job.get("max_retries") or 0),
+        "worker_id": job.get("worker_id", ""),
+        "error": job.get("error", ""),
+        "trace_id": job.get("job_trace_id", ""),
+        "total_ms": finished - created if finished and created else None,
+        "progress": data.progress,
+        "steps": [asdict(s) for s in steps],
+    }
+
+
+def stuck(store: JobStore) -> list[dict[str, Any]]:
+    out = []
+    for job in store.stuck_jobs():
+        reasons = []
+        if job.lease_expired:
+            reasons.append("lease expired")
+        if not job.heartbeat_alive:
+            reasons.append("worker heartbeat missing")
+        out.append({**asdict(job), "reason": " and ".join(reasons)})
+    return out
+
+
+def wait_for_end(client, store: JobStore, job_id: str, on_progress, timeout_s: float) -> dict[str, str]:
+    """Follow a job's progress until it completes or fails for good (or the timeout); returns its hash."""
+    deadline = time.monotonic() + timeout_s
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("update_job_progress", "complete_job", "job_failed")
+    try:
+        while time.monotonic() < deadline:
+            job = store.timeline(job_id).job
+            if job.get("status") in ("completed", "failed"):
+                return job
+            msg = pubsub.get_message(timeout=0.5)
+            if msg and msg.get("type") == "message":
+                try:
+                    body = json.loads(msg["data"])
+                except (TypeError, ValueError):
+                    continue
+                if body.get("job_id") == job_id and "progress" in body:
+                    on_progress(float(body.get("progress") or 0), str(body.get("message") or ""))
+        return store.timeline(job_id).job
+    finally:
+        pubsub.close()
+
+
+def format_ms(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms} ms"
+    return f"{ms / 1000:.2f} s"
+
+
+def format_at(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%H:%M:%S.%f")[:-3]
