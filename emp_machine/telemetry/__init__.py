@@ -22,9 +22,11 @@ from emp_machine.telemetry.context import (
 from emp_machine.telemetry.core import Telemetry, setup
 from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.redact import redact_fields, redact_text
+from emp_machine.telemetry.tailer import ServiceOutputTailer, TailSource
 
 __all__ = [
     "ConnectorLogger", "Incoming", "Telemetry", "TelemetryConfig", "apply_otel_env", "bind", "current_fields",
     "extract_http", "extract_job_context", "http_headers", "inject_job_fields", "new_job_id", "new_request_id",
-    "new_span_id", "new_trace_id", "redact_fields", "redact_text", "setup", "worker_id_for",
+    "new_span_id", "new_trace_id", "redact_fields", "redact_text", "ServiceOutputTailer", "setup", "TailSource",
+    "worker_id_for",
 ]

@@ -23,6 +23,7 @@ from emp_machine.telemetry.metrics import Meter
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
 from emp_machine.telemetry.shipper import Shipper
 from emp_machine.telemetry.standard import StandardMetrics
+from emp_machine.telemetry.tailer import ServiceOutputTailer
 from emp_machine.telemetry.tracing import JOB_ROOT, LightSpan, Tracer, TracerProvider
 
 try:
@@ -86,6 +87,7 @@ class Telemetry:
         self.meter = Meter("emp_machine")
         self.metrics = StandardMetrics(self.meter, system=system_metrics)
         self._own_metrics()
+        self._tailers: list[ServiceOutputTailer] = []
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="telemetry-metrics", daemon=True)
         self._housekeeper.start()
@@ -135,6 +137,13 @@ class Telemetry:
                                                    SpanKind.CONSUMER, span_attributes) as span:
                 yield span
 
+    def tail_service_output(self, sources: list, *, poll: float = 0.25) -> ServiceOutputTailer:
+        """Start tailing supervisor log files: `sources` are (path, process name, service_type[, worker_id]).
+        Stopped (after a last pass) by `shutdown()`."""
+        tailer = ServiceOutputTailer(self.buffer, sources, machine_id=self.machine_id, poll=poll).start()
+        self._tailers.append(tailer)
+        return tailer
+
     def http_headers(self, job_id: str | None = None, request_id: str | None = None) -> dict[str, str]:
         return ctx.http_headers(job_id, request_id, machine_id=self.machine_id, worker_id=self.worker_id)
 
@@ -177,6 +186,8 @@ class Telemetry:
         self._closed = True
         self._stop.set()
         self._housekeeper.join(timeout)
+        for tailer in self._tailers:
+            tailer.stop()
         root = logging.getLogger()
         if self.log_handler in root.handlers:
             root.removeHandler(self.log_handler)
