@@ -153,3 +153,13 @@ def test_bind_nests_and_restores_fields():
             assert current_fields() == {"job_id": "j2"}
         assert current_fields() == {"job_id": "j1", "connector_id": "c"}
     assert current_fields() == {}
+
+
+def test_fast_span_context_equals_the_constructors():
+    from emp_machine.telemetry.context import make_span_context
+
+    state = TraceState([("a", "1")])
+    for args in [(TRACE, SPAN, True, TraceFlags(1), state), (1, 1, False, TraceFlags(0), TraceState())]:
+        fast, slow = make_span_context(*args), SpanContext(*args)
+        assert fast == slow and tuple(fast) == tuple(slow) and fast.is_valid
+        assert (fast.trace_id, fast.span_id, fast.is_remote, fast.trace_flags, fast.trace_state) == args

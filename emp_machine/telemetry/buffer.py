@@ -146,6 +146,7 @@ class Buffer:
         self.retention = retention
         self.flush_interval = flush_interval
         self.on_drop = on_drop
+        self.on_commit: Callable[[int], None] | None = None  # called by the writer with the records stored
         self._clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")
@@ -272,6 +273,8 @@ class Buffer:
             self._count_drop("write_error", count)
             return markers
         self._written += count
+        if self.on_commit is not None:
+            self.on_commit(self._stored_records + count)
         self._stored_bytes += nbytes
         self._stored_records += count
         self._since_checkpoint += nbytes

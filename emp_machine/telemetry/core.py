@@ -18,7 +18,7 @@ from emp_machine.telemetry.buffer import Buffer, Kind, Value
 from emp_machine.telemetry.config import TelemetryConfig
 from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.joblog import ConnectorLogger
-from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogHandler
+from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
 from emp_machine.telemetry.metrics import Meter
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
 from emp_machine.telemetry.shipper import Shipper
@@ -88,6 +88,7 @@ class Telemetry:
         self.metrics = StandardMetrics(self.meter, system=system_metrics)
         self._own_metrics()
         self._tailers: list[ServiceOutputTailer] = []
+        self._loggers: dict[str, TelemetryLogger] = {}
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="telemetry-metrics", daemon=True)
         self._housekeeper.start()
@@ -96,13 +97,11 @@ class Telemetry:
     # --- recording helpers ---------------------------------------------------------------------------
 
     def logger(self, name: str) -> logging.Logger:
-        """A stdlib logger whose records go through this telemetry (JSON line + buffer)."""
-        logger = logging.getLogger(name)
-        if self.log_handler not in logger.handlers and self.log_handler not in logging.getLogger().handlers:
-            logger.addHandler(self.log_handler)
-            logger.propagate = False
-        if logger.level == logging.NOTSET:
-            logger.setLevel(self.log_handler.level)
+        """A logger for our own code, writing through this telemetry (JSON line + buffer). It is a stdlib
+        `logging.Logger` subclass not registered with `logging.getLogger` (see `TelemetryLogger`)."""
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = TelemetryLogger(name, self.writer, self.log_handler.level)
         return logger
 
     def install_logging(self) -> None:

@@ -84,13 +84,19 @@ def _key_value(key: str, value: object) -> bytes:
 _kv_cache: dict[tuple, bytes] = {}
 
 
-def _attributes(tag: int, attributes: dict | None) -> bytes:
+# Keys of a log record's JSON line that OTLP carries in LogRecord fields of their own.
+LOG_SKIP = frozenset(("timestamp", "level", "message", "trace_id", "span_id"))
+
+
+def _attributes(tag: int, attributes: dict | None, skip: frozenset = frozenset()) -> bytes:
     """Repeated KeyValue under `tag`; scalar pairs are cached (bounded)."""
     if not attributes:
         return b""
     out = []
     cache = _kv_cache
     for key, value in attributes.items():
+        if key in skip:
+            continue
         if type(value) in (str, int, float, bool):
             ckey = (key, type(value), value)
             encoded = cache.get(ckey)
@@ -149,7 +155,7 @@ def encode_log(record: tuple) -> bytes:
         parts.append(_ld(0x1A, severity_text.encode()))
     if body is not None:
         parts.append(_ld(0x2A, _any_value(body)))
-    parts.append(_attributes(0x32, attributes))
+    parts.append(_attributes(0x32, attributes, LOG_SKIP))
     if trace_id:
         parts.append(b"\x4a\x10" + _id(trace_id, 16))
         parts.append(b"\x52\x08" + _id(span_id, 8))

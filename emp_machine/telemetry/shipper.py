@@ -78,7 +78,7 @@ class Shipper:
                  batch_min: int = 100, batch_max: int = 1000, max_request_size: int = 10**6,
                  interval: float = 5.0, timeout: float = 10.0, compression: str = "gzip",
                  max_backoff: float = 60.0, base_backoff: float = 0.5, breaker_threshold: int = 3,
-                 probe_records: int = 10, poll: float = 0.25,
+                 probe_records: int = 10, poll: float = 1.0,
                  on_exported: Callable[[str, int], None] | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
         parts = urlsplit(endpoint)
@@ -105,6 +105,7 @@ class Shipper:
         self._last_sent = {kind: clock() for kind in PATHS}
         self._not_before = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._draining = False
         self._thread: threading.Thread | None = None
         self.stats = ShipperStats()
@@ -112,6 +113,8 @@ class Shipper:
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> "Shipper":
+        # The writer wakes us when a full batch is stored; otherwise we sleep until something can be due.
+        self.buffer.on_commit = lambda stored: stored >= self.batch_max and self._wake.set()
         self._thread = threading.Thread(target=self._run, name="telemetry-shipper", daemon=True)
         self._thread.start()
         return self
@@ -121,12 +124,14 @@ class Shipper:
         if self._thread is None:
             return
         self._draining = True
+        self._wake.set()
         deadline = time.monotonic() + drain_timeout
         self.buffer.flush(max(0.1, drain_timeout))
         while time.monotonic() < deadline and self.buffer.pending() and not self.stats.breaker_open \
                 and self._thread.is_alive():
             time.sleep(0.02)  # polling the drain's progress, not synchronising with it
         self._stop.set()
+        self._wake.set()
         self._thread.join(self.timeout + 1)
         self._thread = None
         self._close()
@@ -141,10 +146,16 @@ class Shipper:
                 progressed = False
             self.stats.cpu_seconds = time.thread_time() - start_cpu
             if not progressed:
-                wait = self.poll
+                now = self._clock()
                 if self._not_before:
-                    wait = max(0.0, min(self._not_before - self._clock(), 1.0)) or self.poll
-                self._stop.wait(wait)
+                    wait = max(0.0, self._not_before - now)
+                elif self._draining:
+                    wait = 0.01
+                else:
+                    earliest = min(self._last_sent.values()) + self.interval
+                    wait = min(self.interval, max(self.poll, earliest - now))
+                self._wake.wait(wait)
+                self._wake.clear()
 
     # --- one pass ------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.span import INVALID_SPAN
 
 from emp_machine.telemetry.buffer import Kind, Value
+from emp_machine.telemetry.context import make_span_context
 from emp_machine.telemetry.sampling import AdaptiveSampler
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -53,9 +54,21 @@ _MAX_JOB_RECORDS = 10_000  # a job holding more streams the rest as it goes (dec
 
 
 class _Unsampled(NonRecordingSpan):
-    """Our own non-recording span: its children reuse it instead of creating spans."""
+    """Our own non-recording span: its children reuse it instead of creating spans. Its SpanContext is built
+    only when asked for (propagation, a log line): validating one costs ~0.8 us."""
 
-    __slots__ = ()
+    __slots__ = ("_trace_id", "_span_id", "_state")
+
+    def __init__(self, trace_id: int, span_id: int, state: Any) -> None:  # noqa: super().__init__ is bypassed
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._state = state
+        self._context = None
+
+    def get_span_context(self) -> SpanContext:
+        if self._context is None:
+            self._context = make_span_context(self._trace_id, self._span_id, False, _NOT_SAMPLED, self._state)
+        return self._context
 
 
 class JobTrace:
@@ -103,7 +116,7 @@ class LightSpan(otel_trace.Span):
 
     def get_span_context(self) -> SpanContext:
         if self._context is None:  # built on demand: most spans never need one
-            self._context = SpanContext(self._trace_id, self._span_id, False, self._flags, self._state)
+            self._context = make_span_context(self._trace_id, self._span_id, False, self._flags, self._state)
         return self._context
 
     def is_recording(self) -> bool:
@@ -245,6 +258,11 @@ class Tracer(otel_trace.Tracer):
     def start_span(self, name: str, context: otel_context.Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
                    attributes: Mapping | None = None, links: Sequence | None = None, start_time: int | None = None,
                    record_exception: bool = True, set_status_on_exception: bool = True) -> otel_trace.Span:
+        return self._start(name, context, kind, attributes, start_time)[0]
+
+    def _start(self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping | None,
+               start_time: int | None) -> tuple[otel_trace.Span, bool]:
+        """(span, reused): reused when an unsampled parent stands in for its child."""
         self._n += 1
         timed = not self._n & 31
         if timed:
@@ -255,7 +273,7 @@ class Tracer(otel_trace.Tracer):
         parent_type = type(parent)
         if parent_type is _Unsampled and name != JOB_ROOT:
             sampler.dropped_total += 1
-            return parent
+            return parent, True
         if parent_type is LightSpan and name != JOB_ROOT:  # a local child: same trace, same job
             job = parent._job
             span = LightSpan(self, parent._trace_id, parent._span_id, parent._flags, parent._state, name, kind,
@@ -275,7 +293,7 @@ class Tracer(otel_trace.Tracer):
                 parent_id, state, remote = 0, None, False
             if not sampled and not is_job:
                 sampler.dropped_total += 1
-                return _Unsampled(SpanContext(trace_id, _getrandbits(64) or 1, False, _NOT_SAMPLED, state))
+                return _Unsampled(trace_id, _getrandbits(64) or 1, state), False
             span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
                              attributes, start_time, JobTrace(sampled) if is_job else None, is_job, remote)
             if self.base_attributes:
@@ -283,7 +301,7 @@ class Tracer(otel_trace.Tracer):
                     span._attributes.setdefault(key, value)
         if timed:
             span._t0 = _perf_ns() - t0
-        return span
+        return span, False
 
     def start_as_current_span(self, name: str, context: otel_context.Context | None = None,
                               kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping | None = None,
@@ -291,8 +309,8 @@ class Tracer(otel_trace.Tracer):
                               record_exception: bool = True, set_status_on_exception: bool = True,
                               end_on_exit: bool = True):
         """A context manager (not a decorator) making the new span current for the block."""
-        span = self.start_span(name, context, kind, attributes, links, start_time)
-        if type(span) is _Unsampled and span is _get_value(_SPAN_KEY, context):
+        span, reused = self._start(name, context, kind, attributes, start_time)
+        if reused and context is None:  # the unsampled parent is current already
             return _Reuse(span)
         return _Scope(span, record_exception, set_status_on_exception, end_on_exit)
 
@@ -357,7 +375,7 @@ def current_job() -> JobTrace | None:
 def current_ids() -> tuple[int, int]:
     """(trace_id, span_id) of the current span, or (0, 0)."""
     span = _get_value(_SPAN_KEY)
-    if type(span) is LightSpan:
+    if type(span) is LightSpan or type(span) is _Unsampled:
         return span._trace_id, span._span_id
     if span is None or span is INVALID_SPAN:
         return 0, 0
