@@ -1,7 +1,7 @@
 """The durable local buffer: every record goes here first, and leaves only when a collector accepted it.
 
 Hot path: `append()` puts a tuple on a deque (well under a microsecond). A writer thread wakes every
-`flush_interval` (50 ms by default), groups what is queued by (kind, value class) into chunks, compresses each
+`flush_interval` (90 ms by default), groups what is queued by (kind, value class) into chunks, compresses each
 chunk (marshal + zlib level 1) and inserts them in one SQLite transaction (WAL, synchronous=NORMAL: a commit
 survives a SIGKILL of this process, not a power cut). So a SIGKILL loses at most one flush interval of
 records; a graceful `close()` loses none.
@@ -107,7 +107,11 @@ def _encode_chunk(records: list) -> bytes:
         raw = marshal.dumps(records, _MARSHAL_VERSION)
     except ValueError:  # an attribute of a type marshal cannot write: fall back to its repr, record by record
         raw = marshal.dumps([_marshalable(r) for r in records], _MARSHAL_VERSION)
-    return zlib.compress(raw, 1)
+    # zlib's default state (32 KiB window, memLevel 8) costs ~65 us to set up, more than compressing a small
+    # chunk; a 4 KiB window with memLevel 4 costs ~6 us and loses little on chunks this size.
+    small = len(raw) < 65536
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 12 if small else 15, 4 if small else 8)
+    return compressor.compress(raw) + compressor.flush()
 
 
 def _marshalable(value: object) -> object:
@@ -138,7 +142,7 @@ class Buffer:
     """A durable, bounded record buffer in one SQLite file. Thread-safe; one instance per process."""
 
     def __init__(self, path: Path, *, max_size: int = 100 * 10**6, segment_size: int = 50 * 10**6,
-                 retention: float = 3600.0, flush_interval: float = 0.05,
+                 retention: float = 3600.0, flush_interval: float = 0.09,
                  on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.max_size = max_size

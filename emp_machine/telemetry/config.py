@@ -44,7 +44,7 @@ class BufferConfig(_Strict):
     )
     retention: Duration = Field(3600.0, description="records older than this are dropped (reason `expired`)")
     flush_interval: Duration = Field(
-        0.05, gt=0, le=0.1, description="how often queued records reach SQLite: the most a SIGKILL can lose"
+        0.09, gt=0, le=0.1, description="how often queued records reach SQLite: the most a SIGKILL can lose"
     )
 
     @model_validator(mode="after")
@@ -61,7 +61,7 @@ class ExportConfig(_Strict):
     interval: Duration = Field(5.0)
     timeout: Duration = Field(10.0, gt=0, description="per-request timeout")
     compression: Literal["gzip", "none"] = "gzip"
-    max_backoff: Duration = Field(60.0, gt=0)
+    max_backoff: Duration = Field(10.0, gt=0, description="longest wait between retries (Retry-After may ask more)")
     metrics_interval: Duration = Field(10.0, gt=0, description="how often metric points are recorded")
 
     @model_validator(mode="after")

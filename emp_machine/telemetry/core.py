@@ -82,8 +82,11 @@ class Telemetry:
         static = {"machine_id": machine_id, "worker_id": worker_id, "service_type": service_type}
         out = stream if stream is not None else (sys.stdout if config.log_stdout else None)
         self.writer = RecordWriter(emit, static, stream=out, meter=self.overhead)
-        self.events = Events(self.writer)
-        self.log_handler = TelemetryLogHandler(self.writer, logging.getLevelName(config.log_level.upper()))
+        level = logging.getLevelName(config.log_level.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"telemetry.log_level: unknown level {config.log_level!r}")
+        self.events = Events(self.writer, level)
+        self.log_handler = TelemetryLogHandler(self.writer, level)
         self.meter = Meter("emp_machine")
         self.metrics = StandardMetrics(self.meter, system=system_metrics)
         self._own_metrics()

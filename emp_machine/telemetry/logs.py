@@ -80,41 +80,49 @@ class RecordWriter:
         if timed:
             t0 = _perf_ns()
         time_ns = time_ns or time.time_ns()
+        span = _get_value(_SPAN_KEY)
+        if type(span) is LightSpan:
+            trace_id, span_id, job = span._trace_id, span._span_id, span._job
+            if job is not None and not job.sampled and severity < 13:
+                # Decided with the job's spans: keep the raw parts, build the record only if the job is kept.
+                job.logs.append((self._write_now, (time_ns, severity, message, fields, logger, event_name,
+                                                   _fields.get(), trace_id, span_id)))
+                self.deferred += 1
+                self.meter.logs += 1
+                if timed:
+                    self.meter.sample_log(_perf_ns() - t0)
+                return
+        else:
+            trace_id, span_id = current_ids()
+        self._write_now(time_ns, severity, message, fields, logger, event_name, _fields.get(), trace_id, span_id)
+        self.meter.logs += 1
+        if timed:
+            self.meter.sample_log(_perf_ns() - t0)
+
+    def _write_now(self, time_ns: int, severity: int, message: str, fields: Mapping[str, object] | None,
+                   logger: str, event_name: str, bound: Mapping[str, object], trace_id: int, span_id: int) -> None:
         if len(message) >= 7:
             message = redact_text(message)
         # One dict serves as the JSON line and as the record's attributes: the encoder leaves out the keys that
         # OTLP carries in their own fields (timestamp, level, message, trace_id, span_id).
         line = {"timestamp": self._clock.iso(time_ns), "level": _LEVEL_NAME.get(severity, "info"),
-                "message": message, **self._static, **_fields.get()}
+                "message": message, **self._static, **bound}
         if fields:
             line.update(redact_fields(fields))
         if logger:
             line["logger"] = logger
         if event_name:
             line["event.name"] = event_name
-        span = _get_value(_SPAN_KEY)
-        if type(span) is LightSpan:
-            trace_id, span_id, job = span._trace_id, span._span_id, span._job
-        else:
-            (trace_id, span_id), job = current_ids(), None
         if trace_id:
             line["trace_id"] = f"{trace_id:032x}"
             line["span_id"] = f"{span_id:016x}"
-        record = (time_ns, severity, _LEVEL_NAME.get(severity, "info").upper(), message, line, trace_id, span_id,
-                  event_name)
-        if job is not None and not job.sampled and severity < 13:
-            job.logs.append((_value_of(severity), record))  # decided with the job's spans
-            self.deferred += 1
-        else:
-            self._emit((Kind.LOG, _value_of(severity), record))
-            if self._write is not None:
-                try:
-                    self._write(_dumps(line) + "\n")
-                except (OSError, ValueError):  # a closed or broken stdout must not break the caller
-                    pass
-        self.meter.logs += 1
-        if timed:
-            self.meter.sample_log(_perf_ns() - t0)
+        self._emit((Kind.LOG, _value_of(severity), (time_ns, severity, _LEVEL_NAME.get(severity, "info").upper(),
+                                                    message, line, trace_id, span_id, event_name)))
+        if self._write is not None:
+            try:
+                self._write(_dumps(line) + "\n")
+            except (OSError, ValueError):  # a closed or broken stdout must not break the caller
+                pass
 
 
 class TelemetryLogHandler(logging.Handler):
@@ -185,10 +193,13 @@ class Events:
     """`events.emit("job.completed", job_id=..., duration_ms=...)`: one named business event, written as an OTel
     log record with `event.name` and the correlation fields (and as a JSON line with `event_type`)."""
 
-    def __init__(self, writer: RecordWriter):
+    def __init__(self, writer: RecordWriter, min_level: int = logging.NOTSET):
         self._writer = writer
+        self.min_level = min_level  # events below the configured log level are not written
 
     def emit(self, name: str, *, level: int = logging.INFO, **fields: object) -> None:
+        if level < self.min_level:
+            return
         fields["event_type"] = name
         self._writer.write(_severity(level), name, fields, "", name)
 

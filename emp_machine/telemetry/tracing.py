@@ -79,7 +79,7 @@ class JobTrace:
     def __init__(self, sampled: bool):
         self.sampled = sampled
         self.records: list[tuple] = []
-        self.logs: list[tuple] = []   # (value, log record) deferred by the log handler
+        self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
         self.failed = False
         self.overflow = False
 
@@ -340,8 +340,8 @@ class Tracer(otel_trace.Tracer):
                 value = Value.ERROR if failed else Value.ROUTINE
                 for record in job.records:
                     self._emit((Kind.SPAN, value, record))
-                for log_value, record in job.logs:
-                    self._emit((Kind.LOG, log_value, record))
+                for write, args in job.logs:  # deferred log records (logs.RecordWriter), written now
+                    write(*args)
                 self.kept_spans += len(job.records)
                 sampler.kept_total += len(job.records)
                 if not job.sampled:
