@@ -1,0 +1,295 @@
+"""Correlation: ids, the current correlation fields, and W3C trace context in job hashes and HTTP headers.
+
+Trace context lives in OpenTelemetry's own context (so OTel instrumentation sees our spans); the other
+correlation fields (job_id, connector_id, worker_id, ...) live in one `ContextVar` holding a small dict that
+`bind()` replaces for the duration of a block. Reading context back never raises: placeholders such as
+`temp-trace-id`, malformed `traceparent` values and junk `tracestate` entries count as absent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import random
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import NamedTuple
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_getrandbits = random.getrandbits  # reseeded in forked children by the random module itself
+
+
+def make_span_context(trace_id: int, span_id: int, is_remote: bool, flags: TraceFlags,
+                      state: TraceState | None) -> SpanContext:
+    """A SpanContext for ids already known valid (non-zero, in range), without the constructor's checks
+    (~0.6 us of its ~0.8). SpanContext is a tuple of these six fields; tests/test_telemetry_context.py pins
+    that against the constructor, so an OpenTelemetry change fails a test rather than misbehaving."""
+    return tuple.__new__(SpanContext, (trace_id, span_id, is_remote, flags, state or _EMPTY_STATE, True))
+
+
+# --- ids -------------------------------------------------------------------------------------------------
+
+def new_trace_id() -> str:
+    """32 lowercase hex digits, never all zero."""
+    return f"{_getrandbits(128) or 1:032x}"
+
+
+def new_span_id() -> str:
+    return f"{_getrandbits(64) or 1:016x}"
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+def new_job_id() -> str:
+    """The id of a job emp-machine itself creates; jobs from other producers keep theirs."""
+    return f"job-{uuid.uuid4()}"
+
+
+def worker_id_for(machine_id: str, index: int) -> str:
+    return f"{machine_id}-worker-{index}"
+
+
+def parse_trace_id(value: object) -> int:
+    """The trace id as an int, or 0 when `value` is not 32 hex digits (or is all zero)."""
+    if type(value) is not str or len(value) != 32:
+        return 0
+    try:
+        return int(value, 16)
+    except ValueError:
+        return 0
+
+
+def parse_span_id(value: object) -> int:
+    if type(value) is not str or len(value) != 16:
+        return 0
+    try:
+        return int(value, 16)
+    except ValueError:
+        return 0
+
+
+# --- correlation fields ----------------------------------------------------------------------------------
+
+_fields: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar("emp_telemetry_fields", default={})
+
+
+def current_fields() -> dict[str, object]:
+    """The correlation fields bound in this context (do not mutate the returned dict)."""
+    return _fields.get()
+
+
+@contextmanager
+def bind(**fields: object) -> Iterator[None]:
+    """Add correlation fields (job_id=..., connector_id=...) to every log, event and span attribute set in
+    the block; a value of None removes a field."""
+    merged = {**_fields.get(), **fields}
+    for key in [k for k, v in merged.items() if v is None]:
+        del merged[key]
+    token = _fields.set(merged)
+    try:
+        yield
+    finally:
+        _fields.reset(token)
+
+
+# --- traceparent / tracestate ----------------------------------------------------------------------------
+
+# One W3C list member: key = lcalpha then [a-z0-9_-*/] (optionally tenant@system), value = printable
+# ASCII without ',' and '=' (not ending in a space).
+_TRACESTATE_MEMBER = re.compile(
+    r"\s*([a-z0-9][a-z0-9_\-*/]{0,255}(?:@[a-z][a-z0-9_\-*/]{0,13})?)=([\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e])\s*"
+)
+_tracestate_cache: dict[str, TraceState | None] = {}
+_EMPTY_STATE = TraceState()
+
+
+def format_traceparent(span_context: SpanContext) -> str:
+    flags = "01" if span_context.trace_flags & 1 else "00"
+    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{flags}"
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def parse_traceparent(value: object, tracestate: object = None) -> SpanContext | None:
+    """A remote SpanContext from a `traceparent` header value, or None for anything malformed."""
+    if type(value) is not str:
+        return None
+    if _TRACEPARENT.match(value) is None:  # lowercase hex only, as W3C requires; then slices are safe
+        value = value.strip().lower()      # tolerate what sloppy producers send
+        if _TRACEPARENT.match(value) is None:
+            return None
+    version = value[:2]
+    # version ff is invalid; version 00 has nothing after the flags; later versions may append "-..." fields
+    if version == "ff" or (len(value) > 55 and (version == "00" or value[55] != "-")):
+        return None
+    trace_id = int(value[3:35], 16)
+    span_id = int(value[36:52], 16)
+    if not trace_id or not span_id:
+        return None
+    flags = _SAMPLED if int(value[53:55], 16) & 1 else _NOT_SAMPLED
+    return make_span_context(trace_id, span_id, True, flags, parse_tracestate(tracestate))
+
+
+def parse_tracestate(value: object) -> TraceState:
+    """A TraceState from a header value; invalid members are skipped. Parsed values are cached because the
+    same few tracestates (ours, a producer's) arrive again and again."""
+    if not value or type(value) is not str:
+        return _EMPTY_STATE
+    state = _tracestate_cache.get(value)
+    if state is not None:
+        return state
+    entries: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for member in value.split(","):
+        match = _TRACESTATE_MEMBER.fullmatch(member)
+        if match and match.group(1) not in seen and len(entries) < 32:
+            seen.add(match.group(1))
+            entries.append((match.group(1), match.group(2)))
+    state = TraceState(entries) if entries else _EMPTY_STATE
+    if len(_tracestate_cache) > 512:
+        _tracestate_cache.clear()
+    _tracestate_cache[value] = state
+    return state
+
+
+_UNSAFE_IN_VALUE = re.compile(r"[^\x21-\x2b\x2d-\x3a\x3c\x3e-\x7e]")
+
+
+@functools.lru_cache(maxsize=64)
+def emp_tracestate(machine_id: str, worker_id: str | None) -> str:
+    """Our tracestate member. The issue writes it `emp=machine:…,worker:…`, but a comma separates W3C list
+    members, so the two parts are joined with `;` (and unsafe characters become `_`)."""
+    value = f"machine:{_UNSAFE_IN_VALUE.sub('_', machine_id)}"
+    if worker_id:
+        value += f";worker:{_UNSAFE_IN_VALUE.sub('_', worker_id)}"
+    return f"emp={value[:256]}"
+
+
+def _merged_tracestate(state: TraceState | None, ours: str) -> str:
+    """Ours first (the W3C rule for a vendor that modifies the state), others after, at most 32 members."""
+    if not state:
+        return ours
+    others = [f"{k}={v}" for k, v in state.items() if k != "emp"][:31]
+    return ",".join([ours, *others])
+
+
+# --- extraction results ----------------------------------------------------------------------------------
+
+class Incoming(NamedTuple):
+    """What arrived with a job or a request: the OTel context to parent spans on, and correlation ids.
+    (A NamedTuple: a frozen dataclass costs ~1 us more to build, on every extraction.)"""
+
+    context: otel_context.Context
+    span_context: SpanContext | None
+    job_id: str | None = None
+    request_id: str | None = None
+    workflow_trace_id: str | None = None
+
+
+_ROOT = otel_context.Context()
+_SPAN_KEY = otel_trace._SPAN_KEY  # what set_span_in_context uses; calling set_value directly saves a frame
+
+
+def _incoming(span_context: SpanContext | None, **ids: str | None) -> Incoming:
+    # Context({...}) is what set_value(key, span, empty context) builds, without copying the empty one first
+    ctx = _ROOT if span_context is None else otel_context.Context({_SPAN_KEY: NonRecordingSpan(span_context)})
+    return Incoming(ctx, span_context, **ids)
+
+
+def _current_span_context(context: otel_context.Context | None = None) -> SpanContext | None:
+    span_context = otel_trace.get_current_span(context).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+# --- job hashes ------------------------------------------------------------------------------------------
+
+def inject_job_fields(job_fields: dict, *, machine_id: str = "", worker_id: str | None = None,
+                      context: otel_context.Context | None = None) -> dict:
+    """Put the current (or the given) trace context into `job_fields` and return it.
+
+    Writes W3C `traceparent` (and `tracestate` when there is one) plus the fields other EMP producers read:
+    `job_trace_id`, `job_span_id`. Fields already present are overwritten; without a valid current span
+    nothing is written.
+    """
+    span_context = _current_span_context(context)
+    if span_context is None:
+        return job_fields
+    job_fields["traceparent"] = format_traceparent(span_context)
+    state = _merged_tracestate(span_context.trace_state, emp_tracestate(machine_id, worker_id)) if machine_id \
+        else (span_context.trace_state.to_header() if span_context.trace_state else "")
+    if state:
+        job_fields["tracestate"] = state
+    job_fields["job_trace_id"] = f"{span_context.trace_id:032x}"
+    job_fields["job_span_id"] = f"{span_context.span_id:016x}"
+    return job_fields
+
+
+def extract_job_context(job_hash: Mapping) -> Incoming:
+    """The producer's context from a job hash: `traceparent` first, then `job_trace_id`/`job_span_id`
+    (treated as sampled, since the EMP producers that write them record their spans), else absent.
+
+    Values may be str or bytes (raw Redis replies); placeholders such as `temp-trace-id` count as absent.
+    `workflow_trace_id` is returned (when valid) for a span attribute, not as the parent.
+    """
+    def get(key: str) -> str | None:
+        value = job_hash.get(key)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return value if isinstance(value, str) and value else None
+
+    span_context = parse_traceparent(get("traceparent"), get("tracestate"))
+    if span_context is None:
+        trace_id, span_id = parse_trace_id(get("job_trace_id")), parse_span_id(get("job_span_id"))
+        if trace_id and span_id:
+            span_context = SpanContext(trace_id, span_id, True, _SAMPLED, parse_tracestate(get("tracestate")))
+    workflow = get("workflow_trace_id")
+    return _incoming(
+        span_context,
+        job_id=get("id") or get("job_id"),
+        workflow_trace_id=workflow if parse_trace_id(workflow) else None,
+    )
+
+
+# --- HTTP ------------------------------------------------------------------------------------------------
+
+def http_headers(job_id: str | None = None, request_id: str | None = None, *, machine_id: str = "",
+                 worker_id: str | None = None, context: otel_context.Context | None = None) -> dict[str, str]:
+    """Headers for a call to a service: `traceparent`, `tracestate` (with our `emp` member), `x-job-id`,
+    `x-request-id` (a new `req-…` id when none is given)."""
+    headers: dict[str, str] = {"x-request-id": request_id or new_request_id()}
+    if job_id:
+        headers["x-job-id"] = job_id
+    span_context = _current_span_context(context)
+    if span_context is not None:
+        headers["traceparent"] = format_traceparent(span_context)
+        state = _merged_tracestate(span_context.trace_state, emp_tracestate(machine_id, worker_id)) \
+            if machine_id else (span_context.trace_state.to_header() if span_context.trace_state else "")
+        if state:
+            headers["tracestate"] = state
+    return headers
+
+
+def extract_http(headers: Mapping[str, str]) -> Incoming:
+    """Read `traceparent`, `tracestate`, `x-job-id`, `x-request-id` from incoming headers (any case)."""
+    get = headers.get
+    traceparent = get("traceparent") or get("Traceparent") or get("TRACEPARENT")
+    if traceparent is None and hasattr(headers, "items"):  # plain dicts with unusual casing
+        lowered = {str(k).lower(): v for k, v in headers.items()}
+        get = lowered.get
+        traceparent = get("traceparent")
+    tracestate = get("tracestate") or get("Tracestate")
+    return _incoming(
+        parse_traceparent(traceparent, tracestate),
+        job_id=get("x-job-id") or get("X-Job-Id") or None,
+        request_id=get("x-request-id") or get("X-Request-Id") or None,
+    )

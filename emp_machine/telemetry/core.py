@@ -1,0 +1,261 @@
+"""`setup()` and the `Telemetry` object: one per process, handed to everything that records telemetry."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from opentelemetry.trace import SpanKind
+
+from emp_machine.telemetry import context as ctx
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+from emp_machine.telemetry.config import TelemetryConfig
+from emp_machine.telemetry.encode import Encoder
+from emp_machine.telemetry.joblog import ConnectorLogger
+from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
+from emp_machine.telemetry.metrics import Meter
+from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
+from emp_machine.telemetry.shipper import Shipper
+from emp_machine.telemetry.standard import StandardMetrics
+from emp_machine.telemetry.tailer import ServiceOutputTailer
+from emp_machine.telemetry.tracing import JOB_ROOT, LightSpan, Tracer, TracerProvider
+
+try:
+    from importlib.metadata import version as _dist_version
+
+    _VERSION = _dist_version("emp-machine")
+except Exception:  # running from a source tree without an install
+    _VERSION = "0.0.0"
+
+
+def resource_attributes(config: TelemetryConfig, *, machine_id: str, worker_id: str | None, service_type: str,
+                        region: str | None) -> dict[str, str]:
+    attributes = {
+        **config.resource_attributes,
+        "service.name": config.service_name,
+        "service.version": config.service_version or _VERSION,
+        "service.instance.id": worker_id or machine_id,
+        "deployment.environment": config.environment,
+        "machine.id": machine_id,
+        "service.type": service_type,
+    }
+    if worker_id:
+        attributes["worker.id"] = worker_id
+    if region:
+        attributes["cloud.region"] = region
+    return attributes
+
+
+class Telemetry:
+    """The process's telemetry. Build it with `setup()`; pass it (or its parts) down, never make another."""
+
+    def __init__(self, config: TelemetryConfig, *, machine_id: str, worker_id: str | None, service_type: str,
+                 region: str | None, buffer_path: Path, process_share: float, stream: IO[str] | None,
+                 system_metrics: bool):
+        self.config = config
+        self.machine_id, self.worker_id, self.service_type = machine_id, worker_id, service_type
+        self.resource = resource_attributes(config, machine_id=machine_id, worker_id=worker_id,
+                                            service_type=service_type, region=region)
+        buffer_config = config.buffer
+        self._drops_lock = threading.Lock()
+        self._drops_unreported: dict[str, int] = {}
+        self.buffer = Buffer(buffer_path, max_size=buffer_config.max_size, segment_size=buffer_config.segment_size,
+                             retention=buffer_config.retention, flush_interval=buffer_config.flush_interval,
+                             on_drop=self._on_drop)
+        self.shipper: Shipper | None = None
+        self.overhead = OverheadMeter(self._background_cpu)
+        self.sampler = AdaptiveSampler(
+            config.sampling.spans_per_second * process_share,
+            cpu_budget=config.overhead.cpu_percent / 100 * process_share,
+            span_budget_us=config.overhead.span_us, meter=self.overhead)
+        emit = self.buffer.append_record
+        self.tracer = Tracer(self.sampler, emit, slow_job_s=config.sampling.slow_job,
+                             stacks_per_second=config.sampling.stacks_per_second,
+                             base_attributes={"service.type": service_type})
+        self.tracer_provider = TracerProvider(self.tracer)
+        static = {"machine_id": machine_id, "worker_id": worker_id, "service_type": service_type}
+        out = stream if stream is not None else (sys.stdout if config.log_stdout else None)
+        self.writer = RecordWriter(emit, static, stream=out, meter=self.overhead)
+        level = logging.getLevelName(config.log_level.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"telemetry.log_level: unknown level {config.log_level!r}")
+        self.events = Events(self.writer, level)
+        self.log_handler = TelemetryLogHandler(self.writer, level)
+        self.meter = Meter("emp_machine")
+        self.metrics = StandardMetrics(self.meter, system=system_metrics)
+        self._own_metrics()
+        self._tailers: list[ServiceOutputTailer] = []
+        self._loggers: dict[str, TelemetryLogger] = {}
+        self._stop = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeep, name="telemetry-metrics", daemon=True)
+        self._housekeeper.start()
+        self._closed = False
+
+    # --- recording helpers ---------------------------------------------------------------------------
+
+    def logger(self, name: str) -> logging.Logger:
+        """A logger for our own code, writing through this telemetry (JSON line + buffer). It is a stdlib
+        `logging.Logger` subclass not registered with `logging.getLogger` (see `TelemetryLogger`)."""
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = TelemetryLogger(name, self.writer, self.log_handler.level)
+        return logger
+
+    def install_logging(self) -> None:
+        """Route the root logger (so every library's records) through this telemetry."""
+        root = logging.getLogger()
+        if self.log_handler not in root.handlers:
+            root.addHandler(self.log_handler)
+        root.setLevel(self.log_handler.level)
+
+    def connector_logger(self, connector_id: str, service_type: str, job_type: str | None = None) -> ConnectorLogger:
+        return ConnectorLogger(self.events, self.metrics, connector_id=connector_id, service_type=service_type,
+                               worker_id=self.worker_id, job_type=job_type)
+
+    @contextmanager
+    def job_span(self, job_id: str, *, job_hash: Mapping | None = None, job_type: str | None = None,
+                 attributes: Mapping | None = None) -> Iterator[LightSpan]:
+        """`job.execution` for one job on this machine: child of the producer's context from `job_hash` when
+        it has one, with `job_id` bound for every log and event in the block. Kept when sampled, failed (an
+        exception or an error status) or slower than `sampling.slow_job`."""
+        incoming = ctx.extract_job_context(job_hash) if job_hash is not None else None
+        span_attributes = {"job.id": job_id, "service.type": self.service_type}
+        if self.worker_id:
+            span_attributes["worker.id"] = self.worker_id
+        if job_type:
+            span_attributes["job.type"] = job_type
+        if incoming is not None and incoming.workflow_trace_id:
+            span_attributes["workflow.trace_id"] = incoming.workflow_trace_id
+        if attributes:
+            span_attributes.update(attributes)
+        with ctx.bind(job_id=job_id):
+            with self.tracer.start_as_current_span(JOB_ROOT, incoming.context if incoming else None,
+                                                   SpanKind.CONSUMER, span_attributes) as span:
+                yield span
+
+    def tail_service_output(self, sources: list, *, poll: float = 0.25) -> ServiceOutputTailer:
+        """Start tailing supervisor log files: `sources` are (path, process name, service_type[, worker_id]).
+        Stopped (after a last pass) by `shutdown()`."""
+        tailer = ServiceOutputTailer(self.buffer, sources, machine_id=self.machine_id, poll=poll).start()
+        self._tailers.append(tailer)
+        return tailer
+
+    def http_headers(self, job_id: str | None = None, request_id: str | None = None) -> dict[str, str]:
+        return ctx.http_headers(job_id, request_id, machine_id=self.machine_id, worker_id=self.worker_id)
+
+    def inject_job_fields(self, job_fields: dict) -> dict:
+        return ctx.inject_job_fields(job_fields, machine_id=self.machine_id, worker_id=self.worker_id)
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def metrics_snapshot(self) -> list[tuple]:
+        """Current values of every instrument: [(name, description, unit, kind, monotonic, points)]."""
+        return self.meter.snapshot()
+
+    def render_prometheus(self) -> str:
+        return self.meter.render_prometheus()
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start_shipper(self) -> Shipper | None:
+        """Start shipping to `otlp_endpoint` in a background thread (None when no endpoint is configured:
+        records then stay in the bounded local buffer)."""
+        if self.shipper is not None or not self.config.otlp_endpoint:
+            return self.shipper
+        export = self.config.export
+        self.shipper = Shipper(
+            self.buffer, Encoder(self.resource, "emp_machine.telemetry", _VERSION), self.config.otlp_endpoint,
+            headers=self.config.otlp_headers, batch_min=export.batch_min, batch_max=export.batch_max,
+            max_request_size=export.max_request_size, interval=export.interval, timeout=export.timeout,
+            compression=export.compression, max_backoff=export.max_backoff).start()
+        return self.shipper
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write a metric point and commit everything recorded so far to the buffer."""
+        self.buffer.append(Kind.METRIC, Value.NORMAL, self.meter.record())
+        return self.buffer.flush(timeout)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Flush, try to ship what is buffered (within `timeout`), stop the threads, close the buffer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._housekeeper.join(timeout)
+        for tailer in self._tailers:
+            tailer.stop()
+        root = logging.getLogger()
+        if self.log_handler in root.handlers:
+            root.removeHandler(self.log_handler)
+        self.flush(timeout)
+        if self.shipper is not None:
+            self.shipper.stop(drain_timeout=timeout)
+        self.buffer.close(timeout)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _background_cpu(self) -> float:
+        return self.buffer.writer_cpu + (self.shipper.stats.cpu_seconds if self.shipper else 0.0)
+
+    def _on_drop(self, reason: str, count: int) -> None:
+        with self._drops_lock:
+            self._drops_unreported[reason] = self._drops_unreported.get(reason, 0) + count
+
+    def _housekeep(self) -> None:
+        interval = self.config.export.metrics_interval
+        next_metrics = time.monotonic() + interval
+        while not self._stop.wait(min(1.0, interval)):
+            self.sampler.maybe_adjust()  # also when no span ends for a while
+            with self._drops_lock:
+                drops, self._drops_unreported = self._drops_unreported, {}
+            for reason, count in drops.items():  # reported, never silent (and counted in the metrics)
+                self.events.emit("telemetry.records_dropped", level=logging.WARNING, reason=reason, count=count)
+            if time.monotonic() >= next_metrics:
+                next_metrics += interval
+                self.buffer.append(Kind.METRIC, Value.NORMAL, self.meter.record())
+
+    def _own_metrics(self) -> None:
+        from opentelemetry.metrics import Observation
+
+        m, buffer, tracer, sampler = self.meter, self.buffer, self.tracer, self.sampler
+        m.create_observable_gauge("telemetry_records_buffered", [
+            lambda _: [Observation(buffer.stats().stored_records + buffer.stats().queued)]], "1")
+        m.create_observable_counter("telemetry_records_exported_total", [
+            lambda _: [Observation(v, {"signal": k}) for k, v in
+                       (self.shipper.stats.exported.items() if self.shipper else ())]], "1")
+        m.create_observable_counter("telemetry_records_dropped_total", [
+            lambda _: [Observation(v, {"reason": k}) for k, v in buffer.stats().dropped.items()]], "1")
+        m.create_observable_gauge("telemetry_dead_letter_records", [
+            lambda _: [Observation(buffer.stats().dead_letter_records)]], "1")
+        m.create_observable_gauge("telemetry_sampling_rate", [lambda _: [Observation(sampler.rate)]], "1")
+        m.create_observable_counter("telemetry_spans_kept_total", [lambda _: [Observation(tracer.kept_spans)]], "1")
+        m.create_observable_counter("telemetry_spans_sampled_out_total", [
+            lambda _: [Observation(sampler.dropped_total)]], "1")
+        m.create_observable_gauge("telemetry_cpu_ratio", [lambda _: [Observation(sampler.cpu_share)]], "1")
+
+
+def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = None, service_type: str,
+          region: str | None = None, buffer_path: Path, process_share: float = 1.0, stream: IO[str] | None = None,
+          system_metrics: bool | None = None, start_shipper: bool = True) -> Telemetry:
+    """Telemetry for this process.
+
+    `buffer_path` must be this process's own file (e.g. `state/telemetry/{worker_id}.db`); after a restart the
+    same path resumes shipping what was left. `process_share` is this process's part of the machine's span and
+    CPU budgets. `stream` replaces stdout for JSON lines. `system_metrics` (default: when `worker_id` is None,
+    i.e. the machine process) adds machine_* gauges. With an `otlp_endpoint` the shipper starts at once unless
+    `start_shipper=False` (then call `start_shipper()`).
+    """
+    if not 0 < process_share <= 1:
+        raise ValueError(f"process_share must be in (0, 1], got {process_share}")
+    telemetry = Telemetry(config, machine_id=machine_id, worker_id=worker_id, service_type=service_type,
+                          region=region, buffer_path=Path(buffer_path), process_share=process_share, stream=stream,
+                          system_metrics=worker_id is None if system_metrics is None else system_metrics)
+    if start_shipper:
+        telemetry.start_shipper()
+    return telemetry

@@ -1,0 +1,87 @@
+"""Job lifecycle logging for connectors, in the spirit of the EMP design's ConnectorLogger.
+
+    log = telemetry.connector_logger("comfyui-0", "comfyui")
+    log.received(job_id, prompt_id=...); log.started(job_id); log.progress(job_id, 45, node="KSampler")
+    log.completed(job_id, duration_ms=1250); log.failed(job_id, error, can_retry=True); log.health_check(True)
+
+Each call is one event (`job.received`, `job.started`, `job.progress`, `job.completed`, `job.failed`,
+`service.health_check`) with connector_id, service_type, job_id and the service's own fields, redacted like
+every record. `completed`/`failed` also count `jobs_processed_total` and record `job_duration_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from emp_machine.telemetry.logs import Events
+from emp_machine.telemetry.standard import StandardMetrics
+
+# The fields each service's records carry (others passed in are kept too; these are flattened and named
+# consistently so dashboards can rely on them).
+SERVICE_FIELDS: dict[str, tuple[str, ...]] = {
+    "comfyui": ("prompt_id", "client_id", "node"),
+    "openai": ("model", "request_id", "prompt_tokens", "completion_tokens", "total_tokens"),
+    "a1111": ("sampler", "steps", "width", "height"),
+    "simulation": ("steps",),
+    "rest": ("method", "endpoint", "status_code"),
+}
+
+
+def _service_fields(service_type: str, fields: dict) -> dict:
+    if service_type == "openai" and isinstance(fields.get("usage"), Mapping):
+        usage = fields.pop("usage")
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if key in usage:
+                fields[key] = usage[key]
+    if service_type == "a1111" and isinstance(fields.get("size"), (tuple, list)) and len(fields["size"]) == 2:
+        fields["width"], fields["height"] = fields.pop("size")
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class ConnectorLogger:
+    def __init__(self, events: Events, metrics: StandardMetrics, *, connector_id: str, service_type: str,
+                 worker_id: str | None = None, job_type: str | None = None):
+        self._events = events
+        self._metrics = metrics
+        self.connector_id = connector_id
+        self.service_type = service_type
+        self.worker_id = worker_id
+        self.job_type = job_type or service_type
+
+    def _emit(self, name: str, job_id: str | None, level: int, fields: dict) -> None:
+        fields = _service_fields(self.service_type, fields)
+        if job_id is not None:
+            fields["job_id"] = job_id
+        self._events.emit(name, level=level, connector_id=self.connector_id, service_type=self.service_type,
+                          **fields)
+
+    def received(self, job_id: str, **fields: object) -> None:
+        self._emit("job.received", job_id, logging.INFO, fields)
+
+    def started(self, job_id: str, **fields: object) -> None:
+        self._emit("job.started", job_id, logging.INFO, fields)
+
+    def progress(self, job_id: str, progress: float, message: str = "", **fields: object) -> None:
+        self._emit("job.progress", job_id, logging.DEBUG, {"progress": progress, "message": message or None,
+                                                          **fields})
+
+    def completed(self, job_id: str, duration_ms: float | None = None, **fields: object) -> None:
+        self._emit("job.completed", job_id, logging.INFO, {"duration_ms": duration_ms, **fields})
+        self._metrics.job_finished(self.job_type, "completed", None if duration_ms is None else duration_ms / 1000,
+                                   self.worker_id)
+
+    def failed(self, job_id: str, error: BaseException | str, duration_ms: float | None = None,
+               can_retry: bool | None = None, **fields: object) -> None:
+        error_fields = {"error.type": type(error).__name__, "error.message": str(error)} \
+            if isinstance(error, BaseException) else {"error.message": str(error)}
+        self._emit("job.failed", job_id, logging.ERROR,
+                   {"duration_ms": duration_ms, "can_retry": can_retry, **error_fields, **fields})
+        self._metrics.job_finished(self.job_type, "failed", None if duration_ms is None else duration_ms / 1000,
+                                   self.worker_id)
+        if self.worker_id:
+            self._metrics.worker_errors_total.add(1, {"worker_id": self.worker_id, "kind": "job_failed"})
+
+    def health_check(self, healthy: bool, **fields: object) -> None:
+        self._emit("service.health_check", None, logging.INFO if healthy else logging.WARNING,
+                   {"healthy": healthy, **fields})

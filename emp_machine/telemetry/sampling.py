@@ -1,0 +1,120 @@
+"""The adaptive root sampler and telemetry's own overhead meter.
+
+Root decisions are trace-id based (the low 56 bits, as W3C random trace ids and OTel's probability
+samplers use), so every process that sees a trace at the same rate decides the same way, and a trace kept at
+rate r is also kept at any higher rate. Once a second the rate is set so that the spans this process starts
+would keep `spans_per_second` (its share of the machine's budget): the new rate follows the offered load at
+once when it must go down and at most doubles per second when it may go up. The overhead factor multiplies it
+down while telemetry's measured CPU share (background threads measured exactly, hot-path operations by a timed
+sample of 1 in 32) is over budget, and lets it recover by 25 % a second when under.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_MASK56 = (1 << 56) - 1
+_ONE56 = 1 << 56
+
+
+@dataclass
+class SamplerStats:
+    rate: float
+    overhead_factor: float
+    offered_per_second: float
+    kept_total: int
+    dropped_total: int
+    cpu_share: float  # telemetry's CPU, fraction of one core, last window
+
+
+class OverheadMeter:
+    """Telemetry's cost in this process: per-operation averages from timed samples, plus background CPU."""
+
+    __slots__ = ("span_ns", "log_ns", "spans", "logs", "_background", "_last_background")
+
+    def __init__(self, background_cpu: Callable[[], float] = lambda: 0.0):
+        self.span_ns = 0.0   # moving average CPU cost of one span (start + end), from timed samples
+        self.log_ns = 0.0
+        self.spans = 0       # operations since the last window
+        self.logs = 0
+        self._background = background_cpu
+        self._last_background = 0.0
+
+    def sample_span(self, ns: int) -> None:
+        self.span_ns = ns if not self.span_ns else 0.9 * self.span_ns + 0.1 * ns
+
+    def sample_log(self, ns: int) -> None:
+        self.log_ns = ns if not self.log_ns else 0.9 * self.log_ns + 0.1 * ns
+
+    def take_window(self) -> float:
+        """CPU seconds telemetry spent since the last call."""
+        background = self._background()
+        spent = background - self._last_background
+        self._last_background = background
+        spent += (self.spans * self.span_ns + self.logs * self.log_ns) / 1e9
+        self.spans = self.logs = 0
+        return spent
+
+
+class AdaptiveSampler:
+    """Keeps sampled spans per second near `spans_per_second` and telemetry's CPU under `cpu_budget`."""
+
+    def __init__(self, spans_per_second: float, *, cpu_budget: float = 0.01, span_budget_us: float = 100.0,
+                 meter: OverheadMeter | None = None, min_rate: float = 1e-4, window: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.target = spans_per_second
+        self.cpu_budget = cpu_budget            # fraction of one core
+        self.span_budget_us = span_budget_us
+        self.meter = meter or OverheadMeter()
+        self.min_rate = min_rate
+        self.window = window
+        self._clock = clock
+        self.rate = 1.0
+        self.overhead_factor = 1.0
+        self.threshold = _ONE56                 # sample when (trace_id & MASK56) < threshold
+        self.offered = 0                        # spans started in this window (sampled or not)
+        self.kept_total = 0
+        self.dropped_total = 0
+        self.offered_per_second = 0.0
+        self.cpu_share = 0.0
+        self._window_start = clock()
+        self.next_adjust = self._window_start + window
+
+    def should_sample(self, trace_id: int) -> bool:
+        """The root decision for `trace_id` at the current rate."""
+        return (trace_id & _MASK56) < self.threshold
+
+    def maybe_adjust(self) -> None:
+        """Cheap to call often: adjusts once per window."""
+        now = self._clock()
+        if now >= self.next_adjust:
+            self.adjust(now)
+
+    def adjust(self, now: float) -> None:
+        elapsed = max(now - self._window_start, 1e-6)
+        offered = self.offered / elapsed
+        self.offered = 0
+        self.offered_per_second = offered
+        wanted = 1.0 if offered <= self.target else self.target / offered
+        base = self.rate / self.overhead_factor if self.overhead_factor else self.rate
+        base = wanted if wanted < base else min(wanted, base * 2.0)
+
+        self.cpu_share = self.meter.take_window() / elapsed
+        over_cpu = self.cpu_share > self.cpu_budget
+        over_op = self.meter.span_ns / 1000.0 > self.span_budget_us
+        if over_cpu or over_op:
+            shrink = min(self.cpu_budget / self.cpu_share if over_cpu else 1.0, 0.5 if over_op else 1.0)
+            self.overhead_factor = max(0.01, self.overhead_factor * max(shrink, 0.1))
+        else:
+            self.overhead_factor = min(1.0, self.overhead_factor * 1.25)
+
+        self.rate = max(self.min_rate, min(1.0, base * self.overhead_factor))
+        self.threshold = int(self.rate * _ONE56)
+        self._window_start = now
+        self.next_adjust = now + self.window
+
+    def stats(self) -> SamplerStats:
+        return SamplerStats(self.rate, self.overhead_factor, self.offered_per_second, self.kept_total,
+                            self.dropped_total, self.cpu_share)

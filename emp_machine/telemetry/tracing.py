@@ -1,0 +1,394 @@
+"""One light, OpenTelemetry-API tracer per process, in front of the durable buffer.
+
+Spans implement `opentelemetry.trace.Span` and live in OTel's context, so OTel instrumentation and
+`trace.get_current_span()` see them, but a recorded span is a handful of slots turned into one tuple at
+`end()` and appended to the buffer's queue: no SDK processor, no export queue to overflow.
+
+Decisions:
+- a sampled parent (remote or local) is followed; an unsampled one too, except that a job keeps its spans;
+- a root asks the `AdaptiveSampler` (trace-id based);
+- a job (a span named `job.execution`, or the root carrying `job.id`) always records its spans cheaply and
+  decides when its root span ends: kept when sampled, failed (error status) or slower than `slow_job`;
+  otherwise its spans (and deferred log records) are discarded and counted as dropped by sampling;
+- any other unsampled span is a `NonRecordingSpan`; its unsampled children reuse it (no new ids, no context
+  switch), which is what makes an unsampled span cost about a microsecond.
+
+Exceptions are recorded with type and message always, and with the formatted stack for at most
+`stacks_per_second` a second (formatting a traceback costs ~150 us).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import INVALID_SPAN
+
+from emp_machine.telemetry.buffer import Kind, Value
+from emp_machine.telemetry.context import make_span_context
+from emp_machine.telemetry.sampling import AdaptiveSampler
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_SPAN_KEY = otel_trace._SPAN_KEY  # the key OTel's own set_span_in_context uses (public helpers are 2x slower)
+_get_value = otel_context.get_value
+_set_value = otel_context.set_value
+_attach = otel_context.attach
+_detach = otel_context.detach
+_getrandbits = random.getrandbits
+_time_ns = time.time_ns
+_perf_ns = time.perf_counter_ns
+
+JOB_ROOT = "job.execution"
+# OTLP span kinds are the API's + 1 (0 is UNSPECIFIED).
+_OTLP_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4,
+              SpanKind.CONSUMER: 5}
+_STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
+_MAX_JOB_RECORDS = 10_000  # a job holding more streams the rest as it goes (decided as if sampled)
+
+
+class _Unsampled(NonRecordingSpan):
+    """Our own non-recording span: its children reuse it instead of creating spans. Its SpanContext is built
+    only when asked for (propagation, a log line): validating one costs ~0.8 us."""
+
+    __slots__ = ("_trace_id", "_span_id", "_state")
+
+    def __init__(self, trace_id: int, span_id: int, state: Any) -> None:  # noqa: super().__init__ is bypassed
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._state = state
+        self._context = None
+
+    def get_span_context(self) -> SpanContext:
+        if self._context is None:
+            self._context = make_span_context(self._trace_id, self._span_id, False, _NOT_SAMPLED, self._state)
+        return self._context
+
+
+class JobTrace:
+    """The spans and deferred log records of one job, held until its root span ends."""
+
+    __slots__ = ("sampled", "records", "logs", "failed", "overflow")
+
+    def __init__(self, sampled: bool):
+        self.sampled = sampled
+        self.records: list[tuple] = []
+        self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
+        self.failed = False
+        self.overflow = False
+
+
+class LightSpan(otel_trace.Span):
+    __slots__ = ("_tracer", "_trace_id", "_span_id", "_parent_id", "_flags", "_state", "_context", "name",
+                 "_kind", "_start", "_end", "_attributes", "_events", "_status", "_status_message", "_job",
+                 "_is_job_root", "_t0", "_remote_parent")
+
+    def __init__(self, tracer: "Tracer", trace_id: int, parent_id: int, flags: TraceFlags, state: Any,
+                 name: str, kind: SpanKind, attributes: Mapping | None, start: int | None, job: JobTrace | None,
+                 is_job_root: bool, remote_parent: bool):
+        self._tracer = tracer
+        self._trace_id = trace_id
+        self._span_id = _getrandbits(64) or 1
+        self._parent_id = parent_id
+        self._flags = flags
+        self._state = state
+        self._context: SpanContext | None = None
+        self.name = name
+        self._kind = kind
+        self._start = start or _time_ns()
+        self._end = 0
+        self._attributes = dict(attributes) if attributes else {}
+        self._events: list | None = None
+        self._status = 0
+        self._status_message = ""
+        self._job = job
+        self._is_job_root = is_job_root
+        self._t0 = 0
+        self._remote_parent = remote_parent
+
+    # --- OTel Span API -------------------------------------------------------------------------------
+
+    def get_span_context(self) -> SpanContext:
+        if self._context is None:  # built on demand: most spans never need one
+            self._context = make_span_context(self._trace_id, self._span_id, False, self._flags, self._state)
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self._end == 0
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self._end == 0:
+            self._attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if self._end == 0:
+            self._attributes.update(attributes)
+
+    def add_event(self, name: str, attributes: Mapping | None = None, timestamp: int | None = None) -> None:
+        if self._end:
+            return
+        if self._events is None:
+            self._events = []
+        self._events.append((timestamp or _time_ns(), name, dict(attributes) if attributes else {}))
+
+    def add_link(self, context: SpanContext, attributes: Mapping | None = None) -> None:
+        pass  # links are not recorded (nothing in emp-machine creates them); see docs/telemetry.md
+
+    def update_name(self, name: str) -> None:
+        if self._end == 0:
+            self.name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._end:
+            return
+        if isinstance(status, Status):
+            code, description = status.status_code, status.description
+        else:
+            code = status
+        if code is StatusCode.UNSET or self._status == 1:  # OK is final, per the API
+            return
+        self._status = _STATUS[code]
+        self._status_message = (description or "") if code is StatusCode.ERROR else ""
+
+    def record_exception(self, exception: BaseException, attributes: Mapping | None = None,
+                         timestamp: int | None = None, escaped: bool = False) -> None:
+        event = {"exception.type": type(exception).__qualname__, "exception.message": str(exception)[:2000]}
+        if self._tracer._stack_allowed():
+            event["exception.stacktrace"] = "".join(
+                traceback.format_exception(type(exception), exception, exception.__traceback__))
+        if attributes:
+            event.update(attributes)
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end:
+            return
+        timed = self._t0
+        if timed:
+            t_end = _perf_ns()
+        self._end = end_time or _time_ns()
+        self._tracer._finish(self)
+        if timed:
+            self._tracer.meter.sample_span(self._t0 + _perf_ns() - t_end)
+
+    def __repr__(self) -> str:
+        return f"LightSpan({self.name!r}, trace_id={self._trace_id:032x}, span_id={self._span_id:016x})"
+
+    def record(self) -> tuple:
+        flags = 0x100 | (0x200 if self._remote_parent else 0) | (1 if self._flags & 1 else 0)
+        return (self._trace_id, self._span_id, self._parent_id, self.name, _OTLP_KIND[self._kind], self._start,
+                self._end, self._attributes, self._status, self._status_message,
+                tuple(self._events) if self._events else None,
+                self._state.to_header() if self._state else "", flags)
+
+
+class _Scope:
+    """`start_as_current_span`'s context manager: attach on enter; record, end, detach on exit."""
+
+    __slots__ = ("_span", "_token", "_record_exception", "_set_status", "_end_on_exit")
+
+    def __init__(self, span, record_exception: bool, set_status: bool, end_on_exit: bool):
+        self._span = span
+        self._token = None
+        self._record_exception = record_exception
+        self._set_status = set_status
+        self._end_on_exit = end_on_exit
+
+    def __enter__(self):
+        self._token = _attach(_set_value(_SPAN_KEY, self._span))
+        return self._span
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        span = self._span
+        try:
+            if exc is not None and type(span) is LightSpan and span._end == 0:
+                if self._record_exception and not isinstance(exc, GeneratorExit):
+                    span.record_exception(exc, escaped=True)
+                if self._set_status:
+                    span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            if self._end_on_exit:
+                span.end()
+        finally:
+            _detach(self._token)
+
+
+class _Reuse:
+    """The scope of an unsampled child: its parent stays current; nothing to do."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span):
+        self._span = span
+
+    def __enter__(self):
+        return self._span
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+
+class Tracer(otel_trace.Tracer):
+    """The process's tracer. Get it from `Telemetry.tracer` (or the provider); never build another."""
+
+    def __init__(self, sampler: AdaptiveSampler, emit: Callable[[int, int, tuple], None], *,
+                 slow_job_s: float = 30.0, stacks_per_second: float = 2.0, base_attributes: Mapping | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.sampler = sampler
+        self.meter = sampler.meter
+        self._emit = emit  # buffer queue append of (kind, value, record)
+        self._slow_ns = int(slow_job_s * 1e9)
+        self._stack_rate = stacks_per_second
+        self._stack_tokens = stacks_per_second
+        self._stack_time = clock()
+        self._clock = clock
+        self._n = 0
+        self.base_attributes = dict(base_attributes or {})
+        self.kept_spans = 0          # spans written to the buffer
+        self.dropped_spans = 0       # spans discarded by sampling (jobs that were neither failed nor slow)
+        self.tail_kept_jobs = 0      # unsampled jobs kept because they failed or were slow
+
+    # --- creation ------------------------------------------------------------------------------------
+
+    def start_span(self, name: str, context: otel_context.Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
+                   attributes: Mapping | None = None, links: Sequence | None = None, start_time: int | None = None,
+                   record_exception: bool = True, set_status_on_exception: bool = True) -> otel_trace.Span:
+        return self._start(name, context, kind, attributes, start_time)[0]
+
+    def _start(self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping | None,
+               start_time: int | None) -> tuple[otel_trace.Span, bool]:
+        """(span, reused): reused when an unsampled parent stands in for its child."""
+        self._n += 1
+        timed = not self._n & 31
+        if timed:
+            t0 = _perf_ns()
+        sampler = self.sampler
+        sampler.offered += 1
+        parent = _get_value(_SPAN_KEY, context)
+        parent_type = type(parent)
+        if parent_type is _Unsampled and name != JOB_ROOT:
+            sampler.dropped_total += 1
+            return parent, True
+        if parent_type is LightSpan and name != JOB_ROOT:  # a local child: same trace, same job
+            job = parent._job
+            span = LightSpan(self, parent._trace_id, parent._span_id, parent._flags, parent._state, name, kind,
+                             attributes, start_time, job, False, False)
+        else:
+            is_job = name == JOB_ROOT or (attributes is not None and "job.id" in attributes)
+            parent_context = parent.get_span_context() if parent is not None else None
+            if parent_context is not None and parent_context.is_valid:
+                trace_id = parent_context.trace_id
+                sampled = parent_context.trace_flags.sampled
+                parent_id, state, remote = parent_context.span_id, parent_context.trace_state, parent_context.is_remote
+            else:
+                if self._clock() >= sampler.next_adjust:  # roots adjust too: unsampled ones never reach _finish
+                    sampler.adjust(self._clock())
+                trace_id = _getrandbits(128) or 1
+                sampled = (trace_id & 0xFFFFFFFFFFFFFF) < sampler.threshold
+                parent_id, state, remote = 0, None, False
+            if not sampled and not is_job:
+                sampler.dropped_total += 1
+                return _Unsampled(trace_id, _getrandbits(64) or 1, state), False
+            span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
+                             attributes, start_time, JobTrace(sampled) if is_job else None, is_job, remote)
+            if self.base_attributes:
+                for key, value in self.base_attributes.items():
+                    span._attributes.setdefault(key, value)
+        if timed:
+            span._t0 = _perf_ns() - t0
+        return span, False
+
+    def start_as_current_span(self, name: str, context: otel_context.Context | None = None,
+                              kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping | None = None,
+                              links: Sequence | None = None, start_time: int | None = None,
+                              record_exception: bool = True, set_status_on_exception: bool = True,
+                              end_on_exit: bool = True):
+        """A context manager (not a decorator) making the new span current for the block."""
+        span, reused = self._start(name, context, kind, attributes, start_time)
+        if reused and context is None:  # the unsampled parent is current already
+            return _Reuse(span)
+        return _Scope(span, record_exception, set_status_on_exception, end_on_exit)
+
+    # --- end of spans --------------------------------------------------------------------------------
+
+    def _finish(self, span: LightSpan) -> None:
+        job = span._job
+        sampler = self.sampler
+        if job is None:  # a sampled span outside any job
+            self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
+            self.kept_spans += 1
+            sampler.kept_total += 1
+        elif not span._is_job_root:
+            if span._status == 2:
+                job.failed = True
+            if job.overflow or len(job.records) >= _MAX_JOB_RECORDS:
+                job.overflow = True
+                self._emit((Kind.SPAN, Value.ROUTINE, span.record()))
+                self.kept_spans += 1
+            else:
+                job.records.append(span.record())
+        else:
+            failed = span._status == 2 or job.failed
+            keep = job.sampled or failed or job.overflow or span._end - span._start >= self._slow_ns
+            job.records.append(span.record())
+            if keep:
+                value = Value.ERROR if failed else Value.ROUTINE
+                for record in job.records:
+                    self._emit((Kind.SPAN, value, record))
+                for write, args in job.logs:  # deferred log records (logs.RecordWriter), written now
+                    write(*args)
+                self.kept_spans += len(job.records)
+                sampler.kept_total += len(job.records)
+                if not job.sampled:
+                    self.tail_kept_jobs += 1
+            else:
+                self.dropped_spans += len(job.records)
+                sampler.dropped_total += len(job.records)
+            job.records = []
+            job.logs = []
+        self.meter.spans += 1
+        if self._clock() >= sampler.next_adjust:
+            sampler.adjust(self._clock())
+
+    def _stack_allowed(self) -> bool:
+        """A token bucket: at most `stacks_per_second` formatted stacks a second (burst of the same size)."""
+        now = self._clock()
+        self._stack_tokens = min(self._stack_rate, self._stack_tokens + (now - self._stack_time) * self._stack_rate)
+        self._stack_time = now
+        if self._stack_tokens >= 1.0:
+            self._stack_tokens -= 1.0
+            return True
+        return False
+
+
+def current_job() -> JobTrace | None:
+    """The job whose span is current, if any (the log handler defers unsampled jobs' records here)."""
+    span = _get_value(_SPAN_KEY)
+    return span._job if type(span) is LightSpan else None
+
+
+def current_ids() -> tuple[int, int]:
+    """(trace_id, span_id) of the current span, or (0, 0)."""
+    span = _get_value(_SPAN_KEY)
+    if type(span) is LightSpan or type(span) is _Unsampled:
+        return span._trace_id, span._span_id
+    if span is None or span is INVALID_SPAN:
+        return 0, 0
+    context = span.get_span_context()
+    return (context.trace_id, context.span_id) if context.is_valid else (0, 0)
+
+
+class TracerProvider(otel_trace.TracerProvider):
+    """Hands out the one tracer, whatever the name asked for; install with `trace.set_tracer_provider`."""
+
+    def __init__(self, tracer: Tracer):
+        self._tracer = tracer
+
+    def get_tracer(self, instrumenting_module_name: str, *args: Any, **kwargs: Any) -> Tracer:
+        return self._tracer
+

@@ -1,0 +1,165 @@
+"""Ids and trace-context propagation through job hashes and real HTTP requests."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+from emp_machine.telemetry.context import (
+    bind,
+    current_fields,
+    emp_tracestate,
+    extract_http,
+    extract_job_context,
+    http_headers,
+    inject_job_fields,
+    new_job_id,
+    new_request_id,
+    new_trace_id,
+    parse_traceparent,
+    worker_id_for,
+)
+
+TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+SPAN = 0x00F067AA0BA902B7
+
+
+def _span(sampled: bool = True, state: TraceState | None = None) -> NonRecordingSpan:
+    return NonRecordingSpan(SpanContext(TRACE, SPAN, False, TraceFlags(1 if sampled else 0), state))
+
+
+def test_ids_have_the_documented_shapes():
+    assert re.fullmatch(r"[0-9a-f]{32}", new_trace_id())
+    assert new_trace_id() != new_trace_id()
+    assert re.fullmatch(r"req-[0-9a-f-]{36}", new_request_id())
+    assert re.fullmatch(r"job-[0-9a-f-]{36}", new_job_id())
+    assert worker_id_for("gpu-box1", 3) == "gpu-box1-worker-3"
+
+
+def test_job_hash_round_trip_keeps_trace_sampling_and_state():
+    with trace.use_span(_span(state=TraceState([("vendor", "abc")]))):
+        fields = inject_job_fields({"id": "job-1"}, machine_id="gpu-m1", worker_id="gpu-m1-worker-0")
+    assert fields["traceparent"] == f"00-{TRACE:032x}-{SPAN:016x}-01"
+    assert fields["job_trace_id"] == f"{TRACE:032x}" and fields["job_span_id"] == f"{SPAN:016x}"
+    assert fields["tracestate"] == "emp=machine:gpu-m1;worker:gpu-m1-worker-0,vendor=abc"
+    # Redis replies may be bytes
+    incoming = extract_job_context({k: v.encode() for k, v in fields.items()})
+    assert incoming.job_id == "job-1"
+    sc = incoming.span_context
+    assert (sc.trace_id, sc.span_id, sc.is_remote, sc.trace_flags.sampled) == (TRACE, SPAN, True, True)
+    assert sc.trace_state.get("vendor") == "abc"
+    assert trace.get_current_span(incoming.context).get_span_context() == sc
+
+
+def test_job_hash_from_other_producers_uses_job_trace_fields():
+    incoming = extract_job_context({"id": "j", "job_trace_id": f"{TRACE:032x}", "job_span_id": f"{SPAN:016x}",
+                                    "workflow_trace_id": "temp-trace-id"})
+    assert incoming.span_context.trace_id == TRACE and incoming.span_context.span_id == SPAN
+    assert incoming.workflow_trace_id is None
+
+
+def test_unsampled_parent_decision_survives_the_job_hash():
+    with trace.use_span(_span(sampled=False)):
+        fields = inject_job_fields({})
+    assert fields["traceparent"].endswith("-00")
+    assert extract_job_context(fields).span_context.trace_flags.sampled is False
+
+
+def test_placeholders_and_junk_are_absent_not_errors():
+    junk = [
+        {"job_trace_id": "temp-trace-id", "job_span_id": "temp-span-id"},
+        {"traceparent": "00-xyz", "job_trace_id": "0" * 32, "job_span_id": "1" * 16},
+        {"traceparent": f"00-{'0' * 32}-{SPAN:016x}-01"},
+        {"traceparent": f"ff-{TRACE:032x}-{SPAN:016x}-01"},
+        {"traceparent": 42, "tracestate": ["x"]},
+        {"traceparent": f"00-{TRACE:032x}-{SPAN:016x}-01-extra"},
+    ]
+    for job_hash in junk:
+        incoming = extract_job_context(job_hash)
+        assert incoming.span_context is None, job_hash
+        assert not trace.get_current_span(incoming.context).get_span_context().is_valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["traceparent", "tracestate", "job_trace_id", "job_span_id", "id"]),
+                       st.one_of(st.text(max_size=80), st.binary(max_size=60), st.none(), st.integers())))
+def test_extraction_never_raises(job_hash):
+    incoming = extract_job_context(job_hash)
+    assert incoming.span_context is None or incoming.span_context.is_valid
+    extract_http({k: str(v) for k, v in job_hash.items()})
+
+
+def test_future_traceparent_version_and_bad_tracestate_members():
+    sc = parse_traceparent(f"01-{TRACE:032x}-{SPAN:016x}-01-whatever", "good=1,BAD KEY=2,,x=")
+    assert sc is not None and sc.trace_id == TRACE
+    assert dict(sc.trace_state.items()) == {"good": "1"}
+
+
+def test_emp_tracestate_is_one_valid_w3c_member():
+    value = emp_tracestate("m,1=x", "w 1")
+    assert value == "emp=machine:m_1_x;worker:w_1"
+    assert parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01", value).trace_state.get("emp") == value[4:]
+
+
+def test_http_round_trip_through_a_local_server():
+    seen: dict = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        incoming = extract_http(request.headers)
+        seen.update(job_id=incoming.job_id, request_id=incoming.request_id, sc=incoming.span_context)
+        return web.Response(text="ok")
+
+    async def main() -> dict:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        with trace.use_span(_span()):
+            headers = http_headers("job-7", machine_id="m1", worker_id="m1-worker-0")
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/", headers=headers) as response:
+                    assert response.status == 200
+        finally:
+            await runner.cleanup()
+        return headers
+
+    headers = asyncio.run(main())
+    assert seen["job_id"] == "job-7"
+    assert seen["request_id"] == headers["x-request-id"] and headers["x-request-id"].startswith("req-")
+    assert (seen["sc"].trace_id, seen["sc"].span_id, seen["sc"].trace_flags.sampled) == (TRACE, SPAN, True)
+    assert seen["sc"].trace_state.get("emp") == "machine:m1;worker:m1-worker-0"
+
+
+def test_headers_without_a_current_span_still_carry_ids():
+    headers = http_headers("job-1", "req-1")
+    assert headers == {"x-job-id": "job-1", "x-request-id": "req-1"}
+    assert extract_http({"X-Job-Id": "job-1", "TraceParent": "junk"}).span_context is None
+
+
+def test_bind_nests_and_restores_fields():
+    with bind(job_id="j1", connector_id="c"):
+        with bind(job_id="j2", connector_id=None):
+            assert current_fields() == {"job_id": "j2"}
+        assert current_fields() == {"job_id": "j1", "connector_id": "c"}
+    assert current_fields() == {}
+
+
+def test_fast_span_context_equals_the_constructors():
+    from emp_machine.telemetry.context import make_span_context
+
+    state = TraceState([("a", "1")])
+    for args in [(TRACE, SPAN, True, TraceFlags(1), state), (1, 1, False, TraceFlags(0), TraceState())]:
+        fast, slow = make_span_context(*args), SpanContext(*args)
+        assert fast == slow and tuple(fast) == tuple(slow) and fast.is_valid
+        assert (fast.trace_id, fast.span_id, fast.is_remote, fast.trace_flags, fast.trace_state) == args

@@ -1,0 +1,58 @@
+"""The hand-written protobuf encoders agree with opentelemetry-proto's own messages."""
+
+from __future__ import annotations
+
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
+from otlp_receiver import attributes
+
+ATTRS = {"s": "héllo", "neg": -5, "big": 2**62, "f": 0.25, "b": False, "arr": ["a", 1], "kv": {"x": 1}, "none": None}
+
+
+def test_span_round_trips_through_the_official_message():
+    record = (0x0123456789ABCDEF0123456789ABCDEF, 0xFEDCBA9876543210, 0x1111, "task.preprocessing", 1,
+              1_700_000_000_000_000_000, 1_700_000_000_500_000_000, ATTRS, 2, "failed",
+              ((1_700_000_000_100_000_000, "exception", {"exception.type": "KeyError"}),), "emp=machine:m", 0x301)
+    span = Span.FromString(encode_span(record))
+    assert span.trace_id == record[0].to_bytes(16, "big") and span.span_id == record[1].to_bytes(8, "big")
+    assert span.parent_span_id == (0x1111).to_bytes(8, "big")
+    assert (span.name, span.kind, span.trace_state, span.flags) == ("task.preprocessing", 1, "emp=machine:m", 0x301)
+    assert (span.start_time_unix_nano, span.end_time_unix_nano) == (record[5], record[6])
+    assert attributes(span.attributes) == {**ATTRS, "none": None}
+    assert (span.status.code, span.status.message) == (2, "failed")
+    assert span.events[0].name == "exception" and attributes(span.events[0].attributes) == {"exception.type": "KeyError"}
+
+
+def test_log_round_trips_through_the_official_message():
+    record = (1_700_000_000_000_000_000, 17, "ERROR", "boom ✓", {"job_id": "j"}, 5, 6, "job.failed")
+    log = LogRecord.FromString(encode_log(record))
+    assert (log.time_unix_nano, log.severity_number, log.severity_text) == (record[0], 17, "ERROR")
+    assert log.body.string_value == "boom ✓" and log.event_name == "job.failed"
+    assert attributes(log.attributes) == {"job_id": "j"}
+    assert log.trace_id == (5).to_bytes(16, "big") and log.span_id == (6).to_bytes(8, "big")
+
+
+def test_requests_carry_resource_and_scope():
+    encoder = Encoder({"service.name": "svc", "machine.id": "m1"})
+    span = encode_span((1, 2, 0, "x", 0, 1, 2, {}, 0, "", None, "", 0))
+    request = ExportTraceServiceRequest.FromString(encoder.traces([span, span]))
+    (resource_spans,) = request.resource_spans
+    assert attributes(resource_spans.resource.attributes) == {"service.name": "svc", "machine.id": "m1"}
+    assert resource_spans.scope_spans[0].scope.name == "emp_machine.telemetry"
+    assert len(resource_spans.scope_spans[0].spans) == 2
+    logs = ExportLogsServiceRequest.FromString(encoder.logs([encode_log((1, 9, "INFO", "x", {}, 0, 0, ""))]))
+    assert logs.resource_logs[0].scope_logs[0].log_records[0].body.string_value == "x"
+    metrics = ExportMetricsServiceRequest.FromString(encoder.metrics([(10, 5, [
+        ("jobs_processed_total", "jobs", "1", "sum", True, [({"status": "completed"}, 3)]),
+        ("machine_cpu_usage_percent", "", "%", "gauge", False, [({}, 12.5)]),
+        ("job_duration_seconds", "", "s", "histogram", False, [({"type": "sim"}, (2, 3.0, [1, 1, 0], [1.0, 5.0]))]),
+    ])]))
+    m = metrics.resource_metrics[0].scope_metrics[0].metrics
+    assert m[0].sum.is_monotonic and m[0].sum.data_points[0].as_int == 3
+    assert m[1].gauge.data_points[0].as_double == 12.5
+    assert list(m[2].histogram.data_points[0].bucket_counts) == [1, 1, 0]

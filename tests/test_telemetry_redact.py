@@ -1,0 +1,42 @@
+"""Secrets never reach a record: keys that look secret, and values shaped like secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("calling with Authorization: Bearer abcdef1234567890", "abcdef1234567890"),
+    ('curl -H "Authorization: Basic dXNlcjpwYXNzd29yZA=="', "dXNlcjpwYXNzd29yZA=="),
+    ("openai key sk-proj-AbCdEf0123456789 rejected", "AbCdEf0123456789"),
+    ("connect password=hunter2! to db", "hunter2!"),
+    ('{"api_key": "k-12345678"}', "k-12345678"),
+    ("redis://user:s3cretpw@host:6379/0", "s3cretpw"),
+    ("token: abcdef0123", "abcdef0123"),
+])
+def test_secret_values_in_text_are_replaced(text, secret):
+    redacted = redact_text(text)
+    assert secret not in redacted
+    assert REDACTED in redacted
+
+
+def test_ordinary_text_is_left_alone():
+    for text in ["job 12 finished in 3.2 s", "used 1500 tokens", "KSampler 45% 9/20", "tokens=5 total"]:
+        assert redact_text(text) == text
+
+
+def test_secret_keys_are_redacted_at_any_depth_but_token_counts_are_not():
+    fields = redact_fields({
+        "api_key": "abc", "OPENAI_API_KEY": "sk-x", "password": "p", "Authorization": "Bearer x",
+        "headers": {"X-Api-Token": "t", "accept": "json"},
+        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "model": "gpt-4o",
+        "message": "retry with sk-abcdefgh12345678",
+    })
+    assert fields["api_key"] == fields["OPENAI_API_KEY"] == fields["password"] == REDACTED
+    assert fields["Authorization"] == REDACTED
+    assert fields["headers"] == {"X-Api-Token": REDACTED, "accept": "json"}
+    assert (fields["prompt_tokens"], fields["completion_tokens"], fields["total_tokens"]) == (10, 5, 15)
+    assert fields["model"] == "gpt-4o"
+    assert "abcdefgh12345678" not in fields["message"]

@@ -1,0 +1,144 @@
+"""The shipper against a real OTLP/HTTP receiver on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+from emp_machine.telemetry.encode import Encoder
+from emp_machine.telemetry.shipper import Shipper
+from otlp_receiver import OtlpReceiver, attributes, free_port, wait_until
+
+
+def _span(i: int, **attrs) -> tuple:
+    now = time.time_ns()
+    return (0xABC0000 + i, 0x100 + i, 0x99, "service.call", 3, now, now + 1000, {"i": i, **attrs}, 0, "", None, "",
+            0x100)
+
+
+@pytest.fixture
+def buffer(tmp_path):
+    buf = Buffer(tmp_path / "buffer.db")
+    yield buf
+    buf.close()
+
+
+@pytest.fixture
+def receiver():
+    rec = OtlpReceiver().start()
+    yield rec
+    rec.stop()
+
+
+def _shipper(buffer: Buffer, endpoint: str, **kw) -> Shipper:
+    kw.setdefault("interval", 0.05)
+    kw.setdefault("poll", 0.01)
+    kw.setdefault("base_backoff", 0.05)
+    kw.setdefault("max_backoff", 0.2)
+    return Shipper(buffer, Encoder({"service.name": "test", "machine.id": "m1"}), endpoint, **kw)
+
+
+def test_spans_and_logs_arrive_once_with_resource(buffer, receiver):
+    for i in range(1500):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i, job_id=f"job-{i % 7}"))
+    buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 17, "ERROR", "boom", {"job_id": "j"}, 5, 6, "job.failed"))
+    shipper = _shipper(buffer, receiver.endpoint).start()
+    try:
+        assert receiver.wait_for(lambda r: len(r.spans()) >= 1500 and r.logs(), timeout=15)
+        shipper.stop(drain_timeout=5)
+    finally:
+        shipper.stop()
+    spans = receiver.spans()
+    assert sorted(attributes(s.attributes)["i"] for s in spans) == list(range(1500))
+    assert spans[0].kind == Span.SPAN_KIND_CLIENT and spans[0].parent_span_id == (0x99).to_bytes(8, "big")
+    assert all(r.headers.get("Content-Encoding") == "gzip" for r in receiver.requests)
+    assert all(len(s.scope_spans[0].spans) <= 1000 for r in receiver.requests if r.path == "/v1/traces"
+               for s in r.request.resource_spans)
+    assert receiver.resources()[0]["machine.id"] == "m1"
+    (log,) = receiver.logs()
+    assert (log.body.string_value, log.event_name, log.severity_text) == ("boom", "job.failed", "ERROR")
+    assert buffer.pending() == 0 and shipper.stats.exported == {"spans": 1500, "logs": 1, "metrics": 0}
+
+
+def test_retryable_statuses_honour_retry_after_and_lose_nothing(buffer, receiver):
+    receiver.respond_next(503, count=2, headers={"Retry-After": "0.3"})
+    receiver.respond_next(429)
+    for i in range(50):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    start = time.monotonic()
+    shipper = _shipper(buffer, receiver.endpoint).start()
+    try:
+        assert receiver.wait_for(lambda r: len(r.spans()) >= 50, timeout=10)
+    finally:
+        shipper.stop()
+    assert receiver.statuses[:4] == [503, 503, 429, 200]
+    assert time.monotonic() - start >= 0.6  # two Retry-After waits of 0.3 s
+    assert len({attributes(s.attributes)["i"] for s in receiver.spans()}) == len(receiver.spans()) == 50
+
+
+def test_a_rejected_batch_goes_to_dead_letters_and_later_ones_flow(buffer, receiver):
+    receiver.respond_next(400)
+    for i in range(5):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    buffer.flush()
+    shipper = _shipper(buffer, receiver.endpoint).start()
+    try:
+        assert receiver.wait_for(lambda r: r.statuses == [400], timeout=5)
+        for i in range(5, 8):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        assert receiver.wait_for(lambda r: len(r.spans()) == 3, timeout=5)
+    finally:
+        shipper.stop()
+    assert sorted(attributes(s.attributes)["i"] for s in receiver.spans()) == [5, 6, 7]
+    (dead,) = buffer.dead_letters()
+    assert dead[:3] == (Kind.SPAN, 5, "HTTP 400 from /v1/traces")
+    assert buffer.stats().dead_letter_records == 5 and shipper.stats.dead_lettered == 5
+
+
+def test_requests_stay_under_the_size_limit(buffer, receiver):
+    for i in range(600):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i, blob="x" * 200))
+    shipper = _shipper(buffer, receiver.endpoint, max_request_size=40_000).start()
+    try:
+        assert receiver.wait_for(lambda r: len(r.spans()) >= 600, timeout=10)
+    finally:
+        shipper.stop()
+    traces = [r for r in receiver.requests if r.path == "/v1/traces"]
+    assert len(traces) > 3
+    assert all(r.request.ByteSize() <= 40_000 for r in traces)
+    assert len({attributes(s.attributes)["i"] for s in receiver.spans()}) == len(receiver.spans()) == 600
+
+
+def test_breaker_opens_and_a_probe_precedes_full_batches(buffer):
+    receiver = OtlpReceiver(free_port())  # not started yet: connections are refused
+    for i in range(300):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    shipper = _shipper(buffer, receiver.endpoint, breaker_threshold=3, probe_records=10).start()
+    try:
+        assert wait_until(lambda: shipper.stats.breaker_open, timeout=10)
+        assert shipper.stats.requests_failed >= 3 and buffer.pending() == 300
+        receiver.start()
+        assert receiver.wait_for(lambda r: len(r.spans()) >= 300, timeout=10)
+    finally:
+        shipper.stop()
+        receiver.stop()
+    sizes = [len(r.request.resource_spans[0].scope_spans[0].spans) for r in receiver.requests]
+    assert sizes[0] == 10 and sizes[1] == 290
+    assert not shipper.stats.breaker_open and shipper.stats.consecutive_failures == 0
+
+
+def test_status_error_spans_encode_status(buffer, receiver):
+    now = time.time_ns()
+    buffer.append(Kind.SPAN, Value.ERROR, (1, 2, 0, "job.execution", 1, now, now, {}, 2, "boom",
+                                            ((now, "exception", {"exception.type": "ValueError"}),), "", 0))
+    shipper = _shipper(buffer, receiver.endpoint).start()
+    try:
+        assert receiver.wait_for(lambda r: r.spans(), timeout=5)
+    finally:
+        shipper.stop()
+    (span,) = receiver.spans()
+    assert span.status.code == Status.STATUS_CODE_ERROR and span.status.message == "boom"
+    assert span.events[0].name == "exception"

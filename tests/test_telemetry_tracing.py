@@ -1,0 +1,207 @@
+"""The shared tracer and its adaptive sampler: budget convergence, tail-keeping of failed and slow jobs,
+parent decisions, exceptions, and log correlation."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
+
+from emp_machine.telemetry import TelemetryConfig, setup
+from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
+from emp_machine.telemetry.tracing import Tracer
+from otlp_receiver import OtlpReceiver, attributes
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _tracer(budget: float, clock: FakeClock, meter: OverheadMeter | None = None, cpu_budget: float = 1.0):
+    kept: list[tuple] = []
+    sampler = AdaptiveSampler(budget, clock=clock, meter=meter, cpu_budget=cpu_budget)
+    return Tracer(sampler, kept.append, clock=clock), kept
+
+
+@pytest.mark.parametrize("spans_per_trace", [1, 4])
+def test_ten_times_the_budget_converges_to_the_budget(spans_per_trace):
+    clock = FakeClock()
+    tracer, kept = _tracer(200, clock)
+    per_second = []
+    for second in range(10):
+        before = len(kept)
+        for i in range(2000 // spans_per_trace):  # offered: 2000 spans/s, ten times the budget
+            clock.now = 1000 + second + i / (2000 / spans_per_trace)
+            with tracer.start_as_current_span("root"):
+                for _ in range(spans_per_trace - 1):
+                    with tracer.start_as_current_span("child"):
+                        pass
+        per_second.append(len(kept) - before)
+    after_warmup = per_second[3:]
+    assert 160 <= sum(after_warmup) / len(after_warmup) <= 240, per_second
+    assert all(100 <= n <= 300 for n in after_warmup), per_second
+    assert tracer.sampler.rate == pytest.approx(0.1, rel=0.3)
+
+
+def test_rate_recovers_when_the_load_falls():
+    clock = FakeClock()
+    tracer, kept = _tracer(100, clock)
+    for i in range(3000):
+        clock.now = 1000 + i / 1000
+        tracer.start_span("x").end()
+    assert tracer.sampler.rate < 0.2
+    for i in range(400):  # 50 spans/s for 8 s: under budget, everything is kept again
+        clock.now = 1003 + i / 50
+        tracer.start_span("x").end()
+    assert tracer.sampler.rate == 1.0
+
+
+def test_overhead_over_budget_lowers_the_rate():
+    clock = FakeClock()
+    background = [0.0]
+    meter = OverheadMeter(lambda: background[0])
+    tracer, _ = _tracer(10_000, clock, meter=meter, cpu_budget=0.01)
+    for second in range(4):
+        background[0] += 0.05  # telemetry's threads burn 5 % of a core: five times the budget
+        clock.now = 1001 + second
+        tracer.start_span("x").end()
+    assert tracer.sampler.overhead_factor < 0.1
+    assert tracer.sampler.rate < 0.1
+    assert tracer.sampler.cpu_share == pytest.approx(0.05, rel=0.05)
+
+
+def test_parent_decisions_are_followed():
+    clock = FakeClock()
+    tracer, kept = _tracer(1, clock)
+    tracer.sampler.threshold = 0  # roots would never be sampled
+    sampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(7, 8, True, TraceFlags(1))))
+    with tracer.start_as_current_span("call", sampled) as span:
+        with tracer.start_as_current_span("inner"):
+            pass
+    assert span.is_recording() is False and len(kept) == 2
+    assert {r[2][0] for r in kept} == {7} and kept[1][2][2] == 8  # same trace, parent is the remote span
+
+    tracer.sampler.threshold = 1 << 56  # roots would always be sampled
+    unsampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(9, 10, True, TraceFlags(0))))
+    with tracer.start_as_current_span("call", unsampled) as span:
+        with tracer.start_as_current_span("inner") as inner:
+            assert inner is span  # an unsampled child reuses its parent: nothing to record
+    assert not span.is_recording() and span.get_span_context().trace_id == 9 and len(kept) == 2
+
+
+def test_exceptions_keep_type_and_message_and_stacks_are_rate_limited():
+    clock = FakeClock()
+    tracer, kept = _tracer(1000, clock)
+    for _ in range(5):
+        with pytest.raises(KeyError):
+            with tracer.start_as_current_span("x"):
+                raise KeyError("missing")
+    events = [r[2][10][0][2] for r in kept]
+    assert all(e["exception.type"] == "KeyError" and "missing" in e["exception.message"] for e in events)
+    assert sum("exception.stacktrace" in e for e in events) == 2  # the default 2 per second
+    assert all(r[2][8] == 2 and r[2][9].startswith("KeyError") for r in kept)
+
+
+@pytest.fixture
+def receiver():
+    rec = OtlpReceiver().start()
+    yield rec
+    rec.stop()
+
+
+def _telemetry(tmp_path, receiver, stream=None, **config):
+    cfg = TelemetryConfig(otlp_endpoint=receiver.endpoint, export={"interval": "0.1s"}, **config)
+    return setup(cfg, machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
+                 buffer_path=tmp_path / "t.db", stream=stream or io.StringIO())
+
+
+def test_at_one_percent_a_failed_or_slow_job_still_arrives_whole(tmp_path, receiver):
+    telemetry = _telemetry(tmp_path, receiver, sampling={"slow_job": "0.2s"})
+    tracer = telemetry.tracer
+    tracer.sampler.threshold = int(0.01 * (1 << 56))
+    tracer.sampler.next_adjust = float("inf")  # hold the rate at 1 %
+    log = telemetry.logger("test.jobs")
+
+    def job(job_id: str, fail: bool = False, slow: bool = False) -> None:
+        with telemetry.job_span(job_id, job_type="simulation") as root:
+            if slow:
+                root._start -= 300_000_000  # started 0.3 s earlier: slower than slow_job, without sleeping
+            log.info("working on %s", job_id)
+            for name in ("task.preprocessing", "service.call", "result.postprocessing"):
+                with tracer.start_as_current_span(name):
+                    if fail and name == "service.call":
+                        raise RuntimeError("service exploded")
+
+    for i in range(100):
+        job(f"ok-{i}")
+    with pytest.raises(RuntimeError):
+        job("failed-1", fail=True)
+    job("slow-1", slow=True)
+    telemetry.shutdown()
+    spans = receiver.spans()
+    by_job = {}
+    for span in spans:
+        by_job.setdefault(span.trace_id, []).append(span)
+    failed = [s for group in by_job.values() for s in group
+              if any(attributes(x.attributes).get("job.id") == "failed-1" for x in group)]
+    names = sorted(s.name for s in failed)
+    assert names == ["job.execution", "service.call", "task.preprocessing"]  # postprocessing never ran
+    root = next(s for s in failed if s.name == "job.execution")
+    assert root.status.code == 2 and attributes(root.events[0].attributes)["exception.type"] == "RuntimeError"
+    assert all(s.trace_id == root.trace_id for s in failed)
+    slow = [g for g in by_job.values() if any(attributes(x.attributes).get("job.id") == "slow-1" for x in g)]
+    assert len(slow) == 1 and len(slow[0]) == 4
+    # the failed job's deferred info log came along; most successful jobs' logs and spans did not
+    assert any(r.body.string_value == "working on failed-1" for r in receiver.logs())
+    ok_jobs = sum(1 for g in by_job.values() if any(str(attributes(x.attributes).get("job.id", "")).startswith("ok-")
+                                                    for x in g))
+    assert ok_jobs < 10
+    assert telemetry.tracer.tail_kept_jobs >= 2
+
+
+def test_logs_carry_correlation_fields_and_redact(tmp_path, receiver):
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, receiver, stream=stream)
+    log = telemetry.logger("test.corr")
+    with telemetry.job_span("job-42", job_hash={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}) as span:
+        log.info("calling with Bearer abcdefghijklmnop", extra={"fields": {"password": "pw", "steps": 3}})
+        try:
+            raise ValueError("bad input")
+        except ValueError:
+            log.exception("job broke")
+    log.debug("not at INFO")
+    telemetry.shutdown()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    first = lines[0]
+    assert first["trace_id"] == "ab" * 16 and first["span_id"] == f"{span.get_span_context().span_id:016x}"
+    assert (first["machine_id"], first["worker_id"], first["service_type"], first["job_id"]) == \
+        ("m1", "m1-worker-0", "simulation", "job-42")
+    assert first["password"] == "[REDACTED]" and "abcdefghijklmnop" not in first["message"]
+    assert lines[1]["level"] == "error" and lines[1]["error.type"] == "ValueError"
+    assert "Traceback" in lines[1]["error.stack"]
+    assert not any(line["message"] == "not at INFO" for line in lines)
+    logs = receiver.logs()
+    assert {r.body.string_value for r in logs} >= {"job broke"}
+    assert all("abcdefghijklmnop" not in str(r) for r in logs)
+
+
+def test_one_tracer_per_process_through_the_provider(tmp_path, receiver):
+    telemetry = _telemetry(tmp_path, receiver)
+    try:
+        assert telemetry.tracer_provider.get_tracer("a") is telemetry.tracer_provider.get_tracer("b")
+        assert isinstance(telemetry.tracer, trace.Tracer)
+        with telemetry.tracer.start_as_current_span("x") as span:
+            assert trace.get_current_span() is span
+            span.set_status(StatusCode.OK)
+    finally:
+        telemetry.shutdown()
+    assert receiver.spans()[0].status.code == 1
+    assert telemetry.buffer.pending() == 0
