@@ -110,7 +110,8 @@ services:
     new = wait_for(lambda: (p := machine.process("steady-0")) and p.pid not in (0, old.pid) and p, timeout=5,
                    interval=0.005, message="a replacement process")
     assert time.monotonic() - killed < 1.0  # stock supervisord would need up to a full second to notice
-    assert new.restarts == 1 and new.state == "RUNNING"
+    assert new.restarts == 1
+    wait_for(lambda: machine.process("steady-0").state == "RUNNING", message="the replacement RUNNING")
 
 
 def test_process_over_its_memory_limit_is_restarted_gracefully(machine_factory):

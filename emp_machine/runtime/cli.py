@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -113,10 +112,10 @@ def cmd_demo(args) -> int:
 def _boot(manifest) -> int:
     import asyncio
 
+    from emp_machine import telemetry
     from emp_machine.runtime import hardware, plan
     from emp_machine.runtime.machine import Machine, resolved_manifest_path
 
-    _setup_logging(manifest.machine.id)
     hw = hardware.probe()
     state = Path(manifest.machine.state_dir)
     resolved = resolved_manifest_path(state)
@@ -125,7 +124,14 @@ def _boot(manifest) -> int:
     fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w", encoding="utf-8") as fh:
         fh.write(manifest.model_dump_json())
-    return asyncio.run(Machine(manifest, the_plan, hw).run())
+    tel = telemetry.setup(manifest.telemetry, machine_id=manifest.machine.id, service_type="machine",
+                          region=manifest.machine.region or None, buffer_path=state / "telemetry" / "machine.db",
+                          process_share=1 / (len(the_plan.workers) + 1))
+    tel.install_logging()
+    try:
+        return asyncio.run(Machine(manifest, the_plan, hw, tel).run())
+    finally:
+        tel.shutdown(timeout=5)
 
 
 def cmd_worker(args) -> int:
@@ -421,29 +427,3 @@ def cmd_stuck(args) -> int:
     for row in rows:
         print(f"{row['job_id']:<40} {row['status']:<12} {row['worker_id']:<30} {row['reason']}")
     return 0
-
-
-# -- logging ------------------------------------------------------------------------------------------------
-class _JsonFormatter(logging.Formatter):
-    _skip = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-    def __init__(self, machine_id: str):
-        super().__init__()
-        self.machine_id = machine_id
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
-               f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "message": record.getMessage(),
-               "machine_id": self.machine_id, "source": record.name}
-        doc.update({k: v for k, v in record.__dict__.items() if k not in self._skip and v is not None})
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
-def _setup_logging(machine_id: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(_JsonFormatter(machine_id))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)

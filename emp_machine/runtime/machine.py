@@ -94,13 +94,14 @@ class ShutdownDone:
 
 
 def step(name: str, level: int = logging.INFO, **fields) -> None:
-    """One structured line per boot/shutdown step."""
-    log.log(level, name, extra={"event_type": f"machine.{name}", **fields})
+    """One structured line per boot/shutdown step (JSON on stdout and a record in the telemetry buffer)."""
+    log.log(level, name, extra={"fields": {"event_type": f"machine.{name}", **fields}})
 
 
 class Machine:
-    def __init__(self, manifest: Manifest, plan: Plan, hardware: hw.Hardware, *, clock=time.monotonic):
+    def __init__(self, manifest: Manifest, plan: Plan, hardware: hw.Hardware, telemetry, *, clock=time.monotonic):
         self.manifest = manifest
+        self.telemetry = telemetry
         self.plan = plan
         self.hardware = hardware
         self.clock = clock
@@ -119,6 +120,7 @@ class Machine:
         self._tasks: set[asyncio.Task] = set()
         self._probe_tasks: list[asyncio.Task] = []
         self._restarting: set[str] = set()
+        self._tailing = False
         self._probes: dict[str, Probe] = {s.process: s.probe for s in plan.services if s.probe}
         if plan.redis_probe:
             self._probes[REDIS_PROCESS] = plan.redis_probe
@@ -160,6 +162,8 @@ class Machine:
                 if process not in self._restarting and self.phase in (Phase.STARTING, Phase.READY):
                     step("resource.exhausted", level=logging.WARNING, process_name=process, rss_bytes=rss,
                          limit_bytes=limit, action="graceful restart")
+                    self.telemetry.events.emit("resource.exhausted", level=logging.WARNING, process=process,
+                                               rss_bytes=rss, limit_bytes=limit)
                     self._restarting.add(process)
                     self._spawn(self._restart(process))
             case ProcessStarted(process, ok):
@@ -223,6 +227,10 @@ class Machine:
             else:
                 self.health[spec.name] = True  # no check declared: running is healthy
         step("boot.services", started=[s.name for s in first])
+        if not self._tailing:
+            self._tailing = True
+            self.telemetry.tail_service_output([(str(self.paths.log_file(s.process)), s.process, s.service)
+                                                for s in self.plan.services])
         self._start_ready_workers()
 
     def _process_start_time(self, name: str) -> tuple[int, float]:
@@ -249,8 +257,11 @@ class Machine:
     def _check_ready(self) -> None:
         if self.phase is Phase.STARTING and len(self.running_workers) == len(self.plan.workers):
             self.phase = Phase.READY
-            step("machine_ready", boot_seconds=round(self.clock() - self.boot_started, 3),
-                 workers=len(self.plan.workers), services=len(self.plan.services))
+            boot_seconds = round(self.clock() - self.boot_started, 3)
+            step("machine_ready", boot_seconds=boot_seconds, workers=len(self.plan.workers),
+                 services=len(self.plan.services))
+            self.telemetry.events.emit("machine.started", boot_seconds=boot_seconds,
+                                       workers=len(self.plan.workers), services=len(self.plan.services))
 
     async def _start(self, name: str) -> None:
         try:
@@ -271,6 +282,7 @@ class Machine:
             self._start_ready_workers()
         else:
             step("service.unhealthy", level=logging.WARNING, process_name=process, reason=reason)
+            self.telemetry.events.emit("service.unhealthy", level=logging.WARNING, process=process, reason=reason)
 
     def _on_sweep(self, rows: tuple[ProcessInfo, ...]) -> None:
         for row in rows:

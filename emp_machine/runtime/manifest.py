@@ -30,7 +30,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
 from emp_machine.supervisor.config import STOP_SIGNALS, env_value_problem
-from emp_machine.telemetry.config import TelemetryConfig
+from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.units import ByteSize, Duration
 
 ENV_PREFIX = "EMP_"
@@ -531,6 +531,7 @@ def _resolve(manifest: Manifest, environ: Mapping[str, str], file: str, base_dir
     return manifest.model_copy(update={
         "machine": machine.model_copy(update={"id": machine_id, "region": region, "state_dir": state_dir}),
         "redis": redis,
+        "telemetry": apply_otel_env(manifest.telemetry, environ),
         "source": str(Path(file).resolve()) if file != "<manifest>" else "",
     })
 
