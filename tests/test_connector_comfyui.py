@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 import pytest
-from _helpers import TRACEPARENT, Progress, job, wait_for
+from _helpers import TRACEPARENT, Progress, job
 from fakes.comfyui import FakeComfyUI
 
 from emp_machine.connectors._comfyui_events import ProgressTracker, execution_error
