@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 import pytest
-from _helpers import TRACEPARENT, Progress, job, wait_for
+from _helpers import TRACEPARENT, Progress, job
 from fakes.comfyui import FakeComfyUI
 
 from emp_machine.connectors._comfyui_events import ProgressTracker, execution_error
@@ -113,9 +113,10 @@ def test_success_downloads_outputs_and_reports_progress(fake, context, caplog):
     assert post[2]["traceparent"] == TRACEPARENT and post[2]["x-job-id"] == "job-1"
     assert post[2]["x-request-id"].startswith("req-")
     assert server.requests.index(ws) < server.requests.index(post)  # the socket first (§7.1)
-    events = [r.event_type for r in caplog.records]
+    ours = [r for r in caplog.records if r.name == "test.comfyui"]
+    events = [r.event_type for r in ours]
     assert events[0] == "job.received" and "job.started" in events and events[-1] == "job.completed"
-    assert all(r.prompt_id == meta["prompt_id"] for r in caplog.records)
+    assert all(r.prompt_id == meta["prompt_id"] for r in ours)
 
 
 def test_bare_graph_and_text_outputs(fake, context):

@@ -75,7 +75,7 @@ def test_chat_and_responses_return_text_and_token_usage(fake, context, caplog):
     chat, _ = run(connector(context, server), {"model": "gpt-4o-mini",
                                                 "messages": [{"role": "user", "content": "hello there"}]})
     assert chat.data["text"] == ["echo: hello there"] and chat.service_metadata["usage"]["total_tokens"] == 13
-    completed = [r for r in caplog.records if r.event_type == "job.completed"][0]
+    completed = [r for r in caplog.records if getattr(r, "event_type", "") == "job.completed"][0]
     assert completed.total_tokens == 13 and completed.model == "gpt-4o-mini"
     responses, _ = run(connector(context, server, default_model="gpt-4.1"),
                        {"input": "draw it", "tools": [{"type": "image_generation"}]})

@@ -1,0 +1,177 @@
+"""The a1111 connector: Automatic1111 / Forge `/sdapi/v1/txt2img` and `/img2img`.
+
+Payload: the endpoint's request body plus an optional `"endpoint"` (`txt2img`, `img2img`); without it a body
+with `init_images` is img2img. The call blocks until the images are ready, so progress comes from polling
+`/sdapi/v1/progress` meanwhile (A1111 runs one generation at a time, so its progress is ours). Cancel is
+`/sdapi/v1/interrupt`: A1111 then *returns 200 with the partial images*, which the connector discards and
+reports as cancelled. Base64 images in the answer become output files; `info` (a JSON string) is parsed.
+
+422 (request validation) and other 4xx are permanent; 5xx (A1111 answers 500 for CUDA out of memory) and
+connection failures are retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import Field
+
+from emp_machine.connectors import _http
+from emp_machine.connectors.base import (
+    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
+)
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+
+
+class A1111Settings(ConnectorSettings):
+    base_url: str = "http://127.0.0.1:7860"
+    endpoint: Literal["txt2img", "img2img"] | None = None
+    connect_timeout_s: float = Field(default=5, gt=0)
+    request_timeout_s: float = Field(default=900, gt=0)
+    progress_interval_s: float = Field(default=0.5, gt=0)
+
+
+class A1111Connector(Connector):
+    name = "a1111"
+    Settings = A1111Settings
+    settings: A1111Settings
+
+    def __init__(self, settings: A1111Settings, context):
+        super().__init__(settings, context)
+        self._base = settings.base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._cancel: dict[str, asyncio.Event] = {}
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(self, method: str, path: str, headers: dict, timeout: float | None = None,
+                    **kwargs) -> tuple[int, Any]:
+        url = self._base + path
+        extra = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        try:
+            async with self._http().request(method, url, headers=headers, **extra, **kwargs) as response:
+                text = await response.text()
+        except _http.TRANSPORT_ERRORS as exc:
+            raise _http.transport_error("A1111", url, exc) from None
+        try:
+            return response.status, json.loads(text) if text else None
+        except ValueError:
+            return response.status, text
+
+    async def health(self) -> Health:
+        reason = ""
+        for path in ("/internal/ping", "/sdapi/v1/options"):  # ping is cheap; older builds lack it
+            try:
+                status, _ = await self._call("GET", path, {}, timeout=self.settings.connect_timeout_s * 2)
+            except RetryableJobError as exc:
+                return Health(False, str(exc))
+            if status == 200:
+                return Health(True)
+            reason = f"GET {path} answered {status}"
+        return Health(False, reason)
+
+    async def cancel(self, job_id: str) -> None:
+        event = self._cancel.get(job_id)
+        if event is not None:
+            event.set()
+
+    async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
+        if not isinstance(job.payload, dict):
+            raise FatalJobError("a1111 payload must be a JSON object (the txt2img/img2img request body)")
+        body = {k: v for k, v in job.payload.items() if k != "endpoint"}
+        endpoint = job.payload.get("endpoint") or self.settings.endpoint or \
+            ("img2img" if "init_images" in body else "txt2img")
+        if endpoint not in ("txt2img", "img2img"):
+            raise FatalJobError(f"a1111 endpoint must be txt2img or img2img, not {endpoint!r}")
+        fields = {"endpoint": endpoint, "sampler": body.get("sampler_name"), "steps": body.get("steps"),
+                  "size": f"{body.get('width', 512)}x{body.get('height', 512)}"}
+        _http.log_event(self.log, "job.received", job.id, **fields)
+        cancelled = self._cancel.setdefault(job.id, asyncio.Event())
+        headers = _http.service_headers(job)
+        generate = asyncio.create_task(self._call("POST", f"/sdapi/v1/{endpoint}", headers, json=body))
+        try:
+            await progress(0.0, "started")
+            await self._watch(job, generate, cancelled, progress, headers)
+            status, answer = generate.result()
+            if cancelled.is_set():
+                raise JobCancelled(f"a1111 job {job.id} interrupted")
+            result = self._result(job, status, answer, fields)
+            await progress(100.0, "done")
+            _http.log_event(self.log, "job.completed", job.id, outputs=len(result.outputs), **fields)
+            return result
+        except Exception as exc:
+            _http.log_event(self.log, "job.failed", job.id, error=f"{type(exc).__name__}: {exc}", **fields)
+            raise
+        finally:
+            self._cancel.pop(job.id, None)
+            if not generate.done():
+                generate.cancel()
+
+    async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,
+                     headers: dict) -> None:
+        """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer."""
+        reported = 0.0  # run() already said 0
+        cancel_wait = asyncio.ensure_future(cancelled.wait())
+        try:
+            while not generate.done():
+                await asyncio.wait({generate, cancel_wait}, timeout=self.settings.progress_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if cancelled.is_set():
+                    await self._call("POST", "/sdapi/v1/interrupt", headers)
+                    await generate  # A1111 answers once the current step ends
+                    return
+                if generate.done():
+                    return
+                status, state = await self._call("GET", "/sdapi/v1/progress?skip_current_image=true", headers)
+                if status != 200 or not isinstance(state, dict):
+                    continue
+                percent = min(99.0, float(state.get("progress") or 0) * 100)
+                if percent > reported:
+                    reported = percent
+                    detail = state.get("state") or {}
+                    message = f"step {detail.get('sampling_step', 0)}/{detail.get('sampling_steps', 0)}"
+                    _http.log_event(self.log, "job.progress", job.id, percent=round(percent, 1))
+                    await progress(percent, message)
+        finally:
+            cancel_wait.cancel()
+
+    def _result(self, job: ConnectorJob, status: int, answer: Any, fields: dict) -> JobResult:
+        if status != 200 or not isinstance(answer, dict):
+            detail = answer.get("detail") if isinstance(answer, dict) else answer
+            errors = answer.get("errors") if isinstance(answer, dict) else None
+            text = f"A1111 {fields['endpoint']} answered {status}: {json.dumps(detail)[:500]}"
+            if errors:
+                text += f" ({str(errors)[:300]})"
+            raise (RetryableJobError if status >= 500 or status == 429 else FatalJobError)(text)
+        directory = Path(self.context.output_dir) / _http.safe_name(job.id, "job")
+        files = []
+        for index, encoded in enumerate(answer.get("images") or []):
+            try:
+                raw = base64.b64decode(encoded.split(",", 1)[-1], validate=True)
+            except (binascii.Error, ValueError, AttributeError):
+                raise FatalJobError(f"A1111 image {index} is not valid base64") from None
+            path = _http.unique_path(directory, f"image-{index}{_http.sniff_image_suffix(raw)}")
+            path.write_bytes(raw)
+            files.append(OutputFile(str(path), _http.mime_for(path.name), len(raw)))
+        try:
+            info = json.loads(answer.get("info") or "{}")
+        except (TypeError, ValueError):
+            info = {"raw": answer.get("info")}
+        data = {"seed": info.get("seed"), "all_seeds": info.get("all_seeds"), "infotexts": info.get("infotexts")}
+        metadata = {"connector": self.name, **fields, "sd_model": info.get("sd_model_name"),
+                    "sampler": info.get("sampler_name") or fields["sampler"], "steps": info.get("steps") or fields["steps"]}
+        return JobResult(data=data, outputs=files, service_metadata=metadata)

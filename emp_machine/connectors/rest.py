@@ -1,0 +1,213 @@
+"""The rest connector: a generic HTTP service described entirely in the manifest.
+
+`mode: sync` sends the payload as JSON to `submit_url` and takes the result from the answer. `mode: async`
+submits the same way, then polls `status_url` every `poll_interval_s` until the value at `status_path` is one
+of `done_values` (result from that answer) or `failed_values` (message from `error_path`), reporting the
+value at `progress_path` (0-1, or 0-100 with `progress_scale: 100`).
+
+URLs are templates: `{job_id}` is the job's id, any other `{a.b}` is a dot path into the submit answer
+(`{id}`, `{data.task_id}`), URL-quoted. Paths are dot paths with integer indexes (`output.0.url`); an empty
+path means the whole answer. Header values come from environment variables *named* in `header_env` (read
+once at construction through an injectable mapping) and are redacted from errors and logs.
+
+429 and 5xx are retryable, other 4xx permanent; connection failures and timeouts retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import Field, model_validator
+
+from emp_machine.connectors import _http
+from emp_machine.connectors.base import (
+    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, ProgressFn,
+)
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+
+_MISSING = object()
+_FIELD = re.compile(r"\{([^{}]+)\}")
+
+
+class RestSettings(ConnectorSettings):
+    mode: Literal["sync", "async"] = "sync"
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    submit_url: str
+    status_url: str | None = None
+    cancel_url: str | None = None  # async only: POSTed (templated) when the job is cancelled
+    health_url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    header_env: dict[str, str] = Field(default_factory=dict)  # header name -> env var NAME
+    result_path: str = ""
+    status_path: str = "status"
+    progress_path: str | None = None
+    progress_scale: float = Field(default=1.0, gt=0)
+    error_path: str = "error"
+    done_values: list[str] = Field(default_factory=lambda: ["done", "completed", "succeeded", "success"])
+    failed_values: list[str] = Field(default_factory=lambda: ["failed", "error", "cancelled", "canceled"])
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    connect_timeout_s: float = Field(default=5, gt=0)
+    request_timeout_s: float = Field(default=60, gt=0)
+    job_timeout_s: float = Field(default=3600, gt=0)
+
+    @model_validator(mode="after")
+    def _async_needs_status_url(self):
+        if self.mode == "async" and not self.status_url:
+            raise ValueError("status_url is required when mode is async")
+        return self
+
+
+def at_path(document: Any, path: str, default: Any = _MISSING) -> Any:
+    """The value at a dot path (`a.b.0.c`); `default`, or FatalJobError naming the path, when absent."""
+    value = document
+    for part in [p for p in path.split(".") if p] if path else []:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        elif default is not _MISSING:
+            return default
+        else:
+            raise FatalJobError(f"the service's answer has nothing at {path!r}: {json.dumps(document)[:300]}")
+    return value
+
+
+def render(template: str, job_id: str, submitted: Any) -> str:
+    def field(match: re.Match) -> str:
+        name = match.group(1)
+        value = job_id if name == "job_id" else at_path(submitted, name)
+        return urllib.parse.quote(str(value), safe="")
+    return _FIELD.sub(field, template)
+
+
+class RestConnector(Connector):
+    name = "rest"
+    Settings = RestSettings
+    settings: RestSettings
+
+    def __init__(self, settings: RestSettings, context, env: Mapping[str, str] | None = None):
+        super().__init__(settings, context)
+        env = os.environ if env is None else env
+        self._secret_headers = {name: env.get(var, "") for name, var in settings.header_env.items()}
+        self._session: aiohttp.ClientSession | None = None
+        self._cancel: dict[str, asyncio.Event] = {}
+
+    def _redact(self, text: str) -> str:
+        return _http.redact(text, self._secret_headers.values())
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def cancel(self, job_id: str) -> None:
+        event = self._cancel.get(job_id)
+        if event is not None:
+            event.set()
+
+    async def health(self) -> Health:
+        if not self.settings.health_url:
+            return Health(True)
+        try:
+            status, _ = await self._call(None, "GET", self.settings.health_url)
+        except RetryableJobError as exc:
+            return Health(False, str(exc))
+        return Health(status < 400, "" if status < 400 else f"health check answered {status}")
+
+    async def _call(self, job: ConnectorJob | None, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+        headers = {**self.settings.headers, **self._secret_headers, **(_http.service_headers(job) if job else {})}
+        started = time.monotonic()
+        try:
+            async with self._http().request(method, url, headers=headers,
+                                            json=body if method != "GET" else None) as response:
+                status, text = response.status, await response.text()
+        except _http.TRANSPORT_ERRORS as exc:
+            raise RetryableJobError(self._redact(str(_http.transport_error("service", url, exc)))) from None
+        if job is not None:
+            _http.log_event(self.log, "service.call", job.id, level=10, method=method,
+                            endpoint=_http.strip_query(url), status_code=status,
+                            duration_ms=round((time.monotonic() - started) * 1000, 1))
+        try:
+            answer = json.loads(text) if text else None
+        except ValueError:
+            answer = text
+        if status >= 400:
+            message = self._redact(f"{method} {_http.strip_query(url)} answered {status}: {str(answer)[:500]}")
+            raise (RetryableJobError if status == 429 or status >= 500 else FatalJobError)(message)
+        return status, answer
+
+    async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
+        settings = self.settings
+        _http.log_event(self.log, "job.received", job.id, method=settings.method, mode=settings.mode,
+                        endpoint=_http.strip_query(settings.submit_url))
+        cancelled = self._cancel.setdefault(job.id, asyncio.Event())
+        submitted: Any = None
+        try:
+            async with asyncio.timeout(settings.job_timeout_s):
+                await progress(0.0, "submitting")
+                url = render(settings.submit_url, job.id, {})
+                status, submitted = await _http.until_cancelled(
+                    self._call(job, settings.method, url, job.payload), cancelled, f"job {job.id}")
+                if settings.mode == "async":
+                    submitted = await self._poll(job, submitted, cancelled, progress)
+                    result = at_path(submitted, settings.result_path)
+                else:
+                    result = at_path(submitted, settings.result_path)
+            await progress(100.0, "done")
+            _http.log_event(self.log, "job.completed", job.id, method=settings.method, status_code=status)
+            return JobResult(data=result, service_metadata={"connector": self.name, "mode": settings.mode})
+        except TimeoutError:
+            raise RetryableJobError(f"job did not finish within {settings.job_timeout_s:g} s") from None
+        except JobCancelled:
+            if settings.cancel_url and submitted is not None:
+                try:
+                    await self._call(job, "POST", render(settings.cancel_url, job.id, submitted))
+                except (RetryableJobError, FatalJobError) as exc:
+                    _http.log_event(self.log, "cancel_failed", job.id, error=str(exc))
+            raise
+        except Exception as exc:
+            _http.log_event(self.log, "job.failed", job.id, error=self._redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self._cancel.pop(job.id, None)
+
+    async def _poll(self, job: ConnectorJob, submitted: Any, cancelled: asyncio.Event,
+                    progress: ProgressFn) -> Any:
+        settings = self.settings
+        url = render(settings.status_url or "", job.id, submitted)
+        reported = 0.0
+        while True:
+            _, answer = await _http.until_cancelled(self._call(job, "GET", url), cancelled, f"job {job.id}")
+            state = str(at_path(answer, settings.status_path, ""))
+            if state in settings.done_values:
+                return answer
+            if state in settings.failed_values:
+                raise FatalJobError(self._redact(f"the service reports the job {state}: "
+                                                 f"{str(at_path(answer, settings.error_path, ''))[:500]}"))
+            if settings.progress_path:
+                value = at_path(answer, settings.progress_path, None)
+                try:
+                    percent = min(99.0, float(value) * 100 / settings.progress_scale)
+                except (TypeError, ValueError):
+                    percent = reported
+                if percent > reported:
+                    reported = percent
+                    await progress(percent, state or "running")
+            try:  # the poll interval, cut short by a cancel
+                await asyncio.wait_for(cancelled.wait(), settings.poll_interval_s)
+            except TimeoutError:
+                continue
+            raise JobCancelled(f"job {job.id} cancelled")

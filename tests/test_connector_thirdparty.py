@@ -1,0 +1,114 @@
+"""A third-party connector installed the way pip installs one (a package plus a *.dist-info with
+entry_points.txt on sys.path) is found by the registry and runs; `try_connector` reports every outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import textwrap
+
+import pytest
+from fakes.comfyui import FakeComfyUI
+from test_connector_comfyui import happy
+
+from emp_machine.connectors.registry import GROUP, ConnectorRegistry
+from emp_machine.connectors.trying import try_connector
+
+PLUGIN = '''
+"""A connector from outside emp-machine: writes its payload's text to a file."""
+from pathlib import Path
+from emp_machine.connectors.base import Connector, ConnectorSettings, JobResult, OutputFile
+
+
+class EchoSettings(ConnectorSettings):
+    suffix: str = "!"
+
+
+class EchoConnector(Connector):
+    name = "echo"
+    Settings = EchoSettings
+
+    async def run(self, job, progress):
+        await progress(50, "halfway")
+        path = Path(self.context.output_dir) / f"{job.id}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(job.payload["text"] + self.settings.suffix)
+        return JobResult(data={"echoed": True}, outputs=[OutputFile(str(path), "text/plain", path.stat().st_size)])
+
+
+class BoomConnector(Connector):
+    name = "boom"
+
+    async def run(self, job, progress):
+        return {}["a bug in a plugin"]
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A distribution laid out as `pip install --target` leaves it, then put on sys.path."""
+    module = f"emp_plugin_{random.randrange(1 << 30)}"  # fresh per test: sys.modules keeps imports
+    site = tmp_path / "site"
+    (site / module).mkdir(parents=True)
+    (site / module / "__init__.py").write_text(PLUGIN)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(f"""\
+        [{GROUP}]
+        echo = {module}:EchoConnector
+        boom = {module}:BoomConnector
+        """))
+    monkeypatch.syspath_prepend(str(site))
+    return module
+
+
+def test_registry_finds_the_installed_plugin_beside_the_built_ins(plugin):
+    registry = ConnectorRegistry.discover()
+    assert {"echo", "boom", "simulation", "comfyui", "openai", "a1111", "rest"} <= set(registry.names())
+    assert registry.get("echo").__module__ == plugin and registry.failures == []
+
+
+def test_try_runs_the_plugin_and_prints_progress_and_outputs(plugin, tmp_path):
+    lines: list[str] = []
+    code = asyncio.run(try_connector("echo", {"suffix": "?"}, {"text": "hi"}, tmp_path / "out", lines.append))
+    assert code == 0
+    assert lines[0] == "progress  50.0% halfway" and lines[1] == "completed"
+    assert lines[2].startswith(f"output {tmp_path / 'out'}/try-") and lines[2].endswith("(text/plain, 3 bytes)")
+    assert '"echoed": true' in lines[3]
+
+
+def test_a_plugin_raising_an_unexpected_exception_fails_only_its_job(plugin, tmp_path):
+    lines: list[str] = []
+    code = asyncio.run(try_connector("boom", {}, {}, tmp_path, lines.append))
+    assert code == 1 and lines == ["failed (permanent): connector raised KeyError: 'a bug in a plugin'"]
+    # the host is intact: the next job on another connector runs
+    assert asyncio.run(try_connector("echo", {}, {"text": "ok"}, tmp_path, lines.append)) == 0
+
+
+def test_try_reports_bad_settings_and_unknown_names(plugin, tmp_path):
+    lines: list[str] = []
+    assert asyncio.run(try_connector("echo", {"sufix": "?"}, {}, tmp_path, lines.append)) == 1
+    assert lines[-1].startswith("error: bad settings for connector 'echo': sufix: Extra inputs")
+    assert asyncio.run(try_connector("ecoh", {}, {}, tmp_path, lines.append)) == 1
+    assert "did you mean 'echo'?" in lines[-1]
+
+
+def test_try_against_comfyui_prints_the_services_own_error(tmp_path):
+    server = FakeComfyUI().start()
+    try:
+        lines: list[str] = []
+        graph = {"1": {"class_type": "PrimitiveString", "inputs": {"value": "x"}},
+                 "2": {"class_type": "RegexReplace", "inputs": {"string": ["1", 0], "regex_pattern": "(",
+                                                                "replace": "y"}},
+                 "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+        code = asyncio.run(try_connector("comfyui", {"base_url": server.url}, {"workflow": graph}, tmp_path,
+                                         lines.append))
+        assert code == 1 and lines[-1].startswith("failed (permanent): ComfyUI node 2 (RegexReplace) raised re.error")
+        lines.clear()
+        code = asyncio.run(try_connector("comfyui", {"base_url": server.url}, {"workflow": happy()}, tmp_path,
+                                         lines.append))
+        assert code == 0 and lines[0].startswith("progress   0.0% queued as prompt")
+        assert len([line for line in lines if line.startswith("output ") and "image/png" in line]) == 2
+    finally:
+        server.close()
