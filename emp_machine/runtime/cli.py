@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     for p in (submit, job, stuck):
         p.add_argument("--redis", help="Redis URL (default: the running machine's, else the manifest's)")
 
+    trying = sub.add_parser("try", help="run one job through a connector directly (no Redis, no supervisor)")
+    trying.add_argument("connector")
+    trying.add_argument("--setting", "-s", action="append", default=[], metavar="KEY=VALUE",
+                        help="a connector setting (VALUE parsed as JSON when it is JSON); repeatable")
+    trying.add_argument("--payload", required=True, help="JSON, or @file.json")
+    trying.add_argument("--output-dir", default="./emp-try-outputs")
+    trying.set_defaults(func=cmd_try)
+
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--index", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
@@ -364,14 +372,38 @@ def _store(args):
     return client, JobStore(client)
 
 
+def _payload(text: str):
+    """--payload as JSON text or @file."""
+    try:
+        raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
+        return json.loads(raw)
+    except OSError as exc:
+        raise EmpError(f"--payload file cannot be read: {exc}") from None
+    except ValueError as exc:
+        raise EmpError(f"--payload is not JSON: {exc}") from None
+
+
+def cmd_try(args) -> int:
+    import asyncio
+
+    from emp_machine.connectors.trying import try_connector
+
+    settings = {}
+    for item in args.setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EmpError(f"--setting {item!r}: expected KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return asyncio.run(try_connector(args.connector, settings, _payload(args.payload), args.output_dir))
+
+
 def cmd_submit(args) -> int:
     from emp_machine.runtime import queries
 
-    raw = Path(args.payload[1:]).read_text(encoding="utf-8") if args.payload.startswith("@") else args.payload
-    try:
-        payload = json.loads(raw)
-    except ValueError as exc:
-        raise EmpError(f"--payload is not JSON: {exc}") from None
+    payload = _payload(args.payload)
     client, store = _store(args)
     job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries)
     print(job_id)
