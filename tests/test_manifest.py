@@ -269,3 +269,24 @@ def test_mutated_shipped_manifests_never_raise_anything_but_manifest_error(data)
     cut = data.draw(st.integers(0, 8))
     insert = data.draw(st.text(alphabet=" :-{}[]$#'\"\n\tabc0123", max_size=6))
     _assert_no_crash(text[:pos] + insert + text[pos + cut:])
+
+
+# -- connectors are checked when the manifest loads ----------------------------------------------------------
+def test_unknown_connector_lists_installed_and_nearest():
+    found = problems("workers:\n  w:\n    connector: comfy-ui")
+    problem = next(p for p in found if p.path == "workers.w.connector")
+    assert problem.line == 3 and "no connector named 'comfy-ui'" in problem.message
+    assert "did you mean 'comfyui'?" in problem.hint and "simulation" in problem.hint
+
+
+def test_bad_connector_setting_is_a_manifest_error_with_its_path():
+    found = problems("workers:\n  w:\n    connector: comfyui\n    settings:\n      base_url: 5\n      timout: 3")
+    paths = {p.path: p for p in found}
+    assert "workers.w.settings.timout" in paths and "did you mean" in paths["workers.w.settings.timout"].hint
+    assert paths["workers.w.settings.timout"].line == 6
+    assert "workers.w.settings.base_url" in paths
+
+
+def test_connector_settings_with_placeholders_validate():
+    m = load(GOOD.replace("service: comfyui", "service: comfyui\n    settings: {base_url: 'http://127.0.0.1:{service_port}'}"))
+    assert m.workers["comfyui"].settings["base_url"] == "http://127.0.0.1:{service_port}"

@@ -11,6 +11,7 @@ expected and, for misspelt names, the closest valid one. `load()` raises one `Ma
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -475,6 +476,7 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
             add(("workers", name, "service"), f"no service named '{group.service}'", hint)
         if group.count == "per_instance" and group.service is None:
             add(("workers", name, "count"), "per_instance needs a bound service", "set workers.<name>.service")
+        _check_connector(name, group, manifest, lines, add)
         placeholders = set(WORKER_PLACEHOLDERS)
         if group.service is None:
             placeholders -= {"service_port", "service_index"}
@@ -482,6 +484,65 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
             _check_placeholders(value, placeholders, ("workers", name, "env", key), add, None)
         _check_env(("workers", name, "env"), group.env, add)
     return problems
+
+
+CONNECTOR_GROUP = "emp_machine.connectors"
+
+
+def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
+    """Fill placeholders (`{service_port}`, `{worker_id}`, ...) in connector settings strings."""
+    if isinstance(value, str):
+        try:
+            return value.format(**values)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            return value
+    if isinstance(value, dict):
+        return {k: expand_settings(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_settings(v, values) for v in value]
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _connector_entry_points() -> tuple:
+    from importlib.metadata import entry_points
+
+    return tuple(entry_points(group=CONNECTOR_GROUP))
+
+
+def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: dict, add) -> None:
+    """The connector is installed, imports, and accepts these settings (validated as the worker will)."""
+    from emp_machine.connectors.registry import ConnectorRegistry
+    from emp_machine.errors import ConnectorLoadError
+
+    path = ("workers", name, "connector")
+    found = _connector_entry_points()
+    installed = sorted({ep.name for ep in found})
+    if group.connector not in installed:
+        close = difflib.get_close_matches(group.connector, installed, n=1, cutoff=0.5)
+        hint = (f"did you mean '{close[0]}'? " if close else "") + f"installed: {', '.join(installed) or 'none'}"
+        add(path, f"no connector named '{group.connector}'", hint)
+        return
+    registry = ConnectorRegistry.discover([ep for ep in found if ep.name == group.connector])
+    try:
+        cls = registry.get(group.connector)
+    except ConnectorLoadError as exc:
+        add(path, str(exc), "fix or reinstall the package that provides it")
+        return
+    service = manifest.services.get(group.service) if group.service else None
+    sample = {"index": 0, "machine_id": "m", "worker_id": "m-worker-0", "name": "worker-0",
+              "service_port": service.port if service and service.port else 1, "service_index": 0}
+    try:
+        cls.Settings.model_validate(expand_settings(group.settings, sample))
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = ("workers", name, "settings", *_clean_loc(err["loc"]))
+            message, hint = _message(err, loc)
+            if err["type"] == "extra_forbidden":
+                valid = sorted(cls.Settings.model_fields)
+                close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"{group.connector} settings: {', '.join(valid)}"
+            add(loc, message, hint)
 
 
 def _check_placeholders(text: str, allowed: set[str], path: tuple, add, svc: ServiceSection | None) -> None:

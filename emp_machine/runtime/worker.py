@@ -27,7 +27,7 @@ from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJo
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
 from emp_machine.runtime.jobs import AsyncJobStore, Job, JobSignals, Ownership
-from emp_machine.runtime.manifest import Manifest, WorkerGroup
+from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
@@ -57,20 +57,6 @@ class WorkerIdentity:
                    machine_id=machine_id, group=group,
                    redis_url=environ.get("REDIS_URL") or manifest.redis.url,
                    service_port=int(port) if port else None)
-
-
-def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
-    """Fill `{service_port}`, `{worker_id}`, ... in connector settings strings."""
-    if isinstance(value, str):
-        try:
-            return value.format(**values)
-        except (KeyError, IndexError, ValueError):
-            return value
-    if isinstance(value, dict):
-        return {k: expand_settings(v, values) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_settings(v, values) for v in value]
-    return value
 
 
 def capabilities(ident: WorkerIdentity, group: WorkerGroup, hardware: Mapping[str, Any]) -> dict[str, Any]:
