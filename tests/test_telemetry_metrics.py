@@ -114,3 +114,23 @@ def test_receiver_resource_has_the_documented_attributes(tmp_path):
                         "machine.id": "gpu-m1", "worker.id": "gpu-m1-worker-0", "service.type": "comfyui",
                         "cloud.region": "eu-west"}
     assert attributes(receiver.spans()[0].attributes)["service.type"] == "comfyui"
+
+
+def test_other_libraries_log_through_the_root_handler(tmp_path):
+    import logging
+
+    stream = io.StringIO()
+    telemetry = setup(TelemetryConfig(log_level="WARNING"), machine_id="m1", service_type="machine",
+                      buffer_path=tmp_path / "t.db", stream=stream)
+    try:
+        telemetry.install_logging()
+        library = logging.getLogger("some.library")
+        library.info("below the level")
+        library.warning("disk at %d%% with password=%s", 91, "hunter22")
+        telemetry.events.emit("job.progress", level=logging.INFO)  # below the level too
+    finally:
+        telemetry.shutdown()
+    assert logging.getLogger().handlers.count(telemetry.log_handler) == 0  # removed at shutdown
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert line["message"] == "disk at 91% with password=[REDACTED]"
+    assert (line["logger"], line["level"], line["machine_id"]) == ("some.library", "warning", "m1")

@@ -205,3 +205,22 @@ def test_one_tracer_per_process_through_the_provider(tmp_path, receiver):
         telemetry.shutdown()
     assert receiver.spans()[0].status.code == 1
     assert telemetry.buffer.pending() == 0
+
+
+def test_fast_context_access_agrees_with_the_public_api():
+    from opentelemetry import context as otel_context
+
+    from emp_machine.telemetry.tracing import _SPAN_KEY, _attach_span, _detach, _get_value
+
+    span = NonRecordingSpan(SpanContext(1, 2, False))
+    token = otel_context.attach(otel_context.set_value("other", 5))
+    try:
+        inner = _attach_span(span)
+        assert trace.get_current_span() is span and otel_context.get_value("other") == 5
+        assert _get_value(_SPAN_KEY) is span and _get_value("other") == 5
+        _detach(inner)
+        assert trace.get_current_span() is not span and otel_context.get_value("other") == 5
+    finally:
+        otel_context.detach(token)
+    with trace.use_span(span):
+        assert _get_value(_SPAN_KEY) is span

@@ -19,6 +19,7 @@ Exceptions are recorded with type and message always, and with the formatted sta
 
 from __future__ import annotations
 
+import contextvars
 import random
 import time
 import traceback
@@ -37,10 +38,36 @@ from emp_machine.telemetry.sampling import AdaptiveSampler
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _SPAN_KEY = otel_trace._SPAN_KEY  # the key OTel's own set_span_in_context uses (public helpers are 2x slower)
-_get_value = otel_context.get_value
-_set_value = otel_context.set_value
-_attach = otel_context.attach
-_detach = otel_context.detach
+
+
+def _context_access() -> tuple[Callable, Callable, Callable]:
+    """(get_value, attach_span, detach) on OTel's context. With the default contextvars runtime context they
+    use its ContextVar directly (each public call is ~1 us of layers; a job makes ~20); any other runtime
+    context goes through the public API. tests/test_telemetry_tracing.py checks both agree."""
+    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if not isinstance(var, contextvars.ContextVar):
+        def attach_public(span: Any) -> object:
+            return otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
+        return otel_context.get_value, attach_public, otel_context.detach
+    get_current, set_current, reset = var.get, var.set, var.reset
+    context_type = otel_context.Context
+
+    def get_value(key: str, context: otel_context.Context | None = None) -> object:
+        return (get_current() if context is None else context).get(key)
+
+    def attach_span(span: Any) -> object:
+        return set_current(context_type({**get_current(), _SPAN_KEY: span}))
+
+    def detach(token: object) -> None:
+        try:
+            reset(token)
+        except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
+            pass
+
+    return get_value, attach_span, detach
+
+
+_get_value, _attach_span, _detach = _context_access()
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
@@ -201,7 +228,7 @@ class _Scope:
         self._end_on_exit = end_on_exit
 
     def __enter__(self):
-        self._token = _attach(_set_value(_SPAN_KEY, self._span))
+        self._token = _attach_span(self._span)
         return self._span
 
     def __exit__(self, exc_type, exc, tb) -> None:
