@@ -1,7 +1,8 @@
 """The simulation connector: no external service; the demo, load-test and failure-test connector.
 
 Payload fields (all optional): `steps` (5), `step_ms` (100), `output_bytes` (0: no file), `fail_at_step`
-(fail when that step is reached), `fail_retryable` (true), `hang` (after the steps, never finish until
+(fail when that step is reached), `fail_retryable` (true), `fail_attempts` (fail retryably on the first N
+attempts, then succeed: the demo's retried job), `hang` (after the steps, never finish until
 cancelled: for timeout and cancel tests). Output bytes go to a file under the context's output
 directory, and the result carries its path, never the bytes.
 """
@@ -35,6 +36,7 @@ class SimulationPayload(BaseModel):
     output_bytes: int = Field(default=0, ge=0)
     fail_at_step: int | None = Field(default=None, ge=1)
     fail_retryable: bool = True
+    fail_attempts: int = Field(default=0, ge=0)  # fail (retryable) on the first N attempts, then succeed
     hang: bool = False
 
 
@@ -62,6 +64,9 @@ class SimulationConnector(Connector):
         cancelled = self._cancel_events.setdefault(job.id, asyncio.Event())
         try:
             await progress(0, "started")
+            if job.attempt <= spec.fail_attempts:
+                raise RetryableJobError(f"simulated transient failure on attempt {job.attempt} "
+                                        f"(fails the first {spec.fail_attempts})")
             for step in range(1, spec.steps + 1):
                 if spec.fail_at_step == step:
                     error = RetryableJobError if spec.fail_retryable else FatalJobError

@@ -112,9 +112,24 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import threading
+
+    from emp_machine.runtime import demo
     from emp_machine.runtime import manifest as mf
 
-    return _boot(mf.load(Path(args.manifest) if args.manifest else mf.BUILTIN_DEFAULT))
+    manifest = mf.load(Path(args.manifest) if args.manifest else mf.BUILTIN_DEFAULT)
+    stop = threading.Event()
+
+    def say(line: str) -> None:
+        print(f"demo | {line}", file=sys.stderr, flush=True)
+
+    helper = threading.Thread(target=demo.run, args=(Path(manifest.machine.state_dir), say, stop), daemon=True,
+                              name="demo")
+    helper.start()
+    try:
+        return _boot(manifest)
+    finally:
+        stop.set()
 
 
 def _boot(manifest) -> int:
@@ -189,27 +204,28 @@ def _redact_config(text: str, redact_url) -> str:
 
 # -- operating a running machine ----------------------------------------------------------------------------
 def _target(args) -> dict:
-    """The running machine's pointer document: from --manifest / $EMP_MANIFEST, else the only one running."""
+    """The running machine's pointer document: from --manifest / $EMP_MANIFEST, else the only one running
+    (under the per-user state root, or where the default manifest puts its state)."""
     from emp_machine.runtime import manifest as mf
 
     explicit = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST")
     if explicit:
-        manifest = mf.load(explicit)
-        pointer = Path(manifest.machine.state_dir) / "run" / "machine.json"
-        try:
-            doc = json.loads(pointer.read_text(encoding="utf-8"))
-            os.kill(int(doc["pid"]), 0)
-            return doc
-        except (OSError, ValueError, KeyError):
-            raise NoMachineRunning(f"no machine is running for {explicit} (looked for {pointer})") from None
-    machines = mf.running_machines()
+        state_dir = Path(mf.load(explicit).machine.state_dir)
+        doc = mf.running_machine(state_dir)
+        if doc is None:
+            raise NoMachineRunning(f"no machine is running for {explicit} (looked in {state_dir / 'run'})")
+        return doc
+    machines = {m["socket"]: m for m in mf.running_machines()}
+    default = mf.running_machine(Path(mf.load(mf.default_manifest()).machine.state_dir))
+    if default is not None:
+        machines[default["socket"]] = default
     if not machines:
         raise NoMachineRunning("no machine is running on this host; start one with "
                                "`emp-machine --manifest <file>`, or name its manifest with --manifest")
     if len(machines) > 1:
-        names = ", ".join(f"{m['machine_id']} ({m['manifest']})" for m in machines)
+        names = ", ".join(f"{m['machine_id']} ({m['manifest']})" for m in machines.values())
         raise NoMachineRunning(f"{len(machines)} machines are running ({names}); choose one with --manifest")
-    return machines[0]
+    return next(iter(machines.values()))
 
 
 def _control(doc: dict):

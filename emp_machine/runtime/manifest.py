@@ -608,16 +608,19 @@ def default_manifest(environ: Mapping[str, str] | None = None) -> Path:
     return Path(environ["EMP_MANIFEST"]) if environ.get("EMP_MANIFEST") else BUILTIN_DEFAULT
 
 
-def running_machines(environ: Mapping[str, str] | None = None) -> list[dict]:
-    """Pointer documents (`run/machine.json`) of machines whose process is alive, under the state root."""
-    environ = os.environ if environ is None else environ
-    found = []
-    for pointer in sorted(identity.state_root(environ).glob("*/run/machine.json")):
-        try:
-            doc = json.loads(pointer.read_text(encoding="utf-8"))
-            os.kill(int(doc["pid"]), 0)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        found.append(doc)
-    return found
+def running_machine(state_dir: Path) -> dict | None:
+    """The pointer document (`run/machine.json`) of the machine using `state_dir`, if its process is alive."""
+    try:
+        doc = json.loads((Path(state_dir) / "run" / "machine.json").read_text(encoding="utf-8"))
+        os.kill(int(doc["pid"]), 0)
+        return doc
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
+
+def running_machines(environ: Mapping[str, str] | None = None) -> list[dict]:
+    """Pointer documents of the live machines under the per-user state root."""
+    environ = os.environ if environ is None else environ
+    pointers = sorted(identity.state_root(environ).glob("*/run/machine.json"))
+    found = (running_machine(pointer.parent.parent) for pointer in pointers)
+    return [doc for doc in found if doc is not None]
