@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     for p in (submit, job, stuck):
         p.add_argument("--redis", help="Redis URL (default: the running machine's, else the manifest's)")
 
+    errors = sub.add_parser("errors", help="what errors occurred on the machine (from its log files)")
+    errors.add_argument("--since", default="1h", help="how far back: 30m, 1h, 2d (default 1h)")
+    errors.add_argument("--json", action="store_true")
+    errors.set_defaults(func=cmd_errors)
+
     trying = sub.add_parser("try", help="run one job through a connector directly (no Redis, no supervisor)")
     trying.add_argument("connector")
     trying.add_argument("--setting", "-s", action="append", default=[], metavar="KEY=VALUE",
@@ -98,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
 
-    for p in (run, demo, ps, restart, logs, worker, submit, job, stuck):
+    for p in (run, demo, ps, restart, logs, worker, submit, job, stuck, errors):
         p.add_argument("--manifest", "-m", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -147,14 +152,18 @@ def _boot(manifest) -> int:
     fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w", encoding="utf-8") as fh:
         fh.write(manifest.model_dump_json())
+    from emp_machine.runtime.logfile import RotatingTee
+
+    stream = RotatingTee(the_plan.paths.log_file("machine"), manifest.logs.max_size, manifest.logs.backups)
     tel = telemetry.setup(manifest.telemetry, machine_id=manifest.machine.id, service_type="machine",
                           region=manifest.machine.region or None, buffer_path=state / "telemetry" / "machine.db",
-                          process_share=1 / (len(the_plan.workers) + 1))
+                          process_share=1 / (len(the_plan.workers) + 1), stream=stream)
     tel.install_logging()
     try:
         return asyncio.run(Machine(manifest, the_plan, hw, tel).run())
     finally:
         tel.shutdown(timeout=5)
+        stream.close()
 
 
 def cmd_worker(args) -> int:
@@ -306,6 +315,34 @@ def cmd_restart(args) -> int:
     for name in targets:
         Supervisor(doc["socket"], timeout=120).restart(name)
         print(f"restarted {name}")
+    return 0
+
+
+def cmd_errors(args) -> int:
+    from emp_machine.runtime import manifest as mf
+    from emp_machine.runtime import queries
+    from emp_machine.units import parse_duration
+
+    try:
+        since = parse_duration(args.since)
+    except ValueError as exc:
+        raise EmpError(f"--since: {exc}") from None
+    try:
+        logs_dir = Path(_target(args)["logs"])
+    except NoMachineRunning:  # a stopped machine's logs are still worth reading
+        logs_dir = Path(mf.load(getattr(args, "manifest", None) or mf.default_manifest()).machine.state_dir) / "logs"
+    rows = queries.recent_errors(logs_dir, since)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no errors in the last {args.since} ({logs_dir})")
+        return 0
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["at"]))
+        job = f" job={row['job_id']}" if row.get("job_id") else ""
+        trace = f" trace={row['trace_id']}" if row.get("trace_id") else ""
+        print(f"{when}Z {row['process']:<12} {row['event'] or '':<18} {row['message']}{job}{trace}")
     return 0
 
 

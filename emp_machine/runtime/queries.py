@@ -9,6 +9,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from emp_machine.runtime.jobs import JobStore
@@ -111,3 +112,71 @@ def format_ms(ms: int | None) -> str:
 
 def format_at(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+# -- "What errors occurred on this machine?" ----------------------------------------------------------------
+ERROR_LEVELS = {"error", "critical", "fatal"}
+ERROR_EVENTS = {"job.failed", "job.timeout", "service.unhealthy", "resource.exhausted", "boot.failed",
+                "supervisord.lost", "process.start_failed"}
+
+
+def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limit: int = 200) -> list[dict]:
+    """Error records from the machine's log files (current and rotated), newest last.
+
+    JSON lines count when their level is error/critical or they are an error event; raw service output
+    (not JSON) counts as a Python traceback (folded into one record) or a line saying ERROR/CRITICAL,
+    for files written to since `since_s` ago.
+    """
+    now = time.time() if now is None else now
+    cutoff = now - since_s
+    found: list[dict] = []
+    for path in sorted(Path(logs_dir).glob("*.log*")):
+        try:
+            if path.stat().st_mtime < cutoff:
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        process = path.name.split(".log")[0]
+        found.extend(_errors_in(text, process, cutoff, path.stat().st_mtime))
+    found.sort(key=lambda e: e["at"])
+    return found[-limit:]
+
+
+def _errors_in(text: str, process: str, cutoff: float, mtime: float) -> list[dict]:
+    out: list[dict] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            level = str(rec.get("level", "")).lower()
+            name = rec.get("event.name") or rec.get("event_type") or rec.get("message")
+            if level not in ERROR_LEVELS and name not in ERROR_EVENTS:
+                continue
+            at = _iso_to_ms(str(rec.get("timestamp", "")))
+            at_s = at / 1000 if at else mtime
+            if at_s < cutoff:
+                continue
+            out.append({"at": at_s, "process": process, "level": level or "error",
+                        "message": str(rec.get("error") or rec.get("reason") or rec.get("message") or ""),
+                        "event": name, "job_id": rec.get("job_id"), "trace_id": rec.get("trace_id")})
+        elif line.startswith("Traceback (most recent call last)"):
+            block = [line]
+            while i < len(lines) and (lines[i].startswith((" ", "\t")) or not lines[i].strip()):
+                block.append(lines[i])
+                i += 1
+            if i < len(lines):
+                block.append(lines[i])  # the exception line itself
+                i += 1
+            out.append({"at": mtime, "process": process, "level": "error", "message": block[-1].strip(),
+                        "event": "traceback", "job_id": None, "trace_id": None, "detail": "\n".join(block)})
+        elif any(word in line for word in ("ERROR", "CRITICAL")):
+            out.append({"at": mtime, "process": process, "level": "error", "message": line.strip(),
+                        "event": "service.output", "job_id": None, "trace_id": None})
+    return out
