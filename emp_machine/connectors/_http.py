@@ -27,6 +27,24 @@ REDACTED = "[REDACTED]"
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+class HttpSession:
+    """The lazily created aiohttp session of an HTTP connector (created inside the running loop), closed by
+    `close()`. Mixed in before `Connector`; the connector's settings give `request_timeout_s` and
+    `connect_timeout_s`."""
+
+    _session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
     """`x-job-id`, `x-request-id` and, when the job carries them, `traceparent` / `tracestate`.
 

@@ -37,7 +37,7 @@ class A1111Settings(ConnectorSettings):
     progress_interval_s: float = Field(default=0.5, gt=0)
 
 
-class A1111Connector(Connector):
+class A1111Connector(_http.HttpSession, Connector):
     name = "a1111"
     Settings = A1111Settings
     settings: A1111Settings
@@ -45,18 +45,7 @@ class A1111Connector(Connector):
     def __init__(self, settings: A1111Settings, context):
         super().__init__(settings, context)
         self._base = settings.base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
         self._cancel: dict[str, asyncio.Event] = {}
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def _call(self, method: str, path: str, headers: dict, timeout: float | None = None,
                     **kwargs) -> tuple[int, Any]:

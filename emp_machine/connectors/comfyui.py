@@ -72,7 +72,7 @@ class _Active:
     submitted: bool = False
 
 
-class ComfyUIConnector(Connector):
+class ComfyUIConnector(_http.HttpSession, Connector):
     name = "comfyui"
     Settings = ComfyUISettings
     settings: ComfyUISettings
@@ -80,16 +80,9 @@ class ComfyUIConnector(Connector):
     def __init__(self, settings: ComfyUISettings, context):
         super().__init__(settings, context)
         self._base = settings.base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
         self._active: dict[str, _Active] = {}
 
     # -- plumbing ------------------------------------------------------------------------------------
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
-        return self._session
 
     async def _call(self, method: str, path: str, headers: dict[str, str], **kwargs) -> tuple[int, Any]:
         """One request; (status, parsed JSON or text). Transport failures become RetryableJobError."""
@@ -103,10 +96,6 @@ class ComfyUIConnector(Connector):
             return response.status, json.loads(text) if text else None
         except ValueError:
             return response.status, text
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def health(self) -> Health:
         try:

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 from pydantic import Field
 
 from emp_machine.connectors import _http
@@ -48,7 +47,7 @@ class OpenAISettings(ConnectorSettings):
     max_retry_wait_s: float = Field(default=30, ge=0)
 
 
-class OpenAIConnector(Connector):
+class OpenAIConnector(_http.HttpSession, Connector):
     name = "openai"
     Settings = OpenAISettings
     settings: OpenAISettings
@@ -57,21 +56,10 @@ class OpenAIConnector(Connector):
         super().__init__(settings, context)
         self._key = (os.environ if env is None else env).get(settings.api_key_env) or ""
         self._base = settings.base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
         self._cancel: dict[str, asyncio.Event] = {}
 
     def _redact(self, text: str) -> str:
         return _http.redact(text, [self._key])
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def health(self) -> Health:
         if not self._key:

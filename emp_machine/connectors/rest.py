@@ -24,7 +24,6 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import aiohttp
 from pydantic import Field, model_validator
 
 from emp_machine.connectors import _http
@@ -88,7 +87,7 @@ def render(template: str, job_id: str, submitted: Any) -> str:
     return _FIELD.sub(field, template)
 
 
-class RestConnector(Connector):
+class RestConnector(_http.HttpSession, Connector):
     name = "rest"
     Settings = RestSettings
     settings: RestSettings
@@ -97,21 +96,10 @@ class RestConnector(Connector):
         super().__init__(settings, context)
         env = os.environ if env is None else env
         self._secret_headers = {name: env.get(var, "") for name, var in settings.header_env.items()}
-        self._session: aiohttp.ClientSession | None = None
         self._cancel: dict[str, asyncio.Event] = {}
 
     def _redact(self, text: str) -> str:
         return _http.redact(text, self._secret_headers.values())
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def cancel(self, job_id: str) -> None:
         event = self._cancel.get(job_id)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from emp_machine.telemetry.buffer import Buffer, Chunk, Kind
+from emp_machine.telemetry.buffer import Buffer, Kind
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
 
 PATHS = {Kind.SPAN: "/v1/traces", Kind.LOG: "/v1/logs", Kind.METRIC: "/v1/metrics"}
