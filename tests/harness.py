@@ -115,6 +115,8 @@ def write_manifest(path: Path, body: str, state_dir: Path, redis_url: str) -> Pa
     text = textwrap.dedent(body).strip() + "\n"
     if "machine:" not in text:
         text = f"machine:\n  type: test\n  id: test-{state_dir.name}\n  state_dir: {state_dir}\n" + text
+    if "health:" not in text:  # never the real :9090 in tests: a free port, read from run/machine.json
+        text += "health:\n  port: 0\n"
     if "redis:" not in text:
         text += f"redis:\n  url: {redis_url}\n"
     path.write_text(text, encoding="utf-8")
@@ -140,3 +142,35 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def health_base(machine: RunningMachine, timeout: float = 20.0) -> str:
+    """http://127.0.0.1:<port> of the machine's health server (port 0 in tests: read from run/machine.json)."""
+    pointer = machine.state_dir / "run" / "machine.json"
+
+    def port():
+        machine._dead("run/machine.json")
+        try:
+            return json.loads(pointer.read_text(encoding="utf-8")).get("health_port")
+        except (OSError, ValueError):
+            return None
+    return f"http://127.0.0.1:{wait_for(port, timeout, message='the health port in run/machine.json')}"
+
+
+def http(url: str, method: str = "GET", headers: dict | None = None, timeout: float = 5.0):
+    """(status, headers, body bytes) of one request; HTTP errors are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method, headers=headers or {},
+                                     data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def http_json(url: str, method: str = "GET", headers: dict | None = None):
+    status, _, body = http(url, method, headers)
+    return status, json.loads(body)

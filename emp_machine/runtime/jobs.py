@@ -557,3 +557,45 @@ class JobSignals:
                     await pubsub.aclose()
                 except Exception:  # closing a broken connection may fail again; nothing to keep
                     pass
+
+
+# -- machine level: the health aggregator reads worker state; the status publisher writes machine status ----
+
+CH_WORKER_STATUS = "worker_status"
+
+
+def machine_status_channel(machine_id: str) -> str:
+    return f"machine:status:{machine_id}"
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """What Redis says about one worker: its worker:{id} hash and whether its heartbeat key is alive."""
+
+    worker_id: str
+    status: str  # idle / busy / offline, "" when the worker never registered
+    current_job_id: str
+    last_status_change: str
+    last_heartbeat: str
+    heartbeat_ttl_ms: int  # > 0 while worker:{id}:heartbeat exists (the contract's liveness), else <= 0
+
+
+async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, list[WorkerRow]]:
+    """PING and every worker's hash and heartbeat TTL in one round trip (an async client)."""
+    ids = list(worker_ids)
+    pipe = client.pipeline(transaction=False)
+    pipe.ping()
+    for wid in ids:
+        pipe.hmget(worker_key(wid), ["status", "current_job_id", "last_status_change", "last_heartbeat"])
+        pipe.pttl(heartbeat_key(wid))
+    replies = _text(await pipe.execute())
+    rows = []
+    for i, wid in enumerate(ids):
+        status, job, changed, beat = replies[1 + 2 * i]
+        rows.append(WorkerRow(wid, status or "", job or "", changed or "", beat or "", int(replies[2 + 2 * i])))
+    return bool(replies[0]), rows
+
+
+async def publish_machine_status(client: Any, machine_id: str, message: str) -> int:
+    """PUBLISH machine:status:{machine_id} (the contract's machine status message, JSON text)."""
+    return int(await client.publish(machine_status_channel(machine_id), message))

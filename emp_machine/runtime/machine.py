@@ -22,6 +22,9 @@ import psutil
 
 from emp_machine.errors import SupervisorError
 from emp_machine.runtime import hardware as hw
+from emp_machine.runtime import status as st
+from emp_machine.runtime.aggregate import Aggregator
+from emp_machine.runtime.health import HealthServer
 from emp_machine.runtime.manifest import Manifest
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
@@ -93,6 +96,17 @@ class ShutdownDone:
     pass
 
 
+@dataclass(frozen=True)
+class RestartRequested:
+    process: str
+    source: str
+
+
+@dataclass(frozen=True)
+class RefreshRequested:
+    pass
+
+
 def step(name: str, level: int = logging.INFO, **fields) -> None:
     """One structured line per boot/shutdown step (JSON on stdout and a record in the telemetry buffer)."""
     log.log(level, name, extra={"fields": {"event_type": f"machine.{name}", **fields}})
@@ -124,6 +138,27 @@ class Machine:
         self._probes: dict[str, Probe] = {s.process: s.probe for s in plan.services if s.probe}
         if plan.redis_probe:
             self._probes[REDIS_PROCESS] = plan.redis_probe
+        self._supervisord_up = False
+        self._redis_ok: bool | None = None
+        self._unhealthy_since: dict[str, float] = {}
+        # Health and status: the aggregator is fed here only (handle() and the on_* steps); the HTTP server
+        # and the publisher read it.
+        self.aggregate = Aggregator(plan, {name: g.job_types or (g.connector,) for name, g in manifest.workers.items()},
+                                    st.version(), health_url="")
+        metrics = getattr(telemetry, "metrics", None)
+        if metrics is not None and hasattr(metrics, "workers_active"):
+            self.aggregate.gauges = (metrics.workers_active, metrics.workers_total)
+        token = manifest.health.token
+        self.health_server = HealthServer(
+            self.aggregate, host=manifest.health.host, port=manifest.health.port,
+            token=token.get_secret_value() if token is not None else None, token_env=manifest.health.token_env,
+            cors_origins=manifest.health.cors_origins, process_names={s.name for s in plan.specs},
+            restart=self._request_restart, refresh=lambda: self.inbox.put_nowait(RefreshRequested()),
+            metrics=telemetry.render_prometheus)
+        self._redis = st.redis_client(plan.redis_url)
+        self.publisher = st.Publisher(self.aggregate, self._redis, plan.redis_url, manifest.status.interval)
+        self._publisher_task: asyncio.Task | None = None
+        self._announced_shutdown = False
 
     # -- main loop ---------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -135,16 +170,31 @@ class Machine:
         step("boot.start", machine_id=self.plan.machine_id, manifest=self.manifest.source,
              processes=len(self.plan.specs), cpu_count=self.hardware.cpu_count,
              gpu_count=self.hardware.gpu_count, gpu_note=self.hardware.gpu_note)
-        self._spawn(self._start_supervisord())
+        if await self._start_health():
+            self._spawn(self._start_supervisord())
         self._spawn(self._sweep())
+        workers = [w.worker_id for w in self.plan.workers]
+        self._spawn(st.poll_redis(self._redis, self.plan.redis_url, workers, self.inbox))
+        if workers:
+            self._spawn(st.watch_worker_status(self.plan.redis_url, workers, self.inbox))
+        self._spawn(st.read_hardware(str(self.paths.state), self.inbox))
+        self._publisher_task = asyncio.create_task(self.publisher.run())
+        self._tasks.add(self._publisher_task)
         try:
             while self.exit_code is None:
                 event = await self.inbox.get()
                 await self.handle(event)
+                self.aggregate.set_phase(self.phase.value, self._supervisord_up)
+                self.aggregate.commit()
         finally:
             for task in self._tasks | set(self._probe_tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, *self._probe_tasks, return_exceptions=True)
+            await self.health_server.stop()
+            try:
+                await self._redis.aclose()
+            except Exception:  # noqa: BLE001 - closing a client of a Redis that is gone
+                pass
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self._remove_pointer()
@@ -153,6 +203,7 @@ class Machine:
     async def handle(self, event) -> None:
         match event:
             case SupervisordUp():
+                self._supervisord_up = True
                 await self._on_supervisord_up()
             case HealthChanged(process, healthy, reason):
                 self._on_health(process, healthy, reason)
@@ -171,7 +222,21 @@ class Machine:
             case SignalReceived(signum):
                 self._on_signal(signum)
             case SupervisordExited(returncode):
+                self._supervisord_up = False
                 await self._on_supervisord_exit(returncode)
+            case st.RedisPolled(ok, reason, rows):
+                self._on_redis(ok, reason, rows)
+            case st.WorkerStatusSeen(worker_id, status, current_job_id, at):
+                self.aggregate.set_worker_status(worker_id, status, current_job_id, at)
+            case st.HardwareRead(state):
+                self.aggregate.set_hardware(state)
+            case RestartRequested(process, source):
+                if process not in self._restarting and self.phase in (Phase.STARTING, Phase.READY):
+                    step("process.restart_requested", process_name=process, source=source)
+                    self._restarting.add(process)
+                    self._spawn(self._restart(process))
+            case RefreshRequested():
+                self.aggregate.request_publish("event_driven")
             case StepFailed(name, error):
                 step("boot.failed", level=logging.ERROR, step_name=name, error=error)
                 if self.phase is Phase.STARTING:
@@ -275,12 +340,18 @@ class Machine:
     def _on_health(self, process: str, healthy: bool, reason: str) -> None:
         before = self.health.get(process)
         self.health[process] = healthy
+        self.aggregate.set_health(process, healthy, reason)
         if before == healthy:
             return
         if healthy:
-            step("service.healthy", process_name=process)
+            since = self._unhealthy_since.pop(process, None)
+            if since is not None:
+                step("service.recovered", process_name=process, unhealthy_seconds=round(self.clock() - since, 3))
+            else:
+                step("service.healthy", process_name=process)
             self._start_ready_workers()
         else:
+            self._unhealthy_since[process] = self.clock()
             step("service.unhealthy", level=logging.WARNING, process_name=process, reason=reason)
             self.telemetry.events.emit("service.unhealthy", level=logging.WARNING, process=process, reason=reason)
 
@@ -295,6 +366,47 @@ class Machine:
                      restarts=row.restarts, previous=before.state if before else None,
                      errored_reason=row.errored_reason or None)
             self.processes[row.name] = row
+        self.aggregate.set_processes(rows)
+
+    def _on_redis(self, ok: bool, reason: str, rows) -> None:
+        if ok != self._redis_ok:
+            if ok:
+                step("redis.reachable", redis_url=st.redact_url(self.plan.redis_url))
+            elif self._redis_ok is not None or self.plan.redis_probe is None:
+                # (an embedded Redis that is still starting is not worth a warning)
+                step("redis.unreachable", level=logging.WARNING, reason=reason)
+            self._redis_ok = ok
+        self.aggregate.set_redis(ok, reason, list(rows))
+
+    def _request_restart(self, name: str) -> str | None:
+        """From the HTTP server: refuse while draining, else hand the restart to the decider."""
+        if self.phase not in (Phase.STARTING, Phase.READY):
+            return f"the machine is {self.phase.value}"
+        self.inbox.put_nowait(RestartRequested(name, "http"))
+        return None
+
+    async def _start_health(self) -> bool:
+        try:
+            port = await self.health_server.start()
+        except OSError as exc:
+            self.inbox.put_nowait(StepFailed("health", f"cannot listen on {self.manifest.health.host}:"
+                                                       f"{self.manifest.health.port}: {exc.strerror or exc}"))
+            return False
+        self.aggregate.health_url = st.health_url(self.manifest.health.public_url, self.manifest.health.host, port)
+        self.aggregate.dirty = True
+        step("health.listening", host=self.manifest.health.host, port=port, health_url=self.aggregate.health_url)
+        return True
+
+    async def _announce_shutdown(self) -> None:
+        """The `shutdown` status message, once, while Redis (maybe our embedded one) is still up."""
+        if self._announced_shutdown:
+            return
+        self._announced_shutdown = True
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()
+        self.aggregate.set_phase(Phase.SHUTDOWN.value, self._supervisord_up)
+        self.aggregate.commit()
+        await self.publisher.publish("shutdown", phase=Phase.SHUTDOWN.value)
 
     async def _sweep(self) -> None:
         """Every second: process table from supervisord; memory of each limited process tree."""
@@ -345,6 +457,7 @@ class Machine:
         step("supervisord.lost", level=logging.ERROR, returncode=returncode, action="restart once")
         self.phase = Phase.STARTING
         self.processes = {}
+        self.aggregate.set_processes(())
         self._spawn(self._start_supervisord())
 
     # -- shutdown ----------------------------------------------------------------------------------------
@@ -369,10 +482,13 @@ class Machine:
         step("shutdown.drain", phase=self.phase.value)
         for kind in ("worker", "service", "redis"):
             names = [s.name for s in self.plan.specs if s.kind == kind]
+            if kind == "redis":
+                await self._announce_shutdown()
             if names and self.proc is not None and self.proc.returncode is None:
                 await asyncio.gather(*(self._stop(n) for n in names))
                 step(f"shutdown.{kind}_stopped", processes=names)
         self.phase = Phase.SHUTDOWN
+        await self._announce_shutdown()
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await asyncio.to_thread(self.control.shutdown)
@@ -403,7 +519,8 @@ class Machine:
         """`run/machine.json` lets `emp-machine ps|restart|logs` find this machine without its manifest."""
         doc = {"pid": os.getpid(), "machine_id": self.plan.machine_id, "socket": str(self.paths.socket),
                "logs": str(self.paths.logs), "manifest": self.manifest.source, "started_at": time.time(),
-               "redis_url": self.plan.redis_url}
+               "redis_url": self.plan.redis_url, "health_port": self.health_server.bound_port,
+               "health_host": self.manifest.health.host}
         target = self.paths.run / "machine.json"  # in run/ (0700): the Redis URL may hold a password
         target.write_text(json.dumps(doc), encoding="utf-8")
 

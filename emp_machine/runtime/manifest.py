@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -67,10 +67,13 @@ class RedisSection(_Model):
 
 class HealthSection(_Model):
     host: str = "0.0.0.0"
-    port: int = Field(9090, ge=1, le=65535)
-    public_url: str = Field("", description="URL the monitor reaches :9090 at; empty: derived when possible")
+    port: int = Field(9090, ge=0, le=65535, description="0: pick a free port (written to run/machine.json)")
+    public_url: str = Field("", description="URL the monitor reaches :9090 at; empty: the Railway public "
+                                            "domain when there is one, else this host's name")
     token_env: str = Field("EMP_HEALTH_TOKEN", description="environment variable holding the bearer token")
-    cors_origins: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = Field((), description="origins allowed to read from a browser ('*': any)")
+    # Filled by load() from the variable named by token_env; never written out, never set from YAML.
+    token: SecretStr | None = Field(None, exclude=True, repr=False)
 
 
 class StatusSection(_Model):
@@ -589,9 +592,16 @@ def _resolve(manifest: Manifest, environ: Mapping[str, str], file: str, base_dir
                                                                 "URL", hint="expected redis://host:port/db")]) from None
     if base_dir is not None and not Path(state_dir).is_absolute():
         state_dir = str(base_dir / state_dir)
+    health = manifest.health
+    public_url = health.public_url
+    if not public_url and environ.get("RAILWAY_PUBLIC_DOMAIN"):
+        public_url = f"https://{environ['RAILWAY_PUBLIC_DOMAIN'].strip().rstrip('/')}"
+    token = environ.get(health.token_env, "").strip()
     return manifest.model_copy(update={
         "machine": machine.model_copy(update={"id": machine_id, "region": region, "state_dir": state_dir}),
         "redis": redis,
+        "health": health.model_copy(update={"public_url": public_url,
+                                            "token": SecretStr(token) if token else None}),
         "telemetry": apply_otel_env(manifest.telemetry, environ),
         "source": str(Path(file).resolve()) if file != "<manifest>" else "",
     })

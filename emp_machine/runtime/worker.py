@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
-from emp_machine.runtime.jobs import AsyncJobStore, Job, JobSignals, Ownership
+from emp_machine.runtime.jobs import AsyncJobStore, Job, JobSignals, Ownership, worker_key
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
@@ -372,6 +372,15 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
 
+    async def _register_again(self) -> None:
+        """After an outage: a Redis that came back empty has lost worker:{id}; write it again."""
+        if await self.redis.exists(worker_key(self.ident.worker_id)):
+            return
+        await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
+        if self.status != "idle":
+            await self.store.set_worker_status(self.ident.worker_id, self.status)
+        self.log.info("worker registered again after Redis lost it", extra={"event_type": "worker.reregistered"})
+
     async def _set_status(self, status: str, current_job_id: str = "") -> None:
         if status == self.status:
             return
@@ -383,11 +392,16 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         interval = max(0.2, self.group.lease / 3)
+        lost_redis = False
         while True:
             await asyncio.sleep(interval)
             try:
+                if lost_redis:
+                    await self._register_again()
                 beat = await self.store.heartbeat(self.ident.worker_id)
+                lost_redis = False
             except _REDIS_DOWN as exc:
+                lost_redis = True
                 self.log.warning("heartbeat failed: Redis unreachable", extra={"error": str(exc)})
                 continue
             for job_id in beat.cancelled:

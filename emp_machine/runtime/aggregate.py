@@ -1,0 +1,425 @@
+"""The machine's one view of its own health: fed by the decider, read by the HTTP server and the publisher.
+
+The machine's `handle()` forwards what it learns (phase, supervisord's process table, probe verdicts, what
+Redis says about the workers, hardware readings) and calls `commit()` after each event. `commit()` rebuilds
+the documents once (the /health body and code, the status document, the status page) so that request
+handlers only hand out bytes they find ready, and notes transitions for the status publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from emp_machine.runtime.jobs import WorkerRow
+from emp_machine.runtime.plan import REDIS_PROCESS, Plan
+from emp_machine.supervisor.control import ProcessInfo
+
+# supervisord states (and our ERRORED) in PM2's words, which the monitor reads
+PM2_STATUS = {"RUNNING": "online", "STARTING": "launching", "BACKOFF": "launching", "STOPPED": "stopped",
+              "STOPPING": "stopped", "EXITED": "stopped", "UNKNOWN": "stopped", "FATAL": "errored",
+              "ERRORED": "errored"}
+
+
+def pm2_status(state: str | None) -> str:
+    return PM2_STATUS.get(state or "", "stopped")
+
+
+@dataclass(frozen=True)
+class GpuState:
+    index: int
+    name: str
+    utilization_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    temperature_c: float | None
+
+
+@dataclass(frozen=True)
+class HardwareState:
+    cpu_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+    gpus: tuple[GpuState, ...] = ()
+    gpu_note: str = ""
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    process: str
+    service_type: str
+    connector: str
+    job_types: tuple[str, ...]
+    service_process: str | None
+    gpu: int | None
+    row: WorkerRow | None = None
+
+
+@dataclass
+class Aggregator:
+    plan: Plan
+    job_types: dict[str, tuple[str, ...]]  # worker group -> job types
+    version: str
+    health_url: str
+    required: set[str] = field(default_factory=set)  # service processes whose health decides the machine's
+    clock: Any = time.time
+
+    def __post_init__(self) -> None:
+        self.started_at = self.clock()
+        self.phase = "starting"
+        self.supervisord_up = False
+        self.processes: dict[str, ProcessInfo] = {}
+        self.health: dict[str, tuple[bool, str]] = {}
+        self.redis_ok: bool | None = None
+        self.redis_reason = "not checked yet"
+        self.hardware: HardwareState | None = None
+        self.workers = {
+            w.worker_id: _Worker(w.worker_id, w.process, self._service_type(w), w.connector,
+                                 self.job_types.get(w.group, (w.connector,)), w.service_process,
+                                 self._gpu_of(w.service_process))
+            for w in self.plan.workers}
+        self._by_process = {w.process: w for w in self.workers.values()}
+        self.required = self.required or {s.process for s in self.plan.services if s.required}
+        self.dirty = True
+        self.transition = asyncio.Event()  # set on a worker/service/phase/Redis transition
+        self._signature: tuple | None = None
+        self._pending_kind: str | None = None
+        self._announced_ready = False
+        self.version_no = 0
+        # built by commit()
+        self.health_code = 503
+        self.health_body = b"{}"
+        self.ready_code = 503
+        self.ready_body = b"{}"
+        self.status_doc: dict[str, Any] = {}
+        self.status_body = b"{}"
+        self.gauges = None  # (workers_active, workers_total) telemetry gauges, set by the machine
+        self._page: tuple[int, bytes] = (-1, b"")
+        self.commit()
+
+    # -- inputs (the decider calls these) ----------------------------------------------------------------
+    def set_phase(self, phase: str, supervisord_up: bool) -> None:
+        if (phase, supervisord_up) != (self.phase, self.supervisord_up):
+            if phase == "ready" and not self._announced_ready:
+                self._announced_ready = True
+                self._pending_kind = "machine_ready"
+            self.phase, self.supervisord_up = phase, supervisord_up
+            self.dirty = True
+
+    def set_processes(self, rows) -> None:
+        self.processes = {row.name: row for row in rows}
+        self.dirty = True
+
+    def set_health(self, process: str, healthy: bool, reason: str) -> None:
+        self.health[process] = (healthy, reason)
+        self.dirty = True
+
+    def set_redis(self, ok: bool, reason: str, rows: list[WorkerRow] | None = None) -> None:
+        self.redis_ok, self.redis_reason = ok, reason
+        for row in rows or ():
+            if row.worker_id in self.workers:
+                self.workers[row.worker_id].row = row
+        self.dirty = True
+
+    def set_worker_status(self, worker_id: str, status: str, current_job_id: str, at: str) -> None:
+        """A `worker_status` message: applied at once, between two Redis polls."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        row = worker.row or WorkerRow(worker_id, "", "", "", "", 0)
+        worker.row = WorkerRow(worker_id, status, current_job_id, at, row.last_heartbeat,
+                               row.heartbeat_ttl_ms if status != "offline" else -2)
+        self.dirty = True
+
+    def set_hardware(self, state: HardwareState) -> None:
+        self.hardware = state
+        self.dirty = True
+
+    def request_publish(self, kind: str = "event_driven") -> None:
+        self._pending_kind = self._pending_kind or kind
+        self.transition.set()
+
+    def take_kind(self) -> str:
+        kind, self._pending_kind = self._pending_kind, None
+        return kind or "event_driven"
+
+    # -- building ----------------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Rebuild the documents when something changed; flag a transition for the publisher."""
+        if not self.dirty:
+            return
+        self.dirty = False
+        self.version_no += 1
+        now = self.clock()
+        health = self._health_doc(now)
+        self.health_code = 200 if health["healthy"] else 503
+        self.health_body = json.dumps(health, separators=(",", ":")).encode()
+        ready = self.phase == "ready"
+        self.ready_code = 200 if ready else 503
+        self.ready_body = json.dumps({"ready": ready, "phase": self.phase}).encode()
+        self.status_doc = self._status_doc(now)
+        self.status_body = json.dumps(self.message("periodic"), separators=(",", ":")).encode()
+        signature = self._transition_signature()
+        if signature != self._signature:
+            if self._signature is not None or self._pending_kind:
+                self.transition.set()
+            self._signature = signature
+        if self._pending_kind:
+            self.transition.set()
+        if self.gauges is not None:
+            self._set_gauges()
+
+    def message(self, update_type: str, *, phase: str | None = None) -> dict[str, Any]:
+        """The contract's machine status message: the last built document, stamped now."""
+        doc = dict(self.status_doc)
+        doc["timestamp"] = int(self.clock() * 1000)
+        doc["update_type"] = update_type
+        if phase is not None:
+            status = dict(doc["status"])
+            status["machine"] = {**status["machine"], "phase": phase}
+            doc["status"] = status
+        return doc
+
+    def _service_type(self, worker) -> str:
+        if worker.service_process:
+            return next(s.service for s in self.plan.services if s.process == worker.service_process)
+        return worker.connector
+
+    def _gpu_of(self, service_process: str | None) -> int | None:
+        for s in self.plan.services:
+            if s.process == service_process:
+                return s.gpu
+        return None
+
+    def _worker_health(self, w: _Worker) -> tuple[bool, str]:
+        info = self.processes.get(w.process)
+        if info is None or info.state != "RUNNING":
+            return False, f"process {w.process} is {(info.state if info else 'not started').lower()}"
+        if not self.redis_ok:
+            return False, "heartbeat unknown: Redis unreachable"
+        if w.row is None or not w.row.status:
+            return False, "not registered in Redis yet"
+        if w.row.status == "offline":
+            return False, "reports offline"
+        if w.row.heartbeat_ttl_ms <= 0 and w.row.heartbeat_ttl_ms != -1:
+            return False, f"no heartbeat (worker:{w.worker_id}:heartbeat missing or expired)"
+        return True, ""
+
+    def _process_health(self, name: str, info: ProcessInfo | None) -> tuple[bool, str]:
+        if name in self._by_process:
+            return self._worker_health(self._by_process[name])
+        if info is None:
+            return False, "not started"
+        if info.state != "RUNNING":
+            reason = f"state {info.state.lower()}"
+            return False, reason + (f": {info.errored_reason}" if info.errored_reason else "")
+        verdict = self.health.get(name)
+        if verdict is None:
+            probed = name in {s.process for s in self.plan.services if s.probe} or (
+                name == REDIS_PROCESS and self.plan.redis_probe is not None)
+            return (False, "health check not passed yet") if probed else (True, "")
+        return verdict[0], "" if verdict[0] else verdict[1]
+
+    def _health_doc(self, now: float) -> dict[str, Any]:
+        reasons: list[str] = []
+        if self.phase != "ready":
+            reasons.append(f"machine is {self.phase}")
+        supervisor = {"healthy": self.supervisord_up, "reason": "" if self.supervisord_up else "supervisord is down"}
+        if not self.supervisord_up:
+            reasons.append("supervisord is down")
+        redis = {"healthy": bool(self.redis_ok), "reason": "" if self.redis_ok else self.redis_reason}
+        if not self.redis_ok:
+            reasons.append(f"redis: {self.redis_reason}")
+        services: dict[str, Any] = {}
+        for spec in self.plan.specs:
+            info = self.processes.get(spec.name)
+            healthy, reason = self._process_health(spec.name, info)
+            services[spec.name] = {
+                "healthy": healthy, "status": pm2_status(info.state if info else None),
+                "state": (info.state if info else "NOT_STARTED").lower(), "pid": info.pid if info and info.pid else None,
+                "restarts": info.restarts if info else 0, "uptime": round(info.uptime) if info else 0,
+                "kind": spec.kind, "required": spec.kind != "service" or spec.name in self.required,
+                "reason": reason}
+            if info is not None and info.errored_reason:
+                services[spec.name]["errored_reason"] = info.errored_reason
+            if not healthy and services[spec.name]["required"] and spec.kind != "worker":
+                reasons.append(f"{spec.name}: {reason}")
+        workers: dict[str, Any] = {}
+        for w in self.workers.values():
+            healthy, reason = self._worker_health(w)
+            row = w.row
+            workers[w.worker_id] = {
+                "healthy": healthy, "process": w.process, "status": (row.status if row else "") or "unknown",
+                "current_job_id": row.current_job_id if row else "",
+                "heartbeat_ttl_s": round(row.heartbeat_ttl_ms / 1000, 1) if row and row.heartbeat_ttl_ms > 0 else None,
+                "last_heartbeat": row.last_heartbeat if row else "", "reason": reason}
+            if not healthy:
+                reasons.append(f"{w.worker_id}: {reason}")
+        doc = {
+            "healthy": not reasons, "phase": self.phase, "machine_id": self.plan.machine_id,
+            "timestamp": _iso(now), "uptime_s": round(now - self.started_at, 1), "reasons": reasons,
+            "components": {"supervisor": supervisor, "redis": redis}, "services": services, "workers": workers,
+            "hardware": self._hardware_doc(),
+        }
+        return doc
+
+    def _hardware_doc(self) -> dict[str, Any]:
+        hw = self.hardware
+        if hw is None:
+            return {}
+        return {"cpu_percent": hw.cpu_percent, "memory_used_bytes": hw.memory_used_bytes,
+                "memory_total_bytes": hw.memory_total_bytes, "disk_used_bytes": hw.disk_used_bytes,
+                "disk_total_bytes": hw.disk_total_bytes,
+                "gpus": [g.__dict__ for g in hw.gpus], "gpu_note": "" if hw.gpus else (hw.gpu_note or "no GPU")}
+
+    def _status_doc(self, now: float) -> dict[str, Any]:
+        s_workers, s_services, st_workers, st_services = {}, {}, {}, {}
+        capabilities: list[str] = []
+        for w in self.workers.values():
+            for t in w.job_types:
+                if t not in capabilities:
+                    capabilities.append(t)
+            key = f"{w.worker_id}.{w.service_type}"
+            winfo = self.processes.get(w.process)
+            sinfo = self.processes.get(w.service_process) if w.service_process else winfo
+            w_healthy, _ = self._worker_health(w)
+            if w.service_process:
+                verdict = self.health.get(w.service_process)
+                known = verdict is not None or (sinfo is not None and sinfo.state != "RUNNING")
+                s_ok = bool(verdict and verdict[0]) and sinfo is not None and sinfo.state == "RUNNING"
+            else:
+                known = w.row is not None or (winfo is not None and winfo.state != "RUNNING")
+                s_ok = w_healthy
+            health = "unknown" if not known else "healthy" if s_ok else "unhealthy"
+            active = sinfo is not None and sinfo.state == "RUNNING" and winfo is not None and winfo.state == "RUNNING"
+            row = w.row
+            status = (row.status if row and row.status else "offline") if winfo and winfo.state == "RUNNING" \
+                else "offline"
+            s_workers[w.worker_id] = {"worker_id": w.worker_id, "gpu_id": w.gpu, "worker_type": w.connector,
+                                      "services": list(w.job_types), "connectors": [w.connector]}
+            s_services[key] = {"worker_id": w.worker_id, "service_type": w.service_type,
+                               "status": "active" if active else "inactive", "health": health}
+            st_workers[w.worker_id] = {
+                "is_connected": w_healthy, "status": status,
+                "current_job_id": (row.current_job_id if row and status == "busy" else ""),
+                "last_activity": (row.last_status_change or row.last_heartbeat) if row else "",
+                "version": self.version}
+            st_services[key] = {"status": "active" if active else "inactive", "health": health,
+                                "pm2_status": pm2_status(sinfo.state if sinfo else None)}
+        gpu_count = len(self.hardware.gpus) if self.hardware else len({s.gpu for s in self.plan.services
+                                                                       if s.gpu is not None})
+        return {
+            "machine_id": self.plan.machine_id, "timestamp": 0, "update_type": "periodic",
+            "health_url": self.health_url,
+            "structure": {"gpu_count": gpu_count, "capabilities": capabilities, "workers": s_workers,
+                          "services": s_services},
+            "status": {"machine": {"phase": self.phase, "uptime_ms": int((now - self.started_at) * 1000)},
+                       "workers": st_workers, "services": st_services},
+        }
+
+    def _transition_signature(self) -> tuple:
+        st = self.status_doc["status"]
+        return (self.phase, bool(self.redis_ok),
+                tuple((k, v["is_connected"], v["status"], v["current_job_id"]) for k, v in st["workers"].items()),
+                tuple((k, v["status"], v["health"], v["pm2_status"]) for k, v in st["services"].items()),
+                tuple((n, i.state) for n, i in sorted(self.processes.items())),
+                tuple(sorted((n, v[0]) for n, v in self.health.items())))
+
+    def _set_gauges(self) -> None:
+        active_gauge, total_gauge = self.gauges
+        active: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for w in self.workers.values():
+            active.setdefault(w.service_type, 0)
+            total.setdefault(w.service_type, 0)
+            info = self.processes.get(w.process)
+            if info is not None and info.state == "RUNNING":
+                total[w.service_type] += 1
+                if w.row is not None and w.row.status == "busy":
+                    active[w.service_type] += 1
+        for service, n in total.items():
+            total_gauge.set(n, {"service": service})
+            active_gauge.set(active[service], {"service": service})
+
+    # -- the status page ---------------------------------------------------------------------------------
+    def page(self) -> bytes:
+        """The human status page, built at most once per state version."""
+        if self._page[0] != self.version_no:
+            self._page = (self.version_no, _render_page(self, json.loads(self.health_body)).encode())
+        return self._page[1]
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(headers: list[str], rows: list[list[Any]], cls: list[str] | None = None) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in headers)
+    body = "".join(
+        f'<tr class="{e(cls[i]) if cls else ""}">' + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>"
+        for i, row in enumerate(rows))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body or '<tr><td>none</td></tr>'}</tbody></table>"
+
+
+def _render_page(agg: Aggregator, health: dict[str, Any]) -> str:
+    e = html.escape
+    procs = [[n, s["kind"], s["status"], s["state"], s["pid"] or "-", s["restarts"], f"{s['uptime']}s",
+              "yes" if s["healthy"] else s["reason"] or "no"] for n, s in health["services"].items()]
+    procs_cls = ["ok" if s["healthy"] else "bad" for s in health["services"].values()]
+    st = agg.status_doc["status"]
+    services = [[k, v["status"], v["health"], v["pm2_status"]] for k, v in st["services"].items()]
+    services_cls = ["ok" if v["health"] == "healthy" else "bad" for v in st["services"].values()]
+    workers = [[wid, w["status"], w["current_job_id"] or "-", w["last_heartbeat"] or "-",
+                "yes" if w["healthy"] else w["reason"]] for wid, w in health["workers"].items()]
+    workers_cls = ["ok" if w["healthy"] else "bad" for w in health["workers"].values()]
+    jobs = [[wid, w["current_job_id"]] for wid, w in health["workers"].items() if w["current_job_id"]]
+    hw = health.get("hardware") or {}
+    if hw.get("gpus"):
+        gpu = _table(["GPU", "name", "utilisation", "memory", "temperature"],
+                     [[g["index"], g["name"], f"{g['utilization_percent']:.0f}%",
+                       f"{_size(g['memory_used_bytes'])} / {_size(g['memory_total_bytes'])}",
+                       "-" if g["temperature_c"] is None else f"{g['temperature_c']:.0f} C"] for g in hw["gpus"]])
+    else:
+        gpu = f'<p id="gpu-note">{e(hw.get("gpu_note") or "no GPU")}</p>'
+    host = ""
+    if hw:
+        host = (f"<p>CPU {hw['cpu_percent']:.0f}% &middot; memory {_size(hw['memory_used_bytes'])} / "
+                f"{_size(hw['memory_total_bytes'])} &middot; disk {_size(hw['disk_used_bytes'])} / "
+                f"{_size(hw['disk_total_bytes'])}</p>")
+    verdict = "healthy" if health["healthy"] else "unhealthy"
+    reasons = "".join(f"<li>{e(r)}</li>" for r in health["reasons"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="3">
+<title>{e(agg.plan.machine_id)}: {verdict}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}
+td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:#f4f4f4}}
+tr.ok td:last-child{{color:#176f2c}}tr.bad td:last-child{{color:#b00020}}.healthy{{color:#176f2c}}
+.unhealthy{{color:#b00020}}</style></head>
+<body><h1>{e(agg.plan.machine_id)} <span id="verdict" class="{verdict}">{verdict}</span></h1>
+<p>phase <b id="phase">{e(health['phase'])}</b> &middot; up {health['uptime_s']:.0f}s &middot; updated {e(health['timestamp'])}
+ &middot; refreshes every 3 s</p>
+<ul id="reasons">{reasons}</ul>{host}
+<h2>Processes</h2>{_table(["name", "kind", "pm2", "state", "pid", "restarts", "uptime", "healthy"], procs, procs_cls)}
+<h2>Services</h2>{_table(["service", "status", "health", "pm2"], services, services_cls)}
+<h2>Workers</h2>{_table(["worker", "status", "job", "last heartbeat", "healthy"], workers, workers_cls)}
+<h2>Current jobs</h2>{_table(["worker", "job"], jobs)}
+<h2>GPU</h2>{gpu}
+</body></html>
+"""

@@ -1,0 +1,210 @@
+"""Machine status to Redis, and the pollers that feed the aggregator.
+
+Pollers only `put` events on the machine's inbox (STYLE.md section 2): `RedisPolled` (reachability and the
+workers' hashes and heartbeats, every second), `WorkerStatusSeen` (each `worker_status` message of our
+workers, at once) and `HardwareRead`. The publisher reads the aggregator and publishes the contract's
+`machine:status:{machine_id}` message: `periodic` every `status.interval`, `event_driven` within a second of
+a transition (a burst is coalesced into one message), `machine_ready` once boot completes and `shutdown` on
+exit. While Redis is unreachable it keeps trying at each period; the poller sees Redis come back, which is a
+transition, so a fresh full status goes out at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import psutil
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from emp_machine.runtime import hardware as hw
+from emp_machine.runtime import jobs
+from emp_machine.runtime.aggregate import Aggregator, GpuState, HardwareState
+from emp_machine.runtime.identity import redact_url
+
+log = logging.getLogger("emp.machine.status")
+
+REDIS_POLL_INTERVAL = 1.0
+REDIS_TIMEOUT = 1.0
+HARDWARE_INTERVAL = 5.0
+COALESCE_S = 0.1
+
+
+@dataclass(frozen=True)
+class RedisPolled:
+    ok: bool
+    reason: str
+    rows: tuple = ()
+
+
+@dataclass(frozen=True)
+class WorkerStatusSeen:
+    worker_id: str
+    status: str
+    current_job_id: str
+    at: str
+
+
+@dataclass(frozen=True)
+class HardwareRead:
+    state: HardwareState
+
+
+def health_url(public_url: str, host: str, port: int) -> str:
+    """Where the monitor reaches this machine's health server: the manifest's (or Railway's) public URL,
+    else this host's name; loopback only when nothing else is known."""
+    if public_url:
+        return public_url.rstrip("/")
+    if host not in ("0.0.0.0", "::", "", "127.0.0.1", "::1", "localhost"):
+        return f"http://{host}:{port}"
+    name = socket.gethostname() or "localhost"
+    return f"http://{name}:{port}"
+
+
+def redis_client(url: str, *, timeout: float | None = REDIS_TIMEOUT) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=REDIS_TIMEOUT,
+                                   socket_timeout=timeout, retry_on_timeout=False)
+
+
+def _why(exc: BaseException, url: str) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__} talking to {redact_url(url)}: {text.replace(url, redact_url(url))}"[:300]
+
+
+async def poll_redis(client: aioredis.Redis, url: str, worker_ids: list[str], inbox: asyncio.Queue) -> None:
+    while True:
+        try:
+            ok, rows = await asyncio.wait_for(jobs.read_workers(client, worker_ids), REDIS_TIMEOUT * 2)
+            inbox.put_nowait(RedisPolled(ok, "" if ok else "PING failed", tuple(rows)))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            inbox.put_nowait(RedisPolled(False, _why(exc, url)))
+        await asyncio.sleep(REDIS_POLL_INTERVAL)
+
+
+async def watch_worker_status(url: str, worker_ids: list[str], inbox: asyncio.Queue) -> None:
+    """`worker_status` messages of our workers, as they happen (a transition must reach Redis within 1 s)."""
+    ours = set(worker_ids)
+    while True:
+        client = redis_client(url, timeout=None)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(jobs.CH_WORKER_STATUS)
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if msg is None or msg.get("type") != "message":
+                    continue
+                try:
+                    data = json.loads(msg["data"])
+                    wid = str(data.get("worker_id") or "")
+                except (ValueError, AttributeError):
+                    continue
+                if wid in ours:
+                    inbox.put_nowait(WorkerStatusSeen(wid, str(data.get("new_status") or ""),
+                                                      str(data.get("current_job_id") or ""),
+                                                      jobs.iso_now()))
+        except (RedisError, OSError):
+            await asyncio.sleep(0.5)
+        finally:
+            try:
+                await pubsub.aclose()
+                await client.aclose()
+            except Exception:  # closing a broken connection may fail again; nothing to keep
+                pass
+
+
+def _read_hardware(disk_path: str, last: list) -> HardwareState:
+    times = psutil.cpu_times()
+    busy, total = sum(times) - times.idle - getattr(times, "iowait", 0.0), sum(times)
+    cpu = 0.0
+    if last:
+        d_total = total - last[1]
+        cpu = round(100.0 * (busy - last[0]) / d_total, 1) if d_total > 0 else 0.0
+    last[:] = [busy, total]
+    memory = psutil.virtual_memory()
+    try:
+        disk = psutil.disk_usage(disk_path)
+        disk_used, disk_total = disk.used, disk.total
+    except OSError:
+        disk_used = disk_total = 0
+    gpus, note = hw.read_gpus()
+    return HardwareState(cpu, memory.total - memory.available, memory.total, disk_used, disk_total,
+                         tuple(GpuState(g.index, g.name, g.utilization_percent, g.memory_used_bytes,
+                                        g.memory_total_bytes, g.temperature_c) for g in gpus), note)
+
+
+async def read_hardware(disk_path: str, inbox: asyncio.Queue) -> None:
+    last: list = []
+    while True:
+        inbox.put_nowait(HardwareRead(await asyncio.to_thread(_read_hardware, disk_path, last)))
+        await asyncio.sleep(HARDWARE_INTERVAL)
+
+
+class Publisher:
+    """PUBLISH machine:status:{machine_id}: periodic, event-driven (coalesced), machine_ready, shutdown."""
+
+    def __init__(self, aggregate: Aggregator, client: aioredis.Redis, url: str, interval: float, *,
+                 clock=time.monotonic):
+        self.aggregate = aggregate
+        self.client = client
+        self.url = url
+        self.interval = interval
+        self.clock = clock
+        self.published = 0
+        self.failed = 0
+        self._owed: str | None = None  # a machine_ready that could not go out yet
+        self._down = False
+
+    async def run(self) -> None:
+        next_periodic = self.clock() + self.interval
+        transition = self.aggregate.transition
+        while True:
+            try:
+                await asyncio.wait_for(transition.wait(), max(0.0, next_periodic - self.clock()))
+            except asyncio.TimeoutError:
+                kind = "periodic"
+                next_periodic += self.interval
+                if next_periodic <= self.clock():  # fell behind (a stalled loop): keep the rhythm from now
+                    next_periodic = self.clock() + self.interval
+            else:
+                await asyncio.sleep(COALESCE_S)  # everything that happens meanwhile goes out in one message
+                transition.clear()
+                kind = self.aggregate.take_kind()
+            if self._owed and kind != "shutdown":
+                kind, self._owed = self._owed, None
+            ok = await self.publish(kind)
+            if not ok and kind == "machine_ready":
+                self._owed = kind
+
+    async def publish(self, kind: str, *, phase: str | None = None) -> bool:
+        message = json.dumps(self.aggregate.message(kind, phase=phase), separators=(",", ":"))
+        try:
+            await asyncio.wait_for(jobs.publish_machine_status(self.client, self.aggregate.plan.machine_id, message),
+                                   REDIS_TIMEOUT * 2)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.failed += 1
+            if not self._down:
+                self._down = True
+                log.warning("status.publish_failed", extra={"fields": {
+                    "event_type": "machine.status.publish_failed", "update_type": kind,
+                    "error": _why(exc, self.url)}})
+            return False
+        self.published += 1
+        if self._down:
+            self._down = False
+            log.info("status.publish_resumed", extra={"fields": {"event_type": "machine.status.publish_resumed",
+                                                                  "update_type": kind}})
+        return True
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+
+        return v("emp-machine")
+    except Exception:  # not installed as a distribution (a bare source checkout)
+        return "unknown"

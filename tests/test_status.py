@@ -1,0 +1,150 @@
+"""Machine status in Redis: the contract's message, periodic rhythm, event-driven transitions, Redis outage."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import redis as redis_lib
+
+from emp_machine.runtime.jobs import JobStore
+from emp_machine.runtime.redis_server import PrivateRedis
+from harness import health_base, http, http_json, wait_for
+from status_shape import check_status_message
+
+
+class Listener:
+    """Collects (receipt time, channel, message) from a pattern subscription in a thread."""
+
+    def __init__(self, url: str, *patterns: str):
+        self.client = redis_lib.Redis.from_url(url, decode_responses=True)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(*patterns)
+        self.got: list[tuple[float, str, dict]] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                msg = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+            except (redis_lib.ConnectionError, OSError, ValueError):
+                return
+            if msg and msg["type"] == "pmessage":
+                self.got.append((time.monotonic(), msg["channel"], json.loads(msg["data"])))
+
+    def status(self, update_type: str | None = None) -> list[tuple[float, dict]]:
+        return [(t, m) for t, c, m in list(self.got) if c.startswith("machine:status:")
+                and (update_type is None or m["update_type"] == update_type)]
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        try:
+            self.pubsub.close()
+            self.client.close()
+        except Exception:
+            pass
+
+
+def test_status_messages_follow_the_contract_with_periodic_rhythm_and_fast_transitions(machine_factory, redis,
+                                                                                        redis_url):
+    listener = Listener(redis_url, "machine:status:*", "worker_status")
+    try:
+        machine = machine_factory("""
+health: {port: 0}
+status: {interval: 600ms}
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    stop_grace: 5s
+""")
+        machine.wait_ready()
+        ready = wait_for(lambda: listener.status("machine_ready"), 10, message="a machine_ready message")
+        _, msg = ready[0]
+        mid = msg["machine_id"]
+        workers = [f"{mid}-worker-0", f"{mid}-worker-1"]
+        check_status_message(msg, mid, workers)
+        assert msg["status"]["machine"]["phase"] == "ready"
+        assert msg["health_url"] == f"http://{__import__('socket').gethostname()}:{health_base(machine).rsplit(':', 1)[1]}"
+        wait_for(lambda: any(all(w["is_connected"] for w in m["status"]["workers"].values())
+                             for _, m in listener.status()), 10, message="both workers connected")
+
+        JobStore(redis).submit("simulation", {"steps": 8, "step_ms": 100})
+        busy_at = wait_for(lambda: next((t for t, c, m in list(listener.got) if c == "worker_status"
+                                         and m["new_status"] == "busy"), None), 10, message="worker_status busy")
+        seen = wait_for(lambda: next(((t, m) for t, m in listener.status("event_driven") if t >= busy_at and any(
+            w["status"] == "busy" and w["current_job_id"] for w in m["status"]["workers"].values())), None),
+            3, message="an event_driven message showing the busy worker")
+        assert seen[0] - busy_at < 1.0, f"transition reached Redis after {seen[0] - busy_at:.3f}s"
+        check_status_message(seen[1], mid, workers)
+        idle_at = wait_for(lambda: next((t for t, c, m in list(listener.got) if c == "worker_status"
+                                         and m["new_status"] == "idle" and t > busy_at), None), 10,
+                           message="worker_status idle")
+        wait_for(lambda: any(t >= idle_at and all(w["status"] == "idle" for w in m["status"]["workers"].values())
+                             for t, m in listener.status("event_driven")), 1.5, message="event_driven idle")
+
+        # periodic messages keep their rhythm although event-driven ones went out in between
+        wait_for(lambda: len(listener.status("periodic")) >= 6, 10, message="six periodic messages")
+        stamps = [m["timestamp"] for _, m in listener.status("periodic")]
+        gaps = [(b - a) / 1000 for a, b in zip(stamps, stamps[1:])]
+        assert all(0.4 <= g <= 0.9 for g in gaps), gaps
+        assert abs(sum(gaps) / len(gaps) - 0.6) < 0.1, gaps
+        for _, m in listener.status():
+            check_status_message(m, mid, workers)
+
+        machine.signal(signal.SIGTERM)
+        assert machine.wait_exit() == 0
+        last = wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")
+        assert len(last) == 1 and last[0][1]["status"]["machine"]["phase"] == "shutdown"
+        assert listener.status()[-1][1]["update_type"] == "shutdown"  # nothing after it
+    finally:
+        listener.close()
+
+
+def test_redis_outage_keeps_the_machine_up_and_publishing_resumes_with_a_full_status(machine_factory, tmp_path):
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        machine = machine_factory("""
+health: {port: 0}
+status: {interval: 5s}
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    lease: 3s
+    stop_grace: 5s
+""", redis_url=server.url)
+        machine.wait_ready()
+        base = health_base(machine)
+        wait_for(lambda: http(base + "/health")[0] == 200, 15, message="/health 200")
+        mid = json.loads(http(base + "/status")[2])["machine_id"]
+
+        server.stop()
+        status, doc = wait_for(lambda: (r := http_json(base + "/health"))[0] == 503 and r, 5,
+                               message="/health 503 with Redis down")
+        assert doc["components"]["redis"]["healthy"] is False and doc["components"]["redis"]["reason"]
+        assert any(r.startswith("redis:") for r in doc["reasons"])
+        assert http(base + "/ready")[0] == 200 and machine.proc.poll() is None
+        machine.wait_event("redis.unreachable")
+
+        server.start(server.port)  # the same address, empty data
+        listener = Listener(server.url, "machine:status:*")
+        try:
+            restarted = time.monotonic()
+            got = wait_for(lambda: listener.status(), 3, message="a status message after Redis came back")
+            assert got[0][0] - restarted < 3.0
+            check_status_message(got[0][1], mid, [f"{mid}-worker-0"])
+            assert got[0][1]["update_type"] == "event_driven"
+            wait_for(lambda: http(base + "/health")[0] == 200, 10, message="/health 200 after Redis is back")
+            machine.wait_event("redis.reachable")
+            if machine.event("status.publish_failed") is not None:  # a periodic fell inside the outage
+                machine.wait_event("status.publish_resumed")
+        finally:
+            listener.close()
+    finally:
+        server.stop()
