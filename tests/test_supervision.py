@@ -308,3 +308,13 @@ def _is_supervisord(proc: psutil.Process) -> bool:
         return "supervisor.supervisord" in " ".join(proc.cmdline())
     except psutil.Error:
         return False
+
+
+def test_the_running_machine_process_does_not_load_pydantic(machine_factory):
+    """Validation happens before the exec into the lean runner: pydantic stays out of the machine's memory."""
+    machine = machine_factory(TWO_WORKERS)
+    machine.wait_ready()
+    libraries = {m.path for m in psutil.Process(machine.proc.pid).memory_maps()}
+    assert not [p for p in libraries if "pydantic_core" in p]
+    assert any("_sqlite3" in p for p in libraries)  # the check can see extension modules at all
+    assert psutil.Process(machine.proc.pid).cmdline()[3] == "machine-run"  # same pid, replaced by exec

@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     trying.add_argument("--output-dir", default="./emp-try-outputs")
     trying.set_defaults(func=cmd_try)
 
+    machine_run = sub.add_parser("machine-run", help=argparse.SUPPRESS)
+    machine_run.add_argument("resolved")
+    machine_run.add_argument("--demo", action="store_true")
+    machine_run.set_defaults(func=cmd_machine_run)
+
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--index", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
@@ -112,56 +117,73 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from emp_machine.runtime import manifest as mf
 
-    path = Path(args.manifest) if args.manifest else mf.default_manifest()
-    return _boot(mf.load(path))
+    return _validate_then_exec(mf.load(Path(args.manifest) if args.manifest else mf.default_manifest()), demo=False)
 
 
 def cmd_demo(args) -> int:
-    import threading
-
-    from emp_machine.runtime import demo
     from emp_machine.runtime import manifest as mf
 
-    manifest = mf.load(Path(args.manifest) if args.manifest else mf.BUILTIN_DEFAULT)
-    stop = threading.Event()
-
-    def say(line: str) -> None:
-        print(f"demo | {line}", file=sys.stderr, flush=True)
-
-    helper = threading.Thread(target=demo.run, args=(Path(manifest.machine.state_dir), say, stop), daemon=True,
-                              name="demo")
-    helper.start()
-    try:
-        return _boot(manifest)
-    finally:
-        stop.set()
+    return _validate_then_exec(mf.load(Path(args.manifest) if args.manifest else mf.BUILTIN_DEFAULT), demo=True)
 
 
-def _boot(manifest) -> int:
-    import asyncio
+def _validate_then_exec(manifest, *, demo: bool) -> int:
+    """Validate and lay out the machine here, write the resolved manifest, then replace this process with
+    the lean machine runner (same pid, so signals and a container's PID 1 arrangement are unchanged).
 
-    from emp_machine import telemetry
+    The runner reads the resolved values through runtime/view.py and never imports pydantic: a problem
+    with the manifest or the hardware is reported here, before anything starts."""
     from emp_machine.runtime import hardware, plan
-    from emp_machine.runtime.machine import Machine, resolved_manifest_path
+    from emp_machine.runtime.machine import resolved_manifest_path
+    from emp_machine.runtime.view import View
 
-    hw = hardware.probe()
-    state = Path(manifest.machine.state_dir)
-    resolved = resolved_manifest_path(state)
-    the_plan = plan.build(manifest, hw, resolved_manifest=resolved, environ=dict(os.environ))
+    resolved = resolved_manifest_path(Path(manifest.machine.state_dir))
+    data = json.loads(manifest.model_dump_json())
+    data["source"] = manifest.source
+    plan.build(View(data), hardware.probe(), resolved_manifest=resolved, environ=dict(os.environ))
     resolved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w", encoding="utf-8") as fh:
-        fh.write(manifest.model_dump_json())
-    from emp_machine.runtime.logfile import RotatingTee
+        json.dump(data, fh)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "emp_machine", "machine-run", str(resolved)] + (["--demo"] if demo else [])
+    os.execv(sys.executable, argv)
+    return 1  # not reached
 
+
+def cmd_machine_run(args) -> int:
+    """The running machine: resolved manifest in, no pydantic (see _validate_then_exec)."""
+    import asyncio
+    import threading
+
+    from emp_machine import telemetry
+    from emp_machine.runtime import demo, hardware, plan
+    from emp_machine.runtime.logfile import RotatingTee
+    from emp_machine.runtime.machine import Machine
+    from emp_machine.runtime.view import View
+
+    resolved = Path(args.resolved)
+    manifest = View.load(resolved)
+    # The token stays out of every file: read from the variable the manifest names, as load() did.
+    token = os.environ.get(manifest.health.token_env, "").strip() or None
+    hw = hardware.probe()
+    the_plan = plan.build(manifest, hw, resolved_manifest=resolved, environ=dict(os.environ))
+    state = Path(manifest.machine.state_dir)
     stream = RotatingTee(the_plan.paths.log_file("machine"), manifest.logs.max_size, manifest.logs.backups)
     tel = telemetry.setup(manifest.telemetry, machine_id=manifest.machine.id, service_type="machine",
                           region=manifest.machine.region or None, buffer_path=state / "telemetry" / "machine.db",
                           process_share=1 / (len(the_plan.workers) + 1), stream=stream)
     tel.install_logging()
+    stop = threading.Event()
+    if args.demo:
+        def say(line: str) -> None:
+            print(f"demo | {line}", file=sys.stderr, flush=True)
+
+        threading.Thread(target=demo.run, args=(state, say, stop), daemon=True, name="demo").start()
     try:
-        return asyncio.run(Machine(manifest, the_plan, hw, tel).run())
+        return asyncio.run(Machine(manifest, the_plan, hw, tel, health_token=token).run())
     finally:
+        stop.set()
         tel.shutdown(timeout=5)
         stream.close()
 
@@ -193,7 +215,9 @@ def cmd_render(args) -> int:
     manifest = mf.load(args.path)
     if args.gpus is not None:
         manifest = manifest.model_copy(update={"machine": manifest.machine.model_copy(update={"gpus": args.gpus})})
-    the_plan = plan.build(manifest, hardware.probe(), environ=dict(os.environ),
+    from emp_machine.runtime.view import View
+
+    the_plan = plan.build(View(json.loads(manifest.model_dump_json())), hardware.probe(), environ=dict(os.environ),
                           resolved_manifest=resolved_manifest_path(Path(manifest.machine.state_dir)))
     text = svconfig.render(list(the_plan.specs), the_plan.paths, parent_pid=os.getpid(),
                            machine_id=the_plan.machine_id, log_max_bytes=manifest.logs.max_size,

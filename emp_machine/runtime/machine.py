@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -25,11 +26,13 @@ from emp_machine.runtime import hardware as hw
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.runtime.health import HealthServer
-from emp_machine.runtime.manifest import Manifest
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
 from emp_machine.supervisor import config as svconfig
 from emp_machine.supervisor.control import ProcessInfo, Supervisor
+
+if TYPE_CHECKING:  # the machine reads the resolved manifest through runtime/view.py, not the model
+    from emp_machine.runtime.manifest import Manifest
 
 log = logging.getLogger("emp.machine")
 
@@ -113,7 +116,8 @@ def step(name: str, level: int = logging.INFO, **fields) -> None:
 
 
 class Machine:
-    def __init__(self, manifest: Manifest, plan: Plan, hardware: hw.Hardware, telemetry, *, clock=time.monotonic):
+    def __init__(self, manifest: Manifest, plan: Plan, hardware: hw.Hardware, telemetry, *,
+                 health_token: str | None = None, clock=time.monotonic):
         self.manifest = manifest
         self.telemetry = telemetry
         self.plan = plan
@@ -148,10 +152,9 @@ class Machine:
         metrics = getattr(telemetry, "metrics", None)
         if metrics is not None and hasattr(metrics, "workers_active"):
             self.aggregate.gauges = (metrics.workers_active, metrics.workers_total)
-        token = manifest.health.token
         self.health_server = HealthServer(
             self.aggregate, host=manifest.health.host, port=manifest.health.port,
-            token=token.get_secret_value() if token is not None else None, token_env=manifest.health.token_env,
+            token=health_token, token_env=manifest.health.token_env,
             cors_origins=manifest.health.cors_origins, process_names={s.name for s in plan.specs},
             restart=self._request_restart, refresh=lambda: self.inbox.put_nowait(RefreshRequested()),
             metrics=telemetry.render_prometheus)

@@ -9,14 +9,17 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from emp_machine.errors import EmpError
 from emp_machine.runtime import identity
 from emp_machine.runtime.hardware import Hardware
-from emp_machine.runtime.manifest import HealthCheck, Manifest, RestartSection
 from emp_machine.runtime.redis_server import find_server_binary, free_port, server_argv
 from emp_machine.supervisor.config import Paths, ProcessSpec
 from emp_machine.supervisor.policy import RestartPolicy
+
+if TYPE_CHECKING:  # build() reads a manifest by attribute: the pydantic model or the machine's View of it
+    from emp_machine.runtime.manifest import Manifest
 
 REDIS_PROCESS = "redis"
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
@@ -85,11 +88,11 @@ class Plan:
         return deps + ([worker.service_process] if worker.service_process else [])
 
 
-def _policy(section: RestartSection) -> RestartPolicy:
-    return RestartPolicy.from_dict(section.model_dump())
+def _policy(section: Any) -> RestartPolicy:
+    return RestartPolicy.from_dict({name: getattr(section, name) for name in RestartPolicy.__dataclass_fields__})
 
 
-def _probe(check: HealthCheck | None, values: dict) -> Probe | None:
+def _probe(check: Any, values: dict) -> Probe | None:
     if check is None:
         return None
     url = check.http.format(**values) if check.http else None

@@ -4,7 +4,6 @@ a durable SQLite buffer and OTLP/HTTP shipping. See docs/telemetry.md.
 Depends on nothing else of ours except `emp_machine.units` and `emp_machine.errors`.
 """
 
-from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.telemetry.context import (
     Incoming,
     bind,
@@ -30,3 +29,13 @@ __all__ = [
     "new_span_id", "new_trace_id", "redact_fields", "redact_text", "ServiceOutputTailer", "setup", "TailSource",
     "worker_id_for",
 ]
+
+
+def __getattr__(name: str):
+    # The config model imports pydantic: loaded only when asked for, so that a process which receives an
+    # already-validated config (the machine) does not pay for pydantic.
+    if name in ("TelemetryConfig", "apply_otel_env"):
+        from emp_machine.telemetry import config
+
+        return getattr(config, name)
+    raise AttributeError(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import sys
 import threading
@@ -15,7 +17,6 @@ from opentelemetry.trace import SpanKind
 
 from emp_machine.telemetry import context as ctx
 from emp_machine.telemetry.buffer import Buffer, Kind, Value
-from emp_machine.telemetry.config import TelemetryConfig
 from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
@@ -32,6 +33,10 @@ try:
     _VERSION = _dist_version("emp-machine")
 except Exception:  # running from a source tree without an install
     _VERSION = "0.0.0"
+
+
+if TYPE_CHECKING:  # the config model is pydantic; the running machine passes a plain view of it
+    from emp_machine.telemetry.config import TelemetryConfig
 
 
 def resource_attributes(config: TelemetryConfig, *, machine_id: str, worker_id: str | None, service_type: str,
