@@ -29,8 +29,6 @@ from enum import StrEnum
 from importlib.resources import files
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeout
 
 # Contract keys and channels.
 PENDING = "jobs:pending"
@@ -537,6 +535,10 @@ class JobSignals:
         self._wake.set()
 
     async def _listen(self) -> None:
+        # Imported here: the machine process uses this module without redis-py (see runtime/resp.py).
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeout
+
         first = True
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)

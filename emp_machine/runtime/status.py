@@ -19,13 +19,12 @@ import time
 from dataclasses import dataclass
 
 import psutil
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from emp_machine.runtime import hardware as hw
 from emp_machine.runtime import jobs
 from emp_machine.runtime.aggregate import Aggregator, GpuState, HardwareState
 from emp_machine.runtime.identity import redact_url
+from emp_machine.runtime.resp import MiniRedis, RespError
 
 log = logging.getLogger("emp.machine.status")
 
@@ -66,9 +65,9 @@ def health_url(public_url: str, host: str, port: int) -> str:
     return f"http://{name}:{port}"
 
 
-def redis_client(url: str, *, timeout: float | None = REDIS_TIMEOUT) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=REDIS_TIMEOUT,
-                                   socket_timeout=timeout, retry_on_timeout=False)
+def redis_client(url: str) -> MiniRedis:
+    """The machine's Redis client (runtime/resp.py); slow replies are bounded by the callers' wait_for."""
+    return MiniRedis(url, connect_timeout=REDIS_TIMEOUT)
 
 
 def _why(exc: BaseException, url: str) -> str:
@@ -76,12 +75,12 @@ def _why(exc: BaseException, url: str) -> str:
     return f"{exc.__class__.__name__} talking to {redact_url(url)}: {text.replace(url, redact_url(url))}"[:300]
 
 
-async def poll_redis(client: aioredis.Redis, url: str, worker_ids: list[str], inbox: asyncio.Queue) -> None:
+async def poll_redis(client: MiniRedis, url: str, worker_ids: list[str], inbox: asyncio.Queue) -> None:
     while True:
         try:
             ok, rows = await asyncio.wait_for(jobs.read_workers(client, worker_ids), REDIS_TIMEOUT * 2)
             inbox.put_nowait(RedisPolled(ok, "" if ok else "PING failed", tuple(rows)))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (RespError, OSError, asyncio.TimeoutError) as exc:
             inbox.put_nowait(RedisPolled(False, _why(exc, url)))
         await asyncio.sleep(REDIS_POLL_INTERVAL)
 
@@ -90,7 +89,7 @@ async def watch_worker_status(url: str, worker_ids: list[str], inbox: asyncio.Qu
     """`worker_status` messages of our workers, as they happen (a transition must reach Redis within 1 s)."""
     ours = set(worker_ids)
     while True:
-        client = redis_client(url, timeout=None)
+        client = redis_client(url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(jobs.CH_WORKER_STATUS)
@@ -107,7 +106,7 @@ async def watch_worker_status(url: str, worker_ids: list[str], inbox: asyncio.Qu
                     inbox.put_nowait(WorkerStatusSeen(wid, str(data.get("new_status") or ""),
                                                       str(data.get("current_job_id") or ""),
                                                       jobs.iso_now()))
-        except (RedisError, OSError):
+        except (RespError, OSError):
             await asyncio.sleep(0.5)
         finally:
             try:
@@ -147,7 +146,7 @@ async def read_hardware(disk_path: str, inbox: asyncio.Queue) -> None:
 class Publisher:
     """PUBLISH machine:status:{machine_id}: periodic, event-driven (coalesced), machine_ready, shutdown."""
 
-    def __init__(self, aggregate: Aggregator, client: aioredis.Redis, url: str, interval: float, *,
+    def __init__(self, aggregate: Aggregator, client: MiniRedis, url: str, interval: float, *,
                  clock=time.monotonic):
         self.aggregate = aggregate
         self.client = client
@@ -185,7 +184,7 @@ class Publisher:
         try:
             await asyncio.wait_for(jobs.publish_machine_status(self.client, self.aggregate.plan.machine_id, message),
                                    REDIS_TIMEOUT * 2)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (RespError, OSError, asyncio.TimeoutError) as exc:
             self.failed += 1
             if not self._down:
                 self._down = True

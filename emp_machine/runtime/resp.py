@@ -1,0 +1,209 @@
+"""The machine process's own small asyncio Redis client (RESP2): PING, pipelined reads, PUBLISH, SUBSCRIBE.
+
+Why not redis-py here: importing `redis` costs the machine process 9.4 MB of resident memory (the package
+loads every command module, its cluster client and OpenTelemetry instrumentation), and the machine's
+budget with supervisord is 80 MB. The machine only polls worker state and publishes status; workers,
+the CLI and tests keep redis-py. Replies are decoded to `str` like redis-py's `decode_responses=True`.
+
+Errors: a connection that cannot be made or breaks raises `ConnectionError` (an `OSError`) and is reopened
+on the next call; a server error reply raises `RespError`; slow replies are the caller's `wait_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class RespError(Exception):
+    """Redis answered with an error reply (`-ERR ...`)."""
+
+
+def _encode(args: Sequence[Any]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> Any:
+    line = await reader.readuntil(b"\r\n")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        return RespError(rest.decode(errors="replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = await reader.readexactly(size + 2)
+        return data[:-2].decode(errors="replace")
+    if kind == b"*":
+        count = int(rest)
+        if count < 0:
+            return None
+        return [await _read_reply(reader) for _ in range(count)]
+    raise ConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+
+
+class _Target:
+    """Where and how to connect, parsed once from a redis://, rediss:// or unix:// URL."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        self.unix_path = parts.path if parts.scheme == "unix" else None
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.tls = parts.scheme == "rediss"
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        db = query.get("db", [""])[0] if self.unix_path else parts.path.lstrip("/")
+        self.db = int(db) if db else 0
+
+    async def open(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            if self.unix_path:
+                opening = asyncio.open_unix_connection(self.unix_path)
+            else:
+                opening = asyncio.open_connection(self.host, self.port,
+                                                  ssl=_ssl.create_default_context() if self.tls else None)
+            reader, writer = await asyncio.wait_for(opening, timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}") from None
+        hello = []
+        if self.password is not None:
+            hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        if hello:
+            writer.write(b"".join(_encode(cmd) for cmd in hello))
+            for _ in hello:
+                reply = await asyncio.wait_for(_read_reply(reader), timeout)
+                if isinstance(reply, RespError):
+                    writer.close()
+                    raise reply
+        return reader, writer
+
+
+class MiniRedis:
+    """One connection, used by one caller at a time (a lock orders concurrent calls)."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 2.0):
+        self._target = _Target(url)
+        self._connect_timeout = connect_timeout
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._lock = asyncio.Lock()
+
+    async def execute_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send all commands, read all replies (error replies are returned as RespError values)."""
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await self._target.open(self._connect_timeout)
+            reader, writer = self._conn
+            try:
+                writer.write(b"".join(_encode(cmd) for cmd in commands))
+                await writer.drain()
+                return [await _read_reply(reader) for _ in commands]
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError) as exc:
+                self._drop()  # half-read replies: this connection can never be trusted again
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise ConnectionError(f"Redis connection lost: {exc.__class__.__name__}") from None
+
+    async def execute(self, *args: Any) -> Any:
+        reply = (await self.execute_many([args]))[0]
+        if isinstance(reply, RespError):
+            raise reply
+        return reply
+
+    async def ping(self) -> bool:
+        return await self.execute("PING") == "PONG"
+
+    async def publish(self, channel: str, message: str) -> int:
+        return int(await self.execute("PUBLISH", channel, message))
+
+    def pipeline(self, transaction: bool = False) -> "Pipeline":
+        return Pipeline(self)
+
+    def pubsub(self, ignore_subscribe_messages: bool = True) -> "PubSub":
+        return PubSub(self._target, self._connect_timeout)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None
+
+    async def aclose(self) -> None:
+        self._drop()
+
+
+class Pipeline:
+    """redis-py's pipeline shape for the few reads the machine makes: queue, then `execute()` once."""
+
+    def __init__(self, client: MiniRedis):
+        self._client = client
+        self._commands: list[tuple] = []
+
+    def ping(self) -> "Pipeline":
+        self._commands.append(("PING",))
+        return self
+
+    def hmget(self, key: str, fields: Sequence[str]) -> "Pipeline":
+        self._commands.append(("HMGET", key, *fields))
+        return self
+
+    def pttl(self, key: str) -> "Pipeline":
+        self._commands.append(("PTTL", key))
+        return self
+
+    async def execute(self) -> list[Any]:
+        replies = await self._client.execute_many(self._commands)
+        for reply in replies:
+            if isinstance(reply, RespError):
+                raise reply
+        return replies
+
+
+class PubSub:
+    """A subscribing connection of its own; `get_message` returns redis-py-shaped `message` dicts."""
+
+    def __init__(self, target: _Target, connect_timeout: float):
+        self._target = target
+        self._connect_timeout = connect_timeout
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def subscribe(self, *channels: str) -> None:
+        self._conn = await self._target.open(self._connect_timeout)
+        self._conn[1].write(_encode(("SUBSCRIBE", *channels)))
+        await self._conn[1].drain()
+
+    async def get_message(self, ignore_subscribe_messages: bool = True, timeout: float | None = None) -> dict | None:
+        if self._conn is None:
+            raise ConnectionError("not subscribed")
+        try:
+            reply = await asyncio.wait_for(_read_reply(self._conn[0]), timeout)
+        except asyncio.TimeoutError:
+            return None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            raise ConnectionError(f"Redis subscription lost: {exc.__class__.__name__}") from None
+        if isinstance(reply, RespError):
+            raise reply
+        if not isinstance(reply, list) or len(reply) < 3:
+            return None
+        kind = reply[0]
+        if kind != "message" and ignore_subscribe_messages:
+            return None
+        return {"type": kind, "channel": reply[1], "data": reply[2]}
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None

@@ -1,0 +1,92 @@
+"""The machine's small Redis client (runtime/resp.py) against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from emp_machine.runtime.redis_server import PrivateRedis, free_port
+from emp_machine.runtime.resp import MiniRedis, RespError
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_ping_pipeline_reads_and_error_replies(redis, redis_url):
+    redis.hset("worker:w1", mapping={"status": "busy", "current_job_id": "j1"})
+    redis.set("worker:w1:heartbeat", "x", px=50_000)
+
+    async def go():
+        client = MiniRedis(redis_url)
+        try:
+            assert await client.ping()
+            replies = await client.pipeline().ping().hmget("worker:w1", ["status", "current_job_id", "nope"]) \
+                .pttl("worker:w1:heartbeat").pttl("worker:none:heartbeat").execute()
+            assert replies[0] == "PONG" and replies[1] == ["busy", "j1", None]
+            assert 0 < replies[2] <= 50_000 and replies[3] == -2
+            with pytest.raises(RespError, match="WRONGTYPE"):
+                await client.execute("LPUSH", "worker:w1", "x")
+            assert await client.ping()  # an error reply leaves the connection usable
+        finally:
+            await client.aclose()
+
+    run(go())
+
+
+def test_publish_reaches_a_subscriber_with_unicode_intact(redis_url):
+    async def go():
+        client, sub = MiniRedis(redis_url), MiniRedis(redis_url).pubsub()
+        await sub.subscribe("machine:status:m1")
+        assert await sub.get_message(timeout=0.05) is None  # the subscribe confirmation is skipped
+        receivers = await client.publish("machine:status:m1", '{"phase": "ready", "note": "\u00e9\u2713"}')
+        message = await sub.get_message(timeout=2)
+        await sub.aclose()
+        await client.aclose()
+        return receivers, message
+
+    receivers, message = run(go())
+    assert receivers == 1
+    assert message == {"type": "message", "channel": "machine:status:m1", "data": '{"phase": "ready", "note": "\u00e9\u2713"}'}
+
+
+def test_unreachable_server_is_a_connection_error():
+    async def go():
+        client = MiniRedis(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1)
+        with pytest.raises(ConnectionError, match="cannot connect"):
+            await client.ping()
+
+    run(go())
+
+
+def test_password_and_database_from_the_url_and_reconnect_after_a_restart(tmp_path):
+    port = free_port()
+    server = PrivateRedis(tmp_path / "a").start(port)
+    try:
+        import redis as redis_lib
+
+        admin = redis_lib.Redis(port=port)
+        admin.config_set("requirepass", "s3cret")
+        admin.close()
+
+        async def go():
+            client = MiniRedis(f"redis://:s3cret@127.0.0.1:{port}/3")
+            await client.execute("SET", "k", "v")
+            assert await client.execute("GET", "k") == "v"
+            wrong = MiniRedis(f"redis://:nope@127.0.0.1:{port}/0")
+            with pytest.raises(RespError):
+                await wrong.ping()
+            server.stop()
+            with pytest.raises(ConnectionError):
+                await client.ping()
+            server.start(port)
+            admin = redis_lib.Redis(port=port)
+            admin.config_set("requirepass", "s3cret")
+            admin.close()
+            assert await client.ping()  # reopened on the next call, AUTH again
+            await client.aclose()
+
+        run(go())
+    finally:
+        server.stop()
