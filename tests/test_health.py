@@ -262,9 +262,12 @@ def chromium():
             return path
     if shutil.which("apt-get") is None:
         pytest.skip("no chromium and no apt-get to install it")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
     try:
-        done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(install, capture_output=True, text=True, timeout=240)
+        if done.returncode != 0:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=120)
+            done = subprocess.run(install, capture_output=True, text=True, timeout=240)
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"chromium could not be installed: {exc}")
     path = shutil.which("chromium")
