@@ -325,6 +325,9 @@ class _JobOps:
             {"ok": renewed, "cancelled": cancelled}.get(state, lost).append(job_id)
         return HeartbeatResult(renewed, lost, cancelled)
 
+    def _active_jobs(self, worker_id: str) -> _Op:
+        return list((yield _Call(None, ("hkeys", active_key(worker_id)))))
+
     def _reap(self, limit: int) -> _Op:
         return list((yield _Call("reap", (limit,))))
 
@@ -404,13 +407,16 @@ class _Api(_JobOps):
                  "connector_statuses": json.dumps(dict(connector_statuses or {}))}
         return self._drive(self._set_worker_status(worker_id, "idle", extra))
 
-    def set_worker_status(self, worker_id: str, status: str):
-        """idle / busy / offline (offline also deletes the heartbeat key); publishes worker_status."""
-        return self._drive(self._set_worker_status(worker_id, status, {}))
+    def set_worker_status(self, worker_id: str, status: str, current_job_id: str | None = None):
+        """idle / busy / offline (offline also deletes the heartbeat key); publishes worker_status.
+        `current_job_id` (busy only) names the job shown; by default the one recorded is kept."""
+        extra = {"current_job_id": current_job_id} if status == "busy" and current_job_id else {}
+        return self._drive(self._set_worker_status(worker_id, status, extra))
 
     start = _public("_start", "assigned -> in_progress; returns Ownership.")
     cancel = _public("_cancel", "Cancel a job the way the EMP API does (job_id, reason); True if it was live.")
     heartbeat = _public("_heartbeat", "Renew the heartbeat key and the worker's leases; returns HeartbeatResult.")
+    active_jobs = _public("_active_jobs", "Ids in jobs:active:{worker_id}: what Redis thinks the worker runs.")
     reconcile = _public("_reconcile", "Index API-submitted jobs and drop stale index entries (the slow sweep).")
     stuck_jobs = _public("_stuck", "Assigned or running jobs whose lease or worker heartbeat expired.")
     timeline = _public("_timeline", "The job hash, its progress hash and its event list.")
