@@ -341,6 +341,12 @@ class Worker:
                 raise
             except JobCancelled as exc:
                 await asyncio.shield(self._finish_cancelled(job, str(exc), time.monotonic() - started))
+            except RedisError as exc:
+                # Only our own finishing writes reach Redis (connectors never do): an outage that outlasted
+                # the retries is not the job's failure. The job stays in jobs:active; once Redis is back the
+                # heartbeat hands it back (a stray) or the reaper re-queues it: run again, never lost.
+                self.log.error("job result not recorded: Redis unreachable; the job will run again",
+                               extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
             except Exception as exc:  # noqa: BLE001 - a connector cannot kill the worker (STYLE.md 3)
                 error = classify(exc)
                 if isinstance(error, JobCancelled):
