@@ -151,7 +151,8 @@ class WorkerProcs:
     kill, stop and restart them by index; `close()` kills what is left.
     """
 
-    def __init__(self, body: str, state_dir: Path, redis_url: str, machine_id: str = "wt"):
+    def __init__(self, body: str, state_dir: Path, redis_url: str, machine_id: str = "wt",
+                 environ: dict[str, str] | None = None):
         from emp_machine.runtime import hardware, plan
         from emp_machine.runtime import manifest as mf
 
@@ -163,7 +164,7 @@ class WorkerProcs:
         resolved = state_dir / "manifest.json"
         resolved.write_text(self.manifest.model_dump_json(), encoding="utf-8")
         self.plan = plan.build(self.manifest, hardware.probe(), resolved_manifest=resolved,
-                               environ=dict(os.environ))
+                               environ={**os.environ, **(environ or {})})
         self.specs = [s for s in self.plan.specs if s.kind == "worker"]
         self.ids = [w.worker_id for w in self.plan.workers]
         self.procs: dict[int, subprocess.Popen] = {}

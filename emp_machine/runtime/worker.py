@@ -33,6 +33,7 @@ FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
 DRAIN_MARGIN_S = 2.0  # kept from stop_grace to hand a job back before supervisord's SIGKILL
 REDIS_RETRY_MAX_S = 5.0
+CANCEL_GRACE_S = 2.0  # a connector told to stop gets this long before its progress calls raise JobCancelled
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
@@ -102,12 +103,21 @@ class _Progress:
         self.flusher: asyncio.Task | None = None
         self.lock = asyncio.Lock()
 
-    def _check(self) -> None:
-        if self.job.id in self.worker.cancelled or self.job.id in self.worker.lost:
+    def _stopping(self) -> bool:
+        """True once the job is to stop (cancelled or lost). The connector was told through cancel() and
+        stops its service-side work its own way (e.g. A1111's /interrupt): raising here at once would
+        unwind it before it could. Only a connector still reporting progress CANCEL_GRACE_S later, one
+        that ignores cancel(), gets JobCancelled from this callback."""
+        since = self.worker.stop_requested.get(self.job.id)
+        if since is None:
+            return False
+        if time.monotonic() - since > CANCEL_GRACE_S:
             raise JobCancelled(f"job {self.job.id} was cancelled")
+        return True
 
     async def __call__(self, percent: float, message: str = "") -> None:
-        self._check()
+        if self._stopping():
+            return  # nothing more is written for a job that is not ours to report on
         percent = max(0.0, min(100.0, float(percent)))
         self.seq += 1
         now = time.monotonic()
@@ -130,10 +140,7 @@ class _Progress:
         if self.pending is not None:
             seq, percent, message = self.pending
             self.pending = None
-            try:
-                await self._send(seq, percent, message)
-            except JobCancelled:
-                pass  # recorded in the worker's sets; the connector was told to stop
+            await self._send(seq, percent, message)
 
     async def _send(self, seq: int, percent: float, message: str) -> None:
         async with self.lock:
@@ -149,12 +156,7 @@ class _Progress:
                 return
         if own is Ownership.OK:
             return
-        if own is Ownership.CANCELLED:
-            self.worker.cancelled.add(self.job.id)
-        else:
-            self.worker.lost.add(self.job.id)
-        self.worker.stop_connector(self.job.id)
-        raise JobCancelled(f"job {self.job.id} is no longer ours ({own})")
+        self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
 
     def close(self) -> None:
         if self.flusher is not None:
@@ -178,6 +180,7 @@ class Worker:
         self.running: dict[str, asyncio.Task] = {}
         self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
         self.lost: set[str] = set()  # the lease went to the reaper (or the hash vanished): stop, write nothing
+        self.stop_requested: dict[str, float] = {}  # job id -> when the connector was told to stop it
         self.orphans_seen: set[str] = set()  # in jobs:active for us but not running here, at the last heartbeat
         self.draining = asyncio.Event()
         self.status = "offline"  # as last written to worker:{id}
@@ -263,6 +266,7 @@ class Worker:
         self.running.pop(job_id, None)
         self.cancelled.discard(job_id)
         self.lost.discard(job_id)
+        self.stop_requested.pop(job_id, None)
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
@@ -421,8 +425,15 @@ class Worker:
             self.telemetry.events.emit("job.handed_back", level=logging.WARNING, job_id=job_id,
                                        ownership=str(own), reason=reason)
 
-    def stop_connector(self, job_id: str) -> None:
-        """Ask the connector to stop a job, without waiting (called from callbacks)."""
+    def request_stop(self, job_id: str, *, lost: bool) -> None:
+        """The job was cancelled by the API (or, `lost`, went to another worker): never complete it, and
+        ask the connector to stop it. Called from callbacks; does not wait."""
+        if job_id not in self.running:
+            return
+        (self.lost if lost else self.cancelled).add(job_id)
+        if job_id in self.stop_requested:
+            return
+        self.stop_requested[job_id] = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._safe_cancel(job_id))
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
@@ -468,9 +479,7 @@ class Worker:
                 task.cancel()
 
     def _on_cancel(self, job_id: str, reason: str) -> None:
-        if job_id in self.running:
-            self.cancelled.add(job_id)
-            self.stop_connector(job_id)
+        self.request_stop(job_id, lost=False)
 
     async def _register(self) -> None:
         await self._retrying_start(self.store.register_worker, self.ident.worker_id, self.ident.machine_id,
@@ -509,9 +518,7 @@ class Worker:
             for job_id in beat.cancelled:
                 self._on_cancel(job_id, "cancelled (seen by heartbeat)")
             for job_id in beat.lost:
-                if job_id in self.running:
-                    self.lost.add(job_id)
-                    self.stop_connector(job_id)
+                self.request_stop(job_id, lost=True)
             # Orphans seen twice in a row (so not a claim whose reply is still on its way): hand back.
             strays = {j for j in beat.renewed if j not in self.running}
             await self._release_orphans(sorted(strays & self.orphans_seen), "not running on its worker")
