@@ -120,7 +120,7 @@ def test_a_job_completes_with_progress_and_the_contract_fields(client, store, wo
     for u in updates[1:]:
         assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "timestamp"}, u
         assert u["worker_id"] == wid and u["status"] == "in_progress" and isinstance(u["timestamp"], int)
-    assert [u["message"] for u in updates[1:]] == ["started", "step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert [u["message"] for u in updates[1:]] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     claimed = messages.of("job_claimed", job_id=job_id)
     assert len(claimed) == 1
     assert events(store, job_id) == ["submitted", "claimed", "started", "completed"]

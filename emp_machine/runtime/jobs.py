@@ -300,9 +300,10 @@ class _JobOps:
                 estimated_completion or "")
         return Ownership((yield _Call("progress", args)))
 
-    def _complete(self, job_id: str, worker_id: str, result: Any, message: str) -> _Op:
+    def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool) -> _Op:
         data = json.dumps(result, separators=(",", ":"))
-        return Ownership((yield _Call("complete", (job_id, worker_id, data, message))))
+        return Ownership((yield _Call("complete", (job_id, worker_id, data, message,
+                                                   "1" if final_progress else "0"))))
 
     def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool) -> _Op:
         outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0"))
@@ -388,9 +389,11 @@ class _Api(_JobOps):
         return self._drive(self._progress(job_id, worker_id, percent, message, current_step, total_steps,
                                           estimated_completion))
 
-    def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed"):
-        """Mark the job completed with `result` (references, not blobs); returns Ownership."""
-        return self._drive(self._complete(job_id, worker_id, result, message))
+    def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed", *,
+                 final_progress: bool = False):
+        """Mark the job completed with `result` (references, not blobs); returns Ownership.
+        `final_progress`: first record progress 100 as progress() would, in the same round trip."""
+        return self._drive(self._complete(job_id, worker_id, result, message, final_progress))
 
     def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool):
         """Retry (retryable and attempts left) or fail for good; returns FailOutcome."""

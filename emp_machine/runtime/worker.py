@@ -90,13 +90,13 @@ class _Progress:
     """The connector's progress callback for one job: throttled writes, cancellation surfaced as JobCancelled.
 
     The latest value is kept and written at most every PROGRESS_INTERVAL_S; 0 and 100 go out at once (once
-    each). Writes are serialised and numbered, so a throttled value that was overtaken is dropped rather
+    each: the claim already announced 0, and the completion records 100 unless the connector did). Writes are serialised and numbered, so a throttled value that was overtaken is dropped rather
     than written after a newer one (progress never goes backwards on the wire)."""
 
     def __init__(self, worker: "Worker", job: Job):
         self.worker, self.job = worker, job
         self.last_sent = 0.0
-        self.last_percent = -1.0
+        self.last_percent = 0.0  # the claim announced 0 (contract), so a 0 from here would repeat it
         self.seq = 0  # numbers every call
         self.sent_seq = 0  # the newest call written
         self.pending: tuple[int, float, str] | None = None
@@ -234,7 +234,6 @@ class Worker:
                 continue
             if job is None:
                 self.slots.release()
-                await self._refresh_status()
                 waiter = asyncio.create_task(signals.wait(FALLBACK_SWEEP_S))
                 drain = asyncio.create_task(self.draining.wait())
                 await asyncio.wait({waiter, drain}, return_when=asyncio.FIRST_COMPLETED)
@@ -307,7 +306,6 @@ class Worker:
                 if own is not Ownership.OK:
                     self.log.info("claimed job no longer ours at start", extra={"job_id": job.id, "ownership": own})
                     return
-                await self._refresh_status(current_job_id=job.id)
                 tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=job.retry_count + 1)
                 with tel.tracer.start_as_current_span("task.preprocessing"):
                     try:
@@ -317,7 +315,6 @@ class Worker:
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
                                                  attempt=job.retry_count + 1,
                                                  traceparent=tel.http_headers(job.id).get("traceparent"))
-                await progress(0, "started")
                 timeout = self.group.job_timeouts.get(job_type, self.group.job_timeout)
                 with tel.tracer.start_as_current_span("service.call", attributes={"connector": self.group.connector}):
                     deadline = asyncio.timeout(timeout)
@@ -331,8 +328,8 @@ class Worker:
                         tel.events.emit("job.timeout", level=logging.WARNING, job_id=job.id, timeout_s=timeout)
                         raise RetryableJobError(f"job timed out after {timeout:g}s") from None
                 with tel.tracer.start_as_current_span("result.postprocessing"):
-                    await progress(100, "completed")
-                    own = await asyncio.shield(self._finish_ok(job, result))
+                    progress.close()  # a throttled value still waiting is overtaken by the completion
+                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100))
                 if own is Ownership.OK:
                     tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
                     tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
@@ -360,13 +357,13 @@ class Worker:
                 await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started))
             finally:
                 progress.close()
-                self.running.pop(job.id, None)  # so the status below counts only the others
-                await self._refresh_status()
 
-    async def _finish_ok(self, job: Job, result: JobResult) -> Ownership:
+    async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool) -> Ownership:
+        """Complete the job; `final_progress` records progress 100 in the same round trip."""
         if job.id in self.cancelled or job.id in self.lost:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
-        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, result.to_json())
+        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, result.to_json(),
+                                   final_progress=final_progress)
         if own is Ownership.CANCELLED:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         return own
@@ -487,16 +484,16 @@ class Worker:
         await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
         self.status = "idle"
 
-    async def _refresh_status(self, current_job_id: str = "") -> None:
-        """Write idle / busy as `self.running` stands now. Serialised, and each write reads `running` when
-        it goes out, so with concurrency > 1 the last write always matches the jobs still running."""
+    async def _refresh_status(self) -> None:
+        """Write idle / busy as `self.running` stands now (after re-registering). While jobs run, the
+        scripts keep worker:{id} right themselves, atomically with each change: the claim sets busy with
+        current_job_id, and complete / fail / hand-back / reap set idle, or busy with a remaining job when
+        concurrency > 1. Writing it from here too raced with them (a finishing job's idle landing after a
+        new claim's busy) and cost two round trips per job."""
         async with self._status_lock:
             status = "busy" if self.running else "idle"
-            if status == self.status and not (status == "busy" and current_job_id):
-                return
             try:
-                await self.store.set_worker_status(self.ident.worker_id, status,
-                                                   current_job_id or next(iter(self.running), ""))
+                await self.store.set_worker_status(self.ident.worker_id, status, next(iter(self.running), ""))
                 self.status = status
             except RedisError:
                 pass
@@ -510,7 +507,6 @@ class Worker:
                 if not await self.redis.hexists(f"worker:{self.ident.worker_id}", "capabilities"):
                     # Redis came back empty (restarted without persistence): register again
                     await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
-                    self.status = "idle"
                     await self._refresh_status()
             except RedisError as exc:
                 self.log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {exc}"})
