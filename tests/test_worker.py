@@ -26,6 +26,10 @@ workers:
   solo:
     connector: simulation
     job_types: [ordered]
+  duo:
+    connector: simulation
+    job_types: [duo]
+    concurrency: 2
 """
 CHANNELS = ("update_job_progress", "complete_job", "job_failed", "job_claimed", "worker_status", "cancel_job")
 
@@ -255,3 +259,34 @@ def test_a_malformed_payload_fails_that_job_alone(client, store, workers, messag
     odd = submit_raw(client, "simulation", '[1, 2]')
     wait_status(client, odd, "failed")
     assert client.hget(f"job:{odd}", "error") == "simulation payload must be a JSON object, got list"
+
+
+def test_concurrency_2_keeps_the_worker_busy_until_its_last_job_ends(client, store, workers, messages):
+    wid = workers.ids[3]
+    long_job = store.submit("duo", {"steps": 1, "step_ms": 0, "hang": True})
+    short_job = store.submit("duo", {"steps": 2, "step_ms": 100})
+    wait_status(client, short_job, "completed")
+    assert status_of(client, long_job) == "in_progress"
+    assert {client.hget(f"job:{j}", "worker_id") for j in (long_job, short_job)} == {wid}
+    worker = client.hgetall(f"worker:{wid}")
+    assert (worker["status"], worker["current_job_id"]) == ("busy", long_job)
+    assert store.cancel(long_job, "done with it")
+    wait_for(lambda: client.hget(f"worker:{wid}", "status") == "idle", message="idle after the last job")
+    assert client.hget(f"worker:{wid}", "current_job_id") == ""
+    changes = [(m["old_status"], m["new_status"]) for m in messages.of("worker_status", worker_id=wid)]
+    assert changes[-1] == ("busy", "idle") and ("busy", "idle") not in changes[:-1], changes
+
+
+def test_a_job_reaped_while_running_is_not_completed_by_its_first_worker(client, store, workers, messages):
+    job_id = store.submit("simulation", {"steps": 3, "step_ms": 150})
+    wait_status(client, job_id, "in_progress")
+    first = client.hget(f"job:{job_id}", "worker_id")
+    client.zadd("jobs:leases", {job_id: 0})  # as if its heartbeats had stopped reaching Redis
+    assert store.reap_expired_leases() == [job_id]
+    wait_status(client, job_id, "completed")
+    wait_for(lambda: messages.of("complete_job", job_id=job_id), message="complete_job")
+    (done,) = messages.of("complete_job", job_id=job_id)
+    evs = [(e["ev"], e.get("worker_id")) for e in store.timeline(job_id).events]
+    assert evs.index(("lease_expired", first)) < evs.index(("completed", done["worker_id"]))
+    assert done["worker_id"] != first, evs  # the second run's worker, never the one that lost it
+    assert evs.count(("completed", done["worker_id"])) == 1
