@@ -174,3 +174,115 @@ def http(url: str, method: str = "GET", headers: dict | None = None, timeout: fl
 def http_json(url: str, method: str = "GET", headers: dict | None = None):
     status, _, body = http(url, method, headers)
     return status, json.loads(body)
+
+
+# -- worker processes without a machine ---------------------------------------------------------------------
+class WorkerProcs:
+    """Real `emp-machine worker` processes started the way supervisord starts them, without a machine.
+
+    The manifest text is loaded and laid out by `plan.build`, so each process gets exactly the argv and
+    environment the machine would give it (MACHINE_ID, WORKER_ID, WORKER_GROUP, REDIS_URL, ...). Tests
+    kill, stop and restart them by index; `close()` kills what is left.
+    """
+
+    def __init__(self, body: str, state_dir: Path, redis_url: str, machine_id: str = "wt",
+                 environ: dict[str, str] | None = None):
+        from emp_machine.runtime import hardware, plan
+        from emp_machine.runtime import manifest as mf
+
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        text = (f"machine:\n  type: test\n  id: {machine_id}\n  state_dir: {state_dir}\n"
+                f"redis:\n  url: {redis_url}\n" + textwrap.dedent(body).strip() + "\n")
+        self.manifest = mf.loads(text, environ={})
+        resolved = state_dir / "manifest.json"
+        resolved.write_text(self.manifest.model_dump_json(), encoding="utf-8")
+        self.plan = plan.build(self.manifest, hardware.probe(), resolved_manifest=resolved,
+                               environ={**os.environ, **(environ or {})})
+        self.specs = [s for s in self.plan.specs if s.kind == "worker"]
+        self.ids = [w.worker_id for w in self.plan.workers]
+        self.procs: dict[int, subprocess.Popen] = {}
+        self._logs: dict[int, object] = {}
+
+    def start(self, *indexes: int) -> "WorkerProcs":
+        for i in indexes or range(len(self.specs)):
+            spec = self.specs[i]
+            log = open(self.log_path(i), "ab")
+            self._logs[i] = log
+            self.procs[i] = subprocess.Popen(list(spec.argv), env=dict(spec.env), stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log_path(self, i: int) -> Path:
+        return self.state_dir / f"worker-{i}.log"
+
+    def log(self, i: int) -> str:
+        path = self.log_path(i)
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    def wait_up(self, client, *indexes: int, timeout: float = 20.0) -> None:
+        """Until each worker logged `worker.spawned` (registered and subscribed to job_submitted)."""
+        for i in indexes or tuple(self.procs):
+            wait_for(lambda: '"worker.spawned"' in self.log(i) or self._dead(i), timeout,
+                     message=f"worker {i} to start\n{self.log(i)[-3000:]}")
+
+    def _dead(self, i: int):
+        proc = self.procs[i]
+        if proc.poll() is not None:
+            raise AssertionError(f"worker {i} exited ({proc.returncode}):\n{self.log(i)[-3000:]}")
+        return None
+
+    def signal(self, i: int, sig: int) -> None:
+        self.procs[i].send_signal(sig)
+
+    def wait_exit(self, i: int, timeout: float = 15.0) -> int:
+        try:
+            return self.procs[i].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {i} did not exit in {timeout}s:\n{self.log(i)[-3000:]}") from None
+
+    def close(self) -> None:
+        for i, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in self._logs.values():
+            log.close()
+
+
+class Messages:
+    """Every pub/sub message on some channels, collected by a thread from before the test acts."""
+
+    def __init__(self, client, *channels: str):
+        import threading
+
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(*channels)
+        self.seen: list[tuple[str, dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.pubsub.get_message(timeout=0.1)
+            except Exception:  # noqa: BLE001 - the server went away (Redis restart tests): stop collecting
+                return
+            if msg and msg.get("type") == "message":
+                try:
+                    body = json.loads(msg["data"])
+                except ValueError:
+                    body = {"raw": msg["data"]}
+                self.seen.append((msg["channel"], body))
+
+    def of(self, channel: str, **match) -> list[dict]:
+        return [b for c, b in list(self.seen) if c == channel and all(b.get(k) == v for k, v in match.items())]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        try:
+            self.pubsub.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -180,6 +180,28 @@ def test_complete_transitions_and_message(store, redis, listen):
     assert redis.zscore("jobs:leases", job_id) is None
 
 
+def test_complete_can_record_progress_100_in_the_same_round_trip(store, redis, listen):
+    sub = listen("update_job_progress", "complete_job")
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    assert store.complete(job_id, "w1", {"x": 1}, "finished", final_progress=True) == "ok"
+    progress = redis.hgetall(f"job:{job_id}:progress")
+    assert (progress["progress"], progress["status"], progress["message"]) == ("100", "in_progress", "finished")
+    assert ISO.match(progress["updated_at"])
+    msg = sub.wait_for("update_job_progress", 2)[-1]
+    assert msg == {"job_id": job_id, "worker_id": "w1", "progress": 100, "status": "in_progress",
+                   "message": "finished", "timestamp": msg["timestamp"]}
+    assert sub.wait_for("complete_job")[0]["timestamp"] >= msg["timestamp"]
+    # a cancelled job records nothing, not even the progress
+    other = store.submit("sim", {})
+    store.claim(CAPS)
+    store.cancel(other, "stop")
+    assert store.complete(other, "w1", {}, "finished", final_progress=True) == "cancelled"
+    assert redis.hgetall(f"job:{other}:progress") == {}
+
+
 def test_retry_then_final_failure_with_can_retry_always_set(redis, listen):
     store = JobStore(redis, avoid_reclaim_s=0)
     sub = listen("job_failed")

@@ -298,9 +298,10 @@ class _JobOps:
                 estimated_completion or "")
         return Ownership((yield _Call("progress", args)))
 
-    def _complete(self, job_id: str, worker_id: str, result: Any, message: str) -> _Op:
+    def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool) -> _Op:
         data = json.dumps(result, separators=(",", ":"))
-        return Ownership((yield _Call("complete", (job_id, worker_id, data, message))))
+        return Ownership((yield _Call("complete", (job_id, worker_id, data, message,
+                                                   "1" if final_progress else "0"))))
 
     def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool) -> _Op:
         outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0"))
@@ -322,6 +323,9 @@ class _JobOps:
         for state, job_id in zip(reply[::2], reply[1::2]):
             {"ok": renewed, "cancelled": cancelled}.get(state, lost).append(job_id)
         return HeartbeatResult(renewed, lost, cancelled)
+
+    def _active_jobs(self, worker_id: str) -> _Op:
+        return list((yield _Call(None, ("hkeys", active_key(worker_id)))))
 
     def _reap(self, limit: int) -> _Op:
         return list((yield _Call("reap", (limit,))))
@@ -383,9 +387,11 @@ class _Api(_JobOps):
         return self._drive(self._progress(job_id, worker_id, percent, message, current_step, total_steps,
                                           estimated_completion))
 
-    def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed"):
-        """Mark the job completed with `result` (references, not blobs); returns Ownership."""
-        return self._drive(self._complete(job_id, worker_id, result, message))
+    def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed", *,
+                 final_progress: bool = False):
+        """Mark the job completed with `result` (references, not blobs); returns Ownership.
+        `final_progress`: first record progress 100 as progress() would, in the same round trip."""
+        return self._drive(self._complete(job_id, worker_id, result, message, final_progress))
 
     def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool):
         """Retry (retryable and attempts left) or fail for good; returns FailOutcome."""
@@ -402,13 +408,16 @@ class _Api(_JobOps):
                  "connector_statuses": json.dumps(dict(connector_statuses or {}))}
         return self._drive(self._set_worker_status(worker_id, "idle", extra))
 
-    def set_worker_status(self, worker_id: str, status: str):
-        """idle / busy / offline (offline also deletes the heartbeat key); publishes worker_status."""
-        return self._drive(self._set_worker_status(worker_id, status, {}))
+    def set_worker_status(self, worker_id: str, status: str, current_job_id: str | None = None):
+        """idle / busy / offline (offline also deletes the heartbeat key); publishes worker_status.
+        `current_job_id` (busy only) names the job shown; by default the one recorded is kept."""
+        extra = {"current_job_id": current_job_id} if status == "busy" and current_job_id else {}
+        return self._drive(self._set_worker_status(worker_id, status, extra))
 
     start = _public("_start", "assigned -> in_progress; returns Ownership.")
     cancel = _public("_cancel", "Cancel a job the way the EMP API does (job_id, reason); True if it was live.")
     heartbeat = _public("_heartbeat", "Renew the heartbeat key and the worker's leases; returns HeartbeatResult.")
+    active_jobs = _public("_active_jobs", "Ids in jobs:active:{worker_id}: what Redis thinks the worker runs.")
     reconcile = _public("_reconcile", "Index API-submitted jobs and drop stale index entries (the slow sweep).")
     stuck_jobs = _public("_stuck", "Assigned or running jobs whose lease or worker heartbeat expired.")
     timeline = _public("_timeline", "The job hash, its progress hash and its event list.")

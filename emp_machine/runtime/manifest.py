@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import string
+import sys
 import typing
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -506,8 +507,10 @@ def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=1)
-def _connector_entry_points() -> tuple:
+@functools.lru_cache(maxsize=4)
+def _connector_entry_points(search_path: tuple[str, ...]) -> tuple:
+    """Installed connector entry points, cached per import path (scanning distributions takes milliseconds,
+    and a package added to the path later must still be found)."""
     from importlib.metadata import entry_points
 
     return tuple(entry_points(group=CONNECTOR_GROUP))
@@ -519,7 +522,7 @@ def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: d
     from emp_machine.errors import ConnectorLoadError
 
     path = ("workers", name, "connector")
-    found = _connector_entry_points()
+    found = _connector_entry_points(tuple(sys.path))
     installed = sorted({ep.name for ep in found})
     if group.connector not in installed:
         close = difflib.get_close_matches(group.connector, installed, n=1, cutoff=0.5)

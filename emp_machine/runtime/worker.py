@@ -26,13 +26,14 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
-from emp_machine.runtime.jobs import AsyncJobStore, Job, JobSignals, Ownership, worker_key
+from emp_machine.runtime.jobs import CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, worker_key
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
 DRAIN_MARGIN_S = 2.0  # kept from stop_grace to hand a job back before supervisord's SIGKILL
 REDIS_RETRY_MAX_S = 5.0
+CANCEL_GRACE_S = 2.0  # a connector told to stop gets this long before its progress calls raise JobCancelled
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
@@ -72,50 +73,76 @@ def capabilities(ident: WorkerIdentity, group: WorkerGroup, hardware: Mapping[st
 
 
 class _Progress:
-    """The connector's progress callback for one job: throttled writes, cancellation surfaced as JobCancelled."""
+    """The connector's progress callback for one job: throttled writes, cancellation surfaced as JobCancelled.
+
+    The latest value is kept and written at most every PROGRESS_INTERVAL_S; 0 and 100 go out at once (once
+    each: the claim already announced 0, and the completion records 100 unless the connector did). Writes are serialised and numbered, so a throttled value that was overtaken is dropped rather
+    than written after a newer one (progress never goes backwards on the wire)."""
 
     def __init__(self, worker: "Worker", job: Job):
         self.worker, self.job = worker, job
         self.last_sent = 0.0
-        self.pending: tuple[float, str] | None = None
+        self.last_percent = 0.0  # the claim announced 0 (contract), so a 0 from here would repeat it
+        self.seq = 0  # numbers every call
+        self.sent_seq = 0  # the newest call written
+        self.pending: tuple[int, float, str] | None = None
         self.flusher: asyncio.Task | None = None
-        self.last_percent = -1.0
+        self.lock = asyncio.Lock()
+
+    def _stopping(self) -> bool:
+        """True once the job is to stop (cancelled or lost). The connector was told through cancel() and
+        stops its service-side work its own way (e.g. A1111's /interrupt): raising here at once would
+        unwind it before it could. Only a connector still reporting progress CANCEL_GRACE_S later, one
+        that ignores cancel(), gets JobCancelled from this callback."""
+        since = self.worker.stop_requested.get(self.job.id)
+        if since is None:
+            return False
+        if time.monotonic() - since > CANCEL_GRACE_S:
+            raise JobCancelled(f"job {self.job.id} was cancelled")
+        return True
 
     async def __call__(self, percent: float, message: str = "") -> None:
-        if self.job.id in self.worker.cancelled:
-            raise JobCancelled(f"job {self.job.id} was cancelled")
+        if self._stopping():
+            return  # nothing more is written for a job that is not ours to report on
         percent = max(0.0, min(100.0, float(percent)))
+        self.seq += 1
         now = time.monotonic()
-        if percent in (0.0, 100.0) or now - self.last_sent >= PROGRESS_INTERVAL_S:
+        if percent in (0.0, 100.0):
+            if percent == self.last_percent:
+                return  # announced already (the worker and the connector both report the ends)
             self.pending = None
-            await self._send(percent, message)
+            await self._send(self.seq, percent, message)
+        elif now - self.last_sent >= PROGRESS_INTERVAL_S:
+            self.pending = None
+            await self._send(self.seq, percent, message)
         else:
-            self.pending = (percent, message)
+            self.pending = (self.seq, percent, message)
             if self.flusher is None or self.flusher.done():
-                self.flusher = asyncio.create_task(self._flush_later(PROGRESS_INTERVAL_S - (now - self.last_sent)))
+                delay = PROGRESS_INTERVAL_S - (now - self.last_sent)
+                self.flusher = asyncio.create_task(self._flush_later(delay))
 
     async def _flush_later(self, delay: float) -> None:
         await asyncio.sleep(max(0.0, delay))
         if self.pending is not None:
-            percent, message = self.pending
+            seq, percent, message = self.pending
             self.pending = None
-            await self._send(percent, message)
+            await self._send(seq, percent, message)
 
-    async def _send(self, percent: float, message: str) -> None:
-        self.last_sent = time.monotonic()
-        self.last_percent = percent
-        try:
-            own = await self.worker.store.progress(self.job.id, self.worker.ident.worker_id, percent, message)
-        except _REDIS_DOWN as exc:  # progress is advisory: a Redis blip must not fail the job
-            self.worker.log.warning("progress not recorded: Redis unreachable",
-                                    extra={"job_id": self.job.id, "error": str(exc)})
+    async def _send(self, seq: int, percent: float, message: str) -> None:
+        async with self.lock:
+            if seq <= self.sent_seq:
+                return  # a newer value went out meanwhile
+            self.sent_seq = seq
+            self.last_sent = time.monotonic()
+            self.last_percent = percent
+            try:
+                own = await self.worker.store.progress(self.job.id, self.worker.ident.worker_id, percent, message)
+            except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
+                self.worker.log.warning("progress not recorded", extra={"job_id": self.job.id, "error": str(exc)})
+                return
+        if own is Ownership.OK:
             return
-        if own is Ownership.CANCELLED:
-            self.worker.cancelled.add(self.job.id)
-            raise JobCancelled(f"job {self.job.id} was cancelled")
-        if own in (Ownership.LOST, Ownership.MISSING):
-            self.worker.lost.add(self.job.id)
-            raise JobCancelled(f"job {self.job.id} is no longer ours ({own})")
+        self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
 
     def close(self) -> None:
         if self.flusher is not None:
@@ -137,10 +164,14 @@ class Worker:
         self.job_types = list(self.caps["services"])
         self.slots = asyncio.Semaphore(self.group.concurrency)
         self.running: dict[str, asyncio.Task] = {}
-        self.cancelled: set[str] = set()
-        self.lost: set[str] = set()
+        self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
+        self.lost: set[str] = set()  # the lease went to the reaper (or the hash vanished): stop, write nothing
+        self.stop_requested: dict[str, float] = {}  # job id -> when the connector was told to stop it
+        self.orphans_seen: set[str] = set()  # in jobs:active for us but not running here, at the last heartbeat
         self.draining = asyncio.Event()
-        self.status = "offline"
+        self.status = "offline"  # as last written to worker:{id}
+        self._status_lock = asyncio.Lock()
+        self._side_tasks: set[asyncio.Task] = set()
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -148,6 +179,8 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         await self._register()
+        await self._release_orphans(await self._retrying_start(self.store.active_jobs, self.ident.worker_id),
+                                    "worker restarted")
         signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
         await signals.start()
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reaper())]
@@ -161,7 +194,11 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await signals.close()
-            await self._set_status("offline")
+            async with self._status_lock:
+                try:
+                    await self.store.set_worker_status(self.ident.worker_id, "offline")
+                except RedisError:
+                    pass
             await self.connector.close()
         self.log.info("worker stopped", extra={"event_type": "worker.stopped"})
         return 0
@@ -175,16 +212,14 @@ class Worker:
             try:
                 job = await self.store.claim(self.caps, hints=hints)
                 backoff = 0.1
-            except _REDIS_DOWN as exc:
+            except RedisError as exc:
                 self.slots.release()
-                self.log.warning("claim failed: Redis unreachable", extra={"error": str(exc)})
+                self.log.warning("claim failed", extra={"error": f"{type(exc).__name__}: {exc}"})
                 await self._sleep_or_drain(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
                 continue
             if job is None:
                 self.slots.release()
-                if not self.running:
-                    await self._set_status("idle")
                 waiter = asyncio.create_task(signals.wait(FALLBACK_SWEEP_S))
                 drain = asyncio.create_task(self.draining.wait())
                 await asyncio.wait({waiter, drain}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,40 +251,48 @@ class Worker:
         self.running.pop(job_id, None)
         self.cancelled.discard(job_id)
         self.lost.discard(job_id)
+        self.stop_requested.pop(job_id, None)
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
+
+    def drain_budget(self) -> tuple[float, float]:
+        """(grace, margin): running jobs get `grace` to finish, then `margin` is left to hand them back
+        before supervisord's SIGKILL (stopwaitsecs = stop_grace). The margin shrinks with a short grace."""
+        budget = self.group.stop_grace
+        margin = min(DRAIN_MARGIN_S, budget / 2)
+        return budget - margin, margin
 
     async def _drain(self) -> None:
         """Let running jobs finish within the grace; hand the rest back without counting an attempt."""
         if not self.running:
             return
-        grace = max(0.5, self.group.stop_grace - DRAIN_MARGIN_S)
+        grace, margin = self.drain_budget()
         self.log.info("draining", extra={"event_type": "worker.draining", "running": list(self.running),
                                          "grace_s": grace})
         _, pending = await asyncio.wait(list(self.running.values()), timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=DRAIN_MARGIN_S)
+            await asyncio.wait(pending, timeout=margin)
 
     # -- one job -----------------------------------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
         tel = self.telemetry
         job_type = job.service_required
         started = time.monotonic()
+        progress = _Progress(self, job)
         with tel.job_span(job.id, job_hash=job.fields, job_type=job_type,
                           attributes={"job.attempt": job.retry_count + 1}) as span:
             try:
-                own = await self.store.start(job.id, self.ident.worker_id)
-            except _REDIS_DOWN:
-                own = Ownership.OK  # the claim already made it ours; carry on and let the finish retry
-            if own is not Ownership.OK:
-                return
-            await self._set_status("busy", current_job_id=job.id)
-            tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=job.retry_count + 1)
-            progress = _Progress(self, job)
-            try:
+                try:
+                    own = await self.store.start(job.id, self.ident.worker_id)
+                except RedisError:
+                    own = Ownership.OK  # the claim already made it ours; carry on and let the finish retry
+                if own is not Ownership.OK:
+                    self.log.info("claimed job no longer ours at start", extra={"job_id": job.id, "ownership": own})
+                    return
+                tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=job.retry_count + 1)
                 with tel.tracer.start_as_current_span("task.preprocessing"):
                     try:
                         payload = job.payload()
@@ -258,50 +301,67 @@ class Worker:
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
                                                  attempt=job.retry_count + 1,
                                                  traceparent=tel.http_headers(job.id).get("traceparent"))
-                await progress(0, "started")
                 timeout = self.group.job_timeouts.get(job_type, self.group.job_timeout)
                 with tel.tracer.start_as_current_span("service.call", attributes={"connector": self.group.connector}):
+                    deadline = asyncio.timeout(timeout)
                     try:
-                        result = await asyncio.wait_for(self.connector.run(connector_job, progress), timeout)
+                        async with deadline:
+                            result = await self.connector.run(connector_job, progress)
                     except TimeoutError:
+                        if not deadline.expired():
+                            raise  # the connector's own timeout (e.g. an HTTP call): classified below
                         await self._safe_cancel(job.id)
                         tel.events.emit("job.timeout", level=logging.WARNING, job_id=job.id, timeout_s=timeout)
                         raise RetryableJobError(f"job timed out after {timeout:g}s") from None
                 with tel.tracer.start_as_current_span("result.postprocessing"):
-                    await progress(100, "completed")
-                    await self._finish_ok(job, result)
-                tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
-                tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
-                                duration_ms=round((time.monotonic() - started) * 1000, 1))
+                    progress.close()  # a throttled value still waiting is overtaken by the completion
+                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100))
+                if own is Ownership.OK:
+                    tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
+                    tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
+                                    duration_ms=round((time.monotonic() - started) * 1000, 1))
+                else:
+                    tel.events.emit("job.not_completed", level=logging.WARNING, job_id=job.id, ownership=str(own))
             except asyncio.CancelledError:
                 # drain ran out of time, or the worker is stopping: the job goes back, no attempt counted
                 await asyncio.shield(self._hand_back(job))
                 raise
             except JobCancelled as exc:
-                await asyncio.shield(self._finish_cancelled(job, str(exc)))
+                await asyncio.shield(self._finish_cancelled(job, str(exc), time.monotonic() - started))
+            except RedisError as exc:
+                # Only our own finishing writes reach Redis (connectors never do): an outage that outlasted
+                # the retries is not the job's failure. The job stays in jobs:active; once Redis is back the
+                # heartbeat hands it back (a stray) or the reaper re-queues it: run again, never lost.
+                self.log.error("job result not recorded: Redis unreachable; the job will run again",
+                               extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
             except Exception as exc:  # noqa: BLE001 - a connector cannot kill the worker (STYLE.md 3)
                 error = classify(exc)
                 if isinstance(error, JobCancelled):
-                    await asyncio.shield(self._finish_cancelled(job, str(error)))
+                    await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
                     return
                 span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
                 await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started))
             finally:
                 progress.close()
-                if len(self.running) <= 1:
-                    await self._set_status("idle")
 
-    async def _finish_ok(self, job: Job, result: JobResult) -> None:
+    async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool) -> Ownership:
+        """Complete the job; `final_progress` records progress 100 in the same round trip."""
         if job.id in self.cancelled or job.id in self.lost:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
-        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, result.to_json())
+        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, result.to_json(),
+                                   final_progress=final_progress)
         if own is Ownership.CANCELLED:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
+        return own
 
     async def _finish_failed(self, job: Job, error: Exception, duration_s: float) -> None:
         retryable = bool(getattr(error, "retryable", False))
         outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, str(error),
                                        retryable=retryable)
+        if outcome.outcome not in ("retried", "failed"):
+            self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=str(error),
+                                       ownership=outcome.outcome)
+            return
         status = "retried" if outcome.outcome == "retried" else "failed"
         self.telemetry.metrics.job_finished(job.service_required, status, duration_s, self.ident.worker_id)
         if status == "retried":
@@ -311,19 +371,55 @@ class Worker:
             self.telemetry.events.emit("job.failed", level=logging.ERROR, job_id=job.id, error=str(error),
                                        retryable=retryable, retry_count=outcome.retry_count)
 
-    async def _finish_cancelled(self, job: Job, reason: str) -> None:
-        """Never completed: the API already failed it (cancel) or it went to someone else (lost lease)."""
+    async def _finish_cancelled(self, job: Job, reason: str, duration_s: float) -> None:
+        """Never completed: the API already failed it (cancel) or it went to someone else (lost lease).
+        A connector that reports a cancellation nobody asked for (a service interrupted by hand) fails
+        the job with its own message instead: "cancelled by user" would be untrue."""
+        if job.id in self.lost:
+            self.log.info("job lost while running; left to its new owner",
+                          extra={"event_type": "job.lost", "job_id": job.id, "reason": reason})
+            return
+        if job.id not in self.cancelled:
+            await self._finish_failed(job, FatalJobError(f"interrupted: {reason}"), duration_s)
+            return
         self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "job_id": job.id,
                                                                  "reason": reason})
-        if job.id in self.lost:
-            return
-        await self._retrying(self.store.fail, job.id, self.ident.worker_id, "Job cancelled by user",
-                             retryable=False)
+        # The API already wrote the failure; this only drops our bookkeeping (the script sees 'cancelled').
+        await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False)
 
     async def _hand_back(self, job: Job) -> None:
         await self._safe_cancel(job.id)
-        own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain")
+        own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain",
+                                   deadline_s=DRAIN_MARGIN_S)
         self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own))
+
+    async def _release_orphans(self, job_ids: list[str], reason: str) -> None:
+        """Jobs Redis says we run but this process does not (a previous process with our worker id was
+        killed, or a finishing write gave up): back to the queue, no attempt counted. Without this our
+        heartbeat would renew their leases forever and the reaper would never free them."""
+        for job_id in job_ids:
+            if job_id in self.running:
+                continue
+            try:
+                own = await self.store.hand_back(job_id, self.ident.worker_id, reason)
+            except RedisError as exc:
+                self.log.warning("could not hand back an orphaned job", extra={"job_id": job_id, "error": str(exc)})
+                continue
+            self.telemetry.events.emit("job.handed_back", level=logging.WARNING, job_id=job_id,
+                                       ownership=str(own), reason=reason)
+
+    def request_stop(self, job_id: str, *, lost: bool) -> None:
+        """The job was cancelled by the API (or, `lost`, went to another worker): never complete it, and
+        ask the connector to stop it. Called from callbacks; does not wait."""
+        if job_id not in self.running:
+            return
+        (self.lost if lost else self.cancelled).add(job_id)
+        if job_id in self.stop_requested:
+            return
+        self.stop_requested[job_id] = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._safe_cancel(job_id))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _safe_cancel(self, job_id: str) -> None:
         try:
@@ -346,6 +442,17 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
 
+    async def _retrying_start(self, fn, *args):
+        """At start, before anything runs: wait out a Redis outage however long it lasts."""
+        backoff = 0.2
+        while True:
+            try:
+                return await fn(*args)
+            except _REDIS_DOWN as exc:
+                self.log.warning("Redis unreachable at start; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+
     # -- signals, heartbeat, reaper ----------------------------------------------------------------------
     def _on_signal(self) -> None:
         if not self.draining.is_set():
@@ -355,62 +462,49 @@ class Worker:
                 task.cancel()
 
     def _on_cancel(self, job_id: str, reason: str) -> None:
-        if job_id in self.running:
-            self.cancelled.add(job_id)
-            asyncio.get_running_loop().create_task(self._safe_cancel(job_id))
+        self.request_stop(job_id, lost=False)
 
     async def _register(self) -> None:
-        backoff = 0.2
-        while True:
+        await self._retrying_start(self.store.register_worker, self.ident.worker_id, self.ident.machine_id,
+                                   self.caps)
+        await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
+        self.status = "idle"
+
+    async def _refresh_status(self) -> None:
+        """Write idle / busy as `self.running` stands now (after re-registering). While jobs run, the
+        scripts keep worker:{id} right themselves, atomically with each change: the claim sets busy with
+        current_job_id, and complete / fail / hand-back / reap set idle, or busy with a remaining job when
+        concurrency > 1. Writing it from here too raced with them (a finishing job's idle landing after a
+        new claim's busy) and cost two round trips per job."""
+        async with self._status_lock:
+            status = "busy" if self.running else "idle"
             try:
-                await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
-                await self.store.heartbeat(self.ident.worker_id)
-                self.status = "idle"
-                return
-            except _REDIS_DOWN as exc:
-                self.log.warning("Redis unreachable at start; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
-
-    async def _register_again(self) -> None:
-        """After an outage: a Redis that came back empty has lost worker:{id}; write it again."""
-        if await self.redis.exists(worker_key(self.ident.worker_id)):
-            return
-        await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
-        if self.status != "idle":
-            await self.store.set_worker_status(self.ident.worker_id, self.status)
-        self.log.info("worker registered again after Redis lost it", extra={"event_type": "worker.reregistered"})
-
-    async def _set_status(self, status: str, current_job_id: str = "") -> None:
-        if status == self.status:
-            return
-        try:
-            await self.store.set_worker_status(self.ident.worker_id, status)
-            self.status = status
-        except _REDIS_DOWN:
-            pass
+                await self.store.set_worker_status(self.ident.worker_id, status, next(iter(self.running), ""))
+                self.status = status
+            except RedisError:
+                pass
 
     async def _heartbeat(self) -> None:
         interval = max(0.2, self.group.lease / 3)
-        lost_redis = False
         while True:
             await asyncio.sleep(interval)
             try:
-                if lost_redis:
-                    await self._register_again()
                 beat = await self.store.heartbeat(self.ident.worker_id)
-                lost_redis = False
-            except _REDIS_DOWN as exc:
-                lost_redis = True
-                self.log.warning("heartbeat failed: Redis unreachable", extra={"error": str(exc)})
+                if not await self.redis.hexists(worker_key(self.ident.worker_id), "capabilities"):
+                    # Redis came back empty (restarted without persistence): register again
+                    await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
+                    await self._refresh_status()
+            except RedisError as exc:
+                self.log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {exc}"})
                 continue
             for job_id in beat.cancelled:
                 self._on_cancel(job_id, "cancelled (seen by heartbeat)")
             for job_id in beat.lost:
-                if job_id in self.running:
-                    self.lost.add(job_id)
-                    self.cancelled.add(job_id)
-                    await self._safe_cancel(job_id)
+                self.request_stop(job_id, lost=True)
+            # Orphans seen twice in a row (so not a claim whose reply is still on its way): hand back.
+            strays = {j for j in beat.renewed if j not in self.running}
+            await self._release_orphans(sorted(strays & self.orphans_seen), "not running on its worker")
+            self.orphans_seen = strays - self.orphans_seen
 
     async def _reaper(self) -> None:
         """Every machine reaps: a job whose worker died (lease expired) goes back to the queue."""

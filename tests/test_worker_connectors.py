@@ -1,0 +1,272 @@
+"""Each connector through a real worker process against its fake service: success with progress, an error
+class (permanent or retryable, as the contract's can_retry), and cancel the way the EMP API does. A
+third-party connector that raises an unexpected exception fails only its job."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import textwrap
+
+import pytest
+import redis as redis_lib
+from fakes.a1111 import OOM, FakeA1111
+from fakes.comfyui import FakeComfyUI
+from fakes.openai import QUOTA, FakeOpenAI
+from test_connector_comfyui import happy, sleeper
+from test_connector_rest import TOKEN, Service
+
+from emp_machine.connectors.registry import GROUP
+from emp_machine.runtime.jobs import JobStore
+from harness import Messages, WorkerProcs, wait_for
+
+KEY = "sk-test-7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e"
+PLUGIN = '''
+from emp_machine.connectors.base import Connector, JobResult
+
+
+class EchoConnector(Connector):
+    name = "echo"
+
+    async def run(self, job, progress):
+        await progress(50, "halfway")
+        return JobResult(data={"echo": job.payload})
+
+
+class BoomConnector(Connector):
+    name = "boom"
+
+    async def run(self, job, progress):
+        return {}["a bug in a plugin"]
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    module = f"emp_plugin_w{random.randrange(1 << 30)}"
+    site = tmp_path_factory.mktemp("site")
+    (site / module).mkdir()
+    (site / module / "__init__.py").write_text(PLUGIN)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{GROUP}]\necho = {module}:EchoConnector\n"
+                                           f"boom = {module}:BoomConnector\n")
+    sys.path.insert(0, str(site))  # the manifest is validated here too, against installed connectors
+    yield site
+    sys.path.remove(str(site))
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    servers = {"comfyui": FakeComfyUI(node_s=0.12).start(), "a1111": FakeA1111(step_s=0.03).start(),
+               "openai": FakeOpenAI(KEY).start()}
+    rest = Service()
+    yield {**servers, "rest": rest}
+    for server in servers.values():
+        server.close()
+    rest.thread.close()
+
+
+@pytest.fixture(scope="module")
+def client(redis_server):
+    c = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    c.flushall()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def workers(client, redis_server, fakes, plugin_site, tmp_path_factory):
+    rest = fakes["rest"].thread.url
+    body = textwrap.dedent(f"""
+    workers:
+      comfy:
+        connector: comfyui
+        settings: {{base_url: "{fakes['comfyui'].url}"}}
+      a1111:
+        connector: a1111
+        settings: {{base_url: "{fakes['a1111'].url}", progress_interval_s: 0.02}}
+      openai:
+        connector: openai
+        settings: {{base_url: "{fakes['openai'].url}", api_key_env: EMP_TEST_OPENAI_KEY, max_retries: 0}}
+        env: {{EMP_TEST_OPENAI_KEY: "{KEY}"}}
+      rest:
+        connector: rest
+        job_types: [rest-sync]
+        settings: {{submit_url: "{rest}/run", result_path: output,
+                    header_env: {{Authorization: EMP_TEST_TOKEN}}}}
+        env: {{EMP_TEST_TOKEN: "Bearer {TOKEN}"}}
+      restasync:
+        connector: rest
+        job_types: [rest-async]
+        settings: {{mode: async, submit_url: "{rest}/tasks", status_url: "{rest}/tasks/{{{{task.id}}}}",
+                    cancel_url: "{rest}/tasks/{{{{task.id}}}}/cancel", status_path: state,
+                    progress_path: percent, progress_scale: 100, result_path: result,
+                    error_path: error.message, poll_interval_s: 0.05}}
+      plugins:
+        connector: echo
+        job_types: [echo, boom-echo]
+      boom:
+        connector: boom
+    """)
+    procs = WorkerProcs(body, tmp_path_factory.mktemp("cw"), redis_server.url,
+                        environ={"PYTHONPATH": str(plugin_site)})
+    procs.start()
+    try:
+        procs.wait_up(client, timeout=40)
+        yield procs
+    finally:
+        procs.close()
+
+
+@pytest.fixture
+def store(client, workers):
+    return JobStore(client)
+
+
+@pytest.fixture
+def messages(client):
+    msgs = Messages(client, "update_job_progress", "complete_job", "job_failed")
+    yield msgs
+    msgs.close()
+
+
+def finished(client, job_id, timeout=15.0):
+    return wait_for(lambda: client.hget(f"job:{job_id}", "status") in ("completed", "failed")
+                    and client.hgetall(f"job:{job_id}"), timeout, message=f"job {job_id} to end")
+
+
+def result_of(client, job_id):
+    return json.loads(client.hget("jobs:completed", job_id))["data"]
+
+
+def progress_of(messages, job_id):
+    return [m["progress"] for m in messages.of("update_job_progress", job_id=job_id)]
+
+
+def one_failure(messages, job_id):
+    (msg,) = wait_for(lambda: messages.of("job_failed", job_id=job_id), message="job_failed")
+    return msg
+
+
+def cancel_when_running(client, store, messages, job_id, at_progress=0.0):
+    wait_for(lambda: any(p > at_progress for p in progress_of(messages, job_id)) or
+             client.hget(f"job:{job_id}", "status") in ("completed", "failed"), message="the job to run")
+    assert store.cancel(job_id, "user pressed stop")
+    wid = client.hget(f"job:{job_id}", "worker_id")
+    wait_for(lambda: not client.hexists(f"jobs:active:{wid}", job_id), message="the worker to let go")
+    job = client.hgetall(f"job:{job_id}")
+    assert (job["status"], job["error"]) == ("failed", "Job cancelled by user")
+    assert not client.hexists("jobs:completed", job_id) and not messages.of("complete_job", job_id=job_id)
+
+
+def test_comfyui_through_the_worker(client, store, messages, fakes):
+    ok = store.submit("comfyui", {"workflow": happy()})
+    job = finished(client, ok)
+    assert job["status"] == "completed", job.get("error")
+    result = result_of(client, ok)
+    assert [o["mime_type"] for o in result["outputs"]] == ["image/png", "image/png"]
+    assert "base64" not in json.dumps(result)
+    percents = progress_of(messages, ok)
+    assert percents[0] == 0 and percents[-1] == 100 and any(0 < p < 100 for p in percents), percents
+
+    bad = store.submit("comfyui", {"workflow": {**happy(), "2": {"class_type": "NoSuchNode", "inputs": {}}}})
+    assert finished(client, bad)["status"] == "failed"
+    msg = one_failure(messages, bad)
+    assert msg["can_retry"] is False and "NoSuchNode does not exist" in msg["error"]
+
+    slow = store.submit("comfyui", {"workflow": sleeper(30)})
+    cancel_when_running(client, store, messages, slow)
+    wait_for(lambda: fakes["comfyui"].interrupt_calls, message="ComfyUI interrupted")
+
+
+def test_a1111_through_the_worker(client, store, messages, fakes, workers):
+    ok = store.submit("a1111", {"prompt": "a cat", "steps": 8, "width": 16, "height": 16})
+    job = finished(client, ok)
+    assert job["status"] == "completed", job.get("error")
+    result = result_of(client, ok)
+    assert len(result["outputs"]) == 1 and result["outputs"][0]["mime_type"] == "image/png"
+    percents = progress_of(messages, ok)
+    assert percents[0] == 0 and percents[-1] == 100 and any(0 < p < 100 for p in percents), percents
+
+    fakes["a1111"].fail_next = OOM
+    oom = store.submit("a1111", {"steps": 2, "width": 8, "height": 8}, max_retries=1)
+    assert finished(client, oom)["status"] == "failed"
+    assert "CUDA out of memory" in one_failure(messages, oom)["error"]
+    # classified retryable (max_retries=1 leaves no attempt: with one a1111 worker a retry would wait out
+    # the claim's avoid_reclaim_s, 10 s)
+    logged = [json.loads(line) for line in workers.log(1).splitlines()
+              if oom in line and '"message":"job.failed"' in line and '"retryable"' in line]
+    assert logged and logged[0]["retryable"] is True
+    rejected = store.submit("a1111", {"steps": 2, "sampler_name": "Nope"})
+    assert finished(client, rejected)["status"] == "failed"
+    msg = one_failure(messages, rejected)
+    assert msg["can_retry"] is False and "Sampler not found" in msg["error"]
+
+    long = store.submit("a1111", {"steps": 400, "width": 8, "height": 8})
+    cancel_when_running(client, store, messages, long)
+    wait_for(lambda: ("POST", "/sdapi/v1/interrupt") in [r[:2] for r in fakes["a1111"].requests],
+             message="A1111 interrupted")
+
+
+def test_openai_through_the_worker(client, store, messages, fakes):
+    server = fakes["openai"]
+    ok = store.submit("openai", {"model": "gpt-image-1", "prompt": "a fox", "n": 1, "size": "32x24"})
+    job = finished(client, ok)
+    assert job["status"] == "completed", job.get("error")
+    result = result_of(client, ok)
+    assert result["outputs"][0]["mime_type"] == "image/png" and "b64_json" not in json.dumps(result)
+    assert progress_of(messages, ok)[-1] == 100
+    assert KEY not in json.dumps(result)
+
+    server.script = [QUOTA]
+    quota = store.submit("openai", {"model": "m", "prompt": "p"})
+    assert finished(client, quota)["status"] == "failed"
+    msg = one_failure(messages, quota)
+    assert msg["can_retry"] is False and "insufficient_quota" in msg["error"]
+
+    server.delay_s = 30
+    try:
+        slow = store.submit("openai", {"model": "m", "prompt": "p"})
+        wait_for(lambda: client.hget(f"job:{slow}", "status") == "in_progress", message="openai job running")
+        cancel_when_running(client, store, messages, slow, at_progress=-1)
+    finally:
+        server.delay_s = 0
+
+
+def test_rest_sync_and_async_through_the_worker(client, store, messages, fakes):
+    ok = store.submit("rest-sync", {"numbers": [1, 2, 3]})
+    job = finished(client, ok)
+    assert job["status"] == "completed", job.get("error")
+    assert result_of(client, ok)["data"] == {"sum": 6}
+
+    forced = store.submit("rest-sync", {"numbers": [1], "status": 422})
+    assert finished(client, forced)["status"] == "failed"
+    assert one_failure(messages, forced)["can_retry"] is False
+
+    polled = store.submit("rest-async", {})
+    assert finished(client, polled)["status"] == "completed"
+    assert result_of(client, polled)["data"] == {"url": "http://x/y.png"}
+    percents = progress_of(messages, polled)
+    assert percents[0] == 0 and percents[-1] == 100 and any(0 < p < 100 for p in percents), percents
+
+    forever = store.submit("rest-async", {"forever": True})
+    cancel_when_running(client, store, messages, forever)
+    wait_for(lambda: any(r[1].endswith("/cancel") for r in fakes["rest"].requests), message="the task cancelled")
+
+
+def test_a_connector_raising_an_unexpected_exception_fails_only_its_job(client, store, messages, workers):
+    pids = {i: p.pid for i, p in workers.procs.items()}
+    boom = store.submit("boom", {"x": 1})
+    echo = store.submit("echo", {"hello": "world"})
+    assert finished(client, boom)["status"] == "failed"
+    msg = one_failure(messages, boom)
+    assert msg["error"] == "connector raised KeyError: 'a bug in a plugin'" and msg["can_retry"] is False
+    assert finished(client, echo)["status"] == "completed"
+    assert result_of(client, echo)["data"] == {"echo": {"hello": "world"}}
+    again = store.submit("boom", {})  # the same worker keeps serving
+    assert finished(client, again)["status"] == "failed"
+    assert all(p.poll() is None for p in workers.procs.values())
+    assert {i: p.pid for i, p in workers.procs.items()} == pids
