@@ -50,9 +50,18 @@ class ServerThread:
         self.call(self._start())
         return self
 
+    async def _cancel_the_rest(self) -> None:
+        # Whatever still runs on this loop (a simulated execution, a held request) is cancelled and awaited
+        # here, so closing the loop leaves no pending task for asyncio to complain about at exit.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
         try:
             self.call(self._stop())
+            self.call(self._cancel_the_rest())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
