@@ -104,6 +104,20 @@ def test_cancel_interrupts_and_discards_the_partial_images(fake, context):
     assert list(context.output_dir.glob("**/*")) == []
 
 
+def test_a_cancel_raised_by_the_progress_callback_still_interrupts_a1111(fake, context):
+    """base.py lets the progress callback raise JobCancelled; the generation must not go on for nobody."""
+    server = fake(step_s=0.05)
+    conn = connector(context, server)
+    progress = Progress()
+
+    async def refuse():
+        raise JobCancelled("job-1 was cancelled")
+    progress.when(lambda p, m: p > 0, refuse)
+    with pytest.raises(JobCancelled):
+        run(conn, {"steps": 200, "width": 8, "height": 8}, progress)
+    assert ("POST", "/sdapi/v1/interrupt") in [r[:2] for r in server.requests]
+
+
 def test_timeout_refused_and_health(fake, context):
     server = fake(step_s=1)
     with pytest.raises(RetryableJobError, match="timed out"):

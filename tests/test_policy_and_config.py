@@ -96,7 +96,7 @@ def test_program_sections_and_private_files(tmp_path):
     program = dict(conf.items("program:worker-0"))
     assert program["command"] == "python -c 'print('\"'\"'a b'\"'\"')'"
     assert (program["autostart"], program["autorestart"], program["stopsignal"]) == ("false", "false", "INT")
-    assert program["stopwaitsecs"] == "7" and program["stopasgroup"] == "true"
+    assert program["stopwaitsecs"] == "8" and program["stopasgroup"] == "true"
     assert conf.get("rpcinterface:emp", "parent_pid") == "42"
     assert conf.get("unix_http_server", "file") == str(paths.socket)
     assert not conf.has_section("inet_http_server")

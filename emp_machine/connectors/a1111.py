@@ -13,6 +13,7 @@ connection failures are retryable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import binascii
 import json
@@ -108,6 +109,10 @@ class A1111Connector(_http.HttpSession, Connector):
         finally:
             self._cancel.pop(job.id, None)
             if not generate.done():
+                # Leaving before A1111 answered (a cancel seen by the progress callback, a timeout, a drain):
+                # interrupt it there too, or the GPU goes on generating for nobody.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._call("POST", "/sdapi/v1/interrupt", headers), 5)
                 generate.cancel()
 
     async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,

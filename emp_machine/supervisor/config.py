@@ -7,6 +7,7 @@ starts (services first, workers once their service is healthy) and `plugin.py` d
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ def render(specs: list[ProcessSpec], paths: Paths, *, parent_pid: int, machine_i
             "startretries = 3",
             "exitcodes = 0",
             f"stopsignal = {spec.stop_signal}",
-            f"stopwaitsecs = {max(1, int(round(spec.stop_grace)))}",
+            f"stopwaitsecs = {max(1, math.ceil(spec.stop_grace))}",  # whole seconds, never shorter than asked
             "stopasgroup = true",
             "killasgroup = true",
             f"priority = {spec.priority}",
