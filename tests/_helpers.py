@@ -44,3 +44,13 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+def connector_context(tmp_path, name: str):
+    """The ConnectorContext the connector tests share: fixed identity, outputs under tmp_path."""
+    import logging
+
+    from emp_machine.connectors.base import ConnectorContext
+
+    return ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=tmp_path / "out",
+                            logger=logging.getLogger(f"test.{name}"))

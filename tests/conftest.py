@@ -47,3 +47,18 @@ def machine_factory(tmp_path_factory, redis_server):
     yield start
     for machine in machines:
         machine.close()
+
+
+@pytest.fixture
+def serve():
+    """Start fake services (tests/fakes) and close them after the test: `serve(FakeA1111, step_s=0.05)`."""
+    servers = []
+
+    def start(cls, *args, **knobs):
+        server = cls(*args, **knobs).start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.close()
+

@@ -7,32 +7,22 @@ import base64
 import logging
 
 import pytest
-from _helpers import TRACEPARENT, Progress, job
+from _helpers import connector_context, TRACEPARENT, Progress, job
 from fakes.a1111 import OOM, FakeA1111
 from fakes.comfyui_nodes import png
 
 from emp_machine.connectors.a1111 import A1111Connector
-from emp_machine.connectors.base import ConnectorContext
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
 
 
 @pytest.fixture
-def fake():
-    servers = []
-
-    def make(**knobs):
-        server = FakeA1111(**knobs).start()
-        servers.append(server)
-        return server
-    yield make
-    for server in servers:
-        server.close()
+def fake(serve):
+    return lambda **knobs: serve(FakeA1111, **knobs)
 
 
 @pytest.fixture
 def context(tmp_path):
-    return ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=tmp_path / "out",
-                            logger=logging.getLogger("test.a1111"))
+    return connector_context(tmp_path, "a1111")
 
 
 def connector(context, server, **settings):

@@ -10,11 +10,10 @@ import time
 
 import aiohttp
 import pytest
-from _helpers import TRACEPARENT, Progress, job
+from _helpers import connector_context, TRACEPARENT, Progress, job
 from fakes.comfyui import FakeComfyUI
 
 from emp_machine.connectors._comfyui_events import ProgressTracker, execution_error
-from emp_machine.connectors.base import ConnectorContext
 from emp_machine.connectors.comfyui import ComfyUIConnector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
@@ -53,22 +52,13 @@ def slow_chain():
 
 
 @pytest.fixture
-def fake():
-    servers = []
-
-    def make(**knobs):
-        server = FakeComfyUI(**knobs).start()
-        servers.append(server)
-        return server
-    yield make
-    for server in servers:
-        server.close()
+def fake(serve):
+    return lambda **knobs: serve(FakeComfyUI, **knobs)
 
 
 @pytest.fixture
 def context(tmp_path):
-    return ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=tmp_path / "out",
-                            logger=logging.getLogger("test.comfyui"))
+    return connector_context(tmp_path, "comfyui")
 
 
 def connector(context, server, **settings):

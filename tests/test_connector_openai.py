@@ -8,10 +8,9 @@ import logging
 import time
 
 import pytest
-from _helpers import TRACEPARENT, Progress, job
+from _helpers import connector_context, TRACEPARENT, Progress, job
 from fakes.openai import QUOTA, RATE_LIMITED, SERVER_ERROR, FakeOpenAI
 
-from emp_machine.connectors.base import ConnectorContext
 from emp_machine.connectors.openai import OpenAIConnector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
 
@@ -19,22 +18,13 @@ KEY = "sk-test-7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e"
 
 
 @pytest.fixture
-def fake():
-    servers = []
-
-    def make(**knobs):
-        server = FakeOpenAI(KEY, **knobs).start()
-        servers.append(server)
-        return server
-    yield make
-    for server in servers:
-        server.close()
+def fake(serve):
+    return lambda **knobs: serve(FakeOpenAI, KEY, **knobs)
 
 
 @pytest.fixture
 def context(tmp_path):
-    return ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=tmp_path / "out",
-                            logger=logging.getLogger("test.openai"))
+    return connector_context(tmp_path, "openai")
 
 
 def connector(context, server, key=KEY, **settings):
