@@ -148,3 +148,45 @@ workers:
             listener.close()
     finally:
         server.stop()
+
+
+def test_a_worker_that_stays_down_is_marked_offline_for_it(machine_factory, redis):
+    """A SIGKILLed worker cannot announce itself offline; once it stays down (here: errored) the machine does."""
+    import os
+    import signal
+
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    restart: {max_restarts: 1, window: 10m, cooldown: 10m, reset_after: 10m}
+""")
+    machine.wait_ready()
+    worker_id = f"test-{machine.state_dir.name}-worker-0"
+    wait_for(lambda: redis.hget(f"worker:{worker_id}", "status") == "idle", timeout=20,
+             message="the worker registered as idle")
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("worker_status")
+    killed: set[int] = set()
+    for round_ in range(2):  # the first kill is restarted, the second exceeds the window: errored, left down
+        pid = wait_for(lambda: (p := machine.process("worker-0")) and p.state == "RUNNING"
+                       and p.pid not in killed and p.pid, timeout=20, message="worker-0 running (a new pid)")
+        wait_for(lambda: machine.log_of("worker-0").count('"worker.spawned"') > round_, timeout=20,
+                 message="the worker (re)started and registered")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    wait_for(lambda: machine.process("worker-0").state == "ERRORED", timeout=20, message="worker-0 errored")
+    wait_for(lambda: redis.hget(f"worker:{worker_id}", "status") == "offline", timeout=10,
+             message="worker marked offline in Redis")
+    assert not redis.exists(f"worker:{worker_id}:heartbeat")
+    seen = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(m.get("new_status") == "offline" for m in seen):
+        msg = pubsub.get_message(timeout=0.2)
+        if msg:
+            seen.append(json.loads(msg["data"]))
+    pubsub.close()
+    offline = [m for m in seen if m.get("new_status") == "offline"]
+    assert offline and offline[0]["worker_id"] == worker_id and offline[0]["old_status"] == "idle"
+    assert machine.event("worker.offline", process_name="worker-0")

@@ -607,6 +607,15 @@ async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, li
     return bool(replies[0]), rows
 
 
+async def mark_worker_offline(client: Any, worker_id: str) -> str:
+    """For a worker that died and cannot say so itself: `worker:{id}` offline, heartbeat key gone, and
+    `worker_status` published when that is a change (the worker_status script, sent with EVAL so that any
+    client that can run a command will do). Returns the old status."""
+    keys = list(_FIXED_KEYS)
+    return _text(await client.execute("EVAL", script_source("worker_status"), len(keys), *keys, worker_id,
+                                      "offline", "0"))
+
+
 async def publish_machine_status(client: Any, machine_id: str, message: str) -> int:
     """PUBLISH machine:status:{machine_id} (the contract's machine status message, JSON text)."""
     return int(await client.publish(machine_status_channel(machine_id), message))

@@ -23,11 +23,13 @@ import psutil
 
 from emp_machine.errors import SupervisorError
 from emp_machine.runtime import hardware as hw
+from emp_machine.runtime import jobs
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.runtime.health import HealthServer
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
+from emp_machine.runtime.resp import RespError
 from emp_machine.supervisor import config as svconfig
 from emp_machine.supervisor.control import ProcessInfo, Supervisor
 
@@ -143,6 +145,8 @@ class Machine:
         if plan.redis_probe:
             self._probes[REDIS_PROCESS] = plan.redis_probe
         self._supervisord_up = False
+        self._worker_ids = {w.process: w.worker_id for w in plan.workers}
+        self._offline_marked: set[str] = set()
         self._redis_ok: bool | None = None
         self._unhealthy_since: dict[str, float] = {}
         # Health and status: the aggregator is fed here only (handle() and the on_* steps); the HTTP server
@@ -369,7 +373,34 @@ class Machine:
                      restarts=row.restarts, previous=before.state if before else None,
                      errored_reason=row.errored_reason or None)
             self.processes[row.name] = row
+            self._note_worker_down(row)
         self.aggregate.set_processes(rows)
+
+    def _note_worker_down(self, row: ProcessInfo) -> None:
+        """A worker that died cannot say so in Redis: mark it offline for it, once per time down.
+
+        A supervisord restart is faster than the 1 s sweep, so this acts when a worker stays down (a crash
+        loop waiting out its backoff, errored, stopped); a replacement registers itself again as idle."""
+        worker_id = self._worker_ids.get(row.name)
+        if worker_id is None:
+            return
+        if row.state in ("RUNNING", "STARTING"):
+            self._offline_marked.discard(row.name)
+        elif (row.name not in self._offline_marked and row.name in self.started_workers
+              and self.phase in (Phase.STARTING, Phase.READY)):  # a drained worker says so itself
+            self._offline_marked.add(row.name)
+            self._spawn(self._mark_offline(row.name, worker_id))
+
+    async def _mark_offline(self, process: str, worker_id: str) -> None:
+        try:
+            old = await asyncio.wait_for(jobs.mark_worker_offline(self._redis, worker_id), 5)
+        except (RespError, OSError, asyncio.TimeoutError) as exc:
+            self._offline_marked.discard(process)  # try again at the next sweep
+            step("worker.offline_failed", level=logging.WARNING, process_name=process, error=str(exc))
+            return
+        if old != "offline":
+            step("worker.offline", level=logging.WARNING, process_name=process, worker_id=worker_id,
+                 previous=old or None)
 
     def _on_redis(self, ok: bool, reason: str, rows) -> None:
         if ok != self._redis_ok:
