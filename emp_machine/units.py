@@ -7,9 +7,6 @@ carried as plain floats (seconds) and ints (bytes); the annotated types only par
 from __future__ import annotations
 
 import re
-from typing import Annotated
-
-from pydantic import BeforeValidator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -66,6 +63,16 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
-# Serialised as plain numbers (seconds, bytes) so a dumped manifest loads back exactly.
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+def __getattr__(name: str):
+    """`Duration` and `ByteSize`: pydantic field types, built on first use so that processes that only
+    parse strings (the running machine) do not import pydantic. Serialised as plain numbers (seconds,
+    bytes), so a dumped manifest loads back exactly."""
+    if name not in ("Duration", "ByteSize"):
+        raise AttributeError(name)
+    from typing import Annotated
+
+    from pydantic import BeforeValidator
+
+    globals()["Duration"] = Annotated[float, BeforeValidator(parse_duration)]
+    globals()["ByteSize"] = Annotated[int, BeforeValidator(parse_size)]
+    return globals()[name]

@@ -40,7 +40,8 @@ def test_submit_wait_job_timeline_and_stuck(machine, redis):
     shown = machine.cli("job", job_id)
     assert shown.returncode == 0, shown.stderr
     assert f"job {job_id}  type simulation  status completed  retries 0/3" in shown.stdout
-    steps = [line.split()[1] for line in shown.stdout.splitlines()[2:]]
+    table = shown.stdout.splitlines()
+    steps = [line.split()[1] for line in table[next(i for i, l in enumerate(table) if l.startswith("AT (UTC)")) + 1:]]
     assert steps == ["submitted", "claimed", "started", "completed"], shown.stdout
     doc = json.loads(machine.cli("job", job_id, "--json").stdout)
     assert doc["status"] == "completed" and doc["total_ms"] >= 400

@@ -66,3 +66,63 @@ def test_machine_log_is_teed_and_rotated(tmp_path):
     assert files == ["machine.log", "machine.log.1", "machine.log.2"]
     assert "line 11" in (tmp_path / "machine.log").read_text()
     assert all(len(p.read_text()) <= 100 for p in tmp_path.iterdir())
+
+
+def test_errors_of_another_machine_through_its_health_server(machine_factory, redis, redis_url):
+    from emp_machine.runtime.jobs import JobStore
+    from harness import health_base, http_json, wait_for
+
+    from emp_machine.runtime.redis_server import free_port
+
+    port = free_port()
+    machine = machine_factory(f"""
+status: {{interval: 1s}}
+health: {{port: {port}, public_url: "http://127.0.0.1:{port}"}}
+workers:
+  sim: {{connector: simulation, count: 1}}
+""")
+    machine.wait_ready()
+    job_id = JobStore(redis).submit("simulation", {"steps": 2, "step_ms": 1, "fail_at_step": 1,
+                                                   "fail_retryable": False})
+    wait_for(lambda: redis.hget(f"job:{job_id}", "status") == "failed", timeout=20, message="the job to fail")
+    base = health_base(machine)
+    status, rows = wait_for(lambda: (r := http_json(f"{base}/errors?since=10m")) and r[1] and r, timeout=10,
+                            message="/errors to list the failure")
+    assert status == 200 and any(r["job_id"] == job_id and r["process"] == "worker-0" for r in rows)
+    assert http_json(f"{base}/errors?since=soon")[0] == 400
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+    by_url = subprocess.run([sys.executable, "-m", "emp_machine", "errors", "--machine", base, "--json"],
+                            capture_output=True, text=True, timeout=30, env=env)
+    assert by_url.returncode == 0, by_url.stderr
+    assert any(r["job_id"] == job_id for r in json.loads(by_url.stdout))
+    machine_id = f"test-{machine.state_dir.name}"
+    by_id = subprocess.run([sys.executable, "-m", "emp_machine", "errors", "--machine", machine_id, "--redis",
+                            redis_url], capture_output=True, text=True, timeout=30, env=env)
+    assert by_id.returncode == 0, by_id.stderr  # found through health_url in its status messages
+    assert job_id in by_id.stdout and "job.failed" in by_id.stdout
+    unknown = subprocess.run([sys.executable, "-m", "emp_machine", "errors", "--machine", "no-such-machine",
+                              "--redis", redis_url], capture_output=True, text=True, timeout=40, env=env)
+    assert unknown.returncode == 1 and "no status message from machine no-such-machine" in unknown.stderr
+
+
+def test_job_timeline_has_queue_wait_and_the_workers_step_durations(machine_factory, redis, redis_url):
+    from emp_machine.runtime.jobs import JobStore
+    from emp_machine.runtime.queries import timeline
+    from harness import wait_for
+
+    machine = machine_factory("workers:\n  sim: {connector: simulation, count: 1}\n")
+    machine.wait_ready()
+    store = JobStore(redis)
+    ok = store.submit("simulation", {"steps": 2, "step_ms": 50})
+    bad = store.submit("simulation", {"steps": 2, "step_ms": 50, "fail_at_step": 2, "fail_retryable": False})
+    wait_for(lambda: {redis.hget(f"job:{j}", "status") for j in (ok, bad)} == {"completed", "failed"},
+             timeout=20, message="both jobs to finish")
+    done = timeline(store, ok)
+    assert list(done["durations"]) == ["queue_wait_ms", "claim_to_start_ms", "preprocessing_ms", "service_call_ms",
+                                       "postprocessing_ms"]
+    assert done["durations"]["service_call_ms"] >= 90  # two 50 ms steps
+    failed = timeline(store, bad)
+    assert failed["durations"]["service_call_ms"] >= 40 and "postprocessing_ms" not in failed["durations"]
+    text = machine.cli("job", bad, "--redis", redis_url)
+    assert text.returncode == 0 and "steps queue wait" in text.stdout and "service call" in text.stdout

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     errors = sub.add_parser("errors", help="what errors occurred on the machine (from its log files)")
     errors.add_argument("--since", default="1h", help="how far back: 30m, 1h, 2d (default 1h)")
     errors.add_argument("--json", action="store_true")
+    errors.add_argument("--machine", help="another machine: its health URL (http://host:9090) or its machine id "
+                                          "(its health_url is read from its status messages in Redis)")
+    errors.add_argument("--redis", help="Redis URL used to find --machine by id")
     errors.set_defaults(func=cmd_errors)
 
     trying = sub.add_parser("try", help="run one job through a connector directly (no Redis, no supervisor)")
@@ -351,16 +354,22 @@ def cmd_errors(args) -> int:
         since = parse_duration(args.since)
     except ValueError as exc:
         raise EmpError(f"--since: {exc}") from None
-    try:
-        logs_dir = Path(_target(args)["logs"])
-    except NoMachineRunning:  # a stopped machine's logs are still worth reading
-        logs_dir = Path(mf.load(getattr(args, "manifest", None) or mf.default_manifest()).machine.state_dir) / "logs"
-    rows = queries.recent_errors(logs_dir, since)
+    if args.machine:
+        source = args.machine if args.machine.startswith(("http://", "https://")) else _health_url_of(args)
+        rows = _remote_errors(source, args.since)
+    else:
+        try:
+            logs_dir = Path(_target(args)["logs"])
+        except NoMachineRunning:  # a stopped machine's logs are still worth reading
+            state = mf.load(getattr(args, "manifest", None) or mf.default_manifest()).machine.state_dir
+            logs_dir = Path(state) / "logs"
+        source = str(logs_dir)
+        rows = queries.recent_errors(logs_dir, since)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     if not rows:
-        print(f"no errors in the last {args.since} ({logs_dir})")
+        print(f"no errors in the last {args.since} ({source})")
         return 0
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["at"]))
@@ -368,6 +377,42 @@ def cmd_errors(args) -> int:
         trace = f" trace={row['trace_id']}" if row.get("trace_id") else ""
         print(f"{when}Z {row['process']:<12} {row['event'] or '':<18} {row['message']}{job}{trace}")
     return 0
+
+
+def _health_url_of(args) -> str:
+    """A machine's health_url from its next status message (machines publish one every 10 s)."""
+    from emp_machine.runtime.jobs import machine_status_channel
+
+    client, _ = _store(args)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(machine_status_channel(args.machine))
+    deadline = time.monotonic() + 12
+    try:
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1.0)
+            if message and message.get("type") == "message":
+                try:
+                    url = json.loads(message["data"]).get("health_url")
+                except (TypeError, ValueError):
+                    continue
+                if url:
+                    return url
+    finally:
+        pubsub.close()
+    raise EmpError(f"no status message from machine {args.machine} within 12 s: is it running and using this Redis?")
+
+
+def _remote_errors(base_url: str, since: str) -> list:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base_url.rstrip('/')}/errors?since={urllib.parse.quote(since)}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise EmpError(f"could not read errors from {url}: {exc}") from None
 
 
 def cmd_logs(args) -> int:
@@ -514,6 +559,9 @@ def cmd_job(args) -> int:
         print(f"trace {doc['trace_id']}")
     if doc["error"]:
         print(f"error {doc['error']}")
+    if doc["durations"]:
+        print("steps " + ", ".join(f"{name.removesuffix('_ms').replace('_', ' ')} {queries.format_ms(ms)}"
+                                     for name, ms in doc["durations"].items()))
     print(f"{'AT (UTC)':<13} {'STEP':<14} {'+TIME':>9}  {'WORKER':<28} DETAIL")
     for step in doc["steps"]:
         print(f"{queries.format_at(step['at_ms']):<13} {step['event']:<14} "

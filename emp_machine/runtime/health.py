@@ -4,6 +4,7 @@ GET  /health   200 when the machine can do its work, else 503 (JSON: components 
 GET  /ready    200 once booted and not draining, else 503
 GET  /status   the machine status document published to Redis
 GET  /metrics  Prometheus text exposition of the telemetry meters
+GET  /errors?since=1h  error records from the machine's log files (`emp-machine errors --machine`)
 GET  /         a small self-refreshing status page
 POST /processes/{name}/restart, POST /refresh-status: `Authorization: Bearer <token>`; 403 without a
                configured token. Actions are put on the machine's inbox; the decider carries them out.
@@ -11,6 +12,7 @@ POST /processes/{name}/restart, POST /refresh-status: `Authorization: Bearer <to
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from emp_machine.runtime.aggregate import Aggregator
+from emp_machine.units import parse_duration
 
 log = logging.getLogger("emp.machine.health")
 
@@ -33,7 +36,8 @@ def _error(status: int, message: str, **extra) -> web.Response:
 class HealthServer:
     def __init__(self, aggregate: Aggregator, *, host: str, port: int, token: str | None,
                  token_env: str, cors_origins: tuple[str, ...], process_names: set[str],
-                 restart: Callable[[str], str | None], refresh: Callable[[], None], metrics: Callable[[], str]):
+                 restart: Callable[[str], str | None], refresh: Callable[[], None], metrics: Callable[[], str],
+                 errors: Callable[[float], list] | None = None):
         self.aggregate = aggregate
         self.host, self.port = host, port
         self._token = token.encode() if token else None
@@ -41,6 +45,7 @@ class HealthServer:
         self._origins = set(cors_origins)
         self._names = process_names
         self._restart, self._refresh, self._metrics = restart, refresh, metrics
+        self._errors = errors
         self._runner: web.AppRunner | None = None
         self.bound_port = 0
 
@@ -50,6 +55,7 @@ class HealthServer:
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/errors", self.errors)
         app.router.add_get("/", self.page)
         app.router.add_post("/processes/{name}/restart", self.restart)
         app.router.add_post("/refresh-status", self.refresh)
@@ -82,6 +88,17 @@ class HealthServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self._metrics(), headers={"Content-Type": PROMETHEUS})
+
+    async def errors(self, request: web.Request) -> web.Response:
+        """Read from the log files on demand (in a thread): the one read that is not pre-aggregated."""
+        if self._errors is None:
+            return _error(404, "no error source configured")
+        try:
+            since = parse_duration(request.query.get("since", "1h"))
+        except ValueError as exc:
+            return _error(400, f"since: {exc}")
+        rows = await asyncio.to_thread(self._errors, since)
+        return web.Response(content_type=JSON, text=json.dumps(rows, default=str))
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=self.aggregate.page(), content_type="text/html", charset="utf-8")

@@ -202,6 +202,11 @@ class _Call:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+def _steps(steps: Mapping[str, float] | None) -> str:
+    """Step timings for the timeline event, as a JSON object ('' when none)."""
+    return json.dumps({k: round(float(v), 1) for k, v in steps.items()}, separators=(",", ":")) if steps else ""
+
+
 def _text(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
@@ -298,13 +303,15 @@ class _JobOps:
                 estimated_completion or "")
         return Ownership((yield _Call("progress", args)))
 
-    def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool) -> _Op:
+    def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool,
+                  steps: Mapping[str, float] | None = None) -> _Op:
         data = json.dumps(result, separators=(",", ":"))
         return Ownership((yield _Call("complete", (job_id, worker_id, data, message,
-                                                   "1" if final_progress else "0"))))
+                                                   "1" if final_progress else "0", _steps(steps)))))
 
-    def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool) -> _Op:
-        outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0"))
+    def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool,
+              steps: Mapping[str, float] | None = None) -> _Op:
+        outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0", _steps(steps)))
         return FailOutcome(outcome, int(count))
 
     def _hand_back(self, job_id: str, worker_id: str, reason: str) -> _Op:
@@ -388,14 +395,16 @@ class _Api(_JobOps):
                                           estimated_completion))
 
     def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed", *,
-                 final_progress: bool = False):
+                 final_progress: bool = False, steps: Mapping[str, float] | None = None):
         """Mark the job completed with `result` (references, not blobs); returns Ownership.
-        `final_progress`: first record progress 100 as progress() would, in the same round trip."""
-        return self._drive(self._complete(job_id, worker_id, result, message, final_progress))
+        `final_progress`: first record progress 100 as progress() would, in the same round trip.
+        `steps`: step name -> milliseconds on the worker, kept in the job's timeline event."""
+        return self._drive(self._complete(job_id, worker_id, result, message, final_progress, steps))
 
-    def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool):
-        """Retry (retryable and attempts left) or fail for good; returns FailOutcome."""
-        return self._drive(self._fail(job_id, worker_id, error, retryable))
+    def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool,
+             steps: Mapping[str, float] | None = None):
+        """Retry (retryable and attempts left) or fail for good; returns FailOutcome. `steps` as complete()."""
+        return self._drive(self._fail(job_id, worker_id, error, retryable, steps))
 
     def hand_back(self, job_id: str, worker_id: str, reason: str = "drain"):
         """Return a running job to the queue without counting an attempt; returns Ownership."""

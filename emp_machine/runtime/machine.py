@@ -23,7 +23,7 @@ import psutil
 
 from emp_machine.errors import SupervisorError
 from emp_machine.runtime import hardware as hw
-from emp_machine.runtime import jobs
+from emp_machine.runtime import jobs, queries
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.runtime.health import HealthServer
@@ -161,7 +161,8 @@ class Machine:
             token=health_token, token_env=manifest.health.token_env,
             cors_origins=manifest.health.cors_origins, process_names={s.name for s in plan.specs},
             restart=self._request_restart, refresh=lambda: self.inbox.put_nowait(RefreshRequested()),
-            metrics=telemetry.render_prometheus)
+            metrics=telemetry.render_prometheus,
+            errors=lambda since_s: queries.recent_errors(self.paths.logs, since_s))
         self._redis = st.redis_client(plan.redis_url)
         self.publisher = st.Publisher(self.aggregate, self._redis, plan.redis_url, manifest.status.interval)
         self._publisher_task: asyncio.Task | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emp_machine.runtime.jobs import JobStore
+from emp_machine.telemetry.redact import redact_text
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ def _iso_to_ms(value: str) -> int | None:
         return None
 
 
+_STEP_ORDER = ["queue_wait_ms", "claim_to_start_ms", "preprocessing_ms", "service_call_ms", "postprocessing_ms"]
+
+
 def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
     """The job's hash, progress and each recorded step with the time since the step before."""
     data = store.timeline(job_id)
@@ -42,9 +46,21 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         return None
     steps: list[Step] = []
     previous = None
+    durations: dict[str, int | float] = {}
+    last: dict[str, int] = {}
     for ev in data.events:
         at = int(ev.get("t") or 0)
-        detail = {k: v for k, v in ev.items() if k not in ("t", "ev", "worker_id")}
+        name = str(ev.get("ev", "?"))
+        last[name] = at
+        if name == "claimed" and "submitted" in last:  # the last attempt's wait (after a retry, since the retry)
+            since = max(last.get("submitted", 0), last.get("failed", 0), last.get("handed_back", 0),
+                        last.get("lease_expired", 0))
+            durations["queue_wait_ms"] = at - since
+        if name == "started" and "claimed" in last:
+            durations["claim_to_start_ms"] = at - last["claimed"]
+        if isinstance(ev.get("steps"), dict):  # measured by the worker, sent with its complete/fail
+            durations.update({f"{k}_ms": v for k, v in ev["steps"].items()})
+        detail = {k: v for k, v in ev.items() if k not in ("t", "ev", "worker_id", "steps")}
         steps.append(Step(at, str(ev.get("ev", "?")), str(ev.get("worker_id") or ""),
                           ", ".join(f"{k}={v}" for k, v in detail.items()),
                           None if previous is None else at - previous))
@@ -63,6 +79,8 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         "trace_id": job.get("job_trace_id", ""),
         "total_ms": finished - created if finished and created else None,
         "progress": data.progress,
+        "durations": {k: durations[k] for k in sorted(durations, key=_STEP_ORDER.index)
+                      if k in _STEP_ORDER} | {k: v for k, v in durations.items() if k not in _STEP_ORDER},
         "steps": [asdict(s) for s in steps],
     }
 
@@ -102,11 +120,13 @@ def wait_for_end(client, store: JobStore, job_id: str, on_progress, timeout_s: f
         pubsub.close()
 
 
-def format_ms(ms: int | None) -> str:
+def format_ms(ms: float | None) -> str:
     if ms is None:
         return "-"
+    if ms < 10:
+        return f"{ms:.1f} ms"
     if ms < 1000:
-        return f"{ms} ms"
+        return f"{ms:.0f} ms"
     return f"{ms / 1000:.2f} s"
 
 
@@ -140,6 +160,10 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
         process = path.name.split(".log")[0]
         found.extend(_errors_in(text, process, cutoff, path.stat().st_mtime))
     found.sort(key=lambda e: e["at"])
+    for row in found:  # raw service output was never redacted on its way into the log file
+        row["message"] = redact_text(row["message"])
+        if "detail" in row:
+            row["detail"] = redact_text(row["detail"])
     return found[-limit:]
 
 

@@ -281,6 +281,7 @@ class Worker:
         tel = self.telemetry
         job_type = job.service_required
         started = time.monotonic()
+        steps: dict[str, float] = {}  # step -> ms on this worker, kept in the job's timeline
         progress = _Progress(self, job)
         with tel.job_span(job.id, job_hash=job.fields, job_type=job_type,
                           attributes={"job.attempt": job.retry_count + 1}) as span:
@@ -293,6 +294,7 @@ class Worker:
                     self.log.info("claimed job no longer ours at start", extra={"job_id": job.id, "ownership": own})
                     return
                 tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=job.retry_count + 1)
+                mark = time.monotonic()
                 with tel.tracer.start_as_current_span("task.preprocessing"):
                     try:
                         payload = job.payload()
@@ -301,9 +303,11 @@ class Worker:
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
                                                  attempt=job.retry_count + 1,
                                                  traceparent=tel.http_headers(job.id).get("traceparent"))
+                steps["preprocessing"] = (time.monotonic() - mark) * 1000
                 timeout = self.group.job_timeouts.get(job_type, self.group.job_timeout)
                 with tel.tracer.start_as_current_span("service.call", attributes={"connector": self.group.connector}):
                     deadline = asyncio.timeout(timeout)
+                    mark = time.monotonic()
                     try:
                         async with deadline:
                             result = await self.connector.run(connector_job, progress)
@@ -313,9 +317,11 @@ class Worker:
                         await self._safe_cancel(job.id)
                         tel.events.emit("job.timeout", level=logging.WARNING, job_id=job.id, timeout_s=timeout)
                         raise RetryableJobError(f"job timed out after {timeout:g}s") from None
+                    finally:
+                        steps["service_call"] = (time.monotonic() - mark) * 1000
                 with tel.tracer.start_as_current_span("result.postprocessing"):
                     progress.close()  # a throttled value still waiting is overtaken by the completion
-                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100))
+                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps))
                 if own is Ownership.OK:
                     tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
                     tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
@@ -340,24 +346,29 @@ class Worker:
                     await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
                     return
                 span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
-                await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started))
+                await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
             finally:
                 progress.close()
 
-    async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool) -> Ownership:
+    async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool,
+                         steps: dict[str, float]) -> Ownership:
         """Complete the job; `final_progress` records progress 100 in the same round trip."""
         if job.id in self.cancelled or job.id in self.lost:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
-        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, result.to_json(),
-                                   final_progress=final_progress)
+        mark = time.monotonic()
+        data = result.to_json()
+        steps["postprocessing"] = (time.monotonic() - mark) * 1000
+        own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, data,
+                                   final_progress=final_progress, steps=steps)
         if own is Ownership.CANCELLED:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         return own
 
-    async def _finish_failed(self, job: Job, error: Exception, duration_s: float) -> None:
+    async def _finish_failed(self, job: Job, error: Exception, duration_s: float,
+                             steps: dict[str, float] | None = None) -> None:
         retryable = bool(getattr(error, "retryable", False))
         outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, str(error),
-                                       retryable=retryable)
+                                       retryable=retryable, steps=steps)
         if outcome.outcome not in ("retried", "failed"):
             self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=str(error),
                                        ownership=outcome.outcome)

@@ -2,7 +2,8 @@
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = result JSON (references to outputs, no blobs),
 -- ARGV[4] = message, ARGV[5] = '1' to record progress 100 first (the progress hash and an
--- update_job_progress message, exactly as progress.lua writes them), saving the worker a round trip
+-- update_job_progress message, exactly as progress.lua writes them), saving the worker a round trip,
+-- ARGV[6] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'.
 local id, wid, result = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
@@ -36,5 +37,7 @@ for i, name in ipairs(names) do
 end
 local head = cjson.encode(msg)
 redis.call('PUBLISH', 'complete_job', string.sub(head, 1, -2) .. ',"result":' .. result .. '}')
-add_event(id, {t = now, ev = 'completed', worker_id = wid}, true)
+local ev = {t = now, ev = 'completed', worker_id = wid}
+if ARGV[6] and ARGV[6] ~= '' then ev.steps = cjson.decode(ARGV[6]) end
+add_event(id, ev, true)
 return 'ok'

@@ -1,10 +1,13 @@
 -- fail.lua: the job failed. Retryable failures go back to the queue with the submission score until
 -- max_retries; otherwise the failure is final. job_failed always carries can_retry.
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
--- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = error message, ARGV[4] = '1' when retryable
+-- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = error message, ARGV[4] = '1' when retryable,
+-- ARGV[5] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline
 -- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'.
 local id, wid, err = ARGV[1], ARGV[2], ARGV[3]
 local retryable = ARGV[4] == '1'
+local steps = nil
+if ARGV[5] and ARGV[5] ~= '' then steps = cjson.decode(ARGV[5]) end
 local now = now_ms()
 local state = ownership(id, wid)
 if state ~= 'ok' then
@@ -21,7 +24,8 @@ if retryable and new < max then
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,
     'last_failed_worker', wid, 'failed_at', at, 'error', err)
   enqueue(id)
-  add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = true})
+  add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = true,
+    steps = steps})
   publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = err, failed_at = at,
     retry_count = new, can_retry = true, timestamp = now})
   publish('job_requeued', {job_id = id, service_required = redis.call('HGET', jkey, 'service_required'),
@@ -30,7 +34,8 @@ if retryable and new < max then
 end
 redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new, 'error', err)
 redis.call('HSET', 'jobs:failed', id, cjson.encode({error = err, failed_at = at, retry_count = new}))
-add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false}, true)
+add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false,
+  steps = steps}, true)
 publish('job_failed', {job_id = id, worker_id = wid, status = 'failed', error = err, failed_at = at,
   retry_count = new, can_retry = false, timestamp = now})
 return {'failed', new}
