@@ -45,6 +45,7 @@ def test_submit_wait_job_timeline_and_stuck(machine, redis):
     assert steps == ["submitted", "claimed", "started", "completed"], shown.stdout
     doc = json.loads(machine.cli("job", job_id, "--json").stdout)
     assert doc["status"] == "completed" and doc["total_ms"] >= 400
+    assert len(doc["trace_id"]) == 32 and int(doc["trace_id"], 16)  # submit starts the job's trace
     assert [s["event"] for s in doc["steps"]] == steps
     assert doc["steps"][1]["worker_id"] == redis.hget(f"job:{job_id}", "worker_id") == doc["worker_id"]
 

@@ -14,7 +14,8 @@ from harness import wait_for
 def test_demo_boots_runs_jobs_explains_a_failure_and_stops_cleanly(tmp_path_factory):
     state = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
-    env.update(EMP_MACHINE__STATE_DIR=str(state), EMP_MACHINE__ID="demo-test", PYTHONUNBUFFERED="1")
+    env.update(EMP_MACHINE__STATE_DIR=str(state), EMP_MACHINE__ID="demo-test", EMP_HEALTH__PORT="0",
+               PYTHONUNBUFFERED="1")
     err_path, out_path = state / "demo.err", state / "demo.out"
     with open(err_path, "wb") as err, open(out_path, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "emp_machine", "demo"], stdout=out, stderr=err, env=env)
@@ -27,6 +28,7 @@ def test_demo_boots_runs_jobs_explains_a_failure_and_stops_cleanly(tmp_path_fact
             outcomes = [line.split()[2] for line in lines if line.split()[2] in ("completed", "failed")]
             assert sorted(outcomes) == ["completed"] * 4 + ["failed"], text
             assert "completed  retries=1  retried" in text  # the retried job went round once and succeeded
+            assert "/           # the status page" in text
             failed_id = next(line.split()[4] for line in text.splitlines() if "why did it fail" in line)
 
             timeline = subprocess.run([sys.executable, "-m", "emp_machine", "job", failed_id, "--json"],

@@ -526,8 +526,13 @@ def cmd_submit(args) -> int:
     from emp_machine.runtime import queries
 
     payload = _payload(args.payload)
+    from emp_machine.telemetry.context import new_span_id, new_trace_id
+
     client, store = _store(args)
-    job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries)
+    # Like an EMP API producer, start the job's trace here: the worker's job.execution continues it, and
+    # `emp-machine job` can name the trace id to look up in the tracing backend.
+    trace = {"job_trace_id": new_trace_id(), "job_span_id": new_span_id()}
+    job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries, trace=trace)
     print(job_id)
     if not args.wait:
         return 0

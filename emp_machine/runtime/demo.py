@@ -58,6 +58,8 @@ def run(state_dir: Path, say: Callable[[str], None], stop: threading.Event) -> N
     say("  .venv/bin/emp-machine ps                 # processes, like pm2 list")
     say(f"  .venv/bin/emp-machine job {ids[-1][1]}   # why did it fail?")
     say("  .venv/bin/emp-machine logs worker-0 -f   # a worker's log")
+    if doc.get("health_port"):
+        say(f"  http://localhost:{doc['health_port']}/           # the status page (/health, /status, /metrics)")
     say("  .venv/bin/emp-machine submit --type simulation --payload '{\"steps\": 10}' --wait")
     deadline = time.monotonic() + 60
     pending = dict((job_id, label) for label, job_id in ids)
