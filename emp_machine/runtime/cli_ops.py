@@ -1,0 +1,366 @@
+"""Operator commands of `emp-machine`: the running machine (ps, restart, logs, errors) and its jobs (submit,
+job, stuck, try). `cli.py` builds the parser and hands each command its arguments here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from emp_machine.errors import EmpError, NoMachineRunning
+
+
+# -- operating a running machine ----------------------------------------------------------------------------
+def _target(args) -> dict:
+    """The running machine's pointer document: from --manifest / $EMP_MANIFEST, else the only one running
+    (under the per-user state root, or where the default manifest puts its state)."""
+    from emp_machine.runtime import manifest as mf
+
+    explicit = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST")
+    if explicit:
+        state_dir = Path(mf.load(explicit).machine.state_dir)
+        doc = mf.running_machine(state_dir)
+        if doc is None:
+            raise NoMachineRunning(f"no machine is running for {explicit} (looked in {state_dir / 'run'})")
+        return doc
+    machines = {m["socket"]: m for m in mf.running_machines()}
+    default = mf.running_machine(Path(mf.load(mf.default_manifest()).machine.state_dir))
+    if default is not None:
+        machines[default["socket"]] = default
+    if not machines:
+        raise NoMachineRunning("no machine is running on this host; start one with "
+                               "`emp-machine --manifest <file>`, or name its manifest with --manifest")
+    if len(machines) > 1:
+        names = ", ".join(f"{m['machine_id']} ({m['manifest']})" for m in machines.values())
+        raise NoMachineRunning(f"{len(machines)} machines are running ({names}); choose one with --manifest")
+    return next(iter(machines.values()))
+
+
+def _control(doc: dict):
+    from emp_machine.supervisor.control import Supervisor
+
+    return Supervisor(doc["socket"])
+
+
+def cmd_ps(args) -> int:
+    import psutil
+
+    doc = _target(args)
+    rows = _control(doc).processes()
+    trees = {}
+    for row in rows:
+        if row.pid:
+            try:
+                root = psutil.Process(row.pid)
+                trees[row.name] = [root, *root.children(recursive=True)]
+                for proc in trees[row.name]:
+                    proc.cpu_percent(None)
+            except psutil.Error:
+                pass
+    time.sleep(0.25)  # cpu_percent needs two samples; one short interval for the whole table
+    table = []
+    for row in rows:
+        cpu, rss = 0.0, 0
+        for proc in trees.get(row.name, []):
+            try:
+                cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        table.append({"name": row.name, "pid": row.pid or None, "state": row.state.lower(),
+                      "uptime_s": round(row.uptime), "restarts": row.restarts, "cpu_percent": round(cpu, 1),
+                      "memory_bytes": rss, "errored_reason": row.errored_reason or None})
+    if args.json:
+        print(json.dumps({"machine_id": doc["machine_id"], "processes": table}, indent=2))
+        return 0
+    from emp_machine.units import format_size
+
+    print(f"machine {doc['machine_id']}  ({doc['manifest']})")
+    header = f"{'NAME':<18} {'PID':>7}  {'STATE':<9} {'UPTIME':>8} {'RESTARTS':>8} {'CPU%':>6} {'MEMORY':>9}"
+    print(header)
+    for t in table:
+        print(f"{t['name']:<18} {t['pid'] or '-':>7}  {t['state']:<9} {_ago(t['uptime_s']) if t['pid'] else '-':>8} "
+              f"{t['restarts']:>8} {t['cpu_percent']:>6} {format_size(t['memory_bytes']) if t['pid'] else '-':>9}")
+        if t["errored_reason"]:
+            print(f"{'':<18} errored: {t['errored_reason']}")
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def cmd_restart(args) -> int:
+    from emp_machine.supervisor.control import Supervisor
+
+    doc = _target(args)
+    control = _control(doc)
+    names = [r.name for r in control.processes()]
+    targets = [n for n in names if n != "redis"] if args.name == "all" else [args.name]
+    for name in targets:
+        if name not in names:
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; processes: {', '.join(names)}"
+            raise EmpError(f"no process named {name}{hint}")
+    for name in targets:
+        Supervisor(doc["socket"], timeout=120).restart(name)
+        print(f"restarted {name}")
+    return 0
+
+
+def cmd_errors(args) -> int:
+    from emp_machine.runtime import manifest as mf
+    from emp_machine.runtime import queries
+    from emp_machine.units import parse_duration
+
+    try:
+        since = parse_duration(args.since)
+    except ValueError as exc:
+        raise EmpError(f"--since: {exc}") from None
+    if args.machine:
+        source = args.machine if args.machine.startswith(("http://", "https://")) else _health_url_of(args)
+        rows = _remote_errors(source, args.since)
+    else:
+        try:
+            logs_dir = Path(_target(args)["logs"])
+        except NoMachineRunning:  # a stopped machine's logs are still worth reading
+            state = mf.load(getattr(args, "manifest", None) or mf.default_manifest()).machine.state_dir
+            logs_dir = Path(state) / "logs"
+        source = str(logs_dir)
+        rows = queries.recent_errors(logs_dir, since)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no errors in the last {args.since} ({source})")
+        return 0
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["at"]))
+        job = f" job={row['job_id']}" if row.get("job_id") else ""
+        trace = f" trace={row['trace_id']}" if row.get("trace_id") else ""
+        print(f"{when}Z {row['process']:<12} {row['event'] or '':<18} {row['message']}{job}{trace}")
+    return 0
+
+
+def _health_url_of(args) -> str:
+    """A machine's health_url from its next status message (machines publish one every 10 s)."""
+    from emp_machine.runtime.jobs import machine_status_channel
+
+    client, _ = _store(args)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(machine_status_channel(args.machine))
+    deadline = time.monotonic() + 12
+    try:
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1.0)
+            if message and message.get("type") == "message":
+                try:
+                    url = json.loads(message["data"]).get("health_url")
+                except (TypeError, ValueError):
+                    continue
+                if url:
+                    return url
+    finally:
+        pubsub.close()
+    raise EmpError(f"no status message from machine {args.machine} within 12 s: is it running and using this Redis?")
+
+
+def _remote_errors(base_url: str, since: str) -> list:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base_url.rstrip('/')}/errors?since={urllib.parse.quote(since)}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise EmpError(f"could not read errors from {url}: {exc}") from None
+
+
+def cmd_logs(args) -> int:
+    doc = _target(args)
+    path = Path(doc["logs"]) / f"{args.name}.log"
+    if not path.exists():
+        available = sorted(p.stem for p in Path(doc["logs"]).glob("*.log"))
+        raise EmpError(f"no log for {args.name} at {path}; logs: {', '.join(available) or 'none yet'}")
+    for line in _tail(path, args.lines):
+        sys.stdout.write(line)
+    sys.stdout.flush()
+    if args.follow:
+        _follow(path)
+    return 0
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        end = fh.tell()
+        block, data = 8192, b""
+        while end > 0 and data.count(b"\n") <= count:
+            step = min(block, end)
+            end -= step
+            fh.seek(end)
+            data = fh.read(step) + data
+    lines = data.decode("utf-8", "replace").splitlines(keepends=True)
+    return lines[-count:] if count > 0 else []
+
+
+def _follow(path: Path) -> None:
+    """Print lines as they are appended; reopen when supervisord rotates the file."""
+    fh = open(path, "rb")
+    fh.seek(0, os.SEEK_END)
+    inode = os.fstat(fh.fileno()).st_ino
+    while True:
+        chunk = fh.read()
+        if chunk:
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+            continue
+        try:
+            if os.stat(path).st_ino != inode or os.stat(path).st_size < fh.tell():
+                fh.close()
+                fh = open(path, "rb")
+                inode = os.fstat(fh.fileno()).st_ino
+                continue
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+
+
+# -- jobs -------------------------------------------------------------------------------------------------
+def _store(args):
+    """A sync JobStore on: --redis, else the running machine's Redis, else the manifest's redis.url."""
+    import redis
+
+    from emp_machine.runtime import manifest as mf
+    from emp_machine.runtime.identity import redact_url
+    from emp_machine.runtime.jobs import JobStore
+
+    url = args.redis
+    if not url:
+        try:
+            url = _target(args).get("redis_url")
+        except NoMachineRunning:
+            url = None
+    if not url:
+        manifest = mf.load(getattr(args, "manifest", None) or mf.default_manifest())
+        url = manifest.redis.url
+        if url == "embedded":
+            raise NoMachineRunning("the manifest uses an embedded Redis and no machine is running: start the "
+                                   "machine first, or pass --redis URL")
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise EmpError(f"Redis at {redact_url(url)} is not reachable: {exc.__class__.__name__}") from None
+    return client, JobStore(client)
+
+
+def _payload(text: str):
+    """--payload as JSON text or @file."""
+    try:
+        raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
+        return json.loads(raw)
+    except OSError as exc:
+        raise EmpError(f"--payload file cannot be read: {exc}") from None
+    except ValueError as exc:
+        raise EmpError(f"--payload is not JSON: {exc}") from None
+
+
+def cmd_try(args) -> int:
+    import asyncio
+
+    from emp_machine.connectors.trying import try_connector
+
+    settings = {}
+    for item in args.setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EmpError(f"--setting {item!r}: expected KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return asyncio.run(try_connector(args.connector, settings, _payload(args.payload), args.output_dir))
+
+
+def cmd_submit(args) -> int:
+    from emp_machine.runtime import queries
+
+    payload = _payload(args.payload)
+    from emp_machine.telemetry.context import new_span_id, new_trace_id
+
+    client, store = _store(args)
+    # Like an EMP API producer, start the job's trace here: the worker's job.execution continues it, and
+    # `emp-machine job` can name the trace id to look up in the tracing backend.
+    trace = {"job_trace_id": new_trace_id(), "job_span_id": new_span_id()}
+    job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries, trace=trace)
+    print(job_id)
+    if not args.wait:
+        return 0
+
+    def bar(percent: float, message: str) -> None:
+        filled = int(percent / 5)
+        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}% {message[:40]:<40}", end="", flush=True)
+
+    job = queries.wait_for_end(client, store, job_id, bar, args.timeout)
+    print()
+    status = job.get("status", "unknown")
+    print(f"{job_id}: {status}" + (f" ({job.get('error')})" if status == "failed" else ""))
+    return 0 if status == "completed" else 1
+
+
+def cmd_job(args) -> int:
+    from emp_machine.runtime import queries
+
+    _, store = _store(args)
+    doc = queries.timeline(store, args.job_id)
+    if doc is None:
+        raise EmpError(f"no job {args.job_id} in Redis")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"job {doc['job_id']}  type {doc['service_required']}  status {doc['status']}  "
+          f"retries {doc['retry_count']}/{doc['max_retries']}  total {queries.format_ms(doc['total_ms'])}")
+    if doc["trace_id"]:
+        print(f"trace {doc['trace_id']}")
+    if doc["error"]:
+        print(f"error {doc['error']}")
+    if doc["durations"]:
+        print("steps " + ", ".join(f"{name.removesuffix('_ms').replace('_', ' ')} {queries.format_ms(ms)}"
+                                     for name, ms in doc["durations"].items()))
+    print(f"{'AT (UTC)':<13} {'STEP':<14} {'+TIME':>9}  {'WORKER':<28} DETAIL")
+    for step in doc["steps"]:
+        print(f"{queries.format_at(step['at_ms']):<13} {step['event']:<14} "
+              f"{queries.format_ms(step['since_previous_ms']):>9}  {step['worker_id']:<28} {step['detail']}")
+    return 0
+
+
+def cmd_stuck(args) -> int:
+    from emp_machine.runtime import queries
+
+    _, store = _store(args)
+    rows = queries.stuck(store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no stuck jobs")
+        return 0
+    print(f"{'JOB':<40} {'STATUS':<12} {'WORKER':<30} REASON")
+    for row in rows:
+        print(f"{row['job_id']:<40} {row['status']:<12} {row['worker_id']:<30} {row['reason']}")
+    return 0
