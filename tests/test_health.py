@@ -274,3 +274,21 @@ def chromium():
     if done.returncode != 0 or path is None:
         pytest.skip(f"chromium could not be installed (apt-get exit {done.returncode}): {done.stderr[-300:]}")
     return path
+
+
+def test_health_port_in_use_fails_the_boot_with_the_fix_named(machine_factory):
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        machine = machine_factory(f"health: {{host: 127.0.0.1, port: {port}}}\n"
+                                  "workers:\n  sim: {connector: simulation, count: 1}\n")
+        assert machine.wait_exit(30) == 1
+        failed = machine.event("boot.failed", step_name="health")
+        assert failed and "cannot listen on 127.0.0.1" in failed["error"] and "EMP_HEALTH__PORT" in failed["error"]
+        assert machine.event("boot.supervisord") is None  # nothing was started
+    finally:
+        holder.close()

@@ -425,7 +425,9 @@ class Machine:
             port = await self.health_server.start()
         except OSError as exc:
             self.inbox.put_nowait(StepFailed("health", f"cannot listen on {self.manifest.health.host}:"
-                                                       f"{self.manifest.health.port}: {exc.strerror or exc}"))
+                                                       f"{self.manifest.health.port}: {exc.strerror or exc} "
+                                                       "(choose another with health.port, EMP_HEALTH__PORT, or "
+                                                       "PORT in the shipped manifests; 0 picks a free one)"))
             return False
         self.aggregate.health_url = st.health_url(self.manifest.health.public_url, self.manifest.health.host, port)
         self.aggregate.dirty = True
