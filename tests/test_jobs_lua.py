@@ -26,8 +26,8 @@ def submit(redis, job_id, **options):
     return run(redis, "submit", job_id, *[x for kv in fields.items() for x in kv])
 
 
-def claim(redis, caps=CAPS, lease_ms=60_000, avoid_ms=0, may_reconcile="0", *hints):
-    return run(redis, "claim", caps, lease_ms, avoid_ms, may_reconcile, *hints)
+def claim(redis, caps=CAPS, lease_ms=60_000, avoid_ms=0, may_reconcile="0", *hints, start="0"):
+    return run(redis, "claim", caps, lease_ms, avoid_ms, may_reconcile, start, *hints)
 
 
 @pytest.mark.parametrize("text,ms", [
@@ -80,6 +80,17 @@ def test_claim_script_reply_and_reconcile_flag(redis):
     fields = dict(zip(reply[2::2], reply[3::2]))
     assert fields["status"] == "assigned" and fields["worker_id"] == "w1"
     assert redis.zscore("jobs:leases", "api") > time.time() * 1000 + 50_000
+
+
+def test_claim_can_start_the_job_in_the_same_call(redis):
+    submit(redis, "j1")
+    reply = claim(redis, start="1")
+    assert reply[0] == "j1"
+    job = redis.hgetall("job:j1")
+    assert job["status"] == "in_progress" and job["started_at"] and job["worker_id"] == "w1"
+    events = [json.loads(e)["ev"] for e in redis.lrange("job:j1:events", 0, -1)]
+    assert events == ["submitted", "claimed", "started"]
+    assert run(redis, "progress", "j1", "w1", "30", "msg", "", "", "") == "ok"  # owned as after start.lua
 
 
 def test_start_and_progress_scripts(redis):

@@ -254,17 +254,19 @@ class _JobOps:
 
     # ---- claim and the index ----
 
-    def _claim(self, capabilities: Mapping[str, Any], hints: Iterable[str]) -> _Op:
+    def _claim(self, capabilities: Mapping[str, Any], hints: Iterable[str], start: bool = False) -> _Op:
         if not capabilities.get("worker_id"):
             raise ValueError("worker capabilities need a worker_id")
         caps = json.dumps(capabilities, separators=(",", ":"))
         may_reconcile = self._reconcile_allowed()
-        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if may_reconcile else "0", *hints))
+        begin = "1" if start else "0"
+        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if may_reconcile else "0", begin,
+                                      *hints))
         if not reply[0] and int(reply[1]) and may_reconcile:
             # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
             self._last_reconcile = time.monotonic()
             yield from self._reconcile()
-            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0"))
+            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin))
         if not reply[0]:
             return None
         return Job(reply[0], _pairs(reply[2:]))
@@ -383,9 +385,10 @@ class _Api(_JobOps):
         """Write a job as the EMP API does (options: see contract_fields); returns its id."""
         return self._drive(self._submit(service_required, payload, job_id, **options))
 
-    def claim(self, capabilities: Mapping[str, Any], *, hints: Iterable[str] = ()):
-        """Claim the best job these capabilities can serve, or None. `hints`: ids from job_submitted."""
-        return self._drive(self._claim(capabilities, tuple(hints)))
+    def claim(self, capabilities: Mapping[str, Any], *, hints: Iterable[str] = (), start: bool = False):
+        """Claim the best job these capabilities can serve, or None. `hints`: ids from job_submitted.
+        `start`: also mark it in_progress (what start() does) in the same round trip."""
+        return self._drive(self._claim(capabilities, tuple(hints), start))
 
     def progress(self, job_id: str, worker_id: str, percent: float, message: str = "", *,
                  current_step: int | None = None, total_steps: int | None = None,

@@ -6,7 +6,8 @@
 -- ARGV[3] = ms during which a job this worker just failed is left to other workers
 -- ARGV[4] = '1': when jobs:pending holds jobs our index lacks, claim nothing and say so (the caller
 --           reconciles, then claims with '0'), so an unindexed higher-priority job is not passed over
--- ARGV[5..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
+-- ARGV[5] = '1': start the job at once (assigned -> in_progress, as start.lua does), saving a round trip
+-- ARGV[6..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
 -- Returns {job_id or '', unindexed (1 when jobs:pending holds jobs our index lacks), HGETALL of the job...}
 --
 -- Order: highest index score (priority, then oldest first). Each requirement class is matched once and
@@ -175,7 +176,7 @@ local now = now_ms()
 local wf = caps.workflow_id
 if type(wf) ~= 'string' or wf == '' then wf = nil end
 
-for i = 5, #ARGV do adopt(ARGV[i]) end
+for i = 6, #ARGV do adopt(ARGV[i]) end
 
 local unindexed = 0
 if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1 end
@@ -269,6 +270,10 @@ publish('job_claimed', {job_id = id, worker_id = wid, status = 'claimed', messag
   claimed_at = at, timestamp = now, service_required = job.service_required, customer_id = job.customer_id,
   workflow_id = job.workflow_id, current_step = job.current_step, total_steps = job.total_steps})
 publish('update_job_progress', {job_id = id, worker_id = wid, progress = 0, timestamp = now})
+if ARGV[5] == '1' then
+  redis.call('HSET', jkey, 'status', 'in_progress', 'started_at', at)
+  add_event(id, {t = now, ev = 'started', worker_id = wid})
+end
 local out = {id, unindexed}
 for i = 1, #flat do table.insert(out, flat[i]) end
 return out
