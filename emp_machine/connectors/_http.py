@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
 import mimetypes
 import re
@@ -43,6 +44,20 @@ class HttpSession:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    async def _request(self, service: str, method: str, url: str, headers: Mapping[str, str],
+                       **kwargs: Any) -> tuple[int, Any]:
+        """One request: (status, parsed JSON, or the text when it is not JSON). Transport failures become
+        RetryableJobError naming `service` and the URL."""
+        try:
+            async with self._http().request(method, url, headers=headers, **kwargs) as response:
+                text = await response.text()
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(service, url, exc) from None
+        try:
+            return response.status, json.loads(text) if text else None
+        except ValueError:
+            return response.status, text
 
 
 def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:

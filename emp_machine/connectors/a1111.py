@@ -50,17 +50,8 @@ class A1111Connector(_http.HttpSession, Connector):
 
     async def _call(self, method: str, path: str, headers: dict, timeout: float | None = None,
                     **kwargs) -> tuple[int, Any]:
-        url = self._base + path
         extra = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
-        try:
-            async with self._http().request(method, url, headers=headers, **extra, **kwargs) as response:
-                text = await response.text()
-        except _http.TRANSPORT_ERRORS as exc:
-            raise _http.transport_error("A1111", url, exc) from None
-        try:
-            return response.status, json.loads(text) if text else None
-        except ValueError:
-            return response.status, text
+        return await self._request("A1111", method, self._base + path, headers, **extra, **kwargs)
 
     async def health(self) -> Health:
         reason = ""

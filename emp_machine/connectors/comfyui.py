@@ -86,16 +86,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
 
     async def _call(self, method: str, path: str, headers: dict[str, str], **kwargs) -> tuple[int, Any]:
         """One request; (status, parsed JSON or text). Transport failures become RetryableJobError."""
-        url = self._base + path
-        try:
-            async with self._http().request(method, url, headers=headers, **kwargs) as response:
-                text = await response.text()
-        except _http.TRANSPORT_ERRORS as exc:
-            raise _http.transport_error("ComfyUI", url, exc) from None
-        try:
-            return response.status, json.loads(text) if text else None
-        except ValueError:
-            return response.status, text
+        return await self._request("ComfyUI", method, self._base + path, headers, **kwargs)
 
     async def health(self) -> Health:
         try:
