@@ -103,18 +103,27 @@ def wait_for_end(client, store: JobStore, job_id: str, on_progress, timeout_s: f
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("update_job_progress", "complete_job", "job_failed")
     try:
+        look = True  # read the job at first, after its own complete/fail message, and when idle
         while time.monotonic() < deadline:
-            job = store.timeline(job_id).job
-            if job.get("status") in ("completed", "failed"):
-                return job
+            if look:
+                job = store.timeline(job_id).job
+                if job.get("status") in ("completed", "failed"):
+                    return job
+                look = False
             msg = pubsub.get_message(timeout=0.5)
-            if msg and msg.get("type") == "message":
-                try:
-                    body = json.loads(msg["data"])
-                except (TypeError, ValueError):
-                    continue
-                if body.get("job_id") == job_id and "progress" in body:
-                    on_progress(float(body.get("progress") or 0), str(body.get("message") or ""))
+            if not msg or msg.get("type") != "message":
+                look = True  # quiet for a while: look, in case a message was missed
+                continue
+            try:
+                body = json.loads(msg["data"])
+            except (TypeError, ValueError):
+                continue
+            if not isinstance(body, dict) or body.get("job_id") != job_id:
+                continue
+            if "progress" in body:
+                on_progress(float(body.get("progress") or 0), str(body.get("message") or ""))
+            if msg.get("channel") in ("complete_job", "job_failed"):
+                look = True
         return store.timeline(job_id).job
     finally:
         pubsub.close()
