@@ -140,8 +140,7 @@ def _validate_then_exec(manifest, *, demo: bool) -> int:
     from emp_machine.runtime.view import View
 
     resolved = resolved_manifest_path(Path(manifest.machine.state_dir))
-    data = json.loads(manifest.model_dump_json())
-    data["source"] = manifest.source
+    data = _resolved_data(manifest)
     plan.build(View(data), hardware.probe(), resolved_manifest=resolved, environ=dict(os.environ))
     resolved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -152,6 +151,13 @@ def _validate_then_exec(manifest, *, demo: bool) -> int:
     argv = [sys.executable, "-m", "emp_machine", "machine-run", str(resolved)] + (["--demo"] if demo else [])
     os.execv(sys.executable, argv)
     return 1  # not reached
+
+
+def _resolved_data(manifest) -> dict:
+    """The validated manifest as the plain data the runner and workers read (run/manifest.json)."""
+    data = json.loads(manifest.model_dump_json())
+    data["source"] = manifest.source
+    return data
 
 
 def cmd_machine_run(args) -> int:
@@ -220,7 +226,7 @@ def cmd_render(args) -> int:
         manifest = manifest.model_copy(update={"machine": manifest.machine.model_copy(update={"gpus": args.gpus})})
     from emp_machine.runtime.view import View
 
-    the_plan = plan.build(View(json.loads(manifest.model_dump_json())), hardware.probe(), environ=dict(os.environ),
+    the_plan = plan.build(View(_resolved_data(manifest)), hardware.probe(), environ=dict(os.environ),
                           resolved_manifest=resolved_manifest_path(Path(manifest.machine.state_dir)))
     text = svconfig.render(list(the_plan.specs), the_plan.paths, parent_pid=os.getpid(),
                            machine_id=the_plan.machine_id, log_max_bytes=manifest.logs.max_size,
