@@ -24,9 +24,10 @@ def api_submit(redis, job_id, service="sim", priority=50, created_ms=None, **opt
     redis.publish("job_submitted", json.dumps({"job_id": job_id, "service_required": service}))
 
 
-@pytest.fixture
-def store(redis):
-    return JobStore(redis, reconcile_min_interval_s=0)
+@pytest.fixture(params=[True, False], ids=["fcall", "evalsha"])
+def store(redis, request):
+    """Every claim rule holds both as a function library (the default) and as EVALSHA scripts."""
+    return JobStore(redis, reconcile_min_interval_s=0, functions=request.param)
 
 
 def claim_all(store, worker):
@@ -52,6 +53,17 @@ def test_fifo_within_one_priority_even_within_one_second(store):
     ids = [store.submit("sim", {}, job_id=f"j{9 - i}", workflow_priority=50, workflow_datetime_ms=base + i * 3)
            for i in range(6)]
     assert claim_all(store, caps()) == ids
+
+
+def test_jobs_of_one_millisecond_and_workflow_steps_go_in_queue_order(store):
+    # Equal index scores: the same created_at ms, and a workflow's steps sharing workflow_datetime. Ids
+    # are chosen so that id order (the sorted set's own tie-break) would disagree with queue order.
+    same_ms = "2026-01-01T00:00:00.001Z"
+    ids = [store.submit("sim", {}, job_id=f"j{9 - i}", created_at=same_ms) for i in range(4)]
+    steps = [store.submit("sim", {}, job_id=f"step-{9 - i}", priority=1, workflow_id="wf", workflow_priority=60,
+                          workflow_datetime_ms=1_700_000_000_000, current_step=i + 1, total_steps=4)
+             for i in range(4)]
+    assert claim_all(store, caps()) == steps + ids
 
 
 def test_api_submitted_jobs_are_claimed_in_order_with_ours(store, redis):

@@ -1,4 +1,4 @@
--- claim.lua: atomically claim the best pending job this worker can serve.
+-- claim.lua: atomically claim the best pending job this worker can serve (lib.lua and match.lua first).
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = worker capabilities JSON (contract shape: worker_id, machine_id, services /
 --           job_service_required_map, hardware, models, customer_access, optional workflow_id, ...)
@@ -6,175 +6,23 @@
 -- ARGV[3] = ms during which a job this worker just failed is left to other workers
 -- ARGV[4] = '1': when jobs:pending holds jobs our index lacks, claim nothing and say so (the caller
 --           reconciles, then claims with '0'), so an unindexed higher-priority job is not passed over
--- ARGV[5] = '1': start the job at once (assigned -> in_progress, as start.lua does), saving a round trip
+-- ARGV[5] = '1': start the job at once (in_progress, as start.lua does), saving a round trip
 -- ARGV[6..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
--- Returns {job_id or '', unindexed (1 when jobs:pending holds jobs our index lacks), HGETALL of the job...}
+-- Returns {job_id or '', unindexed (1 when jobs:pending holds jobs our index lacks), job JSON}; the JSON is
+-- the jobs:active entry: the job hash as it stands after the claim.
 --
--- Order: highest index score (priority, then oldest first). Each requirement class is matched once and
--- only the head of each matching class queue is looked at, so the cost does not grow with queue depth;
--- a worker restricted to one workflow_id walks its classes' queues past other workflows' jobs.
+-- Order: highest index score (priority, then oldest first). Each requirement class is matched once (see
+-- match.lua) and only the heads of the matching class queues are read, so the cost does not grow with
+-- queue depth. Only the best head's job hash is read; a head that cannot run is cleaned out or passed
+-- over and that queue's next entry competes instead (a worker restricted to one workflow_id walks its
+-- classes' queues past other workflows' jobs).
 
-local function is_array(t)
-  if type(t) ~= 'table' then return false end
-  local n = 0
-  for _ in pairs(t) do
-    n = n + 1
-    if t[n] == nil then return false end
-  end
-  return true
-end
-
-local function contains(list, x)
-  for _, v in ipairs(list) do
-    if v == x then return true end
-  end
-  return false
-end
-
-local function present(v)
-  return v ~= nil and v ~= cjson.null
-end
-
--- Does the worker's value satisfy the required one: array contains all / membership / number >= / equality.
-local function satisfies(wv, rv)
-  if not present(wv) then return false end
-  if type(rv) == 'table' and is_array(rv) then
-    if type(wv) ~= 'table' then return false end
-    for _, item in ipairs(rv) do
-      if not contains(wv, item) then return false end
-    end
-    return true
-  end
-  if type(wv) == 'table' and is_array(wv) then return contains(wv, rv) end
-  if type(rv) == 'number' then
-    local n = tonumber(wv)
-    return n ~= nil and n >= rv
-  end
-  return wv == rv
-end
-
-local function lookup(obj, path)
-  local v = obj
-  for part in string.gmatch(path, '[^%.]+') do
-    if type(v) ~= 'table' then return nil end
-    v = v[part]
-  end
-  return v
-end
-
-local function check_capability(worker, key, rv)
-  local wv = lookup(worker, key)
-  if type(rv) == 'table' and not is_array(rv) then
-    if type(wv) ~= 'table' then return false end
-    for k, sub in pairs(rv) do
-      if not satisfies(wv[k], sub) then return false end
-    end
-    return true
-  end
-  return satisfies(wv, rv)
-end
-
-local function check_hardware(hw, req)
-  if type(req) ~= 'table' then return true end
-  if type(hw) ~= 'table' then hw = {} end
-  for k, rv in pairs(req) do
-    if rv ~= 'all' and present(rv) then
-      local need = tonumber(rv)
-      if need then
-        local have = tonumber(hw[k])
-        if not have or have < need then return false end
-      elseif not satisfies(hw[k], rv) then
-        return false
-      end
-    end
-  end
-  return true
-end
-
-local function check_isolation(access, isolation, customer_id)
-  if type(access) ~= 'table' then access = {} end
-  if isolation == 'strict' and access.isolation ~= 'strict' then return false end
-  if type(access.allowed_customers) == 'table' and not contains(access.allowed_customers, customer_id) then
-    return false
-  end
-  if type(access.denied_customers) == 'table' and contains(access.denied_customers, customer_id) then
-    return false
-  end
-  return true
-end
-
-local function check_models(worker_models, required, service)
-  if required == 'all' or type(required) ~= 'table' then return true end
-  if worker_models == 'all' then return true end
-  if type(worker_models) ~= 'table' then return false end
-  local have = worker_models[service]
-  if have == 'all' then return true end
-  if type(have) ~= 'table' then return false end
-  for _, m in ipairs(required) do
-    if not contains(have, m) then return false end
-  end
-  return true
-end
-
-local SPECIAL = {service_type = true, hardware = true, customer_isolation = true, models = true,
-  positive_requirements = true, negative_requirements = true}
-
--- One requirement class against this worker (requirements JSON and, with isolation, the customer).
-local function class_matches(worker, raw, customer_id, service)
-  local req = parse_requirements(raw)
-  if not req then return true end
-  local pos = req.positive_requirements
-  if type(pos) ~= 'table' then pos = req end
-  if pos.hardware ~= nil and not check_hardware(worker.hardware, pos.hardware) then return false end
-  if pos.customer_isolation ~= nil and not check_isolation(worker.customer_access, pos.customer_isolation, customer_id) then
-    return false
-  end
-  if pos.models ~= nil and not check_models(worker.models, pos.models, service) then return false end
-  for key, rv in pairs(pos) do
-    if not SPECIAL[key] and not check_capability(worker, key, rv) then return false end
-  end
-  local neg = req.negative_requirements
-  if type(neg) == 'table' then
-    for key, rv in pairs(neg) do
-      if key == 'hardware' then
-        if type(rv) == 'table' and type(worker.hardware) == 'table' then
-          for hk, hv in pairs(rv) do
-            if present(worker.hardware[hk]) and satisfies(worker.hardware[hk], hv) then return false end
-          end
-        end
-      elseif check_capability(worker, key, rv) then
-        return false
-      end
-    end
-  end
-  return true
-end
-
-local function job_types(worker)
-  local out = {}
-  local map = worker.job_service_required_map
-  if type(map) == 'table' and #map > 0 then
-    for _, entry in ipairs(map) do
-      if type(entry) == 'string' then table.insert(out, entry)
-      elseif type(entry) == 'table' and type(entry.job_service_required) == 'string' then
-        table.insert(out, entry.job_service_required)
-      end
-    end
-  elseif type(worker.services) == 'table' then
-    for _, s in ipairs(worker.services) do
-      if type(s) == 'string' then table.insert(out, s) end
-    end
-  end
-  return out
-end
-
-local caps = cjson.decode(ARGV[1])
-local wid = caps.worker_id
+local w = worker_of(ARGV[1])
+local wid = w.caps.worker_id
 local lease_ms = tonumber(ARGV[2])
 local avoid_ms = tonumber(ARGV[3])
+local start = ARGV[5] == '1'
 local now = now_ms()
-local wf = caps.workflow_id
-if type(wf) ~= 'string' or wf == '' then wf = nil end
 
 for i = 6, #ARGV do adopt(ARGV[i]) end
 
@@ -182,98 +30,106 @@ local unindexed = 0
 if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1 end
 if unindexed == 1 and ARGV[4] == '1' then return {'', 1} end
 
--- The first job in queue q this worker may take, skipping (and cleaning out) jobs that cannot run.
--- Stops at scores not above `floor`: a better candidate was already found elsewhere. Most claims take
--- the head, so the first read is one entry and later reads grow.
-local function head_of(svc, cls, floor)
-  local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
-  local offset, size = 0, 1
-  while true do
-    local chunk = redis.call('ZREVRANGE', q, offset, offset + size - 1, 'WITHSCORES')
+-- One cursor per matching class queue: `buf` holds entries read (id, score, ...) from rank `offset`.
+local cursors = {}
+for _, svc in ipairs(w.types) do
+  local ckey = 'jobs:idx:classes:' .. svc
+  for _, cls in ipairs(redis.call('HKEYS', ckey)) do
+    if meets(w, svc, cls, ckey) then
+      table.insert(cursors, {q = 'jobs:idx:queue:' .. svc .. ':' .. cls, svc = svc, cls = cls,
+        buf = {}, i = 1, offset = 0, size = 1})
+    end
+  end
+end
+
+-- The cursor's current entry (member, score), reading further when its buffer is used up; nil at the end.
+-- Reads start at one entry and grow, since most claims take the head.
+local function head(c)
+  if c.i > #c.buf then
+    local chunk = redis.call('ZREVRANGE', c.q, c.offset, c.offset + c.size - 1, 'WITHSCORES')
     if #chunk == 0 then
       -- The claim below leaves an emptied class listed (saving a call per claim); drop it here.
-      if offset == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
+      if c.offset == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. c.svc, c.cls) end
+      c.done = true
       return nil
     end
-    local dropped = 0
-    for i = 1, #chunk, 2 do
-      local id, score = chunk[i], tonumber(chunk[i + 1])
-      if floor and score <= floor then return nil end
-      local f = redis.call('HMGET', 'job:' .. id, 'status', 'workflow_id', 'last_failed_worker', 'failed_at')
-      if not f[1] and redis.call('EXISTS', 'job:' .. id) == 0 then
-        dequeue(id)  -- hash missing: remove rather than skip forever
-        dropped = dropped + 1
-      elseif f[1] and f[1] ~= '' and f[1] ~= 'pending' then
-        dequeue(id)  -- cancelled, finished or owned elsewhere: never run it from the queue
-        if f[1] == 'failed' or f[1] == 'cancelled' then
-          add_event(id, {t = now, ev = 'dropped', status = f[1]})
-        end
-        dropped = dropped + 1
-      elseif wf and f[2] ~= wf then
-        -- another workflow: skip
-      elseif f[3] == wid and now - (time_ms(f[4]) or 0) < avoid_ms then
-        -- this worker just failed it: leave it to others for a while
-      else
-        return id, score
-      end
-    end
-    offset = offset + #chunk / 2 - dropped
-    size = math.min(size * 4, 256)
+    c.buf, c.i, c.offset, c.size = chunk, 1, c.offset + #chunk / 2, math.min(c.size * 4, 256)
   end
+  return c.buf[c.i], tonumber(c.buf[c.i + 1])
 end
 
--- The best candidate over every matching class; a candidate that left jobs:pending without us (e.g.
--- removed by the API) is dropped from the index and the choice made again.
-local types = job_types(caps)
-local best_id, best_q
+-- Take the best head until one can run: a job whose hash is missing, or that is no longer pending, is
+-- removed from the queue (never run from it); another workflow's job, or one this worker just failed,
+-- is passed over. A job that left jobs:pending without us (e.g. removed by the API) leaves the index.
+local id, member, job, best
 while true do
   local best_score
-  best_id = nil
-  for _, svc in ipairs(types) do
-    local classes = redis.call('HGETALL', 'jobs:idx:classes:' .. svc)
-    for i = 1, #classes, 2 do
-      local desc = cjson.decode(classes[i + 1])
-      if class_matches(caps, desc[1], desc[2], svc) then
-        local id, score = head_of(svc, classes[i], best_score)
-        if id then best_id, best_score, best_q = id, score, 'jobs:idx:queue:' .. svc .. ':' .. classes[i] end
-      end
+  best = nil
+  for _, c in ipairs(cursors) do
+    if not c.done then
+      local m, score = head(c)
+      if m and (not best_score or score > best_score) then best, best_score, member = c, score, m end
     end
   end
-  if not best_id then return {'', unindexed} end
-  if redis.call('ZREM', KEYS[1], best_id) == 1 then break end
-  index_remove(best_id)
+  if not best then return {'', unindexed} end
+  id = job_of(member)
+  local flat = redis.call('HGETALL', 'job:' .. id)
+  job = {}
+  for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
+  local status = job.status
+  best.i = best.i + 2
+  if #flat == 0 then
+    dequeue(id)
+    best.offset = best.offset - 1
+  elseif status and status ~= '' and status ~= 'pending' then
+    dequeue(id)
+    best.offset = best.offset - 1
+    if status == 'failed' or status == 'cancelled' then add_event(id, {t = now, ev = 'dropped', status = status}) end
+  elseif w.wf and job.workflow_id ~= w.wf then
+    -- another workflow: pass over
+  elseif job.last_failed_worker == wid and now - (time_ms(job.failed_at) or 0) < avoid_ms then
+    -- this worker just failed it: leave it to others for a while
+  elseif redis.call('ZREM', KEYS[1], id) == 1 then
+    break
+  else
+    index_remove(id)
+    best.offset = best.offset - 1
+  end
 end
 
-local id = best_id
 local jkey = 'job:' .. id
 local at = iso(now)
 redis.call('HDEL', KEYS[2], id)
-redis.call('ZREM', best_q, id)
-redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', wid, 'assigned_at', at)
-local flat = redis.call('HGETALL', jkey)
-local job = {}
-for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
-redis.call('HSET', 'jobs:active:' .. wid, id, cjson.encode(job))
-local old_status = redis.call('HGET', 'worker:' .. wid, 'status') or ''
-redis.call('HSET', 'worker:' .. wid, 'status', 'busy', 'current_job_id', id)
+redis.call('ZREM', best.q, member)
+job.worker_id, job.assigned_at = wid, at
+if start then
+  job.status, job.started_at = 'in_progress', at
+  redis.call('HSET', jkey, 'status', 'in_progress', 'worker_id', wid, 'assigned_at', at, 'started_at', at)
+else
+  job.status = 'assigned'
+  redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', wid, 'assigned_at', at)
+end
+local job_json = cjson.encode(job)
+redis.call('HSET', 'jobs:active:' .. wid, id, job_json)
+local wkey = 'worker:' .. wid
+local old_status = redis.call('HGET', wkey, 'status') or ''
 if old_status ~= 'busy' then
-  redis.call('HSET', 'worker:' .. wid, 'last_status_change', at)
+  redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id, 'last_status_change', at)
   publish('worker_status', {worker_id = wid, old_status = old_status, new_status = 'busy', current_job_id = id,
     timestamp = now})
+else
+  redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id)
 end
 redis.call('ZADD', KEYS[3], now + lease_ms, id)
-local machine = caps.machine_id
-if type(machine) ~= 'string' then machine = '' end
-add_event(id, {t = now, ev = 'claimed', worker_id = wid, machine_id = machine,
+local claimed = cjson.encode({t = now, ev = 'claimed', worker_id = wid, machine_id = w.machine,
   retry_count = tonumber(job.retry_count) or 0})
+if start then
+  add_events(id, claimed, cjson.encode({t = now, ev = 'started', worker_id = wid}))
+else
+  add_events(id, claimed)
+end
 publish('job_claimed', {job_id = id, worker_id = wid, status = 'claimed', message = 'Job claimed by worker',
   claimed_at = at, timestamp = now, service_required = job.service_required, customer_id = job.customer_id,
   workflow_id = job.workflow_id, current_step = job.current_step, total_steps = job.total_steps})
 publish('update_job_progress', {job_id = id, worker_id = wid, progress = 0, timestamp = now})
-if ARGV[5] == '1' then
-  redis.call('HSET', jkey, 'status', 'in_progress', 'started_at', at)
-  add_event(id, {t = now, ev = 'started', worker_id = wid})
-end
-local out = {id, unindexed}
-for i = 1, #flat do table.insert(out, flat[i]) end
-return out
+return {id, unindexed, job_json}

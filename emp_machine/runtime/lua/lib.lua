@@ -6,7 +6,7 @@
 -- KEYS[3] = jobs:leases         (our ZSET job id -> lease expiry, epoch ms)
 -- Dynamic keys (single-node Redis only, like the EMP API's own claim): job:{id}, job:{id}:events,
 -- jobs:active:{wid}, worker:{wid}, jobs:idx:classes:{service} (HASH class -> [requirements, customer]),
--- jobs:idx:queue:{service}:{class} (ZSET job id -> index score).
+-- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter).
 
 local EVENTS_TTL_S = 7 * 86400
 -- Index score: priority first, then creation time in ms. 2^42 ms reaches the year 2109; the contract
@@ -42,13 +42,17 @@ local function civil_from_days(z)
   return y, m, d
 end
 
--- ISO-8601 UTC with milliseconds, the form the EMP API writes (Date.toISOString).
+-- ISO-8601 UTC with milliseconds, the form the EMP API writes (Date.toISOString). The date part of the
+-- last day formatted is kept (between calls too, under FCALL).
+local iso_day, iso_date
 local function iso(ms)
   local s = math.floor(ms / 1000)
   local days = math.floor(s / 86400)
+  if days ~= iso_day then
+    iso_date, iso_day = string.format('%04d-%02d-%02dT', civil_from_days(days)), days
+  end
   local rem = s - days * 86400
-  local y, m, d = civil_from_days(days)
-  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
+  return iso_date .. string.format('%02d:%02d:%02d.%03dZ',
     math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60, ms - s * 1000)
 end
 
@@ -119,22 +123,32 @@ local function class_of(raw, customer_id)
   return redis.sha1hex(raw .. '\n' .. cust), raw, cust
 end
 
+-- A class queue's members are '<tag>|<job id>', the tag a fixed-width countdown of jobs:idx:seq: jobs with
+-- equal scores (the same millisecond, or a workflow's steps sharing workflow_datetime) come out of
+-- ZREVRANGE, which orders ties by member descending, in the order they were queued.
+local TAG_LEN = 15
+
+local function job_of(member)
+  return string.sub(member, TAG_LEN + 2)
+end
+
 local function index_add(id, f)
   local svc = f[1] or ''
   local cls, raw, cust = class_of(f[2], f[3])
   local p, t = order_of(f)
+  local tag = string.format('%015.0f', 999999999999999 - redis.call('INCR', 'jobs:idx:seq'))
   redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
-  redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(p * PRIORITY_SHIFT - t), id)
-  redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls)
+  redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(p * PRIORITY_SHIFT - t), tag .. '|' .. id)
+  redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls .. '\n' .. tag)
 end
 
 local function index_remove(id)
   local loc = redis.call('HGET', KEYS[2], id)
   if not loc then return end
   redis.call('HDEL', KEYS[2], id)
-  local svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
+  local svc, cls, tag = string.match(loc, '^(.*)\n([^\n]*)\n([^\n]*)$')
   local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
-  redis.call('ZREM', q, id)
+  redis.call('ZREM', q, tag .. '|' .. id)
   if redis.call('EXISTS', q) == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
 end
 
@@ -168,6 +182,12 @@ end
 local function add_event(id, ev, final)
   local key = 'job:' .. id .. ':events'
   if redis.call('RPUSH', key, cjson.encode(ev)) == 1 or final then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+end
+
+-- Several events already encoded, in one call.
+local function add_events(id, ...)
+  local key = 'job:' .. id .. ':events'
+  if redis.call('RPUSH', key, ...) == select('#', ...) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
 end
 
 local function publish(channel, msg)

@@ -1,0 +1,192 @@
+-- match.lua: does a worker meet a job's requirements (the contract's matching rules), with a memo of
+-- decoded capabilities and class answers. Prepended to claim.lua (see jobs.py).
+
+local function is_array(t)
+  if type(t) ~= 'table' then return false end
+  local n = 0
+  for _ in pairs(t) do
+    n = n + 1
+    if t[n] == nil then return false end
+  end
+  return true
+end
+
+local function contains(list, x)
+  for _, v in ipairs(list) do
+    if v == x then return true end
+  end
+  return false
+end
+
+local function present(v)
+  return v ~= nil and v ~= cjson.null
+end
+
+-- Does the worker's value satisfy the required one: array contains all / membership / number >= / equality.
+local function satisfies(wv, rv)
+  if not present(wv) then return false end
+  if type(rv) == 'table' and is_array(rv) then
+    if type(wv) ~= 'table' then return false end
+    for _, item in ipairs(rv) do
+      if not contains(wv, item) then return false end
+    end
+    return true
+  end
+  if type(wv) == 'table' and is_array(wv) then return contains(wv, rv) end
+  if type(rv) == 'number' then
+    local n = tonumber(wv)
+    return n ~= nil and n >= rv
+  end
+  return wv == rv
+end
+
+local function lookup(obj, path)
+  local v = obj
+  for part in string.gmatch(path, '[^%.]+') do
+    if type(v) ~= 'table' then return nil end
+    v = v[part]
+  end
+  return v
+end
+
+local function check_capability(worker, key, rv)
+  local wv = lookup(worker, key)
+  if type(rv) == 'table' and not is_array(rv) then
+    if type(wv) ~= 'table' then return false end
+    for k, sub in pairs(rv) do
+      if not satisfies(wv[k], sub) then return false end
+    end
+    return true
+  end
+  return satisfies(wv, rv)
+end
+
+local function check_hardware(hw, req)
+  if type(req) ~= 'table' then return true end
+  if type(hw) ~= 'table' then hw = {} end
+  for k, rv in pairs(req) do
+    if rv ~= 'all' and present(rv) then
+      local need = tonumber(rv)
+      if need then
+        local have = tonumber(hw[k])
+        if not have or have < need then return false end
+      elseif not satisfies(hw[k], rv) then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+local function check_isolation(access, isolation, customer_id)
+  if type(access) ~= 'table' then access = {} end
+  if isolation == 'strict' and access.isolation ~= 'strict' then return false end
+  if type(access.allowed_customers) == 'table' and not contains(access.allowed_customers, customer_id) then
+    return false
+  end
+  if type(access.denied_customers) == 'table' and contains(access.denied_customers, customer_id) then
+    return false
+  end
+  return true
+end
+
+local function check_models(worker_models, required, service)
+  if required == 'all' or type(required) ~= 'table' then return true end
+  if worker_models == 'all' then return true end
+  if type(worker_models) ~= 'table' then return false end
+  local have = worker_models[service]
+  if have == 'all' then return true end
+  if type(have) ~= 'table' then return false end
+  for _, m in ipairs(required) do
+    if not contains(have, m) then return false end
+  end
+  return true
+end
+
+local SPECIAL = {service_type = true, hardware = true, customer_isolation = true, models = true,
+  positive_requirements = true, negative_requirements = true}
+
+-- One requirement class against this worker (requirements JSON and, with isolation, the customer).
+local function class_matches(worker, raw, customer_id, service)
+  local req = parse_requirements(raw)
+  if not req then return true end
+  local pos = req.positive_requirements
+  if type(pos) ~= 'table' then pos = req end
+  if pos.hardware ~= nil and not check_hardware(worker.hardware, pos.hardware) then return false end
+  if pos.customer_isolation ~= nil and not check_isolation(worker.customer_access, pos.customer_isolation, customer_id) then
+    return false
+  end
+  if pos.models ~= nil and not check_models(worker.models, pos.models, service) then return false end
+  for key, rv in pairs(pos) do
+    if not SPECIAL[key] and not check_capability(worker, key, rv) then return false end
+  end
+  local neg = req.negative_requirements
+  if type(neg) == 'table' then
+    for key, rv in pairs(neg) do
+      if key == 'hardware' then
+        if type(rv) == 'table' and type(worker.hardware) == 'table' then
+          for hk, hv in pairs(rv) do
+            if present(worker.hardware[hk]) and satisfies(worker.hardware[hk], hv) then return false end
+          end
+        end
+      elseif check_capability(worker, key, rv) then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+-- Decoded capabilities and class answers per capabilities JSON. The table lives as long as the Lua chunk:
+-- one call under EVAL (so it only saves work within that call), the library's lifetime under FCALL, where
+-- a worker's claims then skip decoding its capabilities and re-matching known classes. Answers depend
+-- only on the capabilities and the class (whose id hashes its requirements), so they never go stale;
+-- the memo (or one worker's answers) is emptied when it grows past its bound.
+local MEMO_MAX, ANSWERS_MAX = 1024, 4096
+local memo, memo_size = {}, 0
+
+-- {caps = decoded capabilities, types = job types (job_service_required_map, else services), wf = the
+-- workflow_id restriction or nil, machine = machine id or '', answers = class key -> bool}.
+local function worker_of(caps_json)
+  local w = memo[caps_json]
+  if w then return w end
+  local caps = cjson.decode(caps_json)
+  local types = {}
+  local map = caps.job_service_required_map
+  if type(map) == 'table' and #map > 0 then
+    for _, entry in ipairs(map) do
+      if type(entry) == 'string' then table.insert(types, entry)
+      elseif type(entry) == 'table' and type(entry.job_service_required) == 'string' then
+        table.insert(types, entry.job_service_required)
+      end
+    end
+  elseif type(caps.services) == 'table' then
+    for _, s in ipairs(caps.services) do
+      if type(s) == 'string' then table.insert(types, s) end
+    end
+  end
+  local wf = caps.workflow_id
+  if type(wf) ~= 'string' or wf == '' then wf = nil end
+  local machine = caps.machine_id
+  if type(machine) ~= 'string' then machine = '' end
+  w = {caps = caps, types = types, wf = wf, machine = machine, answers = {}, answered = 0}
+  if memo_size >= MEMO_MAX then memo, memo_size = {}, 0 end
+  memo[caps_json], memo_size = w, memo_size + 1
+  return w
+end
+
+-- Does worker w (from worker_of) meet requirement class cls of service svc; the class's [requirements,
+-- customer] JSON is read from ckey (jobs:idx:classes:{svc}) when the answer is not known yet.
+local function meets(w, svc, cls, ckey)
+  local key = svc .. '\n' .. cls
+  local answer = w.answers[key]
+  if answer == nil then
+    local d = cjson.decode(redis.call('HGET', ckey, cls) or '["",""]')
+    answer = class_matches(w.caps, d[1], d[2], svc)
+    if w.answered >= ANSWERS_MAX then w.answers, w.answered = {}, 0 end
+    w.answers[key], w.answered = answer, w.answered + 1
+  end
+  return answer
+end
+
+-- ---- end of match.lua ----

@@ -1,0 +1,112 @@
+"""The scripts as a Redis function library: loaded on first use, reloaded when the server lost it, and
+EVALSHA when the server will not have it; the claim's memo of capabilities and class answers (real server)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import redis as redis_lib
+
+from emp_machine.runtime.jobs import JobStore, function_library
+
+
+def caps(worker_id="w1", gpu_gb=24):
+    return {"worker_id": worker_id, "machine_id": "m1", "services": ["sim"], "hardware": {"gpu_memory_gb": gpu_gb}}
+
+
+def calls(redis, command):
+    return int(redis.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def our_libraries(redis):
+    names = [dict(zip(lib[::2], lib[1::2]))["library_name"] for lib in redis.function_list()]
+    return [name for name in names if name.startswith("emp_jobs_")]
+
+
+def run_one_job(store, worker_id="w1"):
+    job_id = store.submit("sim", {"n": 1})
+    job = store.claim(caps(worker_id), start=True)
+    assert job is not None and job.id == job_id and job.fields["status"] == "in_progress"
+    assert store.complete(job_id, worker_id, {"ok": True}) == "ok"
+    return job_id
+
+
+def test_store_loads_the_library_on_first_use_and_calls_functions(redis):
+    redis.function_flush()
+    redis.config_resetstat()
+    store = JobStore(redis)
+    job_id = run_one_job(store)
+    assert our_libraries(redis) == ["emp_jobs_" + function_library()[1].split("_")[2]]
+    assert store.uses_functions and calls(redis, "fcall") >= 3 and calls(redis, "evalsha") == 0
+    assert redis.hget("job:" + job_id, "status") == "completed"
+
+
+def test_store_reloads_the_library_when_the_server_lost_it(redis):
+    store = JobStore(redis)
+    run_one_job(store)
+    redis.function_flush()  # what a restarted Redis without persistence looks like
+    run_one_job(store)
+    assert store.uses_functions and len(our_libraries(redis)) == 1
+
+
+def test_two_stores_loading_at_once_both_keep_functions(redis):
+    redis.function_flush()
+    first, second = JobStore(redis), JobStore(redis)
+    run_one_job(first)  # loads the library
+    second.uses_functions = True
+    run_one_job(second, "w2")  # finds it there: no second load needed, no fallback
+    assert first.uses_functions and second.uses_functions
+
+
+def test_a_server_refusing_function_load_gets_evalsha(redis, redis_server):
+    # A user whose ACL forbids FUNCTION (as some managed Redis plans do): FCALL finds no library, FUNCTION
+    # LOAD is refused, and the store runs the same scripts with EVALSHA from then on.
+    redis.function_flush()
+    user, password = f"nofn-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-function"])
+    limited = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, username=user, password=password,
+                              decode_responses=True)
+    try:
+        with pytest.raises(redis_lib.exceptions.NoPermissionError):
+            limited.function_list()
+        store = JobStore(limited)
+        redis.config_resetstat()
+        job_id = run_one_job(store)
+        assert not store.uses_functions and calls(redis, "evalsha") >= 3 and our_libraries(redis) == []
+        assert redis.hget("job:" + job_id, "status") == "completed"
+    finally:
+        limited.close()
+        redis.acl_deluser(user)
+
+
+def test_script_errors_are_not_mistaken_for_a_missing_library(redis):
+    store = JobStore(redis)
+    run_one_job(store)
+    redis.set("jobs:pending", "not a sorted set")  # WRONGTYPE inside the claim script
+    with pytest.raises(redis_lib.exceptions.ResponseError, match="WRONGTYPE"):
+        store.claim(caps())
+    assert store.uses_functions
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_claim_memo_answers_each_worker_and_each_new_class(redis, functions):
+    # Under FCALL the library remembers each worker's decoded capabilities and class answers between
+    # calls; two workers with different hardware, and classes appearing after a worker's first claim,
+    # must still each get exactly the jobs they meet.
+    small, big = JobStore(redis, functions=functions), JobStore(redis, functions=functions)
+    store = small
+    store.submit("sim", {}, job_id="needs-80", requirements={"hardware": {"gpu_memory_gb": 80}})
+    assert small.claim(caps("small", 24)) is None
+    store.submit("sim", {}, job_id="needs-16", requirements={"hardware": {"gpu_memory_gb": 16}})
+    store.submit("sim", {}, job_id="needs-48", requirements={"hardware": {"gpu_memory_gb": 48}})
+    assert small.claim(caps("small", 24)).id == "needs-16"
+    assert small.claim(caps("small", 24)) is None
+    assert big.claim(caps("big", 80)).id == "needs-80"
+    assert big.claim(caps("big", 80)).id == "needs-48"
+    # The same capabilities under another worker id are another capability set: no answer is shared wrongly.
+    store.submit("sim", {}, job_id="needs-80-again", requirements={"hardware": {"gpu_memory_gb": 80}})
+    assert small.claim(caps("small-2", 24)) is None
+    assert json.loads(redis.hget("jobs:active:big", "needs-80"))["worker_id"] == "big"
