@@ -13,7 +13,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path

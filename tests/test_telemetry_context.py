@@ -6,6 +6,7 @@ import asyncio
 import re
 
 import aiohttp
+import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from emp_machine.telemetry.context import (
     emp_tracestate,
     extract_http,
     extract_job_context,
+    format_traceparent,
     http_headers,
     inject_job_fields,
     new_job_id,
@@ -100,6 +102,19 @@ def test_future_traceparent_version_and_bad_tracestate_members():
     sc = parse_traceparent(f"01-{TRACE:032x}-{SPAN:016x}-01-whatever", "good=1,BAD KEY=2,,x=")
     assert sc is not None and sc.trace_id == TRACE
     assert dict(sc.trace_state.items()) == {"good": "1"}
+
+
+@pytest.mark.parametrize("flags,sampled", [("01", True), ("00", False), ("03", True), ("0a", False), ("ff", True)])
+def test_sampled_bit_read_from_any_flags_byte(flags, sampled):
+    sc = parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-{flags}")
+    assert sc.trace_flags.sampled is sampled
+    assert format_traceparent(sc) == f"00-{TRACE:032x}-{SPAN:016x}-{'01' if sampled else '00'}"
+
+
+def test_versions_starting_with_f_are_only_invalid_when_ff():
+    assert parse_traceparent(f"fe-{TRACE:032x}-{SPAN:016x}-01") is not None
+    assert parse_traceparent(f"ef-{TRACE:032x}-{SPAN:016x}-01") is not None
+    assert parse_traceparent(f"ff-{TRACE:032x}-{SPAN:016x}-01") is None
 
 
 def test_emp_tracestate_is_one_valid_w3c_member():

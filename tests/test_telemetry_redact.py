@@ -40,3 +40,26 @@ def test_secret_keys_are_redacted_at_any_depth_but_token_counts_are_not():
     assert (fields["prompt_tokens"], fields["completion_tokens"], fields["total_tokens"]) == (10, 5, 15)
     assert fields["model"] == "gpt-4o"
     assert "abcdefgh12345678" not in fields["message"]
+
+
+def test_json_lines_encode_as_the_stdlib_encoder_does():
+    # logs.py calls the C encoder directly; its output must be what json.JSONEncoder(...).encode gives.
+    import json
+    import math
+
+    from emp_machine.telemetry.logs import _dumps
+
+    class Odd:
+        def __str__(self) -> str:
+            return "odd\u00e9"
+
+    stdlib = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":")).encode
+    samples = [{}, {"a": 1, "b": 2.5, "c": None, "d": True, "e": "caf\u00e9 \"q\" \n\t\u2603"},
+               {"nested": {"list": [1, "x", {"y": [math.inf, -math.inf]}]}, "obj": Odd(), "nan": math.nan},
+               {"big": 10**30, "neg": -0.0, "tuple": (1, 2)}]
+    for sample in samples:
+        assert _dumps(sample) == stdlib(sample)
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError):
+        _dumps(loop)  # a cycle is reported, as the stdlib does, rather than recursing

@@ -77,6 +77,26 @@ def test_overhead_over_budget_lowers_the_rate():
     assert tracer.sampler.cpu_share == pytest.approx(0.05, rel=0.05)
 
 
+def test_a_one_window_burst_under_budget_on_average_keeps_every_trace():
+    # The shipper exports every few seconds: one window in five costs 3x the others, the average stays
+    # under the budget, and the rate must not fall (issue 3: every trace kept at 10 jobs/s).
+    clock = FakeClock()
+    background = [0.0]
+    meter = OverheadMeter(lambda: background[0])
+    tracer, _ = _tracer(10_000, clock, meter=meter, cpu_budget=0.01)
+    for second in range(20):
+        background[0] += 0.016 if second % 5 == 4 else 0.005
+        clock.now = 1001 + second
+        tracer.start_span("x").end()
+        assert tracer.sampler.rate == 1.0, second
+    # A sustained overspend is still acted on within a few windows.
+    for second in range(20, 26):
+        background[0] += 0.03
+        clock.now = 1001 + second
+        tracer.start_span("x").end()
+    assert tracer.sampler.rate < 0.5
+
+
 def test_parent_decisions_are_followed():
     clock = FakeClock()
     tracer, kept = _tracer(1, clock)
@@ -223,3 +243,17 @@ def test_fast_context_access_agrees_with_the_public_api():
         otel_context.detach(token)
     with trace.use_span(span):
         assert _get_value(_SPAN_KEY) is span
+
+
+def test_an_unsampled_root_is_current_for_its_block_and_restored_after_an_error():
+    clock = FakeClock()
+    tracer, kept = _tracer(100, clock)
+    tracer.sampler.threshold = 0  # nothing sampled
+    before = trace.get_current_span()
+    with pytest.raises(RuntimeError):
+        with tracer.start_as_current_span("root") as root:
+            assert trace.get_current_span() is root and not root.is_recording()
+            with tracer.start_as_current_span("child") as child:
+                assert child is root  # children of an unsampled root reuse it
+            raise RuntimeError("boom")
+    assert trace.get_current_span() is before and kept == []

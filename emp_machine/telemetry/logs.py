@@ -29,7 +29,21 @@ from emp_machine.telemetry.tracing import LightSpan, _get_value, _SPAN_KEY, curr
 _SEVERITY = {logging.DEBUG: 5, logging.INFO: 9, logging.WARNING: 13, logging.ERROR: 17, logging.CRITICAL: 21}
 _LEVEL_NAME = {5: "debug", 9: "info", 13: "warning", 17: "error", 21: "critical"}
 _perf_ns = time.perf_counter_ns
-_dumps = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":")).encode
+
+
+def _line_encoder():
+    """dict -> compact JSON text, non-ASCII kept, unknown types as str(). Calls the C encoder that
+    JSONEncoder.encode would build afresh on every call (~1 us of a log line), when there is one."""
+    encoder = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    iterencode = make({}, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda obj: join(iterencode(obj, 0))
+
+
+_dumps = _line_encoder()
 
 
 def _severity(levelno: int) -> int:
@@ -101,7 +115,7 @@ class RecordWriter:
 
     def _write_now(self, time_ns: int, severity: int, message: str, fields: Mapping[str, object] | None,
                    logger: str, event_name: str, bound: Mapping[str, object], trace_id: int, span_id: int) -> None:
-        if len(message) >= 7:
+        if len(message) >= 7 and message is not event_name:  # an event's message is its (code-given) name
             message = redact_text(message)
         # One dict serves as the JSON line and as the record's attributes: the encoder leaves out the keys that
         # OTLP carries in their own fields (timestamp, level, message, trace_id, span_id).

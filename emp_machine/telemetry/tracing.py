@@ -19,7 +19,6 @@ Exceptions are recorded with type and message always, and with the formatted sta
 
 from __future__ import annotations
 
-import contextvars
 import random
 import time
 import traceback
@@ -32,42 +31,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.span import INVALID_SPAN
 
 from emp_machine.telemetry.buffer import Kind, Value
-from emp_machine.telemetry.context import make_span_context
+from emp_machine.telemetry.context import _SPAN_KEY, _attach_span, _detach, _get_value, make_span_context
 from emp_machine.telemetry.sampling import AdaptiveSampler
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_SPAN_KEY = otel_trace._SPAN_KEY  # the key OTel's own set_span_in_context uses (public helpers are 2x slower)
-
-
-def _context_access() -> tuple[Callable, Callable, Callable]:
-    """(get_value, attach_span, detach) on OTel's context. With the default contextvars runtime context they
-    use its ContextVar directly (each public call is ~1 us of layers; a job makes ~20); any other runtime
-    context goes through the public API. tests/test_telemetry_tracing.py checks both agree."""
-    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-    if not isinstance(var, contextvars.ContextVar):
-        def attach_public(span: Any) -> object:
-            return otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
-        return otel_context.get_value, attach_public, otel_context.detach
-    get_current, set_current, reset = var.get, var.set, var.reset
-    context_type = otel_context.Context
-
-    def get_value(key: str, context: otel_context.Context | None = None) -> object:
-        return (get_current() if context is None else context).get(key)
-
-    def attach_span(span: Any) -> object:
-        return set_current(context_type({**get_current(), _SPAN_KEY: span}))
-
-    def detach(token: object) -> None:
-        try:
-            reset(token)
-        except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
-            pass
-
-    return get_value, attach_span, detach
-
-
-_get_value, _attach_span, _detach = _context_access()
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
@@ -245,6 +213,22 @@ class _Scope:
             _detach(self._token)
 
 
+class _AttachOnly:
+    """The scope of an unsampled root: current for the block; there is nothing to record or end."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span):
+        self._span = span
+
+    def __enter__(self):
+        self._token = _attach_span(self._span)
+        return self._span
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _detach(self._token)
+
+
 class _Reuse:
     """The scope of an unsampled child: its parent stays current; nothing to do."""
 
@@ -339,6 +323,8 @@ class Tracer(otel_trace.Tracer):
         span, reused = self._start(name, context, kind, attributes, start_time)
         if reused and context is None:  # the unsampled parent is current already
             return _Reuse(span)
+        if type(span) is _Unsampled:
+            return _AttachOnly(span)
         return _Scope(span, record_exception, set_status_on_exception, end_on_exit)
 
     # --- end of spans --------------------------------------------------------------------------------
