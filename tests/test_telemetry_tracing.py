@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 from opentelemetry import trace
@@ -210,6 +211,28 @@ def test_logs_carry_correlation_fields_and_redact(tmp_path, receiver):
     logs = receiver.logs()
     assert {r.body.string_value for r in logs} >= {"job broke"}
     assert all("abcdefghijklmnop" not in str(r) for r in logs)
+
+
+def test_logger_shortcuts_format_filter_and_take_keywords(tmp_path, receiver):
+    # info/debug without keywords skip the stdlib layer; they must still format, filter by level and
+    # honour a level change, and calls with keywords still go the full way.
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, receiver, stream=stream)
+    log = telemetry.logger("test.short")
+    log.info("plain")
+    log.info("job %s step %d", "j1", 3)
+    log.info("%d%%", 50)
+    log.debug("hidden %s", "x")
+    log.setLevel(logging.DEBUG)
+    log.debug("shown %s", "y")
+    log.info("with %s", "extra", extra={"fields": {"steps": 2}})
+    log.setLevel(logging.WARNING)
+    log.info("filtered")
+    telemetry.shutdown()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["level"], x["message"]) for x in lines] == [
+        ("info", "plain"), ("info", "job j1 step 3"), ("info", "50%"), ("debug", "shown y"), ("info", "with extra")]
+    assert lines[-1]["steps"] == 2 and all(x["logger"] == "test.short" for x in lines)
 
 
 def test_one_tracer_per_process_through_the_provider(tmp_path, receiver):

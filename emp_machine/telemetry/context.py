@@ -120,18 +120,26 @@ def current_fields() -> dict[str, object]:
     return _fields.get()
 
 
+def push_fields(**fields: object) -> contextvars.Token:
+    """bind() without the block: returns the token to give to `pop_fields`."""
+    merged = {**_fields.get(), **fields}
+    for key in [k for k, v in merged.items() if v is None]:
+        del merged[key]
+    return _fields.set(merged)
+
+
+pop_fields = _fields.reset
+
+
 @contextmanager
 def bind(**fields: object) -> Iterator[None]:
     """Add correlation fields (job_id=..., connector_id=...) to every log, event and span attribute set in
     the block; a value of None removes a field."""
-    merged = {**_fields.get(), **fields}
-    for key in [k for k, v in merged.items() if v is None]:
-        del merged[key]
-    token = _fields.set(merged)
+    token = push_fields(**fields)
     try:
         yield
     finally:
-        _fields.reset(token)
+        pop_fields(token)
 
 
 # --- traceparent / tracestate ----------------------------------------------------------------------------

@@ -51,10 +51,11 @@ class ConnectorLogger:
 
     def _emit(self, name: str, job_id: str | None, level: int, fields: dict) -> None:
         fields = _service_fields(self.service_type, fields)
+        fields["connector_id"] = self.connector_id
+        fields["service_type"] = self.service_type
         if job_id is not None:
             fields["job_id"] = job_id
-        self._events.emit(name, level=level, connector_id=self.connector_id, service_type=self.service_type,
-                          **fields)
+        self._events.emit_fields(name, level, fields)
 
     def received(self, job_id: str, **fields: object) -> None:
         self._emit("job.received", job_id, logging.INFO, fields)

@@ -186,6 +186,26 @@ class TelemetryLogger(logging.Logger):
         self.writer = writer
         self.propagate = False
 
+    def setLevel(self, level) -> None:  # noqa: N802 (the stdlib's name)
+        super().setLevel(level)
+        # The stdlib clears the isEnabledFor cache only of loggers its manager knows; ours are not among
+        # them, so without this a level change after the first call would not take effect.
+        self._cache.clear()
+
+    def debug(self, msg, *args, **kwargs) -> None:
+        if self.isEnabledFor(logging.DEBUG):
+            if kwargs:
+                self._log(logging.DEBUG, msg, args, **kwargs)
+            else:  # the common call, without the stdlib's keyword layer
+                self.writer.write(5, (str(msg) % args) if args else str(msg), None, self.name)
+
+    def info(self, msg, *args, **kwargs) -> None:
+        if self.isEnabledFor(logging.INFO):
+            if kwargs:
+                self._log(logging.INFO, msg, args, **kwargs)
+            else:
+                self.writer.write(9, (str(msg) % args) if args else str(msg), None, self.name)
+
     def _log(self, level, msg, args, exc_info=None, extra=None, stack_info=False, stacklevel=1) -> None:
         message = (str(msg) % args) if args else str(msg)
         fields = extra.get("fields") if extra else None
@@ -212,6 +232,10 @@ class Events:
         self.min_level = min_level  # events below the configured log level are not written
 
     def emit(self, name: str, *, level: int = logging.INFO, **fields: object) -> None:
+        self.emit_fields(name, level, fields)
+
+    def emit_fields(self, name: str, level: int, fields: dict) -> None:
+        """emit() with the fields already in a dict of the caller's (which it takes over)."""
         if level < self.min_level:
             return
         fields["event_type"] = name

@@ -73,7 +73,7 @@ class JobTrace:
 
     def __init__(self, sampled: bool):
         self.sampled = sampled
-        self.records: list[tuple] = []
+        self.records: list[LightSpan] = []  # ended spans; turned into records only when the job is kept
         self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
         self.failed = False
         self.overflow = False
@@ -344,15 +344,15 @@ class Tracer(otel_trace.Tracer):
                 self._emit((Kind.SPAN, Value.ROUTINE, span.record()))
                 self.kept_spans += 1
             else:
-                job.records.append(span.record())
+                job.records.append(span)  # ended, so immutable: record() waits for the job's decision
         else:
             failed = span._status == 2 or job.failed
             keep = job.sampled or failed or job.overflow or span._end - span._start >= self._slow_ns
-            job.records.append(span.record())
+            job.records.append(span)
             if keep:
                 value = Value.ERROR if failed else Value.ROUTINE
-                for record in job.records:
-                    self._emit((Kind.SPAN, value, record))
+                for ended in job.records:
+                    self._emit((Kind.SPAN, value, ended.record()))
                 for write, args in job.logs:  # deferred log records (logs.RecordWriter), written now
                     write(*args)
                 self.kept_spans += len(job.records)
