@@ -110,3 +110,26 @@ def test_claim_memo_answers_each_worker_and_each_new_class(redis, functions):
     store.submit("sim", {}, job_id="needs-80-again", requirements={"hardware": {"gpu_memory_gb": 80}})
     assert small.claim(caps("small-2", 24)) is None
     assert json.loads(redis.hget("jobs:active:big", "needs-80"))["worker_id"] == "big"
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_claim_messages_and_events_escape_odd_worker_ids(redis, functions):
+    # claim.lua formats its timeline events and the progress-0 message itself: ids with quotes,
+    # backslashes and non-ASCII must come out as valid JSON carrying the same text.
+    odd = 'w"1\\ü-' + uuid.uuid4().hex[:6]
+    store = JobStore(redis, functions=functions)
+    pubsub = redis.pubsub()
+    pubsub.subscribe("update_job_progress")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    job_id = store.submit("sim", {})
+    capabilities = {**caps(odd), "machine_id": 'm"\\1'}
+    assert store.claim(capabilities, start=True).id == job_id
+    message = pubsub.get_message(timeout=5)
+    pubsub.close()
+    assert json.loads(message["data"]) == {"job_id": job_id, "worker_id": odd, "progress": 0,
+                                           "timestamp": json.loads(message["data"])["timestamp"]}
+    events = [json.loads(e) for e in redis.lrange(f"job:{job_id}:events", 0, -1)]
+    claimed, started = events[1], events[2]
+    assert (claimed["ev"], claimed["worker_id"], claimed["machine_id"], claimed["retry_count"]) == \
+        ("claimed", odd, 'm"\\1', 0)
+    assert (started["ev"], started["worker_id"]) == ("started", odd) and started["t"] == claimed["t"]

@@ -121,15 +121,20 @@ else
   redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id)
 end
 redis.call('ZADD', KEYS[3], now + lease_ms, id)
-local claimed = cjson.encode({t = now, ev = 'claimed', worker_id = wid, machine_id = w.machine,
-  retry_count = tonumber(job.retry_count) or 0})
+-- The timeline events and the progress-0 message are formatted directly, with the worker's ids encoded
+-- once per capability set (match.lua's memo): ~3 us less than building and encoding tables.
+w.wid_json = w.wid_json or cjson.encode(wid)
+w.machine_json = w.machine_json or cjson.encode(w.machine)
+local claimed = string.format('{"t":%d,"ev":"claimed","worker_id":%s,"machine_id":%s,"retry_count":%d}', now,
+  w.wid_json, w.machine_json, tonumber(job.retry_count) or 0)
 if start then
-  add_events(id, claimed, cjson.encode({t = now, ev = 'started', worker_id = wid}))
+  add_events(id, claimed, string.format('{"t":%d,"ev":"started","worker_id":%s}', now, w.wid_json))
 else
   add_events(id, claimed)
 end
 publish('job_claimed', {job_id = id, worker_id = wid, status = 'claimed', message = 'Job claimed by worker',
   claimed_at = at, timestamp = now, service_required = job.service_required, customer_id = job.customer_id,
   workflow_id = job.workflow_id, current_step = job.current_step, total_steps = job.total_steps})
-publish('update_job_progress', {job_id = id, worker_id = wid, progress = 0, timestamp = now})
+redis.call('PUBLISH', 'update_job_progress', string.format(
+  '{"job_id":%s,"worker_id":%s,"progress":0,"timestamp":%d}', cjson.encode(id), w.wid_json, now))
 return {id, unindexed, job_json}
