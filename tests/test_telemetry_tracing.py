@@ -64,11 +64,16 @@ def test_rate_recovers_when_the_load_falls():
     assert tracer.sampler.rate == 1.0
 
 
-def test_overhead_over_budget_lowers_the_rate():
+def _metered_tracer():
+    """A tracer whose telemetry threads' CPU is background[0] seconds (1 % CPU budget), and its clock."""
     clock = FakeClock()
     background = [0.0]
-    meter = OverheadMeter(lambda: background[0])
-    tracer, _ = _tracer(10_000, clock, meter=meter, cpu_budget=0.01)
+    tracer, _ = _tracer(10_000, clock, meter=OverheadMeter(lambda: background[0]), cpu_budget=0.01)
+    return tracer, clock, background
+
+
+def test_overhead_over_budget_lowers_the_rate():
+    tracer, clock, background = _metered_tracer()
     for second in range(4):
         background[0] += 0.05  # telemetry's threads burn 5 % of a core: five times the budget
         clock.now = 1001 + second
@@ -81,10 +86,7 @@ def test_overhead_over_budget_lowers_the_rate():
 def test_a_one_window_burst_under_budget_on_average_keeps_every_trace():
     # The shipper exports every few seconds: one window in five costs 3x the others, the average stays
     # under the budget, and the rate must not fall (issue 3: every trace kept at 10 jobs/s).
-    clock = FakeClock()
-    background = [0.0]
-    meter = OverheadMeter(lambda: background[0])
-    tracer, _ = _tracer(10_000, clock, meter=meter, cpu_budget=0.01)
+    tracer, clock, background = _metered_tracer()
     for second in range(20):
         background[0] += 0.016 if second % 5 == 4 else 0.005
         clock.now = 1001 + second

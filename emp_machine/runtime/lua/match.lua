@@ -22,15 +22,18 @@ local function present(v)
   return v ~= nil and v ~= cjson.null
 end
 
+local function contains_all(list, items)
+  for _, item in ipairs(items) do
+    if not contains(list, item) then return false end
+  end
+  return true
+end
+
 -- Does the worker's value satisfy the required one: array contains all / membership / number >= / equality.
 local function satisfies(wv, rv)
   if not present(wv) then return false end
   if type(rv) == 'table' and is_array(rv) then
-    if type(wv) ~= 'table' then return false end
-    for _, item in ipairs(rv) do
-      if not contains(wv, item) then return false end
-    end
-    return true
+    return type(wv) == 'table' and contains_all(wv, rv)
   end
   if type(wv) == 'table' and is_array(wv) then return contains(wv, rv) end
   if type(rv) == 'number' then
@@ -96,11 +99,7 @@ local function check_models(worker_models, required, service)
   if type(worker_models) ~= 'table' then return false end
   local have = worker_models[service]
   if have == 'all' then return true end
-  if type(have) ~= 'table' then return false end
-  for _, m in ipairs(required) do
-    if not contains(have, m) then return false end
-  end
-  return true
+  return type(have) == 'table' and contains_all(have, required)
 end
 
 local SPECIAL = {service_type = true, hardware = true, customer_isolation = true, models = true,
