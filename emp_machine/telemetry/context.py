@@ -123,8 +123,9 @@ def current_fields() -> dict[str, object]:
 def push_fields(**fields: object) -> contextvars.Token:
     """bind() without the block: returns the token to give to `pop_fields`."""
     merged = {**_fields.get(), **fields}
-    for key in [k for k, v in merged.items() if v is None]:
-        del merged[key]
+    for key, value in fields.items():
+        if value is None:
+            del merged[key]
     return _fields.set(merged)
 
 

@@ -23,15 +23,27 @@ class StandardMetrics:
             "worker_job_duration_seconds", "s", "job run time, by worker")
         self.worker_memory_usage_bytes = m.create_gauge("worker_memory_usage_bytes", "By", "worker RSS, by worker")
         self.worker_errors_total = m.create_counter("worker_errors_total", "1", "worker errors, by worker and kind")
+        self._finished: dict[tuple, tuple] = {}
         if system:
             self._system(m, started_at or time.time())
 
     def job_finished(self, job_type: str, status: str, duration_s: float | None, worker_id: str | None = None) -> None:
-        self.jobs_processed_total.add(1, {"type": job_type, "status": status})
+        # The bound cells per (type, status, worker): every job of a worker uses the same few, and a bound
+        # update costs ~0.4 us against ~1.2 us resolving an attribute dict each time.
+        key = (job_type, status, worker_id)
+        cells = self._finished.get(key)
+        if cells is None:
+            if len(self._finished) >= 256:
+                self._finished.clear()
+            cells = self._finished[key] = (
+                self.jobs_processed_total.bind(type=job_type, status=status),
+                self.job_duration_seconds.bind(type=job_type),
+                self.worker_job_duration_seconds.bind(worker_id=worker_id) if worker_id else None)
+        cells[0].add(1)
         if duration_s is not None:
-            self.job_duration_seconds.record(duration_s, {"type": job_type})
-            if worker_id:
-                self.worker_job_duration_seconds.record(duration_s, {"worker_id": worker_id})
+            cells[1].record(duration_s)
+            if cells[2] is not None:
+                cells[2].record(duration_s)
 
     def _system(self, m: Meter, started_at: float) -> None:
         import psutil
