@@ -82,6 +82,19 @@ def test_a_server_refusing_function_load_gets_evalsha(redis, redis_server):
         redis.acl_deluser(user)
 
 
+def test_a_lost_connection_does_not_switch_functions_off():
+    from emp_machine.runtime.redis_server import free_port
+
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    nobody = redis_lib.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    store = JobStore(nobody)
+    with pytest.raises(redis_lib.exceptions.ConnectionError):
+        store.claim(caps())
+    assert store.uses_functions  # nothing was learned about the server
+
+
 def test_script_errors_are_not_mistaken_for_a_missing_library(redis):
     store = JobStore(redis)
     run_one_job(store)

@@ -279,8 +279,15 @@ class _JobOps:
 
     def _after_load(self, error: Exception | None) -> None:
         """After FUNCTION LOAD: keep calling functions if the library is there now (another client may
-        have loaded it first), else use EVALSHA from now on."""
-        if error is not None and "already exists" not in str(error).lower():
+        have loaded it first); use EVALSHA from now on when the server refused it; re-raise anything else
+        (a lost connection says nothing about what the server supports)."""
+        if error is None:
+            return
+        from redis.exceptions import ResponseError  # redis-py is there whenever a store runs scripts
+
+        if not isinstance(error, ResponseError):
+            raise error
+        if "already exists" not in str(error).lower():
             self.uses_functions = False
 
     # ---- submission (the API's side, used by the CLI, tests and benchmarks) ----
