@@ -66,6 +66,20 @@ def test_jobs_of_one_millisecond_and_workflow_steps_go_in_queue_order(store):
     assert claim_all(store, caps()) == steps + ids
 
 
+def test_jobs_indexed_before_members_carried_a_tag_are_still_claimed(store, redis):
+    # An index written by the previous version: bare ids in the class queue, "<type>\n<class>" in jobs:idx:of.
+    for job_id, created in (("old-1", 1_700_000_000_000), ("old-2", 1_700_000_000_500)):
+        redis.hset(f"job:{job_id}", mapping=contract_fields(job_id, "sim", {}, workflow_datetime_ms=created))
+        redis.zadd("jobs:pending", {job_id: submission_score(50, created)})
+        redis.zadd("jobs:idx:queue:sim:0", {job_id: 50 * 2**42 - created})
+        redis.hset("jobs:idx:of", job_id, "sim\n0")
+    redis.hset("jobs:idx:classes:sim", "0", '["",""]')
+    redis.zrem("jobs:pending", "old-2")  # removed under us: the claim must drop it from the old index too
+    new = store.submit("sim", {}, job_id="new", workflow_datetime_ms=1_700_000_001_000)
+    assert claim_all(store, caps()) == ["old-1", new]
+    assert redis.zcard("jobs:idx:queue:sim:0") == 0 and redis.hlen("jobs:idx:of") == 0
+
+
 def test_api_submitted_jobs_are_claimed_in_order_with_ours(store, redis):
     now = int(time.time() * 1000)
     api_submit(redis, "api-old", created_ms=now - 60_000)

@@ -129,7 +129,8 @@ end
 local TAG_LEN = 15
 
 local function job_of(member)
-  return string.sub(member, TAG_LEN + 2)
+  if string.byte(member, TAG_LEN + 1) == 124 then return string.sub(member, TAG_LEN + 2) end  -- '|'
+  return member  -- queued by a version whose members were bare job ids
 end
 
 local function index_add(id, f)
@@ -147,8 +148,14 @@ local function index_remove(id)
   if not loc then return end
   redis.call('HDEL', KEYS[2], id)
   local svc, cls, tag = string.match(loc, '^(.*)\n([^\n]*)\n([^\n]*)$')
+  local member = id
+  if svc then
+    member = tag .. '|' .. id
+  else  -- indexed by a version without tags: "<service>\n<class>"
+    svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
+  end
   local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
-  redis.call('ZREM', q, tag .. '|' .. id)
+  redis.call('ZREM', q, member)
   if redis.call('EXISTS', q) == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
 end
 
