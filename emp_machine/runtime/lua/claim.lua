@@ -30,7 +30,8 @@ local unindexed = 0
 if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1 end
 if unindexed == 1 and ARGV[4] == '1' then return {'', 1} end
 
--- One cursor per matching class queue: `buf` holds entries read (id, score, ...) from rank `offset`.
+-- One cursor per matching class queue: `buf` holds entries read (member, score, ...); `offset` is the rank
+-- of the first entry not read yet.
 local cursors = {}
 for _, svc in ipairs(w.types) do
   local ckey = 'jobs:idx:classes:' .. svc
