@@ -273,9 +273,11 @@ class _JobOps:
         self._last_reconcile = float("-inf")
         self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self.uses_functions = functions
+        prefix = function_library()[1]
+        self._function_names = {name: prefix + name for name in _SCRIPTS}
 
     def _fcall_args(self, call: _Call) -> tuple[Any, ...]:
-        return (function_library()[1] + call.script, len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
+        return (self._function_names[call.script], len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
 
     def _after_load(self, error: Exception | None) -> None:
         """After FUNCTION LOAD: keep calling functions if the library is there now (another client may

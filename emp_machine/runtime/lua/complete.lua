@@ -7,11 +7,8 @@
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'.
 local id, wid, result = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
-local state = ownership(id, wid)
-if state ~= 'ok' then
-  release_not_owned(id, wid, now, state)
-  return state
-end
+local state = ownership_or_release(id, wid, now)
+if state ~= 'ok' then return state end
 local at = iso(now)
 local jkey = 'job:' .. id
 if ARGV[5] == '1' then

@@ -9,11 +9,8 @@ local retryable = ARGV[4] == '1'
 local steps = nil
 if ARGV[5] and ARGV[5] ~= '' then steps = cjson.decode(ARGV[5]) end
 local now = now_ms()
-local state = ownership(id, wid)
-if state ~= 'ok' then
-  release_not_owned(id, wid, now, state)
-  return {state, 0}
-end
+local state = ownership_or_release(id, wid, now)
+if state ~= 'ok' then return {state, 0} end
 local jkey = 'job:' .. id
 local at = iso(now)
 local f = redis.call('HMGET', jkey, 'retry_count', 'max_retries')

@@ -4,11 +4,8 @@
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'.
 local id, wid = ARGV[1], ARGV[2]
 local now = now_ms()
-local state = ownership(id, wid)
-if state ~= 'ok' then
-  release_not_owned(id, wid, now, state)
-  return state
-end
+local state = ownership_or_release(id, wid, now)
+if state ~= 'ok' then return state end
 local jkey = 'job:' .. id
 redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
 release(id, wid, now, state)

@@ -10,12 +10,8 @@ redis.call('SET', 'worker:' .. wid .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
 redis.call('HSET', 'worker:' .. wid, 'last_heartbeat', at)
 local out = {}
 for _, id in ipairs(redis.call('HKEYS', 'jobs:active:' .. wid)) do
-  local state = ownership(id, wid)
-  if state == 'ok' then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
-  else
-    release_not_owned(id, wid, now, state)
-  end
+  local state = ownership_or_release(id, wid, now)
+  if state == 'ok' then redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id) end
   table.insert(out, state)
   table.insert(out, id)
 end

@@ -241,4 +241,12 @@ local function release_not_owned(id, wid, now, state)
   if state == 'cancelled' then add_event(id, {t = now, ev = 'cancelled', worker_id = wid}) end
 end
 
+-- ownership(), and when the job is no longer wid's, that worker's bookkeeping for it released: the
+-- prologue of every script a worker runs on a job it claimed.
+local function ownership_or_release(id, wid, now)
+  local state = ownership(id, wid)
+  if state ~= 'ok' then release_not_owned(id, wid, now, state) end
+  return state
+end
+
 -- ---- end of lib.lua ----

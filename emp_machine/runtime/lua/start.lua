@@ -4,11 +4,8 @@
 -- Returns 'ok', 'cancelled', 'lost' or 'missing' (see ownership() in lib.lua).
 local id, wid = ARGV[1], ARGV[2]
 local now = now_ms()
-local state = ownership(id, wid)
-if state ~= 'ok' then
-  release_not_owned(id, wid, now, state)
-  return state
-end
+local state = ownership_or_release(id, wid, now)
+if state ~= 'ok' then return state end
 redis.call('HSET', 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now))
 add_event(id, {t = now, ev = 'started', worker_id = wid})
 return 'ok'
