@@ -69,6 +69,16 @@ def _nvml():
         return pynvml
 
 
+def _memory_info(nvml, handle):
+    """Memory as nvidia-smi shows it. The v2 call counts the driver's reserved memory apart from "used"; the
+    v1 call counts it as used (about 480 MiB on an idle H100, which nvidia-smi shows as 0 MiB used). Drivers
+    before R510 have only v1."""
+    try:
+        return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+    except (nvml.NVMLError, AttributeError, TypeError):
+        return nvml.nvmlDeviceGetMemoryInfo(handle)
+
+
 def read_gpus() -> tuple[tuple[GpuReading, ...], str]:
     nvml = _nvml()
     if nvml is None:
@@ -78,7 +88,7 @@ def read_gpus() -> tuple[tuple[GpuReading, ...], str]:
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             name = nvml.nvmlDeviceGetName(handle)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            memory = _memory_info(nvml, handle)
             try:
                 util = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             except nvml.NVMLError:
