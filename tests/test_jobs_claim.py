@@ -90,6 +90,28 @@ def test_api_submitted_jobs_are_claimed_in_order_with_ours(store, redis):
     assert redis.zcard("jobs:pending") == 0 and redis.hlen("jobs:idx:of") == 0
 
 
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_unindexed_jobs_are_looked_for_once_per_interval_and_whenever_a_claim_finds_nothing(redis, functions):
+    store = JobStore(redis, reconcile_min_interval_s=0, index_check_interval_s=3600, functions=functions)
+    store.submit("sim", {}, job_id="ours-1", priority=10)
+    store.submit("sim", {}, job_id="ours-2", priority=10)
+    assert store.claim(caps()).id == "ours-1"  # the store's first claim looks first: nothing unindexed yet
+    api_submit(redis, "api-high", priority=90)  # and no worker heard its job_submitted
+    assert store.claim(caps()).id == "ours-2"  # within the interval the claim does not look first
+    assert store.claim(caps()).id == "api-high"  # finding nothing indexed, it looks, reconciles, claims
+    assert store.claim(caps()) is None and redis.zcard("jobs:pending") == 0
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_with_no_interval_every_claim_looks_first_so_priority_order_is_exact(redis, functions):
+    store = JobStore(redis, reconcile_min_interval_s=0, index_check_interval_s=0, functions=functions)
+    store.submit("sim", {}, job_id="ours-1", priority=10)
+    store.submit("sim", {}, job_id="ours-2", priority=10)
+    assert store.claim(caps()).id == "ours-1"
+    api_submit(redis, "api-high", priority=90)
+    assert claim_all(store, caps()) == ["api-high", "ours-2"]
+
+
 def test_hints_index_api_jobs_in_the_claim_round_trip(redis):
     store = JobStore(redis, reconcile_min_interval_s=3600)  # rule out the reconcile path
     store.reconcile()

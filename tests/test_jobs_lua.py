@@ -83,6 +83,7 @@ def test_claim_script_reply_and_reconcile_flag(redis):
     redis.hset("job:api", mapping=contract_fields("api", "sim", {}))
     redis.zadd("jobs:pending", {"api": 1})
     assert claim(redis, CAPS, 60_000, 0, "1") == ["", 1]  # unindexed job: reconcile first
+    assert claim(redis, CAPS, 60_000, 0, "0") == ["", 1]  # not asked, but nothing indexed: it looks anyway
     reply = claim(redis, CAPS, 60_000, 0, "0", "api")  # hint adopts it in the same call
     assert reply[:2] == ["api", 0]
     fields = json.loads(reply[2])

@@ -4,12 +4,14 @@
 --           job_service_required_map, hardware, models, customer_access, optional workflow_id, ...)
 -- ARGV[2] = lease in ms
 -- ARGV[3] = ms during which a job this worker just failed is left to other workers
--- ARGV[4] = '1': when jobs:pending holds jobs our index lacks, claim nothing and say so (the caller
---           reconciles, then claims with '0'), so an unindexed higher-priority job is not passed over
+-- ARGV[4] = '1': look first whether jobs:pending holds jobs our index lacks and, when it does, claim
+--           nothing and say so (the caller reconciles, then claims with '0'), so an unindexed
+--           higher-priority job is not passed over. The caller asks at most once per interval: the look
+--           is two calls, ~3 us of a ~60 us claim. A claim that finds nothing always looks.
 -- ARGV[5] = '1': start the job at once (in_progress, as start.lua does), saving a round trip
 -- ARGV[6..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
--- Returns {job_id or '', unindexed (1 when jobs:pending holds jobs our index lacks), job JSON}; the JSON is
--- the jobs:active entry: the job hash as it stands after the claim.
+-- Returns {job_id, 0, job JSON} (the JSON is the jobs:active entry: the job hash as it stands after the
+-- claim), or {'', unindexed} where unindexed is 1 when jobs:pending holds jobs our index lacks.
 --
 -- Order: highest index score (priority, then oldest first). Each requirement class is matched once (see
 -- match.lua) and only the heads of the matching class queues are read, so the cost does not grow with
@@ -26,9 +28,11 @@ local now = now_ms()
 
 for i = 6, #ARGV do adopt(ARGV[i]) end
 
-local unindexed = 0
-if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then unindexed = 1 end
-if unindexed == 1 and ARGV[4] == '1' then return {'', 1} end
+local function unindexed()
+  if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then return 1 end
+  return 0
+end
+if ARGV[4] == '1' and unindexed() == 1 then return {'', 1} end
 
 -- One cursor per matching class queue: `buf` holds entries read (member, score, ...); `offset` is the rank
 -- of the first entry not read yet.
@@ -72,10 +76,16 @@ while true do
       if m and (not best_score or score > best_score) then best, best_score, member = c, score, m end
     end
   end
-  if not best then return {'', unindexed} end
+  if not best then return {'', unindexed()} end
   id = job_of(member)
   local flat = redis.call('HGETALL', 'job:' .. id)
-  job = {}
+  -- The constructor names the fields a job hash usually has, so the table is allocated at its final size
+  -- instead of growing (rehashing) five times while it fills: ~0.6 us.
+  job = {id = nil, service_required = nil, priority = nil, payload = nil, requirements = nil, customer_id = nil,
+    created_at = nil, status = nil, retry_count = nil, max_retries = nil, workflow_id = nil, workflow_priority = nil,
+    workflow_datetime = nil, current_step = nil, total_steps = nil, job_trace_id = nil, job_span_id = nil,
+    workflow_trace_id = nil, workflow_span_id = nil, ctx = nil, worker_id = nil, assigned_at = nil, started_at = nil,
+    last_failed_worker = nil, failed_at = nil, error = nil}
   for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
   local status = job.status
   best.i = best.i + 2
@@ -138,4 +148,4 @@ publish('job_claimed', {job_id = id, worker_id = wid, status = 'claimed', messag
   workflow_id = job.workflow_id, current_step = job.current_step, total_steps = job.total_steps})
 redis.call('PUBLISH', 'update_job_progress', string.format(
   '{"job_id":%s,"worker_id":%s,"progress":0,"timestamp":%d}', cjson.encode(id), w.wid_json, now))
-return {id, unindexed, job_json}
+return {id, 0, job_json}
