@@ -83,6 +83,22 @@ def test_overhead_over_budget_lowers_the_rate():
     assert tracer.sampler.cpu_share == pytest.approx(0.05, rel=0.05)
 
 
+def test_shedding_follows_the_overhead_control_both_ways():
+    tracer, clock, background = _metered_tracer()
+    assert not tracer.sampler.shedding
+    for second in range(3):
+        background[0] += 0.05
+        clock.now = 1001 + second
+        tracer.start_span("x").end()
+    assert tracer.sampler.shedding
+    second = 3
+    while tracer.sampler.overhead_factor < 1.0 and second < 60:  # under budget again: it recovers
+        clock.now = 1001 + second
+        tracer.start_span("x").end()
+        second += 1
+    assert not tracer.sampler.shedding
+
+
 def test_a_one_window_burst_under_budget_on_average_keeps_every_trace():
     # The shipper exports every few seconds: one window in five costs 3x the others, the average stays
     # under the budget, and the rate must not fall (issue 3: every trace kept at 10 jobs/s).
@@ -187,6 +203,47 @@ def test_at_one_percent_a_failed_or_slow_job_still_arrives_whole(tmp_path, recei
                                                     for x in g))
     assert ok_jobs < 10
     assert telemetry.tracer.tail_kept_jobs >= 2
+
+
+def test_over_budget_an_unsampled_job_keeps_only_what_explains_a_failure(tmp_path, receiver):
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, receiver, stream=stream)
+    tracer, log = telemetry.tracer, telemetry.logger("test.lean")
+    clog = telemetry.connector_logger("sim-0", "simulation")
+    tracer.sampler.threshold = 0  # nothing sampled
+    tracer.sampler.overhead_factor = 0.5  # and telemetry over its CPU budget
+    tracer.sampler.next_adjust = float("inf")
+    assert tracer.sampler.shedding
+
+    def job(job_id: str, fail: bool) -> None:
+        with telemetry.job_span(job_id, job_type="simulation") as root:
+            assert root._job.lean
+            clog.started(job_id)
+            log.info("info of %s", job_id)
+            with tracer.start_as_current_span("service.call") as child:
+                assert not child.is_recording()  # not recorded: the root stays current
+                assert trace.get_current_span() is root
+                log.warning("warning of %s", job_id)
+                if fail:
+                    raise RuntimeError("service exploded")
+            clog.completed(job_id, 1.0)
+
+    job("lean-ok", fail=False)
+    with pytest.raises(RuntimeError):
+        job("lean-failed", fail=True)
+    assert telemetry.writer.shed == 5  # each job: job.started, one INFO log; the good one also job.completed
+    assert "telemetry_logs_shed_total 5" in telemetry.render_prometheus()
+    telemetry.shutdown()
+    spans = receiver.spans()
+    assert [s.name for s in spans] == ["job.execution"]  # the failed job's root; the other job left nothing
+    root = spans[0]
+    assert attributes(root.attributes)["job.id"] == "lean-failed" and root.status.code == 2
+    assert attributes(root.events[0].attributes)["exception.type"] == "RuntimeError"
+    bodies = sorted(r.body.string_value for r in receiver.logs())
+    assert bodies == ["warning of lean-failed", "warning of lean-ok"]  # warnings are never shed
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert {line["message"] for line in lines} == {"warning of lean-failed", "warning of lean-ok"}
+    assert all(line["span_id"] == f"{root.span_id.hex()}" for line in lines if line["job_id"] == "lean-failed")
 
 
 def test_logs_carry_correlation_fields_and_redact(tmp_path, receiver):

@@ -64,7 +64,7 @@ def make_span_context(trace_id: int, span_id: int, is_remote: bool, flags: Trace
     """A SpanContext for ids already known valid (non-zero, in range), without the constructor's checks
     (~0.6 us of its ~0.8). SpanContext is a tuple of these six fields; tests/test_telemetry_context.py pins
     that against the constructor, so an OpenTelemetry change fails a test rather than misbehaving."""
-    return tuple.__new__(SpanContext, (trace_id, span_id, is_remote, flags, state or _EMPTY_STATE, True))
+    return tuple.__new__(SpanContext, (trace_id, span_id, is_remote, flags, _EMPTY_STATE if state is None else state, True))
 
 
 # --- ids -------------------------------------------------------------------------------------------------
@@ -293,23 +293,27 @@ def extract_job_context(job_hash: Mapping) -> Incoming:
     Values may be str or bytes (raw Redis replies); placeholders such as `temp-trace-id` count as absent.
     `workflow_trace_id` is returned (when valid) for a span attribute, not as the parent.
     """
-    def get(key: str) -> str | None:
-        value = job_hash.get(key)
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        return value if isinstance(value, str) and value else None
-
-    span_context = parse_traceparent(get("traceparent"), get("tracestate"))
+    get = job_hash.get
+    span_context = parse_traceparent(_text(get("traceparent")), _text(get("tracestate")))
     if span_context is None:
-        trace_id, span_id = parse_trace_id(get("job_trace_id")), parse_span_id(get("job_span_id"))
+        trace_id, span_id = parse_trace_id(_text(get("job_trace_id"))), parse_span_id(_text(get("job_span_id")))
         if trace_id and span_id:
-            span_context = SpanContext(trace_id, span_id, True, _SAMPLED, parse_tracestate(get("tracestate")))
-    workflow = get("workflow_trace_id")
-    return _incoming(
-        span_context,
-        job_id=get("id") or get("job_id"),
-        workflow_trace_id=workflow if parse_trace_id(workflow) else None,
-    )
+            span_context = SpanContext(trace_id, span_id, True, _SAMPLED,
+                                       parse_tracestate(_text(get("tracestate"))))
+    workflow = _text(get("workflow_trace_id"))
+    return _incoming(span_context, _text(get("id")) or _text(get("job_id")), None,
+                     workflow if workflow and parse_trace_id(workflow) else None)
+
+
+def _text(value: object) -> str | None:
+    """A job hash value as non-empty text (raw Redis replies may be bytes), else None."""
+    if type(value) is str:
+        return value or None
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace") or None
+    return value if isinstance(value, str) and value else None
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------

@@ -12,10 +12,15 @@ every record. `completed`/`failed` also count `jobs_processed_total` and record 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
+from emp_machine.telemetry.context import _fields
 from emp_machine.telemetry.logs import Events
 from emp_machine.telemetry.standard import StandardMetrics
+from emp_machine.telemetry.tracing import LightSpan, _get_value, _SPAN_KEY
+
+_time_ns = time.time_ns
 
 # The fields each service's records carry (others passed in are kept too; these are flattened and named
 # consistently so dashboards can rely on them).
@@ -50,12 +55,34 @@ class ConnectorLogger:
         self.job_type = job_type or service_type
 
     def _emit(self, name: str, job_id: str | None, level: int, fields: dict) -> None:
+        if level < logging.WARNING:
+            span = _get_value(_SPAN_KEY)
+            if type(span) is LightSpan:
+                job = span._job
+                if job is not None and not job.sampled:
+                    if job.lean:
+                        self._events.shed()
+                        return
+                    # An unsampled job's event is held raw, with when and where it happened; the record is
+                    # built only if the job is kept (failed or slow): ~1 us here instead of ~3.5.
+                    if level >= self._events.min_level:
+                        job.logs.append((self._emit_held, (name, job_id, level, fields, _time_ns(), _fields.get(),
+                                                           span._trace_id, span._span_id)))
+                        self._events.held()
+                    return
+        self._events.emit_fields(name, level, self._fields(job_id, fields))
+
+    def _emit_held(self, name: str, job_id: str | None, level: int, fields: dict, time_ns: int,
+                   bound: Mapping[str, object], trace_id: int, span_id: int) -> None:
+        self._events.emit_captured(name, level, self._fields(job_id, fields), time_ns, bound, trace_id, span_id)
+
+    def _fields(self, job_id: str | None, fields: dict) -> dict:
         fields = _service_fields(self.service_type, fields)
         fields["connector_id"] = self.connector_id
         fields["service_type"] = self.service_type
         if job_id is not None:
             fields["job_id"] = job_id
-        self._events.emit_fields(name, level, fields)
+        return fields
 
     def received(self, job_id: str, **fields: object) -> None:
         self._emit("job.received", job_id, logging.INFO, fields)

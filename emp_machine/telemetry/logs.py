@@ -6,8 +6,9 @@ current span, and whatever the call passed in `extra={"fields": {...}}`. It is w
 stdout and appended to the durable buffer as an OTel log record. Messages and fields are redacted first.
 
 Inside a job whose trace was not sampled, DEBUG and INFO records are deferred with the job's spans and written
-(buffer only) when the job turns out failed or slow; warnings and errors are never deferred. That is what
-keeps telemetry under its CPU budget at high job rates (docs/telemetry.md).
+(buffer only) when the job turns out failed or slow; warnings and errors are never deferred. While telemetry
+is over its CPU budget, such jobs shed their DEBUG and INFO records instead (counted). That is what keeps
+telemetry under its CPU budget at high job rates (docs/telemetry.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from emp_machine.telemetry.tracing import LightSpan, _get_value, _SPAN_KEY, curr
 _SEVERITY = {logging.DEBUG: 5, logging.INFO: 9, logging.WARNING: 13, logging.ERROR: 17, logging.CRITICAL: 21}
 _LEVEL_NAME = {5: "debug", 9: "info", 13: "warning", 17: "error", 21: "critical"}
 _perf_ns = time.perf_counter_ns
+_time_ns = time.time_ns
 
 
 def _line_encoder():
@@ -86,21 +88,28 @@ class RecordWriter:
         self.meter = meter or OverheadMeter()
         self._n = 0
         self.deferred = 0
+        self.shed = 0  # DEBUG/INFO records of unsampled jobs not held while over the CPU budget
 
     def write(self, severity: int, message: str, fields: Mapping[str, object] | None, logger: str = "",
-              event_name: str = "", time_ns: int | None = None) -> None:
-        self._n += 1
-        timed = not self._n & 31
-        if timed:
-            t0 = _perf_ns()
-        time_ns = time_ns or time.time_ns()
+              event_name: str = "", time_ns: int | None = None, args: tuple | None = None) -> None:
+        """`args`: %-format arguments for `message` (a logger's call); formatted here, unless the record is
+        shed, at the time of the call either way."""
         span = _get_value(_SPAN_KEY)
         if type(span) is LightSpan:
             trace_id, span_id, job = span._trace_id, span._span_id, span._job
             if job is not None and not job.sampled and severity < 13:
+                if job.lean:  # decided before any other work: this is the path of most records when over budget
+                    self.shed += 1
+                    return
+                self._n += 1
+                timed = not self._n & 31
+                if timed:
+                    t0 = _perf_ns()
+                if args is not None:
+                    message = (str(message) % args) if args else str(message)
                 # Decided with the job's spans: keep the raw parts, build the record only if the job is kept.
-                job.logs.append((self._write_now, (time_ns, severity, message, fields, logger, event_name,
-                                                   _fields.get(), trace_id, span_id)))
+                job.logs.append((self._write_now, (time_ns or _time_ns(), severity, message, fields, logger,
+                                                   event_name, _fields.get(), trace_id, span_id)))
                 self.deferred += 1
                 self.meter.logs += 1
                 if timed:
@@ -108,7 +117,14 @@ class RecordWriter:
                 return
         else:
             trace_id, span_id = current_ids()
-        self._write_now(time_ns, severity, message, fields, logger, event_name, _fields.get(), trace_id, span_id)
+        self._n += 1
+        timed = not self._n & 31
+        if timed:
+            t0 = _perf_ns()
+        if args is not None:
+            message = (str(message) % args) if args else str(message)
+        self._write_now(time_ns or _time_ns(), severity, message, fields, logger, event_name, _fields.get(),
+                        trace_id, span_id)
         self.meter.logs += 1
         if timed:
             self.meter.sample_log(_perf_ns() - t0)
@@ -197,14 +213,14 @@ class TelemetryLogger(logging.Logger):
             if kwargs:
                 self._log(logging.DEBUG, msg, args, **kwargs)
             else:  # the common call, without the stdlib's keyword layer
-                self.writer.write(5, (str(msg) % args) if args else str(msg), None, self.name)
+                self.writer.write(5, msg, None, self.name, args=args)
 
     def info(self, msg, *args, **kwargs) -> None:
         if self.isEnabledFor(logging.INFO):
             if kwargs:
                 self._log(logging.INFO, msg, args, **kwargs)
             else:
-                self.writer.write(9, (str(msg) % args) if args else str(msg), None, self.name)
+                self.writer.write(9, msg, None, self.name, args=args)
 
     def _log(self, level, msg, args, exc_info=None, extra=None, stack_info=False, stacklevel=1) -> None:
         message = (str(msg) % args) if args else str(msg)
@@ -240,6 +256,20 @@ class Events:
             return
         fields["event_type"] = name
         self._writer.write(_severity(level), name, fields, "", name)
+
+    def emit_captured(self, name: str, level: int, fields: dict, time_ns: int, bound: Mapping[str, object],
+                      trace_id: int, span_id: int) -> None:
+        """An event held by an unsampled job, written now with the time, bound fields and span of its call."""
+        fields["event_type"] = name
+        self._writer._write_now(time_ns, _severity(level), name, fields, "", name, bound, trace_id, span_id)
+
+    def shed(self) -> None:
+        self._writer.shed += 1
+
+    def held(self) -> None:
+        """Count an event held by an unsampled job, as RecordWriter.write counts the log records it holds."""
+        self._writer.deferred += 1
+        self._writer.meter.logs += 1
 
 
 def stdout_stream() -> IO[str]:

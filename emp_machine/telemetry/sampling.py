@@ -85,6 +85,12 @@ class AdaptiveSampler:
         self.next_adjust = self._window_start + window
         self._first_window = True
 
+    @property
+    def shedding(self) -> bool:
+        """Over the CPU budget lately (the overhead control holds the rate down): unsampled jobs then shed
+        their DEBUG/INFO records instead of holding them in case the job fails."""
+        return self.overhead_factor < 1.0
+
     def should_sample(self, trace_id: int) -> bool:
         """The root decision for `trace_id` at the current rate."""
         return (trace_id & _MASK56) < self.threshold

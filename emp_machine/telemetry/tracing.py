@@ -69,14 +69,18 @@ class _Unsampled(NonRecordingSpan):
 class JobTrace:
     """The spans and deferred log records of one job, held until its root span ends."""
 
-    __slots__ = ("sampled", "records", "logs", "failed", "overflow")
+    __slots__ = ("sampled", "records", "logs", "failed", "overflow", "lean")
 
-    def __init__(self, sampled: bool):
+    def __init__(self, sampled: bool, lean: bool = False):
         self.sampled = sampled
         self.records: list[LightSpan] = []  # ended spans; turned into records only when the job is kept
         self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
         self.failed = False
         self.overflow = False
+        # Unsampled while telemetry is over its CPU budget (AdaptiveSampler.shedding): the job records only
+        # its root span and its warnings and errors, which is what explains a failure; child spans and
+        # DEBUG/INFO records are not recorded at all.
+        self.lean = lean
 
 
 class LightSpan(otel_trace.Span):
@@ -287,6 +291,9 @@ class Tracer(otel_trace.Tracer):
             return parent, True
         if parent_type is LightSpan and name != JOB_ROOT:  # a local child: same trace, same job
             job = parent._job
+            if job is not None and job.lean:  # over budget, unsampled: the job keeps its root span only
+                sampler.dropped_total += 1
+                return _Unsampled(parent._trace_id, parent._span_id, parent._state), True
             span = LightSpan(self, parent._trace_id, parent._span_id, parent._flags, parent._state, name, kind,
                              attributes, start_time, job, False, False)
         else:
@@ -306,7 +313,7 @@ class Tracer(otel_trace.Tracer):
                 sampler.dropped_total += 1
                 return _Unsampled(trace_id, _getrandbits(64) or 1, state), False
             span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
-                             attributes, start_time, JobTrace(sampled) if is_job else None, is_job, remote)
+                             attributes, start_time, JobTrace(sampled, not sampled and sampler.shedding) if is_job else None, is_job, remote)
             if self.base_attributes:
                 for key, value in self.base_attributes.items():
                     span._attributes.setdefault(key, value)
