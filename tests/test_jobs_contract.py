@@ -114,13 +114,33 @@ def test_claim_transitions_and_messages(store, redis, listen):
     assert worker["status"] == "busy" and worker["current_job_id"] == job_id
     assert ISO.match(worker["last_status_change"])
     [claimed] = sub.wait_for("job_claimed")
-    assert claimed["job_id"] == job_id and claimed["worker_id"] == "w1" and claimed["status"] == "claimed"
+    assert claimed == {"job_id": job_id, "worker_id": "w1", "status": "claimed", "message": "Job claimed by worker",
+                       "claimed_at": stored["assigned_at"], "timestamp": claimed["timestamp"],
+                       "service_required": "sim", "customer_id": "", "workflow_id": "", "current_step": "",
+                       "total_steps": ""}
+    assert isinstance(claimed["timestamp"], int) and claimed["timestamp"] > 1_600_000_000_000
     [progress] = sub.wait_for("update_job_progress")
     assert progress["job_id"] == job_id and progress["worker_id"] == "w1" and progress["progress"] == 0
     assert isinstance(progress["timestamp"], int) and progress["timestamp"] > 1_600_000_000_000
     statuses = sub.wait_for("worker_status", 2)
     assert statuses[-1] == {"worker_id": "w1", "old_status": "idle", "new_status": "busy",
                             "current_job_id": job_id, "timestamp": statuses[-1]["timestamp"]}
+
+
+def test_job_claimed_leaves_out_what_a_sparse_job_hash_lacks(store, redis, listen):
+    # A producer that writes fewer fields than the contract (no workflow or step fields): the message has
+    # no keys for them rather than nulls or empty strings.
+    sub = listen("job_claimed")
+    redis.hset("job:sparse", mapping={"id": "sparse", "service_required": "sim", "priority": "50",
+                                      "payload": "{}", "status": "pending", "created_at": "2026-01-01T00:00:00.000Z",
+                                      "customer_id": 'c"1'})
+    redis.zadd("jobs:pending", {"sparse": submission_score(50, 1_767_225_600_000)})
+    store.reconcile()
+    assert store.claim(CAPS).id == "sparse"
+    [claimed] = sub.wait_for("job_claimed")
+    assert set(claimed) == {"job_id", "worker_id", "status", "message", "claimed_at", "timestamp",
+                            "service_required", "customer_id"}
+    assert claimed["customer_id"] == 'c"1' and claimed["service_required"] == "sim"
 
 
 def test_register_worker_and_heartbeat_key(store, redis):

@@ -143,9 +143,20 @@ if start then
 else
   add_events(id, claimed)
 end
-publish('job_claimed', {job_id = id, worker_id = wid, status = 'claimed', message = 'Job claimed by worker',
-  claimed_at = at, timestamp = now, service_required = job.service_required, customer_id = job.customer_id,
-  workflow_id = job.workflow_id, current_step = job.current_step, total_steps = job.total_steps})
+local id_json = cjson.encode(id)
+local sr, cu, wf, cs, ts = job.service_required, job.customer_id, job.workflow_id, job.current_step, job.total_steps
+if sr and cu and wf and cs and ts then
+  -- Every contract job hash has these five (empty when unused): formatted directly, ~3 us less than a
+  -- table encoded (paired A/B, 5 of 5 rounds). A hash lacking one takes the table path, which omits it.
+  redis.call('PUBLISH', 'job_claimed', string.format('{"job_id":%s,"worker_id":%s,"status":"claimed",'
+    .. '"message":"Job claimed by worker","claimed_at":"%s","timestamp":%d,"service_required":%s,'
+    .. '"customer_id":%s,"workflow_id":%s,"current_step":%s,"total_steps":%s}', id_json, w.wid_json, at, now,
+    cjson.encode(sr), cjson.encode(cu), cjson.encode(wf), cjson.encode(cs), cjson.encode(ts)))
+else
+  publish('job_claimed', {job_id = id, worker_id = wid, status = 'claimed', message = 'Job claimed by worker',
+    claimed_at = at, timestamp = now, service_required = sr, customer_id = cu, workflow_id = wf,
+    current_step = cs, total_steps = ts})
+end
 redis.call('PUBLISH', 'update_job_progress', string.format(
-  '{"job_id":%s,"worker_id":%s,"progress":0,"timestamp":%d}', cjson.encode(id), w.wid_json, now))
+  '{"job_id":%s,"worker_id":%s,"progress":0,"timestamp":%d}', id_json, w.wid_json, now))
 return {id, 0, job_json}
