@@ -95,26 +95,15 @@ class RecordWriter:
         """`args`: %-format arguments for `message` (a logger's call); formatted here, unless the record is
         shed, at the time of the call either way."""
         span = _get_value(_SPAN_KEY)
+        job = None
         if type(span) is LightSpan:
             trace_id, span_id, job = span._trace_id, span._span_id, span._job
-            if job is not None and not job.sampled and severity < 13:
-                if job.lean:  # decided before any other work: this is the path of most records when over budget
+            if job is not None:
+                if job.sampled or severity >= 13:
+                    job = None  # written now
+                elif job.lean:  # decided before any other work: most records' path when over budget
                     self.shed += 1
                     return
-                self._n += 1
-                timed = not self._n & 31
-                if timed:
-                    t0 = _perf_ns()
-                if args is not None:
-                    message = (str(message) % args) if args else str(message)
-                # Decided with the job's spans: keep the raw parts, build the record only if the job is kept.
-                job.logs.append((self._write_now, (time_ns or _time_ns(), severity, message, fields, logger,
-                                                   event_name, _fields.get(), trace_id, span_id)))
-                self.deferred += 1
-                self.meter.logs += 1
-                if timed:
-                    self.meter.sample_log(_perf_ns() - t0)
-                return
         else:
             trace_id, span_id = current_ids()
         self._n += 1
@@ -123,8 +112,13 @@ class RecordWriter:
             t0 = _perf_ns()
         if args is not None:
             message = (str(message) % args) if args else str(message)
-        self._write_now(time_ns or _time_ns(), severity, message, fields, logger, event_name, _fields.get(),
-                        trace_id, span_id)
+        if job is None:
+            self._write_now(time_ns or _time_ns(), severity, message, fields, logger, event_name, _fields.get(),
+                            trace_id, span_id)
+        else:  # an unsampled job's: keep the raw parts, build the record only if the job is kept
+            job.logs.append((self._write_now, (time_ns or _time_ns(), severity, message, fields, logger,
+                                               event_name, _fields.get(), trace_id, span_id)))
+            self.deferred += 1
         self.meter.logs += 1
         if timed:
             self.meter.sample_log(_perf_ns() - t0)
