@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -161,5 +165,95 @@ def test_file_stays_near_live_data(tmp_path):
         on_disk = sum(p.stat().st_size for p in tmp_path.iterdir() if p.name.startswith("b.db"))
         assert buffer.stats().written_total == 2800
         assert on_disk < 1_500_000  # 6 rounds of ~230 KB each would be ~1.4 MB plus WAL without reuse
+    finally:
+        buffer.close()
+
+
+# -- the stage file: frames between SQLite commits -------------------------------------------------------
+
+STAGING_CHILD = """
+import sys, time
+from pathlib import Path
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+buffer = Buffer(Path(sys.argv[1]), flush_interval=0.01, commit_interval=3600)  # frames only, no commit
+for i in range(int(sys.argv[2])):
+    buffer.append(Kind.LOG, Value.NORMAL, (i, 9, "INFO", f"line {i}", {"i": i}, 0, 0, ""))
+buffer.append_with_state([(Kind.LOG, Value.NORMAL, (-1, 9, "INFO", "with state", {}, 0, 0, ""))], "offset", "42")
+deadline = time.monotonic() + 30
+while (buffer._queue or buffer._staged_records < int(sys.argv[2]) + 1) and time.monotonic() < deadline:
+    time.sleep(0.005)
+print("staged", buffer.pending(), flush=True)  # nothing in SQLite yet: all of it is in the stage file
+time.sleep(60)
+"""
+
+
+def test_records_staged_before_a_sigkill_are_in_the_buffer_after_it(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, str(tmp_path / "b.db"), "300"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["staged", "0"]
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        child.kill()
+    assert [p.name for p in tmp_path.glob("b.db.stage.*")] == ["b.db.stage.1"]
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        assert sorted(r[0] for r in _all_logs(buffer)) == list(range(-1, 300))
+        assert buffer.state("offset") == "42"
+        assert list(tmp_path.glob("b.db.stage.*")) == []
+    finally:
+        buffer.close()
+    again = Buffer(tmp_path / "b.db")  # moved once: opening again adds nothing
+    try:
+        assert again.pending() == 301
+    finally:
+        again.close()
+
+
+def _staged_file(tmp_path, batches: list[range]) -> bytes:
+    """The bytes of a stage file holding one frame per batch (a buffer that never commits by itself)."""
+    buffer = Buffer(tmp_path / "src.db", flush_interval=0.01, commit_interval=3600)
+    stage = tmp_path / "src.db.stage.1"
+    try:
+        for batch in batches:
+            size = stage.stat().st_size if stage.exists() else 0
+            for i in batch:
+                buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+            deadline = time.monotonic() + 10
+            while not (stage.exists() and stage.stat().st_size > size) and time.monotonic() < deadline:
+                time.sleep(0.005)  # polling the writer's progress under a deadline
+        return stage.read_bytes()
+    finally:
+        buffer.close()
+
+
+def test_a_stage_file_already_moved_is_not_moved_twice(tmp_path):
+    # Killed between the SQLite commit and removing the stage file: the file's number is in SQLite.
+    data = _staged_file(tmp_path, [range(50)])
+    buffer = Buffer(tmp_path / "b.db", flush_interval=0.01, commit_interval=3600)
+    for i in range(50):
+        buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+    buffer.close()  # the flush commits stage file 1 and removes it
+    (tmp_path / "b.db.stage.1").write_bytes(data)  # as if the removal never happened
+    reopened = Buffer(tmp_path / "b.db")
+    try:
+        assert reopened.pending() == 50
+        assert not (tmp_path / "b.db.stage.1").exists()
+    finally:
+        reopened.close()
+
+
+def test_a_torn_last_frame_keeps_the_frames_before_it(tmp_path, capfd):
+    data = _staged_file(tmp_path, [range(0, 40), range(40, 70)])
+    (tmp_path / "b.db.stage.7").write_bytes(data + data[:30])  # a third frame cut short by a kill
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        assert [r[0] for r in _all_logs(buffer)] == list(range(70))
+        assert "torn frame" in capfd.readouterr().err
+        buffer.append(Kind.LOG, Value.NORMAL, _log(70))
+        buffer.flush()
+        assert buffer.pending() == 71
+        assert list(tmp_path.glob("b.db.stage.*")) == []  # its own stage files are numbered after 7
     finally:
         buffer.close()

@@ -1,9 +1,14 @@
 """The durable local buffer: every record goes here first, and leaves only when a collector accepted it.
 
 Hot path: `append()` puts a tuple on a deque (well under a microsecond). A writer thread wakes every
-`flush_interval` (90 ms by default), groups what is queued by (kind, value class) into chunks, compresses each
-chunk (marshal + zlib level 1) and inserts them in one SQLite transaction (WAL, synchronous=NORMAL: a commit
-survives a SIGKILL of this process, not a power cut). So a SIGKILL loses at most one flush interval of
+`flush_interval` (90 ms by default), groups what is queued by (kind, value class) into chunks and compresses
+each chunk (marshal + zlib level 1). The chunks are appended as one checksummed frame to a stage file (one
+`write`, in the page cache: it survives a SIGKILL of this process, not a power cut) and inserted into SQLite
+(WAL, synchronous=NORMAL, same durability) together, in one transaction, once a second (`commit_interval`),
+on `flush()` and on close; then the stage file is removed. A SQLite commit costs ~70 us of CPU against ~10 us
+for a frame, and at 10 jobs/s the writer wakes with records ~11 times a second. A buffer opened over stage
+files left by a killed process moves their frames into SQLite first (each file once: its sequence number is
+committed with its rows), stopping at a torn frame. So a SIGKILL loses at most one flush interval of
 records; a graceful `close()` loses none.
 
 Limits (the manifest's `telemetry.buffer`): when the compressed size passes `max_size`, whole chunks are
@@ -22,6 +27,7 @@ import fcntl
 import marshal
 import os
 import sqlite3
+import struct
 import threading
 import time
 import zlib
@@ -100,13 +106,52 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 _MARSHAL_VERSION = 4
+_FRAME = struct.Struct("<II")  # a stage frame's header: payload length, crc32 of the payload
+_STAGE_KEY = "emp.buffer.stage_seq"  # state row: the last stage file whose frames are in SQLite
+_STAGE_MAX_RECORDS = 5000  # staged past this, commit at once (memory, and the shipper's full batches)
+
+
+def _read_frames(path: Path) -> tuple[dict[tuple[int, int], list], dict[str, str]]:
+    """Records (grouped by kind and value) and state values from a stage file's frames, up to the first
+    torn or corrupt one (a process killed in the middle of a write leaves at most that one)."""
+    groups: dict[tuple[int, int], list] = {}
+    states: dict[str, str] = {}
+    data = path.read_bytes()
+    at = 0
+    while at + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, at)
+        payload = data[at + _FRAME.size:at + _FRAME.size + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            _report(f"telemetry buffer: {path.name} ends in a torn frame at byte {at}; the frames before it are kept")
+            break
+        frame_groups, frame_states = marshal.loads(payload)
+        for key, records in frame_groups:
+            groups.setdefault(tuple(key), []).extend(records)
+        states.update(frame_states)
+        at += _FRAME.size + length
+    return groups, states
+
+
+def _rows(groups: dict[tuple[int, int], list], created: float) -> list[tuple]:
+    """Chunk rows for the chunks table: each group in chunks of at most one export batch, compressed."""
+    rows = []
+    for (kind, value), records in groups.items():
+        for start in range(0, len(records), 1000):
+            part = records[start:start + 1000]
+            data = _encode_chunk(part)
+            rows.append((kind, value, created, len(part), len(data), data))
+    return rows
+
+
+def _dumps(obj: object) -> bytes:
+    try:
+        return marshal.dumps(obj, _MARSHAL_VERSION)
+    except ValueError:  # a value of a type marshal cannot write: its repr instead (as _encode_chunk does)
+        return marshal.dumps(_marshalable(obj), _MARSHAL_VERSION)
 
 
 def _encode_chunk(records: list) -> bytes:
-    try:
-        raw = marshal.dumps(records, _MARSHAL_VERSION)
-    except ValueError:  # an attribute of a type marshal cannot write: fall back to its repr, record by record
-        raw = marshal.dumps([_marshalable(r) for r in records], _MARSHAL_VERSION)
+    raw = _dumps(records)
     # zlib's default state (32 KiB window, memLevel 8) costs ~65 us to set up, more than compressing a small
     # chunk; a 4 KiB window with memLevel 4 costs ~6 us and loses little on chunks this size.
     small = len(raw) < 65536
@@ -142,13 +187,14 @@ class Buffer:
     """A durable, bounded record buffer in one SQLite file. Thread-safe; one instance per process."""
 
     def __init__(self, path: Path, *, max_size: int = 100 * 10**6, segment_size: int = 50 * 10**6,
-                 retention: float = 3600.0, flush_interval: float = 0.09,
+                 retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 1.0,
                  on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.max_size = max_size
         self.segment_size = segment_size
         self.retention = retention
         self.flush_interval = flush_interval
+        self.commit_interval = commit_interval
         self.on_drop = on_drop
         self.on_commit: Callable[[int], None] | None = None  # called by the writer with the records stored
         self._clock = clock
@@ -173,6 +219,13 @@ class Buffer:
         self._acked = 0
         self._since_checkpoint = 0
         self._last_retention = 0.0
+        # Staged: chunk rows and state values framed into the stage file, not yet in SQLite.
+        self._staged: dict[tuple[int, int], list] = {}
+        self._staged_states: dict[str, str] = {}
+        self._staged_records = 0
+        self._staged_since = 0.0
+        self._stage_fd: int | None = None
+        self._stage_seq = self._recover_stage_files()
         row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
         self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
@@ -219,9 +272,14 @@ class Buffer:
             markers: list[_Flush] = []
             try:
                 markers = self._write_queued()
+                if (self._staged or self._staged_states) and \
+                        time.monotonic() - self._staged_since >= self.commit_interval:
+                    self._commit_staged()
                 self._enforce_limits()
             except sqlite3.Error as exc:  # e.g. disk I/O error in the limits pass: report, try again next time
                 _report(f"telemetry buffer maintenance failed: {exc}")
+            except Exception as exc:  # a bug must not stop the writer: every later record would be lost
+                _report(f"telemetry buffer writer error: {exc!r}")
             for marker in markers:  # after the limits pass, so a flushed buffer is also within its limits
                 marker.done.set()
             self.writer_cpu = time.thread_time() - start_cpu
@@ -249,42 +307,111 @@ class Buffer:
                     groups.setdefault((kind, value), []).append(record)
                     count += 1
                 states[item[2]] = item[3]
-        now = self._clock()
-        rows = []
-        nbytes = 0
-        for (kind, value), records in groups.items():
-            for start in range(0, len(records), 1000):  # a chunk never exceeds one export batch
-                part = records[start:start + 1000]
-                data = _encode_chunk(part)
-                nbytes += len(data)
-                rows.append((kind, value, now, len(part), len(data), data))
+        if groups or states:
+            groups = {(int(k), int(v)): records for (k, v), records in groups.items()}  # IntEnums: marshal
+            if not self._staged and not self._staged_states:
+                self._staged_since = time.monotonic()
+            framed = bool(markers) or self._stage_frame(groups, states)  # a flush commits below anyway
+            staged = self._staged
+            for key, records in groups.items():
+                staged.setdefault(key, []).extend(records)
+            self._staged_states.update(states)
+            self._staged_records += count
+            if not framed or self._staged_records >= _STAGE_MAX_RECORDS:
+                self._commit_staged()  # the stage file could not be written, or enough for a commit anyway
+        if markers:
+            self._commit_staged()  # a flush asked for SQLite now
+        if queue:
+            self._wake.set()
+        return markers
+
+    # --- the stage file ------------------------------------------------------------------------------
+
+    def _stage_path(self, seq: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.stage.{seq}")
+
+    def _stage_frame(self, groups: dict[tuple[int, int], list], states: dict[str, str]) -> bool:
+        """Append one frame (length, crc32, marshal of the grouped records and states) to the stage file;
+        False on an OS error (e.g. disk full), after which the caller commits to SQLite at once."""
         try:
-            with self._db_lock:
-                self._db.execute("BEGIN")
-                try:
-                    self._db.executemany(
-                        "INSERT INTO chunks(kind, value, created, count, nbytes, data) VALUES (?, ?, ?, ?, ?, ?)",
-                        rows)
-                    if states:
-                        self._db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
-                                             states.items())
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:  # disk full or I/O error: these records are lost, and counted
+            payload = _dumps((list(groups.items()), states))
+            if self._stage_fd is None:
+                self._stage_fd = os.open(self._stage_path(self._stage_seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                         0o600)
+            os.write(self._stage_fd, _FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+            return True
+        except OSError as exc:
+            _report(f"telemetry buffer stage file write failed, committing directly: {exc}")
+            return False
+
+    def _commit_staged(self) -> None:
+        """Encode what is staged into chunks and insert them into SQLite in one transaction, with the stage
+        file's sequence number; then remove the stage file. On an SQLite error the staged records are
+        dropped and counted (the stage file is kept, and moved in when the buffer is next opened)."""
+        groups, states, count = self._staged, self._staged_states, self._staged_records
+        self._staged, self._staged_states, self._staged_records = {}, {}, 0
+        if not groups and not states:
+            return
+        seq = self._stage_seq
+        rows = _rows(groups, self._clock())
+        try:
+            self._insert(rows, states, seq)
+        except sqlite3.Error as exc:  # disk full or I/O error: these records are lost here, and counted
             _report(f"telemetry buffer write failed, {count} records dropped: {exc}")
             self._count_drop("write_error", count)
-            return markers
+            self._close_stage(seq + 1, remove=False)
+            return
+        self._close_stage(seq + 1, remove=True)
+        nbytes = sum(row[4] for row in rows)
         self._written += count
         if self.on_commit is not None:
             self.on_commit(self._stored_records + count)
         self._stored_bytes += nbytes
         self._stored_records += count
         self._since_checkpoint += nbytes
-        if queue:
-            self._wake.set()
-        return markers
+
+    def _insert(self, rows: list[tuple], states: dict[str, str], seq: int) -> None:
+        with self._db_lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO chunks(kind, value, created, count, nbytes, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                items = [*states.items(), (_STAGE_KEY, str(seq))]
+                self._db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", items)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _close_stage(self, next_seq: int, *, remove: bool) -> None:
+        if self._stage_fd is not None:
+            os.close(self._stage_fd)
+            self._stage_fd = None
+        if remove:
+            try:
+                os.unlink(self._stage_path(self._stage_seq))
+            except FileNotFoundError:  # nothing was framed (a flush right after a commit)
+                pass
+        self._stage_seq = next_seq
+
+    def _recover_stage_files(self) -> int:
+        """Move frames left in stage files (a killed process) into SQLite, oldest file first; returns the
+        sequence number for this process's first stage file."""
+        row = self._db.execute("SELECT value FROM state WHERE key = ?", (_STAGE_KEY,)).fetchone()
+        committed = int(row[0]) if row else 0
+        found = []
+        prefix = f"{self.path.name}.stage."
+        for entry in os.listdir(self.path.parent):
+            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+                found.append(int(entry[len(prefix):]))
+        for seq in sorted(found):
+            path = self._stage_path(seq)
+            if seq > committed:
+                groups, states = _read_frames(path)
+                self._insert(_rows(groups, self._clock()), states, seq)
+                committed = seq
+            os.unlink(path)  # moved now, or earlier by a process killed before it could remove the file
+        return max([committed, *found]) + 1
 
     def _enforce_limits(self) -> None:
         now = self._clock()
@@ -424,8 +551,9 @@ class Buffer:
         return [(r[0], r[1], r[2], decode_chunk(r[3])) for r in rows]
 
     def stats(self) -> BufferStats:
-        return BufferStats(
-            queued=len(self._queue), stored_records=self._stored_records, stored_bytes=self._stored_bytes,
+        return BufferStats(  # queued: not in SQLite yet (in the queue, or staged)
+            queued=len(self._queue) + self._staged_records, stored_records=self._stored_records,
+            stored_bytes=self._stored_bytes,
             written_total=self._written,
             acked_total=self._acked, dead_letter_records=self._dead, dropped=dict(self._dropped))
 
@@ -437,6 +565,9 @@ class Buffer:
         self._closed = True
         self._wake.set()
         self._writer.join(timeout)
+        if self._stage_fd is not None:  # frames staged after the last flush: moved in at the next open
+            os.close(self._stage_fd)
+            self._stage_fd = None
         with self._db_lock:
             self._db.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
