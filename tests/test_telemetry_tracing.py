@@ -208,7 +208,7 @@ def test_at_one_percent_a_failed_or_slow_job_still_arrives_whole(tmp_path, recei
     assert telemetry.tracer.tail_kept_jobs == 2  # failed-1 and slow-1 (ok ones sampled at 1 % are not tail-kept)
 
 
-def test_over_budget_an_unsampled_job_keeps_only_what_explains_a_failure(tmp_path, receiver):
+def test_over_budget_an_unsampled_job_sheds_its_info_records_but_not_its_trace(tmp_path, receiver):
     stream = io.StringIO()
     telemetry = _telemetry(tmp_path, receiver, stream=stream)
     tracer, log = telemetry.tracer, telemetry.logger("test.lean")
@@ -224,8 +224,7 @@ def test_over_budget_an_unsampled_job_keeps_only_what_explains_a_failure(tmp_pat
             clog.started(job_id)
             log.info("info of %s", job_id)
             with tracer.start_as_current_span("service.call") as child:
-                assert not child.is_recording()  # not recorded: the root stays current
-                assert trace.get_current_span() is root
+                assert child.is_recording() and trace.get_current_span() is child  # spans are still recorded
                 log.warning("warning of %s", job_id)
                 if fail:
                     raise RuntimeError("service exploded")
@@ -238,15 +237,17 @@ def test_over_budget_an_unsampled_job_keeps_only_what_explains_a_failure(tmp_pat
     assert "telemetry_logs_shed_total 5" in telemetry.render_prometheus()
     telemetry.shutdown()
     spans = receiver.spans()
-    assert [s.name for s in spans] == ["job.execution"]  # the failed job's root; the other job left nothing
-    root = spans[0]
+    assert sorted(s.name for s in spans) == ["job.execution", "service.call"]  # the failed job's whole trace
+    root = next(s for s in spans if s.name == "job.execution")
+    child = next(s for s in spans if s.name == "service.call")
     assert attributes(root.attributes)["job.id"] == "lean-failed" and root.status.code == 2
+    assert child.trace_id == root.trace_id and child.parent_span_id == root.span_id and child.status.code == 2
     assert attributes(root.events[0].attributes)["exception.type"] == "RuntimeError"
     bodies = sorted(r.body.string_value for r in receiver.logs())
     assert bodies == ["warning of lean-failed", "warning of lean-ok"]  # warnings are never shed
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert {line["message"] for line in lines} == {"warning of lean-failed", "warning of lean-ok"}
-    assert all(line["span_id"] == f"{root.span_id.hex()}" for line in lines if line["job_id"] == "lean-failed")
+    assert all(line["span_id"] == child.span_id.hex() for line in lines if line["job_id"] == "lean-failed")
 
 
 def test_logs_carry_correlation_fields_and_redact(tmp_path, receiver):

@@ -77,9 +77,9 @@ class JobTrace:
         self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
         self.failed = False
         self.overflow = False
-        # Unsampled while telemetry is over its CPU budget (AdaptiveSampler.shedding): the job records only
-        # its root span and its warnings and errors, which is what explains a failure; child spans and
-        # DEBUG/INFO records are not recorded at all.
+        # Unsampled while telemetry is over its CPU budget (AdaptiveSampler.shedding): the job still records
+        # all its spans (a failed or slow job's trace is always exported) and its warnings and errors, but
+        # not its DEBUG/INFO records and events.
         self.lean = lean
 
 
@@ -291,9 +291,6 @@ class Tracer(otel_trace.Tracer):
             return parent, True
         if parent_type is LightSpan and name != JOB_ROOT:  # a local child: same trace, same job
             job = parent._job
-            if job is not None and job.lean:  # over budget, unsampled: the job keeps its root span only
-                sampler.dropped_total += 1
-                return _Unsampled(parent._trace_id, parent._span_id, parent._state), True
             span = LightSpan(self, parent._trace_id, parent._span_id, parent._flags, parent._state, name, kind,
                              attributes, start_time, job, False, False)
         else:
