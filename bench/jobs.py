@@ -236,6 +236,19 @@ def jobs_through_workers(url: str, client, total: int = 3000) -> tuple[float, fl
             log.close()
 
 
+def redis_speed(client) -> float:
+    """Redis microseconds per call of a fixed script (20 HSETs on one small hash): how fast this shared VM's
+    Redis is right now, to read the claim figures against (the claim's own cost drifts with it)."""
+    client.config_resetstat()
+    script = client.register_script("for i = 1, 20 do redis.call('HSET', KEYS[1], 'f', i) end return 1")
+    for _ in range(500):
+        script(keys=["emp-bench:speed"])
+    stats = client.info("commandstats")
+    entry = stats.get("cmdstat_evalsha") or {}
+    client.delete("emp-bench:speed")
+    return float(entry.get("usec_per_call", 0.0))
+
+
 def main(only: str | None = None) -> None:
     if only == "workers":
         with PrivateRedis(Path(tempfile.mkdtemp(prefix="emp-bench-jobs-"))) as server:
@@ -249,6 +262,8 @@ def main(only: str | None = None) -> None:
           f"private Valkey on loopback; client and server share the CPUs)")
     with PrivateRedis(Path(tempfile.mkdtemp(prefix="emp-bench-jobs-"))) as server:
         client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        print(f"Redis speed now: {redis_speed(client):.1f} us per call of a fixed 20-HSET script "
+              f"(lower is faster; read the claim figures against it)")
         print("\nclaim cost (sync client, one at a time)                client p50 / p99     Redis/call  target")
         for total in (100, 10_000, 50_000):
             for mix, label in (("third", "1/3 matching"), ("none", "none matching")):

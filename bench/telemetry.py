@@ -339,6 +339,28 @@ def bench_outage(tmp: Path, seconds: float) -> None:
     print(f"    produced {produced}, received {total} ({distinct} distinct), drained in {drain_s:.1f} s")
 
 
+def _plain_work(i: int) -> str:
+    """A fixed piece of plain Python (no telemetry): dicts, tuples, str and json.dumps."""
+    import json
+
+    return json.dumps({f"k{k}": (k, str(i)) for k in range(60)})
+
+
+def machine_speed() -> None:
+    """How fast this machine is right now, without telemetry: a shared VM drifts by tens of percent, and code
+    run right after a sleep is slower than in a tight loop. Read the figures below against these."""
+    tight = per_op(lambda: _plain_work(1), 2000)
+    after_sleep = 0.0
+    for i in range(100):
+        start = time.thread_time()
+        _plain_work(i)
+        after_sleep += time.thread_time() - start
+        time.sleep(0.01)
+    print(f"Machine speed now: a fixed plain-Python step costs {tight:.0f} us in a tight loop and "
+          f"{after_sleep / 100 * 1e6:.0f} us right after a 10 ms sleep (about 55 / 130 us in this project's "
+          f"calmer runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--outage-seconds", type=float, default=25.0)
@@ -346,6 +368,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)
     t0 = time.monotonic()
+    machine_speed()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "ops"):
