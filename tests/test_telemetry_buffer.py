@@ -257,3 +257,21 @@ def test_a_torn_last_frame_keeps_the_frames_before_it(tmp_path, capfd):
         assert list(tmp_path.glob("b.db.stage.*")) == []  # its own stage files are numbered after 7
     finally:
         buffer.close()
+
+
+def test_an_unreadable_stage_file_is_set_aside_and_the_buffer_still_opens(tmp_path, capfd):
+    import struct
+    import zlib
+
+    payload = b"not marshal data"  # a frame whose checksum is right but whose content cannot be read
+    (tmp_path / "b.db.stage.3").write_bytes(struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        assert buffer.pending() == 0
+        assert (tmp_path / "b.db.stage.3.bad").exists() and not (tmp_path / "b.db.stage.3").exists()
+        assert "could not be moved in" in capfd.readouterr().err
+        buffer.append(Kind.LOG, Value.NORMAL, _log(1))
+        buffer.flush()
+        assert buffer.pending() == 1
+    finally:
+        buffer.close()

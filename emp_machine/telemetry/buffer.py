@@ -1,16 +1,16 @@
 """The durable local buffer: every record goes here first, and leaves only when a collector accepted it.
 
 Hot path: `append()` puts a tuple on a deque (well under a microsecond). A writer thread wakes every
-`flush_interval` (90 ms by default), groups what is queued by (kind, value class) into chunks and compresses
-each chunk (marshal + zlib level 1). The chunks are appended as one checksummed frame to a stage file (one
-`write`, in the page cache: it survives a SIGKILL of this process, not a power cut) and inserted into SQLite
-(WAL, synchronous=NORMAL, same durability) together, in one transaction, once a second (`commit_interval`),
-on `flush()`, on close and once 1000 records wait (a batch that big is committed without a frame); then the
-stage file is removed. A SQLite commit costs ~70 us of CPU against ~10 us
-for a frame, and at 10 jobs/s the writer wakes with records ~11 times a second. A buffer opened over stage
-files left by a killed process moves their frames into SQLite first (each file once: its sequence number is
-committed with its rows), stopping at a torn frame. So a SIGKILL loses at most one flush interval of
-records; a graceful `close()` loses none.
+`flush_interval` (90 ms by default) and appends what is queued, grouped by (kind, value class), as one
+checksummed frame to a stage file: one `write`, in the page cache when it returns, so it survives a SIGKILL
+of this process (not a power cut). Once a second (`commit_interval`), on `flush()`, on close and once 1000
+records wait (a batch that big is committed without a frame), the staged records are cut into chunks,
+compressed (marshal + zlib level 1) and inserted into SQLite (WAL, synchronous=NORMAL: the same durability)
+in one transaction that also records the stage file's number; then the file is removed. A SQLite commit
+costs ~70 us of CPU against ~10 us for a frame, and at 10 jobs/s the writer wakes with records ~11 times a
+second. A buffer opened over stage files left by a killed process moves their frames into SQLite first
+(each file once), stopping at a torn frame. So a SIGKILL loses at most one flush interval of records; a
+graceful `close()` loses none.
 
 Limits (the manifest's `telemetry.buffer`): when the compressed size passes `max_size`, whole chunks are
 dropped, least valuable class first and oldest first within a class (see `Value`); error records go only when
@@ -220,7 +220,7 @@ class Buffer:
         self._acked = 0
         self._since_checkpoint = 0
         self._last_retention = 0.0
-        # Staged: chunk rows and state values framed into the stage file, not yet in SQLite.
+        # Staged: records (by kind and value) and state values framed into the stage file, not yet in SQLite.
         self._staged: dict[tuple[int, int], list] = {}
         self._staged_states: dict[str, str] = {}
         self._staged_records = 0
@@ -409,8 +409,13 @@ class Buffer:
         for seq in sorted(found):
             path = self._stage_path(seq)
             if seq > committed:
-                groups, states = _read_frames(path)
-                self._insert(_rows(groups, self._clock()), states, seq)
+                try:
+                    groups, states = _read_frames(path)
+                    self._insert(_rows(groups, self._clock()), states, seq)
+                except Exception as exc:  # an unreadable file must not stop telemetry from starting
+                    _report(f"telemetry buffer: {path.name} could not be moved in ({exc!r}); kept as .bad")
+                    os.replace(path, path.with_name(path.name + ".bad"))
+                    continue
                 committed = seq
             os.unlink(path)  # moved now, or earlier by a process killed before it could remove the file
         return max([committed, *found]) + 1
