@@ -64,7 +64,8 @@ def make_span_context(trace_id: int, span_id: int, is_remote: bool, flags: Trace
     """A SpanContext for ids already known valid (non-zero, in range), without the constructor's checks
     (~0.6 us of its ~0.8). SpanContext is a tuple of these six fields; tests/test_telemetry_context.py pins
     that against the constructor, so an OpenTelemetry change fails a test rather than misbehaving."""
-    return tuple.__new__(SpanContext, (trace_id, span_id, is_remote, flags, _EMPTY_STATE if state is None else state, True))
+    return tuple.__new__(SpanContext, (trace_id, span_id, is_remote, flags,
+                                       _EMPTY_STATE if state is None else state, True))
 
 
 # --- ids -------------------------------------------------------------------------------------------------

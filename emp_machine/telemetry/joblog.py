@@ -60,15 +60,16 @@ class ConnectorLogger:
             if type(span) is LightSpan:
                 job = span._job
                 if job is not None and not job.sampled:
-                    if job.lean:
+                    if level < self._events.min_level:
+                        return
+                    if job.lean:  # over the CPU budget: not held at all (counted)
                         self._events.shed()
                         return
                     # An unsampled job's event is held raw, with when and where it happened; the record is
                     # built only if the job is kept (failed or slow): ~1 us here instead of ~3.5.
-                    if level >= self._events.min_level:
-                        job.logs.append((self._emit_held, (name, job_id, level, fields, _time_ns(), _fields.get(),
-                                                           span._trace_id, span._span_id)))
-                        self._events.held()
+                    job.logs.append((self._emit_held, (name, job_id, level, fields, _time_ns(), _fields.get(),
+                                                       span._trace_id, span._span_id)))
+                    self._events.held()
                     return
         self._events.emit_fields(name, level, self._fields(job_id, fields))
 

@@ -309,8 +309,9 @@ class Tracer(otel_trace.Tracer):
             if not sampled and not is_job:
                 sampler.dropped_total += 1
                 return _Unsampled(trace_id, _getrandbits(64) or 1, state), False
+            job = JobTrace(sampled, not sampled and sampler.shedding) if is_job else None
             span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
-                             attributes, start_time, JobTrace(sampled, not sampled and sampler.shedding) if is_job else None, is_job, remote)
+                             attributes, start_time, job, is_job, remote)
             if self.base_attributes:
                 for key, value in self.base_attributes.items():
                     span._attributes.setdefault(key, value)
