@@ -285,12 +285,10 @@ class _JobOps:
     def _fcall_args(self, call: _Call) -> tuple[Any, ...]:
         return (self._function_names[call.script], len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
 
-    def _after_load(self, error: Exception | None) -> None:
-        """After FUNCTION LOAD: keep calling functions if the library is there now (another client may
-        have loaded it first); use EVALSHA from now on when the server refused it; re-raise anything else
-        (a lost connection says nothing about what the server supports)."""
-        if error is None:
-            return
+    def _load_failed(self, error: Exception) -> None:
+        """FUNCTION LOAD failed: keep calling functions if the library is there now (another client loaded
+        it first); use EVALSHA from now on when the server refused it; re-raise anything else (a lost
+        connection says nothing about what the server supports)."""
         from redis.exceptions import ResponseError  # redis-py is there whenever a store runs scripts
 
         if not isinstance(error, ResponseError):
@@ -518,9 +516,8 @@ class JobStore(_Api):
                     raise
             try:
                 self._client.function_load(function_library()[0])
-                self._after_load(None)
             except Exception as exc:
-                self._after_load(exc)
+                self._load_failed(exc)
             if self.uses_functions:
                 return self._client.fcall(*self._fcall_args(call))
         return self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
@@ -552,9 +549,8 @@ class AsyncJobStore(_Api):
                     raise
             try:
                 await self._client.function_load(function_library()[0])
-                self._after_load(None)
             except Exception as exc:
-                self._after_load(exc)
+                self._load_failed(exc)
             if self.uses_functions:
                 return await self._client.fcall(*self._fcall_args(call))
         return await self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
