@@ -384,12 +384,6 @@ class Tracer(otel_trace.Tracer):
         return False
 
 
-def current_job() -> JobTrace | None:
-    """The job whose span is current, if any (the log handler defers unsampled jobs' records here)."""
-    span = _get_value(_SPAN_KEY)
-    return span._job if type(span) is LightSpan else None
-
-
 def current_ids() -> tuple[int, int]:
     """(trace_id, span_id) of the current span, or (0, 0)."""
     span = _get_value(_SPAN_KEY)
