@@ -63,3 +63,17 @@ def test_json_lines_encode_as_the_stdlib_encoder_does():
     loop["self"] = loop
     with pytest.raises(ValueError):
         _dumps(loop)  # a cycle is reported, as the stdlib does, rather than recursing
+
+
+def test_remembered_clean_values_never_let_a_secret_through():
+    from emp_machine.telemetry import redact
+
+    clean = {"event_type": "job.completed", "status": "completed"}
+    assert redact_fields(clean) == clean and "job.completed" in redact._clean  # remembered as clean
+    secret = {"note": "retry with sk-abcdefgh12345678"}
+    for _ in range(2):  # a secret-shaped value is redacted every time: it is never remembered
+        assert "abcdefgh12345678" not in redact_fields(secret)["note"]
+    assert secret["note"] not in redact._clean
+    for i in range(5000):  # unique values (job ids) do not grow the memory without bound
+        redact_fields({"job_id": f"job-{i:08d}"})
+    assert 0 < len(redact._clean) <= 4096

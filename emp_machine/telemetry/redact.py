@@ -75,14 +75,27 @@ def redact_value(value: object) -> object:
     return value
 
 
+_clean: set[str] = set()  # field values seen to hold nothing secret (event names, job types, statuses...)
+
+
 def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
     """A copy of `fields` with secret keys and secret-shaped values redacted (nested mappings too)."""
     out: dict[str, object] = {}
     for key, value in fields.items():
-        if _secret_key_cached(key) and value not in (None, ""):
+        secret_key = _key_cache.get(key)
+        if secret_key is None:
+            secret_key = _secret_key_cached(key)
+        if secret_key and value not in (None, ""):
             out[key] = REDACTED
         elif type(value) is str:
-            out[key] = redact_text(value) if len(value) >= 7 else value  # nothing shorter can match
+            if len(value) < 7 or value in _clean:  # nothing shorter can match
+                out[key] = value
+            else:
+                out[key] = redacted = redact_text(value)
+                if redacted is value and len(value) <= 256:  # only values that hold no secret are remembered
+                    if len(_clean) >= 4096:  # bounded; unique values (job ids) would otherwise fill it
+                        _clean.clear()
+                    _clean.add(value)
         elif type(value) in (int, float, bool) or value is None:
             out[key] = value
         else:

@@ -1,0 +1,63 @@
+"""The JSON line a record writes: joined from cached parts, it must be exactly what encoding the record's
+attributes gives, whatever the static, bound and extra fields hold (clashing keys included)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emp_machine.telemetry import context as ctx
+from emp_machine.telemetry.buffer import Kind
+from emp_machine.telemetry.logs import RecordWriter, _dumps
+
+# Keys drawn from a small set, so that static, bound and extra fields often share a key with each other or
+# with the keys every line sets itself (timestamp, level, message, logger, event.name, trace_id, span_id).
+_KEYS = st.sampled_from(["machine_id", "worker_id", "job_id", "connector_id", "timestamp", "level", "message",
+                         "logger", "event.name", "trace_id", "span_id", "model", "caf\u00e9", "q\"uote", "n"])
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20),
+                    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                          max_size=2))
+_FIELDS = st.dictionaries(_KEYS, _VALUES, max_size=5)
+
+
+def _write(writer: RecordWriter, out: list, stream: io.StringIO, **call) -> tuple[str, dict]:
+    stream.seek(0)
+    stream.truncate()
+    out.clear()
+    writer._write_now(**call)
+    (kind, _value, record), = out
+    assert kind == Kind.LOG
+    return stream.getvalue(), record[4]
+
+
+@settings(max_examples=300, deadline=None)
+@given(static=_FIELDS, bound=_FIELDS, fields=st.one_of(st.none(), _FIELDS),
+       message=st.text(max_size=30), logger=st.sampled_from(["", "emp.worker", "caf\u00e9"]),
+       event=st.sampled_from(["", "job.completed"]), ids=st.sampled_from([(0, 0), (0xABC, 0xDEF)]))
+def test_the_joined_line_is_the_encoding_of_the_record(static, bound, fields, message, logger, event, ids):
+    out: list = []
+    stream = io.StringIO()
+    writer = RecordWriter(out.append, static, stream=stream)
+    for _ in range(2):  # the second call takes the cached bound text
+        text, attributes = _write(writer, out, stream, time_ns=1_700_000_000_123_456_789, severity=9,
+                                  message=message, fields=fields, logger=logger, event_name=event, bound=bound,
+                                  trace_id=ids[0], span_id=ids[1])
+        assert text == _dumps(attributes) + "\n"
+        assert list(json.loads(text)) == list(dict.fromkeys(attributes))  # same keys, same order
+
+
+def test_a_new_bound_dict_replaces_the_cached_one(tmp_path):
+    out: list = []
+    stream = io.StringIO()
+    writer = RecordWriter(out.append, {"machine_id": "m1"}, stream=stream)
+    lines = []
+    for job in ("job-1", "job-2"):
+        with ctx.bind(job_id=job):
+            writer.write(9, "step done", None, "emp.worker")
+            writer.write(9, "with fields", {"model": "x"}, "emp.worker")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["job_id"] for line in lines] == ["job-1", "job-1", "job-2", "job-2"]
+    assert all(line["machine_id"] == "m1" for line in lines) and lines[-1]["model"] == "x"
