@@ -29,34 +29,34 @@ _getrandbits = random.getrandbits  # reseeded in forked children by the random m
 _SPAN_KEY = otel_trace._SPAN_KEY  # the key OTel's own set_span_in_context uses (public helpers are 2x slower)
 
 
-def _context_access() -> tuple[Callable, Callable, Callable]:
-    """(get_value, attach_span, detach) on OTel's context. With the default contextvars runtime context they
-    use its ContextVar directly (each public call is ~1 us of layers; a job makes ~20); any other runtime
-    context goes through the public API. tests/test_telemetry_tracing.py checks both agree."""
+def _context_access() -> tuple[Callable, Callable, Callable, type]:
+    """(get_current, set_current, reset, Context) on OTel's context. With the default contextvars runtime
+    context they are its ContextVar's own methods (each public call is ~1 us of layers; a job makes ~20); any
+    other runtime context goes through the public API. tests/test_telemetry_tracing.py checks both agree."""
     var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
     if not isinstance(var, contextvars.ContextVar):
-        def attach_public(span: Any) -> object:
-            return otel_context.attach(otel_context.set_value(_SPAN_KEY, span))
-        return otel_context.get_value, attach_public, otel_context.detach
-    get_current, set_current, reset = var.get, var.set, var.reset
-    context_type = otel_context.Context
-
-    def get_value(key: str, context: otel_context.Context | None = None) -> object:
-        return (get_current() if context is None else context).get(key)
-
-    def attach_span(span: Any) -> object:
-        return set_current(context_type({**get_current(), _SPAN_KEY: span}))
-
-    def detach(token: object) -> None:
-        try:
-            reset(token)
-        except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
-            pass
-
-    return get_value, attach_span, detach
+        return otel_context.get_current, otel_context.attach, otel_context.detach, otel_context.Context
+    return var.get, var.set, var.reset, otel_context.Context
 
 
-_get_value, _attach_span, _detach = _context_access()
+# The hot paths (tracing's scopes) use these four directly: attaching a span is
+# `_set_current(_Context({**_get_current(), _SPAN_KEY: span}))`, detaching `_reset(token)` (ValueError caught).
+_get_current, _set_current, _reset, _Context = _context_access()
+
+
+def _get_value(key: str, context: otel_context.Context | None = None) -> object:
+    return (_get_current() if context is None else context).get(key)
+
+
+def _attach_span(span: Any) -> object:
+    return _set_current(_Context({**_get_current(), _SPAN_KEY: span}))
+
+
+def _detach(token: object) -> None:
+    try:
+        _reset(token)
+    except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
+        pass
 
 
 def make_span_context(trace_id: int, span_id: int, is_remote: bool, flags: TraceFlags,

@@ -31,7 +31,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.span import INVALID_SPAN
 
 from emp_machine.telemetry.buffer import Kind, Value
-from emp_machine.telemetry.context import _SPAN_KEY, _attach_span, _detach, _get_value, make_span_context
+from emp_machine.telemetry.context import (_SPAN_KEY, _Context, _attach_span, _detach, _get_current, _get_value,
+                                           _reset, _set_current, make_span_context)
 from emp_machine.telemetry.sampling import AdaptiveSampler
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -39,6 +40,7 @@ _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
+_new = object.__new__
 
 JOB_ROOT = "job.execution"
 # OTLP span kinds are the API's + 1 (0 is UNSPECIFIED).
@@ -226,11 +228,15 @@ class _AttachOnly:
         self._span = span
 
     def __enter__(self):
-        self._token = _attach_span(self._span)
-        return self._span
+        span = self._span
+        self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: span}))  # _attach_span, inlined
+        return span
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _detach(self._token)
+        try:
+            _reset(self._token)  # _detach, inlined
+        except ValueError:
+            pass
 
 
 class _Reuse:
@@ -284,7 +290,7 @@ class Tracer(otel_trace.Tracer):
             t0 = _perf_ns()
         sampler = self.sampler
         sampler.offered += 1
-        parent = _get_value(_SPAN_KEY, context)
+        parent = (_get_current() if context is None else context).get(_SPAN_KEY)
         parent_type = type(parent)
         if parent_type is _Unsampled and name != JOB_ROOT:
             sampler.dropped_total += 1
@@ -308,7 +314,9 @@ class Tracer(otel_trace.Tracer):
                 parent_id, state, remote = 0, None, False
             if not sampled and not is_job:
                 sampler.dropped_total += 1
-                return _Unsampled(trace_id, _getrandbits(64) or 1, state), False
+                span = _new(_Unsampled)  # _Unsampled(...) without the __init__ frame
+                span._trace_id, span._span_id, span._state, span._context = trace_id, _getrandbits(64) or 1, state, None
+                return span, False
             job = JobTrace(sampled, not sampled and sampler.shedding) if is_job else None
             span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
                              attributes, start_time, job, is_job, remote)
@@ -329,7 +337,9 @@ class Tracer(otel_trace.Tracer):
         if reused and context is None:  # the unsampled parent is current already
             return _Reuse(span)
         if type(span) is _Unsampled:
-            return _AttachOnly(span)
+            scope = _new(_AttachOnly)
+            scope._span = span
+            return scope
         return _Scope(span, record_exception, set_status_on_exception, end_on_exit)
 
     # --- end of spans --------------------------------------------------------------------------------
