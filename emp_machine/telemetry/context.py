@@ -246,14 +246,19 @@ _ROOT = otel_context.Context()
 
 
 _new_incoming = tuple.__new__
+_new_span = object.__new__
 
 
 def _incoming(span_context: SpanContext | None, job_id: str | None = None, request_id: str | None = None,
               workflow_trace_id: str | None = None) -> Incoming:
     # Context({...}) is what set_value(key, span, empty context) builds, without copying the empty one first;
     # tuple.__new__ skips the NamedTuple's keyword handling (~0.4 us).
-    ctx = _ROOT if span_context is None else otel_context.Context({_SPAN_KEY: NonRecordingSpan(span_context)})
-    return _new_incoming(Incoming, (ctx, span_context, job_id, request_id, workflow_trace_id))
+    if span_context is None:
+        return _new_incoming(Incoming, (_ROOT, None, job_id, request_id, workflow_trace_id))
+    span = _new_span(NonRecordingSpan)  # NonRecordingSpan(span_context) without its __init__ frame
+    span._context = span_context
+    return _new_incoming(Incoming, (_Context({_SPAN_KEY: span}), span_context, job_id, request_id,
+                                    workflow_trace_id))
 
 
 def _current_span_context(context: otel_context.Context | None = None) -> SpanContext | None:
@@ -345,8 +350,5 @@ def extract_http(headers: Mapping[str, str]) -> Incoming:
         get = lowered.get
         traceparent = get("traceparent")
     tracestate = get("tracestate") or get("Tracestate")
-    return _incoming(
-        parse_traceparent(traceparent, tracestate),
-        job_id=get("x-job-id") or get("X-Job-Id") or None,
-        request_id=get("x-request-id") or get("X-Request-Id") or None,
-    )
+    return _incoming(parse_traceparent(traceparent, tracestate), get("x-job-id") or get("X-Job-Id") or None,
+                     get("x-request-id") or get("X-Request-Id") or None)
