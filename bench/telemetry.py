@@ -361,6 +361,47 @@ def machine_speed() -> None:
           f"calmer runs)")
 
 
+def stock_reference() -> None:
+    """The issue's reference points were measured with the stock OTel SDK 1.45 on another 2-core machine. The
+    same operations with the stock SDK here, on this interpreter, now, say how this machine compares: the
+    targets below are absolute, so read them against this factor."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    class _Discard(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    sampled_provider = TracerProvider(sampler=ALWAYS_ON)
+    sampled_provider.add_span_processor(BatchSpanProcessor(_Discard()))
+    sampled, unsampled = sampled_provider.get_tracer("ref"), TracerProvider(sampler=ALWAYS_OFF).get_tracer("ref")
+
+    def span(tracer):
+        with tracer.start_as_current_span("service.call"):
+            pass
+    counter = MeterProvider().get_meter("ref").create_counter("ref_total")
+    attrs = {"type": "sim"}
+    carrier = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    extract = TraceContextTextMapPropagator().extract
+    cases = [("span create+end, sampled", lambda: span(sampled), 20, 34),
+             ("span create+end, unsampled", lambda: span(unsampled), 9, 11),
+             ("counter add", lambda: counter.add(1, attrs), 7, 9),
+             ("extract (traceparent only)", lambda: extract(carrier), 4, 5)]
+    print(f"Stock OTel SDK on this machine now ({sys.executable}, Python {sys.version.split()[0]}), "
+          "against the issue's reference machine:")
+    ratios = []
+    for name, fn, low, high in cases:
+        here = per_op(fn, 5000)
+        ratios.append(here / ((low + high) / 2))
+        print(f"  {name:<44} {here:>9.2f} us   reference {low}-{high} us")
+    sampled_provider.shutdown()
+    print(f"  -> this machine runs the stock SDK at about {statistics.median(ratios):.2f}x the reference's cost "
+          "(median of the four)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--outage-seconds", type=float, default=25.0)
@@ -372,6 +413,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "ops"):
+            stock_reference()
             bench_operations(tmp)
         if args.only in (None, "cpu"):
             port = free_port()

@@ -61,3 +61,18 @@ def test_a_new_bound_dict_replaces_the_cached_one(tmp_path):
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["job_id"] for line in lines] == ["job-1", "job-1", "job-2", "job-2"]
     assert all(line["machine_id"] == "m1" for line in lines) and lines[-1]["model"] == "x"
+
+
+def test_timestamps_across_millisecond_and_second_boundaries():
+    from datetime import datetime, timezone
+
+    from emp_machine.telemetry.logs import _Clock
+
+    clock = _Clock()
+    base = 1_700_000_000 * 10**9
+    times = [base, base + 1, base + 999_999, base + 1_000_000, base + 999_999_999, base + 10**9,
+             base - 1, base + 5 * 10**9 + 123_456_789, base + 5 * 10**9 + 123_000_000]  # back in time too
+    for time_ns in times:
+        second, ms = divmod(time_ns // 10**6, 1000)
+        expected = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+        assert clock.iso(time_ns) == expected, time_ns

@@ -62,20 +62,28 @@ def _value_of(severity: int) -> int:
 
 
 class _Clock:
-    """ISO-8601 UTC timestamps with milliseconds; the seconds part is formatted once per second."""
+    """ISO-8601 UTC timestamps with milliseconds: the seconds part is formatted once per second, the whole
+    text once per millisecond (records come in bursts). Each cache is one tuple, replaced whole, because
+    threads share a writer."""
 
-    __slots__ = ("_second", "_prefix")
+    __slots__ = ("_second", "_milli")
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._second: tuple[int, str] = (-1, "")
+        self._milli: tuple[int, str] = (-1, "")
 
     def iso(self, time_ns: int) -> str:
-        second, rest = divmod(time_ns, 1_000_000_000)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{rest // 1_000_000:03d}Z"
+        ms = time_ns // 1_000_000
+        milli = self._milli
+        if milli[0] == ms:
+            return milli[1]
+        second, rest = divmod(ms, 1000)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        text = "%s.%03dZ" % (cached[1], rest)
+        self._milli = (ms, text)
+        return text
 
 
 class RecordWriter:
