@@ -46,6 +46,28 @@ def test_idle_worker_wakes_on_a_job_it_serves_and_not_on_others(redis, redis_url
     asyncio.run(main())
 
 
+def test_interrupt_wakes_a_pending_wait_and_a_cancelled_wait_leaves_nothing_behind(redis, redis_url):
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        async with JobSignals(client, ["sim"]) as signals:
+            signals.arm()
+            waiting = asyncio.ensure_future(signals.wait(30))
+            await asyncio.sleep(0)  # the wait is pending now
+            assert not waiting.done()
+            signals.interrupt()
+            assert await waiting is True
+            signals.arm()
+            cancelled = asyncio.ensure_future(signals.wait(30))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            assert signals._waiter is None
+            JobStore(redis).submit("sim", {}, job_id="after")  # a later wait still wakes on a job
+            assert await signals.wait(5) is True and signals.arm() == ["after"]
+        await client.aclose()
+    asyncio.run(main())
+
+
 def test_api_submitted_job_is_indexed_from_its_announcement(redis, redis_url):
     async def main():
         client = aioredis.from_url(redis_url, decode_responses=True)

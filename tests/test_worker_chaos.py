@@ -120,6 +120,29 @@ workers:
         procs.close()
 
 
+def test_an_idle_worker_stops_waiting_for_jobs_when_it_drains(redis, redis_url, tmp_path):
+    # Idle, the claim loop waits on the job wake-up for up to FALLBACK_SWEEP_S; SIGTERM interrupts that wait.
+    from emp_machine.runtime.worker import FALLBACK_SWEEP_S
+
+    procs = WorkerProcs("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+""", tmp_path, redis_url)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        wait_for(lambda: redis.hget(f"worker:{procs.ids[0]}", "status") == "idle", message="the worker idle")
+        sent = time.monotonic()
+        procs.signal(0, signal.SIGTERM)
+        assert procs.wait_exit(0) == 0
+        assert time.monotonic() - sent < FALLBACK_SWEEP_S  # not left waiting out the idle sweep
+        assert redis.hget(f"worker:{procs.ids[0]}", "status") == "offline"
+    finally:
+        procs.close()
+
+
 def test_500_jobs_through_4_workers_sigkilled_at_random(machine_factory, redis, redis_url):
     machine = machine_factory("""
 workers:

@@ -564,6 +564,11 @@ class AsyncJobStore(_Api):
             return done.value
 
 
+def _resolve(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 class JobSignals:
     """The pub/sub side of a worker process: wake-ups and cancellations, on one connection.
 
@@ -584,6 +589,7 @@ class JobSignals:
         self._on_cancel = on_cancel
         self._reconnect_delay_s = reconnect_delay_s
         self._wake = asyncio.Event()
+        self._waiter: asyncio.Future | None = None  # the pending wait()'s future, resolved by a wake-up
         self._hints: list[str] = []
         self._task: Any = None
         self._subscribed = asyncio.Event()
@@ -615,12 +621,32 @@ class JobSignals:
         return hints
 
     async def wait(self, timeout_s: float) -> bool:
-        """True when woken by a job this worker serves, False when `timeout_s` passed."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        """True when woken by a job this worker serves (or by `interrupt()`), False when `timeout_s` passed.
+
+        One future that the wake-up resolves, not `wait_for(event.wait())`: that wraps the wait in a task
+        and takes three turns of the event loop from the message to this caller, where this takes one
+        (the submit -> claim latency of an idle worker)."""
+        if self._wake.is_set():
             return True
-        except TimeoutError:
-            return False
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def interrupt(self) -> None:
+        """Wake a pending `wait()` (and the next one) as a job would: e.g. the worker starts draining."""
+        self._set()
+
+    def _set(self) -> None:
+        self._wake.set()
+        waiter = self._waiter
+        if waiter is not None:
+            _resolve(waiter, True)
 
     def _handle(self, channel: str, data: str) -> None:
         try:
@@ -629,7 +655,7 @@ class JobSignals:
             msg = None
         if not isinstance(msg, dict):
             if channel != CH_CANCEL:
-                self._wake.set()  # unreadable announcement: look rather than miss a job
+                self._set()  # unreadable announcement: look rather than miss a job
             return
         job_id = str(msg.get("job_id") or "")
         if channel == CH_CANCEL:
@@ -641,7 +667,7 @@ class JobSignals:
             return
         if channel == CH_SUBMITTED and job_id and len(self._hints) < self._MAX_HINTS:
             self._hints.append(job_id)
-        self._wake.set()
+        self._set()
 
     async def _listen(self) -> None:
         # Imported here: the machine process uses this module without redis-py (see runtime/resp.py).
@@ -655,7 +681,7 @@ class JobSignals:
                 await pubsub.subscribe(CH_SUBMITTED, CH_REQUEUED, CH_CANCEL)
                 self._subscribed.set()
                 if not first:
-                    self._wake.set()  # messages may have been missed while disconnected
+                    self._set()  # messages may have been missed while disconnected
                 first = False
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
@@ -673,6 +699,7 @@ class JobSignals:
 # -- machine level: the health aggregator reads worker state; the status publisher writes machine status ----
 
 CH_WORKER_STATUS = "worker_status"
+
 
 
 def machine_status_channel(machine_id: str) -> str:

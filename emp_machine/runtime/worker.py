@@ -172,6 +172,7 @@ class Worker:
         self.status = "offline"  # as last written to worker:{id}
         self._status_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Task] = set()
+        self._signals: JobSignals | None = None
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -181,7 +182,7 @@ class Worker:
         await self._register()
         await self._release_orphans(await self._retrying_start(self.store.active_jobs, self.ident.worker_id),
                                     "worker restarted")
-        signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
+        signals = self._signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
         await signals.start()
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reaper())]
         self.telemetry.events.emit("worker.spawned", worker_id=self.ident.worker_id,
@@ -220,11 +221,7 @@ class Worker:
                 continue
             if job is None:
                 self.slots.release()
-                waiter = asyncio.create_task(signals.wait(FALLBACK_SWEEP_S))
-                drain = asyncio.create_task(self.draining.wait())
-                await asyncio.wait({waiter, drain}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                drain.cancel()
+                await signals.wait(FALLBACK_SWEEP_S)  # a drain interrupts it (_on_signal)
                 continue
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
             self.running[job.id] = task
@@ -232,6 +229,9 @@ class Worker:
 
     async def _acquire_slot(self) -> bool:
         """Wait for a free slot; False when draining started first (then no slot is held)."""
+        if not self.slots.locked():  # a slot is free: taken at once, without the two racing tasks below
+            await self.slots.acquire()
+            return True
         acquire = asyncio.create_task(self.slots.acquire())
         drain = asyncio.create_task(self.draining.wait())
         await asyncio.wait({acquire, drain}, return_when=asyncio.FIRST_COMPLETED)
@@ -463,6 +463,8 @@ class Worker:
     def _on_signal(self) -> None:
         if not self.draining.is_set():
             self.draining.set()
+            if self._signals is not None:
+                self._signals.interrupt()  # an idle claim loop stops waiting for jobs
         else:  # a second signal: give the running jobs back now
             for task in self.running.values():
                 task.cancel()
