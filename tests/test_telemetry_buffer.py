@@ -275,3 +275,46 @@ def test_an_unreadable_stage_file_is_set_aside_and_the_buffer_still_opens(tmp_pa
         assert buffer.pending() == 1
     finally:
         buffer.close()
+
+
+# -- the idle writer: no wake-ups while nothing is queued ------------------------------------------------
+
+def _wait_idle(buffer: Buffer) -> None:
+    deadline = time.monotonic() + 10
+    while not buffer._sleeping and time.monotonic() < deadline:
+        time.sleep(0.005)  # polling the writer's state under a deadline
+    assert buffer._sleeping, "the writer never went idle"
+
+
+def test_an_idle_writer_sleeps_and_the_first_record_wakes_it(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", flush_interval=0.01, commit_interval=3600)  # idle_check: 30 s
+    try:
+        buffer.append(Kind.LOG, Value.NORMAL, _log(0))
+        assert buffer.flush(5)
+        _wait_idle(buffer)
+        passes = buffer.passes
+        time.sleep(0.3)  # an observation window of 30 flush intervals, not a synchronisation
+        assert buffer.passes == passes  # polling would have made ~30 passes
+        appended = time.monotonic()
+        buffer.append(Kind.LOG, Value.NORMAL, _log(1))
+        deadline = appended + 10
+        while not list(tmp_path.glob("b.db.stage.*")) and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling for the frame under a deadline
+        # Framed (in the page cache: survives a SIGKILL) within about one flush interval, not at idle_check.
+        assert list(tmp_path.glob("b.db.stage.*")) and time.monotonic() - appended < 5
+        assert buffer.flush(5) and sorted(r[0] for r in _all_logs(buffer)) == [0, 1]
+    finally:
+        buffer.close()
+
+
+def test_a_flush_of_an_idle_writer_does_not_wait_out_the_flush_interval(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", flush_interval=30, idle_check=3600)  # a wait of either fails the test
+    try:
+        assert buffer.flush(5)
+        _wait_idle(buffer)
+        assert buffer.flush(5)  # an idle writer woken by a flush
+        _wait_idle(buffer)
+        buffer.append(Kind.LOG, Value.NORMAL, _log(7))  # a record wakes it, then a flush cuts the batching short
+        assert buffer.flush(5) and [r[0] for r in _all_logs(buffer)] == [7]
+    finally:
+        buffer.close()

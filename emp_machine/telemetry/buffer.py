@@ -1,7 +1,8 @@
 """The durable local buffer: every record goes here first, and leaves only when a collector accepted it.
 
-Hot path: `append()` puts a tuple on a deque (well under a microsecond). A writer thread wakes every
-`flush_interval` (90 ms by default) and appends what is queued, grouped by (kind, value class), as one
+Hot path: `append_record()` puts a tuple on a deque (well under a microsecond). While records come, a writer
+thread wakes every `flush_interval` (90 ms by default) and appends what is queued, grouped by (kind, value
+class), as one
 checksummed frame to a stage file: one `write`, in the page cache when it returns, so it survives a SIGKILL
 of this process (not a power cut). Once a second (`commit_interval`), on `flush()`, on close and once 1000
 records wait (a batch that big is committed without a frame), the staged records are cut into chunks,
@@ -11,6 +12,12 @@ costs ~70 us of CPU against ~10 us for a frame, and at 10 jobs/s the writer wake
 second. A buffer opened over stage files left by a killed process moves their frames into SQLite first
 (each file once), stopping at a torn frame. So a SIGKILL loses at most one flush interval of records; a
 graceful `close()` loses none.
+
+A writer that finds nothing queued sleeps instead of polling (each wake-up cost ~0.02 % of a core here, 0.22 %
+at 11 a second, in every process of a machine): until the staged records' commit is due, or `idle_check`
+(30 s) for the retention pass. The first record appended then wakes it, and it frames what has come one flush
+interval later, so the SIGKILL window is the same as while polling. The record's append checks one flag for
+that; a flush() wakes it at once.
 
 Limits (the manifest's `telemetry.buffer`): when the compressed size passes `max_size`, whole chunks are
 dropped, least valuable class first and oldest first within a class (see `Value`); error records go only when
@@ -189,6 +196,7 @@ class Buffer:
 
     def __init__(self, path: Path, *, max_size: int = 100 * 10**6, segment_size: int = 50 * 10**6,
                  retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 1.0,
+                 idle_check: float = 30.0,
                  on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.max_size = max_size
@@ -196,6 +204,7 @@ class Buffer:
         self.retention = retention
         self.flush_interval = flush_interval
         self.commit_interval = commit_interval
+        self.idle_check = idle_check
         self.on_drop = on_drop
         self.on_commit: Callable[[int], None] | None = None  # called by the writer with the records stored
         self._clock = clock
@@ -213,8 +222,10 @@ class Buffer:
         self._db.executescript(_SCHEMA)
         self._db_lock = threading.Lock()
         self._queue: deque = deque()
-        self.append_record = self._queue.append  # the hot path: one C call
         self._wake = threading.Event()
+        # True while the writer sleeps with nothing queued: the first record appended then wakes it (see _run).
+        self._sleeping = False
+        self._flush_pending = False
         self._closed = False
         self._written = 0
         self._acked = 0
@@ -232,19 +243,28 @@ class Buffer:
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
         self._dead = int(self._db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
         self.writer_cpu = 0.0  # seconds of CPU the writer thread used (for telemetry's own overhead)
+        self.passes = 0  # writer wake-ups that did a pass (an idle buffer adds none)
         self._writer = threading.Thread(target=self._run, name="telemetry-buffer-writer", daemon=True)
         self._writer.start()
 
     # --- producer side -------------------------------------------------------------------------------
 
+    def append_record(self, item: tuple) -> None:
+        """Queue one (kind, value, record); never blocks, never raises. The hot path: a deque append and,
+        only when the writer sleeps idle, its wake-up (the first record after a quiet spell)."""
+        self._queue.append(item)
+        if self._sleeping:
+            self._sleeping = False
+            self._wake.set()
+
     def append(self, kind: int, value: int, record: tuple) -> None:
         """Queue one record; never blocks, never raises. (Hot callers use `append_record((kind, value, rec))`.)"""
-        self._queue.append((kind, value, record))
+        self.append_record((kind, value, record))
 
     def append_with_state(self, records: Iterable[tuple[int, int, tuple]], key: str, value: str) -> None:
         """Queue records together with a state value committed in the same transaction (the tailer's file
         offsets: records and the offset after them are durable together or not at all)."""
-        self._queue.append(("state", list(records), key, value))
+        self.append_record(("state", list(records), key, value))
 
     def state(self, key: str) -> str | None:
         with self._db_lock:
@@ -257,6 +277,7 @@ class Buffer:
             return False
         marker = _Flush()
         self._queue.append(marker)
+        self._flush_pending = True
         self._wake.set()
         return marker.done.wait(timeout)
 
@@ -267,9 +288,27 @@ class Buffer:
 
     def _run(self) -> None:
         start_cpu = time.thread_time()
+        idle = False
         while not self._closed:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
+            if idle:  # nothing queued at the end of the last pass: sleep until a record comes or work is due
+                self._sleeping = True
+                if not self._queue:  # after raising the flag: a record appended from here on wakes us
+                    self._wake.wait(self._idle_timeout())
+                by_record = not self._sleeping  # append_record lowered the flag; flush() and close() do not
+                self._sleeping = False
+                if by_record and not self._flush_pending:
+                    # Woken by the first record of a burst: the rest of it comes within the flush interval, so
+                    # the first record is framed within one interval, as when polling. A flush() (it raises
+                    # _flush_pending before it sets the event) ends the wait at once.
+                    self._wake.clear()
+                    if not self._flush_pending:
+                        self._wake.wait(self.flush_interval)
+                self._wake.clear()
+            else:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+            self.passes += 1
+            self._flush_pending = False  # the markers queued so far are taken in this pass
             markers: list[_Flush] = []
             try:
                 markers = self._write_queued()
@@ -284,6 +323,14 @@ class Buffer:
             for marker in markers:  # after the limits pass, so a flushed buffer is also within its limits
                 marker.done.set()
             self.writer_cpu = time.thread_time() - start_cpu
+            idle = not self._queue
+
+    def _idle_timeout(self) -> float:
+        """How long an idle writer may sleep: until the staged records' commit is due, or `idle_check` (the
+        retention pass) when nothing is staged."""
+        if self._staged or self._staged_states:
+            return max(0.0, min(self.idle_check, self._staged_since + self.commit_interval - time.monotonic()))
+        return self.idle_check
 
     def _write_queued(self) -> list[_Flush]:
         queue = self._queue
