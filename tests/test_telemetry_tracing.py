@@ -148,6 +148,28 @@ def test_exceptions_keep_type_and_message_and_stacks_are_rate_limited():
     assert all(r[2][8] == 2 and r[2][9].startswith("KeyError") for r in kept)
 
 
+def test_scope_options_and_spans_used_as_plain_api_spans():
+    # start_as_current_span returns the span as its own context manager; start_span's span is not made
+    # current by a with block (the API's behaviour), and a scope entered again later is a plain span.
+    clock = FakeClock()
+    tracer, kept = _tracer(1000, clock)
+    before = trace.get_current_span()
+    with tracer.start_span("plain") as plain:
+        assert trace.get_current_span() is before
+    assert not plain.is_recording() and [r[2][3] for r in kept] == ["plain"]
+    with pytest.raises(ValueError):
+        with tracer.start_as_current_span("quiet", record_exception=False, set_status_on_exception=False) as s:
+            assert trace.get_current_span() is s
+            raise ValueError("x")
+    assert kept[-1][2][3] == "quiet" and kept[-1][2][8] == 0 and kept[-1][2][10] is None  # no status, no event
+    with tracer.start_as_current_span("open", end_on_exit=False) as opened:
+        pass
+    assert trace.get_current_span() is before and opened.is_recording()
+    with opened:  # entered again: not made current, ended on exit
+        assert trace.get_current_span() is before
+    assert not opened.is_recording() and kept[-1][2][3] == "open"
+
+
 @pytest.fixture
 def receiver():
     rec = OtlpReceiver().start()
@@ -315,7 +337,7 @@ def test_one_tracer_per_process_through_the_provider(tmp_path, receiver):
 def test_fast_context_access_agrees_with_the_public_api():
     from opentelemetry import context as otel_context
 
-    from emp_machine.telemetry.tracing import _SPAN_KEY, _attach_span, _detach, _get_value
+    from emp_machine.telemetry.context import _SPAN_KEY, _attach_span, _detach, _get_value
 
     span = NonRecordingSpan(SpanContext(1, 2, False))
     token = otel_context.attach(otel_context.set_value("other", 5))

@@ -31,8 +31,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.span import INVALID_SPAN
 
 from emp_machine.telemetry.buffer import Kind, Value
-from emp_machine.telemetry.context import (_SPAN_KEY, _Context, _attach_span, _detach, _get_current, _get_value,
-                                           _reset, _set_current, make_span_context)
+from emp_machine.telemetry.context import (_SPAN_KEY, _Context, _get_current, _get_value, _reset, _set_current,
+                                           make_span_context)
 from emp_machine.telemetry.sampling import AdaptiveSampler
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -47,6 +47,8 @@ JOB_ROOT = "job.execution"
 _OTLP_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4,
               SpanKind.CONSUMER: 5}
 _STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
+# start_as_current_span's options, kept on the span (LightSpan._scope)
+_CURRENT, _RECORD_EXCEPTION, _SET_STATUS, _END_ON_EXIT = 1, 2, 4, 8
 _MAX_JOB_RECORDS = 10_000  # a job holding more streams the rest as it goes (decided as if sampled)
 
 
@@ -88,7 +90,7 @@ class JobTrace:
 class LightSpan(otel_trace.Span):
     __slots__ = ("_tracer", "_trace_id", "_span_id", "_parent_id", "_flags", "_state", "_context", "name",
                  "_kind", "_start", "_end", "_attributes", "_events", "_status", "_status_message", "_job",
-                 "_is_job_root", "_t0", "_remote_parent")
+                 "_is_job_root", "_t0", "_remote_parent", "_scope", "_token")
 
     def __init__(self, tracer: "Tracer", trace_id: int, parent_id: int, flags: TraceFlags, state: Any,
                  name: str, kind: SpanKind, attributes: Mapping | None, start: int | None, job: JobTrace | None,
@@ -112,6 +114,8 @@ class LightSpan(otel_trace.Span):
         self._is_job_root = is_job_root
         self._t0 = 0
         self._remote_parent = remote_parent
+        self._scope = 0  # start_as_current_span's options (_CURRENT | ...): the span is its own scope
+        self._token = None
 
     # --- OTel Span API -------------------------------------------------------------------------------
 
@@ -178,6 +182,34 @@ class LightSpan(otel_trace.Span):
         if timed:
             self._tracer.meter.sample_span(self._t0 + _perf_ns() - t_end)
 
+    # --- as start_as_current_span's context manager (saves a scope object a span) ----------------------
+
+    def __enter__(self) -> "LightSpan":
+        if self._scope and self._token is None:  # attach; a span from start_span() is not made current
+            self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: self}))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        token = self._token
+        if token is None:  # start_span()'s span in a with block: ended, as the API's Span does
+            self.end()
+            return
+        self._token = None
+        scope, self._scope = self._scope, 0  # entered again later, it is a plain API span
+        try:
+            if exc is not None and self._end == 0:
+                if scope & _RECORD_EXCEPTION and not isinstance(exc, GeneratorExit):
+                    self.record_exception(exc, escaped=True)
+                if scope & _SET_STATUS:
+                    self.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            if scope & _END_ON_EXIT:
+                self.end()
+        finally:
+            try:
+                _reset(token)
+            except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
+                pass
+
     def __repr__(self) -> str:
         return f"LightSpan({self.name!r}, trace_id={self._trace_id:032x}, span_id={self._span_id:016x})"
 
@@ -187,36 +219,6 @@ class LightSpan(otel_trace.Span):
                 self._end, self._attributes, self._status, self._status_message,
                 tuple(self._events) if self._events else None,
                 self._state.to_header() if self._state else "", flags)
-
-
-class _Scope:
-    """`start_as_current_span`'s context manager: attach on enter; record, end, detach on exit."""
-
-    __slots__ = ("_span", "_token", "_record_exception", "_set_status", "_end_on_exit")
-
-    def __init__(self, span, record_exception: bool, set_status: bool, end_on_exit: bool):
-        self._span = span
-        self._token = None
-        self._record_exception = record_exception
-        self._set_status = set_status
-        self._end_on_exit = end_on_exit
-
-    def __enter__(self):
-        self._token = _attach_span(self._span)
-        return self._span
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        span = self._span
-        try:
-            if exc is not None and type(span) is LightSpan and span._end == 0:
-                if self._record_exception and not isinstance(exc, GeneratorExit):
-                    span.record_exception(exc, escaped=True)
-                if self._set_status:
-                    span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-            if self._end_on_exit:
-                span.end()
-        finally:
-            _detach(self._token)
 
 
 class _AttachOnly:
@@ -340,7 +342,9 @@ class Tracer(otel_trace.Tracer):
             scope = _new(_AttachOnly)
             scope._span = span
             return scope
-        return _Scope(span, record_exception, set_status_on_exception, end_on_exit)
+        span._scope = _CURRENT | (_RECORD_EXCEPTION if record_exception else 0) \
+            | (_SET_STATUS if set_status_on_exception else 0) | (_END_ON_EXIT if end_on_exit else 0)
+        return span  # its own context manager: attaches on enter; records, ends and detaches on exit
 
     # --- end of spans --------------------------------------------------------------------------------
 
