@@ -13,8 +13,8 @@ second. A buffer opened over stage files left by a killed process moves their fr
 (each file once), stopping at a torn frame. So a SIGKILL loses at most one flush interval of records; a
 graceful `close()` loses none.
 
-A writer that finds nothing queued sleeps instead of polling (each wake-up cost ~0.02 % of a core here, 0.22 %
-at 11 a second, in every process of a machine): until the staged records' commit is due, or `idle_check`
+A writer whose pass finds nothing queued sleeps instead of polling (each wake-up cost ~0.02 % of a core here,
+0.22 % at 11 a second, in every process of a machine): until the staged records' commit is due, or `idle_check`
 (30 s) for the retention pass. The first record appended then wakes it, and it frames what has come one flush
 interval later, so the SIGKILL window is the same as while polling. The record's append checks one flag for
 that; a flush() wakes it at once.
@@ -290,7 +290,7 @@ class Buffer:
         start_cpu = time.thread_time()
         idle = False
         while not self._closed:
-            if idle:  # nothing queued at the end of the last pass: sleep until a record comes or work is due
+            if idle:  # the last pass found nothing to write: sleep until a record comes or work is due
                 self._sleeping = True
                 if not self._queue:  # after raising the flag: a record appended from here on wakes us
                     self._wake.wait(self._idle_timeout())
@@ -309,6 +309,7 @@ class Buffer:
                 self._wake.clear()
             self.passes += 1
             self._flush_pending = False  # the markers queued so far are taken in this pass
+            found = len(self._queue)
             markers: list[_Flush] = []
             try:
                 markers = self._write_queued()
@@ -323,7 +324,9 @@ class Buffer:
             for marker in markers:  # after the limits pass, so a flushed buffer is also within its limits
                 marker.done.set()
             self.writer_cpu = time.thread_time() - start_cpu
-            idle = not self._queue
+            # Polling goes on while passes find records (a steady load keeps its one wake-up per interval);
+            # the first pass that finds none puts the writer to sleep.
+            idle = not found and not self._queue
 
     def _idle_timeout(self) -> float:
         """How long an idle writer may sleep: until the staged records' commit is due, or `idle_check` (the
