@@ -226,6 +226,7 @@ class Buffer:
         # True while the writer sleeps with nothing queued: the first record appended then wakes it (see _run).
         self._sleeping = False
         self._flush_pending = False
+        self._records_found = 0  # records the writer's last pass took from the queue (markers aside)
         self._closed = False
         self._written = 0
         self._acked = 0
@@ -309,7 +310,6 @@ class Buffer:
                 self._wake.clear()
             self.passes += 1
             self._flush_pending = False  # the markers queued so far are taken in this pass
-            found = len(self._queue)
             markers: list[_Flush] = []
             try:
                 markers = self._write_queued()
@@ -326,7 +326,7 @@ class Buffer:
             self.writer_cpu = time.thread_time() - start_cpu
             # Polling goes on while passes find records (a steady load keeps its one wake-up per interval);
             # the first pass that finds none puts the writer to sleep.
-            idle = not found and not self._queue
+            idle = not self._records_found and not self._queue
 
     def _idle_timeout(self) -> float:
         """How long an idle writer may sleep: until the staged records' commit is due, or `idle_check` (the
@@ -338,6 +338,7 @@ class Buffer:
     def _write_queued(self) -> list[_Flush]:
         queue = self._queue
         if not queue:
+            self._records_found = 0
             return []
         groups: dict[tuple[int, int], list] = {}
         states: dict[str, str] = {}
@@ -358,6 +359,7 @@ class Buffer:
                     groups.setdefault((kind, value), []).append(record)
                     count += 1
                 states[item[2]] = item[3]
+        self._records_found = count
         # A flush, or a batch big enough to pay for its own commit, goes to SQLite now; a small one is framed.
         commit = bool(markers) or count >= _COMMIT_BATCH
         if groups or states:
