@@ -189,4 +189,5 @@ workers:
     pubsub.close()
     offline = [m for m in seen if m.get("new_status") == "offline"]
     assert offline and offline[0]["worker_id"] == worker_id and offline[0]["old_status"] == "idle"
-    assert machine.event("worker.offline", process_name="worker-0")
+    # The machine logs the step after its Redis write (the state and the message seen above): wait for it.
+    assert machine.wait_event("worker.offline", process_name="worker-0")
