@@ -42,6 +42,8 @@ def child(name: str, n: int) -> None:
     from emp_machine.telemetry import TelemetryConfig, extract_http, setup
     from emp_machine.telemetry.context import http_headers
 
+    from _job import make_job  # bench/, this script's folder
+
     tmp = Path(tempfile.mkdtemp(prefix="emp-bench-instr-"))
     telemetry = setup(TelemetryConfig(sampling={"spans_per_second": 1e9}), machine_id="bench-m1",
                       worker_id="bench-m1-worker-0", service_type="simulation", buffer_path=tmp / "b.db",
@@ -50,9 +52,6 @@ def child(name: str, n: int) -> None:
     telemetry.writer._emit = telemetry.tracer._emit = sink.append  # the caller's work only
     tracer, log, sampler = telemetry.tracer, telemetry.logger("bench"), telemetry.sampler
     sampler.next_adjust = float("inf")  # hold the rate where the case puts it
-    clog = telemetry.connector_logger("sim-0", "simulation")
-    workers = telemetry.metrics.workers_active.bind(service="simulation")
-    memory = telemetry.metrics.worker_memory_usage_bytes.bind(worker_id="bench-m1-worker-0")
     parent = set_span_in_context(NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(1))))
     headers = http_headers("job-1", "req-1", machine_id="m1", worker_id="w1", context=parent)
     count = [0]
@@ -61,22 +60,11 @@ def child(name: str, n: int) -> None:
         with tracer.start_as_current_span("service.call"):
             pass
 
+    bench_job = make_job(telemetry)
+
     def job():
         count[0] += 1
-        job_id = f"job-{count[0]}"
-        with telemetry.job_span(job_id, job_hash={"traceparent": ""}, job_type="simulation"):
-            clog.started(job_id)
-            workers.set(1)
-            for step in ("task.preprocessing", "service.call", "result.postprocessing"):
-                with tracer.start_as_current_span(step):
-                    log.info("step %s of %s", step, job_id)
-                    log.info("detail for %s", job_id)
-                    log.info("more detail")
-            log.info("finishing %s", job_id)
-            clog.received(job_id)
-            memory.set(123456)
-            workers.set(0)
-            clog.completed(job_id, 5.0)
+        bench_job(count[0])
 
     fn = {"span create+end, sampled": span,
           "span create+end, unsampled root": span,

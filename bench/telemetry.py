@@ -35,6 +35,8 @@ from emp_machine.telemetry.encode import Encoder, encode_span  # noqa: E402
 from emp_machine.telemetry.shipper import _gzip  # noqa: E402
 from otlp_receiver import free_port  # noqa: E402
 
+from _job import make_job  # noqa: E402  (bench/, this script's folder)
+
 RECEIVER = textwrap.dedent("""
     import sys, time, signal
     sys.path.insert(0, sys.argv[2])
@@ -208,28 +210,12 @@ def one_share(tmp: Path, endpoint: str, rate: int, seconds: float, warmup: float
     telemetry = setup(TelemetryConfig(otlp_endpoint=endpoint), machine_id="m1",
                       worker_id="m1-worker-0", service_type="simulation", buffer_path=tmp / f"share{tag}.db",
                       stream=open(os.devnull, "w"))
-    tracer, log = telemetry.tracer, telemetry.logger(f"bench.share{tag}")
-    clog = telemetry.connector_logger("sim-0", "simulation")
-    workers = telemetry.metrics.workers_active.bind(service="simulation")
-    mem = telemetry.metrics.worker_memory_usage_bytes.bind(worker_id="m1-worker-0")
+    bench_job = make_job(telemetry, f"bench.share{tag}")
     ran = [0]
 
     def job(i: int) -> None:
         ran[0] += 1
-        job_id = f"job-{i}"
-        with telemetry.job_span(job_id, job_hash={"traceparent": ""}, job_type="simulation"):
-            clog.started(job_id)
-            workers.set(1)
-            for name in ("task.preprocessing", "service.call", "result.postprocessing"):
-                with tracer.start_as_current_span(name):
-                    log.info("step %s of %s", name, job_id)
-                    log.info("detail for %s", job_id)
-                    log.info("more detail")
-            log.info("finishing %s", job_id)
-            clog.received(job_id)  # third event (progress is DEBUG, below the default log level)
-            mem.set(123456)
-            workers.set(0)
-            clog.completed(job_id, 5.0)  # + jobs_processed_total, job_duration_seconds, worker_job_...
+        bench_job(i)
 
     with_telemetry = paced(job, rate, seconds, warmup)
     result = {"share": with_telemetry - baseline, "process": with_telemetry, "baseline": baseline, "jobs": ran[0],
