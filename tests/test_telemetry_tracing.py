@@ -337,15 +337,15 @@ def test_one_tracer_per_process_through_the_provider(tmp_path, receiver):
 def test_fast_context_access_agrees_with_the_public_api():
     from opentelemetry import context as otel_context
 
-    from emp_machine.telemetry.context import _SPAN_KEY, _attach_span, _detach, _get_value
+    from emp_machine.telemetry.context import _SPAN_KEY, _Context, _get_current, _get_value, _reset, _set_current
 
     span = NonRecordingSpan(SpanContext(1, 2, False))
     token = otel_context.attach(otel_context.set_value("other", 5))
     try:
-        inner = _attach_span(span)
+        inner = _set_current(_Context({**_get_current(), _SPAN_KEY: span}))  # how tracing attaches a span
         assert trace.get_current_span() is span and otel_context.get_value("other") == 5
         assert _get_value(_SPAN_KEY) is span and _get_value("other") == 5
-        _detach(inner)
+        _reset(inner)
         assert trace.get_current_span() is not span and otel_context.get_value("other") == 5
     finally:
         otel_context.detach(token)

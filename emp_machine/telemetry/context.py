@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -40,7 +40,8 @@ def _context_access() -> tuple[Callable, Callable, Callable, type]:
 
 
 # The hot paths (tracing's scopes) use these four directly: attaching a span is
-# `_set_current(_Context({**_get_current(), _SPAN_KEY: span}))`, detaching `_reset(token)` (ValueError caught).
+# `_set_current(_Context({**_get_current(), _SPAN_KEY: span}))`, detaching `_reset(token)` with ValueError
+# caught (a token from another context: generators, tasks; what OTel's detach logs).
 _get_current, _set_current, _reset, _Context = _context_access()
 
 
@@ -48,15 +49,6 @@ def _get_value(key: str, context: otel_context.Context | None = None) -> object:
     return (_get_current() if context is None else context).get(key)
 
 
-def _attach_span(span: Any) -> object:
-    return _set_current(_Context({**_get_current(), _SPAN_KEY: span}))
-
-
-def _detach(token: object) -> None:
-    try:
-        _reset(token)
-    except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
-        pass
 
 
 def make_span_context(trace_id: int, span_id: int, is_remote: bool, flags: TraceFlags,
