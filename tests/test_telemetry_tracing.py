@@ -168,6 +168,14 @@ def test_scope_options_and_spans_used_as_plain_api_spans():
     with opened:  # entered again: not made current, ended on exit
         assert trace.get_current_span() is before
     assert not opened.is_recording() and kept[-1][2][3] == "open"
+    tracer.sampler.threshold = 0  # the same for an unsampled root (its own scope too)
+    with tracer.start_span("plain-unsampled") as plain:
+        assert not plain.is_recording() and trace.get_current_span() is before
+    with tracer.start_as_current_span("root") as root:
+        assert trace.get_current_span() is root and not root.is_recording()
+    assert trace.get_current_span() is before
+    with root:  # entered again: a plain span
+        assert trace.get_current_span() is before
 
 
 @pytest.fixture

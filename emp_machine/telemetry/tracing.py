@@ -55,9 +55,26 @@ _MAX_JOB_RECORDS = 10_000  # a job holding more streams the rest as it goes (dec
 class _Unsampled(NonRecordingSpan):
     """Our own non-recording span: its children reuse it instead of creating spans. Its SpanContext is built
     only when asked for (propagation, a log line): validating one costs ~0.8 us. Made by Tracer._start
-    without an __init__ call (object.__new__, then _trace_id, _span_id, _state and _context = None)."""
+    without an __init__ call (object.__new__, then _trace_id, _span_id, _state, _context = None and _token =
+    None); start_as_current_span sets _scope and returns it as its own context manager (current for the
+    block; there is nothing to record or end)."""
 
-    __slots__ = ("_trace_id", "_span_id", "_state")
+    __slots__ = ("_trace_id", "_span_id", "_state", "_scope", "_token")
+
+    def __enter__(self) -> "_Unsampled":
+        if self._scope and self._token is None:  # start_span()'s is not made current, as the API's is not
+            self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: self}))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        token = self._token
+        if token is not None:
+            self._token = None
+            self._scope = False  # entered again later, it is a plain API span
+            try:
+                _reset(token)
+            except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
+                pass
 
     def get_span_context(self) -> SpanContext:
         if self._context is None:
@@ -216,26 +233,6 @@ class LightSpan(otel_trace.Span):
                 self._state.to_header() if self._state else "", flags)
 
 
-class _AttachOnly:
-    """The scope of an unsampled root: current for the block; there is nothing to record or end."""
-
-    __slots__ = ("_span", "_token")
-
-    def __init__(self, span):
-        self._span = span
-
-    def __enter__(self):
-        span = self._span
-        self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: span}))  # _attach_span, inlined
-        return span
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            _reset(self._token)  # _detach, inlined
-        except ValueError:
-            pass
-
-
 class _Reuse:
     """The scope of an unsampled child: its parent stays current; nothing to do."""
 
@@ -311,8 +308,10 @@ class Tracer(otel_trace.Tracer):
                 parent_id, state, remote = 0, None, False
             if not sampled and not is_job:
                 sampler.dropped_total += 1
-                span = _new(_Unsampled)  # _Unsampled(...) without the __init__ frame
-                span._trace_id, span._span_id, span._state, span._context = trace_id, _getrandbits(64) or 1, state, None
+                span = _new(_Unsampled)  # no __init__ frame (see _Unsampled)
+                span._trace_id, span._span_id, span._state = trace_id, _getrandbits(64) or 1, state
+                span._context = span._token = None
+                span._scope = False
                 return span, False
             job = JobTrace(sampled, not sampled and sampler.shedding) if is_job else None
             span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
@@ -334,9 +333,8 @@ class Tracer(otel_trace.Tracer):
         if reused and context is None:  # the unsampled parent is current already
             return _Reuse(span)
         if type(span) is _Unsampled:
-            scope = _new(_AttachOnly)
-            scope._span = span
-            return scope
+            span._scope = True
+            return span  # its own context manager: current for the block
         span._scope = _CURRENT | (_RECORD_EXCEPTION if record_exception else 0) \
             | (_SET_STATUS if set_status_on_exception else 0) | (_END_ON_EXIT if end_on_exit else 0)
         return span  # its own context manager: attaches on enter; records, ends and detaches on exit
