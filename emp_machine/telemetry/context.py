@@ -291,15 +291,18 @@ def extract_job_context(job_hash: Mapping) -> Incoming:
     Values may be str or bytes (raw Redis replies); placeholders such as `temp-trace-id` count as absent.
     `workflow_trace_id` is returned (when valid) for a span attribute, not as the parent.
     """
-    get = job_hash.get
-    span_context = parse_traceparent(_text(get("traceparent")), _text(get("tracestate")))
-    if span_context is None:
+    get = job_hash.get  # absent and empty fields are skipped before any parsing: most jobs lack some
+    traceparent = get("traceparent")
+    span_context = parse_traceparent(_text(traceparent), _text(get("tracestate"))) if traceparent else None
+    if span_context is None and get("job_trace_id"):
         trace_id, span_id = parse_trace_id(_text(get("job_trace_id"))), parse_span_id(_text(get("job_span_id")))
         if trace_id and span_id:
             span_context = SpanContext(trace_id, span_id, True, _SAMPLED,
                                        parse_tracestate(_text(get("tracestate"))))
-    workflow = _text(get("workflow_trace_id"))
-    return _incoming(span_context, _text(get("id")) or _text(get("job_id")), None,
+    workflow = get("workflow_trace_id")
+    workflow = _text(workflow) if workflow else None
+    job_id = get("id") or get("job_id")
+    return _incoming(span_context, _text(job_id) if job_id else None, None,
                      workflow if workflow and parse_trace_id(workflow) else None)
 
 

@@ -49,6 +49,7 @@ _OTLP_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, Span
 _STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
 # start_as_current_span's options, kept on the span (LightSpan._scope)
 _CURRENT, _RECORD_EXCEPTION, _SET_STATUS, _END_ON_EXIT = 1, 2, 4, 8
+_DEFAULT_SCOPE = _CURRENT | _RECORD_EXCEPTION | _SET_STATUS | _END_ON_EXIT
 _MAX_JOB_RECORDS = 10_000  # a job holding more streams the rest as it goes (decided as if sampled)
 
 
@@ -335,8 +336,11 @@ class Tracer(otel_trace.Tracer):
         if type(span) is _Unsampled:
             span._scope = True
             return span  # its own context manager: current for the block
-        span._scope = _CURRENT | (_RECORD_EXCEPTION if record_exception else 0) \
-            | (_SET_STATUS if set_status_on_exception else 0) | (_END_ON_EXIT if end_on_exit else 0)
+        if record_exception and set_status_on_exception and end_on_exit:
+            span._scope = _DEFAULT_SCOPE
+        else:
+            span._scope = (_CURRENT | (_RECORD_EXCEPTION if record_exception else 0)
+                           | (_SET_STATUS if set_status_on_exception else 0) | (_END_ON_EXIT if end_on_exit else 0))
         return span  # its own context manager: attaches on enter; records, ends and detaches on exit
 
     # --- end of spans --------------------------------------------------------------------------------
