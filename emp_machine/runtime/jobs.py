@@ -588,7 +588,7 @@ class JobSignals:
         self._types = set(job_types)
         self._on_cancel = on_cancel
         self._reconnect_delay_s = reconnect_delay_s
-        self._wake = asyncio.Event()
+        self._woken = False  # a wake-up came since the last arm(): the next wait() returns at once
         self._waiter: asyncio.Future | None = None  # the pending wait()'s future, resolved by a wake-up
         self._hints: list[str] = []
         self._task: Any = None
@@ -616,7 +616,7 @@ class JobSignals:
 
     def arm(self) -> list[str]:
         """Clear the wake-up before a claim; returns the job ids announced since the last arm()."""
-        self._wake.clear()
+        self._woken = False
         hints, self._hints = self._hints, []
         return hints
 
@@ -626,7 +626,7 @@ class JobSignals:
         One future that the wake-up resolves, not `wait_for(event.wait())`: that wraps the wait in a task
         and takes three turns of the event loop from the message to this caller, where this takes one
         (the submit -> claim latency of an idle worker)."""
-        if self._wake.is_set():
+        if self._woken:
             return True
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
@@ -643,7 +643,7 @@ class JobSignals:
         self._set()
 
     def _set(self) -> None:
-        self._wake.set()
+        self._woken = True
         waiter = self._waiter
         if waiter is not None:
             _resolve(waiter, True)
@@ -699,7 +699,6 @@ class JobSignals:
 # -- machine level: the health aggregator reads worker state; the status publisher writes machine status ----
 
 CH_WORKER_STATUS = "worker_status"
-
 
 
 def machine_status_channel(machine_id: str) -> str:
