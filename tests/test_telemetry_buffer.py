@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import marshal
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 
-from emp_machine.telemetry.buffer import Buffer, BufferInUse, Kind, Value
+from emp_machine.telemetry.buffer import Buffer, BufferInUse, Kind, Value, _read_frames
 
 
 def _log(i: int, body: str = "") -> tuple:
@@ -162,46 +165,47 @@ def test_file_stays_near_live_data(tmp_path):
         for i in range(400):  # one more round, to pass a checkpoint after the deletes
             buffer.append(Kind.LOG, Value.NORMAL, _log(i, os.urandom(200).hex()))
         buffer.flush()
-        on_disk = sum(p.stat().st_size for p in tmp_path.iterdir() if p.name.startswith("b.db"))
+        on_disk = sum(p.stat().st_size for p in tmp_path.iterdir()
+                      if p.name.startswith("b.db") and ".stage." not in p.name)
         assert buffer.stats().written_total == 2800
         assert on_disk < 1_500_000  # 6 rounds of ~230 KB each would be ~1.4 MB plus WAL without reuse
+        # Stage files are reused, not made anew: the current one and the standby.
+        assert len(list(tmp_path.glob("b.db.stage.*"))) == 2
     finally:
         buffer.close()
 
 
-# -- the stage file: frames between SQLite commits -------------------------------------------------------
+# -- stage files: every record is durable at append, between SQLite commits ------------------------------
 
 STAGING_CHILD = """
 import sys, time
 from pathlib import Path
 from emp_machine.telemetry.buffer import Buffer, Kind, Value
-buffer = Buffer(Path(sys.argv[1]), flush_interval=0.01, commit_interval=3600)  # frames only, no commit
+buffer = Buffer(Path(sys.argv[1]), commit_interval=3600)  # no commit by itself: the records are in the stage file
 for i in range(int(sys.argv[2])):
     buffer.append(Kind.LOG, Value.NORMAL, (i, 9, "INFO", f"line {i}", {"i": i}, 0, 0, ""))
 buffer.append_with_state([(Kind.LOG, Value.NORMAL, (-1, 9, "INFO", "with state", {}, 0, 0, ""))], "offset", "42")
-deadline = time.monotonic() + 30
-while (buffer._queue or buffer._staged_records < int(sys.argv[2]) + 1) and time.monotonic() < deadline:
-    time.sleep(0.005)
-print("staged", buffer.pending(), flush=True)  # nothing in SQLite yet: all of it is in the stage file
+print("appended", buffer.pending(), buffer.passes, flush=True)  # no writer pass: nothing in SQLite yet
 time.sleep(60)
 """
 
 
-def test_records_staged_before_a_sigkill_are_in_the_buffer_after_it(tmp_path):
+def test_records_appended_before_a_sigkill_are_in_the_buffer_after_it(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, str(tmp_path / "b.db"), "300"],
                              stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().split() == ["staged", "0"]
+        # Killed right after the last append returned: no writer pass, no commit in between.
+        assert child.stdout.readline().split() == ["appended", "0", "0"]
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
         child.kill()
-    assert [p.name for p in tmp_path.glob("b.db.stage.*")] == ["b.db.stage.1"]
+    assert sorted(p.name for p in tmp_path.glob("b.db.stage.*")) == ["b.db.stage.1", "b.db.stage.2"]  # + standby
     buffer = Buffer(tmp_path / "b.db")
     try:
         assert sorted(r[0] for r in _all_logs(buffer)) == list(range(-1, 300))
         assert buffer.state("offset") == "42"
-        assert list(tmp_path.glob("b.db.stage.*")) == []
+        assert sorted(p.name for p in tmp_path.glob("b.db.stage.*")) == ["b.db.stage.3", "b.db.stage.4"]  # its own
     finally:
         buffer.close()
     again = Buffer(tmp_path / "b.db")  # moved once: opening again adds nothing
@@ -211,31 +215,34 @@ def test_records_staged_before_a_sigkill_are_in_the_buffer_after_it(tmp_path):
         again.close()
 
 
-def _staged_file(tmp_path, batches: list[range]) -> bytes:
-    """The bytes of a stage file holding one frame per batch (a buffer that never commits by itself)."""
-    buffer = Buffer(tmp_path / "src.db", flush_interval=0.01, commit_interval=3600)
-    stage = tmp_path / "src.db.stage.1"
+def _frames(data: bytes) -> bytes:
+    """The frames of a stage file's bytes, without the zeroed rest."""
+    at = 0
+    while at + 8 <= len(data) and data[at:at + 8] != bytes(8):
+        at += 8 + struct.unpack_from("<I", data, at)[0]
+    return data[:at]
+
+
+def _staged_file(tmp_path, records: range) -> bytes:
+    """The frames of a stage file holding `records` (a buffer that never commits by itself)."""
+    buffer = Buffer(tmp_path / "src.db", commit_interval=3600)
     try:
-        for batch in batches:
-            size = stage.stat().st_size if stage.exists() else 0
-            for i in batch:
-                buffer.append(Kind.LOG, Value.NORMAL, _log(i))
-            deadline = time.monotonic() + 10
-            while not (stage.exists() and stage.stat().st_size > size) and time.monotonic() < deadline:
-                time.sleep(0.005)  # polling the writer's progress under a deadline
-        return stage.read_bytes()
+        for i in records:
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        return _frames((tmp_path / "src.db.stage.1").read_bytes())  # durable at append: no wait
     finally:
         buffer.close()
 
 
 def test_a_stage_file_already_moved_is_not_moved_twice(tmp_path):
-    # Killed between the SQLite commit and removing the stage file: the file's number is in SQLite.
-    data = _staged_file(tmp_path, [range(50)])
-    buffer = Buffer(tmp_path / "b.db", flush_interval=0.01, commit_interval=3600)
+    # Killed between the SQLite commit and reusing the stage file: the file's number is in SQLite.
+    data = _staged_file(tmp_path, range(50))
+    buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
     for i in range(50):
         buffer.append(Kind.LOG, Value.NORMAL, _log(i))
-    buffer.close()  # the flush commits stage file 1 and removes it
-    (tmp_path / "b.db.stage.1").write_bytes(data)  # as if the removal never happened
+    buffer.close()  # the flush commits stage file 1; close removes the empty current file and the standby
+    assert list(tmp_path.glob("b.db.stage.*")) == []
+    (tmp_path / "b.db.stage.1").write_bytes(data)  # as if the commit had been the last thing done
     reopened = Buffer(tmp_path / "b.db")
     try:
         assert reopened.pending() == 50
@@ -245,8 +252,8 @@ def test_a_stage_file_already_moved_is_not_moved_twice(tmp_path):
 
 
 def test_a_torn_last_frame_keeps_the_frames_before_it(tmp_path, capfd):
-    data = _staged_file(tmp_path, [range(0, 40), range(40, 70)])
-    (tmp_path / "b.db.stage.7").write_bytes(data + data[:30])  # a third frame cut short by a kill
+    data = _staged_file(tmp_path, range(70))
+    (tmp_path / "b.db.stage.7").write_bytes(data + data[:30])  # a last frame cut short by a kill
     buffer = Buffer(tmp_path / "b.db")
     try:
         assert [r[0] for r in _all_logs(buffer)] == list(range(70))
@@ -254,15 +261,26 @@ def test_a_torn_last_frame_keeps_the_frames_before_it(tmp_path, capfd):
         buffer.append(Kind.LOG, Value.NORMAL, _log(70))
         buffer.flush()
         assert buffer.pending() == 71
-        assert list(tmp_path.glob("b.db.stage.*")) == []  # its own stage files are numbered after 7
+        # Its own stage files are numbered after 7: 8 was committed by the flush and is the standby as 10.
+        assert {p.name for p in tmp_path.glob("b.db.stage.*")} == {"b.db.stage.9", "b.db.stage.10"}
+    finally:
+        buffer.close()
+
+
+def test_a_stage_file_of_the_earlier_format_is_moved_in(tmp_path):
+    # Before records were staged one by one, a writer pass framed a batch: ((kind, value), records) groups
+    # and the state values. A process of that version killed with frames staged leaves such a file.
+    batch = ([((int(Kind.LOG), int(Value.NORMAL)), [_log(1), _log(2)])], {"offset": "9"})
+    payload = marshal.dumps(batch)
+    (tmp_path / "b.db.stage.2").write_bytes(struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        assert [r[0] for r in _all_logs(buffer)] == [1, 2] and buffer.state("offset") == "9"
     finally:
         buffer.close()
 
 
 def test_an_unreadable_stage_file_is_set_aside_and_the_buffer_still_opens(tmp_path, capfd):
-    import struct
-    import zlib
-
     payload = b"not marshal data"  # a frame whose checksum is right but whose content cannot be read
     (tmp_path / "b.db.stage.3").write_bytes(struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
     buffer = Buffer(tmp_path / "b.db")
@@ -277,6 +295,55 @@ def test_an_unreadable_stage_file_is_set_aside_and_the_buffer_still_opens(tmp_pa
         buffer.close()
 
 
+def _wait_pending(buffer: Buffer, count: int, timeout: float = 10) -> float:
+    """Seconds until `count` records are committed (polling under a deadline)."""
+    start = time.monotonic()
+    while buffer.pending() < count and time.monotonic() - start < timeout:
+        time.sleep(0.005)
+    assert buffer.pending() == count
+    return time.monotonic() - start
+
+
+def test_half_a_stage_file_is_committed_without_waiting_for_the_interval(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
+    try:
+        body = "x" * 2000  # ~2 KB records: 600 of them pass half a stage file (1 MiB), not the 1000-record batch
+        for i in range(600):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i, body))
+        assert _wait_pending(buffer, 600) < 10
+        for i in range(1000):  # and a batch of 1000 small ones
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        assert _wait_pending(buffer, 1600) < 10
+    finally:
+        buffer.close()
+
+
+NO_STAGE_CHILD = """
+import resource, signal, sys, time
+from pathlib import Path
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))  # SQLite fits, a 2 MiB stage file does not
+buffer = Buffer(Path(sys.argv[1]), commit_interval=3600, flush_interval=0.05)
+for i in range(20):
+    buffer.append(Kind.LOG, Value.NORMAL, (i, 9, "INFO", f"line {i}", {"i": i}, 0, 0, ""))
+deadline = time.monotonic() + 10
+while buffer.pending() < 20 and time.monotonic() < deadline:
+    time.sleep(0.005)  # committed within flush_interval, though commit_interval is an hour
+print("committed", buffer.pending(), flush=True)
+buffer.close()
+"""
+
+
+def test_without_a_stage_file_records_are_committed_every_flush_interval(tmp_path):
+    done = subprocess.run([sys.executable, "-c", NO_STAGE_CHILD, str(tmp_path / "b.db")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["committed", "20"]
+    assert "no stage file" in done.stderr
+    assert list(tmp_path.glob("b.db.stage.*")) == []
+
+
 # -- the idle writer: no wake-ups while nothing is queued ------------------------------------------------
 
 def _wait_idle(buffer: Buffer) -> None:
@@ -287,34 +354,72 @@ def _wait_idle(buffer: Buffer) -> None:
 
 
 def test_an_idle_writer_sleeps_and_the_first_record_wakes_it(tmp_path):
-    buffer = Buffer(tmp_path / "b.db", flush_interval=0.01, commit_interval=3600)  # idle_check: 30 s
+    buffer = Buffer(tmp_path / "b.db", commit_interval=0.05)  # idle_check: 30 s
     try:
         buffer.append(Kind.LOG, Value.NORMAL, _log(0))
         assert buffer.flush(5)
         _wait_idle(buffer)
         passes = buffer.passes
-        time.sleep(0.3)  # an observation window of 30 flush intervals, not a synchronisation
-        assert buffer.passes == passes  # polling would have made ~30 passes
-        appended = time.monotonic()
+        time.sleep(0.3)  # an observation window of 6 commit intervals, not a synchronisation
+        assert buffer.passes == passes  # polling would have made passes
         buffer.append(Kind.LOG, Value.NORMAL, _log(1))
-        deadline = appended + 10
-        while not list(tmp_path.glob("b.db.stage.*")) and time.monotonic() < deadline:
-            time.sleep(0.005)  # polling for the frame under a deadline
-        # Framed (in the page cache: survives a SIGKILL) within about one flush interval, not at idle_check.
-        assert list(tmp_path.glob("b.db.stage.*")) and time.monotonic() - appended < 5
-        assert buffer.flush(5) and sorted(r[0] for r in _all_logs(buffer)) == [0, 1]
+        # In the stage file when the append returns (survives a SIGKILL), and committed one interval later,
+        # not at idle_check.
+        assert _read_frames(buffer._stage_path(buffer._stage_seq))[0] == {(int(Kind.LOG), int(Value.NORMAL)): [_log(1)]}
+        assert _wait_pending(buffer, 2) < 5
+        assert sorted(r[0] for r in _all_logs(buffer)) == [0, 1]
     finally:
         buffer.close()
 
 
-def test_a_flush_of_an_idle_writer_does_not_wait_out_the_flush_interval(tmp_path):
-    buffer = Buffer(tmp_path / "b.db", flush_interval=30, idle_check=3600)  # a wait of either fails the test
+def test_a_flush_of_an_idle_writer_does_not_wait_out_the_commit_interval(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", commit_interval=30, idle_check=3600)  # a wait of either fails the test
     try:
         assert buffer.flush(5)
         _wait_idle(buffer)
         assert buffer.flush(5)  # an idle writer woken by a flush
         _wait_idle(buffer)
-        buffer.append(Kind.LOG, Value.NORMAL, _log(7))  # a record wakes it, then a flush cuts the batching short
+        buffer.append(Kind.LOG, Value.NORMAL, _log(7))  # a record wakes it, then a flush cuts the wait short
         assert buffer.flush(5) and [r[0] for r in _all_logs(buffer)] == [7]
     finally:
         buffer.close()
+
+
+TELEMETRY_CHILD = """
+import io, sys, time
+from pathlib import Path
+from emp_machine.telemetry import TelemetryConfig, setup
+telemetry = setup(TelemetryConfig(), machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
+                  buffer_path=Path(sys.argv[1]), stream=io.StringIO(), start_shipper=False)
+log = telemetry.logger("emp.test")
+with telemetry.tracer.start_as_current_span("service.call", attributes={"job.id": "job-1"}):
+    log.info("step %d of \\u00e9t\\u00e9", 3, extra={"fields": {"model": "sdxl", "steps": [1, 2]}})
+    telemetry.events.emit("job.completed", job_id="job-1", duration_ms=12)
+print("appended", telemetry.buffer.pending(), flush=True)
+time.sleep(60)
+"""
+
+
+def test_logs_events_and_spans_appended_before_a_sigkill_read_back_whole(tmp_path):
+    # Log lines and events are framed from their JSON line, spans by marshal: both read back as the records.
+    child = subprocess.Popen([sys.executable, "-c", TELEMETRY_CHILD, str(tmp_path / "b.db")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["appended", "0"]
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        child.kill()
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        logs = {r[3]: r for r in _all_logs(buffer)}
+        spans = [r for c in buffer.read(Kind.SPAN, 100) for r in c.records]
+    finally:
+        buffer.close()
+    (span,) = spans
+    assert span[3] == "service.call" and span[7]["job.id"] == "job-1"
+    line = logs["step 3 of \u00e9t\u00e9"]
+    assert line[1:3] == (9, "INFO") and line[5:7] == (span[0], span[1])  # severity, level; trace and span ids
+    assert line[4]["model"] == "sdxl" and line[4]["steps"] == [1, 2] and line[4]["worker_id"] == "m1-worker-0"
+    event = logs["job.completed"]
+    assert event[7] == "job.completed" and event[4]["duration_ms"] == 12 and event[4]["job_id"] == "job-1"

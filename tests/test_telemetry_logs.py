@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emp_machine.telemetry import context as ctx
-from emp_machine.telemetry.buffer import Kind
+from emp_machine.telemetry.buffer import Kind, _line_item, _line_payload
 from emp_machine.telemetry.logs import RecordWriter, _dumps
 
 # Keys drawn from a small set, so that static, bound and extra fields often share a key with each other or
@@ -76,3 +76,30 @@ def test_timestamps_across_millisecond_and_second_boundaries():
         second, ms = divmod(time_ns // 10**6, 1000)
         expected = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
         assert clock.iso(time_ns) == expected, time_ns
+
+
+@settings(max_examples=300, deadline=None)
+@given(static=_FIELDS, bound=_FIELDS, fields=st.one_of(st.none(), _FIELDS),
+       message=st.text(max_size=30), logger=st.sampled_from(["", "emp.worker"]),
+       event=st.sampled_from(["", "job.completed"]), ids=st.sampled_from([(0, 0), (0xABC, 0xDEF)]),
+       severity=st.sampled_from([5, 9, 13, 17]))
+def test_a_record_framed_from_its_line_reads_back_as_the_record(static, bound, fields, message, logger, event, ids,
+                                                                severity):
+    # What a stage file keeps of a log record is its JSON line (Buffer.append_line); read back after a kill,
+    # it must be the record itself, its attributes as JSON gives them back.
+    # A line whose fields clash with the line's own keys is not framed that way: its record is marshalled.
+    framed: list = []
+    writer = RecordWriter(framed.append, static, stream=io.StringIO(),
+                          emit_line=lambda item, line: framed.append((item, line)))
+    writer._write_now(1_700_000_000_123_456_789, severity, message, fields, logger, event, bound, *ids)
+    (entry,) = framed
+    own = {"timestamp", "level", "message", "logger", "event.name", "trace_id", "span_id"}
+    merged = {*(k for k, v in static.items() if v is not None), *bound}  # the writer leaves out None statics
+    clash = bool(own & merged) or bool((own | merged) & set(fields or ()))
+    assert (len(entry) == 3) == clash  # marshalled exactly when a key clashes
+    if clash:
+        return
+    item, line = entry
+    kind, value, record = _line_item(_line_payload(item, line))
+    assert (kind, value) == item[:2]
+    assert record == (*item[2][:4], json.loads(_dumps(item[2][4])), *item[2][5:])

@@ -45,8 +45,8 @@ class BufferConfig(_Strict):
     retention: Duration = Field(3600.0, description="records older than this are dropped (reason `expired`)")
     flush_interval: Duration = Field(
         0.09, gt=0, le=0.1,
-        description="how often queued records are made durable (a stage file; SQLite once a second): the most a "
-                    "SIGKILL can lose",
+        description="records are durable when appended (a mapped stage file); where no stage file can be made "
+                    "(disk full), how often they are committed instead: then the most a SIGKILL can lose",
     )
 
     @model_validator(mode="after")

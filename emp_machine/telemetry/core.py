@@ -107,7 +107,7 @@ class Telemetry:
         self.tracer_provider = TracerProvider(self.tracer)
         static = {"machine_id": machine_id, "worker_id": worker_id, "service_type": service_type}
         out = stream if stream is not None else (sys.stdout if config.log_stdout else None)
-        self.writer = RecordWriter(emit, static, stream=out, meter=self.overhead)
+        self.writer = RecordWriter(emit, static, stream=out, meter=self.overhead, emit_line=self.buffer.append_line)
         level = logging.getLevelName(config.log_level.upper())
         if not isinstance(level, int):
             raise ValueError(f"telemetry.log_level: unknown level {config.log_level!r}")

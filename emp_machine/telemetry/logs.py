@@ -50,6 +50,7 @@ _quote = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_e
 # Keys every line sets itself: a bound or extra field of one of these names takes the dict path below.
 _OWN_KEYS = frozenset(("timestamp", "level", "message", "logger", "event.name", "trace_id", "span_id"))
 _LEVEL_UPPER = {severity: name.upper() for severity, name in _LEVEL_NAME.items()}
+_LOG = Kind.LOG
 
 
 def _severity(levelno: int) -> int:
@@ -91,8 +92,12 @@ class RecordWriter:
     handler, events and the job lifecycle helper, so all three look the same downstream."""
 
     def __init__(self, emit: Callable[[tuple], None], static_fields: Mapping[str, object], *,
-                 stream: IO[str] | None = None, meter: OverheadMeter | None = None):
+                 stream: IO[str] | None = None, meter: OverheadMeter | None = None,
+                 emit_line: Callable[[tuple, str], None] | None = None):
         self._emit = emit
+        # With a stream: the record and its JSON line go out together (Buffer.append_line frames the line's
+        # text instead of marshalling the record again).
+        self._emit_line = emit_line
         self._static = {k: v for k, v in static_fields.items() if v is not None}
         # The JSON text of the static and bound fields, made once per bound dict (`context.bind()` replaces the
         # dict, never changes it): a line is then joined from strings instead of encoding ~12 keys each time.
@@ -160,9 +165,10 @@ class RecordWriter:
         if trace_id:
             line["trace_id"] = trace_hex = f"{trace_id:032x}"
             line["span_id"] = span_hex = f"{span_id:016x}"
-        self._emit((Kind.LOG, _value_of(severity), (time_ns, severity, _LEVEL_UPPER.get(severity, "INFO"), message,
-                                                    line, trace_id, span_id, event_name)))
+        item = (_LOG, _value_of(severity), (time_ns, severity, _LEVEL_UPPER.get(severity, "INFO"), message, line,
+                                            trace_id, span_id, event_name))
         if self._write is None:
+            self._emit(item)
             return
         # The JSON text of `line`, joined from parts (the same text as _dumps(line), which tests check): the
         # static and bound fields come encoded from a cache, the rest are few. Any key clash, or a message
@@ -183,8 +189,14 @@ class RecordWriter:
                 parts.append(f',"trace_id":"{trace_hex}","span_id":"{span_hex}"')
             parts.append("}\n")
             text = "".join(parts)
+            emit_line = self._emit_line  # no key clash: the line's own keys are the record's, it can stand for it
         else:
             text = _dumps(line) + "\n"
+            emit_line = None
+        if emit_line is None:
+            self._emit(item)
+        else:
+            emit_line(item, text)
         try:
             self._write(text)
         except (OSError, ValueError):  # a closed or broken stdout must not break the caller
