@@ -103,3 +103,18 @@ def test_a_record_framed_from_its_line_reads_back_as_the_record(static, bound, f
     kind, value, record = _line_item(_line_payload(item, line))
     assert (kind, value) == item[:2]
     assert record == (*item[2][:4], json.loads(_dumps(item[2][4])), *item[2][5:])
+
+
+def test_lines_of_different_spans_carry_their_own_ids():
+    # The writer keeps the last span's ids formatted; a line of another span (or trace) must not get them.
+    out: list = []
+    stream = io.StringIO()
+    writer = RecordWriter(out.append, {"machine_id": "m1"}, stream=stream)
+    calls = [(0xA1, 0xB1), (0xA1, 0xB2), (0xA2, 0xB2), (0xA1, 0xB1), (0, 0), (0xA1, 0xB1)]
+    for trace_id, span_id in calls:
+        writer._write_now(1_700_000_000_000_000_000, 9, "step", None, "emp.worker", "", {}, trace_id, span_id)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line.get("trace_id"), line.get("span_id")) for line in lines] == [
+        (f"{t:032x}", f"{s:016x}") if t else (None, None) for t, s in calls]
+    assert [(r[2][4].get("trace_id"), r[2][4].get("span_id")) for r in out] == [
+        (line.get("trace_id"), line.get("span_id")) for line in lines]
