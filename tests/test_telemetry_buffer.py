@@ -423,3 +423,48 @@ def test_logs_events_and_spans_appended_before_a_sigkill_read_back_whole(tmp_pat
     assert line[4]["model"] == "sdxl" and line[4]["steps"] == [1, 2] and line[4]["worker_id"] == "m1-worker-0"
     event = logs["job.completed"]
     assert event[7] == "job.completed" and event[4]["duration_ms"] == 12 and event[4]["job_id"] == "job-1"
+
+
+def test_a_commit_that_fails_drops_and_counts_its_records_and_the_flush_returns(tmp_path, capfd):
+    drops: list[tuple[str, int]] = []
+    buffer = Buffer(tmp_path / "b.db", on_drop=lambda reason, n: drops.append((reason, n)))
+    try:
+        buffer._db.execute("PRAGMA query_only = ON")  # SQLite refuses every write, as on a full disk
+        for i in range(30):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        started = time.monotonic()
+        assert buffer.flush(10)
+        assert time.monotonic() - started < 5  # answered by the failed commit, not by the timeout
+        assert buffer.stats().dropped["write_error"] == 30 and drops == [("write_error", 30)]
+        assert "30 records dropped" in capfd.readouterr().err
+        buffer._db.execute("PRAGMA query_only = OFF")  # the disk has room again: the next records are kept
+        for i in range(30, 40):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        assert buffer.flush(10)
+        assert [r[0] for r in _all_logs(buffer)] == list(range(30, 40))
+        assert len(list(tmp_path.glob("b.db.stage.*"))) == 2  # the failed commit's stage file was reused
+    finally:
+        buffer.close()
+
+
+def test_threads_appending_while_the_writer_switches_files_lose_and_repeat_nothing(tmp_path):
+    import threading
+
+    buffer = Buffer(tmp_path / "b.db", commit_interval=0.01)  # commits, and file switches, all the time
+    body = "y" * 1500  # ~1.5 KB records: half a stage file every ~700 of them as well
+
+    def produce(base: int) -> None:
+        for i in range(base, base + 2500):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i, body if i % 3 == 0 else ""))
+
+    threads = [threading.Thread(target=produce, args=(base,)) for base in range(0, 10000, 2500)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert buffer.flush(30)
+        assert sorted(r[0] for r in _all_logs(buffer)) == list(range(10000))
+        assert buffer.passes > 4  # the writer did switch files while the threads appended
+    finally:
+        buffer.close()

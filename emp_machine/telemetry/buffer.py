@@ -413,8 +413,9 @@ class Buffer:
     def _commit(self) -> list[_Flush]:
         """Take what is queued (switching producers to the standby stage file when the current one holds
         frames), encode it into chunks and insert them into SQLite in one transaction that records the retired
-        stage file's number; then the retired file, zeroed, is reused. On an SQLite error the records are
-        dropped and counted, and the retired file is kept. Returns the flush markers taken."""
+        stage file's number; then the retired file, zeroed, is reused. On an SQLite error (disk full) the
+        records are dropped and counted, and the file is reused all the same. Returns the flush markers
+        taken: a flush waiting on a failed commit returns, it does not wait out its timeout."""
         with self._lock:
             items, self._queue = self._queue, deque()
             markers, self._markers = self._markers, []
@@ -435,10 +436,8 @@ class Buffer:
             self._insert(rows, states, self._stage_seq - 1)
         except sqlite3.Error as exc:  # disk full or I/O error: these records are lost here, and counted
             _report(f"telemetry buffer write failed, {count} records dropped: {exc}")
+            self._restock(retired, used)
             self._count_drop("write_error", count)
-            if retired is not None:
-                retired.close()  # its file stays, numbered before the current one
-            self._restock(None, 0)
             return markers
         self._restock(retired, used)
         nbytes = sum(row[4] for row in rows)
@@ -581,10 +580,13 @@ class Buffer:
         if count <= 0:
             return
         self._dropped[reason] = self._dropped.get(reason, 0) + count
-        with self._db_lock:
-            self._db.execute(
-                "INSERT INTO counters(name, value) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (reason, count))
+        try:
+            with self._db_lock:
+                self._db.execute(
+                    "INSERT INTO counters(name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (reason, count))
+        except sqlite3.Error as exc:  # the same failure that dropped them, often: counted here, reported anyway
+            _report(f"telemetry buffer: a drop count could not be saved ({exc})")
         if self.on_drop is not None:
             try:
                 self.on_drop(reason, count)
