@@ -468,3 +468,22 @@ def test_threads_appending_while_the_writer_switches_files_lose_and_repeat_nothi
         assert buffer.passes > 4  # the writer did switch files while the threads appended
     finally:
         buffer.close()
+
+
+def test_a_forked_child_does_not_write_into_the_parents_stage_file(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
+    try:
+        buffer.append(Kind.LOG, Value.NORMAL, _log(1))
+        pid = os.fork()
+        if pid == 0:  # the child (multiprocessing's fork start method does this): its records only queue
+            try:
+                buffer.append(Kind.LOG, Value.NORMAL, _log(2))
+                os._exit(0 if buffer._pos == 0 and len(buffer._queue) == 2 else 1)
+            except BaseException:
+                os._exit(2)
+        assert os.waitpid(pid, 0)[1] == 0
+        buffer.append(Kind.LOG, Value.NORMAL, _log(3))
+        groups, _ = _read_frames(buffer._stage_path(buffer._stage_seq))
+        assert [r[0] for r in groups[(Kind.LOG, Value.NORMAL)]] == [1, 3]
+    finally:
+        buffer.close()

@@ -44,6 +44,7 @@ import sqlite3
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -295,6 +296,10 @@ class Buffer:
         self._limit = 0           # bytes usable in the current stage file: 0 without one (records only queued)
         self._wake_at = 1 << 62   # a producer whose frame ends past this wakes the writer (half the file)
         self._use_stage(self._open_stage(self._stage_seq), self._open_stage(self._stage_seq + 1))
+        # A process forked from this one (multiprocessing) shares the mapped stage files: it must not write
+        # frames into them. Its records only queue, as they always did there (no writer thread runs in it).
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (buffer := ref()) is not None and buffer._forked())
         row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
         self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
@@ -367,6 +372,10 @@ class Buffer:
     def notify(self) -> None:
         self._wake.set()
 
+    def _forked(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
+        self._use_stage(None, None)
+
     # --- writer thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -431,11 +440,11 @@ class Buffer:
             count += _take(item, groups, states)
         if not groups and not states and retired is None:
             return markers
-        rows = _rows(groups, self._clock())
         try:
+            rows = _rows(groups, self._clock())
             self._insert(rows, states, self._stage_seq - 1)
-        except sqlite3.Error as exc:  # disk full or I/O error: these records are lost here, and counted
-            _report(f"telemetry buffer write failed, {count} records dropped: {exc}")
+        except Exception as exc:  # disk full, an I/O error, a bug: these records are lost here, and counted
+            _report(f"telemetry buffer write failed, {count} records dropped: {exc!r}")
             self._restock(retired, used)
             self._count_drop("write_error", count)
             return markers
