@@ -87,15 +87,23 @@ def test_a_record_framed_from_its_line_reads_back_as_the_record(static, bound, f
                                                                 severity):
     # What a stage file keeps of a log record is its JSON line (Buffer.append_line); read back after a kill,
     # it must be the record itself, its attributes as JSON gives them back.
-    # A line whose fields clash with the line's own keys is not framed that way: its record is marshalled.
+    # A line whose fields clash with the line's own keys, or change a static or bound field, is not framed that
+    # way: its record is marshalled. A field that repeats a static or bound one (same value and type) is no
+    # clash: the line is the same without it.
     framed: list = []
     writer = RecordWriter(framed.append, static, stream=io.StringIO(),
                           emit_line=lambda item, line: framed.append((item, line)))
     writer._write_now(1_700_000_000_123_456_789, severity, message, fields, logger, event, bound, *ids)
     (entry,) = framed
     own = {"timestamp", "level", "message", "logger", "event.name", "trace_id", "span_id"}
-    merged = {*(k for k, v in static.items() if v is not None), *bound}  # the writer leaves out None statics
-    clash = bool(own & merged) or bool((own | merged) & set(fields or ()))
+    merged = {**{k: v for k, v in static.items() if v is not None}, **bound}  # the writer leaves out None statics
+
+    def repeats(key, value) -> bool:
+        kept = merged[key]
+        return kept is value or (type(kept) is type(value) and type(value) in (str, int, bool) and kept == value)
+
+    clash = bool(own & set(merged)) or any(key in own or (key in merged and not repeats(key, value))
+                                           for key, value in (fields or {}).items())
     assert (len(entry) == 3) == clash  # marshalled exactly when a key clashes
     if clash:
         return
@@ -118,3 +126,20 @@ def test_lines_of_different_spans_carry_their_own_ids():
         (f"{t:032x}", f"{s:016x}") if t else (None, None) for t, s in calls]
     assert [(r[2][4].get("trace_id"), r[2][4].get("span_id")) for r in out] == [
         (line.get("trace_id"), line.get("span_id")) for line in lines]
+
+
+def test_an_event_repeating_bound_fields_takes_the_joined_line_and_a_changed_one_does_not():
+    framed: list = []
+    stream = io.StringIO()
+    writer = RecordWriter(framed.append, {"machine_id": "m1", "service_type": "simulation"}, stream=stream,
+                          emit_line=lambda item, line: framed.append((item, line)))
+    bound = {"job_id": "job-1", "attempt": 1}
+    for fields in ({"service_type": "simulation", "job_id": "job-1", "event_type": "job.started"},
+                   {"service_type": "comfyui", "job_id": "job-1"}, {"attempt": True}):  # True == 1, not alike
+        writer._write_now(1_700_000_000_000_000_000, 9, "job.started", dict(fields), "", "job.started", bound, 0, 0)
+    assert [len(entry) for entry in framed] == [2, 3, 3]  # joined line; marshalled (other value; other type)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["service_type"] for line in lines] == ["simulation", "comfyui", "simulation"]
+    assert [line["attempt"] for line in lines] == [1, 1, True]
+    assert lines[0]["event_type"] == "job.started"
+    assert framed[0][1] == _dumps(framed[0][0][2][4]) + "\n"  # the joined text is the record's encoding

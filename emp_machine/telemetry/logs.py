@@ -87,6 +87,23 @@ class _Clock:
         return text
 
 
+def _drop_repeats(fields: dict, merged: Mapping[str, object]) -> dict:
+    """`fields` less the keys that repeat a static or bound field with the same value, of the same type (the
+    line is the same without them: the dict keeps the key where the static or bound field put it). Events
+    carry job_id and service_type that way; each such line took the dict's encoding and a marshalled frame."""
+    out = {}
+    for key, value in fields.items():
+        if key in merged:
+            kept = merged[key]
+            if kept is value or (type(kept) is type(value) and type(value) in _REPEATABLE and kept == value):
+                continue
+        out[key] = value
+    return out
+
+
+_REPEATABLE = (str, int, bool)  # equal values of these encode alike (not floats: 0.0 == -0.0)
+
+
 def _format_ids(trace_id: int, span_id: int) -> tuple[int, int, str, str, str]:
     trace_hex, span_hex = f"{trace_id:032x}", f"{span_id:016x}"
     return trace_id, span_id, trace_hex, span_hex, f',"trace_id":"{trace_hex}","span_id":"{span_hex}"'
@@ -107,7 +124,7 @@ class RecordWriter:
         # The JSON text of the static and bound fields, made once per bound dict (`context.bind()` replaces the
         # dict, never changes it): a line is then joined from strings instead of encoding ~12 keys each time.
         # One tuple (bound dict, its text or None, every key taken), replaced whole: threads may share a writer.
-        self._bound_cache: tuple = (None, None, _OWN_KEYS)
+        self._bound_cache: tuple = (None, None, _OWN_KEYS, {})
         self._stream = stream
         self._write = stream.write if stream is not None else None
         self._clock = _Clock()
@@ -188,6 +205,8 @@ class RecordWriter:
         if cache[0] is not bound:
             cache = self._cache_bound(bound)
         text = cache[1]
+        if fields and text is not None and not cache[2].isdisjoint(fields):
+            fields = _drop_repeats(fields, cache[3])
         if text is not None and type(message) is str and (not fields or cache[2].isdisjoint(fields)):
             parts = ['{"timestamp":"', timestamp, '","level":"', level, '","message":', _quote(message), text]
             if fields:
@@ -216,11 +235,11 @@ class RecordWriter:
     def _cache_bound(self, bound: Mapping[str, object]) -> tuple:
         merged = {**self._static, **bound}
         if not merged:
-            cache = (bound, "", _OWN_KEYS)
+            cache = (bound, "", _OWN_KEYS, merged)
         elif _OWN_KEYS.isdisjoint(merged) and all(type(key) is str for key in merged):
-            cache = (bound, "," + _dumps(merged)[1:-1], _OWN_KEYS.union(merged))
+            cache = (bound, "," + _dumps(merged)[1:-1], _OWN_KEYS.union(merged), merged)
         else:
-            cache = (bound, None, _OWN_KEYS)  # such lines take the dict's encoding
+            cache = (bound, None, _OWN_KEYS, merged)  # such lines take the dict's encoding
         self._bound_cache = cache
         return cache
 
