@@ -290,3 +290,21 @@ def test_a_job_reaped_while_running_is_not_completed_by_its_first_worker(client,
     assert evs.index(("lease_expired", first)) < evs.index(("completed", done["worker_id"]))
     assert done["worker_id"] != first, evs  # the second run's worker, never the one that lost it
     assert evs.count(("completed", done["worker_id"])) == 1
+
+
+def test_a_concurrency_1_worker_frees_its_slot_once_per_job(client, store, workers, messages):
+    # The slot is freed when the connector is done (the next claim overlaps the finishing write) and must
+    # not be freed again when the job's task ends: a slot freed twice would let the next two jobs run at once.
+    wid = workers.ids[2]  # "solo": concurrency 1
+    for _ in range(3):
+        done = store.submit("ordered", {"steps": 1, "step_ms": 0})
+        wait_status(client, done, "completed")
+    hanging = store.submit("ordered", {"steps": 1, "step_ms": 0, "hang": True})
+    wait_status(client, hanging, "in_progress")
+    waiting = store.submit("ordered", {"steps": 0})
+    time.sleep(0.5)  # an observation window for a claim that must not happen, not a synchronisation
+    assert status_of(client, waiting) == "pending"
+    assert client.hget(f"job:{hanging}", "worker_id") == wid
+    assert store.cancel(hanging, "done with it")
+    wait_status(client, waiting, "completed")
+    assert client.hget(f"job:{waiting}", "worker_id") == wid

@@ -164,6 +164,7 @@ class Worker:
         self.job_types = list(self.caps["services"])
         self.slots = asyncio.Semaphore(self.group.concurrency)
         self.running: dict[str, asyncio.Task] = {}
+        self.slot_freed: set[str] = set()  # running jobs whose connector is done: their slot is free already
         self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
         self.lost: set[str] = set()  # the lease went to the reaper (or the hash vanished): stop, write nothing
         self.stop_requested: dict[str, float] = {}  # job id -> when the connector was told to stop it
@@ -252,9 +253,21 @@ class Worker:
         self.cancelled.discard(job_id)
         self.lost.discard(job_id)
         self.stop_requested.pop(job_id, None)
-        self.slots.release()
+        if job_id in self.slot_freed:
+            self.slot_freed.discard(job_id)
+        else:
+            self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
+
+    def _free_slot(self, job_id: str) -> None:
+        """The connector is done with the job: its slot goes to the next claim now, while the finishing write
+        is in flight, so the claim's round trip overlaps it instead of following it. The job stays in
+        `running` (a drain still waits for its write; Redis keeps the worker busy while either job is
+        active). Once per job; `_job_done` releases the slot of a job that never got here."""
+        if job_id not in self.slot_freed:
+            self.slot_freed.add(job_id)
+            self.slots.release()
 
     def drain_budget(self) -> tuple[float, float]:
         """(grace, margin): running jobs get `grace` to finish, then `margin` is left to hand them back
@@ -314,6 +327,7 @@ class Worker:
                         raise RetryableJobError(f"job timed out after {timeout:g}s") from None
                     finally:
                         steps["service_call"] = (time.monotonic() - mark) * 1000
+                        self._free_slot(job.id)
                 with tel.tracer.start_as_current_span("result.postprocessing"):
                     progress.close()  # a throttled value still waiting is overtaken by the completion
                     own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps))
