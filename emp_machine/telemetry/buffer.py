@@ -12,12 +12,14 @@ after a commit), at once on `flush()` and close, and as soon as 1000 records or 
 switches producers to the standby stage file, groups the records by kind and value class into chunks of at
 most 1000, compresses each (marshal + zlib level 1) and inserts them into SQLite (WAL, synchronous=NORMAL:
 the same durability) in one transaction that also records the retired stage file's number; then that file
-is zeroed and becomes the next standby. Why: the writer used to wake every 90 ms to frame what had come (each
-wake ~0.4 ms of CPU on this VM, 0.45 % of a core at 10 jobs/s, because a thread woken from sleep runs with
-cold caches); the caller's copy costs ~6k instructions a log record, 11k a span, while its caches are warm. A buffer opened over stage
-files left by a killed process moves their frames into SQLite first (each file once), stopping at the zeroed
-rest or at a torn frame. A writer with nothing queued sleeps until a record, a flush or close wakes it (the
-append checks one flag), or `idle_check` (30 s) for the retention pass.
+is zeroed and becomes the next standby. Why: the writer used to wake every 90 ms to frame what had come
+(each wake ~0.5 ms of CPU on this VM, 0.6 % of a core at 10 jobs/s, because a thread woken from sleep runs
+with cold caches); the caller's copy costs ~6k instructions a log record and ~11k a span, with warm caches.
+
+A buffer opened over stage files left by a killed process moves their frames into SQLite first (each file
+once), stopping at the zeroed rest or at a frame cut short. A writer with nothing queued sleeps until a
+record, a flush or close wakes it (the append checks one flag), or `idle_check` (30 s) for the retention
+pass.
 
 If a stage file cannot be made (disk full, no mmap), records are only queued, and the writer commits every
 `flush_interval` (90 ms) while they come: then a SIGKILL loses at most that long. So do the records of a
@@ -138,7 +140,7 @@ _pack_line = _LINE_HEAD.pack
 def _read_frames(path: Path) -> tuple[dict[tuple[int, int], list], dict[str, str]]:
     """Records (grouped by kind and value) and state values from a stage file's frames, up to the zeroed rest
     of the file or a frame cut short. Reads the frames of earlier versions too: one per writer pass, each a
-    batch of groups, with a crc32 where the format is now."""
+    batch of groups, with the payload's crc32 where the format tag is now."""
     groups: dict[tuple[int, int], list] = {}
     states: dict[str, str] = {}
     data = path.read_bytes()

@@ -123,7 +123,8 @@ class RecordWriter:
         self._static = {k: v for k, v in static_fields.items() if v is not None}
         # The JSON text of the static and bound fields, made once per bound dict (`context.bind()` replaces the
         # dict, never changes it): a line is then joined from strings instead of encoding ~12 keys each time.
-        # One tuple (bound dict, its text or None, every key taken), replaced whole: threads may share a writer.
+        # One tuple (bound dict, its text or None, every key taken, static and bound merged), replaced whole:
+        # threads may share a writer.
         self._bound_cache: tuple = (None, None, _OWN_KEYS, {})
         self._stream = stream
         self._write = stream.write if stream is not None else None
