@@ -340,7 +340,7 @@ def test_without_a_stage_file_records_are_committed_every_flush_interval(tmp_pat
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["committed", "20"]
-    assert "no stage file" in done.stderr
+    assert done.stderr.count("no stage file") == 1  # tried again after every commit, reported once
     assert list(tmp_path.glob("b.db.stage.*")) == []
 
 

@@ -292,6 +292,7 @@ class Buffer:
         self._since_checkpoint = 0
         self._last_retention = 0.0
         self._stage_seq = self._recover_stage_files()
+        self._stage_failing = False  # the last attempt to make a stage file failed (reported once)
         self._stage: mmap.mmap | None = None
         self._standby: mmap.mmap | None = None
         self._pos = 0
@@ -486,13 +487,17 @@ class Buffer:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, _STAGE_SIZE)
-                return mmap.mmap(fd, _STAGE_SIZE)
+                stage = mmap.mmap(fd, _STAGE_SIZE)
             finally:
                 os.close(fd)
         except (OSError, ValueError) as exc:
-            _report(f"telemetry buffer: no stage file ({exc}); records wait in memory until each commit")
+            if not self._stage_failing:  # once per failing spell: it is tried again after each commit
+                _report(f"telemetry buffer: no stage file ({exc}); records wait in memory until each commit")
+            self._stage_failing = True
             _unlink(path)
             return None
+        self._stage_failing = False
+        return stage
 
     def _use_stage(self, stage: mmap.mmap | None, standby: mmap.mmap | None) -> None:
         """Make `stage` the file producers write to (called under _lock, or before the writer starts)."""
