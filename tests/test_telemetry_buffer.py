@@ -304,16 +304,38 @@ def _wait_pending(buffer: Buffer, count: int, timeout: float = 10) -> float:
     return time.monotonic() - start
 
 
+def _wait_committed(buffer: Buffer, at_least: int, timeout: float = 10) -> int:
+    """Committed records once at least `at_least` are (polling under a deadline)."""
+    deadline = time.monotonic() + timeout
+    while buffer.pending() < at_least and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return buffer.pending()
+
+
 def test_half_a_stage_file_is_committed_without_waiting_for_the_interval(tmp_path):
+    # The record whose frame passes half the stage file wakes the writer, which commits what is queued when
+    # it switches files: that record and those before it at least (records appended meanwhile may join).
     buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
     try:
-        body = "x" * 2000  # ~2 KB records: 600 of them pass half a stage file (1 MiB), not the 1000-record batch
+        body = "x" * 2000  # ~2 KB records: ~550 pass half a stage file (1 MiB), well short of a 1000-record batch
+        framed, crossing = 0, None
         for i in range(600):
             buffer.append(Kind.LOG, Value.NORMAL, _log(i, body))
-        assert _wait_pending(buffer, 600) < 10
-        for i in range(1000):  # and a batch of 1000 small ones
+            framed += 8 + len(marshal.dumps((Kind.LOG, Value.NORMAL, _log(i, body)), 4))
+            if crossing is None and framed >= 1024 * 1024:
+                crossing = i + 1
+        assert crossing is not None and crossing < 1000
+        assert crossing <= _wait_committed(buffer, crossing) <= 600
+    finally:
+        buffer.close()
+
+
+def test_a_batch_of_1000_records_is_committed_without_waiting_for_the_interval(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
+    try:
+        for i in range(1000):  # small ones: a tenth of a stage file
             buffer.append(Kind.LOG, Value.NORMAL, _log(i))
-        assert _wait_pending(buffer, 1600) < 10
+        assert _wait_committed(buffer, 1000) == 1000
     finally:
         buffer.close()
 
@@ -354,13 +376,15 @@ def _wait_idle(buffer: Buffer) -> None:
 
 
 def test_an_idle_writer_sleeps_and_the_first_record_wakes_it(tmp_path):
-    buffer = Buffer(tmp_path / "b.db", commit_interval=0.05)  # idle_check: 30 s
+    # idle_check: 30 s. The commit interval is long enough that the frame is read before any commit switches
+    # files (the read follows the append by microseconds), short enough to tell it from idle_check.
+    buffer = Buffer(tmp_path / "b.db", commit_interval=1.0)
     try:
         buffer.append(Kind.LOG, Value.NORMAL, _log(0))
         assert buffer.flush(5)
         _wait_idle(buffer)
         passes = buffer.passes
-        time.sleep(0.3)  # an observation window of 6 commit intervals, not a synchronisation
+        time.sleep(0.3)  # an observation window, not a synchronisation
         assert buffer.passes == passes  # polling would have made passes
         buffer.append(Kind.LOG, Value.NORMAL, _log(1))
         # In the stage file when the append returns (survives a SIGKILL), and committed one interval later,
@@ -391,6 +415,7 @@ from pathlib import Path
 from emp_machine.telemetry import TelemetryConfig, setup
 telemetry = setup(TelemetryConfig(), machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
                   buffer_path=Path(sys.argv[1]), stream=io.StringIO(), start_shipper=False)
+telemetry.buffer.commit_interval = 3600  # nothing reaches SQLite before the kill, however slow this machine is
 log = telemetry.logger("emp.test")
 with telemetry.tracer.start_as_current_span("service.call", attributes={"job.id": "job-1"}):
     log.info("step %d of \\u00e9t\\u00e9", 3, extra={"fields": {"model": "sdxl", "steps": [1, 2]}})
@@ -450,22 +475,28 @@ def test_a_commit_that_fails_drops_and_counts_its_records_and_the_flush_returns(
 def test_threads_appending_while_the_writer_switches_files_lose_and_repeat_nothing(tmp_path):
     import threading
 
-    buffer = Buffer(tmp_path / "b.db", commit_interval=0.01)  # commits, and file switches, all the time
-    body = "y" * 1500  # ~1.5 KB records: half a stage file every ~700 of them as well
+    buffer = Buffer(tmp_path / "b.db", commit_interval=0.005)  # commits, and file switches, all the time
+    first_seq = buffer._stage_seq
+    appended = [0] * 4
 
-    def produce(base: int) -> None:
-        for i in range(base, base + 2500):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i, body if i % 3 == 0 else ""))
+    def produce(thread: int) -> None:
+        # Append until the writer has switched stage files 8 times under the four producers.
+        i, deadline = 0, time.monotonic() + 20
+        while (buffer._stage_seq - first_seq < 8 or i < 500) and time.monotonic() < deadline:
+            buffer.append(Kind.LOG, Value.NORMAL, _log(thread * 10**6 + i, "y" * 300 if i % 3 == 0 else ""))
+            i += 1
+        appended[thread] = i
 
-    threads = [threading.Thread(target=produce, args=(base,)) for base in range(0, 10000, 2500)]
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
     try:
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        assert buffer._stage_seq - first_seq >= 8
         assert buffer.flush(30)
-        assert sorted(r[0] for r in _all_logs(buffer)) == list(range(10000))
-        assert buffer.passes > 4  # the writer did switch files while the threads appended
+        expected = [t * 10**6 + i for t in range(4) for i in range(appended[t])]
+        assert sorted(r[0] for r in _all_logs(buffer)) == expected
     finally:
         buffer.close()
 
