@@ -518,3 +518,17 @@ def test_a_forked_child_does_not_write_into_the_parents_stage_file(tmp_path):
         assert [r[0] for r in groups[(Kind.LOG, Value.NORMAL)]] == [1, 3]
     finally:
         buffer.close()
+
+
+def test_without_posix_fallocate_the_stage_file_is_sparse_and_works(tmp_path, monkeypatch):
+    # macOS has no os.posix_fallocate: the stage file is made with ftruncate instead.
+    from emp_machine.telemetry import buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "_fallocate", None)
+    buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
+    try:
+        buffer.append(Kind.LOG, Value.NORMAL, _log(1))
+        assert _read_frames(buffer._stage_path(buffer._stage_seq))[0] == {(Kind.LOG, Value.NORMAL): [_log(1)]}
+        assert buffer.flush(5) and [r[0] for r in _all_logs(buffer)] == [1]
+    finally:
+        buffer.close()

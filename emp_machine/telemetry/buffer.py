@@ -133,6 +133,7 @@ _STAGE_SIZE = 2 * 1024 * 1024  # bytes of one stage file (reserved with fallocat
 _STAGE_KEY = "emp.buffer.stage_seq"  # state row: the last stage file whose frames are in SQLite
 _COMMIT_BATCH = 1000  # records: a batch this big is committed at once
 _marshal = marshal.dumps
+_fallocate = getattr(os, "posix_fallocate", None)
 _pack_frame = _FRAME.pack
 _pack_line = _LINE_HEAD.pack
 
@@ -486,7 +487,10 @@ class Buffer:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.posix_fallocate(fd, 0, _STAGE_SIZE)
+                if _fallocate is not None:
+                    _fallocate(fd, 0, _STAGE_SIZE)
+                else:  # macOS has no posix_fallocate: a sparse file (a full disk could then fail a copy)
+                    os.ftruncate(fd, _STAGE_SIZE)
                 stage = mmap.mmap(fd, _STAGE_SIZE)
             finally:
                 os.close(fd)
