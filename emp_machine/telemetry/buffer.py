@@ -7,7 +7,7 @@ in one 8-byte move, so a frame is whole or absent), into a stage file mapped int
 call and no thread wake-up: the bytes are in the page cache as soon as the copy returns, so they survive a
 SIGKILL of this process (not a power cut). A SIGKILL loses nothing that was appended.
 
-A writer thread commits what is queued once a second (`commit_interval`, counted from the first record
+A writer thread commits what is queued every 2 s (`commit_interval`, counted from the first record
 after a commit), at once on `flush()` and close, and as soon as 1000 records or half a stage file wait: it
 switches producers to the standby stage file, groups the records by kind and value class into chunks of at
 most 1000, compresses each (marshal + zlib level 1) and inserts them into SQLite (WAL, synchronous=NORMAL:
@@ -253,7 +253,7 @@ class Buffer:
     """A durable, bounded record buffer in one SQLite file. Thread-safe; one instance per process."""
 
     def __init__(self, path: Path, *, max_size: int = 100 * 10**6, segment_size: int = 50 * 10**6,
-                 retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 1.0,
+                 retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 2.0,
                  idle_check: float = 30.0,
                  on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
