@@ -373,9 +373,6 @@ class Buffer:
         self._wake.set()
         return marker.done.wait(timeout)
 
-    def notify(self) -> None:
-        self._wake.set()
-
     def _forked(self) -> None:
         self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
         self._use_stage(None, None)
