@@ -28,6 +28,11 @@ def wait_status(client, job_id, *statuses, timeout=10.0):
                     message=f"job {job_id} to reach {statuses} (now {status_of(client, job_id)})")
 
 
+def _sim_workers(count: int, setting: str = "") -> str:
+    """A manifest with `count` simulation workers and one optional group setting (e.g. `lease: 2s`)."""
+    return f"workers:\n  sim:\n    connector: simulation\n    count: {count}\n" + (f"    {setting}\n" if setting else "")
+
+
 def stuck_cli(url):
     out = subprocess.run([sys.executable, "-m", "emp_machine", "stuck", "--json", "--redis", url],
                          capture_output=True, text=True, timeout=30)
@@ -36,13 +41,7 @@ def stuck_cli(url):
 
 
 def test_sigkilled_worker_job_is_stuck_then_reaped_and_run_by_another(redis, redis_url, tmp_path):
-    procs = WorkerProcs("""
-workers:
-  sim:
-    connector: simulation
-    count: 2
-    lease: 2s
-""", tmp_path, redis_url)
+    procs = WorkerProcs(_sim_workers(2, "lease: 2s"), tmp_path, redis_url)
     store = JobStore(redis)
     try:
         procs.start(0)  # one worker only: nobody reaps while we look at the stuck job
@@ -75,13 +74,7 @@ workers:
 
 
 def test_sigterm_drain_hands_back_a_long_job_and_finishes_a_short_one(redis, redis_url, tmp_path):
-    procs = WorkerProcs("""
-workers:
-  sim:
-    connector: simulation
-    count: 2
-    stop_grace: 2s
-""", tmp_path, redis_url)
+    procs = WorkerProcs(_sim_workers(2, "stop_grace: 2s"), tmp_path, redis_url)
     store = JobStore(redis)
     msgs = Messages(redis, "job_failed", "job_requeued", "complete_job")
     try:
@@ -124,12 +117,7 @@ def test_an_idle_worker_stops_waiting_for_jobs_when_it_drains(redis, redis_url, 
     # Idle, the claim loop waits on the job wake-up for up to FALLBACK_SWEEP_S; SIGTERM interrupts that wait.
     from emp_machine.runtime.worker import FALLBACK_SWEEP_S
 
-    procs = WorkerProcs("""
-workers:
-  sim:
-    connector: simulation
-    count: 1
-""", tmp_path, redis_url)
+    procs = WorkerProcs(_sim_workers(1), tmp_path, redis_url)
     try:
         procs.start()
         procs.wait_up(redis)
@@ -204,13 +192,7 @@ def test_redis_restarted_mid_run_workers_reconnect_and_carry_on(tmp_path):
     port = free_port()
     server = PrivateRedis(tmp_path / "redis").start(port)
     client = redis_lib.Redis(port=port, decode_responses=True)
-    procs = WorkerProcs("""
-workers:
-  sim:
-    connector: simulation
-    count: 2
-    lease: 3s
-""", tmp_path / "w", server.url)
+    procs = WorkerProcs(_sim_workers(2, "lease: 3s"), tmp_path / "w", server.url)
     try:
         procs.start()
         procs.wait_up(client)
