@@ -295,21 +295,19 @@ def test_an_unreadable_stage_file_is_set_aside_and_the_buffer_still_opens(tmp_pa
         buffer.close()
 
 
-def _wait_pending(buffer: Buffer, count: int, timeout: float = 10) -> float:
-    """Seconds until `count` records are committed (polling under a deadline)."""
-    start = time.monotonic()
-    while buffer.pending() < count and time.monotonic() - start < timeout:
-        time.sleep(0.005)
-    assert buffer.pending() == count
-    return time.monotonic() - start
-
-
 def _wait_committed(buffer: Buffer, at_least: int, timeout: float = 10) -> int:
     """Committed records once at least `at_least` are (polling under a deadline)."""
     deadline = time.monotonic() + timeout
     while buffer.pending() < at_least and time.monotonic() < deadline:
         time.sleep(0.005)
     return buffer.pending()
+
+
+def _wait_pending(buffer: Buffer, count: int, timeout: float = 10) -> float:
+    """Seconds until `count` records are committed (exactly that many)."""
+    start = time.monotonic()
+    assert _wait_committed(buffer, count, timeout) == count
+    return time.monotonic() - start
 
 
 def test_half_a_stage_file_is_committed_without_waiting_for_the_interval(tmp_path):
