@@ -441,15 +441,17 @@ class Buffer:
             count += _take(item, groups, states)
         if not groups and not states and retired is None:
             return markers
+        rows: list[tuple] | None = None
         try:
             rows = _rows(groups, self._clock())
             self._insert(rows, states, self._stage_seq - 1)
         except Exception as exc:  # disk full, an I/O error, a bug: these records are lost here, and counted
             _report(f"telemetry buffer write failed, {count} records dropped: {exc!r}")
-            self._restock(retired, used)
+            rows = None
+        self._restock(retired, used)  # reused either way: its records are in SQLite, or dropped and counted
+        if rows is None:
             self._count_drop("write_error", count)
             return markers
-        self._restock(retired, used)
         nbytes = sum(row[4] for row in rows)
         self._written += count
         if self.on_commit is not None:
