@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from emp_machine.telemetry.context import _fields
 from emp_machine.telemetry.logs import Events
 from emp_machine.telemetry.standard import StandardMetrics
-from emp_machine.telemetry.tracing import LightSpan, _get_value, _SPAN_KEY
+from emp_machine.telemetry.tracing import LightSpan, _get_current, _SPAN_KEY
 
 _time_ns = time.time_ns
 
@@ -56,7 +56,7 @@ class ConnectorLogger:
 
     def _emit(self, name: str, job_id: str | None, level: int, fields: dict) -> None:
         if level < logging.WARNING:
-            span = _get_value(_SPAN_KEY)
+            span = _get_current().get(_SPAN_KEY)
             if type(span) is LightSpan:
                 job = span._job
                 if job is not None and not job.sampled:

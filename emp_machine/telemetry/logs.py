@@ -25,7 +25,7 @@ from emp_machine.telemetry.buffer import Kind, Value
 from emp_machine.telemetry.context import _fields
 from emp_machine.telemetry.redact import redact_fields, redact_text
 from emp_machine.telemetry.sampling import OverheadMeter
-from emp_machine.telemetry.tracing import LightSpan, _get_value, _SPAN_KEY, current_ids
+from emp_machine.telemetry.tracing import LightSpan, _get_current, _SPAN_KEY, current_ids
 
 _SEVERITY = {logging.DEBUG: 5, logging.INFO: 9, logging.WARNING: 13, logging.ERROR: 17, logging.CRITICAL: 21}
 _LEVEL_NAME = {5: "debug", 9: "info", 13: "warning", 17: "error", 21: "critical"}
@@ -141,19 +141,21 @@ class RecordWriter:
               event_name: str = "", time_ns: int | None = None, args: tuple | None = None) -> None:
         """`args`: %-format arguments for `message` (a logger's call); formatted here, unless the record is
         shed, at the time of the call either way."""
-        span = _get_value(_SPAN_KEY)
-        job = None
+        span = _get_current().get(_SPAN_KEY)
         if type(span) is LightSpan:
-            trace_id, span_id, job = span._trace_id, span._span_id, span._job
+            job = span._job
             if job is not None:
                 if job.sampled or severity >= 13:
                     job = None  # written now
                 elif job.lean:  # decided before any other work: most records' path when over budget
                     self.shed += 1
                     return
+            trace_id, span_id = span._trace_id, span._span_id
         elif span is None:
+            job = None
             trace_id = span_id = 0
         else:
+            job = None
             trace_id, span_id = current_ids()
         self._n += 1
         timed = not self._n & 31
@@ -303,14 +305,14 @@ class TelemetryLogger(logging.Logger):
             if kwargs:
                 self._log(logging.DEBUG, msg, args, **kwargs)
             else:  # the common call, without the stdlib's keyword layer
-                self.writer.write(5, msg, None, self.name, args=args)
+                self.writer.write(5, msg, None, self.name, "", None, args)
 
     def info(self, msg, *args, **kwargs) -> None:
         if self.isEnabledFor(logging.INFO):
             if kwargs:
                 self._log(logging.INFO, msg, args, **kwargs)
             else:
-                self.writer.write(9, msg, None, self.name, args=args)
+                self.writer.write(9, msg, None, self.name, "", None, args)
 
     def _log(self, level, msg, args, exc_info=None, extra=None, stack_info=False, stacklevel=1) -> None:
         message = (str(msg) % args) if args else str(msg)
