@@ -20,6 +20,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -67,21 +70,62 @@ def fill(client, store: JobStore, total: int, mix: str) -> None:
     pipe.execute()
 
 
-def claim_cost(client, total: int, mix: str) -> dict:
+def server_instructions(pid: int, work) -> int | None:
+    """User-space instructions the server process ran while `work()` ran, counted by Linux `perf stat`
+    (None without perf or permission). Unlike microseconds they do not move with this VM's speed, so they
+    show what a change to a script did. perf prints a count every 100 ms; the first line says it is
+    attached, and only then does the work start."""
+    if shutil.which("perf") is None:
+        return None
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-I", "100", "-e", "instructions:u", "-p", str(pid)],
+                            stderr=subprocess.PIPE, text=True)
+    counts: list[int] = []
+    try:
+        for line in perf.stderr:  # ends at once if perf exits (not permitted, no such event)
+            if "instructions" in line:
+                counts.append(_perf_count(line))
+                break
+        if not counts:
+            return None
+        work()
+    finally:
+        perf.send_signal(signal.SIGINT)
+        _, rest = perf.communicate(timeout=10)
+    counts += [_perf_count(line) for line in rest.splitlines() if "instructions" in line]
+    return sum(counts[1:])  # the first interval ended before the work began
+
+
+def _perf_count(line: str) -> int:
+    value = line.split(",")[1]  # interval mode: time, count, unit, event, ...
+    return int(value) if value.isdigit() else 0
+
+
+def claim_cost(client, total: int, mix: str, count_instructions: bool = False) -> dict:
     client.flushall()
     store = JobStore(client)
     fill(client, store, total, mix)
+    store.claim(SIM, start=True)  # loads the function library outside the measurement
     client.config_resetstat()
-    n = min(CLAIMS_PER_CASE, total // 3) if mix == "third" else CLAIMS_PER_CASE
+    n = min(CLAIMS_PER_CASE, total // 3 - 1) if mix == "third" else CLAIMS_PER_CASE
     times, claimed = [], 0
-    for _ in range(n):
-        started = time.perf_counter()
-        job = store.claim(SIM, start=True)  # as the worker claims: assigned and started in one script
-        times.append((time.perf_counter() - started) * 1e6)
-        claimed += job is not None
+
+    def claims() -> None:
+        nonlocal claimed
+        for _ in range(n):
+            started = time.perf_counter()
+            job = store.claim(SIM, start=True)  # as the worker claims: assigned and started in one script
+            times.append((time.perf_counter() - started) * 1e6)
+            claimed += job is not None
+
+    claims()
     calls, usec = script_usec(client)
-    return {"n": n, "claimed": claimed, "p50": pct(times, 0.5), "p99": pct(times, 0.99), "redis_us": usec,
-            "calls": calls}
+    timed = {"n": n, "claimed": claimed, "p50": pct(times, 0.5), "p99": pct(times, 0.99), "redis_us": usec,
+             "calls": calls}
+    instructions = None
+    if count_instructions:  # another n claims, counted: perf slows the server (its counters are saved and
+        # restored at every context switch, which traps to the hypervisor here), so it never runs while timed
+        instructions = server_instructions(int(client.info("server")["process_id"]), claims)  # 1/3 of 50k: enough
+    return {**timed, "instructions": instructions / n if instructions and claimed == 2 * n else None}
 
 
 def _claimer(url: str, index: int, start_at: float, duration_s: float, out) -> None:
@@ -333,9 +377,12 @@ def main(only: str | None = None, server_binary: str | None = None, preload: str
         print("\nclaim cost (sync client, one at a time)                client p50 / p99     Redis/call  target")
         for total in (100, 10_000, 50_000):
             for mix, label in (("third", "1/3 matching"), ("none", "none matching")):
-                r = claim_cost(client, total, mix)
+                r = claim_cost(client, total, mix, count_instructions=total == 50_000 and mix == "third")
                 print(f"  {total:>6} pending, {label:<14} {r['claimed']:>4}/{r['n']:<4} claimed  "
                       f"{r['p50']:7.0f} / {r['p99']:6.0f} us   {r['redis_us']:7.1f} us   <= 60 us Redis")
+                if r["instructions"]:
+                    print(f"      the server's instructions per claim (perf stat; steady whatever the VM's speed)  "
+                          f"{r['instructions'] / 1000:.1f}k")
         rate, usec = claims_per_second(client, server.url)
         print(f"\nclaims/s, 8 worker processes, 50k pending           {rate:8.0f}/s  "
               f"(Redis {usec:.1f} us/call)  target >= 4000/s")
