@@ -398,7 +398,8 @@ def main(only: str | None = None, server_binary: str | None = None, preload: str
         print(f"  same, job from emp-machine's own submit (its script also indexes and logs the job)  "
               f"p50 {p50 / 1000:.3f} ms  p99 {p99 / 1000:.3f} ms")
         p50, p99 = idle_round_trip(server.url)
-        print(f"  (this VM's floor: one PING round trip after 5 ms idle  p50 {p50 / 1000:.3f} ms  p99 {p99 / 1000:.3f} ms)")
+        print(f"  (this VM's floor: one PING round trip after 5 ms idle  p50 {p50 / 1000:.3f} ms  "
+              f"p99 {p99 / 1000:.3f} ms)")
         print(f"Redis commands from an idle worker in 2 s            {idle}  target 0")
         rate, elapsed = jobs_through_workers(server.url, client)
         print(f"jobs/s through 2 full workers, telemetry on           {rate:8.0f}/s  ({elapsed:.2f} s for 3000 "

@@ -68,3 +68,20 @@ def test_smoke_script_exists_and_checks_health_a_job_and_a_clean_exit():
     script = (ROOT / "docker" / "smoke.sh").read_text()
     assert "docker build -f Dockerfile.machine" in script and "/health" in script
     assert "submit" in script and "docker wait" in script
+
+
+def test_rehearsal_without_docker_runs_what_the_dockerfile_runs():
+    """docker/rehearse.sh mirrors the image on a host without Docker: the same files copied, the same
+    environment, the same command and the same checks as docker/smoke.sh."""
+    script = (ROOT / "docker" / "rehearse.sh").read_text()
+    copied = [word for line in script.splitlines() if line.startswith("cp ")
+              for word in shlex.split(line, comments=True)[1:-1]]
+    for copy in args_of("COPY"):
+        for source in shlex.split(copy)[:-1]:
+            assert source in copied, source
+    env = dict(item.split("=", 1) for item in shlex.split(" ".join(args_of("ENV"))))
+    assert f"EMP_MANIFEST={env['EMP_MANIFEST']}" in script
+    assert "EMP_MACHINE__STATE_DIR=" in script and env["EMP_MACHINE__STATE_DIR"].startswith("/data/")
+    assert "pip install" in script and " .)" in script
+    assert json.loads(args_of("CMD")[0]) == ["emp-machine"] and '"${run_env[@]}" emp-machine >' in script
+    assert "/health" in script and "submit" in script and "kill -TERM" in script
