@@ -142,3 +142,33 @@ def test_status_error_spans_encode_status(buffer, receiver):
     (span,) = receiver.spans()
     assert span.status.code == Status.STATUS_CODE_ERROR and span.status.message == "boom"
     assert span.events[0].name == "exception"
+
+
+def test_the_shipper_sleeps_until_a_signal_falls_due(buffer, receiver):
+    """Between sends the thread waits for the first signal with records to fall due (batch_min records:
+    one interval after its last send; fewer: two), and at most an interval, for records committed
+    meanwhile: an idle process's shipper is not woken every `poll` for nothing, nor is one whose records
+    are not due yet. Driven with a fake clock, one pass at a time."""
+    clock = [1000.0]
+    shipper = _shipper(buffer, receiver.endpoint, interval=5.0, poll=1.0, batch_min=100, clock=lambda: clock[0])
+    assert shipper.ship_once() is False and shipper._next_due == 1005.0  # nothing buffered: an interval
+    for i in range(10):
+        buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", f"line {i}", {}, 0, 0, ""))
+    buffer.flush()
+    clock[0] = 1001.0
+    assert shipper.ship_once() is False and shipper._next_due == 1006.0  # 10 logs are due at 1010
+    for i in range(150):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    buffer.flush()
+    clock[0] = 1002.0
+    assert shipper.ship_once() is False and shipper._next_due == 1005.0  # 150 spans are due at 1005
+    assert receiver.requests == []
+    clock[0] = 1005.0
+    assert shipper.ship_once() is True  # the spans go; the logs wait for their second interval
+    assert len(receiver.spans()) == 150 and receiver.logs() == []
+    assert shipper._next_due == 1010.0
+    clock[0] = 1006.0
+    assert shipper.ship_once() is False and shipper._next_due == 1010.0  # when the logs fall due, not 1011
+    clock[0] = 1010.0
+    assert shipper.ship_once() is True and len(receiver.logs()) == 10
+    assert shipper.ship_once() is False and shipper._next_due == 1015.0

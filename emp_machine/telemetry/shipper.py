@@ -103,6 +103,7 @@ class Shipper:
         self._clock = clock
         self._conn: http.client.HTTPConnection | None = None
         self._last_sent = {kind: clock() for kind in PATHS}
+        self._next_due = clock()  # when the first signal with records waiting falls due (ship_once)
         self._not_before = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -152,8 +153,9 @@ class Shipper:
                 elif self._draining:
                     wait = 0.01
                 else:
-                    earliest = min(self._last_sent.values()) + self.interval
-                    wait = min(self.interval, max(self.poll, earliest - now))
+                    # Until the first signal falls due (a full batch wakes us sooner: Buffer.on_commit), and
+                    # at least every interval, for records committed meanwhile.
+                    wait = min(self.interval, max(self.poll, self._next_due - now))
                 self._wake.wait(wait)
                 self._wake.clear()
 
@@ -162,6 +164,7 @@ class Shipper:
     def ship_once(self) -> bool:
         """Send at most one request per signal that is due; True when a request was accepted."""
         now = self._clock()
+        self._next_due = now + self.interval  # nothing pending: look again in an interval
         if now < self._not_before:
             return False
         if not self.buffer.pending():
@@ -173,9 +176,9 @@ class Shipper:
                 continue
             # A full batch goes at once; batch_min records wait for the interval (5 s by default); fewer wait
             # for twice the interval, so a quiet machine still ships every 10 s.
-            elapsed = now - self._last_sent[kind]
-            if not (self._draining or pending >= self.batch_max or elapsed >= 2 * self.interval
-                    or (pending >= self.batch_min and elapsed >= self.interval)):
+            due = self._last_sent[kind] + (self.interval if pending >= self.batch_min else 2 * self.interval)
+            if not (self._draining or pending >= self.batch_max or now >= due):
+                self._next_due = min(self._next_due, due)
                 continue
             limit = self.probe_records if self.stats.breaker_open else self.batch_max
             try:
