@@ -154,7 +154,7 @@ class Shipper:
                     wait = 0.01
                 else:
                     # Until the first signal falls due (a full batch wakes us sooner: Buffer.on_commit), and
-                    # at least every interval, for records committed meanwhile.
+                    # after at most an interval, for records committed meanwhile.
                     wait = min(self.interval, max(self.poll, self._next_due - now))
                 self._wake.wait(wait)
                 self._wake.clear()
