@@ -56,3 +56,14 @@ def test_requests_carry_resource_and_scope():
     assert m[0].sum.is_monotonic and m[0].sum.data_points[0].as_int == 3
     assert m[1].gauge.data_points[0].as_double == 12.5
     assert list(m[2].histogram.data_points[0].bucket_counts) == [1, 1, 0]
+
+
+def test_an_attribute_encoded_for_one_message_is_not_reused_in_another():
+    """Encoded attribute pairs are cached, and a pair is framed differently in a log record (field 6), a span
+    (field 9) and a span event (field 3): the same pair in each, in turn, must decode in each."""
+    pair = {"shared.key": "shared value"}
+    log = LogRecord.FromString(encode_log((1, 9, "INFO", "x", pair, 0, 0, "")))
+    span = Span.FromString(encode_span((1, 2, 0, "s", 1, 1, 2, pair, 0, "", ((1, "e", pair),), "", 0)))
+    log_again = LogRecord.FromString(encode_log((1, 9, "INFO", "x", pair, 0, 0, "")))
+    assert attributes(log.attributes) == attributes(span.attributes) == pair
+    assert attributes(span.events[0].attributes) == attributes(log_again.attributes) == pair

@@ -89,7 +89,8 @@ LOG_SKIP = frozenset(("timestamp", "level", "message", "trace_id", "span_id"))
 
 
 def _attributes(tag: int, attributes: dict | None, skip: frozenset = frozenset()) -> bytes:
-    """Repeated KeyValue under `tag`; scalar pairs are cached (bounded)."""
+    """Repeated KeyValue under `tag`; scalar pairs are cached (bounded), with their tag: the same pair is
+    framed as field 6 of a log record, 9 of a span and 3 of a span event."""
     if not attributes:
         return b""
     out = []
@@ -98,7 +99,7 @@ def _attributes(tag: int, attributes: dict | None, skip: frozenset = frozenset()
         if key in skip:
             continue
         if type(value) in (str, int, float, bool):
-            ckey = (key, type(value), value)
+            ckey = (tag, key, type(value), value)
             encoded = cache.get(ckey)
             if encoded is None:
                 encoded = _ld(tag, _key_value(key, value))
