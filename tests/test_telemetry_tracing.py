@@ -11,7 +11,8 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
-from emp_machine.telemetry import TelemetryConfig, setup
+from emp_machine.telemetry import TelemetryConfig, bind, setup
+from emp_machine.telemetry.buffer import Kind
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
 from emp_machine.telemetry.tracing import Tracer
 from otlp_receiver import OtlpReceiver, attributes
@@ -304,6 +305,44 @@ def test_logs_carry_correlation_fields_and_redact(tmp_path, receiver):
     logs = receiver.logs()
     assert {r.body.string_value for r in logs} >= {"job broke"}
     assert all("abcdefghijklmnop" not in str(r) for r in logs)
+
+
+def test_bound_fields_and_kept_spans_are_redacted_before_they_leave_the_caller(tmp_path, receiver):
+    """Secrets in fields bound with bind(), in span attributes, span events (an exception's message) and a
+    status message reach neither stdout, nor the buffer, nor the collector."""
+    secrets = ["sk-abcdefghijklmnop", "hunter22", "Bearer abcdefghijklmnopqrstuvwx", "supersecretvalue",
+               "sk-zyxwvutsrqponmlk"]
+    stream = io.StringIO()
+    config = TelemetryConfig(otlp_endpoint=receiver.endpoint, export={"interval": "0.1s"},
+                             sampling={"spans_per_second": 1e9})
+    telemetry = setup(config, machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
+                      buffer_path=tmp_path / "t.db", stream=stream, start_shipper=False)  # the buffer is read first
+    log = telemetry.logger("test.bound")
+    with bind(api_key=secrets[0], endpoint=f"https://user:{secrets[1]}@example.com/v1"):
+        log.info("hello")
+        telemetry.events.emit("job.started", job_id="j1")
+        with telemetry.tracer.start_as_current_span("call", attributes={"api_key": secrets[0]}) as span:
+            span.set_attribute("url", f"https://user:{secrets[1]}@example.com/v1")
+            span.add_event("request", {"authorization": secrets[2]})
+            span.record_exception(ValueError(f"rejected token={secrets[3]}"))
+            span.set_status(StatusCode.ERROR, f"failed with {secrets[4]}")
+    telemetry.flush()
+    buffered = [record for kind in (Kind.SPAN, Kind.LOG) for chunk in telemetry.buffer.read(kind, 100)
+                for record in chunk.records]
+    assert len(buffered) == 3  # the span and two log records
+    telemetry.start_shipper()
+    telemetry.shutdown()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == ["hello", "job.started"]
+    assert all(line["api_key"] == "[REDACTED]" and line["endpoint"] == "https://user:[REDACTED]@example.com/v1"
+               for line in lines)
+    (exported,) = [s for s in receiver.spans() if s.name == "call"]
+    assert attributes(exported.attributes)["api_key"] == "[REDACTED]"
+    assert [e.name for e in exported.events] == ["request", "exception"]
+    assert attributes(exported.events[1].attributes)["exception.message"] == "rejected token=[REDACTED]"
+    assert len(receiver.logs()) == 2
+    for text in (stream.getvalue(), repr(buffered), str(receiver.spans()), str(receiver.logs())):
+        assert not any(secret in text for secret in secrets)
 
 
 def test_logger_shortcuts_format_filter_and_take_keywords(tmp_path, receiver):

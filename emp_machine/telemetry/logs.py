@@ -123,8 +123,8 @@ class RecordWriter:
         self._static = {k: v for k, v in static_fields.items() if v is not None}
         # The JSON text of the static and bound fields, made once per bound dict (`context.bind()` replaces the
         # dict, never changes it): a line is then joined from strings instead of encoding ~12 keys each time.
-        # One tuple (bound dict, its text or None, every key taken, static and bound merged), replaced whole:
-        # threads may share a writer.
+        # One tuple (bound dict, its text or None, every key taken, static and bound merged and redacted),
+        # replaced whole: threads may share a writer.
         self._bound_cache: tuple = (None, None, _OWN_KEYS, {})
         self._stream = stream
         self._write = stream.write if stream is not None else None
@@ -182,7 +182,10 @@ class RecordWriter:
         # that OTLP carries in their own fields (timestamp, level, message, trace_id, span_id).
         timestamp = self._clock.iso(time_ns)
         level = _LEVEL_NAME.get(severity, "info")
-        line = {"timestamp": timestamp, "level": level, "message": message, **self._static, **bound}
+        cache = self._bound_cache
+        if cache[0] is not bound:
+            cache = self._cache_bound(bound)
+        line = {"timestamp": timestamp, "level": level, "message": message, **cache[3]}
         if fields:
             fields = redact_fields(fields)
             line.update(fields)
@@ -202,11 +205,8 @@ class RecordWriter:
             self._emit(item)
             return
         # The JSON text of `line`, joined from parts (the same text as _dumps(line), which tests check): the
-        # static and bound fields come encoded from a cache, the rest are few. Any key clash, or a message
+        # static and bound fields come encoded from the cache, the rest are few. Any key clash, or a message
         # that is not a str, takes _dumps(line), where later keys win as in the dict.
-        cache = self._bound_cache
-        if cache[0] is not bound:
-            cache = self._cache_bound(bound)
         text = cache[1]
         if fields and text is not None and not cache[2].isdisjoint(fields):
             fields = _drop_repeats(fields, cache[3])
@@ -236,7 +236,8 @@ class RecordWriter:
             pass
 
     def _cache_bound(self, bound: Mapping[str, object]) -> tuple:
-        merged = {**self._static, **bound}
+        # Redacted here, once per bound dict: a bound field is written with every record of its block.
+        merged = redact_fields({**self._static, **bound})
         if not merged:
             cache = (bound, "", _OWN_KEYS, merged)
         elif _OWN_KEYS.isdisjoint(merged) and all(type(key) is str for key in merged):

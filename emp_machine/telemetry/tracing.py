@@ -33,6 +33,7 @@ from opentelemetry.trace.span import INVALID_SPAN
 from emp_machine.telemetry.buffer import Kind, Value
 from emp_machine.telemetry.context import (_SPAN_KEY, _Context, _get_current, _get_value, _reset, _set_current,
                                            make_span_context)
+from emp_machine.telemetry.redact import redact_fields, redact_text
 from emp_machine.telemetry.sampling import AdaptiveSampler
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -227,10 +228,16 @@ class LightSpan(otel_trace.Span):
         return f"LightSpan({self.name!r}, trace_id={self._trace_id:032x}, span_id={self._span_id:016x})"
 
     def record(self) -> tuple:
+        """The span as the buffer keeps it (encode.py's layout). Attributes, events' attributes (an
+        exception's message and stack) and the status message are redacted here, when the span is kept:
+        spans that are dropped never pay for it."""
         flags = 0x100 | (0x200 if self._remote_parent else 0) | (1 if self._flags & 1 else 0)
+        events = self._events
         return (self._trace_id, self._span_id, self._parent_id, self.name, _OTLP_KIND[self._kind], self._start,
-                self._end, self._attributes, self._status, self._status_message,
-                tuple(self._events) if self._events else None,
+                self._end, redact_fields(self._attributes) if self._attributes else self._attributes, self._status,
+                redact_text(self._status_message) if self._status_message else "",
+                tuple((at, name, redact_fields(attributes) if attributes else attributes)
+                      for at, name, attributes in events) if events else None,
                 self._state.to_header() if self._state else "", flags)
 
 
