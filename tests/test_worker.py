@@ -189,6 +189,21 @@ def test_a_permanent_error_fails_at_once(client, store, messages):
     assert msg["can_retry"] is False and msg["retry_count"] == 1
 
 
+def test_a_secret_in_a_service_error_is_redacted_before_it_reaches_redis(client, store, messages):
+    secret = "sk-abcdefghijklmnopqrst"
+    job_id = store.submit("simulation", {
+        "steps": 1, "step_ms": 0, "fail_at_step": 1, "fail_retryable": False,
+        "fail_message": f"upstream rejected key {secret} for https://u:hunter22@x.example/v1"})
+    wait_status(client, job_id, "failed")
+    (msg,) = wait_for(lambda: messages.of("job_failed", job_id=job_id), message="job_failed")
+    error = client.hget(f"job:{job_id}", "error")
+    assert error == "upstream rejected key sk-[REDACTED] for https://u:[REDACTED]@x.example/v1"
+    assert msg["error"] == error
+    timeline = json.dumps(store.timeline(job_id).events)
+    assert "rejected key sk-[REDACTED]" in timeline
+    assert not any(s in text for s in (secret, "hunter22") for text in (json.dumps(msg), timeline))
+
+
 def test_timeout_per_job_type_fails_as_retryable(client, store, messages):
     job_id = store.submit("slowsim", {"steps": 1, "step_ms": 0, "hang": True}, max_retries=2)
     wait_status(client, job_id, "failed", timeout=15)

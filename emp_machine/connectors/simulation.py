@@ -1,7 +1,8 @@
 """The simulation connector: no external service; the demo, load-test and failure-test connector.
 
 Payload fields (all optional): `steps` (5), `step_ms` (100), `output_bytes` (0: no file), `fail_at_step`
-(fail when that step is reached), `fail_retryable` (true), `fail_attempts` (fail retryably on the first N
+(fail when that step is reached), `fail_retryable` (true), `fail_message` (that failure's error text, as a
+service's error would read), `fail_attempts` (fail retryably on the first N
 attempts, then succeed: the demo's retried job), `hang` (after the steps, never finish until
 cancelled: for timeout and cancel tests). Output bytes go to a file under the context's output
 directory, and the result carries its path, never the bytes.
@@ -36,6 +37,7 @@ class SimulationPayload(BaseModel):
     output_bytes: int = Field(default=0, ge=0)
     fail_at_step: int | None = Field(default=None, ge=1)
     fail_retryable: bool = True
+    fail_message: str | None = Field(default=None, max_length=2000)
     fail_attempts: int = Field(default=0, ge=0)  # fail (retryable) on the first N attempts, then succeed
     hang: bool = False
 
@@ -70,7 +72,7 @@ class SimulationConnector(Connector):
             for step in range(1, spec.steps + 1):
                 if spec.fail_at_step == step:
                     error = RetryableJobError if spec.fail_retryable else FatalJobError
-                    raise error(f"simulated failure at step {step} of {spec.steps}")
+                    raise error(spec.fail_message or f"simulated failure at step {step} of {spec.steps}")
                 await self._sleep(spec.step_ms / 1000, cancelled, job.id)
                 await progress(step * 100 / spec.steps, f"step {step}/{spec.steps}")
             if spec.fail_at_step is not None and spec.fail_at_step > spec.steps:

@@ -28,6 +28,7 @@ from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
 from emp_machine.runtime.jobs import CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, worker_key
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
+from emp_machine.telemetry.redact import redact_text
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
@@ -376,19 +377,22 @@ class Worker:
     async def _finish_failed(self, job: Job, error: Exception, duration_s: float,
                              steps: dict[str, float] | None = None) -> None:
         retryable = bool(getattr(error, "retryable", False))
-        outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, str(error),
+        # A service's error can quote a key or a URL with its password: the job hash and job_failed carry the
+        # message to the API and the monitor, so it leaves here redacted, as every log record does.
+        message = redact_text(str(error))
+        outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, message,
                                        retryable=retryable, steps=steps)
         if outcome.outcome not in ("retried", "failed"):
-            self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=str(error),
+            self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=message,
                                        ownership=outcome.outcome)
             return
         status = "retried" if outcome.outcome == "retried" else "failed"
         self.telemetry.metrics.job_finished(job.service_required, status, duration_s, self.ident.worker_id)
         if status == "retried":
-            self.telemetry.events.emit("job.retry", level=logging.WARNING, job_id=job.id, error=str(error),
+            self.telemetry.events.emit("job.retry", level=logging.WARNING, job_id=job.id, error=message,
                                        retry_count=outcome.retry_count)
         else:
-            self.telemetry.events.emit("job.failed", level=logging.ERROR, job_id=job.id, error=str(error),
+            self.telemetry.events.emit("job.failed", level=logging.ERROR, job_id=job.id, error=message,
                                        retryable=retryable, retry_count=outcome.retry_count)
 
     async def _finish_cancelled(self, job: Job, reason: str, duration_s: float) -> None:
