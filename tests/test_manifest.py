@@ -184,6 +184,38 @@ def test_secrets_are_not_echoed_in_errors():
     assert found
 
 
+@pytest.mark.parametrize("endpoint, says", [
+    ("ftp://user:hunter2@collector:4318", "must start with http:// or https://, not ftp://"),
+    ("collector.internal:4318", "has no scheme"),
+    ("https://user:hunter2@collector:notaport", "is not a valid URL"),
+    ("http://user:hunter2@[::1", "is not a valid URL"),
+    ("http:///v1", "has no host"),
+])
+def test_an_otlp_endpoint_that_is_not_an_http_url_is_a_manifest_problem(endpoint, says):
+    (found,) = problems(f"telemetry: {{otlp_endpoint: '{endpoint}'}}")
+    text = ManifestError("m.yaml", [found]).render()
+    assert found.path == "telemetry.otlp_endpoint" and says in text and "hunter2" not in text
+
+
+def test_a_bad_otel_endpoint_variable_is_a_manifest_problem_without_its_value():
+    with pytest.raises(ManifestError) as caught:
+        load("machine: {type: t, id: m1}", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318/pw=hunter2"})
+    (found,) = caught.value.problems
+    assert found.path == "telemetry.otlp_endpoint" and "OTEL_EXPORTER_OTLP_ENDPOINT has no scheme" in found.message
+    assert "hunter2" not in caught.value.render()
+    ok = load("machine: {type: t, id: m1}", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector:4318"})
+    assert ok.telemetry.otlp_endpoint == "https://collector:4318"
+
+
+def test_redact_url_hides_user_info_even_in_urls_that_do_not_parse():
+    assert identity.redact_url("redis://:pw@host:6379/0") == "redis://***@host:6379/0"
+    assert identity.redact_url("https://u:hunter2@h:notaport/x") == "https://***@h:notaport/x"
+    assert identity.redact_url("http://u:hunter2@[::1") == "http://***@[::1"
+    assert identity.redact_url("redis://:p@ss@host/1") == "redis://***@host/1"
+    assert identity.redact_url("redis://host:6379") == "redis://host:6379"
+    assert identity.redact_url("http://h/path@x") == "http://h/path@x"
+
+
 def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("machine:\n  typ: x\n")

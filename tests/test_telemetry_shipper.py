@@ -7,6 +7,7 @@ import time
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from emp_machine.telemetry import TelemetryConfig
 from emp_machine.telemetry.buffer import Buffer, Kind, Value
 from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.shipper import Shipper
@@ -172,3 +173,13 @@ def test_the_shipper_sleeps_until_a_signal_falls_due(buffer, receiver):
     clock[0] = 1010.0
     assert shipper.ship_once() is True and len(receiver.logs()) == 10
     assert shipper.ship_once() is False and shipper._next_due == 1015.0
+
+
+def test_an_endpoint_that_is_not_http_is_refused_without_quoting_it(buffer):
+    for endpoint in ("ftp://user:hunter2@collector:4318", "https://user:hunter2@collector:notaport"):
+        with pytest.raises(ValueError) as refused:
+            _shipper(buffer, endpoint)
+        assert "telemetry.otlp_endpoint" in str(refused.value) and "hunter2" not in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        TelemetryConfig(otlp_endpoint="ftp://user:hunter2@collector:4318")
+    assert "must start with http:// or https://" in str(refused.value) and "hunter2" not in str(refused.value)

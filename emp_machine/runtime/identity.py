@@ -9,7 +9,6 @@ import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 
 def _slug(text: str) -> str:
@@ -53,15 +52,11 @@ def state_root(environ: Mapping[str, str]) -> Path:
     return Path(base) / "emp-machine"
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
 def redact_url(url: str) -> str:
-    """Hide the password (and a user name that may be a token) of a URL; anything else passes unchanged."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if not parts.scheme or (parts.password is None and not parts.username):
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    """Hide the user info of a URL (the password, and a user name that may be a token); anything else passes
+    unchanged. Text, not a parsed URL: it runs on error paths, so a URL that does not parse (a port that is
+    not a number, a broken IPv6 address) is redacted all the same instead of raising or passing through."""
+    return _USERINFO.sub(r"\1***@", url)

@@ -600,12 +600,17 @@ def _resolve(manifest: Manifest, environ: Mapping[str, str], file: str, base_dir
     if not public_url and environ.get("RAILWAY_PUBLIC_DOMAIN"):
         public_url = f"https://{environ['RAILWAY_PUBLIC_DOMAIN'].strip().rstrip('/')}"
     token = environ.get(health.token_env, "").strip()
+    try:
+        telemetry = apply_otel_env(manifest.telemetry, environ)
+    except ValueError as exc:  # the variable's value is not repeated: it may hold credentials
+        raise ManifestError(file, [ManifestProblem("telemetry.otlp_endpoint", str(exc),
+                                                   hint="or unset it to use the manifest's")]) from None
     return manifest.model_copy(update={
         "machine": machine.model_copy(update={"id": machine_id, "region": region, "state_dir": state_dir}),
         "redis": redis,
         "health": health.model_copy(update={"public_url": public_url,
                                             "token": SecretStr(token) if token else None}),
-        "telemetry": apply_otel_env(manifest.telemetry, environ),
+        "telemetry": telemetry,
         "source": str(Path(file).resolve()) if file != "<manifest>" else "",
     })
 

@@ -7,15 +7,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from emp_machine.units import ByteSize, Duration
 
 
+def endpoint_problem(url: str) -> str | None:
+    """Why `url` cannot be an OTLP/HTTP endpoint, or None. The URL itself is never quoted: it may carry
+    credentials (https://user:password@collector)."""
+    if "://" not in url:
+        return "has no scheme: it must start with http:// or https://"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return f"must start with http:// or https://, not {parts.scheme}://"
+    if not parts.hostname:
+        return "has no host"
+    return None
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of the error text: an endpoint or a header can carry credentials.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class SamplingConfig(_Strict):
@@ -78,6 +96,14 @@ class TelemetryConfig(_Strict):
     service_version: str = ""
     environment: str = "development"
     otlp_endpoint: str = Field("", description="OTLP/HTTP base URL; empty keeps records in the local buffer only")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and (problem := endpoint_problem(value)) is not None:
+            raise ValueError(f"the OTLP endpoint {problem} (e.g. http://collector:4318)")
+        return value
+
     otlp_headers: dict[str, str] = Field(default_factory=dict)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
     log_level: str = Field("INFO", description="level below which log records are neither printed nor buffered")
@@ -99,7 +125,8 @@ def _parse_pairs(text: str) -> dict[str, str]:
 
 
 def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> TelemetryConfig:
-    """`config` with the standard `OTEL_*` variables in `environ` applied over it.
+    """`config` with the standard `OTEL_*` variables in `environ` applied over it (ValueError for an endpoint
+    that is not an http(s) URL).
 
     Called once where the manifest reads the environment (STYLE.md section 4); this package never reads
     `os.environ` itself. Honoured: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS,
@@ -109,6 +136,8 @@ def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> Telem
     update: dict[str, object] = {}
     export: dict[str, object] = {}
     if endpoint := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        if (problem := endpoint_problem(endpoint)) is not None:
+            raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT {problem} (e.g. http://collector:4318)")
         update["otlp_endpoint"] = endpoint
     if headers := environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").strip():
         update["otlp_headers"] = {**config.otlp_headers, **_parse_pairs(headers)}

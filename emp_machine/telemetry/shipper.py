@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from emp_machine.telemetry.buffer import Buffer, Kind
+from emp_machine.telemetry.config import endpoint_problem
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
 
 PATHS = {Kind.SPAN: "/v1/traces", Kind.LOG: "/v1/logs", Kind.METRIC: "/v1/metrics"}
@@ -81,9 +82,9 @@ class Shipper:
                  probe_records: int = 10, poll: float = 1.0,
                  on_exported: Callable[[str, int], None] | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
+        if (problem := endpoint_problem(endpoint)) is not None:  # the URL is not quoted: it may hold a password
+            raise ValueError(f"telemetry.otlp_endpoint {problem}")
         parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"telemetry.otlp_endpoint must be an http(s) URL, got {endpoint!r}")
         self.buffer = buffer
         self.encoder = encoder
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
