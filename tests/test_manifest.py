@@ -207,6 +207,21 @@ def test_a_bad_otel_endpoint_variable_is_a_manifest_problem_without_its_value():
     assert ok.telemetry.otlp_endpoint == "https://collector:4318"
 
 
+@pytest.mark.parametrize("text, path, says", [
+    ("redis: {url: 'redis://:hunter2@host:notaport/0'}", "redis.url", "port that is not a number"),
+    ("redis: {url: 'redis://:hunter2@host:99999/0'}", "redis.url", "port that is not a number from 0 to 65535"),
+    ("health: {public_url: 'https://user:hunter2@x:bad'}", "health.public_url", "port that is not a number"),
+    ("health: {public_url: 'my-machine.example'}", "health.public_url", "expected an http:// or https:// URL"),
+])
+def test_urls_that_would_fail_at_boot_are_manifest_problems(text, path, says):
+    # each of these booted and then died with a traceback, or could not be reached at all
+    (found,) = problems(text)
+    rendered = ManifestError("m.yaml", [found]).render()
+    assert found.path == path and says in rendered and "hunter2" not in rendered
+    (from_env,) = problems("machine: {type: t}", environ={"REDIS_URL": "redis://:hunter2@h:notaport/0"})
+    assert from_env.path == "redis.url" and "hunter2" not in ManifestError("m.yaml", [from_env]).render()
+
+
 def test_redact_url_hides_user_info_even_in_urls_that_do_not_parse():
     assert identity.redact_url("redis://:pw@host:6379/0") == "redis://***@host:6379/0"
     assert identity.redact_url("https://u:hunter2@h:notaport/x") == "https://***@h:notaport/x"

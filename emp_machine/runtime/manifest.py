@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -63,7 +64,20 @@ class RedisSection(_Model):
     def _url_form(cls, value: str) -> str:
         if value != "embedded" and not re.match(r"^(redis|rediss|unix)://", value):
             raise ValueError("expected 'embedded' or a URL starting with redis://, rediss:// or unix://")
+        if value.startswith(("redis://", "rediss://")) and (problem := _url_problem(value)):
+            raise ValueError(f"the Redis URL {problem}")
         return value
+
+
+def _url_problem(url: str) -> str | None:
+    """Why a URL with a host cannot be used (the port not a number, a broken address), or None. The URL
+    is never quoted: it may hold a password."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number or out of range)
+    except ValueError as exc:
+        return "has a port that is not a number from 0 to 65535" if "port" in str(exc).lower() else "is not a valid URL"
+    return None if parts.hostname else "has no host"
 
 
 class HealthSection(_Model):
@@ -75,6 +89,15 @@ class HealthSection(_Model):
     cors_origins: tuple[str, ...] = Field((), description="origins allowed to read from a browser ('*': any)")
     # Filled by load() from the variable named by token_env; never written out, never set from YAML.
     token: SecretStr | None = Field(None, exclude=True, repr=False)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_form(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL, e.g. https://my-machine.up.railway.app")
+        if value and (problem := _url_problem(value)):
+            raise ValueError(f"the URL {problem}")
+        return value
 
 
 class StatusSection(_Model):
