@@ -187,7 +187,7 @@ def test_secrets_are_not_echoed_in_errors():
 @pytest.mark.parametrize("endpoint, says", [
     ("ftp://user:hunter2@collector:4318", "must start with http:// or https://, not ftp://"),
     ("collector.internal:4318", "has no scheme"),
-    ("https://user:hunter2@collector:notaport", "is not a valid URL"),
+    ("https://user:hunter2@collector:notaport", "has a port that is not a number"),
     ("http://user:hunter2@[::1", "is not a valid URL"),
     ("http:///v1", "has no host"),
 ])

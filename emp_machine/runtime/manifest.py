@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -34,6 +33,7 @@ from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
 from emp_machine.supervisor.config import STOP_SIGNALS, env_value_problem
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
+from emp_machine.telemetry.urls import url_problem
 from emp_machine.units import ByteSize, Duration
 
 ENV_PREFIX = "EMP_"
@@ -64,20 +64,9 @@ class RedisSection(_Model):
     def _url_form(cls, value: str) -> str:
         if value != "embedded" and not re.match(r"^(redis|rediss|unix)://", value):
             raise ValueError("expected 'embedded' or a URL starting with redis://, rediss:// or unix://")
-        if value.startswith(("redis://", "rediss://")) and (problem := _url_problem(value)):
+        if value.startswith(("redis://", "rediss://")) and (problem := url_problem(value)):
             raise ValueError(f"the Redis URL {problem}")
         return value
-
-
-def _url_problem(url: str) -> str | None:
-    """Why a URL with a host cannot be used (the port not a number, a broken address), or None. The URL
-    is never quoted: it may hold a password."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number or out of range)
-    except ValueError as exc:
-        return "has a port that is not a number from 0 to 65535" if "port" in str(exc).lower() else "is not a valid URL"
-    return None if parts.hostname else "has no host"
 
 
 class HealthSection(_Model):
@@ -95,7 +84,7 @@ class HealthSection(_Model):
     def _public_url_form(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL, e.g. https://my-machine.up.railway.app")
-        if value and (problem := _url_problem(value)):
+        if value and (problem := url_problem(value)):
             raise ValueError(f"the URL {problem}")
         return value
 

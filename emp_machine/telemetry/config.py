@@ -7,28 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from emp_machine.telemetry.urls import endpoint_problem
 from emp_machine.units import ByteSize, Duration
-
-
-def endpoint_problem(url: str) -> str | None:
-    """Why `url` cannot be an OTLP/HTTP endpoint, or None. The URL itself is never quoted: it may carry
-    credentials (https://user:password@collector)."""
-    if "://" not in url:
-        return "has no scheme: it must start with http:// or https://"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError:
-        return "is not a valid URL"
-    if parts.scheme not in ("http", "https"):
-        return f"must start with http:// or https://, not {parts.scheme}://"
-    if not parts.hostname:
-        return "has no host"
-    return None
 
 
 class _Strict(BaseModel):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from emp_machine.telemetry.buffer import Buffer, Kind
-from emp_machine.telemetry.config import endpoint_problem
+from emp_machine.telemetry.urls import endpoint_problem
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
 
 PATHS = {Kind.SPAN: "/v1/traces", Kind.LOG: "/v1/logs", Kind.METRIC: "/v1/metrics"}
