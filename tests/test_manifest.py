@@ -222,6 +222,17 @@ def test_urls_that_would_fail_at_boot_are_manifest_problems(text, path, says):
     assert from_env.path == "redis.url" and "hunter2" not in ManifestError("m.yaml", [from_env]).render()
 
 
+@pytest.mark.parametrize("url, says", [
+    ("http://127.0.0.1:notaport/system_stats", "the health URL has a port that is not a number"),
+    ("127.0.0.1:{port}/system_stats", "the health URL must start with http:// or https://"),
+    ("http://:{port}/x", "the health URL has no host"),
+])
+def test_a_service_health_url_that_cannot_be_probed_is_a_manifest_problem(url, says):
+    # it used to validate, and the machine then reported the service unhealthy forever
+    (found,) = problems(GOOD.replace("http://127.0.0.1:{port}/system_stats", url))
+    assert found.path == "services.comfyui.health.http" and says in found.message
+
+
 def test_redact_url_hides_user_info_even_in_urls_that_do_not_parse():
     assert identity.redact_url("redis://:pw@host:6379/0") == "redis://***@host:6379/0"
     assert identity.redact_url("https://u:hunter2@h:notaport/x") == "https://***@h:notaport/x"

@@ -481,6 +481,8 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
                 add(("services", name, "health", "tcp"), "expected a port number or '{port}'")
         for path, text in texts:
             _check_placeholders(text, placeholders, path, add, svc)
+        if svc.health and svc.health.http:
+            _check_health_url(svc.health.http, name, svc, add)
         _check_env(("services", name, "env"), svc.env, add)
 
     services = list(manifest.services)
@@ -561,6 +563,19 @@ def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: d
                 close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
                 hint = f"did you mean '{close[0]}'?" if close else f"{group.connector} settings: {', '.join(valid)}"
             add(loc, message, hint)
+
+
+def _check_health_url(template: str, name: str, svc: ServiceSection, add) -> None:
+    """The health URL as the first instance would get it: http(s), a host, a port that is a number."""
+    try:
+        url = template.format(index=0, port=svc.port or 1, gpu=0, machine_id="m", name=name)
+    except (KeyError, IndexError, ValueError):
+        return  # a placeholder problem, reported by _check_placeholders
+    path = ("services", name, "health", "http")
+    if not url.lower().startswith(("http://", "https://")):
+        add(path, "the health URL must start with http:// or https://", "e.g. http://127.0.0.1:{port}/health")
+    elif (problem := url_problem(url)) is not None:
+        add(path, f"the health URL {problem}", "e.g. http://127.0.0.1:{port}/health")
 
 
 def _check_placeholders(text: str, allowed: set[str], path: tuple, add, svc: ServiceSection | None) -> None:
