@@ -258,6 +258,14 @@ def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     assert good.returncode == 0 and "valid" in good.stdout
 
 
+def test_cli_counts_must_be_whole_numbers_from_zero():
+    for argv, says in ((["logs", "worker-0", "--lines", "-5"], "expected 0 or more, got -5"),
+                       (["render", str(MACHINES / "comfyui.yaml"), "--gpus", "two"], "expected a whole number")):
+        done = subprocess.run([sys.executable, "-m", "emp_machine", *argv], capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+
+
 def test_cli_render_hides_secrets(tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(textwrap.dedent(f"""

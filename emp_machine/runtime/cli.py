@@ -29,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emp-machine", description="Boot and operate an EMP worker machine.")
     parser.add_argument("--manifest", "-m", help="machine manifest (default: $EMP_MANIFEST or the built-in "
@@ -48,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     render = sub.add_parser("render", help="print the supervisord config the manifest gives (secrets hidden)")
     render.add_argument("path")
-    render.add_argument("--gpus", type=int, help="lay out as if this many GPUs were present")
+    render.add_argument("--gpus", type=_count, help="lay out as if this many GPUs were present")
     render.set_defaults(func=cmd_render)
 
     ps = sub.add_parser("ps", help="list the processes of the running machine, like `pm2 list`")
@@ -61,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     logs = sub.add_parser("logs", help="show a process's log")
     logs.add_argument("name")
-    logs.add_argument("-n", "--lines", type=int, default=100)
+    logs.add_argument("-n", "--lines", type=_count, default=100)
     logs.add_argument("-f", "--follow", action="store_true")
     logs.set_defaults(func=ops.cmd_logs)
 
