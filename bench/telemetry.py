@@ -83,8 +83,8 @@ def bench_operations(tmp: Path) -> None:
         with tracer.start_as_current_span("service.call"):
             pass
 
-    row("span create+end, sampled", per_op(sampled_span, 20000), "us", "< 100 us", "<= 10 us",
-        per_op(sampled_span, 5000) <= 10)
+    sampled = per_op(sampled_span, 20000)
+    row("span create+end, sampled", sampled, "us", "< 100 us", "<= 10 us", sampled <= 10)
     with tracer.start_as_current_span("parent"):
         child = per_op(sampled_span, 20000)
     row("child span create+end, sampled", child, "us", "< 100 us", "<= 10 us", child <= 10)
