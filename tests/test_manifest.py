@@ -211,7 +211,7 @@ def test_a_bad_otel_endpoint_variable_is_a_manifest_problem_without_its_value():
     ("redis: {url: 'redis://:hunter2@host:notaport/0'}", "redis.url", "port that is not a number"),
     ("redis: {url: 'redis://:hunter2@host:99999/0'}", "redis.url", "port that is not a number from 0 to 65535"),
     ("health: {public_url: 'https://user:hunter2@x:bad'}", "health.public_url", "port that is not a number"),
-    ("health: {public_url: 'my-machine.example'}", "health.public_url", "expected an http:// or https:// URL"),
+    ("health: {public_url: 'my-machine.example'}", "health.public_url", "must start with http:// or https://"),
 ])
 def test_urls_that_would_fail_at_boot_are_manifest_problems(text, path, says):
     # each of these booted and then died with a traceback, or could not be reached at all
@@ -224,7 +224,7 @@ def test_urls_that_would_fail_at_boot_are_manifest_problems(text, path, says):
 
 @pytest.mark.parametrize("url, says", [
     ("http://127.0.0.1:notaport/system_stats", "the health URL has a port that is not a number"),
-    ("127.0.0.1:{port}/system_stats", "the health URL must start with http:// or https://"),
+    ("127.0.0.1:{port}/system_stats", "the health URL has no scheme: it must start with http://"),
     ("http://:{port}/x", "the health URL has no host"),
 ])
 def test_a_service_health_url_that_cannot_be_probed_is_a_manifest_problem(url, says):

@@ -33,7 +33,7 @@ from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
 from emp_machine.supervisor.config import STOP_SIGNALS, env_value_problem
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
-from emp_machine.telemetry.urls import url_problem
+from emp_machine.telemetry.urls import http_url_problem, url_problem
 from emp_machine.units import ByteSize, Duration
 
 ENV_PREFIX = "EMP_"
@@ -82,10 +82,8 @@ class HealthSection(_Model):
     @field_validator("public_url")
     @classmethod
     def _public_url_form(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("expected an http:// or https:// URL, e.g. https://my-machine.up.railway.app")
-        if value and (problem := url_problem(value)):
-            raise ValueError(f"the URL {problem}")
+        if value and (problem := http_url_problem(value)):
+            raise ValueError(f"the URL {problem} (e.g. https://my-machine.up.railway.app)")
         return value
 
 
@@ -571,11 +569,8 @@ def _check_health_url(template: str, name: str, svc: ServiceSection, add) -> Non
         url = template.format(index=0, port=svc.port or 1, gpu=0, machine_id="m", name=name)
     except (KeyError, IndexError, ValueError):
         return  # a placeholder problem, reported by _check_placeholders
-    path = ("services", name, "health", "http")
-    if not url.lower().startswith(("http://", "https://")):
-        add(path, "the health URL must start with http:// or https://", "e.g. http://127.0.0.1:{port}/health")
-    elif (problem := url_problem(url)) is not None:
-        add(path, f"the health URL {problem}", "e.g. http://127.0.0.1:{port}/health")
+    if (problem := http_url_problem(url)) is not None:
+        add(("services", name, "health", "http"), f"the health URL {problem}", "e.g. http://127.0.0.1:{port}/health")
 
 
 def _check_placeholders(text: str, allowed: set[str], path: tuple, add, svc: ServiceSection | None) -> None:

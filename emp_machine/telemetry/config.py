@@ -11,7 +11,7 @@ from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from emp_machine.telemetry.urls import endpoint_problem
+from emp_machine.telemetry.urls import http_url_problem
 from emp_machine.units import ByteSize, Duration
 
 
@@ -81,13 +81,6 @@ class TelemetryConfig(_Strict):
     environment: str = "development"
     otlp_endpoint: str = Field("", description="OTLP/HTTP base URL; empty keeps records in the local buffer only")
 
-    @field_validator("otlp_endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if value and (problem := endpoint_problem(value)) is not None:
-            raise ValueError(f"the OTLP endpoint {problem} (e.g. http://collector:4318)")
-        return value
-
     otlp_headers: dict[str, str] = Field(default_factory=dict)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
     log_level: str = Field("INFO", description="level below which log records are neither printed nor buffered")
@@ -96,6 +89,13 @@ class TelemetryConfig(_Strict):
     overhead: OverheadBudget = Field(default_factory=OverheadBudget)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and (problem := http_url_problem(value)) is not None:
+            raise ValueError(f"the OTLP endpoint {problem} (e.g. http://collector:4318)")
+        return value
 
 
 def _parse_pairs(text: str) -> dict[str, str]:
@@ -120,7 +120,7 @@ def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> Telem
     update: dict[str, object] = {}
     export: dict[str, object] = {}
     if endpoint := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
-        if (problem := endpoint_problem(endpoint)) is not None:
+        if (problem := http_url_problem(endpoint)) is not None:
             raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT {problem} (e.g. http://collector:4318)")
         update["otlp_endpoint"] = endpoint
     if headers := environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").strip():

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from emp_machine.telemetry.buffer import Buffer, Kind
-from emp_machine.telemetry.urls import endpoint_problem
+from emp_machine.telemetry.urls import http_url_problem
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
 
 PATHS = {Kind.SPAN: "/v1/traces", Kind.LOG: "/v1/logs", Kind.METRIC: "/v1/metrics"}
@@ -82,7 +82,7 @@ class Shipper:
                  probe_records: int = 10, poll: float = 1.0,
                  on_exported: Callable[[str, int], None] | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
-        if (problem := endpoint_problem(endpoint)) is not None:  # the URL is not quoted: it may hold a password
+        if (problem := http_url_problem(endpoint)) is not None:  # the URL is not quoted: it may hold a password
             raise ValueError(f"telemetry.otlp_endpoint {problem}")
         parts = urlsplit(endpoint)
         self.buffer = buffer

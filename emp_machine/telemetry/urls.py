@@ -18,8 +18,9 @@ def url_problem(url: str) -> str | None:
     return None if parts.hostname else "has no host"
 
 
-def endpoint_problem(url: str) -> str | None:
-    """Why `url` cannot be an OTLP/HTTP endpoint, or None."""
+def http_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an http(s) URL to call (an OTLP endpoint, a health check, a public address), or
+    None."""
     scheme, sep, _ = url.partition("://")
     if not sep:
         return "has no scheme: it must start with http:// or https://"
