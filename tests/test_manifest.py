@@ -266,6 +266,18 @@ def test_cli_counts_must_be_whole_numbers_from_zero():
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
 
 
+def test_run_with_a_state_dir_that_cannot_be_written_names_it_without_a_traceback(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"machine: {{type: t, id: s1, state_dir: {tmp_path / 'a-file' / 'state'}}}\n"
+                        "workers: {sim: {connector: simulation}}\n")
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "--manifest", str(manifest), "run"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(manifest) in done.stderr and "machine.state_dir: cannot write" in done.stderr
+    assert "EMP_MACHINE__STATE_DIR" in done.stderr
+
+
 def test_cli_render_hides_secrets(tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(textwrap.dedent(f"""

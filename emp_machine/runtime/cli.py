@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from emp_machine.errors import EmpError
+from emp_machine.errors import EmpError, ManifestError, ManifestProblem
 from emp_machine.runtime import cli_ops as ops
 
 USAGE_EXIT = 2
@@ -153,8 +153,13 @@ def _validate_then_exec(manifest, *, demo: bool) -> int:
     resolved = resolved_manifest_path(Path(manifest.machine.state_dir))
     data = _resolved_data(manifest)
     plan.build(View(data), hardware.probe(), resolved_manifest=resolved, environ=dict(os.environ))
-    resolved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        resolved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:  # the state directory cannot be made or written: say where and what to do
+        raise ManifestError(manifest.source or "<manifest>", [ManifestProblem(
+            "machine.state_dir", f"cannot write {resolved.parent}: {exc.strerror or exc}",
+            hint="set machine.state_dir (or EMP_MACHINE__STATE_DIR) to a directory this user can write")]) from None
     with open(fd, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
     sys.stdout.flush()
