@@ -15,10 +15,10 @@ import logging
 import time
 from collections.abc import Mapping
 
-from emp_machine.telemetry.context import _fields
+from emp_machine.telemetry.context import _SPAN_KEY, _fields, _get_current
 from emp_machine.telemetry.logs import Events
 from emp_machine.telemetry.standard import StandardMetrics
-from emp_machine.telemetry.tracing import LightSpan, _get_current, _SPAN_KEY
+from emp_machine.telemetry.tracing import LightSpan
 
 _time_ns = time.time_ns
 

@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping
 from typing import IO
 
 from emp_machine.telemetry.buffer import Kind, Value
-from emp_machine.telemetry.context import _fields
+from emp_machine.telemetry.context import _SPAN_KEY, _fields, _get_current
 from emp_machine.telemetry.redact import redact_fields, redact_text
 from emp_machine.telemetry.sampling import OverheadMeter
-from emp_machine.telemetry.tracing import LightSpan, _get_current, _SPAN_KEY, current_ids
+from emp_machine.telemetry.tracing import LightSpan, current_ids
 
 _SEVERITY = {logging.DEBUG: 5, logging.INFO: 9, logging.WARNING: 13, logging.ERROR: 17, logging.CRITICAL: 21}
 _LEVEL_NAME = {5: "debug", 9: "info", 13: "warning", 17: "error", 21: "critical"}
