@@ -10,7 +10,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from emp_machine.telemetry import TelemetryConfig
 from emp_machine.telemetry.buffer import Buffer, Kind, Value
 from emp_machine.telemetry.encode import Encoder
-from emp_machine.telemetry.shipper import Shipper
+from emp_machine.telemetry.shipper import MAX_RETRY_AFTER_S, Shipper, _retry_after
 from otlp_receiver import OtlpReceiver, attributes, free_port, wait_until
 
 
@@ -78,6 +78,35 @@ def test_retryable_statuses_honour_retry_after_and_lose_nothing(buffer, receiver
     assert receiver.statuses[:4] == [503, 503, 429, 200]
     assert time.monotonic() - start >= 0.6  # two Retry-After waits of 0.3 s
     assert len({attributes(s.attributes)["i"] for s in receiver.spans()}) == len(receiver.spans()) == 50
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("12", 12.0), ("0.25", 0.25), ("-5", 0.0), ("", None), (None, None),
+    ("inf", MAX_RETRY_AFTER_S), ("1e400", MAX_RETRY_AFTER_S), ("999999", MAX_RETRY_AFTER_S),
+    ("nan", None), ("soon", None), ("Mon, 99 Foo 2026 99:99:99 GMT", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: at once
+    ("Fri, 01 Jan 9999 00:00:00 GMT", MAX_RETRY_AFTER_S),
+])
+def test_retry_after_is_read_within_bounds_and_never_raises(header, expected):
+    assert _retry_after(header) == expected
+
+
+@pytest.mark.parametrize("header", ["soon", "inf"])
+def test_a_junk_or_endless_retry_after_neither_stops_nor_stalls_the_shipper(buffer, receiver, header):
+    # "inf" used to raise OverflowError in the thread's wait, killing the shipper; "soon" raised ValueError
+    # before the failure was counted. Now junk is ignored (the backoff decides) and a huge value is capped.
+    receiver.respond_next(503, headers={"Retry-After": header})
+    for i in range(20):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    shipper = _shipper(buffer, receiver.endpoint, max_retry_after=0.2).start()
+    try:
+        assert receiver.wait_for(lambda r: len(r.spans()) >= 20, timeout=10)
+        assert shipper._thread.is_alive()
+    finally:
+        shipper.stop()
+    assert receiver.statuses[:2] == [503, 200]
+    assert shipper.stats.requests_failed == 1 and "503" in shipper.stats.last_error
+    assert sorted(attributes(s.attributes)["i"] for s in receiver.spans()) == list(range(20))
 
 
 def test_a_rejected_batch_goes_to_dead_letters_and_later_ones_flow(buffer, receiver):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import math
 import random
 import socket
 import threading
@@ -64,14 +65,28 @@ def _gzip(body: bytes) -> bytes:
     return compressor.compress(body) + compressor.flush()
 
 
-def _retry_after(value: str | None) -> float | None:
+# A Retry-After longer than this is read as this: a collector that asks for an hour (or sends "inf") would
+# otherwise hold every record past the buffer's retention. Records stay buffered meanwhile.
+MAX_RETRY_AFTER_S = 300.0
+
+
+def _retry_after(value: str | None, cap: float = MAX_RETRY_AFTER_S) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), within 0 and `cap`; None
+    when absent or unreadable (the backoff then decides alone). Never raises: a collector's junk header must
+    not stop the shipper."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        seconds = parsed.timestamp() - time.time()
+    if math.isnan(seconds):
+        return None
+    return min(cap, max(0.0, seconds))
 
 
 class Shipper:
@@ -79,7 +94,7 @@ class Shipper:
                  batch_min: int = 100, batch_max: int = 1000, max_request_size: int = 10**6,
                  interval: float = 5.0, timeout: float = 10.0, compression: str = "gzip",
                  max_backoff: float = 60.0, base_backoff: float = 0.5, breaker_threshold: int = 3,
-                 probe_records: int = 10, poll: float = 1.0,
+                 probe_records: int = 10, poll: float = 1.0, max_retry_after: float = MAX_RETRY_AFTER_S,
                  on_exported: Callable[[str, int], None] | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
         if (problem := http_url_problem(endpoint)) is not None:  # the URL is not quoted: it may hold a password
@@ -98,6 +113,7 @@ class Shipper:
         self.interval, self.timeout = interval, timeout
         self.max_backoff, self.base_backoff = max_backoff, base_backoff
         self.breaker_threshold, self.probe_records = breaker_threshold, probe_records
+        self.max_retry_after = max_retry_after
         self.poll = poll
         self.on_exported = on_exported
         self._rng = rng or random.Random()
@@ -289,7 +305,7 @@ class Shipper:
             self.stats.bytes_sent += len(payload)
             return
         if status == 429 or status >= 500:
-            raise _Retry(f"HTTP {status}", _retry_after(response.getheader("Retry-After")))
+            raise _Retry(f"HTTP {status}", _retry_after(response.getheader("Retry-After"), self.max_retry_after))
         raise _Rejected(f"HTTP {status} from {path}")
 
     # --- backoff and circuit breaker -----------------------------------------------------------------
