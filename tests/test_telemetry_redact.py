@@ -15,6 +15,21 @@ from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
     ('{"api_key": "k-12345678"}', "k-12345678"),
     ("redis://user:s3cretpw@host:6379/0", "s3cretpw"),
     ("token: abcdef0123", "abcdef0123"),
+    # any scheme after an Authorization key: the scheme word stays, the credential goes
+    ("Authorization: Token abcdef123456", "abcdef123456"),
+    ("authorization=Digest username_and_response_0123", "username_and_response_0123"),
+    # well-known key formats, wherever they stand
+    ("HF said 401 for hf_AbCdEfGhIjKlMnOpQrStUv", "AbCdEfGhIjKlMnOpQrStUv"),
+    ("clone with ghp_0123456789abcdefABCDEF0123", "0123456789abcdefABCDEF0123"),
+    ("replicate r8_AbCdEf0123456789 refused", "AbCdEf0123456789"),
+    ("aws key AKIAIOSFODNN7EXAMPLE denied", "AKIAIOSFODNN7EXAMPLE"),
+    ("maps key AIzaSyA-1234567890abcdefghijklmnopqrstu invalid", "AIzaSyA-1234567890abcdefghijklmnopqrstu"),
+    # a secret word inside a longer key name
+    ("aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("X-Api-Key: abcdef12345", "abcdef12345"),
+    ("DB_PASSWORD=Hunter2XY", "Hunter2XY"),
+    # a character whose lowercase is longer than itself (the shapes then run on the text, ignoring case)
+    ("\u0130stanbul Bearer ABCDEFGHIJKL", "ABCDEFGHIJKL"),
 ])
 def test_secret_values_in_text_are_replaced(text, secret):
     redacted = redact_text(text)
@@ -23,7 +38,9 @@ def test_secret_values_in_text_are_replaced(text, secret):
 
 
 def test_ordinary_text_is_left_alone():
-    for text in ["job 12 finished in 3.2 s", "used 1500 tokens", "KSampler 45% 9/20", "tokens=5 total"]:
+    for text in ["job 12 finished in 3.2 s", "used 1500 tokens", "KSampler 45% 9/20", "tokens=5 total",
+                 "max_tokens: 4096 exceeds the limit", "sampling through the night", "Asia region",
+                 "GET http://127.0.0.1:8188/history/abc 200", "token_count=12", "the key frames"]:
         assert redact_text(text) == text
 
 
@@ -40,6 +57,19 @@ def test_secret_keys_are_redacted_at_any_depth_but_token_counts_are_not():
     assert (fields["prompt_tokens"], fields["completion_tokens"], fields["total_tokens"]) == (10, 5, 15)
     assert fields["model"] == "gpt-4o"
     assert "abcdefgh12345678" not in fields["message"]
+
+
+def test_a_key_naming_tokens_is_secret_unless_it_holds_a_count_or_a_structure():
+    fields = redact_fields({
+        "access_tokens": "at-123", "secret_tokens": "st-123", "session_tokens": ["s1", "s2"], "token": "zzz",
+        "refresh_token": "rrr", "id_token": 12345,  # id_token holds a JWT whatever its type: always secret
+        "token_usage": {"prompt_tokens": 3, "total_tokens": 5, "api_key": "k"},  # OpenAI's usage, kept
+        "tokens_per_second": 12.5, "max_tokens": "1024",
+    })
+    assert all(fields[k] == REDACTED for k in ("access_tokens", "secret_tokens", "session_tokens", "token",
+                                               "refresh_token", "id_token"))
+    assert fields["token_usage"] == {"prompt_tokens": 3, "total_tokens": 5, "api_key": REDACTED}
+    assert (fields["tokens_per_second"], fields["max_tokens"]) == (12.5, "1024")
 
 
 def test_json_lines_encode_as_the_stdlib_encoder_does():
