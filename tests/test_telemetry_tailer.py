@@ -170,3 +170,244 @@ def test_telemetry_ships_tailed_output(tmp_path):
         receiver.stop()
     (record,) = [x for x in receiver.logs() if x.body.string_value == "got prompt"]
     assert attributes(record.attributes)["worker_id"] == "m1-worker-0"
+
+
+# --- rotation the way supervisord does it (name.log -> name.log.1 -> name.log.2, the oldest removed) ---------------
+
+def _rotate(log: Path, backups: int = 2) -> None:
+    """supervisord's doRollover: shift the backups up (the last one is overwritten), rename, open a new file."""
+    for i in range(backups - 1, 0, -1):
+        older = log.with_name(f"{log.name}.{i}")
+        if older.exists():
+            os.replace(older, log.with_name(f"{log.name}.{i + 1}"))
+    os.replace(log, log.with_name(f"{log.name}.1"))
+    log.touch()
+
+
+class Writer:
+    """Writes distinct numbered lines to a file and remembers them in order."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.written: list[str] = []
+
+    def __call__(self, tag: str, n: int, pad: int = 0) -> list[str]:
+        chunk = [f"{tag} {i:06d} {'x' * pad}".rstrip() for i in range(n)]
+        _append(self.log, "".join(line + "\n" for line in chunk))
+        self.written.extend(chunk)
+        return chunk
+
+
+def _poll_until_idle(tailer: ServiceOutputTailer, passes: int = 50) -> int:
+    """Drive passes until one reads nothing; returns how many read something."""
+    for busy in range(passes):
+        if tailer.poll_once() == 0:
+            return busy
+    raise AssertionError(f"the tailer still read records after {passes} passes")
+
+
+def _lost(buffer: Buffer) -> list[tuple]:
+    return [r for r in _records(buffer) if r[7] == "service.output_lost"]
+
+
+def _lines(buffer: Buffer) -> list[str]:
+    return [r[3] for r in _records(buffer) if r[7] != "service.output_lost"]
+
+
+def test_rotation_with_more_unread_than_one_pass_reads_the_old_file_completely(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        write("a", 10)
+        tailer.poll_once()
+        write("a-unread", 50_000, pad=90)  # ~5 MB unread: more than a chunk (1 MiB) and a pass (4 MiB)
+        _rotate(log)
+        write("b", 10)
+        assert _poll_until_idle(tailer) >= 2  # bounded work per pass, the rest next pass: nothing dropped
+        assert _lines(buffer) == write.written
+        assert tailer.lost_gaps == 0 and not _lost(buffer)
+    finally:
+        buffer.close()
+
+
+def test_two_rotations_while_stopped_are_read_in_order_after_a_restart(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+    write("a", 100)
+    tailer.poll_once()
+    tailer.stop()
+    buffer.close()
+
+    write("a-unread", 30)  # while the machine is down: more output and two rotations
+    _rotate(log)
+    write("b", 40)
+    _rotate(log)
+    write("c", 50)
+    assert log.with_name("svc.log.2").read_text().startswith("a ")  # the saved file is now name.2
+
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        _poll_until_idle(tailer)
+        write("c-live", 5)
+        tailer.stop()
+        assert _lines(buffer) == write.written  # a's rest, the middle file b, then c: none lost, none twice
+        assert tailer.lost_gaps == 0
+    finally:
+        buffer.close()
+    buffer = Buffer(tmp_path / "b.db")
+    try:  # and a further restart reads nothing again
+        ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1").stop()
+        assert _lines(buffer) == write.written
+    finally:
+        buffer.close()
+
+
+def test_two_rotations_between_two_polls_read_the_middle_file(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        write("a", 10)
+        tailer.poll_once()
+        write("a-unread", 10)
+        _rotate(log)
+        write("b", 10)
+        _rotate(log)
+        write("c", 10)
+        _poll_until_idle(tailer)
+        assert _lines(buffer) == write.written
+    finally:
+        buffer.close()
+
+
+def test_a_file_rotated_past_the_backups_while_stopped_is_reported_lost(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+    write("a", 20)
+    tailer.stop()
+    buffer.close()
+    read = list(write.written)
+
+    write("a-unread", 10)  # three rotations with two backups kept: the saved file a is deleted
+    _rotate(log)
+    kept = write("b", 10)
+    _rotate(log)
+    kept += write("c", 10)
+    _rotate(log)
+    kept += write("d", 10)
+    assert sorted(p.name for p in tmp_path.glob("svc.log*")) == ["svc.log", "svc.log.1", "svc.log.2"]
+
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer.stop()
+        assert _lines(buffer) == read + kept  # only a's unread lines are gone: b, c, d are all read
+        (lost,) = _lost(buffer)
+        assert lost[2] == "WARNING" and "rotated past the kept backups" in lost[3]
+        assert lost[4]["lost.after_offset"] == sum(len(line) + 1 for line in read)
+        assert tailer.lost_gaps == 1
+    finally:
+        buffer.close()
+    buffer = Buffer(tmp_path / "b.db")
+    try:  # reported once: a further restart neither reports again nor reads anything twice
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer.stop()
+        assert len(_lost(buffer)) == 1 and _lines(buffer) == read + kept and tailer.lost_gaps == 0
+    finally:
+        buffer.close()
+
+
+def test_files_rotated_away_between_two_polls_are_reported_and_the_kept_ones_read(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        expected = write("a", 10)
+        tailer.poll_once()
+        expected += write("a-unread", 10)  # still readable: the tailer holds the file open
+        for tag in ("b", "c", "d", "e"):  # a and b are deleted past the two backups before the next poll
+            _rotate(log)
+            lines = write(tag, 10)
+            if tag != "b":
+                expected += lines
+        _poll_until_idle(tailer)
+        assert _lines(buffer) == expected
+        (lost,) = _lost(buffer)
+        assert "may have gone too" in lost[3] and tailer.lost_gaps == 1
+    finally:
+        buffer.close()
+
+
+def test_a_machine_tails_each_service_with_its_worker_id(machine_factory, tmp_path):
+    import sys
+
+    from otlp_receiver import OtlpReceiver, attributes
+
+    script = tmp_path / "chatty.py"
+    script.write_text("import sys, time\nprint('hello from', sys.argv[1], flush=True)\n"
+                      "print('oops from', sys.argv[1], file=sys.stderr, flush=True)\ntime.sleep(600)\n")
+    receiver = OtlpReceiver().start()
+    try:
+        machine = machine_factory(f"""
+services:
+  chatty:
+    command: {sys.executable} {script} {{index}}
+    instances: 2
+workers:
+  sim:
+    connector: simulation
+    service: chatty
+    stop_grace: 5s
+telemetry:
+  otlp_endpoint: {receiver.endpoint}
+  export: {{interval: 0.1s}}
+""")
+        machine.wait_ready()
+        bodies = {f"{word} from {i}" for word in ("hello", "oops") for i in (0, 1)}
+
+        def tailed():
+            return {x.body.string_value: attributes(x.attributes) for x in receiver.logs()
+                    if x.body.string_value in bodies}
+
+        assert receiver.wait_for(lambda r: len(tailed()) == 4, timeout=20), machine.tail()
+        machine_id = f"test-{machine.state_dir.name}"
+        for body, attrs in tailed().items():
+            index = body[-1]
+            assert (attrs["process"], attrs["service_type"]) == (f"chatty-{index}", "chatty")
+            assert attrs["worker_id"] == f"{machine_id}-worker-{index}"  # each instance serves one worker
+            assert attrs["source"] == "output"  # supervisord merges stderr into the one file
+    finally:
+        receiver.stop()
+
+
+def test_a_noted_successor_rotated_away_before_it_was_read_is_reported(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        expected = write("a", 10)
+        tailer.poll_once()
+        expected += write("a-unread", 50_000, pad=90)  # more than a pass: the tailer is still in a when b goes
+        _rotate(log)
+        write("b", 10)
+        tailer.poll_once()  # sees a rotated, notes b as its successor, reads part of a
+        for tag in ("c", "d", "e"):
+            _rotate(log)
+            expected += write(tag, 10)
+        assert not log.with_name("svc.log.3").exists() and log.with_name("svc.log.2").read_text().startswith("c ")
+        _poll_until_idle(tailer)
+        assert _lines(buffer) == expected  # all of a (held open), b gone, then c, d, e
+        (lost,) = _lost(buffer)
+        assert "left the kept backups before it was read" in lost[3] and tailer.lost_gaps == 1
+    finally:
+        buffer.close()

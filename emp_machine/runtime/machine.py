@@ -302,8 +302,15 @@ class Machine:
         step("boot.services", started=[s.name for s in first])
         if not self._tailing:
             self._tailing = True
-            self.telemetry.tail_service_output([(str(self.paths.log_file(s.process)), s.process, s.service)
-                                                for s in self.plan.services])
+            owners: dict[str, list[str]] = {}  # service process -> the workers bound to it
+            for worker in self.plan.workers:
+                if worker.service_process:
+                    owners.setdefault(worker.service_process, []).append(worker.worker_id)
+            # A service serving one worker (one ComfyUI per GPU worker) carries its worker_id; a shared one none.
+            self.telemetry.tail_service_output([
+                (str(self.paths.log_file(s.process)), s.process, s.service,
+                 *(owners[s.process] if len(owners.get(s.process, ())) == 1 else ()))
+                for s in self.plan.services])
         self._start_ready_workers()
 
     def _process_start_time(self, name: str) -> tuple[int, float]:

@@ -2,15 +2,21 @@
 
 Each source is (log file, process name, service_type[, worker_id]). Lines are parsed (level; Python tracebacks,
 chained ones included, folded into one ERROR record with error.type and error.message; tqdm-style progress
-lines turned into `service.progress` records, at most one per source per poll), enriched with machine_id,
-worker_id, service_type, process and source (stdout/stderr), and appended to the durable buffer.
+lines turned into `service.progress` records, at most one per source per chunk read), enriched with machine_id,
+worker_id, service_type, process and source, and appended to the durable buffer. `source` is stdout or stderr
+when the file name says so, else "output": supervisord runs our programs with redirect_stderr, one merged file.
 
-No line lost, none shipped twice: the file's (inode, offset) is committed in the same SQLite transaction as the
-records read up to it (`Buffer.append_with_state`), and only whole records advance it (a partial line or an
-unfinished traceback is read again next time). On rotation (a new inode at the path) the old file is read to
-its end through the descriptor still open; after a restart, a saved inode that moved is looked for among
-`<name>.*` siblings (supervisor's `name.log.1`) and finished first. On the very first start a file is read
-from its beginning. An unfinished traceback or partial line is emitted after `fold_timeout` without growth.
+No line lost, none shipped twice: the file's identity (device, inode, first bytes) and offset are committed in
+the same SQLite transaction as the records read up to it (`Buffer.append_with_state`), and only whole records
+advance it (a partial line or an unfinished traceback is read again next time). Files are read in 1 MiB chunks,
+at most `_PASS_BYTES` per file per poll; the rest comes next poll, never dropped. supervisord rotates by
+renaming (`name.log` -> `name.log.1` -> `name.log.2` ..., the oldest deleted): a file that is no longer the
+live one is read to its end, then its successor (the file one step newer in that chain, noted when the
+rotation was seen) and so on up to the live file. After a restart the saved file is looked for in the chain
+and the same walk follows. A file that left the chain before it was finished (rotated past the kept backups)
+is reported as a `service.output_lost` warning record and counted in `lost_gaps`; reading goes on from the
+oldest file kept. On the very first start the live file is read from its beginning. An unfinished traceback or
+partial line is emitted after `fold_timeout` without growth, or at the end of a rotated file.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ _PROGRESS = re.compile(r"(\d{1,3})%\|[^|]*\|\s*(\d+)/(\d+)")
 _TB_START = "Traceback (most recent call last):"
 _TB_CHAIN = ("During handling of the above exception", "The above exception was the direct cause")
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::\s?(.*))?$")
-_MAX_READ = 1 << 20
+_MAX_READ = 1 << 20      # one chunk
+_PASS_BYTES = 4 << 20    # per file per poll: bounds one poll's work; the rest is read next poll
+_HEAD = 64               # bytes of a file's beginning that identify it beside its inode (inodes get reused)
 
 
 def _is_exception_line(text: str) -> bool:
@@ -49,6 +57,46 @@ def _continues(text: str, exception_line: str) -> bool:
     return not exception_line
 
 
+_Identity = tuple[int | None, int, bytes]  # (st_dev, st_ino, first bytes): which file, wherever it was renamed to
+
+
+def _chain(path: Path) -> list[Path]:
+    """The live file, then supervisor's backups newest first (`name.1`, `name.2`, ...): the rotation chain."""
+    backups = [p for p in path.parent.glob(path.name + ".*") if p.name[len(path.name) + 1:].isdigit()]
+    backups.sort(key=lambda p: int(p.name[len(path.name) + 1:]))
+    return ([path] if path.exists() else []) + backups
+
+
+def _same(dev: int, inode: int, head: bytes, identity: _Identity) -> bool:
+    known_dev, known_inode, known_head = identity
+    return inode == known_inode and known_dev in (None, dev) and head[:len(known_head)] == known_head
+
+
+def _identify(path: Path) -> _Identity | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino, os.pread(fd, _HEAD, 0)
+    finally:
+        os.close(fd)
+
+
+def _matches(path: Path, identity: _Identity | None) -> bool:
+    """Whether `path` is now the file `identity` names (same inode and device, same first bytes)."""
+    if identity is None:
+        return False
+    try:
+        if path.stat().st_ino != identity[1]:
+            return False  # the cheap check first: most candidates differ in inode
+    except FileNotFoundError:
+        return False
+    found = _identify(path)
+    return found is not None and _same(*found, identity)
+
+
 @dataclass(frozen=True)
 class TailSource:
     path: Path
@@ -58,18 +106,23 @@ class TailSource:
 
     @property
     def stream(self) -> str:
-        return "stderr" if "stderr" in self.path.name else "stdout"
+        """stdout/stderr when the file name says so; "output" for a merged file (supervisor's redirect_stderr)."""
+        name = self.path.name
+        return "stderr" if "stderr" in name else "stdout" if "stdout" in name else "output"
 
 
 class _FileState:
-    __slots__ = ("source", "key", "fd", "inode", "offset", "last_growth", "size_seen")
+    __slots__ = ("source", "key", "fd", "dev", "inode", "head", "offset", "successor", "last_growth", "size_seen")
 
     def __init__(self, source: TailSource):
         self.source = source
         self.key = f"tail:{source.path}"
         self.fd: int | None = None
+        self.dev: int | None = None  # None: a state saved before devices were recorded matches any
         self.inode = 0
+        self.head = b""
         self.offset = 0
+        self.successor: _Identity | None = None  # the next newer file, once this one is seen rotated
         self.last_growth = time.monotonic()
         self.size_seen = -1
 
@@ -88,6 +141,7 @@ class ServiceOutputTailer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.records_total = 0
+        self.lost_gaps = 0  # times a file left the rotation chain before it was read to its end
         for state in self._files:
             self._restore(state)
 
@@ -133,63 +187,154 @@ class ServiceOutputTailer:
         if not saved:
             return
         data = json.loads(saved)
-        state.inode, state.offset = data["inode"], data["offset"]
-        path = state.source.path
-        try:
-            if path.stat().st_ino == state.inode:
+        wanted = (data.get("dev"), data["inode"], bytes.fromhex(data.get("head", "")))
+        chain = _chain(state.source.path)
+        for candidate in chain:  # the live file, or where rotations moved it while we were down
+            if _matches(candidate, wanted) and self._open(state, candidate, wanted):
+                state.offset = data["offset"]
                 return
-        except FileNotFoundError:
-            pass
-        for sibling in sorted(path.parent.glob(path.name + ".*")):  # rotated while we were down
-            try:
-                if sibling.stat().st_ino == state.inode:
-                    state.fd = os.open(sibling, os.O_RDONLY)
-                    return
-            except OSError:
-                continue
-        state.inode, state.offset = 0, 0  # the old file is gone: start the current one from its beginning
+        # Gone: rotated past the kept backups while not tailed. Everything still kept is newer than it.
+        state.inode, state.offset = data["inode"], data["offset"]
+        self._skip_lost(state, chain, f"{state.source.path} (inode {data['inode']}) was rotated past the kept "
+                                      "backups while the machine was down")
 
     def _poll(self, state: _FileState) -> int:
         path = state.source.path
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            st = None
+        budget = _PASS_BYTES
         count = 0
-        if state.fd is not None and (st is None or st.st_ino != state.inode):
-            # Rotated: finish the old file through the descriptor we still hold, then switch.
-            count += self._read(state, final=True)
-            os.close(state.fd)
-            state.fd = None
-            state.inode, state.offset = (st.st_ino if st else 0), 0
-            self.buffer.append_with_state([], state.key, json.dumps({"inode": state.inode, "offset": 0}))
-        if st is None:
-            return count
-        if state.fd is None:
-            state.fd = os.open(path, os.O_RDONLY)
-            if st.st_ino != state.inode:
-                state.inode, state.offset = st.st_ino, 0
-        if st.st_size < state.offset:  # truncated in place (copytruncate)
-            state.offset = 0
-        count += self._read(state, final=False)
+        for _ in range(64):  # one step per file in the chain; bounded should files be shuffled by hand
+            try:
+                live = path.stat()
+            except FileNotFoundError:
+                live = None
+            if state.fd is None:
+                if live is None or not self._open(state, path, None):
+                    return count
+                self._commit(state, [])
+                continue
+            if live is not None and (live.st_dev, live.st_ino) == (state.dev, state.inode):
+                if live.st_size < state.offset:  # truncated in place (copytruncate)
+                    state.offset = 0
+                return count + self._drain(state, False, budget)[0]
+            # No longer the live file (rotated, or the live one is being replaced): note which file comes next
+            # while both are still in the chain, read this one to its end, then go on with that one.
+            if state.successor is None:
+                self._locate(state)
+            records, used, done = self._drain(state, True, budget)
+            count += records
+            budget -= used
+            if not done or not self._advance(state) or budget <= 0:
+                return count
         return count
 
-    def _read(self, state: _FileState, final: bool) -> int:
-        data = os.pread(state.fd, _MAX_READ, state.offset)
-        now = self._clock()
-        if len(data) != state.size_seen:
-            state.size_seen = len(data)
-            state.last_growth = now
-        if not data:
-            return 0
-        idle = final or now - state.last_growth >= self.fold_timeout
-        records, consumed = self._parse(state.source, data, flush=idle)
-        if consumed == 0:
-            return 0
-        state.offset += consumed
-        state.size_seen = -1
-        self.buffer.append_with_state(records, state.key, json.dumps({"inode": state.inode, "offset": state.offset}))
-        return len(records)
+    def _advance(self, state: _FileState) -> bool:
+        """Switch from a finished rotated file to its successor; False to wait (the next one is not there yet)."""
+        chain = _chain(state.source.path)
+        if state.successor is None:
+            if self._locate(state):
+                if state.successor is None:
+                    return False  # mid-rotation: the new live file is not created yet
+            else:
+                return self._skip_lost(state, chain, f"{state.source.path}: a rotated file (inode {state.inode}) "
+                                                     "left the kept backups; files rotated after it may have gone too")
+        for candidate in chain:
+            if _matches(candidate, state.successor):
+                return self._switch(state, candidate, state.successor, [])
+        return self._skip_lost(state, chain, f"{state.source.path}: the file rotated after inode {state.inode} left "
+                                             "the kept backups before it was read")
+
+    def _skip_lost(self, state: _FileState, chain: list[Path], message: str) -> bool:
+        """Report output that left the chain unread and go on with the oldest file kept (or the next live one)."""
+        records = [self._lost(state, message)]
+        if chain:
+            if not self._switch(state, chain[-1], None, records):
+                return False  # it went meanwhile: all again next poll, reported once
+        else:
+            if state.fd is not None:
+                os.close(state.fd)
+                state.fd = None
+            self.buffer.append_with_state(records, state.key, "")  # no file at all: the next one from its start
+        self.lost_gaps += 1
+        return state.fd is not None
+
+    def _locate(self, state: _FileState) -> bool:
+        """Find the current file in the chain and note its successor; False when it is no longer there."""
+        for _ in range(5):
+            chain = _chain(state.source.path)
+            mine = (state.dev, state.inode, state.head)
+            index = next((i for i, candidate in enumerate(chain) if _matches(candidate, mine)), None)
+            if index is None:
+                return False
+            if index == 0:
+                return True
+            successor = _identify(chain[index - 1])
+            if _matches(chain[index], mine):  # not moved while we looked at the newer one: a consistent pair
+                state.successor = successor
+                return True
+        return True  # rotating under our feet: try again next poll
+
+    def _switch(self, state: _FileState, path: Path, expected: _Identity | None, records: list) -> bool:
+        previous = state.fd
+        if not self._open(state, path, expected):
+            return False
+        if previous is not None:
+            os.close(previous)
+        self._commit(state, records)
+        return True
+
+    def _open(self, state: _FileState, path: Path, expected: _Identity | None) -> bool:
+        """Make `path` the current file at offset 0 (False if it is gone or is not the `expected` file)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        st = os.fstat(fd)
+        head = os.pread(fd, _HEAD, 0)
+        if expected is not None and not _same(st.st_dev, st.st_ino, head, expected):
+            os.close(fd)
+            return False
+        state.fd, state.dev, state.inode, state.head = fd, st.st_dev, st.st_ino, head
+        state.offset, state.successor, state.size_seen = 0, None, -1
+        return True
+
+    def _drain(self, state: _FileState, final: bool, budget: int) -> tuple[int, int, bool]:
+        """Read whole records from the offset in chunks, up to `budget` bytes: (records, bytes read, at end).
+        `final`: the file is rotated, so what is at its end is emitted even when unfinished."""
+        count = used = 0
+        while True:
+            data = os.pread(state.fd, _MAX_READ, state.offset)
+            used += len(data)
+            at_end = len(data) < _MAX_READ
+            flush = final and at_end
+            if at_end and not final:
+                now = self._clock()
+                if len(data) != state.size_seen:
+                    state.size_seen, state.last_growth = len(data), now
+                flush = now - state.last_growth >= self.fold_timeout
+            if not data:
+                return count, used, True
+            records, consumed = self._parse(state.source, data, flush=flush)
+            if consumed == 0 and not at_end:  # one record longer than a chunk: cut it here rather than stall
+                records, consumed = self._parse(state.source, data, flush=True)
+            if consumed:
+                state.offset += consumed
+                state.size_seen = -1
+                self._commit(state, records)
+                count += len(records)
+            if at_end or used >= budget:
+                return count, used, at_end
+
+    def _commit(self, state: _FileState, records: list) -> None:
+        if len(state.head) < _HEAD:  # bytes once written never change: a longer head identifies better
+            state.head = os.pread(state.fd, _HEAD, 0)
+        saved = {"dev": state.dev, "inode": state.inode, "offset": state.offset, "head": state.head.hex()}
+        self.buffer.append_with_state(records, state.key, json.dumps(saved))
+
+    def _lost(self, state: _FileState, message: str) -> tuple[int, int, tuple]:
+        """A warning record for output that cannot be read any more: reported, never silent."""
+        attributes = {**self._attributes(state.source), "lost.after_offset": state.offset}
+        return (Kind.LOG, Value.ERROR, (time.time_ns(), 13, "WARNING", f"service output lost: {message}",
+                                        attributes, 0, 0, "service.output_lost"))
 
     # --- parsing -------------------------------------------------------------------------------------
 
