@@ -292,3 +292,52 @@ def test_health_port_in_use_fails_the_boot_with_the_fix_named(machine_factory):
         assert machine.event("boot.supervisord") is None  # nothing was started
     finally:
         holder.close()
+
+
+def test_metrics_carry_the_workers_jobs_and_worker_series(machine_factory, redis_server):
+    """jobs_* and worker_* are recorded in the worker processes: /metrics merges what they publish."""
+    import redis as redis_lib
+
+    machine = machine_factory("""
+health: {port: 0}
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    job_types: [metrics-sim]  # the module's machine serves `simulation` from the same Redis
+    stop_grace: 5s
+""")
+    machine.wait_ready()
+    base = health_base(machine)
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)  # no FLUSHALL: other machines run
+    try:
+        store = JobStore(client)
+        for _ in range(4):
+            store.submit("metrics-sim", {"steps": 2, "step_ms": 5})
+        store.submit("metrics-sim", {"steps": 2, "step_ms": 5, "fail_at_step": 1, "fail_retryable": False})
+    finally:
+        client.close()
+
+    def scraped():
+        status, _, body = http(base + "/metrics")
+        assert status == 200
+        return body.decode()
+
+    def jobs(text: str, status: str) -> float:
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "jobs_processed_total" and s.labels.get("type") == "metrics-sim"
+                   and s.labels.get("status") == status)
+    text = wait_for(lambda: (t := scraped()) and jobs(t, "completed") == 4 and jobs(t, "failed") == 1 and t, 20,
+                    message="/metrics to count the workers' 5 jobs")
+    mid = json.loads(http(base + "/status")[2])["machine_id"]
+    workers = {f"{mid}-worker-0", f"{mid}-worker-1"}
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert {s.labels.get("worker_id") for s in samples if s.name == "jobs_processed_total"} <= workers
+    assert {s.labels["worker_id"] for s in samples if s.name == "worker_memory_usage_bytes"} == workers
+    assert sum(s.value for s in samples if s.name == "worker_job_duration_seconds_count") == 5
+    assert {s.labels.get("worker_id") for s in samples if s.name == "telemetry_sampling_rate"} == {None, *workers}
+    assert [s.labels for s in samples if s.name == "workers_total"] == [{"service": "simulation"}]
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))  # one TYPE line per family
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(series) == len(set(series))  # no series twice

@@ -3,7 +3,7 @@
 GET  /health   200 when the machine can do its work, else 503 (JSON: components with reasons)
 GET  /ready    200 once booted and not draining, else 503
 GET  /status   the machine status document published to Redis
-GET  /metrics  Prometheus text exposition of the telemetry meters
+GET  /metrics  Prometheus text exposition of the machine's meter and its workers' (see WorkerMetrics)
 GET  /errors?since=1h  error records from the machine's log files (`emp-machine errors --machine`)
 GET  /         a small self-refreshing status page
 POST /processes/{name}/restart, POST /refresh-status: `Authorization: Bearer <token>`; 403 without a
@@ -16,11 +16,16 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from emp_machine.runtime.aggregate import Aggregator
+from emp_machine.telemetry.metrics import SNAPSHOT_MAX_AGE, merge_snapshots, parse_snapshot, render_prometheus
 from emp_machine.units import parse_duration
 
 log = logging.getLogger("emp.machine.health")
@@ -31,6 +36,92 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 def _error(status: int, message: str, **extra) -> web.Response:
     return web.Response(status=status, content_type=JSON, text=json.dumps({"error": message, **extra}))
+
+
+class WorkerMetrics:
+    """The workers' meters, for /metrics. Each worker's telemetry writes its meter's snapshot to
+    `{directory}/{worker_id}.json` every few seconds and at exit (`setup(snapshot_path=...)`, an atomic
+    rename); `render()` merges the fresh ones of this machine's workers into the machine's own snapshot.
+
+    Each worker's series carry its `worker_id` label (the worker_* ones already do), as each target's would
+    in Prometheus: a restarted worker's counters start again from zero, which `rate()` reads as one
+    counter reset; summed across workers instead, a restart would lower the sum and `rate()` would count
+    the other workers' totals as new. A snapshot not rewritten for `max_age` seconds is a worker that is
+    gone (stopped, removed, or a previous run's): its series stop, as a vanished target's do. A file that
+    cannot be read or parsed is skipped, logged once per version and counted in
+    `telemetry_worker_snapshots_skipped_total{reason}`. Cost: one stat per worker per scrape, a parse only
+    when a file changed (a few KB of JSON), nothing between scrapes."""
+
+    def __init__(self, directory: Path, worker_ids: Iterable[str], *, max_age: float = SNAPSHOT_MAX_AGE,
+                 clock: Callable[[], float] = time.time, meter: Any = None):
+        self.directory = Path(directory)
+        self.worker_ids = tuple(sorted(set(worker_ids)))
+        self.max_age, self.clock = max_age, clock
+        self.skipped: dict[str, int] = {}
+        self._cache: dict[str, tuple[tuple, list]] = {}  # worker_id -> (file version, snapshot)
+        self._bad: dict[str, tuple] = {}  # worker_id -> file version already counted as skipped
+        self._lock = threading.Lock()
+        if meter is not None:
+            from opentelemetry.metrics import Observation
+
+            meter.create_observable_counter("telemetry_worker_snapshots_skipped_total", [
+                lambda _: [Observation(n, {"reason": r}) for r, n in list(self.skipped.items())]], "1",
+                "worker metric snapshots left out of /metrics: unreadable or corrupt")
+
+    def read(self) -> list[tuple[str, list[tuple]]]:
+        """(worker_id, snapshot) of every worker whose snapshot is fresh and sound."""
+        with self._lock:
+            now = self.clock()
+            out = []
+            for worker_id in self.worker_ids:
+                path = self.directory / f"{worker_id}.json"
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    self._cache.pop(worker_id, None)
+                    continue
+                except OSError as exc:
+                    self._skip(worker_id, ("stat", exc.errno), "unreadable", str(exc))
+                    continue
+                if now - st.st_mtime > self.max_age:
+                    self._cache.pop(worker_id, None)
+                    continue
+                version = (st.st_ino, st.st_mtime_ns, st.st_size)
+                cached = self._cache.get(worker_id)
+                if cached is not None and cached[0] == version:
+                    out.append((worker_id, cached[1]))
+                    continue
+                if self._bad.get(worker_id) == version:
+                    continue
+                try:
+                    holder, snapshot = parse_snapshot(path.read_bytes())
+                    if holder != worker_id:
+                        raise ValueError(f"holds the snapshot of {holder[:80]!r}")
+                except OSError as exc:
+                    self._skip(worker_id, version, "unreadable", str(exc))
+                    continue
+                except ValueError as exc:
+                    self._skip(worker_id, version, "corrupt", str(exc))
+                    continue
+                self._cache[worker_id] = (version, snapshot)
+                out.append((worker_id, snapshot))
+            return out
+
+    def render(self, own: Callable[[], Iterable[tuple]]) -> str:
+        """Prometheus text of this process's snapshot (`own()`, taken after the files are read, so that it
+        counts what this read skipped) and the live workers' (labelled by worker_id)."""
+        workers = self.read()
+        return render_prometheus(merge_snapshots(own(), workers))
+
+    def _skip(self, worker_id: str, version: tuple, reason: str, error: str) -> None:
+        if self._bad.get(worker_id) == version:
+            return
+        self._bad[worker_id] = version
+        self._cache.pop(worker_id, None)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.warning("metrics.snapshot_skipped", extra={"fields": {
+            "event_type": "metrics.snapshot_skipped", "worker_id": worker_id, "reason": reason,
+            "path": str(self.directory / f"{worker_id}.json"), "error": error[:300]}})
 
 
 class HealthServer:
@@ -87,7 +178,9 @@ class HealthServer:
         return web.Response(body=self.aggregate.status_body, content_type=JSON)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._metrics(), headers={"Content-Type": PROMETHEUS})
+        """In a thread: rendering reads the workers' snapshot files."""
+        text = await asyncio.to_thread(self._metrics)
+        return web.Response(text=text, headers={"Content-Type": PROMETHEUS})
 
     async def errors(self, request: web.Request) -> web.Response:
         """Read from the log files on demand (in a thread): the one read that is not pre-aggregated."""

@@ -26,7 +26,7 @@ from emp_machine.runtime import hardware as hw
 from emp_machine.runtime import jobs, queries
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
-from emp_machine.runtime.health import HealthServer
+from emp_machine.runtime.health import HealthServer, WorkerMetrics
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
 from emp_machine.runtime.resp import RespError
@@ -156,12 +156,15 @@ class Machine:
         metrics = getattr(telemetry, "metrics", None)
         if metrics is not None and hasattr(metrics, "workers_active"):
             self.aggregate.gauges = (metrics.workers_active, metrics.workers_total)
+        # /metrics: the machine's meter plus what each worker publishes under state/metrics/ (worker.py)
+        self.worker_metrics = WorkerMetrics(self.paths.state / "metrics", [w.worker_id for w in plan.workers],
+                                            meter=getattr(telemetry, "meter", None))
         self.health_server = HealthServer(
             self.aggregate, host=manifest.health.host, port=manifest.health.port,
             token=health_token, token_env=manifest.health.token_env,
             cors_origins=manifest.health.cors_origins, process_names={s.name for s in plan.specs},
             restart=self._request_restart, refresh=lambda: self.inbox.put_nowait(RefreshRequested()),
-            metrics=telemetry.render_prometheus,
+            metrics=lambda: self.worker_metrics.render(telemetry.metrics_snapshot),
             errors=lambda since_s: queries.recent_errors(self.paths.logs, since_s))
         self._redis = st.redis_client(plan.redis_url)
         self.publisher = st.Publisher(self.aggregate, self._redis, plan.redis_url, manifest.status.interval)

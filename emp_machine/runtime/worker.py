@@ -564,7 +564,8 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
     tel = telemetry_pkg.setup(manifest.telemetry, machine_id=ident.machine_id, worker_id=ident.worker_id,
                               service_type=group.service or group.connector, region=manifest.machine.region or None,
                               buffer_path=state / "telemetry" / f"{ident.worker_id}.db",
-                              process_share=1 / (workers_total + 1))
+                              process_share=1 / (workers_total + 1),
+                              snapshot_path=state / "metrics" / f"{ident.worker_id}.json")  # for /metrics
     tel.install_logging()
     try:
         registry = ConnectorRegistry.discover()

@@ -19,7 +19,7 @@ from emp_machine.telemetry.buffer import Buffer, Kind, Value
 from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
-from emp_machine.telemetry.metrics import Meter
+from emp_machine.telemetry.metrics import SNAPSHOT_INTERVAL, Meter, write_snapshot
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
 from emp_machine.telemetry.shipper import Shipper
 from emp_machine.telemetry.standard import StandardMetrics
@@ -83,7 +83,8 @@ class Telemetry:
 
     def __init__(self, config: TelemetryConfig, *, machine_id: str, worker_id: str | None, service_type: str,
                  region: str | None, buffer_path: Path, process_share: float, stream: IO[str] | None,
-                 system_metrics: bool):
+                 system_metrics: bool, snapshot_path: Path | None = None,
+                 snapshot_interval: float = SNAPSHOT_INTERVAL):
         self.config = config
         self.machine_id, self.worker_id, self.service_type = machine_id, worker_id, service_type
         self.resource = resource_attributes(config, machine_id=machine_id, worker_id=worker_id,
@@ -116,6 +117,14 @@ class Telemetry:
         self.meter = Meter("emp_machine")
         self.metrics = StandardMetrics(self.meter, system=system_metrics)
         self._own_metrics()
+        self.snapshot_path, self.snapshot_interval = snapshot_path, snapshot_interval
+        self._snapshot_failing = False
+        self._process: Any = None  # psutil.Process of this worker, for worker_memory_usage_bytes
+        if snapshot_path is not None:
+            try:
+                snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass  # reported by the first publish_snapshot()
         self._tailers: list[ServiceOutputTailer] = []
         self._loggers: dict[str, TelemetryLogger] = {}
         self._stop = threading.Event()
@@ -184,6 +193,31 @@ class Telemetry:
     def render_prometheus(self) -> str:
         return self.meter.render_prometheus()
 
+    def publish_snapshot(self) -> bool:
+        """Write this process's metric snapshot to `snapshot_path` (atomically), where the machine's health
+        server reads it for /metrics. Called every `snapshot_interval` by the housekeeping thread and at
+        shutdown; a failure is reported once per failing spell, never raised."""
+        if self.snapshot_path is None:
+            return False
+        try:
+            if self.worker_id:
+                if self._process is None:
+                    import psutil
+
+                    self._process = psutil.Process()
+                self.metrics.worker_memory_usage_bytes.set(self._process.memory_info().rss,
+                                                           {"worker_id": self.worker_id})
+            write_snapshot(self.snapshot_path, self.meter.snapshot(), worker_id=self.worker_id or self.machine_id,
+                           start_ns=self.meter.start_ns)
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the worker or its telemetry
+            if not self._snapshot_failing:
+                self._snapshot_failing = True
+                self.events.emit("telemetry.snapshot_failed", level=logging.WARNING, path=str(self.snapshot_path),
+                                 error=f"{type(exc).__name__}: {exc}")
+            return False
+        self._snapshot_failing = False
+        return True
+
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def start_shipper(self) -> Shipper | None:
@@ -219,6 +253,7 @@ class Telemetry:
         self.flush(timeout)
         if self.shipper is not None:
             self.shipper.stop(drain_timeout=timeout)
+        self.publish_snapshot()  # the last values stay readable until the machine counts the worker as gone
         self.buffer.close(timeout)
 
     # --- internals -----------------------------------------------------------------------------------
@@ -233,7 +268,8 @@ class Telemetry:
     def _housekeep(self) -> None:
         interval = self.config.export.metrics_interval
         next_metrics = time.monotonic() + interval
-        while not self._stop.wait(min(1.0, interval)):
+        next_snapshot = time.monotonic()
+        while not self._stop.wait(min(1.0, interval, self.snapshot_interval)):
             self.sampler.maybe_adjust()  # also when no span ends for a while
             with self._drops_lock:
                 drops, self._drops_unreported = self._drops_unreported, {}
@@ -242,6 +278,9 @@ class Telemetry:
             if time.monotonic() >= next_metrics:
                 next_metrics += interval
                 self.buffer.append(Kind.METRIC, Value.NORMAL, self.meter.record())
+            if self.snapshot_path is not None and time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + self.snapshot_interval
+                self.publish_snapshot()
 
     def _own_metrics(self) -> None:
         from opentelemetry.metrics import Observation
@@ -267,20 +306,27 @@ class Telemetry:
 
 def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = None, service_type: str,
           region: str | None = None, buffer_path: Path, process_share: float = 1.0, stream: IO[str] | None = None,
-          system_metrics: bool | None = None, start_shipper: bool = True) -> Telemetry:
+          system_metrics: bool | None = None, start_shipper: bool = True, snapshot_path: Path | None = None,
+          snapshot_interval: float = SNAPSHOT_INTERVAL) -> Telemetry:
     """Telemetry for this process.
 
     `buffer_path` must be this process's own file (e.g. `state/telemetry/{worker_id}.db`); after a restart the
     same path resumes shipping what was left. `process_share` is this process's part of the machine's span and
     CPU budgets. `stream` replaces stdout for JSON lines. `system_metrics` (default: when `worker_id` is None,
     i.e. the machine process) adds machine_* gauges. With an `otlp_endpoint` the shipper starts at once unless
-    `start_shipper=False` (then call `start_shipper()`).
+    `start_shipper=False` (then call `start_shipper()`). With `snapshot_path` (a worker's
+    `state/metrics/{worker_id}.json`) the meter's snapshot is written there every `snapshot_interval` and at
+    shutdown, for the machine's /metrics.
     """
     if not 0 < process_share <= 1:
         raise ValueError(f"process_share must be in (0, 1], got {process_share}")
+    if not snapshot_interval > 0:
+        raise ValueError(f"snapshot_interval must be positive, got {snapshot_interval}")
     telemetry = Telemetry(config, machine_id=machine_id, worker_id=worker_id, service_type=service_type,
                           region=region, buffer_path=Path(buffer_path), process_share=process_share, stream=stream,
-                          system_metrics=worker_id is None if system_metrics is None else system_metrics)
+                          system_metrics=worker_id is None if system_metrics is None else system_metrics,
+                          snapshot_path=Path(snapshot_path) if snapshot_path is not None else None,
+                          snapshot_interval=snapshot_interval)
     if start_shipper:
         telemetry.start_shipper()
     return telemetry

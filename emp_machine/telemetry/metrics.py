@@ -5,19 +5,28 @@ The SDK's Counter.add costs 7-9 us because every call looks up the attribute set
 aggregation machinery; here `bind(**attributes)` resolves the series once, so `bound.add(1)` is a lock and an
 addition. Unbound calls (`counter.add(1, {"status": "ok"})`) still work, through a dict keyed by the sorted
 attribute items. Aggregation is cumulative (what both OTLP and Prometheus want).
+
+A worker's meter lives in the worker's process, but /metrics is served by the machine's: each worker
+publishes its snapshot to a file (`write_snapshot`, every `SNAPSHOT_INTERVAL` and at exit), and the health
+server reads them back (`parse_snapshot`) and merges them into its own (`merge_snapshots`).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import metrics as api
 
+SNAPSHOT_INTERVAL = 5.0  # seconds between two snapshots a worker publishes for the machine's /metrics
+SNAPSHOT_MAX_AGE = 30.0  # a snapshot not rewritten for this long belongs to a worker that is gone
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -281,3 +290,123 @@ def render_prometheus(snapshot: Iterable[tuple]) -> str:
             else:
                 lines.append(f"{metric}{_prom_labels(attributes)} {_prom_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+# --- snapshots shared between processes -------------------------------------------------------------------
+
+_KINDS = ("sum", "gauge", "histogram")
+
+
+def write_snapshot(path: Path, snapshot: list[tuple], *, worker_id: str, start_ns: int) -> None:
+    """Publish a meter snapshot for another process to read: JSON written to a temporary file and renamed over
+    `path`, so that a reader finds the previous snapshot or this one, never part of one."""
+    doc = {"version": 1, "worker_id": worker_id, "pid": os.getpid(), "start_ns": start_ns,
+           "time_ns": time.time_ns(), "metrics": snapshot}
+    data = json.dumps(doc, separators=(",", ":"), default=str).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def parse_snapshot(data: bytes | str) -> tuple[str, list[tuple]]:
+    """(worker_id, snapshot) from `write_snapshot`'s file; ValueError saying what is wrong with anything else."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1:
+        raise ValueError("not a version 1 metric snapshot")
+    worker_id, families = doc.get("worker_id"), doc.get("metrics")
+    if not isinstance(worker_id, str) or not worker_id:
+        raise ValueError("no worker_id")
+    if not isinstance(families, list):
+        raise ValueError("no metrics list")
+    return worker_id, [_parse_family(item) for item in families]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_family(item: Any) -> tuple:
+    if not isinstance(item, list) or len(item) != 6:
+        raise ValueError("a metric is not [name, description, unit, kind, monotonic, points]")
+    name, description, unit, kind, monotonic, points = item
+    if not (isinstance(name, str) and name and isinstance(description, str) and isinstance(unit, str)
+            and kind in _KINDS and isinstance(monotonic, bool) and isinstance(points, list)):
+        raise ValueError(f"metric {str(name)[:80]!r}: bad name, kind or points")
+    parsed = []
+    for point in points:
+        if not (isinstance(point, list) and len(point) == 2 and isinstance(point[0], dict)):
+            raise ValueError(f"metric {name!r}: a point is not [attributes, value]")
+        attributes, value = point
+        if kind == "histogram":
+            value = _parse_histogram(name, value)
+        elif not _number(value):
+            raise ValueError(f"metric {name!r}: value {str(value)[:40]!r} is not a number")
+        parsed.append((attributes, value))
+    return name, description, unit, kind, monotonic, parsed
+
+
+def _parse_histogram(name: str, value: Any) -> tuple:
+    if isinstance(value, list) and len(value) == 4:
+        count, total, counts, bounds = value
+        if (isinstance(count, int) and _number(total) and isinstance(counts, list) and isinstance(bounds, list)
+                and len(counts) == len(bounds) + 1 and all(isinstance(c, int) for c in counts)
+                and all(_number(b) for b in bounds)):
+            return count, total, counts, bounds
+    raise ValueError(f"metric {name!r}: a histogram point is not [count, sum, bucket counts, bounds]")
+
+
+def merge_snapshots(own: Iterable[tuple], others: Iterable[tuple[str, Iterable[tuple]]], *,
+                    label: str = "worker_id") -> list[tuple]:
+    """This process's snapshot and other processes' (`(id, snapshot)` pairs) as one, so that each metric
+    family is rendered once: other processes' points get `label="<id>"` unless they carry that label already.
+    A series met twice (same name, same rendered labels) is summed for sums and histograms with the same
+    bounds, else the first is kept; a family whose kind differs from the first one of its name is left out."""
+    merged: dict[str, list] = {}
+    series: dict[str, dict[str, int]] = {}
+
+    def add(family: tuple, process_id: str | None) -> None:
+        name, description, unit, kind, monotonic, points = family
+        target = merged.get(name)
+        if target is None:
+            target = merged[name] = [name, description, unit, kind, monotonic, []]
+            series[name] = {}
+        elif (target[3], target[4]) != (kind, monotonic):
+            return
+        if description and not target[1]:
+            target[1] = description
+        seen, out = series[name], target[5]
+        for attributes, value in points:
+            if process_id is not None and label not in attributes:
+                attributes = {**attributes, label: process_id}
+            key = _prom_labels(attributes)
+            index = seen.get(key)
+            if index is None:
+                seen[key] = len(out)
+                out.append((attributes, value))
+            else:
+                out[index] = (out[index][0], _combine(kind, out[index][1], value))
+
+    for family in own:
+        add(family, None)
+    for process_id, snapshot in others:
+        for family in snapshot:
+            add(family, process_id)
+    return [tuple(family) for family in merged.values() if family[5]]
+
+
+def _combine(kind: str, old: Any, new: Any) -> Any:
+    if kind == "sum":
+        return old + new
+    if kind == "histogram" and list(old[3]) == list(new[3]):
+        return (old[0] + new[0], old[1] + new[1], [a + b for a, b in zip(old[2], new[2])], old[3])
+    return old
