@@ -26,9 +26,12 @@ class FakeClock:
         return self.now
 
 
-def _tracer(budget: float, clock: FakeClock, meter: OverheadMeter | None = None, cpu_budget: float = 1.0):
+def _tracer(budget: float, clock: FakeClock, meter: OverheadMeter | None = None, cpu_budget: float = 1.0,
+            span_budget_us: float = float("inf")):
+    # The span-cost guard reads real time (a sampled span's perf counter): on a loaded machine one preempted
+    # span read over 100 us and halved the rate under test. Tests of other rules switch it off.
     kept: list[tuple] = []
-    sampler = AdaptiveSampler(budget, clock=clock, meter=meter, cpu_budget=cpu_budget)
+    sampler = AdaptiveSampler(budget, clock=clock, meter=meter, cpu_budget=cpu_budget, span_budget_us=span_budget_us)
     return Tracer(sampler, kept.append, clock=clock), kept
 
 
@@ -50,6 +53,21 @@ def test_ten_times_the_budget_converges_to_the_budget(spans_per_trace):
     assert 160 <= sum(after_warmup) / len(after_warmup) <= 240, per_second
     assert all(100 <= n <= 300 for n in after_warmup), per_second
     assert tracer.sampler.rate == pytest.approx(0.1, rel=0.3)
+
+
+def test_spans_costlier_than_their_budget_halve_the_rate_and_cheap_ones_let_it_recover():
+    clock = FakeClock()
+    tracer, _ = _tracer(1e9, clock, span_budget_us=100)
+    sampler = tracer.sampler
+    sampler.meter.span_ns = 250_000  # as if timed spans cost 250 us each
+    clock.now += 1.0
+    sampler.maybe_adjust()
+    assert sampler.overhead_factor == 0.5 and sampler.rate == 0.5
+    sampler.meter.span_ns = 5_000
+    for _ in range(5):
+        clock.now += 1.0
+        sampler.maybe_adjust()
+    assert sampler.overhead_factor == 1.0 and sampler.rate == 1.0
 
 
 def test_rate_recovers_when_the_load_falls():
@@ -237,6 +255,23 @@ def test_at_one_percent_a_failed_or_slow_job_still_arrives_whole(tmp_path, recei
                                                     for x in g))
     assert ok_jobs < 10
     assert telemetry.tracer.tail_kept_jobs == 2  # failed-1 and slow-1 (ok ones sampled at 1 % are not tail-kept)
+
+
+def test_records_of_an_unsampled_job_that_ends_well_are_discarded_and_counted(tmp_path, receiver):
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, receiver, stream=stream)
+    tracer, log = telemetry.tracer, telemetry.logger("test.sampled_out")
+    tracer.sampler.threshold = 0  # nothing sampled, and not over budget: the job holds its records
+    tracer.sampler.next_adjust = float("inf")
+    with telemetry.job_span("quiet-1", job_type="simulation"):
+        log.info("step 1 of quiet-1")
+        telemetry.events.emit("job.completed", job_id="quiet-1")
+        log.warning("a warning is written at once")
+    assert tracer.dropped_logs == 2 and telemetry.writer.deferred == 2
+    assert "telemetry_logs_sampled_out_total 2" in telemetry.render_prometheus()
+    telemetry.shutdown()
+    assert [r.body.string_value for r in receiver.logs() if "quiet-1" in r.body.string_value
+            or attributes(r.attributes).get("job_id") == "quiet-1"] == ["a warning is written at once"]
 
 
 def test_over_budget_an_unsampled_job_sheds_its_info_records_but_not_its_trace(tmp_path, receiver):

@@ -302,6 +302,9 @@ class Telemetry:
         m.create_observable_gauge("telemetry_cpu_ratio", [lambda _: [Observation(sampler.cpu_share)]], "1")
         m.create_observable_counter("telemetry_logs_shed_total", [lambda _: [Observation(self.writer.shed)]], "1",
                                     "DEBUG/INFO records of unsampled jobs not recorded while over the CPU budget")
+        m.create_observable_counter("telemetry_logs_sampled_out_total", [
+            lambda _: [Observation(tracer.dropped_logs)]], "1",
+            "DEBUG/INFO records and events of unsampled jobs, held and discarded when the job ended well")
 
 
 def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = None, service_type: str,

@@ -275,6 +275,7 @@ class Tracer(otel_trace.Tracer):
         self.kept_spans = 0          # spans written to the buffer
         self.dropped_spans = 0       # spans discarded by sampling (jobs that were neither failed nor slow)
         self.tail_kept_jobs = 0      # unsampled jobs kept because they failed or were slow
+        self.dropped_logs = 0        # log records and events held by such jobs and discarded with them
 
     # --- creation ------------------------------------------------------------------------------------
 
@@ -385,6 +386,7 @@ class Tracer(otel_trace.Tracer):
             else:
                 self.dropped_spans += len(job.records)
                 sampler.dropped_total += len(job.records)
+                self.dropped_logs += len(job.logs)
             job.records = []
             job.logs = []
         self.meter.spans += 1
