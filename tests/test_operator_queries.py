@@ -126,3 +126,35 @@ def test_job_timeline_has_queue_wait_and_the_workers_step_durations(machine_fact
     assert failed["durations"]["service_call_ms"] >= 40 and "postprocessing_ms" not in failed["durations"]
     text = machine.cli("job", bad, "--redis", redis_url)
     assert text.returncode == 0 and "steps queue wait" in text.stdout and "service call" in text.stdout
+
+
+def test_timeline_of_an_api_job_retried_then_completed(redis, redis_url):
+    # A job the EMP API submitted (no timeline of ours), failed once, then completed by another worker.
+    from emp_machine.runtime.jobs import JobStore, contract_fields, submission_score
+    from emp_machine.runtime.queries import timeline
+
+    store = JobStore(redis)
+    created_ms = int(time.time() * 1000) - 1500
+    created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created_ms / 1000)) + f".{created_ms % 1000:03d}Z"
+    redis.hset("job:api-1", mapping=contract_fields("api-1", "sim", {}, created_at=created))
+    redis.zadd("jobs:pending", {"api-1": submission_score(50, created_ms)})
+    assert store.claim({"worker_id": "w1", "machine_id": "m", "services": ["sim"]}, hints=["api-1"], start=True)
+    store.progress("api-1", "w1", 42, "halfway")
+    store.fail("api-1", "w1", "boom", retryable=True)
+    assert store.claim({"worker_id": "w2", "machine_id": "m", "services": ["sim"]}, start=True)
+    store.progress("api-1", "w2", 70, "seventy")
+    store.complete("api-1", "w2", {"ok": 1}, final_progress=True)
+
+    doc = timeline(store, "api-1")
+    assert [s["event"] for s in doc["steps"]] == ["submitted", "claimed", "started", "failed", "claimed", "started",
+                                                  "completed"]
+    assert doc["steps"][0]["at_ms"] == created_ms and doc["durations"]["queue_wait_ms"] >= 0
+    assert doc["total_ms"] >= 1500
+    assert (doc["error"], doc["earlier_error"]) == ("", "boom")  # completed: the retry's error is history
+    text = subprocess.run([sys.executable, "-m", "emp_machine", "job", "api-1", "--redis", redis_url],
+                          capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert "earlier attempt failed: boom" in lines and not any(line.startswith("error ") for line in lines)
+    assert any(line.startswith("progress 100%") for line in lines)
+    assert any(" submitted " in line and "by=api (created_at)" in line for line in lines)

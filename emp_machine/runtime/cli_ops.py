@@ -339,6 +339,12 @@ def cmd_job(args) -> int:
         print(f"trace {doc['trace_id']}")
     if doc["error"]:
         print(f"error {doc['error']}")
+    elif doc["earlier_error"]:
+        print(f"earlier attempt failed: {doc['earlier_error']}")
+    progress = doc["progress"]
+    if progress.get("progress"):  # the last update the worker sent (job:{id}:progress)
+        print(f"progress {progress['progress']}%" + (f"  {progress['message']}" if progress.get("message") else "")
+              + (f"  at {progress['updated_at']}" if progress.get("updated_at") else ""))
     if doc["durations"]:
         print("steps " + ", ".join(f"{name.removesuffix('_ms').replace('_', ' ')} {queries.format_ms(ms)}"
                                      for name, ms in doc["durations"].items()))

@@ -44,11 +44,17 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
     data = store.timeline(job_id)
     if not data.job and not data.events:
         return None
+    job = data.job
+    created = _iso_to_ms(job.get("created_at", ""))
+    events = list(data.events)
+    if created and not any(ev.get("ev") == "submitted" for ev in events):
+        # Submitted by the EMP API, which keeps no timeline: its created_at is the submission.
+        events.insert(0, {"t": created, "ev": "submitted", "by": "api (created_at)"})
     steps: list[Step] = []
     previous = None
     durations: dict[str, int | float] = {}
     last: dict[str, int] = {}
-    for ev in data.events:
+    for ev in events:
         at = int(ev.get("t") or 0)
         name = str(ev.get("ev", "?"))
         last[name] = at
@@ -65,17 +71,19 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
                           ", ".join(f"{k}={v}" for k, v in detail.items()),
                           None if previous is None else at - previous))
         previous = at
-    job = data.job
-    created = _iso_to_ms(job.get("created_at", ""))
-    finished = _iso_to_ms(job.get("completed_at", "") or job.get("failed_at", ""))
+    status = job.get("status", "unknown")
+    finished = _iso_to_ms(job.get("completed_at", "")) if status == "completed" else \
+        _iso_to_ms(job.get("failed_at", "")) if status == "failed" else None
     return {
         "job_id": job_id,
-        "status": job.get("status", "unknown"),
+        "status": status,
         "service_required": job.get("service_required", ""),
         "retry_count": int(job.get("retry_count") or 0),
         "max_retries": int(job.get("max_retries") or 0),
         "worker_id": job.get("worker_id", ""),
-        "error": job.get("error", ""),
+        # The hash keeps the last failure's error after a retry succeeds: an error only when the job failed.
+        "error": job.get("error", "") if status == "failed" else "",
+        "earlier_error": job.get("error", "") if status != "failed" else "",
         "trace_id": job.get("job_trace_id", ""),
         "total_ms": finished - created if finished and created else None,
         "progress": data.progress,
