@@ -177,6 +177,17 @@ RULES = [
     ("strict isolation, denied customer", {"customer_isolation": "strict"}, "evil", False),
     ("models available", {"models": ["sdxl"]}, "", True),
     ("model missing", {"models": ["sdxl", "sd3"]}, "", False),
+    ("models by service, available", {"models": {"sim": ["sdxl", "flux"]}}, "", True),
+    ("models by service, one missing", {"models": {"sim": ["sdxl", "sd3"]}}, "", False),
+    ("models by service, another service's entry is not this job's", {"models": {"sim": ["flux"],
+                                                                                "other": ["sd3"]}}, "", True),
+    ("models by service, no entry for this service", {"models": {"other": ["sd3"]}}, "", True),
+    ("models by service, one name", {"models": {"sim": "flux"}}, "", True),
+    ("models by service, unreadable entry", {"models": {"sim": 5}}, "", False),
+    ("models as one name", {"models": "flux"}, "", True),
+    ("models as one missing name", {"models": "sd3"}, "", False),
+    ("models all", {"models": "all"}, "", True),
+    ("models unreadable", {"models": 5}, "", False),
     ("array contains all", {"features": ["fp8", "lora"]}, "", True),
     ("array lacks one", {"features": ["fp8", "int4"]}, "", False),
     ("membership", {"features": "lora"}, "", True),
@@ -209,6 +220,26 @@ def test_strict_isolation_needs_a_strict_worker(store):
     store.submit("sim", {}, job_id="job", requirements={"customer_isolation": "strict"}, customer_id="acme")
     assert store.claim(caps(customer_access={"isolation": "loose"})) is None
     assert store.claim(caps(customer_access={"isolation": "strict", "allowed_customers": ["acme"]})).id == "job"
+
+
+ISOLATION = [
+    ("strict worker, customer allowed", {"isolation": "strict", "allowed_customers": ["acme"]}, True),
+    ("strict worker without an allow list", {"isolation": "strict"}, False),
+    ("strict worker, empty allow list", {"isolation": "strict", "allowed_customers": []}, False),
+    ("strict worker, another customer allowed", {"isolation": "strict", "allowed_customers": ["other"]}, False),
+    ("strict worker, customer allowed and denied", {"isolation": "strict", "allowed_customers": ["acme"],
+                                                    "denied_customers": ["acme"]}, False),
+    ("loose worker, customer allowed", {"isolation": "loose", "allowed_customers": ["acme"]}, False),
+    ("worker without customer_access", None, False),
+]
+
+
+@pytest.mark.parametrize("access,expected", [r[1:] for r in ISOLATION], ids=[r[0] for r in ISOLATION])
+def test_strict_isolation_rules(store, access, expected):
+    # Contract: strict needs a strict worker, the customer in its allow list and not in its deny list.
+    store.submit("sim", {}, job_id="job", requirements={"customer_isolation": "strict"}, customer_id="acme")
+    worker = caps() if access is None else caps(customer_access=access)
+    assert (store.claim(worker) is not None) is expected
 
 
 def test_isolation_classes_are_per_customer(store):

@@ -258,13 +258,19 @@ _Op = Generator[_Call, Any, Any]
 class _JobOps:
     """The operations, written once as generators of round trips; subclasses say how to run them."""
 
-    def __init__(self, client: Any, *, lease_s: float = 60.0, avoid_reclaim_s: float = 10.0,
+    def __init__(self, client: Any, *, lease_s: float = 60.0, avoid_reclaim_s: float = 1.0,
                  reconcile_min_interval_s: float = 1.0, index_check_interval_s: float = 1.0,
-                 functions: bool = True):
+                 sweep_interval_s: float = 5.0, functions: bool = True):
         """`lease_s`: how long a claim holds without a heartbeat before the reaper re-queues it.
-        `avoid_reclaim_s`: how long a job a worker just failed is left to other workers.
+        `avoid_reclaim_s`: how long a job a worker just failed is left to other workers. Its requeue wakes
+        idle workers at once, so a short window lets one of them take it; after that the failing worker
+        may take it back, and a claim that passed it over says when (`claimable_in_s`).
         `reconcile_min_interval_s`: at most one queue reconcile per interval, triggered by a claim that
-        sees jobs in jobs:pending our index lacks.
+        sees jobs in jobs:pending our index lacks (by count: more pending jobs than index entries).
+        `sweep_interval_s`: at most once per interval, a claim that finds nothing also takes one bounded
+        step of the slow sweep (`_sweep_step`), which finds what the count misses: a job the API submitted
+        while stale index entries (jobs others removed from jobs:pending) make the counts agree. A claim
+        that gets a job never sweeps. Keep it at most the worker's fallback sweep interval.
         `index_check_interval_s`: how often a claim first looks for such jobs (a claim that finds nothing
         always looks). Within the interval a job the API submitted while no worker heard `job_submitted`
         may wait behind lower-priority indexed jobs; 0 looks on every claim (~3 us of Redis time each).
@@ -277,6 +283,12 @@ class _JobOps:
         self._last_reconcile = float("-inf")
         self._check_every = index_check_interval_s
         self._last_check = float("-inf")
+        self._sweep_every = sweep_interval_s
+        self._last_sweep = float("-inf")
+        self._sweep_cursors = (0, 0)  # ZSCAN of jobs:pending, HSCAN of jobs:idx:of: carried between steps
+        # After a claim that found nothing: seconds until a job it passed over (one this worker just failed)
+        # is claimable by this worker; None when it passed over none.
+        self.claimable_in_s: float | None = None
         self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self.uses_functions = functions
         prefix = function_library()[1]
@@ -320,13 +332,22 @@ class _JobOps:
             self._last_check = now
         begin = "1" if start else "0"
         reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if check else "0", begin, *hints))
+        if not reply[0] and not int(reply[1]) and time.monotonic() - self._last_sweep >= self._sweep_every:
+            # The counts agree, but stale index entries may hide an unindexed job: one bounded sweep step.
+            self._last_sweep = time.monotonic()
+            found = yield from self._sweep_step()
+            if found.adopted or found.pruned:
+                reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin))
         if not reply[0] and int(reply[1]) and self._reconcile_allowed():
             # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
             self._last_reconcile = time.monotonic()
             yield from self._reconcile()
             reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin))
         if not reply[0]:
+            # 2 ms more, so timer rounding never brings the worker back a claim too early.
+            self.claimable_in_s = int(reply[2]) / 1000 + 0.002 if len(reply) > 2 else None
             return None
+        self.claimable_in_s = None
         return Job(reply[0], json.loads(reply[2]))
 
     def _reconcile_allowed(self) -> bool:
@@ -349,6 +370,22 @@ class _JobOps:
                 pruned += int((yield _Call("prune", tuple(entries))))
             if int(cursor) == 0:
                 break
+        return ReconcileReport(adopted, removed, pruned)
+
+    def _sweep_step(self) -> _Op:
+        """One bounded step of the slow sweep: adopt one ZSCAN chunk of jobs:pending and prune one HSCAN
+        chunk of jobs:idx:of (~_CHUNK entries each). The cursors carry over, so successive steps cover both
+        keys whatever stale entries there are (a scan returns every element present throughout a full
+        iteration), without relying on the counts that stale entries can make agree."""
+        pending_cursor, index_cursor = self._sweep_cursors
+        adopted = removed = pruned = 0
+        pending_cursor, pairs = yield _Call(None, ("zscan", PENDING), {"cursor": pending_cursor, "count": _CHUNK})
+        if pairs:
+            adopted, removed = (int(n) for n in (yield _Call("adopt", tuple(member for member, _ in pairs))))
+        index_cursor, entries = yield _Call(None, ("hscan", INDEX_OF), {"cursor": index_cursor, "count": _CHUNK})
+        if entries:
+            pruned = int((yield _Call("prune", tuple(entries))))
+        self._sweep_cursors = (int(pending_cursor), int(index_cursor))
         return ReconcileReport(adopted, removed, pruned)
 
     # ---- running a job ----
@@ -445,7 +482,8 @@ class _Api(_JobOps):
 
     def claim(self, capabilities: Mapping[str, Any], *, hints: Iterable[str] = (), start: bool = False):
         """Claim the best job these capabilities can serve, or None. `hints`: ids from job_submitted.
-        `start`: also mark it in_progress (what start() does) in the same round trip."""
+        `start`: also mark it in_progress (what start() does) in the same round trip. After None,
+        `claimable_in_s` says when a job this worker just failed (and passed over) may be claimed by it."""
         return self._drive(self._claim(capabilities, tuple(hints), start))
 
     def progress(self, job_id: str, worker_id: str, percent: float, message: str = "", *,

@@ -223,8 +223,10 @@ class Worker:
                 continue
             if job is None:
                 self.slots.release()
-                await signals.wait(FALLBACK_SWEEP_S)  # a drain interrupts it (_on_signal)
-                continue
+                # A job this worker just failed comes back to it when no other worker took it meanwhile.
+                back_in = self.store.claimable_in_s
+                await signals.wait(FALLBACK_SWEEP_S if back_in is None else min(back_in, FALLBACK_SWEEP_S))
+                continue  # a drain interrupts the wait (_on_signal)
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
             self.running[job.id] = task
             task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))

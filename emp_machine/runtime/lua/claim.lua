@@ -11,7 +11,10 @@
 -- ARGV[5] = '1': start the job at once (in_progress, as start.lua does), saving a round trip
 -- ARGV[6..] = job ids announced on job_submitted, indexed first if the EMP API submitted them
 -- Returns {job_id, 0, job JSON} (the JSON is the jobs:active entry: the job hash as it stands after the
--- claim), or {'', unindexed} where unindexed is 1 when jobs:pending holds jobs our index lacks.
+-- claim), or {'', unindexed[, wait_ms]} where unindexed is 1 when jobs:pending holds jobs our index lacks
+-- (by count: stale index entries can hide them, which the caller's slow sweep catches) and wait_ms, when
+-- present, is how soon the first job passed over because this worker just failed it becomes claimable
+-- by this worker, so a lone worker retries it then rather than at its next sweep.
 --
 -- Order: highest index score (priority, then oldest first). Each requirement class is matched once (see
 -- match.lua) and only the heads of the matching class queues are read, so the cost does not grow with
@@ -66,7 +69,7 @@ end
 -- Take the best head until one can run: a job whose hash is missing, or that is no longer pending, is
 -- removed from the queue (never run from it); another workflow's job, or one this worker just failed,
 -- is passed over. A job that left jobs:pending without us (e.g. removed by the API) leaves the index.
-local id, member, job, best
+local id, member, job, best, soonest
 while true do
   local best_score
   best = nil
@@ -76,7 +79,7 @@ while true do
       if m and (not best_score or score > best_score) then best, best_score, member = c, score, m end
     end
   end
-  if not best then return {'', unindexed()} end
+  if not best then return {'', unindexed(), soonest} end
   id = job_of(member)
   local flat = redis.call('HGETALL', 'job:' .. id)
   -- The constructor names the fields a job hash usually has, so the table is allocated at its final size
@@ -99,7 +102,9 @@ while true do
   elseif w.wf and job.workflow_id ~= w.wf then
     -- another workflow: pass over
   elseif job.last_failed_worker == wid and now - (time_ms(job.failed_at) or 0) < avoid_ms then
-    -- this worker just failed it: leave it to others for a while
+    -- this worker just failed it: leave it to others for a while (idle ones were woken by its requeue)
+    local left = avoid_ms - now + time_ms(job.failed_at)
+    if not soonest or left < soonest then soonest = left end
   elseif redis.call('ZREM', KEYS[1], id) == 1 then
     break
   else

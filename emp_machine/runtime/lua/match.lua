@@ -81,10 +81,14 @@ local function check_hardware(hw, req)
   return true
 end
 
+-- Strict isolation needs a strict worker that names the customer in its allow list: a strict worker
+-- without one serves no strict customer (rather than every one). Other isolation levels apply the lists
+-- the worker has.
 local function check_isolation(access, isolation, customer_id)
   if type(access) ~= 'table' then access = {} end
-  if isolation == 'strict' and access.isolation ~= 'strict' then return false end
-  if type(access.allowed_customers) == 'table' and not contains(access.allowed_customers, customer_id) then
+  local allowed = access.allowed_customers
+  if isolation == 'strict' and (access.isolation ~= 'strict' or type(allowed) ~= 'table') then return false end
+  if type(allowed) == 'table' and not contains(allowed, customer_id) then
     return false
   end
   if type(access.denied_customers) == 'table' and contains(access.denied_customers, customer_id) then
@@ -93,8 +97,15 @@ local function check_isolation(access, isolation, customer_id)
   return true
 end
 
+-- The models a job needs, for its service: a list, one name, or an object keyed by service whose entry
+-- for this service is either (entries for other services concern jobs of those services). 'all', null or
+-- no entry: none. Anything else (a number, a nested object) cannot be satisfied.
 local function check_models(worker_models, required, service)
-  if required == 'all' or type(required) ~= 'table' then return true end
+  if type(required) == 'table' and not is_array(required) then required = required[service] end
+  if required == nil or required == cjson.null or required == 'all' then return true end
+  if type(required) == 'string' then required = {required} end
+  if not is_array(required) then return false end
+  if #required == 0 then return true end
   if worker_models == 'all' then return true end
   if type(worker_models) ~= 'table' then return false end
   local have = worker_models[service]

@@ -1,0 +1,136 @@
+"""Claim gaps found by audit: API jobs hidden by stale index entries, and how soon a failed job comes back
+to the worker that failed it. Real Redis, real worker processes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from emp_machine.runtime.jobs import JobStore, contract_fields, submission_score
+from harness import WorkerProcs, wait_for
+
+
+def caps(worker_id="w1", services=("sim",)):
+    return {"worker_id": worker_id, "machine_id": "m1", "services": list(services)}
+
+
+def api_write(pipe, job_id, service="sim"):
+    """The job as the EMP API writes it (hash + jobs:pending), with no job_submitted anyone hears."""
+    pipe.hset(f"job:{job_id}", mapping=contract_fields(job_id, service, {"steps": 1, "step_ms": 1}))
+    pipe.zadd("jobs:pending", {job_id: submission_score(50, int(time.time() * 1000))})
+
+
+def stale_entries(redis, count, service="other"):
+    """Index entries of jobs a Node machine then claimed: it removes them from jobs:pending, not from our
+    index. Jobs of a type no emp worker serves, so no claim ever meets them at a queue head."""
+    pipe = redis.pipeline(transaction=False)
+    for i in range(count):
+        api_write(pipe, f"{service}-{i}", service)
+    pipe.execute()
+    JobStore(redis).reconcile()
+    assert redis.hlen("jobs:idx:of") == count
+    pipe = redis.pipeline(transaction=False)
+    for i in range(count):
+        pipe.zrem("jobs:pending", f"{service}-{i}")
+        pipe.hset(f"job:{service}-{i}", "status", "assigned")
+    pipe.execute()
+
+
+def commands(redis, name):
+    return int(redis.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_api_job_is_claimed_although_stale_index_entries_make_the_counts_agree(redis, functions):
+    stale_entries(redis, 1)
+    pipe = redis.pipeline(transaction=False)
+    api_write(pipe, "sim-1")
+    pipe.execute()
+    assert redis.zcard("jobs:pending") == redis.hlen("jobs:idx:of") == 1  # the count sees nothing missing
+    store = JobStore(redis, reconcile_min_interval_s=0, index_check_interval_s=0, functions=functions)
+    assert store.claim(caps()).id == "sim-1"
+    assert redis.hlen("jobs:idx:of") == 0  # the stale entry was pruned on the way
+
+
+def test_sweep_work_per_claim_is_bounded_and_reaches_every_stale_entry(redis):
+    stale_entries(redis, 3000)
+    pipe = redis.pipeline(transaction=False)
+    api_write(pipe, "sim-1")
+    pipe.execute()
+    store = JobStore(redis, sweep_interval_s=0)
+    assert store.claim(caps()).id == "sim-1"
+    assert redis.hlen("jobs:idx:of") > 1500  # one step pruned one chunk, not the whole index
+    claims = 0
+    while redis.hlen("jobs:idx:of") and claims < 30:  # each claim that finds nothing takes one step
+        assert store.claim(caps()) is None
+        claims += 1
+    assert redis.hlen("jobs:idx:of") == 0 and claims >= 3
+
+
+def test_a_claim_that_gets_a_job_never_sweeps_and_idle_ones_sweep_once_per_interval(redis):
+    store = JobStore(redis, sweep_interval_s=3600)
+    store.submit("sim", {}, job_id="j1")
+    redis.config_resetstat()
+    assert store.claim(caps()).id == "j1"
+    assert commands(redis, "zscan") == commands(redis, "hscan") == 0
+    assert store.claim(caps()) is None and store.claim(caps()) is None
+    assert commands(redis, "zscan") == commands(redis, "hscan") == 1
+
+
+def test_claim_says_when_the_job_it_just_failed_becomes_claimable_by_it(redis):
+    store = JobStore(redis, avoid_reclaim_s=30)
+    store.submit("sim", {}, job_id="flaky")
+    store.claim(caps("w1"))
+    assert store.claim(caps("w1")) is None and store.claimable_in_s is None  # nothing passed over
+    store.fail("flaky", "w1", "transient", retryable=True)
+    assert store.claim(caps("w1")) is None
+    assert 29 < store.claimable_in_s <= 30.01
+    store.submit("sim", {}, job_id="other", priority=10)
+    assert store.claim(caps("w1")).id == "other" and store.claimable_in_s is None  # passed over, took the next
+    assert JobStore(redis).claim(caps("w2")).id == "flaky"  # any other worker takes it at once
+
+
+def test_a_lone_worker_retries_the_job_it_failed_well_before_10_s(redis, redis_url, tmp_path):
+    procs = WorkerProcs("workers:\n  sim:\n    connector: simulation\n", tmp_path, redis_url)
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        job_id = store.submit("simulation", {"steps": 1, "step_ms": 1, "fail_attempts": 1})
+        # The default avoid window (1 s) and the claim's hint bring it back; not the 10 s window, nor the
+        # worker's 5 s fallback sweep.
+        wait_for(lambda: redis.hget(f"job:{job_id}", "status") == "completed", timeout=4.0,
+                 message=f"the retry to complete (now {redis.hget(f'job:{job_id}', 'status')})")
+        evs = [(e["ev"], e.get("worker_id")) for e in store.timeline(job_id).events]
+        wid = procs.ids[0]
+        assert [ev for ev in evs if ev[0] in ("claimed", "failed", "completed")] == [
+            ("claimed", wid), ("failed", wid), ("claimed", wid), ("completed", wid)]
+        failed, reclaimed = [e["t"] for e in store.timeline(job_id).events if e["ev"] in ("failed", "claimed")][1:3]
+        assert 1000 <= reclaimed - failed < 2500  # it waited out the window, and not much longer
+    finally:
+        procs.close()
+
+
+def test_an_idle_worker_claims_an_api_job_hidden_by_stale_entries_within_its_sweep(redis, redis_url, tmp_path):
+    procs = WorkerProcs("workers:\n  sim:\n    connector: simulation\n", tmp_path, redis_url)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        pipe = redis.pipeline(transaction=False)
+        api_write(pipe, "other-1", "other")
+        pipe.execute()
+        JobStore(redis).reconcile()
+        # One transaction, so the worker never sees the counts disagree in between.
+        pipe = redis.pipeline(transaction=True)
+        pipe.zrem("jobs:pending", "other-1")
+        pipe.hset("job:other-1", "status", "assigned")
+        api_write(pipe, "sim-1", "simulation")
+        pipe.execute()
+        assert redis.zcard("jobs:pending") == redis.hlen("jobs:idx:of") == 1
+        wait_for(lambda: redis.hget("job:sim-1", "status") == "completed", timeout=12.0,
+                 message="the API job to be claimed by the idle worker's fallback sweep")
+        assert json.loads(redis.hget("jobs:completed", "sim-1"))["success"] is True
+    finally:
+        procs.close()
