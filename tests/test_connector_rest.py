@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 
 import pytest
@@ -44,6 +45,10 @@ class Service:
         body = await request.json()
         if body.get("status"):
             return web.json_response({"detail": "forced"}, status=body["status"])
+        if body.get("inline_image_bytes"):  # a service that answers with its image inline, as many do
+            image = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (body["inline_image_bytes"] // 256)
+            return web.json_response({"output": {"sum": sum(body["numbers"]),
+                                                 "image": "data:image/png;base64," + base64.b64encode(image).decode()}})
         return web.json_response({"output": {"sum": sum(body["numbers"])}})
 
     async def submit(self, request):

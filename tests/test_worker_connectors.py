@@ -8,6 +8,7 @@ import json
 import random
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -245,6 +246,15 @@ def test_rest_sync_and_async_through_the_worker(client, store, messages, fakes):
     forced = store.submit("rest-sync", {"numbers": [1], "status": 422})
     assert finished(client, forced)["status"] == "failed"
     assert one_failure(messages, forced)["can_retry"] is False
+
+    inline = store.submit("rest-sync", {"numbers": [2], "inline_image_bytes": 64 * 1024})
+    assert finished(client, inline)["status"] == "completed"
+    result = result_of(client, inline)
+    (image,) = result["outputs"]  # the inline image became a file, referenced in data and in outputs
+    assert result["data"] == {"sum": 2, "image": image} and image["mime_type"] == "image/png"
+    stored = Path(image["path"]).read_bytes()
+    assert stored.startswith(b"\x89PNG") and len(stored) == image["size_bytes"] == 8 + 64 * 1024
+    assert "base64" not in client.hget("jobs:completed", inline)
 
     polled = store.submit("rest-async", {})
     assert finished(client, polled)["status"] == "completed"

@@ -23,9 +23,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from emp_machine.connectors._http import safe_name
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
+from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, worker_key
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
@@ -368,6 +370,9 @@ class Worker:
         if job.id in self.cancelled or job.id in self.lost:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         mark = time.monotonic()
+        if outputs.needs_spill(result):  # a base64 image or a huge text inline: to files (contract)
+            result = await asyncio.to_thread(outputs.spill, result, Path(self.connector.context.output_dir)
+                                             / safe_name(job.id, "job"))
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
         own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, data,
