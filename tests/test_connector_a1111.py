@@ -56,7 +56,8 @@ def test_txt2img_reports_steps_and_writes_images(fake, context, caplog):
     post = [r for r in server.requests if r[1] == "/sdapi/v1/txt2img"][0]
     assert post[2]["traceparent"] == TRACEPARENT and post[2]["x-job-id"] == "job-1"
     completed = [r for r in caplog.records if getattr(r, "event_type", "") == "job.completed"][0]
-    assert (completed.sampler, completed.steps, completed.size) == ("Euler a", 10, "32x16")
+    fields = completed.fields
+    assert (fields["sampler"], fields["steps"], fields["width"], fields["height"]) == ("Euler a", 10, 32, 16)
 
 
 def test_img2img_is_chosen_by_init_images(fake, context):

@@ -106,7 +106,8 @@ def test_success_downloads_outputs_and_reports_progress(fake, context, caplog):
     ours = [r for r in caplog.records if r.name == "test.comfyui"]
     events = [r.event_type for r in ours]
     assert events[0] == "job.received" and "job.started" in events and events[-1] == "job.completed"
-    assert all(r.prompt_id == meta["prompt_id"] for r in ours)
+    assert all(r.fields["prompt_id"] == meta["prompt_id"] and r.fields["client_id"] == meta["client_id"]
+               for r in ours)
 
 
 def test_bare_graph_and_text_outputs(fake, context):

@@ -66,7 +66,8 @@ def test_chat_and_responses_return_text_and_token_usage(fake, context, caplog):
                                                 "messages": [{"role": "user", "content": "hello there"}]})
     assert chat.data["text"] == ["echo: hello there"] and chat.service_metadata["usage"]["total_tokens"] == 13
     completed = [r for r in caplog.records if getattr(r, "event_type", "") == "job.completed"][0]
-    assert completed.total_tokens == 13 and completed.model == "gpt-4o-mini"
+    assert completed.fields["total_tokens"] == 13 and completed.fields["model"] == "gpt-4o-mini"
+    assert completed.fields["request_id"] == chat.service_metadata["request_id"]
     responses, _ = run(connector(context, server, default_model="gpt-4.1"),
                        {"input": "draw it", "tools": [{"type": "image_generation"}]})
     assert responses.data["text"] == ["echo: draw it"] and len(responses.outputs) == 1

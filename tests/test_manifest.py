@@ -146,7 +146,21 @@ BAD = {
                                  "EMP_HEALTH__PORT"),
     "telemetry budget invalid": ("telemetry: {sampling: {spans_per_second: 0}}", {},
                                  "telemetry.sampling.spans_per_second", 1, "greater than 0"),
+    "lease too long": ("workers:\n  w:\n    connector: simulation\n    lease: 1h", {}, "workers.w.lease", 4,
+                       "use at most 600s (10m)"),
+    "capability hardware not a mapping": ("workers:\n  w:\n    connector: simulation\n    capabilities: "
+                                          "{hardware: 24}", {}, "workers.w.capabilities.hardware", 4,
+                                          "expected a mapping, got int"),
 }
+
+
+def test_a_lease_up_to_10m_is_fine_and_the_heartbeat_stays_within_the_contract():
+    from emp_machine.runtime.worker import heartbeat_interval
+
+    text = "workers:\n  w:\n    connector: simulation\n    lease: 10m"
+    assert load(text).workers["w"].lease == 600.0
+    # the contract: SETEX ... 60, renewed at least every 30 s, whatever the lease
+    assert [heartbeat_interval(s) for s in (1, 3, 60, 300, 600)] == [1 / 3, 1, 20, 20, 20]
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))

@@ -122,8 +122,10 @@ def test_a_job_completes_with_progress_and_the_contract_fields(client, store, wo
     assert [p for p in percents if p not in (0, 100)] == [25, 50, 75], percents  # steps slower than the throttle
     assert set(updates[0]) == {"job_id", "worker_id", "progress", "timestamp"}  # the claim's (contract)
     for u in updates[1:]:
-        assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "timestamp"}, u
+        assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "current_step", "total_steps",
+                          "estimated_completion", "timestamp"}, u
         assert u["worker_id"] == wid and u["status"] == "in_progress" and isinstance(u["timestamp"], int)
+        assert (u["current_step"], u["total_steps"]) == (2, 3) and re.match(ISO, u["estimated_completion"])
     assert [u["message"] for u in updates[1:]] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
     claimed = messages.of("job_claimed", job_id=job_id)
     assert len(claimed) == 1

@@ -1,7 +1,8 @@
-"""What every HTTP connector shares: trace headers, lifecycle log lines, redaction, error mapping, files.
+"""What every HTTP connector shares: trace headers, redaction, error mapping, files.
 
-The telemetry package (another branch) will own context propagation and `service.call` spans; until it is
-merged, `service_headers` and `log_event` are the two seams it replaces, so connectors call only these.
+Context propagation is telemetry's: the worker puts telemetry's `http_headers`, made in the job's
+`service.call` span, on the ConnectorJob, and `service_headers` hands them to each request. Lifecycle
+records go through the connector's `joblog` (telemetry's ConnectorLogger).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import contextlib
 import email.utils
 import json
-import logging
 import mimetypes
 import re
 import time
@@ -24,8 +24,6 @@ import aiohttp
 from emp_machine.errors import JobCancelled, RetryableJobError
 
 REDACTED = "[REDACTED]"
-# LogRecord attributes a caller's field must not shadow (logging raises KeyError on a clash).
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 class HttpSession:
@@ -61,26 +59,24 @@ class HttpSession:
 
 
 def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
-    """`x-job-id`, `x-request-id` and, when the job carries them, `traceparent` / `tracestate`.
+    """The headers of a request to the service for `job`: its `headers` (telemetry's, made by the worker in
+    the job's `service.call` span: traceparent, tracestate, x-job-id, x-request-id), a copy per request.
 
-    Reads the fields with getattr so a job object from any producer (or a later ConnectorJob with more trace
-    fields) works; a malformed traceparent is passed through untouched, as the architecture asks."""
+    A job without them (built outside a worker, or by another producer) gets `x-job-id`, a new `x-request-id`
+    and its `traceparent` / `tracestate` fields when it has them, read with getattr; a malformed traceparent
+    is passed through untouched, as the architecture asks."""
+    given = getattr(job, "headers", None)
+    if given:
+        headers = dict(given)
+        if request_id:
+            headers["x-request-id"] = request_id
+        return headers
     headers = {"x-job-id": str(job.id), "x-request-id": request_id or f"req-{uuid.uuid4()}"}
     for name in ("traceparent", "tracestate"):
         value = getattr(job, name, None)
         if value:
             headers[name] = str(value)
     return headers
-
-
-def log_event(logger: logging.Logger, event: str, job_id: str, level: int = logging.INFO,
-              **fields: Any) -> None:
-    """One lifecycle line (received, started, progress, completed, failed) with the service's fields both
-    in the text (for humans) and as record attributes (for the JSON log formatter)."""
-    extra = {("field_" + k if k in _RESERVED else k): v for k, v in fields.items()}
-    extra.update(event_type=event, job_id=job_id)
-    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-    logger.log(level, "%s job_id=%s %s", event, job_id, text, extra=extra)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -105,6 +101,11 @@ TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, T
 def strip_query(url: str) -> str:
     """Query strings can carry tokens: errors and logs show only scheme, host and path."""
     return url.split("?", 1)[0]
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since a `time.monotonic()` reading, for a record's duration_ms."""
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:

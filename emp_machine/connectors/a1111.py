@@ -17,6 +17,7 @@ import contextlib
 import base64
 import binascii
 import json
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 
 class A1111Settings(ConnectorSettings):
@@ -80,7 +81,10 @@ class A1111Connector(_http.HttpSession, Connector):
             raise FatalJobError(f"a1111 endpoint must be txt2img or img2img, not {endpoint!r}")
         fields = {"endpoint": endpoint, "sampler": body.get("sampler_name"), "steps": body.get("steps"),
                   "size": f"{body.get('width', 512)}x{body.get('height', 512)}"}
-        _http.log_event(self.log, "job.received", job.id, **fields)
+        # the records' fields: size as (width, height), which the job log writes as width and height
+        logged = {**fields, "size": (body.get("width", 512), body.get("height", 512))}
+        started = time.monotonic()
+        self.joblog.received(job.id, **logged)
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         headers = _http.service_headers(job)
         generate = asyncio.create_task(self._call("POST", f"/sdapi/v1/{endpoint}", headers, json=body))
@@ -92,10 +96,13 @@ class A1111Connector(_http.HttpSession, Connector):
                 raise JobCancelled(f"a1111 job {job.id} interrupted")
             result = self._result(job, status, answer, fields)
             await progress(100.0, "done")
-            _http.log_event(self.log, "job.completed", job.id, outputs=len(result.outputs), **fields)
+            self.joblog.completed(job.id, _http.ms_since(started), outputs=len(result.outputs), **logged)
             return result
+        except JobCancelled:
+            self.joblog.event("job.cancelled", job.id, **logged)
+            raise
         except Exception as exc:
-            _http.log_event(self.log, "job.failed", job.id, error=f"{type(exc).__name__}: {exc}", **fields)
+            self.joblog.failed(job.id, exc, _http.ms_since(started), can_retry(exc), **logged)
             raise
         finally:
             self._cancel.pop(job.id, None)
@@ -129,7 +136,7 @@ class A1111Connector(_http.HttpSession, Connector):
                     reported = percent
                     detail = state.get("state") or {}
                     message = f"step {detail.get('sampling_step', 0)}/{detail.get('sampling_steps', 0)}"
-                    _http.log_event(self.log, "job.progress", job.id, percent=round(percent, 1))
+                    self.joblog.progress(job.id, round(percent, 1), message)
                     await progress(percent, message)
         finally:
             cancel_wait.cancel()

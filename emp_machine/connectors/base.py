@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from emp_machine.telemetry.joblog import ConnectorLogger
+
 # Awaited with (percent 0-100, message). It may raise JobCancelled when the job was cancelled meanwhile:
 # a connector lets that propagate (after stopping its service-side work) rather than catching it.
 ProgressFn = Callable[[float, str], Awaitable[None]]
@@ -32,7 +34,9 @@ class ConnectorContext:
     """What a connector shares with its worker: identity, where outputs go, and the telemetry handles.
 
     `tracer` is an OpenTelemetry-API tracer or None (no spans); `logger` defaults to stdlib logging so a
-    connector runs (for example under `emp-machine try`) without the telemetry package set up."""
+    connector runs (for example under `emp-machine try`) without the telemetry package set up. `joblog` is
+    the telemetry ConnectorLogger the worker gives (its lifecycle records are events with the service's
+    fields as attributes); None: one over `logger` (`Connector.joblog`)."""
 
     machine_id: str
     worker_id: str
@@ -40,17 +44,26 @@ class ConnectorContext:
     service_type: str = ""
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_machine.connectors"))
     tracer: Any = None
+    joblog: ConnectorLogger | None = None
 
 
 @dataclass(frozen=True)
 class ConnectorJob:
-    """One job as a connector sees it: no Redis fields beyond what it needs."""
+    """One job as a connector sees it: no Redis fields beyond what it needs.
+
+    `headers` go on every request to the service (`_http.service_headers` reads them): the worker makes them
+    with telemetry's `http_headers` inside the job's `service.call` span, so the service's work is a child of
+    that span: `traceparent`, `tracestate` (the producer's members kept, ours `emp=` first), `x-job-id`,
+    `x-request-id` (one per service call: the job's requests share it). `traceparent` repeats that header
+    for connectors that read only it. A job built outside a worker may leave `headers` empty: then x-job-id,
+    a new x-request-id and the trace fields given are sent."""
 
     id: str
     service_required: str
     payload: Any
     attempt: int = 1
     traceparent: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,10 @@ class Connector(abc.ABC):
         self.settings = settings
         self.context = context
         self.log = context.logger
+        # Job lifecycle records (received, started, progress, completed, failed, ...) with the service's fields
+        self.joblog = context.joblog or ConnectorLogger.for_logger(
+            context.logger, connector_id=self.name or type(self).__name__,
+            service_type=context.service_type or self.name)
 
     @classmethod
     def from_settings(cls, raw: Mapping[str, Any], context: ConnectorContext) -> Connector:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from emp_machine.connectors._comfyui_events import (
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 
 class ComfyUISettings(ConnectorSettings):
@@ -119,30 +120,36 @@ class ComfyUIConnector(_http.HttpSession, Connector):
 
     # -- run -----------------------------------------------------------------------------------------
 
-    def _log(self, event: str, active: _Active, **fields) -> None:
-        _http.log_event(self.log, event, active.job.id, prompt_id=active.prompt_id,
-                        client_id=active.client_id, **fields)
+    def _ids(self, active: _Active) -> dict[str, str]:
+        """The ComfyUI fields of every record of a job."""
+        return {"prompt_id": active.prompt_id, "client_id": active.client_id}
+
+    def _log(self, event: str, active: _Active, level: int = logging.INFO, **fields) -> None:
+        self.joblog.event(event, active.job.id, level, **self._ids(active), **fields)
 
     async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
         graph = workflow_from_payload(job.payload)
         active = _Active(job, str(uuid.uuid4()), f"{self.settings.client_id_prefix}-{uuid.uuid4().hex[:12]}")
         self._active[job.id] = active
-        self._log("job.received", active, nodes=len(graph), base_url=self._base)
+        started = time.monotonic()
+        self.joblog.received(job.id, **self._ids(active), nodes=len(graph), base_url=self._base)
         ws: list[aiohttp.ClientWebSocketResponse] = []
         reader: list[asyncio.Task] = []
         deadline = asyncio.timeout(self.settings.job_timeout_s)
         try:
             async with deadline:
                 result = await self._run(active, graph, progress, ws, reader)
-            self._log("job.completed", active, outputs=len(result.outputs))
+            self.joblog.completed(job.id, _http.ms_since(started), **self._ids(active),
+                                  outputs=len(result.outputs))
             return result
         except TimeoutError:
             if not deadline.expired():  # every call converts its own timeouts: this one is a bug
                 raise
             await self._stop_prompt(active)
-            self._log("job.failed", active, error="timeout")
-            raise RetryableJobError(f"ComfyUI prompt {active.prompt_id} did not finish within "
-                                    f"{self.settings.job_timeout_s:g} s") from None
+            error = RetryableJobError(f"ComfyUI prompt {active.prompt_id} did not finish within "
+                                      f"{self.settings.job_timeout_s:g} s")
+            self.joblog.failed(job.id, error, _http.ms_since(started), True, **self._ids(active))
+            raise error from None
         except asyncio.CancelledError:
             await asyncio.shield(self._stop_prompt(active))
             raise
@@ -150,7 +157,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
             self._log("job.cancelled", active)
             raise
         except Exception as exc:
-            self._log("job.failed", active, error=f"{type(exc).__name__}: {exc}")
+            self.joblog.failed(job.id, exc, _http.ms_since(started), can_retry(exc), **self._ids(active))
             raise
         finally:
             self._active.pop(job.id, None)
@@ -192,7 +199,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
                 await self._stop_prompt(active)  # a partial run is not the job that was asked for
                 raise FatalJobError("ComfyUI accepted only part of the workflow, the rest failed "
                                     f"validation: {node_errors_text(answer['node_errors'])}")
-            self._log("job.started", active, number=answer.get("number"))
+            self.joblog.started(active.job.id, **self._ids(active), number=answer.get("number"))
             return
         if status == 400:
             raise FatalJobError(f"ComfyUI rejected the workflow: {rejection_text(answer)}")
@@ -246,7 +253,8 @@ class ComfyUIConnector(_http.HttpSession, Connector):
             if outcome == "progress" and cancel_by is None:
                 percent, message = tracker.report()
                 if percent is not None:
-                    self._log("job.progress", active, node=tracker.current, percent=round(percent, 1))
+                    self.joblog.progress(active.job.id, round(percent, 1), message, **self._ids(active),
+                                         node=tracker.current)
                     await progress(percent, message)
 
     def _on_frame(self, active: _Active, tracker: ProgressTracker, frame: Any) -> str | None:
@@ -301,7 +309,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         """The socket closed before our terminal frame: reconnect with the same client id and decide.
         Returns the history entry when the prompt finished meanwhile, None when it is still queued or
         running (keep listening); raises RetryableJobError when the server lost it."""
-        self._log("ws.dropped", active, close_code=close_code, level=30)
+        self._log("ws.dropped", active, logging.WARNING, close_code=close_code)
         deadline = time.monotonic() + self.settings.reconnect_timeout_s
         delay = 0.05
         while True:

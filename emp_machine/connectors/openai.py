@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, RetryableJobError
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 PATHS = {"images": "/v1/images/generations", "chat": "/v1/chat/completions", "responses": "/v1/responses"}
 
@@ -91,7 +92,8 @@ class OpenAIConnector(_http.HttpSession, Connector):
         if "model" not in body and self.settings.default_model:
             body["model"] = self.settings.default_model
         model = body.get("model")
-        _http.log_event(self.log, "job.received", job.id, endpoint=endpoint, model=model)
+        started = time.monotonic()
+        self.joblog.received(job.id, endpoint=endpoint, model=model)
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         try:
             await progress(0.0, f"calling {PATHS[endpoint]}")
@@ -99,13 +101,18 @@ class OpenAIConnector(_http.HttpSession, Connector):
                                                           f"openai job {job.id}")
             result = self._result(job, endpoint, model, answer, headers)
             await progress(100.0, "done")
-            usage = result.service_metadata.get("usage") or {}
-            _http.log_event(self.log, "job.completed", job.id, endpoint=endpoint, model=model,
-                            total_tokens=usage.get("total_tokens"), outputs=len(result.outputs))
+            meta = result.service_metadata
+            self.joblog.completed(job.id, _http.ms_since(started), endpoint=endpoint, model=model,
+                                  request_id=meta.get("request_id"), usage=meta.get("usage"),
+                                  outputs=len(result.outputs))
             return result
+        except JobCancelled:
+            self.joblog.event("job.cancelled", job.id, endpoint=endpoint, model=model)
+            raise
         except Exception as exc:
-            _http.log_event(self.log, "job.failed", job.id, endpoint=endpoint, model=model,
-                            error=self._redact(f"{type(exc).__name__}: {exc}"))
+            # the key is redacted from the text itself: it need not look like one to the telemetry's redaction
+            self.joblog.failed(job.id, self._redact(f"{type(exc).__name__}: {exc}"), _http.ms_since(started),
+                               can_retry(exc), endpoint=endpoint, model=model)
             raise
         finally:
             self._cancel.pop(job.id, None)
@@ -139,8 +146,7 @@ class OpenAIConnector(_http.HttpSession, Connector):
                 raise RetryableJobError(text, retry_after_s=wait)
             attempt += 1
             delay = min(self.settings.max_retry_wait_s, wait if wait is not None else 2.0 ** attempt)
-            _http.log_event(self.log, "service.retry", job.id, status_code=status, wait_s=round(delay, 3),
-                            attempt=attempt)
+            self.joblog.event("service.retry", job.id, status_code=status, wait_s=round(delay, 3), attempt=attempt)
             await asyncio.sleep(delay)  # the server's own instruction, not a synchronisation guess
 
     def _result(self, job: ConnectorJob, endpoint: str, model: str | None, answer: Any,

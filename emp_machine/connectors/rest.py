@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import time
@@ -30,7 +31,7 @@ from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 _MISSING = object()
 _FIELD = re.compile(r"\{([^{}]+)\}")
@@ -125,9 +126,8 @@ class RestConnector(_http.HttpSession, Connector):
         except _http.TRANSPORT_ERRORS as exc:
             raise RetryableJobError(self._redact(str(_http.transport_error("service", url, exc)))) from None
         if job is not None:
-            _http.log_event(self.log, "service.call", job.id, level=10, method=method,
-                            endpoint=_http.strip_query(url), status_code=status,
-                            duration_ms=round((time.monotonic() - started) * 1000, 1))
+            self.joblog.event("service.call", job.id, logging.DEBUG, method=method, endpoint=_http.strip_query(url),
+                              status_code=status, duration_ms=_http.ms_since(started))
         try:
             answer = json.loads(text) if text else None
         except ValueError:
@@ -139,8 +139,9 @@ class RestConnector(_http.HttpSession, Connector):
 
     async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
         settings = self.settings
-        _http.log_event(self.log, "job.received", job.id, method=settings.method, mode=settings.mode,
-                        endpoint=_http.strip_query(settings.submit_url))
+        endpoint = _http.strip_query(settings.submit_url)
+        started = time.monotonic()
+        self.joblog.received(job.id, method=settings.method, mode=settings.mode, endpoint=endpoint)
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         submitted: Any = None
         try:
@@ -155,19 +156,26 @@ class RestConnector(_http.HttpSession, Connector):
                 else:
                     result = at_path(submitted, settings.result_path)
             await progress(100.0, "done")
-            _http.log_event(self.log, "job.completed", job.id, method=settings.method, status_code=status)
+            self.joblog.completed(job.id, _http.ms_since(started), method=settings.method, endpoint=endpoint,
+                                  status_code=status)
             return JobResult(data=result, service_metadata={"connector": self.name, "mode": settings.mode})
         except TimeoutError:
-            raise RetryableJobError(f"job did not finish within {settings.job_timeout_s:g} s") from None
+            error = RetryableJobError(f"job did not finish within {settings.job_timeout_s:g} s")
+            self.joblog.failed(job.id, error, _http.ms_since(started), True, method=settings.method,
+                               endpoint=endpoint)
+            raise error from None
         except JobCancelled:
             if settings.cancel_url and submitted is not None:
                 try:
                     await self._call(job, "POST", render(settings.cancel_url, job.id, submitted))
                 except (RetryableJobError, FatalJobError) as exc:
-                    _http.log_event(self.log, "cancel_failed", job.id, error=str(exc))
+                    self.joblog.event("cancel_failed", job.id, logging.WARNING, error=self._redact(str(exc)))
+            self.joblog.event("job.cancelled", job.id, method=settings.method, endpoint=endpoint)
             raise
         except Exception as exc:
-            _http.log_event(self.log, "job.failed", job.id, error=self._redact(f"{type(exc).__name__}: {exc}"))
+            # secret header values are redacted from the text itself: they need not look like secrets
+            self.joblog.failed(job.id, self._redact(f"{type(exc).__name__}: {exc}"), _http.ms_since(started),
+                               can_retry(exc), method=settings.method, endpoint=endpoint)
             raise
         finally:
             self._cancel.pop(job.id, None)

@@ -11,6 +11,7 @@ directory, and the result carries its path, never the bytes.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,9 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 _WRITE_CHUNK = 1 << 20
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 class SimulationSettings(ConnectorSettings):
@@ -64,6 +69,8 @@ class SimulationConnector(Connector):
     async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
         spec = self._parse(job.payload)
         cancelled = self._cancel_events.setdefault(job.id, asyncio.Event())
+        started = time.monotonic()
+        self.joblog.received(job.id, steps=spec.steps)
         try:
             await progress(0, "started")
             if job.attempt <= spec.fail_attempts:
@@ -81,8 +88,15 @@ class SimulationConnector(Connector):
                 await cancelled.wait()
                 raise JobCancelled(f"job {job.id} cancelled while hanging")
             outputs = [self._write_output(job.id, spec.output_bytes)] if spec.output_bytes else []
+            self.joblog.completed(job.id, _ms_since(started), steps=spec.steps)
             return JobResult(data={"steps": spec.steps}, outputs=outputs,
                              service_metadata={"connector": self.name, "attempt": job.attempt})
+        except JobCancelled:
+            self.joblog.event("job.cancelled", job.id, steps=spec.steps)
+            raise
+        except Exception as exc:
+            self.joblog.failed(job.id, exc, _ms_since(started), can_retry(exc), steps=spec.steps)
+            raise
         finally:
             self._cancel_events.pop(job.id, None)
 

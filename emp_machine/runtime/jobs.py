@@ -147,11 +147,50 @@ class Job:
 
     @property
     def retry_count(self) -> int:
-        return int(self.fields.get("retry_count") or 0)
+        """Attempts failed so far. Read as the scripts read it ("1.0" is 1); raises ValueError naming the
+        field when a producer wrote something that is no count at all ("x", "-1", "1.5")."""
+        return _whole(self.fields, "retry_count", 0)
+
+    @property
+    def max_retries(self) -> int:
+        """As retry_count; the contract's default is 3."""
+        return _whole(self.fields, "max_retries", 3)
+
+    @property
+    def current_step(self) -> int | None:
+        """The job's workflow step (contract field), None when absent or unreadable: it is only reported."""
+        return _step(self.fields.get("current_step"))
+
+    @property
+    def total_steps(self) -> int | None:
+        return _step(self.fields.get("total_steps"))
 
     def payload(self) -> Any:
         """The decoded payload; raises ValueError when the producer wrote something that is not JSON."""
         return json.loads(self.fields.get("payload") or "null")
+
+
+def _number(text: str) -> int | None:
+    """A whole, non-negative number written as "3", " 3 ", "3.0" or "3e0"; None for anything else."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() and value >= 0 else None
+
+
+def _whole(fields: Mapping[str, str], name: str, default: int) -> int:
+    text = fields.get(name) or ""
+    if not text.strip():
+        return default
+    value = _number(text)
+    if value is None:
+        raise ValueError(f"job field {name} must be a whole number >= 0, got {text[:40]!r}")
+    return value
+
+
+def _step(text: str | None) -> int | None:
+    return _number(text) if text and text.strip() else None
 
 
 @dataclass(frozen=True)

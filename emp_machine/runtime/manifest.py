@@ -41,6 +41,7 @@ NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
 RESERVED_NAMES = {"worker", "redis", "supervisord", "machine"}
 SERVICE_PLACEHOLDERS = {"index", "port", "gpu", "machine_id", "name"}
 WORKER_PLACEHOLDERS = {"index", "machine_id", "worker_id", "service_port", "service_index", "name"}
+MAX_LEASE_S = 600.0  # a longer lease only leaves a dead worker's job stuck longer: renewal keeps long jobs
 
 
 class _Model(BaseModel):
@@ -157,7 +158,9 @@ class WorkerGroup(_Model):
     memory_limit: ByteSize | None = None
     stop_grace: Duration = Field(30.0, description="on SIGTERM a running job has this long to finish, less "
                                                    "a margin to hand it back; then SIGKILL")
-    lease: Duration = Field(60.0, ge=1.0, description="claim lease; the heartbeat renews it every third of it")
+    lease: Duration = Field(60.0, ge=1.0, description="claim lease: a dead worker's job is re-queued this long "
+                                                      "after its last heartbeat (at most 10m); the heartbeat "
+                                                      "renews it every third of it, at most every 20s")
     job_timeout: Duration = Field(3600.0, gt=0, description="a job running longer fails as retryable")
     job_timeouts: dict[str, Duration] = Field(default_factory=dict, description="per job type")
 
@@ -493,6 +496,15 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
         if group.count == "per_instance" and group.service is None:
             add(("workers", name, "count"), "per_instance needs a bound service", "set workers.<name>.service")
         _check_connector(name, group, manifest, lines, add)
+        if group.lease > MAX_LEASE_S:
+            add(("workers", name, "lease"), f"a lease of {group.lease:g}s would leave the job of a worker that "
+                                            f"died stuck that long before another worker may run it",
+                f"use at most {MAX_LEASE_S:g}s (10m); jobs longer than the lease are fine, the heartbeat renews it")
+        for key in ("hardware", "performance"):
+            if key in group.capabilities and not isinstance(group.capabilities[key], dict | None):
+                add(("workers", name, "capabilities", key), f"expected a mapping, got "
+                                                             f"{type(group.capabilities[key]).__name__}",
+                    "e.g. hardware: {gpu_memory_gb: 24}; its keys override the probed ones")
         placeholders = set(WORKER_PLACEHOLDERS)
         if group.service is None:
             placeholders -= {"service_port", "service_index"}

@@ -9,11 +9,13 @@ per job, finishing writes shielded so a cancellation cannot half-record a job. I
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 an
 DRAIN_MARGIN_S = 2.0  # kept from stop_grace to hand a job back before supervisord's SIGKILL
 REDIS_RETRY_MAX_S = 5.0
 CANCEL_GRACE_S = 2.0  # a connector told to stop gets this long before its progress calls raise JobCancelled
+# The contract renews `worker:{id}:heartbeat` (TTL 60 s) at least every 30 s, whatever the lease: a beat is
+# a third of the lease but never more than this, which leaves 10 s for a slow beat or a health check.
+HEARTBEAT_MAX_S = 20.0
+HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unhealthy
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
@@ -63,15 +69,41 @@ class WorkerIdentity:
                    service_port=int(port) if port else None)
 
 
+def heartbeat_interval(lease_s: float) -> float:
+    """A third of the lease (so a lease survives two lost beats), capped by the contract's heartbeat bound."""
+    return min(HEARTBEAT_MAX_S, max(0.2, lease_s / 3))
+
+
+def probed_hardware(probe: Any) -> dict[str, Any]:
+    """The capability `hardware` object from a hardware.probe() reading: what the claim's matching reads
+    (cpu_cores, ram_gb, gpu_memory_gb) and the contract's gpu_model. GPU keys only when there is a GPU."""
+    hardware: dict[str, Any] = {"cpu_cores": probe.cpu_count, "ram_gb": round(probe.memory_total_bytes / 2**30, 1)}
+    if probe.gpus:
+        hardware.update(gpu_memory_gb=round(probe.gpu_memory_gb, 1), gpu_model=probe.gpu_model)
+    return hardware
+
+
 def capabilities(ident: WorkerIdentity, group: WorkerGroup, hardware: Mapping[str, Any]) -> dict[str, Any]:
-    """The capability JSON the claim matches against (contract: absent keys omitted, never null)."""
+    """The capability JSON the claim matches against (contract: absent keys omitted, never null).
+
+    The manifest's `capabilities` add keys; an object it gives for a key we fill (`hardware`,
+    `performance`) overrides ours key by key, so `hardware: {gpu_model: x}` keeps the probed RAM and
+    cores. A null there removes the key (a JSON null would count as present in the claim's Lua)."""
     types = list(group.job_types or (group.connector,))
     caps: dict[str, Any] = {
         "worker_id": ident.worker_id, "machine_id": ident.machine_id, "services": types,
         "job_service_required_map": types, "hardware": dict(hardware),
         "performance": {"concurrent_jobs": group.concurrency},
     }
-    caps.update(group.capabilities)
+    for key, value in group.capabilities.items():
+        if isinstance(value, Mapping) and isinstance(caps.get(key), dict):
+            value = {**caps[key], **value}
+        if isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if v is not None}
+        if value is None:
+            caps.pop(key, None)
+        else:
+            caps[key] = value
     return caps
 
 
@@ -79,11 +111,14 @@ class _Progress:
     """The connector's progress callback for one job: throttled writes, cancellation surfaced as JobCancelled.
 
     The latest value is kept and written at most every PROGRESS_INTERVAL_S; 0 and 100 go out at once (once
-    each: the claim already announced 0, and the completion records 100 unless the connector did). Writes are serialised and numbered, so a throttled value that was overtaken is dropped rather
-    than written after a newer one (progress never goes backwards on the wire)."""
+    each: the claim already announced 0, and the completion records 100 unless the connector did). Writes
+    are serialised and numbered, so a throttled value that was overtaken is dropped rather than written
+    after a newer one (progress never goes backwards on the wire). Each message carries the job's workflow
+    current_step / total_steps (from its hash) and an estimated_completion extrapolated from the rate so far."""
 
     def __init__(self, worker: "Worker", job: Job):
         self.worker, self.job = worker, job
+        self.started = time.monotonic()  # the claim's reply: the rate that estimated_completion extrapolates
         self.last_sent = 0.0
         self.last_percent = 0.0  # the claim announced 0 (contract), so a 0 from here would repeat it
         self.seq = 0  # numbers every call
@@ -139,13 +174,26 @@ class _Progress:
             self.last_sent = time.monotonic()
             self.last_percent = percent
             try:
-                own = await self.worker.store.progress(self.job.id, self.worker.ident.worker_id, percent, message)
+                own = await self.worker.store.progress(
+                    self.job.id, self.worker.ident.worker_id, percent, message, current_step=self.job.current_step,
+                    total_steps=self.job.total_steps, estimated_completion=self.estimate(percent))
             except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
                 self.worker.log.warning("progress not recorded", extra={"job_id": self.job.id, "error": str(exc)})
                 return
         if own is Ownership.OK:
             return
         self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
+
+    def estimate(self, percent: float) -> str:
+        """When the job should end at the rate it went so far (ISO-8601 UTC), '' before any progress: the
+        contract's estimated_completion is then left out rather than guessed."""
+        if percent <= 0:
+            return ""
+        remaining = (time.monotonic() - self.started) * (100.0 - percent) / percent
+        if remaining > 30 * 86400:
+            return ""  # a crawl of 0.0001 % is no estimate (and would overflow a datetime)
+        eta = datetime.now(UTC) + timedelta(seconds=remaining)
+        return eta.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def close(self) -> None:
         if self.flusher is not None:
@@ -177,6 +225,7 @@ class Worker:
         self._status_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Task] = set()
         self._signals: JobSignals | None = None
+        self.connector_statuses: dict[str, Any] = {}  # as last written to worker:{id}
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -202,6 +251,8 @@ class Worker:
             async with self._status_lock:
                 try:
                     await self.store.set_worker_status(self.ident.worker_id, "offline")
+                    await self._write_connector_statuses({name: {**entry, "status": "inactive"}
+                                                          for name, entry in self.connector_statuses.items()})
                 except RedisError:
                     pass
             await self.connector.close()
@@ -301,12 +352,21 @@ class Worker:
         started = time.monotonic()
         steps: dict[str, float] = {}  # step -> ms on this worker, kept in the job's timeline
         progress = _Progress(self, job)
+        # Counts a producer wrote as no number ("x") fail this job alone, below: raised out here they would
+        # leave it claimed, handed back by the heartbeat and claimed again forever.
+        try:
+            attempt, malformed = job.retry_count + 1, None
+            _ = job.max_retries
+        except ValueError as exc:
+            attempt, malformed = 0, FatalJobError(f"malformed job: {exc}")
         with tel.job_span(job.id, job_hash=job.fields, job_type=job_type,
-                          attributes={"job.attempt": job.retry_count + 1}) as span:
+                          attributes={"job.attempt": attempt} if attempt else None) as span:
             try:
+                if malformed is not None:
+                    raise malformed
                 # The claim already marked it in_progress (one round trip less per job); a cancel or a lost
                 # lease from here on is seen by the progress and finishing writes.
-                tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=job.retry_count + 1)
+                tel.events.emit("job.started", job_id=job.id, job_type=job_type, attempt=attempt)
                 mark = time.monotonic()
                 with tel.tracer.start_as_current_span("task.preprocessing"):
                     try:
@@ -314,11 +374,13 @@ class Worker:
                     except ValueError as exc:
                         raise FatalJobError(f"malformed job payload: not JSON ({exc})") from None
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
-                                                 attempt=job.retry_count + 1,
-                                                 traceparent=tel.http_headers(job.id).get("traceparent"))
+                                                 attempt=job.retry_count + 1)
                 steps["preprocessing"] = (time.monotonic() - mark) * 1000
                 timeout = self.group.job_timeouts.get(job_type, self.group.job_timeout)
                 with tel.tracer.start_as_current_span("service.call", attributes={"connector": self.group.connector}):
+                    # The service's work is a child of this span: its context goes in every request's headers.
+                    headers = tel.http_headers(job.id)
+                    connector_job = replace(connector_job, traceparent=headers.get("traceparent"), headers=headers)
                     deadline = asyncio.timeout(timeout)
                     mark = time.monotonic()
                     try:
@@ -395,6 +457,8 @@ class Worker:
             return
         status = "retried" if outcome.outcome == "retried" else "failed"
         self.telemetry.metrics.job_finished(job.service_required, status, duration_s, self.ident.worker_id)
+        # Counted here, once per failed attempt (retried or final), not by the connector's ConnectorLogger
+        self.telemetry.metrics.worker_errors_total.add(1, {"worker_id": self.ident.worker_id, "kind": "job_failed"})
         if status == "retried":
             self.telemetry.events.emit("job.retry", level=logging.WARNING, job_id=job.id, error=message,
                                        retry_count=outcome.retry_count)
@@ -498,8 +562,9 @@ class Worker:
         self.request_stop(job_id, lost=False)
 
     async def _register(self) -> None:
+        self.connector_statuses = await self._read_connector_statuses()
         await self._retrying_start(self.store.register_worker, self.ident.worker_id, self.ident.machine_id,
-                                   self.caps)
+                                   self.caps, self.connector_statuses)
         await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
         self.status = "idle"
 
@@ -518,14 +583,15 @@ class Worker:
                 pass
 
     async def _heartbeat(self) -> None:
-        interval = max(0.2, self.group.lease / 3)
+        interval = heartbeat_interval(self.group.lease)
         while True:
             await asyncio.sleep(interval)
             try:
                 beat = await self.store.heartbeat(self.ident.worker_id)
                 if not await self.redis.hexists(worker_key(self.ident.worker_id), "capabilities"):
                     # Redis came back empty (restarted without persistence): register again
-                    await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps)
+                    await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
+                                                     self.connector_statuses)
                     await self._refresh_status()
             except RedisError as exc:
                 self.log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {exc}"})
@@ -538,6 +604,36 @@ class Worker:
             strays = {j for j in beat.renewed if j not in self.running}
             await self._release_orphans(sorted(strays & self.orphans_seen), "not running on its worker")
             self.orphans_seen = strays - self.orphans_seen
+            # Last, as it may take HEALTH_TIMEOUT_S: the connector's health, written when it changed.
+            statuses = await self._read_connector_statuses()
+            if statuses != self.connector_statuses:
+                try:
+                    await self._write_connector_statuses(statuses)
+                except RedisError as exc:
+                    self.log.warning("connector status not recorded", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    async def _read_connector_statuses(self) -> dict[str, Any]:
+        """`connector_statuses` for worker:{id}, in the machine status's words: {connector: {status: active,
+        health: healthy | unhealthy, reason}} from the connector's own health check (the service it calls,
+        as this worker reaches it). The reason is redacted: a service's error can quote a URL's password."""
+        entry: dict[str, Any] = {"status": "active"}
+        try:
+            health = await asyncio.wait_for(self.connector.health(), HEALTH_TIMEOUT_S)
+            entry["health"] = "healthy" if health.healthy else "unhealthy"
+            reason = "" if health.healthy else health.reason
+        except TimeoutError:
+            entry["health"], reason = "unhealthy", f"health check took over {HEALTH_TIMEOUT_S:g}s"
+        except Exception as exc:  # noqa: BLE001 - a connector's broken health check is its unhealth, not ours
+            entry["health"], reason = "unhealthy", f"health check failed: {type(exc).__name__}: {exc}"
+        if reason:
+            entry["reason"] = redact_text(reason)[:300]
+        return {self.group.connector: entry}
+
+    async def _write_connector_statuses(self, statuses: dict[str, Any]) -> None:
+        """Only the field: the worker's status and current job stay the scripts' to write."""
+        await self.redis.hset(worker_key(self.ident.worker_id), "connector_statuses",
+                              json.dumps(statuses, separators=(",", ":")))
+        self.connector_statuses = statuses
 
     async def _reaper(self) -> None:
         """Every machine reaps: a job whose worker died (lease expired) goes back to the queue."""
@@ -581,12 +677,14 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
         context = ConnectorContext(machine_id=ident.machine_id, worker_id=ident.worker_id,
                                    output_dir=state / "outputs" / ident.worker_id,
                                    service_type=group.service or group.connector,
-                                   logger=tel.logger(f"emp.connector.{group.connector}"), tracer=tel.tracer)
+                                   logger=tel.logger(f"emp.connector.{group.connector}"), tracer=tel.tracer,
+                                   # no metrics: the worker counts jobs and errors from each job's outcome
+                                   joblog=telemetry_pkg.ConnectorLogger(
+                                       tel.events, None, connector_id=f"{group.connector}-{index}",
+                                       service_type=group.service or group.connector,
+                                       worker_id=ident.worker_id))
         connector = registry.get(group.connector).from_settings(expand_settings(group.settings, values), context)
-        probe = hw.probe()
-        hardware = {"ram_gb": round(probe.memory_total_bytes / 2**30, 1)}
-        if probe.gpus:
-            hardware.update(gpu_memory_gb=round(probe.gpu_memory_gb, 1), gpu_model=probe.gpu_model)
+        hardware = probed_hardware(hw.probe())
         client = aioredis.Redis.from_url(ident.redis_url, decode_responses=True, socket_connect_timeout=5,
                                          socket_keepalive=True, health_check_interval=30)
         worker = Worker(manifest, ident, client, connector, tel, hardware)

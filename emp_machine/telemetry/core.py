@@ -250,10 +250,13 @@ class Telemetry:
         root = logging.getLogger()
         if self.log_handler in root.handlers:
             root.removeHandler(self.log_handler)
+        # Before the last metric point: it also reads the worker's RSS, which a worker stopped within its
+        # first snapshot interval would otherwise never record. The values stay readable for /metrics until
+        # the machine counts the worker as gone.
+        self.publish_snapshot()
         self.flush(timeout)
         if self.shipper is not None:
             self.shipper.stop(drain_timeout=timeout)
-        self.publish_snapshot()  # the last values stay readable until the machine counts the worker as gone
         self.buffer.close(timeout)
 
     # --- internals -----------------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""What a real worker process tells Redis beyond the job lifecycle: its capabilities (probed hardware with
+the manifest's keys over it), its connector's health in `connector_statuses`, progress messages with the
+contract's step and estimate fields, a heartbeat within the contract's 30 s whatever the lease, and job
+counts written malformed by a producer (one job fails, nothing loops)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+import uuid
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psutil
+import pytest
+import redis as redis_lib
+
+from emp_machine.runtime.hardware import probe as hardware_probe
+from emp_machine.runtime.jobs import JobStore, contract_fields, submission_score
+from harness import Messages, WorkerProcs, wait_for
+
+SECRET = "hunter22"
+MANIFEST = """
+workers:
+  big:
+    connector: simulation
+    job_types: [gapsim]
+    lease: 300s
+    capabilities:
+      hardware: {{gpu_memory_gb: 24, gpu_model: test-gpu}}
+  sick:
+    connector: simulation
+    job_types: [sicksim]
+    settings: {{unhealthy_reason: "cannot reach http://u:{secret}@svc.example/x"}}
+  rest:
+    connector: rest
+    job_types: [gaprest]
+    lease: 3s
+    settings: {{submit_url: "{url}/run", health_url: "{url}/health"}}
+"""
+ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+
+
+class _Health(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def service():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def client(redis_server):
+    c = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    c.flushall()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def workers(client, redis_server, service, tmp_path_factory):
+    url = f"http://127.0.0.1:{service.server_address[1]}"
+    procs = WorkerProcs(MANIFEST.format(secret=SECRET, url=url), tmp_path_factory.mktemp("gaps"), redis_server.url)
+    procs.start()
+    try:
+        procs.wait_up(client)
+        yield procs
+    finally:
+        procs.close()
+
+
+@pytest.fixture
+def store(client, workers):
+    return JobStore(client)
+
+
+@pytest.fixture
+def messages(client):
+    msgs = Messages(client, "update_job_progress", "complete_job", "job_failed")
+    yield msgs
+    msgs.close()
+
+
+def worker_hash(client, workers, group):
+    return client.hgetall(f"worker:{workers.ids[list(workers.manifest.workers).index(group)]}")
+
+
+def status_of(client, job_id):
+    return client.hget(f"job:{job_id}", "status")
+
+
+def wait_status(client, job_id, *statuses, timeout=10.0):
+    return wait_for(lambda: status_of(client, job_id) in statuses, timeout,
+                    message=f"job {job_id} to reach {statuses} (now {status_of(client, job_id)})")
+
+
+def at(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+# -- capabilities ------------------------------------------------------------------------------------------
+
+def test_capabilities_carry_cpu_cores_and_the_manifest_hardware_over_the_probed(client, workers):
+    caps = json.loads(worker_hash(client, workers, "big")["capabilities"])
+    hardware = caps["hardware"]
+    assert hardware["cpu_cores"] == psutil.cpu_count()
+    assert hardware["ram_gb"] == round(psutil.virtual_memory().total / 2**30, 1)  # kept beside the override
+    assert (hardware["gpu_memory_gb"], hardware["gpu_model"]) == (24, "test-gpu")
+    assert caps["performance"] == {"concurrent_jobs": 1} and caps["services"] == ["gapsim"]
+    plain = json.loads(worker_hash(client, workers, "sick")["capabilities"])["hardware"]
+    probed = hardware_probe()
+    assert (plain["cpu_cores"], plain["ram_gb"]) == (psutil.cpu_count(), hardware["ram_gb"])
+    assert ("gpu_model" in plain) == bool(probed.gpus) and ("gpu_memory_gb" in plain) == bool(probed.gpus)
+
+
+def test_a_job_requiring_cores_ram_and_gpu_memory_is_claimed_by_a_worker_that_has_them(client, store, workers):
+    job_id = store.submit("gapsim", {"steps": 1, "step_ms": 0},
+                          requirements={"hardware": {"cpu_cores": 1, "ram_gb": 0.1, "gpu_memory_gb": 24}})
+    wait_status(client, job_id, "completed")
+    too_big = store.submit("gapsim", {"steps": 1, "step_ms": 0},
+                           requirements={"hardware": {"cpu_cores": psutil.cpu_count() + 1}})
+    after = store.submit("gapsim", {"steps": 1, "step_ms": 0}, priority=1)
+    wait_status(client, after, "completed")
+    assert status_of(client, too_big) == "pending"
+    assert store.cancel(too_big, "no worker has that many cores")
+
+
+# -- connector_statuses ------------------------------------------------------------------------------------
+
+def test_connector_statuses_report_the_connectors_health_redacted(client, workers):
+    assert json.loads(worker_hash(client, workers, "big")["connector_statuses"]) == {
+        "simulation": {"status": "active", "health": "healthy"}}
+    sick = worker_hash(client, workers, "sick")["connector_statuses"]
+    assert json.loads(sick) == {"simulation": {"status": "active", "health": "unhealthy",
+                                               "reason": "cannot reach http://u:[REDACTED]@svc.example/x"}}
+    assert SECRET not in sick
+
+
+def test_connector_statuses_follow_the_service_health_and_go_inactive_when_the_worker_stops(client, workers,
+                                                                                              service):
+    def rest_status():
+        return json.loads(worker_hash(client, workers, "rest")["connector_statuses"])["rest"]
+
+    assert rest_status() == {"status": "active", "health": "healthy"}
+    _Health.status = 503
+    try:
+        wait_for(lambda: rest_status()["health"] == "unhealthy", message="the unhealthy service to show")
+        status = rest_status()
+        assert (status["status"], status["health"]) == ("active", "unhealthy") and "503" in status["reason"]
+    finally:
+        _Health.status = 200
+    wait_for(lambda: rest_status() == {"status": "active", "health": "healthy"}, message="healthy again")
+    index = list(workers.manifest.workers).index("rest")
+    workers.signal(index, signal.SIGTERM)
+    assert workers.wait_exit(index) == 0
+    row = worker_hash(client, workers, "rest")
+    assert row["status"] == "offline"
+    assert json.loads(row["connector_statuses"]) == {"rest": {"status": "inactive", "health": "healthy"}}
+
+
+# -- progress messages -------------------------------------------------------------------------------------
+
+def test_progress_messages_carry_steps_and_an_estimated_completion(client, store, workers, messages):
+    job_id = store.submit("gapsim", {"steps": 4, "step_ms": 200}, workflow_id="wf-9", current_step=2,
+                          total_steps=5)
+    wait_status(client, job_id, "completed")
+    (done,) = wait_for(lambda: messages.of("complete_job", job_id=job_id), message="complete_job")
+    updates = messages.of("update_job_progress", job_id=job_id)
+    assert set(updates[0]) == {"job_id", "worker_id", "progress", "timestamp"}  # the claim's (contract)
+    sent = updates[1:]
+    assert [u["progress"] for u in sent] == [25, 50, 75, 100]
+    for u in sent:
+        assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "current_step", "total_steps",
+                          "estimated_completion", "timestamp"}, u
+        assert (u["worker_id"], u["status"]) == (done["worker_id"], "in_progress")
+        assert (u["current_step"], u["total_steps"]) == (2, 5)
+        assert re.match(ISO, u["estimated_completion"]), u
+        assert isinstance(u["timestamp"], int)
+    # Estimated at 25 % after ~200 ms of a ~800 ms job: the end, within a generous margin of when it was.
+    first = sent[0]
+    assert abs(at(first["estimated_completion"]) - done["timestamp"] / 1000) < 1.5, (first, done["timestamp"])
+    assert abs(at(sent[-1]["estimated_completion"]) - sent[-1]["timestamp"] / 1000) < 0.5  # at 100 %: now
+
+
+def test_progress_without_workflow_steps_leaves_them_out(client, store, workers, messages):
+    job_id = store.submit("gapsim", {"steps": 2, "step_ms": 150})
+    wait_status(client, job_id, "completed")
+    wait_for(lambda: messages.of("complete_job", job_id=job_id), message="complete_job")
+    for u in messages.of("update_job_progress", job_id=job_id)[1:]:
+        assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "estimated_completion",
+                          "timestamp"}, u
+
+
+# -- malformed counts ----------------------------------------------------------------------------------------
+
+def submit_raw(client, job_type, **fields):
+    """A job as the EMP API writes it (hash + jobs:pending + job_submitted), with fields overridden."""
+    job_id = f"raw-{uuid.uuid4()}"
+    row = {**contract_fields(job_id, job_type, {"steps": 1, "step_ms": 0}), **fields}
+    client.hset(f"job:{job_id}", mapping=row)
+    client.zadd("jobs:pending", {job_id: submission_score(50, int(time.time() * 1000))})
+    client.publish("job_submitted", json.dumps({"job_id": job_id, "service_required": job_type, "priority": 50}))
+    return job_id
+
+
+def claims(store, job_id):
+    return [e["ev"] for e in store.timeline(job_id).events if e["ev"] in ("claimed", "handed_back")]
+
+
+def test_a_retry_count_written_as_a_float_is_read_as_the_count(client, store, workers, messages):
+    job_id = submit_raw(client, "gapsim", retry_count="1.0")
+    wait_status(client, job_id, "completed")
+    (done,) = wait_for(lambda: messages.of("complete_job", job_id=job_id), message="complete_job")
+    assert done["result"]["service_metadata"]["attempt"] == 2
+    assert claims(store, job_id) == ["claimed"]
+
+
+@pytest.mark.parametrize("field, value", [("retry_count", "x"), ("retry_count", "1.5"), ("max_retries", "lots")])
+def test_a_count_that_is_no_number_fails_that_job_alone_and_never_loops(client, store, workers, messages,
+                                                                       field, value):
+    pid = workers.procs[0].pid
+    job_id = submit_raw(client, "gapsim", **{field: value})
+    wait_status(client, job_id, "failed")
+    (failed,) = wait_for(lambda: messages.of("job_failed", job_id=job_id), message="job_failed")
+    error = f"malformed job: job field {field} must be a whole number >= 0, got {value!r}"
+    assert failed["error"] == error and failed["can_retry"] is False
+    assert client.hget(f"job:{job_id}", "error") == error
+    assert claims(store, job_id) == ["claimed"]  # claimed once, never handed back and claimed again
+    assert not client.hexists("jobs:completed", job_id)
+    good = store.submit("gapsim", {"steps": 1, "step_ms": 0})
+    wait_status(client, good, "completed")
+    assert workers.procs[0].pid == pid and workers.procs[0].poll() is None
+
+
+# -- heartbeat -----------------------------------------------------------------------------------------------
+
+def test_the_heartbeat_is_renewed_within_the_contracts_30s_even_with_a_long_lease(client, workers):
+    # lease 300s: a third of it would be a beat every 100 s, past the key's 60 s TTL. The worker registered
+    # before this test began, so its next beat is due within one capped interval (20 s) from now.
+    key = f"worker:{workers.ids[0]}"
+    assert json.loads(client.hget(key, "capabilities"))["services"] == ["gapsim"]  # the 300s-lease worker
+    first = client.hget(key, "last_heartbeat")
+    wait_for(lambda: client.hget(key, "last_heartbeat") != first, timeout=22, interval=0.2,
+             message="a heartbeat within 22 s")
+    assert client.ttl(f"{key}:heartbeat") > 55
