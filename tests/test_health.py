@@ -327,10 +327,15 @@ workers:
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                    if s.name == "jobs_processed_total" and s.labels.get("type") == "metrics-sim"
                    and s.labels.get("status") == status)
-    text = wait_for(lambda: (t := scraped()) and jobs(t, "completed") == 4 and jobs(t, "failed") == 1 and t, 20,
-                    message="/metrics to count the workers' 5 jobs")
     mid = json.loads(http(base + "/status")[2])["machine_id"]
     workers = {f"{mid}-worker-0", f"{mid}-worker-1"}
+
+    def rss_of(text: str) -> set:
+        return {s.labels.get("worker_id") for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "worker_memory_usage_bytes"}
+    # One worker may run all five jobs before the other's first snapshot (~1 s after its start): wait for both.
+    text = wait_for(lambda: (t := scraped()) and jobs(t, "completed") == 4 and jobs(t, "failed") == 1
+                    and rss_of(t) == workers and t, 20, message="/metrics to count the workers' 5 jobs")
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     assert {s.labels.get("worker_id") for s in samples if s.name == "jobs_processed_total"} <= workers
     assert {s.labels["worker_id"] for s in samples if s.name == "worker_memory_usage_bytes"} == workers
