@@ -75,6 +75,8 @@ def test_cancel_of_a_finished_or_unknown_job_does_nothing(store, redis):
 def test_expired_lease_is_reaped_with_retry_count_kept(store, redis):
     sub = redis.pubsub(ignore_subscribe_messages=True)
     sub.subscribe("job_requeued")
+    failed = redis.pubsub(ignore_subscribe_messages=True)
+    failed.subscribe("job_failed")
     job_id = store.submit("sim", {}, max_retries=5)
     store.claim(CAPS)
     store.fail(job_id, "w1", "once", retryable=True)
@@ -96,6 +98,21 @@ def test_expired_lease_is_reaped_with_retry_count_kept(store, redis):
     assert msg["job_id"] == job_id and msg["worker_id"] == "w1" and msg["service_required"] == "sim"
     assert [m["reason"] for m in seen] == ["retry", "lease_expired"]
     sub.close()
+    # The contract's channel hears it too, as it hears a retry: the attempt ended, the job waits again.
+    announced = []
+
+    def failed_messages():
+        msg = failed.get_message(timeout=0.05)
+        if msg:
+            announced.append(json.loads(msg["data"]))
+        return len(announced) == 2 and announced
+    retry, lost = until(failed_messages, what="job_failed for the retry and for the reaped job")
+    assert retry["error"] == "once" and retry["retry_count"] == 1
+    assert {k: lost[k] for k in ("job_id", "worker_id", "status", "can_retry", "retry_count", "error")} == {
+        "job_id": job_id, "worker_id": "w1", "status": "pending", "can_retry": True, "retry_count": 1,
+        "error": "worker lost: lease expired"}
+    assert lost["failed_at"].endswith("Z") and isinstance(lost["timestamp"], int)
+    failed.close()
     # The dead worker learns it lost the job; another worker runs it.
     assert store.claim(CAPS2).id == job_id
     assert store.complete(job_id, "w1", {}) == "lost"

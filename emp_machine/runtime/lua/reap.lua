@@ -2,13 +2,14 @@
 -- machines may run it at once: a job is re-queued by exactly one of them.
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = most jobs to reap in this call
--- Returns the ids re-queued.
+-- Each re-queued job is announced on job_failed (can_retry true, as the contract announces a retry) and
+-- on our job_requeued, which wakes idle workers. Returns the ids re-queued.
 local now = now_ms()
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   redis.call('ZREM', KEYS[3], id)
   local jkey = 'job:' .. id
-  local f = redis.call('HMGET', jkey, 'status', 'worker_id', 'service_required')
+  local f = redis.call('HMGET', jkey, 'status', 'worker_id', 'service_required', 'retry_count')
   if f[1] == 'assigned' or f[1] == 'in_progress' then
     local wid = f[2] or ''
     redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
@@ -18,6 +19,10 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     end
     enqueue(id)
     add_event(id, {t = now, ev = 'lease_expired', worker_id = wid})
+    -- The contract announces a retry as job_failed with can_retry: the API and the monitor learn that the
+    -- attempt ended and the job waits again (retry_count kept: the attempt's end is not the job's fault).
+    publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = 'worker lost: lease expired',
+      failed_at = iso(now), retry_count = tonumber(f[4]) or 0, can_retry = true, timestamp = now})
     publish('job_requeued', {job_id = id, service_required = f[3], reason = 'lease_expired',
       worker_id = wid, timestamp = now})
     table.insert(out, id)
