@@ -173,6 +173,14 @@ def test_connector_statuses_follow_the_service_health_and_go_inactive_when_the_w
     row = worker_hash(client, workers, "rest")
     assert row["status"] == "offline"
     assert json.loads(row["connector_statuses"]) == {"rest": {"status": "inactive", "health": "healthy"}}
+    # Each change of health was also an event, in the worker's telemetry (read back from its buffer).
+    from test_connector_telemetry import read_buffer
+
+    recorded = read_buffer(workers.state_dir / "telemetry" / f"{workers.ids[index]}.db")
+    checks = [(r[4]["healthy"], r[2]) for r in recorded.logs if r[7] == "service.health_check"]
+    assert checks == [(False, "WARNING"), (True, "INFO")], checks
+    unhealthy = next(r[4] for r in recorded.logs if r[7] == "service.health_check")
+    assert "503" in unhealthy["reason"] and unhealthy["connector_id"] == f"rest-{index}"
 
 
 # -- progress messages -------------------------------------------------------------------------------------

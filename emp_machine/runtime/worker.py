@@ -607,6 +607,8 @@ class Worker:
             # Last, as it may take HEALTH_TIMEOUT_S: the connector's health, written when it changed.
             statuses = await self._read_connector_statuses()
             if statuses != self.connector_statuses:
+                entry = statuses[self.group.connector]  # a health change is an event (service.health_check)
+                self.connector.joblog.health_check(entry["health"] == "healthy", reason=entry.get("reason"))
                 try:
                     await self._write_connector_statuses(statuses)
                 except RedisError as exc:
