@@ -40,3 +40,18 @@ def test_otel_environment_is_applied_over_the_manifest():
     assert (applied.service_name, applied.environment) == ("emp-worker", "prod")
     assert applied.resource_attributes == {"team": "gpu"}
     assert apply_otel_env(config, {}) is config
+
+
+def test_each_process_buffer_gets_its_share_of_the_machines_limits(tmp_path):
+    # The manifest's buffer limits are the machine's, split like the span and CPU budgets: a machine of
+    # three workers and its own process stays within 100 MB in all, not 4 x 100 MB.
+    from emp_machine.telemetry import setup
+
+    config = TelemetryConfig(buffer={"max_size": "100MB", "segment_size": "40MB"})
+    telemetry = setup(config, machine_id="m1", worker_id="m1-worker-0", service_type="sim",
+                      buffer_path=tmp_path / "w0.db", process_share=0.25, stream=open("/dev/null", "w"),
+                      start_shipper=False)
+    try:
+        assert (telemetry.buffer.max_size, telemetry.buffer.segment_size) == (25 * 10**6, 10 * 10**6)
+    finally:
+        telemetry.shutdown(timeout=2)

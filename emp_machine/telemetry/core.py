@@ -92,7 +92,10 @@ class Telemetry:
         buffer_config = config.buffer
         self._drops_lock = threading.Lock()
         self._drops_unreported: dict[str, int] = {}
-        self.buffer = Buffer(buffer_path, max_size=buffer_config.max_size, segment_size=buffer_config.segment_size,
+        # The manifest's limits are the machine's: each process's buffer gets its share, as the span and CPU
+        # budgets do (a machine of 8 workers used to be allowed 9 x 100 MB).
+        self.buffer = Buffer(buffer_path, max_size=int(buffer_config.max_size * process_share),
+                             segment_size=int(buffer_config.segment_size * process_share),
                              retention=buffer_config.retention, flush_interval=buffer_config.flush_interval,
                              on_drop=self._on_drop)
         self.shipper: Shipper | None = None
