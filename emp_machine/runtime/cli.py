@@ -105,6 +105,19 @@ def _parser() -> argparse.ArgumentParser:
     errors.add_argument("--redis", help="Redis URL used to find --machine by id")
     errors.set_defaults(func=ops.cmd_errors)
 
+    telemetry = sub.add_parser("telemetry", help="what each process's telemetry buffer holds (read-only; also "
+                                                 "while the machine runs)")
+    where = telemetry.add_mutually_exclusive_group()
+    where.add_argument("--manifest", "-m", default=argparse.SUPPRESS,
+                       help="the machine's manifest (default: the running machine)")
+    where.add_argument("--state-dir", help="the machine's state directory (machine.state_dir)")
+    telemetry.add_argument("--process", help="only this process's buffer (machine, or a worker id)")
+    telemetry.add_argument("--spans", type=_count, default=0, metavar="N", help="the last N pending spans")
+    telemetry.add_argument("--logs", type=_count, default=0, metavar="N", help="the last N pending log records")
+    telemetry.add_argument("--dead-letters", action="store_true", help="the batches a collector rejected")
+    telemetry.add_argument("--json", action="store_true")
+    telemetry.set_defaults(func=ops.cmd_telemetry)
+
     trying = sub.add_parser("try", help="run one job through a connector directly (no Redis, no supervisor)")
     trying.add_argument("connector")
     trying.add_argument("--setting", "-s", action="append", default=[], metavar="KEY=VALUE",

@@ -240,6 +240,194 @@ def _follow(path: Path) -> None:
         time.sleep(0.2)
 
 
+# -- telemetry buffers --------------------------------------------------------------------------------------
+_KINDS = {1: "spans", 2: "logs", 3: "metrics"}  # buffer.Kind
+_SPAN_STATUS = {0: "unset", 1: "ok", 2: "error"}
+_SPAN_KEYS = ("job.id", "job.type", "job.attempt", "connector.id", "error.type", "http.response.status_code")
+
+
+def _state_dir(args) -> Path:
+    """--state-dir; else the running machine's (found as `ps` and `logs` find it); else, for a stopped machine,
+    the manifest's state_dir (as `errors` does)."""
+    from emp_machine.runtime import manifest as mf
+
+    if args.state_dir:
+        return Path(args.state_dir)
+    try:
+        return Path(_target(args)["logs"]).parent  # the pointer names <state_dir>/logs
+    except NoMachineRunning:
+        explicit = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST")
+        if not explicit and len(mf.running_machines()) > 1:
+            raise  # several are running: --manifest says which
+        return Path(mf.load(explicit or mf.default_manifest()).machine.state_dir)
+
+
+def _buffer_limit(state_dir: Path) -> int | None:
+    """Each buffer's max_size, from the manifest the machine last ran with (run/manifest.json): that one
+    number is read, nothing else of the configuration."""
+    try:
+        data = json.loads((state_dir / "run" / "manifest.json").read_text(encoding="utf-8"))
+        return int(data["telemetry"]["buffer"]["max_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cmd_telemetry(args) -> int:
+    """Each process's buffer, read-only: safe while the machine runs (see buffer.inspect_buffer). Records are
+    redacted before they are buffered; nothing of the configuration but the size limit is shown."""
+    from emp_machine.telemetry.buffer import BufferUnreadable, inspect_buffer
+
+    state_dir = _state_dir(args)
+    folder = state_dir / "telemetry"
+    found = sorted(folder.glob("*.db"))
+    if args.process:
+        path = folder / f"{args.process}.db"
+        if Path(args.process).name != args.process or not path.is_file():
+            names = ", ".join(p.stem for p in found) or "none"
+            raise EmpError(f"no telemetry buffer for process {args.process!r} in {folder}; buffers: {names}")
+        found = [path]
+    if not found:
+        raise EmpError(f"no telemetry buffers in {folder} (none written yet, or not this machine's state dir)")
+    limit = _buffer_limit(state_dir)
+    now = time.time()
+    buffers: list[dict] = []
+    spans: list[dict] = []
+    logs: list[dict] = []
+    dead: list[dict] = []
+    for path in found:
+        process = path.stem
+        try:
+            report = inspect_buffer(path, spans=args.spans, logs=args.logs, dead_letters=args.dead_letters)
+        except BufferUnreadable as exc:
+            buffers.append({"process": process, "path": str(path), "error": str(exc)})
+            continue
+        buffers.append({
+            "process": process, "path": str(path), "owner_running": report.owner_running,
+            "pending": {name: report.pending.get(kind, 0) for kind, name in _KINDS.items()},
+            "stored_bytes": report.stored_bytes, "limit_bytes": limit,
+            "oldest_pending_age_s": None if report.oldest_created is None else round(now - report.oldest_created, 1),
+            "dropped": report.dropped, "dead_letter_records": report.dead_letter_records})
+        spans.extend(_span_row(process, record) for record in report.spans)
+        logs.extend(_log_row(process, record) for record in report.logs)
+        dead.extend({"process": process, "kind": _KINDS.get(kind, str(kind)), "count": count, "reason": reason,
+                     "at": created} for kind, count, reason, created in report.dead_letters)
+    spans = sorted(spans, key=lambda row: row["end"])[-args.spans:] if args.spans else []
+    logs = sorted(logs, key=lambda row: row["time"])[-args.logs:] if args.logs else []
+    dead.sort(key=lambda row: row["at"])
+    failed = any("error" in b for b in buffers)
+    listing = bool(args.spans or args.logs or args.dead_letters)
+    if args.json:
+        doc: dict = {"state_dir": str(state_dir), "buffers": buffers}
+        if args.spans:
+            doc["spans"] = spans
+        if args.logs:
+            doc["logs"] = logs
+        if args.dead_letters:
+            doc["dead_letters"] = dead
+        print(json.dumps(doc, indent=2, default=str))
+        return 1 if failed else 0
+    if not listing:
+        _print_buffers(folder, buffers, limit)
+        return 1 if failed else 0
+    for b in buffers:  # the listings below leave these out: say so
+        if "error" in b:
+            print(f"emp-machine: {b['error']}", file=sys.stderr)
+    sections = []
+    if args.spans:
+        sections.append(_span_lines(spans))
+    if args.logs:
+        sections.append(_log_lines(logs))
+    if args.dead_letters:
+        sections.append(_dead_lines(dead))
+    print("\n\n".join("\n".join(lines) for lines in sections))
+    return 1 if failed else 0
+
+
+def _span_row(process: str, record: tuple) -> dict:
+    trace_id, span_id, parent, name, _kind, start, end, attributes, status, status_message = record[:10]
+    return {"process": process, "trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}",
+            "parent_span_id": f"{parent:016x}" if parent else None, "name": name, "start": start / 1e9,
+            "end": end / 1e9, "duration_ms": round((end - start) / 1e6, 3),
+            "status": _SPAN_STATUS.get(status, str(status)), "status_message": status_message or None,
+            "attributes": attributes or {}}
+
+
+def _log_row(process: str, record: tuple) -> dict:
+    time_ns, _severity, level, message, attributes, trace_id, _span_id, event_name = record
+    attributes = attributes if isinstance(attributes, dict) else {}
+    return {"process": process, "time": time_ns / 1e9, "level": level,
+            "message": message if isinstance(message, str) else json.dumps(message, default=str),
+            "event": event_name or None, "job_id": attributes.get("job_id") or None,
+            "trace_id": f"{trace_id:032x}" if trace_id else None}
+
+
+def _width(rows: list[dict]) -> int:
+    """The PROCESS column's width: worker ids are as long as the machine id makes them."""
+    return max([7, *(len(r["process"]) for r in rows)])
+
+
+def _print_buffers(folder: Path, buffers: list[dict], limit: int | None) -> None:
+    from emp_machine.units import format_size
+
+    w = _width(buffers)
+    print(f"telemetry buffers in {folder} (records show up to 2 s after they are made; OLDEST: the oldest "
+          f"pending record's commit)")
+    print(f"{'PROCESS':<{w}} {'OWNER':<8} {'SPANS':>7} {'LOGS':>7} {'METRICS':>7} {'STORED / LIMIT':>19} "
+          f"{'OLDEST':>6} {'DEAD':>5}  DROPPED")
+    for b in buffers:
+        if "error" in b:
+            print(f"{b['process']:<{w}} {b['error']}")
+            continue
+        owner = {True: "running", False: "stopped"}.get(b["owner_running"], "?")
+        pending = b["pending"]
+        stored = f"{format_size(b['stored_bytes'])} / {format_size(limit) if limit is not None else '?'}"
+        age = _ago(max(0, b["oldest_pending_age_s"])) if b["oldest_pending_age_s"] is not None else "-"
+        dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(b["dropped"].items()) if count) or "-"
+        print(f"{b['process']:<{w}} {owner:<8} {pending['spans']:>7} {pending['logs']:>7} {pending['metrics']:>7} "
+              f"{stored:>19} {age:>6} {b['dead_letter_records']:>5}  {dropped}")
+
+
+def _span_lines(rows: list[dict]) -> list[str]:
+    from emp_machine.runtime.queries import format_at, format_ms
+
+    if not rows:
+        return ["no pending spans"]
+    w = _width(rows)
+    lines = [f"{'END (UTC)':<12}  {'PROCESS':<{w}} {'TRACE_ID':<32} {'SPAN_ID':<16} {'NAME':<22} {'DURATION':>9} "
+             f"{'STATUS':<6} ATTRIBUTES"]
+    for r in rows:
+        keys = " ".join(f"{k}={r['attributes'][k]}" for k in _SPAN_KEYS if k in r["attributes"])
+        status = r["status"] + (f" ({r['status_message'][:60]})" if r["status_message"] else "")
+        lines.append(f"{format_at(int(r['end'] * 1000)):<12}  {r['process']:<{w}} {r['trace_id']} {r['span_id']} "
+                     f"{r['name'][:22]:<22} {format_ms(r['duration_ms']):>9} {status:<6} {keys}")
+    return lines
+
+
+def _log_lines(rows: list[dict]) -> list[str]:
+    from emp_machine.runtime.queries import format_at
+
+    if not rows:
+        return ["no pending log records"]
+    w = _width(rows)
+    lines = [f"{'TIME (UTC)':<12}  {'PROCESS':<{w}} {'LEVEL':<8} {'EVENT':<24} MESSAGE"]
+    for r in rows:
+        job = f"  job={r['job_id']}" if r["job_id"] else ""
+        lines.append(f"{format_at(int(r['time'] * 1000)):<12}  {r['process']:<{w}} {r['level']:<8} "
+                     f"{r['event'] or '-':<24} {r['message'][:200].replace(chr(10), ' | ')}{job}")
+    return lines
+
+
+def _dead_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["no dead-lettered batches"]
+    w = _width(rows)
+    lines = [f"{'AT (UTC)':<20} {'PROCESS':<{w}} {'KIND':<8} {'COUNT':>6}  REASON"]
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["at"]))
+        lines.append(f"{when}Z {r['process']:<{w}} {r['kind']:<8} {r['count']:>6}  {r['reason']}")
+    return lines
+
+
 # -- jobs -------------------------------------------------------------------------------------------------
 def _store(args):
     """A sync JobStore on: --redis, else the running machine's Redis, else the manifest's redis.url."""

@@ -728,6 +728,119 @@ class Buffer:
         self._lock_file.close()
 
 
+# --- inspection from another process (`emp-machine telemetry`) --------------------------------------------
+
+
+class BufferUnreadable(EmpError):
+    """A buffer file that cannot be inspected (missing, not a buffer, corrupt, locked against readers)."""
+
+
+@dataclass
+class BufferReport:
+    """What `inspect_buffer()` read from one buffer file. `spans` and `logs` are pending records as the buffer
+    keeps them (encode.py's layouts), oldest first; `dead_letters` is (kind, count, reason, created) per batch."""
+
+    path: Path
+    owner_running: bool | None  # the advisory lock is held (None: cannot be told on this system)
+    pending: dict[int, int]  # records committed and not acknowledged, by Kind
+    stored_bytes: int
+    oldest_created: float | None  # when the oldest pending chunk was committed
+    dropped: dict[str, int]
+    dead_letter_records: int
+    spans: list = field(default_factory=list)
+    logs: list = field(default_factory=list)
+    dead_letters: list[tuple[int, int, str, float]] = field(default_factory=list)
+
+
+def inspect_buffer(path: Path, *, spans: int = 0, logs: int = 0, dead_letters: bool = False) -> BufferReport:
+    """Read one buffer file without disturbing its owner, which may be running: SQLite opened read-only (a WAL
+    reader never blocks the writer), the advisory lock never taken (whether it is held is read from
+    /proc/locks), nothing written or acknowledged. Records still in stage files (up to `commit_interval` old)
+    are not seen. Raises BufferUnreadable, one line saying why."""
+    path = Path(path)
+    if not path.is_file():
+        raise BufferUnreadable(f"{path}: no buffer file there")
+    owner = _lock_held(path.with_name(path.name + ".lock"))
+    # An owner gone, its WAL folded in at close: the file alone is the data, opened immutable so that reading
+    # it leaves no -wal/-shm files behind. Otherwise a read-only WAL reader (it shares the owner's -shm).
+    immutable = owner is False and not path.with_name(path.name + "-wal").exists()
+    uri = path.absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
+    db = None
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=2.0, isolation_level=None)
+        db.execute("BEGIN")  # one snapshot for every query below
+        pending = {int(k): int(n) for k, n in db.execute(
+            "SELECT kind, SUM(count - sent) FROM chunks GROUP BY kind").fetchall()}
+        stored_bytes, oldest = db.execute("SELECT COALESCE(SUM(nbytes), 0), MIN(created) FROM chunks").fetchone()
+        dropped = {str(name): int(value) for name, value in db.execute("SELECT name, value FROM counters")}
+        dead = int(db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
+        report = BufferReport(path, owner, pending, int(stored_bytes), oldest, dropped, dead)
+        report.spans = _last_pending(db, Kind.SPAN, spans, 6)  # a span's end time
+        report.logs = _last_pending(db, Kind.LOG, logs, 0)  # a log record's time
+        if dead_letters:
+            report.dead_letters = [(int(r[0]), int(r[1]), str(r[2]), float(r[3])) for r in db.execute(
+                "SELECT kind, count, reason, created FROM dead_letter ORDER BY id")]
+        return report
+    except (sqlite3.Error, zlib.error, ValueError, EOFError, TypeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BufferUnreadable(f"{path}: not readable as a telemetry buffer ({reason})") from None
+    finally:
+        if db is not None:
+            db.close()
+
+
+def _last_pending(db: sqlite3.Connection, kind: int, count: int, time_field: int) -> list:
+    """The last `count` pending records of `kind` by their time field, oldest first. Chunks are read newest
+    first up to `count` records, then the rest of that commit (its chunks share `created`: one per value
+    class, so their records interleave in time)."""
+    if count <= 0:
+        return []
+    chosen: list[int] = []
+    total, boundary = 0, None
+    cursor = db.execute("SELECT id, created, count - sent FROM chunks WHERE kind = ? ORDER BY id DESC", (kind,))
+    for chunk_id, created, left in cursor:
+        if boundary is not None and created < boundary:
+            break
+        chosen.append(chunk_id)
+        total += left
+        if boundary is None and total >= count:
+            boundary = created
+    cursor.close()
+    records: list = []
+    for chunk_id in chosen:
+        sent, data = db.execute("SELECT sent, data FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+        records.extend(decode_chunk(data)[sent:])
+    records.sort(key=lambda record: record[time_field])
+    return records[-count:]
+
+
+def _lock_held(lock_path: Path) -> bool | None:
+    """Whether a process holds the flock on `lock_path`, from /proc/locks (Linux): trying the lock would hold
+    it for a moment, and an owner starting then would fail with BufferInUse. None where it cannot be told."""
+    try:
+        st = os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    same_inode = False
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4321 fd:00:1234567 0 EOF" (a waiter's has "->")
+        fields = line.split()
+        if "FLOCK" not in fields:
+            continue
+        if key in fields:
+            return True
+        same_inode = same_inode or any(f.endswith(f":{st.st_ino}") for f in fields)
+    # The inode is locked on a device numbered otherwise (an overlay file system reports another st_dev).
+    return None if same_inode else False
+
+
 def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
