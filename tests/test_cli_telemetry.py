@@ -103,11 +103,13 @@ def test_buffers_read_while_the_owner_runs_and_after_nothing_consumed(tmp_path):
                                 "metrics": buffer.pending(Kind.METRIC)}
         assert m["stored_bytes"] == buffer.stats().stored_bytes > 0
         assert m["dropped"] == {} and m["dead_letter_records"] == 0
-        assert 0 <= m["oldest_pending_age_s"] < 60 and m["limit_bytes"] is None  # no run/manifest.json here
+        assert 0 <= m["oldest_pending_age_s"] < 60
+        assert m["limit_bytes"] == buffer.max_size == 100 * 10**6  # each buffer keeps the limit it was opened with
         w = rows["m1-worker-1"]
         assert w["owner_running"] is False
         assert w["dropped"] == worker.dropped and w["dropped"]["buffer_full"] > 0
         assert w["dead_letter_records"] == 3 and w["stored_bytes"] == worker.stored_bytes
+        assert w["limit_bytes"] == 20_000
         assert sum(w["pending"].values()) == worker.stored_records and w["pending"]["logs"] > 0
 
         # The table, with the owner alive.
@@ -269,8 +271,8 @@ def test_a_running_machine_s_buffers_are_found_by_its_manifest_and_read_while_it
     rows = wait_for(lambda: (r := buffers()) and len(r) == 2 and all(b["pending"]["logs"] for b in r.values()) and r,
                     timeout=20, message="both buffers with committed log records")
     assert "machine" in rows
-    for row in rows.values():
-        assert row["owner_running"] is True and row["limit_bytes"] == 20 * 10**6
+    for row in rows.values():  # the machine's 20 MB, shared by its two processes
+        assert row["owner_running"] is True and row["limit_bytes"] == 10 * 10**6
     logs = machine.cli("telemetry", "--logs", "50")
     assert logs.returncode == 0 and "worker.spawned" in logs.stdout
     assert machine.process("worker-0").state == "RUNNING"

@@ -263,8 +263,8 @@ def _state_dir(args) -> Path:
 
 
 def _buffer_limit(state_dir: Path) -> int | None:
-    """Each buffer's max_size, from the manifest the machine last ran with (run/manifest.json): that one
-    number is read, nothing else of the configuration."""
+    """The manifest's max_size (run/manifest.json: that one number is read, nothing else of the configuration),
+    for a buffer written before buffers kept their own limit (each process's share of this one)."""
     try:
         data = json.loads((state_dir / "run" / "manifest.json").read_text(encoding="utf-8"))
         return int(data["telemetry"]["buffer"]["max_size"])
@@ -304,7 +304,7 @@ def cmd_telemetry(args) -> int:
         buffers.append({
             "process": process, "path": str(path), "owner_running": report.owner_running,
             "pending": {name: report.pending.get(kind, 0) for kind, name in _KINDS.items()},
-            "stored_bytes": report.stored_bytes, "limit_bytes": limit,
+            "stored_bytes": report.stored_bytes, "limit_bytes": report.max_size or limit,
             "oldest_pending_age_s": None if report.oldest_created is None else round(now - report.oldest_created, 1),
             "dropped": report.dropped, "dead_letter_records": report.dead_letter_records})
         spans.extend(_span_row(process, record) for record in report.spans)
@@ -327,7 +327,7 @@ def cmd_telemetry(args) -> int:
         print(json.dumps(doc, indent=2, default=str))
         return 1 if failed else 0
     if not listing:
-        _print_buffers(folder, buffers, limit)
+        _print_buffers(folder, buffers)
         return 1 if failed else 0
     for b in buffers:  # the listings below leave these out: say so
         if "error" in b:
@@ -366,7 +366,7 @@ def _width(rows: list[dict]) -> int:
     return max([7, *(len(r["process"]) for r in rows)])
 
 
-def _print_buffers(folder: Path, buffers: list[dict], limit: int | None) -> None:
+def _print_buffers(folder: Path, buffers: list[dict]) -> None:
     from emp_machine.units import format_size
 
     w = _width(buffers)
@@ -380,6 +380,7 @@ def _print_buffers(folder: Path, buffers: list[dict], limit: int | None) -> None
             continue
         owner = {True: "running", False: "stopped"}.get(b["owner_running"], "?")
         pending = b["pending"]
+        limit = b["limit_bytes"]
         stored = f"{format_size(b['stored_bytes'])} / {format_size(limit) if limit is not None else '?'}"
         age = _ago(max(0, b["oldest_pending_age_s"])) if b["oldest_pending_age_s"] is not None else "-"
         dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(b["dropped"].items()) if count) or "-"

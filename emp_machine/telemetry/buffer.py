@@ -304,6 +304,8 @@ class Buffer:
         # frames into them. Its records only queue, as they always did there (no writer thread runs in it).
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (buffer := ref()) is not None and buffer._forked())
+        # Its own limit (the process's share of the machine's), for readers such as `emp-machine telemetry`.
+        self._db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('buffer.max_size', ?)", (str(max_size),))
         row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
         self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
@@ -750,6 +752,7 @@ class BufferReport:
     spans: list = field(default_factory=list)
     logs: list = field(default_factory=list)
     dead_letters: list[tuple[int, int, str, float]] = field(default_factory=list)
+    max_size: int | None = None  # the limit its owner last opened it with (None: written before it was kept)
 
 
 def inspect_buffer(path: Path, *, spans: int = 0, logs: int = 0, dead_letters: bool = False) -> BufferReport:
@@ -775,6 +778,8 @@ def inspect_buffer(path: Path, *, spans: int = 0, logs: int = 0, dead_letters: b
         dropped = {str(name): int(value) for name, value in db.execute("SELECT name, value FROM counters")}
         dead = int(db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
         report = BufferReport(path, owner, pending, int(stored_bytes), oldest, dropped, dead)
+        limit = db.execute("SELECT value FROM state WHERE key = 'buffer.max_size'").fetchone()
+        report.max_size = int(limit[0]) if limit and str(limit[0]).isdigit() else None
         report.spans = _last_pending(db, Kind.SPAN, spans, 6)  # a span's end time
         report.logs = _last_pending(db, Kind.LOG, logs, 0)  # a log record's time
         if dead_letters:
