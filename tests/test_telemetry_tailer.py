@@ -109,7 +109,7 @@ def test_rotation_and_restarts_lose_and_duplicate_nothing(tmp_path):
         _append(path, "".join(line + "\n" for line in chunk))
 
     buffer = Buffer(tmp_path / "b.db")
-    tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+    tailer = _svc_tailer(buffer, log)
     write(100)
     tailer.poll_once()
     write(50)
@@ -127,7 +127,7 @@ def test_rotation_and_restarts_lose_and_duplicate_nothing(tmp_path):
     write(15)
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         tailer.poll_once()
         tailer.poll_once()
         write(10)
@@ -141,11 +141,11 @@ def test_a_restart_without_new_output_reads_nothing_again(tmp_path):
     log = tmp_path / "svc-stdout.log"
     _append(log, "a\nb\n")
     buffer = Buffer(tmp_path / "b.db")
-    ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1").stop()
+    _svc_tailer(buffer, log).stop()
     buffer.close()
     buffer = Buffer(tmp_path / "b.db")
     try:
-        ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1").stop()
+        _svc_tailer(buffer, log).stop()
         assert _bodies(buffer) == ["a", "b"]
     finally:
         buffer.close()
@@ -198,6 +198,11 @@ class Writer:
         return chunk
 
 
+def _svc_tailer(buffer: Buffer, log: Path) -> ServiceOutputTailer:
+    """The tailer of one simulation service's log file, as machine m1 starts it."""
+    return ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+
+
 def _poll_until_idle(tailer: ServiceOutputTailer, passes: int = 50) -> int:
     """Drive passes until one reads nothing; returns how many read something."""
     for busy in range(passes):
@@ -219,7 +224,7 @@ def test_rotation_with_more_unread_than_one_pass_reads_the_old_file_completely(t
     write = Writer(log)
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         write("a", 10)
         tailer.poll_once()
         write("a-unread", 50_000, pad=90)  # ~5 MB unread: more than a chunk (1 MiB) and a pass (4 MiB)
@@ -236,7 +241,7 @@ def test_two_rotations_while_stopped_are_read_in_order_after_a_restart(tmp_path)
     log = tmp_path / "svc.log"
     write = Writer(log)
     buffer = Buffer(tmp_path / "b.db")
-    tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+    tailer = _svc_tailer(buffer, log)
     write("a", 100)
     tailer.poll_once()
     tailer.stop()
@@ -251,7 +256,7 @@ def test_two_rotations_while_stopped_are_read_in_order_after_a_restart(tmp_path)
 
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         _poll_until_idle(tailer)
         write("c-live", 5)
         tailer.stop()
@@ -261,7 +266,7 @@ def test_two_rotations_while_stopped_are_read_in_order_after_a_restart(tmp_path)
         buffer.close()
     buffer = Buffer(tmp_path / "b.db")
     try:  # and a further restart reads nothing again
-        ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1").stop()
+        _svc_tailer(buffer, log).stop()
         assert _lines(buffer) == write.written
     finally:
         buffer.close()
@@ -272,7 +277,7 @@ def test_two_rotations_between_two_polls_read_the_middle_file(tmp_path):
     write = Writer(log)
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         write("a", 10)
         tailer.poll_once()
         write("a-unread", 10)
@@ -290,7 +295,7 @@ def test_a_file_rotated_past_the_backups_while_stopped_is_reported_lost(tmp_path
     log = tmp_path / "svc.log"
     write = Writer(log)
     buffer = Buffer(tmp_path / "b.db")
-    tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+    tailer = _svc_tailer(buffer, log)
     write("a", 20)
     tailer.stop()
     buffer.close()
@@ -307,7 +312,7 @@ def test_a_file_rotated_past_the_backups_while_stopped_is_reported_lost(tmp_path
 
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         tailer.stop()
         assert _lines(buffer) == read + kept  # only a's unread lines are gone: b, c, d are all read
         (lost,) = _lost(buffer)
@@ -318,7 +323,7 @@ def test_a_file_rotated_past_the_backups_while_stopped_is_reported_lost(tmp_path
         buffer.close()
     buffer = Buffer(tmp_path / "b.db")
     try:  # reported once: a further restart neither reports again nor reads anything twice
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         tailer.stop()
         assert len(_lost(buffer)) == 1 and _lines(buffer) == read + kept and tailer.lost_gaps == 0
     finally:
@@ -330,7 +335,7 @@ def test_files_rotated_away_between_two_polls_are_reported_and_the_kept_ones_rea
     write = Writer(log)
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         expected = write("a", 10)
         tailer.poll_once()
         expected += write("a-unread", 10)  # still readable: the tailer holds the file open
@@ -394,7 +399,7 @@ def test_a_noted_successor_rotated_away_before_it_was_read_is_reported(tmp_path)
     write = Writer(log)
     buffer = Buffer(tmp_path / "b.db")
     try:
-        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+        tailer = _svc_tailer(buffer, log)
         expected = write("a", 10)
         tailer.poll_once()
         expected += write("a-unread", 50_000, pad=90)  # more than a pass: the tailer is still in a when b goes
