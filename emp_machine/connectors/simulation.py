@@ -16,16 +16,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from emp_machine.connectors._http import ms_since
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 _WRITE_CHUNK = 1 << 20
-
-
-def _ms_since(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 1)
 
 
 class SimulationSettings(ConnectorSettings):
@@ -88,14 +85,14 @@ class SimulationConnector(Connector):
                 await cancelled.wait()
                 raise JobCancelled(f"job {job.id} cancelled while hanging")
             outputs = [self._write_output(job.id, spec.output_bytes)] if spec.output_bytes else []
-            self.joblog.completed(job.id, _ms_since(started), steps=spec.steps)
+            self.joblog.completed(job.id, ms_since(started), steps=spec.steps)
             return JobResult(data={"steps": spec.steps}, outputs=outputs,
                              service_metadata={"connector": self.name, "attempt": job.attempt})
         except JobCancelled:
             self.joblog.event("job.cancelled", job.id, steps=spec.steps)
             raise
         except Exception as exc:
-            self.joblog.failed(job.id, exc, _ms_since(started), can_retry(exc), steps=spec.steps)
+            self.joblog.failed(job.id, exc, ms_since(started), can_retry(exc), steps=spec.steps)
             raise
         finally:
             self._cancel_events.pop(job.id, None)
