@@ -141,6 +141,8 @@ def test_comfyui_requests_carry_the_service_call_spans_context(scenario):
         assert members[0] == f"emp=machine:{MACHINE};worker:{worker}"
         assert members[1:] == PRODUCER_STATE.split(","), headers["tracestate"]
         assert headers["x-request-id"].startswith("req-")
+    ids = [headers["x-request-id"] for _, _, headers in requests]
+    assert len(set(ids)) == len(ids)  # one id per HTTP request, the job's trace headers shared
 
 
 def test_comfyui_lifecycle_records_are_events_with_prompt_id_attributes(scenario):

@@ -60,7 +60,8 @@ class HttpSession:
 
 def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
     """The headers of a request to the service for `job`: its `headers` (telemetry's, made by the worker in
-    the job's `service.call` span: traceparent, tracestate, x-job-id, x-request-id), a copy per request.
+    the job's `service.call` span: traceparent, tracestate, x-job-id), a copy per request, each with its own
+    `x-request-id` (`request_id`, else a new `req-{uuid}`): one id per HTTP request, as services log them.
 
     A job without them (built outside a worker, or by another producer) gets `x-job-id`, a new `x-request-id`
     and its `traceparent` / `tracestate` fields when it has them, read with getattr; a malformed traceparent
@@ -68,8 +69,7 @@ def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
     given = getattr(job, "headers", None)
     if given:
         headers = dict(given)
-        if request_id:
-            headers["x-request-id"] = request_id
+        headers["x-request-id"] = request_id or f"req-{uuid.uuid4()}"
         return headers
     headers = {"x-job-id": str(job.id), "x-request-id": request_id or f"req-{uuid.uuid4()}"}
     for name in ("traceparent", "tracestate"):

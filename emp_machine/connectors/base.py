@@ -54,7 +54,7 @@ class ConnectorJob:
     `headers` go on every request to the service (`_http.service_headers` reads them): the worker makes them
     with telemetry's `http_headers` inside the job's `service.call` span, so the service's work is a child of
     that span: `traceparent`, `tracestate` (the producer's members kept, ours `emp=` first), `x-job-id`,
-    `x-request-id` (one per service call: the job's requests share it). `traceparent` repeats that header
+    and an `x-request-id` that `service_headers` makes anew for each request. `traceparent` repeats that header
     for connectors that read only it. A job built outside a worker may leave `headers` empty: then x-job-id,
     a new x-request-id and the trace fields given are sent."""
 
