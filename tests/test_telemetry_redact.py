@@ -107,3 +107,15 @@ def test_remembered_clean_values_never_let_a_secret_through():
     for i in range(5000):  # unique values (job ids) do not grow the memory without bound
         redact_fields({"job_id": f"job-{i:08d}"})
     assert 0 < len(redact._clean) <= 4096
+
+
+def test_the_pre_check_lets_every_shape_through():
+    # redact_text skips the shapes when its pre-check finds none of their substrings: a shape added without
+    # its needle there would never run.
+    from emp_machine.telemetry import redact
+
+    for needles, _ in redact._SHAPES:
+        for needle in needles:
+            assert redact._may_hold_secret(f"x {needle}_y"), needle
+    for prefix in ("aiza", "akia", "asia"):  # _CASED's, lowercased as the pre-check sees them
+        assert redact._may_hold_secret(prefix), prefix
