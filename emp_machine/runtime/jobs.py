@@ -404,12 +404,18 @@ class _JobOps:
             start += len(ids) - int(r)  # removed ids shift the ranks after them
         cursor = 0
         while True:
-            cursor, entries = yield _Call(None, ("hscan", INDEX_OF), {"cursor": cursor, "count": _CHUNK})
-            if entries:
-                pruned += int((yield _Call("prune", tuple(entries))))
-            if int(cursor) == 0:
+            cursor, dropped = yield from self._prune_chunk(cursor)
+            pruned += dropped
+            if cursor == 0:
                 break
         return ReconcileReport(adopted, removed, pruned)
+
+    def _prune_chunk(self, cursor: int) -> _Op:
+        """One HSCAN chunk (~_CHUNK entries) of jobs:idx:of with the entries whose job left jobs:pending
+        dropped: (next cursor, 0 when the scan is complete; entries dropped)."""
+        cursor, entries = yield _Call(None, ("hscan", INDEX_OF), {"cursor": cursor, "count": _CHUNK})
+        dropped = int((yield _Call("prune", tuple(entries)))) if entries else 0
+        return int(cursor), dropped
 
     def _sweep_step(self) -> _Op:
         """One bounded step of the slow sweep: adopt one ZSCAN chunk of jobs:pending and prune one HSCAN
@@ -417,14 +423,12 @@ class _JobOps:
         keys whatever stale entries there are (a scan returns every element present throughout a full
         iteration), without relying on the counts that stale entries can make agree."""
         pending_cursor, index_cursor = self._sweep_cursors
-        adopted = removed = pruned = 0
+        adopted = removed = 0
         pending_cursor, pairs = yield _Call(None, ("zscan", PENDING), {"cursor": pending_cursor, "count": _CHUNK})
         if pairs:
             adopted, removed = (int(n) for n in (yield _Call("adopt", tuple(member for member, _ in pairs))))
-        index_cursor, entries = yield _Call(None, ("hscan", INDEX_OF), {"cursor": index_cursor, "count": _CHUNK})
-        if entries:
-            pruned = int((yield _Call("prune", tuple(entries))))
-        self._sweep_cursors = (int(pending_cursor), int(index_cursor))
+        index_cursor, pruned = yield from self._prune_chunk(index_cursor)
+        self._sweep_cursors = (int(pending_cursor), index_cursor)
         return ReconcileReport(adopted, removed, pruned)
 
     # ---- running a job ----
