@@ -374,7 +374,7 @@ class Worker:
                     except ValueError as exc:
                         raise FatalJobError(f"malformed job payload: not JSON ({exc})") from None
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
-                                                 attempt=job.retry_count + 1)
+                                                 attempt=attempt)
                 steps["preprocessing"] = (time.monotonic() - mark) * 1000
                 timeout = self.group.job_timeouts.get(job_type, self.group.job_timeout)
                 with tel.tracer.start_as_current_span("service.call", attributes={"connector": self.group.connector}):
@@ -680,11 +680,9 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
                                    output_dir=state / "outputs" / ident.worker_id,
                                    service_type=group.service or group.connector,
                                    logger=tel.logger(f"emp.connector.{group.connector}"), tracer=tel.tracer,
-                                   # no metrics: the worker counts jobs and errors from each job's outcome
-                                   joblog=telemetry_pkg.ConnectorLogger(
-                                       tel.events, None, connector_id=f"{group.connector}-{index}",
-                                       service_type=group.service or group.connector,
-                                       worker_id=ident.worker_id))
+                                   # counting nothing: the worker counts jobs and errors from each job's outcome
+                                   joblog=tel.connector_logger(f"{group.connector}-{index}",
+                                                               group.service or group.connector, counts=False))
         connector = registry.get(group.connector).from_settings(expand_settings(group.settings, values), context)
         hardware = probed_hardware(hw.probe())
         client = aioredis.Redis.from_url(ident.redis_url, decode_responses=True, socket_connect_timeout=5,

@@ -152,9 +152,12 @@ class Telemetry:
             root.addHandler(self.log_handler)
         root.setLevel(self.log_handler.level)
 
-    def connector_logger(self, connector_id: str, service_type: str, job_type: str | None = None) -> ConnectorLogger:
-        return ConnectorLogger(self.events, self.metrics, connector_id=connector_id, service_type=service_type,
-                               worker_id=self.worker_id, job_type=job_type)
+    def connector_logger(self, connector_id: str, service_type: str, job_type: str | None = None, *,
+                         counts: bool = True) -> ConnectorLogger:
+        """`counts=False`: its completed/failed count no jobs or errors, for a host that counts them itself
+        from each job's final outcome (the worker, which hands this logger to its connector)."""
+        return ConnectorLogger(self.events, self.metrics if counts else None, connector_id=connector_id,
+                               service_type=service_type, worker_id=self.worker_id, job_type=job_type)
 
     def job_span(self, job_id: str, *, job_hash: Mapping | None = None, job_type: str | None = None,
                  attributes: Mapping | None = None) -> _JobSpan:
