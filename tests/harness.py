@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -240,6 +241,17 @@ class WorkerProcs:
             return self.procs[i].wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"worker {i} did not exit in {timeout}s:\n{self.log(i)[-3000:]}") from None
+
+    @contextlib.contextmanager
+    def running(self, client, timeout: float = 20.0):
+        """Started and registered for the block (a module fixture's `with procs.running(client): yield procs`),
+        killed after it."""
+        self.start()
+        try:
+            self.wait_up(client, timeout=timeout)
+            yield self
+        finally:
+            self.close()
 
     def close(self) -> None:
         for i, proc in self.procs.items():

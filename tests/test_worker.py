@@ -45,12 +45,8 @@ def client(redis_server):
 @pytest.fixture(scope="module")
 def workers(client, redis_server, tmp_path_factory):
     procs = WorkerProcs(MANIFEST, tmp_path_factory.mktemp("workers"), redis_server.url)
-    procs.start()
-    try:
-        procs.wait_up(client)
+    with procs.running(client):
         yield procs
-    finally:
-        procs.close()
 
 
 @pytest.fixture

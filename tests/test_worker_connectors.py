@@ -114,12 +114,8 @@ def workers(client, redis_server, fakes, plugin_site, tmp_path_factory):
     """)
     procs = WorkerProcs(body, tmp_path_factory.mktemp("cw"), redis_server.url,
                         environ={"PYTHONPATH": str(plugin_site)})
-    procs.start()
-    try:
-        procs.wait_up(client, timeout=40)
+    with procs.running(client, timeout=40):
         yield procs
-    finally:
-        procs.close()
 
 
 @pytest.fixture

@@ -78,12 +78,8 @@ def client(redis_server):
 def workers(client, redis_server, service, tmp_path_factory):
     url = f"http://127.0.0.1:{service.server_address[1]}"
     procs = WorkerProcs(MANIFEST.format(secret=SECRET, url=url), tmp_path_factory.mktemp("gaps"), redis_server.url)
-    procs.start()
-    try:
-        procs.wait_up(client)
+    with procs.running(client):
         yield procs
-    finally:
-        procs.close()
 
 
 @pytest.fixture
