@@ -262,19 +262,9 @@ def _state_dir(args) -> Path:
         return Path(mf.load(explicit or mf.default_manifest()).machine.state_dir)
 
 
-def _buffer_limit(state_dir: Path) -> int | None:
-    """The manifest's max_size (run/manifest.json: that one number is read, nothing else of the configuration),
-    for a buffer written before buffers kept their own limit (each process's share of this one)."""
-    try:
-        data = json.loads((state_dir / "run" / "manifest.json").read_text(encoding="utf-8"))
-        return int(data["telemetry"]["buffer"]["max_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def cmd_telemetry(args) -> int:
     """Each process's buffer, read-only: safe while the machine runs (see buffer.inspect_buffer). Records are
-    redacted before they are buffered; nothing of the configuration but the size limit is shown."""
+    redacted before they are buffered; nothing of the configuration is shown (each buffer keeps its own limit)."""
     from emp_machine.telemetry.buffer import BufferUnreadable, inspect_buffer
 
     state_dir = _state_dir(args)
@@ -288,7 +278,6 @@ def cmd_telemetry(args) -> int:
         found = [path]
     if not found:
         raise EmpError(f"no telemetry buffers in {folder} (none written yet, or not this machine's state dir)")
-    limit = _buffer_limit(state_dir)
     now = time.time()
     buffers: list[dict] = []
     spans: list[dict] = []
@@ -304,7 +293,7 @@ def cmd_telemetry(args) -> int:
         buffers.append({
             "process": process, "path": str(path), "owner_running": report.owner_running,
             "pending": {name: report.pending.get(kind, 0) for kind, name in _KINDS.items()},
-            "stored_bytes": report.stored_bytes, "limit_bytes": report.max_size or limit,
+            "stored_bytes": report.stored_bytes, "limit_bytes": report.max_size,
             "oldest_pending_age_s": None if report.oldest_created is None else round(now - report.oldest_created, 1),
             "dropped": report.dropped, "dead_letter_records": report.dead_letter_records})
         spans.extend(_span_row(process, record) for record in report.spans)
