@@ -44,11 +44,12 @@ def test_lib_time_parsing_and_iso(redis, text, ms):
     assert back == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
-def test_lib_iso_keeps_the_date_right_across_days(redis):
-    # iso() keeps the last day's date part; switching days back and forth must not reuse a stale one.
-    stamps = [951868799999, 951868800000, 951868799998, 1763805600123]
-    assert lib(redis, "return {iso(tonumber(ARGV[1])), iso(tonumber(ARGV[2])), iso(tonumber(ARGV[3])), "
-                      "iso(tonumber(ARGV[4]))}", *stamps) == [
+def test_lib_iso_keeps_the_time_right_across_seconds_and_days(redis):
+    # iso() keeps the last second's text; switching seconds and days back and forth must not reuse a stale
+    # one, and the milliseconds of one second each come out right.
+    stamps = [951868799999, 951868800000, 951868799998, 951868799001, 951868799000, 1763805600123]
+    assert lib(redis, "local out = {} for i = 1, #ARGV do out[i] = iso(tonumber(ARGV[i])) end return out",
+               *stamps) == [
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z" for ms in stamps]
 
 
