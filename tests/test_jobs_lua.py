@@ -53,6 +53,17 @@ def test_lib_iso_keeps_the_time_right_across_seconds_and_days(redis):
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z" for ms in stamps]
 
 
+def test_lib_time_and_number_texts(redis):
+    # ms_text() and int_text() stand in for string.format('%d', n) in messages: the same text, with the
+    # second's text and the small numbers kept, so switching seconds must not reuse a stale one.
+    stamps = [951868799999, 951868800000, 951868799001, 1763805600123, 1763805600007, 999]
+    assert lib(redis, "local out = {} for i = 1, #ARGV do out[i] = ms_text(tonumber(ARGV[i])) end return out",
+               *stamps) == [str(ms) for ms in stamps]
+    numbers = [0, 7, 255, 256, 1000, 12345678901]
+    assert lib(redis, "iso(1763805600123) local out = {} for i = 1, #ARGV do out[i] = int_text(tonumber(ARGV[i])) "
+                      "end return out", *numbers) == [str(n) for n in numbers]
+
+
 def test_lib_unparsable_time_is_nil(redis):
     assert lib(redis, "return time_ms(ARGV[1]) == nil and 1 or 0", "yesterday") == 1
 

@@ -42,27 +42,49 @@ local function civil_from_days(z)
   return y, m, d
 end
 
--- ISO-8601 UTC with milliseconds, the form the EMP API writes (Date.toISOString). The text up to the
--- second is formatted once a second and kept (between calls too, under FCALL); the milliseconds come from
--- a table made on first use (a function library cannot reach `string` while it loads): string.format
--- costs ~1k instructions per conversion inside Redis.
-local MS3
-local iso_second, iso_prefix
+-- Texts of the time, for fields and messages. string.format costs ~1k instructions per conversion inside
+-- Redis (each is a sprintf) and ~3.7k per call, so the texts up to the second are formatted once a second
+-- and kept (between calls too, under FCALL), and the milliseconds come from tables made on first use (a
+-- function library cannot reach `string` while it loads).
+local MS3, DIGITS3, SMALL  -- '.000Z'..'.999Z', '000'..'999', '0'..'255'
+local clock_second, iso_prefix, second_text
+
+local function clock_texts(s)
+  if not MS3 then
+    MS3, DIGITS3, SMALL = {}, {}, {}
+    for i = 0, 999 do
+      DIGITS3[i] = string.format('%03d', i)
+      MS3[i] = '.' .. DIGITS3[i] .. 'Z'
+    end
+    for i = 0, 255 do SMALL[i] = string.format('%d', i) end
+  end
+  local days = math.floor(s / 86400)
+  local rem = s - days * 86400
+  local y, m, d = civil_from_days(days)
+  iso_prefix = string.format('%04d-%02d-%02dT%02d:%02d:%02d', y, m, d, math.floor(rem / 3600),
+    math.floor((rem % 3600) / 60), rem % 60)
+  second_text = string.format('%d', s)
+  clock_second = s
+end
+
+-- ISO-8601 UTC with milliseconds, the form the EMP API writes (Date.toISOString).
 local function iso(ms)
   local s = math.floor(ms / 1000)
-  if s ~= iso_second then
-    if not MS3 then
-      MS3 = {}
-      for i = 0, 999 do MS3[i] = string.format('.%03dZ', i) end
-    end
-    local days = math.floor(s / 86400)
-    local rem = s - days * 86400
-    local y, m, d = civil_from_days(days)
-    iso_prefix = string.format('%04d-%02d-%02dT%02d:%02d:%02d', y, m, d, math.floor(rem / 3600),
-      math.floor((rem % 3600) / 60), rem % 60)
-    iso_second = s
-  end
+  if s ~= clock_second then clock_texts(s) end
   return iso_prefix .. MS3[ms - s * 1000]
+end
+
+-- Epoch ms (a whole number, from now_ms) as decimal text.
+local function ms_text(ms)
+  local s = math.floor(ms / 1000)
+  if s < 1 then return string.format('%d', ms) end
+  if s ~= clock_second then clock_texts(s) end
+  return second_text .. DIGITS3[ms - s * 1000]
+end
+
+-- A whole number as decimal text: small ones (retry counts) from a table.
+local function int_text(n)
+  return (SMALL and SMALL[n]) or string.format('%d', n)
 end
 
 -- Epoch ms from ISO-8601 (with Z or an offset), epoch ms, or "<seconds>.<micros>" as the upstream claim
