@@ -134,3 +134,67 @@ def test_an_idle_worker_claims_an_api_job_hidden_by_stale_entries_within_its_swe
         assert json.loads(redis.hget("jobs:completed", "sim-1"))["success"] is True
     finally:
         procs.close()
+
+
+def test_resubmitting_a_job_id_leaves_one_index_entry(redis):
+    store = JobStore(redis)
+    store.submit("sim", {"steps": 1}, job_id="J1")
+    store.submit("sim", {"steps": 1}, job_id="J1")  # a producer retrying after a lost reply
+    assert redis.zcard("jobs:idx:queue:sim:0") == 1
+    assert store.claim(caps()).id == "J1"
+    assert redis.zcard("jobs:idx:queue:sim:0") == 0
+    assert store.claim(caps()) is None
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+@pytest.mark.parametrize("where", [1, -1], ids=["duplicate-ahead", "duplicate-behind"])
+def test_a_leftover_duplicate_index_entry_is_dropped_not_read_forever(tmp_path, functions, where):
+    # A job queued twice by a version before index_add removed the old entry: once the job ran, the claim
+    # read the leftover entry, tried to drop the job's own (already gone) entry instead, read the leftover
+    # again, and never returned: Redis answered BUSY to everyone until SHUTDOWN NOSAVE. A private server,
+    # so a regression cannot wedge the session's.
+    from pathlib import Path
+
+    import redis as redis_lib
+
+    from emp_machine.runtime.redis_server import PrivateRedis
+
+    with PrivateRedis(Path(tmp_path)) as server:
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True, socket_timeout=5)
+        store = JobStore(client, functions=functions)
+        store.submit("sim", {"steps": 1}, job_id="J0")  # a job that stays pending, read around the leftover
+        store.submit("sim", {"steps": 1}, job_id="J1")
+        queue = "jobs:idx:queue:sim:0"
+        (member, score), = [(m, s) for m, s in client.zrange(queue, 0, -1, withscores=True) if m.endswith("|J1")]
+        client.zadd(queue, {"000000000000000|J1": score + where})  # the leftover, beside the indexed entry
+        claimed = store.claim(caps())
+        assert claimed.id in ("J0", "J1")
+        store.complete(claimed.id, "w1", {"ok": True})
+        second = store.claim(caps())  # reads the leftover (or what remains of J1) and drops it
+        assert second is not None and second.id != claimed.id
+        store.complete(second.id, "w1", {"ok": True})
+        assert store.claim(caps()) is None
+        assert client.zcard(queue) == 0 and client.ping()
+
+
+def test_a_leftover_duplicate_of_a_cancelled_job_is_dropped_with_its_indexed_entry(tmp_path):
+    # The leftover is read first and its job (cancelled) is dropped with the job's indexed entry, another
+    # member of the same queue: the cursor steps back over both and still finds the pending job behind them.
+    from pathlib import Path
+
+    import redis as redis_lib
+
+    from emp_machine.runtime.redis_server import PrivateRedis
+
+    with PrivateRedis(Path(tmp_path)) as server:
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True, socket_timeout=5)
+        store = JobStore(client)
+        for job_id in ("J0", "J1", "J2"):
+            store.submit("sim", {"steps": 1}, job_id=job_id)
+        queue = "jobs:idx:queue:sim:0"
+        top = max(score for _, score in client.zrange(queue, 0, -1, withscores=True))
+        client.zadd(queue, {"000000000000000|J1": top + 1})  # read before every other entry
+        assert store.cancel("J1", "user")
+        assert [store.claim(caps()).id for _ in range(2)] == ["J0", "J2"]
+        assert store.claim(caps()) is None
+        assert client.zcard(queue) == 0 and client.hlen("jobs:idx:of") == 0

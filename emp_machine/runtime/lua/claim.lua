@@ -66,6 +66,25 @@ local function head(c)
   return c.buf[c.i], tonumber(c.buf[c.i + 1])
 end
 
+-- Drop the entry just read (its job is gone, or no longer pending) with the job's own index entry
+-- (`remove`: dequeue or index_remove). That is another entry of the same queue when the job was queued twice
+-- (left by a resubmission before index_add removed the old entry): then the cursor reads again from before
+-- both removals, passing over at most one entry a second time. Either way the entry read is gone, so the
+-- walk ends (a leftover duplicate used to be read again and again: the script never returned, holding the
+-- whole server).
+local function drop(c, member, id, remove)
+  local q, indexed = remove(id)
+  if q == c.q and indexed ~= member then
+    redis.call('ZREM', c.q, member)
+    local next_rank = c.offset - (#c.buf - c.i + 1) / 2
+    c.buf, c.i, c.offset, c.size = {}, 1, math.max(0, next_rank - 2), 1
+  elseif indexed == member then
+    c.offset = c.offset - 1
+  elseif redis.call('ZREM', c.q, member) == 1 then
+    c.offset = c.offset - 1
+  end
+end
+
 -- Take the best head until one can run: a job whose hash is missing, or that is no longer pending, is
 -- removed from the queue (never run from it); another workflow's job, or one this worker just failed,
 -- is passed over. A job that left jobs:pending without us (e.g. removed by the API) leaves the index.
@@ -93,11 +112,9 @@ while true do
   local status = job.status
   best.i = best.i + 2
   if #flat == 0 then
-    dequeue(id)
-    best.offset = best.offset - 1
+    drop(best, member, id, dequeue)
   elseif status and status ~= '' and status ~= 'pending' then
-    dequeue(id)
-    best.offset = best.offset - 1
+    drop(best, member, id, dequeue)
     if status == 'failed' or status == 'cancelled' then add_event(id, {t = now, ev = 'dropped', status = status}) end
   elseif w.wf and job.workflow_id ~= w.wf then
     -- another workflow: pass over
@@ -108,8 +125,7 @@ while true do
   elseif redis.call('ZREM', KEYS[1], id) == 1 then
     break
   else
-    index_remove(id)
-    best.offset = best.offset - 1
+    drop(best, member, id, index_remove)
   end
 end
 

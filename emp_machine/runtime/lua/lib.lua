@@ -164,7 +164,10 @@ local function job_of(member)
   return member  -- queued by a version whose members were bare job ids
 end
 
+local index_remove
+
 local function index_add(id, f)
+  index_remove(id)  -- a job queued again (resubmitted, re-queued) keeps one entry, never two
   local svc = f[1] or ''
   local cls, raw, cust = class_of(f[2], f[3])
   local p, t = order_of(f)
@@ -174,7 +177,9 @@ local function index_add(id, f)
   redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls .. '\n' .. tag)
 end
 
-local function index_remove(id)
+-- Remove a job's index entry (the one jobs:idx:of points to). Returns its queue and member, nil when the
+-- job was not indexed.
+function index_remove(id)
   local loc = redis.call('HGET', KEYS[2], id)
   if not loc then return end
   redis.call('HDEL', KEYS[2], id)
@@ -188,6 +193,7 @@ local function index_remove(id)
   local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
   redis.call('ZREM', q, member)
   if redis.call('EXISTS', q) == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
+  return q, member
 end
 
 -- Put a job (back) into the pending queue and our index, with the submission score.
@@ -199,7 +205,7 @@ end
 
 local function dequeue(id)
   redis.call('ZREM', KEYS[1], id)
-  index_remove(id)
+  return index_remove(id)
 end
 
 -- Index a job that reached jobs:pending without us (the EMP API writes only jobs:pending + job:{id}).
