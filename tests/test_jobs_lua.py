@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 
 import pytest
 
@@ -72,6 +73,23 @@ def test_submit_script_returns_the_exact_score(redis):
     score = submit(redis, "j1", priority=50, workflow_datetime_ms=1_763_805_600_999)
     assert float(score) == submission_score(50, 1_763_805_600_999) == redis.zscore("jobs:pending", "j1")
     assert redis.hget("jobs:idx:of", "j1").startswith("sim\n0\n")
+
+
+@pytest.mark.parametrize("fields,priority,time_ms", [
+    ({"workflow_priority": "0", "priority": "90"}, 90, None),  # the API's workflow_priority || priority
+    ({"workflow_priority": "70", "priority": "90"}, 70, None),
+    ({"priority": "0"}, 0, None),
+    ({"priority": "nan"}, 50, None),  # junk that tonumber() takes: ZADD would fail on a NaN score
+    ({"workflow_priority": "inf", "priority": "20"}, 20, None),
+    ({"workflow_datetime": "0"}, 50, "created"),  # workflow_datetime || created_at
+    ({"workflow_datetime": "1763805600999"}, 50, 1_763_805_600_999),
+])
+def test_submission_score_falls_back_as_the_api_does(redis, fields, priority, time_ms):
+    job = contract_fields("j1", "sim", {}, priority=50)
+    job.update(fields)
+    score = float(run(redis, "submit", "j1", *[x for kv in job.items() for x in kv]))
+    created = int(datetime.fromisoformat(job["created_at"].replace("Z", "+00:00")).timestamp() * 1000)
+    assert score == submission_score(priority, created if time_ms in (None, "created") else time_ms)
 
 
 def test_adopt_script(redis):
@@ -174,3 +192,29 @@ def test_cancel_script(redis):
     assert run(redis, "cancel", "j1", "why") == 1
     assert run(redis, "cancel", "j1", "why") == 0
     assert run(redis, "cancel", "nope", "why") == 0
+
+
+def test_non_finite_numbers_in_a_job_hash_break_no_script(redis):
+    # tonumber() takes 'nan' and 'inf'; cjson.encode and ZADD refuse them. A job hash with such junk (a buggy
+    # producer's) once made every script that announced the job fail, the reaper's among them, so no
+    # expired lease was reaped any more. Now they count as absent (or stay text in messages).
+    from emp_machine.runtime.jobs import JobStore
+
+    fields = contract_fields("nan-job", "sim", {}, priority=50)
+    fields.update(retry_count="nan", max_retries="inf", workflow_priority="nan", current_step="nan",
+                  total_steps="inf")
+    redis.hset("job:nan-job", mapping=fields)
+    store = JobStore(redis, lease_s=0.001, avoid_reclaim_s=0)
+    redis.zadd("jobs:pending", {"nan-job": submission_score(50, 0)})  # as the API writes it
+    assert run(redis, "adopt", "nan-job")[0] == 1  # indexed: its index score came out finite
+    caps = {"worker_id": "w1", "machine_id": "m1", "services": ["sim"]}
+    assert store.claim(caps, start=True).id == "nan-job"
+    assert store.progress("nan-job", "w1", 50, "half", current_step=1, total_steps=2) == "ok"
+    assert store.fail("nan-job", "w1", "boom", retryable=True).outcome == "retried"
+    assert store.claim(caps, start=True).id == "nan-job"
+    deadline = time.monotonic() + 5
+    while not store.reap_expired_leases() and time.monotonic() < deadline:
+        pass  # the 1 ms lease expires within a few calls
+    assert redis.hget("job:nan-job", "status") == "pending"
+    assert store.claim(caps, start=True).id == "nan-job"
+    assert store.complete("nan-job", "w1", {"ok": True}) == "ok"

@@ -161,7 +161,7 @@ w.wid_json = w.wid_json or cjson.encode(wid)
 w.machine_json = w.machine_json or cjson.encode(w.machine)
 local now_s = ms_text(now)
 local claimed = '{"t":' .. now_s .. ',"ev":"claimed","worker_id":' .. w.wid_json .. ',"machine_id":'
-  .. w.machine_json .. ',"retry_count":' .. int_text(tonumber(job.retry_count) or 0) .. '}'
+  .. w.machine_json .. ',"retry_count":' .. int_text(finite_number(job.retry_count) or 0) .. '}'
 if start then
   add_events(id, claimed, '{"t":' .. now_s .. ',"ev":"started","worker_id":' .. w.wid_json .. '}')
 else

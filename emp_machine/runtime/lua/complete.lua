@@ -29,7 +29,7 @@ local f = redis.call('HMGET', jkey, 'workflow_id', 'current_step', 'total_steps'
 local names = {'workflow_id', 'current_step', 'total_steps', 'workflow_priority', 'workflow_datetime'}
 for i, name in ipairs(names) do
   if f[i] and f[i] ~= '' then
-    if name == 'workflow_id' then msg[name] = f[i] else msg[name] = tonumber(f[i]) or f[i] end
+    if name == 'workflow_id' then msg[name] = f[i] else msg[name] = finite_number(f[i]) or f[i] end
   end
 end
 local head = cjson.encode(msg)

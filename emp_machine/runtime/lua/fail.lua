@@ -14,8 +14,8 @@ if state ~= 'ok' then return {state, 0} end
 local jkey = 'job:' .. id
 local at = iso(now)
 local f = redis.call('HMGET', jkey, 'retry_count', 'max_retries')
-local new = (tonumber(f[1]) or 0) + 1
-local max = tonumber(f[2]) or 3
+local new = (finite_number(f[1]) or 0) + 1
+local max = finite_number(f[2]) or 3
 release(id, wid, now, state)
 if retryable and new < max then
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,

@@ -123,9 +123,26 @@ end
 local ORDER_FIELDS = {'service_required', 'requirements', 'customer_id', 'priority', 'workflow_priority',
   'created_at', 'workflow_datetime'}
 
+-- A field's number when it is a finite one (nil otherwise): tonumber alone also takes 'nan' and 'inf',
+-- which make ZADD and cjson.encode fail.
+local function finite_number(v)
+  local n = tonumber(v)
+  if n and n == n and n ~= math.huge and n ~= -math.huge then return n end
+  return nil
+end
+
+-- ... and one the API's `||` would take: not 0 either.
+local function set_number(v)
+  local n = finite_number(v)
+  if n ~= 0 then return n end
+  return nil
+end
+
+-- P = workflow_priority || priority and T = workflow_datetime || created_at, as the API computes them in
+-- TypeScript: 0, empty or junk falls back to the next (a priority of 0 itself stays 0).
 local function order_of(f)
-  local p = tonumber(f[5]) or tonumber(f[4]) or 50
-  local t = tonumber(f[7]) or time_ms(f[6]) or now_ms()
+  local p = set_number(f[5]) or finite_number(f[4]) or 50
+  local t = set_number(f[7]) or time_ms(f[6]) or now_ms()
   return p, t
 end
 

@@ -8,13 +8,13 @@ local id, wid = ARGV[1], ARGV[2]
 local state = ownership(id, wid)
 if state ~= 'ok' then return state end
 local now = now_ms()
-local progress = tonumber(ARGV[3]) or 0
+local progress = finite_number(ARGV[3]) or 0
 redis.call('HSET', 'job:' .. id .. ':progress', 'progress', ARGV[3], 'status', 'in_progress',
   'message', ARGV[4], 'updated_at', iso(now))
 local msg = {job_id = id, worker_id = wid, progress = progress, status = 'in_progress', message = ARGV[4],
   timestamp = now}
-if ARGV[5] ~= '' then msg.current_step = tonumber(ARGV[5]) or ARGV[5] end
-if ARGV[6] ~= '' then msg.total_steps = tonumber(ARGV[6]) or ARGV[6] end
+if ARGV[5] ~= '' then msg.current_step = finite_number(ARGV[5]) or ARGV[5] end
+if ARGV[6] ~= '' then msg.total_steps = finite_number(ARGV[6]) or ARGV[6] end
 if ARGV[7] ~= '' then msg.estimated_completion = ARGV[7] end
 publish('update_job_progress', msg)
 return 'ok'

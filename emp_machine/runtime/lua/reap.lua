@@ -22,7 +22,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     -- The contract announces a retry as job_failed with can_retry: the API and the monitor learn that the
     -- attempt ended and the job waits again (retry_count kept: the attempt's end is not the job's fault).
     publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = 'worker lost: lease expired',
-      failed_at = iso(now), retry_count = tonumber(f[4]) or 0, can_retry = true, timestamp = now})
+      failed_at = iso(now), retry_count = finite_number(f[4]) or 0, can_retry = true, timestamp = now})
     publish('job_requeued', {job_id = id, service_required = f[3], reason = 'lease_expired',
       worker_id = wid, timestamp = now})
     table.insert(out, id)

@@ -12,6 +12,6 @@ enqueue(id)
 local now = now_ms()
 local f = redis.call('HMGET', jkey, 'service_required', 'priority', 'workflow_id', 'customer_id')
 add_event(id, {t = now, ev = 'submitted', service_required = f[1]})
-publish('job_submitted', {job_id = id, service_required = f[1], priority = tonumber(f[2]) or f[2],
+publish('job_submitted', {job_id = id, service_required = f[1], priority = finite_number(f[2]) or f[2],
   workflow_id = f[3], customer_id = f[4], timestamp = now})
 return redis.call('ZSCORE', KEYS[1], id)
