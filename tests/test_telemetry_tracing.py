@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 
 import pytest
 from opentelemetry import trace
@@ -152,6 +153,36 @@ def test_parent_decisions_are_followed():
         with tracer.start_as_current_span("inner") as inner:
             assert inner is span  # an unsampled child reuses its parent: nothing to record
     assert not span.is_recording() and span.get_span_context().trace_id == 9 and len(kept) == 2
+
+
+def test_producer_ids_without_flags_are_sampled_within_the_budget():
+    # The EMP API writes job_trace_id/job_span_id and no traceparent: those say nothing of sampling. Taken as
+    # a sampled parent they kept every job's trace whatever the budget (an audit measured ~1430 spans/s kept
+    # against a budget of 20); now the sampler decides from the trace id, as for a root.
+    from emp_machine.telemetry.context import extract_job_context
+
+    clock = FakeClock()
+    tracer, kept = _tracer(200, clock)
+    ids = random.Random(7)
+    per_second = []
+    for second in range(10):
+        before = len(kept)
+        for i in range(2000):  # ten times the budget, every span the child of a producer's ids
+            clock.now = 1000 + second + i / 2000
+            trace_id = ids.getrandbits(128) or 1
+            incoming = extract_job_context({"job_trace_id": f"{trace_id:032x}", "job_span_id": f"{i + 1:016x}"})
+            with tracer.start_as_current_span("call", incoming.context) as span:
+                assert span.get_span_context().trace_id == trace_id  # the producer's trace goes on
+        per_second.append(len(kept) - before)
+    after_warmup = per_second[3:]
+    assert 160 <= sum(after_warmup) / len(after_warmup) <= 240, per_second
+
+    # The decision is the trace id's against the threshold: the same in every process for one trace.
+    tracer.sampler.threshold = 1 << 55
+    for trace_id, expected in ((1, True), ((1 << 55) - 1, True), (1 << 55, False), ((1 << 56) - 1, False)):
+        incoming = extract_job_context({"job_trace_id": f"{trace_id:032x}", "job_span_id": "1" * 16})
+        with tracer.start_as_current_span("call", incoming.context) as span:
+            assert span.get_span_context().trace_flags.sampled is expected, trace_id
 
 
 def test_exceptions_keep_type_and_message_and_stacks_are_rate_limited():

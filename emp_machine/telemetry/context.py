@@ -23,6 +23,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+# The flags of a parent whose producer gave ids without flags (a job hash's job_trace_id/job_span_id, as
+# the EMP API writes them): not sampled on the wire, and the tracer knows it by identity and lets its
+# sampler decide from the trace id, as for a root (consistent across processes for one trace).
+UNDECIDED = TraceFlags(TraceFlags.DEFAULT)
 _getrandbits = random.getrandbits  # reseeded in forked children by the random module itself
 
 
@@ -286,7 +290,8 @@ def inject_job_fields(job_fields: dict, *, machine_id: str = "", worker_id: str 
 
 def extract_job_context(job_hash: Mapping) -> Incoming:
     """The producer's context from a job hash: `traceparent` first, then `job_trace_id`/`job_span_id`
-    (treated as sampled, since the EMP producers that write them record their spans), else absent.
+    (with UNDECIDED flags: those fields say nothing of sampling, so the tracer's sampler decides from the
+    trace id; taking them as sampled kept every job's trace whatever the budget), else absent.
 
     Values may be str or bytes (raw Redis replies); placeholders such as `temp-trace-id` count as absent.
     `workflow_trace_id` is returned (when valid) for a span attribute, not as the parent.
@@ -297,7 +302,7 @@ def extract_job_context(job_hash: Mapping) -> Incoming:
     if span_context is None and get("job_trace_id"):
         trace_id, span_id = parse_trace_id(_text(get("job_trace_id"))), parse_span_id(_text(get("job_span_id")))
         if trace_id and span_id:
-            span_context = SpanContext(trace_id, span_id, True, _SAMPLED,
+            span_context = SpanContext(trace_id, span_id, True, UNDECIDED,
                                        parse_tracestate(_text(get("tracestate"))))
     workflow = get("workflow_trace_id")
     workflow = _text(workflow) if workflow else None

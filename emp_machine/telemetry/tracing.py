@@ -31,8 +31,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.span import INVALID_SPAN
 
 from emp_machine.telemetry.buffer import Kind, Value
-from emp_machine.telemetry.context import (_SPAN_KEY, _Context, _get_current, _get_value, _reset, _set_current,
-                                           make_span_context)
+from emp_machine.telemetry.context import (_SPAN_KEY, UNDECIDED, _Context, _get_current, _get_value, _reset,
+                                           _set_current, make_span_context)
 from emp_machine.telemetry.redact import redact_fields, redact_text
 from emp_machine.telemetry.sampling import AdaptiveSampler
 
@@ -307,7 +307,12 @@ class Tracer(otel_trace.Tracer):
             parent_context = parent.get_span_context() if parent is not None else None
             if parent_context is not None and parent_context.is_valid:
                 trace_id = parent_context.trace_id
-                sampled = parent_context.trace_flags.sampled
+                if parent_context.trace_flags is UNDECIDED:  # a producer's ids without flags: decided here
+                    if self._clock() >= sampler.next_adjust:
+                        sampler.adjust(self._clock())
+                    sampled = (trace_id & 0xFFFFFFFFFFFFFF) < sampler.threshold
+                else:
+                    sampled = parent_context.trace_flags.sampled
                 parent_id, state, remote = parent_context.span_id, parent_context.trace_state, parent_context.is_remote
             else:
                 if self._clock() >= sampler.next_adjust:  # roots adjust too: unsampled ones never reach _finish
