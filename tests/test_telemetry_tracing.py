@@ -3,6 +3,7 @@ parent decisions, exceptions, and log correlation."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -183,6 +184,33 @@ def test_producer_ids_without_flags_are_sampled_within_the_budget():
         incoming = extract_job_context({"job_trace_id": f"{trace_id:032x}", "job_span_id": "1" * 16})
         with tracer.start_as_current_span("call", incoming.context) as span:
             assert span.get_span_context().trace_flags.sampled is expected, trace_id
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["failed-job", "ok-job"])
+def test_a_span_ending_after_its_job_root_follows_the_jobs_decision(fail):
+    # A task the job started and did not await ends after the job's root span. Its span used to be appended
+    # to the job's already-emptied list: lost, and counted nowhere.
+    clock = FakeClock()
+    tracer, kept = _tracer(1, clock)
+    tracer.sampler.threshold = 0  # unsampled: kept only if the job fails
+    tracer.sampler.next_adjust = float("inf")
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+        with tracer.start_as_current_span("job.execution"):
+            late = tracer.start_span("late.child")
+            late_failed = tracer.start_span("late.failing")
+            if fail:
+                raise RuntimeError("boom")
+    names = [r[2][3] for r in kept] if kept else []
+    assert ("job.execution" in names) is fail
+    dropped = tracer.dropped_spans
+    late.end()
+    late_failed.set_status(StatusCode.ERROR, "late failure")
+    late_failed.end()
+    late_names = [r[2][3] for r in kept[len(names):]]
+    if fail:  # kept job: its late spans are written too
+        assert late_names == ["late.child", "late.failing"]
+    else:  # dropped job: the late span is counted as dropped; a failed one is kept all the same
+        assert late_names == ["late.failing"] and tracer.dropped_spans == dropped + 1
 
 
 def test_exceptions_keep_type_and_message_and_stacks_are_rate_limited():
@@ -478,3 +506,28 @@ def test_an_unsampled_root_is_current_for_its_block_and_restored_after_an_error(
                 assert child is root  # children of an unsampled root reuse it
             raise RuntimeError("boom")
     assert trace.get_current_span() is before and kept == []
+
+
+def test_records_of_a_task_outliving_its_job_follow_the_jobs_decision(tmp_path, receiver):
+    # An unsampled job starts a task it does not await; the task logs after the job's root span ended. Its
+    # span and INFO line reach the collector when the job was kept (it failed), and are shed and counted
+    # when it was not, instead of vanishing into the job's emptied lists.
+    telemetry = _telemetry(tmp_path, receiver)
+    tracer, log = telemetry.tracer, telemetry.logger("test.late")
+    tracer.sampler.threshold = 0
+    tracer.sampler.next_adjust = float("inf")
+    late = {}
+    for job_id, fail in (("late-failed", True), ("late-ok", False)):
+        with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+            with telemetry.job_span(job_id):
+                late[job_id] = tracer.start_span(f"late.{job_id}")
+                if fail:
+                    raise RuntimeError("boom")
+    shed = telemetry.writer.shed
+    for job_id, span in late.items():
+        with trace.use_span(span, end_on_exit=True):
+            log.info("late info of %s", job_id)
+    assert telemetry.writer.shed == shed + 1  # the dropped job's line, counted
+    telemetry.shutdown()
+    assert sorted(s.name for s in receiver.spans()) == ["job.execution", "late.late-failed"]
+    assert [r.body.string_value for r in receiver.logs()] == ["late info of late-failed"]

@@ -87,10 +87,14 @@ class _Unsampled(NonRecordingSpan):
 class JobTrace:
     """The spans and deferred log records of one job, held until its root span ends."""
 
-    __slots__ = ("sampled", "records", "logs", "failed", "overflow", "lean")
+    __slots__ = ("sampled", "records", "logs", "failed", "overflow", "lean", "decided")
 
     def __init__(self, sampled: bool, lean: bool = False):
         self.sampled = sampled
+        # Set when the root span ends. A span or record that ends later (a task the job started and did not
+        # await) follows the decision: written at once when the job was kept (`sampled` is then set), shed
+        # and counted when it was not (`lean` is then set).
+        self.decided = False
         self.records: list[LightSpan] = []  # ended spans; turned into records only when the job is kept
         self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
         self.failed = False
@@ -365,6 +369,14 @@ class Tracer(otel_trace.Tracer):
             self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
             self.kept_spans += 1
             sampler.kept_total += 1
+        elif job.decided:  # ended after its job's root span: the job's decision holds, unless it failed
+            if job.sampled or span._status == 2:
+                self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
+                self.kept_spans += 1
+                sampler.kept_total += 1
+            else:
+                self.dropped_spans += 1
+                sampler.dropped_total += 1
         elif not span._is_job_root:
             if span._status == 2:
                 job.failed = True
@@ -394,6 +406,8 @@ class Tracer(otel_trace.Tracer):
                 self.dropped_logs += len(job.logs)
             job.records = []
             job.logs = []
+            job.decided = True
+            job.sampled, job.lean = keep, not keep
         self.meter.spans += 1
         if self._clock() >= sampler.next_adjust:
             sampler.adjust(self._clock())
