@@ -200,6 +200,28 @@ def test_complete_transitions_and_message(store, redis, listen):
     assert redis.zscore("jobs:leases", job_id) is None
 
 
+def test_a_result_with_nan_or_infinity_is_written_as_json_the_api_can_parse(store, redis, listen):
+    # Python's json writes NaN and Infinity as bare words, which JSON.parse refuses: the API would never
+    # learn the job finished. They become null, as JSON.stringify writes them.
+    sub = listen("complete_job")
+    job_id = store.submit("sim", {})
+    store.claim(CAPS, start=True)
+    result = {"score": float("nan"), "scores": [1.5, float("inf"), {"low": float("-inf")}], "n": 3}
+    assert store.complete(job_id, "w1", result, "done") == "ok"
+    expected = {"score": None, "scores": [1.5, None, {"low": None}], "n": 3}
+    stored = redis.hget("jobs:completed", job_id)
+    assert "NaN" not in stored and "Infinity" not in stored
+    assert json.loads(stored)["data"] == expected
+    [msg] = sub.wait_for("complete_job")
+    assert msg["result"] == expected
+
+
+def test_jobs_we_create_get_job_prefixed_ids(store, redis):
+    job_id = store.submit("sim", {})
+    assert re.fullmatch(r"job-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", job_id)
+    assert redis.hget(f"job:{job_id}", "id") == job_id
+
+
 def test_complete_can_record_progress_100_in_the_same_round_trip(store, redis, listen):
     sub = listen("update_job_progress", "complete_job")
     store.register_worker("w1", "m1", CAPS)

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping
@@ -168,6 +169,26 @@ class Job:
     def payload(self) -> Any:
         """The decoded payload; raises ValueError when the producer wrote something that is not JSON."""
         return json.loads(self.fields.get("payload") or "null")
+
+
+def _result_json(result: Any) -> str:
+    """A job's result as the JSON text written to jobs:completed and complete_job. NaN and Infinity become
+    null, as the API's JSON.stringify writes them: Python's json would write `NaN`, which JSON.parse refuses,
+    so the API would never learn that the job finished."""
+    try:
+        return json.dumps(result, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(result), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _number(text: str) -> int | None:
@@ -350,7 +371,7 @@ class _JobOps:
     # ---- submission (the API's side, used by the CLI, tests and benchmarks) ----
 
     def _submit(self, service_required: str, payload: Any, job_id: str | None, **options: Any) -> _Op:
-        job_id = job_id or str(uuid.uuid4())
+        job_id = job_id or f"job-{uuid.uuid4()}"  # the id scheme of jobs we create (issue 3: `job-{uuid}`)
         fields = contract_fields(job_id, service_required, payload, **options)
         flat = [x for pair in fields.items() for x in pair]
         yield _Call("submit", (job_id, *flat))
@@ -445,7 +466,7 @@ class _JobOps:
 
     def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool,
                   steps: Mapping[str, float] | None = None) -> _Op:
-        data = json.dumps(result, separators=(",", ":"))
+        data = _result_json(result)
         return Ownership((yield _Call("complete", (job_id, worker_id, data, message,
                                                    "1" if final_progress else "0", _steps(steps)))))
 
