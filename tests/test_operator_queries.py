@@ -158,3 +158,53 @@ def test_timeline_of_an_api_job_retried_then_completed(redis, redis_url):
     assert "earlier attempt failed: boom" in lines and not any(line.startswith("error ") for line in lines)
     assert any(line.startswith("progress 100%") for line in lines)
     assert any(" submitted " in line and "by=api (created_at)" in line for line in lines)
+
+
+def _emp(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "emp_machine", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_job_shows_a_retry_count_written_as_a_float_or_junk(redis, redis_url):
+    # A producer may write retry_count "1.0" (the scripts and the worker read it); `job` crashed on int().
+    from emp_machine.runtime.jobs import contract_fields, submission_score
+
+    for job_id, count in (("float-1", "1.0"), ("junk-1", "x")):
+        redis.hset(f"job:{job_id}", mapping={**contract_fields(job_id, "sim", {}), "retry_count": count})
+        redis.zadd("jobs:pending", {job_id: submission_score(50, int(time.time() * 1000))})
+    shown = _emp("job", "float-1", "--redis", redis_url)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "retries 1/3" in shown.stdout
+    junk = json.loads(_emp("job", "junk-1", "--redis", redis_url, "--json").stdout)
+    assert junk["retry_count"] == "x"  # shown as written: a malformed job, not a crash
+
+
+def test_job_commands_give_clear_errors_for_a_bad_redis_url_without_its_password():
+    for url in ("redis://:s3cret-pw@localhost:notaport/0", "mysql://user:s3cret-pw@host/db"):
+        out = _emp("job", "any-id", "--redis", url)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr and "not a Redis URL" in out.stderr, out.stderr
+        assert "s3cret-pw" not in out.stderr + out.stdout
+
+
+def test_submit_wait_that_loses_redis_says_so_without_a_traceback(tmp_path):
+    from pathlib import Path
+
+    import redis as redis_lib
+
+    from emp_machine.runtime.redis_server import PrivateRedis
+    from harness import wait_for
+
+    server = PrivateRedis(Path(tmp_path)).start()
+    try:
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        proc = subprocess.Popen([sys.executable, "-m", "emp_machine", "submit", "--type", "sim", "--payload", "{}",
+                                 "--wait", "--redis", server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        # Following the job: subscribed to its channels (no worker serves it, so it stays pending).
+        wait_for(lambda: client.pubsub_numsub("complete_job")[0][1] == 1, timeout=20, message="CLI subscribed")
+    finally:
+        server.stop()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "Traceback" not in err and "lost Redis while following job job-" in err, err

@@ -439,7 +439,11 @@ def _store(args):
         if url == "embedded":
             raise NoMachineRunning("the manifest uses an embedded Redis and no machine is running: start the "
                                    "machine first, or pass --redis URL")
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    try:
+        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    except ValueError:  # redis-py's message quotes the URL: only the redacted form is shown
+        raise EmpError(f"not a Redis URL: {redact_url(url)} (expected redis://[:password@]host:port/db, "
+                       f"rediss://… or unix://…)") from None
     try:
         client.ping()
     except redis.RedisError as exc:

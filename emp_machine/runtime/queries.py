@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from emp_machine.runtime.jobs import JobStore
+from emp_machine.errors import EmpError
+from emp_machine.runtime.jobs import JobStore, _number
 from emp_machine.telemetry.redact import redact_text
 
 
@@ -78,8 +79,8 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         "job_id": job_id,
         "status": status,
         "service_required": job.get("service_required", ""),
-        "retry_count": int(job.get("retry_count") or 0),
-        "max_retries": int(job.get("max_retries") or 0),
+        "retry_count": _count(job.get("retry_count")),
+        "max_retries": _count(job.get("max_retries")),
         "worker_id": job.get("worker_id", ""),
         # The hash keeps the last failure's error after a retry succeeds: an error only when the job failed.
         "error": job.get("error", "") if status == "failed" else "",
@@ -105,8 +106,28 @@ def stuck(store: JobStore) -> list[dict[str, Any]]:
     return out
 
 
+def _count(text: str | None) -> int | str:
+    """A retry count from a job hash: a number however the producer wrote it ("1", "1.0"), else the text as
+    it is (a timeline shows a malformed job rather than failing on it)."""
+    if not text or not text.strip():
+        return 0
+    number = _number(text)
+    return text if number is None else number
+
+
 def wait_for_end(client, store: JobStore, job_id: str, on_progress, timeout_s: float) -> dict[str, str]:
-    """Follow a job's progress until it completes or fails for good (or the timeout); returns its hash."""
+    """Follow a job's progress until it completes or fails for good (or the timeout); returns its hash.
+    Losing Redis on the way is an EmpError naming the job, not a traceback."""
+    from redis.exceptions import RedisError
+
+    try:
+        return _follow(client, store, job_id, on_progress, timeout_s)
+    except RedisError as exc:
+        raise EmpError(f"lost Redis while following job {job_id} ({exc.__class__.__name__}); the job goes "
+                       f"on: `emp-machine job {job_id}` shows where it is") from None
+
+
+def _follow(client, store: JobStore, job_id: str, on_progress, timeout_s: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout_s
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("update_job_progress", "complete_job", "job_failed")
