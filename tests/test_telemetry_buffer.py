@@ -530,3 +530,148 @@ def test_without_posix_fallocate_the_stage_file_is_sparse_and_works(tmp_path, mo
         assert buffer.flush(5) and [r[0] for r in _all_logs(buffer)] == [1]
     finally:
         buffer.close()
+
+
+# --- a damaged buffer file or stage file: set aside, counted, and the buffer still works ----------------------
+
+
+def _damaged_db(tmp_path, damage: str) -> bytes:
+    """b.db written by a real buffer (records in it), then damaged as `damage` says; returns its bytes."""
+    buffer = Buffer(tmp_path / "b.db")
+    for i in range(3000):
+        buffer.append(Kind.LOG, Value.NORMAL, _log(i, "x" * (i % 50)))
+    buffer.close()
+    data = (tmp_path / "b.db").read_bytes()
+    assert len(data) > 16 * 4096 and not (tmp_path / "b.db-wal").exists()
+    data = {"truncated": data[:len(data) // 2], "zeroed_header": bytes(100) + data[100:],
+            "text_file": b"hello, not a database\n" * 40}[damage]
+    (tmp_path / "b.db").write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed_header", "text_file"])
+def test_a_corrupt_buffer_file_is_set_aside_and_a_new_one_takes_and_drains_records(tmp_path, capfd, damage):
+    data = _damaged_db(tmp_path, damage)
+    drops: list[tuple[str, int]] = []
+    buffer = Buffer(tmp_path / "b.db", on_drop=lambda reason, n: drops.append((reason, n)))
+    try:
+        (aside,) = tmp_path.glob("b.db.corrupt-*")  # kept for inspection, as it was, with no -wal/-shm made
+        assert aside.read_bytes() == data and aside.name.startswith("b.db.corrupt-20")
+        err = capfd.readouterr().err
+        assert "b.db is corrupt" in err and aside.name in err and "cannot be read" in err
+        # How many records it held cannot be read: the drop shows, as one, under its own reason.
+        assert buffer.stats().dropped == {"corrupt_buffer": 1} and drops == [("corrupt_buffer", 1)]
+        assert buffer.pending() == 0
+        for i in range(20):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        assert buffer.flush(10)
+        chunks = buffer.read(Kind.LOG, 100)
+        assert [r[0] for c in chunks for r in c.records] == list(range(20))
+        buffer.ack([(c.id, c.count) for c in chunks])
+        assert buffer.pending() == 0 and buffer.stats().acked_total == 20
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db")  # the new file is a good one; the count was saved in it
+    try:
+        assert reopened.stats().dropped == {"corrupt_buffer": 1}
+        assert len(list(tmp_path.glob("b.db.corrupt-*"))) == 1
+    finally:
+        reopened.close()
+
+
+def test_a_corrupt_buffer_file_under_telemetry_reports_a_records_dropped_event(tmp_path, capfd):
+    import io
+
+    from emp_machine.telemetry import TelemetryConfig, setup
+
+    (tmp_path / "w.db").write_bytes(b"garbage, not sqlite" * 100)
+    telemetry = setup(TelemetryConfig(), machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
+                      buffer_path=tmp_path / "w.db", stream=io.StringIO())
+    try:
+        deadline = time.monotonic() + 15
+        events: list = []
+        while not events:  # the housekeeping thread reports drops as events, once a second
+            assert time.monotonic() < deadline, "no telemetry.records_dropped event"
+            assert telemetry.buffer.flush(5)
+            events = [r for r in _all_logs(telemetry.buffer) if r[7] == "telemetry.records_dropped"]
+        assert events[0][4]["reason"] == "corrupt_buffer" and events[0][4]["count"] == 1
+        assert len(list(tmp_path.glob("w.db.corrupt-*"))) == 1
+    finally:
+        telemetry.shutdown(5)
+
+
+def _frame_offsets(data: bytes) -> list[int]:
+    at, offsets = 0, []
+    while at + 8 <= len(data) and data[at:at + 8] != bytes(8):
+        offsets.append(at)
+        at += 8 + struct.unpack_from("<I", data, at)[0]
+    return offsets
+
+
+def test_a_damaged_payload_in_a_stage_file_loses_only_its_own_record_counted_as_corrupt(tmp_path, capfd):
+    data = bytearray(_staged_file(tmp_path, range(100)))
+    at = _frame_offsets(bytes(data))[50]
+    length = struct.unpack_from("<I", data, at)[0]
+    data[at + 8:at + 8 + length] = b"\xff" * length
+    (tmp_path / "b.db.stage.5").write_bytes(bytes(data) + bytes(4096))  # and the zeroed rest, as a real one
+    drops: list[tuple[str, int]] = []
+    buffer = Buffer(tmp_path / "b.db", on_drop=lambda reason, n: drops.append((reason, n)))
+    try:
+        assert [r[0] for r in _all_logs(buffer)] == [i for i in range(100) if i != 50]
+        assert buffer.stats().dropped == {"corrupt": 1} and drops == [("corrupt", 1)]
+        err = capfd.readouterr().err
+        assert f"a damaged payload at byte {at}" in err and "the 99 readable ones were" in err
+        assert (tmp_path / "b.db.stage.5.bad").exists() and not (tmp_path / "b.db.stage.5").exists()
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db", on_drop=lambda reason, n: drops.append((reason, n)))
+    try:  # counted once, in the transaction that moved the frames in; nothing moved twice
+        assert reopened.pending() == 99 and reopened.stats().dropped == {"corrupt": 1}
+        assert drops == [("corrupt", 1)]
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize("damage", ["tag", "length_past_the_end", "length_short", "zeroed"])
+def test_a_damaged_frame_header_in_a_stage_file_is_skipped_and_reading_resumes(tmp_path, capfd, damage):
+    data = bytearray(_staged_file(tmp_path, range(100)))
+    at = _frame_offsets(bytes(data))[50]
+    length, tag = struct.unpack_from("<II", data, at)
+    header = {"tag": (length, 0x12345678), "length_past_the_end": (10**8, tag), "length_short": (3, tag),
+              "zeroed": (0, 0)}[damage]
+    struct.pack_into("<II", data, at, *header)
+    (tmp_path / "b.db.stage.5").write_bytes(bytes(data) + bytes(4096))
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        assert [r[0] for r in _all_logs(buffer)] == [i for i in range(100) if i != 50]
+        assert buffer.stats().dropped == {"corrupt": 1}
+        assert f"header at byte {at}, read on from byte {at + 8 + length}" in capfd.readouterr().err
+        assert (tmp_path / "b.db.stage.5.bad").exists()
+    finally:
+        buffer.close()
+
+
+def test_a_torn_last_frame_is_counted_as_corrupt_and_not_kept(tmp_path, capfd):
+    data = _staged_file(tmp_path, range(10))
+    (tmp_path / "b.db.stage.4").write_bytes(data + data[:30])
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        assert buffer.pending() == 10 and buffer.stats().dropped == {"corrupt": 1}
+        assert "a torn frame at byte" in capfd.readouterr().err
+        assert not list(tmp_path.glob("b.db.stage.4*"))  # nothing but a cut-short end to look at
+    finally:
+        buffer.close()
+
+
+def test_damaged_stage_files_are_kept_only_for_the_retention_and_a_few_at_most(tmp_path):
+    now = time.time()
+    for n, age in enumerate([10, 20, 30, 40, 50, 60, 7200]):  # seconds ago; the last one past the retention
+        bad = tmp_path / f"b.db.stage.{n + 1}.bad"
+        bad.write_bytes(b"damaged")
+        os.utime(bad, (now - age, now - age))
+    buffer = Buffer(tmp_path / "b.db", retention=3600)
+    try:
+        assert sorted(p.name for p in tmp_path.glob("b.db.stage.*.bad")) == [
+            "b.db.stage.1.bad", "b.db.stage.2.bad", "b.db.stage.3.bad", "b.db.stage.4.bad"]  # the newest 4
+    finally:
+        buffer.close()

@@ -17,7 +17,10 @@ is zeroed and becomes the next standby. Why: the writer used to wake every 90 ms
 with cold caches); the caller's copy costs ~6k instructions a log record and ~11k a span, with warm caches.
 
 A buffer opened over stage files left by a killed process moves their frames into SQLite first (each file
-once), stopping at the zeroed rest or at a frame cut short. A writer with nothing queued sleeps until a
+once), up to the zeroed rest, frame by frame: a damaged frame is skipped and counted as dropped (`corrupt`),
+and a file with such damage is kept as `.bad` for the retention (at most `_BAD_KEPT`). A buffer file SQLite
+finds corrupt is moved aside (`<name>.corrupt-<time>`, never deleted), counted (`corrupt_buffer`) and replaced
+by a new one, so that it cannot stop its process from starting. A writer with nothing queued sleeps until a
 record, a flush or close wakes it (the append checks one flag), or `idle_check` (30 s) for the retention
 pass.
 
@@ -132,6 +135,7 @@ _LINE_HEAD = struct.Struct("<BBq")
 _STAGE_SIZE = 2 * 1024 * 1024  # bytes of one stage file (reserved with fallocate, mapped)
 _STAGE_KEY = "emp.buffer.stage_seq"  # state row: the last stage file whose frames are in SQLite
 _COMMIT_BATCH = 1000  # records: a batch this big is committed at once
+_BAD_KEPT = 4  # damaged stage files (`.stage.<n>.bad`, 2 MiB each) kept for inspection, newest first
 _marshal = marshal.dumps
 _fallocate = getattr(os, "posix_fallocate", None)
 _pack_frame = _FRAME.pack
@@ -139,32 +143,117 @@ _pack_line = _LINE_HEAD.pack
 
 
 def _read_frames(path: Path) -> tuple[dict[tuple[int, int], list], dict[str, str]]:
+    """Records (grouped by kind and value) and state values from a stage file's frames (see `_scan_frames`)."""
+    groups, states, _, _ = _scan_frames(path.read_bytes())
+    return groups, states
+
+
+def _scan_frames(data: bytes) -> tuple[dict[tuple[int, int], list], dict[str, str], int, list[str]]:
     """Records (grouped by kind and value) and state values from a stage file's frames, up to the zeroed rest
-    of the file or a frame cut short. Reads the frames of earlier versions too: one per writer pass, each a
-    batch of groups, with the payload's crc32 where the format tag is now."""
+    of the file; also the number of records lost in damaged frames, and where they were (for the report).
+    Reads the frames of earlier versions too: one per writer pass, each a batch of groups, with the payload's
+    crc32 where the format tag is now.
+
+    Frame by frame, so that one damaged frame loses only itself: a payload that does not decode is skipped
+    (its header says where the next frame starts); after a damaged header, reading goes on at the next frame
+    whose tag is ours and whose payload decodes (the tag is a 4-byte magic, so frames can be found again);
+    where none follows, the file ends there (a torn frame). Each damaged frame counts as one lost record: a
+    frame holds one, except the tailer's batches and earlier versions' frames, so this is a lower bound."""
     groups: dict[tuple[int, int], list] = {}
     states: dict[str, str] = {}
-    data = path.read_bytes()
+    lost = 0
+    notes: list[str] = []
     at = 0
     while at + _FRAME.size <= len(data):
         length, tag = _FRAME.unpack_from(data, at)
-        if not length and not tag:  # the zeroed rest of a stage file
+        end = at + _FRAME.size + length
+        if tag in (_ITEM, _LINE) and end <= len(data):
+            item = _decode_frame(tag, data[at + _FRAME.size:end])
+            if item is not None:
+                _take(item, groups, states)
+                at = end
+                continue
+            if _header_fits(data, end):  # the payload alone is damaged: the next frame is where it says
+                lost += 1
+                notes.append(f"a damaged payload at byte {at}")
+                at = end
+                continue
+        elif not length and not tag:  # the zeroed rest of a stage file, unless frames follow this header
+            found = _next_frame(data, at + 1)
+            if found is None:
+                break
+            lost += 1
+            notes.append(f"a zeroed header at byte {at}, read on from byte {found}")
+            at = found
+            continue
+        elif end <= len(data) and zlib.crc32(data[at + _FRAME.size:end]) == tag:
+            try:  # an earlier version's frame: ([((kind, value), records), ...], states)
+                frame_groups, frame_states = marshal.loads(data[at + _FRAME.size:end])
+                staged = [(tuple(key), list(records)) for key, records in frame_groups]
+                frame_states = {str(k): str(v) for k, v in dict(frame_states).items()}
+            except Exception:  # anything at all, from bytes that are not what they should be
+                lost += 1
+                notes.append(f"a damaged payload at byte {at}")
+            else:
+                for key, records in staged:
+                    groups.setdefault(key, []).extend(records)
+                states.update(frame_states)
+            at = end
+            continue
+        # A damaged header, or a frame cut short: on at the next frame that can be read, if any.
+        found = _next_frame(data, at + 1)
+        lost += 1
+        if found is None:
+            notes.append(f"a torn frame at byte {at}, where reading stopped")
             break
-        payload = data[at + _FRAME.size:at + _FRAME.size + length]
-        if len(payload) < length or (tag not in (_ITEM, _LINE) and zlib.crc32(payload) != tag):
-            _report(f"telemetry buffer: {path.name} ends in a torn frame at byte {at}; the frames before it are kept")
-            break
-        if tag == _ITEM:
-            _take(marshal.loads(payload), groups, states)
-        elif tag == _LINE:
-            _take(_line_item(payload), groups, states)
-        else:  # an earlier version's frame: ([((kind, value), records), ...], states)
-            frame_groups, frame_states = marshal.loads(payload)
-            for key, records in frame_groups:
-                groups.setdefault(tuple(key), []).extend(records)
-            states.update(frame_states)
-        at += _FRAME.size + length
-    return groups, states
+        notes.append(f"a damaged header at byte {at}, read on from byte {found}")
+        at = found
+    return groups, states, lost, notes
+
+
+_TAGS = (_FRAME.pack(0, _ITEM)[4:], _FRAME.pack(0, _LINE)[4:])  # the formats' tags as bytes (a header's 2nd half)
+
+
+def _decode_frame(tag: int, payload: bytes) -> tuple | None:
+    """The item a frame holds, or None when its payload does not decode to one (damaged)."""
+    try:
+        item = marshal.loads(payload) if tag == _ITEM else _line_item(payload)
+    except Exception:  # anything at all, from bytes that are not what they should be
+        return None
+    return item if _is_item(item) else None
+
+
+def _is_item(item: object) -> bool:
+    """Whether `item` has the shape `_take` reads: (kind, value, record) or ("state", records, key, value)."""
+    if type(item) is not tuple:
+        return False
+    if len(item) == 3:
+        return type(item[0]) is int and type(item[1]) is int and isinstance(item[2], (tuple, list))
+    return len(item) == 4 and item[0] == "state" and isinstance(item[1], list) and \
+        isinstance(item[2], str) and isinstance(item[3], str) and \
+        all(isinstance(r, (tuple, list)) and len(r) == 3 and _is_item(tuple(r)) for r in item[1])
+
+
+def _header_fits(data: bytes, at: int) -> bool:
+    """Whether a frame header can start at `at`: the end of the data, the zeroed rest, or one of our tags."""
+    if at + _FRAME.size > len(data):
+        return at == len(data)
+    length, tag = _FRAME.unpack_from(data, at)
+    return (not length and not tag) or tag in (_ITEM, _LINE)
+
+
+def _next_frame(data: bytes, start: int) -> int | None:
+    """The offset, at or after `start`, of the next frame whose tag is ours and whose payload decodes."""
+    while True:
+        hits = [hit for hit in (data.find(tag, start + 4) for tag in _TAGS) if hit >= 0]
+        if not hits:
+            return None
+        at = min(hits) - 4
+        length, tag = _FRAME.unpack_from(data, at)
+        end = at + _FRAME.size + length
+        if end <= len(data) and _decode_frame(tag, data[at + _FRAME.size:end]) is not None:
+            return at
+        start = at + 1
 
 
 def _line_payload(item: tuple, line: str) -> bytes:
@@ -240,6 +329,70 @@ def decode_chunk(data: bytes) -> list:
     return marshal.loads(zlib.decompress(data))
 
 
+_OPEN_READS = (  # what the buffer reads of its file when it opens: each table once, so that damage shows here
+    "SELECT key, value FROM state",
+    "SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks",
+    "SELECT name, value FROM counters",
+    "SELECT COALESCE(SUM(count), 0) FROM dead_letter",
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """The buffer's SQLite file opened, its schema made and its tables read once (a damaged file fails here,
+    where it can still be set aside, not halfway through opening)."""
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file; that is enough
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        for query in _OPEN_READS:
+            db.execute(query).fetchall()
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file itself is bad (corrupt, not a database, tables not a buffer's) rather than
+    that it cannot get at it now (disk full, I/O error, permissions, locked): only a bad file is set aside."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or name == "SQLITE_ERROR"
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a damaged buffer file, with its -wal and -shm, to `<name>.corrupt-<UTC time>`; returns that path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while aside.exists():  # damaged twice within a second: never over an earlier one
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+        except FileNotFoundError:
+            pass
+    return aside
+
+
+def _pending_in(path: Path) -> int | None:
+    """The records a set-aside buffer file held pending, where it can still tell (None where it cannot)."""
+    # Immutable where it has no WAL: a read-only WAL reader would leave new -wal/-shm files beside it.
+    immutable = not path.with_name(path.name + "-wal").exists()
+    try:
+        db = sqlite3.connect(path.absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro"),
+                             uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return None
+    try:
+        return int(db.execute("SELECT COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()[0])
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
+    finally:
+        db.close()
+
+
 class _Flush:
     """A marker on the queue: set once everything queued before it is committed."""
 
@@ -273,11 +426,10 @@ class Buffer:
         except OSError:
             self._lock_file.close()
             raise BufferInUse(f"telemetry buffer {self.path} is held by another process") from None
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file; that is enough
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # Drops found while opening (a corrupt file set aside, damaged stage frames), reported once the counters
+        # are read: (reason, count, already in the counters table).
+        self._startup_drops: list[tuple[str, int, bool]] = []
+        self._db = self._open_db()
         self._db_lock = threading.Lock()
         # Producers: under _lock, an item goes on _queue and its frame into the current stage file at _pos.
         self._lock = threading.Lock()
@@ -310,6 +462,11 @@ class Buffer:
         self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
         self._dead = int(self._db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
+        for reason, count, saved in self._startup_drops:  # counted and reported like any drop, never silent
+            if saved:  # saved with the frames moved in, so in the counters read just above
+                self._notify_drop(reason, count)
+            else:
+                self._count_drop(reason, count)
         self.writer_cpu = 0.0  # seconds of CPU the writer thread used (for telemetry's own overhead)
         self.passes = 0  # writer wake-ups that did a pass (an idle buffer adds none)
         self._writer = threading.Thread(target=self._run, name="telemetry-buffer-writer", daemon=True)
@@ -463,7 +620,9 @@ class Buffer:
         self._since_checkpoint += nbytes
         return markers
 
-    def _insert(self, rows: list[tuple], states: dict[str, str], seq: int) -> None:
+    def _insert(self, rows: list[tuple], states: dict[str, str], seq: int, drops: dict[str, int] | None = None) -> None:
+        """One transaction: the chunks, the state values, the stage file's number and, for a stage file moved
+        in, the drop counts of its damaged frames (counted exactly once, with the frames that were kept)."""
         with self._db_lock:
             self._db.execute("BEGIN")
             try:
@@ -471,10 +630,41 @@ class Buffer:
                     "INSERT INTO chunks(kind, value, created, count, nbytes, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
                 items = [*states.items(), (_STAGE_KEY, str(seq))]
                 self._db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", items)
+                if drops:
+                    self._db.executemany(
+                        "INSERT INTO counters(name, value) VALUES (?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", list(drops.items()))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    # --- the SQLite file ----------------------------------------------------------------------------
+
+    def _open_db(self) -> sqlite3.Connection:
+        """The SQLite file, ready. One that SQLite finds corrupt, or that is not a buffer, is moved aside with
+        its -wal and -shm (kept for inspection, never deleted), reported and counted, and a new one is made: a
+        damaged file used to stop its process at every start (a worker crash-looped until it was deleted by
+        hand). Errors that say nothing against the file (disk full, I/O, permissions, locked) are raised."""
+        try:
+            return _connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            if not _damaged(exc):
+                raise
+            problem = " ".join(str(exc).split()) or type(exc).__name__
+        aside = _set_aside(self.path)
+        lost = _pending_in(aside)
+        db = _connect(self.path)
+        if lost is None:  # how many cannot be told: counted as one, so that the drop shows at all
+            self._startup_drops.append(("corrupt_buffer", 1, False))
+            what = ("the records in it cannot be read and will not be shipped; how many is unknown "
+                    "(counted as 1 dropped, reason corrupt_buffer)")
+        else:
+            self._startup_drops.append(("corrupt_buffer", lost, False))
+            what = f"its {lost} pending records will not be shipped (counted as dropped, reason corrupt_buffer)"
+        _report(f"telemetry buffer: {self.path.name} is corrupt ({problem}); moved aside as {aside.name} "
+                f"(kept for inspection) and a new buffer started; {what}")
+        return db
 
     # --- stage files ---------------------------------------------------------------------------------
 
@@ -547,17 +737,61 @@ class Buffer:
         for seq in sorted(found):
             path = self._stage_path(seq)
             if seq > committed:
+                read: tuple[int, int] | None = None  # (records readable, records lost in damaged frames)
                 try:
-                    groups, states = _read_frames(path)
-                    if groups or states:
-                        self._insert(_rows(groups, self._clock()), states, seq)
+                    groups, states, lost, notes = _scan_frames(path.read_bytes())
+                    read = (sum(len(records) for records in groups.values()), lost)
+                    if groups or states or lost:
+                        self._insert(_rows(groups, self._clock()), states, seq, {"corrupt": lost} if lost else None)
                 except Exception as exc:  # an unreadable file must not stop telemetry from starting
-                    _report(f"telemetry buffer: {path.name} could not be moved in ({exc!r}); kept as .bad")
-                    os.replace(path, path.with_name(path.name + ".bad"))
+                    if read is not None:  # read, but not written (disk full, say): dropped, counted
+                        self._startup_drops += [("write_error", read[0], False), ("corrupt", read[1], False)]
+                    _report(f"telemetry buffer: {path.name} could not be moved in ({exc!r}); "
+                            + (f"its {read[0]} records are counted as dropped; " if read is not None else "")
+                            + "kept as .bad")
+                    self._keep_bad(path)
                     continue
                 committed = seq
+                if lost:
+                    self._startup_drops.append(("corrupt", lost, True))
+                    # A torn end is what a cut-short file leaves; damage before the end is kept for inspection.
+                    keep = any(not note.startswith("a torn frame") for note in notes)
+                    _report(f"telemetry buffer: {path.name}: {lost} record(s) in damaged frames could not be moved "
+                            f"in and are counted as dropped (corrupt); the {read[0]} readable ones were "
+                            f"({'; '.join(notes[:5])}{'; ...' if len(notes) > 5 else ''})"
+                            + (f"; the file is kept as {path.name}.bad" if keep else ""))
+                    if keep:
+                        self._keep_bad(path)
+                        continue
             os.unlink(path)  # moved now, or earlier by a process killed before it could remove the file
+        self._sweep_bad()
         return max([committed, *found]) + 1
+
+    def _keep_bad(self, path: Path) -> None:
+        """Set a damaged stage file aside as `.bad`, dated now (it is kept for the buffer's retention)."""
+        bad = path.with_name(path.name + ".bad")
+        try:
+            os.replace(path, bad)
+            os.utime(bad)
+        except OSError as exc:  # moved in already or not, the next start sees it again
+            _report(f"telemetry buffer: {path.name} not set aside ({exc})")
+
+    def _sweep_bad(self) -> None:
+        """Damaged stage files set aside are kept as long as the buffer's retention, and at most `_BAD_KEPT`
+        of them (newest first): for inspection, never a growing pile."""
+        prefix = f"{self.path.name}.stage."
+        kept = []
+        for entry in os.listdir(self.path.parent):
+            if entry.startswith(prefix) and entry.endswith(".bad"):
+                try:
+                    kept.append((os.stat(self.path.parent / entry).st_mtime, entry))
+                except OSError:
+                    pass
+        kept.sort(reverse=True)
+        oldest = time.time() - self.retention
+        for index, (mtime, entry) in enumerate(kept):
+            if index >= _BAD_KEPT or mtime < oldest:
+                _unlink(self.path.parent / entry)
 
     def _enforce_limits(self) -> None:
         now = self._clock()
@@ -608,6 +842,9 @@ class Buffer:
                     "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (reason, count))
         except sqlite3.Error as exc:  # the same failure that dropped them, often: counted here, reported anyway
             _report(f"telemetry buffer: a drop count could not be saved ({exc})")
+        self._notify_drop(reason, count)
+
+    def _notify_drop(self, reason: str, count: int) -> None:
         if self.on_drop is not None:
             try:
                 self.on_drop(reason, count)
