@@ -55,3 +55,61 @@ def test_each_process_buffer_gets_its_share_of_the_machines_limits(tmp_path):
         assert (telemetry.buffer.max_size, telemetry.buffer.segment_size) == (25 * 10**6, 10 * 10**6)
     finally:
         telemetry.shutdown(timeout=2)
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "-5"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "0"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "inf"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "nan"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "10s"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    ({"OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"}, "OTEL_EXPORTER_OTLP_COMPRESSION"),
+    ({"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cret%0D%0AX-Evil: 1"}, "OTEL_EXPORTER_OTLP_HEADERS"),
+    ({"OTEL_EXPORTER_OTLP_HEADERS": "ok=1,my%20header=s3cret"}, "OTEL_EXPORTER_OTLP_HEADERS"),
+    ({"OTEL_EXPORTER_OTLP_HEADERS": "s3cret"}, "OTEL_EXPORTER_OTLP_HEADERS"),  # the key without its name
+    ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=s3cret%0A"}, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+    ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "grpc://u:s3cret@collector:4317"}, "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "500"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"),  # one shipper, one timeout
+])
+def test_otel_values_that_cannot_work_are_refused_by_name_without_quoting_secrets(env, variable):
+    # These were accepted: nothing shipped (timeout <= 0), shutdown raised (inf, nan), deflate became none,
+    # a CR/LF or a name with a space made every request fail, grpc and the per-signal variables were ignored.
+    with pytest.raises(ValueError) as refused:
+        apply_otel_env(TelemetryConfig(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", **env})
+    assert variable in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+def test_per_signal_otel_variables_and_their_precedence():
+    config = TelemetryConfig(otlp_endpoint="http://manifest:4318", otlp_headers={"Authorization": "m", "a": "1"},
+                             otlp_metrics={"endpoint": "http://manifest-metrics:4318/m", "headers": {"k": "m"}})
+    applied = apply_otel_env(config, {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=env",  # replaces the manifest's in any case
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example/v1/traces?tenant=7",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-api-key=t%3D1,",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "k2=e",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION": "gzip",  # agrees with the generic one: accepted
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2500", "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT": "2500",
+    })
+    assert applied.otlp_endpoint == "http://collector:4318" and applied.export.timeout == 2.5
+    assert applied.otlp_headers == {"a": "1", "authorization": "env"}
+    assert applied.otlp_signals() == {
+        "traces": ("https://traces.example/v1/traces?tenant=7", {"x-api-key": "t=1"}),
+        "metrics": ("http://manifest-metrics:4318/m", {"k": "m", "k2": "e"}),  # the manifest's, env merged in
+    }
+    assert applied.ships and not TelemetryConfig().ships
+    assert TelemetryConfig(otlp_logs={"endpoint": "http://logs:4318/v1/logs"}).ships
+
+
+def test_the_manifest_refuses_headers_and_timeouts_that_cannot_work_without_quoting_them():
+    for kwargs in ({"otlp_headers": {"authorization": "Bearer s3cret\r\nX-Evil: 1"}},
+                   {"otlp_headers": {"api key": "s3cret"}},
+                   {"otlp_traces": {"headers": {"k": "s3cret\n"}}},
+                   {"otlp_logs": {"endpoint": "ftp://u:s3cret@collector"}},
+                   {"export": {"timeout": "1e300"}}):  # a socket timeout overflows
+        with pytest.raises(ValidationError) as refused:
+            TelemetryConfig(**kwargs)
+        assert "s3cret" not in str(refused.value)

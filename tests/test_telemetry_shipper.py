@@ -212,3 +212,189 @@ def test_an_endpoint_that_is_not_http_is_refused_without_quoting_it(buffer):
     with pytest.raises(ValueError) as refused:
         TelemetryConfig(otlp_endpoint="ftp://user:hunter2@collector:4318")
     assert "must start with http:// or https://" in str(refused.value) and "hunter2" not in str(refused.value)
+
+
+def _thread_cpu(native_id: int) -> float:
+    """CPU seconds (user + system) of one thread of this process, read by another thread."""
+    import os
+
+    with open(f"/proc/self/task/{native_id}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_shipper_waits_its_interval_after_a_failure(buffer, receiver):
+    # One 503 set the backoff time, which only a 2xx cleared; a 401 then (a wrong API key) dead-lettered the
+    # batch, and once that time had passed every pass with nothing to send looped at once: a whole core.
+    receiver.respond_next(503)
+    receiver.respond_next(401, count=100)
+    for i in range(150):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    shipper = _shipper(buffer, receiver.endpoint, interval=0.5).start()
+    try:
+        assert wait_until(lambda: buffer.stats().dead_letter_records == 150, timeout=10)
+        assert receiver.statuses == [503, 401]
+        cpu0, wall0 = _thread_cpu(shipper._thread.native_id), time.monotonic()
+        time.sleep(1.5)  # the measuring window (nothing to wait for: the shipper has nothing left to do)
+        cpu = _thread_cpu(shipper._thread.native_id) - cpu0
+        wall = time.monotonic() - wall0
+    finally:
+        shipper.stop()
+    assert cpu < 0.1 * wall, f"the idle shipper thread used {cpu:.2f} s of CPU in {wall:.2f} s"
+    assert receiver.statuses == [503, 401]
+
+
+def _metric_record(series: int, points: int) -> tuple:
+    now = time.time_ns()
+    return (now, now - 10**9, [(f"m_{s}", "a metric", "1", "sum", True,
+                                [({"type": f"type-{p}", "status": "completed"}, p) for p in range(points)])
+                               for s in range(series)])
+
+
+def test_metric_requests_stay_under_the_size_limit(buffer, receiver):
+    # Metric requests were cut at 50 records whatever their size: 40 job types made 1.1 MB.
+    for i in range(30):
+        buffer.append(Kind.METRIC, Value.NORMAL, _metric_record(4, 40))  # ~7 KB each encoded
+    buffer.flush()
+    shipper = _shipper(buffer, receiver.endpoint, max_request_size=40_000).start()
+    try:
+        assert receiver.wait_for(lambda r: len(r.metrics()) >= 120, timeout=10)
+        assert wait_until(lambda: buffer.pending() == 0, timeout=5)
+    finally:
+        shipper.stop()
+    requests = [r for r in receiver.requests if r.path == "/v1/metrics"]
+    assert len(requests) >= 5
+    assert all(r.request.ByteSize() <= 40_000 for r in requests)
+    assert len(receiver.metrics()) == 120 and buffer.stats().dead_letter_records == 0
+
+
+def test_a_redirect_is_retried_and_reported_not_dead_lettered(buffer, receiver, caplog):
+    # A 308 (http -> https at a proxy) sent every batch to the dead letters: the URL is wrong, not the records.
+    location = "https://collector.example:4318/v1/traces?api_key=s3cret"
+    receiver.respond_next(308, count=2, headers={"Location": location})
+    for i in range(20):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    with caplog.at_level("WARNING", logger="emp_machine.telemetry.shipper"):
+        shipper = _shipper(buffer, receiver.endpoint).start()
+        try:
+            assert receiver.wait_for(lambda r: len(r.spans()) >= 20, timeout=10)
+        finally:
+            shipper.stop()
+    assert receiver.statuses[:3] == [308, 308, 200]
+    assert buffer.stats().dead_letter_records == 0 and shipper.stats.dead_lettered == 0
+    assert shipper.stats.redirects == 2 and shipper.stats.requests_failed == 2
+    assert sorted(attributes(s.attributes)["i"] for s in receiver.spans()) == list(range(20))
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "emp_machine.telemetry.shipper"]
+    assert "HTTP 308" in warning and "https://collector.example:4318" in warning and "endpoint" in warning
+    assert "s3cret" not in warning
+
+
+def test_shutdown_stays_within_its_timeout_against_a_collector_that_never_answers(tmp_path):
+    # A collector that accepts and never answers held shutdown(timeout=5) for 9.2 s: the drain, then the
+    # request's own timeout. Now the request is cut at the deadline and its records stay buffered.
+    import io
+    import socket
+    import threading
+
+    from emp_machine.telemetry import setup
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    config = TelemetryConfig(otlp_endpoint=f"http://127.0.0.1:{server.getsockname()[1]}",
+                             export={"interval": "0.05s", "timeout": "5s"})
+    telemetry = setup(config, machine_id="m1", worker_id="m1-worker-0", service_type="sim",
+                      buffer_path=tmp_path / "b.db", stream=io.StringIO())
+    try:
+        for i in range(50):
+            with telemetry.tracer.start_as_current_span("x", attributes={"i": i}):
+                pass
+        telemetry.buffer.flush()
+        assert wait_until(lambda: accepted, timeout=10)  # a request is waiting for its answer
+        thread = telemetry.shipper._thread
+        start = time.monotonic()
+        telemetry.shutdown(timeout=1.5)
+        elapsed = time.monotonic() - start
+        assert not thread.is_alive()  # its request was cut off, not left running past the buffer's close
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+    assert elapsed < 1.5 + 0.4, f"shutdown(timeout=1.5) took {elapsed:.2f} s"  # + the buffer closing
+    reopened = Buffer(tmp_path / "b.db")
+    try:
+        assert reopened.pending(Kind.SPAN) == 50
+    finally:
+        reopened.close()
+
+
+def test_per_signal_endpoints_are_used_as_given_with_their_own_headers(buffer, receiver):
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT and _HEADERS (TelemetryConfig.otlp_traces): the URL as given (no
+    # /v1/traces appended), its headers instead of the generic ones (which may be another vendor's key).
+    traces = OtlpReceiver().start()
+    try:
+        for i in range(5):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", "hello", {}, 0, 0, ""))
+        shipper = _shipper(buffer, receiver.endpoint, headers={"x-generic-key": "g"},
+                           signals={"traces": (f"{traces.endpoint}/v1/traces", {"x-traces-key": "t"})}).start()
+        try:
+            assert traces.wait_for(lambda r: len(r.spans()) == 5, timeout=10)
+            assert receiver.wait_for(lambda r: len(r.logs()) == 1, timeout=10)
+        finally:
+            shipper.stop()
+        assert receiver.spans() == [] and traces.logs() == []
+        (span_request,) = traces.requests
+        assert span_request.headers.get("x-traces-key") == "t" and "x-generic-key" not in span_request.headers
+        (log_request,) = receiver.requests
+        assert log_request.headers.get("x-generic-key") == "g" and "x-traces-key" not in log_request.headers
+    finally:
+        traces.stop()
+
+
+def test_a_signal_without_an_endpoint_stays_buffered(buffer, receiver):
+    buffer.append(Kind.SPAN, Value.ROUTINE, _span(1))
+    buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", "hello", {}, 0, 0, ""))
+    shipper = _shipper(buffer, "", signals={"logs": (f"{receiver.endpoint}/v1/logs", None)}).start()
+    try:
+        assert receiver.wait_for(lambda r: len(r.logs()) == 1, timeout=10)
+        start = time.monotonic()
+        shipper.stop(drain_timeout=5)  # nothing it can send is left: no waiting for the span
+        assert time.monotonic() - start < 1.0
+    finally:
+        shipper.stop()
+    assert receiver.spans() == [] and buffer.pending(Kind.SPAN) == 1
+    with pytest.raises(ValueError) as refused:
+        _shipper(buffer, "", signals={"traces": ("ftp://u:hunter2@collector/v1/traces", None)})
+    assert "telemetry.otlp_traces.endpoint" in str(refused.value) and "hunter2" not in str(refused.value)
+
+
+def test_setup_ships_to_a_per_signal_endpoint_alone(tmp_path, receiver):
+    # Only OTEL_EXPORTER_OTLP_TRACES_ENDPOINT-style config, no generic endpoint: setup() must still start the
+    # shipper and send the traces there (the wiring in Telemetry.start_shipper).
+    import io
+
+    from emp_machine.telemetry import TelemetryConfig, setup
+
+    config = TelemetryConfig(otlp_traces={"endpoint": receiver.endpoint.rstrip("/") + "/v1/traces"},
+                             export={"interval": "0.1s"})
+    telemetry = setup(config, machine_id="m1", service_type="machine", buffer_path=tmp_path / "t.db",
+                      stream=io.StringIO())
+    assert telemetry.shipper is not None
+    with telemetry.tracer.start_as_current_span("job.execution", attributes={"job.id": "j"}):
+        pass
+    telemetry.tracer.sampler.threshold = 1 << 56
+    with telemetry.tracer.start_as_current_span("kept"):
+        pass
+    telemetry.shutdown()
+    assert "kept" in [s.name for s in receiver.spans()]

@@ -5,6 +5,8 @@ Defaults are the budgets of ARCHITECTURE.md and the EMP observability design.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import unquote
@@ -58,12 +60,38 @@ class BufferConfig(_Strict):
         return self
 
 
+MAX_TIMEOUT_S = 3600.0  # past this a socket timeout overflows (1e10 s) long before it means anything
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (RFC 9110)
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than tab: CR/LF would split the header
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why (`name`, `value`) cannot be sent as an HTTP header, or None. Neither is quoted: a header often
+    carries an API key, and a malformed entry may be one."""
+    if not _HEADER_NAME.fullmatch(name):
+        return "has a name that is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only, no spaces)"
+    if _BAD_VALUE.search(value):
+        return f"({name}) has a value with a control character (a line break?)"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return f"({name}) has a value with characters outside Latin-1 (HTTP cannot send them)"
+    return None
+
+
+def _check_headers(headers: Mapping[str, str], where: str) -> None:
+    for position, (name, value) in enumerate(headers.items(), 1):
+        if (problem := header_problem(name, value)) is not None:
+            raise ValueError(f"{where}: header {position} {problem}")
+
+
 class ExportConfig(_Strict):
     batch_min: int = Field(100, ge=1)
     batch_max: int = Field(1000, ge=1)
     max_request_size: ByteSize = Field(10**6)
     interval: Duration = Field(5.0)
-    timeout: Duration = Field(10.0, gt=0, description="per-request timeout")
+    timeout: Duration = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="per-request timeout")
     compression: Literal["gzip", "none"] = "gzip"
     max_backoff: Duration = Field(10.0, gt=0, description="longest wait between retries (Retry-After may ask more)")
     metrics_interval: Duration = Field(10.0, gt=0, description="how often metric points are recorded")
@@ -75,6 +103,27 @@ class ExportConfig(_Strict):
         return self
 
 
+class OtlpSignalConfig(_Strict):
+    """One signal's own destination, as the OTLP exporter spec's OTEL_EXPORTER_OTLP_{SIGNAL}_ENDPOINT/_HEADERS."""
+
+    endpoint: str = Field("", description="full URL, used as given (nothing appended); empty: otlp_endpoint "
+                                          "with /v1/traces, /v1/logs or /v1/metrics appended")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent instead of otlp_headers when not empty")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and (problem := http_url_problem(value)) is not None:
+            raise ValueError(f"the endpoint {problem} (e.g. http://collector:4318/v1/traces)")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_headers(value, "headers")
+        return value
+
+
 class TelemetryConfig(_Strict):
     service_name: str = "emp-machine"
     service_version: str = ""
@@ -82,6 +131,9 @@ class TelemetryConfig(_Strict):
     otlp_endpoint: str = Field("", description="OTLP/HTTP base URL; empty keeps records in the local buffer only")
 
     otlp_headers: dict[str, str] = Field(default_factory=dict)
+    otlp_traces: OtlpSignalConfig = Field(default_factory=OtlpSignalConfig)
+    otlp_logs: OtlpSignalConfig = Field(default_factory=OtlpSignalConfig)
+    otlp_metrics: OtlpSignalConfig = Field(default_factory=OtlpSignalConfig)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
     log_level: str = Field("INFO", description="level below which log records are neither printed nor buffered")
     log_stdout: bool = Field(True, description="also write each log record as a JSON line to stdout")
@@ -97,6 +149,24 @@ class TelemetryConfig(_Strict):
             raise ValueError(f"the OTLP endpoint {problem} (e.g. http://collector:4318)")
         return value
 
+    @field_validator("otlp_headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_headers(value, "otlp_headers")
+        return value
+
+    @property
+    def ships(self) -> bool:
+        """Whether any signal has somewhere to go (else records stay in the local buffer)."""
+        return bool(self.otlp_endpoint or self.otlp_traces.endpoint or self.otlp_logs.endpoint
+                    or self.otlp_metrics.endpoint)
+
+    def otlp_signals(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """Each signal's own (endpoint, headers) where it has either, for `Shipper(signals=...)`."""
+        signals = {"traces": self.otlp_traces, "logs": self.otlp_logs, "metrics": self.otlp_metrics}
+        return {name: (signal.endpoint, signal.headers) for name, signal in signals.items()
+                if signal.endpoint or signal.headers}
+
 
 def _parse_pairs(text: str) -> dict[str, str]:
     """`k1=v1,k2=v2` as the OTel spec writes headers and resource attributes (values percent-encoded)."""
@@ -108,30 +178,104 @@ def _parse_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
+def _parse_headers(text: str, variable: str) -> dict[str, str]:
+    """OTEL_EXPORTER_OTLP_*HEADERS: `k1=v1,k2=v2`, values percent-encoded. Strict, unlike `_parse_pairs`: a
+    header lost or mangled means every request is refused (401) and dead-lettered, or never sent."""
+    headers: dict[str, str] = {}
+    for position, item in enumerate(text.split(","), 1):
+        if not item.strip():
+            continue  # a trailing comma
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{variable}: entry {position} has no '=' (expected name=value,name=value, "
+                             "values percent-encoded)")
+        name, value = unquote(key.strip()), unquote(value.strip())
+        if (problem := header_problem(name, value)) is not None:
+            raise ValueError(f"{variable}: header {position} {problem}")
+        headers[name] = value
+    return headers
+
+
+def _merge_headers(base: Mapping[str, str], over: Mapping[str, str]) -> dict[str, str]:
+    """`over` replacing `base`'s headers of the same name in any case (both would be sent otherwise)."""
+    names = {name.lower() for name in over}
+    return {**{k: v for k, v in base.items() if k.lower() not in names}, **over}
+
+
+def _parse_compression(text: str, variable: str) -> str:
+    if text not in ("gzip", "none"):
+        raise ValueError(f"{variable} must be gzip or none, not {text[:20]!r}")
+    return text
+
+
+def _parse_timeout(text: str, variable: str) -> float:
+    """Milliseconds, as the spec says, to seconds."""
+    try:
+        millis = float(text)
+    except ValueError:
+        millis = math.nan
+    if not (0 < millis <= MAX_TIMEOUT_S * 1000):  # also refuses nan and inf
+        raise ValueError(f"{variable} must be a number of milliseconds above 0 and at most "
+                         f"{MAX_TIMEOUT_S * 1000:.0f} (e.g. 10000 for 10 s), not {text[:20]!r}")
+    return millis / 1000.0
+
+
+_SIGNALS = ("traces", "logs", "metrics")
+
+
 def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> TelemetryConfig:
-    """`config` with the standard `OTEL_*` variables in `environ` applied over it (ValueError for an endpoint
-    that is not an http(s) URL).
+    """`config` with the standard `OTEL_*` variables in `environ` applied over it; ValueError, naming the
+    variable but never quoting a header or an endpoint (they carry API keys), for a value that cannot work.
 
     Called once where the manifest reads the environment (STYLE.md section 4); this package never reads
-    `os.environ` itself. Honoured: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS,
-    OTEL_EXPORTER_OTLP_COMPRESSION, OTEL_EXPORTER_OTLP_TIMEOUT (ms), OTEL_SERVICE_NAME,
-    OTEL_RESOURCE_ATTRIBUTES (service.name, service.version and deployment.environment in it fill those fields).
+    `os.environ` itself. Honoured: OTEL_EXPORTER_OTLP_ENDPOINT (`/v1/<signal>` appended) and _HEADERS (merged
+    over `otlp_headers`); OTEL_EXPORTER_OTLP_{TRACES,LOGS,METRICS}_ENDPOINT (used as given) and _HEADERS
+    (merged over that signal's own, and sent instead of the generic ones); OTEL_EXPORTER_OTLP_COMPRESSION
+    (gzip, none), OTEL_EXPORTER_OTLP_TIMEOUT (ms), OTEL_EXPORTER_OTLP_PROTOCOL (http/protobuf only: grpc and
+    http/json are refused); the per-signal _COMPRESSION, _TIMEOUT and _PROTOCOL only where they agree with
+    the generic ones (one shipper sends every signal); OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    (service.name, service.version and deployment.environment in it fill those fields).
     """
     update: dict[str, object] = {}
     export: dict[str, object] = {}
+    for prefix in ("OTEL_EXPORTER_OTLP_", *(f"OTEL_EXPORTER_OTLP_{s.upper()}_" for s in _SIGNALS)):
+        if (protocol := environ.get(f"{prefix}PROTOCOL", "").strip().lower()) not in ("", "http/protobuf"):
+            raise ValueError(f"{prefix}PROTOCOL={protocol[:20]!r} is not supported: emp-machine sends OTLP/HTTP "
+                             "protobuf only; set it to http/protobuf (and an http(s) endpoint, usually port "
+                             "4318) or unset it")
     if endpoint := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
         if (problem := http_url_problem(endpoint)) is not None:
             raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT {problem} (e.g. http://collector:4318)")
         update["otlp_endpoint"] = endpoint
     if headers := environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").strip():
-        update["otlp_headers"] = {**config.otlp_headers, **_parse_pairs(headers)}
+        update["otlp_headers"] = _merge_headers(config.otlp_headers,
+                                                _parse_headers(headers, "OTEL_EXPORTER_OTLP_HEADERS"))
+    for signal in _SIGNALS:
+        own = getattr(config, f"otlp_{signal}")
+        signal_update: dict[str, object] = {}
+        variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"
+        if endpoint := environ.get(variable, "").strip():
+            if (problem := http_url_problem(endpoint)) is not None:
+                raise ValueError(f"{variable} {problem} (e.g. http://collector:4318/v1/{signal})")
+            signal_update["endpoint"] = endpoint
+        variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_HEADERS"
+        if headers := environ.get(variable, "").strip():
+            signal_update["headers"] = _merge_headers(own.headers, _parse_headers(headers, variable))
+        if signal_update:
+            update[f"otlp_{signal}"] = own.model_copy(update=signal_update)
     if compression := environ.get("OTEL_EXPORTER_OTLP_COMPRESSION", "").strip().lower():
-        export["compression"] = "gzip" if compression == "gzip" else "none"
+        export["compression"] = _parse_compression(compression, "OTEL_EXPORTER_OTLP_COMPRESSION")
     if timeout := environ.get("OTEL_EXPORTER_OTLP_TIMEOUT", "").strip():
-        try:
-            export["timeout"] = float(timeout) / 1000.0
-        except ValueError:
-            pass
+        export["timeout"] = _parse_timeout(timeout, "OTEL_EXPORTER_OTLP_TIMEOUT")
+    for signal in _SIGNALS:
+        for setting, parse in (("compression", _parse_compression), ("timeout", _parse_timeout)):
+            variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_{setting.upper()}"
+            if value := environ.get(variable, "").strip().lower():
+                wanted = export.get(setting, getattr(config.export, setting))
+                if parse(value, variable) != wanted:
+                    raise ValueError(f"{variable} differs from the {setting} of the other signals, and one "
+                                     f"shipper sends them all: set OTEL_EXPORTER_OTLP_{setting.upper()} (or "
+                                     f"telemetry.export.{setting}) instead")
     if attributes := environ.get("OTEL_RESOURCE_ATTRIBUTES", "").strip():
         extra = _parse_pairs(attributes)
         if name := extra.pop("service.name", ""):

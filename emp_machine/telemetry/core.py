@@ -227,16 +227,18 @@ class Telemetry:
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def start_shipper(self) -> Shipper | None:
-        """Start shipping to `otlp_endpoint` in a background thread (None when no endpoint is configured:
-        records then stay in the bounded local buffer)."""
-        if self.shipper is not None or not self.config.otlp_endpoint:
+        """Start shipping to `otlp_endpoint` and the per-signal endpoints in a background thread (None when no
+        endpoint is configured: records then stay in the bounded local buffer)."""
+        signals = _signals(self.config)
+        if self.shipper is not None or not (self.config.otlp_endpoint or any(url for url, _ in signals.values())):
             return self.shipper
         export = self.config.export
         self.shipper = Shipper(
             self.buffer, Encoder(self.resource, "emp_machine.telemetry", _VERSION), self.config.otlp_endpoint,
             headers=self.config.otlp_headers, batch_min=export.batch_min, batch_max=export.batch_max,
             max_request_size=export.max_request_size, interval=export.interval, timeout=export.timeout,
-            compression=export.compression, max_backoff=export.max_backoff).start()
+            compression=export.compression, max_backoff=export.max_backoff,
+            signals=signals).start()
         return self.shipper
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -314,6 +316,22 @@ class Telemetry:
         m.create_observable_counter("telemetry_logs_sampled_out_total", [
             lambda _: [Observation(tracer.dropped_logs)]], "1",
             "DEBUG/INFO records and events of unsampled jobs, held and discarded when the job ended well")
+
+
+def _signals(config: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each signal's own (endpoint, headers), from a TelemetryConfig or the machine's resolved manifest view
+    (which has the fields, not TelemetryConfig's methods)."""
+    out = {}
+    for name in ("traces", "logs", "metrics"):
+        signal = getattr(config, f"otlp_{name}", None)
+        if signal is None:
+            continue
+        endpoint = getattr(signal, "endpoint", "") or ""
+        headers = getattr(signal, "headers", None) or {}
+        headers = {key: headers[key] for key in headers}
+        if endpoint or headers:
+            out[name] = (endpoint, headers)
+    return out
 
 
 def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = None, service_type: str,

@@ -9,6 +9,7 @@ Failures: connection errors, timeouts, 429 and 5xx are retried with exponential 
 `Retry-After`; after `breaker_threshold` consecutive failures the circuit opens, and once the backoff has passed
 a single small probe request (at most `probe_records`) must succeed before full batches resume. A 4xx other than
 429 means the collector will never take that batch: it moves to the buffer's dead-letter table (kept, counted).
+A 3xx means the endpoint is wrong, not the records: not followed, retried like a 5xx, and logged.
 Duplicates are possible only when a collector accepted a request and the reply was lost (at least once).
 """
 
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import logging
 import math
 import random
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -31,6 +33,7 @@ from emp_machine.telemetry.urls import http_url_problem
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
 
 PATHS = {Kind.SPAN: "/v1/traces", Kind.LOG: "/v1/logs", Kind.METRIC: "/v1/metrics"}
+SIGNALS = {Kind.SPAN: "traces", Kind.LOG: "logs", Kind.METRIC: "metrics"}
 _REQUEST_OVERHEAD = 4096  # resource + scope + framing, well above what ours take
 
 
@@ -44,7 +47,22 @@ class ShipperStats:
     breaker_open: bool = False
     last_error: str = ""
     bytes_sent: int = 0
+    redirects: int = 0  # 3xx answers: the endpoint is wrong (retried, and warned about once per answer)
     cpu_seconds: float = 0.0
+
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one signal goes: a connection's address, the request path and the headers."""
+
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+    headers: dict[str, str]
 
 
 _KIND_NAMES = {Kind.SPAN: "spans", Kind.LOG: "logs", Kind.METRIC: "metrics"}
@@ -63,6 +81,17 @@ class _Rejected(Exception):
 def _gzip(body: bytes) -> bytes:
     compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: gzip framing
     return compressor.compress(body) + compressor.flush()
+
+
+def _moved_to(location: str | None) -> str:
+    """` (to scheme://host:port)` of a redirect's Location: its path and query are left out (they may carry
+    a token); '' when absent or unreadable."""
+    try:
+        parts = urlsplit(location or "")
+        origin = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return ""
+    return f" (to {origin})" if parts.scheme and parts.hostname else ""
 
 
 # A Retry-After longer than this is read as this: a collector that asks for an hour (or sends "inf") would
@@ -96,18 +125,34 @@ class Shipper:
                  max_backoff: float = 60.0, base_backoff: float = 0.5, breaker_threshold: int = 3,
                  probe_records: int = 10, poll: float = 1.0, max_retry_after: float = MAX_RETRY_AFTER_S,
                  on_exported: Callable[[str, int], None] | None = None,
+                 signals: Mapping[str, tuple[str, Mapping[str, str] | None]] | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
-        if (problem := http_url_problem(endpoint)) is not None:  # the URL is not quoted: it may hold a password
-            raise ValueError(f"telemetry.otlp_endpoint {problem}")
-        parts = urlsplit(endpoint)
+        """`endpoint` is the base URL (`/v1/traces` etc. appended); `signals` maps "traces"/"logs"/"metrics"
+        to (URL used as given, headers sent instead of `headers` when not empty), as the OTLP exporter spec
+        does with OTEL_EXPORTER_OTLP_{SIGNAL}_ENDPOINT/_HEADERS. A signal with neither is not shipped (its
+        records stay buffered)."""
+        self._compress = compression == "gzip"
+        base = {"Content-Type": "application/x-protobuf", **({"Content-Encoding": "gzip"} if self._compress else {})}
+        self._targets: dict[Kind, _Target] = {}
+        for kind, name in SIGNALS.items():
+            own_url, own_headers = (signals or {}).get(name) or ("", None)
+            field_name = f"telemetry.otlp_{name}.endpoint" if own_url else "telemetry.otlp_endpoint"
+            url = own_url or endpoint
+            if not url:
+                continue
+            if (problem := http_url_problem(url)) is not None:  # the URL is not quoted: it may hold a password
+                raise ValueError(f"{field_name} {problem}")
+            parts = urlsplit(url)
+            if not own_url:
+                path = parts.path.rstrip("/") + PATHS[kind]
+            else:
+                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._targets[kind] = _Target(parts.scheme.lower(), parts.hostname, parts.port, path,
+                                          {**base, **(own_headers or headers or {})})
+        if not self._targets:
+            raise ValueError("telemetry.otlp_endpoint is empty: set it (or a signal's endpoint) to ship")
         self.buffer = buffer
         self.encoder = encoder
-        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
-        self._base_path = parts.path.rstrip("/")
-        self._headers = {"Content-Type": "application/x-protobuf", **(headers or {})}
-        if compression == "gzip":
-            self._headers["Content-Encoding"] = "gzip"
-        self._compress = compression == "gzip"
         self.batch_min, self.batch_max = batch_min, batch_max
         self.max_request_size = max_request_size
         self.interval, self.timeout = interval, timeout
@@ -118,7 +163,8 @@ class Shipper:
         self.on_exported = on_exported
         self._rng = rng or random.Random()
         self._clock = clock
-        self._conn: http.client.HTTPConnection | None = None
+        self._conns: dict[tuple, http.client.HTTPConnection] = {}  # by (scheme, host, port)
+        self._warned = ""  # the last redirect warned about (once per distinct answer, until a 2xx)
         self._last_sent = {kind: clock() for kind in PATHS}
         self._next_due = clock()  # when the first signal with records waiting falls due (ship_once)
         self._not_before = 0.0
@@ -138,19 +184,25 @@ class Shipper:
         return self
 
     def stop(self, drain_timeout: float = 5.0) -> None:
-        """Try to send everything buffered (up to `drain_timeout`), then stop; what is left stays buffered."""
+        """Try to send everything buffered, then stop, all within `drain_timeout`: a request still waiting
+        for its answer then is cut off (a collector that never answers held shutdown for the request's
+        whole `timeout`). What is left stays buffered for the next run."""
         if self._thread is None:
             return
+        deadline = time.monotonic() + drain_timeout
+        drain_until = deadline - min(0.2, drain_timeout / 10)  # the rest is for stopping the thread
         self._draining = True
         self._wake.set()
-        deadline = time.monotonic() + drain_timeout
-        self.buffer.flush(max(0.1, drain_timeout))
-        while time.monotonic() < deadline and self.buffer.pending() and not self.stats.breaker_open \
-                and self._thread.is_alive():
+        self.buffer.flush(max(0.05, drain_until - time.monotonic()))
+        while time.monotonic() < drain_until and not self.stats.breaker_open and self._thread.is_alive() \
+                and any(self.buffer.pending(kind) for kind in self._targets):  # (a signal without an endpoint stays)
             time.sleep(0.02)  # polling the drain's progress, not synchronising with it
         self._stop.set()
         self._wake.set()
-        self._thread.join(self.timeout + 1)
+        # Again until the thread is out: a connection it opened just after an abort is cut too.
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._abort()
+            self._thread.join(min(0.05, max(0.0, deadline - time.monotonic())))
         self._thread = None
         self._close()
 
@@ -165,8 +217,8 @@ class Shipper:
             self.stats.cpu_seconds = time.thread_time() - start_cpu
             if not progressed:
                 now = self._clock()
-                if self._not_before:
-                    wait = max(0.0, self._not_before - now)
+                if self._not_before > now:  # backing off; once that has passed, the usual waits hold
+                    wait = self._not_before - now  # (it stays set until a 2xx: 0 here spun a core)
                 elif self._draining:
                     wait = 0.01
                 else:
@@ -188,7 +240,7 @@ class Shipper:
             return False
         progressed = False
         for kind in (Kind.SPAN, Kind.LOG, Kind.METRIC):
-            pending = self.buffer.pending(kind)
+            pending = self.buffer.pending(kind) if kind in self._targets else 0  # no endpoint: kept
             if not pending:
                 continue
             # A full batch goes at once; batch_min records wait for the interval (5 s by default); fewer wait
@@ -223,10 +275,12 @@ class Shipper:
                 break
         accepted = 0
         for batch in self._requests(kind, flat):
+            if self._stop.is_set():  # stop() is cutting the drain short: the rest stays buffered
+                break
             body = self._body(kind, [item[2] for item in batch[0]], batch[1])
             progress = self._progress(batch[0])
             try:
-                self._post(PATHS[kind], body)
+                self._post(kind, body)
             except _Rejected as rejected:
                 self.buffer.dead_letter(kind, [item[2] for item in batch[0]], progress, str(rejected))
                 self.stats.dead_lettered += len(batch[0])
@@ -240,25 +294,34 @@ class Shipper:
         return accepted
 
     def _requests(self, kind: Kind, flat: list) -> list[tuple[list, list[bytes] | None]]:
-        """Split `flat` into requests under `max_request_size` (spans and logs are encoded here, once)."""
-        if kind == Kind.METRIC:
-            return [(flat[i:i + 50], None) for i in range(0, len(flat), 50)]
-        encode = encode_span if kind == Kind.SPAN else encode_log
+        """Split `flat` into requests under `max_request_size` (spans and logs are encoded here, once; a metric
+        record, one point of every series, is measured by encoding it alone: 40 job types make ~23 KB, and 50
+        of those were a 1.1 MB request). A single record over the limit goes alone."""
         budget = self.max_request_size - _REQUEST_OVERHEAD
-        requests: list[tuple[list, list[bytes]]] = []
+        if kind == Kind.METRIC:
+            empty = len(self.encoder.metrics([]))
+            sized = [(item, None, len(self.encoder.metrics([item[2]])) - empty) for item in flat]
+            count_cap = 50
+        else:
+            encode = encode_span if kind == Kind.SPAN else encode_log
+            sized = []
+            for item in flat:
+                data = encode(item[2])
+                sized.append((item, data, len(data) + 6))  # + field tag and length
+            count_cap = len(flat)
+        requests: list[tuple[list, list[bytes] | None]] = []
         items: list = []
         encoded: list[bytes] = []
         size = 0
-        for item in flat:
-            data = encode(item[2])
-            if items and size + len(data) + 6 > budget:
-                requests.append((items, encoded))
+        for item, data, item_size in sized:
+            if items and (size + item_size > budget or len(items) >= count_cap):
+                requests.append((items, encoded if kind != Kind.METRIC else None))
                 items, encoded, size = [], [], 0
             items.append(item)
             encoded.append(data)
-            size += len(data) + 6
+            size += item_size
         if items:
-            requests.append((items, encoded))
+            requests.append((items, encoded if kind != Kind.METRIC else None))
         return requests
 
     def _body(self, kind: Kind, records: list, encoded: list[bytes] | None) -> bytes:
@@ -277,36 +340,61 @@ class Shipper:
 
     # --- HTTP ----------------------------------------------------------------------------------------
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self.timeout)
-        return self._conn
+    def _connection(self, target: _Target) -> http.client.HTTPConnection:
+        key = (target.scheme, target.host, target.port)
+        if (conn := self._conns.get(key)) is None:
+            cls = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+            conn = self._conns[key] = cls(target.host, target.port, timeout=self.timeout)
+        return conn
 
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def _close(self, target: _Target | None = None) -> None:
+        """Close `target`'s connection, or all of them."""
+        keys = [(target.scheme, target.host, target.port)] if target is not None else list(self._conns)
+        for key in keys:
+            if (conn := self._conns.pop(key, None)) is not None:
+                conn.close()
 
-    def _post(self, path: str, body: bytes) -> None:
+    def _abort(self) -> None:
+        """From stop()'s thread: cut the shipper thread's requests short (shutdown wakes a blocked recv, close
+        does not); it sees a connection error and keeps the records."""
+        for conn in tuple(self._conns.values()):
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, under TLS too
+                except OSError:
+                    pass
+
+    def _post(self, kind: Kind, body: bytes) -> None:
+        target = self._targets[kind]
         payload = _gzip(body) if self._compress else body
-        conn = self._connection()
+        conn = self._connection(target)
         try:
-            conn.request("POST", self._base_path + path, body=payload, headers=self._headers)
+            conn.request("POST", target.path, body=payload, headers=target.headers)
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException, socket.timeout) as exc:
-            self._close()
+            self._close(target)
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         status = response.status
         if response.getheader("Connection", "").lower() == "close":
-            self._close()
+            self._close(target)
         if 200 <= status < 300:
             self.stats.bytes_sent += len(payload)
             return
         if status == 429 or status >= 500:
             raise _Retry(f"HTTP {status}", _retry_after(response.getheader("Retry-After"), self.max_retry_after))
-        raise _Rejected(f"HTTP {status} from {path}")
+        if 300 <= status < 400:
+            # Not followed (a POST is not re-sent blindly, and the URL is ours to fix), not a rejection of
+            # the records either: retried with backoff, kept, and warned about so the endpoint gets fixed.
+            self.stats.redirects += 1
+            reason = f"HTTP {status} from {PATHS[kind]}{_moved_to(response.getheader('Location'))}: " \
+                     f"redirects are not followed, fix the OTLP endpoint"
+            if reason != self._warned:
+                self._warned = reason
+                _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
+            raise _Retry(reason)
+        raise _Rejected(f"HTTP {status} from {PATHS[kind]}")
 
     # --- backoff and circuit breaker -----------------------------------------------------------------
 
@@ -328,3 +416,4 @@ class Shipper:
         self.stats.consecutive_failures = 0
         self.stats.breaker_open = False  # the probe got through: full batches resume
         self._not_before = 0.0
+        self._warned = ""
