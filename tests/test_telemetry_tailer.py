@@ -416,3 +416,96 @@ def test_a_noted_successor_rotated_away_before_it_was_read_is_reported(tmp_path)
         assert "left the kept backups before it was read" in lost[3] and tailer.lost_gaps == 1
     finally:
         buffer.close()
+
+
+# --- traceback shapes, from real Python output --------------------------------------------------------------------
+
+def _stderr_of(code: str) -> str:
+    """What Python itself writes to stderr when `code` dies of an uncaught exception."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.endswith("\n"), done.stderr
+    return done.stderr
+
+
+def _tailed(tmp_path: Path, text: str) -> list[tuple]:
+    log = tmp_path / "comfyui-0.log"
+    _append(log, text)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        ServiceOutputTailer(buffer, [(log, "comfyui-0", "comfyui")], machine_id="m1").poll_once()
+        return _records(buffer)
+    finally:
+        buffer.close()
+
+
+_GROUP = """
+def sub(e):
+    try: raise e
+    except Exception as x: return x
+try: raise KeyError("k")
+except KeyError as k: raise ExceptionGroup("eg", [sub(ValueError("a")), sub(TypeError("b\\nc"))]) from k
+"""
+
+
+def test_an_exception_group_is_one_record_and_the_next_lines_are_their_own(tmp_path):
+    group = _stderr_of(_GROUP)
+    assert "  + Exception Group Traceback" in group and "    | Traceback" in group  # the shape under test
+    records = _tailed(tmp_path, "INFO starting prompt\n" + group + "Prompt executed in 0.1 seconds\n"
+                      + "INFO next prompt queued\n")
+    (error,) = [r for r in records if r[2] == "ERROR"]  # the buffer keeps errors apart: compare per level
+    assert [r[3] for r in records if r[2] != "ERROR"] == [
+        "INFO starting prompt", "Prompt executed in 0.1 seconds", "INFO next prompt queued"]
+    assert error[3] == group.rstrip()  # the cause, the group and both sub-exceptions
+    assert (error[4]["error.type"], error[4]["error.message"]) == ("ExceptionGroup", "eg (2 sub-exceptions)")
+
+
+def test_a_message_of_several_lines_stays_in_its_error_record(tmp_path):
+    tb = _stderr_of('raise ValueError("first line\\nsecond line")')
+    assert tb.endswith("ValueError: first line\nsecond line\n")
+    records = _tailed(tmp_path, "INFO starting prompt\n" + tb + "INFO next prompt queued\n")
+    (error,) = [r for r in records if r[2] == "ERROR"]
+    assert [r[3] for r in records if r[2] != "ERROR"] == ["INFO starting prompt", "INFO next prompt queued"]
+    assert error[3] == tb.rstrip()
+    assert (error[4]["error.type"], error[4]["error.message"]) == ("ValueError", "first line\nsecond line")
+
+
+def test_a_long_message_joins_its_error_up_to_a_bound(tmp_path):
+    tb = _stderr_of('raise ValueError("\\n".join(f"line {i}" for i in range(30)))')
+    records = _tailed(tmp_path, tb)
+    assert records[0][4]["error.message"].splitlines() == [f"line {i}" for i in range(21)]
+    assert [r[3] for r in records[1:]] == [f"line {i}" for i in range(21, 30)]  # the rest: not lost, own records
+
+
+def test_a_log_line_right_after_a_traceback_is_its_own_record(tmp_path):
+    tb = _stderr_of('raise ValueError("first line\\nsecond line")')
+    after = ["2024-05-01 12:00:00,123 INFO next prompt queued", "[2024-05-01 12:00:01] WARNING low VRAM",
+             "INFO:root:got prompt", "ERROR: could not load x", '{"level": "info", "msg": "json line"}',
+             "12:00:02 loaded"]
+    progress = " 50%|█████     | 10/20 [00:05<00:05,  2.0it/s]"
+    text = "".join(tb + line + "\n" for line in after) + tb + tb + progress + "\n"  # a new traceback right after too
+    records = _tailed(tmp_path, text)
+    errors = [r for r in records if r[2] == "ERROR" and r[3].startswith("Traceback")]
+    assert len(errors) == len(after) + 2 and all(r[3] == tb.rstrip() for r in errors)
+    others = [r[3] for r in records if r not in errors]  # the buffer keeps errors apart: compare as sets
+    assert sorted(others) == sorted(after + [progress.strip()])  # a progress record keeps the bar stripped
+
+
+def test_a_bare_line_written_after_the_traceback_was_read_is_its_own_record(tmp_path):
+    log = tmp_path / "svc.log"
+    tb = _stderr_of('raise ValueError("first line\\nsecond line")')
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1", clock=Clock())
+        _append(log, "got prompt\n" + tb)
+        tailer.poll_once()
+        assert _bodies(buffer) == ["got prompt"]  # the traceback may still go on
+        _append(log, "Prompt executed in 0.5 seconds\n")  # a later write: not part of the message
+        tailer.poll_once()
+        records = _records(buffer)
+        (error,) = [r for r in records if r[2] == "ERROR"]  # the buffer keeps errors apart: compare per level
+        assert [r[3] for r in records if r[2] != "ERROR"] == ["got prompt", "Prompt executed in 0.5 seconds"]
+        assert error[3] == tb.rstrip() and error[4]["error.message"] == "first line\nsecond line"
+    finally:
+        buffer.close()

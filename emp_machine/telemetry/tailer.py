@@ -1,10 +1,11 @@
 """Service output: tail the supervisor's log files of services (ComfyUI, ...) into buffered log records.
 
 Each source is (log file, process name, service_type[, worker_id]). Lines are parsed (level; Python tracebacks,
-chained ones included, folded into one ERROR record with error.type and error.message; tqdm-style progress
-lines turned into `service.progress` records, at most one per source per chunk read), enriched with machine_id,
-worker_id, service_type, process and source, and appended to the durable buffer. `source` is stdout or stderr
-when the file name says so, else "output": supervisord runs our programs with redirect_stderr, one merged file.
+chained ones, exception groups and messages of several lines included (see `_Fold`), folded into one ERROR
+record with error.type and error.message; tqdm-style progress lines turned into `service.progress` records, at
+most one per source per chunk read), enriched with machine_id, worker_id, service_type, process and source, and
+appended to the durable buffer. `source` is stdout or stderr when the file name says so, else "output":
+supervisord runs our programs with redirect_stderr, one merged file.
 
 No line lost, none shipped twice: the file's identity (device, inode, first bytes) and offset are committed in
 the same SQLite transaction as the records read up to it (`Buffer.append_with_state`), and only whole records
@@ -44,17 +45,68 @@ _PASS_BYTES = 4 << 20    # per file per poll: bounds one poll's work; the rest i
 _HEAD = 64               # bytes of a file's beginning that identify it beside its inode (inodes get reused)
 
 
-def _is_exception_line(text: str) -> bool:
-    return bool(text) and not text[0].isspace() and not text.startswith(_TB_CHAIN)
+_GROUP_START = re.compile(r"^( *)\+ Exception Group Traceback \(most recent call last\):")
+_GROUP_LINE = re.compile(r"^ +[|+]")       # an exception group's frame: `  | ...`, `  +-+---- 1 ----`, `    +----`
+_GROUP_TEXT = re.compile(r"^ +\| \S")      # a group's line of text (its exception lines among them), not a frame
+# What starts a log record rather than continuing a message: a timestamp, a level, a JSON line.
+_RECORD_START = re.compile(r"^\s*(\[?\d{4}[-/]\d\d[-/]\d\d|\[?\d\d:\d\d:\d\d|\[?(DEBUG|INFO|WARNING|WARN|ERROR|"
+                           r"CRITICAL|FATAL)\b|\{\")")
+_MAX_MESSAGE_LINES = 20  # lines that may continue an exception's message; the rest are records of their own
 
 
-def _continues(text: str, exception_line: str) -> bool:
-    """Whether `text` still belongs to the traceback being folded."""
-    if not text.strip() or text.startswith(_TB_START) or text.startswith(_TB_CHAIN):
+class _Fold:
+    """A traceback being folded into one record, and what the next line may be.
+
+    Before the exception line: indented frames, then the unindented `Type: message` line; a chain marker and a
+    new `Traceback` after it continue the chain. An exception group (`  + Exception Group Traceback`) is its `|`
+    and `+` frames; its own exception line is the first text at its outer margin. After an exception line (or a
+    group's line of text), the lines that directly follow continue its message (Python prints a message's later
+    lines unindented, inside groups too), at most `_MAX_MESSAGE_LINES`, unless they look like a record of their
+    own: blank before them, a timestamp or level, a JSON line, a progress bar, a traceback, or written later (the
+    exception line ended an earlier read at the file's end). A group's closing frame ends its message lines."""
+
+    __slots__ = ("lines", "end", "exception", "message", "group", "open", "in_message", "joined", "chained")
+
+    def __init__(self, text: str, end: int):
+        self.lines, self.end = [text], end
+        self._restart(text)
+
+    def _restart(self, text: str) -> None:
+        group = _GROUP_START.match(text)
+        self.group = group.group(1) + "| " if group else None  # the group's outer margin
+        self.exception, self.message, self.joined = "", [], 0
+        self.open = self.in_message = self.chained = False
+
+    def take(self, text: str, end: int, seen: int) -> bool:
+        """Append `text` if it belongs to this traceback. `seen`: bytes of the data an earlier read had."""
+        if not text.strip():
+            self.open = self.in_message = False  # a chain marker may follow, a message line not
+        elif self.chained and (text.startswith(_TB_START) or _GROUP_START.match(text)):
+            self._restart(text)
+        elif text.startswith(_TB_CHAIN):
+            self.open = self.in_message = False
+            self.chained = True
+        elif self.group is not None and _GROUP_LINE.match(text):
+            if not self.exception and text.startswith(self.group) and text[len(self.group):][:1].strip():
+                self.exception, self.in_message = text[len(self.group):], True
+            else:
+                self.in_message = False
+            self.open = bool(_GROUP_TEXT.match(text))
+        elif not self.exception and self.group is None and _TB_START not in text:
+            if not text[0].isspace():  # else a frame
+                self.exception, self.open, self.in_message = text, True, True
+        elif (self.open and self.joined < _MAX_MESSAGE_LINES and not _RECORD_START.match(text)
+              and not _PROGRESS.search(text) and _TB_START not in text and not self.end <= seen < end):
+            self.joined += 1
+            if self.in_message:
+                self.message.append(text)
+        else:
+            return False
+        if text.strip() and not text.startswith(_TB_CHAIN):
+            self.chained = False  # a new traceback continues the chain only after its marker
+        self.lines.append(text)
+        self.end = end
         return True
-    # Before the exception line: indented frames, then the unindented exception line itself. After it only
-    # blank lines and a chain marker continue; anything else (tqdm's indented bars too) is new output.
-    return not exception_line
 
 
 _Identity = tuple[int | None, int, bytes]  # (st_dev, st_ino, first bytes): which file, wherever it was renamed to
@@ -112,7 +164,8 @@ class TailSource:
 
 
 class _FileState:
-    __slots__ = ("source", "key", "fd", "dev", "inode", "head", "offset", "successor", "last_growth", "size_seen")
+    __slots__ = ("source", "key", "fd", "dev", "inode", "head", "offset", "successor", "last_growth", "size_seen",
+                 "read_end")
 
     def __init__(self, source: TailSource):
         self.source = source
@@ -125,6 +178,7 @@ class _FileState:
         self.successor: _Identity | None = None  # the next newer file, once this one is seen rotated
         self.last_growth = time.monotonic()
         self.size_seen = -1
+        self.read_end = 0  # where the file ended when a read last reached its end: later bytes came later
 
 
 class ServiceOutputTailer:
@@ -214,7 +268,7 @@ class ServiceOutputTailer:
                 continue
             if live is not None and (live.st_dev, live.st_ino) == (state.dev, state.inode):
                 if live.st_size < state.offset:  # truncated in place (copytruncate)
-                    state.offset = 0
+                    state.offset = state.read_end = 0
                 return count + self._drain(state, False, budget)[0]
             # No longer the live file (rotated, or the live one is being replaced): note which file comes next
             # while both are still in the chain, read this one to its end, then go on with that one.
@@ -294,7 +348,7 @@ class ServiceOutputTailer:
             os.close(fd)
             return False
         state.fd, state.dev, state.inode, state.head = fd, st.st_dev, st.st_ino, head
-        state.offset, state.successor, state.size_seen = 0, None, -1
+        state.offset, state.successor, state.size_seen, state.read_end = 0, None, -1, 0
         return True
 
     def _drain(self, state: _FileState, final: bool, budget: int) -> tuple[int, int, bool]:
@@ -305,6 +359,9 @@ class ServiceOutputTailer:
             data = os.pread(state.fd, _MAX_READ, state.offset)
             used += len(data)
             at_end = len(data) < _MAX_READ
+            seen = max(0, state.read_end - state.offset)  # this much of `data` was there at an earlier read
+            if at_end:
+                state.read_end = state.offset + len(data)
             flush = final and at_end
             if at_end and not final:
                 now = self._clock()
@@ -313,9 +370,9 @@ class ServiceOutputTailer:
                 flush = now - state.last_growth >= self.fold_timeout
             if not data:
                 return count, used, True
-            records, consumed = self._parse(state.source, data, flush=flush)
+            records, consumed = self._parse(state.source, data, flush=flush, seen=seen)
             if consumed == 0 and not at_end:  # one record longer than a chunk: cut it here rather than stall
-                records, consumed = self._parse(state.source, data, flush=True)
+                records, consumed = self._parse(state.source, data, flush=True, seen=seen)
             if consumed:
                 state.offset += consumed
                 state.size_seen = -1
@@ -338,8 +395,9 @@ class ServiceOutputTailer:
 
     # --- parsing -------------------------------------------------------------------------------------
 
-    def _parse(self, source: TailSource, data: bytes, flush: bool) -> tuple[list, int]:
-        """Records from `data` and how many bytes they consumed (whole records only, unless `flush`)."""
+    def _parse(self, source: TailSource, data: bytes, flush: bool, seen: int = 0) -> tuple[list, int]:
+        """Records from `data` and how many bytes they consumed (whole records only, unless `flush`).
+        `seen`: how much of `data` an earlier read already had (lines past it were written later)."""
         lines: list[tuple[str, int]] = []  # (text, end offset within data)
         start = 0
         for match in re.finditer(rb"\r\n|\n|\r", data):
@@ -351,24 +409,16 @@ class ServiceOutputTailer:
         consumed = 0
         progress: tuple | None = None
         progress_end = 0
-        block: list[str] | None = None
-        block_end = 0
-        exception_line = ""
+        fold: _Fold | None = None
         for text, end in lines:
-            if block is not None:
-                if _continues(text, exception_line):
-                    block.append(text)
-                    block_end = end
-                    if text.startswith(_TB_START):
-                        exception_line = ""
-                    elif _is_exception_line(text):
-                        exception_line = text
+            if fold is not None:
+                if fold.take(text, end, seen):
                     continue
-                records.append(self._traceback(source, block, exception_line))
-                consumed = block_end
-                block, exception_line = None, ""
+                records.append(self._traceback(source, fold))
+                consumed = fold.end
+                fold = None
             if _TB_START in text:
-                block, block_end = [text], end
+                fold = _Fold(text, end)
                 continue
             consumed = end
             if not text.strip():
@@ -379,9 +429,9 @@ class ServiceOutputTailer:
                 progress_end = end
                 continue
             records.append(self._line(source, text))
-        if block is not None and flush:
-            records.append(self._traceback(source, block, exception_line))
-            consumed = block_end
+        if fold is not None and flush:
+            records.append(self._traceback(source, fold))
+            consumed = fold.end
         if progress is not None and progress_end <= consumed:  # else it is read again next time
             records.append(self._progress(source, progress))
         return records, consumed
@@ -401,13 +451,13 @@ class ServiceOutputTailer:
         return (Kind.LOG, value, (time.time_ns(), severity, level, redact_text(text), self._attributes(source),
                                   0, 0, ""))
 
-    def _traceback(self, source: TailSource, block: list[str], exception_line: str) -> tuple[int, int, tuple]:
+    def _traceback(self, source: TailSource, fold: _Fold) -> tuple[int, int, tuple]:
         attributes = self._attributes(source)
-        match = _EXC_LINE.match(exception_line.strip()) if exception_line else None
+        match = _EXC_LINE.match(fold.exception.strip()) if fold.exception else None
         if match:
             attributes["error.type"] = match.group(1)
-            attributes["error.message"] = redact_text(match.group(2) or "")
-        body = redact_text("\n".join(block).rstrip())
+            attributes["error.message"] = redact_text("\n".join([match.group(2) or "", *fold.message]))
+        body = redact_text("\n".join(fold.lines).rstrip())
         return (Kind.LOG, Value.ERROR, (time.time_ns(), 17, "ERROR", body, attributes, 0, 0, ""))
 
     def _progress(self, source: TailSource, progress: tuple) -> tuple[int, int, tuple]:
