@@ -147,6 +147,13 @@ class Job:
         return self.fields.get("service_required", "")
 
     @property
+    def token(self) -> str:
+        """This attempt's claim token: the assigned_at its claim wrote (ISO with ms), which every later claim
+        of the job replaces. The worker passes it on each write for the job, so a late write (a retried
+        reply, a reaped lease) can never land on a newer attempt, even one by the same worker."""
+        return self.fields.get("assigned_at", "")
+
+    @property
     def retry_count(self) -> int:
         """Attempts failed so far. Read as the scripts read it ("1.0" is 1); raises ValueError naming the
         field when a producer wrote something that is no count at all ("x", "-1", "1.5")."""
@@ -452,31 +459,33 @@ class _JobOps:
         self._sweep_cursors = (int(pending_cursor), index_cursor)
         return ReconcileReport(adopted, removed, pruned)
 
-    # ---- running a job ----
+    # ---- running a job (`token`: the attempt's Job.token, '' for none; see progress()) ----
 
-    def _start(self, job_id: str, worker_id: str) -> _Op:
-        return Ownership((yield _Call("start", (job_id, worker_id))))
+    def _start(self, job_id: str, worker_id: str, token: str = "") -> _Op:
+        return Ownership((yield _Call("start", (job_id, worker_id, token))))
 
     def _progress(self, job_id: str, worker_id: str, percent: float, message: str,
-                  current_step: int | None, total_steps: int | None, estimated_completion: str | None) -> _Op:
+                  current_step: int | None, total_steps: int | None, estimated_completion: str | None,
+                  token: str = "") -> _Op:
         args = (job_id, worker_id, f"{max(0.0, min(100.0, float(percent))):g}", message,
                 "" if current_step is None else current_step, "" if total_steps is None else total_steps,
-                estimated_completion or "")
+                estimated_completion or "", token)
         return Ownership((yield _Call("progress", args)))
 
     def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool,
-                  steps: Mapping[str, float] | None = None) -> _Op:
+                  steps: Mapping[str, float] | None = None, token: str = "") -> _Op:
         data = _result_json(result)
         return Ownership((yield _Call("complete", (job_id, worker_id, data, message,
-                                                   "1" if final_progress else "0", _steps(steps)))))
+                                                   "1" if final_progress else "0", _steps(steps), token))))
 
     def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool,
-              steps: Mapping[str, float] | None = None) -> _Op:
-        outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0", _steps(steps)))
+              steps: Mapping[str, float] | None = None, token: str = "") -> _Op:
+        outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0", _steps(steps),
+                                              token))
         return FailOutcome(outcome, int(count))
 
-    def _hand_back(self, job_id: str, worker_id: str, reason: str) -> _Op:
-        return Ownership((yield _Call("hand_back", (job_id, worker_id, reason))))
+    def _hand_back(self, job_id: str, worker_id: str, reason: str, token: str = "") -> _Op:
+        return Ownership((yield _Call("hand_back", (job_id, worker_id, reason, token))))
 
     # ---- workers, leases, reaper ----
 
@@ -552,26 +561,29 @@ class _Api(_JobOps):
 
     def progress(self, job_id: str, worker_id: str, percent: float, message: str = "", *,
                  current_step: int | None = None, total_steps: int | None = None,
-                 estimated_completion: str | None = None):
-        """Record and publish progress in one round trip; returns Ownership (CANCELLED: stop the job)."""
+                 estimated_completion: str | None = None, token: str = ""):
+        """Record and publish progress in one round trip; returns Ownership (CANCELLED: stop the job).
+        `token` (here and in complete, fail, hand_back, start): the attempt's Job.token; with it, a write
+        from an attempt the job has had a newer one since (a retried write, a reaped lease) is LOST and
+        changes nothing. Without it (''), ownership is by worker id alone."""
         return self._drive(self._progress(job_id, worker_id, percent, message, current_step, total_steps,
-                                          estimated_completion))
+                                          estimated_completion, token))
 
     def complete(self, job_id: str, worker_id: str, result: Any, message: str = "Job completed", *,
-                 final_progress: bool = False, steps: Mapping[str, float] | None = None):
+                 final_progress: bool = False, steps: Mapping[str, float] | None = None, token: str = ""):
         """Mark the job completed with `result` (references, not blobs); returns Ownership.
         `final_progress`: first record progress 100 as progress() would, in the same round trip.
         `steps`: step name -> milliseconds on the worker, kept in the job's timeline event."""
-        return self._drive(self._complete(job_id, worker_id, result, message, final_progress, steps))
+        return self._drive(self._complete(job_id, worker_id, result, message, final_progress, steps, token))
 
     def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool,
-             steps: Mapping[str, float] | None = None):
+             steps: Mapping[str, float] | None = None, token: str = ""):
         """Retry (retryable and attempts left) or fail for good; returns FailOutcome. `steps` as complete()."""
-        return self._drive(self._fail(job_id, worker_id, error, retryable, steps))
+        return self._drive(self._fail(job_id, worker_id, error, retryable, steps, token))
 
-    def hand_back(self, job_id: str, worker_id: str, reason: str = "drain"):
+    def hand_back(self, job_id: str, worker_id: str, reason: str = "drain", *, token: str = ""):
         """Return a running job to the queue without counting an attempt; returns Ownership."""
-        return self._drive(self._hand_back(job_id, worker_id, reason))
+        return self._drive(self._hand_back(job_id, worker_id, reason, token))
 
     def register_worker(self, worker_id: str, machine_id: str, capabilities: Mapping[str, Any],
                         connector_statuses: Mapping[str, Any] | None = None):
@@ -586,7 +598,7 @@ class _Api(_JobOps):
         extra = {"current_job_id": current_job_id} if status == "busy" and current_job_id else {}
         return self._drive(self._set_worker_status(worker_id, status, extra))
 
-    start = _public("_start", "assigned -> in_progress; returns Ownership.")
+    start = _public("_start", "assigned -> in_progress (job_id, worker_id, token=''); returns Ownership.")
     cancel = _public("_cancel", "Cancel a job the way the EMP API does (job_id, reason); True if it was live.")
     heartbeat = _public("_heartbeat", "Renew the heartbeat key and the worker's leases; returns HeartbeatResult.")
     active_jobs = _public("_active_jobs", "Ids in jobs:active:{worker_id}: what Redis thinks the worker runs.")

@@ -118,6 +118,7 @@ class _Progress:
 
     def __init__(self, worker: "Worker", job: Job):
         self.worker, self.job = worker, job
+        self.task = asyncio.current_task()  # the job's task (built in _run_job): `running` names the newest attempt
         self.started = time.monotonic()  # the claim's reply: the rate that estimated_completion extrapolates
         self.last_sent = 0.0
         self.last_percent = 0.0  # the claim announced 0 (contract), so a 0 from here would repeat it
@@ -176,12 +177,13 @@ class _Progress:
             try:
                 own = await self.worker.store.progress(
                     self.job.id, self.worker.ident.worker_id, percent, message, current_step=self.job.current_step,
-                    total_steps=self.job.total_steps, estimated_completion=self.estimate(percent))
+                    total_steps=self.job.total_steps, estimated_completion=self.estimate(percent),
+                    token=self.job.token)
             except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
                 self.worker.log.warning("progress not recorded", extra={"job_id": self.job.id, "error": str(exc)})
                 return
-        if own is Ownership.OK:
-            return
+        if own is Ownership.OK or self.worker.running.get(self.job.id) is not self.task:
+            return  # ours, or this attempt was already superseded here: a stop now would hit the newer one
         self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
 
     def estimate(self, percent: float) -> str:
@@ -214,8 +216,10 @@ class Worker:
         self.caps = capabilities(ident, self.group, hardware)
         self.job_types = list(self.caps["services"])
         self.slots = asyncio.Semaphore(self.group.concurrency)
-        self.running: dict[str, asyncio.Task] = {}
-        self.slot_freed: set[str] = set()  # running jobs whose connector is done: their slot is free already
+        self.running: dict[str, asyncio.Task] = {}  # job id -> the task of its newest attempt here
+        # Job tasks whose connector is done: their slot is free already. Tasks, not job ids: the job may be
+        # claimed again while its older attempt's finishing write still retries (see _supersede).
+        self.slot_freed: set[asyncio.Task] = set()
         self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
         self.lost: set[str] = set()  # the lease went to the reaper (or the hash vanished): stop, write nothing
         self.stop_requested: dict[str, float] = {}  # job id -> when the connector was told to stop it
@@ -280,7 +284,7 @@ class Worker:
                 back_in = self.store.claimable_in_s
                 await signals.wait(FALLBACK_SWEEP_S if back_in is None else min(back_in, FALLBACK_SWEEP_S))
                 continue  # a drain interrupts the wait (_on_signal)
-            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            task = asyncio.create_task(self._run_job(job, after=self._supersede(job.id)), name=f"job-{job.id}")
             self.running[job.id] = task
             task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))
 
@@ -304,25 +308,44 @@ class Worker:
             return False
         return True
 
-    def _job_done(self, job_id: str, task: asyncio.Task) -> None:
-        self.running.pop(job_id, None)
+    def _supersede(self, job_id: str) -> asyncio.Task | None:
+        """A job just claimed is still `running` here as an older attempt (its lease was reaped, or its
+        finishing write still retries after a lost reply, and the job came back to this worker). That
+        attempt is over: its writes carry its claim token, so they change nothing now. One still in its
+        connector is told to stop and returned, for the new attempt to wait on: connectors know jobs by id,
+        so two runs of one id must not overlap. One past its connector is left to its write (None)."""
+        prev = self.running.get(job_id)
+        if prev is None:
+            return None
+        if prev in self.slot_freed:
+            self._forget_stop(job_id)  # its marks were read before its write: the new attempt starts clean
+            return None
+        self.request_stop(job_id, lost=True)
+        return prev
+
+    def _forget_stop(self, job_id: str) -> None:
         self.cancelled.discard(job_id)
         self.lost.discard(job_id)
         self.stop_requested.pop(job_id, None)
-        if job_id in self.slot_freed:
-            self.slot_freed.discard(job_id)
+
+    def _job_done(self, job_id: str, task: asyncio.Task) -> None:
+        if self.running.get(job_id) is task:  # else a newer attempt of the job runs here, with its own marks
+            del self.running[job_id]
+            self._forget_stop(job_id)
+        if task in self.slot_freed:
+            self.slot_freed.discard(task)
         else:
             self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
 
-    def _free_slot(self, job_id: str) -> None:
+    def _free_slot(self, task: asyncio.Task) -> None:
         """The connector is done with the job: its slot goes to the next claim now, while the finishing write
         is in flight, so the claim's round trip overlaps it instead of following it. The job stays in
         `running` (a drain still waits for its write; Redis keeps the worker busy while either job is
-        active). Once per job; `_job_done` releases the slot of a job that never got here."""
-        if job_id not in self.slot_freed:
-            self.slot_freed.add(job_id)
+        active). Once per task; `_job_done` releases the slot of a task that never got here."""
+        if task not in self.slot_freed:
+            self.slot_freed.add(task)
             self.slots.release()
 
     def drain_budget(self) -> tuple[float, float]:
@@ -346,7 +369,16 @@ class Worker:
             await asyncio.wait(pending, timeout=margin)
 
     # -- one job -----------------------------------------------------------------------------------------
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, after: asyncio.Task | None = None) -> None:
+        """`after`: an older attempt of the same job still in its connector, told to stop (_supersede):
+        this one starts once it ended, without its stop marks."""
+        if after is not None:
+            try:
+                await asyncio.wait({after})
+            except asyncio.CancelledError:
+                await asyncio.shield(self._hand_back(job))
+                raise
+            self._forget_stop(job.id)
         tel = self.telemetry
         job_type = job.service_required
         started = time.monotonic()
@@ -394,7 +426,7 @@ class Worker:
                         raise RetryableJobError(f"job timed out after {timeout:g}s") from None
                     finally:
                         steps["service_call"] = (time.monotonic() - mark) * 1000
-                        self._free_slot(job.id)
+                        self._free_slot(asyncio.current_task())
                 with tel.tracer.start_as_current_span("result.postprocessing"):
                     progress.close()  # a throttled value still waiting is overtaken by the completion
                     own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps))
@@ -438,7 +470,7 @@ class Worker:
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
         own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, data,
-                                   final_progress=final_progress, steps=steps)
+                                   final_progress=final_progress, steps=steps, token=job.token)
         if own is Ownership.CANCELLED:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         return own
@@ -450,7 +482,7 @@ class Worker:
         # message to the API and the monitor, so it leaves here redacted, as every log record does.
         message = redact_text(str(error))
         outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, message,
-                                       retryable=retryable, steps=steps)
+                                       retryable=retryable, steps=steps, token=job.token)
         if outcome.outcome not in ("retried", "failed"):
             self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=message,
                                        ownership=outcome.outcome)
@@ -480,12 +512,13 @@ class Worker:
         self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "job_id": job.id,
                                                                  "reason": reason})
         # The API already wrote the failure; this only drops our bookkeeping (the script sees 'cancelled').
-        await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False)
+        await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False,
+                             token=job.token)
 
     async def _hand_back(self, job: Job) -> None:
         await self._safe_cancel(job.id)
         own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain",
-                                   deadline_s=DRAIN_MARGIN_S)
+                                   deadline_s=DRAIN_MARGIN_S, token=job.token)
         self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own))
 
     async def _release_orphans(self, job_ids: list[str], reason: str) -> None:

@@ -3,11 +3,12 @@
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = result JSON (references to outputs, no blobs),
 -- ARGV[4] = message, ARGV[5] = '1' to record progress 100 first (the progress hash and an
 -- update_job_progress message, exactly as progress.lua writes them), saving the worker a round trip,
--- ARGV[6] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline
+-- ARGV[6] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline,
+-- ARGV[7] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'.
 local id, wid, result = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
-local state = ownership_or_release(id, wid, now)
+local state = ownership_or_release(id, wid, now, ARGV[7])
 if state ~= 'ok' then return state end
 local at = iso(now)
 local jkey = 'job:' .. id

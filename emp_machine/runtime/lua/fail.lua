@@ -2,14 +2,15 @@
 -- max_retries; otherwise the failure is final. job_failed always carries can_retry.
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = error message, ARGV[4] = '1' when retryable,
--- ARGV[5] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline
+-- ARGV[5] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline,
+-- ARGV[6] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
 -- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'.
 local id, wid, err = ARGV[1], ARGV[2], ARGV[3]
 local retryable = ARGV[4] == '1'
 local steps = nil
 if ARGV[5] and ARGV[5] ~= '' then steps = cjson.decode(ARGV[5]) end
 local now = now_ms()
-local state = ownership_or_release(id, wid, now)
+local state = ownership_or_release(id, wid, now, ARGV[6])
 if state ~= 'ok' then return {state, 0} end
 local jkey = 'job:' .. id
 local at = iso(now)

@@ -1,10 +1,11 @@
 -- hand_back.lua: a draining worker returns a job to the queue without counting an attempt.
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
--- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = reason
+-- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = reason,
+-- ARGV[4] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'.
 local id, wid = ARGV[1], ARGV[2]
 local now = now_ms()
-local state = ownership_or_release(id, wid, now)
+local state = ownership_or_release(id, wid, now, ARGV[4])
 if state ~= 'ok' then return state end
 local jkey = 'job:' .. id
 redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')

@@ -273,9 +273,14 @@ end
 
 -- Whether worker wid still owns job id: 'ok', 'cancelled' (the API failed it under us), 'lost' (the lease
 -- expired and the job went back to the queue or to another worker) or 'missing' (no hash).
-local function ownership(id, wid)
-  local f = redis.call('HMGET', 'job:' .. id, 'status', 'worker_id')
+-- `token` (optional): the attempt's claim token, the assigned_at its claim wrote. A write from an older
+-- attempt (its reply lost and the write retried, or its lease reaped, after the job was claimed again,
+-- maybe by the same worker) is then 'lost' too, and the second result is true when the job is wid's again:
+-- its bookkeeping (jobs:active, the lease) belongs to the newer attempt.
+local function ownership(id, wid, token)
+  local f = redis.call('HMGET', 'job:' .. id, 'status', 'worker_id', 'assigned_at')
   if not f[1] and redis.call('EXISTS', 'job:' .. id) == 0 then return 'missing' end
+  if token and token ~= '' and f[3] ~= token then return 'lost', f[2] == wid end
   if f[1] == 'failed' or f[1] == 'cancelled' then return 'cancelled' end
   if f[2] ~= wid or (f[1] ~= 'assigned' and f[1] ~= 'in_progress') then return 'lost' end
   return 'ok'
@@ -296,10 +301,11 @@ local function release_not_owned(id, wid, now, state)
 end
 
 -- ownership(), and when the job is no longer wid's, that worker's bookkeeping for it released: the
--- prologue of every script a worker runs on a job it claimed.
-local function ownership_or_release(id, wid, now)
-  local state = ownership(id, wid)
-  if state ~= 'ok' then release_not_owned(id, wid, now, state) end
+-- prologue of every script a worker runs on a job it claimed. An older attempt of a job that wid claimed
+-- again releases nothing.
+local function ownership_or_release(id, wid, now, token)
+  local state, newer = ownership(id, wid, token)
+  if state ~= 'ok' and not newer then release_not_owned(id, wid, now, state) end
   return state
 end
 

@@ -2,10 +2,11 @@
 -- longer its own (cancelled by the API, or lost with an expired lease).
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = progress 0-100, ARGV[4] = message,
--- ARGV[5] = current_step, ARGV[6] = total_steps, ARGV[7] = estimated_completion ('' when unknown)
+-- ARGV[5] = current_step, ARGV[6] = total_steps, ARGV[7] = estimated_completion ('' when unknown),
+-- ARGV[8] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'; nothing is written unless 'ok'.
 local id, wid = ARGV[1], ARGV[2]
-local state = ownership(id, wid)
+local state = ownership(id, wid, ARGV[8])
 if state ~= 'ok' then return state end
 local now = now_ms()
 local progress = finite_number(ARGV[3]) or 0
