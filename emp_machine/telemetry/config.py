@@ -155,17 +155,19 @@ class TelemetryConfig(_Strict):
         _check_headers(value, "otlp_headers")
         return value
 
+    # The rules live beside the shipper (shipper.otlp_signals, shipper.ships), which the machine also applies
+    # to its resolved view of this model without importing pydantic.
     @property
     def ships(self) -> bool:
-        """Whether any signal has somewhere to go (else records stay in the local buffer)."""
-        return bool(self.otlp_endpoint or self.otlp_traces.endpoint or self.otlp_logs.endpoint
-                    or self.otlp_metrics.endpoint)
+        from emp_machine.telemetry.shipper import ships
+
+        return ships(self)
 
     def otlp_signals(self) -> dict[str, tuple[str, dict[str, str]]]:
-        """Each signal's own (endpoint, headers) where it has either, for `Shipper(signals=...)`."""
-        signals = {"traces": self.otlp_traces, "logs": self.otlp_logs, "metrics": self.otlp_metrics}
-        return {name: (signal.endpoint, signal.headers) for name, signal in signals.items()
-                if signal.endpoint or signal.headers}
+        from emp_machine.telemetry.shipper import otlp_signals
+
+        return otlp_signals(self)
+
 
 
 def _parse_pairs(text: str) -> dict[str, str]:

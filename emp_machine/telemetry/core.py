@@ -21,7 +21,7 @@ from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
 from emp_machine.telemetry.metrics import SNAPSHOT_INTERVAL, Meter, write_snapshot
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
-from emp_machine.telemetry.shipper import Shipper
+from emp_machine.telemetry.shipper import Shipper, otlp_signals, ships
 from emp_machine.telemetry.standard import StandardMetrics
 from emp_machine.telemetry.tailer import ServiceOutputTailer
 from emp_machine.telemetry.tracing import JOB_ROOT, LightSpan, Tracer, TracerProvider
@@ -229,8 +229,7 @@ class Telemetry:
     def start_shipper(self) -> Shipper | None:
         """Start shipping to `otlp_endpoint` and the per-signal endpoints in a background thread (None when no
         endpoint is configured: records then stay in the bounded local buffer)."""
-        signals = _signals(self.config)
-        if self.shipper is not None or not (self.config.otlp_endpoint or any(url for url, _ in signals.values())):
+        if self.shipper is not None or not ships(self.config):
             return self.shipper
         export = self.config.export
         self.shipper = Shipper(
@@ -238,7 +237,7 @@ class Telemetry:
             headers=self.config.otlp_headers, batch_min=export.batch_min, batch_max=export.batch_max,
             max_request_size=export.max_request_size, interval=export.interval, timeout=export.timeout,
             compression=export.compression, max_backoff=export.max_backoff,
-            signals=signals).start()
+            signals=otlp_signals(self.config)).start()
         return self.shipper
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -316,22 +315,6 @@ class Telemetry:
         m.create_observable_counter("telemetry_logs_sampled_out_total", [
             lambda _: [Observation(tracer.dropped_logs)]], "1",
             "DEBUG/INFO records and events of unsampled jobs, held and discarded when the job ended well")
-
-
-def _signals(config: Any) -> dict[str, tuple[str, dict[str, str]]]:
-    """Each signal's own (endpoint, headers), from a TelemetryConfig or the machine's resolved manifest view
-    (which has the fields, not TelemetryConfig's methods)."""
-    out = {}
-    for name in ("traces", "logs", "metrics"):
-        signal = getattr(config, f"otlp_{name}", None)
-        if signal is None:
-            continue
-        endpoint = getattr(signal, "endpoint", "") or ""
-        headers = getattr(signal, "headers", None) or {}
-        headers = {key: headers[key] for key in headers}
-        if endpoint or headers:
-            out[name] = (endpoint, headers)
-    return out
 
 
 def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = None, service_type: str,

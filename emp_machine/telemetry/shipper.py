@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from emp_machine.telemetry.buffer import Buffer, Kind
@@ -116,6 +117,24 @@ def _retry_after(value: str | None, cap: float = MAX_RETRY_AFTER_S) -> float | N
     if math.isnan(seconds):
         return None
     return min(cap, max(0.0, seconds))
+
+
+def otlp_signals(config: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each signal's own (endpoint, headers) where it has either, for `Shipper(signals=...)`. `config`: a
+    TelemetryConfig, or the machine's resolved manifest view of one (which has its fields, not its methods)."""
+    out = {}
+    for name in ("traces", "logs", "metrics"):
+        signal = getattr(config, f"otlp_{name}", None)
+        endpoint = getattr(signal, "endpoint", "") or ""
+        headers = getattr(signal, "headers", None) or {}
+        if endpoint or headers:
+            out[name] = (endpoint, {key: headers[key] for key in headers})
+    return out
+
+
+def ships(config: Any) -> bool:
+    """Whether any signal has somewhere to go (else records stay in the local buffer)."""
+    return bool(config.otlp_endpoint or any(url for url, _ in otlp_signals(config).values()))
 
 
 class Shipper:
