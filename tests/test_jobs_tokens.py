@@ -104,18 +104,69 @@ def test_a_write_without_a_token_goes_by_worker_id_as_before(store, redis, token
 
 def test_a_retried_fail_after_the_same_worker_claimed_the_job_again_counts_no_attempt(store, redis):
     # The lost-reply case at store level: fail ran, its reply was lost, w1 claimed the retry, and then the
-    # fail is sent again with the first attempt's token.
+    # fail is sent again with the first attempt's token. It returns what the first try did (the worker
+    # never heard it), and changes nothing.
     store.register_worker("w1", "m1", CAPS)
     job_id = store.submit("sim", {}, max_retries=2)
     first = store.claim(CAPS, start=True)
     assert store.fail(job_id, "w1", "boom", retryable=True, token=first.token).outcome == "retried"
     second = claim_again(store, redis, first)
     before = snapshot(redis, job_id)
-    assert store.fail(job_id, "w1", "boom", retryable=True, token=first.token).outcome == "lost"
+    again = store.fail(job_id, "w1", "boom", retryable=True, token=first.token)
+    assert (again.outcome, again.retry_count) == ("retried", 1)
     assert snapshot(redis, job_id) == before
     assert before["job"]["retry_count"] == "1" and before["job"]["status"] == "in_progress"
     assert store.complete(job_id, "w1", {"ok": True}, token=second.token) == "ok"
     assert redis.hmget(f"job:{job_id}", "status", "retry_count") == ["completed", "1"]
+
+
+def test_a_completion_sent_again_after_its_reply_was_lost_is_ok_and_writes_nothing(store, redis):
+    # complete ran, its reply was lost, the worker's retry sends it again: the job is completed, so the
+    # worker must hear 'ok' (not 'lost', which it logs as job.not_completed and counts nothing for).
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {})
+    job = store.claim(CAPS, start=True)
+    completions = Messages(redis, "complete_job")
+    try:
+        assert store.complete(job_id, "w1", {"x": 1}, final_progress=True, token=job.token) == "ok"
+        wait_for(lambda: len(completions.of("complete_job", job_id=job_id)) == 1, message="complete_job")
+        before = snapshot(redis, job_id)
+        assert store.complete(job_id, "w1", {"x": 1}, final_progress=True, token=job.token) == "ok"
+        assert snapshot(redis, job_id) == before
+        # a marker published after the retry arrives after anything the retry published
+        redis.publish("complete_job", '{"job_id": "marker"}')
+        wait_for(lambda: completions.of("complete_job", job_id="marker"), message="the marker")
+        assert len(completions.of("complete_job", job_id=job_id)) == 1
+    finally:
+        completions.close()
+    # another worker's complete, or one without the attempt's token, still learns the job is not its own
+    assert store.complete(job_id, "w2", {"x": 1}, token=job.token) == "lost"
+    assert store.complete(job_id, "w1", {"x": 1}) == "lost"
+
+
+def test_a_final_fail_sent_again_after_its_reply_was_lost_returns_failed_and_writes_nothing(store, redis):
+    # Before, the retry found status=failed and took it for the API's cancel: a spurious 'cancelled' event.
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {}, max_retries=1)
+    job = store.claim(CAPS, start=True)
+    first = store.fail(job_id, "w1", "boom", retryable=True, token=job.token)
+    assert (first.outcome, first.retry_count) == ("failed", 1)
+    before = snapshot(redis, job_id)
+    again = store.fail(job_id, "w1", "boom", retryable=True, token=job.token)
+    assert (again.outcome, again.retry_count) == ("failed", 1)
+    assert snapshot(redis, job_id) == before
+    assert [e["ev"] for e in store.timeline(job_id).events] == ["submitted", "claimed", "started", "failed"]
+
+
+def test_a_fail_after_the_api_cancelled_the_attempt_is_still_cancelled(store, redis):
+    # The API's cancel writes status=failed too, but no failed_token: the worker's fail sees 'cancelled'.
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {})
+    job = store.claim(CAPS, start=True)
+    assert store.cancel(job_id, "user") is True
+    assert store.fail(job_id, "w1", "Job cancelled by user", retryable=False, token=job.token).outcome == "cancelled"
+    assert redis.hlen("jobs:active:w1") == 0 and redis.zscore("jobs:leases", job_id) is None
+    assert store.complete(job_id, "w1", {"x": 1}, token=job.token) == "cancelled"
 
 
 # -- end to end: real worker processes ------------------------------------------------------------------------

@@ -5,11 +5,16 @@
 -- update_job_progress message, exactly as progress.lua writes them), saving the worker a round trip,
 -- ARGV[6] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline,
 -- ARGV[7] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
--- Returns 'ok', 'cancelled', 'lost' or 'missing'.
+-- Returns 'ok', 'cancelled', 'lost' or 'missing'; 'ok' too for a retry of this attempt's completion
+-- that already landed (nothing is written again).
 local id, wid, result = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
-local state = ownership_or_release(id, wid, now, ARGV[7])
-if state ~= 'ok' then return state end
+local state, newer = ownership(id, wid, ARGV[7])
+if state ~= 'ok' then
+  if finished_before(id, wid, ARGV[7]) == 'completed' then return 'ok' end
+  if not newer then release_not_owned(id, wid, now, state) end
+  return state
+end
 local at = iso(now)
 local jkey = 'job:' .. id
 if ARGV[5] == '1' then

@@ -4,14 +4,24 @@
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = error message, ARGV[4] = '1' when retryable,
 -- ARGV[5] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline,
 -- ARGV[6] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
--- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'.
+-- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'. The
+-- attempt's token is kept in failed_token (our field), so a retry of a fail that already landed returns
+-- what it did ('retried' or 'failed' and the count) and changes nothing.
 local id, wid, err = ARGV[1], ARGV[2], ARGV[3]
+local token = ARGV[6] or ''
 local retryable = ARGV[4] == '1'
 local steps = nil
 if ARGV[5] and ARGV[5] ~= '' then steps = cjson.decode(ARGV[5]) end
 local now = now_ms()
-local state = ownership_or_release(id, wid, now, ARGV[6])
-if state ~= 'ok' then return {state, 0} end
+local state, newer = ownership(id, wid, token)
+if state ~= 'ok' then
+  local before = finished_before(id, wid, token)
+  if before == 'failed' or before == 'retried' then
+    return {before, finite_number(redis.call('HGET', 'job:' .. id, 'retry_count')) or 0}
+  end
+  if not newer then release_not_owned(id, wid, now, state) end
+  return {state, 0}
+end
 local jkey = 'job:' .. id
 local at = iso(now)
 local f = redis.call('HMGET', jkey, 'retry_count', 'max_retries')
@@ -20,7 +30,7 @@ local max = finite_number(f[2]) or 3
 release(id, wid, now, state)
 if retryable and new < max then
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,
-    'last_failed_worker', wid, 'failed_at', at, 'error', err)
+    'last_failed_worker', wid, 'failed_at', at, 'error', err, 'failed_token', token)
   enqueue(id)
   add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = true,
     steps = steps})
@@ -30,7 +40,8 @@ if retryable and new < max then
     reason = 'retry', timestamp = now})
   return {'retried', new}
 end
-redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new, 'error', err)
+redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new, 'error', err, 'failed_token',
+  token)
 redis.call('HSET', 'jobs:failed', id, cjson.encode({error = err, failed_at = at, retry_count = new}))
 add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false,
   steps = steps}, true)

@@ -300,6 +300,22 @@ local function release_not_owned(id, wid, now, state)
   if state == 'cancelled' then add_event(id, {t = now, ev = 'cancelled', worker_id = wid}) end
 end
 
+-- What a finishing write of attempt `token` already did, when it is retried after its first try landed
+-- (the reply lost on the way back): 'completed' (the claim's token still in assigned_at), 'failed' or
+-- 'retried' (fail.lua leaves the attempt's token in failed_token either way), else nil. The retry then
+-- returns that outcome and changes nothing, instead of 'lost' (a completed job logged as not completed)
+-- or 'cancelled' (a spurious cancelled event). Asked only after ownership() said no: rarely.
+local function finished_before(id, wid, token)
+  if not token or token == '' then return nil end
+  local f = redis.call('HMGET', 'job:' .. id, 'status', 'worker_id', 'assigned_at', 'failed_token')
+  if f[1] == 'completed' and f[2] == wid and f[3] == token then return 'completed' end
+  if f[4] == token then
+    if f[1] == 'failed' then return 'failed' end
+    return 'retried'
+  end
+  return nil
+end
+
 -- ownership(), and when the job is no longer wid's, that worker's bookkeeping for it released: the
 -- prologue of every script a worker runs on a job it claimed. An older attempt of a job that wid claimed
 -- again releases nothing.
