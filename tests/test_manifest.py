@@ -221,6 +221,25 @@ def test_a_bad_otel_endpoint_variable_is_a_manifest_problem_without_its_value():
     assert ok.telemetry.otlp_endpoint == "https://collector:4318"
 
 
+@pytest.mark.parametrize("variable, value, path", [
+    ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20hunter2%0A", "telemetry.otlp_headers"),
+    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "hunter2", "telemetry.otlp_traces.headers"),
+    ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "grpc://u:hunter2@collector:4317", "telemetry.otlp_logs.endpoint"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "telemetry.otlp_endpoint"),
+    ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/json", "telemetry.otlp_metrics.endpoint"),
+    ("OTEL_EXPORTER_OTLP_COMPRESSION", "deflate", "telemetry.export.compression"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s", "telemetry.export.timeout"),
+    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "500", "telemetry.export.timeout"),
+])
+def test_a_bad_otel_variable_names_the_setting_it_stands_in_for(variable, value, path):
+    # Every OTEL_* problem used to be filed under telemetry.otlp_endpoint, whatever the variable was.
+    with pytest.raises(ManifestError) as caught:
+        load("machine: {type: t, id: m1}", environ={variable: value})
+    (found,) = caught.value.problems
+    assert found.path == path and variable in found.message
+    assert "hunter2" not in caught.value.render()
+
+
 @pytest.mark.parametrize("text, path, says", [
     ("redis: {url: 'redis://:hunter2@host:notaport/0'}", "redis.url", "port that is not a number"),
     ("redis: {url: 'redis://:hunter2@host:99999/0'}", "redis.url", "port that is not a number from 0 to 65535"),

@@ -637,7 +637,7 @@ def _resolve(manifest: Manifest, environ: Mapping[str, str], file: str, base_dir
     try:
         telemetry = apply_otel_env(manifest.telemetry, environ)
     except ValueError as exc:  # the variable's value is not repeated: it may hold credentials
-        raise ManifestError(file, [ManifestProblem("telemetry.otlp_endpoint", str(exc),
+        raise ManifestError(file, [ManifestProblem(getattr(exc, "field", "telemetry"), str(exc),
                                                    hint="or unset it to use the manifest's")]) from None
     return manifest.model_copy(update={
         "machine": machine.model_copy(update={"id": machine_id, "region": region, "state_dir": state_dir}),

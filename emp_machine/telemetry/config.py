@@ -170,6 +170,29 @@ class TelemetryConfig(_Strict):
 
 
 
+class OtelEnvError(ValueError):
+    """An `OTEL_*` variable whose value cannot work. `field` is the manifest setting it stands in for, so the
+    manifest's error can name that path (the message names the variable, never quoting its value)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _env_field(variable: str) -> str:
+    """The manifest field an OTEL_EXPORTER_OTLP_* variable overrides (the protocol goes with the endpoint)."""
+    rest = variable.removeprefix("OTEL_EXPORTER_OTLP_")
+    signal, _, setting = rest.partition("_")
+    if signal.lower() not in _SIGNALS:
+        signal, setting = "", rest
+    setting = setting.lower()
+    if setting in ("compression", "timeout"):
+        return f"telemetry.export.{setting}"
+    if setting == "protocol":
+        setting = "endpoint"
+    return f"telemetry.otlp_{signal.lower()}.{setting}" if signal else f"telemetry.otlp_{setting}"
+
+
 def _parse_pairs(text: str) -> dict[str, str]:
     """`k1=v1,k2=v2` as the OTel spec writes headers and resource attributes (values percent-encoded)."""
     pairs: dict[str, str] = {}
@@ -189,11 +212,11 @@ def _parse_headers(text: str, variable: str) -> dict[str, str]:
             continue  # a trailing comma
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"{variable}: entry {position} has no '=' (expected name=value,name=value, "
-                             "values percent-encoded)")
+            raise OtelEnvError(f"{variable}: entry {position} has no '=' (expected name=value,name=value, "
+                               "values percent-encoded)", _env_field(variable))
         name, value = unquote(key.strip()), unquote(value.strip())
         if (problem := header_problem(name, value)) is not None:
-            raise ValueError(f"{variable}: header {position} {problem}")
+            raise OtelEnvError(f"{variable}: header {position} {problem}", _env_field(variable))
         headers[name] = value
     return headers
 
@@ -206,7 +229,7 @@ def _merge_headers(base: Mapping[str, str], over: Mapping[str, str]) -> dict[str
 
 def _parse_compression(text: str, variable: str) -> str:
     if text not in ("gzip", "none"):
-        raise ValueError(f"{variable} must be gzip or none, not {text[:20]!r}")
+        raise OtelEnvError(f"{variable} must be gzip or none, not {text[:20]!r}", _env_field(variable))
     return text
 
 
@@ -217,8 +240,9 @@ def _parse_timeout(text: str, variable: str) -> float:
     except ValueError:
         millis = math.nan
     if not (0 < millis <= MAX_TIMEOUT_S * 1000):  # also refuses nan and inf
-        raise ValueError(f"{variable} must be a number of milliseconds above 0 and at most "
-                         f"{MAX_TIMEOUT_S * 1000:.0f} (e.g. 10000 for 10 s), not {text[:20]!r}")
+        raise OtelEnvError(f"{variable} must be a number of milliseconds above 0 and at most "
+                           f"{MAX_TIMEOUT_S * 1000:.0f} (e.g. 10000 for 10 s), not {text[:20]!r}",
+                           _env_field(variable))
     return millis / 1000.0
 
 
@@ -242,12 +266,13 @@ def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> Telem
     export: dict[str, object] = {}
     for prefix in ("OTEL_EXPORTER_OTLP_", *(f"OTEL_EXPORTER_OTLP_{s.upper()}_" for s in _SIGNALS)):
         if (protocol := environ.get(f"{prefix}PROTOCOL", "").strip().lower()) not in ("", "http/protobuf"):
-            raise ValueError(f"{prefix}PROTOCOL={protocol[:20]!r} is not supported: emp-machine sends OTLP/HTTP "
-                             "protobuf only; set it to http/protobuf (and an http(s) endpoint, usually port "
-                             "4318) or unset it")
+            raise OtelEnvError(f"{prefix}PROTOCOL={protocol[:20]!r} is not supported: emp-machine sends "
+                               "OTLP/HTTP protobuf only; set it to http/protobuf (and an http(s) endpoint, usually "
+                               "port 4318) or unset it", _env_field(f"{prefix}PROTOCOL"))
     if endpoint := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
         if (problem := http_url_problem(endpoint)) is not None:
-            raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT {problem} (e.g. http://collector:4318)")
+            raise OtelEnvError(f"OTEL_EXPORTER_OTLP_ENDPOINT {problem} (e.g. http://collector:4318)",
+                               "telemetry.otlp_endpoint")
         update["otlp_endpoint"] = endpoint
     if headers := environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").strip():
         update["otlp_headers"] = _merge_headers(config.otlp_headers,
@@ -258,7 +283,8 @@ def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> Telem
         variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"
         if endpoint := environ.get(variable, "").strip():
             if (problem := http_url_problem(endpoint)) is not None:
-                raise ValueError(f"{variable} {problem} (e.g. http://collector:4318/v1/{signal})")
+                raise OtelEnvError(f"{variable} {problem} (e.g. http://collector:4318/v1/{signal})",
+                                   _env_field(variable))
             signal_update["endpoint"] = endpoint
         variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_HEADERS"
         if headers := environ.get(variable, "").strip():
@@ -275,9 +301,9 @@ def apply_otel_env(config: TelemetryConfig, environ: Mapping[str, str]) -> Telem
             if value := environ.get(variable, "").strip().lower():
                 wanted = export.get(setting, getattr(config.export, setting))
                 if parse(value, variable) != wanted:
-                    raise ValueError(f"{variable} differs from the {setting} of the other signals, and one "
-                                     f"shipper sends them all: set OTEL_EXPORTER_OTLP_{setting.upper()} (or "
-                                     f"telemetry.export.{setting}) instead")
+                    raise OtelEnvError(f"{variable} differs from the {setting} of the other signals, and one "
+                                       f"shipper sends them all: set OTEL_EXPORTER_OTLP_{setting.upper()} (or "
+                                       f"telemetry.export.{setting}) instead", _env_field(variable))
     if attributes := environ.get("OTEL_RESOURCE_ATTRIBUTES", "").strip():
         extra = _parse_pairs(attributes)
         if name := extra.pop("service.name", ""):
