@@ -143,6 +143,8 @@ def test_comfyui_requests_carry_the_service_call_spans_context(scenario):
         assert headers["x-request-id"].startswith("req-")
     ids = [headers["x-request-id"] for _, _, headers in requests]
     assert len(set(ids)) == len(ids)  # one id per HTTP request, the job's trace headers shared
+    # and each is findable from our side: the service.call span lists the ids it sent
+    assert sorted(call[7]["request_ids"]) == sorted(ids)
 
 
 def test_comfyui_lifecycle_records_are_events_with_prompt_id_attributes(scenario):

@@ -531,3 +531,23 @@ def test_records_of_a_task_outliving_its_job_follow_the_jobs_decision(tmp_path, 
     telemetry.shutdown()
     assert sorted(s.name for s in receiver.spans()) == ["job.execution", "late.late-failed"]
     assert [r.body.string_value for r in receiver.logs()] == ["late info of late-failed"]
+
+
+def test_request_ids_sent_in_a_span_are_kept_on_it_up_to_a_bound():
+    # An x-request-id sent to a service was recorded nowhere, so a service's log line quoting it led nowhere.
+    from emp_machine.connectors._http import service_headers
+    from emp_machine.telemetry.tracing import MAX_REQUEST_IDS
+
+    clock = FakeClock()
+    tracer, kept = _tracer(1e9, clock)
+
+    class Job:
+        id, headers = "job-1", {"x-job-id": "job-1"}
+
+    service_headers(Job())  # no span: nothing to keep it on, and no error
+    with tracer.start_as_current_span("service.call"):
+        sent = [service_headers(Job())["x-request-id"] for _ in range(MAX_REQUEST_IDS + 5)]
+        service_headers(Job(), "req-given")
+    [(_, _, record)] = kept  # (kind, value, span record)
+    assert record[7]["request_ids"] == sent[:MAX_REQUEST_IDS]
+    assert len(set(sent)) == len(sent) and all(r.startswith("req-") for r in sent)

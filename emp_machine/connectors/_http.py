@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from emp_machine.errors import JobCancelled, RetryableJobError
+from emp_machine.telemetry.tracing import note_request_id
 
 REDACTED = "[REDACTED]"
 
@@ -61,17 +62,20 @@ class HttpSession:
 def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
     """The headers of a request to the service for `job`: its `headers` (telemetry's, made by the worker in
     the job's `service.call` span: traceparent, tracestate, x-job-id), a copy per request, each with its own
-    `x-request-id` (`request_id`, else a new `req-{uuid}`): one id per HTTP request, as services log them.
+    `x-request-id` (`request_id`, else a new `req-{uuid}`): one id per HTTP request, as services log them,
+    also kept in the current span's `request_ids` attribute.
 
     A job without them (built outside a worker, or by another producer) gets `x-job-id`, a new `x-request-id`
     and its `traceparent` / `tracestate` fields when it has them, read with getattr; a malformed traceparent
     is passed through untouched, as the architecture asks."""
+    request_id = request_id or f"req-{uuid.uuid4()}"
+    note_request_id(request_id)  # on the service.call span: the id is findable from our side too
     given = getattr(job, "headers", None)
     if given:
         headers = dict(given)
-        headers["x-request-id"] = request_id or f"req-{uuid.uuid4()}"
+        headers["x-request-id"] = request_id
         return headers
-    headers = {"x-job-id": str(job.id), "x-request-id": request_id or f"req-{uuid.uuid4()}"}
+    headers = {"x-job-id": str(job.id), "x-request-id": request_id}
     for name in ("traceparent", "tracestate"):
         value = getattr(job, name, None)
         if value:

@@ -127,7 +127,8 @@ class RestConnector(_http.HttpSession, Connector):
             raise RetryableJobError(self._redact(str(_http.transport_error("service", url, exc)))) from None
         if job is not None:
             self.joblog.event("service.call", job.id, logging.DEBUG, method=method, endpoint=_http.strip_query(url),
-                              status_code=status, duration_ms=_http.ms_since(started))
+                              status_code=status, duration_ms=_http.ms_since(started),
+                              request_id=headers.get("x-request-id"))
         try:
             answer = json.loads(text) if text else None
         except ValueError:

@@ -423,6 +423,22 @@ class Tracer(otel_trace.Tracer):
         return False
 
 
+MAX_REQUEST_IDS = 32  # per span: a job's calls to its service (ComfyUI's socket, prompt, history, files)
+
+
+def note_request_id(request_id: str) -> None:
+    """Add `request_id` (an `x-request-id` sent to a service) to the current span's `request_ids` attribute,
+    so a service's log line quoting it leads back to the job's trace. Only our recording spans keep them (an
+    unsampled job's spans too: they are exported if the job fails); at most MAX_REQUEST_IDS a span."""
+    span = _get_value(_SPAN_KEY)
+    if type(span) is LightSpan and span._end == 0:
+        ids = span._attributes.get("request_ids")
+        if ids is None:
+            span._attributes["request_ids"] = [request_id]
+        elif len(ids) < MAX_REQUEST_IDS:
+            ids.append(request_id)
+
+
 def current_ids() -> tuple[int, int]:
     """(trace_id, span_id) of the current span, or (0, 0)."""
     span = _get_value(_SPAN_KEY)
