@@ -70,13 +70,32 @@ def test_sweep_work_per_claim_is_bounded_and_reaches_every_stale_entry(redis):
 
 
 def test_a_claim_that_gets_a_job_never_sweeps_and_idle_ones_sweep_once_per_interval(redis):
-    store = JobStore(redis, sweep_interval_s=3600)
+    store = JobStore(redis, sweep_interval_s=3600, busy_sweep_interval_s=3600)
     store.submit("sim", {}, job_id="j1")
     redis.config_resetstat()
     assert store.claim(caps()).id == "j1"
     assert commands(redis, "zscan") == commands(redis, "hscan") == 0
     assert store.claim(caps()) is None and store.claim(caps()) is None
     assert commands(redis, "zscan") == commands(redis, "hscan") == 1
+
+
+def test_a_worker_that_never_runs_out_of_work_still_finds_a_hidden_api_job(redis):
+    # Stale entries make the counts agree and every claim gets a job, so the idle sweep never runs: the API
+    # job (priority 90) waited behind all 300 indexed jobs (priority 50) until the queue drained.
+    stale_entries(redis, 1)
+    store = JobStore(redis, busy_sweep_interval_s=0.05)
+    for i in range(300):
+        store.submit("sim", {}, job_id=f"j{i}")
+    redis.hset("job:hidden", mapping=contract_fields("hidden", "sim", {}, priority=90))
+    redis.zadd("jobs:pending", {"hidden": submission_score(90, int(time.time() * 1000))})
+    assert redis.zcard("jobs:pending") == redis.hlen("jobs:idx:of")  # the count sees nothing missing
+    claimed = []
+    deadline = time.monotonic() + 10
+    while "hidden" not in claimed and time.monotonic() < deadline:
+        job = store.claim(caps())
+        assert job is not None  # never idle: there is always more work
+        claimed.append(job.id)
+    assert "hidden" in claimed and len(claimed) < 300, len(claimed)
 
 
 def test_claim_says_when_the_job_it_just_failed_becomes_claimable_by_it(redis):

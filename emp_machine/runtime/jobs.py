@@ -327,7 +327,7 @@ class _JobOps:
 
     def __init__(self, client: Any, *, lease_s: float = 60.0, avoid_reclaim_s: float = 1.0,
                  reconcile_min_interval_s: float = 1.0, index_check_interval_s: float = 1.0,
-                 sweep_interval_s: float = 5.0, functions: bool = True):
+                 sweep_interval_s: float = 5.0, busy_sweep_interval_s: float = 30.0, functions: bool = True):
         """`lease_s`: how long a claim holds without a heartbeat before the reaper re-queues it.
         `avoid_reclaim_s`: how long a job a worker just failed is left to other workers. Its requeue wakes
         idle workers at once, so a short window lets one of them take it; after that the failing worker
@@ -336,8 +336,11 @@ class _JobOps:
         sees jobs in jobs:pending our index lacks (by count: more pending jobs than index entries).
         `sweep_interval_s`: at most once per interval, a claim that finds nothing also takes one bounded
         step of the slow sweep (`_sweep_step`), which finds what the count misses: a job the API submitted
-        while stale index entries (jobs others removed from jobs:pending) make the counts agree. A claim
-        that gets a job never sweeps. Keep it at most the worker's fallback sweep interval.
+        while stale index entries (jobs others removed from jobs:pending, e.g. Node machines sharing the
+        queue) make the counts agree. Keep it at most the worker's fallback sweep interval.
+        `busy_sweep_interval_s`: a claim that gets a job takes such a step too, at most once per this longer
+        interval (after the claim, ~1 ms once in a while): a worker that never runs out of work would
+        otherwise never sweep, and such a job would wait until the queue drained.
         `index_check_interval_s`: how often a claim first looks for such jobs (a claim that finds nothing
         always looks). Within the interval a job the API submitted while no worker heard `job_submitted`
         may wait behind lower-priority indexed jobs; 0 looks on every claim (~3 us of Redis time each).
@@ -351,6 +354,8 @@ class _JobOps:
         self._check_every = index_check_interval_s
         self._last_check = float("-inf")
         self._sweep_every = sweep_interval_s
+        self._busy_sweep_every = busy_sweep_interval_s
+        self._busy_sweep_from = time.monotonic()  # a new store's first claims never sweep
         self._last_sweep = float("-inf")
         self._sweep_cursors = (0, 0)  # ZSCAN of jobs:pending, HSCAN of jobs:idx:of: carried between steps
         # After a claim that found nothing: seconds until a job it passed over (one this worker just failed)
@@ -415,7 +420,12 @@ class _JobOps:
             self.claimable_in_s = int(reply[2]) / 1000 + 0.002 if len(reply) > 2 else None
             return None
         self.claimable_in_s = None
-        return Job(reply[0], json.loads(reply[2]))
+        job = Job(reply[0], json.loads(reply[2]))
+        if time.monotonic() - max(self._last_sweep, self._busy_sweep_from) >= self._busy_sweep_every:
+            # What it adopts is claimed by the next claims, in priority order.
+            self._last_sweep = time.monotonic()
+            yield from self._sweep_step()
+        return job
 
     def _reconcile_allowed(self) -> bool:
         return time.monotonic() - self._last_reconcile >= self._reconcile_every
