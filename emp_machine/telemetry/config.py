@@ -169,7 +169,6 @@ class TelemetryConfig(_Strict):
         return otlp_signals(self)
 
 
-
 class OtelEnvError(ValueError):
     """An `OTEL_*` variable whose value cannot work. `field` is the manifest setting it stands in for, so the
     manifest's error can name that path (the message names the variable, never quoting its value)."""
