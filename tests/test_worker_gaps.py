@@ -40,6 +40,11 @@ workers:
     job_types: [gaprest]
     lease: 3s
     settings: {{submit_url: "{url}/run", health_url: "{url}/health"}}
+  slowhealth:
+    connector: simulation
+    job_types: [slowhealthsim]
+    lease: 3s
+    settings: {{health_delay_ms: 2500}}
 """
 ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
 
@@ -264,3 +269,15 @@ def test_the_heartbeat_is_renewed_within_the_contracts_30s_even_with_a_long_leas
     wait_for(lambda: client.hget(key, "last_heartbeat") != first, timeout=22, interval=0.2,
              message="a heartbeat within 22 s")
     assert client.ttl(f"{key}:heartbeat") > 55
+
+
+def test_a_slow_connector_health_check_never_delays_the_heartbeat(client, store, workers):
+    # A beat is a third of the 3 s lease; the health check answers in 2.5 s. It used to run inside the beat
+    # loop, so beats came 3.5 s apart and the reaper re-queued the job again and again: it never completed.
+    job_id = store.submit("slowhealthsim", {"steps": 14, "step_ms": 500})
+    wait_status(client, job_id, "completed", "failed", timeout=30)
+    assert status_of(client, job_id) == "completed"
+    events = [e["ev"] for e in store.timeline(job_id).events]
+    assert events.count("claimed") == 1 and "lease_expired" not in events, events
+    health = json.loads(worker_hash(client, workers, "slowhealth")["connector_statuses"])
+    assert health["simulation"]["health"] == "healthy"  # the check still runs, in its own task

@@ -28,6 +28,8 @@ _WRITE_CHUNK = 1 << 20
 class SimulationSettings(ConnectorSettings):
     # When set, health() reports unhealthy with this reason: lets tests drive health-gated behaviour.
     unhealthy_reason: str | None = None
+    # How long health() takes: a slow service's health check, for tests of what waits on it.
+    health_delay_ms: float = Field(default=0, ge=0)
     max_output_bytes: int = Field(default=1 << 30, ge=0)
 
 
@@ -54,6 +56,8 @@ class SimulationConnector(Connector):
         self._cancel_events: dict[str, asyncio.Event] = {}
 
     async def health(self) -> Health:
+        if self.settings.health_delay_ms:
+            await asyncio.sleep(self.settings.health_delay_ms / 1000)
         if self.settings.unhealthy_reason:
             return Health(False, self.settings.unhealthy_reason)
         return Health(True)

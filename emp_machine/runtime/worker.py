@@ -241,7 +241,8 @@ class Worker:
                                     "worker restarted")
         signals = self._signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
         await signals.start()
-        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reaper())]
+        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_watch()),
+                      asyncio.create_task(self._reaper())]
         self.telemetry.events.emit("worker.spawned", worker_id=self.ident.worker_id,
                                    connector=self.group.connector, job_types=self.job_types)
         try:
@@ -616,9 +617,15 @@ class Worker:
                 pass
 
     async def _heartbeat(self) -> None:
+        """Renews the leases and the heartbeat key on a fixed cadence. Nothing slow may sit in this loop: a
+        beat late by more than the lease's other two thirds lets the reaper re-queue jobs running here (a
+        connector health check answering in 2.5 s did it to every job with a 3 s lease)."""
         interval = heartbeat_interval(self.group.lease)
+        next_beat = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            next_beat += interval
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            next_beat = max(next_beat, time.monotonic() - interval)  # after a stall, no burst of beats
             try:
                 beat = await self.store.heartbeat(self.ident.worker_id)
                 if not await self.redis.hexists(worker_key(self.ident.worker_id), "capabilities"):
@@ -637,7 +644,13 @@ class Worker:
             strays = {j for j in beat.renewed if j not in self.running}
             await self._release_orphans(sorted(strays & self.orphans_seen), "not running on its worker")
             self.orphans_seen = strays - self.orphans_seen
-            # Last, as it may take HEALTH_TIMEOUT_S: the connector's health, written when it changed.
+
+    async def _health_watch(self) -> None:
+        """The connector's health, checked as often as the heartbeat beats but in its own task (a check may
+        take HEALTH_TIMEOUT_S), and written to worker:{id} when it changed."""
+        interval = heartbeat_interval(self.group.lease)
+        while True:
+            await asyncio.sleep(interval)
             statuses = await self._read_connector_statuses()
             if statuses != self.connector_statuses:
                 entry = statuses[self.group.connector]  # a health change is an event (service.health_check)
