@@ -131,6 +131,22 @@ def test_an_idle_worker_stops_waiting_for_jobs_when_it_drains(redis, redis_url, 
         procs.close()
 
 
+def test_a_worker_started_while_redis_is_unreachable_stops_on_sigterm(tmp_path):
+    # Start-up waits out a Redis outage however long it lasts; it used to ignore SIGTERM meanwhile, so
+    # supervisord had to SIGKILL it, and if Redis came back first it registered a worker told to stop.
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    procs = WorkerProcs(_sim_workers(1), tmp_path, nowhere)
+    try:
+        procs.start()
+        wait_for(lambda: "Redis unreachable at start" in procs.log(0), 20, message="start-up retrying")
+        procs.signal(0, signal.SIGTERM)
+        assert procs.wait_exit(0, timeout=5) == 0
+        log = procs.log(0)
+        assert "worker stopped before start-up finished" in log and '"worker.spawned"' not in log
+    finally:
+        procs.close()
+
+
 def test_500_jobs_through_4_workers_sigkilled_at_random(machine_factory, redis, redis_url):
     machine = machine_factory("""
 workers:

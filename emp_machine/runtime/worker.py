@@ -47,6 +47,10 @@ HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unh
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
 
+class _StoppedAtStart(Exception):
+    """SIGTERM (or SIGINT) while start-up was still waiting for Redis: nothing ran, nothing to hand back."""
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     """Who this process is, from the environment the machine gave it (plan.py writes these variables)."""
@@ -236,11 +240,20 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        await self._register()
-        await self._release_orphans(await self._retrying_start(self.store.active_jobs, self.ident.worker_id),
-                                    "worker restarted")
         signals = self._signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
-        await signals.start()
+        try:
+            await self._register()
+            await self._release_orphans(await self._retrying_start(self.store.active_jobs, self.ident.worker_id),
+                                        "worker restarted")
+            await self._start_or_drain(signals.start())
+        except _StoppedAtStart:
+            # Told to stop while Redis was unreachable: exit now rather than wait for Redis (supervisord
+            # would SIGKILL us at stopwaitsecs) and then register a worker that was told to stop.
+            await signals.close()
+            await self.connector.close()
+            self.log.info("worker stopped before start-up finished (Redis unreachable)",
+                          extra={"event_type": "worker.stopped"})
+            return 0
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_watch()),
                       asyncio.create_task(self._reaper())]
         self.telemetry.events.emit("worker.spawned", worker_id=self.ident.worker_id,
@@ -572,15 +585,32 @@ class Worker:
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
 
     async def _retrying_start(self, fn, *args):
-        """At start, before anything runs: wait out a Redis outage however long it lasts."""
+        """At start, before anything runs: wait out a Redis outage however long it lasts, unless told to stop
+        meanwhile (_StoppedAtStart)."""
         backoff = 0.2
         while True:
             try:
-                return await fn(*args)
+                return await self._start_or_drain(fn(*args))
             except _REDIS_DOWN as exc:
                 self.log.warning("Redis unreachable at start; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(backoff)
+                await self._sleep_or_drain(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+
+    async def _start_or_drain(self, step):
+        """Await a start-up step, or raise _StoppedAtStart as soon as a drain begins (the step cancelled):
+        a connection attempt can take its whole timeout."""
+        if self.draining.is_set():
+            step.close()
+            raise _StoppedAtStart
+        task = asyncio.ensure_future(step)
+        drain = asyncio.ensure_future(self.draining.wait())
+        await asyncio.wait({task, drain}, return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise _StoppedAtStart
+        return task.result()
 
     # -- signals, heartbeat, reaper ----------------------------------------------------------------------
     def _on_signal(self) -> None:
