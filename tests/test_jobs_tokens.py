@@ -6,6 +6,7 @@ end to end through real worker processes (one behind a TCP proxy that loses a `f
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
@@ -283,6 +284,78 @@ def test_a_fail_whose_reply_was_lost_does_not_count_against_the_next_attempt(red
     finally:
         proxy.close()
         watcher.close()
+
+
+class HoldComplete:
+    """A TCP proxy in front of Redis that holds the first `complete` FCALL (everything before it passes)
+    until `release` is set; `held` is set once it holds it."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.call = (function_library()[1] + "complete").encode()
+        self.held, self.release, self.ready = threading.Event(), threading.Event(), threading.Event()
+        self.port = 0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self.ready.wait(5), "proxy did not start"
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        async with server:
+            await self._stop.wait()
+
+    def close(self) -> None:
+        self.release.set()
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(reader, writer, hold: bool):
+            try:
+                while data := await reader.read(65536):
+                    if (hold and b"$5\r\nFCALL\r\n" in data and b"\r\n" + self.call + b"\r\n" in data
+                            and not self.held.is_set()):
+                        self.held.set()
+                        while not self.release.is_set():
+                            await asyncio.sleep(0.01)
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, up_writer, True), pipe(up_reader, client_writer, False),
+                             return_exceptions=True)
+
+
+def test_a_cancel_landing_while_complete_is_in_flight_is_released_once(redis, redis_server, tmp_path):
+    # complete finds the job cancelled and releases it (one `cancelled` event). The worker then sent a fail
+    # as well: a second `cancelled` event and, when it had not heard cancel_job, a job.not_failed warning
+    # quoting an "interrupted" error.
+    proxy = HoldComplete(redis_server.port)
+    procs = WorkerProcs(LOST_REPLY, tmp_path / "w", f"redis://127.0.0.1:{proxy.port}/0")
+    try:
+        with procs.running(redis):
+            store = JobStore(redis)
+            job_id = store.submit("toksim", {"steps": 1, "step_ms": 10})
+            wait_for(proxy.held.is_set, 15, message="the worker's complete")
+            assert store.cancel(job_id, "user asked") is True
+            proxy.release.set()
+            wid = procs.ids[0]
+            wait_for(lambda: redis.hlen(f"jobs:active:{wid}") == 0, 10,
+                     message=f"the job released\n{procs.log(0)[-2000:]}")
+            procs.signal(0, signal.SIGTERM)  # a graceful stop: anything the worker still sent is in by now
+            assert procs.wait_exit(0) == 0
+        events = [e["ev"] for e in store.timeline(job_id).events]
+        assert events == ["submitted", "claimed", "started", "cancel_requested", "cancelled"], events
+        assert redis.hmget(f"job:{job_id}", "status", "error") == ["failed", "Job cancelled by user"]
+        assert not redis.hexists("jobs:completed", job_id) and "job.not_failed" not in procs.log(0)
+    finally:
+        proxy.close()
 
 
 REUSED = """

@@ -47,6 +47,11 @@ HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unh
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
 
+class _CancelledAtComplete(JobCancelled):
+    """The complete script found the job cancelled by the API: it already released the job (and wrote the
+    timeline's `cancelled` event), so nothing more is sent for it."""
+
+
 class _StoppedAtStart(Exception):
     """SIGTERM (or SIGINT) while start-up was still waiting for Redis: nothing ran, nothing to hand back."""
 
@@ -454,6 +459,9 @@ class Worker:
                 # drain ran out of time, or the worker is stopping: the job goes back, no attempt counted
                 await asyncio.shield(self._hand_back(job))
                 raise
+            except _CancelledAtComplete as exc:
+                self.log.info("job stopped without completing", extra={
+                    "event_type": "job.cancelled", "job_id": job.id, "reason": str(exc)})
             except JobCancelled as exc:
                 await asyncio.shield(self._finish_cancelled(job, str(exc), time.monotonic() - started))
             except RedisError as exc:
@@ -486,7 +494,7 @@ class Worker:
         own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, data,
                                    final_progress=final_progress, steps=steps, token=job.token)
         if own is Ownership.CANCELLED:
-            raise JobCancelled(f"job {job.id} was cancelled before it completed")
+            raise _CancelledAtComplete(f"job {job.id} was cancelled before it completed")
         return own
 
     async def _finish_failed(self, job: Job, error: Exception, duration_s: float,
