@@ -608,7 +608,8 @@ class Worker:
         """Await a start-up step, or raise _StoppedAtStart as soon as a drain begins (the step cancelled):
         a connection attempt can take its whole timeout."""
         if self.draining.is_set():
-            step.close()
+            if asyncio.iscoroutine(step):
+                step.close()  # never started: no "never awaited" warning
             raise _StoppedAtStart
         task = asyncio.ensure_future(step)
         drain = asyncio.ensure_future(self.draining.wait())
