@@ -4,6 +4,8 @@ job to its end, `job <id>` prints its timeline with retries, `stuck` lists nothi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +66,91 @@ def test_submit_wait_job_timeline_and_stuck(machine, redis):
     missing = machine.cli("job", "no-such-job")
     assert missing.returncode == 1 and "no job no-such-job" in missing.stderr
     assert JobStore(redis).timeline(job_id).job["status"] == "completed"
+
+
+# -- what the job commands refuse, and keys they cannot read (no machine: the CLI against the test Redis) --
+def _cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emp_machine", *args, "--redis", redis_url],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--max-retries", "-1"), "argument --max-retries: expected 0 or more, got -1"),
+    (("--type", ""), "argument --type: a job type is needed"),
+    (("--type", "  "), "argument --type: a job type is needed"),
+    (("--payload", "NaN"), "job not submitted: payload holds NaN or Infinity"),
+    (("--payload", '{"a": Infinity}'), "job not submitted: payload holds NaN or Infinity"),
+])
+def test_submit_refuses_jobs_no_worker_or_api_could_run(redis, redis_url, args, message):
+    """A job a worker rejects (max_retries -1), never claims (type '') or the API cannot parse (NaN) is
+    refused with a clear error and nothing is written."""
+    base = {"--type": "simulation", "--payload": "{}"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    out = _cli(redis_url, "submit", *[x for pair in base.items() for x in pair])
+    assert out.returncode in (1, 2) and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert redis.keys("job*") == []
+
+
+def test_submit_still_takes_zero_retries(redis, redis_url):
+    out = _cli(redis_url, "submit", "--type", "simulation", "--payload", '{"a": 1.5}', "--max-retries", "0")
+    assert out.returncode == 0, out.stderr
+    job = redis.hgetall(f"job:{out.stdout.strip()}")
+    assert job["max_retries"] == "0" and job["payload"] == '{"a":1.5}'
+
+
+def test_store_submit_refuses_nan_payload(redis):
+    """The Python API: contract_fields refuses NaN/Infinity with a ValueError naming the payload."""
+    store = JobStore(redis)
+    for payload in (float("nan"), {"a": [float("inf")]}, {"a": -float("inf")}):
+        with pytest.raises(ValueError, match="payload holds NaN or Infinity"):
+            store.submit("simulation", payload)
+    assert redis.keys("job*") == []
+
+
+def test_job_names_a_key_of_the_wrong_kind(redis, redis_url):
+    redis.rpush("job:x:events", json.dumps({"t": 1, "ev": "submitted"}))
+    redis.set("job:str", "x")
+    out = _cli(redis_url, "job", "x:events")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot read job x:events: job:x:events holds a list, where the job contract keeps a hash" in out.stderr
+    out = _cli(redis_url, "job", "str")
+    assert out.returncode == 1 and "job:str holds a string" in out.stderr and "Traceback" not in out.stderr
+    redis.hset("job:p", mapping={"id": "p", "status": "pending"})
+    redis.set("job:p:progress", "50")
+    out = _cli(redis_url, "job", "p")
+    assert out.returncode == 1 and "job:p:progress holds a string" in out.stderr, out.stderr
+
+
+def test_job_shows_unreadable_events_and_the_rest(redis, redis_url):
+    store = JobStore(redis)
+    job_id = store.submit("simulation", {"steps": 1})
+    redis.rpush(f"job:{job_id}:events", "not json", "5", json.dumps({"ev": "odd", "t": "abc"}),
+                json.dumps({"ev": "far", "t": 1e30}))
+    store.cancel(job_id, "stop")
+    out = _cli(redis_url, "job", job_id)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    rows = out.stdout.splitlines()
+    rows = rows[next(i for i, line in enumerate(rows) if line.startswith("AT (UTC)")) + 1:]
+    assert [row.split()[1] for row in rows] == ["submitted", "unreadable", "unreadable", "odd", "far",
+                                                "cancel_requested"]
+    assert "raw=not json" in rows[1] and rows[1].startswith("-") and "raw=5" in rows[2]
+    doc = json.loads(_cli(redis_url, "job", job_id, "--json").stdout)
+    assert [s["at_ms"] is None for s in doc["steps"]] == [False, True, True, True, False, False]
+    assert doc["steps"][5]["since_previous_ms"] is not None
+
+
+def test_stuck_names_an_active_key_of_the_wrong_kind(redis, redis_url):
+    redis.hset("job:a4", mapping={"id": "a4", "status": "in_progress", "worker_id": "w8"})
+    redis.hset("jobs:active:w8", "a4", "{}")
+    out = _cli(redis_url, "stuck")
+    assert out.returncode == 0 and "a4" in out.stdout and "worker heartbeat missing" in out.stdout, out.stderr
+    redis.set("jobs:active:w7", "x")
+    out = _cli(redis_url, "stuck")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot list stuck jobs: jobs:active:w7 holds a string" in out.stderr
+    redis.delete("jobs:active:w7", "job:a4")
+    redis.rpush("job:a4", "x")  # the job an active hash names is no hash: no key to name, still no traceback
+    out = _cli(redis_url, "stuck")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot read the stuck jobs: a key of the job contract holds the wrong kind of value" in out.stderr

@@ -40,6 +40,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _job_type(text: str) -> str:
+    """An argparse type: a job type (service_required), which no worker claims when blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a job type is needed (the service_required a worker serves, e.g. "
+                                         "simulation); got an empty one, which no worker would ever claim")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emp-machine", description="Boot and operate an EMP worker machine.")
     parser.add_argument("--manifest", "-m", help="machine manifest (default: $EMP_MANIFEST or the built-in "
@@ -77,10 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     logs.set_defaults(func=ops.cmd_logs)
 
     submit = sub.add_parser("submit", help="submit a job exactly as the EMP API does; prints its id")
-    submit.add_argument("--type", required=True, help="job type (service_required)")
+    submit.add_argument("--type", required=True, type=_job_type, help="job type (service_required)")
     submit.add_argument("--payload", default="{}", help="JSON, or @file.json")
     submit.add_argument("--priority", type=int, default=50)
-    submit.add_argument("--max-retries", type=int, default=3)
+    submit.add_argument("--max-retries", type=_count, default=3, help="a whole number, 0 or more (default 3)")
     submit.add_argument("--wait", action="store_true", help="follow progress to the end")
     submit.add_argument("--timeout", type=float, default=600)
     submit.set_defaults(func=ops.cmd_submit)

@@ -489,7 +489,11 @@ def cmd_submit(args) -> int:
     # Like an EMP API producer, start the job's trace here: the worker's job.execution continues it, and
     # `emp-machine job` can name the trace id to look up in the tracing backend.
     trace = {"job_trace_id": new_trace_id(), "job_span_id": new_span_id()}
-    job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries, trace=trace)
+    try:
+        job_id = store.submit(args.type, payload, priority=args.priority, max_retries=args.max_retries,
+                              trace=trace)
+    except ValueError as exc:  # the contract's fields refused a value (jobs.contract_fields names it)
+        raise EmpError(f"job not submitted: {exc}") from None
     print(job_id)
     if not args.wait:
         return 0
@@ -505,11 +509,40 @@ def cmd_submit(args) -> int:
     return 0 if status == "completed" else 1
 
 
-def cmd_job(args) -> int:
-    from emp_machine.runtime import queries
+def _read_failed(client, exc, what: str, expected: dict[str, str]) -> EmpError:
+    """A Redis error while reading for `what`, as an error for the operator. For a WRONGTYPE reply, the keys
+    of `expected` (key -> the kind the job contract keeps there) are looked at to name the one at fault."""
+    import redis
 
-    _, store = _store(args)
-    doc = queries.timeline(store, args.job_id)
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE"):
+        wrong = []
+        for key, kind in expected.items():
+            try:
+                actual = client.type(key)
+            except redis.RedisError:
+                continue
+            if actual not in ("none", kind):
+                wrong.append(f"{key} holds a {actual}, where the job contract keeps a {kind}")
+        if wrong:
+            return EmpError(f"cannot read {what}: {'; '.join(wrong)} (not written by the EMP API or a worker: "
+                            f"check the name, and delete or rename a stray key)")
+        return EmpError(f"cannot read {what}: a key of the job contract holds the wrong kind of value ({exc})")
+    return EmpError(f"cannot read {what} from Redis: {exc.__class__.__name__}: {exc}")
+
+
+def cmd_job(args) -> int:
+    import redis
+
+    from emp_machine.runtime import queries
+    from emp_machine.runtime.jobs import events_key, job_key, progress_key
+
+    client, store = _store(args)
+    try:
+        doc = queries.timeline(store, args.job_id)
+    except redis.RedisError as exc:
+        raise _read_failed(client, exc, f"job {args.job_id}", {
+            job_key(args.job_id): "hash", progress_key(args.job_id): "hash", events_key(args.job_id): "list",
+        }) from None
     if doc is None:
         raise EmpError(f"no job {args.job_id} in Redis")
     if args.json:
@@ -538,10 +571,18 @@ def cmd_job(args) -> int:
 
 
 def cmd_stuck(args) -> int:
-    from emp_machine.runtime import queries
+    import redis
 
-    _, store = _store(args)
-    rows = queries.stuck(store)
+    from emp_machine.runtime import queries
+    from emp_machine.runtime.jobs import LEASES
+
+    client, store = _store(args)
+    try:
+        rows = queries.stuck(store)
+    except ValueError as exc:  # a jobs:active:* key that is no hash (jobs.stuck_jobs names it)
+        raise EmpError(f"cannot list stuck jobs: {exc}") from None
+    except redis.RedisError as exc:
+        raise _read_failed(client, exc, "the stuck jobs", {LEASES: "zset"}) from None
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

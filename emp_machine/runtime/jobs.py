@@ -275,7 +275,7 @@ def contract_fields(job_id: str, service_required: str, payload: Any, *, priorit
         "id": job_id,
         "service_required": service_required,
         "priority": text(priority),
-        "payload": json.dumps(payload, separators=(",", ":")),
+        "payload": _payload_json(payload),
         "requirements": requirements or "",
         "customer_id": customer_id,
         "created_at": created_at or iso_now(),
@@ -293,6 +293,17 @@ def contract_fields(job_id: str, service_required: str, payload: Any, *, priorit
         "workflow_span_id": trace.get("workflow_span_id", ""),
         "ctx": json.dumps(dict(ctx or {}), separators=(",", ":")),
     }
+
+
+def _payload_json(payload: Any) -> str:
+    """The payload as the JSON text the API's JSON.parse reads. NaN and Infinity are refused (ValueError
+    naming the payload): Python's json would write `NaN`, which is no JSON, and no worker or API could read
+    the job back."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise ValueError("payload holds NaN or Infinity, which JSON has no form for (the EMP API's JSON.parse "
+                         "refuses it): use null, a string or a finite number") from None
 
 
 @dataclass(frozen=True)
@@ -526,6 +537,12 @@ class _JobOps:
             cursor, keys = yield _Call(None, ("scan",), {"cursor": cursor, "match": "jobs:active:*", "count": 500})
             for key in keys:
                 worker_id = key.removeprefix("jobs:active:")
+                kind = yield _Call(None, ("type", key))
+                if kind == "none":  # the worker went offline since the scan
+                    continue
+                if kind != "hash":
+                    raise ValueError(f"{key} holds a {kind}, not the hash of running jobs the job contract keeps "
+                                     f"there for worker {worker_id}: delete or rename that stray key")
                 alive = bool((yield _Call(None, ("exists", heartbeat_key(worker_id)))))
                 for job_id in (yield _Call(None, ("hkeys", key))):
                     status, owner, assigned_at = yield _Call(
@@ -543,11 +560,21 @@ class _JobOps:
         job = yield _Call(None, ("hgetall", job_key(job_id)))
         progress = yield _Call(None, ("hgetall", progress_key(job_id)))
         events = yield _Call(None, ("lrange", events_key(job_id), 0, -1))
-        return Timeline(job, progress, [json.loads(e) for e in events])
+        return Timeline(job, progress, [_event(e) for e in events])
 
     def _is_cancelled(self, job_id: str) -> _Op:
         status = yield _Call(None, ("hget", job_key(job_id), "status"))
         return status in ("failed", "cancelled")
+
+
+def _event(text: str) -> dict[str, Any]:
+    """One entry of a job's event list; an entry that is no JSON object comes back as an `unreadable` event
+    holding the text (cut short), so a timeline shows the rest of the job rather than failing on it."""
+    try:
+        event = json.loads(text)
+    except ValueError:
+        event = None
+    return event if isinstance(event, dict) else {"ev": "unreadable", "raw": str(text)[:200]}
 
 
 def _public(op_name: str, doc: str):

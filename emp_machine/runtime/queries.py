@@ -19,7 +19,7 @@ from emp_machine.telemetry.redact import redact_text
 
 @dataclass(frozen=True)
 class Step:
-    at_ms: int
+    at_ms: int | None  # None for an entry with no readable time (shown, left out of the timings)
     event: str
     worker_id: str
     detail: str
@@ -56,8 +56,13 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
     durations: dict[str, int | float] = {}
     last: dict[str, int] = {}
     for ev in events:
-        at = int(ev.get("t") or 0)
+        at = _event_ms(ev.get("t"))
         name = str(ev.get("ev", "?"))
+        detail = {k: v for k, v in ev.items() if k not in ("t", "ev", "worker_id", "steps")}
+        if at is None:  # e.g. an entry that is not JSON (jobs._event): shown as it is, no timings from it
+            steps.append(Step(None, name, str(ev.get("worker_id") or ""),
+                              ", ".join(f"{k}={v}" for k, v in detail.items()), None))
+            continue
         last[name] = at
         if name == "claimed" and "submitted" in last:  # the last attempt's wait (after a retry, since the retry)
             since = max(last.get("submitted", 0), last.get("failed", 0), last.get("handed_back", 0),
@@ -66,8 +71,8 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         if name == "started" and "claimed" in last:
             durations["claim_to_start_ms"] = at - last["claimed"]
         if isinstance(ev.get("steps"), dict):  # measured by the worker, sent with its complete/fail
-            durations.update({f"{k}_ms": v for k, v in ev["steps"].items()})
-        detail = {k: v for k, v in ev.items() if k not in ("t", "ev", "worker_id", "steps")}
+            durations.update({f"{k}_ms": v for k, v in ev["steps"].items()
+                              if isinstance(v, int | float) and not isinstance(v, bool)})
         steps.append(Step(at, str(ev.get("ev", "?")), str(ev.get("worker_id") or ""),
                           ", ".join(f"{k}={v}" for k, v in detail.items()),
                           None if previous is None else at - previous))
@@ -104,6 +109,16 @@ def stuck(store: JobStore) -> list[dict[str, Any]]:
             reasons.append("worker heartbeat missing")
         out.append({**asdict(job), "reason": " and ".join(reasons)})
     return out
+
+
+def _event_ms(value: Any) -> int | None:
+    """An event's time ("t", epoch ms) as a whole number, None when absent or not a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _count(text: str | None) -> int | str:
@@ -168,8 +183,13 @@ def format_ms(ms: float | None) -> str:
     return f"{ms / 1000:.2f} s"
 
 
-def format_at(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+def format_at(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    except (OverflowError, OSError, ValueError):  # a time no clock reads (a bad event's "t")
+        return str(ms)
 
 
 # -- "What errors occurred on this machine?" ----------------------------------------------------------------
