@@ -172,18 +172,12 @@ def test_a_fail_after_the_api_cancelled_the_attempt_is_still_cancelled(store, re
 
 # -- end to end: real worker processes ------------------------------------------------------------------------
 
-class DropFailReply:
-    """A TCP proxy in front of Redis. The first `fail` FCALL reaches Redis, but its reply is dropped and the
-    connection closed, as a network cut would; the worker's retry of it is held until `release()` is true
-    (polled), then passes. Everything else passes through."""
+class _Proxy:
+    """A TCP proxy in front of Redis on a loopback port of its own, served by a thread's event loop;
+    subclasses say what `_handle` does with a connection."""
 
-    def __init__(self, upstream_port: int, release):
+    def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
-        self.release = release
-        self.fail_call = (function_library()[1] + "fail").encode()
-        self.fails_seen = 0
-        self.dropped = threading.Event()
-        self.held = threading.Event()
         self.ready = threading.Event()
         self.port = 0
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -201,6 +195,23 @@ class DropFailReply:
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        raise NotImplementedError
+
+
+class DropFailReply(_Proxy):
+    """A TCP proxy in front of Redis. The first `fail` FCALL reaches Redis, but its reply is dropped and the
+    connection closed, as a network cut would; the worker's retry of it is held until `release()` is true
+    (polled), then passes. Everything else passes through."""
+
+    def __init__(self, upstream_port: int, release):
+        self.release = release
+        self.fail_call = (function_library()[1] + "fail").encode()
+        self.fails_seen = 0
+        self.dropped = threading.Event()
+        self.held = threading.Event()
+        super().__init__(upstream_port)
 
     async def _handle(self, client_reader, client_writer) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -286,31 +297,18 @@ def test_a_fail_whose_reply_was_lost_does_not_count_against_the_next_attempt(red
         watcher.close()
 
 
-class HoldComplete:
+class HoldComplete(_Proxy):
     """A TCP proxy in front of Redis that holds the first `complete` FCALL (everything before it passes)
     until `release` is set; `held` is set once it holds it."""
 
     def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
         self.call = (function_library()[1] + "complete").encode()
-        self.held, self.release, self.ready = threading.Event(), threading.Event(), threading.Event()
-        self.port = 0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        assert self.ready.wait(5), "proxy did not start"
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        async with server:
-            await self._stop.wait()
+        self.held, self.release = threading.Event(), threading.Event()
+        super().__init__(upstream_port)
 
     def close(self) -> None:
         self.release.set()
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
+        super().close()
 
     async def _handle(self, client_reader, client_writer) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
