@@ -551,3 +551,23 @@ def test_request_ids_sent_in_a_span_are_kept_on_it_up_to_a_bound():
     [(_, _, record)] = kept  # (kind, value, span record)
     assert record[7]["request_ids"] == sent[:MAX_REQUEST_IDS]
     assert len(set(sent)) == len(sent) and all(r.startswith("req-") for r in sent)
+
+
+def test_a_failed_span_streamed_past_a_jobs_record_bound_is_an_error_record():
+    # Past _MAX_JOB_RECORDS a job's spans are written as they end; a failed one went in as ROUTINE, so a full
+    # buffer dropped it before info logs, metrics and events ("never error records while others remain").
+    from emp_machine.telemetry.buffer import Value
+    from emp_machine.telemetry.tracing import _MAX_JOB_RECORDS
+
+    clock = FakeClock()
+    tracer, kept = _tracer(1, clock)
+    tracer.sampler.threshold = 0  # unsampled: the job holds its spans, up to the bound
+    with tracer.start_as_current_span("job.execution"):
+        for _ in range(_MAX_JOB_RECORDS + 2):
+            with tracer.start_as_current_span("step"):
+                pass
+        failing = tracer.start_span("service.call")
+        failing.set_status(StatusCode.ERROR, "boom")
+        failing.end()
+    [value] = [value for _, value, record in kept if record[3] == "service.call"]
+    assert value == Value.ERROR

@@ -381,8 +381,8 @@ class Tracer(otel_trace.Tracer):
             if span._status == 2:
                 job.failed = True
             if job.overflow or len(job.records) >= _MAX_JOB_RECORDS:
-                job.overflow = True
-                self._emit((Kind.SPAN, Value.ROUTINE, span.record()))
+                job.overflow = True  # streamed as it ends: a failed one is an error record, kept longest
+                self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
                 self.kept_spans += 1
             else:
                 job.records.append(span)  # ended, so immutable: record() waits for the job's decision
