@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
+from aiohttp import web
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from emp_machine.telemetry import TelemetryConfig
@@ -398,3 +400,100 @@ def test_setup_ships_to_a_per_signal_endpoint_alone(tmp_path, receiver):
         pass
     telemetry.shutdown()
     assert "kept" in [s.name for s in receiver.spans()]
+
+
+class _PipelineDown(OtlpReceiver):
+    """A collector whose pipeline for one path answers 503 (the others are healthy) while `failing` is it."""
+
+    def __init__(self, failing: str | None):
+        super().__init__()
+        self.failing = failing
+        self.refused: list[str] = []
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.path == self.failing:
+            await request.read()
+            with self._lock:
+                self.refused.append(request.path)
+                self.statuses.append(503)
+            return web.Response(status=503)
+        return await super()._handle(request)
+
+
+@pytest.mark.parametrize("down", ["its pipeline answers 503", "its own endpoint is down"])
+def test_a_failing_signal_does_not_hold_back_the_others(buffer, down):
+    # Spans went first and a retryable failure backed off the whole shipper: while /v1/traces failed, logs
+    # and metrics were never tried, even on a healthy collector, and expired after the buffer's retention.
+    receiver = _PipelineDown("/v1/traces" if down == "its pipeline answers 503" else None).start()
+    signals = None if down == "its pipeline answers 503" else {
+        "traces": (f"http://127.0.0.1:{free_port()}/v1/traces", None)}  # nothing listens there
+    try:
+        for i in range(50):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        for i in range(20):
+            buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 17, "ERROR", f"boom {i}", {}, 0, 0, ""))
+        for i in range(3):
+            buffer.append(Kind.METRIC, Value.NORMAL, _metric_record(1, 1))
+        buffer.flush()
+        shipper = _shipper(buffer, receiver.endpoint, signals=signals, breaker_threshold=2).start()
+        try:
+            assert receiver.wait_for(lambda r: len(r.logs()) == 20 and len(r.metrics()) == 3, timeout=10)
+            assert wait_until(lambda: shipper.stats.signals["traces"].breaker_open, timeout=10)
+            # Traces backing off, nothing else to send: the thread sleeps (its backoff, its interval).
+            cpu0, wall0 = _thread_cpu(shipper._thread.native_id), time.monotonic()
+            time.sleep(1.0)  # the measuring window
+            cpu = _thread_cpu(shipper._thread.native_id) - cpu0
+            assert cpu < 0.1 * (time.monotonic() - wall0), f"the shipper thread used {cpu:.2f} s of CPU"
+            start = time.monotonic()
+            shipper.stop(drain_timeout=5)  # the only records left are behind an open circuit: no waiting
+            assert time.monotonic() - start < 1.0
+        finally:
+            shipper.stop()
+    finally:
+        receiver.stop()
+    assert receiver.spans() == [] and buffer.pending(Kind.SPAN) == 50
+    assert buffer.pending(Kind.LOG) == buffer.pending(Kind.METRIC) == 0
+    assert sorted(log.body.string_value for log in receiver.logs()) == sorted(f"boom {i}" for i in range(20))
+    stats = shipper.stats
+    assert stats.breaker_open and stats.consecutive_failures >= 2  # any signal's circuit, the most failures
+    assert stats.signals["logs"].consecutive_failures == stats.signals["metrics"].consecutive_failures == 0
+    assert not stats.signals["logs"].breaker_open and not stats.signals["metrics"].breaker_open
+
+
+def test_each_signal_backs_off_and_probes_on_its_own(buffer):
+    # The reverse: every span accepted reset the one shared backoff, so a failing /v1/logs was retried on
+    # every pass and its circuit never opened. Driven with a fake clock, one pass at a time.
+    receiver = _PipelineDown("/v1/logs").start()
+    clock = [1000.0]
+    shipper = _shipper(buffer, receiver.endpoint, batch_min=1, batch_max=10, breaker_threshold=2,
+                       probe_records=3, rng=random.Random(7), clock=lambda: clock[0])
+    try:
+        for i in range(100):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        for i in range(50):
+            buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", f"line {i}", {}, 0, 0, ""))
+        buffer.flush()
+        assert shipper.ship_once() is True  # a batch of spans; the logs are refused and back off
+        assert len(receiver.spans()) == 10 and receiver.refused == ["/v1/logs"]
+        assert shipper.ship_once() is True  # the same moment: spans go on, the logs wait out their backoff
+        assert len(receiver.spans()) == 20 and len(receiver.refused) == 1
+        clock[0] += 1.0  # past max_backoff (0.2 s)
+        assert shipper.ship_once() is True
+        assert len(receiver.spans()) == 30 and len(receiver.refused) == 2
+        logs, traces = shipper.stats.signals["logs"], shipper.stats.signals["traces"]
+        assert logs.breaker_open and logs.consecutive_failures == 2 and "503" in logs.last_error
+        assert not traces.breaker_open and traces.consecutive_failures == 0
+        assert shipper.stats.breaker_open and shipper.stats.consecutive_failures == 2
+        assert shipper.ship_once() is True and len(receiver.refused) == 2  # circuit open: logs still wait
+        receiver.failing = None  # the logs pipeline is back
+        clock[0] += 1.0
+        assert shipper.ship_once() is True
+        assert len(receiver.logs()) == 3  # a probe first
+        assert shipper.ship_once() is True
+        assert len(receiver.logs()) == 13  # then full batches
+    finally:
+        shipper._close()
+        receiver.stop()
+    assert [len(r.request.resource_spans[0].scope_spans[0].spans) for r in receiver.requests
+            if r.path == "/v1/traces"] == [10] * 6  # never a probe: the spans' circuit never opened
+    assert not shipper.stats.breaker_open and shipper.stats.consecutive_failures == 0

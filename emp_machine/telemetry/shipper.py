@@ -7,7 +7,9 @@ chunks included, so a batch split across requests is never sent twice by us).
 
 Failures: connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter, honouring
 `Retry-After`; after `breaker_threshold` consecutive failures the circuit opens, and once the backoff has passed
-a single small probe request (at most `probe_records`) must succeed before full batches resume. A 4xx other than
+a single small probe request (at most `probe_records`) must succeed before full batches resume. Each signal has
+its own backoff and breaker: a failing one (its endpoint down, or a collector whose traces pipeline answers 503)
+neither holds the others back nor is retried sooner because they succeed. A 4xx other than
 429 means the collector will never take that batch: it moves to the buffer's dead-letter table (kept, counted).
 A 3xx means the endpoint is wrong, not the records: not followed, retried like a 5xx, and logged.
 Duplicates are possible only when a collector accepted a request and the reply was lost (at least once).
@@ -39,13 +41,25 @@ _REQUEST_OVERHEAD = 4096  # resource + scope + framing, well above what ours tak
 
 
 @dataclass
+class SignalStats:
+    """One signal's retry state: its failures since its last 2xx, and whether its circuit is open."""
+
+    consecutive_failures: int = 0
+    breaker_open: bool = False
+    last_error: str = ""
+
+
+@dataclass
 class ShipperStats:
     exported: dict[str, int] = field(default_factory=lambda: {"spans": 0, "logs": 0, "metrics": 0})
     requests_ok: int = 0
     requests_failed: int = 0
     dead_lettered: int = 0
+    # Over the signals that have an endpoint (each in `signals`, by "traces"/"logs"/"metrics"): the most
+    # consecutive failures of any, and whether any signal's circuit is open.
     consecutive_failures: int = 0
     breaker_open: bool = False
+    signals: dict[str, SignalStats] = field(default_factory=dict)
     last_error: str = ""
     bytes_sent: int = 0
     redirects: int = 0  # 3xx answers: the endpoint is wrong (retried, and warned about once per answer)
@@ -67,6 +81,15 @@ class _Target:
 
 
 _KIND_NAMES = {Kind.SPAN: "spans", Kind.LOG: "logs", Kind.METRIC: "metrics"}
+
+
+@dataclass
+class _Signal:
+    """One signal's backoff: its public stats, when it may be tried again, the last redirect warned about."""
+
+    stats: SignalStats
+    not_before: float = 0.0  # stays set until a 2xx (once passed, the usual waits hold)
+    warned: str = ""  # once per distinct answer, until a 2xx
 
 
 class _Retry(Exception):
@@ -183,15 +206,15 @@ class Shipper:
         self._rng = rng or random.Random()
         self._clock = clock
         self._conns: dict[tuple, http.client.HTTPConnection] = {}  # by (scheme, host, port)
-        self._warned = ""  # the last redirect warned about (once per distinct answer, until a 2xx)
         self._last_sent = {kind: clock() for kind in PATHS}
         self._next_due = clock()  # when the first signal with records waiting falls due (ship_once)
-        self._not_before = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._draining = False
         self._thread: threading.Thread | None = None
         self.stats = ShipperStats()
+        self._signals = {kind: _Signal(SignalStats()) for kind in self._targets}
+        self.stats.signals = {SIGNALS[kind]: signal.stats for kind, signal in self._signals.items()}
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -213,8 +236,9 @@ class Shipper:
         self._draining = True
         self._wake.set()
         self.buffer.flush(max(0.05, drain_until - time.monotonic()))
-        while time.monotonic() < drain_until and not self.stats.breaker_open and self._thread.is_alive() \
-                and any(self.buffer.pending(kind) for kind in self._targets):  # (a signal without an endpoint stays)
+        # Until every signal with an endpoint is sent or has its circuit open (a signal without one stays).
+        while time.monotonic() < drain_until and self._thread.is_alive() and any(
+                self.buffer.pending(kind) and not signal.stats.breaker_open for kind, signal in self._signals.items()):
             time.sleep(0.02)  # polling the drain's progress, not synchronising with it
         self._stop.set()
         self._wake.set()
@@ -236,30 +260,34 @@ class Shipper:
             self.stats.cpu_seconds = time.thread_time() - start_cpu
             if not progressed:
                 now = self._clock()
-                if self._not_before > now:  # backing off; once that has passed, the usual waits hold
-                    wait = self._not_before - now  # (it stays set until a 2xx: 0 here spun a core)
-                elif self._draining:
-                    wait = 0.01
+                # Signals backing off; once a backoff has passed, the usual waits hold (a signal's not_before
+                # stays set until its 2xx: waiting until it, 0, spun a core).
+                backoffs = [signal.not_before for signal in self._signals.values() if signal.not_before > now]
+                retry_in = min(backoffs, default=math.inf) - now
+                if self._draining:
+                    wait = 0.01 if len(backoffs) < len(self._signals) else retry_in
                 else:
-                    # Until the first signal falls due (a full batch wakes us sooner: Buffer.on_commit), and
-                    # after at most an interval, for records committed meanwhile.
-                    wait = min(self.interval, max(self.poll, self._next_due - now))
+                    # Until the first signal falls due (a full batch wakes us sooner: Buffer.on_commit), or the
+                    # first backoff ends, and after at most an interval, for records committed meanwhile.
+                    wait = min(self.interval, max(self.poll, self._next_due - now), retry_in)
                 self._wake.wait(wait)
                 self._wake.clear()
 
     # --- one pass ------------------------------------------------------------------------------------
 
     def ship_once(self) -> bool:
-        """Send at most one request per signal that is due; True when a request was accepted."""
+        """Send at most one request per signal that is due and not backing off; True when a request was
+        accepted. A signal's retryable failure backs off that signal alone: the next one is still tried."""
         now = self._clock()
         self._next_due = now + self.interval  # nothing pending: look again in an interval
-        if now < self._not_before:
-            return False
         if not self.buffer.pending():
             return False
         progressed = False
         for kind in (Kind.SPAN, Kind.LOG, Kind.METRIC):
-            pending = self.buffer.pending(kind) if kind in self._targets else 0  # no endpoint: kept
+            signal = self._signals.get(kind)
+            if signal is None or now < signal.not_before:  # no endpoint: kept; backing off: _run wakes us then
+                continue
+            pending = self.buffer.pending(kind)
             if not pending:
                 continue
             # A full batch goes at once; batch_min records wait for the interval (5 s by default); fewer wait
@@ -268,16 +296,16 @@ class Shipper:
             if not (self._draining or pending >= self.batch_max or now >= due):
                 self._next_due = min(self._next_due, due)
                 continue
-            limit = self.probe_records if self.stats.breaker_open else self.batch_max
+            limit = self.probe_records if signal.stats.breaker_open else self.batch_max
             try:
                 sent = self._send(kind, limit)
             except _Retry as retry:
-                self._failed(str(retry), retry.retry_after)
-                return progressed
+                self._failed(kind, str(retry), retry.retry_after)
+                continue
             self._last_sent[kind] = self._clock()
             if sent:
                 progressed = True
-                self._succeeded()
+                self._succeeded(kind)
         return progressed
 
     def _send(self, kind: Kind, limit: int) -> int:
@@ -409,30 +437,41 @@ class Shipper:
             self.stats.redirects += 1
             reason = f"HTTP {status} from {PATHS[kind]}{_moved_to(response.getheader('Location'))}: " \
                      f"redirects are not followed, fix the OTLP endpoint"
-            if reason != self._warned:
-                self._warned = reason
+            if reason != self._signals[kind].warned:
+                self._signals[kind].warned = reason
                 _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
             raise _Retry(reason)
         raise _Rejected(f"HTTP {status} from {PATHS[kind]}")
 
     # --- backoff and circuit breaker -----------------------------------------------------------------
 
-    def _failed(self, reason: str, retry_after: float | None) -> None:
-        stats = self.stats
-        stats.requests_failed += 1
+    def _failed(self, kind: Kind, reason: str, retry_after: float | None) -> None:
+        """Back `kind` off (the other signals keep their own state)."""
+        signal = self._signals[kind]
+        stats = signal.stats
+        self.stats.requests_failed += 1
+        self.stats.last_error = stats.last_error = reason
         stats.consecutive_failures += 1
-        stats.last_error = reason
         if stats.consecutive_failures >= self.breaker_threshold:
             stats.breaker_open = True
         exponent = min(stats.consecutive_failures - 1, 16)
         delay = min(self.max_backoff, self.base_backoff * 2**exponent) * self._rng.uniform(0.5, 1.0)
         if retry_after is not None:
             delay = min(max(delay, retry_after), max(self.max_backoff, retry_after))
-        self._not_before = self._clock() + delay
+        signal.not_before = self._clock() + delay
+        self._aggregate()
 
-    def _succeeded(self) -> None:
+    def _succeeded(self, kind: Kind) -> None:
+        signal = self._signals[kind]
         self.stats.requests_ok += 1
-        self.stats.consecutive_failures = 0
-        self.stats.breaker_open = False  # the probe got through: full batches resume
-        self._not_before = 0.0
-        self._warned = ""
+        signal.stats.consecutive_failures = 0
+        signal.stats.breaker_open = False  # the probe got through: full batches resume
+        signal.not_before = 0.0
+        signal.warned = ""
+        self._aggregate()
+
+    def _aggregate(self) -> None:
+        """The shipper-wide view: the most consecutive failures of any signal, open when any circuit is."""
+        signals = [signal.stats for signal in self._signals.values()]
+        self.stats.consecutive_failures = max(stats.consecutive_failures for stats in signals)
+        self.stats.breaker_open = any(stats.breaker_open for stats in signals)
