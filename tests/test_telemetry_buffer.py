@@ -6,6 +6,7 @@ import marshal
 import os
 import random
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import zlib
 
 import pytest
 
-from emp_machine.telemetry.buffer import Buffer, BufferInUse, Kind, Value, _read_frames
+from emp_machine.telemetry.buffer import Buffer, BufferInUse, Chunk, Kind, Value, _read_frames
 
 
 def _log(i: int, body: str = "") -> tuple:
@@ -675,3 +676,237 @@ def test_damaged_stage_files_are_kept_only_for_the_retention_and_a_few_at_most(t
             "b.db.stage.1.bad", "b.db.stage.2.bad", "b.db.stage.3.bad", "b.db.stage.4.bad"]  # the newest 4
     finally:
         buffer.close()
+
+
+# -- records in flight, transactions that belong together, a failed statement ------------------------------
+
+
+def _noisy(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(300))
+
+
+def _span(i: int, noise: str) -> tuple:
+    return (1 + i, 1 + i, 0, "s", 1, 0, 1, {"i": i, "n": noise}, 0, "", None, "", 0)
+
+
+def _over_the_cap_with_a_span_chunk_in_flight(tmp_path, drops: list) -> tuple[Buffer, Chunk, random.Random]:
+    """A buffer (50 KB cap, ~21 KB a chunk of 100 records) whose one span chunk (routine) the shipper has read
+    and is sending; `_push_errors_over_the_cap` then drops it while its request is in flight."""
+    rng = random.Random(1)
+    buffer = Buffer(tmp_path / "b.db", max_size=50_000, on_drop=lambda r, n: drops.append((r, n)))
+    for i in range(100):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i, _noisy(rng)))
+    buffer.flush()
+    (chunk,) = buffer.read(Kind.SPAN, 1000)  # handed to the shipper: its request is in flight from here
+    return buffer, chunk, rng
+
+
+def _push_errors_over_the_cap(buffer: Buffer, rng: random.Random) -> None:
+    for round_ in range(2):
+        for i in range(100):
+            buffer.append(Kind.LOG, Value.ERROR, (round_ * 100 + i, 17, "ERROR", _noisy(rng), {}, 0, 0, ""))
+        buffer.flush()
+
+
+def test_a_chunk_dropped_while_its_request_is_in_flight_is_not_counted_as_lost_when_the_ack_comes(tmp_path):
+    drops: list[tuple[str, int]] = []
+    buffer, chunk, rng = _over_the_cap_with_a_span_chunk_in_flight(tmp_path, drops)
+    try:
+        buffer.ack([(chunk.id, 40)])  # a first request took 40 of its records
+        _push_errors_over_the_cap(buffer, rng)
+        assert buffer.pending(Kind.SPAN) == 0 and buffer.stats().dropped == {"buffer_full": 60}  # dropped...
+        buffer.ack([(chunk.id, 100)])  # ... and then the collector accepted the rest of them
+        stats = buffer.stats()
+        assert stats.dropped == {} and drops == []  # nothing was lost, nothing is reported lost
+        assert stats.acked_total == 100 and stats.stored_records == 200
+        assert stats.written_total == stats.acked_total + stats.stored_records + sum(stats.dropped.values())
+        buffer.read(Kind.SPAN, 1000)  # the shipper's next batch: nothing left to report of the last one
+        assert drops == []
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db", max_size=50_000)  # the saved counter was lowered with the ack
+    try:
+        assert reopened.stats().dropped == {} and reopened.pending() == 200
+    finally:
+        reopened.close()
+
+
+def test_a_chunk_dropped_while_in_flight_counts_what_no_ack_delivered_and_reports_it_at_the_next_read(tmp_path):
+    drops: list[tuple[str, int]] = []
+    buffer, chunk, rng = _over_the_cap_with_a_span_chunk_in_flight(tmp_path, drops)
+    try:
+        buffer.ack([(chunk.id, 30)])
+        _push_errors_over_the_cap(buffer, rng)
+        buffer.ack([(chunk.id, 70)])  # a second request accepted; the third failed: 30 never arrived
+        assert buffer.stats().dropped == {"buffer_full": 30}
+        assert drops == []  # the request's fate was not known yet
+        buffer.read(Kind.SPAN, 1000)  # the shipper is done with that batch
+        assert drops == [("buffer_full", 30)] and buffer.stats().dropped == {"buffer_full": 30}
+        assert buffer.stats().acked_total == 70
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db", max_size=50_000)
+    try:
+        assert reopened.stats().dropped == {"buffer_full": 30}
+    finally:
+        reopened.close()
+
+
+def test_a_chunk_expired_while_in_flight_then_dead_lettered_is_a_dead_letter_not_a_drop(tmp_path):
+    now = [1000.0]
+    drops: list[tuple[str, int]] = []
+    buffer = Buffer(tmp_path / "b.db", retention=60, clock=lambda: now[0], on_drop=lambda r, n: drops.append((r, n)))
+    try:
+        for i in range(5):
+            buffer.append(Kind.SPAN, Value.ERROR, (i,))
+        buffer.flush()
+        (chunk,) = buffer.read(Kind.SPAN, 10)  # in flight
+        now[0] += 61
+        buffer.flush()  # the retention pass: expired while its request is in flight
+        assert buffer.pending() == 0 and buffer.stats().dropped == {"expired": 5}
+        buffer.dead_letter(Kind.SPAN, chunk.records, [(chunk.id, chunk.count)], "HTTP 400")  # the collector refused
+        stats = buffer.stats()
+        assert stats.dead_letter_records == 5 and stats.dropped == {}  # counted once, as what happened to them
+        buffer.close()
+        assert drops == []
+    finally:
+        buffer.close()
+
+
+KILL_CHILD = """
+import os, random, signal, sys
+from pathlib import Path
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+
+class KillBetween:
+    '''The buffer's own connection, except that it SIGKILLs this process at the first statement that names
+    `then` after one starting with `after` has run: the kill lands exactly between the two.'''
+    def __init__(self, db, after, then):
+        self.db, self.after, self.then, self.armed = db, after, then, False
+    def _run(self, method, sql, args):
+        if self.armed and self.then in sql:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = getattr(self.db, method)(sql, *args)
+        self.armed = self.armed or sql.startswith(self.after)
+        return result
+    def execute(self, sql, *args): return self._run("execute", sql, args)
+    def executemany(self, sql, *args): return self._run("executemany", sql, args)
+    def __getattr__(self, name): return getattr(self.db, name)
+
+path, case = Path(sys.argv[1]), sys.argv[2]
+if case == "dead_letter":  # between the dead letter's INSERT and the ack of its records
+    buffer = Buffer(path)
+    for i in range(5):
+        buffer.append(Kind.SPAN, Value.ROUTINE, (i,))
+    buffer.flush()
+    (chunk,) = buffer.read(Kind.SPAN, 10)
+    buffer._db = KillBetween(buffer._db, "INSERT INTO dead_letter", "chunks")
+    buffer.dead_letter(Kind.SPAN, chunk.records, [(chunk.id, chunk.count)], "HTTP 400")
+else:  # between the DELETE of the chunks dropped for the cap and the write of their drop counter
+    rng = random.Random(1)
+    noise = lambda: "".join(rng.choice("abcdefghij0123456789") for _ in range(300))
+    buffer = Buffer(path, max_size=30_000)
+    for i in range(100):
+        buffer.append(Kind.LOG, Value.DEBUG, (i, 5, "DEBUG", noise(), {}, 0, 0, ""))
+    buffer.flush()
+    buffer._db = KillBetween(buffer._db, "DELETE FROM chunks", "counters")
+    for i in range(100):
+        buffer.append(Kind.LOG, Value.ERROR, (100 + i, 17, "ERROR", noise(), {}, 0, 0, ""))
+    buffer.flush()
+print("not killed", flush=True)
+"""
+
+
+def test_a_sigkill_between_dead_lettering_a_batch_and_acking_it_leaves_it_one_or_the_other(tmp_path):
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(tmp_path / "b.db"), "dead_letter"],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr  # killed at that very point
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        # Both together (dead letter and still pending) would be sent again, dead-lettered and counted twice.
+        assert (buffer.stats().dead_letter_records, buffer.pending(Kind.SPAN)) in ((0, 5), (5, 0))
+    finally:
+        buffer.close()
+
+
+def test_a_sigkill_between_dropping_chunks_and_counting_them_loses_nothing_uncounted(tmp_path):
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(tmp_path / "b.db"), "limits"],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    buffer = Buffer(tmp_path / "b.db")  # the default cap: nothing is dropped on opening
+    try:
+        stats = buffer.stats()
+        assert stats.stored_records + sum(stats.dropped.values()) == 200  # every record kept or counted
+    finally:
+        buffer.close()
+
+
+class _FailsOnce:
+    """The buffer's own connection, except that the first statement containing `at` fails, once, as a
+    transient disk I/O error would."""
+
+    def __init__(self, db, at: str):
+        self.db, self.at, self.failed = db, at, False
+
+    def _run(self, method: str, sql: str, args: tuple):
+        if not self.failed and self.at in sql:
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error")
+        return getattr(self.db, method)(sql, *args)
+
+    def execute(self, sql, *args):
+        return self._run("execute", sql, args)
+
+    def executemany(self, sql, *args):
+        return self._run("executemany", sql, args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("step", ["ack", "dead_letter"])
+def test_an_sqlite_error_in_an_ack_rolls_it_back_and_the_buffer_goes_on(tmp_path, step):
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        for i in range(10):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        buffer.flush()
+        (chunk,) = buffer.read(Kind.LOG, 100)
+        buffer._db = _FailsOnce(buffer._db, "UPDATE chunks SET sent")
+        do = (lambda: buffer.ack([(chunk.id, 4)])) if step == "ack" else (
+            lambda: buffer.dead_letter(Kind.LOG, chunk.records[:4], [(chunk.id, 4)], "HTTP 400"))
+        with pytest.raises(sqlite3.OperationalError):
+            do()
+        assert buffer.pending() == 10 and buffer.dead_letters() == []  # none of it happened
+        do()  # the shipper's next try
+        assert buffer.pending() == 6 and len(buffer.dead_letters()) == (step == "dead_letter")
+        for i in range(10, 510):  # later records are committed as before, not dropped as write_error
+            buffer.append(Kind.LOG, Value.ERROR, _log(i))
+        assert buffer.flush()
+        assert buffer.stats().dropped == {} and buffer.pending() == 506
+    finally:
+        buffer.close()
+
+
+def test_an_sqlite_error_while_dropping_for_the_cap_drops_nothing_uncounted_and_the_next_pass_drops(tmp_path, capfd):
+    rng = random.Random(1)
+    buffer = Buffer(tmp_path / "b.db", max_size=30_000)
+    try:
+        for i in range(100):
+            buffer.append(Kind.LOG, Value.DEBUG, _log(i, _noisy(rng)))
+        buffer.flush()
+        buffer._db = _FailsOnce(buffer._db, "INSERT INTO counters")
+        for i in range(100, 200):
+            buffer.append(Kind.LOG, Value.ERROR, _log(i, _noisy(rng)))
+        buffer.flush()
+        assert "disk I/O error" in capfd.readouterr().err  # the pass failed, and said so
+        assert buffer.stats().stored_records + sum(buffer.stats().dropped.values()) == 200
+        buffer.flush()  # the next pass
+        assert buffer.stats().dropped == {"buffer_full": 100} and buffer.stats().stored_bytes <= 30_000
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db")  # what is in the file says the same
+    try:
+        assert reopened.stats().stored_records == 100 and reopened.stats().dropped == {"buffer_full": 100}
+    finally:
+        reopened.close()

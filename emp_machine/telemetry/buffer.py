@@ -31,15 +31,20 @@ burst that fills the stage file before the writer has switched (it is woken at h
 Limits (the manifest's `telemetry.buffer`): when the compressed size passes `max_size`, whole chunks are
 dropped, least valuable class first and oldest first within a class (see `Value`); error records go only when
 nothing else is left. Chunks older than `retention` are dropped as `expired`. Every dropped record is counted
-by reason in `stats().dropped` and reported through `on_drop`, never silently. After `segment_size` bytes
-written, the WAL is checkpointed and freed pages are returned to the file system (incremental vacuum), which
-keeps the file near the live data.
+by reason in `stats().dropped` and reported through `on_drop`, never silently: the chunks deleted and their
+count are one transaction. A chunk dropped while the shipper is sending it (handed out by `read()`, until
+the next read of its kind) is counted at once, and an ack that then comes for it takes its delivered records
+back off the count (in the ack's transaction): the count is the records lost; `on_drop` hears of those no
+ack delivered when the shipper reads its next batch of that kind. After `segment_size` bytes written, the
+WAL is checkpointed and freed pages are returned to the file system (incremental vacuum), which keeps the
+file near the live data.
 
 One process owns one buffer file (an advisory lock enforces it): the shipper of that process reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import marshal
@@ -52,7 +57,7 @@ import time
 import weakref
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +141,8 @@ _STAGE_SIZE = 2 * 1024 * 1024  # bytes of one stage file (reserved with fallocat
 _STAGE_KEY = "emp.buffer.stage_seq"  # state row: the last stage file whose frames are in SQLite
 _COMMIT_BATCH = 1000  # records: a batch this big is committed at once
 _BAD_KEPT = 4  # damaged stage files (`.stage.<n>.bad`, 2 MiB each) kept for inspection, newest first
+_ADD_COUNTER = ("INSERT INTO counters(name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
 _marshal = marshal.dumps
 _fallocate = getattr(os, "posix_fallocate", None)
 _pack_frame = _FRAME.pack
@@ -442,6 +449,11 @@ class Buffer:
         self._closed = False
         self._written = 0
         self._acked = 0
+        # Under _db_lock: the chunks the last read() of each kind handed out, id -> kind (the shipper's requests
+        # for them may be in flight), and those of them dropped since: id -> [reason, count, records sent or
+        # counted as dropped].
+        self._handed: dict[int, int] = {}
+        self._dropped_handed: dict[int, list] = {}
         self._since_checkpoint = 0
         self._last_retention = 0.0
         self._stage_seq = self._recover_stage_files()
@@ -623,21 +635,31 @@ class Buffer:
     def _insert(self, rows: list[tuple], states: dict[str, str], seq: int, drops: dict[str, int] | None = None) -> None:
         """One transaction: the chunks, the state values, the stage file's number and, for a stage file moved
         in, the drop counts of its damaged frames (counted exactly once, with the frames that were kept)."""
-        with self._db_lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "INSERT INTO chunks(kind, value, created, count, nbytes, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
-                items = [*states.items(), (_STAGE_KEY, str(seq))]
-                self._db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", items)
-                if drops:
-                    self._db.executemany(
-                        "INSERT INTO counters(name, value) VALUES (?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", list(drops.items()))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db_lock, self._transaction():
+            self._db.executemany(
+                "INSERT INTO chunks(kind, value, created, count, nbytes, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            items = [*states.items(), (_STAGE_KEY, str(seq))]
+            self._db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", items)
+            if drops:
+                self._db.executemany(_ADD_COUNTER, list(drops.items()))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT (the caller holds _db_lock); on any error, ROLLBACK and raise. Every transaction of
+        the buffer goes through here: one left open (an ack that failed on a transient I/O error) made every
+        later BEGIN fail, "cannot start a transaction within a transaction", and every record after it was
+        dropped as write_error until the process restarted."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # a failed COMMIT may have ended it already
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    _report(f"telemetry buffer: a rollback failed ({exc})")
+            raise
 
     # --- the SQLite file ----------------------------------------------------------------------------
 
@@ -797,55 +819,69 @@ class Buffer:
         now = self._clock()
         if now - self._last_retention >= 1.0:
             self._last_retention = now
+            report = 0
             with self._db_lock:
                 expired = self._db.execute(
-                    "SELECT COALESCE(SUM(count - sent), 0), COALESCE(SUM(nbytes), 0), COUNT(*) FROM chunks "
-                    "WHERE created < ?", (now - self.retention,)).fetchone()
-                if expired[2]:
-                    self._db.execute("DELETE FROM chunks WHERE created < ?", (now - self.retention,))
-            if expired[2]:
-                self._stored_records -= expired[0]
-                self._stored_bytes -= expired[1]
-                self._count_drop("expired", expired[0])
+                    "SELECT id, count, sent, nbytes FROM chunks WHERE created < ?", (now - self.retention,)).fetchall()
+                if expired:
+                    report = self._drop_chunks("expired", expired)
+            self._notify_drop("expired", report)
         while self._stored_bytes > self.max_size:
             with self._db_lock:
                 # Least valuable class first, oldest first within it (ERROR only when nothing else remains).
                 victims = self._db.execute(
-                    "SELECT id, count - sent, nbytes FROM chunks ORDER BY value, id LIMIT 16").fetchall()
+                    "SELECT id, count, sent, nbytes FROM chunks ORDER BY value, id LIMIT 16").fetchall()
                 excess = self._stored_bytes - self.max_size
                 chosen = []
                 for victim in victims:
                     chosen.append(victim)
-                    excess -= victim[2]
+                    excess -= victim[3]
                     if excess <= 0:
                         break
                 if not chosen:
                     break
-                self._db.executemany("DELETE FROM chunks WHERE id = ?", [(v[0],) for v in chosen])
-            self._stored_records -= sum(v[1] for v in chosen)
-            self._stored_bytes -= sum(v[2] for v in chosen)
-            self._count_drop("buffer_full", sum(v[1] for v in chosen))
+                report = self._drop_chunks("buffer_full", chosen)
+            self._notify_drop("buffer_full", report)
         if self._since_checkpoint >= self.segment_size:
             self._since_checkpoint = 0
             with self._db_lock:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._db.execute("PRAGMA incremental_vacuum")
 
+    def _drop_chunks(self, reason: str, rows: list[tuple[int, int, int, int]]) -> int:
+        """Delete dropped chunks, rows (id, count, sent, nbytes), and add their unsent records to the `reason`
+        counter in one transaction (committed apart, a kill between them lost records uncounted); the caller
+        holds _db_lock. Returns the records to report now: those of a chunk handed out to the shipper wait
+        until its request's fate is known, since an ack may still deliver them (see `_advance`)."""
+        lost = sum(count - sent for _, count, sent, _ in rows)
+        with self._transaction():
+            self._db.executemany("DELETE FROM chunks WHERE id = ?", [(row[0],) for row in rows])
+            if lost:
+                self._db.execute(_ADD_COUNTER, (reason, lost))
+        self._stored_records -= lost
+        self._stored_bytes -= sum(row[3] for row in rows)
+        if lost:
+            self._dropped[reason] = self._dropped.get(reason, 0) + lost
+        for chunk_id, count, sent, _ in rows:
+            if chunk_id in self._handed:
+                self._dropped_handed[chunk_id] = [reason, count, sent]
+                lost -= count - sent
+        return lost
+
     def _count_drop(self, reason: str, count: int) -> None:
+        """Count records dropped with nothing else to commit (a failed write, startup, the shipper's)."""
         if count <= 0:
             return
         self._dropped[reason] = self._dropped.get(reason, 0) + count
         try:
             with self._db_lock:
-                self._db.execute(
-                    "INSERT INTO counters(name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (reason, count))
+                self._db.execute(_ADD_COUNTER, (reason, count))
         except sqlite3.Error as exc:  # the same failure that dropped them, often: counted here, reported anyway
             _report(f"telemetry buffer: a drop count could not be saved ({exc})")
         self._notify_drop(reason, count)
 
     def _notify_drop(self, reason: str, count: int) -> None:
-        if self.on_drop is not None:
+        if self.on_drop is not None and count > 0:
             try:
                 self.on_drop(reason, count)
             except Exception:  # a reporting hook must not stop the writer
@@ -867,7 +903,9 @@ class Buffer:
         return int(row[0])
 
     def read(self, kind: int, max_records: int) -> list[Chunk]:
-        """The oldest unacknowledged chunks of `kind`, up to about `max_records` records (at least one chunk)."""
+        """The oldest unacknowledged chunks of `kind`, up to about `max_records` records (at least one chunk).
+        They count as handed out (their request in flight) until the next read of `kind`: the shipper is done
+        with one batch of a signal before it reads the next."""
         chunks: list[Chunk] = []
         total = 0
         with self._db_lock:
@@ -881,54 +919,112 @@ class Buffer:
                 if total >= max_records:
                     break
             cursor.close()
+            lost = self._settle_handed(kind)
+            self._handed.update((chunk.id, kind) for chunk in chunks)
+        for reason, count in lost.items():
+            self._notify_drop(reason, count)
         return chunks
+
+    def _settle_handed(self, kind: int | None) -> dict[str, int]:
+        """End the hand-out of `kind` (None: every kind; the caller holds _db_lock): no ack comes for it any
+        more, so what no ack delivered of its chunks dropped meanwhile is lost (counted already at the drop);
+        returns those records by reason, to be reported now."""
+        lost: dict[str, int] = {}
+        for chunk_id, handed_kind in list(self._handed.items()):
+            if kind is None or handed_kind == kind:
+                del self._handed[chunk_id]
+                entry = self._dropped_handed.pop(chunk_id, None)
+                if entry is not None and entry[1] > entry[2]:
+                    lost[entry[0]] = lost.get(entry[0], 0) + entry[1] - entry[2]
+        return lost
 
     def ack(self, progress: Iterable[tuple[int, int]]) -> None:
         """Mark records accepted: `(chunk_id, sent)` pairs with the new number of records sent from each chunk;
-        a chunk fully sent is deleted. Committed in one transaction."""
-        self._acked += self._advance(progress)
-
-    def _advance(self, progress: Iterable[tuple[int, int]]) -> int:
+        a chunk fully sent is deleted. Committed in one transaction. Records of a chunk dropped (full, expired)
+        while its request was in flight reached the collector all the same: they are taken back off that drop
+        count (the chunk is gone, so the ack would otherwise find nothing, and they were counted as lost)."""
         with self._db_lock:
-            self._db.execute("BEGIN")
-            done = 0
-            freed_bytes = 0
-            for chunk_id, sent in progress:
-                row = self._db.execute("SELECT count, sent, nbytes FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
-                if row is None or sent <= row[1]:
-                    continue
-                done += min(sent, row[0]) - row[1]
-                if sent >= row[0]:
-                    self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
-                    freed_bytes += row[2]
-                else:
-                    self._db.execute("UPDATE chunks SET sent = ? WHERE id = ?", (sent, chunk_id))
-            self._db.execute("COMMIT")
+            with self._transaction():
+                advanced = self._advance(progress)
+            self._acked += self._advanced(*advanced)
+
+    def _advance(self, progress: Iterable[tuple[int, int]]) -> tuple[int, int, list[tuple[int, str, int]]]:
+        """The statements of an ack, in the caller's transaction (it holds _db_lock). Returns the records acked
+        from stored chunks, the bytes freed, and (chunk id, reason, records) delivered from chunks dropped while
+        handed out, whose drop counters are lowered here (in the same transaction as the rest of the ack)."""
+        done = 0
+        freed_bytes = 0
+        late: dict[int, int] = {}
+        for chunk_id, sent in progress:
+            row = self._db.execute("SELECT count, sent, nbytes FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+            if row is None:
+                if chunk_id in self._dropped_handed:
+                    late[chunk_id] = max(sent, late.get(chunk_id, 0))
+                continue
+            if sent <= row[1]:
+                continue
+            done += min(sent, row[0]) - row[1]
+            if sent >= row[0]:
+                self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
+                freed_bytes += row[2]
+            else:
+                self._db.execute("UPDATE chunks SET sent = ? WHERE id = ?", (sent, chunk_id))
+        delivered = []
+        for chunk_id, sent in late.items():
+            reason, count, accounted = self._dropped_handed[chunk_id]
+            if min(sent, count) > accounted:
+                delivered.append((chunk_id, reason, min(sent, count) - accounted))
+        for _, reason, count in delivered:
+            self._db.execute("UPDATE counters SET value = value - ? WHERE name = ?", (count, reason))
+        if delivered:
+            self._db.execute("DELETE FROM counters WHERE value <= 0")
+        return done, freed_bytes, delivered
+
+    def _advanced(self, done: int, freed_bytes: int, delivered: list[tuple[int, str, int]]) -> int:
+        """After `_advance` committed (the caller holds _db_lock): the counts in memory. Returns the records
+        delivered from chunks dropped while handed out."""
         self._stored_records -= done
         self._stored_bytes -= freed_bytes
-        return done
+        for chunk_id, reason, count in delivered:
+            entry = self._dropped_handed[chunk_id]
+            entry[2] += count
+            if entry[2] >= entry[1]:
+                del self._dropped_handed[chunk_id]
+            left = self._dropped.get(reason, 0) - count
+            if left > 0:
+                self._dropped[reason] = left
+            else:
+                self._dropped.pop(reason, None)
+        return done + sum(count for _, _, count in delivered)
 
     def dead_letter(self, kind: int, records: list, progress: Iterable[tuple[int, int]], reason: str) -> None:
-        """Move rejected records (a 4xx other than 429) to the dead-letter table, kept and counted."""
+        """Move rejected records (a 4xx other than 429) to the dead-letter table, kept and counted. The dead
+        letter and the ack of its records are one transaction: committed apart, a kill between them left the
+        batch both a dead letter and pending (sent again, dead-lettered and counted twice)."""
         data = _encode_chunk(records)
         with self._db_lock:
-            self._db.execute(
-                "INSERT INTO dead_letter(kind, created, count, reason, data) VALUES (?, ?, ?, ?, ?)",
-                (kind, self._clock(), len(records), reason, data))
-            # Dead letters are kept for inspection, within a tenth of the buffer: past it the oldest go.
-            overflow = []
-            total = 0
-            for row_id, count, nbytes in self._db.execute(
-                    "SELECT id, count, length(data) FROM dead_letter ORDER BY id DESC").fetchall():
-                total += nbytes
-                if total > self.max_size // 10:
-                    overflow.append((row_id, count))
-            if overflow:
-                self._db.executemany("DELETE FROM dead_letter WHERE id = ?", [(r,) for r, _ in overflow])
-        self._advance(progress)
-        self._dead += len(records) - sum(c for _, c in overflow)
-        if overflow:
-            self._count_drop("dead_letter_overflow", sum(c for _, c in overflow))
+            with self._transaction():
+                self._db.execute(
+                    "INSERT INTO dead_letter(kind, created, count, reason, data) VALUES (?, ?, ?, ?, ?)",
+                    (kind, self._clock(), len(records), reason, data))
+                # Dead letters are kept for inspection, within a tenth of the buffer: past it the oldest go.
+                overflow = []
+                total = 0
+                for row_id, count, nbytes in self._db.execute(
+                        "SELECT id, count, length(data) FROM dead_letter ORDER BY id DESC").fetchall():
+                    total += nbytes
+                    if total > self.max_size // 10:
+                        overflow.append((row_id, count))
+                lost = sum(c for _, c in overflow)
+                if overflow:
+                    self._db.executemany("DELETE FROM dead_letter WHERE id = ?", [(r,) for r, _ in overflow])
+                    self._db.execute(_ADD_COUNTER, ("dead_letter_overflow", lost))
+                advanced = self._advance(progress)
+            self._advanced(*advanced)  # not acked: records dropped while in flight are dead letters now
+            self._dead += len(records) - lost
+            if lost:
+                self._dropped["dead_letter_overflow"] = self._dropped.get("dead_letter_overflow", 0) + lost
+        self._notify_drop("dead_letter_overflow", lost)
 
     def dead_letters(self) -> list[tuple[int, int, str, list]]:
         """(kind, count, reason, records) for each dead-letter batch, oldest first."""
@@ -951,6 +1047,10 @@ class Buffer:
         self._closed = True
         self._wake.set()
         self._writer.join(timeout)
+        with self._db_lock:  # no ack comes any more for what the shipper was sending
+            lost = self._settle_handed(None)
+        for reason, count in lost.items():
+            self._notify_drop(reason, count)
         with self._lock:  # producers from here on only queue (nothing commits it any more)
             stage, standby, used = self._stage, self._standby, self._pos
             self._use_stage(None, None)
