@@ -910,3 +910,34 @@ def test_an_sqlite_error_while_dropping_for_the_cap_drops_nothing_uncounted_and_
         assert reopened.stats().stored_records == 100 and reopened.stats().dropped == {"buffer_full": 100}
     finally:
         reopened.close()
+
+
+def test_the_dropped_metric_counts_from_each_process_start(tmp_path):
+    # The buffer keeps every run's drop counts, but the metric's points carry this process's start time: a
+    # restart that reported the earlier runs' drops again made them count anew wherever cumulative points
+    # become deltas. The buffer still shows the whole history.
+    import io
+
+    from emp_machine.telemetry import TelemetryConfig, setup
+
+    def run(lines: int) -> tuple[dict, dict, int]:
+        telemetry = setup(TelemetryConfig(buffer={"max_size": 30_000, "segment_size": 20_000}), machine_id="m1",
+                          service_type="machine", buffer_path=tmp_path / "t.db", stream=io.StringIO(),
+                          start_shipper=False)
+        try:
+            log = telemetry.logger("test.drops")
+            for i in range(lines):
+                log.info("noise %d %s", i, "x" * (i % 97))
+            telemetry.flush()
+            points = {name: pts for name, _, _, _, _, pts in telemetry.metrics_snapshot()}
+            metric = {attrs["reason"]: value for attrs, value in points.get("telemetry_records_dropped_total", [])}
+            return metric, telemetry.buffer.stats().dropped, telemetry.meter.start_ns
+        finally:
+            telemetry.shutdown()
+
+    first, kept_first, _ = run(3000)
+    assert first["buffer_full"] > 0 and first == kept_first
+    second, kept_second, _ = run(0)
+    assert second == {} and kept_second == kept_first  # no new drops: nothing to count since this start
+    third, kept_third, _ = run(3000)
+    assert third["buffer_full"] == kept_third["buffer_full"] - kept_first["buffer_full"] > 0

@@ -473,6 +473,13 @@ class Buffer:
         row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
         self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+        # What earlier runs dropped (the damage found while opening is this run's news): a process's metrics
+        # count from here, since their start time is the process's (from 0 at each start, as OTel expects).
+        before = dict(self._dropped)
+        for reason, count, saved in self._startup_drops:
+            if saved:
+                before[reason] = before.get(reason, 0) - count
+        self.dropped_before_open = {reason: count for reason, count in before.items() if count > 0}
         self._dead = int(self._db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
         for reason, count, saved in self._startup_drops:  # counted and reported like any drop, never silent
             if saved:  # saved with the frames moved in, so in the counters read just above

@@ -301,8 +301,13 @@ class Telemetry:
         m.create_observable_counter("telemetry_records_exported_total", [
             lambda _: [Observation(v, {"signal": k}) for k, v in
                        (self.shipper.stats.exported.items() if self.shipper else ())]], "1")
+        # Drops since this process opened its buffer: the buffer keeps earlier runs' counts too (`emp-machine
+        # telemetry` shows them), but a point's start time is this process's, so counting them again at each
+        # restart made every earlier drop count anew wherever cumulative points are turned into deltas.
+        before = buffer.dropped_before_open
         m.create_observable_counter("telemetry_records_dropped_total", [
-            lambda _: [Observation(v, {"reason": k}) for k, v in buffer.stats().dropped.items()]], "1")
+            lambda _: [Observation(v - before.get(k, 0), {"reason": k}) for k, v in buffer.stats().dropped.items()
+                       if v > before.get(k, 0)]], "1")
         m.create_observable_gauge("telemetry_dead_letter_records", [
             lambda _: [Observation(buffer.stats().dead_letter_records)]], "1")
         m.create_observable_gauge("telemetry_sampling_rate", [lambda _: [Observation(sampler.rate)]], "1")
