@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from emp_machine.telemetry import TelemetryConfig, setup
-from emp_machine.telemetry.metrics import Meter
+from emp_machine.telemetry.metrics import Meter, merge_snapshots, render_prometheus
 from otlp_receiver import OtlpReceiver, attributes, wait_until
 
 
@@ -34,6 +35,129 @@ def test_instruments_and_prometheus_text():
     assert samples[("job_duration_seconds_count", (("type", "sim"),))] == 4
     assert samples[("workers_active", (("service", "comfyui"),))] == 2
     assert families["job_duration_seconds"].type == "histogram"
+
+
+def test_monotonic_instruments_drop_negative_values_on_every_path():
+    meter = Meter()
+    jobs = meter.create_counter("jobs_processed_total")
+    done = jobs.bind(type="sim", status="completed")
+    done.add(5)
+    done.add(-3)  # the bound fast path ignores it as `add` does: a counter only goes up
+    done.add(float("nan"))
+    jobs.add(-3, {"type": "sim", "status": "completed"})
+    assert jobs.points() == [({"status": "completed", "type": "sim"}, 5)]
+    assert not hasattr(done, "set")  # nothing can set a counter back
+    level = meter.create_up_down_counter("queue_depth")
+    depth = level.bind(queue="q")
+    depth.add(5)
+    depth.add(-3)  # an up-down counter does go down
+    level.add(-1, {"queue": "q"})
+    assert level.points() == [({"queue": "q"}, 1)]
+    workers = meter.create_gauge("workers_active").bind(service="sim")
+    workers.set(3)
+    workers.set(0)  # a gauge's bound cell keeps set()
+    assert meter.create_gauge("workers_active").points() == [({"service": "sim"}, 0)]
+    duration = meter.create_histogram("job_duration_seconds")
+    duration.record(0.2, {"type": "sim"})
+    duration.record(-5.0, {"type": "sim"})
+    bound = duration.bind(type="sim")
+    bound.record(-1.0)
+    bound.record(float("nan"))
+    bound.record(0.0)
+    ((attributes, (count, total, counts, _bounds)),) = duration.points()
+    assert (count, total, sum(counts), counts[0]) == (2, 0.2, 2, 1)
+
+
+# The parts of the Prometheus text format 0.0.4 that render_prometheus writes, checked strictly (the
+# prometheus_client parser accepts more: a `\"` in HELP text, `:` or non-ASCII letters in a label name).
+_METRIC = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_LABEL_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_NUMBER = r"[+-]?(?:Inf|NaN|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_HELP_LINE = re.compile(rf"# HELP ({_METRIC}) (?:[^\\\n]|\\[\\n])*")
+_TYPE_LINE = re.compile(rf"# TYPE ({_METRIC}) (counter|gauge|histogram|summary|untyped)")
+_SAMPLE_LINE = re.compile(rf"({_METRIC})(?:\{{((?:{_LABEL}={_LABEL_VALUE})(?:,{_LABEL}={_LABEL_VALUE})*)?\}})?"
+                          rf" ({_NUMBER})(?: -?\d+)?")
+
+
+def _strict_prometheus_problems(text: str) -> list[str]:
+    problems: list[str] = []
+    if not text.endswith("\n"):
+        problems.append("the text does not end with a newline")
+    types: dict[str, str] = {}
+    series: set[tuple] = set()
+    for line in text[:-1].split("\n"):
+        if line.startswith("#"):
+            help_match, type_match = _HELP_LINE.fullmatch(line), _TYPE_LINE.fullmatch(line)
+            if line.startswith("# HELP ") and not help_match:
+                problems.append(f"bad HELP line {line!r}")
+            elif line.startswith("# TYPE "):
+                if not type_match:
+                    problems.append(f"bad TYPE line {line!r}")
+                elif type_match[1] in types:
+                    problems.append(f"second TYPE line for {type_match[1]!r}")
+                else:
+                    types[type_match[1]] = type_match[2]
+            continue
+        sample = _SAMPLE_LINE.fullmatch(line)
+        if not sample:
+            problems.append(f"bad sample line {line!r}")
+            continue
+        name, labels = sample[1], sample[2] or ""
+        names = re.findall(rf"({_LABEL})={_LABEL_VALUE}", labels)
+        if len(names) != len(set(names)):
+            problems.append(f"duplicate label name in {line!r}")
+        problems += [f"reserved label name {n!r} in {line!r}" for n in names if n.startswith("__")]
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        if types.get(family) == "histogram":
+            if name.endswith("_bucket") != ("le" in names):
+                problems.append(f"histogram sample {line!r}: le on a bucket, and only there")
+        elif name not in types:
+            problems.append(f"sample {line!r} before its TYPE line")
+        if (name, labels) in series:
+            problems.append(f"second sample of a series: {line!r}")
+        series.add((name, labels))
+    return problems
+
+
+def test_prometheus_text_is_strict_0_0_4_whatever_the_names_and_values():
+    meter = Meter()
+    jobs = meter.create_counter("jobs_processed_total", "1", 'jobs finished, by "type" and status\\n\nsee C:\\docs')
+    for job_type in ['a"b', "c\\d", "e\nf", "g\rh", "caf\u00e9", "tab\there"]:  # the producer's strings
+        jobs.add(1, {"type": job_type, "status": "completed"})
+    gauge = meter.create_gauge("workers_active")
+    gauge.set(True, {"service": "comfyui"})
+    gauge.set(2, {"service.name": "x", "service_name": "y"})  # two keys making one label name
+    gauge.set(3, {"service.name": "z"})
+    gauge.set(1, {"http:method": "GET"})  # ':' is for metric names, not label names
+    gauge.set(1, {"2xx": "n"})
+    gauge.set(1, {"caf\u00e9": "n"})
+    gauge.set(1, {"__name__": "reserved"})
+    gauge.set("not a number", {"service": "broken"})
+    meter.create_gauge("temp\u00e9rature").set(False)
+    meter.create_gauge("5xx_errors").set(1)
+    duration = meter.create_histogram("job.duration", "s", explicit_bucket_boundaries_advisory=[0.1, 1.0])
+    duration.record(0.5, {"le": "attribute", "type": "sim"})
+    text = render_prometheus(merge_snapshots(meter.snapshot(), [("m1-worker-0", meter.snapshot())]))
+    assert _strict_prometheus_problems(text) == []
+    assert _strict_prometheus_problems(meter.render_prometheus()) == []
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["jobs_processed"].documentation == 'jobs finished, by "type" and status\\n\nsee C:\\docs'
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert {s.labels["type"] for s in families["jobs_processed"].samples} == {
+        'a"b', "c\\d", "e\nf", "g\rh", "caf\u00e9", "tab\there"}  # label values keep every character
+    assert samples[("workers_active", (("service", "comfyui"),))] == 1  # True
+    assert samples[("workers_active", (("service_name", "y"),))] == 2  # the key that is the label name wins
+    assert samples[("workers_active", (("service_name", "z"),))] == 3
+    assert samples[("workers_active", (("http_method", "GET"),))] == 1
+    assert samples[("workers_active", (("_2xx", "n"),))] == 1
+    assert samples[("workers_active", (("caf_", "n"),))] == 1
+    assert samples[("workers_active", (("_name__", "reserved"),))] == 1
+    assert ("workers_active", (("service", "broken"),)) not in samples  # not a number: left out
+    assert samples[("temp_rature", ())] == 0  # False
+    assert samples[("_5xx_errors", (("worker_id", "m1-worker-0"),))] == 1
+    assert samples[("job_duration_bucket", (("le", "1.0"), ("type", "sim")))] == 1
+    assert samples[("job_duration_count", (("type", "sim"),))] == 1
 
 
 def test_connector_logger_events_metrics_and_otlp(tmp_path):

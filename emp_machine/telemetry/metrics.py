@@ -14,9 +14,11 @@ server reads them back (`parse_snapshot`) and merges them into its own (`merge_s
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,7 +39,7 @@ def _key(attributes: Mapping[str, Any] | None) -> tuple:
 
 
 class _Cell:
-    """One attribute set's value of a counter or gauge."""
+    """One attribute set's value of a gauge or an up-down counter."""
 
     __slots__ = ("value", "_lock")
 
@@ -53,6 +55,23 @@ class _Cell:
         self.value = value
 
 
+class _CounterCell:
+    """One attribute set's value of a monotonic counter: it only goes up, so a negative (or NaN) amount is
+    dropped, as the OTel SDK drops it, and there is no `set`."""
+
+    __slots__ = ("value", "_lock")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, amount: float) -> None:
+        if not amount >= 0:  # negative or NaN
+            return
+        with self._lock:
+            self.value += amount
+
+
 class _HistogramCell:
     __slots__ = ("counts", "count", "sum", "_bounds", "_lock")
 
@@ -64,6 +83,8 @@ class _HistogramCell:
         self._lock = threading.Lock()
 
     def record(self, value: float) -> None:
+        if not value >= 0:  # negative or NaN: dropped, as the OTel SDK drops a negative value
+            return
         index = bisect.bisect_left(self._bounds, value)
         with self._lock:
             self.counts[index] += 1
@@ -89,17 +110,16 @@ class _Series:
 
 class Counter(api.Counter):
     kind, monotonic = "sum", True
+    _cell: type = _CounterCell  # drops negative amounts: the API says a counter ignores them
 
     def __init__(self, name: str, unit: str = "", description: str = "") -> None:
         self.name, self.unit, self.description = name, unit, description
-        self.series = _Series(_Cell)
+        self.series = _Series(self._cell)
 
     def add(self, amount: float, attributes: Mapping[str, Any] | None = None, context: Any = None) -> None:
-        if amount < 0 and self.monotonic:
-            return  # the API says a counter ignores negative increments
         self.series.cell(_key(attributes)).add(amount)
 
-    def bind(self, **attributes: Any) -> _Cell:
+    def bind(self, **attributes: Any) -> _CounterCell | _Cell:
         """The cell for this attribute set: `cell.add(1)` is the fast path."""
         return self.series.cell(_key(attributes))
 
@@ -109,6 +129,7 @@ class Counter(api.Counter):
 
 class UpDownCounter(Counter, api.UpDownCounter):
     kind, monotonic = "sum", False
+    _cell = _Cell
 
 
 class Gauge(api._Gauge):
@@ -139,7 +160,7 @@ class Histogram(api.Histogram):
         self.series = _Series(lambda: _HistogramCell(self.bounds))
 
     def record(self, amount: float, attributes: Mapping[str, Any] | None = None, context: Any = None) -> None:
-        self.series.cell(_key(attributes)).record(amount)
+        self.series.cell(_key(attributes)).record(amount)  # the cell drops a negative amount
 
     def bind(self, **attributes: Any) -> _HistogramCell:
         return self.series.cell(_key(attributes))
@@ -243,52 +264,113 @@ class Meter(api.Meter):
         return render_prometheus(self.snapshot())
 
 
+# Prometheus text format 0.0.4: metric names [a-zA-Z_:][a-zA-Z0-9_:]*, label names [a-zA-Z_][a-zA-Z0-9_]*
+# (ASCII only; names starting with "__" are reserved), HELP text escapes only backslash and newline, label
+# values escape backslash, double quote and newline.
+_NOT_METRIC_CHAR = re.compile(r"[^a-zA-Z0-9_:]")
+_NOT_LABEL_CHAR = re.compile(r"[^a-zA-Z0-9_]")
+
+
+@functools.lru_cache(maxsize=4096)
 def _prom_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_:" else "_" for c in name)
+    """A valid metric name: every other character becomes `_`, and `_` goes before a leading digit."""
+    name = _NOT_METRIC_CHAR.sub("_", str(name))
+    return "_" + name if not name or name[0].isdigit() else name
 
 
-def _prom_labels(attributes: Mapping[str, Any], extra: str = "") -> str:
-    parts = [f'{_prom_name(k)}="{_prom_escape(v)}"' for k, v in sorted(attributes.items())]
-    if extra:
-        parts.append(extra)
+@functools.lru_cache(maxsize=4096)
+def _prom_label_name(key: str) -> str:
+    """A valid label name: as `_prom_name` without `:`, and a reserved leading `__` cut to one `_`."""
+    name = _NOT_LABEL_CHAR.sub("_", str(key))
+    if not name or name[0].isdigit():
+        return "_" + name
+    return "_" + name.lstrip("_") if name.startswith("__") else name
+
+
+def _prom_label_pairs(attributes: Mapping[str, Any], reserved: tuple[str, ...] = ()) -> list[str]:
+    """`name="value"` for each attribute, sorted by label name. Where several attribute keys make the same
+    label name (`service.name` and `service_name`, or a histogram's `le`), one is kept: a key that is that
+    label name already, else the smallest key; a name in `reserved` (added by the caller) is never taken."""
+    if not attributes:
+        return []
+    labels: dict[str, str] = {}
+    for key, value in sorted(attributes.items(), key=lambda item: (_prom_label_name(item[0]) != item[0],
+                                                                   str(item[0]))):
+        name = _prom_label_name(key)
+        if name not in labels and name not in reserved:
+            labels[name] = f'{name}="{_prom_escape(value)}"'
+    return [labels[name] for name in sorted(labels)]
+
+
+def _prom_labels(attributes: Mapping[str, Any], reserved: tuple[str, ...] = ()) -> str:
+    parts = _prom_label_pairs(attributes, reserved)
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
 def _prom_escape(value: Any) -> str:
+    """A label value: backslash, double quote and newline escaped."""
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _prom_value(value: float) -> str:
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "+Inf" if value > 0 else "-Inf"
-        if math.isnan(value):
-            return "NaN"
-        return repr(value)
-    return str(value)
+def _prom_help(text: str) -> str:
+    """HELP text: only backslash and newline are escaped (a `\\"` there is not valid 0.0.4)."""
+    return str(text).replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _prom_value(value: Any) -> str | None:
+    """A sample value: a bool as 1 or 0, None for what is not a number (the sample is left out)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(value)
 
 
 def render_prometheus(snapshot: Iterable[tuple]) -> str:
+    """Text format 0.0.4. Names are sanitized (see `_prom_name`, `_prom_label_pairs`); where two families get
+    the same name, or two series of a family the same labels, the first is kept and the others left out."""
     lines: list[str] = []
+    families: set[str] = set()
     for name, description, _unit, kind, monotonic, points in snapshot:
         metric = _prom_name(name)
+        if metric in families:
+            continue
+        families.add(metric)
         prom_type = "histogram" if kind == "histogram" else "counter" if kind == "sum" and monotonic else "gauge"
         if description:
-            lines.append(f"# HELP {metric} {_prom_escape(description)}")
+            lines.append(f"# HELP {metric} {_prom_help(description)}")
         lines.append(f"# TYPE {metric} {prom_type}")
+        seen: set[str] = set()
         for attributes, value in points:
             if kind == "histogram":
+                pairs = _prom_label_pairs(attributes, ("le",))
+                labels = "{" + ",".join(pairs) + "}" if pairs else ""
+                if labels in seen:
+                    continue
+                seen.add(labels)
                 count, total, bucket_counts, bounds = value
                 cumulative = 0
                 for bound, bucket in zip([*bounds, math.inf], bucket_counts):
                     cumulative += bucket
-                    le = "+Inf" if math.isinf(bound) else repr(float(bound))
-                    labels = _prom_labels(attributes, 'le="' + le + '"')
-                    lines.append(f"{metric}_bucket{labels} {cumulative}")
-                lines.append(f"{metric}_sum{_prom_labels(attributes)} {_prom_value(float(total))}")
-                lines.append(f"{metric}_count{_prom_labels(attributes)} {count}")
+                    le = 'le="' + _prom_value(float(bound)) + '"'
+                    lines.append(f"{metric}_bucket{{{','.join([*pairs, le])}}} {cumulative}")
+                lines.append(f"{metric}_sum{labels} {_prom_value(float(total))}")
+                lines.append(f"{metric}_count{labels} {count}")
             else:
-                lines.append(f"{metric}{_prom_labels(attributes)} {_prom_value(value)}")
+                labels = _prom_labels(attributes)
+                text = _prom_value(value)
+                if text is None or labels in seen:
+                    continue
+                seen.add(labels)
+                lines.append(f"{metric}{labels} {text}")
     return "\n".join(lines) + "\n"
 
 
@@ -388,7 +470,7 @@ def merge_snapshots(own: Iterable[tuple], others: Iterable[tuple[str, Iterable[t
         for attributes, value in points:
             if process_id is not None and label not in attributes:
                 attributes = {**attributes, label: process_id}
-            key = _prom_labels(attributes)
+            key = _prom_labels(attributes, ("le",) if kind == "histogram" else ())
             index = seen.get(key)
             if index is None:
                 seen[key] = len(out)
