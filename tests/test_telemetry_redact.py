@@ -119,3 +119,115 @@ def test_the_pre_check_lets_every_shape_through():
             assert redact._may_hold_secret(f"x {needle}_y"), needle
     for prefix in ("aiza", "akia", "asia"):  # _CASED's, lowercased as the pre-check sees them
         assert redact._may_hold_secret(prefix), prefix
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("redis://:s3cretPassw0rd@redis.example:6379/0", "s3cretPassw0rd"),  # Redis's usual form: no user name
+    ("Error 111 connecting to redis://:s3cretPassw0rd@10.0.0.5:6379. Connection refused.", "s3cretPassw0rd"),
+    ("rediss://default:s3cretPassw0rd@redis.example:6380", "s3cretPassw0rd"),
+])
+def test_a_url_password_is_replaced_with_or_without_a_user_name(text, secret):
+    redacted = redact_text(text)
+    assert secret not in redacted and "@" in redacted and REDACTED in redacted
+    assert redact_text("http://127.0.0.1:8188/history/abc") == "http://127.0.0.1:8188/history/abc"  # a port stays
+
+
+class _Textual:
+    """What yarl.URL, httpx.URL and the like are to a log line: an object whose str() is its text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def test_values_that_are_not_text_are_redacted_as_their_text():
+    import enum
+
+    from emp_machine.telemetry.redact import redact_value
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    class NoEquality:  # numpy arrays compare element-wise; a secret key's value must not be compared
+        def __eq__(self, other):
+            raise ValueError("ambiguous")
+
+        __hash__ = object.__hash__
+
+    assert redact_value(b"Authorization: Bearer abcdefghijkl0123456789") == f"Authorization: Bearer {REDACTED}"
+    assert redact_value(bytearray(b"password=hunter2hunter2 \xff")) == f"password={REDACTED} \ufffd"
+    assert redact_value(ValueError("api_key=sk-abcdef0123456789abcdef")) == f"api_key={REDACTED}"
+    assert redact_value(_Textual("https://user:hunter2pass@api.example.com/v1")) == \
+        f"https://user:{REDACTED}@api.example.com/v1"
+    assert redact_value(("ok", b"token=abcdef0123")) == ["ok", f"token={REDACTED}"]  # a tuple as a list
+    for kept in (0, 7, 2.5, True, False, None, Level.HIGH):  # numbers and the like stay what they are
+        assert redact_value(kept) is kept
+    assert "Unprintable" in redact_value(Unprintable())  # a broken __str__: a placeholder, not an exception
+    assert redact_value(_Textual("job 12 done")) == "job 12 done"
+    fields = redact_fields({"error": ValueError("password=hunter2hunter2"), "raw": b"Bearer abcdefghijkl0123",
+                            "count": 3, "api_key": NoEquality(), "note": None,
+                            "url": _Textual("redis://:pw12345@h")})
+    assert fields == {"error": f"password={REDACTED}", "raw": f"Bearer {REDACTED}", "count": 3,
+                      "api_key": REDACTED, "note": None, "url": f"redis://:{REDACTED}@h"}
+
+
+def test_a_list_of_name_value_pairs_loses_the_values_of_secret_names():
+    fields = redact_fields({"headers": [("X-Api-Key", "abcd1234efgh5678ijkl"), ("Accept", "application/json"),
+                                        ["Authorization", b"Token abcd"], ("prompt_tokens", 12)]})
+    assert fields["headers"] == [["X-Api-Key", REDACTED], ["Accept", "application/json"],
+                                 ["Authorization", REDACTED], ["prompt_tokens", 12]]
+
+
+_SECRETS = ("abcdefghijkl0123456789", "hunter2pass", "sk-abcdef0123456789abcdef", "abcdef0123456789abcdef",
+            "hunter2hunter2", "s3cretPassw0rd", "abcd1234efgh5678ijkl")
+
+
+def test_no_secret_in_a_value_of_any_type_reaches_a_json_line(tmp_path):
+    import io
+    import json
+
+    from emp_machine.telemetry import TelemetryConfig, setup
+
+    out = io.StringIO()
+    telemetry = setup(TelemetryConfig(), machine_id="m1", worker_id="m1-worker-0", service_type="sim",
+                      buffer_path=tmp_path / "w.db", stream=out, start_shipper=False)
+    try:
+        telemetry.logger("emp.worker").info("calling service", extra={"fields": {
+            "raw_header": b"Authorization: Bearer abcdefghijkl0123456789",
+            "url": _Textual("https://user:hunter2pass@api.example.com/v1"),
+            "error": ValueError("api_key=sk-abcdef0123456789abcdef"),
+            "redis": "redis://:s3cretPassw0rd@10.0.0.5:6379/0",
+            "headers_list": [("X-Api-Key", "abcd1234efgh5678ijkl")],
+        }})
+        telemetry.events.emit("job.failed", reason=ValueError("password=hunter2hunter2"))
+        telemetry.flush()
+    finally:
+        telemetry.shutdown(2)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == ["calling service", "job.failed"]
+    assert lines[0]["error"] == f"api_key={REDACTED}" and lines[1]["reason"] == f"password={REDACTED}"
+    assert [k for k in _SECRETS if k in out.getvalue()] == []
+
+
+def test_no_secret_in_a_span_attribute_of_any_type_reaches_the_wire():
+    from emp_machine.telemetry.encode import encode_span
+    from emp_machine.telemetry.sampling import AdaptiveSampler
+    from emp_machine.telemetry.tracing import Tracer
+
+    kept: list = []
+    tracer = Tracer(AdaptiveSampler(1e9), kept.append)
+    with tracer.start_as_current_span("service.call") as span:
+        span.set_attribute("body", b'{"password": "hunter2hunter2"}')
+        span.set_attribute("url", _Textual("https://user:hunter2pass@api.example.com/v1"))
+        span.add_event("retry", {"cause": _Textual("token=sk-abcdef0123456789abcdef"),
+                                 "error": ValueError("redis://:s3cretPassw0rd@h:6379")})
+    (record,) = [r for _kind, _value, r in kept]
+    assert record[7]["body"] == f'{{"password": "{REDACTED}"}}'
+    wire = encode_span(record)
+    assert [k for k in _SECRETS if k.encode() in wire] == []

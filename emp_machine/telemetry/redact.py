@@ -35,7 +35,8 @@ _TOKEN_COUNT_KEY = re.compile(
 _SEP = r"""["']?\s*[:=]\s*["']?"""  # between a key and its value: `key=v`, `"key": "v"`, `key: v`
 _VALUE = r"""(?!\[redacted)([^\s"',;&]{3,})"""
 _SHAPES: tuple[tuple[tuple[str, ...], re.Pattern], ...] = (
-    (("://",), re.compile(r"://[^/\s:@]+:([^/\s@]+)@")),  # URL userinfo: the password
+    # URL userinfo: the password, with or without a user name (redis://:password@host is Redis's usual form)
+    (("://",), re.compile(r"://[^/\s:@]*:([^/\s@]+)@")),
     (("bearer", "basic"), re.compile(r"\b(?:bearer|basic)\s+([a-z0-9._~+/=-]{8,})")),
     # well-known key formats: OpenAI/Anthropic sk-, Hugging Face hf_, GitHub, Replicate r8_, Slack xox?-
     (("sk-", "hf_", "gh", "r8_", "xox"),
@@ -129,13 +130,41 @@ def _key_kind_cached(key: str) -> int:
 
 
 def redact_value(value: object) -> object:
+    """`value` redacted: text, and the items of mappings, lists and tuples; numbers, booleans and None as
+    they are; anything else (bytes, an exception, a URL object...) becomes its text, redacted: the JSON line
+    and the OTLP encoder would write its str() anyway, secret and all."""
     if type(value) is str:
         return redact_text(value)
     if isinstance(value, Mapping):
         return redact_fields(value)
     if isinstance(value, (list, tuple)):
-        return [redact_value(v) for v in value]
-    return value
+        return [_redact_item(v) for v in value]
+    if type(value) in (int, float, bool) or value is None:
+        return value
+    return _redacted_text_of(value)
+
+
+def _redact_item(item: object) -> object:
+    """An item of a list: a (name, value) pair whose name looks secret, such as a header in a list of
+    headers [("X-Api-Key", "...")], has its value redacted as a field of that name would."""
+    if (isinstance(item, (tuple, list)) and len(item) == 2 and type(item[0]) is str
+            and _key_kind_cached(item[0])):
+        name = item[0]
+        return [name, redact_fields({name: item[1]})[name]]
+    return redact_value(item)
+
+
+def _redacted_text_of(value: object) -> object:
+    if isinstance(value, (int, float)):  # a number of a subclass (IntEnum, numpy's float64): no text to hide
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).decode("utf-8", "replace")
+    else:
+        try:
+            text = str(value)
+        except Exception:  # a broken __str__ must not break the caller's log line
+            text = f"<{type(value).__name__} that could not be shown>"
+    return redact_text(text)
 
 
 _clean: set[str] = set()  # field values seen to hold nothing secret (event names, job types, statuses...)
@@ -148,7 +177,7 @@ def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
         kind = _key_cache.get(key)
         if kind is None:
             kind = _key_kind_cached(key)
-        if kind and value not in (None, ""):
+        if kind and value is not None and (type(value) is not str or value):  # not ==: numpy arrays
             if kind == _TOKEN_WORD and (type(value) in (int, float) or isinstance(value, Mapping)):
                 out[key] = redact_value(value)
             else:
