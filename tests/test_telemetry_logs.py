@@ -143,3 +143,191 @@ def test_an_event_repeating_bound_fields_takes_the_joined_line_and_a_changed_one
     assert [line["attempt"] for line in lines] == [1, 1, True]
     assert lines[0]["event_type"] == "job.started"
     assert framed[0][1] == _dumps(framed[0][0][2][4]) + "\n"  # the joined text is the record's encoding
+
+
+# --- Telemetry.logger() and the writer against what callers pass: bad %-arguments, reused field dicts, text
+# that is not UTF-8, filters. Through `setup()` as the machine and workers use it, stdout replaced by `stream`.
+
+def _telemetry(tmp_path, stream, *, sampled: bool = True, shedding: bool = False):
+    import tempfile
+
+    from emp_machine.telemetry import TelemetryConfig, setup
+
+    buffer_dir = tempfile.mkdtemp(dir=tmp_path)
+    telemetry = setup(TelemetryConfig(), machine_id="m1", service_type="sim", buffer_path=f"{buffer_dir}/w.db",
+                      stream=stream, start_shipper=False, system_metrics=False)
+    sampler = telemetry.sampler
+    sampler.next_adjust = float("inf")  # hold the rate where the test puts it
+    if not sampled:  # the rate at its floor, as under load: a job's root is not sampled
+        sampler.rate, sampler.threshold = 1e-9, 0
+    if shedding:  # over the CPU budget: unsampled jobs shed their DEBUG/INFO records
+        sampler.overhead_factor = 0.5
+    return telemetry
+
+
+def _lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def _bad_calls(log) -> None:
+    """Calls whose %-arguments do not fit the message: the fast path, the keyword path, the stdlib's methods."""
+    log.info("processed %d items for %s", "seven")
+    log.info("progress %d%%", "half", extra={"fields": {"node": "KSampler"}})
+    log.warning("%s and %s", "one")
+    log.error("no placeholder", "extra-arg")
+
+
+def test_arguments_that_do_not_fit_the_message_never_raise_into_the_caller(tmp_path):
+    # The stdlib never raises for them (its handler reports on stderr and goes on); the connector's logger is
+    # this class, so a raise here failed the job. The line is written with the arguments and the problem.
+    for sampled, shedding in ((True, False), (False, False), (False, True)):  # written now, held, shed
+        stream = io.StringIO()
+        telemetry = _telemetry(tmp_path, stream, sampled=sampled, shedding=shedding)
+        log = telemetry.logger("emp.connector.sim")
+        try:
+            _bad_calls(log)  # outside any job: written now
+            try:
+                with telemetry.job_span("job-1"):
+                    _bad_calls(log)
+                    raise RuntimeError("the job fails: its held records are written")
+            except RuntimeError as error:
+                assert "job fails" in str(error)  # the job's own failure, not a logging error
+            telemetry.flush()
+            lines = _lines(stream)
+        finally:
+            telemetry.shutdown(2)
+        # The two INFO calls of the job are shed while over budget; every other call writes its line.
+        assert len(lines) == (6 if shedding else 8), (sampled, shedding, lines)
+        for line in lines:
+            assert line["log.format_error"].startswith("TypeError: "), line
+        by_message = {line["message"]: line for line in lines}
+        assert by_message["processed %d items for %s"]["log.args"] == "('seven',)"
+        assert by_message["progress %d%%"]["node"] == "KSampler"  # the call's own fields stay
+        assert by_message["%s and %s"]["level"] == "warning"
+        assert by_message["no placeholder"]["log.args"] == "('extra-arg',)"
+
+
+def test_a_single_mapping_argument_formats_as_in_the_stdlib_and_arguments_are_redacted(tmp_path):
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream)
+    log = telemetry.logger("emp.worker")
+    try:
+        log.info("%(n)d items", {"n": 3})
+        log.warning("%d calls with %s", "two", "Authorization: Bearer abcdef1234567890")
+        lines = _lines(stream)
+    finally:
+        telemetry.shutdown(2)
+    assert lines[0]["message"] == "3 items" and "log.format_error" not in lines[0]
+    assert "abcdef1234567890" not in stream.getvalue()  # the arguments' repr is redacted like a message
+    assert lines[1]["log.format_error"].startswith("TypeError")
+
+
+def test_held_records_keep_the_fields_of_their_call(tmp_path):
+    # An unsampled job holds its INFO records until it ends; a caller reusing one dict must not find every held
+    # line of a failed job written with the dict's last values.
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream, sampled=False)
+    log = telemetry.logger("emp.connector.sim")
+    fields = {"node": None}
+    try:
+        try:
+            with telemetry.job_span("job-1"):
+                for node in ("LoadImage", "KSampler", "VAEDecode"):
+                    fields["node"] = node
+                    log.info("node executing", extra={"fields": fields})
+                fields["node"] = "after the calls"
+                raise RuntimeError("VAEDecode failed")
+        except RuntimeError:
+            pass
+        telemetry.flush()
+        lines = _lines(stream)
+    finally:
+        telemetry.shutdown(2)
+    assert [line["node"] for line in lines if line["message"] == "node executing"] == [
+        "LoadImage", "KSampler", "VAEDecode"]
+
+
+def test_a_line_with_text_that_is_not_utf8_reaches_stdout_and_the_log_file_once(tmp_path):
+    # os.fsdecode / surrogateescape give a lone surrogate for bytes that are not UTF-8 (a file name, a
+    # subprocess's output). A strict UTF-8 stream raises on it: the line was lost, and RotatingTee (stdout then
+    # machine.log) lost it in its file as well, also when stdout itself takes surrogates (surrogateescape, as
+    # Python sets up stdout under a C or C.UTF-8 locale).
+    import os
+
+    from emp_machine.runtime.logfile import RotatingTee
+
+    name = os.fsdecode(b"out-\xff.png")
+    for errors in ("strict", "surrogateescape"):
+        folder = tmp_path / errors
+        folder.mkdir()
+        primary = open(folder / "stdout.txt", "w", encoding="utf-8", errors=errors)
+        tee = RotatingTee(folder / "machine.log", max_bytes=10**6, backups=1, primary=primary)
+        telemetry = _telemetry(tmp_path, tee)
+        log = telemetry.logger("emp.worker")
+        try:
+            log.info("wrote %s", name)
+            log.info("wrote file", extra={"fields": {"path": name}})
+            telemetry.events.emit("job.completed", output=name)
+            log.info("caf\u00e9 line")  # not ASCII, valid UTF-8: as it is
+        finally:
+            telemetry.shutdown(2)
+            tee.close()
+            primary.close()
+        for path in (folder / "stdout.txt", folder / "machine.log"):
+            lines = [json.loads(line) for line in (path.read_bytes().decode("utf-8").splitlines())]
+            assert [line["message"] for line in lines] == [
+                f"wrote {name}", "wrote file", "job.completed", "caf\u00e9 line"], (errors, path.name)
+            assert lines[1]["path"] == name and lines[2]["output"] == name  # the JSON escape reads back as it was
+
+
+def test_a_stream_of_another_encoding_gets_the_line_in_ascii(tmp_path):
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii", write_through=True)
+    telemetry = _telemetry(tmp_path, stream)
+    try:
+        telemetry.logger("emp.worker").info("caf\u00e9 \U0001f600 done", extra={"fields": {"model": "\u00e9t\u00e9"}})
+    finally:
+        telemetry.shutdown(2)
+    (line,) = raw.getvalue().decode("ascii").splitlines()
+    assert json.loads(line)["message"] == "caf\u00e9 \U0001f600 done" and json.loads(line)["model"] == "\u00e9t\u00e9"
+
+
+def test_filters_added_to_a_telemetry_logger_are_applied(tmp_path):
+    import logging
+
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream)
+    log = telemetry.logger("emp.connector.sim")
+    seen = []
+
+    def drop_noisy(record: logging.LogRecord) -> bool:
+        seen.append((record.funcName, record.filename, record.levelno))
+        return "noisy" not in record.getMessage()
+
+    def enrich(record: logging.LogRecord) -> bool:
+        record.fields = {**(getattr(record, "fields", None) or {}), "tenant": "t1"}
+        return True
+
+    def log_calls() -> None:
+        log.info("noisy heartbeat %d", 1)
+        log.warning("noisy heartbeat warning")
+        log.info("noisy with fields", extra={"fields": {"n": 1}})
+        log.info("kept %s", "line", extra={"fields": {"n": 2}})
+        log.error("kept error")
+
+    try:
+        log.addFilter(drop_noisy)
+        log.addFilter(enrich)
+        log_calls()
+        log.removeFilter(drop_noisy)
+        log.removeFilter(enrich)
+        log.info("noisy after the filters are gone")  # the fast path again
+        lines = _lines(stream)
+    finally:
+        telemetry.shutdown(2)
+    assert [line["message"] for line in lines] == ["kept line", "kept error", "noisy after the filters are gone"]
+    assert lines[0]["n"] == 2 and lines[0]["tenant"] == "t1" and lines[1]["tenant"] == "t1"
+    assert "tenant" not in lines[2]
+    # The record names the caller, as the stdlib's does (not a frame of the logger's own module).
+    assert seen == [("log_calls", "test_telemetry_logs.py", level)
+                    for level in (logging.INFO, logging.WARNING, logging.INFO, logging.INFO, logging.ERROR)]

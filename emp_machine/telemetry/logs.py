@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -46,6 +47,8 @@ def _line_encoder():
 
 
 _dumps = _line_encoder()
+# A line for a stream that cannot encode it as it is (not UTF-8): all ASCII, the same JSON.
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, default=str, separators=(",", ":")).encode
 _quote = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 # Keys every line sets itself: a bound or extra field of one of these names takes the dict path below.
 _OWN_KEYS = frozenset(("timestamp", "level", "message", "logger", "event.name", "trace_id", "span_id"))
@@ -102,6 +105,43 @@ def _drop_repeats(fields: dict, merged: Mapping[str, object]) -> dict:
 
 
 _REPEATABLE = (str, int, bool)  # equal values of these encode alike (not floats: 0.0 == -0.0)
+
+
+def _unformattable(message: object, args: tuple | Mapping, fields: Mapping[str, object] | None,
+                   error: Exception) -> tuple[str, Mapping[str, object] | None]:
+    """The message and fields of a call whose %-arguments do not fit its message (or whose str() fails). The
+    stdlib never raises into the caller for that (it reports on stderr); here the line is written with the
+    message unformatted, the arguments' repr and the error in fields. A single mapping argument is the
+    stdlib's `log.info("%(n)s", {"n": 1})`: that formats with the mapping."""
+    if type(args) is tuple and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        try:
+            return str(message) % args[0], fields
+        except Exception as mapping_error:  # noqa: BLE001 (a caller's arguments: anything)
+            error = mapping_error
+    try:
+        text = str(message)
+    except Exception:  # noqa: BLE001
+        text = object.__repr__(message)
+    try:
+        shown = repr(args)
+    except Exception as repr_error:  # noqa: BLE001
+        shown = f"<arguments without a repr: {type(repr_error).__name__}>"
+    try:
+        problem = f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001
+        problem = type(error).__name__
+    return text, {**(fields or {}), "log.args": shown, "log.format_error": problem}
+
+
+def _encodable(text: str) -> str:
+    """`text` as UTF-8 can write it: a lone surrogate (os.fsdecode or surrogateescape gives them for bytes
+    that are not UTF-8) becomes its JSON escape (\\udcff, inside a JSON string), which reads back as the same
+    text. Otherwise a strict UTF-8 stream raises and the line is lost, on stdout and in machine.log."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _format_ids(trace_id: int, span_id: int) -> tuple[int, int, str, str, str]:
@@ -162,11 +202,16 @@ class RecordWriter:
         if timed:
             t0 = _perf_ns()
         if args is not None:
-            message = (str(message) % args) if args else str(message)
+            try:
+                message = (str(message) % args) if args else str(message)
+            except Exception as error:  # noqa: BLE001 (never into the caller, as the stdlib)
+                message, fields = _unformattable(message, args, fields, error)
         if job is None:
             self._write_now(time_ns or _time_ns(), severity, message, fields, logger, event_name, _fields.get(),
                             trace_id, span_id)
         else:  # an unsampled job's: keep the raw parts, build the record only if the job is kept
+            if fields is not None:  # a copy: the caller may reuse and change its dict before the job ends
+                fields = dict(fields)
             job.logs.append((self._write_now, (time_ns or _time_ns(), severity, message, fields, logger,
                                                event_name, _fields.get(), trace_id, span_id)))
             self.deferred += 1
@@ -230,8 +275,15 @@ class RecordWriter:
             self._emit(item)
         else:
             emit_line(item, text)
+        if not text.isascii():  # (a flag of the str: no scan)
+            text = _encodable(text)
         try:
             self._write(text)
+        except UnicodeEncodeError:  # a stream not in UTF-8 (the line is valid UTF-8 now)
+            try:
+                self._write(_dumps_ascii(line) + "\n")
+            except (OSError, ValueError):
+                pass
         except (OSError, ValueError):  # a closed or broken stdout must not break the caller
             pass
 
@@ -284,11 +336,20 @@ class TelemetryLogHandler(logging.Handler):
             self.handleError(record)
 
 
+# Frames that are not a log call's caller: the stdlib's logging module and this one.
+_NOT_CALLERS = frozenset((os.path.normcase(logging.addLevelName.__code__.co_filename),
+                          os.path.normcase(_severity.__code__.co_filename)))
+
+
 class TelemetryLogger(logging.Logger):
     """A stdlib `Logger` (same API: debug/info/warning/error/exception/log, `extra=`, levels) that hands its
     records straight to the `RecordWriter`, skipping LogRecord creation, caller lookup and handler dispatch:
     those cost ~9 us of the ~16 us a line takes through a handler. Our JSON lines carry no file/line, so
-    nothing is lost. Get one from `Telemetry.logger(name)`; other libraries' loggers use the handler."""
+    nothing is lost. Get one from `Telemetry.logger(name)`; other libraries' loggers use the handler.
+
+    Filters added to it (`addFilter`) are applied as the stdlib does: while it has any, each call builds a
+    LogRecord (with its caller) for them, and what they leave of it (message, arguments, `fields`) is
+    written. %-arguments that do not fit the message never raise into the caller (see `_unformattable`)."""
 
     def __init__(self, name: str, writer: RecordWriter, level: int):
         super().__init__(name, level)
@@ -303,33 +364,54 @@ class TelemetryLogger(logging.Logger):
 
     def debug(self, msg, *args, **kwargs) -> None:
         if self.isEnabledFor(logging.DEBUG):
-            if kwargs:
+            if kwargs or self.filters:
                 self._log(logging.DEBUG, msg, args, **kwargs)
             else:  # the common call, without the stdlib's keyword layer
                 self.writer.write(5, msg, None, self.name, "", None, args)
 
     def info(self, msg, *args, **kwargs) -> None:
         if self.isEnabledFor(logging.INFO):
-            if kwargs:
+            if kwargs or self.filters:
                 self._log(logging.INFO, msg, args, **kwargs)
             else:
                 self.writer.write(9, msg, None, self.name, "", None, args)
 
+    def findCaller(self, stack_info=False, stacklevel=1):  # noqa: N802 (the stdlib's name)
+        """The stdlib's, skipping this module's frames as it skips its own (for a LogRecord's caller)."""
+        f = sys._getframe(0)
+        while stacklevel > 0 and f.f_back is not None:
+            f = f.f_back
+            filename = os.path.normcase(f.f_code.co_filename)
+            if filename not in _NOT_CALLERS and not ("importlib" in filename and "_bootstrap" in filename):
+                stacklevel -= 1
+        sinfo = None
+        if stack_info:
+            sinfo = "Stack (most recent call last):\n" + "".join(traceback.format_stack(f)).rstrip("\n")
+        return f.f_code.co_filename, f.f_lineno, f.f_code.co_name, sinfo
+
     def _log(self, level, msg, args, exc_info=None, extra=None, stack_info=False, stacklevel=1) -> None:
-        message = (str(msg) % args) if args else str(msg)
+        if exc_info and not isinstance(exc_info, tuple):
+            exc_info = ((type(exc_info), exc_info, exc_info.__traceback__) if isinstance(exc_info, BaseException)
+                        else sys.exc_info())
+        if self.filters:  # a LogRecord for them, only then (it and its caller lookup are the costly part)
+            fn, lno, func, sinfo = self.findCaller(stack_info, stacklevel)
+            record = self.makeRecord(self.name, level, fn, lno, msg, args, exc_info, func, extra, sinfo)
+            kept = self.filter(record)
+            if not kept:
+                return
+            if isinstance(kept, logging.LogRecord):  # Python 3.12+: a filter may return a replacement
+                record = kept
+            level, msg, args, exc_info, extra = record.levelno, record.msg, record.args, record.exc_info, \
+                record.__dict__
         fields = extra.get("fields") if extra else None
         if extra and extra.get("event_type"):
             fields = {**(fields or {}), "event_type": extra["event_type"]}
-        if exc_info:
-            if isinstance(exc_info, BaseException):
-                exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
-            elif not isinstance(exc_info, tuple):
-                exc_info = sys.exc_info()
-            if exc_info[0] is not None:
-                exc_type, exc, tb = exc_info
-                fields = {**(fields or {}), "error.type": exc_type.__qualname__, "error.message": str(exc),
-                          "error.stack": "".join(traceback.format_exception(exc_type, exc, tb))}
-        self.writer.write(_severity(level), message, fields, self.name)
+        if exc_info and exc_info[0] is not None:
+            exc_type, exc, tb = exc_info
+            fields = {**(fields or {}), "error.type": exc_type.__qualname__, "error.message": str(exc),
+                      "error.stack": "".join(traceback.format_exception(exc_type, exc, tb))}
+        # Formatted by the writer (never raising), and not at all for a record it sheds.
+        self.writer.write(_severity(level), msg, fields, self.name, "", None, args)
 
 
 class Events:
