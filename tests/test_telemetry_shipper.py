@@ -446,7 +446,7 @@ def test_a_failing_signal_does_not_hold_back_the_others(buffer, down):
             assert cpu < 0.1 * (time.monotonic() - wall0), f"the shipper thread used {cpu:.2f} s of CPU"
             start = time.monotonic()
             shipper.stop(drain_timeout=5)  # the only records left are behind an open circuit: no waiting
-            assert time.monotonic() - start < 1.0
+            assert time.monotonic() - start < 3.0  # well under the drain timeout, with room for a loaded CI
         finally:
             shipper.stop()
     finally:
