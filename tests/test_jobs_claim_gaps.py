@@ -217,3 +217,49 @@ def test_a_leftover_duplicate_of_a_cancelled_job_is_dropped_with_its_indexed_ent
         assert [store.claim(caps()).id for _ in range(2)] == ["J0", "J2"]
         assert store.claim(caps()) is None
         assert client.zcard(queue) == 0 and client.hlen("jobs:idx:of") == 0
+
+
+# -- values and ids that broke the scripts (found by fuzzing them, helper-30) ----------------------------------
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+@pytest.mark.parametrize("created_at, priority", [("nan", "50"), ("inf", "50"), ("-inf", "1e300")])
+def test_a_job_with_a_time_that_is_no_number_never_stops_the_claims(redis, functions, created_at, priority):
+    # tonumber took 'nan'/'inf': the job's index score was NaN and the ZADD in adopt raised in every claim,
+    # for every worker of every type, and in every reconcile.
+    store = JobStore(redis, functions=functions, index_check_interval_s=0, reconcile_min_interval_s=0)
+    store.submit("sim", {}, job_id="good")
+    pipe = redis.pipeline(transaction=False)
+    api_write(pipe, "odd", service="img")
+    pipe.hset("job:odd", mapping={"created_at": created_at, "priority": priority})
+    pipe.execute()
+    assert store.claim(caps("w2", services=("img",)), hints=["odd"]).id == "odd"  # adopted, ordered, claimed
+    assert store.claim(caps()).id == "good"
+    store.submit("sim", {}, job_id="own", created_at=created_at)  # our own submit takes it too
+    assert store.reconcile().adopted == 0 and store.claim(caps()).id == "own"
+
+
+def test_a_time_out_of_the_index_range_keeps_its_priority(redis):
+    # The index scores P * 2^42 - t: a workflow_datetime in microseconds (~1.7e15) lost ~386 priority levels.
+    store = JobStore(redis)
+    now_ms = int(time.time() * 1000)
+    store.submit("sim", {}, job_id="low", priority=10)
+    store.submit("sim", {}, job_id="high", priority=90, workflow_datetime_ms=now_ms * 1000)
+    store.submit("sim", {}, job_id="past", priority=90, workflow_datetime_ms=-5)
+    assert [store.claim(caps()).id for _ in range(3)] == ["past", "high", "low"]
+
+
+def test_a_job_whose_timeline_key_is_another_jobs_hash_is_still_claimed_whole(redis):
+    # Job `a:events` (its hash is job:a:events) makes job a's timeline key a hash: the claim of a raised
+    # WRONGTYPE after it had assigned the job, so a was never handed to a worker, on every later claim too.
+    pipe = redis.pipeline(transaction=False)
+    api_write(pipe, "a:events", service="other")
+    api_write(pipe, "a")
+    pipe.execute()
+    store = JobStore(redis)
+    job = store.claim(caps())
+    assert job.id == "a" and redis.hget("job:a", "status") == "assigned" and redis.hexists("jobs:active:w1", "a")
+    assert store.complete("a", "w1", {"ok": True}, token=job.token) == "ok"
+    assert redis.hget("job:a", "status") == "completed" and redis.type("job:a:events") == "hash"
+    with pytest.raises(ValueError, match="timeline or progress key"):
+        store.submit("sim", {}, job_id="b:progress")  # our own submit refuses such an id
+    assert not redis.exists("job:b:progress")

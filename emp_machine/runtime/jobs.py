@@ -395,6 +395,11 @@ class _JobOps:
 
     def _submit(self, service_required: str, payload: Any, job_id: str | None, **options: Any) -> _Op:
         job_id = job_id or f"job-{uuid.uuid4()}"  # the id scheme of jobs we create (issue 3: `job-{uuid}`)
+        if job_id.endswith((":events", ":progress")):
+            # job:{id}:events / job:{id}:progress are job {id}'s timeline and progress keys (the contract's
+            # names): such an id's hash would be another job's. The API may still write one; the scripts cope.
+            raise ValueError(f"job id {job_id!r} ends like another job's timeline or progress key "
+                             f"(job:<id>:events, job:<id>:progress): choose another id")
         fields = contract_fields(job_id, service_required, payload, **options)
         flat = [x for pair in fields.items() for x in pair]
         yield _Call("submit", (job_id, *flat))

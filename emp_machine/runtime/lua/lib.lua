@@ -93,6 +93,9 @@ local function time_ms(v)
   if not v or v == '' then return nil end
   local n = tonumber(v)
   if n then
+    -- tonumber also takes 'nan' and 'inf': such a time made every score NaN, and the ZADD of one job's
+    -- index entry raised in every claim's adopt, for every worker of every type.
+    if n ~= n or n == math.huge or n == -math.huge then return nil end
     if n < 1e11 then return math.floor(n * 1000) end
     return math.floor(n)
   end
@@ -188,6 +191,10 @@ local function index_add(id, f)
   local svc = f[1] or ''
   local cls, raw, cust = class_of(f[2], f[3])
   local p, t = order_of(f)
+  -- The index orders by priority, then time, only for 0 <= t < 2^42 ms: a time out of it (microseconds in
+  -- workflow_datetime, a far future) would cost or gain whole priority levels. Clamped, such jobs keep their
+  -- priority and come after the others of it (their queue order among themselves).
+  if t < 0 then t = 0 elseif t >= PRIORITY_SHIFT then t = PRIORITY_SHIFT - 1 end
   local tag = string.format('%015.0f', 999999999999999 - redis.call('INCR', 'jobs:idx:seq'))
   redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
   redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(p * PRIORITY_SHIFT - t), tag .. '|' .. id)
@@ -240,15 +247,19 @@ end
 
 -- The per-job timeline (our addition): an append-only list of small JSON events.
 -- The TTL is set when the list is created and renewed when the job ends (final = true).
+-- A timeline write never fails its script (redis.pcall): the key can hold something else (job `a:events`'s
+-- hash is job `a`'s timeline key), and a script that raised after its first writes left a claim half done
+-- (the job assigned, never handed to the worker, and the same on every later claim of it).
 local function add_event(id, ev, final)
   local key = 'job:' .. id .. ':events'
-  if redis.call('RPUSH', key, cjson.encode(ev)) == 1 or final then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+  local n = redis.pcall('RPUSH', key, cjson.encode(ev))
+  if type(n) == 'number' and (n == 1 or final) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
 end
 
 -- Several events already encoded, in one call.
 local function add_events(id, ...)
   local key = 'job:' .. id .. ':events'
-  if redis.call('RPUSH', key, ...) == select('#', ...) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+  if redis.pcall('RPUSH', key, ...) == select('#', ...) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
 end
 
 local function publish(channel, msg)
