@@ -263,3 +263,37 @@ def test_a_job_whose_timeline_key_is_another_jobs_hash_is_still_claimed_whole(re
     with pytest.raises(ValueError, match="timeline or progress key"):
         store.submit("sim", {}, job_id="b:progress")  # our own submit refuses such an id
     assert not redis.exists("job:b:progress")
+
+
+def api_rewrite(redis, job_id, service="sim", priority=50, requirements=None):
+    """The API writing an id again (a resubmission, a priority change): hash, jobs:pending, job_submitted."""
+    redis.hset(f"job:{job_id}", mapping=contract_fields(job_id, service, {}, priority=priority,
+                                                         requirements=requirements))
+    redis.zadd("jobs:pending", {job_id: submission_score(priority, int(time.time() * 1000))})
+    redis.publish("job_submitted", json.dumps({"job_id": job_id, "service_required": service}))
+
+
+def test_an_id_the_api_writes_again_is_indexed_again_from_its_announcement(redis):
+    # adopt() stopped at "already indexed": the old entry kept the old type, requirements and priority, so a
+    # worker that did not meet the new requirements claimed the job, and its new type never saw it.
+    store = JobStore(redis)
+    store.submit("other", {}, job_id="x")
+    store.submit("sim", {}, job_id="y")
+    store.submit("sim", {}, job_id="a", priority=50)
+    store.submit("sim", {}, job_id="b", priority=50)
+    api_rewrite(redis, "x", service="sim", priority=10)  # another type now
+    api_rewrite(redis, "y", priority=60, requirements={"hardware": {"gpu_memory_gb": 80}})  # needs 80 GB now
+    api_rewrite(redis, "b", priority=90)  # raised
+    small = {**caps(), "hardware": {"gpu_memory_gb": 8}}
+    hints = ["x", "y", "b"]
+    assert store.claim(small, hints=hints).id == "b"  # first, as jobs:pending says
+    assert [store.claim(small).id for _ in range(2)] == ["a", "x"]  # x: found under its new type
+    assert store.claim(small) is None  # y is not for an 8 GB worker any more
+    assert store.claim({**caps("w2"), "hardware": {"gpu_memory_gb": 80}}).id == "y"
+
+
+def test_a_rewritten_id_nobody_announced_is_indexed_again_by_a_sweep_step(redis):
+    store = JobStore(redis, sweep_interval_s=0)
+    store.submit("other", {}, job_id="x")
+    api_rewrite(redis, "x", service="sim")  # as if no worker heard its job_submitted
+    assert store.claim(caps()).id == "x"  # the claim found nothing, swept, re-indexed x and claimed again

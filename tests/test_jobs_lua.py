@@ -95,8 +95,9 @@ def test_submission_score_falls_back_as_the_api_does(redis, fields, priority, ti
 def test_adopt_script(redis):
     redis.hset("job:api", mapping=contract_fields("api", "sim", {}))
     redis.zadd("jobs:pending", {"api": 1, "ghost": 2})
-    assert run(redis, "adopt", "api", "ghost", "not-queued") == [1, 1]
-    assert run(redis, "adopt", "api") == [0, 0]
+    assert run(redis, "adopt", "0", "api", "ghost", "not-queued") == [1, 1]  # ARGV[1]: the deep check, off
+    assert run(redis, "adopt", "0", "api") == [0, 0]
+    assert run(redis, "adopt", "1", "api") == [0, 0]  # on: the entry still says what the hash says
     assert redis.zrange("jobs:pending", 0, -1) == ["api"]
 
 
@@ -206,7 +207,7 @@ def test_non_finite_numbers_in_a_job_hash_break_no_script(redis):
     redis.hset("job:nan-job", mapping=fields)
     store = JobStore(redis, lease_s=0.001, avoid_reclaim_s=0)
     redis.zadd("jobs:pending", {"nan-job": submission_score(50, 0)})  # as the API writes it
-    assert run(redis, "adopt", "nan-job")[0] == 1  # indexed: its index score came out finite
+    assert run(redis, "adopt", "0", "nan-job")[0] == 1  # indexed: its index score came out finite
     caps = {"worker_id": "w1", "machine_id": "m1", "services": ["sim"]}
     assert store.claim(caps, start=True).id == "nan-job"
     assert store.progress("nan-job", "w1", 50, "half", current_step=1, total_steps=2) == "ok"

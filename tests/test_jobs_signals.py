@@ -40,7 +40,7 @@ def test_idle_worker_wakes_on_a_job_it_serves_and_not_on_others(redis, redis_url
             JobStore(redis).submit("sim", {}, job_id="mine")
             assert await signals.wait(5) is True
             hints = signals.arm()
-            assert hints == ["mine"]
+            assert hints == []  # our own submit indexed the job: its message says so, no hint (API jobs: below)
             assert (await store.claim(CAPS, hints=hints)).id == "mine"
         await client.aclose()
     asyncio.run(main())
@@ -63,7 +63,7 @@ def test_interrupt_wakes_a_pending_wait_and_a_cancelled_wait_leaves_nothing_behi
             await asyncio.gather(cancelled, return_exceptions=True)
             assert signals._waiter is None
             JobStore(redis).submit("sim", {}, job_id="after")  # a later wait still wakes on a job
-            assert await signals.wait(5) is True and signals.arm() == ["after"]
+            assert await signals.wait(5) is True and signals.arm() == []  # (indexed by our submit: no hint)
         await client.aclose()
     asyncio.run(main())
 
@@ -121,7 +121,7 @@ def test_lost_subscription_reconnects_and_wakes_the_worker(redis, redis_url):
                 if redis.pubsub_numsub("job_submitted")[0][1] >= 1:
                     break
                 await asyncio.sleep(0.01)
-            JobStore(redis).submit("sim", {}, job_id="after")
+            redis.publish("job_submitted", json.dumps({"job_id": "after", "service_required": "sim"}))  # the API's
             assert await signals.wait(5) is True
             assert signals.arm() == ["after"]
         await client.aclose()

@@ -453,7 +453,7 @@ class _JobOps:
             ids = yield _Call(None, ("zrange", PENDING, start, start + _CHUNK - 1))
             if not ids:
                 break
-            a, r = yield _Call("adopt", tuple(ids))
+            a, r = yield _Call("adopt", ("0", *ids))  # the whole queue: a changed hash waits for a sweep step
             adopted, removed = adopted + int(a), removed + int(r)
             start += len(ids) - int(r)  # removed ids shift the ranks after them
         cursor = 0
@@ -480,7 +480,7 @@ class _JobOps:
         adopted = removed = 0
         pending_cursor, pairs = yield _Call(None, ("zscan", PENDING), {"cursor": pending_cursor, "count": _CHUNK})
         if pairs:
-            adopted, removed = (int(n) for n in (yield _Call("adopt", tuple(member for member, _ in pairs))))
+            adopted, removed = (int(n) for n in (yield _Call("adopt", ("1", *(member for member, _ in pairs)))))
         index_cursor, pruned = yield from self._prune_chunk(index_cursor)
         self._sweep_cursors = (int(pending_cursor), index_cursor)
         return ReconcileReport(adopted, removed, pruned)
@@ -821,7 +821,9 @@ class JobSignals:
         service = msg.get("service_required")
         if service is not None and service not in self._types:
             return
-        if channel == CH_SUBMITTED and job_id and len(self._hints) < self._MAX_HINTS:
+        # Not a job our own submit announced ("indexed": it indexed the job itself): a hint costs its claim a
+        # check of the job's index entry against its hash, needed only for jobs the API wrote.
+        if channel == CH_SUBMITTED and job_id and msg.get("indexed") is not True and len(self._hints) < self._MAX_HINTS:
             self._hints.append(job_id)
         self._set()
 

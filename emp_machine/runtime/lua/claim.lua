@@ -29,7 +29,7 @@ local avoid_ms = tonumber(ARGV[3])
 local start = ARGV[5] == '1'
 local now = now_ms()
 
-for i = 6, #ARGV do adopt(ARGV[i]) end
+for i = 6, #ARGV do adopt(ARGV[i], true) end
 
 local function unindexed()
   if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then return 1 end

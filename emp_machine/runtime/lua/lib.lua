@@ -186,18 +186,24 @@ end
 
 local index_remove
 
-local function index_add(id, f)
-  index_remove(id)  -- a job queued again (resubmitted, re-queued) keeps one entry, never two
-  local svc = f[1] or ''
+-- Where a job's order fields (HMGET ORDER_FIELDS) put it in the index: job type, class (with its
+-- requirements and customer) and score.
+local function index_place(f)
   local cls, raw, cust = class_of(f[2], f[3])
   local p, t = order_of(f)
   -- The index orders by priority, then time, only for 0 <= t < 2^42 ms: a time out of it (microseconds in
   -- workflow_datetime, a far future) would cost or gain whole priority levels. Clamped, such jobs keep their
   -- priority and come after the others of it (their queue order among themselves).
   if t < 0 then t = 0 elseif t >= PRIORITY_SHIFT then t = PRIORITY_SHIFT - 1 end
+  return f[1] or '', cls, raw, cust, p * PRIORITY_SHIFT - t
+end
+
+local function index_add(id, f)
+  index_remove(id)  -- a job queued again (resubmitted, re-queued) keeps one entry, never two
+  local svc, cls, raw, cust, score = index_place(f)
   local tag = string.format('%015.0f', 999999999999999 - redis.call('INCR', 'jobs:idx:seq'))
   redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
-  redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(p * PRIORITY_SHIFT - t), tag .. '|' .. id)
+  redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(score), tag .. '|' .. id)
   redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls .. '\n' .. tag)
 end
 
@@ -232,16 +238,40 @@ local function dequeue(id)
   return index_remove(id)
 end
 
+-- Whether a job's index entry (`loc`, from jobs:idx:of) still says what its hash says: the same job type
+-- and class, and (when the job has a time of its own) the same score.
+local function index_current(id, loc, f)
+  local svc, cls, tag = string.match(loc, '^(.*)\n([^\n]*)\n([^\n]*)$')
+  local member = id
+  if svc then
+    member = tag .. '|' .. id
+  else  -- indexed by a version without tags
+    svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
+  end
+  local want_svc, want_cls, _, _, score = index_place(f)
+  if svc ~= want_svc or cls ~= want_cls then return false end
+  if not (set_number(f[7]) or time_ms(f[6])) then return true end  -- timed at indexing: nothing to compare
+  local indexed = redis.call('ZSCORE', 'jobs:idx:queue:' .. svc .. ':' .. cls, member)
+  return indexed ~= false and tonumber(indexed) == tonumber(fmt(score))
+end
+
 -- Index a job that reached jobs:pending without us (the EMP API writes only jobs:pending + job:{id}).
 -- 1 = indexed, 0 = nothing to do, -1 = its hash is missing, so it was removed from the queue.
-local function adopt(id)
-  if redis.call('HEXISTS', KEYS[2], id) == 1 then return 0 end
+-- `deep`: a job already indexed is indexed again when its hash no longer says what the entry says (the API
+-- wrote the id again with another type, requirements or priority: the old entry let a worker that does not
+-- meet the new requirements claim it, or hid it from its new type). A few calls more per indexed id, so
+-- for ids announced on job_submitted and the bounded sweep steps, not for a whole-queue reconcile.
+local function adopt(id, deep)
+  local loc = redis.call('HGET', KEYS[2], id)
+  if loc and not deep then return 0 end
   if not redis.call('ZSCORE', KEYS[1], id) then return 0 end
   if redis.call('EXISTS', 'job:' .. id) == 0 then
-    redis.call('ZREM', KEYS[1], id)
+    dequeue(id)
     return -1
   end
-  index_add(id, redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS)))
+  local f = redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS))
+  if loc and index_current(id, loc, f) then return 0 end
+  index_add(id, f)
   return 1
 end
 

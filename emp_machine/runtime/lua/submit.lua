@@ -12,6 +12,7 @@ enqueue(id)
 local now = now_ms()
 local f = redis.call('HMGET', jkey, 'service_required', 'priority', 'workflow_id', 'customer_id')
 add_event(id, {t = now, ev = 'submitted', service_required = f[1]})
+-- `indexed` (ours): this job is in our index already, so workers need not pass it back as a hint.
 publish('job_submitted', {job_id = id, service_required = f[1], priority = finite_number(f[2]) or f[2],
-  workflow_id = f[3], customer_id = f[4], timestamp = now})
+  workflow_id = f[3], customer_id = f[4], timestamp = now, indexed = true})
 return redis.call('ZSCORE', KEYS[1], id)
