@@ -26,6 +26,15 @@ def _all_logs(buffer: Buffer) -> list[tuple]:
     return [r for chunk in buffer.read(Kind.LOG, 10**9) for r in chunk.records[chunk.sent:]]
 
 
+def _one_chunk_of_ten(buffer: Buffer) -> Chunk:
+    """Ten log records appended, committed and read back as the one chunk they make."""
+    for i in range(10):
+        buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+    buffer.flush()
+    (chunk,) = buffer.read(Kind.LOG, 100)
+    return chunk
+
+
 def test_records_survive_close_and_reopen(tmp_path):
     buffer = Buffer(tmp_path / "b.db")
     for i in range(2500):
@@ -52,10 +61,7 @@ def test_a_second_owner_is_refused(tmp_path):
 def test_partial_ack_then_full_ack(tmp_path):
     buffer = Buffer(tmp_path / "b.db")
     try:
-        for i in range(10):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
-        buffer.flush()
-        (chunk,) = buffer.read(Kind.LOG, 100)
+        chunk = _one_chunk_of_ten(buffer)
         buffer.ack([(chunk.id, 4)])
         assert buffer.pending() == 6
         assert [r[0] for r in _all_logs(buffer)] == list(range(4, 10))
@@ -868,10 +874,7 @@ class _FailsOnce:
 def test_an_sqlite_error_in_an_ack_rolls_it_back_and_the_buffer_goes_on(tmp_path, step):
     buffer = Buffer(tmp_path / "b.db")
     try:
-        for i in range(10):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
-        buffer.flush()
-        (chunk,) = buffer.read(Kind.LOG, 100)
+        chunk = _one_chunk_of_ten(buffer)
         buffer._db = _FailsOnce(buffer._db, "UPDATE chunks SET sent")
         do = (lambda: buffer.ack([(chunk.id, 4)])) if step == "ack" else (
             lambda: buffer.dead_letter(Kind.LOG, chunk.records[:4], [(chunk.id, 4)], "HTTP 400"))

@@ -58,10 +58,10 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
     for ev in events:
         at = _event_ms(ev.get("t"))
         name = str(ev.get("ev", "?"))
-        detail = {k: v for k, v in ev.items() if k not in ("t", "ev", "worker_id", "steps")}
+        worker = str(ev.get("worker_id") or "")
+        detail = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("t", "ev", "worker_id", "steps"))
         if at is None:  # e.g. an entry that is not JSON (jobs._event): shown as it is, no timings from it
-            steps.append(Step(None, name, str(ev.get("worker_id") or ""),
-                              ", ".join(f"{k}={v}" for k, v in detail.items()), None))
+            steps.append(Step(None, name, worker, detail, None))
             continue
         last[name] = at
         if name == "claimed" and "submitted" in last:  # the last attempt's wait (after a retry, since the retry)
@@ -73,9 +73,7 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         if isinstance(ev.get("steps"), dict):  # measured by the worker, sent with its complete/fail
             durations.update({f"{k}_ms": v for k, v in ev["steps"].items()
                               if isinstance(v, int | float) and not isinstance(v, bool)})
-        steps.append(Step(at, str(ev.get("ev", "?")), str(ev.get("worker_id") or ""),
-                          ", ".join(f"{k}={v}" for k, v in detail.items()),
-                          None if previous is None else at - previous))
+        steps.append(Step(at, name, worker, detail, None if previous is None else at - previous))
         previous = at
     status = job.get("status", "unknown")
     finished = _iso_to_ms(job.get("completed_at", "")) if status == "completed" else \

@@ -184,6 +184,15 @@ local function job_of(member)
   return member  -- queued by a version whose members were bare job ids
 end
 
+-- A job's index entry (`loc`, its jobs:idx:of value "<service>\n<class>\n<tag>") as its job type, class and
+-- queue member ("<tag>|<id>"; the bare id for an entry of a version without tags: "<service>\n<class>").
+local function index_location(id, loc)
+  local svc, cls, tag = string.match(loc, '^(.*)\n([^\n]*)\n([^\n]*)$')
+  if svc then return svc, cls, tag .. '|' .. id end
+  svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
+  return svc, cls, id
+end
+
 local index_remove
 
 -- Where a job's order fields (HMGET ORDER_FIELDS) put it in the index: job type, class (with its
@@ -213,13 +222,7 @@ function index_remove(id)
   local loc = redis.call('HGET', KEYS[2], id)
   if not loc then return end
   redis.call('HDEL', KEYS[2], id)
-  local svc, cls, tag = string.match(loc, '^(.*)\n([^\n]*)\n([^\n]*)$')
-  local member = id
-  if svc then
-    member = tag .. '|' .. id
-  else  -- indexed by a version without tags: "<service>\n<class>"
-    svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
-  end
+  local svc, cls, member = index_location(id, loc)
   local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
   redis.call('ZREM', q, member)
   if redis.call('EXISTS', q) == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
@@ -241,13 +244,7 @@ end
 -- Whether a job's index entry (`loc`, from jobs:idx:of) still says what its hash says: the same job type
 -- and class, and (when the job has a time of its own) the same score.
 local function index_current(id, loc, f)
-  local svc, cls, tag = string.match(loc, '^(.*)\n([^\n]*)\n([^\n]*)$')
-  local member = id
-  if svc then
-    member = tag .. '|' .. id
-  else  -- indexed by a version without tags
-    svc, cls = string.match(loc, '^(.*)\n([^\n]*)$')
-  end
+  local svc, cls, member = index_location(id, loc)
   local want_svc, want_cls, _, _, score = index_place(f)
   if svc ~= want_svc or cls ~= want_cls then return false end
   if not (set_number(f[7]) or time_ms(f[6])) then return true end  -- timed at indexing: nothing to compare
