@@ -149,8 +149,23 @@ def test_stuck_names_an_active_key_of_the_wrong_kind(redis, redis_url):
     out = _cli(redis_url, "stuck")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "cannot list stuck jobs: jobs:active:w7 holds a string" in out.stderr
-    redis.delete("jobs:active:w7", "job:a4")
-    redis.rpush("job:a4", "x")  # the job an active hash names is no hash: no key to name, still no traceback
-    out = _cli(redis_url, "stuck")
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert "cannot read the stuck jobs: a key of the job contract holds the wrong kind of value" in out.stderr
+    redis.delete("jobs:active:w7")
+    for write in (lambda: redis.set("job:a4", "x"), lambda: redis.rpush("job:a4", "x")):
+        redis.delete("job:a4")
+        write()  # the job an active hash names is no hash: that key is named
+        kind = redis.type("job:a4")
+        out = _cli(redis_url, "stuck")
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert (f"cannot read the stuck jobs: job:a4 holds a {kind}, where the job contract keeps a hash"
+                in out.stderr), out.stderr
+
+
+def test_job_redacts_an_unreadable_event(redis, redis_url):
+    store = JobStore(redis)
+    job_id = store.submit("simulation", {"steps": 1})
+    redis.rpush(f"job:{job_id}:events", "oops api_key=sk-abcdefghijklmnop1234 password=hunter2hunter2")
+    for args in ((), ("--json",)):
+        out = _cli(redis_url, "job", job_id, *args)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert "sk-abcdefghijklmnop1234" not in out.stdout and "hunter2" not in out.stdout, out.stdout
+        assert "raw=oops api_key=[REDACTED] password=[REDACTED]" in out.stdout, out.stdout

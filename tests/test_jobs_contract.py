@@ -281,3 +281,21 @@ def test_permanent_failure_is_final_at_once(store, redis, listen):
     assert store.fail(job_id, "w1", "bad payload", retryable=False).outcome == "failed"
     assert redis.hget(f"job:{job_id}", "status") == "failed"
     assert sub.wait_for("job_failed")[0]["can_retry"] is False
+
+
+@pytest.mark.parametrize("field, value", [
+    ("requirements", {"hardware": {"gpu_memory_gb": float("nan")}}),
+    ("requirements", {"min": [float("inf")]}),
+    ("ctx", {"weight": float("-inf")}),
+    ("ctx", {"a": {"b": float("nan")}}),
+])
+def test_submit_refuses_nan_in_requirements_and_ctx(store, redis, field, value):
+    """Python's json writes `NaN`, which the EMP API's JSON.parse refuses: a ValueError naming the field, and
+    nothing written (the CLI's submit turns such a ValueError into `job not submitted: ...`)."""
+    from emp_machine.runtime.jobs import contract_fields
+
+    with pytest.raises(ValueError, match=f"^{field} holds NaN or Infinity"):
+        contract_fields("j", "sim", {}, **{field: value})
+    with pytest.raises(ValueError, match=f"^{field} holds NaN or Infinity"):
+        store.submit("sim", {}, **{field: value})
+    assert redis.keys("job*") == [] and redis.zcard("jobs:pending") == 0

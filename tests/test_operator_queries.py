@@ -208,3 +208,20 @@ def test_submit_wait_that_loses_redis_says_so_without_a_traceback(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "Traceback" not in err and "lost Redis while following job job-" in err, err
+
+
+def test_job_without_max_retries_shows_the_contracts_default(redis, redis_url):
+    # A producer that leaves max_retries out (or blank): the worker uses the contract's 3, so `job` says so.
+    from emp_machine.runtime.jobs import contract_fields
+
+    for job_id, value in (("no-max", None), ("blank-max", " ")):
+        fields = {k: v for k, v in contract_fields(job_id, "sim", {}).items() if k != "max_retries"}
+        redis.hset(f"job:{job_id}", mapping=fields if value is None else {**fields, "max_retries": value})
+        shown = _emp("job", job_id, "--redis", redis_url)
+        assert shown.returncode == 0, shown.stderr
+        assert "retries 0/3 (default)" in shown.stdout, shown.stdout
+        doc = json.loads(_emp("job", job_id, "--redis", redis_url, "--json").stdout)
+        assert (doc["max_retries"], doc["max_retries_is_default"]) == (3, True)
+    redis.hset("job:five", mapping=contract_fields("five", "sim", {}, max_retries=5))
+    shown = _emp("job", "five", "--redis", redis_url)
+    assert "retries 0/5  " in shown.stdout and "(default)" not in shown.stdout, shown.stdout

@@ -548,8 +548,9 @@ def cmd_job(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
+    default = " (default)" if doc["max_retries_is_default"] else ""  # the hash has none: the contract's 3
     print(f"job {doc['job_id']}  type {doc['service_required']}  status {doc['status']}  "
-          f"retries {doc['retry_count']}/{doc['max_retries']}  total {queries.format_ms(doc['total_ms'])}")
+          f"retries {doc['retry_count']}/{doc['max_retries']}{default}  total {queries.format_ms(doc['total_ms'])}")
     if doc["trace_id"]:
         print(f"trace {doc['trace_id']}")
     if doc["error"]:
@@ -570,6 +571,33 @@ def cmd_job(args) -> int:
     return 0
 
 
+def _active_job_keys(client) -> dict[str, str]:
+    """For a WRONGTYPE while listing stuck jobs: the job:{id} keys the jobs:active:* hashes name that hold
+    something other than a hash (each -> "hash", for _read_failed to name). Type checks in pipelined batches:
+    a busy Redis names thousands of running jobs."""
+    import redis
+
+    from emp_machine.runtime.jobs import job_key
+
+    wrong: dict[str, str] = {}
+    try:
+        for key in client.scan_iter(match="jobs:active:*", count=500):
+            if client.type(key) != "hash":
+                continue  # named by jobs.stuck_jobs itself
+            ids = client.hkeys(key)
+            for start in range(0, len(ids), 500):
+                keys = [job_key(job_id) for job_id in ids[start:start + 500]]
+                pipe = client.pipeline(transaction=False)
+                for k in keys:
+                    pipe.type(k)
+                wrong.update({k: "hash" for k, kind in zip(keys, pipe.execute()) if kind not in ("hash", "none")})
+                if len(wrong) >= 20:  # enough to name: the message stays readable
+                    return wrong
+    except redis.RedisError:
+        pass  # the error being reported says enough
+    return wrong
+
+
 def cmd_stuck(args) -> int:
     import redis
 
@@ -582,7 +610,7 @@ def cmd_stuck(args) -> int:
     except ValueError as exc:  # a jobs:active:* key that is no hash (jobs.stuck_jobs names it)
         raise EmpError(f"cannot list stuck jobs: {exc}") from None
     except redis.RedisError as exc:
-        raise _read_failed(client, exc, "the stuck jobs", {LEASES: "zset"}) from None
+        raise _read_failed(client, exc, "the stuck jobs", {LEASES: "zset", **_active_job_keys(client)}) from None
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -269,7 +269,7 @@ def contract_fields(job_id: str, service_required: str, payload: Any, *, priorit
         return "" if value is None else str(value)
 
     if isinstance(requirements, Mapping):
-        requirements = json.dumps(requirements, separators=(",", ":"))
+        requirements = _json_field("requirements", requirements)
     trace = trace or {}
     return {
         "id": job_id,
@@ -291,19 +291,23 @@ def contract_fields(job_id: str, service_required: str, payload: Any, *, priorit
         "job_span_id": trace.get("job_span_id", ""),
         "workflow_trace_id": trace.get("workflow_trace_id", ""),
         "workflow_span_id": trace.get("workflow_span_id", ""),
-        "ctx": json.dumps(dict(ctx or {}), separators=(",", ":")),
+        "ctx": _json_field("ctx", dict(ctx or {})),
     }
 
 
 def _payload_json(payload: Any) -> str:
-    """The payload as the JSON text the API's JSON.parse reads. NaN and Infinity are refused (ValueError
-    naming the payload): Python's json would write `NaN`, which is no JSON, and no worker or API could read
-    the job back."""
+    return _json_field("payload", payload)
+
+
+def _json_field(name: str, value: Any) -> str:
+    """A JSON field of the job hash (payload, requirements, ctx) as the JSON text the API's JSON.parse reads.
+    NaN and Infinity are refused (ValueError naming the field): Python's json would write `NaN`, which is no
+    JSON, and no worker or API could read the job back."""
     try:
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
     except ValueError:
-        raise ValueError("payload holds NaN or Infinity, which JSON has no form for (the EMP API's JSON.parse "
-                         "refuses it): use null, a string or a finite number") from None
+        raise ValueError(f"{name} holds NaN or Infinity, which JSON has no form for (the EMP API's JSON.parse "
+                         f"refuses it): use null, a string or a finite number") from None
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         name = str(ev.get("ev", "?"))
         worker = str(ev.get("worker_id") or "")
         detail = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("t", "ev", "worker_id", "steps"))
+        # Redacted as the machine's logs are: an unreadable entry's raw text (jobs._event) or an error that
+        # quotes a key would otherwise be printed as it was written.
+        detail = redact_text(detail)
         if at is None:  # e.g. an entry that is not JSON (jobs._event): shown as it is, no timings from it
             steps.append(Step(None, name, worker, detail, None))
             continue
@@ -83,7 +86,9 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         "status": status,
         "service_required": job.get("service_required", ""),
         "retry_count": _count(job.get("retry_count")),
-        "max_retries": _count(job.get("max_retries")),
+        # Absent or blank: the contract's default (3), as the worker reads it (jobs.Job.max_retries).
+        "max_retries": _count(job.get("max_retries"), default=3),
+        "max_retries_is_default": not (job.get("max_retries") or "").strip(),
         "worker_id": job.get("worker_id", ""),
         # The hash keeps the last failure's error after a retry succeeds: an error only when the job failed.
         "error": job.get("error", "") if status == "failed" else "",
@@ -119,11 +124,11 @@ def _event_ms(value: Any) -> int | None:
         return None
 
 
-def _count(text: str | None) -> int | str:
-    """A retry count from a job hash: a number however the producer wrote it ("1", "1.0"), else the text as
-    it is (a timeline shows a malformed job rather than failing on it)."""
+def _count(text: str | None, default: int = 0) -> int | str:
+    """A retry count from a job hash: a number however the producer wrote it ("1", "1.0"), `default` when
+    absent or blank, else the text as it is (a timeline shows a malformed job rather than failing on it)."""
     if not text or not text.strip():
-        return 0
+        return default
     number = _number(text)
     return text if number is None else number
 
