@@ -405,8 +405,8 @@ def test_setup_ships_to_a_per_signal_endpoint_alone(tmp_path, receiver):
 class _PipelineDown(OtlpReceiver):
     """A collector whose pipeline for one path answers 503 (the others are healthy) while `failing` is it."""
 
-    def __init__(self, failing: str | None):
-        super().__init__()
+    def __init__(self, failing: str | None, port: int | None = None):
+        super().__init__(port)
         self.failing = failing
         self.refused: list[str] = []
 
@@ -497,3 +497,114 @@ def test_each_signal_backs_off_and_probes_on_its_own(buffer):
     assert [len(r.request.resource_spans[0].scope_spans[0].spans) for r in receiver.requests
             if r.path == "/v1/traces"] == [10] * 6  # never a probe: the spans' circuit never opened
     assert not shipper.stats.breaker_open and shipper.stats.consecutive_failures == 0
+
+
+class _AcceptAndClose:
+    """A listening socket that accepts each connection, counts it and closes it at once: for an https://
+    endpoint, an origin whose TLS handshake cannot complete (no connection can be opened), counted."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.accepted = 0  # counted before the close the client waits for
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _all_three_pending(buffer: Buffer, spans: int = 30, logs: int = 20, metrics: int = 3) -> None:
+    for i in range(spans):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    for i in range(logs):
+        buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", f"line {i}", {}, 0, 0, ""))
+    for i in range(metrics):
+        buffer.append(Kind.METRIC, Value.NORMAL, _metric_record(1, 1))
+    buffer.flush()
+
+
+def test_an_origin_that_cannot_be_connected_to_is_probed_once_per_backoff_not_once_per_signal(buffer):
+    # Each signal failed on its own schedule: a collector wholly down got three connection attempts per backoff
+    # (one per signal), and three breaker probes. Counted here by a listener that accepts and closes, so no
+    # TLS handshake completes: no connection to that origin can be opened. Fake clock, one pass at a time.
+    down = _AcceptAndClose()
+    clock = [1000.0]
+    shipper = _shipper(buffer, f"https://127.0.0.1:{down.port}", batch_min=1, batch_max=10, breaker_threshold=3,
+                       probe_records=3, rng=random.Random(3), clock=lambda: clock[0])
+    try:
+        _all_three_pending(buffer)
+        for cycle in range(1, 5):
+            clock[0] += 1.0  # past any backoff (max_backoff 0.2 s)
+            assert shipper.ship_once() is False
+            assert down.accepted == cycle  # one connection for the origin, not one per signal
+            assert shipper.ship_once() is False and down.accepted == cycle  # the same moment: all held back
+            assert shipper.stats.requests_failed == cycle  # one request tried per cycle, and counted once
+            for name in ("traces", "logs", "metrics"):  # yet none of the three could be sent: each failed
+                stats = shipper.stats.signals[name]
+                assert stats.unreachable and stats.consecutive_failures == cycle and stats.last_error
+                assert stats.breaker_open == (cycle >= 3)
+        assert shipper.stats.breaker_open and shipper.stats.consecutive_failures == 4
+        assert buffer.pending(Kind.SPAN) == 30 and buffer.pending(Kind.LOG) == 20 and buffer.pending(Kind.METRIC) == 3
+    finally:
+        shipper._close()
+        down.close()
+
+
+def test_an_origin_back_after_an_outage_is_probed_once_and_then_each_signal_goes_on_alone(buffer):
+    # The collector is down (a closed port): one connection per backoff for all three signals. When it is
+    # back, its traces pipeline answering 503, the logs and metrics go on (their own probe, then batches) while
+    # the traces back off alone; when that pipeline is back too, everything arrives, once.
+    port = free_port()
+    receiver = _PipelineDown("/v1/traces", port)  # not started yet: connections are refused
+    clock = [1000.0]
+    shipper = _shipper(buffer, receiver.endpoint, batch_min=1, batch_max=10, breaker_threshold=2,
+                       probe_records=3, rng=random.Random(5), clock=lambda: clock[0])
+    try:
+        _all_three_pending(buffer)
+        for cycle in (1, 2):
+            clock[0] += 1.0
+            assert shipper.ship_once() is False
+            assert shipper.ship_once() is False
+            assert shipper.stats.requests_failed == cycle  # one refused connection a cycle, not three
+        stats = shipper.stats.signals
+        assert all(stats[name].breaker_open and stats[name].unreachable and stats[name].consecutive_failures == 2
+                   and "ConnectionRefused" in stats[name].last_error for name in ("traces", "logs", "metrics"))
+        assert shipper.stats.breaker_open and shipper.stats.consecutive_failures == 2
+        receiver.start()  # back, but its traces pipeline answers 503
+        clock[0] += 1.0
+        assert shipper.ship_once() is True
+        assert receiver.refused == ["/v1/traces"] and len(receiver.logs()) == 3 and len(receiver.metrics()) == 3
+        assert not any(stats[name].unreachable for name in ("traces", "logs", "metrics"))
+        assert stats["traces"].consecutive_failures == 3 and "503" in stats["traces"].last_error
+        assert stats["logs"].consecutive_failures == 0 and not stats["logs"].breaker_open
+        assert shipper.ship_once() is True  # the same moment: the logs go on, the traces wait out their backoff
+        assert len(receiver.logs()) == 13 and receiver.refused == ["/v1/traces"]
+        receiver.failing = None
+        for _ in range(10):  # each pass a second later: past the traces' backoff, every signal due
+            clock[0] += 1.0
+            shipper.ship_once()
+        assert buffer.pending() == 0
+    finally:
+        shipper._close()
+        receiver.stop()
+    assert sorted(attributes(s.attributes)["i"] for s in receiver.spans()) == list(range(30))
+    assert sorted(log.body.string_value for log in receiver.logs()) == sorted(f"line {i}" for i in range(20))
+    assert len(receiver.metrics()) == 3 and buffer.stats().dead_letter_records == 0
+    assert [len(r.request.resource_spans[0].scope_spans[0].spans) for r in receiver.requests
+            if r.path == "/v1/traces"] == [3, 10, 10, 7]  # a probe first: the traces' own circuit was open
+    assert not shipper.stats.breaker_open and shipper.stats.consecutive_failures == 0
+    assert shipper.stats.requests_failed == 3  # two refused connections and one 503

@@ -9,8 +9,12 @@ Failures: connection errors, timeouts, 429 and 5xx are retried with exponential 
 `Retry-After`; after `breaker_threshold` consecutive failures the circuit opens, and once the backoff has passed
 a single small probe request (at most `probe_records`) must succeed before full batches resume. Each signal has
 its own backoff and breaker: a failing one (its endpoint down, or a collector whose traces pipeline answers 503)
-neither holds the others back nor is retried sooner because they succeed. A 4xx other than
-429 means the collector will never take that batch: it moves to the buffer's dead-letter table (kept, counted).
+neither holds the others back nor is retried sooner because they succeed. The exception is a connection that
+cannot be opened (refused, timed out, name not resolved, TLS handshake failed): that is the origin's fault
+(scheme://host:port), so every signal sending there is held back with it, and one connection per backoff probes
+the origin instead of one per signal; once a connection opens, each signal goes on from its own state.
+A 4xx other than 429 means the collector will never take that batch: it moves to the buffer's dead-letter table
+(kept, counted).
 A 3xx means the endpoint is wrong, not the records: not followed, retried like a 5xx, and logged.
 Duplicates are possible only when a collector accepted a request and the reply was lost (at least once).
 """
@@ -47,6 +51,10 @@ class SignalStats:
     consecutive_failures: int = 0
     breaker_open: bool = False
     last_error: str = ""
+    # Its endpoint's origin (scheme://host:port) could not be connected to at the last try: held back until
+    # it can. Such a try counts as a failure of every signal of that origin with records waiting (none of them
+    # could be sent), though it was one request (`ShipperStats.requests_failed`).
+    unreachable: bool = False
 
 
 @dataclass
@@ -92,10 +100,23 @@ class _Signal:
     warned: str = ""  # once per distinct answer, until a 2xx
 
 
+@dataclass
+class _Origin:
+    """One scheme://host:port that signals send to: while it cannot be connected to, none of its signals
+    tries before `not_before` (then the first due one probes it for all)."""
+
+    failures: int = 0  # connections that could not be opened since the last one that could
+    not_before: float = 0.0
+
+
 class _Retry(Exception):
     def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class _Unreachable(_Retry):
+    """No connection to the target's origin could be opened (refused, timed out, not resolved, TLS failed)."""
 
 
 class _Rejected(Exception):
@@ -214,6 +235,10 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self.stats = ShipperStats()
         self._signals = {kind: _Signal(SignalStats()) for kind in self._targets}
+        # Signals that send to one origin share its reachability (the port as connected to: 80/443 if none).
+        self._origin_of = {kind: (t.scheme, t.host, t.port or (443 if t.scheme == "https" else 80))
+                           for kind, t in self._targets.items()}
+        self._origins = {key: _Origin() for key in self._origin_of.values()}
         self.stats.signals = {SIGNALS[kind]: signal.stats for kind, signal in self._signals.items()}
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -260,9 +285,9 @@ class Shipper:
             self.stats.cpu_seconds = time.thread_time() - start_cpu
             if not progressed:
                 now = self._clock()
-                # Signals backing off; once a backoff has passed, the usual waits hold (a signal's not_before
-                # stays set until its 2xx: waiting until it, 0, spun a core).
-                backoffs = [signal.not_before for signal in self._signals.values() if signal.not_before > now]
+                # Signals backing off (their own or their origin's); once a backoff has passed, the usual waits
+                # hold (a signal's not_before stays set until its 2xx: waiting until it, 0, spun a core).
+                backoffs = [until for kind in self._signals if (until := self._held_until(kind)) > now]
                 retry_in = min(backoffs, default=math.inf) - now
                 if self._draining:
                     wait = 0.01 if len(backoffs) < len(self._signals) else retry_in
@@ -285,8 +310,8 @@ class Shipper:
         progressed = False
         for kind in (Kind.SPAN, Kind.LOG, Kind.METRIC):
             signal = self._signals.get(kind)
-            if signal is None or now < signal.not_before:  # no endpoint: kept; backing off: _run wakes us then
-                continue
+            if signal is None or now < self._held_until(kind):  # no endpoint: kept; backing off (itself, or
+                continue  # its origin, unreachable or just found so in this pass): _run wakes us then
             pending = self.buffer.pending(kind)
             if not pending:
                 continue
@@ -299,6 +324,9 @@ class Shipper:
             limit = self.probe_records if signal.stats.breaker_open else self.batch_max
             try:
                 sent = self._send(kind, limit)
+            except _Unreachable as unreachable:
+                self._unreachable(kind, str(unreachable))
+                continue
             except _Retry as retry:
                 self._failed(kind, str(retry), retry.retry_after)
                 continue
@@ -416,6 +444,13 @@ class Shipper:
         target = self._targets[kind]
         payload = _gzip(body) if self._compress else body
         conn = self._connection(target)
+        if conn.sock is None:  # opened here, apart from the request: failing to is the origin's fault
+            try:
+                conn.connect()
+            except (OSError, socket.timeout) as exc:  # refused, timed out, not resolved (gaierror), TLS (SSLError)
+                self._close(target)
+                raise _Unreachable(f"{type(exc).__name__}: {exc}") from None
+            self._reached(kind)
         try:
             conn.request("POST", target.path, body=payload, headers=target.headers)
             response = conn.getresponse()
@@ -423,6 +458,7 @@ class Shipper:
         except (OSError, http.client.HTTPException, socket.timeout) as exc:
             self._close(target)
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        self._reached(kind)  # an answer (on a connection kept from before the origin was found down, too)
         status = response.status
         if response.getheader("Connection", "").lower() == "close":
             self._close(target)
@@ -460,6 +496,46 @@ class Shipper:
             delay = min(max(delay, retry_after), max(self.max_backoff, retry_after))
         signal.not_before = self._clock() + delay
         self._aggregate()
+
+    def _held_until(self, kind: Kind) -> float:
+        """When `kind` may be tried again: after its own backoff and its origin's."""
+        return max(self._signals[kind].not_before, self._origins[self._origin_of[kind]].not_before)
+
+    def _unreachable(self, kind: Kind, reason: str) -> None:
+        """No connection to `kind`'s origin: back the origin off, which holds back every signal sending there
+        (one probe per backoff, not one per signal). The failure counts for each of them with records waiting
+        (none could be sent); their own not_before (a Retry-After) is kept for when the origin is back."""
+        origin = self._origins[self._origin_of[kind]]
+        origin.failures += 1
+        exponent = min(origin.failures - 1, 16)
+        origin.not_before = self._clock() + min(self.max_backoff, self.base_backoff * 2**exponent) \
+            * self._rng.uniform(0.5, 1.0)
+        self.stats.requests_failed += 1
+        self.stats.last_error = reason
+        for other, signal in self._signals.items():
+            if self._origin_of[other] != self._origin_of[kind]:
+                continue
+            stats = signal.stats
+            stats.unreachable = True
+            if other != kind and not self.buffer.pending(other):
+                continue  # held back too, but nothing of it failed
+            stats.last_error = reason
+            stats.consecutive_failures += 1
+            if stats.consecutive_failures >= self.breaker_threshold:
+                stats.breaker_open = True
+        self._aggregate()
+
+    def _reached(self, kind: Kind) -> None:
+        """A connection to `kind`'s origin opened: its signals go on from their own state (an open circuit
+        still probes first, a Retry-After still holds)."""
+        key = self._origin_of[kind]
+        origin = self._origins[key]
+        if not origin.failures:
+            return
+        origin.failures, origin.not_before = 0, 0.0
+        for other, signal in self._signals.items():
+            if self._origin_of[other] == key:
+                signal.stats.unreachable = False
 
     def _succeeded(self, kind: Kind) -> None:
         signal = self._signals[kind]
