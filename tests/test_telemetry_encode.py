@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import enum
+import logging
+import math
+
+from opentelemetry.metrics import Observation
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client.parser import text_string_to_metric_families
 
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
+from emp_machine.telemetry.metrics import Meter, render_prometheus
 from otlp_receiver import attributes
 
 ATTRS = {"s": "héllo", "neg": -5, "big": 2**62, "f": 0.25, "b": False, "arr": ["a", 1], "kv": {"x": 1}, "none": None}
@@ -67,3 +74,55 @@ def test_an_attribute_encoded_for_one_message_is_not_reused_in_another():
     log_again = LogRecord.FromString(encode_log((1, 9, "INFO", "x", pair, 0, 0, "")))
     assert attributes(log.attributes) == attributes(span.attributes) == pair
     assert attributes(span.events[0].attributes) == attributes(log_again.attributes) == pair
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+# (case, value, what both /metrics and OTLP carry: None when the point is left out)
+ODD_VALUES = [
+    ("int", 3, 3), ("float", 2.5, 2.5), ("true", True, 1), ("false", False, 0), ("enum", _Level.HIGH, 2),
+    ("nan", math.nan, math.nan), ("inf", math.inf, math.inf), ("-inf", -math.inf, -math.inf),
+    ("past_int64", 2**70, float(2**70)), ("past_float64", 10**400, math.inf),
+    ("text", "1.5", None), ("word", "busy", None), ("none", None, None), ("object", object(), None),
+]
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_metric_values_that_are_not_numbers_follow_the_prometheus_rules(caplog):
+    """A gauge's or a sum's point whose value is not a number is left out of OTLP as /metrics leaves it out
+    (once an exception that lost the whole metric record, or sent raw); a bool is 1 or 0 on both paths."""
+    meter = Meter()
+    gauge = meter.create_gauge("odd_gauge_values")
+    for case, value, _ in ODD_VALUES:
+        gauge.set(value, {"case": case})
+    observed = [Observation(value, {"case": case}) for case, value, _ in ODD_VALUES]
+    meter.create_observable_counter("odd_counted_values", [lambda _: observed])
+    meter.create_observable_gauge("odd_nothing_left", [lambda _: [Observation(None), Observation("x")]])
+    snapshot = meter.snapshot()
+    with caplog.at_level(logging.WARNING, logger="emp_machine.telemetry.metrics"):
+        body = Encoder({"service.name": "svc"}).metrics([(10, 5, snapshot), (20, 5, snapshot)])
+        text = render_prometheus(snapshot)
+    request = ExportMetricsServiceRequest.FromString(body)
+    metrics = request.resource_metrics[0].scope_metrics[0].metrics
+    assert [m.name for m in metrics] == ["odd_gauge_values", "odd_counted_values"] * 2  # no empty metric
+    prom: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            prom.setdefault(family.name, {})[sample.labels["case"]] = sample.value
+    expected = {case: number for case, _, number in ODD_VALUES if number is not None}
+    for metric in metrics:
+        points = metric.gauge.data_points if metric.name == "odd_gauge_values" else metric.sum.data_points
+        otlp = {attributes(p.attributes)["case"]: getattr(p, p.WhichOneof("value")) for p in points}
+        as_int = {attributes(p.attributes)["case"] for p in points if p.WhichOneof("value") == "as_int"}
+        assert as_int == {"int", "true", "false", "enum"}
+        assert otlp.keys() == expected.keys() == prom[metric.name].keys()
+        assert all(_same(otlp[case], number) and _same(prom[metric.name][case], number)
+                   for case, number in expected.items())
+    assert metrics[1].sum.is_monotonic and "odd_nothing_left" not in prom
+    for name in ("odd_gauge_values", "odd_counted_values", "odd_nothing_left"):
+        assert len([r for r in caplog.records if r.getMessage().startswith(f"metric {name!r}:")]) == 1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from emp_machine.telemetry import TelemetryConfig, setup
-from emp_machine.telemetry.metrics import Meter, merge_snapshots, render_prometheus
+from emp_machine.telemetry.metrics import (Meter, merge_snapshots, parse_snapshot, render_prometheus,
+                                          write_snapshot)
 from otlp_receiver import OtlpReceiver, attributes, wait_until
 
 
@@ -258,3 +260,79 @@ def test_other_libraries_log_through_the_root_handler(tmp_path):
     (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert line["message"] == "disk at 91% with password=[REDACTED]"
     assert (line["logger"], line["level"], line["machine_id"]) == ("some.library", "warning", "m1")
+
+
+def _family_names(text: str) -> dict[str, str]:
+    """Every name a family writes (from its TYPE line: a histogram x writes x_bucket, x_sum and x_count) ->
+    that family; a name claimed by two families is an AssertionError."""
+    owner: dict[str, str] = {}
+    for family, kind in re.findall(rf"^# TYPE ({_METRIC}) (\w+)$", text, re.M):
+        names = [family] + ([family + s for s in ("_bucket", "_sum", "_count")] if kind == "histogram" else [])
+        for name in names:
+            assert name not in owner, f"{name} is written by both {owner[name]} and {family}"
+            owner[name] = family
+    return owner
+
+
+def test_a_histogram_s_series_names_are_its_own_on_metrics(caplog):
+    """A histogram x writes x_bucket, x_sum and x_count: a counter or gauge exposed as one of those, another
+    histogram named so, or a family exposed as x, would be a second family writing the same series. The first
+    registered keeps the names; a later one is left out, with a comment line and one warning."""
+    meter = Meter()
+    latency = meter.create_histogram("rpc.latency", "s", explicit_bucket_boundaries_advisory=[1.0])
+    latency.record(0.5, {"route": "a"})
+    meter.create_counter("rpc_latency_count").add(7, {"route": "a"})
+    meter.create_gauge("rpc_latency_sum").set(3, {"route": "a"})
+    meter.create_gauge("rpc.latency.bucket").set(4, {"le": "1.0", "route": "a"})  # x_bucket{le="1.0",...} again
+    meter.create_histogram("rpc_latency_bucket", explicit_bucket_boundaries_advisory=[1.0]).record(0.1)
+    meter.create_gauge("rpc_latency").set(1)
+    meter.create_counter("queue_wait_sum").add(2)  # registered before the histogram: the counter keeps the name
+    meter.create_histogram("queue_wait", explicit_bucket_boundaries_advisory=[1.0]).record(0.2)
+    worker = Meter()
+    worker.create_counter("rpc_latency_count").add(5)  # a worker's counter meets the machine's histogram
+    worker.create_counter("worker_side_total").add(1)
+    with caplog.at_level(logging.WARNING, logger="emp_machine.telemetry.metrics"):
+        text = render_prometheus(merge_snapshots(meter.snapshot(), [("m1-worker-0", worker.snapshot())]))
+        again = render_prometheus(merge_snapshots(meter.snapshot(), [("m1-worker-0", worker.snapshot())]))
+    assert again == text and _strict_prometheus_problems(text) == []
+    owner = _family_names(text)
+    families = [f.name for f in text_string_to_metric_families(text)]
+    assert len(set(families)) == len(families)  # each family once
+    lines = [_SAMPLE_LINE.fullmatch(line) for line in text.splitlines() if line and not line.startswith("#")]
+    series = [(m[1], m[2] or "") for m in lines]
+    assert len(series) == len(set(series))  # no series twice
+    assert all(name in owner for name, _ in series)  # every sample is one of its family's names
+    samples = {(m[1], m[2] or ""): float(m[3]) for m in lines}
+    assert samples[("rpc_latency_count", 'route="a"')] == 1  # the histogram's count, not the counter's 7
+    assert samples[("rpc_latency_sum", 'route="a"')] == 0.5
+    assert samples[("rpc_latency_bucket", 'route="a",le="1.0"')] == 1
+    assert samples[("queue_wait_sum", "")] == 2 and "queue_wait_bucket" not in owner
+    assert samples[("worker_side_total", 'worker_id="m1-worker-0"')] == 1
+    assert "# counter rpc_latency_count left out: histogram rpc_latency writes rpc_latency_count already" in text
+    assert "# histogram queue_wait left out: counter queue_wait_sum writes queue_wait_sum already" in text
+    for left_out in ("counter rpc_latency_count", "gauge rpc_latency_sum", "gauge rpc_latency_bucket",
+                     "histogram rpc_latency_bucket", "gauge rpc_latency", "histogram queue_wait"):
+        warned = [r for r in caplog.records if r.getMessage().startswith(f"/metrics: {left_out} is left out")]
+        assert len(warned) == 1, left_out  # once, not per scrape
+
+
+def test_a_worker_value_that_is_not_a_number_loses_its_point_not_the_worker(tmp_path):
+    """A worker's snapshot is parsed strictly; a gauge set to True, None or text once made the whole file
+    "corrupt", and every series of that worker vanished from /metrics."""
+    worker = Meter()
+    worker.create_counter("snapshot_jobs_total").add(3)
+    ready = worker.create_gauge("snapshot_ready")
+    ready.set(True, {"service": "a"})
+    ready.set(None, {"service": "b"})
+    ready.set("busy", {"service": "c"})
+    worker.create_gauge("snapshot_state").set("starting")  # no point left: no family either
+    path = tmp_path / "m1-worker-0.json"
+    write_snapshot(path, worker.snapshot(), worker_id="m1-worker-0", start_ns=1)
+    worker_id, snapshot = parse_snapshot(path.read_bytes())
+    assert [family[0] for family in snapshot] == ["snapshot_jobs_total", "snapshot_ready"]
+    text = render_prometheus(merge_snapshots([], [(worker_id, snapshot)]))
+    assert _strict_prometheus_problems(text) == []
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples == {("snapshot_jobs_total", (("worker_id", "m1-worker-0"),)): 3,
+                       ("snapshot_ready", (("service", "a"), ("worker_id", "m1-worker-0"))): 1}

@@ -18,6 +18,7 @@ Record layouts (tuples, so they marshal into the buffer cheaply):
 
 from __future__ import annotations
 
+import math
 import struct
 
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes, _encode_resource
@@ -25,6 +26,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.sdk.resources import Resource
+
+from emp_machine.telemetry.metrics import sample_value, warn_not_a_number
 
 SPAN_TRACE_ID, SPAN_ID, SPAN_PARENT = 0, 1, 2
 
@@ -209,11 +212,24 @@ class Encoder:
                         container.aggregation_temporality = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
                         container.is_monotonic = monotonic
                     for attributes, value in points:
+                        number = sample_value(value)  # /metrics' rule: a bool as 1 or 0, text or None left out
+                        if number is None:
+                            warn_not_a_number(name, value)
+                            continue
                         point = container.data_points.add(
                             attributes=_encode_attributes(attributes), start_time_unix_nano=start_ns,
                             time_unix_nano=time_ns)
-                        if type(value) is int:
-                            point.as_int = value
-                        else:
-                            point.as_double = float(value)
+                        if type(number) is int and -2**63 <= number < 2**63:
+                            point.as_int = number
+                        else:  # a float, or an int past int64 (as_int would raise)
+                            point.as_double = _as_double(number)
+                    if not container.data_points:  # every point left out: no empty metric either
+                        del scope_metrics.metrics[-1]
         return request.SerializeToString()
+
+
+def _as_double(number: int | float) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an int past a float64, as /metrics writes it
+        return math.inf if number > 0 else -math.inf

@@ -16,7 +16,9 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import logging
 import math
+import numbers
 import os
 import re
 import threading
@@ -30,6 +32,46 @@ from opentelemetry import metrics as api
 SNAPSHOT_INTERVAL = 5.0  # seconds between two snapshots a worker publishes for the machine's /metrics
 SNAPSHOT_MAX_AGE = 30.0  # a snapshot not rewritten for this long belongs to a worker that is gone
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+_log = logging.getLogger(__name__)
+
+
+def sample_value(value: Any) -> int | float | None:
+    """The number a gauge's or a sum's point carries, the one rule of every output path (Prometheus text, OTLP,
+    worker snapshots): an int as itself, a bool as 1 or 0, a float as itself (NaN and +-Inf included), another
+    number that is not text (an IntEnum, a numpy scalar, a Decimal) as an int or a float; None for what is not
+    a number (text, even "1.5", None, any other object): that point is left out, never an exception."""
+    kind = type(value)
+    if kind is int or kind is float:
+        return value
+    if isinstance(value, numbers.Integral):  # bool (1 or 0), IntEnum, numpy integers
+        return int(value)
+    if value is None or isinstance(value, (str, bytes, bytearray)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+_warned: set[tuple] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: tuple, message: str, *args: Any) -> None:
+    """Log `message` once per `key` in this process (at most 256 keys: names are few, not per point)."""
+    with _warned_lock:
+        if key in _warned or len(_warned) >= 256:
+            return
+        _warned.add(key)
+    _log.warning(message, *args)
+
+
+def warn_not_a_number(metric: str, value: Any) -> None:
+    """Warn, once per metric, that a point of `metric` was left out because its value is not a number."""
+    _warn_once(("not a number", metric),
+               "metric %r: a point whose value is a %s, not a number, is left out (on /metrics and in OTLP); "
+               "record an int or a float", str(metric)[:80], type(value).__name__)
 
 
 def _key(attributes: Mapping[str, Any] | None) -> tuple:
@@ -318,15 +360,17 @@ def _prom_help(text: str) -> str:
 
 
 def _prom_value(value: Any) -> str | None:
-    """A sample value: a bool as 1 or 0, None for what is not a number (the sample is left out)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
+    """A sample value (`sample_value`'s rule: a bool as 1 or 0), None for what is not a number (the sample
+    is left out)."""
+    value = sample_value(value)
+    if value is None:
         return None
+    if type(value) is int:
+        try:
+            float(value)
+        except OverflowError:  # past a float64: a scraper's ParseFloat refuses the digits
+            return "+Inf" if value > 0 else "-Inf"
+        return str(value)
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if math.isnan(value):
@@ -335,16 +379,30 @@ def _prom_value(value: Any) -> str | None:
 
 
 def render_prometheus(snapshot: Iterable[tuple]) -> str:
-    """Text format 0.0.4. Names are sanitized (see `_prom_name`, `_prom_label_pairs`); where two families get
-    the same name, or two series of a family the same labels, the first is kept and the others left out."""
+    """Text format 0.0.4. Names are sanitized (see `_prom_name`, `_prom_label_pairs`). Each family's names
+    must be its own: a histogram `x` writes `x_bucket`, `x_sum` and `x_count` too, so a counter or gauge
+    exposed as one of those (or as `x`), or another histogram whose names meet these, would make two series
+    of one name. Where families collide so, the first (in snapshot order: registration order, the process's
+    own before other processes') keeps its names and the later one is left out, with a comment line saying
+    so and a warning logged once. Two series of a family with the same labels: the first is kept."""
     lines: list[str] = []
-    families: set[str] = set()
+    taken: dict[str, tuple[str, str]] = {}  # an exposed name -> (its family, that family's type)
     for name, description, _unit, kind, monotonic, points in snapshot:
         metric = _prom_name(name)
-        if metric in families:
-            continue
-        families.add(metric)
         prom_type = "histogram" if kind == "histogram" else "counter" if kind == "sum" and monotonic else "gauge"
+        names = (metric, metric + "_bucket", metric + "_sum", metric + "_count") if kind == "histogram" \
+            else (metric,)
+        clash = next((n for n in names if n in taken), None)
+        if clash is not None:
+            holder, holder_type = taken[clash]
+            lines.append(f"# {prom_type} {metric} left out: {holder_type} {holder} writes {clash} already")
+            _warn_once(("name collision", prom_type, metric, holder),
+                       "/metrics: %s %s is left out: %s %s writes a series named %s already (a histogram x also "
+                       "writes x_bucket, x_sum and x_count); rename one of the two metrics",
+                       prom_type, metric, holder_type, holder, clash)
+            continue
+        for exposed in names:
+            taken[exposed] = (metric, prom_type)
         if description:
             lines.append(f"# HELP {metric} {_prom_help(description)}")
         lines.append(f"# TYPE {metric} {prom_type}")
@@ -367,7 +425,10 @@ def render_prometheus(snapshot: Iterable[tuple]) -> str:
             else:
                 labels = _prom_labels(attributes)
                 text = _prom_value(value)
-                if text is None or labels in seen:
+                if text is None:
+                    warn_not_a_number(name, value)
+                    continue
+                if labels in seen:
                     continue
                 seen.add(labels)
                 lines.append(f"{metric}{labels} {text}")
@@ -381,9 +442,11 @@ _KINDS = ("sum", "gauge", "histogram")
 
 def write_snapshot(path: Path, snapshot: list[tuple], *, worker_id: str, start_ns: int) -> None:
     """Publish a meter snapshot for another process to read: JSON written to a temporary file and renamed over
-    `path`, so that a reader finds the previous snapshot or this one, never part of one."""
+    `path`, so that a reader finds the previous snapshot or this one, never part of one. Values go through
+    `sample_value` (a bool as 1 or 0, a point that is not a number left out), so that one odd gauge does not
+    make `parse_snapshot` refuse the whole file."""
     doc = {"version": 1, "worker_id": worker_id, "pid": os.getpid(), "start_ns": start_ns,
-           "time_ns": time.time_ns(), "metrics": snapshot}
+           "time_ns": time.time_ns(), "metrics": _numbers_only(snapshot)}
     data = json.dumps(doc, separators=(",", ":"), default=str).encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -395,6 +458,23 @@ def write_snapshot(path: Path, snapshot: list[tuple], *, worker_id: str, start_n
         except OSError:
             pass
         raise
+
+
+def _numbers_only(snapshot: Iterable[tuple]) -> list[tuple]:
+    out = []
+    for name, description, unit, kind, monotonic, points in snapshot:
+        if kind != "histogram":  # a histogram's points come from its own cells: numbers already
+            kept = []
+            for attributes, value in points:
+                number = sample_value(value)
+                if number is None:
+                    warn_not_a_number(name, value)
+                else:
+                    kept.append((attributes, number))
+            points = kept
+        if points:
+            out.append((name, description, unit, kind, monotonic, points))
+    return out
 
 
 def parse_snapshot(data: bytes | str) -> tuple[str, list[tuple]]:
