@@ -714,23 +714,36 @@ def _push_errors_over_the_cap(buffer: Buffer, rng: random.Random) -> None:
         buffer.flush()
 
 
+def _accounted(buffer: Buffer) -> None:
+    """Every record written is acked, stored, dropped (counted) or a pending drop (its fate not known yet)."""
+    stats = buffer.stats()
+    assert stats.written_total == (stats.acked_total + stats.stored_records + sum(stats.dropped.values())
+                                   + stats.dropped_pending)
+
+
 def test_a_chunk_dropped_while_its_request_is_in_flight_is_not_counted_as_lost_when_the_ack_comes(tmp_path):
+    # The drop counts are exported as a counter (telemetry_records_dropped_total): they must never go down,
+    # which they did when the drop was counted at once and the ack took it back.
     drops: list[tuple[str, int]] = []
     buffer, chunk, rng = _over_the_cap_with_a_span_chunk_in_flight(tmp_path, drops)
     try:
         buffer.ack([(chunk.id, 40)])  # a first request took 40 of its records
+        before = buffer.stats().dropped
         _push_errors_over_the_cap(buffer, rng)
-        assert buffer.pending(Kind.SPAN) == 0 and buffer.stats().dropped == {"buffer_full": 60}  # dropped...
+        during = buffer.stats()
+        assert buffer.pending(Kind.SPAN) == 0 and during.stored_records == 200  # dropped: the space is free...
+        assert during.dropped == before == {} and during.dropped_pending == 60  # ... its fate not known yet
+        _accounted(buffer)
         buffer.ack([(chunk.id, 100)])  # ... and then the collector accepted the rest of them
         stats = buffer.stats()
         assert stats.dropped == {} and drops == []  # nothing was lost, nothing is reported lost
-        assert stats.acked_total == 100 and stats.stored_records == 200
-        assert stats.written_total == stats.acked_total + stats.stored_records + sum(stats.dropped.values())
+        assert stats.acked_total == 100 and stats.stored_records == 200 and stats.dropped_pending == 0
+        _accounted(buffer)
         buffer.read(Kind.SPAN, 1000)  # the shipper's next batch: nothing left to report of the last one
-        assert drops == []
+        assert drops == [] and buffer.stats().dropped == {}
     finally:
         buffer.close()
-    reopened = Buffer(tmp_path / "b.db", max_size=50_000)  # the saved counter was lowered with the ack
+    reopened = Buffer(tmp_path / "b.db", max_size=50_000)  # the ack took them off the saved pending drops
     try:
         assert reopened.stats().dropped == {} and reopened.pending() == 200
     finally:
@@ -743,12 +756,17 @@ def test_a_chunk_dropped_while_in_flight_counts_what_no_ack_delivered_and_report
     try:
         buffer.ack([(chunk.id, 30)])
         _push_errors_over_the_cap(buffer, rng)
+        reads = [buffer.stats().dropped.get("buffer_full", 0)]
         buffer.ack([(chunk.id, 70)])  # a second request accepted; the third failed: 30 never arrived
-        assert buffer.stats().dropped == {"buffer_full": 30}
-        assert drops == []  # the request's fate was not known yet
-        buffer.read(Kind.SPAN, 1000)  # the shipper is done with that batch
-        assert drops == [("buffer_full", 30)] and buffer.stats().dropped == {"buffer_full": 30}
+        reads.append(buffer.stats().dropped.get("buffer_full", 0))
+        assert buffer.stats().dropped_pending == 30  # not counted yet: the request's fate was not known yet
+        assert drops == []
+        buffer.read(Kind.SPAN, 1000)  # the shipper is done with that batch: those 30 are lost
+        reads.append(buffer.stats().dropped.get("buffer_full", 0))
+        assert reads == [0, 0, 30]  # never down, and in the end the records actually lost
+        assert drops == [("buffer_full", 30)] and buffer.stats().dropped_pending == 0
         assert buffer.stats().acked_total == 70
+        _accounted(buffer)
     finally:
         buffer.close()
     reopened = Buffer(tmp_path / "b.db", max_size=50_000)
@@ -769,7 +787,7 @@ def test_a_chunk_expired_while_in_flight_then_dead_lettered_is_a_dead_letter_not
         (chunk,) = buffer.read(Kind.SPAN, 10)  # in flight
         now[0] += 61
         buffer.flush()  # the retention pass: expired while its request is in flight
-        assert buffer.pending() == 0 and buffer.stats().dropped == {"expired": 5}
+        assert buffer.pending() == 0 and buffer.stats().dropped == {} and buffer.stats().dropped_pending == 5
         buffer.dead_letter(Kind.SPAN, chunk.records, [(chunk.id, chunk.count)], "HTTP 400")  # the collector refused
         stats = buffer.stats()
         assert stats.dead_letter_records == 5 and stats.dropped == {}  # counted once, as what happened to them
@@ -777,6 +795,86 @@ def test_a_chunk_expired_while_in_flight_then_dead_lettered_is_a_dead_letter_not
         assert drops == []
     finally:
         buffer.close()
+
+
+def test_a_chunk_dropped_while_in_flight_and_given_back_at_close_is_counted_then(tmp_path):
+    drops: list[tuple[str, int]] = []
+    buffer, chunk, rng = _over_the_cap_with_a_span_chunk_in_flight(tmp_path, drops)
+    buffer.ack([(chunk.id, 25)])
+    _push_errors_over_the_cap(buffer, rng)
+    assert buffer.stats().dropped == {} and buffer.stats().dropped_pending == 75
+    buffer.close()  # no ack can come any more: the 75 are lost, counted and reported now
+    assert drops == [("buffer_full", 75)] and buffer.stats().dropped == {"buffer_full": 75}
+    reopened = Buffer(tmp_path / "b.db", max_size=50_000, on_drop=lambda r, n: drops.append((r, n)))
+    try:  # counted once, at that close: nothing left pending, nothing reported again
+        assert reopened.stats().dropped == {"buffer_full": 75} and reopened.stats().dropped_pending == 0
+        assert reopened.dropped_before_open == {"buffer_full": 75} and drops == [("buffer_full", 75)]
+    finally:
+        reopened.close()
+
+
+def test_an_sqlite_error_while_counting_records_lost_in_flight_counts_them_at_the_next_read(tmp_path, capfd):
+    drops: list[tuple[str, int]] = []
+    buffer, chunk, rng = _over_the_cap_with_a_span_chunk_in_flight(tmp_path, drops)
+    try:
+        _push_errors_over_the_cap(buffer, rng)
+        buffer.ack([(chunk.id, 60)])
+        buffer._db = _FailsOnce(buffer._db, "INSERT INTO counters")
+        buffer.read(Kind.SPAN, 1000)  # the 40 are lost, but their count cannot be saved: still pending
+        assert "could not be counted yet" in capfd.readouterr().err
+        assert buffer.stats().dropped == {} and buffer.stats().dropped_pending == 40 and drops == []
+        buffer.read(Kind.SPAN, 1000)  # counted at the next settling, once
+        assert buffer.stats().dropped == {"buffer_full": 40} and drops == [("buffer_full", 40)]
+        assert buffer.stats().dropped_pending == 0
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db", max_size=50_000)
+    try:
+        assert reopened.stats().dropped == {"buffer_full": 40}
+    finally:
+        reopened.close()
+
+
+IN_FLIGHT_KILL_CHILD = """
+import os, random, signal, sys
+from pathlib import Path
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+rng = random.Random(1)
+noise = lambda: "".join(rng.choice("abcdefghij0123456789") for _ in range(300))
+buffer = Buffer(Path(sys.argv[1]), max_size=50_000)
+for i in range(100):
+    buffer.append(Kind.SPAN, Value.ROUTINE, (1 + i, 1 + i, 0, "s", 1, 0, 1, {"n": noise()}, 0, "", None, "", 0))
+buffer.flush()
+(chunk,) = buffer.read(Kind.SPAN, 1000)  # in flight
+buffer.ack([(chunk.id, 10)])
+for i in range(200):  # over the cap: the span chunk is dropped while its request is in flight
+    buffer.append(Kind.LOG, Value.ERROR, (i, 17, "ERROR", noise(), {}, 0, 0, ""))
+    if i % 100 == 99:
+        buffer.flush()
+stats = buffer.stats()
+print("pending", stats.dropped_pending, sum(stats.dropped.values()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # before any ack or read settles them
+"""
+
+
+def test_records_dropped_in_flight_by_a_killed_process_are_counted_at_the_next_start(tmp_path):
+    child = subprocess.run([sys.executable, "-c", IN_FLIGHT_KILL_CHILD, str(tmp_path / "b.db")],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    assert child.stdout.split() == ["pending", "90", "0"]  # held as pending drops, not counted, when killed
+    drops: list[tuple[str, int]] = []
+    buffer = Buffer(tmp_path / "b.db", max_size=50_000, on_drop=lambda r, n: drops.append((r, n)))
+    try:  # no ack can deliver them now: counted, reported, and as this run's news (the metric counts them)
+        assert buffer.stats().dropped == {"buffer_full": 90} and drops == [("buffer_full", 90)]
+        assert buffer.dropped_before_open == {} and buffer.stats().dropped_pending == 0
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db", max_size=50_000, on_drop=lambda r, n: drops.append((r, n)))
+    try:  # once
+        assert reopened.stats().dropped == {"buffer_full": 90} and reopened.dropped_before_open == {"buffer_full": 90}
+        assert drops == [("buffer_full", 90)]
+    finally:
+        reopened.close()
 
 
 KILL_CHILD = """
@@ -889,6 +987,53 @@ def test_an_sqlite_error_in_an_ack_rolls_it_back_and_the_buffer_goes_on(tmp_path
         assert buffer.stats().dropped == {} and buffer.pending() == 506
     finally:
         buffer.close()
+
+
+def _deny_once(*denied: tuple[int, str]):
+    """An SQLite authorizer (the real connection's own hook, no wrapper) that refuses, once each, the first
+    statement doing `action` on `arg1` (a table, or "ROLLBACK" for a transaction), as SQLite itself refuses it:
+    the statement fails with "not authorized"."""
+    left = set(denied)
+
+    def authorize(action, arg1, arg2, db_name, source):
+        if (action, arg1) in left:
+            left.discard((action, arg1))
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+    return authorize
+
+
+@pytest.mark.parametrize("step", ["ack", "dead_letter"])
+def test_a_rollback_that_fails_reopens_the_connection_and_the_buffer_goes_on(tmp_path, capfd, step):
+    # A failed ROLLBACK left the connection in its transaction: every later BEGIN failed ("cannot start a
+    # transaction within a transaction"), every ack failed, and every record was dropped as write_error.
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        chunk = _one_chunk_of_ten(buffer)
+        do = (lambda: buffer.ack([(chunk.id, 4)])) if step == "ack" else (
+            lambda: buffer.dead_letter(Kind.LOG, chunk.records[:4], [(chunk.id, 4)], "HTTP 400"))
+        # The ack's UPDATE fails (after the dead letter's INSERT, which holds the write lock), then its ROLLBACK.
+        buffer._db.set_authorizer(_deny_once((sqlite3.SQLITE_UPDATE, "chunks"),
+                                             (sqlite3.SQLITE_TRANSACTION, "ROLLBACK")))
+        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+            do()
+        err = capfd.readouterr().err
+        assert err.count("telemetry buffer") == 1  # reported once
+        assert "a rollback failed (not authorized); the SQLite connection was closed and opened again" in err
+        assert buffer.pending() == 10 and buffer.dead_letters() == []  # none of it happened
+        do()  # the shipper's next try
+        assert buffer.pending() == 6 and len(buffer.dead_letters()) == (step == "dead_letter")
+        for i in range(10, 510):  # later records are committed as before, not dropped as write_error
+            buffer.append(Kind.LOG, Value.ERROR, _log(i))
+        assert buffer.flush()
+        assert buffer.stats().dropped == {} and buffer.pending() == 506
+    finally:
+        buffer.close()
+    reopened = Buffer(tmp_path / "b.db")  # what is in the file says the same
+    try:
+        assert reopened.pending() == 506 and len(reopened.dead_letters()) == (step == "dead_letter")
+    finally:
+        reopened.close()
 
 
 def test_an_sqlite_error_while_dropping_for_the_cap_drops_nothing_uncounted_and_the_next_pass_drops(tmp_path, capfd):

@@ -33,11 +33,13 @@ dropped, least valuable class first and oldest first within a class (see `Value`
 nothing else is left. Chunks older than `retention` are dropped as `expired`. Every dropped record is counted
 by reason in `stats().dropped` and reported through `on_drop`, never silently: the chunks deleted and their
 count are one transaction. A chunk dropped while the shipper is sending it (handed out by `read()`, until
-the next read of its kind) is counted at once, and an ack that then comes for it takes its delivered records
-back off the count (in the ack's transaction): the count is the records lost; `on_drop` hears of those no
-ack delivered when the shipper reads its next batch of that kind. After `segment_size` bytes written, the
-WAL is checkpointed and freed pages are returned to the file system (incremental vacuum), which keeps the
-file near the live data.
+the next read of its kind) frees its space at once, but its records are held as pending drops (saved in the
+drop's transaction, table `pending_drops`), not counted: an ack that then comes delivers them (never counted),
+and those no ack delivered are counted, and `on_drop` hears of them, when their fate is known: at the next
+read of that kind, at close, or at the next start after a kill. The counts only ever grow (they are exported
+as a counter, where a decrease reads as a reset) and are the records lost. After `segment_size` bytes
+written, the WAL is checkpointed and freed pages are returned to the file system (incremental vacuum), which
+keeps the file near the live data.
 
 One process owns one buffer file (an advisory lock enforces it): the shipper of that process reads it.
 """
@@ -105,6 +107,9 @@ class BufferStats:
     acked_total: int = 0
     dead_letter_records: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # Records dropped while the shipper was sending them, whose fate (delivered or lost) is not known yet:
+    # counted in `dropped` only if no ack delivers them.
+    dropped_pending: int = 0
 
 
 _SCHEMA = """
@@ -130,6 +135,7 @@ CREATE TABLE IF NOT EXISTS dead_letter (
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_drops (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 _MARSHAL_VERSION = 4
@@ -143,6 +149,11 @@ _COMMIT_BATCH = 1000  # records: a batch this big is committed at once
 _BAD_KEPT = 4  # damaged stage files (`.stage.<n>.bad`, 2 MiB each) kept for inspection, newest first
 _ADD_COUNTER = ("INSERT INTO counters(name, value) VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
+# Records dropped while in flight, by reason, not counted yet (see `Buffer._drop_chunks`).
+_ADD_PENDING = ("INSERT INTO pending_drops(name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
+_LOWER_PENDING = "UPDATE pending_drops SET value = value - ? WHERE name = ?"
+_CLEAR_PENDING = "DELETE FROM pending_drops WHERE value <= 0"
 _marshal = marshal.dumps
 _fallocate = getattr(os, "posix_fallocate", None)
 _pack_frame = _FRAME.pack
@@ -340,6 +351,7 @@ _OPEN_READS = (  # what the buffer reads of its file when it opens: each table o
     "SELECT key, value FROM state",
     "SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks",
     "SELECT name, value FROM counters",
+    "SELECT name, value FROM pending_drops",
     "SELECT COALESCE(SUM(count), 0) FROM dead_letter",
 )
 
@@ -451,9 +463,12 @@ class Buffer:
         self._acked = 0
         # Under _db_lock: the chunks the last read() of each kind handed out, id -> kind (the shipper's requests
         # for them may be in flight), and those of them dropped since: id -> [reason, count, records sent or
-        # counted as dropped].
+        # delivered since] (the rest are pending drops); and records of them known lost, by reason, whose count
+        # could not be saved yet (an SQLite error; tried again at the next settling, else the next start).
         self._handed: dict[int, int] = {}
         self._dropped_handed: dict[int, list] = {}
+        self._settled: dict[str, int] = {}
+        self._db_broken = False  # the connection was closed after a failed ROLLBACK and not opened again yet
         self._since_checkpoint = 0
         self._last_retention = 0.0
         self._stage_seq = self._recover_stage_files()
@@ -472,6 +487,7 @@ class Buffer:
         self._db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('buffer.max_size', ?)", (str(max_size),))
         row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
         self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
+        self._count_left_in_flight()
         self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
         # What earlier runs dropped (the damage found while opening is this run's news): a process's metrics
         # count from here, since their start time is the process's (from 0 at each start, as OTel expects).
@@ -655,18 +671,44 @@ class Buffer:
         """BEGIN ... COMMIT (the caller holds _db_lock); on any error, ROLLBACK and raise. Every transaction of
         the buffer goes through here: one left open (an ack that failed on a transient I/O error) made every
         later BEGIN fail, "cannot start a transaction within a transaction", and every record after it was
-        dropped as write_error until the process restarted."""
+        dropped as write_error until the process restarted. A ROLLBACK that fails too leaves a connection in
+        an unknown state (a transaction perhaps still open): it is closed (which ends that transaction) and
+        the file opened again (`_reopen_db`)."""
+        if self._db_broken:  # closed after a failed ROLLBACK, and opening it again failed: try again now
+            self._reopen_db()
         self._db.execute("BEGIN")
         try:
             yield
             self._db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:  # a failed COMMIT may have ended it already
-                try:
+            try:
+                if self._db.in_transaction:  # a failed COMMIT may have ended it already
                     self._db.execute("ROLLBACK")
-                except sqlite3.Error as exc:
-                    _report(f"telemetry buffer: a rollback failed ({exc})")
+            except sqlite3.Error as exc:
+                self._reopen_db(f"a rollback failed ({' '.join(str(exc).split()) or type(exc).__name__})")
             raise
+
+    def _reopen_db(self, why: str | None = None) -> None:
+        """Close the connection and open the file again as the buffer opens it (`_connect`); the caller holds
+        _db_lock. Closing ends whatever transaction the connection still had (SQLite rolls it back), and
+        releases its locks: a new connection opened beside it waited for its write lock and failed. Reported
+        once per failure (`why`); when opening fails, the next transaction tries again (raising until then)."""
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass  # closed all the same, or unusable anyway: the new connection replaces it
+        try:
+            self._db = _connect(self.path)
+        except sqlite3.Error as exc:
+            self._db_broken = True
+            if why is not None:
+                _report(f"telemetry buffer: {why}; the SQLite connection was closed and could not be opened "
+                        f"again ({' '.join(str(exc).split()) or type(exc).__name__}); tried again at the next write")
+                return
+            raise
+        self._db_broken = False
+        if why is not None:
+            _report(f"telemetry buffer: {why}; the SQLite connection was closed and opened again")
 
     # --- the SQLite file ----------------------------------------------------------------------------
 
@@ -822,6 +864,24 @@ class Buffer:
             if index >= _BAD_KEPT or mtime < oldest:
                 _unlink(self.path.parent / entry)
 
+    def _count_left_in_flight(self) -> None:
+        """Pending drops an earlier run left (records dropped while in flight, then killed before their fate was
+        known): no ack can deliver them any more, so they are lost. Counted as this run's news (a drop found
+        while opening), in one transaction; left pending for the next start if that fails."""
+        left = [(str(name), int(value)) for name, value in
+                self._db.execute("SELECT name, value FROM pending_drops").fetchall() if int(value) > 0]
+        if not left:
+            return
+        try:
+            with self._db_lock, self._transaction():
+                self._db.executemany(_ADD_COUNTER, left)
+                self._db.execute("DELETE FROM pending_drops")
+        except sqlite3.Error as exc:
+            _report(f"telemetry buffer: {sum(n for _, n in left)} records lost in flight by an earlier run could "
+                    f"not be counted ({exc}); tried again at the next start")
+            return
+        self._startup_drops += [(name, value, True) for name, value in left]
+
     def _enforce_limits(self) -> None:
         now = self._clock()
         if now - self._last_retention >= 1.0:
@@ -858,21 +918,25 @@ class Buffer:
     def _drop_chunks(self, reason: str, rows: list[tuple[int, int, int, int]]) -> int:
         """Delete dropped chunks, rows (id, count, sent, nbytes), and add their unsent records to the `reason`
         counter in one transaction (committed apart, a kill between them lost records uncounted); the caller
-        holds _db_lock. Returns the records to report now: those of a chunk handed out to the shipper wait
-        until its request's fate is known, since an ack may still deliver them (see `_advance`)."""
-        lost = sum(count - sent for _, count, sent, _ in rows)
+        holds _db_lock. The records of a chunk handed out to the shipper are not counted: an ack may still
+        deliver them (see `_advance`). They are pending drops, saved in the same transaction, counted only when
+        no ack delivered them (`_settle_handed`, `_count_left_in_flight`): counted at once and taken back off
+        at the ack, the count went down, which a counter must never do. Returns the records counted now."""
+        held = [row for row in rows if row[0] in self._handed]
+        pending = sum(count - sent for _, count, sent, _ in held)
+        lost = sum(count - sent for _, count, sent, _ in rows) - pending
         with self._transaction():
             self._db.executemany("DELETE FROM chunks WHERE id = ?", [(row[0],) for row in rows])
             if lost:
                 self._db.execute(_ADD_COUNTER, (reason, lost))
-        self._stored_records -= lost
+            if pending:
+                self._db.execute(_ADD_PENDING, (reason, pending))
+        self._stored_records -= lost + pending
         self._stored_bytes -= sum(row[3] for row in rows)
         if lost:
             self._dropped[reason] = self._dropped.get(reason, 0) + lost
-        for chunk_id, count, sent, _ in rows:
-            if chunk_id in self._handed:
-                self._dropped_handed[chunk_id] = [reason, count, sent]
-                lost -= count - sent
+        for chunk_id, count, sent, _ in held:
+            self._dropped_handed[chunk_id] = [reason, count, sent]
         return lost
 
     def _count_drop(self, reason: str, count: int) -> None:
@@ -934,22 +998,38 @@ class Buffer:
 
     def _settle_handed(self, kind: int | None) -> dict[str, int]:
         """End the hand-out of `kind` (None: every kind; the caller holds _db_lock): no ack comes for it any
-        more, so what no ack delivered of its chunks dropped meanwhile is lost (counted already at the drop);
-        returns those records by reason, to be reported now."""
-        lost: dict[str, int] = {}
+        more, so what no ack delivered of its chunks dropped meanwhile is lost. Counted now: added to the drop
+        counters and taken off the pending drops in one transaction. Returns those records by reason, to be
+        reported now. If that transaction fails they stay pending, in memory (counted at the next settling)
+        and in the file (counted at the next start, should this process not get that far): never twice."""
         for chunk_id, handed_kind in list(self._handed.items()):
             if kind is None or handed_kind == kind:
                 del self._handed[chunk_id]
                 entry = self._dropped_handed.pop(chunk_id, None)
                 if entry is not None and entry[1] > entry[2]:
-                    lost[entry[0]] = lost.get(entry[0], 0) + entry[1] - entry[2]
+                    self._settled[entry[0]] = self._settled.get(entry[0], 0) + entry[1] - entry[2]
+        lost = self._settled
+        if not lost:
+            return {}
+        try:
+            with self._transaction():
+                self._db.executemany(_ADD_COUNTER, list(lost.items()))
+                self._db.executemany(_LOWER_PENDING, [(count, reason) for reason, count in lost.items()])
+                self._db.execute(_CLEAR_PENDING)
+        except sqlite3.Error as exc:
+            _report(f"telemetry buffer: {sum(lost.values())} records lost in flight could not be counted yet "
+                    f"({exc}); tried again later")
+            return {}
+        self._settled = {}
+        for reason, count in lost.items():
+            self._dropped[reason] = self._dropped.get(reason, 0) + count
         return lost
 
     def ack(self, progress: Iterable[tuple[int, int]]) -> None:
         """Mark records accepted: `(chunk_id, sent)` pairs with the new number of records sent from each chunk;
         a chunk fully sent is deleted. Committed in one transaction. Records of a chunk dropped (full, expired)
-        while its request was in flight reached the collector all the same: they are taken back off that drop
-        count (the chunk is gone, so the ack would otherwise find nothing, and they were counted as lost)."""
+        while its request was in flight reached the collector all the same: they are taken off the pending
+        drops (the chunk is gone, so the ack would otherwise find nothing), and never counted as dropped."""
         with self._db_lock:
             with self._transaction():
                 advanced = self._advance(progress)
@@ -958,7 +1038,7 @@ class Buffer:
     def _advance(self, progress: Iterable[tuple[int, int]]) -> tuple[int, int, list[tuple[int, str, int]]]:
         """The statements of an ack, in the caller's transaction (it holds _db_lock). Returns the records acked
         from stored chunks, the bytes freed, and (chunk id, reason, records) delivered from chunks dropped while
-        handed out, whose drop counters are lowered here (in the same transaction as the rest of the ack)."""
+        handed out, taken off the pending drops here (in the same transaction as the rest of the ack)."""
         done = 0
         freed_bytes = 0
         late: dict[int, int] = {}
@@ -982,9 +1062,9 @@ class Buffer:
             if min(sent, count) > accounted:
                 delivered.append((chunk_id, reason, min(sent, count) - accounted))
         for _, reason, count in delivered:
-            self._db.execute("UPDATE counters SET value = value - ? WHERE name = ?", (count, reason))
+            self._db.execute(_LOWER_PENDING, (count, reason))
         if delivered:
-            self._db.execute("DELETE FROM counters WHERE value <= 0")
+            self._db.execute(_CLEAR_PENDING)
         return done, freed_bytes, delivered
 
     def _advanced(self, done: int, freed_bytes: int, delivered: list[tuple[int, str, int]]) -> int:
@@ -992,16 +1072,11 @@ class Buffer:
         delivered from chunks dropped while handed out."""
         self._stored_records -= done
         self._stored_bytes -= freed_bytes
-        for chunk_id, reason, count in delivered:
+        for chunk_id, _, count in delivered:  # pending drops no more: the drop counts stay as they are
             entry = self._dropped_handed[chunk_id]
             entry[2] += count
             if entry[2] >= entry[1]:
                 del self._dropped_handed[chunk_id]
-            left = self._dropped.get(reason, 0) - count
-            if left > 0:
-                self._dropped[reason] = left
-            else:
-                self._dropped.pop(reason, None)
         return done + sum(count for _, _, count in delivered)
 
     def dead_letter(self, kind: int, records: list, progress: Iterable[tuple[int, int]], reason: str) -> None:
@@ -1044,7 +1119,9 @@ class Buffer:
             queued=len(self._queue), stored_records=self._stored_records,
             stored_bytes=self._stored_bytes,
             written_total=self._written,
-            acked_total=self._acked, dead_letter_records=self._dead, dropped=dict(self._dropped))
+            acked_total=self._acked, dead_letter_records=self._dead, dropped=dict(self._dropped),
+            dropped_pending=sum(entry[1] - entry[2] for entry in list(self._dropped_handed.values()))
+            + sum(list(self._settled.values())))
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit everything queued, stop the writer and release the file."""
