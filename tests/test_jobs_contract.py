@@ -143,6 +143,36 @@ def test_job_claimed_leaves_out_what_a_sparse_job_hash_lacks(store, redis, liste
     assert claimed["customer_id"] == 'c"1' and claimed["service_required"] == "sim"
 
 
+@pytest.mark.parametrize("step, total, want_step, want_total", [
+    ("2", "3", 2, 3),                  # numbers, as update_job_progress and complete_job send them
+    ("two", "3.5", "two", 3.5),        # not a number: the text as it is
+    ("nan", "inf", "nan", "inf"),      # tonumber takes these, JSON cannot hold them: the text
+    ("", "", "", ""),                  # absent
+])
+def test_job_claimed_sends_steps_by_the_same_rule_as_the_other_messages(store, redis, listen, step, total,
+                                                                        want_step, want_total):
+    sub = listen("job_claimed")
+    job_id = store.submit("sim", {}, workflow_id="wf")
+    redis.hset(f"job:{job_id}", mapping={"current_step": step, "total_steps": total})
+    assert store.claim(CAPS).id == job_id
+    [claimed] = sub.wait_for("job_claimed")
+    assert (claimed["current_step"], claimed["total_steps"]) == (want_step, want_total)
+    assert claimed["workflow_id"] == "wf" and claimed["job_id"] == job_id
+
+
+def test_job_claimed_of_a_sparse_hash_sends_its_steps_as_numbers_too(store, redis, listen):
+    sub = listen("job_claimed")
+    redis.hset("job:sparse", mapping={"id": "sparse", "service_required": "sim", "priority": "50",
+                                      "payload": "{}", "status": "pending", "created_at": "2026-01-01T00:00:00.000Z",
+                                      "current_step": "4", "total_steps": "x"})
+    redis.zadd("jobs:pending", {"sparse": submission_score(50, 1_767_225_600_000)})
+    store.reconcile()
+    assert store.claim(CAPS).id == "sparse"
+    [claimed] = sub.wait_for("job_claimed")
+    assert (claimed["current_step"], claimed["total_steps"]) == (4, "x")
+    assert "workflow_id" not in claimed and "customer_id" not in claimed
+
+
 def test_register_worker_and_heartbeat_key(store, redis):
     store.register_worker("w1", "m1", CAPS, {"sim": "active"})
     worker = redis.hgetall("worker:w1")
@@ -174,6 +204,18 @@ def test_progress_writes_hash_and_message(store, redis, listen):
     assert msg == {"job_id": job_id, "worker_id": "w1", "progress": 42.5, "status": "in_progress",
                    "message": "working", "current_step": 2, "total_steps": 4,
                    "estimated_completion": "2030-01-01T00:00:00.000Z", "timestamp": msg["timestamp"]}
+
+
+def test_progress_message_always_lists_steps_and_estimated_completion(store, redis, listen):
+    # The contract lists them in every update_job_progress: '' when unknown, never left out.
+    sub = listen("update_job_progress")
+    job_id = store.submit("sim", {})
+    store.claim(CAPS, start=True)
+    assert store.progress(job_id, "w1", 10, "warming up") == "ok"
+    msg = sub.wait_for("update_job_progress", 2)[-1]
+    assert msg == {"job_id": job_id, "worker_id": "w1", "progress": 10, "status": "in_progress",
+                   "message": "warming up", "current_step": "", "total_steps": "", "estimated_completion": "",
+                   "timestamp": msg["timestamp"]}
 
 
 def test_complete_transitions_and_message(store, redis, listen):
@@ -225,7 +267,7 @@ def test_jobs_we_create_get_job_prefixed_ids(store, redis):
 def test_complete_can_record_progress_100_in_the_same_round_trip(store, redis, listen):
     sub = listen("update_job_progress", "complete_job")
     store.register_worker("w1", "m1", CAPS)
-    job_id = store.submit("sim", {})
+    job_id = store.submit("sim", {}, workflow_id="wf", current_step=2, total_steps=5)
     store.claim(CAPS)
     store.start(job_id, "w1")
     assert store.complete(job_id, "w1", {"x": 1}, "finished", final_progress=True) == "ok"
@@ -233,8 +275,10 @@ def test_complete_can_record_progress_100_in_the_same_round_trip(store, redis, l
     assert (progress["progress"], progress["status"], progress["message"]) == ("100", "in_progress", "finished")
     assert ISO.match(progress["updated_at"])
     msg = sub.wait_for("update_job_progress", 2)[-1]
+    # As progress.lua writes it: the steps always listed (numbers here), the estimate at 100 % is now.
     assert msg == {"job_id": job_id, "worker_id": "w1", "progress": 100, "status": "in_progress",
-                   "message": "finished", "timestamp": msg["timestamp"]}
+                   "message": "finished", "current_step": 2, "total_steps": 5,
+                   "estimated_completion": progress["updated_at"], "timestamp": msg["timestamp"]}
     assert sub.wait_for("complete_job")[0]["timestamp"] >= msg["timestamp"]
     # a cancelled job records nothing, not even the progress
     other = store.submit("sim", {})
@@ -281,6 +325,35 @@ def test_permanent_failure_is_final_at_once(store, redis, listen):
     assert store.fail(job_id, "w1", "bad payload", retryable=False).outcome == "failed"
     assert redis.hget(f"job:{job_id}", "status") == "failed"
     assert sub.wait_for("job_failed")[0]["can_retry"] is False
+
+
+def test_final_job_failed_carries_the_workflow_fields_as_complete_job_does(store, redis, listen):
+    sub = listen("job_failed", "complete_job")
+    job_id = store.submit("sim", {}, workflow_id="wf-9", current_step=2, total_steps=3, workflow_priority=70,
+                          workflow_datetime_ms=1_700_000_000_000)
+    store.claim(CAPS, start=True)
+    assert store.fail(job_id, "w1", "boom", retryable=False).outcome == "failed"
+    [msg] = sub.wait_for("job_failed")
+    assert msg == {"job_id": job_id, "worker_id": "w1", "status": "failed", "error": "boom",
+                   "failed_at": redis.hget(f"job:{job_id}", "failed_at"), "retry_count": 1, "can_retry": False,
+                   "timestamp": msg["timestamp"], "workflow_id": "wf-9", "current_step": 2, "total_steps": 3,
+                   "workflow_priority": 70, "workflow_datetime": 1_700_000_000_000}
+    # the same fields, typed the same way, as the job's completion would have carried them
+    other = store.submit("sim", {}, workflow_id="wf-9", current_step=2, total_steps=3, workflow_priority=70,
+                         workflow_datetime_ms=1_700_000_000_000)
+    store.claim(CAPS, start=True)
+    assert store.complete(other, "w1", {}, "done") == "ok"
+    [done] = sub.wait_for("complete_job")
+    names = ("workflow_id", "current_step", "total_steps", "workflow_priority", "workflow_datetime")
+    assert {k: done[k] for k in names} == {k: msg[k] for k in names}
+    # a text that is no number stays text, and absent fields stay out
+    third = store.submit("sim", {}, current_step=1)
+    redis.hset(f"job:{third}", "total_steps", "many")
+    store.claim(CAPS, start=True)
+    store.fail(third, "w1", "boom", retryable=False)
+    last = sub.wait_for("job_failed", 2)[-1]
+    assert (last["current_step"], last["total_steps"]) == (1, "many")
+    assert "workflow_id" not in last and "workflow_priority" not in last and "workflow_datetime" not in last
 
 
 @pytest.mark.parametrize("field, value", [

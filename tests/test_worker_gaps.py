@@ -208,13 +208,17 @@ def test_progress_messages_carry_steps_and_an_estimated_completion(client, store
     assert abs(at(sent[-1]["estimated_completion"]) - sent[-1]["timestamp"] / 1000) < 0.5  # at 100 %: now
 
 
-def test_progress_without_workflow_steps_leaves_them_out(client, store, workers, messages):
+def test_progress_without_workflow_steps_sends_them_empty(client, store, workers, messages):
+    # The contract lists current_step and total_steps in every progress message: '' when the job has none.
     job_id = store.submit("gapsim", {"steps": 2, "step_ms": 150})
     wait_status(client, job_id, "completed")
     wait_for(lambda: messages.of("complete_job", job_id=job_id), message="complete_job")
-    for u in messages.of("update_job_progress", job_id=job_id)[1:]:
-        assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "estimated_completion",
-                          "timestamp"}, u
+    sent = messages.of("update_job_progress", job_id=job_id)[1:]
+    assert sent
+    for u in sent:
+        assert set(u) == {"job_id", "worker_id", "progress", "status", "message", "current_step", "total_steps",
+                          "estimated_completion", "timestamp"}, u
+        assert (u["current_step"], u["total_steps"]) == ("", ""), u
 
 
 # -- malformed counts ----------------------------------------------------------------------------------------

@@ -169,6 +169,10 @@ else
 end
 local id_json = cjson.encode(id)
 local sr, cu, wf, cs, ts = job.service_required, job.customer_id, job.workflow_id, job.current_step, job.total_steps
+-- The steps go out as update_job_progress and complete_job send them: a number when the text is a finite
+-- one, else the text as it is ('' stays '').
+if cs then cs = finite_number(cs) or cs end
+if ts then ts = finite_number(ts) or ts end
 if sr and cu and wf and cs and ts then
   -- Every contract job hash has these five (empty when unused): written directly, ~3 us less than a
   -- table encoded (paired A/B, 5 of 5 rounds). A hash lacking one takes the table path, which omits it.

@@ -17,27 +17,20 @@ if state ~= 'ok' then
 end
 local at = iso(now)
 local jkey = 'job:' .. id
+local msg = add_workflow_fields({job_id = id, worker_id = wid, progress = 100, status = 'completed',
+  message = ARGV[4], timestamp = now}, jkey)
 if ARGV[5] == '1' then
   redis.call('HSET', jkey .. ':progress', 'progress', '100', 'status', 'in_progress', 'message', ARGV[4],
     'updated_at', at)
   publish('update_job_progress', {job_id = id, worker_id = wid, progress = 100, status = 'in_progress',
-    message = ARGV[4], timestamp = now})
+    message = ARGV[4], current_step = msg.current_step or '', total_steps = msg.total_steps or '',
+    estimated_completion = at, timestamp = now})  -- at 100 %, the estimate is now (as the worker's)
 end
 redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at)
 release(id, wid, now, state)
 -- The result is spliced in as received: decoding and re-encoding it in Lua would turn [] into {}.
 redis.call('HSET', 'jobs:completed', id,
   '{"success":true,"data":' .. result .. ',"completed_at":' .. cjson.encode(at) .. '}')
-local msg = {job_id = id, worker_id = wid, progress = 100, status = 'completed', message = ARGV[4],
-  timestamp = now}
-local f = redis.call('HMGET', jkey, 'workflow_id', 'current_step', 'total_steps', 'workflow_priority',
-  'workflow_datetime')
-local names = {'workflow_id', 'current_step', 'total_steps', 'workflow_priority', 'workflow_datetime'}
-for i, name in ipairs(names) do
-  if f[i] and f[i] ~= '' then
-    if name == 'workflow_id' then msg[name] = f[i] else msg[name] = finite_number(f[i]) or f[i] end
-  end
-end
 local head = cjson.encode(msg)
 redis.call('PUBLISH', 'complete_job', string.sub(head, 1, -2) .. ',"result":' .. result .. '}')
 local ev = {t = now, ev = 'completed', worker_id = wid}

@@ -45,6 +45,7 @@ redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new
 redis.call('HSET', 'jobs:failed', id, cjson.encode({error = err, failed_at = at, retry_count = new}))
 add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false,
   steps = steps}, true)
-publish('job_failed', {job_id = id, worker_id = wid, status = 'failed', error = err, failed_at = at,
-  retry_count = new, can_retry = false, timestamp = now})
+-- The final failure carries the workflow fields, as complete_job does (webhooks track workflows by them).
+publish('job_failed', add_workflow_fields({job_id = id, worker_id = wid, status = 'failed', error = err,
+  failed_at = at, retry_count = new, can_retry = false, timestamp = now}, jkey))
 return {'failed', new}

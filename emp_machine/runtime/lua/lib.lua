@@ -134,6 +134,21 @@ local function finite_number(v)
   return nil
 end
 
+-- The job hash's workflow fields, added to a message (complete_job, the final job_failed) when present:
+-- workflow_id as its text, the others as numbers when they are finite ones (the hash's text otherwise).
+local WORKFLOW_FIELDS = {'workflow_id', 'current_step', 'total_steps', 'workflow_priority', 'workflow_datetime'}
+
+local function add_workflow_fields(msg, jkey)
+  local f = redis.call('HMGET', jkey, unpack(WORKFLOW_FIELDS))
+  for i, name in ipairs(WORKFLOW_FIELDS) do
+    local v = f[i]
+    if v and v ~= '' then
+      if i == 1 then msg[name] = v else msg[name] = finite_number(v) or v end
+    end
+  end
+  return msg
+end
+
 -- ... and one the API's `||` would take: not 0 either.
 local function set_number(v)
   local n = finite_number(v)

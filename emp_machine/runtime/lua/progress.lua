@@ -12,10 +12,9 @@ local now = now_ms()
 local progress = finite_number(ARGV[3]) or 0
 redis.call('HSET', 'job:' .. id .. ':progress', 'progress', ARGV[3], 'status', 'in_progress',
   'message', ARGV[4], 'updated_at', iso(now))
-local msg = {job_id = id, worker_id = wid, progress = progress, status = 'in_progress', message = ARGV[4],
-  timestamp = now}
-if ARGV[5] ~= '' then msg.current_step = finite_number(ARGV[5]) or ARGV[5] end
-if ARGV[6] ~= '' then msg.total_steps = finite_number(ARGV[6]) or ARGV[6] end
-if ARGV[7] ~= '' then msg.estimated_completion = ARGV[7] end
-publish('update_job_progress', msg)
+-- The contract lists current_step, total_steps and estimated_completion in every message: '' when unknown,
+-- the steps as numbers when they are finite ones.
+publish('update_job_progress', {job_id = id, worker_id = wid, progress = progress, status = 'in_progress',
+  message = ARGV[4], current_step = finite_number(ARGV[5]) or ARGV[5], total_steps = finite_number(ARGV[6]) or ARGV[6],
+  estimated_completion = ARGV[7], timestamp = now})
 return 'ok'
