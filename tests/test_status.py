@@ -191,3 +191,75 @@ workers:
     assert offline and offline[0]["worker_id"] == worker_id and offline[0]["old_status"] == "idle"
     # The machine logs the step after its Redis write (the state and the message seen above): wait for it.
     assert machine.wait_event("worker.offline", process_name="worker-0")
+
+
+def test_machine_ready_and_shutdown_messages_carry_supervisords_table_of_that_moment(machine_factory, redis_url):
+    """machine_ready goes out right after supervisord started the workers, shutdown right after it stopped them:
+    neither may repeat the last 1 s sweep (stopped at ready, online at shutdown: what the API would store)."""
+    listener = Listener(redis_url, "machine:status:*")
+    try:
+        machine = machine_factory("""
+status: {interval: 10s}
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    stop_grace: 5s
+""")
+        machine.wait_ready()
+        _, ready = wait_for(lambda: listener.status("machine_ready"), 10, message="a machine_ready message")[0]
+        assert ready["status"]["services"], ready
+        for key, svc in ready["status"]["services"].items():
+            assert svc["pm2_status"] == "online" and svc["status"] == "active", (key, svc)
+
+        machine.signal(signal.SIGTERM)
+        assert machine.wait_exit() == 0
+        _, last = wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")[0]
+        for key, svc in last["status"]["services"].items():
+            assert svc["pm2_status"] == "stopped" and svc["status"] == "inactive", (key, svc)
+        for wid, w in last["status"]["workers"].items():
+            assert w["status"] == "offline" and w["is_connected"] is False, (wid, w)
+    finally:
+        listener.close()
+
+
+def test_shutdown_message_with_supervisord_gone_does_not_repeat_a_stale_online(machine_factory, redis, redis_url):
+    """supervisord killed while the machine drains: its table cannot be read, and the shutdown message must not
+    show the worker as the last sweep saw it (running, busy); the machine logs why it could not read it."""
+    import os
+
+    listener = Listener(redis_url, "machine:status:*")
+    worker_pid = 0
+    try:
+        machine = machine_factory("""
+status: {interval: 10s}
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    stop_grace: 30s
+""")
+        machine.wait_ready()
+        worker_pid = wait_for(lambda: (p := machine.process("worker-0")) and p.state == "RUNNING" and p.pid, 10,
+                              message="worker-0 running")
+        job = JobStore(redis).submit("simulation", {"steps": 200, "step_ms": 100})
+        wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
+        wait_for(lambda: any(w["status"] == "busy" for _, m in listener.status() for w in m["status"]["workers"]
+                             .values()), 10, message="a status message showing the busy worker")
+        machine.signal(signal.SIGTERM)
+        machine.wait_event("shutdown.drain")
+        os.kill(int((machine.state_dir / "run" / "supervisord.pid").read_text()), signal.SIGKILL)
+        machine.wait_exit()
+        _, last = wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")[0]
+        for key, svc in last["status"]["services"].items():
+            assert svc["pm2_status"] != "online" and svc["status"] == "inactive", (key, svc)
+        for wid, w in last["status"]["workers"].items():
+            assert w["status"] == "offline" and w["is_connected"] is False, (wid, w)
+        assert machine.event("status.processes_unknown", update_type="shutdown"), machine.tail()
+    finally:
+        listener.close()
+        if worker_pid:  # the worker outlives its killed supervisord: end it here
+            try:
+                os.kill(worker_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

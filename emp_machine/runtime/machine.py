@@ -194,7 +194,10 @@ class Machine:
         try:
             while self.exit_code is None:
                 event = await self.inbox.get()
+                was = self.phase
                 await self.handle(event)
+                if self.phase is Phase.READY and was is not Phase.READY:
+                    await self._refresh_processes("machine_ready")  # it goes out from this very commit
                 self.aggregate.set_phase(self.phase.value, self._supervisord_up)
                 self.aggregate.commit()
         finally:
@@ -451,9 +454,33 @@ class Machine:
         self._announced_shutdown = True
         if self._publisher_task is not None:
             self._publisher_task.cancel()
+        await self._refresh_processes("shutdown")
         self.aggregate.set_phase(Phase.SHUTDOWN.value, self._supervisord_up)
         self.aggregate.commit()
         await self.publisher.publish("shutdown", phase=Phase.SHUTDOWN.value)
+
+    async def _refresh_processes(self, update_type: str) -> None:
+        """supervisord's process table of now, for a status message about to go out (machine_ready, shutdown).
+
+        The last sweep may be a second old: from before the workers were started, or before they were stopped.
+        When supervisord cannot answer (it is gone), the message shows the processes as UNKNOWN (not running)
+        and the machine logs why, rather than repeat what the last sweep saw."""
+        if self.proc is None:
+            return  # supervisord never ran: nothing was started, and the empty table says so
+        try:
+            if self.proc.returncode is not None:
+                raise SupervisorError(f"supervisord has exited (exit code {self.proc.returncode})")
+            rows = tuple(await asyncio.to_thread(Supervisor(self.paths.socket, timeout=5).processes))
+        except SupervisorError as exc:
+            step("status.processes_unknown", level=logging.WARNING, update_type=update_type, error=str(exc))
+            now = int(time.time())
+            self.aggregate.set_processes(tuple(
+                ProcessInfo(name=s.name, state="UNKNOWN", pid=0, start=0, now=now,
+                            restarts=info.restarts if (info := self.processes.get(s.name)) else 0,
+                            exit_status=None, errored_reason="", restart_in=None,
+                            description=f"not known: {exc}") for s in self.plan.specs))
+            return
+        self._on_sweep(rows)
 
     async def _sweep(self) -> None:
         """Every second: process table from supervisord; memory of each limited process tree."""
