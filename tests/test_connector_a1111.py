@@ -60,6 +60,18 @@ def test_txt2img_reports_steps_and_writes_images(fake, context, caplog):
     assert (fields["sampler"], fields["steps"], fields["width"], fields["height"]) == ("Euler a", 10, 32, 16)
 
 
+def test_progress_records_carry_sampler_steps_and_size(fake, context, caplog):
+    server = fake(step_s=0.03)
+    caplog.set_level(logging.DEBUG, "test.a1111")
+    run(connector(context, server), {"prompt": "a cat", "steps": 10, "width": 32, "height": 16,
+                                     "sampler_name": "DPM++ 2M"})
+    records = [r.fields for r in caplog.records if getattr(r, "event_type", "") == "job.progress"]
+    assert records, "no job.progress record"
+    for fields in records:
+        assert (fields["sampler"], fields["steps"], fields["width"], fields["height"]) == ("DPM++ 2M", 10, 32, 16)
+        assert fields["job_id"] == "job-1" and 0 < fields["progress"] < 100
+
+
 def test_img2img_is_chosen_by_init_images(fake, context):
     server = fake()
     init = base64.b64encode(png(8, 8, 0)).decode()

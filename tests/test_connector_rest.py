@@ -43,6 +43,8 @@ class Service:
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response({"detail": f"bad token {request.headers.get('Authorization')}"}, status=401)
         body = await request.json()
+        if body.get("echo"):  # a service that quotes the request's headers back
+            return web.json_response({"headers": dict(request.headers)})
         if body.get("status"):
             return web.json_response({"detail": "forced"}, status=body["status"])
         if body.get("inline_image_bytes"):  # a service that answers with its image inline, as many do
@@ -139,6 +141,49 @@ def test_secret_header_value_is_redacted(context, service, caplog):
         run(conn, {"numbers": [1]})
     assert "401" in str(caught.value) and "wrong-secret-value-123" not in str(caught.value)
     assert "[REDACTED]" in str(caught.value) and "wrong-secret-value-123" not in caplog.text
+
+
+def failed_record(caplog) -> dict:
+    [record] = [r for r in caplog.records if getattr(r, "event_type", "") == "job.failed"]
+    return record.fields
+
+
+@pytest.mark.parametrize("status,error", [(400, "FatalJobError"), (503, "RetryableJobError")])
+def test_failed_record_carries_the_status_code_and_error_type(context, service, caplog, status, error):
+    caplog.set_level(logging.DEBUG, "test.rest")
+    with pytest.raises((FatalJobError, RetryableJobError)):
+        run(sync_connector(context, service), {"numbers": [], "status": status})
+    fields = failed_record(caplog)
+    assert (fields["method"], fields["endpoint"], fields["status_code"]) == ("POST", service.thread.url + "/run",
+                                                                             status)
+    assert fields["error.type"] == error and f"answered {status}" in fields["error.message"]
+
+
+def test_failed_record_has_the_secret_header_redacted_and_no_status_without_an_answer(context, service, caplog):
+    caplog.set_level(logging.DEBUG, "test.rest")
+    conn = RestConnector(RestConnector.Settings(submit_url=service.thread.url + "/run",
+                                                header_env={"Authorization": "T"}), context,
+                         env={"T": "plain-looking-value-456"})
+    with pytest.raises(FatalJobError):  # the service quotes the bad header back
+        run(conn, {"numbers": [1]})
+    fields = failed_record(caplog)
+    assert fields["status_code"] == 401 and fields["error.type"] == "FatalJobError"
+    assert "plain-looking-value-456" not in fields["error.message"] and "[REDACTED]" in fields["error.message"]
+    caplog.clear()
+    conn = RestConnector(RestConnector.Settings(submit_url=service.thread.url + "/run", result_path="output",
+                                                header_env={"Authorization": "A", "X-Key": "K"}), context,
+                         env={"A": f"Bearer {TOKEN}", "K": "plain-looking-value-789"})
+    with pytest.raises(FatalJobError, match="nothing at 'output'") as raised:  # an answer quoting the header
+        run(conn, {"echo": True})
+    fields = failed_record(caplog)
+    assert "plain-looking-value-789" not in fields["error.message"] and "[REDACTED]" in fields["error.message"]
+    # The raised error becomes the job's `error` in Redis, which the API shows its users: redacted too.
+    assert "plain-looking-value-789" not in str(raised.value) and "[REDACTED]" in str(raised.value)
+    caplog.clear()
+    with pytest.raises(RetryableJobError):  # nothing answered: no status code to report
+        run(RestConnector.from_settings({"submit_url": "http://127.0.0.1:9/run"}, context), {})
+    fields = failed_record(caplog)
+    assert "status_code" not in fields and fields["error.type"] == "RetryableJobError"
 
 
 def test_async_submit_then_poll_reports_progress_until_done(context, service):

@@ -90,7 +90,7 @@ class A1111Connector(_http.HttpSession, Connector):
         generate = asyncio.create_task(self._call("POST", f"/sdapi/v1/{endpoint}", headers, json=body))
         try:
             await progress(0.0, "started")
-            await self._watch(job, generate, cancelled, progress, headers)
+            await self._watch(job, generate, cancelled, progress, headers, logged)
             status, answer = generate.result()
             if cancelled.is_set():
                 raise JobCancelled(f"a1111 job {job.id} interrupted")
@@ -114,8 +114,9 @@ class A1111Connector(_http.HttpSession, Connector):
                 generate.cancel()
 
     async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,
-                     headers: dict) -> None:
-        """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer."""
+                     headers: dict, logged: dict) -> None:
+        """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer.
+        `logged`: the job's record fields (sampler, steps, size), on each job.progress record too."""
         reported = 0.0  # run() already said 0
         cancel_wait = asyncio.ensure_future(cancelled.wait())
         try:
@@ -136,7 +137,7 @@ class A1111Connector(_http.HttpSession, Connector):
                     reported = percent
                     detail = state.get("state") or {}
                     message = f"step {detail.get('sampling_step', 0)}/{detail.get('sampling_steps', 0)}"
-                    self.joblog.progress(job.id, round(percent, 1), message)
+                    self.joblog.progress(job.id, round(percent, 1), message, **logged)
                     await progress(percent, message)
         finally:
             cancel_wait.cancel()

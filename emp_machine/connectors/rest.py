@@ -135,7 +135,9 @@ class RestConnector(_http.HttpSession, Connector):
             answer = text
         if status >= 400:
             message = self._redact(f"{method} {_http.strip_query(url)} answered {status}: {str(answer)[:500]}")
-            raise (RetryableJobError if status == 429 or status >= 500 else FatalJobError)(message)
+            error = (RetryableJobError if status == 429 or status >= 500 else FatalJobError)(message)
+            error.status_code = status  # for the job.failed record
+            raise error
         return status, answer
 
     async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
@@ -174,9 +176,19 @@ class RestConnector(_http.HttpSession, Connector):
             self.joblog.event("job.cancelled", job.id, method=settings.method, endpoint=endpoint)
             raise
         except Exception as exc:
-            # secret header values are redacted from the text itself: they need not look like secrets
-            self.joblog.failed(job.id, self._redact(f"{type(exc).__name__}: {exc}"), _http.ms_since(started),
-                               can_retry(exc), method=settings.method, endpoint=endpoint)
+            # secret header values are redacted from the text itself (they need not look like secrets, which
+            # is all the logging layer redacts), so the text is passed and the type named beside it
+            text = self._redact(str(exc))
+            self.joblog.failed(job.id, text, _http.ms_since(started), can_retry(exc),
+                               method=settings.method, endpoint=endpoint,
+                               status_code=getattr(exc, "status_code", None),
+                               **{"error.type": type(exc).__name__})
+            if text != str(exc):
+                # The error becomes the job's `error` in Redis, read by the API and its users: an answer that
+                # quoted a secret header value (e.g. one with nothing at the result path) must not carry it.
+                clean = (RetryableJobError if can_retry(exc) else FatalJobError)(text)
+                clean.status_code = getattr(exc, "status_code", None)
+                raise clean from None
             raise
         finally:
             self._cancel.pop(job.id, None)
