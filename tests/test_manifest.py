@@ -148,6 +148,7 @@ BAD = {
                                  "telemetry.sampling.spans_per_second", 1, "greater than 0"),
     "lease too long": ("workers:\n  w:\n    connector: simulation\n    lease: 1h", {}, "workers.w.lease", 4,
                        "use at most 600s (10m)"),
+    "no log backups": ("logs: {backups: 0}", {}, "logs.backups", 1, "use 1 or more"),
     "capability hardware not a mapping": ("workers:\n  w:\n    connector: simulation\n    capabilities: "
                                           "{hardware: 24}", {}, "workers.w.capabilities.hardware", 4,
                                           "expected a mapping, got int"),

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from emp_machine.telemetry.buffer import Buffer, Kind
 from emp_machine.telemetry.tailer import ServiceOutputTailer
@@ -133,6 +138,43 @@ def test_rotation_and_restarts_lose_and_duplicate_nothing(tmp_path):
         write(10)
         tailer.stop()
         assert _bodies(buffer) == written
+    finally:
+        buffer.close()
+
+
+BACKLOG_KILL_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from emp_machine.telemetry.buffer import Buffer
+from emp_machine.telemetry.tailer import ServiceOutputTailer
+log = Path(sys.argv[2])
+buffer = Buffer(Path(sys.argv[1]))
+tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1")
+tailer.poll_once()  # the backlog: each 1 MiB read is one frame (its lines and the offset after them)
+with open(log, "a") as f:
+    f.write("one more line\\n")
+tailer.poll_once()  # a small frame: the offset after everything
+os.kill(os.getpid(), signal.SIGKILL)  # before the buffer's writer is sure to have committed any of it
+"""
+
+
+@pytest.mark.parametrize("lines", [20_000, 60_000])
+def test_a_sigkill_while_catching_up_on_a_backlog_loses_no_line(tmp_path, lines):
+    # Each 1 MiB read of the backlog is a frame larger than the buffer's 2 MiB stage file could take (or than
+    # the room left in it); the small frame after it was staged all the same, and a kill replayed its offset
+    # without the lines before it: the restarted tailer resumed past them, lost for good, with no warning.
+    log = tmp_path / "svc-stdout.log"
+    written = [f"2024-01-01 12:00:00 INFO step {k}" for k in range(lines)]
+    _append(log, "".join(line + "\n" for line in written))
+    child = subprocess.run([sys.executable, "-c", BACKLOG_KILL_CHILD, str(tmp_path / "b.db"), str(log)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    buffer = Buffer(tmp_path / "b.db")  # moves in what the stage files held
+    try:
+        tailer = _svc_tailer(buffer, log)  # resumes from the offset saved with the records
+        tailer.poll_once()
+        tailer.stop()
+        assert _bodies(buffer) == written + ["one more line"]
     finally:
         buffer.close()
 
@@ -507,5 +549,167 @@ def test_a_bare_line_written_after_the_traceback_was_read_is_its_own_record(tmp_
         (error,) = [r for r in records if r[2] == "ERROR"]  # the buffer keeps errors apart: compare per level
         assert [r[3] for r in records if r[2] != "ERROR"] == ["got prompt", "Prompt executed in 0.5 seconds"]
         assert error[3] == tb.rstrip() and error[4]["error.message"] == "first line\nsecond line"
+    finally:
+        buffer.close()
+
+
+# --- supervisord's own rotation splits writes; truncation in place; characters cut by a flush ----------------------
+
+SPLIT_TB = ('Traceback (most recent call last):\n  File "/app/comfy/execution.py", line 10, in execute\n'
+            "    output = node.run()\nKeyError: 'model'\n")
+
+
+def _supervisord_log(log: Path, maxbytes: int, backups: int):
+    """The logger supervisord writes a program's output with: each pipe read as it comes, rotated (or, with no
+    backups, truncated in place) after any write that leaves the file at maxbytes or more."""
+    from supervisor import loggers
+
+    logger = loggers.getLogger(loggers.LevelsByName.INFO)
+    loggers.handle_file(logger, str(log), "%(message)s", rotating=True, maxbytes=maxbytes, backups=backups)
+    return logger
+
+
+def test_lines_and_tracebacks_split_by_supervisords_rotation_are_whole_records(tmp_path):
+    import random
+
+    log = tmp_path / "svc.log"
+    logger = _supervisord_log(log, maxbytes=4000, backups=5)
+    rnd = random.Random(2)
+    lines = [f"2024-01-01 12:00:00 INFO line {i} " + "x" * rnd.randint(0, 60) for i in range(300)]
+    text = "".join(SPLIT_TB if i % 40 == 39 else line + "\n" for i, line in enumerate(lines))
+    clock = Clock()
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1", clock=clock)
+        tailer.poll_once()  # following the live file from the start
+        pos = 0
+        while pos < len(text):
+            n = rnd.randint(1, 300)  # one pipe read
+            logger.info(text[pos:pos + n].encode())
+            pos += n
+            if rnd.random() < 0.3:
+                tailer.poll_once()
+        backups = sorted(tmp_path.glob("svc.log.*"))
+        assert len(backups) == 4 and any(not p.read_bytes().endswith(b"\n") for p in backups)  # the shape under test
+        clock.now += 5
+        _poll_until_idle(tailer)
+        records = _records(buffer)
+        errors = [r for r in records if r[2] == "ERROR"]  # the buffer keeps errors apart: compare per level
+        assert [r[3] for r in records if r[2] != "ERROR"] == [line for i, line in enumerate(lines) if i % 40 != 39]
+        assert len(errors) == 7 and all(r[3] == SPLIT_TB.rstrip() and r[4]["error.type"] == "KeyError"
+                                        for r in errors)
+        assert not _lost(buffer) and tailer.lost_gaps == 0
+    finally:
+        logger.close()
+        buffer.close()
+
+
+def test_a_traceback_split_by_a_rotation_is_one_record_across_a_restart(tmp_path):
+    log = tmp_path / "svc.log"
+    logger = _supervisord_log(log, maxbytes=300, backups=5)
+    clock = Clock()
+    buffer = Buffer(tmp_path / "b.db")
+    tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1", clock=clock)
+    tailer.poll_once()
+    warming = "2024-01-01 12:00:00 INFO warming up " + "y" * 220
+    logger.info((warming + "\n").encode())
+    for part in (SPLIT_TB[:60], SPLIT_TB[60:90]):  # the traceback comes in pipe reads; it rotates after the first
+        logger.info(part.encode())
+    assert log.with_name("svc.log.1").read_text().endswith(SPLIT_TB[:60])  # the shape under test
+    assert log.read_text() == SPLIT_TB[60:90]
+    tailer.poll_once()  # reads the rotated file to its end and goes on with the new one: the traceback is open
+    buffer.close()  # the machine dies here
+
+    logger.info(SPLIT_TB[90:].encode())
+    logger.info(b"2024-01-01 12:00:01 INFO next prompt\n")
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1", clock=clock)
+        _poll_until_idle(tailer)
+        records = _records(buffer)
+        (error,) = [r for r in records if r[2] == "ERROR"]
+        assert [r[3] for r in records if r[2] != "ERROR"] == [warming, "2024-01-01 12:00:01 INFO next prompt"]
+        assert error[3] == SPLIT_TB.rstrip() and error[4]["error.type"] == "KeyError"
+        tailer.stop()
+    finally:
+        logger.close()
+        buffer.close()
+
+
+def _copytruncate(log: Path, logger) -> None:
+    """logrotate's copytruncate: copy the file aside, then truncate it in place (the same inode)."""
+    import shutil
+
+    shutil.copy(log, log.with_name(log.name + ".1"))
+    os.truncate(log, 0)
+
+
+def _supervisord_truncates(log: Path, logger) -> None:
+    """supervisord keeping no backups: a write past maxbytes, then the file is reopened with 'wb' (same inode)."""
+    size = log.stat().st_size
+    logger.info(b"2024-01-01 12:00:00 INFO unread " + b"z" * 2000 + b"\n")
+    assert log.stat().st_size < size  # truncated after that write, before the tailer read it
+
+
+def test_a_file_truncated_in_place_is_read_again_and_the_gap_reported(tmp_path):
+    for truncate in (_copytruncate, _supervisord_truncates):
+        folder = tmp_path / truncate.__name__.strip("_")
+        folder.mkdir()
+        log = folder / "svc.log"
+        logger = _supervisord_log(log, maxbytes=2000, backups=0)
+        buffer = Buffer(folder / "b.db")
+        try:
+            tailer = _svc_tailer(buffer, log)
+            before = [f"before {i}" for i in range(100)]
+            logger.info("".join(line + "\n" for line in before[:50]).encode())
+            logger.info("".join(line + "\n" for line in before[50:]).encode())
+            tailer.poll_once()
+            inode = log.stat().st_ino
+            truncate(log, logger)
+            after = [f"after {i}" for i in range(200)]  # more than was read before: grows past the old offset
+            logger.info("".join(line + "\n" for line in after[:100]).encode())
+            logger.info("".join(line + "\n" for line in after[100:130]).encode())
+            assert log.stat().st_ino == inode and log.stat().st_size > 990  # the shape under test
+            tailer.poll_once()
+            logger.info("".join(line + "\n" for line in after[130:]).encode())
+            tailer.stop()
+            assert _lines(buffer) == before + after, truncate.__name__
+            (lost,) = _lost(buffer)
+            assert "truncated in place" in lost[3] and lost[4]["lost.after_offset"] == 990
+            assert tailer.lost_gaps == 1
+        finally:
+            buffer.close()
+        buffer = Buffer(folder / "b.db")
+        try:  # a restart neither reads again nor reports again
+            _svc_tailer(buffer, log).stop()
+            assert _lines(buffer) == before + after and len(_lost(buffer)) == 1
+        finally:
+            logger.close()
+            buffer.close()
+
+
+def test_a_partial_line_is_never_cut_inside_a_character(tmp_path):
+    log = tmp_path / "svc.log"
+    clock = Clock()
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1", clock=clock)
+        word = "wörd".encode()
+        with open(log, "ab") as f:
+            f.write("progress: hé".encode() + word[:2])  # ends inside the two bytes of ö
+        tailer.poll_once()
+        clock.now += 5  # no growth for longer than fold_timeout: flushed as it is
+        tailer.poll_once()
+        with open(log, "ab") as f:
+            f.write(word[2:] + b" rest\n")
+        tailer.poll_once()
+        assert _bodies(buffer) == ["progress: héw", "örd rest"]
+
+        long = "€" * 400_000  # 1.2 MB of 3-byte characters: longer than a chunk, cut at 1 MiB from "before"
+        _append(log, "before\n" + long + "\nafter\n")
+        _poll_until_idle(tailer)
+        bodies = _bodies(buffer)[2:]
+        assert bodies[0] == "before" and bodies[-1] == "after" and "".join(bodies[1:-1]) == long
+        assert not any("\ufffd" in body for body in bodies)
     finally:
         buffer.close()

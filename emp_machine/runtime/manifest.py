@@ -94,7 +94,16 @@ class StatusSection(_Model):
 
 class LogsSection(_Model):
     max_size: ByteSize = Field(10 * 2**20, gt=0, description="rotate a process log file at this size")
-    backups: int = Field(5, ge=0, le=100)
+    backups: int = Field(5, le=100, description="rotated files kept per process log (at least 1)")
+
+    @field_validator("backups")
+    @classmethod
+    def _keeps_a_backup(cls, value: int) -> int:
+        if value < 1:  # with none, supervisord truncates the live file in place: the tailer cannot be lossless
+            raise ValueError("keep at least 1 backup: with none, supervisord truncates a log in place when it reaches "
+                             "logs.max_size, and output written since the telemetry tailer last read it is lost; use "
+                             "1 or more (each backup takes up to logs.max_size of disk)")
+        return value
 
 
 class SupervisorSection(_Model):

@@ -17,7 +17,12 @@ rotation was seen) and so on up to the live file. After a restart the saved file
 and the same walk follows. A file that left the chain before it was finished (rotated past the kept backups)
 is reported as a `service.output_lost` warning record and counted in `lost_gaps`; reading goes on from the
 oldest file kept. On the very first start the live file is read from its beginning. An unfinished traceback or
-partial line is emitted after `fold_timeout` without growth, or at the end of a rotated file.
+partial line is emitted after `fold_timeout` without growth (cut at a character boundary, never inside one). At
+the end of a rotated file it is not: supervisord writes each pipe read as it comes and rotates after any write past
+maxbytes, so a line or a traceback is often split between `name.log.1` and the new `name.log`; the rotated file's
+unfinished end (at most `_CARRY_MAX`) is carried into its successor's first parse, saved in the tailer's state in
+the same commit that switches files. A file truncated in place (its size below the offset, or its first bytes
+changed: copytruncate) is read again from its start and the output it may have lost reported.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::\s?(.*))?$")
 _MAX_READ = 1 << 20      # one chunk
 _PASS_BYTES = 4 << 20    # per file per poll: bounds one poll's work; the rest is read next poll
 _HEAD = 64               # bytes of a file's beginning that identify it beside its inode (inodes get reused)
+_CARRY_MAX = 64 << 10    # a rotated file's unfinished end carried into its successor; longer: emitted as it is
 
 
 _GROUP_START = re.compile(r"^( *)\+ Exception Group Traceback \(most recent call last\):")
@@ -119,6 +125,20 @@ def _chain(path: Path) -> list[Path]:
     return ([path] if path.exists() else []) + backups
 
 
+def _char_end(data: bytes, start: int) -> int:
+    """The end of `data` backed up to a UTF-8 character boundary (not before `start`): a partial line emitted
+    while its writer is mid-character leaves the character's first bytes for the record they belong to."""
+    end = len(data)
+    for i in range(end - 1, max(start, end - 4) - 1, -1):
+        byte = data[i]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: the last character starts here
+            size = 2 if byte >= 0xC0 else 1
+            size = 3 if byte >= 0xE0 else size
+            size = 4 if byte >= 0xF0 else size
+            return i if i + size > end and byte < 0xF8 else end
+    return end
+
+
 def _same(dev: int, inode: int, head: bytes, identity: _Identity) -> bool:
     known_dev, known_inode, known_head = identity
     return inode == known_inode and known_dev in (None, dev) and head[:len(known_head)] == known_head
@@ -165,7 +185,7 @@ class TailSource:
 
 class _FileState:
     __slots__ = ("source", "key", "fd", "dev", "inode", "head", "offset", "successor", "last_growth", "size_seen",
-                 "read_end")
+                 "read_end", "carry", "rest")
 
     def __init__(self, source: TailSource):
         self.source = source
@@ -179,6 +199,10 @@ class _FileState:
         self.last_growth = time.monotonic()
         self.size_seen = -1
         self.read_end = 0  # where the file ended when a read last reached its end: later bytes came later
+        # The unfinished end (a partial line, an open traceback) of the file this one succeeded, read ahead of this
+        # file's bytes: a write that rotation split goes on here. Non-empty only while `offset` is 0.
+        self.carry = b""
+        self.rest = b""  # a rotated file read to its end: what is still unconsumed there, for its successor
 
 
 class ServiceOutputTailer:
@@ -242,15 +266,16 @@ class ServiceOutputTailer:
             return
         data = json.loads(saved)
         wanted = (data.get("dev"), data["inode"], bytes.fromhex(data.get("head", "")))
+        carry = bytes.fromhex(data.get("carry", ""))
         chain = _chain(state.source.path)
         for candidate in chain:  # the live file, or where rotations moved it while we were down
             if _matches(candidate, wanted) and self._open(state, candidate, wanted):
-                state.offset = data["offset"]
+                state.offset, state.carry = data["offset"], carry
                 return
         # Gone: rotated past the kept backups while not tailed. Everything still kept is newer than it.
         state.inode, state.offset = data["inode"], data["offset"]
         self._skip_lost(state, chain, f"{state.source.path} (inode {data['inode']}) was rotated past the kept "
-                                      "backups while the machine was down")
+                                      "backups while the machine was down", carry)
 
     def _poll(self, state: _FileState) -> int:
         path = state.source.path
@@ -267,8 +292,8 @@ class ServiceOutputTailer:
                 self._commit(state, [])
                 continue
             if live is not None and (live.st_dev, live.st_ino) == (state.dev, state.inode):
-                if live.st_size < state.offset:  # truncated in place (copytruncate)
-                    state.offset = state.read_end = 0
+                if live.st_size < state.offset or os.pread(state.fd, len(state.head), 0) != state.head:
+                    self._truncated(state)  # in place (copytruncate), perhaps already written past the offset
                 return count + self._drain(state, False, budget)[0]
             # No longer the live file (rotated, or the live one is being replaced): note which file comes next
             # while both are still in the chain, read this one to its end, then go on with that one.
@@ -282,7 +307,9 @@ class ServiceOutputTailer:
         return count
 
     def _advance(self, state: _FileState) -> bool:
-        """Switch from a finished rotated file to its successor; False to wait (the next one is not there yet)."""
+        """Switch from a finished rotated file to its successor; False to wait (the next one is not there yet).
+        The rotated file's unfinished end (`rest`) goes on in the successor: supervisord writes a pipe read as it
+        comes and rotates after any write past maxbytes, so a line or a traceback is often split between them."""
         chain = _chain(state.source.path)
         if state.successor is None:
             if self._locate(state):
@@ -290,16 +317,19 @@ class ServiceOutputTailer:
                     return False  # mid-rotation: the new live file is not created yet
             else:
                 return self._skip_lost(state, chain, f"{state.source.path}: a rotated file (inode {state.inode}) "
-                                                     "left the kept backups; files rotated after it may have gone too")
+                                                     "left the kept backups; files rotated after it may have gone too",
+                                       state.rest)
         for candidate in chain:
             if _matches(candidate, state.successor):
-                return self._switch(state, candidate, state.successor, [])
+                return self._switch(state, candidate, state.successor, [], state.rest)
         return self._skip_lost(state, chain, f"{state.source.path}: the file rotated after inode {state.inode} left "
-                                             "the kept backups before it was read")
+                                             "the kept backups before it was read", state.rest)
 
-    def _skip_lost(self, state: _FileState, chain: list[Path], message: str) -> bool:
-        """Report output that left the chain unread and go on with the oldest file kept (or the next live one)."""
-        records = [self._lost(state, message)]
+    def _skip_lost(self, state: _FileState, chain: list[Path], message: str, pending: bytes = b"") -> bool:
+        """Report output that left the chain unread and go on with the oldest file kept (or the next live one).
+        `pending`: the unfinished end of the output before the gap, emitted as it is (nothing continues it)."""
+        records = self._parse(state.source, pending, flush=True)[0] if pending else []
+        records.append(self._lost(state, message))
         if chain:
             if not self._switch(state, chain[-1], None, records):
                 return False  # it went meanwhile: all again next poll, reported once
@@ -327,14 +357,29 @@ class ServiceOutputTailer:
                 return True
         return True  # rotating under our feet: try again next poll
 
-    def _switch(self, state: _FileState, path: Path, expected: _Identity | None, records: list) -> bool:
+    def _switch(self, state: _FileState, path: Path, expected: _Identity | None, records: list,
+                carry: bytes = b"") -> bool:
+        """Make `path` the current file, `carry` read ahead of it, committed with `records` in one transaction."""
         previous = state.fd
         if not self._open(state, path, expected):
             return False
         if previous is not None:
             os.close(previous)
+        state.carry = carry
         self._commit(state, records)
         return True
+
+    def _truncated(self, state: _FileState) -> None:
+        """The file was truncated in place (logrotate's copytruncate): read it again from its start. What was
+        written after the offset before the truncation cannot be read any more: reported, like other gaps."""
+        records = []
+        if state.head:  # it had output: what came after the offset (all of it when 0) may be gone unread
+            records.append(self._lost(state, f"{state.source.path} was truncated in place (copytruncate?): output "
+                                             f"written after byte {state.offset} before the truncation is gone"))
+            self.lost_gaps += 1
+        state.offset = state.read_end = 0
+        state.size_seen, state.head = -1, b""
+        self._commit(state, records)
 
     def _open(self, state: _FileState, path: Path, expected: _Identity | None) -> bool:
         """Make `path` the current file at offset 0 (False if it is gone or is not the `expected` file)."""
@@ -349,35 +394,48 @@ class ServiceOutputTailer:
             return False
         state.fd, state.dev, state.inode, state.head = fd, st.st_dev, st.st_ino, head
         state.offset, state.successor, state.size_seen, state.read_end = 0, None, -1, 0
+        state.carry = state.rest = b""
         return True
 
     def _drain(self, state: _FileState, final: bool, budget: int) -> tuple[int, int, bool]:
         """Read whole records from the offset in chunks, up to `budget` bytes: (records, bytes read, at end).
-        `final`: the file is rotated, so what is at its end is emitted even when unfinished."""
+        `final`: the file is rotated: its unfinished end is left in `state.rest` for its successor (emitted as it
+        is when longer than `_CARRY_MAX`). The carry from the previous file is read ahead of the file's bytes."""
         count = used = 0
         while True:
-            data = os.pread(state.fd, _MAX_READ, state.offset)
-            used += len(data)
-            at_end = len(data) < _MAX_READ
-            seen = max(0, state.read_end - state.offset)  # this much of `data` was there at an earlier read
+            chunk = os.pread(state.fd, _MAX_READ, state.offset)
+            used += len(chunk)
+            at_end = len(chunk) < _MAX_READ
+            carry = state.carry
+            data = carry + chunk if carry else chunk
+            # this much of `data` was there at an earlier read
+            seen = len(carry) + max(0, state.read_end - state.offset)
             if at_end:
-                state.read_end = state.offset + len(data)
-            flush = final and at_end
+                state.read_end = state.offset + len(chunk)
+            flush = False
             if at_end and not final:
                 now = self._clock()
                 if len(data) != state.size_seen:
                     state.size_seen, state.last_growth = len(data), now
                 flush = now - state.last_growth >= self.fold_timeout
             if not data:
+                state.rest = b""
                 return count, used, True
             records, consumed = self._parse(state.source, data, flush=flush, seen=seen)
-            if consumed == 0 and not at_end:  # one record longer than a chunk: cut it here rather than stall
+            if (consumed == 0 and not at_end) or (final and at_end and len(data) - consumed > _CARRY_MAX):
+                # one record longer than a chunk, or too long to carry: cut it here rather than stall
                 records, consumed = self._parse(state.source, data, flush=True, seen=seen)
             if consumed:
-                state.offset += consumed
+                if consumed < len(carry):
+                    state.carry = carry[consumed:]
+                else:
+                    state.offset += consumed - len(carry)
+                    state.carry = b""
                 state.size_seen = -1
                 self._commit(state, records)
                 count += len(records)
+            if at_end and final:
+                state.rest = data[consumed:]
             if at_end or used >= budget:
                 return count, used, at_end
 
@@ -385,6 +443,8 @@ class ServiceOutputTailer:
         if len(state.head) < _HEAD:  # bytes once written never change: a longer head identifies better
             state.head = os.pread(state.fd, _HEAD, 0)
         saved = {"dev": state.dev, "inode": state.inode, "offset": state.offset, "head": state.head.hex()}
+        if state.carry:
+            saved["carry"] = state.carry.hex()
         self.buffer.append_with_state(records, state.key, json.dumps(saved))
 
     def _lost(self, state: _FileState, message: str) -> tuple[int, int, tuple]:
@@ -404,7 +464,9 @@ class ServiceOutputTailer:
             lines.append((data[start:match.start()].decode("utf-8", "replace"), match.end()))
             start = match.end()
         if flush and start < len(data):
-            lines.append((data[start:].decode("utf-8", "replace"), len(data)))
+            cut = _char_end(data, start)  # never inside a character: its rest comes with the next bytes
+            if cut > start:
+                lines.append((data[start:cut].decode("utf-8", "replace"), cut))
         records: list[tuple[int, int, tuple]] = []
         consumed = 0
         progress: tuple | None = None
