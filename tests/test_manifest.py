@@ -50,6 +50,20 @@ def test_shipped_manifests_validate(path):
     assert manifest.machine.id and manifest.source == str(path.resolve())
 
 
+@pytest.mark.parametrize("path", [mf.BUILTIN_DEFAULT, MACHINES / "simulation.yaml"], ids=["package", "repo"])
+def test_the_simulation_manifests_give_a_region_only_when_one_is_known(path):
+    from emp_machine.telemetry.core import resource_attributes
+
+    def region_of(environ):
+        m = mf.load(path, {**ENV, **environ})
+        attrs = resource_attributes(m.telemetry, machine_id=m.machine.id, worker_id=None, service_type="machine",
+                                    region=m.machine.region or None)
+        return m.machine.region, attrs.get("cloud.region")
+
+    assert region_of({}) == ("", None)  # off Railway: no made-up cloud.region=local on every resource
+    assert region_of({"RAILWAY_REPLICA_REGION": "us-west2"}) == ("us-west2", "us-west2")
+
+
 def test_good_manifest_values_and_defaults():
     m = load(GOOD)
     svc = m.services["comfyui"]

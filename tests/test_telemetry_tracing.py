@@ -571,3 +571,133 @@ def test_a_failed_span_streamed_past_a_jobs_record_bound_is_an_error_record():
         failing.end()
     [value] = [value for _, value, record in kept if record[3] == "service.call"]
     assert value == Value.ERROR
+
+
+OTEL_PLUGIN = '''
+"""A third-party connector instrumented the ordinary OTel way: tracers from `trace.get_tracer`, one taken
+at import (a ProxyTracer until a provider is set) and one while the job runs."""
+from opentelemetry import trace
+from emp_machine.connectors.base import Connector, JobResult
+
+_AT_IMPORT = trace.get_tracer(__name__)
+
+
+class OtelLibConnector(Connector):
+    name = "otellib"
+
+    async def run(self, job, progress):
+        with trace.get_tracer("some.instrumented.library").start_as_current_span("lib.call") as span:
+            span.set_attribute("lib.job", job.id)
+            with _AT_IMPORT.start_as_current_span("lib.inner"):
+                pass
+        return JobResult(data={"provider": type(trace.get_tracer_provider()).__name__})
+'''
+
+
+def test_a_connectors_otel_api_spans_arrive_in_its_jobs_trace_from_a_real_worker(tmp_path, receiver, redis_server,
+                                                                                 monkeypatch):
+    """`opentelemetry.trace.get_tracer(...)` inside a job is the worker's one tracer (installed as OTel's global
+    provider at start-up), not the API's no-op ProxyTracer: its spans reach the collector in the job's trace."""
+    import os
+    import textwrap
+
+    import redis as redis_lib
+
+    from emp_machine.connectors.registry import GROUP
+    from emp_machine.runtime.jobs import JobStore
+    from harness import WorkerProcs, wait_for
+
+    module = f"emp_otel_plugin_{random.randrange(1 << 30)}"
+    site = tmp_path / "site"
+    (site / module).mkdir(parents=True)
+    (site / module / "__init__.py").write_text(OTEL_PLUGIN)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{GROUP}]\notellib = {module}:OtelLibConnector\n")
+    monkeypatch.syspath_prepend(str(site))  # the manifest's connector check runs here too
+    body = textwrap.dedent(f"""
+    telemetry:
+      otlp_endpoint: {receiver.endpoint}
+      export: {{interval: 0.1s}}
+    workers:
+      lib:
+        connector: otellib
+        job_types: [otellib]
+    """)
+    pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    procs = WorkerProcs(body, tmp_path / "w", redis_server.url, machine_id="otelapi",
+                        environ={"PYTHONPATH": pythonpath})
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        with procs.running(client, timeout=40):
+            job_id = JobStore(client).submit("otellib", {}, max_retries=0)
+            wait_for(lambda: client.hget(f"job:{job_id}", "status") in ("completed", "failed"), 20,
+                     message=f"job {job_id} to end\n{procs.log(0)[-3000:]}")
+            assert client.hget(f"job:{job_id}", "status") == "completed", procs.log(0)[-3000:]
+            result = json.loads(client.hget("jobs:completed", job_id))["data"]
+
+            def spans(name):
+                return [s for s in receiver.spans() if s.name == name]
+
+            wait_for(lambda: spans("lib.inner") and [s for s in spans("job.execution")
+                                                     if attributes(s.attributes).get("job.id") == job_id],
+                     20, message="the job's spans at the collector")
+    finally:
+        client.close()
+    [execution] = [s for s in spans("job.execution") if attributes(s.attributes).get("job.id") == job_id]
+    [call] = [s for s in spans("lib.call") if attributes(s.attributes).get("lib.job") == job_id]
+    [inner] = spans("lib.inner")
+    [service_call] = [s for s in spans("service.call") if s.parent_span_id == execution.span_id]
+    assert call.trace_id == execution.trace_id and call.parent_span_id == service_call.span_id
+    assert inner.trace_id == execution.trace_id and inner.parent_span_id == call.span_id
+    assert result["data"]["provider"] == "TracerProvider"  # ours, where the API's ProxyTracerProvider was
+
+
+MACHINE_PROBE = '''
+"""Loaded by the machine process at start (sitecustomize): a library in that process using OTel's global API."""
+import sys
+import threading
+import time
+
+if "machine-run" in sys.argv:
+    def _library():
+        from opentelemetry import trace
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a library's span once the process's tracer is installed
+            if type(trace.get_tracer_provider()).__name__ != "ProxyTracerProvider":
+                with trace.get_tracer("a.machine.library").start_as_current_span("machine.library.op"):
+                    pass
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=_library, daemon=True).start()
+'''
+
+
+def test_the_machine_process_installs_its_tracer_as_otels_global_one(tmp_path, receiver, machine_factory):
+    import os
+
+    from harness import wait_for
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(MACHINE_PROBE)
+    pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    machine = machine_factory(f"""
+    telemetry:
+      otlp_endpoint: {receiver.endpoint}
+      export: {{interval: 0.1s}}
+    workers:
+      sim:
+        connector: simulation
+        job_types: [machineotel]
+        stop_grace: 5s
+    """, env={"PYTHONPATH": pythonpath})
+    machine.wait_ready(40)
+    wait_for(lambda: [s for s in receiver.spans() if s.name == "machine.library.op"], 20,
+             message="the machine process's library span at the collector")
+    [span] = [s for s in receiver.spans() if s.name == "machine.library.op"]
+    resources = [attributes(g.resource.attributes) for r in receiver.requests if r.path == "/v1/traces"
+                 for g in r.request.resource_spans if any(s.name == span.name for ss in g.scope_spans for s in ss.spans)]
+    assert [a["service.type"] for a in resources] == ["machine"]

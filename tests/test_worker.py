@@ -321,3 +321,75 @@ def test_a_concurrency_1_worker_frees_its_slot_once_per_job(client, store, worke
     assert store.cancel(hanging, "done with it")
     wait_status(client, waiting, "completed")
     assert client.hget(f"job:{waiting}", "worker_id") == wid
+
+
+def test_a_worker_groups_own_otel_variables_apply_to_its_workers_telemetry(redis_server, tmp_path):
+    """OTEL_* in a group's `env` (which supervisord hands to its workers) reach those workers' telemetry: the
+    resolved manifest holds only the machine's. Each process honours its own, as OTel users expect."""
+    from harness import WorkerProcs
+    from otlp_receiver import OtlpReceiver, attributes
+
+    receiver = OtlpReceiver().start()
+    body = f"""
+    telemetry:
+      otlp_endpoint: {receiver.endpoint}
+      export: {{interval: 0.1s, metrics_interval: 1s}}
+    workers:
+      a:
+        connector: simulation
+        job_types: [otelenv]
+        env:
+          OTEL_SERVICE_NAME: group-a-workers
+          OTEL_RESOURCE_ATTRIBUTES: "team=group-a"
+          OTEL_EXPORTER_OTLP_HEADERS: "x-group=a"
+      b:
+        connector: simulation
+        job_types: [otelenv]
+    """
+    procs = WorkerProcs(body, tmp_path / "w", redis_server.url, machine_id="wenv")
+    c = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    a, b = procs.ids
+
+    def seen():  # service.instance.id -> (service.name, team, x-group header) of what arrived
+        out = {}
+        for req in list(receiver.requests):
+            groups = getattr(req.request, {"/v1/traces": "resource_spans", "/v1/logs": "resource_logs",
+                                           "/v1/metrics": "resource_metrics"}[req.path])
+            for group in groups:
+                attrs = attributes(group.resource.attributes)
+                out[attrs.get("service.instance.id")] = (attrs.get("service.name"), attrs.get("team"),
+                                                         req.headers.get("x-group"))
+        return out
+
+    try:
+        with procs.running(c, timeout=40):
+            wait_for(lambda: {a, b} <= set(seen()), 20, message=f"both workers' records, got {seen()}")
+    finally:
+        c.close()
+        receiver.stop()
+    assert seen()[a] == ("group-a-workers", "group-a", "a")
+    assert seen()[b] == ("emp-machine", None, None)  # the other group's workers keep the manifest's
+
+
+def test_an_invalid_otel_variable_in_a_groups_env_is_a_clear_error_naming_it(redis_server, tmp_path):
+    from harness import WorkerProcs
+
+    body = """
+    workers:
+      bad:
+        connector: simulation
+        job_types: [otelenv]
+        env:
+          OTEL_EXPORTER_OTLP_ENDPOINT: "ftp://user:hunter2@collector:4318"
+    """
+    procs = WorkerProcs(body, tmp_path / "w", redis_server.url, machine_id="wbad")
+    try:
+        procs.start()
+        code = procs.wait_exit(0, timeout=30)
+        out = procs.log(0)
+    finally:
+        procs.close()
+    assert code == 2, out
+    assert "workers.bad.env" in out and "OTEL_EXPORTER_OTLP_ENDPOINT" in out and "fix or unset it" in out, out
+    assert "telemetry.otlp_endpoint" in out  # the setting it stands for
+    assert "Traceback" not in out and "hunter2" not in out, out

@@ -202,6 +202,8 @@ def cmd_machine_run(args) -> int:
     import asyncio
     import threading
 
+    from opentelemetry import trace as otel_trace
+
     from emp_machine import telemetry
     from emp_machine.runtime import demo, hardware, plan
     from emp_machine.runtime.logfile import RotatingTee
@@ -220,6 +222,8 @@ def cmd_machine_run(args) -> int:
                           region=manifest.machine.region or None, buffer_path=state / "telemetry" / "machine.db",
                           process_share=1 / (len(the_plan.workers) + 1), stream=stream)
     tel.install_logging()
+    # OTel's global tracer is this process's one (as each worker's is its own): set once, at the entry point.
+    otel_trace.set_tracer_provider(tel.tracer_provider)
     stop = threading.Event()
     if args.demo:
         def say(line: str) -> None:

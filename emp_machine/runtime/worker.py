@@ -744,11 +744,24 @@ class Worker:
 
 async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> int:
     """Build the worker's parts (telemetry, Redis client, connector) and run it until drained."""
+    from opentelemetry import trace as otel_trace
+
     from emp_machine import telemetry as telemetry_pkg
+    from emp_machine.errors import ManifestError, ManifestProblem
     from emp_machine.runtime import hardware as hw
+    from emp_machine.telemetry.config import apply_otel_env
 
     ident = WorkerIdentity.from_environ(manifest, index, environ)
     group = manifest.workers[ident.group]
+    # This process's own OTEL_* (its group's `env`, which supervisord hands to it) over the manifest's
+    # telemetry, as any OTel process honours its own: run/manifest.json holds only the machine's.
+    try:
+        manifest = manifest.model_copy(update={"telemetry": apply_otel_env(manifest.telemetry, environ)})
+    except ValueError as exc:  # the variable's value is not repeated: it may hold credentials
+        where = f"workers.{ident.group}.env"
+        raise ManifestError(manifest.source or "<manifest>", [ManifestProblem(
+            where, f"{exc} (in worker {ident.worker_id}'s environment)",
+            hint=f"fix or unset it in {where}; it stands for {getattr(exc, 'field', 'telemetry')}")]) from None
     state = Path(manifest.machine.state_dir)
     workers_total = max(1, int(environ.get("EMP_WORKERS_TOTAL") or 1))
     tel = telemetry_pkg.setup(manifest.telemetry, machine_id=ident.machine_id, worker_id=ident.worker_id,
@@ -757,6 +770,9 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
                               process_share=1 / (workers_total + 1),
                               snapshot_path=state / "metrics" / f"{ident.worker_id}.json")  # for /metrics
     tel.install_logging()
+    # The one tracer is OTel's global one, so `trace.get_tracer(...)` in a connector or an OTel-instrumented
+    # library records into this job's trace (set once per process, here: OTel refuses a second provider).
+    otel_trace.set_tracer_provider(tel.tracer_provider)
     try:
         registry = ConnectorRegistry.discover()
         values = {"index": index, "machine_id": ident.machine_id, "worker_id": ident.worker_id,
