@@ -608,3 +608,109 @@ def test_an_origin_back_after_an_outage_is_probed_once_and_then_each_signal_goes
             if r.path == "/v1/traces"] == [3, 10, 10, 7]  # a probe first: the traces' own circuit was open
     assert not shipper.stats.breaker_open and shipper.stats.consecutive_failures == 0
     assert shipper.stats.requests_failed == 3  # two refused connections and one 503
+
+
+class _BasicAuthCollector(OtlpReceiver):
+    """A collector behind basic auth (the OTel collector's basicauth extension): 401 for a request whose
+    Authorization is not one it accepts. `authorizations`: every request's Authorization values, all of them
+    (`Received.headers` is a plain dict: a header sent twice shows once there)."""
+
+    def __init__(self, accepted: set[str], port: int | None = None):
+        super().__init__(port)
+        self.accepted = accepted
+        self.authorizations: list[list[str]] = []
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        with self._lock:
+            scripted = bool(self._script)  # respond_next() answers first, as a proxy in front would
+            self.authorizations.append(request.headers.getall("Authorization", []))
+        if not scripted and request.headers.get("Authorization") not in self.accepted:
+            await request.read()
+            with self._lock:
+                self.statuses.append(401)
+            return web.Response(status=401)
+        return await super()._handle(request)
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_url_credentials_are_sent_as_basic_auth(buffer):
+    # http://user:password@collector:4318 passed validation, but the credentials were dropped from the request:
+    # a collector behind basic auth answered 401 and every batch was dead-lettered. The stock OTel HTTP
+    # exporter (requests) sends them as Basic auth, percent-decoded.
+    expected = _basic("al@ice", "p:ss/wörd")
+    collector = _BasicAuthCollector({expected}).start()
+    try:
+        for i in range(5):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", "hello", {}, 0, 0, ""))
+        endpoint = f"http://al%40ice:p%3Ass%2Fw%C3%B6rd@127.0.0.1:{collector.port}"
+        shipper = _shipper(buffer, endpoint).start()
+        try:
+            assert collector.wait_for(lambda r: len(r.spans()) == 5 and len(r.logs()) == 1, timeout=10)
+        finally:
+            shipper.stop()
+        assert 401 not in collector.statuses and buffer.stats().dead_letter_records == 0
+        assert collector.authorizations and all(values == [expected] for values in collector.authorizations)
+    finally:
+        collector.stop()
+
+
+def test_a_configured_authorization_header_wins_over_url_credentials(buffer):
+    # An explicit authorization header (any case) is sent alone; a signal's own URL brings its own credentials.
+    traces = _BasicAuthCollector({_basic("tr", "tr-pass")}).start()
+    collector = _BasicAuthCollector({"Bearer header-token"}).start()
+    try:
+        for i in range(3):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", "hello", {}, 0, 0, ""))
+        shipper = _shipper(buffer, f"http://alice:url-pass@127.0.0.1:{collector.port}",
+                           headers={"authorization": "Bearer header-token"},
+                           signals={"traces": (f"http://tr:tr-pass@127.0.0.1:{traces.port}/v1/traces",
+                                               {"x-traces-key": "t"})}).start()
+        try:
+            assert collector.wait_for(lambda r: len(r.logs()) == 1, timeout=10)
+            assert traces.wait_for(lambda r: len(r.spans()) == 3, timeout=10)
+        finally:
+            shipper.stop()
+        assert collector.authorizations == [["Bearer header-token"]]  # sent alone, not beside the URL's
+        assert traces.authorizations and all(values == [_basic("tr", "tr-pass")] for values in traces.authorizations)
+    finally:
+        collector.stop()
+        traces.stop()
+
+
+def test_url_credentials_never_reach_stats_logs_or_errors(buffer, caplog):
+    # Whatever fails (401 and dead letters, a redirect warning, a collector that is down), the password in the
+    # endpoint, and the Basic value made of it, appear in no stat, error, dead letter or log line.
+    password = "hunter2-s3cret"
+    secrets = (password, _basic("alice", password).split()[1])
+    collector = _BasicAuthCollector(set()).start()  # refuses everyone: 401
+    collector.respond_next(308, count=1, headers={"Location": f"http://alice:{password}@elsewhere:4318/v1/logs"})
+    down = free_port()
+    try:
+        for i in range(3):
+            buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+        for i in range(2):
+            buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", "hello", {}, 0, 0, ""))
+        with caplog.at_level("DEBUG"):
+            shipper = _shipper(buffer, f"http://alice:{password}@127.0.0.1:{collector.port}",
+                               signals={"traces": (f"http://alice:{password}@127.0.0.1:{down}/v1/traces", None)})
+            shipper.start()
+            try:
+                assert wait_until(lambda: shipper.stats.dead_lettered == 2 and shipper.stats.redirects == 1
+                                  and shipper.stats.signals["traces"].unreachable, timeout=10)
+            finally:
+                shipper.stop(drain_timeout=0.5)
+        assert collector.statuses[:2] == [308, 401]
+        texts = [repr(shipper.stats), caplog.text, repr(buffer.dead_letters()), repr(shipper._targets)]
+        assert [reason for _, _, reason, _ in buffer.dead_letters()] == ["HTTP 401 from /v1/logs"]
+        assert "(to http://elsewhere:4318)" in caplog.text  # the reasons are there, the secret not
+        assert shipper.stats.signals["traces"].last_error.startswith("ConnectionRefusedError")
+        assert not [text for text in texts for secret in secrets if secret in text]
+    finally:
+        collector.stop()
