@@ -345,6 +345,80 @@ def test_a_batch_of_1000_records_is_committed_without_waiting_for_the_interval(t
         buffer.close()
 
 
+# -- a kill leaves a prefix of what was appended: never a state value ahead of its records ---------------
+
+ORDER_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from emp_machine.telemetry.buffer import Buffer, Kind, Value
+buffer = Buffer(Path(sys.argv[1]), commit_interval=3600)  # commits only when the buffer itself must
+appended = 0
+
+def append(size):  # like the tailer: records (~10 KB each here) and the offset after them, in one frame
+    global appended
+    count = max(1, size // 10_000)
+    body = "x" * (size // count - 8)  # each record its own text (marshal writes a shared object once)
+    buffer.append_with_state([(Kind.LOG, Value.NORMAL, (appended + k, 9, "INFO", f"{appended + k:08d}{body}", {},
+                                                        0, 0, "")) for k in range(count)], "offset", str(appended + count))
+    appended += count
+
+class AppendThenKill:  # the buffer's own connection, except that a frame comes while its commit runs, then a kill
+    def __init__(self, db):
+        self.db = db
+    def executemany(self, sql, *args):
+        if sql.startswith("INSERT INTO chunks"):
+            append(1000)  # from another thread it would be the same: the writer holds no producer lock here
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.db.executemany(sql, *args)
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+case = sys.argv[2]
+if case == "during_commit":
+    buffer._db = AppendThenKill(buffer._db)
+for size in {"larger_than_a_stage_file": [3 << 20, 1000],
+             "past_the_room_left": [100_000] * 9 + [1_300_000, 1000],
+             "during_commit": [100_000] * 9 + [1_300_000]}[case]:
+    append(size)
+if case == "during_commit":
+    buffer.flush()
+os.kill(os.getpid(), signal.SIGKILL)  # right after the appends returned (the writer may have committed some)
+"""
+
+
+@pytest.mark.parametrize("case", ["larger_than_a_stage_file", "past_the_room_left", "during_commit"])
+def test_a_sigkill_after_a_frame_that_did_not_fit_leaves_no_state_ahead_of_its_records(tmp_path, case):
+    # A tailer's backlog makes frames of 1 MiB reads, more than the room left in a stage file: such a frame is
+    # held in memory. A later, small frame (the offset after it) staged before it is committed, in this
+    # stage file or in the next one while the commit runs, made a kill replay the offset without the lines
+    # before it: the restarted tailer resumed past them, lost for good.
+    child = subprocess.run([sys.executable, "-c", ORDER_CHILD, str(tmp_path / "b.db"), case],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        offset = int(buffer.state("offset") or 0)
+        assert sorted(r[0] for r in _all_logs(buffer)) == list(range(offset))  # a prefix: records and offset
+        if case != "larger_than_a_stage_file":
+            assert offset >= 90  # the frames staged before the one that did not fit are all there
+    finally:
+        buffer.close()
+
+
+def test_a_frame_that_does_not_fit_is_committed_at_once_and_staging_resumes_after_it(tmp_path):
+    buffer = Buffer(tmp_path / "b.db", commit_interval=3600)
+    try:
+        big = [(Kind.LOG, Value.NORMAL, _log(i, f"{i:08d}" + "x" * 10_000)) for i in range(300)]  # 3 MB, one frame
+        buffer.append_with_state(big, "offset", "300")
+        assert _wait_committed(buffer, 300) == 300  # in memory only: not left waiting for the interval
+        assert buffer.state("offset") == "300"
+        buffer.append(Kind.LOG, Value.NORMAL, _log(300))  # durable at append again: in the stage file
+        assert _read_frames(buffer._stage_path(buffer._stage_seq))[0] == {(Kind.LOG, Value.NORMAL): [_log(300)]}
+        assert buffer.flush(10) and sorted(r[0] for r in _all_logs(buffer)) == list(range(301))
+    finally:
+        buffer.close()
+
+
 NO_STAGE_CHILD = """
 import resource, signal, sys, time
 from pathlib import Path

@@ -28,6 +28,14 @@ If a stage file cannot be made (disk full, no mmap), records are only queued, an
 `flush_interval` (90 ms) while they come: then a SIGKILL loses at most that long. So do the records of a
 burst that fills the stage file before the writer has switched (it is woken at half), until that commit.
 
+What a kill leaves is always a prefix of what was appended, in order (the tailer's offsets ride in frames,
+`append_with_state`: a later frame replayed without an earlier one would resume the tailer past lines never
+stored). So a frame that does not fit in the stage file (a full file, a frame over 2 MiB: a tailer backlog's
+1 MiB read is one frame) is held in memory, bytes and all, and stops staging: every later frame is held
+behind it, and the writer is woken to commit at once. The commit takes the held frames with the rest; the
+frames appended while it runs are held too (staged in the next file they would be replayed without the
+held ones, were the commit killed), and are copied into the stage file, in order, once it is done.
+
 Limits (the manifest's `telemetry.buffer`): when the compressed size passes `max_size`, whole chunks are
 dropped, least valuable class first and oldest first within a class (see `Value`); error records go only when
 nothing else is left. Chunks older than `retention` are dropped as `expired`. Every dropped record is counted
@@ -476,8 +484,13 @@ class Buffer:
         self._stage: mmap.mmap | None = None
         self._standby: mmap.mmap | None = None
         self._pos = 0
-        self._limit = 0           # bytes usable in the current stage file: 0 without one (records only queued)
+        # Bytes usable in the current stage file: 0 without one (records only queued), -1 while frames are held
+        # (nothing is staged after a frame that is not: see `_hold`).
+        self._limit = 0
         self._wake_at = 1 << 62   # a producer whose frame ends past this wakes the writer (half the file)
+        # Frames not in any stage file, (tag, payload), oldest first: the last items of _queue, appended after
+        # every frame staged (None: no writer any more, closed or a forked child, so none is kept).
+        self._held: list[tuple[int, bytes]] | None = []
         self._use_stage(self._open_stage(self._stage_seq), self._open_stage(self._stage_seq + 1))
         # A process forked from this one (multiprocessing) shares the mapped stage files: it must not write
         # frames into them. Its records only queue, as they always did there (no writer thread runs in it).
@@ -536,12 +549,54 @@ class Buffer:
                 # The header last, in one 8-byte copy: a killed process leaves either the whole frame or none.
                 stage[pos:pos + 8] = _pack_frame(len(data), tag)
                 self._pos = end
+            else:  # no room, or frames are held already: held in memory, behind them
+                self._hold(tag, data)
         if self._sleeping:
             self._sleeping = False
             self._wake.set()
         elif (end >= self._wake_at or len(queue) >= _COMMIT_BATCH) and not self._kicked:
             self._kicked = True  # once until the writer takes the batch: Event.set() costs ~3k instructions
             self._wake.set()
+
+    def _hold(self, tag: int, data: bytes) -> None:
+        """Keep a frame that is not staged in memory (under _lock), and stage nothing after it until it is
+        committed or staged itself: a kill must leave a prefix of what was appended, never a later frame (a
+        tailer's offset) without an earlier one (the lines before it). With a stage file, the writer is woken
+        to commit at once (its wait ends at `_wake_at` 0)."""
+        held = self._held
+        if held is None:  # no writer (closed, a forked child): records only queue, as they always did there
+            return
+        held.append((tag, data))
+        self._block()
+
+    def _block(self) -> None:
+        """No frame fits in the stage file until `_restage` (under _lock); the writer commits without waiting."""
+        if self._stage is not None:
+            self._limit, self._wake_at = -1, 0
+
+    def _restage(self) -> None:
+        """Copy the held frames into the stage file, oldest first, as far as they fit (under _lock); when all
+        are in, producers stage again. Those that do not fit stay held, for the writer's next commit."""
+        held = self._held
+        if not held and self._limit >= 0:
+            return
+        stage, pos, done = self._stage, self._pos, 0
+        if stage is not None:
+            for tag, data in held or ():
+                end = pos + 8 + len(data)
+                if end > _STAGE_SIZE:
+                    break
+                stage[pos + 8:end] = data
+                stage[pos:pos + 8] = _pack_frame(len(data), tag)  # the header last, as a producer writes it
+                pos, done = end, done + 1
+            self._pos = pos
+        if held:
+            del held[:done]
+        if held:
+            self._block()
+        elif stage is not None:
+            self._limit, self._wake_at = _STAGE_SIZE, _STAGE_SIZE // 2
+            self._kicked = False  # a kick while blocked may not have been for a full batch: the next one wakes
 
     def append(self, kind: int, value: int, record: tuple) -> None:
         """Queue one record; never blocks, never raises. (Hot callers use `append_record((kind, value, rec))`.)"""
@@ -569,6 +624,7 @@ class Buffer:
 
     def _forked(self) -> None:
         self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
+        self._held = None
         self._use_stage(None, None)
 
     # --- writer thread -------------------------------------------------------------------------------
@@ -624,10 +680,15 @@ class Buffer:
             items, self._queue = self._queue, deque()
             markers, self._markers = self._markers, []
             self._kicked = False
+            held = self._held  # the last of `items`: committed with them, or lost with them
+            if held:
+                self._held = []
             retired, used = (self._stage, self._pos) if self._pos else (None, 0)
             if retired is not None:  # without a standby, records are only queued until a file is ready again
                 self._use_stage(self._standby, None)
                 self._stage_seq += 1
+            if held:  # nothing is staged until this commit is done: a kill would replay it without `held`
+                self._block()
         groups: dict[tuple[int, int], list] = {}
         states: dict[str, str] = {}
         count = 0
@@ -643,6 +704,8 @@ class Buffer:
             _report(f"telemetry buffer write failed, {count} records dropped: {exc!r}")
             rows = None
         self._restock(retired, used)  # reused either way: its records are in SQLite, or dropped and counted
+        with self._lock:  # the frames held during the commit go into the stage file now, in order
+            self._restage()
         if rows is None:
             self._count_drop("write_error", count)
             return markers
@@ -766,10 +829,13 @@ class Buffer:
         return stage
 
     def _use_stage(self, stage: mmap.mmap | None, standby: mmap.mmap | None) -> None:
-        """Make `stage` the file producers write to (called under _lock, or before the writer starts)."""
+        """Make `stage` the file producers write to (called under _lock, or before the writer starts); frames
+        held in memory go into it first, in order (`_restage`)."""
         self._stage, self._standby, self._pos = stage, standby, 0
         self._limit = _STAGE_SIZE if stage is not None else 0
         self._wake_at = _STAGE_SIZE // 2 if stage is not None else 1 << 62
+        if self._held:
+            self._restage()
 
     def _restock(self, retired: mmap.mmap | None, used: int) -> None:
         """After a commit: the retired stage file (its frames now in SQLite), zeroed where they were, becomes the
@@ -1137,6 +1203,7 @@ class Buffer:
             self._notify_drop(reason, count)
         with self._lock:  # producers from here on only queue (nothing commits it any more)
             stage, standby, used = self._stage, self._standby, self._pos
+            self._held = None
             self._use_stage(None, None)
         if stage is not None:
             stage.close()
