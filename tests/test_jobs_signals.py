@@ -126,3 +126,54 @@ def test_lost_subscription_reconnects_and_wakes_the_worker(redis, redis_url):
             assert signals.arm() == ["after"]
         await client.aclose()
     asyncio.run(main())
+
+
+def test_a_malformed_message_never_ends_the_listener(redis, redis_url):
+    # Another producer's message with a field of the wrong type (service_required a list) raised TypeError in
+    # the listener and ended it: no more wake-ups or cancels for that worker, silently. Now such a field is
+    # read as absent, a message that cannot even be decoded (not UTF-8) costs a resubscription, and a
+    # failing on_cancel is logged: the listener goes on.
+    import redis as redis_lib
+
+    cancelled = []
+
+    def on_cancel(job_id, reason):
+        if job_id == "boom":
+            raise RuntimeError("a broken callback")
+        cancelled.append((job_id, reason))
+
+    def subscribed():
+        return redis.pubsub_numsub("job_submitted")[0][1] >= 1
+
+    async def until(condition):
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        raw = redis_lib.Redis.from_url(redis_url)
+        async with JobSignals(client, ["sim"], on_cancel=on_cancel, reconnect_delay_s=0.05) as signals:
+            signals.arm()
+            redis.publish("job_submitted", json.dumps({"job_id": "x1", "service_required": ["sim"]}))
+            assert await signals.wait(5) is True  # the type read as absent: look rather than miss a job
+            assert signals.arm() == ["x1"]
+            redis.publish("job_submitted", json.dumps({"job_id": {"no": "id"}, "service_required": "sim"}))
+            assert await signals.wait(5) is True and signals.arm() == []  # no id: a wake-up, no hint
+            redis.publish("cancel_job", json.dumps({"job_id": ["x1"], "reason": "no id"}))  # ignored
+            redis.publish("cancel_job", json.dumps({"job_id": "boom", "reason": "callback fails"}))
+            raw.publish("job_submitted", b'{"job_id": "caf\xe9", "service_required": "sim"}')  # not UTF-8
+            assert await signals.wait(5) is True  # woken by the resubscription: messages may have been lost
+            signals.arm()
+            await until(subscribed)
+            redis.publish("cancel_job", json.dumps({"job_id": "j2", "reason": "user asked"}))
+            redis.publish("job_submitted", json.dumps({"job_id": "after", "service_required": "sim"}))
+            assert await signals.wait(5) is True
+            await until(lambda: cancelled)
+            assert signals.arm() == ["after"] and cancelled == [("j2", "user asked")]
+            assert not signals._task.done()
+        raw.close()
+        await client.aclose()
+    asyncio.run(main())

@@ -1,5 +1,6 @@
 """Workers dying, stopping and losing Redis: SIGKILL + lease + reaper, drain on SIGTERM, 500 jobs through 4
-workers SIGKILLed at random under a real supervisord, and a Redis restart mid-run. Real processes only."""
+workers SIGKILLed at random under a real supervisord, a Redis restart mid-run, and a connector misbehaving
+(its own CancelledError, SystemExit, a slow cancel(), a large inline result). Real processes only."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import redis as redis_lib
 
+from emp_machine.connectors.registry import GROUP
 from emp_machine.runtime.jobs import JobStore
 from emp_machine.runtime.redis_server import PrivateRedis, free_port
 from harness import Messages, WorkerProcs, wait_for
@@ -246,3 +249,141 @@ def test_redis_restarted_mid_run_workers_reconnect_and_carry_on(tmp_path):
     finally:
         procs.close()
         server.stop()
+
+
+# -- a connector misbehaving: its own CancelledError, SystemExit, a slow cancel(), a large inline result ------
+
+CHAOS = '''
+import asyncio
+import base64
+import os
+
+from emp_machine.connectors.base import Connector, JobResult
+
+
+class ChaosConnector(Connector):
+    name = "chaos"
+    slow_cancel = set()
+
+    async def cancel(self, job_id):
+        if job_id in self.slow_cancel:
+            await asyncio.sleep(4)  # a service whose cancel endpoint answers slowly
+
+    async def run(self, job, progress):
+        p = job.payload
+        if p.get("slow_cancel"):
+            self.slow_cancel.add(job.id)
+        await asyncio.sleep(p.get("sleep_s", 0))
+        mode = p.get("mode")
+        if mode == "hang":
+            await asyncio.Event().wait()
+        if mode == "cancelled_error":  # an inner task it awaited was cancelled: CancelledError out of run()
+            inner = asyncio.ensure_future(asyncio.sleep(3600))
+            inner.cancel()
+            await inner
+        if mode == "system_exit":
+            raise SystemExit(3)
+        if mode == "blob":
+            raw = os.urandom(p["mb"] << 20)
+            return JobResult(data={"image": "data:image/png;base64," + base64.b64encode(raw).decode()})
+        return JobResult(data={"mode": mode})
+'''
+
+
+@pytest.fixture(scope="module")
+def chaos_site(tmp_path_factory):
+    module = f"emp_chaos_{random.randrange(1 << 30)}"
+    site = tmp_path_factory.mktemp("chaos_site")
+    (site / module).mkdir()
+    (site / module / "__init__.py").write_text(CHAOS)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{GROUP}]\nchaos = {module}:ChaosConnector\n")
+    sys.path.insert(0, str(site))  # the manifest is validated here too, against installed connectors
+    yield site
+    sys.path.remove(str(site))
+
+
+def chaos_workers(chaos_site, tmp_path, redis_url, settings: str) -> WorkerProcs:
+    body = "workers:\n  chaos:\n    connector: chaos\n" + "".join(f"    {line}\n" for line in settings.split(";"))
+    return WorkerProcs(body, tmp_path, redis_url, environ={"PYTHONPATH": str(chaos_site)})
+
+
+def events_of(store, job_id):
+    return [e["ev"] for e in store.timeline(job_id).events]
+
+
+@pytest.mark.parametrize("mode, error", [("cancelled_error", "connector raised CancelledError: "),
+                                         ("system_exit", "connector raised SystemExit: 3")])
+def test_a_connectors_own_cancelled_error_or_system_exit_fails_its_job_alone(chaos_site, redis, redis_url,
+                                                                             tmp_path, mode, error):
+    # A CancelledError the connector raised itself was taken for a drain: the job went back uncounted and was
+    # claimed again, forever (56 claims in 3 s). SystemExit from a plugin ended the worker.
+    procs = chaos_workers(chaos_site, tmp_path, redis_url, "concurrency: 2;lease: 5s")
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        beside = store.submit("chaos", {"mode": "ok", "sleep_s": 1.0})
+        wait_status(redis, beside, "in_progress")
+        bad = store.submit("chaos", {"mode": mode}, max_retries=3)
+        wait_status(redis, bad, "failed")
+        job = redis.hgetall(f"job:{bad}")
+        assert (job["error"], job["retry_count"]) == (error, "1")  # failed for good: a bug, not retryable
+        assert events_of(store, bad) == ["submitted", "claimed", "started", "failed"]
+        wait_status(redis, beside, "completed")
+        assert procs.procs[0].poll() is None
+    finally:
+        procs.close()
+
+
+def test_sigterm_hands_jobs_back_before_a_slow_connector_cancel_returns(chaos_site, redis, redis_url, tmp_path):
+    # The hand-back used to await connector.cancel() (4 s here) first, past the drain's 2 s margin: at
+    # supervisord's SIGKILL (stop_grace) the jobs were still claimed, until their lease expired.
+    procs = chaos_workers(chaos_site, tmp_path, redis_url, "concurrency: 3;lease: 20s;stop_grace: 4s")
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        wid = procs.ids[0]
+        jobs = [store.submit("chaos", {"mode": "hang", "slow_cancel": True}) for _ in range(3)]
+        wait_for(lambda: redis.hlen(f"jobs:active:{wid}") == 3, message="three jobs running")
+        procs.signal(0, signal.SIGTERM)
+        try:  # as supervisord: SIGKILL at stopwaitsecs = stop_grace
+            rc = procs.procs[0].wait(4.0)
+        except subprocess.TimeoutExpired:
+            procs.procs[0].kill()
+            rc = procs.procs[0].wait()
+        for job_id in jobs:
+            job = redis.hgetall(f"job:{job_id}")
+            assert (job["status"], job["retry_count"]) == ("pending", "0"), job
+            assert events_of(store, job_id)[-1] == "handed_back"
+            assert redis.zscore("jobs:pending", job_id) is not None
+        assert not redis.hlen(f"jobs:active:{wid}")
+        assert rc == 0  # and it exited by itself, before the SIGKILL
+    finally:
+        procs.close()
+
+
+def test_a_worker_never_holds_more_claimed_jobs_than_its_concurrency_while_a_result_spills(chaos_site, redis,
+                                                                                        redis_url, tmp_path):
+    # The slot was freed when the connector returned, before the result's inline image was spilled to a
+    # file: with concurrency 1 the next job was claimed and ran while the first was still not completed.
+    procs = chaos_workers(chaos_site, tmp_path, redis_url, "concurrency: 1;lease: 10s")
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        blob = store.submit("chaos", {"mode": "blob", "mb": 64})
+        after = store.submit("chaos", {"mode": "ok"})
+        wait_status(redis, blob, "completed", timeout=60)
+        wait_status(redis, after, "completed", timeout=20)
+        (done,) = [e for e in store.timeline(blob).events if e["ev"] == "completed"]
+        (claimed,) = [e for e in store.timeline(after).events if e["ev"] == "claimed"]
+        assert done["steps"]["postprocessing"] > 100, done  # the spill took long enough to tell
+        # Claimed once the first job's result was recorded: freeing the slot as its completion is sent lets
+        # the two round trips overlap (jobs/s), so the claim may land a moment before the completion.
+        assert claimed["t"] >= done["t"] - 50, (claimed, done)
+    finally:
+        procs.close()

@@ -285,3 +285,38 @@ def test_a_slow_connector_health_check_never_delays_the_heartbeat(client, store,
     assert events.count("claimed") == 1 and "lease_expired" not in events, events
     health = json.loads(worker_hash(client, workers, "slowhealth")["connector_statuses"])
     assert health["simulation"]["health"] == "healthy"  # the check still runs, in its own task
+
+
+# -- bytes that are not UTF-8 --------------------------------------------------------------------------------
+
+def test_a_job_hash_holding_bytes_that_are_not_utf8_fails_that_job_alone(client, store, workers, messages):
+    # Another producer wrote latin-1 into the payload. Decoding the claim's reply raised, the worker died
+    # with the job claimed, and after its restart it was handed back, claimed again and killed it again.
+    pid = workers.procs[0].pid
+    job_id = submit_raw(client, "gapsim", payload=b'{"steps": 1, "prompt": "caf\xe9"}')
+    wait_status(client, job_id, "failed")
+    error = (f"malformed job: job:{job_id} holds bytes that are not UTF-8 text in payload; its producer must "
+             f"write every job field as UTF-8")
+    (failed,) = wait_for(lambda: messages.of("job_failed", job_id=job_id), message="job_failed")
+    assert failed["error"] == error and failed["can_retry"] is False
+    assert client.hget(f"job:{job_id}", "error") == error
+    events = [json.loads(e)["ev"] for e in client.lrange(f"job:{job_id}:events", 0, -1)]
+    assert events.count("claimed") == 1 and "handed_back" not in events, events
+    good = store.submit("gapsim", {"steps": 1, "step_ms": 0, "prompt": "café"})
+    wait_status(client, good, "completed")
+    assert workers.procs[0].pid == pid and workers.procs[0].poll() is None
+
+
+def test_a_claim_that_fails_unexpectedly_is_logged_and_the_worker_goes_on(client, store, workers):
+    # A job id that is not UTF-8 in jobs:pending (another producer's): the claim's queue reconcile cannot
+    # read it. The claim loop caught only RedisError, so the worker exited; now it logs it and claims on.
+    client.zadd("jobs:pending", {b"raw-\xff": submission_score(50, int(time.time() * 1000))})
+    try:
+        good = store.submit("gapsim", {"steps": 1, "step_ms": 0})  # wakes the worker: its claim reconciles
+        wait_status(client, good, "completed")
+        log = workers.log(0)
+        (line,) = [x for x in log.splitlines() if "claim failed unexpectedly" in x][:1]
+        assert "UnicodeDecodeError" in line and "Traceback" in line  # the traceback folded into one record
+        assert workers.procs[0].poll() is None
+    finally:
+        client.zrem("jobs:pending", b"raw-\xff")

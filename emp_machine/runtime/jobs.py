@@ -22,6 +22,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -46,6 +47,7 @@ CH_REQUEUED = "job_requeued"
 _FIXED_KEYS = [PENDING, INDEX_OF, LEASES]
 
 CANCELLED_ERROR = "Job cancelled by user"
+_log = logging.getLogger("emp.jobs")
 HEARTBEAT_TTL_S = 60
 _CHUNK = 500
 
@@ -137,10 +139,13 @@ class Ownership(StrEnum):
 
 @dataclass(frozen=True)
 class Job:
-    """A claimed job: the job:{id} hash as it stood right after the claim."""
+    """A claimed job: the job:{id} hash as it stood right after the claim. `not_utf8`: the fields a producer
+    wrote as bytes that are not UTF-8 text (in `fields` with U+FFFD in their place): the worker fails such a
+    job alone as malformed, rather than taking the bytes for text."""
 
     id: str
     fields: dict[str, str]
+    not_utf8: tuple[str, ...] = ()
 
     @property
     def service_required(self) -> str:
@@ -312,11 +317,14 @@ def _json_field(name: str, value: Any) -> str:
 
 @dataclass(frozen=True)
 class _Call:
-    """One round trip: a named script (args after the fixed keys) or a client method."""
+    """One round trip: a named script (args after the fixed keys) or a client method. `raw` (scripts only):
+    the reply comes back as bytes, undecoded, for the operation to decode itself (the claim's job hash may
+    hold bytes a producer wrote that are not UTF-8)."""
 
     script: str | None
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    raw: bool = False
 
 
 def _steps(steps: Mapping[str, float] | None) -> str:
@@ -332,6 +340,32 @@ def _text(value: Any) -> Any:
     if isinstance(value, dict):
         return {_text(k): _text(v) for k, v in value.items()}
     return value
+
+
+def _claimed_job(job_id: bytes, blob: bytes) -> Job:
+    """The claim's reply (id, the hash as JSON), read undecoded. A field holding bytes that are not UTF-8
+    (another producer's) used to raise out of the client's own decoding, killing the worker with the job
+    claimed: handed back at restart, claimed again, forever. Such a field is kept with U+FFFD in place of
+    the bad bytes and named in `Job.not_utf8`, for the worker to fail that job alone."""
+    try:
+        return Job(job_id.decode(), json.loads(blob.decode()))
+    except UnicodeDecodeError:
+        pass
+    fields, bad = {}, []
+    for name, value in json.loads(blob.decode("utf-8", "surrogateescape")).items():
+        try:
+            name.encode(), value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: a byte that was not UTF-8
+            name, value = (s.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for s in (name, value))
+            bad.append(name)
+        fields[name] = value
+    return Job(job_id.decode(), fields, tuple(sorted(bad)))
+
+
+def _options(call: _Call) -> dict[str, Any]:
+    """redis-py's per-command option for a `raw` call: read the reply without decoding it (its NEVER_DECODE,
+    spelled out: this module is imported without redis-py by the machine process)."""
+    return {"NEVER_DECODE": []} if call.raw else {}
 
 
 _Op = Generator[_Call, Any, Any]
@@ -423,24 +457,26 @@ class _JobOps:
         if check:
             self._last_check = now
         begin = "1" if start else "0"
-        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if check else "0", begin, *hints))
+        # Replies read undecoded (raw): the job hash comes back as the producer wrote it, see _claimed_job.
+        reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if check else "0", begin, *hints),
+                            raw=True)
         if not reply[0] and not int(reply[1]) and time.monotonic() - self._last_sweep >= self._sweep_every:
             # The counts agree, but stale index entries may hide an unindexed job: one bounded sweep step.
             self._last_sweep = time.monotonic()
             found = yield from self._sweep_step()
             if found.adopted or found.pruned:
-                reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin))
+                reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin), raw=True)
         if not reply[0] and int(reply[1]) and self._reconcile_allowed():
             # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
             self._last_reconcile = time.monotonic()
             yield from self._reconcile()
-            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin))
+            reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin), raw=True)
         if not reply[0]:
             # 2 ms more, so timer rounding never brings the worker back a claim too early.
             self.claimable_in_s = int(reply[2]) / 1000 + 0.002 if len(reply) > 2 else None
             return None
         self.claimable_in_s = None
-        job = Job(reply[0], json.loads(reply[2]))
+        job = _claimed_job(reply[0], reply[2])
         if time.monotonic() - max(self._last_sweep, self._busy_sweep_from) >= self._busy_sweep_every:
             # What it adopts is claimed by the next claims, in priority order.
             self._last_sweep = time.monotonic()
@@ -663,14 +699,15 @@ class JobStore(_Api):
 
     def _exec(self, call: _Call) -> Any:
         if call.script:
-            return _text(self._script(call))
+            reply = self._script(call)
+            return reply if call.raw else _text(reply)
         name, *args = call.args
         return _text(getattr(self._client, name)(*args, **call.kwargs))
 
     def _script(self, call: _Call) -> Any:
         if self.uses_functions:
             try:
-                return self._client.fcall(*self._fcall_args(call))
+                return self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
             except Exception as exc:
                 if not _function_missing(exc):
                     raise
@@ -679,8 +716,16 @@ class JobStore(_Api):
             except Exception as exc:
                 self._load_failed(exc)
             if self.uses_functions:
-                return self._client.fcall(*self._fcall_args(call))
-        return self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
+                return self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
+        if not call.raw:
+            return self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
+        from redis.exceptions import NoScriptError
+
+        script, args = self._scripts[call.script], (len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
+        try:
+            return self._client.execute_command("EVALSHA", script.sha, *args, **_options(call))
+        except NoScriptError:  # EVAL loads it for the next EVALSHA
+            return self._client.execute_command("EVAL", script.script, *args, **_options(call))
 
     def _drive(self, op: _Op) -> Any:
         try:
@@ -696,14 +741,15 @@ class AsyncJobStore(_Api):
 
     async def _exec(self, call: _Call) -> Any:
         if call.script:
-            return _text(await self._script(call))
+            reply = await self._script(call)
+            return reply if call.raw else _text(reply)
         name, *args = call.args
         return _text(await getattr(self._client, name)(*args, **call.kwargs))
 
     async def _script(self, call: _Call) -> Any:  # JobStore._script with awaits
         if self.uses_functions:
             try:
-                return await self._client.fcall(*self._fcall_args(call))
+                return await self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
             except Exception as exc:
                 if not _function_missing(exc):
                     raise
@@ -712,8 +758,16 @@ class AsyncJobStore(_Api):
             except Exception as exc:
                 self._load_failed(exc)
             if self.uses_functions:
-                return await self._client.fcall(*self._fcall_args(call))
-        return await self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
+                return await self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
+        if not call.raw:
+            return await self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
+        from redis.exceptions import NoScriptError
+
+        script, args = self._scripts[call.script], (len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
+        try:
+            return await self._client.execute_command("EVALSHA", script.sha, *args, **_options(call))
+        except NoScriptError:  # EVAL loads it for the next EVALSHA
+            return await self._client.execute_command("EVAL", script.script, *args, **_options(call))
 
     async def _drive(self, op: _Op) -> Any:
         try:
@@ -817,13 +871,16 @@ class JobSignals:
             if channel != CH_CANCEL:
                 self._set()  # unreadable announcement: look rather than miss a job
             return
-        job_id = str(msg.get("job_id") or "")
+        # A field of the wrong type (another producer's) is read as absent: a list for service_required
+        # raised TypeError here and ended the listener (no more wake-ups or cancels for this worker).
+        job_id = msg.get("job_id")
+        job_id = str(job_id) if isinstance(job_id, str | int) and not isinstance(job_id, bool) else ""
         if channel == CH_CANCEL:
             if job_id and self._on_cancel is not None:
                 self._on_cancel(job_id, str(msg.get("reason") or ""))
             return
         service = msg.get("service_required")
-        if service is not None and service not in self._types:
+        if isinstance(service, str) and service not in self._types:
             return
         # Not a job our own submit announced ("indexed": it indexed the job itself): a hint costs its claim a
         # check of the job's index entry against its hash, needed only for jobs the API wrote.
@@ -848,9 +905,16 @@ class JobSignals:
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if msg is not None and msg.get("type") == "message":
-                        self._handle(_text(msg["channel"]), _text(msg["data"]))
+                        try:
+                            self._handle(_text(msg["channel"]), _text(msg["data"]))
+                        except Exception:  # noqa: BLE001 - one message must never end the listener
+                            _log.exception("job signal not handled; going on",
+                                           extra={"channel": str(msg["channel"])})
             except (RedisConnectionError, RedisTimeout, OSError):
                 await asyncio.sleep(self._reconnect_delay_s)
+            except Exception:  # noqa: BLE001 - e.g. a message whose bytes are not UTF-8 (the client decodes)
+                _log.exception("job signals: reading a message failed; subscribing again")
+                await asyncio.sleep(self._reconnect_delay_s)  # as after a lost connection: never a spin
             finally:
                 try:
                     await pubsub.aclose()

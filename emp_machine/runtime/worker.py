@@ -226,7 +226,7 @@ class Worker:
         self.job_types = list(self.caps["services"])
         self.slots = asyncio.Semaphore(self.group.concurrency)
         self.running: dict[str, asyncio.Task] = {}  # job id -> the task of its newest attempt here
-        # Job tasks whose connector is done: their slot is free already. Tasks, not job ids: the job may be
+        # Job tasks at their finishing write: their slot is free already. Tasks, not job ids: the job may be
         # claimed again while its older attempt's finishing write still retries (see _supersede).
         self.slot_freed: set[asyncio.Task] = set()
         self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
@@ -297,6 +297,14 @@ class Worker:
                 await self._sleep_or_drain(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a bug or a reply we cannot read must not end the loop
+                # (the worker would exit with its jobs claimed, and supervisord would restart it into the same)
+                self.slots.release()
+                self.log.error("claim failed unexpectedly; retrying", exc_info=exc,
+                               extra={"error": f"{type(exc).__name__}: {exc}"})
+                await self._sleep_or_drain(backoff)  # backing off: never a tight loop of failing claims
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+                continue
             if job is None:
                 self.slots.release()
                 # A job this worker just failed comes back to it when no other worker took it meanwhile.
@@ -332,7 +340,7 @@ class Worker:
         finishing write still retries after a lost reply, and the job came back to this worker). That
         attempt is over: its writes carry its claim token, so they change nothing now. One still in its
         connector is told to stop and returned, for the new attempt to wait on: connectors know jobs by id,
-        so two runs of one id must not overlap. One past its connector is left to its write (None)."""
+        so two runs of one id must not overlap. One at its finishing write is left to it (None)."""
         prev = self.running.get(job_id)
         if prev is None:
             return None
@@ -359,11 +367,14 @@ class Worker:
             self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
 
     def _free_slot(self, task: asyncio.Task) -> None:
-        """The connector is done with the job: its slot goes to the next claim now, while the finishing write
-        is in flight, so the claim's round trip overlaps it instead of following it. The job stays in
-        `running` (a drain still waits for its write; Redis keeps the worker busy while either job is
-        active). Once per task; `_job_done` releases the slot of a task that never got here."""
-        if task not in self.slot_freed:
+        """The connector is done with the job and its outcome is ready to record (a result's blobs already
+        spilled to files): its slot goes to the next claim now, while the finishing write is in flight, so
+        the claim's round trip overlaps it instead of following it (jobs/s). Not earlier: a slot freed before
+        a long spill let the worker hold more claimed jobs than `concurrency` for as long as the spill took.
+        The job stays in `running` (a drain still waits for its write; Redis keeps the worker busy while
+        either job is active). Once per task; `_job_done` releases the slot of a task that never got here."""
+        # A task already done is _job_done's to release: a shielded _finish_ok may outlive its cancelled task.
+        if task not in self.slot_freed and not task.done():
             self.slot_freed.add(task)
             self.slots.release()
 
@@ -379,6 +390,7 @@ class Worker:
         if not self.running:
             return
         grace, margin = self.drain_budget()
+        ends = time.monotonic() + grace + margin / 2  # the rest: the offline write and closing, before SIGKILL
         self.log.info("draining", extra={"event_type": "worker.draining", "running": list(self.running),
                                          "grace_s": grace})
         _, pending = await asyncio.wait(list(self.running.values()), timeout=grace)
@@ -386,6 +398,8 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=margin)
+        if self._side_tasks:  # the connector's cancel() calls, made after the hand-backs: bounded by the budget
+            await asyncio.wait(set(self._side_tasks), timeout=max(0.0, ends - time.monotonic()))
 
     # -- one job -----------------------------------------------------------------------------------------
     async def _run_job(self, job: Job, after: asyncio.Task | None = None) -> None:
@@ -410,6 +424,10 @@ class Worker:
             _ = job.max_retries
         except ValueError as exc:
             attempt, malformed = 0, FatalJobError(f"malformed job: {exc}")
+        if job.not_utf8:  # bytes another producer wrote (the claim reads them undecoded: see jobs._claimed_job)
+            attempt, malformed = 0, FatalJobError(
+                f"malformed job: job:{job.id} holds bytes that are not UTF-8 text in {', '.join(job.not_utf8)}; "
+                f"its producer must write every job field as UTF-8")
         with tel.job_span(job.id, job_hash=job.fields, job_type=job_type,
                           attributes={"job.attempt": attempt} if attempt else None) as span:
             try:
@@ -434,9 +452,11 @@ class Worker:
                     connector_job = replace(connector_job, traceparent=headers.get("traceparent"), headers=headers)
                     deadline = asyncio.timeout(timeout)
                     mark = time.monotonic()
+                    returned = False
                     try:
                         async with deadline:
                             result = await self.connector.run(connector_job, progress)
+                        returned = True
                     except TimeoutError:
                         if not deadline.expired():
                             raise  # the connector's own timeout (e.g. an HTTP call): classified below
@@ -445,17 +465,24 @@ class Worker:
                         raise RetryableJobError(f"job timed out after {timeout:g}s") from None
                     finally:
                         steps["service_call"] = (time.monotonic() - mark) * 1000
-                        self._free_slot(asyncio.current_task())
+                        if not returned:  # failed: the slot goes to the next claim while the failure is written
+                            self._free_slot(asyncio.current_task())
                 with tel.tracer.start_as_current_span("result.postprocessing"):
                     progress.close()  # a throttled value still waiting is overtaken by the completion
-                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps))
+                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps,
+                                                               asyncio.current_task()))
                 if own is Ownership.OK:
                     tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
                     tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
                                     duration_ms=round((time.monotonic() - started) * 1000, 1))
                 else:
                     tel.events.emit("job.not_completed", level=logging.WARNING, job_id=job.id, ownership=str(own))
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                if not asyncio.current_task().cancelling() and not self.draining.is_set():
+                    # Not this task's cancellation but the connector's own (an inner task of its was
+                    # cancelled): its failure. Taken for a drain, the job went back uncounted, forever.
+                    await self._job_error(job, exc, span, started, steps)
+                    return
                 # drain ran out of time, or the worker is stopping: the job goes back, no attempt counted
                 await asyncio.shield(self._hand_back(job))
                 raise
@@ -471,18 +498,30 @@ class Worker:
                 self.log.error("job result not recorded: Redis unreachable; the job will run again",
                                extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
             except Exception as exc:  # noqa: BLE001 - a connector cannot kill the worker (STYLE.md 3)
-                error = classify(exc)
-                if isinstance(error, JobCancelled):
-                    await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
-                    return
-                span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
-                await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
+                await self._job_error(job, exc, span, started, steps)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
+                    raise
+                # SystemExit (or a plugin's own BaseException) out of a connector: the event loop would
+                # re-raise SystemExit and end the worker with its jobs claimed. Its job's failure instead.
+                await self._job_error(job, exc, span, started, steps)
             finally:
                 progress.close()
 
+    async def _job_error(self, job: Job, exc: BaseException, span: Any, started: float,
+                         steps: dict[str, float]) -> None:
+        """An exception out of the job's run, classified (errors.classify) and recorded as its outcome."""
+        error = classify(exc)
+        if isinstance(error, JobCancelled):
+            await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
+            return
+        span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
+        await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
+
     async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool,
-                         steps: dict[str, float]) -> Ownership:
-        """Complete the job; `final_progress` records progress 100 in the same round trip."""
+                         steps: dict[str, float], job_task: asyncio.Task) -> Ownership:
+        """Complete the job; `final_progress` records progress 100 in the same round trip. The slot of
+        `job_task` is freed once the result is ready to record (see _free_slot)."""
         if job.id in self.cancelled or job.id in self.lost:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         mark = time.monotonic()
@@ -491,6 +530,7 @@ class Worker:
                                              / safe_name(job.id, "job"))
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
+        self._free_slot(job_task)
         own = await self._retrying(self.store.complete, job.id, self.ident.worker_id, data,
                                    final_progress=final_progress, steps=steps, token=job.token)
         if own is Ownership.CANCELLED:
@@ -538,10 +578,17 @@ class Worker:
                              token=job.token)
 
     async def _hand_back(self, job: Job) -> None:
-        await self._safe_cancel(job.id)
-        own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain",
-                                   deadline_s=DRAIN_MARGIN_S, token=job.token)
-        self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own))
+        """Back to the queue first, then the connector is told to stop, in the background (_drain gives
+        those calls what is left of its budget): awaited first, a slow cancel() (up to 5 s) outlasted the
+        drain's margin, supervisord's SIGKILL came first and the job stayed claimed until its lease expired."""
+        try:
+            own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain",
+                                       deadline_s=DRAIN_MARGIN_S, token=job.token)
+            self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own))
+        finally:
+            task = asyncio.get_running_loop().create_task(self._safe_cancel(job.id))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
 
     async def _release_orphans(self, job_ids: list[str], reason: str) -> None:
         """Jobs Redis says we run but this process does not (a previous process with our worker id was
