@@ -573,6 +573,200 @@ def test_a_failed_span_streamed_past_a_jobs_record_bound_is_an_error_record():
     assert value == Value.ERROR
 
 
+def test_past_its_record_bound_a_jobs_streamed_spans_are_counted_kept_by_the_sampler():
+    # SamplerStats.kept_total missed every span streamed past _MAX_JOB_RECORDS (kept_spans counted them).
+    from emp_machine.telemetry.tracing import _MAX_JOB_RECORDS
+
+    clock = FakeClock()
+    tracer, kept = _tracer(1, clock)
+    tracer.sampler.threshold = 0
+    tracer.sampler.next_adjust = float("inf")
+    with tracer.start_as_current_span("job.execution"):
+        for _ in range(_MAX_JOB_RECORDS + 50):
+            with tracer.start_as_current_span("step"):
+                pass
+    assert len(kept) == _MAX_JOB_RECORDS + 51
+    assert tracer.sampler.stats().kept_total == tracer.kept_spans == len(kept)
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["failed-job", "ok-job"])
+def test_an_unsampled_jobs_held_records_are_bounded_and_past_the_bound_the_job_arrives_whole(
+        tmp_path, receiver, monkeypatch, fail):
+    # One job logging 300 000 INFO lines held ~174 MB until its root ended (spans stopped at 10 000, records
+    # never). Past _MAX_JOB_LOGS the job is kept whatever its outcome, as past _MAX_JOB_RECORDS: what it held
+    # is written at once and every later record as it comes, so its trace and records still arrive whole.
+    from emp_machine.telemetry import tracing
+
+    default = getattr(tracing, "_MAX_JOB_LOGS", None)
+    bound = 200  # lowered: the same rule, a faster test
+    monkeypatch.setattr(tracing, "_MAX_JOB_LOGS", bound, raising=False)
+    telemetry = _telemetry(tmp_path, receiver)
+    tracer, log = telemetry.tracer, telemetry.logger("test.chatty")
+    clog = telemetry.connector_logger("sim-0", "simulation")
+    tracer.sampler.threshold = 0  # unsampled, not over budget: the job holds its INFO records
+    tracer.sampler.next_adjust = float("inf")
+    lines = 3 * bound
+    held = []
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+        with telemetry.job_span("chatty", job_type="simulation") as root:
+            clog.started("chatty")
+            with tracer.start_as_current_span("service.call"):
+                for n in range(lines):
+                    log.info("line %d", n)
+                    held.append(len(root._job.logs))
+            clog.event("job.checkpoint", "chatty")
+            if fail:
+                raise RuntimeError("service exploded")
+    assert max(held) < bound
+    assert tracer.dropped_logs == 0 and tracer.tail_kept_jobs == 1
+    telemetry.shutdown()
+    bodies = [r.body.string_value for r in receiver.logs()]
+    assert [b for b in bodies if b.startswith("line ")] == [f"line {n}" for n in range(lines)]
+    assert "job.started" in bodies and "job.checkpoint" in bodies
+    spans = receiver.spans()
+    assert sorted(s.name for s in spans) == ["job.execution", "service.call"]
+    [root_span] = [s for s in spans if s.name == "job.execution"]
+    assert root_span.status.code == (2 if fail else 0)
+    assert {r.trace_id for r in receiver.logs()} == {root_span.trace_id}
+    assert default == 10_000  # the bound itself: the order of _MAX_JOB_RECORDS
+
+
+def test_an_unsampled_child_with_an_explicit_context_never_ends_its_parents_scope():
+    # A child started with context= under an unsampled (non-job) span got the shared parent back as its
+    # context manager: its exit reset the parent's token. In the same task the parent was detached early;
+    # from another task the reset failed and the parent stayed current for good: every later job of that
+    # task joined its trace.
+    import asyncio
+
+    from opentelemetry import context as otel_context
+
+    from emp_machine.telemetry.tracing import JOB_ROOT, current_ids
+
+    clock = FakeClock()
+    tracer, kept = _tracer(1e9, clock)
+    tracer.sampler.threshold = 0  # unsampled roots
+    tracer.sampler.next_adjust = float("inf")
+    assert current_ids() == (0, 0)
+    with tracer.start_as_current_span("connector.poll") as root:
+        ids = current_ids()
+        with tracer.start_as_current_span("child", context=otel_context.get_current()) as child:
+            assert child is root and current_ids() == ids
+        assert current_ids() == ids
+        with tracer.start_span("plain") as plain:  # start_span's, in a with block: not made current
+            assert current_ids() == ids and plain.get_span_context().trace_id == ids[0]
+        assert current_ids() == ids
+        other = tracer.start_span("other.root", context=otel_context.Context())
+        with tracer.start_as_current_span("under.other", context=trace.set_span_in_context(other)) as under:
+            assert under is other and current_ids()[0] == other.get_span_context().trace_id
+        assert current_ids() == ids
+    assert current_ids() == (0, 0)
+
+    async def main():
+        async def helper():
+            with tracer.start_as_current_span("helper.child", context=otel_context.get_current()):
+                await asyncio.sleep(0)
+
+        with tracer.start_as_current_span("connector.poll") as poll:
+            await asyncio.create_task(helper())
+        assert current_ids() == (0, 0)
+
+        async def job(n):
+            with tracer.start_as_current_span(JOB_ROOT, attributes={"job.id": f"job-{n}"}) as span:
+                return span._trace_id, span._parent_id
+
+        jobs = await asyncio.gather(*(asyncio.create_task(job(n)) for n in range(3)))
+        assert all(parent == 0 and trace_id != poll._trace_id for trace_id, parent in jobs)
+        assert len({trace_id for trace_id, _ in jobs}) == 3
+
+    asyncio.run(main())
+
+
+def test_a_record_a_thread_holds_while_its_job_is_decided_is_not_lost(tmp_path, receiver):
+    # A thread found its unsampled job undecided, then appended its record after the decision had written the
+    # job's records out (or replaced the list): the record vanished from a failed job's trace. The thread is
+    # held here between the check and the append (copying its fields) while the job fails.
+    import collections.abc
+    import contextvars
+    import threading
+
+    telemetry = _telemetry(tmp_path, receiver)
+    tracer, log = telemetry.tracer, telemetry.logger("test.threads")
+    tracer.sampler.threshold = 0
+    tracer.sampler.next_adjust = float("inf")
+    copying, go = threading.Event(), threading.Event()
+
+    class SlowFields(collections.abc.Mapping):  # dict(fields) calls keys(): the thread waits there
+        def __init__(self, tag):
+            self._fields = {"tag": tag}
+
+        def keys(self):
+            copying.set()
+            assert go.wait(10)
+            return self._fields.keys()
+
+        def __getitem__(self, key):
+            return self._fields[key]
+
+        def __iter__(self):
+            return iter(self._fields)
+
+        def __len__(self):
+            return 1
+
+    outcomes = {}
+    for job_id, fail in (("threaded-failed", True), ("threaded-ok", False)):
+        copying.clear()
+        go.clear()
+        dropped = tracer.dropped_logs
+        with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+            with telemetry.job_span(job_id):
+                thread = threading.Thread(target=contextvars.copy_context().run, args=(
+                    lambda: log.info("from a thread of %s", job_id, extra={"fields": SlowFields(job_id)}),))
+                thread.start()
+                assert copying.wait(10)  # past the job's check, not yet held
+                if fail:
+                    raise RuntimeError("boom")
+        go.set()
+        thread.join(10)
+        assert not thread.is_alive()
+        outcomes[job_id] = tracer.dropped_logs - dropped
+    assert outcomes == {"threaded-failed": 0, "threaded-ok": 1}  # the ok job's record: dropped and counted
+    telemetry.shutdown()
+    assert [r.body.string_value for r in receiver.logs()] == ["from a thread of threaded-failed"]
+
+
+def test_a_span_a_thread_ends_while_its_job_is_decided_is_not_lost():
+    # The same race for a span: ended in a thread after the job's check, added after the decision.
+    import threading
+
+    from emp_machine.telemetry.tracing import JOB_ROOT
+
+    clock = FakeClock()
+    tracer, kept = _tracer(1, clock)
+    tracer.sampler.threshold = 0
+    tracer.sampler.next_adjust = float("inf")
+    appending, go = threading.Event(), threading.Event()
+
+    class SlowList(list):  # the thread waits in append, past the job's check
+        def append(self, item):
+            if threading.current_thread() is not threading.main_thread():
+                appending.set()
+                assert go.wait(10)
+            super().append(item)
+
+    with pytest.raises(RuntimeError):
+        with tracer.start_as_current_span(JOB_ROOT) as root:
+            root._job.records = SlowList()
+            in_thread = tracer.start_span("in.thread")
+            thread = threading.Thread(target=in_thread.end)
+            thread.start()
+            assert appending.wait(10)
+            raise RuntimeError("boom")
+    go.set()
+    thread.join(10)
+    assert sorted(r[2][3] for r in kept) == ["in.thread", "job.execution"]
+
+
 OTEL_PLUGIN = '''
 """A third-party connector instrumented the ordinary OTel way: tracers from `trace.get_tracer`, one taken
 at import (a ProxyTracer until a provider is set) and one while the job runs."""

@@ -276,3 +276,52 @@ def test_a_connector_raising_an_unexpected_exception_fails_only_its_job(client, 
     assert finished(client, again)["status"] == "failed"
     assert all(p.poll() is None for p in workers.procs.values())
     assert {i: p.pid for i, p in workers.procs.items()} == pids
+
+
+def test_a_job_handed_back_by_a_drain_is_no_error_trace(redis_server, tmp_path):
+    """A drain's hand-back is not the job's failure (it goes back uncounted): its trace was exported as an
+    error trace (the CancelledError escaping job.execution), and an unsampled one was tail-kept as failed."""
+    import signal
+    import uuid
+
+    from otlp_receiver import OtlpReceiver, attributes
+
+    receiver = OtlpReceiver().start()
+    body = textwrap.dedent(f"""
+    telemetry:
+      otlp_endpoint: {receiver.endpoint}
+      export: {{interval: 0.1s}}
+    workers:
+      drained:
+        connector: simulation
+        job_types: [drainsim]
+        concurrency: 2
+        stop_grace: 2s
+    """)
+    procs = WorkerProcs(body, tmp_path / "w", redis_server.url, machine_id="drainotel")
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    store = JobStore(client)
+    jobs = {flags: f"drain-{flags}-{uuid.uuid4().hex[:8]}" for flags in ("01", "00")}  # sampled, unsampled
+    try:
+        procs.start()
+        procs.wait_up(client, timeout=40)
+        for flags, job_id in jobs.items():
+            client.hset(f"job:{job_id}", "traceparent", f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-{flags}")
+            store.submit("drainsim", {"steps": 0, "hang": True}, job_id=job_id, max_retries=3)
+        wait_for(lambda: all(client.hget(f"job:{j}", "status") == "in_progress" for j in jobs.values()), 20,
+                 message=f"both jobs running\n{procs.log(0)[-3000:]}")
+        procs.signal(0, signal.SIGTERM)
+        assert procs.wait_exit(0, 30) == 0, procs.log(0)[-3000:]
+        assert {client.hget(f"job:{j}", "status") for j in jobs.values()} == {"pending"}  # handed back
+
+        def roots():
+            return {attributes(s.attributes).get("job.id"): s for s in receiver.spans() if s.name == "job.execution"}
+
+        wait_for(lambda: jobs["01"] in roots(), 20, message="the sampled job's trace at the collector")
+    finally:
+        client.close()
+        procs.close()
+        receiver.stop()
+    sampled = roots()[jobs["01"]]
+    assert sampled.status.code == 1 and attributes(sampled.attributes)["job.handed_back"] is True
+    assert jobs["00"] not in roots()  # unsampled and not failed: sampled out, as a job that ended well

@@ -483,7 +483,11 @@ class Worker:
                     # cancelled): its failure. Taken for a drain, the job went back uncounted, forever.
                     await self._job_error(job, exc, span, started, steps)
                     return
-                # drain ran out of time, or the worker is stopping: the job goes back, no attempt counted
+                # drain ran out of time, or the worker is stopping: the job goes back, no attempt counted. Not
+                # its failure, so not an error trace either (OK is final: the escaping CancelledError does
+                # not turn it into ERROR, and the tracer does not count its cancelled calls as a failed job).
+                span.set_attribute("job.handed_back", True)
+                span.set_status(StatusCode.OK)
                 await asyncio.shield(self._hand_back(job))
                 raise
             except _CancelledAtComplete as exc:

@@ -6,9 +6,10 @@ current span, and whatever the call passed in `extra={"fields": {...}}`. It is w
 stdout and appended to the durable buffer as an OTel log record. Messages and fields are redacted first.
 
 Inside a job whose trace was not sampled, DEBUG and INFO records are deferred with the job's spans and written
-(buffer only) when the job turns out failed or slow; warnings and errors are never deferred. While telemetry
-is over its CPU budget, such jobs shed their DEBUG and INFO records instead (counted). That is what keeps
-telemetry under its CPU budget at high job rates (docs/telemetry.md).
+(buffer only) when the job turns out failed or slow, or holds more than tracing._MAX_JOB_LOGS (it is then
+kept); warnings and errors are never deferred. While telemetry is over its CPU budget, such jobs shed their
+DEBUG and INFO records instead (counted). That is what keeps telemetry under its CPU budget at high job
+rates (docs/telemetry.md).
 """
 
 from __future__ import annotations
@@ -212,8 +213,8 @@ class RecordWriter:
         else:  # an unsampled job's: keep the raw parts, build the record only if the job is kept
             if fields is not None:  # a copy: the caller may reuse and change its dict before the job ends
                 fields = dict(fields)
-            job.logs.append((self._write_now, (time_ns or _time_ns(), severity, message, fields, logger,
-                                               event_name, _fields.get(), trace_id, span_id)))
+            job.hold(self._write_now, (time_ns or _time_ns(), severity, message, fields, logger, event_name,
+                                       _fields.get(), trace_id, span_id))  # bounded: see JobTrace.hold
             self.deferred += 1
         self.meter.logs += 1
         if timed:

@@ -11,7 +11,8 @@ Decisions:
   decides when its root span ends: kept when sampled, failed (error status) or slower than `slow_job`;
   otherwise its spans (and deferred log records) are discarded and counted as dropped by sampling;
 - any other unsampled span is a `NonRecordingSpan`; its unsampled children reuse it (no new ids, no context
-  switch), which is what makes an unsampled span cost about a microsecond.
+  switch), which is what makes an unsampled span cost about a microsecond. A child started with an explicit
+  `context=` gets a scope of its own (`_Attach`), never the shared parent's enter/exit.
 
 Exceptions are recorded with type and message always, and with the formatted stack for at most
 `stacks_per_second` a second (formatting a traceback costs ~150 us).
@@ -20,6 +21,7 @@ Exceptions are recorded with type and message always, and with the formatted sta
 from __future__ import annotations
 
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +54,25 @@ _STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
 _CURRENT, _RECORD_EXCEPTION, _SET_STATUS, _END_ON_EXIT = 1, 2, 4, 8
 _DEFAULT_SCOPE = _CURRENT | _RECORD_EXCEPTION | _SET_STATUS | _END_ON_EXIT
 _MAX_JOB_RECORDS = 10_000  # a job holding more streams the rest as it goes (decided as if sampled)
+# Log records and events an unsampled job holds: past it the job is kept whatever its outcome, as past
+# _MAX_JOB_RECORDS (what it held is written at once, later ones as they come): see JobTrace.hold.
+_MAX_JOB_LOGS = 10_000
+# Serialises whoever takes what a job holds (its decision, a thread that added to it while it was decided, a
+# log overflow), so that no two take the same item; adding takes no lock (list.append is atomic).
+_TAKE_LOCK = threading.Lock()
+_take_lock, _take_unlock = _TAKE_LOCK.acquire, _TAKE_LOCK.release  # (cheaper than a with block)
+
+
+def _take(held: list) -> list:
+    """Everything in `held`, removed. An item appended meanwhile (by a thread, without the lock) lands after
+    the copied ones and stays for the next taker."""
+    _take_lock()
+    try:
+        taken = held[:]
+        del held[:len(taken)]
+    finally:
+        _take_unlock()
+    return taken
 
 
 class _Unsampled(NonRecordingSpan):
@@ -59,7 +80,8 @@ class _Unsampled(NonRecordingSpan):
     only when asked for (propagation, a log line): validating one costs ~0.8 us. Made by Tracer._start
     without an __init__ call (object.__new__, then _trace_id, _span_id, _state, _context = None and _token =
     None); start_as_current_span sets _scope and returns it as its own context manager (current for the
-    block; there is nothing to record or end)."""
+    block; there is nothing to record or end). Only the call that made it does: a child that reuses it gets
+    `_Reuse` or `_Attach`, and start_span a copy, never this object's enter/exit."""
 
     __slots__ = ("_trace_id", "_span_id", "_state", "_scope", "_token")
 
@@ -87,13 +109,15 @@ class _Unsampled(NonRecordingSpan):
 class JobTrace:
     """The spans and deferred log records of one job, held until its root span ends."""
 
-    __slots__ = ("sampled", "records", "logs", "failed", "overflow", "lean", "decided")
+    __slots__ = ("sampled", "records", "logs", "failed", "overflow", "lean", "decided", "tracer")
 
-    def __init__(self, sampled: bool, lean: bool = False):
+    def __init__(self, sampled: bool, lean: bool = False, tracer: "Tracer | None" = None):
         self.sampled = sampled
-        # Set when the root span ends. A span or record that ends later (a task the job started and did not
-        # await) follows the decision: written at once when the job was kept (`sampled` is then set), shed
-        # and counted when it was not (`lean` is then set).
+        self.tracer = tracer
+        # Set when the root span ends, after `sampled` and `lean`. A span or record that ends later (a task
+        # the job started and did not await) follows the decision: written at once when the job was kept
+        # (`sampled` is then set), shed and counted when it was not (`lean` is then set). One a thread adds
+        # while the job is decided is taken by the decision or, added after it, by that thread (`hold`).
         self.decided = False
         self.records: list[LightSpan] = []  # ended spans; turned into records only when the job is kept
         self.logs: list[tuple] = []   # (write, args) of log records deferred by logs.RecordWriter
@@ -103,6 +127,18 @@ class JobTrace:
         # all its spans (a failed or slow job's trace is always exported) and its warnings and errors, but
         # not its DEBUG/INFO records and events.
         self.lean = lean
+
+    def hold(self, write: Callable, args: tuple) -> None:
+        """Hold a log record or event of this job until it is decided: `write(*args)` writes it if the job is
+        kept (logs.RecordWriter and joblog.ConnectorLogger call this once they found the job unsampled and not
+        lean). At most _MAX_JOB_LOGS are held: the job is then kept whatever its outcome (as past
+        _MAX_JOB_RECORDS spans), what it held is written now and each later record as it comes, so a failed
+        job's records still arrive whole. Added while another thread decided the job, it follows the
+        decision."""
+        logs = self.logs
+        logs.append((write, args))
+        if self.decided or self.overflow or len(logs) >= _MAX_JOB_LOGS:
+            self.tracer._release_logs(self)
 
 
 class LightSpan(otel_trace.Span):
@@ -260,6 +296,35 @@ class _Reuse:
         return None
 
 
+class _Attach:
+    """The scope of an unsampled child started with an explicit `context=`: its parent stands in for it and is
+    made current for the block with this scope's own token (not at all when it is current already). Entering
+    the shared parent itself would reset the parent's token at the child's exit: the parent was detached
+    early, and from another task (the reset fails there) it stayed current for good, so every later job of
+    that task joined its trace."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span):
+        self._span = span
+        self._token = None
+
+    def __enter__(self):
+        current = _get_current()
+        if current.get(_SPAN_KEY) is not self._span:
+            self._token = _set_current(_Context({**current, _SPAN_KEY: self._span}))
+        return self._span
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        token = self._token
+        if token is not None:
+            self._token = None
+            try:
+                _reset(token)
+            except ValueError:  # a token from another context (generators, tasks): what OTel's detach logs
+                pass
+
+
 class Tracer(otel_trace.Tracer):
     """The process's tracer. Get it from `Telemetry.tracer` (or the provider); never build another."""
 
@@ -286,7 +351,12 @@ class Tracer(otel_trace.Tracer):
     def start_span(self, name: str, context: otel_context.Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
                    attributes: Mapping | None = None, links: Sequence | None = None, start_time: int | None = None,
                    record_exception: bool = True, set_status_on_exception: bool = True) -> otel_trace.Span:
-        return self._start(name, context, kind, attributes, start_time)[0]
+        span, reused = self._start(name, context, kind, attributes, start_time)
+        if reused:  # a copy: a `with` on the shared parent itself would end the parent's own scope
+            parent, span = span, _new(_Unsampled)
+            span._trace_id, span._span_id, span._state = parent._trace_id, parent._span_id, parent._state
+            span._context, span._token, span._scope = parent._context, None, False
+        return span
 
     def _start(self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping | None,
                start_time: int | None) -> tuple[otel_trace.Span, bool]:
@@ -331,7 +401,7 @@ class Tracer(otel_trace.Tracer):
                 span._context = span._token = None
                 span._scope = False
                 return span, False
-            job = JobTrace(sampled, not sampled and sampler.shedding) if is_job else None
+            job = JobTrace(sampled, not sampled and sampler.shedding, self) if is_job else None
             span = LightSpan(self, trace_id, parent_id, _SAMPLED if sampled else _NOT_SAMPLED, state, name, kind,
                              attributes, start_time, job, is_job, remote)
             if self.base_attributes:
@@ -348,8 +418,8 @@ class Tracer(otel_trace.Tracer):
                               end_on_exit: bool = True):
         """A context manager (not a decorator) making the new span current for the block."""
         span, reused = self._start(name, context, kind, attributes, start_time)
-        if reused and context is None:  # the unsampled parent is current already
-            return _Reuse(span)
+        if reused:  # the unsampled parent stands in: current already, or made current by a scope of this call's
+            return _Reuse(span) if context is None else _Attach(span)
         if type(span) is _Unsampled:
             span._scope = True
             return span  # its own context manager: current for the block
@@ -384,33 +454,71 @@ class Tracer(otel_trace.Tracer):
                 job.overflow = True  # streamed as it ends: a failed one is an error record, kept longest
                 self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
                 self.kept_spans += 1
+                sampler.kept_total += 1
             else:
                 job.records.append(span)  # ended, so immutable: record() waits for the job's decision
+                if job.decided:  # decided by another thread meanwhile, maybe after it took what was held
+                    self._release_records(job)
         else:
-            failed = span._status == 2 or job.failed
+            # An OK status set on the root is the job's own word that it did not fail (a job handed back by a
+            # drain, whose cancelled calls ended in error): its children's errors do not make it a failed job.
+            failed = span._status == 2 or (job.failed and span._status != 1)
             keep = job.sampled or failed or job.overflow or span._end - span._start >= self._slow_ns
+            sampled = job.sampled
             job.records.append(span)
+            # The decision first, then what the job holds is taken: a thread adding a span or a record meanwhile
+            # finds the decision set and, if its addition came too late for this take, takes it itself.
+            job.sampled, job.lean = keep, not keep
+            job.decided = True
+            _take_lock()  # _take of both lists, in one hold of the lock
+            try:
+                records, logs = job.records[:], job.logs[:]
+                del job.records[:len(records)], job.logs[:len(logs)]
+            finally:
+                _take_unlock()
             if keep:
                 value = Value.ERROR if failed else Value.ROUTINE
-                for ended in job.records:
+                for ended in records:
                     self._emit((Kind.SPAN, value, ended.record()))
-                for write, args in job.logs:  # deferred log records (logs.RecordWriter), written now
+                for write, args in logs:  # deferred log records (logs.RecordWriter), written now
                     write(*args)
-                self.kept_spans += len(job.records)
-                sampler.kept_total += len(job.records)
-                if not job.sampled:
+                self.kept_spans += len(records)
+                sampler.kept_total += len(records)
+                if not sampled:
                     self.tail_kept_jobs += 1
             else:
-                self.dropped_spans += len(job.records)
-                sampler.dropped_total += len(job.records)
-                self.dropped_logs += len(job.logs)
-            job.records = []
-            job.logs = []
-            job.decided = True
-            job.sampled, job.lean = keep, not keep
+                self.dropped_spans += len(records)
+                sampler.dropped_total += len(records)
+                self.dropped_logs += len(logs)
         self.meter.spans += 1
         if self._clock() >= sampler.next_adjust:
             sampler.adjust(self._clock())
+
+    def _release_records(self, job: JobTrace) -> None:
+        """Spans a thread added to `job` while it was decided: they follow the decision, as a late span does."""
+        sampler = self.sampler
+        for span in _take(job.records):
+            if job.sampled or span._status == 2:
+                self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
+                self.kept_spans += 1
+                sampler.kept_total += 1
+            else:
+                self.dropped_spans += 1
+                sampler.dropped_total += 1
+
+    def _release_logs(self, job: JobTrace) -> None:
+        """What `job` holds, once decided (records a thread held while it was decided follow the decision)
+        or once it holds _MAX_JOB_LOGS (it is then kept: written now). See JobTrace.hold."""
+        if job.decided:
+            keep = job.sampled
+        else:
+            job.overflow = keep = True  # kept whatever its outcome; its later spans stream too
+        logs = _take(job.logs)
+        if keep:
+            for write, args in logs:
+                write(*args)
+        else:
+            self.dropped_logs += len(logs)
 
     def _stack_allowed(self) -> bool:
         """A token bucket: at most `stacks_per_second` formatted stacks a second (burst of the same size)."""
