@@ -121,6 +121,62 @@ def test_expired_lease_is_reaped_with_retry_count_kept(store, redis):
     assert store.complete(job_id, "w2", {}) == "ok"
 
 
+def _worker_status_messages(redis):
+    """A subscription to worker_status and a poller returning every message seen so far."""
+    sub = redis.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe("worker_status")
+    seen = []
+
+    def poll():
+        while msg := sub.get_message(timeout=0.05):
+            seen.append(json.loads(msg["data"]))
+        return seen
+    return sub, poll
+
+
+def test_reaping_a_worker_whose_heartbeat_key_is_gone_sets_it_offline(store, redis):
+    sub, seen = _worker_status_messages(redis)
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    store.start(job_id, "w1")
+    assert redis.hget("worker:w1", "status") == "busy"
+    redis.delete("worker:w1:heartbeat")  # its machine died a minute ago: the 60 s key lapsed, no beat since
+    assert until(lambda: store.reap_expired_leases(), what="lease expiry") == [job_id]
+    stored = redis.hgetall("worker:w1")
+    assert stored["status"] == "offline" and stored["current_job_id"] == ""
+    until(lambda: any(m["new_status"] == "offline" for m in seen()), what="worker_status offline")
+    assert [(m["old_status"], m["new_status"]) for m in seen()][-1] == ("busy", "offline")
+    assert not [m for m in seen() if m["new_status"] == "idle" and m["old_status"] == "busy"]
+    assert redis.hexists("jobs:reaped_workers", "w1") == 0
+    sub.close()
+
+
+def test_reaped_worker_with_a_live_heartbeat_key_is_idle_until_the_key_lapses(store, redis):
+    """A 0.3 s lease runs out long before the 60 s heartbeat key: reaped as idle (it may be alive, its loop
+    stalled), then offline once the key lapsed unrenewed; a worker that beats again stays idle."""
+    sub, seen = _worker_status_messages(redis)
+    caps3 = {**CAPS, "worker_id": "w3", "machine_id": "m1"}
+    store.register_worker("w1", "m1", CAPS)
+    store.register_worker("w3", "m1", caps3)
+    a, b = store.submit("sim", {}), store.submit("sim", {})
+    store.claim(CAPS)
+    store.claim(caps3)
+    assert sorted(until(lambda: store.reap_expired_leases(limit=10), what="lease expiry")) == sorted([a, b])
+    assert redis.hget("worker:w1", "status") == "idle" and redis.hget("worker:w3", "status") == "idle"
+    assert store.reap_expired_leases() == [] and redis.hget("worker:w1", "status") == "idle"  # key still there
+    redis.pexpire("worker:w1:heartbeat", 50)  # w1 is dead: its key lapses
+    until(lambda: not redis.exists("worker:w1:heartbeat"), what="w1's heartbeat key lapsing")
+    store.heartbeat("w3")  # w3 was only stalled: it beats again
+    assert store.reap_expired_leases() == []
+    assert redis.hgetall("worker:w1")["status"] == "offline" and redis.hget("worker:w1", "current_job_id") == ""
+    assert redis.hget("worker:w3", "status") == "idle"
+    until(lambda: [(m["worker_id"], m["old_status"], m["new_status"]) for m in seen()
+                   if m["new_status"] == "offline"] == [("w1", "idle", "offline")], what="worker_status offline")
+    assert redis.hlen("jobs:reaped_workers") == 0  # both settled: nothing left to watch
+    sub.close()
+
+
 def test_heartbeat_renews_the_lease(store, redis):
     job_id = store.submit("sim", {})
     store.register_worker("w1", "m1", CAPS)

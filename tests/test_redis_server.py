@@ -1,5 +1,11 @@
-import redis as redis_lib
+import os
+import re
+import signal
 
+import redis as redis_lib
+from harness import wait_for
+
+from emp_machine.runtime.jobs import JobStore
 from emp_machine.runtime.redis_server import PrivateRedis, find_server_binary
 
 
@@ -19,3 +25,56 @@ def test_private_server_stops_cleanly(tmp_path):
         client.close()
         proc = server.proc
     assert proc.poll() is not None
+
+
+def test_private_server_keeps_nothing_unless_asked_to_persist(tmp_path):
+    for persist, expected in ((False, "no"), (True, "yes")):
+        with PrivateRedis(tmp_path / str(persist), persist=persist) as server:
+            client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+            assert client.config_get("appendonly")["appendonly"] == expected
+            if persist:
+                assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+            client.close()
+
+
+EMBEDDED = """
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    job_types: [simulation]
+    lease: 3s
+    stop_grace: 4s
+"""
+
+
+def test_embedded_redis_killed_mid_run_comes_back_with_its_jobs(machine_factory):
+    """supervisord restarts the machine's embedded server after a SIGKILL: the queued and running jobs are
+    still there (its append-only file in state_dir/redis) and all complete."""
+    machine = machine_factory(EMBEDDED, redis_url="embedded")
+    machine.wait_ready(60)
+    conf = (machine.state_dir / "run" / "supervisord.conf").read_text()
+    port = int(re.search(r"--port (\d+)", conf).group(1))
+    client = redis_lib.Redis(port=port, decode_responses=True)
+    ids = [JobStore(client).submit("simulation", {"steps": 10, "step_ms": 200}) for _ in range(6)]
+
+    def statuses():
+        try:
+            return [client.hget(f"job:{job_id}", "status") for job_id in ids]
+        except redis_lib.ConnectionError:
+            return None  # the server is down or still restarting
+    wait_for(lambda: (statuses() or []).count("in_progress") == 2, 30, message="two jobs running")
+    old = machine.process("redis").pid
+    os.kill(old, signal.SIGKILL)
+
+    def restarted():
+        row = machine.process("redis")
+        return row is not None and row.pid != old and row.state == "RUNNING" and statuses() is not None
+    wait_for(restarted, 30, message="supervisord restarting the embedded Redis")
+    after = statuses()
+    assert None not in after, f"jobs lost with the embedded Redis: {after}"
+    assert list((machine.state_dir / "redis").iterdir()), "no append-only file in state_dir/redis"
+    wait_for(lambda: statuses() == ["completed"] * 6, 60, interval=0.2,
+             message=f"all jobs completing after the restart: {statuses()}")
+    assert client.hlen("jobs:completed") == 6
+    client.close()

@@ -119,7 +119,8 @@ def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, en
     if manifest.redis.url == "embedded":
         port = redis_port or free_port()
         data_dir = paths.state / "redis"  # created by the machine at boot
-        specs.append(ProcessSpec(name=REDIS_PROCESS, argv=tuple(server_argv(find_server_binary(), port, data_dir)),
+        argv = server_argv(find_server_binary(), port, data_dir, persist=True)  # a crash loses no job
+        specs.append(ProcessSpec(name=REDIS_PROCESS, argv=tuple(argv),
                                  kind="redis", env=dict(base_env), stop_grace=10.0, priority=100))
         redis_url = f"redis://127.0.0.1:{port}/0"
         redis_probe = Probe(None, port, 0.5, 1.0, 10.0, 1)

@@ -48,15 +48,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def server_argv(binary: str, port: int, data_dir: Path, host: str = "127.0.0.1") -> list[str]:
-    """Arguments for a private, loopback-only server that keeps no snapshot between runs."""
+def server_argv(binary: str, port: int, data_dir: Path, host: str = "127.0.0.1", *,
+                persist: bool = False) -> list[str]:
+    """Arguments for a private, loopback-only server. `persist`: an append-only file in `data_dir`, fsynced
+    every second, so a server restarted by supervisord after a crash finds its queued and running jobs again
+    (the machine's embedded server); otherwise it keeps nothing (tests, benchmarks: fast, thrown away)."""
     return [
         binary,
         "--port", str(port),
         "--bind", host,
         "--dir", str(data_dir),
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes" if persist else "no",
+        *(["--appendfsync", "everysec"] if persist else []),
         "--daemonize", "no",
         "--protected-mode", "yes",
         "--loglevel", "warning",
@@ -87,6 +91,7 @@ class PrivateRedis:
     port: int = 0
     binary: str | None = None  # another server build (benchmarks compare them); default find_server_binary()
     env: dict[str, str] | None = None  # the server's environment, e.g. an allocator to preload; default ours
+    persist: bool = False  # an append-only file in data_dir (see server_argv); off: fast, nothing kept
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -96,7 +101,8 @@ class PrivateRedis:
     def start(self, port: int | None = None) -> "PrivateRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or self.port or free_port(self.host)
-        argv = server_argv(self.binary or find_server_binary(), self.port, self.data_dir, self.host)
+        argv = server_argv(self.binary or find_server_binary(), self.port, self.data_dir, self.host,
+                           persist=self.persist)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
         if not wait_for_ping(self.host, self.port, 10.0):
             self.stop()

@@ -309,12 +309,15 @@ local function publish(channel, msg)
 end
 
 -- Worker status follows its active jobs: busy while any remain. Publishes worker_status on a change.
-local function refresh_worker(wid, now, create, current)
+-- `reaping` (the reaper, after wid missed its lease renewals): with wid's heartbeat key gone too (TTL 60 s,
+-- deleted on a clean exit) the worker is dead, so it is written and announced offline, not idle capacity.
+local function refresh_worker(wid, now, create, current, reaping)
   local wkey = 'worker:' .. wid
   if not create and redis.call('EXISTS', wkey) == 0 then return end
   local remaining = redis.call('HKEYS', 'jobs:active:' .. wid)
   local new, cur = 'idle', ''
   if #remaining > 0 then new, cur = 'busy', current or remaining[1] end
+  if reaping and redis.call('EXISTS', wkey .. ':heartbeat') == 0 then new, cur = 'offline', '' end
   local old = redis.call('HGET', wkey, 'status') or ''
   redis.call('HSET', wkey, 'status', new, 'current_job_id', cur)
   if old ~= new then

@@ -4,8 +4,22 @@
 -- ARGV[1] = most jobs to reap in this call
 -- Each re-queued job is announced on job_failed (can_retry true, as the contract announces a retry) and
 -- on our job_requeued, which wakes idle workers. Returns the ids re-queued.
+-- The worker is set offline when its heartbeat key is gone too (it is dead), else idle / busy as usual (it
+-- may be alive, its loop stalled). A lease (3 s, say) can run out long before the 60 s heartbeat key does: such
+-- a worker waits in our HASH jobs:reaped_workers (worker id -> its heartbeat key's value when reaped) and is set
+-- offline by a later call once the key lapsed unrenewed; a new beat (another value) takes it off the list.
 local now = now_ms()
 local out = {}
+local REAPED = 'jobs:reaped_workers'
+local watched = redis.call('HGETALL', REAPED)
+for i = 1, #watched, 2 do
+  local wid, seen = watched[i], watched[i + 1]
+  local beat = redis.call('GET', 'worker:' .. wid .. ':heartbeat')
+  if beat ~= seen then
+    redis.call('HDEL', REAPED, wid)
+    if not beat then refresh_worker(wid, now, false, nil, true) end
+  end
+end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   redis.call('ZREM', KEYS[3], id)
   local jkey = 'job:' .. id
@@ -15,7 +29,9 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
     if wid ~= '' then
       redis.call('HDEL', 'jobs:active:' .. wid, id)
-      refresh_worker(wid, now, false)
+      refresh_worker(wid, now, false, nil, true)
+      local beat = redis.call('GET', 'worker:' .. wid .. ':heartbeat')
+      if beat and redis.call('EXISTS', 'worker:' .. wid) == 1 then redis.call('HSET', REAPED, wid, beat) end
     end
     enqueue(id)
     add_event(id, {t = now, ev = 'lease_expired', worker_id = wid})
