@@ -216,6 +216,31 @@ def test_matching_rules(store, requirements, customer, expected):
     assert (job is not None) is expected
 
 
+# A worker without a GPU publishes no gpu_memory_gb (nor a model): a requirement of 0 or less asks for none.
+GPULESS = [
+    ("zero gpu memory", {"hardware": {"gpu_memory_gb": 0}}, True),
+    ("zero gpu memory as text", {"hardware": {"gpu_memory_gb": "0"}}, True),
+    ("negative gpu memory", {"hardware": {"gpu_memory_gb": -1}}, True),
+    ("zero of an unpublished amount", {"hardware": {"vram_slots": 0.0}}, True),
+    ("some gpu memory", {"hardware": {"gpu_memory_gb": 0.5}}, False),
+    ("a gpu model", {"hardware": {"gpu_model": "RTX 4090"}}, False),
+    ("cores it has", {"hardware": {"cpu_cores": 2, "gpu_memory_gb": 0}}, True),
+    ("more cores than it has", {"hardware": {"cpu_cores": 3, "gpu_memory_gb": 0}}, False),
+]
+
+
+@pytest.mark.parametrize("requirements,expected", [r[1:] for r in GPULESS], ids=[r[0] for r in GPULESS])
+def test_a_missing_hardware_amount_counts_as_zero(store, requirements, expected):
+    store.submit("sim", {}, job_id="job", requirements=requirements)
+    job = store.claim(caps(hardware={"cpu_cores": 2, "ram_gb": 4.0}))
+    assert (job is not None) is expected
+
+
+def test_a_worker_without_hardware_takes_a_job_needing_no_gpu(store):
+    store.submit("sim", {}, job_id="job", requirements={"hardware": {"gpu_memory_gb": 0}})
+    assert store.claim(caps()).id == "job"
+
+
 def test_strict_isolation_needs_a_strict_worker(store):
     store.submit("sim", {}, job_id="job", requirements={"customer_isolation": "strict"}, customer_id="acme")
     assert store.claim(caps(customer_access={"isolation": "loose"})) is None

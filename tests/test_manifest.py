@@ -166,6 +166,27 @@ BAD = {
     "capability hardware not a mapping": ("workers:\n  w:\n    connector: simulation\n    capabilities: "
                                           "{hardware: 24}", {}, "workers.w.capabilities.hardware", 4,
                                           "expected a mapping, got int"),
+    "capability worker_id is the worker's own": ("workers:\n  w:\n    connector: simulation\n    capabilities:\n"
+                                                 "      worker_id: spoof", {}, "workers.w.capabilities.worker_id",
+                                                 5, "set machine.id"),
+    "capability machine_id is the worker's own": ("workers:\n  w:\n    connector: simulation\n    capabilities: "
+                                                  "{machine_id: other}", {}, "workers.w.capabilities.machine_id",
+                                                  4, "set machine.id"),
+    "capability services come from job_types": ("workers:\n  w:\n    connector: simulation\n    job_types: [a]\n"
+                                                "    capabilities: {services: [a, b]}", {},
+                                                "workers.w.capabilities.services", 5, "workers.<group>.job_types"),
+    "capability job map comes from job_types": ("workers:\n  w:\n    connector: simulation\n    capabilities: "
+                                                "{job_service_required_map: null}", {},
+                                                "workers.w.capabilities.job_service_required_map", 4,
+                                                "woken for from the ones it claims"),
+    "capability models not names": ("workers:\n  w:\n    connector: simulation\n    capabilities: {models: 5}", {},
+                                    "workers.w.capabilities.models", 4, "expected a list of model names"),
+    "capability models of a type not names": ("workers:\n  w:\n    connector: simulation\n    capabilities:\n"
+                                              "      models: {simulation: {sdxl: 1}}", {},
+                                              "workers.w.capabilities.models.simulation", 5, "got dict"),
+    "capability model name not text": ("workers:\n  w:\n    connector: simulation\n    capabilities: "
+                                       "{models: [sdxl, 1.5]}", {}, "workers.w.capabilities.models", 4,
+                                       "quote the name"),
 }
 
 
@@ -176,6 +197,51 @@ def test_a_lease_up_to_10m_is_fine_and_the_heartbeat_stays_within_the_contract()
     assert load(text).workers["w"].lease == 600.0
     # the contract: SETEX ... 60, renewed at least every 30 s, whatever the lease
     assert [heartbeat_interval(s) for s in (1, 3, 60, 300, 600)] == [1 / 3, 1, 20, 20, 20]
+
+
+MODELS = """
+workers:
+  img:
+    connector: simulation
+    job_types: [txt2img, img2img]
+    capabilities: {models: [sdxl, flux]}
+  one:
+    connector: simulation
+    capabilities: {models: sdxl}
+  mapped:
+    connector: simulation
+    job_types: [a, b]
+    capabilities: {models: {a: [sdxl], b: flux}}
+  any:
+    connector: simulation
+    capabilities: {models: all}
+"""
+
+
+def test_a_plain_models_list_means_those_models_for_each_job_type():
+    workers = load(MODELS).workers
+    assert workers["img"].capabilities["models"] == {"txt2img": ["sdxl", "flux"], "img2img": ["sdxl", "flux"]}
+    assert workers["one"].capabilities["models"] == {"simulation": ["sdxl"]}  # the connector is the job type
+    assert workers["mapped"].capabilities["models"] == {"a": ["sdxl"], "b": ["flux"]}
+    assert workers["any"].capabilities["models"] == "all"
+    again = mf.Manifest.model_validate_json(load(MODELS).model_dump_json())  # as a worker process reads it
+    assert again.workers == load(MODELS).workers
+
+
+def test_a_worker_given_a_plain_models_list_claims_jobs_needing_those_models(redis):
+    from emp_machine.runtime.jobs import JobStore
+    from emp_machine.runtime.worker import WorkerIdentity, capabilities
+
+    manifest = load(MODELS)
+    ident = WorkerIdentity(index=0, worker_id="m-worker-0", machine_id="m", group="img", redis_url="",
+                           service_port=None)
+    caps = capabilities(ident, manifest.workers["img"], {"cpu_cores": 1, "ram_gb": 1.0})
+    store = JobStore(redis)
+    for job_type in ("txt2img", "img2img"):
+        store.submit(job_type, {}, job_id=f"needs-{job_type}", requirements={"models": ["sdxl"]})
+        store.submit(job_type, {}, job_id=f"other-{job_type}", requirements={"models": ["sd3"]})
+        assert store.claim(caps).id == f"needs-{job_type}"
+        assert store.claim(caps) is None
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))

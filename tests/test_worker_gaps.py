@@ -14,10 +14,10 @@ import uuid
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import psutil
 import pytest
 import redis as redis_lib
 
+from emp_machine.runtime import hardware as hw
 from emp_machine.runtime.hardware import probe as hardware_probe
 from emp_machine.runtime.jobs import JobStore, contract_fields, submission_score
 from harness import Messages, WorkerProcs, wait_for
@@ -121,13 +121,14 @@ def at(iso: str) -> float:
 def test_capabilities_carry_cpu_cores_and_the_manifest_hardware_over_the_probed(client, workers):
     caps = json.loads(worker_hash(client, workers, "big")["capabilities"])
     hardware = caps["hardware"]
-    assert hardware["cpu_cores"] == psutil.cpu_count()
-    assert hardware["ram_gb"] == round(psutil.virtual_memory().total / 2**30, 1)  # kept beside the override
+    # What the worker may use (affinity, cgroup quota and memory limit), not the host's counts.
+    assert hardware["cpu_cores"] == hw.usable_cpus()
+    assert hardware["ram_gb"] == round(hw.usable_memory() / 2**30, 1)  # kept beside the override
     assert (hardware["gpu_memory_gb"], hardware["gpu_model"]) == (24, "test-gpu")
     assert caps["performance"] == {"concurrent_jobs": 1} and caps["services"] == ["gapsim"]
     plain = json.loads(worker_hash(client, workers, "sick")["capabilities"])["hardware"]
     probed = hardware_probe()
-    assert (plain["cpu_cores"], plain["ram_gb"]) == (psutil.cpu_count(), hardware["ram_gb"])
+    assert (plain["cpu_cores"], plain["ram_gb"]) == (hw.usable_cpus(), hardware["ram_gb"])
     assert ("gpu_model" in plain) == bool(probed.gpus) and ("gpu_memory_gb" in plain) == bool(probed.gpus)
 
 
@@ -136,7 +137,7 @@ def test_a_job_requiring_cores_ram_and_gpu_memory_is_claimed_by_a_worker_that_ha
                           requirements={"hardware": {"cpu_cores": 1, "ram_gb": 0.1, "gpu_memory_gb": 24}})
     wait_status(client, job_id, "completed")
     too_big = store.submit("gapsim", {"steps": 1, "step_ms": 0},
-                           requirements={"hardware": {"cpu_cores": psutil.cpu_count() + 1}})
+                           requirements={"hardware": {"cpu_cores": hw.usable_cpus() + 1}})
     after = store.submit("gapsim", {"steps": 1, "step_ms": 0}, priority=1)
     wait_status(client, after, "completed")
     assert status_of(client, too_big) == "pending"

@@ -6,8 +6,11 @@ list with the reason kept for display, never as an error.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -107,10 +110,104 @@ def read_gpus() -> tuple[tuple[GpuReading, ...], str]:
     return tuple(readings), "" if readings else "no NVIDIA GPU found"
 
 
-def probe() -> Hardware:
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+_NO_MEMORY_LIMIT = 2**60  # cgroup v1 writes "no limit" as a huge number (9223372036854771712)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except (OSError, ValueError):
+        return None
+
+
+def _dirs(mount: Path, cgroup_path: str) -> list[Path]:
+    """The cgroup's folder under `mount` and its ancestors up to the mount (a parent's limit binds too).
+    In a container the listed path may be the host's and the mount the container's own cgroup: the folders
+    that do not exist just read as nothing, and the mount itself is always looked at."""
+    parts = [p for p in cgroup_path.split("/") if p and p not in (".", "..")]
+    return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _cpus(quota: str | None, period: str | None) -> int | None:
+    try:
+        q, p = float(quota), float(period)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # absent, or "max": no quota
+    return max(1, math.ceil(q / p)) if 0 < q < math.inf and 0 < p < math.inf else None
+
+
+def _bytes(text: str | None) -> int | None:
+    try:
+        value = int(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # absent, or "max": no limit
+    return value if 0 < value < _NO_MEMORY_LIMIT else None
+
+
+def cgroup_limits(proc_cgroup: str | os.PathLike = PROC_CGROUP,
+                  root: str | os.PathLike = CGROUP_ROOT) -> tuple[int | None, int | None]:
+    """(CPUs, memory bytes) this process's cgroup allows, None where there is no limit or it cannot be read.
+
+    CPUs are ceil(quota / period) of cgroup v2 `cpu.max` (v1: cpu.cfs_quota_us / cpu.cfs_period_us), memory
+    is v2 `memory.max` (v1: memory.limit_in_bytes); the cgroup's own path comes from /proc/self/cgroup, the
+    v2 hierarchy is mounted at `root` or, on hybrid hosts, at `root`/unified. The smallest limit of the
+    cgroup and its ancestors wins. Never raises: no cgroup files (macOS, a bare host) means no limits.
+    """
+    cpus: list[int] = []
+    memory: list[int] = []
+    root = Path(root)
+    text = _read(Path(proc_cgroup)) or ""
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, sep, path = rest.partition(":")
+        if not sep:
+            continue
+        if hierarchy == "0" and controllers == "":
+            for mount in (root, root / "unified"):
+                for folder in _dirs(mount, path):
+                    quota, _, period = (_read(folder / "cpu.max") or "").partition(" ")
+                    cpus.append(_cpus(quota, period or "100000"))
+                    memory.append(_bytes(_read(folder / "memory.max")))
+            continue
+        names = controllers.split(",")
+        mounts = [root / controllers, *(root / n for n in names)]
+        if "cpu" in names:
+            for folder in (f for mount in mounts for f in _dirs(mount, path)):
+                cpus.append(_cpus(_read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")))
+        if "memory" in names:
+            for folder in (f for mount in mounts for f in _dirs(mount, path)):
+                memory.append(_bytes(_read(folder / "memory.limit_in_bytes")))
+    found_cpus = [c for c in cpus if c is not None]
+    found_memory = [m for m in memory if m is not None]
+    return (min(found_cpus) if found_cpus else None, min(found_memory) if found_memory else None)
+
+
+def usable_cpus(proc_cgroup: str | os.PathLike = PROC_CGROUP, root: str | os.PathLike = CGROUP_ROOT) -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), capped by the
+    cgroup's CPU quota; not the host's count, which over-claims in a container."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call (macOS)
+        count = psutil.cpu_count() or 1
+    cap, _ = cgroup_limits(proc_cgroup, root)
+    return max(1, min(count, cap) if cap else count)
+
+
+def usable_memory(proc_cgroup: str | os.PathLike = PROC_CGROUP, root: str | os.PathLike = CGROUP_ROOT) -> int:
+    """The memory this process may use: the host's, capped by the cgroup's memory limit (a Railway container's
+    plan, say)."""
+    total = psutil.virtual_memory().total
+    _, cap = cgroup_limits(proc_cgroup, root)
+    return min(total, cap) if cap else total
+
+
+def probe(proc_cgroup: str | os.PathLike = PROC_CGROUP, cgroup_root: str | os.PathLike = CGROUP_ROOT) -> Hardware:
+    """What this process may use: usable CPUs and memory (see usable_cpus, usable_memory) and the GPUs."""
     gpus, note = read_gpus()
-    return Hardware(cpu_count=psutil.cpu_count() or 1, memory_total_bytes=psutil.virtual_memory().total,
-                    gpus=gpus, gpu_note=note)
+    return Hardware(cpu_count=usable_cpus(proc_cgroup, cgroup_root),
+                    memory_total_bytes=usable_memory(proc_cgroup, cgroup_root), gpus=gpus, gpu_note=note)
 
 
 def tree_rss(pid: int) -> int:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -42,6 +43,23 @@ RESERVED_NAMES = {"worker", "redis", "supervisord", "machine"}
 SERVICE_PLACEHOLDERS = {"index", "port", "gpu", "machine_id", "name"}
 WORKER_PLACEHOLDERS = {"index", "machine_id", "worker_id", "service_port", "service_index", "name"}
 MAX_LEASE_S = 600.0  # a longer lease only leaves a dead worker's job stuck longer: renewal keeps long jobs
+_JOB_TYPES_FIX = ("remove it; list the job types the worker serves in workers.<group>.job_types, which defaults "
+                  "to the connector's name")
+# Capability keys the worker fills itself (message, hint). A manifest value would replace the worker's own:
+# its claims would run under an id none of its writes own, or it would be woken for other job types than it
+# claims (and claim ones its connector does not serve).
+RESERVED_CAPABILITIES = {
+    "worker_id": ("the worker sets its own worker_id: jobs claimed under another id are not its own, its "
+                  "updates to them are refused and each job is re-queued when its lease runs out, again and again",
+                  "remove it; worker ids are <machine id>-worker-<n>, so set machine.id or MACHINE_ID to change them"),
+    "machine_id": ("the worker sets machine_id itself, from machine.id",
+                   "remove it; set machine.id or the MACHINE_ID variable to name the machine"),
+    "services": ("the worker fills services from the job types it serves; another list here would part the jobs "
+                 "it is woken for from the ones it claims", _JOB_TYPES_FIX),
+    "job_service_required_map": ("the worker fills job_service_required_map from the job types it serves; another "
+                                 "list here would part the jobs it is woken for from the ones it claims",
+                                 _JOB_TYPES_FIX),
+}
 
 
 class _Model(BaseModel):
@@ -172,6 +190,25 @@ class WorkerGroup(_Model):
                                                       "renews it every third of it, at most every 20s")
     job_timeout: Duration = Field(3600.0, gt=0, description="a job running longer fails as retryable")
     job_timeouts: dict[str, Duration] = Field(default_factory=dict, description="per job type")
+
+    @field_validator("capabilities")
+    @classmethod
+    def _models_per_job_type(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The claim looks a worker's models up per job type (`models: {job_type: [names]}`): a plain list
+        (`models: [sdxl]`) or one name means those models for each of the group's job types. A model name
+        given alone under a job type becomes a one-name list. Other shapes are reported by _cross_check."""
+        models = value.get("models")
+        if isinstance(models, dict):
+            per_type = {k: [v] if isinstance(v, str) and v != "all" else v for k, v in models.items()}
+            return {**value, "models": per_type} if per_type != models else value
+        if isinstance(models, str) and models != "all":
+            models = [models]
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            return value
+        types = info.data.get("job_types") or ((info.data["connector"],) if "connector" in info.data else ())
+        if not types:  # the connector itself is missing or malformed: reported on its own
+            return value
+        return {**value, "models": {job_type: list(models) for job_type in types}}
 
 
 class Manifest(BaseSettings):
@@ -514,6 +551,9 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
                 add(("workers", name, "capabilities", key), f"expected a mapping, got "
                                                              f"{type(group.capabilities[key]).__name__}",
                     "e.g. hardware: {gpu_memory_gb: 24}; its keys override the probed ones")
+        for key in sorted(RESERVED_CAPABILITIES.keys() & group.capabilities.keys()):
+            add(("workers", name, "capabilities", key), *RESERVED_CAPABILITIES[key])
+        _check_models(("workers", name, "capabilities", "models"), group.capabilities.get("models"), add)
         placeholders = set(WORKER_PLACEHOLDERS)
         if group.service is None:
             placeholders -= {"service_port", "service_index"}
@@ -611,6 +651,24 @@ def _check_placeholders(text: str, allowed: set[str], path: tuple, add, svc: Ser
             close = difflib.get_close_matches(field_name, sorted(allowed), n=1, cutoff=0.5)
             hint = f"did you mean '{{{close[0]}}}'?" if close else f"known: {', '.join(sorted(allowed))}"
             add(path, f"unknown placeholder {{{field_name}}}", hint)
+
+
+def _check_models(path: tuple, models: Any, add) -> None:
+    """capabilities.models as the claim reads it: 'all', or per job type 'all' or a list of names (a plain
+    list was spread over the group's job types when the manifest was validated)."""
+    names_hint = ("e.g. models: [sdxl, flux], meaning those for each of the group's job types, or "
+                  "models: {comfyui: [sdxl]}")
+    if models is None or models == "all":
+        return
+    entries = models.items() if isinstance(models, dict) else [(None, models)]
+    for job_type, names in entries:
+        where = path if job_type is None else path + (job_type,)
+        if names is None or names == "all":
+            continue
+        if not isinstance(names, list):
+            add(where, f"expected a list of model names (or 'all'), got {type(names).__name__}", names_hint)
+        elif odd := [n for n in names if not isinstance(n, str)]:
+            add(where, f"model names are text, got {odd[0]!r}", "quote the name, e.g. '1.5'")
 
 
 def _check_env(path: tuple, env: dict[str, str], add) -> None:

@@ -64,6 +64,8 @@ local function check_capability(worker, key, rv)
   return satisfies(wv, rv)
 end
 
+-- A numeric amount the worker does not publish counts as 0 (a worker without a GPU has no gpu_memory_gb):
+-- a requirement of 0 or less then means "none needed" and matches; a positive one still needs the key.
 local function check_hardware(hw, req)
   if type(req) ~= 'table' then return true end
   if type(hw) ~= 'table' then hw = {} end
@@ -71,7 +73,8 @@ local function check_hardware(hw, req)
     if rv ~= 'all' and present(rv) then
       local need = tonumber(rv)
       if need then
-        local have = tonumber(hw[k])
+        local have = 0
+        if present(hw[k]) then have = tonumber(hw[k]) end
         if not have or have < need then return false end
       elseif not satisfies(hw[k], rv) then
         return false
