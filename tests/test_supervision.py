@@ -193,6 +193,45 @@ services:
     assert time.monotonic() - killed < 10
 
 
+def test_sigkill_of_the_machine_hands_running_jobs_back_before_the_orphans_are_killed(machine_factory, redis):
+    # Orphaned, supervisord gives every process 2 s; the workers drained on their own stop_grace (30 s) and
+    # were SIGKILLed before their hand-back: the jobs stayed in_progress until a lease expired elsewhere.
+    from emp_machine.runtime.jobs import JobStore
+    from emp_machine.supervisor.plugin import ORPHAN_STOP_GRACE
+
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    lease: 60s
+    stop_grace: 30s
+""")
+    machine.wait_ready()
+    store = JobStore(redis)
+    jobs = [store.submit("simulation", {"steps": 1, "step_ms": 0, "hang": True}) for _ in range(2)]
+    wait_for(lambda: all(redis.hget(f"job:{j}", "status") == "in_progress" for j in jobs), timeout=15,
+             message="both jobs running")
+    everything = [p.pid for p in psutil.Process(machine.proc.pid).children(recursive=True)]
+    machine.proc.kill()
+    machine.proc.wait()
+    # supervisord notices within its 1 s poll; the hand-back must land inside the orphan grace after that
+    wait_for(lambda: all(redis.hget(f"job:{j}", "status") == "pending" for j in jobs),
+             timeout=1 + ORPHAN_STOP_GRACE, interval=0.05, message="both jobs handed back")
+    for job_id in jobs:
+        job = redis.hgetall(f"job:{job_id}")
+        assert (job["retry_count"], job["worker_id"]) == ("0", "")
+        assert [e["ev"] for e in store.timeline(job_id).events][-1] == "handed_back"
+    wait_for(lambda: not any(pid_alive(p) for p in everything), timeout=10, interval=0.1,
+             message=f"all of {everything} to be gone")
+    log = (machine.state_dir / "logs" / "supervisord.log").read_text()
+    assert "with SIGKILL" not in log  # the workers stopped on their own, after the hand-back
+    for key in redis.keys("worker:*"):
+        if not key.endswith(":heartbeat"):
+            assert redis.hget(key, "status") == "offline", key
+    assert not redis.keys("worker:*:heartbeat")
+
+
 def test_supervisord_lost_is_restarted_once_then_the_machine_gives_up(machine_factory):
     machine = machine_factory(TWO_WORKERS)
     machine.wait_ready()

@@ -134,6 +134,65 @@ def test_an_idle_worker_stops_waiting_for_jobs_when_it_drains(redis, redis_url, 
         procs.close()
 
 
+def test_an_exit_leaves_a_same_id_successor_alone(redis):
+    # Two live processes can hold one worker id: a machine booted with the id of one that was SIGKILLed
+    # while the old one's orphans still drain. The old one's exit (offline) wrote offline and deleted the
+    # heartbeat key over the live new worker (seen 1 run in 4). Each registration carries its own token now.
+    store = JobStore(redis)
+    msgs = Messages(redis, "worker_status")
+    try:
+        store.register_worker("w-dup", "m-old", {"services": ["simulation"]}, instance="old-process")
+        store.register_worker("w-dup", "m-new", {"services": ["simulation"]}, instance="new-process")
+        store.set_worker_status("w-dup", "busy", "job-1")  # the new process runs a job
+
+        assert store.set_worker_status("w-dup", "offline", instance="old-process") == "busy"
+        worker = redis.hgetall("worker:w-dup")
+        assert (worker["status"], worker["current_job_id"], worker["machine_id"], worker["instance"]) == \
+            ("busy", "job-1", "m-new", "new-process")
+        assert redis.ttl("worker:w-dup:heartbeat") > 0
+
+        # the normal case: the process that registered last goes offline
+        assert store.set_worker_status("w-dup", "offline", instance="new-process") == "busy"
+        assert redis.hget("worker:w-dup", "status") == "offline" and not redis.exists("worker:w-dup:heartbeat")
+        wait_for(lambda: msgs.of("worker_status", worker_id="w-dup", new_status="offline"),
+                 message="worker_status offline")
+        # pub/sub keeps order: had the old process's exit published, its message would be here by now
+        assert len(msgs.of("worker_status", worker_id="w-dup", new_status="offline")) == 1
+        # without a token (the machine marking a dead worker), offline is written whoever registered
+        store.register_worker("w-dup", "m-new", {"services": ["simulation"]}, instance="newest-process")
+        store.set_worker_status("w-dup", "offline")
+        assert redis.hget("worker:w-dup", "status") == "offline"
+    finally:
+        msgs.close()
+
+
+def test_a_worker_process_exit_leaves_a_same_id_successor_registered(redis, redis_url, tmp_path):
+    # The same through a real worker process: its offline write carries the token it registered with.
+    procs = WorkerProcs(_sim_workers(1), tmp_path, redis_url)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        wid = procs.ids[0]
+        first = wait_for(lambda: redis.hget(f"worker:{wid}", "instance"), message="the worker's token")
+        JobStore(redis).register_worker(wid, "successor", {"services": ["simulation"]}, {"x": {"status": "active"}},
+                                        instance="successor")
+        procs.signal(0, signal.SIGTERM)
+        assert procs.wait_exit(0) == 0
+        worker = redis.hgetall(f"worker:{wid}")
+        assert (worker["status"], worker["machine_id"], worker["instance"]) == ("idle", "successor", "successor")
+        assert json.loads(worker["connector_statuses"]) == {"x": {"status": "active"}}
+        assert redis.exists(f"worker:{wid}:heartbeat") and first != "successor"
+
+        procs.start(0)  # a process that registered last goes offline on its exit, as always
+        wait_for(lambda: sum('"worker.spawned"' in line for line in procs.log(0).splitlines()) == 2, 20,
+                 message="the new process up")
+        procs.signal(0, signal.SIGTERM)
+        assert procs.wait_exit(0) == 0
+        assert redis.hget(f"worker:{wid}", "status") == "offline" and not redis.exists(f"worker:{wid}:heartbeat")
+    finally:
+        procs.close()
+
+
 def test_a_worker_started_while_redis_is_unreachable_stops_on_sigterm(tmp_path):
     # Start-up waits out a Redis outage however long it lasts; it used to ignore SIGTERM meanwhile, so
     # supervisord had to SIGKILL it, and if Redis came back first it registered a worker told to stop.

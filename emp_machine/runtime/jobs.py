@@ -668,16 +668,27 @@ class _Api(_JobOps):
         return self._drive(self._hand_back(job_id, worker_id, reason, token))
 
     def register_worker(self, worker_id: str, machine_id: str, capabilities: Mapping[str, Any],
-                        connector_statuses: Mapping[str, Any] | None = None):
-        """Write worker:{id} as idle with its capabilities and start its heartbeat key."""
+                        connector_statuses: Mapping[str, Any] | None = None, *, instance: str = ""):
+        """Write worker:{id} as idle with its capabilities and start its heartbeat key. `instance`: a token
+        unique to this worker process, kept in our own `instance` field (see set_worker_status)."""
         extra = {"machine_id": machine_id, "capabilities": json.dumps(capabilities),
                  "connector_statuses": json.dumps(dict(connector_statuses or {}))}
+        if instance:
+            extra["instance"] = instance
         return self._drive(self._set_worker_status(worker_id, "idle", extra))
 
-    def set_worker_status(self, worker_id: str, status: str, current_job_id: str | None = None):
+    def set_worker_status(self, worker_id: str, status: str, current_job_id: str | None = None, *,
+                          instance: str = "", connector_statuses: Mapping[str, Any] | None = None):
         """idle / busy / offline (offline also deletes the heartbeat key); publishes worker_status.
-        `current_job_id` (busy only) names the job shown; by default the one recorded is kept."""
+        `current_job_id` (busy only) names the job shown; by default the one recorded is kept.
+        `instance` (offline only): the token this process registered with; when another process registered
+        the same worker id since, the write changes nothing (its status, heartbeat key and connector
+        statuses stay) and returns the status as it is. `connector_statuses`: written in the same step."""
         extra = {"current_job_id": current_job_id} if status == "busy" and current_job_id else {}
+        if connector_statuses is not None:
+            extra["connector_statuses"] = json.dumps(dict(connector_statuses), separators=(",", ":"))
+        if status == "offline" and instance:
+            extra["instance"] = instance
         return self._drive(self._set_worker_status(worker_id, status, extra))
 
     start = _public("_start", "assigned -> in_progress (job_id, worker_id, token=''); returns Ownership.")

@@ -9,8 +9,10 @@ per job, finishing writes shielded so a cancellation cannot half-record a job. I
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -235,6 +237,8 @@ class Worker:
         self.orphans_seen: set[str] = set()  # in jobs:active for us but not running here, at the last heartbeat
         self.draining = asyncio.Event()
         self.status = "offline"  # as last written to worker:{id}
+        # This process's token in worker:{id}: its exit (offline) write leaves a same-id successor alone.
+        self.instance = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._status_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Task] = set()
         self._signals: JobSignals | None = None
@@ -273,9 +277,11 @@ class Worker:
             await signals.close()
             async with self._status_lock:
                 try:
-                    await self.store.set_worker_status(self.ident.worker_id, "offline")
-                    await self._write_connector_statuses({name: {**entry, "status": "inactive"}
-                                                          for name, entry in self.connector_statuses.items()})
+                    # One conditional write: a same-id successor's status and connector statuses stay its own.
+                    await self.store.set_worker_status(
+                        self.ident.worker_id, "offline", instance=self.instance,
+                        connector_statuses={name: {**entry, "status": "inactive"}
+                                            for name, entry in self.connector_statuses.items()})
                 except RedisError:
                     pass
             await self.connector.close()
@@ -687,8 +693,8 @@ class Worker:
 
     async def _register(self) -> None:
         self.connector_statuses = await self._read_connector_statuses()
-        await self._retrying_start(self.store.register_worker, self.ident.worker_id, self.ident.machine_id,
-                                   self.caps, self.connector_statuses)
+        await self._retrying_start(functools.partial(self.store.register_worker, instance=self.instance),
+                                   self.ident.worker_id, self.ident.machine_id, self.caps, self.connector_statuses)
         await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
         self.status = "idle"
 
@@ -721,7 +727,7 @@ class Worker:
                 if not await self.redis.hexists(worker_key(self.ident.worker_id), "capabilities"):
                     # Redis came back empty (restarted without persistence): register again
                     await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
-                                                     self.connector_statuses)
+                                                     self.connector_statuses, instance=self.instance)
                     await self._refresh_status()
             except RedisError as exc:
                 self.log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {exc}"})

@@ -12,8 +12,11 @@ poorly for us; `tests/test_supervisor_plugin.py` pins each behaviour, and pyproj
    `RestartTracker` of `policy.py` decides: restart now, restart after a backoff delay, or `errored`
    with a retry after the cool-down. Due restarts run from the poll wrapper, inside supervisord's loop.
 3. Orphans. If the machine process that started supervisord dies (even by SIGKILL), the parent pid
-   changes; we then stop every process at once with a short grace and shut supervisord down, so a
-   container is left with no strays.
+   changes; we then stop every process with a short grace and shut supervisord down, so a container is
+   left with no strays. The machine's own order holds (workers, then services, then Redis: each priority
+   tier at once once the one above has stopped), so a worker's hand-back still reaches the service and
+   Redis it runs on. Workers get a second SIGTERM shortly after the first ("hand the running jobs back
+   now"): draining on their own stop_grace, the short grace SIGKILLed them before their hand-back.
 
 Keep imports light: this code adds to supervisord's own memory footprint.
 """
@@ -33,6 +36,9 @@ from supervisor.xmlrpc import Faults, RPCError
 from emp_machine.supervisor.policy import RestartPolicy, RestartTracker
 
 ORPHAN_STOP_GRACE = 2  # seconds each process gets to stop when the machine died
+# The worker's second SIGTERM comes this long after the first: sent at once, the kernel could merge the two
+# pending signals into one (the worker would then drain on its stop_grace, past our SIGKILL).
+ORPHAN_HANDBACK_AFTER = 0.2
 API_VERSION = "1"
 
 
@@ -51,6 +57,7 @@ class _Restarter:
         self._our_spawn: str | None = None
         self._immediate = False
         self._orphaned = False
+        self._handback_at: float | None = None  # when orphaned workers get their second SIGTERM
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -67,12 +74,16 @@ class _Restarter:
     # -- supervisord loop hook -------------------------------------------------------------------------
     def poll(self, timeout):
         self._check_parent()
+        if self._orphaned:
+            self._stop_orphans()
         spawned = self._run_due()
         now = time.monotonic()
         if spawned or self._immediate:
             timeout = 0
         elif self.due:
             timeout = max(0.0, min(timeout, min(self.due.values()) - now))
+        if self._handback_at is not None:
+            timeout = max(0.0, min(timeout, self._handback_at - now))
         self._immediate = False
         self.options.poller.register_readable(self._wake_r)
         readable, writable = self._original_poll(timeout)
@@ -122,8 +133,26 @@ class _Restarter:
         for group in self.supervisord.process_groups.values():
             for process in group.processes.values():
                 process.config.stopwaitsecs = min(process.config.stopwaitsecs, ORPHAN_STOP_GRACE)
-            group.stop_all()
+        self._handback_at = time.monotonic() + ORPHAN_HANDBACK_AFTER
         self.options.mood = SupervisorStates.SHUTDOWN
+
+    def _stop_orphans(self) -> None:
+        """Once orphaned, on every pass: stop the highest priority tier still up, all of its processes at
+        once (supervisord's own shutdown stops one program at a time: N x the grace). Then, when due, a
+        second SIGTERM to each worker still stopping: it hands its running jobs back at once."""
+        up = [g for g in self.supervisord.process_groups.values() if g.get_unstopped_processes()]
+        if up:
+            tier = max(g.config.priority for g in up)
+            for group in up:
+                if group.config.priority == tier:
+                    group.stop_all()
+        if self._handback_at is None or time.monotonic() < self._handback_at:
+            return
+        self._handback_at = None
+        for group in self.supervisord.process_groups.values():
+            for process in group.processes.values():
+                if process.get_state() == ProcessStates.STOPPING and _is_worker(process):
+                    process.signal(signal.SIGTERM)
 
     # -- events ------------------------------------------------------------------------------------------
     def on_state(self, event) -> None:
@@ -174,6 +203,11 @@ class _Restarter:
     def close(self) -> None:
         self.options.poller.poll = self._original_poll
         events.unsubscribe(events.ProcessStateEvent, self.on_state)
+
+
+def _is_worker(process) -> bool:
+    """An emp worker process (`python -m emp_machine worker ...`, as plan.py renders it)."""
+    return " -m emp_machine worker " in f" {process.config.command} "
 
 
 class EmpNamespace:
