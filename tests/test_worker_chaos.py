@@ -446,3 +446,54 @@ def test_a_worker_never_holds_more_claimed_jobs_than_its_concurrency_while_a_res
         assert claimed["t"] >= done["t"] - 50, (claimed, done)
     finally:
         procs.close()
+
+
+def test_the_exit_does_not_wait_on_a_background_task_that_swallowed_its_cancellation():
+    # redis-py can lose a cancellation that lands inside a call (the heartbeat then went on to its next
+    # sleep): the exit's bare gather waited for it until supervisord's SIGKILL, and the offline write never
+    # happened. Real asyncio tasks: one swallows its first cancellation, one ignores every cancellation.
+    import asyncio
+
+    from emp_machine.runtime.worker import cancel_and_wait
+
+    async def swallows_once(log):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            log.append("swallowed")  # as a cancellation lost inside a Redis call
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            log.append("cancelled again")
+            raise
+
+    release = []
+
+    async def never_ends(log):
+        while not release:  # ignores every cancellation until released (at the end of the test)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                log.append("ignored")
+
+    async def main():
+        log: list[str] = []
+        once = asyncio.create_task(swallows_once(log))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await cancel_and_wait([once], patience_s=5)
+        first = (once.cancelled(), time.monotonic() - started)
+        stuck = asyncio.create_task(never_ends(log))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await cancel_and_wait([stuck], patience_s=0.3)
+        second = (stuck.done(), time.monotonic() - started)
+        release.append(True)
+        stuck.cancel()
+        await asyncio.wait([stuck])
+        return log, first, second
+
+    log, (cancelled, took), (stuck_done, waited) = asyncio.run(main())
+    assert cancelled and took < 1.0, (log, took)  # cancelled again at once, not after 30 s
+    assert log[:2] == ["swallowed", "cancelled again"]
+    assert not stuck_done and waited < 2.0  # left behind after its patience: the exit goes on
