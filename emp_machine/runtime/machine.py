@@ -201,9 +201,7 @@ class Machine:
                 self.aggregate.set_phase(self.phase.value, self._supervisord_up)
                 self.aggregate.commit()
         finally:
-            for task in self._tasks | set(self._probe_tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, *self._probe_tasks, return_exceptions=True)
+            await jobs.cancel_and_wait([*self._tasks, *self._probe_tasks])  # a lost cancellation: not waited on
             await self.health_server.stop()
             try:
                 await self._redis.aclose()

@@ -701,11 +701,7 @@ def _resolve(manifest: Manifest, environ: Mapping[str, str], file: str, base_dir
     if not public_url and environ.get("RAILWAY_PUBLIC_DOMAIN"):
         public_url = f"https://{environ['RAILWAY_PUBLIC_DOMAIN'].strip().rstrip('/')}"
     token = environ.get(health.token_env, "").strip()
-    try:
-        telemetry = apply_otel_env(manifest.telemetry, environ)
-    except ValueError as exc:  # the variable's value is not repeated: it may hold credentials
-        raise ManifestError(file, [ManifestProblem(getattr(exc, "field", "telemetry"), str(exc),
-                                                   hint="or unset it to use the manifest's")]) from None
+    telemetry = telemetry_with_env(manifest.telemetry, environ, file)
     return manifest.model_copy(update={
         "machine": machine.model_copy(update={"id": machine_id, "region": region, "state_dir": state_dir}),
         "redis": redis,
@@ -743,3 +739,16 @@ def running_machines(environ: Mapping[str, str] | None = None) -> list[dict]:
     pointers = sorted(identity.state_root(environ).glob("*/run/machine.json"))
     found = (running_machine(pointer.parent.parent) for pointer in pointers)
     return [doc for doc in found if doc is not None]
+
+
+def telemetry_with_env(telemetry: TelemetryConfig, environ: Mapping[str, str], file: str, *, where: str = "",
+                       note: str = "", hint: str = "or unset it to use the manifest's") -> TelemetryConfig:
+    """`telemetry` with the OTEL_* variables of `environ` applied (the machine's, or a worker's own). A bad
+    value is a ManifestError filed under `where` (default: the setting the variable stands for), `hint` may
+    name that setting as {field}; the value is never repeated (it may hold credentials)."""
+    try:
+        return apply_otel_env(telemetry, environ)
+    except ValueError as exc:
+        field = getattr(exc, "field", "telemetry")
+        raise ManifestError(file, [ManifestProblem(where or field, f"{exc}{note}",
+                                                   hint=hint.format(field=field))]) from None

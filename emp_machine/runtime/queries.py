@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emp_machine.errors import EmpError
-from emp_machine.runtime.jobs import JobStore, _number
+from emp_machine.runtime.jobs import DEFAULT_MAX_RETRIES, JobStore, _number
 from emp_machine.telemetry.redact import redact_text
 
 
@@ -87,8 +87,8 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         "service_required": job.get("service_required", ""),
         "retry_count": _count(job.get("retry_count")),
         # Absent or blank: the contract's default (3), as the worker reads it (jobs.Job.max_retries).
-        "max_retries": _count(job.get("max_retries"), default=3),
-        "max_retries_is_default": not (job.get("max_retries") or "").strip(),
+        "max_retries": _count(job.get("max_retries"), default=DEFAULT_MAX_RETRIES),
+        "max_retries_is_default": _count(job.get("max_retries"), default=None) is None,
         "worker_id": job.get("worker_id", ""),
         # The hash keeps the last failure's error after a retry succeeds: an error only when the job failed.
         "error": job.get("error", "") if status == "failed" else "",

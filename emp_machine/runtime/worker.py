@@ -32,7 +32,8 @@ from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJo
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
 from emp_machine.runtime import outputs
-from emp_machine.runtime.jobs import CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, worker_key
+from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
+                                      worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
 
@@ -797,44 +798,24 @@ class Worker:
             pass
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task], patience_s: float = 1.0) -> None:
-    """Cancel `tasks` and wait for them to end. A cancellation that lands inside a redis-py call can be
-    swallowed (the task goes on to its next sleep): a bare gather then waited until supervisord's SIGKILL,
-    and the exit's offline write never happened (seen 2 in ~60 drains). Such a task is cancelled again every
-    0.1 s, and after `patience_s` it is left behind (the process is exiting)."""
-    deadline = time.monotonic() + patience_s
-    pending = set(tasks)
-    while pending:
-        for task in pending:
-            task.cancel()
-        done, pending = await asyncio.wait(pending, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
-        for task in done:
-            if not task.cancelled():
-                task.exception()  # retrieved: an error of a background task at exit is no news
-        if time.monotonic() >= deadline:
-            return
-
 
 async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> int:
     """Build the worker's parts (telemetry, Redis client, connector) and run it until drained."""
     from opentelemetry import trace as otel_trace
 
     from emp_machine import telemetry as telemetry_pkg
-    from emp_machine.errors import ManifestError, ManifestProblem
     from emp_machine.runtime import hardware as hw
-    from emp_machine.telemetry.config import apply_otel_env
+    from emp_machine.runtime.manifest import telemetry_with_env
 
     ident = WorkerIdentity.from_environ(manifest, index, environ)
     group = manifest.workers[ident.group]
     # This process's own OTEL_* (its group's `env`, which supervisord hands to it) over the manifest's
     # telemetry, as any OTel process honours its own: run/manifest.json holds only the machine's.
-    try:
-        manifest = manifest.model_copy(update={"telemetry": apply_otel_env(manifest.telemetry, environ)})
-    except ValueError as exc:  # the variable's value is not repeated: it may hold credentials
-        where = f"workers.{ident.group}.env"
-        raise ManifestError(manifest.source or "<manifest>", [ManifestProblem(
-            where, f"{exc} (in worker {ident.worker_id}'s environment)",
-            hint=f"fix or unset it in {where}; it stands for {getattr(exc, 'field', 'telemetry')}")]) from None
+    where = f"workers.{ident.group}.env"
+    manifest = manifest.model_copy(update={"telemetry": telemetry_with_env(
+        manifest.telemetry, environ, manifest.source or "<manifest>", where=where,
+        note=f" (in worker {ident.worker_id}'s environment)",
+        hint=f"fix or unset it in {where}; it stands for {{field}}")})
     state = Path(manifest.machine.state_dir)
     workers_total = max(1, int(environ.get("EMP_WORKERS_TOTAL") or 1))
     tel = telemetry_pkg.setup(manifest.telemetry, machine_id=ident.machine_id, worker_id=ident.worker_id,
