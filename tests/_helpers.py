@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from emp_machine.connectors.base import ConnectorJob
 
@@ -54,3 +56,21 @@ def connector_context(tmp_path, name: str):
 
     return ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=tmp_path / "out",
                             logger=logging.getLogger(f"test.{name}"))
+
+
+def install_plugin(site: Path, prefix: str, source: str, entry_points: dict[str, str]) -> str:
+    """A connector distribution laid out in `site` as `pip install --target` leaves it: a package named
+    `prefix` plus a random suffix (fresh each call: sys.modules keeps imports) holding `source`, and its
+    dist-info with `entry_points` (connector name -> class in the package) in the connectors' group.
+    Returns the package's name; putting `site` on sys.path / PYTHONPATH is the caller's."""
+    from emp_machine.connectors.registry import GROUP
+
+    module = f"{prefix}{random.randrange(1 << 30)}"
+    (site / module).mkdir(parents=True)
+    (site / module / "__init__.py").write_text(source)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[{GROUP}]\n" + "".join(f"{name} = {module}:{cls}\n" for name, cls in entry_points.items()))
+    return module

@@ -4,14 +4,13 @@ entry_points.txt on sys.path) is found by the registry and runs; `try_connector`
 from __future__ import annotations
 
 import asyncio
-import random
-import textwrap
 
 import pytest
+from _helpers import install_plugin
 from fakes.comfyui import FakeComfyUI
 from test_connector_comfyui import happy
 
-from emp_machine.connectors.registry import GROUP, ConnectorRegistry
+from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.connectors.trying import try_connector
 
 PLUGIN = '''
@@ -47,18 +46,8 @@ class BoomConnector(Connector):
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """A distribution laid out as `pip install --target` leaves it, then put on sys.path."""
-    module = f"emp_plugin_{random.randrange(1 << 30)}"  # fresh per test: sys.modules keeps imports
-    site = tmp_path / "site"
-    (site / module).mkdir(parents=True)
-    (site / module / "__init__.py").write_text(PLUGIN)
-    info = site / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent(f"""\
-        [{GROUP}]
-        echo = {module}:EchoConnector
-        boom = {module}:BoomConnector
-        """))
+    site = tmp_path / "site"  # a fresh package per test: sys.modules keeps imports
+    module = install_plugin(site, "emp_plugin_", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector"})
     monkeypatch.syspath_prepend(str(site))
     return module
 

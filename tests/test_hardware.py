@@ -109,3 +109,17 @@ def test_probe_caps_cpus_and_memory_by_the_cgroup(tmp_path):
     proc, root = cgroup(tmp_path / "wide", "0::/w\n", {"w/cpu.max": f"{1000 * 100000} 100000"})
     assert hw.usable_cpus(proc, root) == len(os.sched_getaffinity(0))
     assert hw.usable_memory(proc, root) == psutil.virtual_memory().total
+
+
+def test_probe_reads_the_cgroup_files_once_for_cpus_and_memory(tmp_path, monkeypatch):
+    proc, root = cgroup(tmp_path, "0::/w\n", {"w/cpu.max": "50000 100000", "w/memory.max": str(GiB)})
+    calls = []
+    real = hw.cgroup_limits
+    monkeypatch.setattr(hw, "cgroup_limits", lambda *a: calls.append(a) or real(*a))  # a spy, the real read
+    probe = hw.probe(proc, root)
+    assert calls == [(proc, root)]
+    assert (probe.cpu_count, probe.memory_total_bytes) == (1, min(GiB, psutil.virtual_memory().total))
+    # limits already read are used as given: the cgroup files are not read again
+    assert hw.usable_cpus(limits=(1, None)) == 1 and hw.usable_memory(limits=(None, GiB)) == min(
+        GiB, psutil.virtual_memory().total)
+    assert len(calls) == 1

@@ -797,18 +797,12 @@ def test_a_connectors_otel_api_spans_arrive_in_its_jobs_trace_from_a_real_worker
 
     import redis as redis_lib
 
-    from emp_machine.connectors.registry import GROUP
     from emp_machine.runtime.jobs import JobStore
+    from _helpers import install_plugin
     from harness import WorkerProcs, wait_for
 
-    module = f"emp_otel_plugin_{random.randrange(1 << 30)}"
     site = tmp_path / "site"
-    (site / module).mkdir(parents=True)
-    (site / module / "__init__.py").write_text(OTEL_PLUGIN)
-    info = site / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[{GROUP}]\notellib = {module}:OtelLibConnector\n")
+    install_plugin(site, "emp_otel_plugin_", OTEL_PLUGIN, {"otellib": "OtelLibConnector"})
     monkeypatch.syspath_prepend(str(site))  # the manifest's connector check runs here too
     body = textwrap.dedent(f"""
     telemetry:

@@ -16,9 +16,9 @@ import time
 import pytest
 import redis as redis_lib
 
-from emp_machine.connectors.registry import GROUP
 from emp_machine.runtime.jobs import JobStore
 from emp_machine.runtime.redis_server import PrivateRedis, free_port
+from _helpers import install_plugin
 from harness import Messages, WorkerProcs, wait_for
 
 
@@ -351,14 +351,8 @@ class ChaosConnector(Connector):
 
 @pytest.fixture(scope="module")
 def chaos_site(tmp_path_factory):
-    module = f"emp_chaos_{random.randrange(1 << 30)}"
     site = tmp_path_factory.mktemp("chaos_site")
-    (site / module).mkdir()
-    (site / module / "__init__.py").write_text(CHAOS)
-    info = site / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[{GROUP}]\nchaos = {module}:ChaosConnector\n")
+    install_plugin(site, "emp_chaos_", CHAOS, {"chaos": "ChaosConnector"})
     sys.path.insert(0, str(site))  # the manifest is validated here too, against installed connectors
     yield site
     sys.path.remove(str(site))

@@ -5,7 +5,6 @@ third-party connector that raises an unexpected exception fails only its job."""
 from __future__ import annotations
 
 import json
-import random
 import sys
 import textwrap
 from pathlib import Path
@@ -18,8 +17,8 @@ from fakes.openai import QUOTA, FakeOpenAI
 from test_connector_comfyui import happy, sleeper
 from test_connector_rest import TOKEN, Service
 
-from emp_machine.connectors.registry import GROUP
 from emp_machine.runtime.jobs import JobStore
+from _helpers import install_plugin
 from harness import Messages, WorkerProcs, wait_for
 
 KEY = "sk-test-7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e"
@@ -45,15 +44,8 @@ class BoomConnector(Connector):
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    module = f"emp_plugin_w{random.randrange(1 << 30)}"
     site = tmp_path_factory.mktemp("site")
-    (site / module).mkdir()
-    (site / module / "__init__.py").write_text(PLUGIN)
-    info = site / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[{GROUP}]\necho = {module}:EchoConnector\n"
-                                           f"boom = {module}:BoomConnector\n")
+    install_plugin(site, "emp_plugin_w", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector"})
     sys.path.insert(0, str(site))  # the manifest is validated here too, against installed connectors
     yield site
     sys.path.remove(str(site))

@@ -184,30 +184,34 @@ def cgroup_limits(proc_cgroup: str | os.PathLike = PROC_CGROUP,
     return (min(found_cpus) if found_cpus else None, min(found_memory) if found_memory else None)
 
 
-def usable_cpus(proc_cgroup: str | os.PathLike = PROC_CGROUP, root: str | os.PathLike = CGROUP_ROOT) -> int:
+def usable_cpus(proc_cgroup: str | os.PathLike = PROC_CGROUP, root: str | os.PathLike = CGROUP_ROOT,
+                limits: tuple[int | None, int | None] | None = None) -> int:
     """The CPUs this process may run on: its affinity (taskset, a container's cpuset), capped by the
-    cgroup's CPU quota; not the host's count, which over-claims in a container."""
+    cgroup's CPU quota; not the host's count, which over-claims in a container. `limits`: cgroup_limits()
+    already read (the cgroup files are then not read again)."""
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # no affinity call (macOS)
         count = psutil.cpu_count() or 1
-    cap, _ = cgroup_limits(proc_cgroup, root)
+    cap, _ = limits if limits is not None else cgroup_limits(proc_cgroup, root)
     return max(1, min(count, cap) if cap else count)
 
 
-def usable_memory(proc_cgroup: str | os.PathLike = PROC_CGROUP, root: str | os.PathLike = CGROUP_ROOT) -> int:
+def usable_memory(proc_cgroup: str | os.PathLike = PROC_CGROUP, root: str | os.PathLike = CGROUP_ROOT,
+                  limits: tuple[int | None, int | None] | None = None) -> int:
     """The memory this process may use: the host's, capped by the cgroup's memory limit (a Railway container's
-    plan, say)."""
+    plan, say). `limits`: as for usable_cpus."""
     total = psutil.virtual_memory().total
-    _, cap = cgroup_limits(proc_cgroup, root)
+    _, cap = limits if limits is not None else cgroup_limits(proc_cgroup, root)
     return min(total, cap) if cap else total
 
 
 def probe(proc_cgroup: str | os.PathLike = PROC_CGROUP, cgroup_root: str | os.PathLike = CGROUP_ROOT) -> Hardware:
     """What this process may use: usable CPUs and memory (see usable_cpus, usable_memory) and the GPUs."""
     gpus, note = read_gpus()
-    return Hardware(cpu_count=usable_cpus(proc_cgroup, cgroup_root),
-                    memory_total_bytes=usable_memory(proc_cgroup, cgroup_root), gpus=gpus, gpu_note=note)
+    limits = cgroup_limits(proc_cgroup, cgroup_root)  # read once for both
+    return Hardware(cpu_count=usable_cpus(limits=limits), memory_total_bytes=usable_memory(limits=limits),
+                    gpus=gpus, gpu_note=note)
 
 
 def tree_rss(pid: int) -> int:
