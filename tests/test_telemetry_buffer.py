@@ -1042,27 +1042,6 @@ class _FailsOnce:
         return getattr(self.db, name)
 
 
-@pytest.mark.parametrize("step", ["ack", "dead_letter"])
-def test_an_sqlite_error_in_an_ack_rolls_it_back_and_the_buffer_goes_on(tmp_path, step):
-    buffer = Buffer(tmp_path / "b.db")
-    try:
-        chunk = _one_chunk_of_ten(buffer)
-        buffer._db = _FailsOnce(buffer._db, "UPDATE chunks SET sent")
-        do = (lambda: buffer.ack([(chunk.id, 4)])) if step == "ack" else (
-            lambda: buffer.dead_letter(Kind.LOG, chunk.records[:4], [(chunk.id, 4)], "HTTP 400"))
-        with pytest.raises(sqlite3.OperationalError):
-            do()
-        assert buffer.pending() == 10 and buffer.dead_letters() == []  # none of it happened
-        do()  # the shipper's next try
-        assert buffer.pending() == 6 and len(buffer.dead_letters()) == (step == "dead_letter")
-        for i in range(10, 510):  # later records are committed as before, not dropped as write_error
-            buffer.append(Kind.LOG, Value.ERROR, _log(i))
-        assert buffer.flush()
-        assert buffer.stats().dropped == {} and buffer.pending() == 506
-    finally:
-        buffer.close()
-
-
 def _deny_once(*denied: tuple[int, str]):
     """An SQLite authorizer (the real connection's own hook, no wrapper) that refuses, once each, the first
     statement doing `action` on `arg1` (a table, or "ROLLBACK" for a transaction), as SQLite itself refuses it:
@@ -1077,23 +1056,41 @@ def _deny_once(*denied: tuple[int, str]):
     return authorize
 
 
+def _fail_the_ack(buffer: Buffer) -> None:
+    """The ack's UPDATE fails once; its ROLLBACK works."""
+    buffer._db = _FailsOnce(buffer._db, "UPDATE chunks SET sent")
+
+
+def _fail_the_ack_and_its_rollback(buffer: Buffer) -> None:
+    """The ack's UPDATE fails (after the dead letter's INSERT, which holds the write lock), then its ROLLBACK.
+    A failed ROLLBACK left the connection in its transaction: every later BEGIN failed ("cannot start a
+    transaction within a transaction"), every ack failed, and every record was dropped as write_error."""
+    buffer._db.set_authorizer(_deny_once((sqlite3.SQLITE_UPDATE, "chunks"),
+                                         (sqlite3.SQLITE_TRANSACTION, "ROLLBACK")))
+
+
 @pytest.mark.parametrize("step", ["ack", "dead_letter"])
-def test_a_rollback_that_fails_reopens_the_connection_and_the_buffer_goes_on(tmp_path, capfd, step):
-    # A failed ROLLBACK left the connection in its transaction: every later BEGIN failed ("cannot start a
-    # transaction within a transaction"), every ack failed, and every record was dropped as write_error.
+@pytest.mark.parametrize("inject, raised, match, reported", [
+    pytest.param(_fail_the_ack, sqlite3.OperationalError, None, None, id="sql-error"),
+    pytest.param(_fail_the_ack_and_its_rollback, sqlite3.DatabaseError, "not authorized",
+                 "a rollback failed (not authorized); the SQLite connection was closed and opened again",
+                 id="rollback-fails"),
+])
+def test_an_sqlite_error_in_an_ack_rolls_it_back_and_the_buffer_goes_on(tmp_path, capfd, step, inject, raised,
+                                                                        match, reported):
+    # With a failed rollback too, the connection is closed and opened again (see _fail_the_ack_and_its_rollback).
     buffer = Buffer(tmp_path / "b.db")
     try:
         chunk = _one_chunk_of_ten(buffer)
         do = (lambda: buffer.ack([(chunk.id, 4)])) if step == "ack" else (
             lambda: buffer.dead_letter(Kind.LOG, chunk.records[:4], [(chunk.id, 4)], "HTTP 400"))
-        # The ack's UPDATE fails (after the dead letter's INSERT, which holds the write lock), then its ROLLBACK.
-        buffer._db.set_authorizer(_deny_once((sqlite3.SQLITE_UPDATE, "chunks"),
-                                             (sqlite3.SQLITE_TRANSACTION, "ROLLBACK")))
-        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        inject(buffer)
+        with pytest.raises(raised, match=match):
             do()
-        err = capfd.readouterr().err
-        assert err.count("telemetry buffer") == 1  # reported once
-        assert "a rollback failed (not authorized); the SQLite connection was closed and opened again" in err
+        if reported is not None:
+            err = capfd.readouterr().err
+            assert err.count("telemetry buffer") == 1  # reported once
+            assert reported in err
         assert buffer.pending() == 10 and buffer.dead_letters() == []  # none of it happened
         do()  # the shipper's next try
         assert buffer.pending() == 6 and len(buffer.dead_letters()) == (step == "dead_letter")

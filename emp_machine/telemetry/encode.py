@@ -18,7 +18,6 @@ Record layouts (tuples, so they marshal into the buffer cheaply):
 
 from __future__ import annotations
 
-import math
 import struct
 
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes, _encode_resource
@@ -27,7 +26,7 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.sdk.resources import Resource
 
-from emp_machine.telemetry.metrics import sample_value, warn_not_a_number
+from emp_machine.telemetry.metrics import as_float, sample_value, warn_not_a_number
 
 SPAN_TRACE_ID, SPAN_ID, SPAN_PARENT = 0, 1, 2
 
@@ -221,15 +220,8 @@ class Encoder:
                             time_unix_nano=time_ns)
                         if type(number) is int and -2**63 <= number < 2**63:
                             point.as_int = number
-                        else:  # a float, or an int past int64 (as_int would raise)
-                            point.as_double = _as_double(number)
+                        else:  # a float, or an int past int64 (as_int would raise); past a float64: +-Inf
+                            point.as_double = as_float(number)
                     if not container.data_points:  # every point left out: no empty metric either
                         del scope_metrics.metrics[-1]
         return request.SerializeToString()
-
-
-def _as_double(number: int | float) -> float:
-    try:
-        return float(number)
-    except OverflowError:  # an int past a float64, as /metrics writes it
-        return math.inf if number > 0 else -math.inf

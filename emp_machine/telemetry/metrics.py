@@ -54,6 +54,14 @@ def sample_value(value: Any) -> int | float | None:
         return None
 
 
+def as_float(number: int | float) -> float:
+    """`number` as a float64; an int past one as +-Inf (how /metrics and OTLP write it), never OverflowError."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf if number > 0 else -math.inf
+
+
 _warned: set[tuple] = set()
 _warned_lock = threading.Lock()
 
@@ -366,9 +374,7 @@ def _prom_value(value: Any) -> str | None:
     if value is None:
         return None
     if type(value) is int:
-        try:
-            float(value)
-        except OverflowError:  # past a float64: a scraper's ParseFloat refuses the digits
+        if math.isinf(as_float(value)):  # past a float64: a scraper's ParseFloat refuses the digits
             return "+Inf" if value > 0 else "-Inf"
         return str(value)
     if math.isinf(value):

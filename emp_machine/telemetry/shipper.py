@@ -504,16 +504,25 @@ class Shipper:
         signal = self._signals[kind]
         stats = signal.stats
         self.stats.requests_failed += 1
-        self.stats.last_error = stats.last_error = reason
-        stats.consecutive_failures += 1
-        if stats.consecutive_failures >= self.breaker_threshold:
-            stats.breaker_open = True
-        exponent = min(stats.consecutive_failures - 1, 16)
-        delay = min(self.max_backoff, self.base_backoff * 2**exponent) * self._rng.uniform(0.5, 1.0)
+        self.stats.last_error = reason
+        self._count_failure(stats, reason)
+        delay = self._delay(stats.consecutive_failures)
         if retry_after is not None:
             delay = min(max(delay, retry_after), max(self.max_backoff, retry_after))
         signal.not_before = self._clock() + delay
         self._aggregate()
+
+    def _count_failure(self, stats: SignalStats, reason: str) -> None:
+        """One more failure in a row for a signal's `stats`: its circuit opens at `breaker_threshold`."""
+        stats.last_error = reason
+        stats.consecutive_failures += 1
+        if stats.consecutive_failures >= self.breaker_threshold:
+            stats.breaker_open = True
+
+    def _delay(self, failures: int) -> float:
+        """The backoff after `failures` failures in a row: exponential up to `max_backoff`, jittered to 50-100%."""
+        exponent = min(failures - 1, 16)
+        return min(self.max_backoff, self.base_backoff * 2**exponent) * self._rng.uniform(0.5, 1.0)
 
     def _held_until(self, kind: Kind) -> float:
         """When `kind` may be tried again: after its own backoff and its origin's."""
@@ -525,9 +534,7 @@ class Shipper:
         (none could be sent); their own not_before (a Retry-After) is kept for when the origin is back."""
         origin = self._origins[self._origin_of[kind]]
         origin.failures += 1
-        exponent = min(origin.failures - 1, 16)
-        origin.not_before = self._clock() + min(self.max_backoff, self.base_backoff * 2**exponent) \
-            * self._rng.uniform(0.5, 1.0)
+        origin.not_before = self._clock() + self._delay(origin.failures)
         self.stats.requests_failed += 1
         self.stats.last_error = reason
         for other, signal in self._signals.items():
@@ -537,10 +544,7 @@ class Shipper:
             stats.unreachable = True
             if other != kind and not self.buffer.pending(other):
                 continue  # held back too, but nothing of it failed
-            stats.last_error = reason
-            stats.consecutive_failures += 1
-            if stats.consecutive_failures >= self.breaker_threshold:
-                stats.breaker_open = True
+            self._count_failure(stats, reason)
         self._aggregate()
 
     def _reached(self, kind: Kind) -> None:

@@ -111,7 +111,7 @@ class JobTrace:
 
     __slots__ = ("sampled", "records", "logs", "failed", "overflow", "lean", "decided", "tracer")
 
-    def __init__(self, sampled: bool, lean: bool = False, tracer: "Tracer | None" = None):
+    def __init__(self, sampled: bool, lean: bool, tracer: "Tracer"):
         self.sampled = sampled
         self.tracer = tracer
         # Set when the root span ends, after `sampled` and `lean`. A span or record that ends later (a task
@@ -435,26 +435,18 @@ class Tracer(otel_trace.Tracer):
     def _finish(self, span: LightSpan) -> None:
         job = span._job
         sampler = self.sampler
-        if job is None:  # a sampled span outside any job
+        if job is None:  # a sampled span outside any job: _keep, inlined (the common path, no call added)
             self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
             self.kept_spans += 1
             sampler.kept_total += 1
         elif job.decided:  # ended after its job's root span: the job's decision holds, unless it failed
-            if job.sampled or span._status == 2:
-                self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
-                self.kept_spans += 1
-                sampler.kept_total += 1
-            else:
-                self.dropped_spans += 1
-                sampler.dropped_total += 1
+            self._follow(job, span)
         elif not span._is_job_root:
             if span._status == 2:
                 job.failed = True
             if job.overflow or len(job.records) >= _MAX_JOB_RECORDS:
                 job.overflow = True  # streamed as it ends: a failed one is an error record, kept longest
-                self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
-                self.kept_spans += 1
-                sampler.kept_total += 1
+                self._keep(span)
             else:
                 job.records.append(span)  # ended, so immutable: record() waits for the job's decision
                 if job.decided:  # decided by another thread meanwhile, maybe after it took what was held
@@ -494,17 +486,26 @@ class Tracer(otel_trace.Tracer):
         if self._clock() >= sampler.next_adjust:
             sampler.adjust(self._clock())
 
+    def _keep(self, span: LightSpan) -> None:
+        """Write one ended span now (past its job's decision, or past _MAX_JOB_RECORDS): an error record when it
+        failed."""
+        self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
+        self.kept_spans += 1
+        self.sampler.kept_total += 1
+
+    def _follow(self, job: JobTrace, span: LightSpan) -> None:
+        """A span of `job` past its decision: kept when the job was or when the span failed, else counted
+        dropped."""
+        if job.sampled or span._status == 2:
+            self._keep(span)
+        else:
+            self.dropped_spans += 1
+            self.sampler.dropped_total += 1
+
     def _release_records(self, job: JobTrace) -> None:
         """Spans a thread added to `job` while it was decided: they follow the decision, as a late span does."""
-        sampler = self.sampler
         for span in _take(job.records):
-            if job.sampled or span._status == 2:
-                self._emit((Kind.SPAN, Value.ERROR if span._status == 2 else Value.ROUTINE, span.record()))
-                self.kept_spans += 1
-                sampler.kept_total += 1
-            else:
-                self.dropped_spans += 1
-                sampler.dropped_total += 1
+            self._follow(job, span)
 
     def _release_logs(self, job: JobTrace) -> None:
         """What `job` holds, once decided (records a thread held while it was decided follow the decision)
