@@ -286,8 +286,13 @@ def test_concurrency_2_keeps_the_worker_busy_until_its_last_job_ends(client, sto
     assert store.cancel(long_job, "done with it")
     wait_for(lambda: client.hget(f"worker:{wid}", "status") == "idle", message="idle after the last job")
     assert client.hget(f"worker:{wid}", "current_job_id") == ""
-    changes = [(m["old_status"], m["new_status"]) for m in messages.of("worker_status", worker_id=wid)]
-    assert changes[-1] == ("busy", "idle") and ("busy", "idle") not in changes[:-1], changes
+
+    def changes():
+        return [(m["old_status"], m["new_status"]) for m in messages.of("worker_status", worker_id=wid)]
+
+    # The announcement is published with the hash write, but reaches our subscriber a moment later.
+    wait_for(lambda: ("busy", "idle") in changes(), message="the busy -> idle announcement")
+    assert changes()[-1] == ("busy", "idle") and ("busy", "idle") not in changes()[:-1], changes()
 
 
 def test_a_job_reaped_while_running_is_not_completed_by_its_first_worker(client, store, workers, messages):
