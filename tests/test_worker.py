@@ -153,6 +153,9 @@ def test_priority_then_fifo_through_a_real_worker(client, store, messages):
     for job_id in ids.values():
         wait_status(client, job_id, "completed")
     by_id = {v: k for k, v in ids.items()}
+    # Announced with the hash write; our subscriber hears the last one a moment after the hash says so.
+    wait_for(lambda: len([m for m in messages.of("complete_job") if m["job_id"] in by_id]) == len(ids),
+             message="every complete_job")
     order = [by_id[m["job_id"]] for m in messages.of("complete_job") if m["job_id"] in by_id]
     assert order == ["high-1", "high-2", "mid-1", "mid-2", "mid-3", "low-1", "low-2"]
 
