@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -336,3 +337,16 @@ def test_a_worker_value_that_is_not_a_number_loses_its_point_not_the_worker(tmp_
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples == {("snapshot_jobs_total", (("worker_id", "m1-worker-0"),)): 3,
                        ("snapshot_ready", (("service", "a"), ("worker_id", "m1-worker-0"))): 1}
+
+
+def test_an_int_past_a_float64_is_written_as_an_infinity_of_its_sign():
+    # A scraper's ParseFloat refuses the digits of an int past a float64: /metrics writes +Inf or -Inf by its
+    # sign, as OTLP does (its as_double).
+    text = render_prometheus([("huge_up", "", "", "gauge", False, [({}, 10**400)]),
+                              ("huge_down", "", "", "gauge", False, [({}, -10**400)]),
+                              ("plain", "", "", "gauge", False, [({}, 10**20)])])
+    samples = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert samples == {"huge_up": "+Inf", "huge_down": "-Inf", "plain": str(10**20)}
+    from emp_machine.telemetry.metrics import as_float  # the OTLP encoder's as_double takes it from here
+
+    assert (as_float(10**400), as_float(-10**400), as_float(10**20)) == (math.inf, -math.inf, 1e20)

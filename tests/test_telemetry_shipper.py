@@ -714,3 +714,28 @@ def test_url_credentials_never_reach_stats_logs_or_errors(buffer, caplog):
         assert not [text for text in texts for secret in secrets if secret in text]
     finally:
         collector.stop()
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_its_cap(buffer):
+    # Each failure in a row doubles the wait (jittered to 50-100 %), up to max_backoff: a collector answering
+    # 503 is asked again after ~1, 2, 4, 8 s, not every second (a fake clock, one pass at a time).
+    receiver = _PipelineDown("/v1/logs").start()
+    clock = [1000.0]
+    shipper = _shipper(buffer, receiver.endpoint, batch_min=1, batch_max=1, base_backoff=1.0, max_backoff=8.0,
+                       breaker_threshold=100, rng=random.Random(11), clock=lambda: clock[0])
+    waits = []
+    try:
+        buffer.append(Kind.LOG, Value.NORMAL, (time.time_ns(), 9, "INFO", "line", {}, 0, 0, ""))
+        buffer.flush()
+        for _ in range(6):
+            shipper.ship_once()
+            waits.append(shipper._held_until(Kind.LOG) - clock[0])
+            clock[0] += waits[-1]  # the moment it may try again
+    finally:
+        shipper._close()
+        receiver.stop()
+    assert len(receiver.refused) == 6
+    for n, wait in enumerate(waits):
+        cap = min(8.0, 2.0 ** n)
+        assert cap / 2 <= wait <= cap, (n, waits)
+    assert waits[3] > waits[0] * 2  # it grows: 4-8 s after the fourth failure against 0.5-1 s after the first
