@@ -313,6 +313,11 @@ def _json_field(name: str, value: Any) -> str:
                          f"refuses it): use null, a string or a finite number") from None
 
 
+
+def statuses_json(statuses: Mapping[str, Any]) -> str:
+    """worker:{id}'s `connector_statuses` field, as every writer of it writes it."""
+    return json.dumps(dict(statuses), separators=(",", ":"))
+
 @dataclass(frozen=True)
 class _Call:
     """One round trip: a named script (args after the fixed keys) or a client method. `raw` (scripts only):
@@ -415,6 +420,11 @@ class _JobOps:
 
     def _fcall_args(self, call: _Call) -> tuple[Any, ...]:
         return (self._function_names[call.script], len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
+
+    def _eval_args(self, call: _Call) -> tuple[Any, Any, tuple[Any, ...]]:
+        """(script, its sha, the arguments after it) for EVALSHA / EVAL of a `raw` call."""
+        script = self._scripts[call.script]
+        return script.script, script.sha, (len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
 
     def _load_failed(self, error: Exception) -> None:
         """FUNCTION LOAD failed: keep calling functions if the library is there now (another client loaded
@@ -670,7 +680,7 @@ class _Api(_JobOps):
         """Write worker:{id} as idle with its capabilities and start its heartbeat key. `instance`: a token
         unique to this worker process, kept in our own `instance` field (see set_worker_status)."""
         extra = {"machine_id": machine_id, "capabilities": json.dumps(capabilities),
-                 "connector_statuses": json.dumps(dict(connector_statuses or {}))}
+                 "connector_statuses": statuses_json(connector_statuses or {})}
         if instance:
             extra["instance"] = instance
         return self._drive(self._set_worker_status(worker_id, "idle", extra))
@@ -684,7 +694,7 @@ class _Api(_JobOps):
         statuses stay) and returns the status as it is. `connector_statuses`: written in the same step."""
         extra = {"current_job_id": current_job_id} if status == "busy" and current_job_id else {}
         if connector_statuses is not None:
-            extra["connector_statuses"] = json.dumps(dict(connector_statuses), separators=(",", ":"))
+            extra["connector_statuses"] = statuses_json(connector_statuses)
         if status == "offline" and instance:
             extra["instance"] = instance
         return self._drive(self._set_worker_status(worker_id, status, extra))
@@ -730,11 +740,11 @@ class JobStore(_Api):
             return self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
         from redis.exceptions import NoScriptError
 
-        script, args = self._scripts[call.script], (len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
+        source, sha, args = self._eval_args(call)
         try:
-            return self._client.execute_command("EVALSHA", script.sha, *args, **_options(call))
+            return self._client.execute_command("EVALSHA", sha, *args, **_options(call))
         except NoScriptError:  # EVAL loads it for the next EVALSHA
-            return self._client.execute_command("EVAL", script.script, *args, **_options(call))
+            return self._client.execute_command("EVAL", source, *args, **_options(call))
 
     def _drive(self, op: _Op) -> Any:
         try:
@@ -772,11 +782,11 @@ class AsyncJobStore(_Api):
             return await self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
         from redis.exceptions import NoScriptError
 
-        script, args = self._scripts[call.script], (len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
+        source, sha, args = self._eval_args(call)
         try:
-            return await self._client.execute_command("EVALSHA", script.sha, *args, **_options(call))
+            return await self._client.execute_command("EVALSHA", sha, *args, **_options(call))
         except NoScriptError:  # EVAL loads it for the next EVALSHA
-            return await self._client.execute_command("EVAL", script.script, *args, **_options(call))
+            return await self._client.execute_command("EVAL", source, *args, **_options(call))
 
     async def _drive(self, op: _Op) -> Any:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import signal
@@ -33,7 +32,7 @@ from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
-                                      worker_key)
+                                      statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
 
@@ -774,8 +773,7 @@ class Worker:
 
     async def _write_connector_statuses(self, statuses: dict[str, Any]) -> None:
         """Only the field: the worker's status and current job stay the scripts' to write."""
-        await self.redis.hset(worker_key(self.ident.worker_id), "connector_statuses",
-                              json.dumps(statuses, separators=(",", ":")))
+        await self.redis.hset(worker_key(self.ident.worker_id), "connector_statuses", statuses_json(statuses))
         self.connector_statuses = statuses
 
     async def _reaper(self) -> None:
