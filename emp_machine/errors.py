@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class EmpError(Exception):
     """Base of every error emp-machine raises on purpose; the CLI prints these without a traceback."""
@@ -93,14 +95,38 @@ class ConnectorLoadError(EmpError):
     """A connector's entry point could not be imported or is not a Connector class."""
 
 
+# OSErrors that say something about this machine, not the job: a full disk, a quota, a read-only or
+# unwritable output directory, an exhausted file table, a failing disk. An operator fixes them (or another
+# machine runs the job), so they are retryable: permanent, a full disk would fail every job it claims.
+_MACHINE_LOCAL_ERRNOS = {
+    code: hint for code, hint in (
+        (errno.ENOSPC, "free disk space"),
+        (getattr(errno, "EDQUOT", None), "free space within the disk quota or raise it"),
+        (errno.EROFS, "make the filesystem writable"),
+        (errno.EACCES, "fix the permissions of the path named"),
+        (errno.EMFILE, "raise the worker's open-file limit (ulimit -n)"),
+        (errno.ENFILE, "raise the system's open-file limit (fs.file-max)"),
+        (errno.EIO, "check the disk"),
+    ) if code is not None
+}
+
+
+def _machine_local(error: BaseException) -> str | None:
+    """The operator's fix when `error` is an OSError about this machine (see _MACHINE_LOCAL_ERRNOS)."""
+    if isinstance(error, OSError):
+        return _MACHINE_LOCAL_ERRNOS.get(error.errno)
+    return None
+
+
 def can_retry(error: BaseException) -> bool:
     """The one place that maps an exception from a job to the contract's `can_retry`.
 
     Classified errors say so themselves. Unclassified timeouts and connection errors are transient by
-    nature; anything else unexpected is a bug in a connector and would fail again, so it is final."""
+    nature, and OSErrors about this machine (disk full, quota, read-only, permissions) are not the job's
+    fault; anything else unexpected is a bug in a connector and would fail again, so it is final."""
     if isinstance(error, JobError):
         return error.retryable
-    return isinstance(error, (TimeoutError, ConnectionError))
+    return isinstance(error, (TimeoutError, ConnectionError)) or _machine_local(error) is not None
 
 
 def classify(error: BaseException) -> JobError | JobCancelled:
@@ -110,6 +136,10 @@ def classify(error: BaseException) -> JobError | JobCancelled:
     if isinstance(error, (JobError, JobCancelled)):
         return error
     cls = RetryableJobError if can_retry(error) else FatalJobError
-    wrapped = cls(f"connector raised {type(error).__name__}: {error}")
+    message = f"connector raised {type(error).__name__}: {error}"
+    hint = _machine_local(error)
+    if hint:
+        message += f" (this machine's problem, not the job's: {hint})"
+    wrapped = cls(message)
     wrapped.__cause__ = error
     return wrapped

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -13,7 +19,7 @@ from emp_machine.connectors.base import ConnectorContext, ConnectorJob
 from emp_machine.connectors.registry import GROUP, ConnectorRegistry
 from emp_machine.connectors.simulation import SimulationConnector
 from emp_machine.errors import (
-    ConnectorLoadError, ConnectorNotFound, FatalJobError, JobCancelled, RetryableJobError, can_retry,
+    ConnectorLoadError, ConnectorNotFound, FatalJobError, JobCancelled, RetryableJobError, can_retry, classify,
 )
 
 
@@ -86,6 +92,55 @@ def test_bad_payload_is_a_fatal_error_naming_the_field(context, payload, fragmen
 def test_output_larger_than_allowed_is_rejected(context):
     with pytest.raises(FatalJobError, match="max_output_bytes"):
         run(sim(context, max_output_bytes=10), {"output_bytes": 11, "step_ms": 0})
+
+
+@pytest.mark.parametrize("job_id", ["../../escaped/x", "a/b", "{tmp}/abs/c", "..", "../.."])
+def test_simulation_output_stays_inside_the_output_dir_whatever_the_job_id(tmp_path, job_id):
+    job_id = job_id.format(tmp=tmp_path)  # an absolute id, kept under tmp_path should the fix ever regress
+    root = tmp_path / "outputs"
+    context = ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=root)
+    result, _ = run(sim(context), {"steps": 1, "step_ms": 0, "output_bytes": 16}, job_id=job_id)
+    [out] = result.outputs
+    path = Path(out.path)
+    assert ".." not in path.parts and path.resolve().is_relative_to(root.resolve()) and path.stat().st_size == 16
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == [path]
+
+
+def test_simulation_disk_full_is_retryable_and_leaves_no_output_file(context, tmp_path):
+    # A real ENOSPC: the output file's name is a link to /dev/full, which refuses every write.
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    (tmp_path / "j1").mkdir()
+    (tmp_path / "j1" / "simulation.bin").symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        run(sim(context), {"steps": 1, "step_ms": 0, "output_bytes": 3 << 20})
+    assert caught.value.errno == errno.ENOSPC and can_retry(caught.value) is True
+    outcome = classify(caught.value)
+    assert isinstance(outcome, RetryableJobError) and "free disk space" in str(outcome)
+    assert not os.path.lexists(tmp_path / "j1" / "simulation.bin")
+
+
+def test_simulation_failed_write_removes_the_partial_file(tmp_path):
+    # A write that fails part-way (here the process's file-size limit, in a child so the limit stays
+    # there) must not leave the bytes it got out before failing.
+    script = textwrap.dedent(f"""
+        import asyncio, resource, signal
+        from emp_machine.connectors.base import ConnectorContext, ConnectorJob
+        from emp_machine.connectors.simulation import SimulationConnector
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        conn = SimulationConnector.from_settings({{}}, ConnectorContext("m1", "w0", output_dir={str(tmp_path)!r}))
+        async def progress(p, m): pass
+        try:
+            asyncio.run(conn.run(ConnectorJob("j1", "simulation", {{"steps": 0, "output_bytes": 3 << 20}}), progress))
+        except OSError as exc:
+            print("errno", exc.errno)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"errno {errno.EFBIG}"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_hang_until_cancelled(context):
@@ -172,3 +227,30 @@ def test_can_retry_maps_errors_to_outcomes():
     assert can_retry(FatalJobError("x")) is False
     assert can_retry(TimeoutError()) is True and can_retry(ConnectionRefusedError()) is True
     assert can_retry(KeyError("bug")) is False
+
+
+@pytest.mark.parametrize("code,hint", [
+    (errno.ENOSPC, "free disk space"), (errno.EDQUOT, "disk quota"), (errno.EROFS, "writable"),
+    (errno.EACCES, "permissions"), (errno.EMFILE, "open-file limit"), (errno.ENFILE, "open-file limit"),
+    (errno.EIO, "check the disk"),
+])
+def test_machine_local_os_errors_are_retryable(code, hint):
+    # A full disk (or quota, read-only mount, permissions) is this machine's problem: failing the job for
+    # good would let one full disk permanently fail every job its workers claim.
+    error = OSError(code, os.strerror(code), "/outputs/w0/j1/simulation.bin")
+    assert can_retry(error) is True
+    outcome = classify(error)
+    assert isinstance(outcome, RetryableJobError) and outcome.__cause__ is error
+    assert str(outcome).startswith(f"connector raised {type(error).__name__}: [Errno {code}]")
+    assert "/outputs/w0/j1/simulation.bin" in str(outcome) and hint in str(outcome)
+    assert can_retry(PermissionError(errno.EACCES, "Permission denied")) is True
+
+
+@pytest.mark.parametrize("error", [
+    FileNotFoundError(errno.ENOENT, "No such file or directory"), IsADirectoryError(errno.EISDIR, "Is a directory"),
+    OSError(errno.EFBIG, "File too large"), OSError("no errno"), ValueError("bug"),
+])
+def test_other_unclassified_errors_stay_final(error):
+    assert can_retry(error) is False
+    outcome = classify(error)
+    assert isinstance(outcome, FatalJobError) and "this machine's problem" not in str(outcome)

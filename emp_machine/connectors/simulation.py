@@ -11,12 +11,13 @@ directory, and the result carries its path, never the bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from emp_machine.connectors._http import ms_since
+from emp_machine.connectors._http import ms_since, safe_name
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
@@ -126,14 +127,21 @@ class SimulationConnector(Connector):
 
     def _write_output(self, job_id: str, size: int) -> OutputFile:
         # Written synchronously: simulation outputs are small; a real connector streams to disk.
-        directory = Path(self.context.output_dir) / job_id
+        # The job id comes from whoever submitted the job: safe_name keeps '../' and '/' out of the path.
+        directory = Path(self.context.output_dir) / safe_name(job_id, "job")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "simulation.bin"
         chunk = bytes(range(256)) * (_WRITE_CHUNK // 256)
-        with path.open("wb") as out:
-            left = size
-            while left:
-                n = min(left, len(chunk))
-                out.write(chunk[:n])
-                left -= n
+        try:
+            with path.open("wb") as out:
+                left = size
+                while left:
+                    n = min(left, len(chunk))
+                    out.write(chunk[:n])
+                    left -= n
+        except BaseException:
+            # A failed write (disk full, quota) leaves no partial file behind to be mistaken for output.
+            with contextlib.suppress(OSError):  # never hide the write's own error behind the clean-up's
+                path.unlink(missing_ok=True)
+            raise
         return OutputFile(str(path), "application/octet-stream", size)
