@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import time
 
 import pytest
-from _helpers import connector_context, TRACEPARENT, Progress, job
+from _helpers import connector_context, TRACEPARENT, Progress, job, wait_for
+from aiohttp import web
+from fakes._server import ServerThread
 from fakes.a1111 import OOM, FakeA1111
 from fakes.comfyui_nodes import png
 
+from emp_machine.connectors._http import STOP_GRACE_S
 from emp_machine.connectors.a1111 import A1111Connector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
 
@@ -121,6 +126,38 @@ def test_a_cancel_raised_by_the_progress_callback_still_interrupts_a1111(fake, c
     assert ("POST", "/sdapi/v1/interrupt") in [r[:2] for r in server.requests]
 
 
+def test_a_cancelled_run_is_not_held_by_a_hung_interrupt(fake, context):
+    # The worker cancels run() on a job timeout and on a drain; awaiting the interrupt (5 s) held the
+    # drain's hand-back past its 2 s margin. It goes on in the background, bounded by STOP_GRACE_S.
+    server = fake(step_s=0.05)
+    server.hang_interrupt = True
+    conn = connector(context, server, request_timeout_s=30)
+    progress = Progress()
+    running = asyncio.Event()
+
+    async def started():
+        running.set()
+    progress.when(lambda p, m: p > 0, started)
+
+    async def main():
+        task = asyncio.create_task(conn.run(job({"steps": 400, "width": 8, "height": 8}, service="a1111"),
+                                            progress))
+        await asyncio.wait_for(running.wait(), 10)
+        mark = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled_in = time.monotonic() - mark
+        await wait_for(lambda: not conn._stopping, STOP_GRACE_S + 2)  # the interrupt gives up on its own
+        stopped_in = time.monotonic() - mark
+        await conn.close()
+        return cancelled_in, stopped_in
+    cancelled_in, stopped_in = asyncio.run(main())
+    assert cancelled_in < 1.0, cancelled_in
+    assert stopped_in < STOP_GRACE_S + 1, stopped_in
+    assert ("POST", "/sdapi/v1/interrupt") in [r[:2] for r in server.requests]
+
+
 def test_timeout_refused_and_health(fake, context):
     server = fake(step_s=1)
     with pytest.raises(RetryableJobError, match="timed out"):
@@ -131,3 +168,68 @@ def test_timeout_refused_and_health(fake, context):
     assert asyncio.run(connector(context, fake(ping=False)).health()).healthy  # falls back to /options
     down = asyncio.run(A1111Connector.from_settings({"base_url": "http://127.0.0.1:9"}, context).health())
     assert not down.healthy and "unreachable" in down.reason
+
+
+class WrongShapes:
+    """Not A1111 (it never answers so): the A1111 API as a proxy or another build might answer it, with a
+    `/progress` body and a txt2img `info` of the test's choosing. The generation answers after three
+    progress polls, so the connector has read the odd progress before it ends."""
+
+    def __init__(self, progress: dict, info: str):
+        self.progress_body, self.info, self.polls = progress, info, 0
+        self._thread = ServerThread(self._app)
+
+    @property
+    def url(self) -> str:
+        return self._thread.url
+
+    def start(self) -> WrongShapes:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._thread.close()
+
+    def _app(self) -> web.Application:
+        self.polled = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/sdapi/v1/progress", self.progress)
+        app.router.add_post("/sdapi/v1/txt2img", self.txt2img)
+        return app
+
+    async def progress(self, request):
+        self.polls += 1
+        if self.polls >= 3:
+            self.polled.set()
+        return web.json_response(self.progress_body)
+
+    async def txt2img(self, request):
+        await self.polled.wait()
+        image = base64.b64encode(png(8, 8, 0x202020)).decode()
+        return web.json_response({"images": [image], "parameters": await request.json(), "info": self.info})
+
+
+INFO = json.dumps({"seed": 5, "all_seeds": [5], "infotexts": ["x"], "sampler_name": "Euler", "steps": 2})
+
+
+@pytest.mark.parametrize("body,percents", [
+    ({"progress": "n/a", "state": {}}, [0, 100]),
+    ({"progress": {"value": 0.5}, "state": {}}, [0, 100]),
+    ({"progress": float("nan"), "state": {}}, [0, 100]),  # NaN is valid JSON to Python's json module
+    ({"progress": 0.5, "state": ["not", "an", "object"]}, [0, 50, 100]),
+], ids=["text", "object", "nan", "state-list"])
+def test_a_progress_reading_of_the_wrong_shape_is_skipped(serve, context, body, percents):
+    server = serve(WrongShapes, body, INFO)
+    result, progress = run(connector(context, server), {"prompt": "x", "steps": 2})
+    assert len(result.outputs) == 1 and result.data["seed"] == 5
+    assert server.polls >= 3
+    assert progress.percents == percents
+
+
+@pytest.mark.parametrize("info", [json.dumps([1, 2]), json.dumps("text"), "not json", json.dumps(None)])
+def test_an_info_that_is_not_a_json_object_is_kept_raw(serve, context, info):
+    server = serve(WrongShapes, {"progress": 0.5, "state": {}}, info)
+    result, _ = run(connector(context, server), {"prompt": "x", "steps": 2, "sampler_name": "Euler a"})
+    assert len(result.outputs) == 1
+    assert result.data == {"seed": None, "all_seeds": None, "infotexts": None}
+    assert result.service_metadata["sampler"] == "Euler a" and result.service_metadata["steps"] == 2

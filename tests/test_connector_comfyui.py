@@ -10,11 +10,11 @@ import time
 
 import aiohttp
 import pytest
-from _helpers import connector_context, TRACEPARENT, Progress, job
+from _helpers import connector_context, TRACEPARENT, Progress, job, wait_for
 from fakes.comfyui import FakeComfyUI
 
 from emp_machine.connectors._comfyui_events import ProgressTracker, execution_error
-from emp_machine.connectors.comfyui import ComfyUIConnector
+from emp_machine.connectors.comfyui import STOP_PROMPT_GRACE_S, ComfyUIConnector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 
@@ -256,6 +256,53 @@ def test_job_timeout_is_retryable_and_stops_the_prompt(fake, context):
     with pytest.raises(RetryableJobError, match="did not finish within 0.5 s"):
         run(connector(context, server, job_timeout_s=0.5), sleeper(30))
     assert server.interrupt_calls
+
+
+def test_cancelled_run_with_a_hung_server_ends_at_once_and_its_stop_is_bounded(fake, context, caplog):
+    # The worker cancels run() on its job timeout and on a drain: the stop requests (request_timeout_s each)
+    # used to hold the cancellation, so a hung server overran the timeout / outlasted the drain's hand-back.
+    server = fake()
+    caplog.set_level(logging.INFO, "test.comfyui")
+    conn = connector(context, server, request_timeout_s=10)
+
+    async def main():
+        hung = asyncio.Event()
+
+        async def freeze():
+            server.freeze()
+            hung.set()
+        progress = Progress()
+        progress.when(lambda p, m: m == "node 2 (TestSleep)", freeze)
+        task = asyncio.create_task(conn.run(job(sleeper(30)), progress))
+        await asyncio.wait_for(hung.wait(), 10)
+        mark = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled_in = time.monotonic() - mark
+        await wait_for(lambda: not conn._stopping, STOP_PROMPT_GRACE_S + 2)  # the stop gives up on its own
+        stopped_in = time.monotonic() - mark
+        await conn.close()
+        return cancelled_in, stopped_in
+    cancelled_in, stopped_in = asyncio.run(main())
+    assert cancelled_in < 1.0, cancelled_in
+    assert stopped_in < STOP_PROMPT_GRACE_S + 1, stopped_in
+    [failed] = [r for r in caplog.records if getattr(r, "event_type", None) == "cancel_failed"]
+    assert f"did not answer the stop within {STOP_PROMPT_GRACE_S:g} s" in failed.fields["error"]
+
+
+def test_job_timeout_with_a_hung_server_is_not_held_by_the_stop(fake, context):
+    server = fake()
+    conn = connector(context, server, job_timeout_s=0.5, request_timeout_s=10)
+    progress = Progress()
+
+    async def freeze():
+        server.freeze()
+    progress.when(lambda p, m: m == "node 2 (TestSleep)", freeze)
+    started = time.monotonic()
+    with pytest.raises(RetryableJobError, match="did not finish within 0.5 s"):
+        run(conn, sleeper(30), progress)
+    assert time.monotonic() - started < 0.5 + STOP_PROMPT_GRACE_S + 1.5
 
 
 def test_server_killed_mid_job_and_restarted_empty_is_retryable(fake, context):

@@ -25,6 +25,11 @@ from emp_machine.errors import JobCancelled, RetryableJobError
 from emp_machine.telemetry.tracing import note_request_id
 
 REDACTED = "[REDACTED]"
+# Stopping a cancelled job's work on the service (an interrupt) gets this long in all, not request_timeout_s
+# per call: a hung server must not hold a job timeout or a drain's hand-back for half a minute (it did).
+STOP_GRACE_S = 2.0
+# close() lets such stops still in flight finish for at most this long before the session goes.
+CLOSE_STOP_WAIT_S = 0.5
 
 
 class HttpSession:
@@ -33,6 +38,7 @@ class HttpSession:
     `connect_timeout_s`."""
 
     _session: aiohttp.ClientSession | None = None
+    _stopping: set[asyncio.Task] | None = None  # stops going on after their job's run() was cancelled
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -40,7 +46,19 @@ class HttpSession:
                 total=self.settings.request_timeout_s, connect=self.settings.connect_timeout_s))
         return self._session
 
+    def _stop_in_background(self, stop: Any) -> None:
+        """Run `stop` (a coroutine telling the service to drop a job) without holding the job's cancellation:
+        the worker records the timeout or hands the job back at once, while the stop goes on, bounded by the
+        coroutine itself (STOP_GRACE_S)."""
+        if self._stopping is None:
+            self._stopping = set()
+        task = asyncio.get_running_loop().create_task(stop)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
     async def close(self) -> None:
+        if self._stopping:  # a live server answers in milliseconds; a hung one is not waited for
+            await asyncio.wait(set(self._stopping), timeout=CLOSE_STOP_WAIT_S)
         if self._session is not None:
             await self._session.close()
 
@@ -48,15 +66,21 @@ class HttpSession:
                        **kwargs: Any) -> tuple[int, Any]:
         """One request: (status, parsed JSON, or the text when it is not JSON). Transport failures become
         RetryableJobError naming `service` and the URL."""
+        status, answer, _ = await self._exchange(service, method, url, headers, **kwargs)
+        return status, answer
+
+    async def _exchange(self, service: str, method: str, url: str, headers: Mapping[str, str],
+                        **kwargs: Any) -> tuple[int, Any, Mapping[str, str]]:
+        """_request with the response's headers too (its Retry-After, say)."""
         try:
             async with self._http().request(method, url, headers=headers, **kwargs) as response:
                 text = await response.text()
         except TRANSPORT_ERRORS as exc:
             raise transport_error(service, url, exc) from None
         try:
-            return response.status, json.loads(text) if text else None
+            return response.status, json.loads(text) if text else None, response.headers
         except ValueError:
-            return response.status, text
+            return response.status, text, response.headers
 
 
 def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:

@@ -54,6 +54,13 @@ class A1111Connector(_http.HttpSession, Connector):
         extra = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
         return await self._request("A1111", method, self._base + path, headers, **extra, **kwargs)
 
+    async def _generate(self, endpoint: str, headers: dict, body: dict) -> tuple[int, Any, float | None]:
+        """POST the generation: (status, answer as _call reads it, the answer's Retry-After in seconds or
+        None), so a 429/503 is retried no sooner than A1111 (or a proxy before it) asked."""
+        url = f"{self._base}/sdapi/v1/{endpoint}"
+        status, answer, response_headers = await self._exchange("A1111", "POST", url, headers, json=body)
+        return status, answer, _http.retry_after_s(response_headers)
+
     async def health(self) -> Health:
         reason = ""
         for path in ("/internal/ping", "/sdapi/v1/options"):  # ping is cheap; older builds lack it
@@ -87,14 +94,14 @@ class A1111Connector(_http.HttpSession, Connector):
         self.joblog.received(job.id, **logged)
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         headers = _http.service_headers(job)
-        generate = asyncio.create_task(self._call("POST", f"/sdapi/v1/{endpoint}", headers, json=body))
+        generate = asyncio.create_task(self._generate(endpoint, headers, body))
         try:
             await progress(0.0, "started")
             await self._watch(job, generate, cancelled, progress, headers, logged)
-            status, answer = generate.result()
+            status, answer, wait = generate.result()
             if cancelled.is_set():
                 raise JobCancelled(f"a1111 job {job.id} interrupted")
-            result = self._result(job, status, answer, fields)
+            result = self._result(job, status, answer, fields, wait)
             await progress(100.0, "done")
             self.joblog.completed(job.id, _http.ms_since(started), outputs=len(result.outputs), **logged)
             return result
@@ -108,10 +115,14 @@ class A1111Connector(_http.HttpSession, Connector):
             self._cancel.pop(job.id, None)
             if not generate.done():
                 # Leaving before A1111 answered (a cancel seen by the progress callback, a timeout, a drain):
-                # interrupt it there too, or the GPU goes on generating for nobody.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._call("POST", "/sdapi/v1/interrupt", headers), 5)
+                # interrupt it there too, or the GPU goes on generating for nobody. In the background: a
+                # hung A1111 held a drain's hand-back past its 2 s margin.
+                self._stop_in_background(self._interrupt(headers))
                 generate.cancel()
+
+    async def _interrupt(self, headers: dict) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._call("POST", "/sdapi/v1/interrupt", headers), _http.STOP_GRACE_S)
 
     async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,
                      headers: dict, logged: dict) -> None:
@@ -132,24 +143,34 @@ class A1111Connector(_http.HttpSession, Connector):
                 status, state = await self._call("GET", "/sdapi/v1/progress?skip_current_image=true", headers)
                 if status != 200 or not isinstance(state, dict):
                     continue
-                percent = min(99.0, float(state.get("progress") or 0) * 100)
+                try:
+                    fraction = float(state.get("progress") or 0)
+                except (TypeError, ValueError):  # not a number (another build, a proxy): the generation goes on
+                    continue
+                if not fraction >= 0:  # NaN or negative: no reading either
+                    continue
+                percent = min(99.0, fraction * 100)
                 if percent > reported:
                     reported = percent
-                    detail = state.get("state") or {}
+                    detail = state.get("state")
+                    detail = detail if isinstance(detail, dict) else {}
                     message = f"step {detail.get('sampling_step', 0)}/{detail.get('sampling_steps', 0)}"
                     self.joblog.progress(job.id, round(percent, 1), message, **logged)
                     await progress(percent, message)
         finally:
             cancel_wait.cancel()
 
-    def _result(self, job: ConnectorJob, status: int, answer: Any, fields: dict) -> JobResult:
+    def _result(self, job: ConnectorJob, status: int, answer: Any, fields: dict,
+                retry_after_s: float | None = None) -> JobResult:
         if status != 200 or not isinstance(answer, dict):
             detail = answer.get("detail") if isinstance(answer, dict) else answer
             errors = answer.get("errors") if isinstance(answer, dict) else None
             text = f"A1111 {fields['endpoint']} answered {status}: {json.dumps(detail)[:500]}"
             if errors:
                 text += f" ({str(errors)[:300]})"
-            raise (RetryableJobError if status >= 500 or status == 429 else FatalJobError)(text)
+            if status >= 500 or status == 429:
+                raise RetryableJobError(text, retry_after_s=retry_after_s)
+            raise FatalJobError(text)
         directory = Path(self.context.output_dir) / _http.safe_name(job.id, "job")
         files = []
         for index, encoded in enumerate(answer.get("images") or []):
@@ -163,6 +184,8 @@ class A1111Connector(_http.HttpSession, Connector):
         try:
             info = json.loads(answer.get("info") or "{}")
         except (TypeError, ValueError):
+            info = None
+        if not isinstance(info, dict):  # not JSON, or JSON but not an object: kept as it came
             info = {"raw": answer.get("info")}
         data = {"seed": info.get("seed"), "all_seeds": info.get("all_seeds"), "infotexts": info.get("infotexts")}
         metadata = {"connector": self.name, **fields, "sd_model": info.get("sd_model_name"),

@@ -44,6 +44,9 @@ from emp_machine.connectors.base import (
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
+# Stopping a prompt (POST /queue delete + POST /interrupt) gets this long in all (see _http.STOP_GRACE_S).
+STOP_PROMPT_GRACE_S = _http.STOP_GRACE_S
+
 
 class ComfyUISettings(ConnectorSettings):
     # The caller (manifest) fills this from the service instance bound to the worker; no env reads here.
@@ -113,10 +116,14 @@ class ComfyUIConnector(_http.HttpSession, Connector):
             return
         headers = _http.service_headers(active.job)
         try:
-            await self._call("POST", "/queue", headers, json={"delete": [active.prompt_id]})
-            await self._call("POST", "/interrupt", headers, json={"prompt_id": active.prompt_id})
+            async with asyncio.timeout(STOP_PROMPT_GRACE_S):
+                await self._call("POST", "/queue", headers, json={"delete": [active.prompt_id]})
+                await self._call("POST", "/interrupt", headers, json={"prompt_id": active.prompt_id})
         except RetryableJobError as exc:  # the server is gone: nothing left to stop
-            self._log("cancel_failed", active, error=str(exc))
+            self._log("cancel_failed", active, logging.WARNING, error=str(exc))
+        except TimeoutError:  # hung: it may still run the prompt, but waiting longer changes nothing
+            self._log("cancel_failed", active, logging.WARNING,
+                      error=f"ComfyUI did not answer the stop within {STOP_PROMPT_GRACE_S:g} s")
 
     # -- run -----------------------------------------------------------------------------------------
 
@@ -151,7 +158,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
             self.joblog.failed(job.id, error, _http.ms_since(started), True, **self._ids(active))
             raise error from None
         except asyncio.CancelledError:
-            await asyncio.shield(self._stop_prompt(active))
+            self._stop_in_background(self._stop_prompt(active))  # the worker goes on at once
             raise
         except JobCancelled:
             self._log("job.cancelled", active)

@@ -122,7 +122,7 @@ class RestConnector(_http.HttpSession, Connector):
         try:
             async with self._http().request(method, url, headers=headers,
                                             json=body if method != "GET" else None) as response:
-                status, text = response.status, await response.text()
+                status, text, wait = response.status, await response.text(), _http.retry_after_s(response.headers)
         except _http.TRANSPORT_ERRORS as exc:
             raise RetryableJobError(self._redact(str(_http.transport_error("service", url, exc)))) from None
         if job is not None:
@@ -135,7 +135,10 @@ class RestConnector(_http.HttpSession, Connector):
             answer = text
         if status >= 400:
             message = self._redact(f"{method} {_http.strip_query(url)} answered {status}: {str(answer)[:500]}")
-            error = (RetryableJobError if status == 429 or status >= 500 else FatalJobError)(message)
+            if status == 429 or status >= 500:  # retried no sooner than the service's Retry-After, if it sent one
+                error = RetryableJobError(message, retry_after_s=wait)
+            else:
+                error = FatalJobError(message)
             error.status_code = status  # for the job.failed record
             raise error
         return status, answer
@@ -188,6 +191,8 @@ class RestConnector(_http.HttpSession, Connector):
                 # quoted a secret header value (e.g. one with nothing at the result path) must not carry it.
                 clean = (RetryableJobError if can_retry(exc) else FatalJobError)(text)
                 clean.status_code = getattr(exc, "status_code", None)
+                if isinstance(clean, RetryableJobError):
+                    clean.retry_after_s = getattr(exc, "retry_after_s", None)
                 raise clean from None
             raise
         finally:

@@ -335,6 +335,23 @@ def _steps(steps: Mapping[str, float] | None) -> str:
     return json.dumps({k: round(float(v), 1) for k, v in steps.items()}, separators=(",", ":")) if steps else ""
 
 
+# The longest retry delay fail() keeps (a service's Retry-After can say hours or be an HTTP date far ahead):
+# a job must not sit unclaimable in jobs:pending for longer than this.
+MAX_RETRY_DELAY_S = 300.0
+
+
+def _retry_delay_ms(delay_s: float | None) -> str:
+    """fail()'s retry delay as whole ms for fail.lua, capped at MAX_RETRY_DELAY_S; '' for none (None, 0,
+    negative or not a number)."""
+    try:
+        delay = float(delay_s) if delay_s is not None else 0.0
+    except (TypeError, ValueError):
+        return ""
+    if not delay > 0:  # also NaN
+        return ""
+    return str(int(min(delay, MAX_RETRY_DELAY_S) * 1000))
+
+
 def _text(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
@@ -553,9 +570,10 @@ class _JobOps:
                                                    "1" if final_progress else "0", _steps(steps), token))))
 
     def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool,
-              steps: Mapping[str, float] | None = None, token: str = "") -> _Op:
+              steps: Mapping[str, float] | None = None, token: str = "",
+              retry_delay_s: float | None = None) -> _Op:
         outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0", _steps(steps),
-                                              token))
+                                              token, _retry_delay_ms(retry_delay_s)))
         return FailOutcome(outcome, int(count))
 
     def _hand_back(self, job_id: str, worker_id: str, reason: str, token: str = "") -> _Op:
@@ -667,9 +685,11 @@ class _Api(_JobOps):
         return self._drive(self._complete(job_id, worker_id, result, message, final_progress, steps, token))
 
     def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool,
-             steps: Mapping[str, float] | None = None, token: str = ""):
-        """Retry (retryable and attempts left) or fail for good; returns FailOutcome. `steps` as complete()."""
-        return self._drive(self._fail(job_id, worker_id, error, retryable, steps, token))
+             steps: Mapping[str, float] | None = None, token: str = "", retry_delay_s: float | None = None):
+        """Retry (retryable and attempts left) or fail for good; returns FailOutcome. `steps` as complete().
+        `retry_delay_s` (e.g. the service's Retry-After): a retry stays in jobs:pending but no worker claims
+        it before then (capped at MAX_RETRY_DELAY_S); None or 0 retries at once."""
+        return self._drive(self._fail(job_id, worker_id, error, retryable, steps, token, retry_delay_s))
 
     def hand_back(self, job_id: str, worker_id: str, reason: str = "drain", *, token: str = ""):
         """Return a running job to the queue without counting an attempt; returns Ownership."""

@@ -551,8 +551,10 @@ class Worker:
         # A service's error can quote a key or a URL with its password: the job hash and job_failed carry the
         # message to the API and the monitor, so it leaves here redacted, as every log record does.
         message = redact_text(str(error))
+        # A service's own back-off (HTTP Retry-After on a 429/503): no worker claims the retry before then.
         outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, message,
-                                       retryable=retryable, steps=steps, token=job.token)
+                                       retryable=retryable, steps=steps, token=job.token,
+                                       retry_delay_s=getattr(error, "retry_after_s", None))
         if outcome.outcome not in ("retried", "failed"):
             self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=message,
                                        ownership=outcome.outcome)

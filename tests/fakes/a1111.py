@@ -3,6 +3,7 @@ JSON string), `/sdapi/v1/progress`, `/sdapi/v1/interrupt` (the running request s
 has), `/internal/ping`, `/sdapi/v1/options`, FastAPI's 422 shape and A1111's error shape for 404/500.
 
 `fail_next` = (status, body) answers the next generation with that, e.g. the 500 of CUDA out of memory.
+`hang_interrupt` = True: `/sdapi/v1/interrupt` never answers (a wedged server).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FakeA1111:
     def __init__(self, *, step_s: float = 0.02, ping: bool = True):
         self.step_s, self.ping = step_s, ping
         self.fail_next: tuple[int, dict] | None = None
+        self.hang_interrupt = False
         self.requests: list[tuple[str, str, dict]] = []
         self._thread = ServerThread(self._app)
 
@@ -116,6 +118,8 @@ class FakeA1111:
         return web.json_response({})
 
     async def interrupt(self, request):
+        if self.hang_interrupt:
+            await asyncio.sleep(3600)
         self.interrupted = True
         return web.json_response(None)
 

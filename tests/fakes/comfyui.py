@@ -7,7 +7,9 @@ files. `kill()` drops it the way SIGTERM does (sockets cut without a close frame
 
 Knobs beyond the capture, for fault injection: `history_hidden_gets` answers `{}` to that many GETs of a
 finished prompt's history (the race of §5.1, made deterministic), `preview_frames` sends binary preview
-frames (§4, sent by samplers on a real server), `blur_s`/`node_s` set node run times.
+frames (§4, sent by samplers on a real server), `blur_s`/`node_s` set node run times. `freeze()` blocks the
+server's event loop, as a node holding it does on a real server: connections are still accepted (by the
+kernel) but no request is answered and no frame is sent until `close()`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import random
 import string
 import struct
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -74,6 +77,7 @@ class FakeComfyUI:
         self.interrupt_calls: list[Any] = []
         self.proc = _Process()
         self._thread = ServerThread(self._make_app)
+        self._thawed = threading.Event()
 
     # -- lifecycle (call from tests) ----------------------------------------------------------------
 
@@ -86,7 +90,13 @@ class FakeComfyUI:
         return self
 
     def close(self) -> None:
+        self._thawed.set()
         self._thread.close()
+
+    def freeze(self) -> None:
+        """Block the server's event loop (until `close()`, at most a minute): a hung server."""
+        self._thawed.clear()
+        self._thread.loop.call_soon_threadsafe(self._thawed.wait, 60)
 
     async def kill(self) -> None:
         """SIGTERM while running (§6.4): sockets cut (client sees 1006), then connection refused."""

@@ -13,8 +13,9 @@
 -- Returns {job_id, 0, job JSON} (the JSON is the jobs:active entry: the job hash as it stands after the
 -- claim), or {'', unindexed[, wait_ms]} where unindexed is 1 when jobs:pending holds jobs our index lacks
 -- (by count: stale index entries can hide them, which the caller's slow sweep catches) and wait_ms, when
--- present, is how soon the first job passed over because this worker just failed it becomes claimable
--- by this worker, so a lone worker retries it then rather than at its next sweep.
+-- present, is how soon the first job passed over because this worker just failed it, or because its retry
+-- is not due yet (our field retry_at, written by fail.lua), becomes claimable by this worker, so a lone
+-- worker retries it then rather than at its next sweep.
 --
 -- Order: highest index score (priority, then oldest first). Each requirement class is matched once (see
 -- match.lua) and only the heads of the matching class queues are read, so the cost does not grow with
@@ -86,8 +87,9 @@ local function drop(c, member, id, remove)
 end
 
 -- Take the best head until one can run: a job whose hash is missing, or that is no longer pending, is
--- removed from the queue (never run from it); another workflow's job, or one this worker just failed,
--- is passed over. A job that left jobs:pending without us (e.g. removed by the API) leaves the index.
+-- removed from the queue (never run from it); another workflow's job, one whose retry is not due yet
+-- (retry_at, e.g. a service's Retry-After), or one this worker just failed, is passed over. A job that
+-- left jobs:pending without us (e.g. removed by the API) leaves the index.
 local id, member, job, best, soonest
 while true do
   local best_score
@@ -107,7 +109,7 @@ while true do
     created_at = nil, status = nil, retry_count = nil, max_retries = nil, workflow_id = nil, workflow_priority = nil,
     workflow_datetime = nil, current_step = nil, total_steps = nil, job_trace_id = nil, job_span_id = nil,
     workflow_trace_id = nil, workflow_span_id = nil, ctx = nil, worker_id = nil, assigned_at = nil, started_at = nil,
-    last_failed_worker = nil, failed_at = nil, error = nil}
+    last_failed_worker = nil, failed_at = nil, error = nil, retry_at = nil}
   for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
   local status = job.status
   best.i = best.i + 2
@@ -118,6 +120,10 @@ while true do
     if status == 'failed' or status == 'cancelled' then add_event(id, {t = now, ev = 'dropped', status = status}) end
   elseif w.wf and job.workflow_id ~= w.wf then
     -- another workflow: pass over
+  elseif job.retry_at and (tonumber(job.retry_at) or 0) > now then
+    -- its retry is not due yet (fail.lua's delay): no worker takes it before then
+    local left = tonumber(job.retry_at) - now
+    if not soonest or left < soonest then soonest = left end
   elseif job.last_failed_worker == wid and now - (time_ms(job.failed_at) or 0) < avoid_ms then
     -- this worker just failed it: leave it to others for a while (idle ones were woken by its requeue)
     local left = avoid_ms - now + time_ms(job.failed_at)

@@ -4,11 +4,15 @@
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = error message, ARGV[4] = '1' when retryable,
 -- ARGV[5] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline,
 -- ARGV[6] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
+-- ARGV[7] = retry delay in ms ('' or absent: none): a retry is not claimed by any worker before it, kept as
+--           our field retry_at (Redis clock, epoch ms; see claim.lua), e.g. a service's Retry-After
 -- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'. The
 -- attempt's token is kept in failed_token (our field), so a retry of a fail that already landed returns
 -- what it did ('retried' or 'failed' and the count) and changes nothing.
 local id, wid, err = ARGV[1], ARGV[2], ARGV[3]
 local token = ARGV[6] or ''
+local delay = finite_number(ARGV[7])
+if delay and delay <= 0 then delay = nil end
 local retryable = ARGV[4] == '1'
 local steps = nil
 if ARGV[5] and ARGV[5] ~= '' then steps = cjson.decode(ARGV[5]) end
@@ -31,9 +35,15 @@ release(id, wid, now, state)
 if retryable and new < max then
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,
     'last_failed_worker', wid, 'failed_at', at, 'error', err, 'failed_token', token)
+  if delay then
+    delay = math.floor(delay)
+    redis.call('HSET', jkey, 'retry_at', now + delay)
+  else
+    redis.call('HDEL', jkey, 'retry_at')
+  end
   enqueue(id)
   add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = true,
-    steps = steps})
+    retry_in_ms = delay, steps = steps})
   publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = err, failed_at = at,
     retry_count = new, can_retry = true, timestamp = now})
   publish('job_requeued', {job_id = id, service_required = redis.call('HGET', jkey, 'service_required'),
@@ -42,6 +52,7 @@ if retryable and new < max then
 end
 redis.call('HSET', jkey, 'status', 'failed', 'failed_at', at, 'retry_count', new, 'error', err, 'failed_token',
   token)
+redis.call('HDEL', jkey, 'retry_at')
 redis.call('HSET', 'jobs:failed', id, cjson.encode({error = err, failed_at = at, retry_count = new}))
 add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = false,
   steps = steps}, true)
