@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,15 +49,57 @@ class StandardMetrics:
     def _system(self, m: Meter, started_at: float) -> None:
         import psutil
 
-        psutil.cpu_percent(None)  # the first call only starts the measurement
+        cpu = CpuShare()
         m.create_observable_gauge("machine_uptime_seconds", [lambda _: [Observation(time.time() - started_at)]], "s")
-        m.create_observable_gauge("machine_cpu_usage_percent", [lambda _: [Observation(psutil.cpu_percent(None))]],
-                                  "%")
+        m.create_observable_gauge("machine_cpu_usage_percent", [lambda _: [Observation(cpu.read())]], "%")
         m.create_observable_gauge("machine_memory_usage_bytes",
                                   [lambda _: [Observation(psutil.virtual_memory().used)]], "By")
         gpu = _gpu_callback()
         if gpu is not None:
             m.create_observable_gauge("machine_gpu_usage_percent", [gpu], "%", "GPU utilisation, by gpu")
+
+
+class CpuShare:
+    """The machine's busy CPU share (%), from a baseline of its own (psutil.cpu_times()).
+
+    psutil.cpu_percent(None) keeps one baseline for the whole process, so each reader (a /metrics scrape, an
+    OTLP collection, anything else calling it) read only the time since the previous reader: back-to-back
+    readers saw 0 or 100. Here the baseline moves at most once per `period` seconds and every read within it
+    returns the same value, so any number of readers see the same share of the last interval. The first read
+    covers the time since construction."""
+
+    def __init__(self, period: float = 1.0):
+        import psutil
+
+        self._cpu_times = psutil.cpu_times
+        self._period = period
+        self._lock = threading.Lock()
+        self._times = self._cpu_times()
+        self._at = time.monotonic()
+        self._value: float | None = None
+
+    def read(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            if self._value is not None and now - self._at < self._period:
+                return self._value
+            times = self._cpu_times()
+            self._value = _busy_percent(self._times, times)
+            self._times, self._at = times, now
+            return self._value
+
+
+def _busy_percent(before, after) -> float:
+    """Busy share between two psutil.cpu_times() readings, as psutil.cpu_percent computes it."""
+    def split(t) -> tuple[float, float]:
+        # Linux counts guest time inside user/nice already; idle and iowait are the not-busy time
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        return total - t.idle - getattr(t, "iowait", 0.0), total
+    busy0, total0 = split(before)
+    busy1, total1 = split(after)
+    if total1 - total0 <= 0:
+        return 0.0
+    return round(min(100.0, max(0.0, (busy1 - busy0) / (total1 - total0) * 100.0)), 1)
 
 
 def _gpu_callback() -> Callable | None:
@@ -70,10 +113,22 @@ def _gpu_callback() -> Callable | None:
         return None
     if not count:
         return None
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    errors = getattr(pynvml, "NVMLError", Exception)
+    handles = []
+    for i in range(count):
+        try:
+            handles.append((i, pynvml.nvmlDeviceGetHandleByIndex(i)))
+        except errors:  # a GPU NVML cannot open is left out; the others are still read
+            continue
 
     def read(_options) -> list[Observation]:
-        return [Observation(pynvml.nvmlDeviceGetUtilizationRates(h).gpu, {"gpu": str(i)})
-                for i, h in enumerate(handles)]
+        # per GPU: one that cannot answer (NotSupported on a MIG-enabled GPU, a lost GPU) loses only its point
+        out = []
+        for i, h in handles:
+            try:
+                out.append(Observation(pynvml.nvmlDeviceGetUtilizationRates(h).gpu, {"gpu": str(i)}))
+            except errors:
+                continue
+        return out
 
     return read
