@@ -198,9 +198,10 @@ def test_submit_wait_that_loses_redis_says_so_without_a_traceback(tmp_path):
     server = PrivateRedis(Path(tmp_path)).start()
     try:
         client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        # A lost Redis is retried until --timeout (tests/test_cli_wait.py): a short one, then the message.
         proc = subprocess.Popen([sys.executable, "-m", "emp_machine", "submit", "--type", "sim", "--payload", "{}",
-                                 "--wait", "--redis", server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                 "--wait", "--timeout", "8", "--redis", server.url], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         # Following the job: subscribed to its channels (no worker serves it, so it stays pending).
         wait_for(lambda: client.pubsub_numsub("complete_job")[0][1] == 1, timeout=20, message="CLI subscribed")
     finally:

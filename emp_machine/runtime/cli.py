@@ -89,8 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--payload", default="{}", help="JSON, or @file.json")
     submit.add_argument("--priority", type=int, default=50)
     submit.add_argument("--max-retries", type=_count, default=3, help="a whole number, 0 or more (default 3)")
-    submit.add_argument("--wait", action="store_true", help="follow progress to the end")
-    submit.add_argument("--timeout", type=float, default=600)
+    submit.add_argument("--wait", action="store_true", help="follow progress to the end; exit 0 completed, "
+                        "1 failed or cancelled, 124 still running at --timeout (the job goes on), 130 Ctrl-C")
+    submit.add_argument("--timeout", type=float, default=600,
+                        help="seconds --wait follows the job (default 600); a lost Redis is retried until then")
     submit.set_defaults(func=ops.cmd_submit)
 
     job = sub.add_parser("job", help="a job's timeline: claims, progress, failures, retries, the end")

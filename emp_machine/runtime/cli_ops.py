@@ -14,6 +14,10 @@ from emp_machine.errors import EmpError, NoMachineRunning
 
 
 # -- operating a running machine ----------------------------------------------------------------------------
+class SeveralMachinesRunning(NoMachineRunning):
+    """No machine named, and more than one runs: no command may fall back to a default, --manifest says which."""
+
+
 def _target(args) -> dict:
     """The running machine's pointer document: from --manifest / $EMP_MANIFEST, else the only one running
     (under the per-user state root, or where the default manifest puts its state)."""
@@ -35,7 +39,7 @@ def _target(args) -> dict:
                                "`emp-machine --manifest <file>`, or name its manifest with --manifest")
     if len(machines) > 1:
         names = ", ".join(f"{m['machine_id']} ({m['manifest']})" for m in machines.values())
-        raise NoMachineRunning(f"{len(machines)} machines are running ({names}); choose one with --manifest")
+        raise SeveralMachinesRunning(f"{len(machines)} machines are running ({names}); choose one with --manifest")
     return next(iter(machines.values()))
 
 
@@ -135,6 +139,8 @@ def cmd_errors(args) -> int:
     else:
         try:
             logs_dir = Path(_target(args)["logs"])
+        except SeveralMachinesRunning:
+            raise  # --manifest says which
         except NoMachineRunning:  # a stopped machine's logs are still worth reading
             state = mf.load(getattr(args, "manifest", None) or mf.default_manifest()).machine.state_dir
             logs_dir = Path(state) / "logs"
@@ -255,10 +261,10 @@ def _state_dir(args) -> Path:
         return Path(args.state_dir)
     try:
         return Path(_target(args)["logs"]).parent  # the pointer names <state_dir>/logs
+    except SeveralMachinesRunning:
+        raise  # --manifest says which
     except NoMachineRunning:
         explicit = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST")
-        if not explicit and len(mf.running_machines()) > 1:
-            raise  # several are running: --manifest says which
         return Path(mf.load(explicit or mf.default_manifest()).machine.state_dir)
 
 
@@ -431,6 +437,8 @@ def _store(args):
     if not url:
         try:
             url = _target(args).get("redis_url")
+        except SeveralMachinesRunning:
+            raise  # the job would go to whichever Redis the default manifest names: --manifest says which
         except NoMachineRunning:
             url = None
     if not url:
@@ -481,6 +489,7 @@ def cmd_try(args) -> int:
 
 def cmd_submit(args) -> int:
     from emp_machine.runtime import queries
+    from emp_machine.telemetry.redact import redact_text
 
     payload = _payload(args.payload)
     from emp_machine.telemetry.context import new_span_id, new_trace_id
@@ -494,19 +503,66 @@ def cmd_submit(args) -> int:
                               trace=trace)
     except ValueError as exc:  # the contract's fields refused a value (jobs.contract_fields names it)
         raise EmpError(f"job not submitted: {exc}") from None
-    print(job_id)
+    print(job_id, flush=True)
     if not args.wait:
         return 0
-
-    def bar(percent: float, message: str) -> None:
-        filled = int(percent / 5)
-        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}% {message[:40]:<40}", end="", flush=True)
-
-    job = queries.wait_for_end(client, store, job_id, bar, args.timeout)
-    print()
-    status = job.get("status", "unknown")
-    print(f"{job_id}: {status}" + (f" ({job.get('error')})" if status == "failed" else ""))
+    progress = _ProgressView(sys.stdout)
+    try:
+        job = queries.wait_for_end(client, job_id, progress.update, args.timeout, on_note=progress.note)
+    except KeyboardInterrupt:
+        progress.end_line()
+        print(f"{job_id}: no longer followed (the job goes on; `emp-machine job {job_id}` shows where it is)",
+              file=sys.stderr)
+        return 130
+    except EmpError:
+        progress.end_line()
+        raise
+    progress.end_line()
+    status = job.get("status") or "unknown"
+    if status not in queries.END_STATUSES:
+        print(f"{job_id}: still {status} after {args.timeout:g}s (the job goes on)")
+        return WAIT_TIMED_OUT
+    error = redact_text(job.get("error") or "")
+    print(f"{job_id}: {status}" + (f" ({error})" if status != "completed" and error else ""))
     return 0 if status == "completed" else 1
+
+
+WAIT_TIMED_OUT = 124  # `submit --wait`: 0 completed, 1 failed or cancelled, 124 timed out, 130 interrupted
+
+
+class _ProgressView:
+    """`submit --wait`'s progress: a bar redrawn in place on a terminal; elsewhere (a log file, a pipe) a
+    plain line each time the percent enters another 10 % step, so a log holds no carriage returns."""
+
+    def __init__(self, out):
+        self.out = out
+        self.tty = out.isatty()
+        self.drawn = False  # a bar is on the current line
+        self.step = None  # the last 10 % step printed (not on a terminal)
+
+    def update(self, percent: float, message: str) -> None:
+        message = " ".join(message.split())  # one line, whatever the producer sent
+        if self.tty:
+            filled = int(percent / 5)
+            self.out.write(f"\r[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}% {message[:40]:<40}")
+            self.out.flush()
+            self.drawn = True
+            return
+        step = int(percent) // 10
+        if step != self.step:  # up as the job goes on, down when a retry starts over
+            self.step = step
+            self.out.write(f"progress {int(percent)}%" + (f"  {message[:100]}" if message else "") + "\n")
+            self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.end_line()
+        print(text, file=sys.stderr, flush=True)
+
+    def end_line(self) -> None:
+        if self.drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self.drawn = False
 
 
 def _read_failed(client, exc, what: str, expected: dict[str, str]) -> EmpError:

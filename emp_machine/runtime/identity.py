@@ -56,7 +56,15 @@ _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 def redact_url(url: str) -> str:
-    """Hide the user info of a URL (the password, and a user name that may be a token); anything else passes
+    """Hide the user info of a URL (the password, and a user name that may be a token) and the values of
+    query parameters named like a credential (password, username, token, secret, key...); anything else passes
     unchanged. Text, not a parsed URL: it runs on error paths, so a URL that does not parse (a port that is
     not a number, a broken IPv6 address) is redacted all the same instead of raising or passing through."""
-    return _USERINFO.sub(r"\1***@", url)
+    url = _USERINFO.sub(r"\1***@", url)
+    head, mark, query = url.partition("?")
+    if not mark:
+        return url
+    # A query parameter named like a credential (redis-py's from_url takes ?password= and ?username=; other
+    # clients ?token=, ?api_key=...): its value goes, up to the next parameter (a "#" may be the password's).
+    return head + mark + re.sub(r"(?i)((?:^|[&;])[^=&;#]*(?:pass|pwd|token|secret|key|user|auth|credential|sig)"
+                                r"[^=&;#]*=)[^&;]*", r"\1***", query)

@@ -6,6 +6,7 @@ Data in, data out: `cli.py` prints tables or JSON from what these return.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -37,7 +38,8 @@ def _iso_to_ms(value: str) -> int | None:
         return None
 
 
-_STEP_ORDER = ["queue_wait_ms", "claim_to_start_ms", "preprocessing_ms", "service_call_ms", "postprocessing_ms"]
+_STEP_ORDER = ["queue_wait_ms", "claim_to_start_ms", "preprocessing_ms", "service_call_ms", "postprocessing_ms",
+               "run_ms"]
 
 
 def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
@@ -51,6 +53,9 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
     if created and not any(ev.get("ev") == "submitted" for ev in events):
         # Submitted by the EMP API, which keeps no timeline: its created_at is the submission.
         events.insert(0, {"t": created, "ev": "submitted", "by": "api (created_at)"})
+    from_hash = not any(ev.get("ev") != "submitted" for ev in events)
+    if from_hash:  # run by an API-side / Node worker, which keeps no timeline either: the hash's times
+        events = sorted(events + _hash_steps(job), key=lambda ev: _event_ms(ev.get("t")) or 0)
     steps: list[Step] = []
     previous = None
     durations: dict[str, int | float] = {}
@@ -81,6 +86,13 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
     status = job.get("status", "unknown")
     finished = _iso_to_ms(job.get("completed_at", "")) if status == "completed" else \
         _iso_to_ms(job.get("failed_at", "")) if status == "failed" else None
+    started = _iso_to_ms(job.get("started_at", ""))
+    if from_hash and finished and started and finished >= started:
+        durations["run_ms"] = finished - started  # no worker-measured steps: the start to the end
+    # Written by workers and the API as they were: an error or a progress message may quote a key or a URL
+    # with its password (redacted as the machine's logs are).
+    error = redact_text(str(job.get("error", "")))
+    progress = {k: redact_text(v) if isinstance(v, str) else v for k, v in data.progress.items()}
     return {
         "job_id": job_id,
         "status": status,
@@ -91,15 +103,35 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         "max_retries_is_default": _count(job.get("max_retries"), default=None) is None,
         "worker_id": job.get("worker_id", ""),
         # The hash keeps the last failure's error after a retry succeeds: an error only when the job failed.
-        "error": job.get("error", "") if status == "failed" else "",
-        "earlier_error": job.get("error", "") if status != "failed" else "",
+        "error": error if status == "failed" else "",
+        "earlier_error": error if status != "failed" else "",
         "trace_id": job.get("job_trace_id", ""),
         "total_ms": finished - created if finished and created else None,
-        "progress": data.progress,
-        "durations": {k: durations[k] for k in sorted(durations, key=_STEP_ORDER.index)
-                      if k in _STEP_ORDER} | {k: v for k, v in durations.items() if k not in _STEP_ORDER},
+        "progress": progress,
+        "durations": {k: durations[k] for k in sorted((k for k in durations if k in _STEP_ORDER),
+                                                      key=_STEP_ORDER.index)}
+                     | {k: v for k, v in durations.items() if k not in _STEP_ORDER},
         "steps": [asdict(s) for s in steps],
     }
+
+
+def _hash_steps(job: dict[str, str]) -> list[dict[str, Any]]:
+    """The steps a job hash records by itself (claim, start, the end), for a job whose worker keeps no
+    timeline (the EMP API's Node workers): each from its time field, with the worker or the error."""
+    steps: list[dict[str, Any]] = []
+    for name, field in (("claimed", "assigned_at"), ("started", "started_at"), ("completed", "completed_at"),
+                        ("failed", "failed_at")):
+        at = _iso_to_ms(job.get(field, ""))
+        if at is None:
+            continue
+        step: dict[str, Any] = {"t": at, "ev": name}
+        if name == "claimed" and job.get("worker_id"):
+            step["worker_id"] = job["worker_id"]
+        if name == "failed" and job.get("error"):
+            step["error"] = job["error"]  # redacted with the rest of the detail
+        step["from"] = f"job hash ({field})"
+        steps.append(step)
+    return steps
 
 
 def stuck(store: JobStore) -> list[dict[str, Any]]:
@@ -133,31 +165,83 @@ def _count(text: str | None, default: int = 0) -> int | str:
     return text if number is None else number
 
 
-def wait_for_end(client, store: JobStore, job_id: str, on_progress, timeout_s: float) -> dict[str, str]:
-    """Follow a job's progress until it completes or fails for good (or the timeout); returns its hash.
-    Losing Redis on the way is an EmpError naming the job, not a traceback."""
+# A job's end, as `submit --wait` sees it: completed, failed for good, or cancelled ("cancelled" is what an
+# API may write; the contract's cancel is status=failed).
+END_STATUSES = ("completed", "failed", "cancelled")
+_CHANNELS = ("update_job_progress", "complete_job", "job_failed", "cancel_job")
+_REREAD_S = 1.0  # the job's hash is read at least this often, whatever the channels carry
+
+
+def wait_for_end(client, job_id: str, on_progress, timeout_s: float,
+                 on_note=None) -> dict[str, str]:
+    """Follow a job's progress until it completes, fails for good or is cancelled, or the timeout; returns its
+    hash (its status is not one of END_STATUSES after a timeout). `on_progress(percent, message)` gets each
+    update for this job whose progress is a finite number, clamped to 0..100, the message redacted.
+    A lost connection to Redis is retried with back-off until the timeout (`on_note(text)` says so, and when
+    it is back); still lost then, or any other Redis error, is an EmpError naming the job, not a traceback."""
     from redis.exceptions import RedisError
 
     try:
-        return _follow(client, store, job_id, on_progress, timeout_s)
+        return _follow(client, job_id, on_progress, time.monotonic() + timeout_s, on_note or (lambda text: None))
     except RedisError as exc:
         raise EmpError(f"lost Redis while following job {job_id} ({exc.__class__.__name__}); the job goes "
                        f"on: `emp-machine job {job_id}` shows where it is") from None
 
 
-def _follow(client, store: JobStore, job_id: str, on_progress, timeout_s: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe("update_job_progress", "complete_job", "job_failed")
+def progress_percent(value: Any) -> float | None:
+    """A progress value from a message as a percent (0..100), None when it is no finite number (another
+    producer's "n/a", NaN, an object): such an update is skipped rather than shown or failed on."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
     try:
-        look = True  # read the job at first, after its own complete/fail message, and when idle
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return min(100.0, max(0.0, number)) if math.isfinite(number) else None
+
+
+def _follow(client, job_id: str, on_progress, deadline: float, on_note) -> dict[str, str]:
+    from redis.exceptions import ConnectionError as ConnectionLost
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from emp_machine.runtime.jobs import job_key
+
+    pubsub = None
+    backoff = 0.25
+    lost = None  # the connection error being retried, None while connected
+    last_read = None  # monotonic time of the last read of the job's hash
+    look = True  # read the job at first, after a message that may end it, and when idle
+    try:
         while time.monotonic() < deadline:
-            if look:
-                job = store.timeline(job_id).job
-                if job.get("status") in ("completed", "failed"):
-                    return job
-                look = False
-            msg = pubsub.get_message(timeout=0.5)
+            try:
+                if pubsub is None:
+                    pubsub = client.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(*_CHANNELS)
+                    look = True  # anything published while not subscribed was missed
+                if look or last_read is None or time.monotonic() - last_read >= _REREAD_S:
+                    job = client.hgetall(job_key(job_id))
+                    last_read, look = time.monotonic(), False
+                    if lost is not None:
+                        on_note(f"reconnected to Redis; following job {job_id} again")
+                        lost, backoff = None, 0.25
+                    if not job:
+                        raise EmpError(f"job {job_id} is no longer in Redis (deleted, or Redis restarted without "
+                                       f"its data)")
+                    if job.get("status") in END_STATUSES:
+                        return job
+                msg = pubsub.get_message(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except (ConnectionLost, RedisTimeout) as exc:
+                if pubsub is not None:
+                    _close_quietly(pubsub)
+                    pubsub = None
+                wait = min(backoff, deadline - time.monotonic())
+                if wait <= 0:
+                    raise
+                if lost is None:
+                    on_note(f"lost Redis ({exc.__class__.__name__}); retrying until the timeout")
+                lost, backoff = exc, min(backoff * 2, 5.0)
+                time.sleep(wait)  # back-off before the next attempt
+                continue
             if not msg or msg.get("type") != "message":
                 look = True  # quiet for a while: look, in case a message was missed
                 continue
@@ -168,12 +252,26 @@ def _follow(client, store: JobStore, job_id: str, on_progress, timeout_s: float)
             if not isinstance(body, dict) or body.get("job_id") != job_id:
                 continue
             if "progress" in body:
-                on_progress(float(body.get("progress") or 0), str(body.get("message") or ""))
-            if msg.get("channel") in ("complete_job", "job_failed"):
+                percent = progress_percent(body.get("progress"))
+                if percent is not None:
+                    message = body.get("message")
+                    on_progress(percent, redact_text(message if isinstance(message, str) else
+                                                     "" if message is None else json.dumps(message, default=str)))
+            if msg.get("channel") in ("complete_job", "job_failed", "cancel_job"):
                 look = True
-        return store.timeline(job_id).job
+        if lost is not None:
+            raise lost
+        return client.hgetall(job_key(job_id))
     finally:
+        if pubsub is not None:
+            _close_quietly(pubsub)
+
+
+def _close_quietly(pubsub) -> None:
+    try:
         pubsub.close()
+    except Exception:  # closing a connection already lost: nothing more to do with it
+        pass
 
 
 def format_ms(ms: float | None) -> str:
