@@ -86,10 +86,27 @@ local function drop(c, member, id, remove)
   end
 end
 
+-- For drop(): move a job whose hash no longer belongs to the queue it was read from (the API wrote the id
+-- again with another type, requirements or customer, and this claim had no hint of it) to where its hash
+-- says, as adopt(id, true) does; a job no longer in jobs:pending just leaves the index. Returns the entry
+-- removed, as index_remove does: nil when the job's own entry is elsewhere and current already (the entry
+-- read is then a leftover, which drop() removes).
+local function reindex(id)
+  if not redis.call('ZSCORE', KEYS[1], id) then return index_remove(id) end
+  local f = redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS))
+  local loc = redis.call('HGET', KEYS[2], id)
+  if loc and index_current(id, loc, f) then return nil end
+  local q, indexed = index_remove(id)
+  index_add(id, f)
+  return q, indexed
+end
+
 -- Take the best head until one can run: a job whose hash is missing, or that is no longer pending, is
--- removed from the queue (never run from it); another workflow's job, one whose retry is not due yet
--- (retry_at, e.g. a service's Retry-After), or one this worker just failed, is passed over. A job that
--- left jobs:pending without us (e.g. removed by the API) leaves the index.
+-- removed from the queue (never run from it); one whose hash says another type or requirement class than
+-- the queue's is indexed again where its hash says (never run from the stale entry; a later claim may take
+-- it there); another workflow's job, one whose retry is not due yet (retry_at, e.g. a service's
+-- Retry-After), or one this worker just failed, is passed over. A job that left jobs:pending without us
+-- (e.g. removed by the API) leaves the index.
 local id, member, job, best, soonest
 while true do
   local best_score
@@ -118,6 +135,10 @@ while true do
   elseif status and status ~= '' and status ~= 'pending' then
     drop(best, member, id, dequeue)
     if status == 'failed' or status == 'cancelled' then add_event(id, {t = now, ev = 'dropped', status = status}) end
+  elseif (job.service_required or '') ~= best.svc
+      or not in_class(best.svc, best.cls, job.requirements, job.customer_id) then
+    -- read through a stale entry: never run from it (a worker of the old type or class would run it)
+    drop(best, member, id, reindex)
   elseif w.wf and job.workflow_id ~= w.wf then
     -- another workflow: pass over
   elseif job.retry_at and (tonumber(job.retry_at) or 0) > now then

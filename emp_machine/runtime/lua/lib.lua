@@ -267,6 +267,32 @@ local function index_current(id, loc, f)
   return indexed ~= false and tonumber(indexed) == tonumber(fmt(score))
 end
 
+-- Per class id: its requirements text, customer and whether the requirements ask for customer isolation,
+-- read once from jobs:idx:classes:{service}. A class id hashes its texts, so an entry never goes stale;
+-- kept between calls under FCALL (one call under EVAL), emptied when it grows past its bound.
+local CLASS_TEXTS_MAX = 4096
+local class_texts, class_texts_size = {}, 0
+
+-- Whether a job's requirements text `raw` and customer still give class `cls` of job type `svc`
+-- (class_of(raw, customer_id) == cls): for a claim's head, whose hash the API may have written again since
+-- it was queued. Usually a comparison of texts; class_of only when they differ.
+local function in_class(svc, cls, raw, customer_id)
+  raw = raw or ''
+  if cls == '0' and raw == '' then return true end
+  local e = class_texts[cls]
+  if not e then
+    local ok, d = pcall(cjson.decode, redis.call('HGET', 'jobs:idx:classes:' .. svc, cls) or '')
+    if ok and type(d) == 'table' and type(d[1]) == 'string' and type(d[2]) == 'string' then
+      local _, _, probe = class_of(d[1], '?')  -- class_of keeps the customer only for isolating requirements
+      e = {raw = d[1], cust = d[2], iso = probe == '?'}
+      if class_texts_size >= CLASS_TEXTS_MAX then class_texts, class_texts_size = {}, 0 end
+      class_texts[cls], class_texts_size = e, class_texts_size + 1
+    end
+  end
+  if e and raw == e.raw and (not e.iso or (customer_id or '') == e.cust) then return true end
+  return (class_of(raw, customer_id)) == cls
+end
+
 -- Index a job that reached jobs:pending without us (the EMP API writes only jobs:pending + job:{id}).
 -- 1 = indexed, 0 = nothing to do, -1 = its hash is missing, so it was removed from the queue.
 -- `deep`: a job already indexed is indexed again when its hash no longer says what the entry says (the API

@@ -7,6 +7,10 @@ local id = ARGV[1]
 local jkey = 'job:' .. id
 local fields = {}
 for i = 2, #ARGV do table.insert(fields, ARGV[i]) end
+-- An id submitted again is a new job: the retry bookkeeping of the earlier one (fail.lua's fields) would
+-- hold it back (retry_at), keep it from the worker that failed that one (last_failed_worker, failed_at) or
+-- answer a stale attempt's fail as done (failed_token). The contract's submission fields are written over.
+redis.call('HDEL', jkey, 'retry_at', 'last_failed_worker', 'failed_at', 'failed_token')
 redis.call('HSET', jkey, unpack(fields))
 enqueue(id)
 local now = now_ms()
