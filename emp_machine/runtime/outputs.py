@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import mimetypes
 import re
 from collections.abc import Mapping
@@ -91,10 +92,26 @@ class _Spiller:
             suffix = (mimetypes.guess_extension(mime) if mime else None) or sniff_image_suffix(data)
             mime = mime or mimetypes.guess_type(f"x{suffix}")[0] or "application/octet-stream"
         path = unique_path(self.directory, safe_name(name, "inline") + suffix)
-        path.write_bytes(data)
+        created = False
+        try:
+            with path.open("wb") as out:
+                created = True
+                out.write(data)
+        except BaseException:
+            if created:  # a write that failed half-way (disk full): no partial file left behind
+                with contextlib.suppress(OSError):  # never hide the write's own error behind the clean-up's
+                    path.unlink(missing_ok=True)
+            raise
         output = OutputFile(str(path), mime, len(data))
         self.files.append(output)
         return output
+
+    def discard(self) -> None:
+        """Remove the files stored so far."""
+        for output in self.files:
+            with contextlib.suppress(OSError):
+                Path(output.path).unlink(missing_ok=True)
+        self.files.clear()
 
     @staticmethod
     def _decode(payload: str) -> bytes | None:
@@ -110,6 +127,10 @@ def spill(result: JobResult, directory: Path) -> JobResult:
     if not needs_spill(result):
         return result
     spiller = _Spiller(directory)
-    data = spiller.walk(result.data, "data")
-    metadata = spiller.walk(dict(result.service_metadata), "metadata")
+    try:
+        data = spiller.walk(result.data, "data")
+        metadata = spiller.walk(dict(result.service_metadata), "metadata")
+    except BaseException:
+        spiller.discard()  # a spill that failed part-way leaves none of its files: the job is not recorded
+        raise
     return replace(result, data=data, service_metadata=metadata, outputs=[*result.outputs, *spiller.files])

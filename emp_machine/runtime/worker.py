@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -39,6 +41,8 @@ from emp_machine.telemetry.redact import redact_text
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
 DRAIN_MARGIN_S = 2.0  # kept from stop_grace to hand a job back before supervisord's SIGKILL
+TELEMETRY_SHUTDOWN_S = 5.0  # the last flush and shipping attempt at exit, at most (within stop_grace on a drain)
+EXIT_WAIT_S = 1.0  # at exit, tasks still running (a connector run that ignores cancellation) get this long
 REDIS_RETRY_MAX_S = 5.0
 CANCEL_GRACE_S = 2.0  # a connector told to stop gets this long before its progress calls raise JobCancelled
 # The contract renews `worker:{id}:heartbeat` (TTL 60 s) at least every 30 s, whatever the lease: a beat is
@@ -52,6 +56,13 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 class _CancelledAtComplete(JobCancelled):
     """The complete script found the job cancelled by the API: it already released the job (and wrote the
     timeline's `cancelled` event), so nothing more is sent for it."""
+
+
+@dataclass(frozen=True)
+class _Escaped:
+    """A BaseException (SystemExit) out of connector.run, boxed on its way out of the run's task."""
+
+    error: BaseException
 
 
 class _StoppedAtStart(Exception):
@@ -138,12 +149,15 @@ class _Progress:
         self.pending: tuple[int, float, str] | None = None
         self.flusher: asyncio.Task | None = None
         self.lock = asyncio.Lock()
+        self.closed = False  # the connector's time is over (it returned, or its deadline passed): nothing is written
+        self.abandoned = False  # the worker stopped waiting for the connector (_call_connector): its calls raise
 
     def _stopping(self) -> bool:
         """True once the job is to stop (cancelled or lost). The connector was told through cancel() and
         stops its service-side work its own way (e.g. A1111's /interrupt): raising here at once would
         unwind it before it could. Only a connector still reporting progress CANCEL_GRACE_S later, one
-        that ignores cancel(), gets JobCancelled from this callback."""
+        that ignores cancel(), gets JobCancelled from this callback (and its run is cancelled then:
+        _call_connector)."""
         since = self.worker.stop_requested.get(self.job.id)
         if since is None:
             return False
@@ -152,9 +166,14 @@ class _Progress:
         return True
 
     async def __call__(self, percent: float, message: str = "") -> None:
-        if self._stopping():
+        if self.abandoned:  # a connector still running after the worker gave its job up: told to stop again
+            raise JobCancelled(f"job {self.job.id} is no longer running on this worker")
+        if self._stopping() or self.closed:
             return  # nothing more is written for a job that is not ours to report on
-        percent = max(0.0, min(100.0, float(percent)))
+        percent = float(percent)
+        if not math.isfinite(percent):
+            return  # NaN or infinity is no progress (clamped, NaN read as 100: the job looked finished)
+        percent = max(0.0, min(100.0, percent))
         self.seq += 1
         now = time.monotonic()
         if percent in (0.0, 100.0):
@@ -209,6 +228,7 @@ class _Progress:
         return eta.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def close(self) -> None:
+        self.closed = True
         if self.flusher is not None:
             self.flusher.cancel()
 
@@ -234,8 +254,10 @@ class Worker:
         self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
         self.lost: set[str] = set()  # the lease went to the reaper (or the hash vanished): stop, write nothing
         self.stop_requested: dict[str, float] = {}  # job id -> when the connector was told to stop it
+        self._stop_wakers: dict[str, asyncio.Event] = {}  # job id -> set by request_stop (_call_connector waits)
         self.orphans_seen: set[str] = set()  # in jobs:active for us but not running here, at the last heartbeat
         self.draining = asyncio.Event()
+        self.drain_started: float | None = None  # monotonic time of the first SIGTERM / SIGINT
         self.status = "offline"  # as last written to worker:{id}
         # This process's token in worker:{id}: its exit (offline) write leaves a same-id successor alone.
         self.instance = f"{os.getpid()}-{os.urandom(6).hex()}"
@@ -382,6 +404,15 @@ class Worker:
             self.slot_freed.add(task)
             self.slots.release()
 
+    def shutdown_budget(self) -> float:
+        """What telemetry's last flush and shipping may take at exit: TELEMETRY_SHUTDOWN_S, or on a drain what
+        is left of stop_grace (less a moment for the exit), so a collector that never answers does not keep the
+        worker until supervisord's SIGKILL. The records stay in the buffer for the next start either way."""
+        if self.drain_started is None:
+            return TELEMETRY_SHUTDOWN_S
+        left = self.drain_started + self.group.stop_grace - 0.5 - time.monotonic()
+        return min(TELEMETRY_SHUTDOWN_S, max(0.2, left))
+
     def drain_budget(self) -> tuple[float, float]:
         """(grace, margin): running jobs get `grace` to finish, then `margin` is left to hand them back
         before supervisord's SIGKILL (stopwaitsecs = stop_grace). The margin shrinks with a short grace."""
@@ -454,19 +485,11 @@ class Worker:
                     # The service's work is a child of this span: its context goes in every request's headers.
                     headers = tel.http_headers(job.id)
                     connector_job = replace(connector_job, traceparent=headers.get("traceparent"), headers=headers)
-                    deadline = asyncio.timeout(timeout)
                     mark = time.monotonic()
                     returned = False
                     try:
-                        async with deadline:
-                            result = await self.connector.run(connector_job, progress)
+                        result = await self._call_connector(job, connector_job, progress, timeout)
                         returned = True
-                    except TimeoutError:
-                        if not deadline.expired():
-                            raise  # the connector's own timeout (e.g. an HTTP call): classified below
-                        await self._safe_cancel(job.id)
-                        tel.events.emit("job.timeout", level=logging.WARNING, job_id=job.id, timeout_s=timeout)
-                        raise RetryableJobError(f"job timed out after {timeout:g}s") from None
                     finally:
                         steps["service_call"] = (time.monotonic() - mark) * 1000
                         if not returned:  # failed: the slot goes to the next claim while the failure is written
@@ -516,6 +539,96 @@ class Worker:
             finally:
                 progress.close()
 
+    async def _call_connector(self, job: Job, connector_job: ConnectorJob, progress: _Progress,
+                              timeout: float) -> JobResult:
+        """`connector.run` in a task of its own, watched: the job's outcome, bounded whatever the connector does.
+
+        At the job's deadline the run is cancelled and the connector's cancel() called; the job fails as
+        retryable ("job timed out after Ns") whatever the run does next: a result or an error it returns
+        once cancelled is discarded. A stop (API cancel, lost lease) gives the connector CANCEL_GRACE_S to
+        end its own way (cancel() was called), then its run is cancelled. Either way a run still going
+        CANCEL_GRACE_S after its cancellation ignores it: the worker stops waiting (logged as an error), the
+        run goes on detached, its progress raises JobCancelled and writes nothing, its result is dropped,
+        and the slot goes to the next job. Waited for as before, such a connector held the slot forever
+        while the heartbeat renewed the job's lease."""
+        run = asyncio.create_task(self._connector_run(connector_job, progress), name=f"connector-{job.id}")
+        expires = time.monotonic() + timeout
+        woken = self._stop_wakers[job.id] = asyncio.Event()
+        stop_seen = asyncio.ensure_future(woken.wait())
+        try:
+            while not run.done():
+                since = self.stop_requested.get(job.id)
+                until = expires if since is None else min(expires, since + CANCEL_GRACE_S)
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.wait({run} if since is not None else {run, stop_seen}, timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The job's own task (a drain, a second signal): the run goes with it. Its unwinding is not
+            # waited for here (the hand-back is written first); _drain gives it what is left of its budget.
+            run.cancel()
+            self._keep_side_task(run)
+            raise
+        finally:
+            stop_seen.cancel()
+            if self._stop_wakers.get(job.id) is woken:
+                del self._stop_wakers[job.id]
+        if run.done():  # it ended on its own, before the deadline or a stop's grace ran out
+            value = run.result()
+            if isinstance(value, _Escaped):
+                raise value.error
+            return value
+        stopped = job.id in self.stop_requested
+        progress.close()  # the run is cancelled now: a progress call it still makes is not written
+        run.cancel()
+        self._keep_side_task(run)  # referenced whatever happens next (the loop keeps only weak references)
+        if stopped:
+            await asyncio.wait({run}, timeout=CANCEL_GRACE_S)
+        else:
+            tel = self.telemetry
+            tel.events.emit("job.timeout", level=logging.WARNING, job_id=job.id, timeout_s=timeout)
+            cancel_call = self._keep_side_task(asyncio.ensure_future(self._safe_cancel(job.id)))
+            await asyncio.wait({run, cancel_call}, timeout=CANCEL_GRACE_S)
+        if not run.done():
+            progress.abandoned = True
+            self.log.error(f"connector {self.group.connector} ignored the cancellation of job {job.id}: still "
+                           f"running {CANCEL_GRACE_S:g}s after it; the worker stopped waiting for it (it goes on "
+                           f"detached, its result is dropped) and takes the next job. The connector must let "
+                           f"asyncio.CancelledError end its run()",
+                           extra={"event_type": "job.abandoned", "job_id": job.id,
+                                  "connector": self.group.connector})
+            run.add_done_callback(functools.partial(self._abandoned_run_ended, job.id))
+        elif not run.cancelled():
+            run.exception()  # whatever it returned or raised once cancelled is not the job's outcome
+        if stopped:
+            raise JobCancelled(f"job {job.id} was cancelled")
+        raise RetryableJobError(f"job timed out after {timeout:g}s")
+
+    async def _connector_run(self, connector_job: ConnectorJob, progress: _Progress) -> JobResult | _Escaped:
+        """connector.run, with a BaseException of its own (SystemExit) handed over boxed: raised out of a
+        task, the event loop re-raises SystemExit and the worker ends. _call_connector raises it again in
+        the job's task, where it fails the job alone."""
+        try:
+            return await self.connector.run(connector_job, progress)
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - see above
+            return _Escaped(exc)
+
+    def _abandoned_run_ended(self, job_id: str, run: asyncio.Task) -> None:
+        """An abandoned run ended after all: its outcome is read (no 'never retrieved' noise) and dropped."""
+        error = None if run.cancelled() else run.exception()
+        self.log.warning("an abandoned connector run ended; its outcome was dropped",
+                         extra={"event_type": "job.abandoned_ended", "job_id": job_id,
+                                "error": "" if error is None else f"{type(error).__name__}: {error}"})
+
+    def _keep_side_task(self, task: asyncio.Future) -> asyncio.Future:
+        """A task the job no longer waits for, kept (a drain gives it what is left of its budget)."""
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return task
+
     async def _job_error(self, job: Job, exc: BaseException, span: Any, started: float,
                          steps: dict[str, float]) -> None:
         """An exception out of the job's run, classified (errors.classify) and recorded as its outcome."""
@@ -534,8 +647,15 @@ class Worker:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         mark = time.monotonic()
         if outputs.needs_spill(result):  # a base64 image or a huge text inline: to files (contract)
-            result = await asyncio.to_thread(outputs.spill, result, Path(self.connector.context.output_dir)
-                                             / safe_name(job.id, "job"))
+            directory = Path(self.connector.context.output_dir) / safe_name(job.id, "job")
+            try:
+                result = await asyncio.to_thread(outputs.spill, result, directory)
+            except OSError as exc:
+                # The worker's own step, not the connector's error (and the disk may have room again
+                # later): retryable, naming the directory; spill removed the files it had written.
+                raise RetryableJobError(f"cannot store the job's outputs in {directory}: "
+                                        f"{exc.strerror or type(exc).__name__}; free space there or fix its "
+                                        f"permissions") from None
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
         self._free_slot(job_task)
@@ -624,6 +744,8 @@ class Worker:
         if job_id in self.stop_requested:
             return
         self.stop_requested[job_id] = time.monotonic()
+        if job_id in self._stop_wakers:
+            self._stop_wakers[job_id].set()
         task = asyncio.get_running_loop().create_task(self._safe_cancel(job_id))
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
@@ -681,6 +803,7 @@ class Worker:
     # -- signals, heartbeat, reaper ----------------------------------------------------------------------
     def _on_signal(self) -> None:
         if not self.draining.is_set():
+            self.drain_started = time.monotonic()
             self.draining.set()
             if self._signals is not None:
                 self._signals.interrupt()  # an idle claim loop stops waiting for jobs
@@ -809,6 +932,7 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
 
     ident = WorkerIdentity.from_environ(manifest, index, environ)
     group = manifest.workers[ident.group]
+    worker: Worker | None = None
     # This process's own OTEL_* (its group's `env`, which supervisord hands to it) over the manifest's
     # telemetry, as any OTel process honours its own: run/manifest.json holds only the machine's.
     where = f"workers.{ident.group}.env"
@@ -848,9 +972,27 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
         finally:
             await client.aclose()
     finally:
-        tel.shutdown(timeout=5)
+        tel.shutdown(timeout=worker.shutdown_budget() if worker is not None else TELEMETRY_SHUTDOWN_S)
 
 
 def run(manifest_path: Path, index: int, environ: Mapping[str, str]) -> int:
     manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
-    return asyncio.run(serve(manifest, index, environ))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = loop.run_until_complete(serve(manifest, index, environ))
+    # Tasks still running now are connector runs that ignored their cancellation (_call_connector): cancelled
+    # once more and given EXIT_WAIT_S, never waited for without end as asyncio.run does (the worker hung at
+    # exit until supervisord's SIGKILL). Everything of ours (the hand-backs, the offline write, telemetry's
+    # flush) is done by now.
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.wait(left, timeout=EXIT_WAIT_S))
+    if any(not task.done() for task in left):
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)  # a coroutine that refuses to end cannot keep the process
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+    return code
