@@ -529,7 +529,8 @@ def test_logs_events_and_spans_appended_before_a_sigkill_read_back_whole(tmp_pat
     assert event[7] == "job.completed" and event[4]["duration_ms"] == 12 and event[4]["job_id"] == "job-1"
 
 
-def test_a_commit_that_fails_drops_and_counts_its_records_and_the_flush_returns(tmp_path, capfd):
+def test_a_commit_that_fails_keeps_its_records_and_the_flush_returns(tmp_path, capfd):
+    # They used to be dropped (write_error), and their stage file zeroed. More in tests/test_buffer_disk.py.
     drops: list[tuple[str, int]] = []
     buffer = Buffer(tmp_path / "b.db", on_drop=lambda reason, n: drops.append((reason, n)))
     try:
@@ -537,16 +538,17 @@ def test_a_commit_that_fails_drops_and_counts_its_records_and_the_flush_returns(
         for i in range(30):
             buffer.append(Kind.LOG, Value.NORMAL, _log(i))
         started = time.monotonic()
-        assert buffer.flush(10)
-        assert time.monotonic() - started < 5  # answered by the failed commit, not by the timeout
-        assert buffer.stats().dropped["write_error"] == 30 and drops == [("write_error", 30)]
-        assert "30 records dropped" in capfd.readouterr().err
-        buffer._db.execute("PRAGMA query_only = OFF")  # the disk has room again: the next records are kept
+        assert not buffer.flush(10)  # not committed: said at once, not by the timeout
+        assert time.monotonic() - started < 5
+        assert buffer.stats().dropped == {} and drops == [] and buffer.stats().queued == 30
+        assert "its 30 records are kept" in capfd.readouterr().err
+        buffer._db.execute("PRAGMA query_only = OFF")  # the disk has room again: all of them are committed
         for i in range(30, 40):
             buffer.append(Kind.LOG, Value.NORMAL, _log(i))
         assert buffer.flush(10)
-        assert [r[0] for r in _all_logs(buffer)] == list(range(30, 40))
-        assert len(list(tmp_path.glob("b.db.stage.*"))) == 2  # the failed commit's stage file was reused
+        assert [r[0] for r in _all_logs(buffer)] == list(range(40))
+        assert buffer.stats().dropped == {} and buffer.stats().queued == 0
+        assert len(list(tmp_path.glob("b.db.stage.*"))) == 2  # the failed commit's stage file is reused now
     finally:
         buffer.close()
 

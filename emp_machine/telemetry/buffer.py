@@ -28,6 +28,13 @@ If a stage file cannot be made (disk full, no mmap), records are only queued, an
 `flush_interval` (90 ms) while they come: then a SIGKILL loses at most that long. So do the records of a
 burst that fills the stage file before the writer has switched (it is woken at half), until that commit.
 
+A commit that fails (disk full, an I/O error) drops nothing: its records stay, in memory and in the stage files
+holding their frames (not reused until committed), and go with the next attempt, after a back-off; on
+SQLITE_FULL room is made first by the drop order below (`disk_full`); past `retry_limit` waiting records the
+least valuable go (`write_error`, saved and reported once a commit works). A file that cannot be opened at
+start (a full disk) does not stop the process: records wait in memory, and the writer opens it when it can.
+A stored chunk that does not decode is dropped when read (`corrupt`); the others are read.
+
 What a kill leaves is always a prefix of what was appended, in order (the tailer's offsets ride in frames,
 `append_with_state`: a later frame replayed without an earlier one would resume the tailer past lines never
 stored). So a frame that does not fit in the stage file (a full file, a frame over 2 MiB: a tailer backlog's
@@ -155,6 +162,12 @@ _STAGE_SIZE = 2 * 1024 * 1024  # bytes of one stage file (reserved with fallocat
 _STAGE_KEY = "emp.buffer.stage_seq"  # state row: the last stage file whose frames are in SQLite
 _COMMIT_BATCH = 1000  # records: a batch this big is committed at once
 _BAD_KEPT = 4  # damaged stage files (`.stage.<n>.bad`, 2 MiB each) kept for inspection, newest first
+# A commit that fails (disk full, an I/O error, the file not open yet) is tried again after this back-off,
+# doubling up to _RETRY_MAX; its stage files are kept, up to _RETRY_FILES (2 MiB each), then records wait in memory.
+_RETRY_FIRST = 0.5
+_RETRY_MAX = 10.0
+_RETRY_FILES = 4
+_KIND_NAMES = {1: "span", 2: "log", 3: "metric"}
 _ADD_COUNTER = ("INSERT INTO counters(name, value) VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
 # Records dropped while in flight, by reason, not counted yet (see `Buffer._drop_chunks`).
@@ -421,12 +434,13 @@ def _pending_in(path: Path) -> int | None:
 
 
 class _Flush:
-    """A marker on the queue: set once everything queued before it is committed."""
+    """A marker on the queue: set once everything queued before it is committed (`ok`), or the commit failed."""
 
-    __slots__ = ("done",)
+    __slots__ = ("done", "ok")
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.ok = True
 
 
 class Buffer:
@@ -434,7 +448,7 @@ class Buffer:
 
     def __init__(self, path: Path, *, max_size: int = 100 * 10**6, segment_size: int = 50 * 10**6,
                  retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 2.0,
-                 idle_check: float = 30.0,
+                 idle_check: float = 30.0, retry_limit: int = 20_000,
                  on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.max_size = max_size
@@ -446,17 +460,14 @@ class Buffer:
         self.on_drop = on_drop
         self.on_commit: Callable[[int], None] | None = None  # called by the writer with the records stored
         self._clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise BufferInUse(f"telemetry buffer {self.path} is held by another process") from None
+        # Records a failing commit may keep (in memory and stage files) before the least valuable are dropped.
+        self.retry_limit = retry_limit
+        self._lock_file = None  # the advisory lock's file, once taken (`_open_file`)
         # Drops found while opening (a corrupt file set aside, damaged stage frames), reported once the counters
         # are read: (reason, count, already in the counters table).
         self._startup_drops: list[tuple[str, int, bool]] = []
-        self._db = self._open_db()
+        # None until the file is open: a start on a full disk opens it later (`_open_file`, from the writer).
+        self._db: sqlite3.Connection | None = None
         self._db_lock = threading.Lock()
         # Producers: under _lock, an item goes on _queue and its frame into the current stage file at _pos.
         self._lock = threading.Lock()
@@ -479,7 +490,25 @@ class Buffer:
         self._db_broken = False  # the connection was closed after a failed ROLLBACK and not opened again yet
         self._since_checkpoint = 0
         self._last_retention = 0.0
-        self._stage_seq = self._recover_stage_files()
+        # Writer thread: what commits that failed (disk full, an I/O error, the file not open) keep, to be committed
+        # with the next attempt (`_commit`): records by (kind, value) and state values, the stage files holding
+        # their frames (map, bytes used, number: not reused until committed), how many records, whether staging is
+        # stopped behind them (`_commit_failed`), when the next attempt is due (monotonic; 0: none is), its delay.
+        self._retry_groups: dict[tuple[int, int], list] = {}
+        self._retry_states: dict[str, str] = {}
+        self._retry_files: list[tuple[mmap.mmap, int, int]] = []
+        self._retry_count = 0
+        self._retry_blocked = False
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self._retry_error: str | None = None  # the failing spell's error (reported once), None while commits work
+        self._retry_shed = 0  # records dropped past retry_limit in this failing spell
+        self._freeing_futile = False  # room was made on a full disk in this spell, and the commit failed all the same
+        # Under _db_lock: drop counts not saved yet (the file failing or not open), saved with the next commit that
+        # works and reported (on_drop) then: a report made while nothing could be written was lost with it.
+        self._unsaved: dict[str, int] = {}
+        self.open_error: str | None = None  # why the file could not be opened, while it is not open
+        self._stage_seq = 0
         self._stage_failing = False  # the last attempt to make a stage file failed (reported once)
         self._stage: mmap.mmap | None = None
         self._standby: mmap.mmap | None = None
@@ -491,30 +520,23 @@ class Buffer:
         # Frames not in any stage file, (tag, payload), oldest first: the last items of _queue, appended after
         # every frame staged (None: no writer any more, closed or a forked child, so none is kept).
         self._held: list[tuple[int, bytes]] | None = []
-        self._use_stage(self._open_stage(self._stage_seq), self._open_stage(self._stage_seq + 1))
+        self._stored_bytes = self._stored_records = 0
+        self._dropped: dict[str, int] = {}
+        # What earlier runs dropped, from the file once it is open (updated in place: the metric holds this dict).
+        self.dropped_before_open: dict[str, int] = {}
+        self._dead = 0
+        try:
+            self._open_file()
+        except BufferInUse:
+            raise
+        except (sqlite3.Error, OSError) as exc:  # a full disk, an I/O error: the process starts all the same
+            self._not_open(exc)
+        else:
+            self._use_stage(self._open_stage(self._stage_seq), self._open_stage(self._stage_seq + 1))
         # A process forked from this one (multiprocessing) shares the mapped stage files: it must not write
         # frames into them. Its records only queue, as they always did there (no writer thread runs in it).
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (buffer := ref()) is not None and buffer._forked())
-        # Its own limit (the process's share of the machine's), for readers such as `emp-machine telemetry`.
-        self._db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('buffer.max_size', ?)", (str(max_size),))
-        row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
-        self._stored_bytes, self._stored_records = int(row[0]), int(row[1])
-        self._count_left_in_flight()
-        self._dropped: dict[str, int] = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
-        # What earlier runs dropped (the damage found while opening is this run's news): a process's metrics
-        # count from here, since their start time is the process's (from 0 at each start, as OTel expects).
-        before = dict(self._dropped)
-        for reason, count, saved in self._startup_drops:
-            if saved:
-                before[reason] = before.get(reason, 0) - count
-        self.dropped_before_open = {reason: count for reason, count in before.items() if count > 0}
-        self._dead = int(self._db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
-        for reason, count, saved in self._startup_drops:  # counted and reported like any drop, never silent
-            if saved:  # saved with the frames moved in, so in the counters read just above
-                self._notify_drop(reason, count)
-            else:
-                self._count_drop(reason, count)
         self.writer_cpu = 0.0  # seconds of CPU the writer thread used (for telemetry's own overhead)
         self.passes = 0  # writer wake-ups that did a pass (an idle buffer adds none)
         self._writer = threading.Thread(target=self._run, name="telemetry-buffer-writer", daemon=True)
@@ -578,10 +600,10 @@ class Buffer:
         """Copy the held frames into the stage file, oldest first, as far as they fit (under _lock); when all
         are in, producers stage again. Those that do not fit stay held, for the writer's next commit."""
         held = self._held
-        if not held and self._limit >= 0:
+        if not held and self._limit >= 0 and not self._retry_blocked:
             return
         stage, pos, done = self._stage, self._pos, 0
-        if stage is not None:
+        if stage is not None and not self._retry_blocked:  # (stopped behind records a failed commit holds)
             for tag, data in held or ():
                 end = pos + 8 + len(data)
                 if end > _STAGE_SIZE:
@@ -592,7 +614,7 @@ class Buffer:
             self._pos = pos
         if held:
             del held[:done]
-        if held:
+        if held or self._retry_blocked:
             self._block()
         elif stage is not None:
             self._limit, self._wake_at = _STAGE_SIZE, _STAGE_SIZE // 2
@@ -609,18 +631,21 @@ class Buffer:
 
     def state(self, key: str) -> str | None:
         with self._db_lock:
-            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+            if self._db is not None:
+                row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+                return row[0] if row else None
+        return _read_state(self.path, key)  # not open for writing (a full disk): read-only, where it can be
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything queued before this call is committed; False on timeout or when closed."""
+        """Block until everything queued before this call is committed; False on timeout, when closed, or when the
+        commit failed (a full disk: the records are kept and committed later, see `_commit`)."""
         if self._closed:
             return False
         marker = _Flush()
         with self._lock:
             self._markers.append(marker)
         self._wake.set()
-        return marker.done.wait(timeout)
+        return marker.done.wait(timeout) and marker.ok
 
     def _forked(self) -> None:
         self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
@@ -634,7 +659,15 @@ class Buffer:
         due = 0.0  # when what is queued is to be committed (0: nothing queued at the last look)
         while True:
             closing = self._closed
-            if not closing and not self._queue and not self._markers:
+            if self._retry_at and not closing and not self._markers:
+                # A commit failed: the next attempt waits out its back-off, while records queue (a flush or close
+                # tries at once).
+                now = time.monotonic()
+                if now < self._retry_at:
+                    self._wake.wait(self._retry_at - now)
+                    self._wake.clear()
+                    continue
+            elif not closing and not self._queue and not self._markers:
                 # Nothing to commit: sleep until a record, a flush or close comes, or the retention pass is due.
                 self._sleeping = True
                 if not self._queue and not self._markers and not self._closed:  # after raising the flag
@@ -673,14 +706,17 @@ class Buffer:
     def _commit(self) -> list[_Flush]:
         """Take what is queued (switching producers to the standby stage file when the current one holds
         frames), encode it into chunks and insert them into SQLite in one transaction that records the retired
-        stage file's number; then the retired file, zeroed, is reused. On an SQLite error (disk full) the
-        records are dropped and counted, and the file is reused all the same. Returns the flush markers
-        taken: a flush waiting on a failed commit returns, it does not wait out its timeout."""
+        stage file's number; then the retired file, zeroed, is reused. A commit that fails (disk full, an I/O
+        error, the file not open yet) loses nothing: its records are kept, in memory and in the stage files
+        holding their frames (not reused until they are committed), and are committed with the next attempt,
+        after a back-off (`_commit_failed`); past `retry_limit` records the least valuable go (`_shed`). On a
+        full disk room is made first (`_store`). Returns the flush markers taken: a flush waiting on a failed
+        commit returns (False), it does not wait out its timeout."""
         with self._lock:
             items, self._queue = self._queue, deque()
             markers, self._markers = self._markers, []
             self._kicked = False
-            held = self._held  # the last of `items`: committed with them, or lost with them
+            held = self._held  # the last of `items`: in no stage file
             if held:
                 self._held = []
             retired, used = (self._stage, self._pos) if self._pos else (None, 0)
@@ -689,26 +725,44 @@ class Buffer:
                 self._stage_seq += 1
             if held:  # nothing is staged until this commit is done: a kill would replay it without `held`
                 self._block()
-        groups: dict[tuple[int, int], list] = {}
-        states: dict[str, str] = {}
+        groups, states = self._retry_groups, self._retry_states  # with what failed attempts kept, if any
         count = 0
         for item in items:
             count += _take(item, groups, states)
-        if not groups and not states and retired is None:
+        self._retry_count += count
+        if retired is not None:
+            self._retry_files.append((retired, used, self._stage_seq - 1))
+        if not (groups or states or self._retry_files or self._unsaved) and self._db is not None:
             return markers
-        rows: list[tuple] | None = None
+        rows: list[tuple] = []
+        saved: dict[str, int] = {}
         try:
-            rows = _rows(groups, self._clock())
-            self._insert(rows, states, self._stage_seq - 1)
-        except Exception as exc:  # disk full, an I/O error, a bug: these records are lost here, and counted
+            if self._db is None:
+                self._open_file()
+            if groups or states or self._retry_files or self._unsaved:
+                rows = _rows(groups, self._clock())
+                saved = self._store(rows, states, self._stage_seq - 1)
+        except (sqlite3.Error, OSError, BufferInUse) as exc:  # disk full, an I/O error: kept, tried again
+            self._commit_failed(exc, bool(held))
+            for marker in markers:
+                marker.ok = False
+            return markers
+        except Exception as exc:  # a bug: trying again would fail again, so these records are lost here, counted
+            count, files = self._retry_done(committed=False)
             _report(f"telemetry buffer write failed, {count} records dropped: {exc!r}")
-            rows = None
-        self._restock(retired, used)  # reused either way: its records are in SQLite, or dropped and counted
+            self._restock(files)
+            with self._lock:
+                self._restage()
+            self._count_drop("write_error", count)
+            for marker in markers:
+                marker.ok = False
+            return markers
+        count, files = self._retry_done(committed=True)
+        self._restock(files)  # their frames are in SQLite now: zeroed, reused
         with self._lock:  # the frames held during the commit go into the stage file now, in order
             self._restage()
-        if rows is None:
-            self._count_drop("write_error", count)
-            return markers
+        for reason, dropped in saved.items():  # counted while nothing could be written: reported now
+            self._notify_drop(reason, dropped)
         nbytes = sum(row[4] for row in rows)
         self._written += count
         if self.on_commit is not None:
@@ -717,6 +771,130 @@ class Buffer:
         self._stored_records += count
         self._since_checkpoint += nbytes
         return markers
+
+    def _retry_done(self, committed: bool) -> tuple[int, list[tuple[mmap.mmap, int, int]]]:
+        """End what failed commits kept (committed now, or lost to a bug); returns the records and stage files."""
+        count, files = self._retry_count, self._retry_files
+        self._retry_groups, self._retry_states, self._retry_files, self._retry_count = {}, {}, [], 0
+        self._retry_blocked = False
+        self._retry_at = self._retry_delay = 0.0
+        self._freeing_futile = False
+        if self._retry_error is not None and committed:
+            shed = f"; {self._retry_shed} were dropped past the limit (write_error)" if self._retry_shed else ""
+            _report(f"telemetry buffer: writing works again; the {count} records kept while it failed are "
+                    f"committed{shed}")
+        self._retry_error, self._retry_shed = None, 0
+        return count, files
+
+    def _commit_failed(self, exc: BaseException, unstaged: bool) -> None:
+        """After a failed commit: its records stay (see `_commit`) for the next attempt, after a back-off that
+        doubles up to `_RETRY_MAX`. Held frames (records in no stage file: `unstaged`) make staging stop until
+        they are committed, since a kill must leave a prefix of what was appended (a later tailer offset staged
+        without its lines resumed the tailer past them); so do `_RETRY_FILES` stage files kept, which bounds
+        the disk they take. Reported once per failing spell."""
+        if unstaged or len(self._retry_files) >= _RETRY_FILES:
+            self._retry_blocked = True
+        if self._db is not None:  # a current and a standby stage file, where they can be made
+            self._restock([])
+        with self._lock:  # the frames held during the commit: staged behind the others, or held while stopped
+            self._restage()
+        self._retry_delay = min(_RETRY_MAX, 2 * self._retry_delay) if self._retry_delay else _RETRY_FIRST
+        self._retry_at = time.monotonic() + self._retry_delay
+        problem = " ".join(str(exc).split()) or type(exc).__name__
+        if self._retry_error is None:
+            _report(f"telemetry buffer: a commit failed ({problem}); its {self._retry_count} records are kept (the "
+                    f"stage files holding them are not reused) and committed with the next attempt, every "
+                    f"{_RETRY_MAX:g} s at most; past {self.retry_limit} records waiting, the least valuable are "
+                    f"dropped (counted as write_error)")
+        self._retry_error = problem
+        if self._retry_count > self.retry_limit:
+            self._shed()
+
+    def _shed(self) -> None:
+        """More than `retry_limit` records wait for a commit that fails: the least valuable go, lowest class first
+        and oldest first within it (error records only when nothing else is left), counted as write_error. The
+        count is saved with the next commit that works, and reported then (`_unsaved`)."""
+        excess, shed = self._retry_count - self.retry_limit, 0
+        for key in sorted(self._retry_groups, key=lambda key: key[1]):
+            records = self._retry_groups[key]
+            n = min(excess - shed, len(records))
+            del records[:n]
+            if not records:
+                del self._retry_groups[key]
+            shed += n
+            if shed >= excess:
+                break
+        if not shed:
+            return
+        self._retry_count -= shed
+        if not self._retry_shed:
+            _report(f"telemetry buffer: more than {self.retry_limit} records wait for a commit that fails; the least "
+                    f"valuable are dropped (counted as write_error)")
+        self._retry_shed += shed
+        self._dropped["write_error"] = self._dropped.get("write_error", 0) + shed
+        with self._db_lock:
+            self._unsaved["write_error"] = self._unsaved.get("write_error", 0) + shed
+
+    def _store(self, rows: list[tuple], states: dict[str, str], seq: int) -> dict[str, int]:
+        """`_insert`, with the drop counts not saved yet (`_unsaved`): returns those it saved. On a full disk
+        (SQLITE_FULL) room is made (`_free_space`) and the insert tried again, up to three times, each making
+        room for twice as much; when that did not help (the disk is too full for SQLite's journal, say), not
+        again until a commit works: it would only drop more."""
+        rounds = 0
+        while True:
+            with self._db_lock:
+                unsaved = dict(self._unsaved)
+            try:
+                self._insert(rows, states, seq, unsaved)
+                break
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorname", "") != "SQLITE_FULL" or self._freeing_futile or rounds == 3 \
+                        or not self._free_space(rows, 1 << rounds):
+                    self._freeing_futile = self._freeing_futile or rounds > 0
+                    raise
+                rounds += 1
+        self._freeing_futile = False
+        with self._db_lock:
+            for reason, count in unsaved.items():  # those added meanwhile stay
+                left = self._unsaved.get(reason, 0) - count
+                if left > 0:
+                    self._unsaved[reason] = left
+                else:
+                    self._unsaved.pop(reason, None)
+        return unsaved
+
+    def _free_space(self, rows: list[tuple], factor: int) -> bool:
+        """Room for `rows` (chunk rows) on a full disk: stored chunks dropped as the size cap drops them, least
+        valuable class first and oldest first within it, each only for records of its class or above (an error
+        record never goes for a debug one), `factor` times the bytes those take, counted as disk_full; then a
+        WAL checkpoint, so that the next transaction reuses the WAL's space. Whether any chunk was dropped."""
+        if not rows:
+            return False
+        room = {value: factor * sum(row[4] for row in rows if row[1] >= value) for value in range(Value.ERROR + 1)}
+        chosen: list[tuple[int, int, int, int]] = []
+        freed = 0
+        with self._db_lock:
+            cursor = self._db.execute(
+                "SELECT id, count, sent, nbytes, value FROM chunks WHERE value <= ? ORDER BY value, id",
+                (max(row[1] for row in rows),))
+            for chunk_id, count, sent, nbytes, value in cursor:
+                if freed >= room.get(value, 0):
+                    break
+                chosen.append((chunk_id, count, sent, nbytes))
+                freed += nbytes
+            cursor.close()
+            if not chosen:
+                return False
+            try:
+                lost = self._drop_chunks("disk_full", chosen)
+            except sqlite3.Error:
+                return False
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        _report(f"telemetry buffer: the disk is full; {sum(c[1] - c[2] for c in chosen)} of the least valuable stored "
+                f"records were dropped to make room (counted as dropped, reason disk_full)")
+        self._notify_drop("disk_full", lost)
+        return True
 
     def _insert(self, rows: list[tuple], states: dict[str, str], seq: int, drops: dict[str, int] | None = None) -> None:
         """One transaction: the chunks, the state values, the stage file's number and, for a stage file moved
@@ -775,11 +953,77 @@ class Buffer:
 
     # --- the SQLite file ----------------------------------------------------------------------------
 
+    def _open_file(self) -> None:
+        """Take the advisory lock, open the SQLite file (`_open_db`), move in the stage files a killed process
+        left and read the counts. At start; after a start where that failed (a full disk), by the writer at each
+        commit attempt until it works. A failure leaves the file closed; what was done stays done (a stage file
+        moved in is not moved again, a corrupt file set aside is counted once)."""
+        if self._lock_file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock_file.close()
+                raise BufferInUse(f"telemetry buffer {self.path} is held by another process") from None
+            self._lock_file = lock_file
+        db = self._open_db()
+        with self._db_lock:
+            self._db = db
+        try:
+            seq = self._recover_stage_files()
+            # Its own limit (the process's share of the machine's), for readers such as `emp-machine telemetry`.
+            with contextlib.suppress(sqlite3.Error):  # only for them: a full disk must not stop the open here
+                db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('buffer.max_size', ?)",
+                           (str(self.max_size),))
+            stored = db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
+            self._count_left_in_flight()
+            counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+            dead = int(db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
+        except BaseException:
+            with self._db_lock:
+                self._db = None
+            db.close()
+            raise
+        self._stage_seq = seq
+        self._stored_bytes, self._stored_records = int(stored[0]), int(stored[1])
+        # What earlier runs dropped (the damage found while opening is this run's news): a process's metrics
+        # count from here, since their start time is the process's (from 0 at each start, as OTel expects).
+        before = dict(counters)
+        for reason, count, saved in self._startup_drops:
+            if saved:
+                before[reason] = before.get(reason, 0) - count
+        self.dropped_before_open.update((reason, count) for reason, count in before.items() if count > 0)
+        for reason, count in counters.items():  # on top of what this run counted while the file was not open
+            self._dropped[reason] = self._dropped.get(reason, 0) + int(count)
+        self._dead = dead
+        startup, self._startup_drops = self._startup_drops, []
+        for reason, count, saved in startup:  # counted and reported like any drop, never silent
+            if saved:  # saved with the frames moved in, so in the counters read just above
+                self._notify_drop(reason, count)
+            else:
+                self._count_drop(reason, count)
+        self.open_error = None
+
+    def _not_open(self, exc: BaseException) -> None:
+        """A start where the file cannot be opened (disk full, an I/O error, permissions): the process starts all
+        the same (a worker restarted on a full disk used to crash-loop, running no job). Records wait in memory (no
+        stage files: they need the disk), within `retry_limit`, and the writer tries to open the file at each
+        commit attempt, backing off up to `_RETRY_MAX` (`_commit`). Reported once."""
+        problem = " ".join(str(exc).split()) or type(exc).__name__
+        self.open_error = self._retry_error = problem
+        self._retry_delay = _RETRY_FIRST
+        self._retry_at = time.monotonic() + _RETRY_FIRST
+        _report(f"telemetry buffer: {self.path} cannot be opened ({problem}); records wait in memory (at most "
+                f"{self.retry_limit}, beyond that the least valuable are dropped, counted as write_error) and opening "
+                f"it is tried again every {_RETRY_MAX:g} s at most")
+
     def _open_db(self) -> sqlite3.Connection:
         """The SQLite file, ready. One that SQLite finds corrupt, or that is not a buffer, is moved aside with
         its -wal and -shm (kept for inspection, never deleted), reported and counted, and a new one is made: a
         damaged file used to stop its process at every start (a worker crash-looped until it was deleted by
-        hand). Errors that say nothing against the file (disk full, I/O, permissions, locked) are raised."""
+        hand). Errors that say nothing against the file (disk full, I/O, permissions, locked) are raised (to
+        `_open_file`: the buffer then starts without its file and opens it later)."""
         try:
             return _connect(self.path)
         except sqlite3.DatabaseError as exc:
@@ -834,32 +1078,48 @@ class Buffer:
         self._stage, self._standby, self._pos = stage, standby, 0
         self._limit = _STAGE_SIZE if stage is not None else 0
         self._wake_at = _STAGE_SIZE // 2 if stage is not None else 1 << 62
-        if self._held:
+        if self._held or self._retry_blocked:
             self._restage()
 
-    def _restock(self, retired: mmap.mmap | None, used: int) -> None:
-        """After a commit: the retired stage file (its frames now in SQLite), zeroed where they were, becomes the
-        file producers write to when they have none, else the standby; a new file is made where none is left."""
-        if retired is not None:
-            committed = self._stage_path(self._stage_seq - 1)
+    def _restock(self, retired: list[tuple[mmap.mmap, int, int]]) -> None:
+        """After a commit: the retired stage files (map, bytes used, number; their frames now in SQLite), zeroed
+        where they were written, become the file producers write to when they have none, then the standby; any
+        others are removed. A new file is made where none is left."""
+        spare: list[tuple[mmap.mmap, int]] = []
+        for stage, used, seq in retired:
             try:
-                retired[:used] = bytes(used)
-                os.replace(committed, self._stage_path(self._stage_seq + (self._stage is not None)))
+                stage[:used] = bytes(used)
             except (OSError, ValueError) as exc:
                 _report(f"telemetry buffer: stage file not reused ({exc})")
-                retired.close()
-                retired = None
-                _unlink(committed)
+                stage.close()
+                _unlink(self._stage_path(seq))
+            else:
+                spare.append((stage, seq))
+
+        def reuse(seq: int) -> mmap.mmap | None:
+            while spare:
+                stage, was = spare.pop(0)
+                try:
+                    os.replace(self._stage_path(was), self._stage_path(seq))
+                    return stage
+                except OSError as exc:
+                    _report(f"telemetry buffer: stage file not reused ({exc})")
+                    stage.close()
+                    _unlink(self._stage_path(was))
+            return self._open_stage(seq)
+
         if self._stage is None:
-            stage = retired if retired is not None else self._open_stage(self._stage_seq)
-            retired = None
+            stage = reuse(self._stage_seq)
             if stage is not None:
                 with self._lock:
                     self._use_stage(stage, None)
         if self._standby is None and self._stage is not None:
-            standby = retired if retired is not None else self._open_stage(self._stage_seq + 1)
+            standby = reuse(self._stage_seq + 1)
             with self._lock:
                 self._standby = standby
+        for stage, seq in spare:  # more than two were kept while commits failed
+            stage.close()
+            _unlink(self._stage_path(seq))
 
     def _recover_stage_files(self) -> int:
         """Move frames left in stage files (a killed process) into SQLite, oldest file first; returns the
@@ -880,8 +1140,10 @@ class Buffer:
                     read = (sum(len(records) for records in groups.values()), lost)
                     if groups or states or lost:
                         self._insert(_rows(groups, self._clock()), states, seq, {"corrupt": lost} if lost else None)
+                except sqlite3.OperationalError:  # SQLite cannot write now (disk full, I/O): nothing against the file,
+                    raise  # which stays as it is; the open fails and is tried again (`_open_file`)
                 except Exception as exc:  # an unreadable file must not stop telemetry from starting
-                    if read is not None:  # read, but not written (disk full, say): dropped, counted
+                    if read is not None:  # read, but SQLite refused the records (not for want of room): dropped, counted
                         self._startup_drops += [("write_error", read[0], False), ("corrupt", read[1], False)]
                     _report(f"telemetry buffer: {path.name} could not be moved in ({exc!r}); "
                             + (f"its {read[0]} records are counted as dropped; " if read is not None else "")
@@ -949,6 +1211,8 @@ class Buffer:
         self._startup_drops += [(name, value, True) for name, value in left]
 
     def _enforce_limits(self) -> None:
+        if self._db is None:  # not open yet (a start on a full disk)
+            return
         now = self._clock()
         if now - self._last_retention >= 1.0:
             self._last_retention = now
@@ -1006,15 +1270,23 @@ class Buffer:
         return lost
 
     def _count_drop(self, reason: str, count: int) -> None:
-        """Count records dropped with nothing else to commit (a failed write, startup, the shipper's)."""
+        """Count records dropped with nothing else to commit (startup, the shipper's, a bug in a commit). A count
+        that cannot be saved now (the file failing, or not open) is saved with the next commit that works and
+        reported then (`_unsaved`): a report made while nothing can be written would be lost with it."""
         if count <= 0:
             return
         self._dropped[reason] = self._dropped.get(reason, 0) + count
-        try:
-            with self._db_lock:
+        with self._db_lock:
+            try:
+                if self._db is None:
+                    raise sqlite3.OperationalError(f"the buffer file is not open ({self.open_error})")
                 self._db.execute(_ADD_COUNTER, (reason, count))
-        except sqlite3.Error as exc:  # the same failure that dropped them, often: counted here, reported anyway
-            _report(f"telemetry buffer: a drop count could not be saved ({exc})")
+            except sqlite3.Error as exc:
+                self._unsaved[reason] = self._unsaved.get(reason, 0) + count
+                problem = " ".join(str(exc).split()) or type(exc).__name__
+                _report(f"telemetry buffer: {count} records dropped ({reason}); the count could not be saved yet "
+                        f"({problem}): it is saved with the next commit")
+                return
         self._notify_drop(reason, count)
 
     def _notify_drop(self, reason: str, count: int) -> None:
@@ -1035,6 +1307,8 @@ class Buffer:
         if kind is None:
             return self._stored_records
         with self._db_lock:
+            if self._db is None:
+                return 0
             row = self._db.execute(
                 "SELECT COALESCE(SUM(count - sent), 0) FROM chunks WHERE kind = ?", (kind,)).fetchone()
         return int(row[0])
@@ -1042,25 +1316,59 @@ class Buffer:
     def read(self, kind: int, max_records: int) -> list[Chunk]:
         """The oldest unacknowledged chunks of `kind`, up to about `max_records` records (at least one chunk).
         They count as handed out (their request in flight) until the next read of `kind`: the shipper is done
-        with one batch of a signal before it reads the next."""
+        with one batch of a signal before it reads the next.
+
+        Each chunk is decoded on its own: one whose bytes do not decode (SQLite has no page checksums, so damage
+        shows only here) is dropped, counted as `corrupt`, and the others are read; it used to fail every read of
+        its kind, so that nothing of that signal shipped until it expired, uncounted."""
         chunks: list[Chunk] = []
+        bad: list[tuple[int, int, int, int]] = []
+        problem = ""
         total = 0
         with self._db_lock:
+            if self._db is None:  # not open yet (a start on a full disk): nothing committed to read
+                return []
             cursor = self._db.execute(
-                "SELECT id, kind, value, count, sent, data FROM chunks WHERE kind = ? ORDER BY id", (kind,))
+                "SELECT id, kind, value, count, sent, data, nbytes FROM chunks WHERE kind = ? ORDER BY id", (kind,))
             for row in cursor:
                 if chunks and total + row[3] - row[4] > max_records:
                     break
-                chunks.append(Chunk(row[0], row[1], row[2], row[3], row[4], decode_chunk(row[5])))
+                try:
+                    records = decode_chunk(row[5])
+                    if type(records) is not list or len(records) != row[3]:
+                        raise ValueError(f"{len(records) if type(records) is list else type(records).__name__} "
+                                         f"records where {row[3]} were stored")
+                except Exception as exc:  # anything at all, from bytes that are not what they were
+                    bad.append((row[0], row[3], row[4], row[6]))
+                    problem = problem or (" ".join(str(exc).split()) or type(exc).__name__)
+                    continue
+                chunks.append(Chunk(row[0], row[1], row[2], row[3], row[4], records))
                 total += row[3] - row[4]
                 if total >= max_records:
                     break
             cursor.close()
+            corrupt = self._drop_corrupt(kind, bad, problem) if bad else 0
             lost = self._settle_handed(kind)
             self._handed.update((chunk.id, kind) for chunk in chunks)
+        self._notify_drop("corrupt", corrupt)
         for reason, count in lost.items():
             self._notify_drop(reason, count)
         return chunks
+
+    def _drop_corrupt(self, kind: int, bad: list[tuple[int, int, int, int]], problem: str) -> int:
+        """Drop stored chunks that do not decode, rows (id, count, sent, nbytes), counted as `corrupt` (the caller
+        holds _db_lock); returns the records counted. Should that fail, the next read tries again."""
+        records = sum(count - sent for _, count, sent, _ in bad)
+        try:
+            counted = self._drop_chunks("corrupt", bad)
+        except sqlite3.Error as exc:
+            _report(f"telemetry buffer: {len(bad)} stored {_KIND_NAMES.get(kind, kind)} chunk(s) do not decode "
+                    f"({problem}) and could not be dropped yet ({exc}); the other chunks are read")
+            return 0
+        _report(f"telemetry buffer: {len(bad)} stored {_KIND_NAMES.get(kind, kind)} chunk(s) (ids "
+                f"{', '.join(str(row[0]) for row in bad[:10])}{', ...' if len(bad) > 10 else ''}) do not decode "
+                f"({problem}): their {records} records are dropped (counted, reason corrupt); the others ship")
+        return counted
 
     def _settle_handed(self, kind: int | None) -> dict[str, int]:
         """End the hand-out of `kind` (None: every kind; the caller holds _db_lock): no ack comes for it any
@@ -1177,12 +1485,14 @@ class Buffer:
     def dead_letters(self) -> list[tuple[int, int, str, list]]:
         """(kind, count, reason, records) for each dead-letter batch, oldest first."""
         with self._db_lock:
+            if self._db is None:
+                return []
             rows = self._db.execute("SELECT kind, count, reason, data FROM dead_letter ORDER BY id").fetchall()
         return [(r[0], r[1], r[2], decode_chunk(r[3])) for r in rows]
 
     def stats(self) -> BufferStats:
-        return BufferStats(  # queued: not in SQLite yet
-            queued=len(self._queue), stored_records=self._stored_records,
+        return BufferStats(  # queued: not in SQLite yet (with what failed commits keep)
+            queued=len(self._queue) + self._retry_count, stored_records=self._stored_records,
             stored_bytes=self._stored_bytes,
             written_total=self._written,
             acked_total=self._acked, dead_letter_records=self._dead, dropped=dict(self._dropped),
@@ -1198,7 +1508,7 @@ class Buffer:
         self._wake.set()
         self._writer.join(timeout)
         with self._db_lock:  # no ack comes any more for what the shipper was sending
-            lost = self._settle_handed(None)
+            lost = self._settle_handed(None) if self._db is not None else {}
         for reason, count in lost.items():
             self._notify_drop(reason, count)
         with self._lock:  # producers from here on only queue (nothing commits it any more)
@@ -1212,10 +1522,46 @@ class Buffer:
         if standby is not None:
             standby.close()
             _unlink(self._stage_path(self._stage_seq + 1))
+        if self._retry_count or self._retry_files:
+            self._give_up()
         with self._db_lock:
-            self._db.close()
-        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-        self._lock_file.close()
+            if self._db is not None:
+                self._db.close()
+            unsaved = dict(self._unsaved)
+        if unsaved:
+            _report(f"telemetry buffer: closed with drop counts that could not be saved (the file failing or not "
+                    f"open): {unsaved}")
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+
+    def _give_up(self) -> None:
+        """At close, with a commit still failing (after the close's own attempts): the stage files holding its
+        records stay, moved in at the next start; the records held only in memory are lost, counted (about:
+        those dropped past `retry_limit` may have been in stage files) and reported."""
+        in_files = 0
+        for stage, used, _ in self._retry_files:
+            with contextlib.suppress(Exception):
+                in_files += sum(len(records) for records in _scan_frames(stage[:used])[0].values())
+            stage.close()
+        names = ", ".join(self._stage_path(seq).name for _, _, seq in self._retry_files)
+        lost = max(0, self._retry_count - in_files)
+        _report(f"telemetry buffer: closed while commits fail ({self._retry_error}): "
+                + (f"the {in_files} records in {names} are moved in at the next start" if names else "")
+                + ("; " if names and lost else "")
+                + (f"{lost} records held only in memory are lost (counted as write_error)" if lost else ""))
+        self._retry_groups, self._retry_states, self._retry_files, self._retry_count = {}, {}, [], 0
+        if not lost:
+            return
+        self._dropped["write_error"] = self._dropped.get("write_error", 0) + lost
+        with self._db_lock:
+            try:
+                if self._db is None:
+                    raise sqlite3.OperationalError("not open")
+                self._db.execute(_ADD_COUNTER, ("write_error", lost))
+            except sqlite3.Error:  # reported with the others just below
+                self._unsaved["write_error"] = self._unsaved.get("write_error", 0) + lost
+        self._notify_drop("write_error", lost)
 
 
 # --- inspection from another process (`emp-machine telemetry`) --------------------------------------------
@@ -1332,6 +1678,25 @@ def _lock_held(lock_path: Path) -> bool | None:
         same_inode = same_inode or any(f.endswith(f":{st.st_ino}") for f in fields)
     # The inode is locked on a device numbered otherwise (an overlay file system reports another st_dev).
     return None if same_inode else False
+
+
+def _read_state(path: Path, key: str) -> str | None:
+    """A state value from a buffer file its owner could not open for writing (a start on a full disk), so that
+    the tailer resumes where it was rather than from the start of each file: read-only, through the WAL where
+    SQLite can share it, else the file alone (immutable: perhaps a little behind). None where neither works."""
+    for mode in ("?mode=ro", "?mode=ro&immutable=1"):
+        try:
+            db = sqlite3.connect(path.absolute().as_uri() + mode, uri=True, isolation_level=None)
+        except sqlite3.Error:
+            continue
+        try:
+            row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
+        except sqlite3.Error:
+            continue
+        finally:
+            db.close()
+    return None
 
 
 def _unlink(path: Path) -> None:

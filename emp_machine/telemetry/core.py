@@ -334,7 +334,9 @@ def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = N
     i.e. the machine process) adds machine_* gauges. With an `otlp_endpoint` the shipper starts at once unless
     `start_shipper=False` (then call `start_shipper()`). With `snapshot_path` (a worker's
     `state/metrics/{worker_id}.json`) the meter's snapshot is written there every `snapshot_interval` and at
-    shutdown, for the machine's /metrics.
+    shutdown, for the machine's /metrics. A buffer file that cannot be opened (a full disk) does not raise:
+    telemetry starts with records held in memory, opens the file when it can, and says so once
+    (`telemetry.buffer_unavailable`).
     """
     if not 0 < process_share <= 1:
         raise ValueError(f"process_share must be in (0, 1], got {process_share}")
@@ -345,6 +347,13 @@ def setup(config: TelemetryConfig, *, machine_id: str, worker_id: str | None = N
                           system_metrics=worker_id is None if system_metrics is None else system_metrics,
                           snapshot_path=Path(snapshot_path) if snapshot_path is not None else None,
                           snapshot_interval=snapshot_interval)
+    if telemetry.buffer.open_error is not None:
+        # Never raised: a worker restarted on a full disk used to crash-loop, running no job. The buffer holds
+        # records in memory (bounded) and opens its file when it can; said once, here and on stderr.
+        telemetry.events.emit("telemetry.buffer_unavailable", level=logging.WARNING, path=str(buffer_path),
+                              error=telemetry.buffer.open_error,
+                              detail="records wait in memory (bounded) until the buffer file can be opened; "
+                                     "opening it is tried again every few seconds")
     if start_shipper:
         telemetry.start_shipper()
     return telemetry
