@@ -74,11 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=ops.cmd_ps)
 
-    restart = sub.add_parser("restart", help="gracefully restart a process (or `all`)")
+    restart = sub.add_parser("restart", help="gracefully restart a process, a service or worker group (each instance), or `all`")
     restart.add_argument("name")
     restart.set_defaults(func=ops.cmd_restart)
 
-    logs = sub.add_parser("logs", help="show a process's log")
+    logs = sub.add_parser("logs", help="show a process's log, or each instance's of a service or worker group")
     logs.add_argument("name")
     logs.add_argument("-n", "--lines", type=_count, default=100)
     logs.add_argument("-f", "--follow", action="store_true")

@@ -110,18 +110,91 @@ def cmd_restart(args) -> int:
     doc = _target(args)
     control = _control(doc)
     names = [r.name for r in control.processes()]
-    targets = [n for n in names if n != "redis"] if args.name == "all" else [args.name]
-    for name in targets:
-        if name not in names:
+    if args.name == "all":
+        targets = [n for n in names if n != "redis"]
+    elif args.name in names:
+        targets = [args.name]
+    else:  # a manifest service or worker-group name: every instance of it (as `pm2 restart APP`)
+        groups = _instances(Path(doc["logs"]).parent, doc.get("manifest"))
+        targets = [n for n in groups.get(args.name, []) if n in names]
+        if not targets:
             import difflib
 
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; processes: {', '.join(names)}"
-            raise EmpError(f"no process named {name}{hint}")
+            close = difflib.get_close_matches(args.name, [*names, *groups], n=1)
+            hint = (f"; did you mean {close[0]}?" if close else
+                    f"; processes: {', '.join(names)}" + (f"; services and worker groups: {', '.join(groups)}"
+                                                          if groups else ""))
+            raise EmpError(f"no process named {args.name}{hint}")
     for name in targets:
+        _refuse_while_stopping(doc, name)  # checked before each: a drain may begin during a group's restarts
         Supervisor(doc["socket"], timeout=120).restart(name)
-        print(f"restarted {name}")
+        print(f"restarted {name}", flush=True)
     return 0
+
+
+def _refuse_while_stopping(doc: dict, name: str) -> None:
+    """As the machine's own restart endpoint does: no restart once it drains (it stops what it restarted)."""
+    phase = _machine_phase(doc)
+    if phase in ("draining", "shutdown"):
+        raise EmpError(f"cannot restart {name}: the machine is {phase} (it is stopping every process to "
+                       f"exit; start the machine again once it has exited)")
+
+
+def _machine_phase(doc: dict) -> str | None:
+    """The machine's phase from its health server's /ready (starting, ready, draining, shutdown); None when
+    the server does not answer (a machine that answers nothing is no drain to protect)."""
+    import urllib.error
+    import urllib.request
+
+    port = doc.get("health_port")
+    if not port:
+        return None
+    host = doc.get("health_host") or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/ready"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # this host's server: no proxy
+    try:
+        with opener.open(url, timeout=5) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:  # 503 while starting or draining: the body still names the phase
+        body = err.read()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    try:
+        phase = json.loads(body).get("phase")
+    except (ValueError, AttributeError):
+        return None
+    return phase if isinstance(phase, str) else None
+
+
+def _instances(state_dir: Path, manifest_source) -> dict[str, list[str]]:
+    """Each manifest service and worker-group name -> its process names, laid out as the machine lays them
+    out: from the resolved manifest it runs (or last ran) from, run/manifest.json, else the manifest file.
+    A service and a worker group of the same name: both. {} when neither can be read."""
+    from emp_machine.runtime import hardware, plan
+
+    resolved = state_dir / "run" / "manifest.json"
+    try:
+        if resolved.is_file():
+            from emp_machine.runtime.view import View
+
+            manifest = View.load(resolved)
+        elif manifest_source:
+            from emp_machine.runtime import manifest as mf
+
+            manifest = mf.load(manifest_source)
+        else:
+            return {}
+        laid = plan.build(manifest, hardware.probe(), resolved_manifest=resolved, environ=dict(os.environ),
+                          redis_port=1)  # (the embedded Redis's port is not needed for names)
+    except (EmpError, OSError, ValueError, LookupError, AttributeError, TypeError):
+        return {}
+    groups: dict[str, list[str]] = {}
+    for service in laid.services:
+        groups.setdefault(service.service, []).append(service.process)
+    for worker in laid.workers:
+        groups.setdefault(worker.group, []).append(worker.process)
+    return groups
 
 
 def cmd_errors(args) -> int:
@@ -197,16 +270,45 @@ def _remote_errors(base_url: str, since: str) -> list:
 
 
 def cmd_logs(args) -> int:
-    doc = _target(args)
-    path = Path(doc["logs"]) / f"{args.name}.log"
-    if not path.exists():
-        available = sorted(p.stem for p in Path(doc["logs"]).glob("*.log"))
-        raise EmpError(f"no log for {args.name} at {path}; logs: {', '.join(available) or 'none yet'}")
-    for line in _tail(path, args.lines):
-        sys.stdout.write(line)
+    from emp_machine.runtime import manifest as mf
+
+    try:
+        doc = _target(args)
+        logs_dir, source = Path(doc["logs"]), doc.get("manifest")
+    except SeveralMachinesRunning:
+        raise  # --manifest says which
+    except NoMachineRunning:  # a stopped or crashed machine's logs are still on disk: read those
+        source = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST") or mf.default_manifest()
+        logs_dir = Path(mf.load(source).machine.state_dir) / "logs"
+        if not logs_dir.is_dir():
+            raise
+        print(f"emp-machine: no machine is running; showing the log files in {logs_dir}", file=sys.stderr,
+              flush=True)
+    path = logs_dir / f"{args.name}.log"
+    if path.exists():
+        for line in _tail(path, args.lines):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        if args.follow:
+            _follow(path)
+        return 0
+    # a manifest service or worker-group name: each instance's log, lines prefixed (as `pm2 logs APP`)
+    groups = _instances(logs_dir.parent, source)
+    paths = {n: logs_dir / f"{n}.log" for n in groups.get(args.name, []) if (logs_dir / f"{n}.log").exists()}
+    if not paths:
+        available = sorted(p.stem for p in logs_dir.glob("*.log"))
+        kinds = f"; services and worker groups: {', '.join(groups)}" if groups else ""
+        raise EmpError(f"no log for {args.name} at {path}; logs: {', '.join(available) or 'none yet'}{kinds}")
+    width = max(len(n) for n in paths)
+    for name, p in paths.items():
+        if args.lines > 0:
+            sys.stdout.write(f"==> {name}: {p} (last {args.lines} lines) <==\n")
+        for line in _tail(p, args.lines):
+            end = "" if line.endswith("\n") else "\n"
+            sys.stdout.write(f"{name:<{width}} | {line}{end}")
     sys.stdout.flush()
     if args.follow:
-        _follow(path)
+        _follow_many(paths, width)
     return 0
 
 
@@ -224,26 +326,62 @@ def _tail(path: Path, count: int) -> list[str]:
     return lines[-count:] if count > 0 else []
 
 
+class _Appended:
+    """What is appended to a log file from now on, across supervisord's rotations (reopened by name when
+    the file there is another one, or shorter than what was read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "rb")
+        self.fh.seek(0, os.SEEK_END)
+        self.inode = os.fstat(self.fh.fileno()).st_ino
+
+    def read(self) -> bytes:
+        chunk = self.fh.read()
+        if chunk:
+            return chunk
+        try:
+            st = os.stat(self.path)
+            if st.st_ino != self.inode or st.st_size < self.fh.tell():
+                self.fh.close()
+                self.fh = open(self.path, "rb")
+                self.inode = os.fstat(self.fh.fileno()).st_ino
+                return self.fh.read()
+        except FileNotFoundError:
+            pass
+        return b""
+
+
 def _follow(path: Path) -> None:
     """Print lines as they are appended; reopen when supervisord rotates the file."""
-    fh = open(path, "rb")
-    fh.seek(0, os.SEEK_END)
-    inode = os.fstat(fh.fileno()).st_ino
+    log = _Appended(path)
     while True:
-        chunk = fh.read()
+        chunk = log.read()
         if chunk:
             sys.stdout.write(chunk.decode("utf-8", "replace"))
             sys.stdout.flush()
             continue
-        try:
-            if os.stat(path).st_ino != inode or os.stat(path).st_size < fh.tell():
-                fh.close()
-                fh = open(path, "rb")
-                inode = os.fstat(fh.fileno()).st_ino
-                continue
-        except FileNotFoundError:
-            pass
         time.sleep(0.2)
+
+
+def _follow_many(paths: dict[str, Path], width: int) -> None:
+    """Follow several logs at once: whole lines as they come, each prefixed with its process name."""
+    logs = {name: _Appended(path) for name, path in paths.items()}
+    partial = {name: b"" for name in paths}
+    while True:
+        wrote = False
+        for name, log in logs.items():
+            chunk = log.read()
+            if not chunk:
+                continue
+            *lines, partial[name] = (partial[name] + chunk).split(b"\n")
+            for line in lines:
+                sys.stdout.write(f"{name:<{width}} | {line.decode('utf-8', 'replace')}\n")
+                wrote = True
+        if wrote:
+            sys.stdout.flush()
+        else:
+            time.sleep(0.2)
 
 
 # -- telemetry buffers --------------------------------------------------------------------------------------
