@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.redis_server import PrivateRedis
+from harness import deployment_variable
+
+# A REDIS_URL (or RAILWAY_*, PORT, MACHINE_ID...) exported in the developer's shell must not send the tests,
+# or the machines and workers they start, to the shared queue: gone for the whole session.
+for _name in [name for name in os.environ if deployment_variable(name)]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")

@@ -124,8 +124,21 @@ def write_manifest(path: Path, body: str, state_dir: Path, redis_url: str) -> Pa
     return path
 
 
+# What a developer's shell may hold for a real deployment (the shared Redis, a machine or worker identity,
+# Railway's variables, a collector, EMP_* overrides): never handed to what the tests start, nor read by the
+# code they run in-process (conftest.py removes them from os.environ for the session). Tests that want one
+# pass it explicitly. Test knobs (EMP_HYPOTHESIS_EXAMPLES) stay.
+DEPLOYMENT_VARIABLES = frozenset({"REDIS_URL", "HUB_REDIS_URL", "MACHINE_ID", "WORKER_ID", "WORKER_GROUP", "PORT"})
+DEPLOYMENT_PREFIXES = ("RAILWAY_", "OTEL_", "EMP_")
+TEST_KNOBS = frozenset({"EMP_HYPOTHESIS_EXAMPLES"})
+
+
+def deployment_variable(name: str) -> bool:
+    return name not in TEST_KNOBS and (name in DEPLOYMENT_VARIABLES or name.startswith(DEPLOYMENT_PREFIXES))
+
+
 def machine_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+    env = {k: v for k, v in os.environ.items() if not deployment_variable(k)}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

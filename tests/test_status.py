@@ -263,3 +263,41 @@ workers:
                 os.kill(worker_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# -- health_url: where the monitor (and `emp-machine errors --machine ID`) reaches the machine --------------
+RAILWAY = {"RAILWAY_PRIVATE_DOMAIN": "sim.railway.internal", "RAILWAY_REPLICA_ID": "aaaaaaaa-1111",
+           "RAILWAY_SERVICE_NAME": "sim"}
+
+
+def test_health_url_prefers_a_public_url_then_a_bound_address_then_railways_private_domain():
+    import socket
+
+    from emp_machine.runtime.status import health_url
+
+    # the manifest's public_url, or Railway's public domain (manifest.load turns it into public_url): from anywhere
+    assert health_url("https://sim-production.up.railway.app/", "0.0.0.0", 8080, RAILWAY) == \
+        "https://sim-production.up.railway.app"
+    # a server bound to one address is reached there
+    assert health_url("", "10.1.2.3", 8080, RAILWAY) == "http://10.1.2.3:8080"
+    # no public domain on Railway: the private domain (the project's services, the monitor among them, resolve
+    # it), not the container's random host name that nothing else resolves
+    for wildcard in ("0.0.0.0", "::", ""):
+        assert health_url("", wildcard, 8080, RAILWAY) == "http://sim.railway.internal:8080"
+    assert health_url("", "0.0.0.0", 8080, {"RAILWAY_PRIVATE_DOMAIN": " sim.railway.internal/ "}) == \
+        "http://sim.railway.internal:8080"
+    # elsewhere: this host's name, never loopback
+    assert health_url("", "0.0.0.0", 8080, {}) == f"http://{socket.gethostname()}:8080"
+    assert health_url("", "127.0.0.1", 8080, {"RAILWAY_PRIVATE_DOMAIN": ""}) == f"http://{socket.gethostname()}:8080"
+
+
+def test_a_machine_on_railways_private_network_publishes_its_private_domain(machine_factory):
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+""", env=RAILWAY)
+    listening = machine.wait_event("health.listening")
+    port = health_base(machine).rsplit(":", 1)[1]
+    assert listening["health_url"] == f"http://sim.railway.internal:{port}", listening

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -54,13 +56,21 @@ class HardwareRead:
     state: HardwareState
 
 
-def health_url(public_url: str, host: str, port: int) -> str:
-    """Where the monitor reaches this machine's health server: the manifest's (or Railway's) public URL,
-    else this host's name; loopback only when nothing else is known."""
+def health_url(public_url: str, host: str, port: int, environ: Mapping[str, str] | None = None) -> str:
+    """Where the monitor reaches this machine's health server, never loopback when anything else is known:
+    the manifest's public URL, or Railway's public domain (`manifest.load` fills it from
+    RAILWAY_PUBLIC_DOMAIN; reachable from anywhere, the operator's laptop included); else the address the
+    server is bound to, when a specific one; else Railway's private domain (RAILWAY_PRIVATE_DOMAIN,
+    reachable from the project's other services, where the EMP monitor runs; the container's host name is
+    not); else this host's name. With several replicas both Railway domains name the service, not one
+    replica (docs/operations.md, "Railway")."""
     if public_url:
         return public_url.rstrip("/")
     if host not in ("0.0.0.0", "::", "", "127.0.0.1", "::1", "localhost"):
         return f"http://{host}:{port}"
+    private = (os.environ if environ is None else environ).get("RAILWAY_PRIVATE_DOMAIN", "").strip().rstrip("/")
+    if private:
+        return f"http://{private}:{port}"
     name = socket.gethostname() or "localhost"
     return f"http://{name}:{port}"
 
