@@ -77,6 +77,16 @@ class RetryableJobError(JobError):
         self.retry_after_s = retry_after_s
 
 
+class ServiceUnreachable(RetryableJobError):
+    """The job never reached its service: connection refused, a DNS failure, a connect timeout (aiohttp's
+    ClientConnectorError and its kind), or ComfyUI's WebSocket that could not be opened before the prompt
+    went out. The worker checks the connector's health at once: unhealthy, the job goes back to the queue
+    without counting an attempt and the worker claims nothing until the service is back; healthy (only this
+    job's address is unreachable), the attempt counts as any retryable failure does. Once a job reached its
+    service (a prompt submitted, a request sent), losing the service is no longer this error: a job that
+    brings its service down must run out of retries."""
+
+
 class FatalJobError(JobError):
     """Will fail again however often it runs: validation rejected, other 4xx, bad payload."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from emp_machine.errors import JobCancelled, RetryableJobError
+from emp_machine.errors import JobCancelled, RetryableJobError, ServiceUnreachable
 from emp_machine.telemetry.tracing import note_request_id
 
 REDACTED = "[REDACTED]"
@@ -117,13 +117,18 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def transport_error(service: str, url: str, exc: BaseException) -> RetryableJobError:
-    """A connection refused / reset / timed out talking to a service: always worth another attempt."""
+    """A connection refused / reset / timed out talking to a service: always worth another attempt. One that
+    failed before a connection was made (refused, DNS, connect timeout: CONNECT_ERRORS) is ServiceUnreachable:
+    the request never reached the service (the worker then checks its health before counting an attempt)."""
     kind = "timed out" if isinstance(exc, TimeoutError) else "unreachable"
-    return RetryableJobError(f"{service} {kind} at {strip_query(url)}: {type(exc).__name__}: {exc}")
+    cls = ServiceUnreachable if isinstance(exc, CONNECT_ERRORS) else RetryableJobError
+    return cls(f"{service} {kind} at {strip_query(url)}: {type(exc).__name__}: {exc}")
 
 
 # aiohttp's connection errors are OSError subclasses but not ConnectionError; name them once here.
 TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError)
+# Those of them raised before a connection existed: nothing was sent (refused, DNS failure, connect timeout).
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError)
 
 
 def strip_query(url: str) -> str:

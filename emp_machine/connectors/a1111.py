@@ -28,7 +28,7 @@ from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
 
 class A1111Settings(ConnectorSettings):
@@ -157,6 +157,12 @@ class A1111Connector(_http.HttpSession, Connector):
                     message = f"step {detail.get('sampling_step', 0)}/{detail.get('sampling_steps', 0)}"
                     self.joblog.progress(job.id, round(percent, 1), message, **logged)
                     await progress(percent, message)
+        except ServiceUnreachable as exc:
+            if generate.done() and not generate.cancelled() and isinstance(generate.exception(), ServiceUnreachable):
+                raise generate.exception() from None  # the generation itself never reached A1111
+            # Else its POST went out: A1111 gone now is an attempt of the job (one that brings it down must
+            # run out of retries), not a job that never reached it.
+            raise RetryableJobError(str(exc)) from None
         finally:
             cancel_wait.cancel()
 

@@ -18,7 +18,9 @@ Error classification (the decisions, and why):
 * Socket dropped (1006, §6.4): reconnect with the same client id, then `/history` non-empty = finished,
   prompt in `/queue` = still running or pending (keep listening), neither = lost with a restarted server:
   retryable. The server unreachable past `reconnect_timeout_s`: retryable.
-* Connection refused / timeouts on any call, and the job timeout: retryable.
+* Connection refused / timeouts on any call, and the job timeout: retryable. Before the prompt is submitted
+  (the WebSocket connect, POST /prompt) a connection that cannot be made is ServiceUnreachable: the job never
+  reached ComfyUI, and the worker hands it back uncounted while ComfyUI's health says it is down.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from emp_machine.connectors._comfyui_events import (
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
 # Stopping a prompt (POST /queue delete + POST /interrupt) gets this long in all (see _http.STOP_GRACE_S).
 STOP_PROMPT_GRACE_S = _http.STOP_GRACE_S
@@ -164,8 +166,15 @@ class ComfyUIConnector(_http.HttpSession, Connector):
             self._log("job.cancelled", active)
             raise
         except Exception as exc:
-            self.joblog.failed(job.id, exc, _http.ms_since(started), can_retry(exc), **self._ids(active))
-            raise
+            error = exc
+            if isinstance(exc, ServiceUnreachable) and active.submitted:
+                # ComfyUI took the prompt and is gone now: an attempt of the job (a prompt that brings the
+                # server down must run out of retries), not a job that never reached it.
+                error = RetryableJobError(str(exc))
+            self.joblog.failed(job.id, error, _http.ms_since(started), can_retry(error), **self._ids(active))
+            if error is exc:
+                raise
+            raise error from None
         finally:
             self._active.pop(job.id, None)
             for task in reader:

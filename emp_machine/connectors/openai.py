@@ -132,7 +132,8 @@ class OpenAIConnector(_http.HttpSession, Connector):
                     except ValueError:
                         answer = {"error": {"message": (await response.text())[:300]}}
             except _http.TRANSPORT_ERRORS as exc:
-                raise RetryableJobError(self._redact(str(_http.transport_error("OpenAI", url, exc)))) from None
+                error = _http.transport_error("OpenAI", url, exc)
+                raise type(error)(self._redact(str(error))) from None  # ServiceUnreachable stays that
             if status == 200:
                 return answer, response_headers
             error = answer.get("error") if isinstance(answer, dict) and isinstance(answer.get("error"), dict) else {}

@@ -31,7 +31,7 @@ from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, ProgressFn,
 )
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
 _MISSING = object()
 _FIELD = re.compile(r"\{([^{}]+)\}")
@@ -124,7 +124,8 @@ class RestConnector(_http.HttpSession, Connector):
                                             json=body if method != "GET" else None) as response:
                 status, text, wait = response.status, await response.text(), _http.retry_after_s(response.headers)
         except _http.TRANSPORT_ERRORS as exc:
-            raise RetryableJobError(self._redact(str(_http.transport_error("service", url, exc)))) from None
+            error = _http.transport_error("service", url, exc)
+            raise type(error)(self._redact(str(error))) from None  # ServiceUnreachable stays that
         if job is not None:
             self.joblog.event("service.call", job.id, logging.DEBUG, method=method, endpoint=_http.strip_query(url),
                               status_code=status, duration_ms=_http.ms_since(started),
@@ -150,12 +151,14 @@ class RestConnector(_http.HttpSession, Connector):
         self.joblog.received(job.id, method=settings.method, mode=settings.mode, endpoint=endpoint)
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         submitted: Any = None
+        posted = False  # the submit call was answered: the job reached the service
         try:
             async with asyncio.timeout(settings.job_timeout_s):
                 await progress(0.0, "submitting")
                 url = render(settings.submit_url, job.id, {})
                 status, submitted = await _http.until_cancelled(
                     self._call(job, settings.method, url, job.payload), cancelled, f"job {job.id}")
+                posted = True
                 if settings.mode == "async":
                     submitted = await self._poll(job, submitted, cancelled, progress)
                     result = at_path(submitted, settings.result_path)
@@ -178,7 +181,12 @@ class RestConnector(_http.HttpSession, Connector):
                     self.joblog.event("cancel_failed", job.id, logging.WARNING, error=self._redact(str(exc)))
             self.joblog.event("job.cancelled", job.id, method=settings.method, endpoint=endpoint)
             raise
-        except Exception as exc:
+        except Exception as caught:
+            exc = caught
+            if isinstance(exc, ServiceUnreachable) and posted:
+                # A poll found the service gone after it took the job: an attempt of the job (one that
+                # brings the service down must run out of retries), not a job that never reached it.
+                exc = RetryableJobError(str(exc))
             # secret header values are redacted from the text itself (they need not look like secrets, which
             # is all the logging layer redacts), so the text is passed and the type named beside it
             text = self._redact(str(exc))
@@ -186,10 +194,11 @@ class RestConnector(_http.HttpSession, Connector):
                                method=settings.method, endpoint=endpoint,
                                status_code=getattr(exc, "status_code", None),
                                **{"error.type": type(exc).__name__})
-            if text != str(exc):
+            if text != str(exc) or exc is not caught:
                 # The error becomes the job's `error` in Redis, read by the API and its users: an answer that
                 # quoted a secret header value (e.g. one with nothing at the result path) must not carry it.
-                clean = (RetryableJobError if can_retry(exc) else FatalJobError)(text)
+                clean = (ServiceUnreachable if isinstance(exc, ServiceUnreachable) else
+                         RetryableJobError if can_retry(exc) else FatalJobError)(text)
                 clean.status_code = getattr(exc, "status_code", None)
                 if isinstance(clean, RetryableJobError):
                     clean.retry_after_s = getattr(exc, "retry_after_s", None)

@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from emp_machine.connectors._http import safe_name
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, classify
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, classify
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
                                       statuses_json, worker_key)
@@ -49,6 +49,8 @@ CANCEL_GRACE_S = 2.0  # a connector told to stop gets this long before its progr
 # a third of the lease but never more than this, which leaves 10 s for a slow beat or a health check.
 HEARTBEAT_MAX_S = 20.0
 HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unhealthy
+# While its connector is unhealthy the worker claims nothing and checks this often, to resume soon after.
+PAUSED_HEALTH_INTERVAL_S = 1.0
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 
@@ -265,6 +267,13 @@ class Worker:
         self._side_tasks: set[asyncio.Task] = set()
         self._signals: JobSignals | None = None
         self.connector_statuses: dict[str, Any] = {}  # as last written to worker:{id}
+        # Set while the connector's last health check said healthy: the claim loop claims only then. Cleared
+        # for a moment while a job's ServiceUnreachable is checked (no claim meanwhile), and while unhealthy.
+        self.service_ok = asyncio.Event()
+        self.service_ok.set()
+        self.claims_paused_since: float | None = None  # monotonic; None while claims go on (logged once each way)
+        self._health_checked_at = 0.0  # monotonic time of the last health check (the watch's or a job's)
+        self._health_wake = asyncio.Event()  # a pause: the health watch shortens its wait at once
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -311,8 +320,13 @@ class Worker:
     async def _claim_loop(self, signals: JobSignals) -> None:
         backoff = 0.1
         while not self.draining.is_set():
+            if not await self._service_up():  # its service is down: claimed, a job could only fail
+                return
             if not await self._acquire_slot():
                 return
+            if not self.service_ok.is_set():  # a job found the service gone while this waited for its slot
+                self.slots.release()
+                continue
             hints = signals.arm()
             try:
                 job = await self.store.claim(self.caps, hints=hints, start=True)  # claimed and started at once
@@ -340,6 +354,17 @@ class Worker:
             task = asyncio.create_task(self._run_job(job, after=self._supersede(job.id)), name=f"job-{job.id}")
             self.running[job.id] = task
             task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))
+
+    async def _service_up(self) -> bool:
+        """Wait, holding no slot, until the connector's health says healthy; False when a drain began first."""
+        if self.service_ok.is_set():
+            return True
+        up = asyncio.ensure_future(self.service_ok.wait())
+        drain = asyncio.ensure_future(self.draining.wait())
+        await asyncio.wait({up, drain}, return_when=asyncio.FIRST_COMPLETED)
+        up.cancel()
+        drain.cancel()
+        return not self.draining.is_set()
 
     async def _acquire_slot(self) -> bool:
         """Wait for a free slot; False when draining started first (then no slot is held)."""
@@ -636,8 +661,32 @@ class Worker:
         if isinstance(error, JobCancelled):
             await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
             return
+        if isinstance(error, ServiceUnreachable):
+            self.service_ok.clear()  # no claim while the check below runs (it is set again if healthy)
+            if not await asyncio.shield(self._service_unreachable(job, error)):
+                span.set_attribute("job.handed_back", True)  # not its failure: no error trace (as a drain's)
+                span.set_status(StatusCode.OK)
+                return
         span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
         await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
+
+    async def _service_unreachable(self, job: Job, error: ServiceUnreachable) -> bool:
+        """The job never reached its service. The connector's health, checked now, decides: unhealthy, the
+        job goes back to the queue without counting an attempt, and claims pause until the service is back
+        (returns False); healthy, only this job's address is unreachable and its attempt counts (True).
+        Failed as every other retryable error, a down service emptied the queue into final failures, max_retries
+        claims per job in a tight loop."""
+        statuses = await self._read_connector_statuses()
+        self._health_checked_at = time.monotonic()
+        if await self._note_health(statuses):
+            return True
+        try:
+            await self._hand_back(job, "service unreachable", deadline_s=self.group.lease,
+                                  error=redact_text(str(error)))
+        except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back or it is reaped
+            self.log.error("job not handed back: Redis unreachable; the job will run again",
+                           extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
+        return False
 
     async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool,
                          steps: dict[str, float], job_task: asyncio.Task) -> Ownership:
@@ -707,14 +756,18 @@ class Worker:
         await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False,
                              token=job.token)
 
-    async def _hand_back(self, job: Job) -> None:
+    async def _hand_back(self, job: Job, reason: str = "drain", *, deadline_s: float = DRAIN_MARGIN_S,
+                         **fields: Any) -> None:
         """Back to the queue first, then the connector is told to stop, in the background (_drain gives
         those calls what is left of its budget): awaited first, a slow cancel() (up to 5 s) outlasted the
-        drain's margin, supervisord's SIGKILL came first and the job stayed claimed until its lease expired."""
+        drain's margin, supervisord's SIGKILL came first and the job stayed claimed until its lease expired.
+        A write that gives up (Redis down past `deadline_s`) leaves the job in jobs:active: the heartbeat
+        hands it back (a stray) or the reaper re-queues it once Redis is back."""
         try:
-            own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "drain",
-                                       deadline_s=DRAIN_MARGIN_S, token=job.token)
-            self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own))
+            own = await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, reason,
+                                       deadline_s=deadline_s, token=job.token)
+            self.telemetry.events.emit("job.handed_back", job_id=job.id, ownership=str(own), reason=reason,
+                                       **fields)
         finally:
             task = asyncio.get_running_loop().create_task(self._safe_cancel(job.id))
             self._side_tasks.add(task)
@@ -815,7 +868,12 @@ class Worker:
         self.request_stop(job_id, lost=False)
 
     async def _register(self) -> None:
+        # The machine starts a worker once its service is ready, so this first check normally says healthy;
+        # if not (the service died meanwhile, a remote one is down), no job is claimed until it is.
         self.connector_statuses = await self._read_connector_statuses()
+        self._health_checked_at = time.monotonic()
+        entry = self.connector_statuses[self.group.connector]
+        self._claims_open(entry["health"] == "healthy", entry.get("reason", ""))
         await self._retrying_start(functools.partial(self.store.register_worker, instance=self.instance),
                                    self.ident.worker_id, self.ident.machine_id, self.caps, self.connector_statuses)
         await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
@@ -866,18 +924,55 @@ class Worker:
 
     async def _health_watch(self) -> None:
         """The connector's health, checked as often as the heartbeat beats but in its own task (a check may
-        take HEALTH_TIMEOUT_S), and written to worker:{id} when it changed."""
+        take HEALTH_TIMEOUT_S), and written to worker:{id} when it changed. While claims are paused (the
+        connector unhealthy) it checks every PAUSED_HEALTH_INTERVAL_S, so they resume soon after recovery."""
         interval = heartbeat_interval(self.group.lease)
         while True:
-            await asyncio.sleep(interval)
-            statuses = await self._read_connector_statuses()
-            if statuses != self.connector_statuses:
-                entry = statuses[self.group.connector]  # a health change is an event (service.health_check)
-                self.connector.joblog.health_check(entry["health"] == "healthy", reason=entry.get("reason"))
-                try:
-                    await self._write_connector_statuses(statuses)
-                except RedisError as exc:
-                    self.log.warning("connector status not recorded", extra={"error": f"{type(exc).__name__}: {exc}"})
+            every = interval if self.claims_paused_since is None else min(interval, PAUSED_HEALTH_INTERVAL_S)
+            wait = self._health_checked_at + every - time.monotonic()
+            if wait > 0:
+                self._health_wake.clear()
+                try:  # a pause wakes it: the wait is worked out again, shorter
+                    await asyncio.wait_for(self._health_wake.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            self._health_checked_at = time.monotonic()
+            await self._note_health(await self._read_connector_statuses())
+
+    async def _note_health(self, statuses: dict[str, Any]) -> bool:
+        """A health check's outcome: claims pause or resume by it, and a change is an event
+        (service.health_check) and written to worker:{id}, so the machine and the monitor learn it too.
+        Returns whether the connector is healthy."""
+        entry = statuses[self.group.connector]
+        healthy = entry["health"] == "healthy"
+        self._claims_open(healthy, entry.get("reason", ""))
+        if statuses != self.connector_statuses:
+            self.connector.joblog.health_check(healthy, reason=entry.get("reason"))
+            try:
+                await self._write_connector_statuses(statuses)
+            except RedisError as exc:
+                self.log.warning("connector status not recorded", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return healthy
+
+    def _claims_open(self, healthy: bool, reason: str = "") -> None:
+        """Claim while the connector is healthy, and only then; the change is logged once each way."""
+        if healthy:
+            self.service_ok.set()
+            if self.claims_paused_since is not None:
+                paused_s = round(time.monotonic() - self.claims_paused_since, 3)
+                self.claims_paused_since = None
+                self.telemetry.events.emit("worker.claims_resumed", connector=self.group.connector,
+                                           paused_s=paused_s)
+            return
+        self.service_ok.clear()
+        if self.claims_paused_since is None:
+            self.claims_paused_since = time.monotonic()
+            self._health_wake.set()
+            self.telemetry.events.emit(
+                "worker.claims_paused", level=logging.WARNING, connector=self.group.connector, reason=reason,
+                hint=f"the {self.group.connector} connector's service is unhealthy: no job is claimed until "
+                     f"its health check passes again (checked every {PAUSED_HEALTH_INTERVAL_S:g}s)")
 
     async def _read_connector_statuses(self) -> dict[str, Any]:
         """`connector_statuses` for worker:{id}, in the machine status's words: {connector: {status: active,
