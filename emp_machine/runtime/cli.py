@@ -226,6 +226,9 @@ def cmd_machine_run(args) -> int:
     tel.install_logging()
     # OTel's global tracer is this process's one (as each worker's is its own): set once, at the entry point.
     otel_trace.set_tracer_provider(tel.tracer_provider)
+    # Buffer files of processes not in this plan (workers scaled down, an earlier machine id): shipped with
+    # their own resource and removed, in the background (stopped by tel.shutdown, the rest kept for next boot).
+    tel.adopt_orphan_buffers(worker.worker_id for worker in the_plan.workers)
     stop = threading.Event()
     if args.demo:
         def say(line: str) -> None:

@@ -56,11 +56,15 @@ as a counter, where a decrease reads as a reset) and are the records lost. After
 written, the WAL is checkpointed and freed pages are returned to the file system (incremental vacuum), which
 keeps the file near the live data.
 
-One process owns one buffer file (an advisory lock enforces it): the shipper of that process reads it.
+One process owns one buffer file (an advisory lock enforces it): the shipper of that process reads it, or, once
+that process is gone for good, the machine process's adopter (orphans.py). Each owner records its OTel resource
+attributes in the file when it opens it (table `resources`, by first chunk id): every chunk's records are
+shipped with the resource of the process that made them (`resource_of`), whoever ships them.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import json
@@ -151,6 +155,7 @@ CREATE TABLE IF NOT EXISTS dead_letter (
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_drops (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS resources (first_chunk INTEGER PRIMARY KEY, attributes TEXT NOT NULL);
 """
 
 _MARSHAL_VERSION = 4
@@ -374,6 +379,7 @@ _OPEN_READS = (  # what the buffer reads of its file when it opens: each table o
     "SELECT name, value FROM counters",
     "SELECT name, value FROM pending_drops",
     "SELECT COALESCE(SUM(count), 0) FROM dead_letter",
+    "SELECT first_chunk, attributes FROM resources",
 )
 
 
@@ -449,8 +455,15 @@ class Buffer:
     def __init__(self, path: Path, *, max_size: int = 100 * 10**6, segment_size: int = 50 * 10**6,
                  retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 2.0,
                  idle_check: float = 30.0, retry_limit: int = 20_000,
-                 on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time):
+                 on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time,
+                 resource: dict[str, object] | None = None):
         self.path = Path(path)
+        # The OTel resource attributes of the process writing the records (its owner), recorded in the file at
+        # each open (`_register_resource`); None for a reader that adds no records (an adopted orphan buffer).
+        self._resource = json.dumps(resource, sort_keys=True, default=str) if resource is not None else None
+        # (first chunk id, resource attributes as JSON), ascending: which process made which chunks.
+        self._resources: list[tuple[int, str]] = []
+        self._resource_unsaved = False  # its entry could not be written at open: written with the first commit
         self.max_size = max_size
         self.segment_size = segment_size
         self.retention = retention
@@ -899,13 +912,19 @@ class Buffer:
     def _insert(self, rows: list[tuple], states: dict[str, str], seq: int, drops: dict[str, int] | None = None) -> None:
         """One transaction: the chunks, the state values, the stage file's number and, for a stage file moved
         in, the drop counts of its damaged frames (counted exactly once, with the frames that were kept)."""
+        resource = self._resource_unsaved and bool(rows)
         with self._db_lock, self._transaction():
+            if resource:  # not recorded at open (a full disk): before this owner's first records
+                self._record_resource()
             self._db.executemany(
                 "INSERT INTO chunks(kind, value, created, count, nbytes, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
             items = [*states.items(), (_STAGE_KEY, str(seq))]
             self._db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", items)
             if drops:
                 self._db.executemany(_ADD_COUNTER, list(drops.items()))
+        if resource:
+            self._resource_unsaved = False
+            self._load_resources()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -971,7 +990,9 @@ class Buffer:
         with self._db_lock:
             self._db = db
         try:
+            self._resource_unsaved = False  # (set by _register_resource: stage files moved in are an earlier owner's)
             seq = self._recover_stage_files()
+            self._register_resource()
             # Its own limit (the process's share of the machine's), for readers such as `emp-machine telemetry`.
             with contextlib.suppress(sqlite3.Error):  # only for them: a full disk must not stop the open here
                 db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('buffer.max_size', ?)",
@@ -1004,6 +1025,51 @@ class Buffer:
             else:
                 self._count_drop(reason, count)
         self.open_error = None
+
+    def _register_resource(self) -> None:
+        """Record in the file that the chunks from the next id on are the owner's (its resource attributes,
+        table `resources`), unless the last entry says so already, and forget entries no pending chunk needs any
+        more; then keep the entries in memory for `resource_of`. After the stage files of a killed earlier
+        owner were moved in (theirs stay under its entry). Should that fail (a full disk), the open goes on:
+        the entry is written in the transaction of the first records committed (`_insert`)."""
+        try:
+            with self._db_lock, self._transaction():
+                self._record_resource()
+                # The entry of the oldest pending chunk and those after it are needed (with no chunk, the last).
+                self._db.execute(
+                    "DELETE FROM resources WHERE first_chunk < COALESCE((SELECT MAX(first_chunk) FROM resources "
+                    "WHERE first_chunk <= COALESCE((SELECT MIN(id) FROM chunks), 9223372036854775807)), 0)")
+        except sqlite3.Error as exc:
+            self._resource_unsaved = self._resource is not None
+            _report(f"telemetry buffer: {self.path.name}: this process's resource could not be recorded yet "
+                    f"({' '.join(str(exc).split()) or type(exc).__name__}); it is, with the first records committed")
+        self._load_resources()
+
+    def _record_resource(self) -> None:
+        """The owner's entry in `resources`, where the last one is not it already (the caller holds _db_lock, in
+        a transaction). AUTOINCREMENT: chunk ids are never reused, so every later chunk is the owner's."""
+        if self._resource is None:
+            return
+        last = self._db.execute("SELECT attributes FROM resources ORDER BY first_chunk DESC LIMIT 1").fetchone()
+        if last is None or last[0] != self._resource:
+            seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
+            self._db.execute("INSERT OR REPLACE INTO resources(first_chunk, attributes) VALUES (?, ?)",
+                             ((int(seq[0]) if seq else 0) + 1, self._resource))
+
+    def _load_resources(self) -> None:
+        with self._db_lock:
+            try:
+                rows = self._db.execute("SELECT first_chunk, attributes FROM resources ORDER BY first_chunk").fetchall()
+            except (sqlite3.Error, AttributeError):  # not open (AttributeError: closed and not reopened yet)
+                return
+        self._resources = [(int(first), str(attributes)) for first, attributes in rows]
+
+    def resource_of(self, chunk_id: int) -> str | None:
+        """The resource attributes (JSON) of the process that made chunk `chunk_id`, as recorded in the file;
+        None for chunks written before buffers recorded it (or while the file is not open)."""
+        entries = self._resources
+        index = bisect.bisect_right(entries, (chunk_id, "\U0010ffff")) - 1
+        return entries[index][1] if index >= 0 else None
 
     def _not_open(self, exc: BaseException) -> None:
         """A start where the file cannot be opened (disk full, an I/O error, permissions): the process starts all

@@ -8,7 +8,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +20,7 @@ from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
 from emp_machine.telemetry.metrics import SNAPSHOT_INTERVAL, Meter, write_snapshot
+from emp_machine.telemetry.orphans import OrphanAdopter
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
 from emp_machine.telemetry.shipper import Shipper, otlp_signals, ships
 from emp_machine.telemetry.standard import StandardMetrics
@@ -97,8 +98,9 @@ class Telemetry:
         self.buffer = Buffer(buffer_path, max_size=int(buffer_config.max_size * process_share),
                              segment_size=int(buffer_config.segment_size * process_share),
                              retention=buffer_config.retention, flush_interval=buffer_config.flush_interval,
-                             on_drop=self._on_drop)
+                             on_drop=self._on_drop, resource=self.resource)
         self.shipper: Shipper | None = None
+        self.adopter: OrphanAdopter | None = None
         self.overhead = OverheadMeter(self._background_cpu)
         self.sampler = AdaptiveSampler(
             config.sampling.spans_per_second * process_share,
@@ -231,14 +233,48 @@ class Telemetry:
         endpoint is configured: records then stay in the bounded local buffer)."""
         if self.shipper is not None or not ships(self.config):
             return self.shipper
+        self.shipper = self._new_shipper(self.buffer, self.resource).start()
+        return self.shipper
+
+    def _new_shipper(self, buffer: Buffer, resource: dict[str, str], eager: bool = False) -> Shipper:
         export = self.config.export
-        self.shipper = Shipper(
-            self.buffer, Encoder(self.resource, "emp_machine.telemetry", _VERSION), self.config.otlp_endpoint,
+        return Shipper(
+            buffer, Encoder(resource, "emp_machine.telemetry", _VERSION), self.config.otlp_endpoint,
             headers=self.config.otlp_headers, batch_min=export.batch_min, batch_max=export.batch_max,
             max_request_size=export.max_request_size, interval=export.interval, timeout=export.timeout,
             compression=export.compression, max_backoff=export.max_backoff,
-            signals=otlp_signals(self.config)).start()
-        return self.shipper
+            signals=otlp_signals(self.config), eager=eager)
+
+    def adopt_orphan_buffers(self, keep: Iterable[str]) -> OrphanAdopter:
+        """Start adopting, in the background, the buffer files beside this process's own that belong to no
+        process named in `keep` (the ids of the current plan's processes: `<id>.db`; this process's own file is
+        always kept) and that no live process holds: shipped with the resource recorded in each (when an
+        endpoint is configured), the retention applied, removed once empty (see `orphans.py`). The machine
+        process calls this once at boot; `shutdown()` stops it. Its CPU counts in this process's budget."""
+        if self.adopter is not None:
+            return self.adopter
+        path = self.buffer.path
+        buffer_config = self.config.buffer
+
+        def make_buffer(orphan: Path) -> Buffer:
+            # The machine's whole size limit: the file was written within a process's share of it.
+            return Buffer(orphan, max_size=buffer_config.max_size, segment_size=buffer_config.segment_size,
+                          retention=buffer_config.retention, flush_interval=buffer_config.flush_interval,
+                          on_drop=self.buffer.count_drop)  # counted in our own file (the orphan's goes)
+
+        def make_shipper(buffer: Buffer, orphan: Path) -> Shipper:
+            # For chunks written before buffers recorded their resource: ours, named after the file.
+            resource = {key: value for key, value in self.resource.items() if key != "worker.id"}
+            resource["service.instance.id"] = orphan.stem
+            if orphan.stem.startswith(f"{self.machine_id}-worker-"):
+                resource["worker.id"] = orphan.stem
+            return self._new_shipper(buffer, resource, eager=True)
+
+        self.adopter = OrphanAdopter(
+            path.parent, {*keep, path.stem}, make_buffer=make_buffer,
+            make_shipper=make_shipper if ships(self.config) else None,
+            emit=lambda name, level, fields: self.events.emit_fields(name, level, fields)).start()
+        return self.adopter
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Write a metric point and commit everything recorded so far to the buffer."""
@@ -250,6 +286,8 @@ class Telemetry:
         if self._closed:
             return
         self._closed = True
+        if self.adopter is not None:  # bounded: what is left of an orphan file stays there for the next boot
+            self.adopter.stop(min(2.0, timeout / 2))
         self._stop.set()
         self._housekeeper.join(timeout)
         for tailer in self._tailers:
@@ -269,7 +307,8 @@ class Telemetry:
     # --- internals -----------------------------------------------------------------------------------
 
     def _background_cpu(self) -> float:
-        return self.buffer.writer_cpu + (self.shipper.stats.cpu_seconds if self.shipper else 0.0)
+        return self.buffer.writer_cpu + (self.shipper.stats.cpu_seconds if self.shipper else 0.0) + \
+            (self.adopter.cpu_seconds if self.adopter else 0.0)
 
     def _on_drop(self, reason: str, count: int) -> None:
         with self._drops_lock:

@@ -177,6 +177,11 @@ class Encoder:
         self._resource_pb = _encode_resource(Resource(resource_attributes))
         self._resource = self._resource_pb.SerializeToString()
         self._scope = InstrumentationScope(name=scope_name, version=scope_version).SerializeToString()
+        self._scope_args = (scope_name, scope_version)
+
+    def for_resource(self, resource_attributes: dict[str, object]) -> "Encoder":
+        """An encoder of the same scope for another resource (records another process made)."""
+        return Encoder(resource_attributes, *self._scope_args)
 
     def traces(self, encoded_spans: list[bytes]) -> bytes:
         """ExportTraceServiceRequest from already encoded spans (see `encode_span`)."""

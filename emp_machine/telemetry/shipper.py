@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import http.client
+import json
 import logging
 import math
 import random
@@ -204,11 +205,15 @@ class Shipper:
                  probe_records: int = 10, poll: float = 1.0, max_retry_after: float = MAX_RETRY_AFTER_S,
                  on_exported: Callable[[str, int], None] | None = None,
                  signals: Mapping[str, tuple[str, Mapping[str, str] | None]] | None = None,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
+                 eager: bool = False):
         """`endpoint` is the base URL (`/v1/traces` etc. appended); `signals` maps "traces"/"logs"/"metrics"
         to (URL used as given, headers sent instead of `headers` when not empty), as the OTLP exporter spec
         does with OTEL_EXPORTER_OTLP_{SIGNAL}_ENDPOINT/_HEADERS. A signal with neither is not shipped (its
-        records stay buffered)."""
+        records stay buffered). `encoder` encodes the records of chunks the buffer knows no other resource of
+        (`Buffer.resource_of`: records an earlier owner of the file made go with its resource). `eager`: send
+        whatever is pending without waiting for a batch to fill (a buffer nothing is added to any more: an
+        adopted orphan's)."""
         self._compress = compression == "gzip"
         base = {"Content-Type": "application/x-protobuf", **({"Content-Encoding": "gzip"} if self._compress else {})}
         self._targets: dict[Kind, _Target] = {}
@@ -234,6 +239,8 @@ class Shipper:
             raise ValueError("telemetry.otlp_endpoint is empty: set it (or a signal's endpoint) to ship")
         self.buffer = buffer
         self.encoder = encoder
+        self._encoders: dict[str, Encoder] = {}  # by resource attributes (JSON), for earlier owners' chunks
+        self.eager = eager
         self.batch_min, self.batch_max = batch_min, batch_max
         self.max_request_size = max_request_size
         self.interval, self.timeout = interval, timeout
@@ -309,6 +316,8 @@ class Shipper:
                 retry_in = min(backoffs, default=math.inf) - now
                 if self._draining:
                     wait = 0.01 if len(backoffs) < len(self._signals) else retry_in
+                elif self.eager:  # nothing left to send, or backing off
+                    wait = min(self.poll, retry_in)
                 else:
                     # Until the first signal falls due (a full batch wakes us sooner: Buffer.on_commit), or the
                     # first backoff ends, and after at most an interval, for records committed meanwhile.
@@ -336,7 +345,7 @@ class Shipper:
             # A full batch goes at once; batch_min records wait for the interval (5 s by default); fewer wait
             # for twice the interval, so a quiet machine still ships every 10 s.
             due = self._last_sent[kind] + (self.interval if pending >= self.batch_min else 2 * self.interval)
-            if not (self._draining or pending >= self.batch_max or now >= due):
+            if not (self._draining or self.eager or pending >= self.batch_max or now >= due):
                 self._next_due = min(self._next_due, due)
                 continue
             limit = self.probe_records if signal.stats.breaker_open else self.batch_max
@@ -358,19 +367,29 @@ class Shipper:
         chunks = self.buffer.read(kind, limit)
         if not chunks:
             return 0
-        flat: list[tuple[int, int, tuple]] = []  # (chunk id, index within chunk, record)
+        # (chunk id, index within chunk, record), in runs of one resource each: the records of each chunk go
+        # with the resource of the process that made them (an earlier owner of the file, or the process whose
+        # orphaned file this is), one resource a request.
+        runs: list[tuple[Encoder, list[tuple[int, int, tuple]]]] = []
+        taken = 0
         for chunk in chunks:
+            encoder = self._encoder_for(chunk.id)
+            if not runs or runs[-1][0] is not encoder:
+                runs.append((encoder, []))
+            flat = runs[-1][1]
             for index in range(chunk.sent, chunk.count):
                 flat.append((chunk.id, index, chunk.records[index]))
-                if len(flat) >= limit:
+                taken += 1
+                if taken >= limit:
                     break
-            if len(flat) >= limit:
+            if taken >= limit:
                 break
         accepted = 0
-        for batch in self._requests(kind, flat):
+        for batch, encoder in [(batch, encoder) for encoder, items in runs
+                               for batch in self._requests(kind, items, encoder)]:
             if self._stop.is_set():  # stop() is cutting the drain short: the rest stays buffered
                 break
-            body = self._body(kind, [item[2] for item in batch[0]], batch[1])
+            body = self._body(kind, [item[2] for item in batch[0]], batch[1], encoder)
             progress = self._progress(batch[0])
             try:
                 self._post(kind, body)
@@ -386,14 +405,33 @@ class Shipper:
                 self.on_exported(_KIND_NAMES[kind], len(batch[0]))
         return accepted
 
-    def _requests(self, kind: Kind, flat: list) -> list[tuple[list, list[bytes] | None]]:
+    def _encoder_for(self, chunk_id: int) -> Encoder:
+        """The encoder for chunk `chunk_id`'s records: of the resource the buffer recorded for it, else ours."""
+        resource = self.buffer.resource_of(chunk_id)
+        if resource is None:
+            return self.encoder
+        encoder = self._encoders.get(resource)
+        if encoder is None:
+            try:
+                attributes = json.loads(resource)
+                if not isinstance(attributes, dict):
+                    raise ValueError("not an object")
+                encoder = self.encoder.for_resource(attributes)
+            except Exception as exc:  # a damaged entry: its records still ship, with our resource
+                _log.warning("telemetry shipper: %s: unreadable resource recorded for chunk %d (%s); its records "
+                             "are sent with this process's resource", self.buffer.path.name, chunk_id, exc)
+                encoder = self.encoder
+            self._encoders[resource] = encoder
+        return encoder
+
+    def _requests(self, kind: Kind, flat: list, encoder: Encoder) -> list[tuple[list, list[bytes] | None]]:
         """Split `flat` into requests under `max_request_size` (spans and logs are encoded here, once; a metric
         record, one point of every series, is measured by encoding it alone: 40 job types make ~23 KB, and 50
         of those were a 1.1 MB request). A single record over the limit goes alone."""
         budget = self.max_request_size - _REQUEST_OVERHEAD
         if kind == Kind.METRIC:
-            empty = len(self.encoder.metrics([]))
-            sized = [(item, None, len(self.encoder.metrics([item[2]])) - empty) for item in flat]
+            empty = len(encoder.metrics([]))
+            sized = [(item, None, len(encoder.metrics([item[2]])) - empty) for item in flat]
             count_cap = 50
         else:
             encode = encode_span if kind == Kind.SPAN else encode_log
@@ -417,12 +455,12 @@ class Shipper:
             requests.append((items, encoded if kind != Kind.METRIC else None))
         return requests
 
-    def _body(self, kind: Kind, records: list, encoded: list[bytes] | None) -> bytes:
+    def _body(self, kind: Kind, records: list, encoded: list[bytes] | None, encoder: Encoder) -> bytes:
         if kind == Kind.SPAN:
-            return self.encoder.traces(encoded)
+            return encoder.traces(encoded)
         if kind == Kind.LOG:
-            return self.encoder.logs(encoded)
-        return self.encoder.metrics(records)
+            return encoder.logs(encoded)
+        return encoder.metrics(records)
 
     @staticmethod
     def _progress(items: list) -> list[tuple[int, int]]:
