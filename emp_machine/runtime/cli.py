@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=ops.cmd_ps)
 
-    restart = sub.add_parser("restart", help="gracefully restart a process, a service or worker group (each instance), or `all`")
+    restart = sub.add_parser("restart", help="gracefully restart a process, a service or worker group (each "
+                             "instance), or `all`")
     restart.add_argument("name")
     restart.set_defaults(func=ops.cmd_restart)
 

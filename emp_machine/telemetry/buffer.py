@@ -997,7 +997,8 @@ class Buffer:
             with contextlib.suppress(sqlite3.Error):  # only for them: a full disk must not stop the open here
                 db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('buffer.max_size', ?)",
                            (str(self.max_size),))
-            stored = db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
+            stored = db.execute(
+                "SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(count - sent), 0) FROM chunks").fetchone()
             self._count_left_in_flight()
             counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
             dead = int(db.execute("SELECT COALESCE(SUM(count), 0) FROM dead_letter").fetchone()[0])
@@ -1209,7 +1210,8 @@ class Buffer:
                 except sqlite3.OperationalError:  # SQLite cannot write now (disk full, I/O): nothing against the file,
                     raise  # which stays as it is; the open fails and is tried again (`_open_file`)
                 except Exception as exc:  # an unreadable file must not stop telemetry from starting
-                    if read is not None:  # read, but SQLite refused the records (not for want of room): dropped, counted
+                    # read, but SQLite refused the records (not for want of room): dropped, counted
+                    if read is not None:
                         self._startup_drops += [("write_error", read[0], False), ("corrupt", read[1], False)]
                     _report(f"telemetry buffer: {path.name} could not be moved in ({exc!r}); "
                             + (f"its {read[0]} records are counted as dropped; " if read is not None else "")
