@@ -6,7 +6,11 @@ carried as plain floats (seconds) and ints (bytes); the annotated types only par
 
 from __future__ import annotations
 
+import math
 import re
+
+MAX_DURATION_S = 365 * 86400.0  # a year: more is a typo, and some waits (threading, asyncio) overflow on huge ones
+MAX_SIZE = 2**50  # 1024TiB: more than any disk or memory this runs on
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -24,13 +28,15 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '10s', '500ms' or '5m', not a boolean")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = _number(value, MAX_DURATION_S)
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
-        raise ValueError(f"expected a duration such as '10s', '500ms' or '5m', got {value!r}")
+        raise UnitError("expected a duration such as '10s', '500ms' or '5m'", value)
     if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
+        raise UnitError("a duration cannot be negative", value)
+    if math.isnan(seconds) or seconds > MAX_DURATION_S:
+        raise UnitError("expected a finite duration of at most 365d, such as '10s', '500ms' or '5m'", value)
     return seconds
 
 
@@ -39,15 +45,35 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size such as '512MiB' or '100MB', not a boolean")
     if isinstance(value, (int, float)):
-        size = float(value)
+        size = _number(value, MAX_SIZE)
     elif isinstance(value, str) and (match := _SIZE.match(value)):
         unit = match.group(2).lower() if match.group(2) else None
         size = float(match.group(1)) * _SIZE_UNITS[unit]
     else:
-        raise ValueError(f"expected a size such as '512MiB', '100MB' or '2GiB', got {value!r}")
+        raise UnitError("expected a size such as '512MiB', '100MB' or '2GiB'", value)
     if size < 0:
-        raise ValueError(f"a size cannot be negative, got {value!r}")
+        raise UnitError("a size cannot be negative", value)
+    if math.isnan(size) or size > MAX_SIZE:
+        raise UnitError("expected a finite size of at most 1024TiB, such as '512MiB', '100MB' or '2GiB'", value)
     return int(size)
+
+
+class UnitError(ValueError):
+    """A duration or size that does not parse. `str()` repeats the value (for a --since given on a command
+    line); `text` does not, for callers that show the value themselves or must not (it may be a secret)."""
+
+    def __init__(self, text: str, value: object):
+        shown = repr(value)
+        super().__init__(f"{text}, got {shown if len(shown) <= 60 else shown[:50] + '...'}")
+        self.text = text
+
+
+def _number(value: int | float, limit: float) -> float:
+    """A bare number as a float, an int past the limit as an infinity (float() of a 400-digit int raises
+    OverflowError); the caller refuses infinities and NaN."""
+    if isinstance(value, int) and abs(value) > limit:
+        return math.inf if value > 0 else -math.inf
+    return float(value)
 
 
 def format_duration(seconds: float) -> str:

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import socket
 import string
 import sys
@@ -32,13 +33,13 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
-from emp_machine.supervisor.config import STOP_SIGNALS, env_value_problem
+from emp_machine.supervisor.config import COMMENT_FIX, STOP_SIGNALS, config_value_problem, env_value_problem
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.telemetry.urls import http_url_problem, url_problem
 from emp_machine.units import ByteSize, Duration
 
 ENV_PREFIX = "EMP_"
-NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
+NAME_PATTERN = r"[a-z][a-z0-9_-]{0,39}"  # whole names (re.fullmatch: "$" would let a final "\n" by)
 RESERVED_NAMES = {"worker", "redis", "supervisord", "machine"}
 SERVICE_PLACEHOLDERS = {"index", "port", "gpu", "machine_id", "name"}
 WORKER_PLACEHOLDERS = {"index", "machine_id", "worker_id", "service_port", "service_index", "name"}
@@ -70,12 +71,14 @@ class MachineSection(_Model):
     id: str = Field("", description="stable machine id; empty: MACHINE_ID, else Railway replica, else host name")
     type: str = Field("generic", pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$", description="machine type, e.g. comfyui")
     region: str = ""
-    gpus: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = Field(
+    gpus: Union[Literal["auto"], Annotated[int, Field(ge=0, le=64)]] = Field(
         "auto", description="GPU count: 'auto' asks the NVIDIA driver (none found is 0)")
     state_dir: str = Field("", description="runtime files (socket, logs, embedded Redis); empty: per-user default")
 
 
 class RedisSection(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # a URL carries passwords
+
     url: str = Field("embedded", description="redis://... or 'embedded' for a private server run by the machine")
 
     @field_validator("url")
@@ -272,35 +275,180 @@ def loads(text: str, *, file: str = "<manifest>", environ: Mapping[str, str] | N
     environ = {} if environ is None else environ
     data, lines = _parse_yaml(text, file)
     problems: list[ManifestProblem] = []
-    data = _interpolate(data, environ, (), lines, problems)
+    hidden: set[tuple] = set()  # paths whose value came from the environment: never repeated in a message
+    data = _interpolate(data, environ, (), lines, problems, hidden)
+    overrides = _env_overrides(environ)
+    problems += _not_settable(data, lines, overrides)
     if problems:
         raise ManifestError(file, problems)
-    overrides = _env_overrides(environ)
+    hidden |= set(overrides)
     token = _ENVIRON.set(environ)
     try:
         manifest = Manifest(**data)
     except ValidationError as exc:
-        raise ManifestError(file, _problems_from_validation(exc, lines, overrides)) from None
+        raise ManifestError(file, _problems_from_validation(exc, lines, overrides, hidden)) from None
     except ValueError as exc:  # pydantic-settings reports malformed EMP_* JSON values this way
-        raise ManifestError(file, [ManifestProblem("", f"environment override: {exc}")]) from None
+        raise ManifestError(file, _bad_json_overrides(exc, environ, overrides)) from None
     finally:
         _ENVIRON.reset(token)
-    problems = _cross_check(manifest, lines)
+    problems = _cross_check(manifest, lines, hidden)
     if problems:
         raise ManifestError(file, problems)
-    return _resolve(manifest, environ, file, base_dir)
+    resolved = _resolve(manifest, environ, file, base_dir)
+    problems = _check_resolved(resolved, manifest, environ, lines)
+    if problems:
+        raise ManifestError(file, problems)
+    return resolved
+
+
+# Fields the machine fills itself (Manifest.source, health.token): a manifest or EMP_* value is refused.
+_NOT_SETTABLE = {("source",): "the machine records where the manifest came from itself",
+                 ("health", "token"): "the token is read from the variable named by health.token_env "
+                                      "(EMP_HEALTH_TOKEN by default); set that variable instead"}
+
+
+def _not_settable(data: dict, lines: dict, overrides: dict) -> list[ManifestProblem]:
+    problems = []
+    for path, why in _NOT_SETTABLE.items():
+        section = data if len(path) == 1 else data.get(path[0])
+        if isinstance(section, dict) and path[-1] in section:
+            problems.append(ManifestProblem(_dotted(path), "unknown key", line=_line(lines, path), hint=why))
+        if path in overrides:
+            problems.append(ManifestProblem(_dotted(path), f"environment variable {overrides[path]} cannot set "
+                                                           f"this", hint=why))
+    return problems
+
+
+def _bad_json_overrides(exc: ValueError, environ: Mapping[str, str], overrides: dict) -> list[ManifestProblem]:
+    """pydantic-settings parses an EMP_* variable that sets a section, a mapping or a list as JSON, and says
+    only 'error parsing value for field "workers" from source "_MappingEnvSource"': name the variable (not its
+    value: it may hold a secret), where JSON went wrong, and what valid JSON looks like."""
+    field = match.group(1) if (match := re.search(r'field "([^"]+)"', str(exc))) else ""
+    candidates = sorted((path, key) for path, key in overrides.items() if path[:1] == (field,))
+    bad = [(path, key) for path, key in candidates if not _is_json(environ[key])]
+    looks_json = [(path, key) for path, key in bad if environ[key].lstrip()[:1] in ("{", "[")]
+    culprits = looks_json or bad or candidates
+    cause = exc.__cause__
+    where = f" ({cause})" if isinstance(cause, json.JSONDecodeError) else ""  # a position, not the text
+    problems = []
+    for path, key in culprits:
+        example = _JSON_EXAMPLES.get(path, '{"key": "value"}')
+        problems.append(ManifestProblem(
+            _dotted(path), f"environment variable {key} is not valid JSON{where}; {_dotted(path)} takes a "
+                           f"mapping or list here, written as JSON",
+            hint=f"e.g. {key}='{example}', or set one field at a time: {key}__<FIELD>=value"))
+    return problems or [ManifestProblem(field, f"an environment override of {field or 'a field'} is not valid JSON",
+                                        hint="EMP_* variables that set a section take JSON, e.g. "
+                                             "EMP_STATUS='{\"interval\": \"10s\"}'")]
+
+
+_JSON_EXAMPLES = {("workers",): '{"sim": {"connector": "simulation"}}',
+                  ("status",): '{"interval": "10s"}',
+                  ("telemetry", "otlp_headers"): '{"x-api-key": "..."}'}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may repeat in all: a manifest needs a handful
+MAX_DEPTH = 64  # nesting levels: a manifest needs about six
+
+
+class _Refused(yaml.composer.ComposerError):
+    """YAML that parses but that we do not take (alias bombs, loops, deep nesting, huge numbers)."""
+
+    def __init__(self, problem: str, mark, hint: str, path: tuple = ()):
+        super().__init__(None, None, problem, mark)
+        self.hint, self.path = hint, path
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, bounded: aliases may repeat at most MAX_ALIAS_VALUES values in all (a few hundred
+    bytes of nested aliases otherwise expand to billions), may not refer to a value that contains them (a
+    loop), nesting stops at MAX_DEPTH, and an integer too long to convert is reported at its line."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._open: set[str] = set()  # anchors whose value is still being composed
+        self._repeated = 0
+        self._sizes: dict[int, int] = {}
+        self._path: list = []  # where the node being composed sits (None for a key)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        part = index.value if isinstance(index, yaml.ScalarNode) else index if isinstance(index, int) else None
+        where = tuple(p for p in (*self._path, part) if p is not None)
+        if isinstance(event, yaml.AliasEvent):
+            if anchor in self._open:
+                raise _Refused(f"the alias *{anchor} is used inside the value it names (a loop)", event.start_mark,
+                               f"refer to *{anchor} only after the value of &{anchor} ends", where)
+            if anchor in self.anchors:
+                self._repeated += self._size(self.anchors[anchor])
+                if self._repeated > MAX_ALIAS_VALUES:
+                    raise _Refused(f"YAML aliases repeat more than {MAX_ALIAS_VALUES} values (an alias bomb?)",
+                                   event.start_mark, "write the values out, or use fewer aliases", where)
+            return super().compose_node(parent, index)
+        if len(self._path) >= MAX_DEPTH:
+            raise _Refused(f"values are nested more than {MAX_DEPTH} levels deep", event.start_mark,
+                           "a manifest needs only a few levels; check the brackets", where)
+        self._path.append(part)
+        if anchor is not None:
+            self._open.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+            self._open.discard(anchor)
+
+    def _size(self, node: yaml.Node) -> int:
+        """Values under `node` counted as repeated by an alias (shared sub-values counted each time)."""
+        if id(node) not in self._sizes:
+            if isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(item) for item in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        return self._sizes[id(node)]
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+            raise _Refused("this number is too long to read", node.start_mark,
+                           "quote it if it is text; no setting takes a number that long") from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _parse_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
+    loader = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _Loader(text)  # reads the text at once: a character YAML forbids (NUL) is reported here
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, _Refused):
+            raise ManifestError(file, [ManifestProblem(_dotted(exc.path), problem, line=line, hint=exc.hint)]) from None
         raise ManifestError(file, [ManifestProblem("", f"not valid YAML: {problem}", line=line,
                                                    hint="check indentation, colons and quotes")]) from None
+    except (RecursionError, ValueError, OverflowError) as exc:  # a safety net: the loader bounds what it takes
+        raise ManifestError(file, [ManifestProblem("", f"cannot read the YAML: {type(exc).__name__}",
+                                                   hint="simplify the nesting, aliases and long numbers")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         raise ManifestError(file, [ManifestProblem("", "the manifest is empty",
                                                    hint="start from machines/simulation.yaml")])
@@ -336,19 +484,36 @@ def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}")
 
 
-def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dict, problems: list) -> Any:
-    """`${VAR}` (required), `${VAR:-default}` (unset or empty), `$$` for a literal dollar."""
+def _is_template(path: tuple) -> bool:
+    """Whether the string at `path` is a template whose {placeholders} are filled later (str.format)."""
+    if len(path) < 3 or path[0] not in ("services", "workers"):
+        return False
+    rest = path[2:]
+    if path[0] == "services":
+        return rest in (("command",), ("cwd",), ("health", "http"), ("health", "tcp")) or (
+            len(rest) == 2 and rest[0] == "env")
+    return (len(rest) == 2 and rest[0] == "env") or (len(rest) >= 2 and rest[0] == "settings")
+
+
+def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dict, problems: list,
+                 hidden: set | None = None) -> Any:
+    """`${VAR}` (required), `${VAR:-default}` (unset or empty), `$$` for a literal dollar.
+
+    The paths that took a variable's value are added to `hidden`: error messages never repeat such a value.
+    In a template (a command, an env value...) the value's braces are doubled: it is text, not placeholders."""
+    hidden = set() if hidden is None else hidden
     if isinstance(value, dict):
         for key in value:
             if not isinstance(key, str):
                 problems.append(ManifestProblem(_dotted(path + (str(key),)), f"keys must be names, got {key!r}",
                                                 line=_line(lines, path + (key,)), hint="quote it or rename it"))
-        return {k: _interpolate(v, environ, path + (k,), lines, problems) for k, v in value.items()
+        return {k: _interpolate(v, environ, path + (k,), lines, problems, hidden) for k, v in value.items()
                 if isinstance(k, str)}
     if isinstance(value, list):
-        return [_interpolate(v, environ, path + (i,), lines, problems) for i, v in enumerate(value)]
+        return [_interpolate(v, environ, path + (i,), lines, problems, hidden) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
+    template = _is_template(path)
 
     def replace(match: re.Match) -> str:
         if match.group(0) == "$$":
@@ -366,7 +531,8 @@ def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dic
                                             line=_line(lines, path),
                                             hint=f"export {name}, or write ${{{name}:-default}}"))
             return ""
-        return current
+        hidden.add(path)
+        return current.replace("{", "{{").replace("}", "}}") if template else current
 
     return _VAR.sub(replace, value)
 
@@ -389,6 +555,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple, str]:
 def _dotted(path: tuple) -> str:
     out = ""
     for part in path:
+        if isinstance(part, str) and not part.isprintable():  # a name with a line break stays on one line
+            part = repr(part)
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -400,13 +568,14 @@ def _line(lines: dict[tuple, int], path: tuple) -> int | None:
     return None
 
 
-def _problems_from_validation(exc: ValidationError, lines: dict, overrides: dict) -> list[ManifestProblem]:
+def _problems_from_validation(exc: ValidationError, lines: dict, overrides: dict,
+                              hidden: set | frozenset = frozenset()) -> list[ManifestProblem]:
     problems = []
     for err in exc.errors(include_url=False):
         loc = _clean_loc(err["loc"])
         if loc and loc[-1] == "source":
             continue
-        message, hint = _message(err, loc)
+        message, hint = _message(err, loc, hidden)
         env_key = next((overrides[p] for p in overrides if loc[: len(p)] == p), None)
         if env_key:
             hint = f"set by environment variable {env_key}" + (f"; {hint}" if hint else "")
@@ -433,7 +602,10 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _message(err: dict, loc: tuple) -> tuple[str, str | None]:
+def _message(err: dict, loc: tuple, hidden: set | frozenset = frozenset()) -> tuple[str, str | None]:
+    """The message for one pydantic error, and a hint. The value is repeated only where it is safe: not one
+    that came from the environment (`hidden`: ${VAR}, EMP_*), nor a field named like a credential, nor one of
+    a model with hide_input_in_errors (telemetry, redis: URLs and headers carry credentials)."""
     kind = err["type"]
     if kind == "extra_forbidden" and loc:
         valid = _valid_keys(loc[:-1])
@@ -446,9 +618,19 @@ def _message(err: dict, loc: tuple) -> tuple[str, str | None]:
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     got = err.get("input")
+    text = getattr((err.get("ctx") or {}).get("error"), "text", None)
+    if text is not None:  # units.UnitError: the same message without the value, added below if safe
+        message = text
+    secret = _is_hidden(loc, hidden)
+    if secret and isinstance(got, str) and got:
+        message = message.replace(repr(got), "<the value>")
+        if len(got) >= 6:  # a shorter one could match a number of the message's own text
+            message = message.replace(got, "<the value>")
     if (kind not in ("model_type", "dict_type") and not isinstance(got, (dict, list)) and got is not None
             and "got " not in message):
-        message += f" (got {_safe_repr(loc, got)})"
+        from_env = any(loc[:cut] in hidden for cut in range(1, len(loc) + 1))
+        shown = _hidden_repr(got, from_env) if secret and (from_env or isinstance(got, str)) else _safe_repr(loc, got)
+        message += f" (got {shown})"
     return message, None
 
 
@@ -458,9 +640,33 @@ _SECRET_KEY = re.compile(r"(pass|secret|token|key|auth|credential)", re.IGNORECA
 def _safe_repr(loc: tuple, value: Any) -> str:
     if any(isinstance(p, str) and _SECRET_KEY.search(p) for p in loc):
         return "<redacted>"
+    shown = repr(identity.redact_url(value)) if isinstance(value, str) else repr(value)
+    return shown if len(shown) <= 60 else shown[:50] + "..."
+
+
+def _is_hidden(loc: tuple, hidden: set | frozenset) -> bool:
+    """Whether the value at `loc` must not be repeated: it came from the environment, or its model hides
+    its inputs in errors."""
+    if any(loc[:cut] in hidden for cut in range(1, len(loc) + 1)):
+        return True
+    annotation: Any = Manifest
+    for part in loc:
+        model = _model_of(annotation)
+        if model is not None and model.model_config.get("hide_input_in_errors"):
+            return True
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return False
+    model = _model_of(annotation)
+    return bool(model is not None and model.model_config.get("hide_input_in_errors"))
+
+
+def _hidden_repr(value: Any, from_env: bool) -> str:
+    """What a message says of a value it must not show: its type and length."""
+    why = "it comes from the environment" if from_env else "it may hold a credential"
     if isinstance(value, str):
-        return repr(identity.redact_url(value))
-    return repr(value)
+        return f"text of {len(value)} characters, not shown: {why}"
+    return f"a {type(value).__name__}, not shown: {why}"
 
 
 def _valid_keys(loc: tuple) -> list[str]:
@@ -495,8 +701,8 @@ def _step(annotation: Any, part: Any) -> Any:
     return None
 
 
-def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
-    """Rules across fields: names, bindings, placeholders, environment values carried by supervisord."""
+def _cross_check(manifest: Manifest, lines: dict, hidden: set | frozenset = frozenset()) -> list[ManifestProblem]:
+    """Rules across fields: names, bindings, placeholders, ports, values carried by supervisord's config."""
     problems: list[ManifestProblem] = []
 
     def add(path: tuple, message: str, hint: str | None = None) -> None:
@@ -504,7 +710,7 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
 
     for group, names in (("services", manifest.services), ("workers", manifest.workers)):
         for name in names:
-            if not re.match(NAME_PATTERN, name):
+            if not re.fullmatch(NAME_PATTERN, name):
                 add((group, name), "names are lower-case letters, digits, '-' and '_', starting with a letter "
                                    "(at most 40)")
             elif name in RESERVED_NAMES:
@@ -528,20 +734,33 @@ def _cross_check(manifest: Manifest, lines: dict) -> list[ManifestProblem]:
                 add(("services", name, "health", "tcp"), "expected a port number or '{port}'")
         for path, text in texts:
             _check_placeholders(text, placeholders, path, add, svc)
+        _check_command(name, svc, add)
+        if svc.cwd and (problem := config_value_problem(svc.cwd)) is not None:
+            add(("services", name, "cwd"), f"the directory {problem}", _config_fix(problem))
         if svc.health and svc.health.http:
             _check_health_url(svc.health.http, name, svc, add)
         _check_env(("services", name, "env"), svc.env, add)
 
+    _check_ports(manifest, add)
+
     services = list(manifest.services)
     for name, group in manifest.workers.items():
+        for i, job_type in enumerate(group.job_types):
+            if not job_type.strip():
+                add(("workers", name, "job_types", i), "a job type cannot be blank",
+                    "list names such as comfyui, or leave job_types out to serve the connector's own")
+            elif job_type != job_type.strip() or not job_type.isprintable():
+                add(("workers", name, "job_types", i), "a job type cannot begin or end with whitespace or hold "
+                                                       "control characters", "write the bare name")
         if group.service is not None and group.service not in manifest.services:
             close = difflib.get_close_matches(group.service, services, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else (
                 f"declared services: {', '.join(services)}" if services else "declare it under services:")
-            add(("workers", name, "service"), f"no service named '{group.service}'", hint)
+            add(("workers", name, "service"), "no service has the name an environment variable gave (not shown)"
+                if ("workers", name, "service") in hidden else f"no service named '{group.service}'", hint)
         if group.count == "per_instance" and group.service is None:
             add(("workers", name, "count"), "per_instance needs a bound service", "set workers.<name>.service")
-        _check_connector(name, group, manifest, lines, add)
+        _check_connector(name, group, manifest, lines, add, hidden)
         if group.lease > MAX_LEASE_S:
             add(("workers", name, "lease"), f"a lease of {group.lease:g}s would leave the job of a worker that "
                                             f"died stuck that long before another worker may run it",
@@ -589,7 +808,8 @@ def _connector_entry_points(search_path: tuple[str, ...]) -> tuple:
     return tuple(entry_points(group=CONNECTOR_GROUP))
 
 
-def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: dict, add) -> None:
+def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: dict, add,
+                     hidden: set | frozenset = frozenset()) -> None:
     """The connector is installed, imports, and accepts these settings (validated as the worker will)."""
     from emp_machine.connectors.registry import ConnectorRegistry
     from emp_machine.errors import ConnectorLoadError
@@ -600,7 +820,8 @@ def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: d
     if group.connector not in installed:
         close = difflib.get_close_matches(group.connector, installed, n=1, cutoff=0.5)
         hint = (f"did you mean '{close[0]}'? " if close else "") + f"installed: {', '.join(installed) or 'none'}"
-        add(path, f"no connector named '{group.connector}'", hint)
+        add(path, "no connector has the name an environment variable gave (not shown)" if path in hidden
+            else f"no connector named '{group.connector}'", hint)
         return
     registry = ConnectorRegistry.discover([ep for ep in found if ep.name == group.connector])
     try:
@@ -616,7 +837,7 @@ def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: d
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             loc = ("workers", name, "settings", *_clean_loc(err["loc"]))
-            message, hint = _message(err, loc)
+            message, hint = _message(err, loc, hidden)
             if err["type"] == "extra_forbidden":
                 valid = sorted(cls.Settings.model_fields)
                 close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
@@ -673,10 +894,104 @@ def _check_models(path: tuple, models: Any, add) -> None:
 
 def _check_env(path: tuple, env: dict[str, str], add) -> None:
     for key, value in env.items():
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             add(path + (key,), "environment variable names are letters, digits and '_', not starting with a digit")
         elif (problem := env_value_problem(value)) is not None:
-            add(path + (key,), f"the value {problem}, which supervisord cannot pass on")
+            add(path + (key,), f"the value {problem}" + ("" if "supervisord" in problem else
+                                                         ", which supervisord cannot pass on"), _config_fix(problem))
+
+
+def _config_fix(problem: str) -> str | None:
+    """The fix for a value supervisord's config cannot hold (see config_value_problem, env_value_problem)."""
+    if "comment" in problem:
+        return COMMENT_FIX
+    if "control character" in problem or "line break" in problem:
+        return "keep it on one line, without control characters"
+    if "whitespace" in problem:
+        return "remove the whitespace at the ends"
+    return None
+
+
+def _check_command(name: str, svc: ServiceSection, add) -> None:
+    """The command splits into words as the machine will split it, and its line survives supervisord.conf."""
+    path = ("services", name, "command")
+    try:
+        command = svc.command.format(index=0, port=svc.port or 1, gpu=0, machine_id="m", name=f"{name}-0")
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return  # a placeholder problem, reported by _check_placeholders
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        if "quotation" in str(exc):
+            add(path, "unbalanced quote: a ' or \" has no closing one",
+                "close the quote; inside a word write \\' or \\\", or quote it with the other kind")
+        else:
+            add(path, "the command ends with a lone backslash", "remove it, or write \\\\ for a backslash")
+        return
+    if not argv:
+        add(path, "the command is blank", "give the program and its arguments, e.g. python main.py --port {port}")
+    elif (problem := config_value_problem(shlex.join(argv))) is not None:
+        add(path, f"the command {problem}", _config_fix(problem))
+
+
+def _check_ports(manifest: Manifest, add) -> None:
+    """Instance i of a service listens on port + i: the ranges stay under 65536 and apart, and off health.port."""
+    gpus = manifest.machine.gpus if isinstance(manifest.machine.gpus, int) else None
+    ranges: list[tuple[int, int, str]] = []
+    for name, svc in manifest.services.items():
+        count = svc.instances if isinstance(svc.instances, int) else gpus  # per_gpu on 'auto': checked at boot
+        if svc.port is None or not count:
+            continue
+        last = svc.port + count - 1
+        if last > 65535:
+            add(("services", name, "port"), f"{count} instance(s) from port {svc.port} need ports up to {last}, "
+                                            f"past 65535", "lower the port or the number of instances")
+        ranges.append((svc.port, min(last, 65535), name))
+    ranges.sort()
+    for i, (low, high, name) in enumerate(ranges):
+        for other_low, other_high, other in ranges[i + 1:]:
+            if other_low <= high:
+                add(("services", other, "port"), f"its ports {other_low}-{other_high} overlap ports {low}-{high} "
+                                                 f"of services.{name}",
+                    "give each service its own range: instance i listens on port + i")
+    health = manifest.health.port
+    for low, high, name in ranges:
+        if health and low <= health <= high:
+            add(("health", "port"), f"port {health} is also a port of services.{name} ({low}-{high})",
+                "pick another port for the health server")
+
+
+def _check_resolved(resolved: Manifest, manifest: Manifest, environ: Mapping[str, str],
+                    lines: dict) -> list[ManifestProblem]:
+    """The machine id, state directory and Redis URL as resolved (from the manifest or the environment) go
+    into supervisord.conf and into every process's environment: they must survive both."""
+    problems: list[ManifestProblem] = []
+    machine_id, state_dir = resolved.machine.id, resolved.machine.state_dir
+    id_from = ("" if manifest.machine.id else
+               "set by the environment variable MACHINE_ID; " if environ.get("MACHINE_ID") else None)
+    if id_from is not None:
+        path = ("machine", "id")
+        problem = config_value_problem(machine_id) or env_value_problem(machine_id)
+        if problem is not None:
+            problems.append(ManifestProblem("machine.id", f"the machine id {problem}", line=_line(lines, path),
+                                            hint=id_from + "use letters, digits and '-', e.g. comfyui-1"))
+        elif not re.search(r"[a-z0-9]", machine_id.lower()):
+            problems.append(ManifestProblem(
+                "machine.id", "the machine id has no letters or digits: its state directory would be the one "
+                              "every such machine shares", line=_line(lines, path),
+                hint=id_from + "use letters, digits and '-', e.g. comfyui-1"))
+    if (problem := config_value_problem(state_dir)) is not None:
+        path = ("machine", "state_dir")
+        where = "" if manifest.machine.state_dir else "it comes from XDG_STATE_HOME (or HOME): "
+        problems.append(ManifestProblem("machine.state_dir", f"the state directory {problem}",
+                                        line=_line(lines, path),
+                                        hint=where + "choose a path without ' ;', ' #', line breaks or spaces at "
+                                                     "the ends (set machine.state_dir)"))
+    if resolved.redis.url != "embedded" and (problem := env_value_problem(resolved.redis.url)) is not None:
+        problems.append(ManifestProblem("redis.url", f"the Redis URL {problem}, which supervisord cannot pass to "
+                                                     "the workers", line=_line(lines, ("redis", "url")),
+                                        hint="percent-encode the character in the URL (e.g. %20 for a space)"))
+    return problems
 
 
 # -- resolution ---------------------------------------------------------------------------------------------

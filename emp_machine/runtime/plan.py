@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # build() reads a manifest by attribute: the pydantic model o
     from emp_machine.runtime.manifest import Manifest
 
 REDIS_PROCESS = "redis"
+MAX_GPUS = 64  # as the manifest's machine.gpus: a larger count (--gpus, a driver's) would lay out that many
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 
@@ -131,6 +132,12 @@ def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, en
                 raise PlanError(
                     f"services.{name}.instances is per_gpu but this machine has no GPU "
                     f"({hardware.gpu_note or 'none found'}); set machine.gpus (or EMP_MACHINE__GPUS) to run anyway")
+            if gpus > MAX_GPUS:
+                raise PlanError(f"services.{name}.instances is per_gpu and this machine counts {gpus} GPUs, over "
+                                f"the {MAX_GPUS} a machine may have; set machine.gpus (or --gpus) to the real count")
+            if svc.port is not None and svc.port + gpus - 1 > 65535:
+                raise PlanError(f"services.{name}: {gpus} instances (per_gpu) from port {svc.port} need ports up "
+                                f"to {svc.port + gpus - 1}, past 65535; lower services.{name}.port")
             count, per_gpu = gpus, True
         else:
             count, per_gpu = svc.instances, False
@@ -146,8 +153,14 @@ def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, en
             env.update({"MACHINE_ID": machine_id, "SERVICE_TYPE": name, "SERVICE_INDEX": str(index)})
             if port is not None:
                 env["SERVICE_PORT"] = str(port)
+            try:
+                argv = shlex.split(svc.command.format(**values))
+            except ValueError:  # a quote in a value filled in (the machine id): validation checks the template
+                raise PlanError(f"services.{name}.command does not split into words for {process} (an unbalanced "
+                                f"quote once its placeholders are filled?); quote the placeholder's value or "
+                                f"change it") from None
             specs.append(ProcessSpec(
-                name=process, argv=tuple(shlex.split(svc.command.format(**values))), kind="service", env=env,
+                name=process, argv=tuple(argv), kind="service", env=env,
                 cwd=svc.cwd.format(**values) if svc.cwd else None, stop_signal=svc.stop_signal,
                 stop_grace=svc.stop_grace, restart=_policy(svc.restart), memory_limit=svc.memory_limit,
                 priority=200,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,29 @@ def env_value_problem(value: str) -> str | None:
         return "begins or ends with a quote character"
     if any(ch in value for ch in "\r\n\0"):
         return "holds a line break or NUL"
+    if _INLINE_COMMENT.search(value):
+        return COMMENT_PROBLEM
+    return None
+
+
+# supervisord reads its config with inline_comment_prefixes=(';', '#'): a ';' or '#' right after whitespace
+# (or after the '= ' of the line) starts a comment, whatever quotes are around it, and nothing escapes it.
+_INLINE_COMMENT = re.compile(r"\s[;#]")
+COMMENT_PROBLEM = "holds ';' or '#' after a space, which supervisord's config reads as the start of a comment"
+COMMENT_FIX = ("drop the space before the ';' or '#', or move the text into a file or script the process "
+               "reads; supervisord has no way to escape it")
+
+
+def config_value_problem(value: str) -> str | None:
+    """Why `value` cannot stand unquoted as one value of supervisord.conf (a command line, a directory, the
+    identifier, a path), or None: one line, no inline comment, no whitespace at the ends (dropped)."""
+    if any(ord(ch) < 32 and ch != "\t" or ch in "\x7f\x85\u2028\u2029" for ch in value):
+        return "holds a control character (a line break?)"
+    if value[:1] in (";", "#") or _INLINE_COMMENT.search(value):
+        return ("begins with ';' or '#'" if value[:1] in (";", "#") else "holds ';' or '#' after a space") + \
+            ", which supervisord's config reads as the start of a comment"
+    if value != value.strip():
+        return "begins or ends with whitespace, which supervisord's config drops"
     return None
 
 
@@ -133,6 +157,9 @@ def render(specs: list[ProcessSpec], paths: Paths, *, parent_pid: int, machine_i
         f"serverurl = unix://{_escape(str(paths.socket))}",
     ]
     for spec in specs:
+        for what, value in (("command", shlex.join(spec.argv)), ("directory", spec.cwd or "")):
+            if (problem := config_value_problem(value)) is not None:  # validation names the manifest field
+                raise SupervisorError(f"the {what} of {spec.name} {problem}")
         lines += [
             "",
             f"[program:{spec.name}]",
