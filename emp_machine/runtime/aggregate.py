@@ -76,6 +76,7 @@ class Aggregator:
         self.started_at = self.clock()
         self.phase = "starting"
         self.supervisord_up = False
+        self.supervisor_silent = ""  # why supervisord, though running, does not answer (its table is stale)
         self.processes: dict[str, ProcessInfo] = {}
         self.health: dict[str, tuple[bool, str]] = {}
         self.redis_ok: bool | None = None
@@ -117,6 +118,12 @@ class Aggregator:
     def set_processes(self, rows) -> None:
         self.processes = {row.name: row for row in rows}
         self.dirty = True
+
+    def set_supervisor_silent(self, reason: str) -> None:
+        """supervisord runs but its process list fails (hung): "" once it answers again."""
+        if reason != self.supervisor_silent:
+            self.supervisor_silent = reason
+            self.dirty = True
 
     def set_health(self, process: str, healthy: bool, reason: str) -> None:
         self.health[process] = (healthy, reason)
@@ -232,9 +239,10 @@ class Aggregator:
         reasons: list[str] = []
         if self.phase != "ready":
             reasons.append(f"machine is {self.phase}")
-        supervisor = {"healthy": self.supervisord_up, "reason": "" if self.supervisord_up else "supervisord is down"}
-        if not self.supervisord_up:
-            reasons.append("supervisord is down")
+        sup_reason = "supervisord is down" if not self.supervisord_up else self.supervisor_silent
+        supervisor = {"healthy": not sup_reason, "reason": sup_reason}
+        if sup_reason:
+            reasons.append(sup_reason)
         redis = {"healthy": bool(self.redis_ok), "reason": "" if self.redis_ok else self.redis_reason}
         if not self.redis_ok:
             reasons.append(f"redis: {self.redis_reason}")
@@ -327,10 +335,11 @@ class Aggregator:
 
     def _transition_signature(self) -> tuple:
         st = self.status_doc["status"]
-        return (self.phase, bool(self.redis_ok),
+        return (self.phase, bool(self.redis_ok), self.supervisor_silent,
                 tuple((k, v["is_connected"], v["status"], v["current_job_id"]) for k, v in st["workers"].items()),
                 tuple((k, v["status"], v["health"], v["pm2_status"]) for k, v in st["services"].items()),
-                tuple((n, i.state) for n, i in sorted(self.processes.items())),
+                # pid and restarts too: a crash restarted within one sweep keeps the state RUNNING
+                tuple((n, i.state, i.pid, i.restarts) for n, i in sorted(self.processes.items())),
                 tuple(sorted((n, v[0]) for n, v in self.health.items())))
 
     def _set_gauges(self) -> None:

@@ -15,6 +15,9 @@ from emp_machine.errors import EmpError, ManifestError, ManifestProblem
 from emp_machine.runtime import cli_ops as ops
 
 USAGE_EXIT = 2
+MACHINE_LOCK = "machine.lock"  # in run/: held (flock) by the machine process for its whole life
+# Where a shell points at a real queue: never the demo's Redis (its jobs would go there, its workers claim real ones)
+DEMO_IGNORED_ENV = ("REDIS_URL", "HUB_REDIS_URL", "EMP_REDIS_URL", "EMP_REDIS__URL")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     machine_run = sub.add_parser("machine-run", help=argparse.SUPPRESS)
     machine_run.add_argument("resolved")
     machine_run.add_argument("--demo", action="store_true")
+    machine_run.add_argument("--lock-fd", type=int)
     machine_run.set_defaults(func=cmd_machine_run)
 
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
@@ -161,6 +165,12 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from emp_machine.runtime import manifest as mf
 
+    ignored = [name for name in DEMO_IGNORED_ENV if os.environ.get(name)]
+    if ignored:
+        print(f"demo | ignoring {', '.join(ignored)}: the demo runs on its own embedded Redis, never a shared one "
+              "(`emp-machine run` uses them)", file=sys.stderr, flush=True)
+    for name in DEMO_IGNORED_ENV:  # gone for the manifest and for the machine process it becomes
+        os.environ.pop(name, None)
     return _validate_then_exec(mf.load(Path(args.manifest) if args.manifest else mf.BUILTIN_DEFAULT), demo=True)
 
 
@@ -174,23 +184,92 @@ def _validate_then_exec(manifest, *, demo: bool) -> int:
     from emp_machine.runtime.machine import resolved_manifest_path
     from emp_machine.runtime.view import View
 
-    resolved = resolved_manifest_path(Path(manifest.machine.state_dir))
+    state_dir = Path(manifest.machine.state_dir)
+    resolved = resolved_manifest_path(state_dir)
+    # First: a machine already running on this state dir is refused before anything of its is rewritten
+    lock_fd = _hold_machine_lock(manifest.source, state_dir, manifest.machine.id)
     data = _resolved_data(manifest)
     plan.build(View(data), hardware.probe(), resolved_manifest=resolved, environ=dict(os.environ))
-    try:
-        resolved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(resolved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    except OSError as exc:  # the state directory cannot be made or written: say where and what to do
-        raise ManifestError(manifest.source or "<manifest>", [ManifestProblem(
-            "machine.state_dir", f"cannot write {resolved.parent}: {exc.strerror or exc}",
-            hint="set machine.state_dir (or EMP_MACHINE__STATE_DIR) to a directory this user can write")]) from None
-    with open(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
+    _write_resolved(manifest.source, resolved, data)
     sys.stdout.flush()
     sys.stderr.flush()
-    argv = [sys.executable, "-m", "emp_machine", "machine-run", str(resolved)] + (["--demo"] if demo else [])
-    os.execv(sys.executable, argv)
+    os.set_inheritable(lock_fd, True)  # the lock goes on with the runner this process becomes
+    argv = [sys.executable, "-m", "emp_machine", "machine-run", str(resolved), "--lock-fd", str(lock_fd)]
+    os.execv(sys.executable, argv + (["--demo"] if demo else []))
     return 1  # not reached
+
+
+def _hold_machine_lock(source: str, state_dir: Path, machine_id: str) -> int:
+    """Take run/machine.lock (flock) for this process's life, or refuse: one machine per state directory.
+    Its pid and machine id go into the file, for the message a second start gets while it boots."""
+    import errno
+    import fcntl
+
+    run = state_dir / "run"
+    try:
+        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(run / MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # the state directory cannot be made or written: say where and what to do
+        raise _state_dir_error(source, run, exc) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
+            raise EmpError(_already_running(state_dir)) from None
+        return fd  # a file system without flock: started unguarded, as before
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {machine_id}\n".encode(), 0)
+    except OSError:  # a full disk: the write of run/manifest.json says so
+        pass
+    return fd
+
+
+def _already_running(state_dir: Path) -> str:
+    from emp_machine.runtime.manifest import running_machine
+
+    doc = running_machine(state_dir) or {}
+    pid, machine_id = doc.get("pid"), doc.get("machine_id")
+    if not pid:  # still booting (no run/machine.json yet): the lock file says who
+        try:
+            pid, machine_id = ((state_dir / "run" / MACHINE_LOCK).read_text(encoding="utf-8").split() + ["", ""])[:2]
+        except (OSError, ValueError):
+            pass
+    who = f"machine {machine_id}" if machine_id else "a machine"
+    return (f"{who} is already running on {state_dir} (pid {pid or 'unknown'}); stop it first (Ctrl-C in its "
+            f"terminal, or kill -TERM {pid or '<pid>'}), or give this one another machine.state_dir "
+            "(EMP_MACHINE__STATE_DIR)")
+
+
+def _write_resolved(source: str, resolved: Path, data: dict) -> None:
+    """run/manifest.json whole or not at all (the workers read it at each start): written beside, renamed over."""
+    import contextlib
+
+    tmp = resolved.with_name(f".{resolved.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, resolved)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _state_dir_error(source, resolved, exc) from None
+
+
+def _state_dir_error(source: str, path: Path, exc: OSError) -> ManifestError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = (f"free space on the disk that holds {path.parent}, or set machine.state_dir (or "
+                "EMP_MACHINE__STATE_DIR) to a directory on another disk")
+    else:
+        hint = "set machine.state_dir (or EMP_MACHINE__STATE_DIR) to a directory this user can write"
+    return ManifestError(source or "<manifest>", [ManifestProblem(
+        "machine.state_dir", f"cannot write {path}: {exc.strerror or exc}", hint=hint)])
 
 
 def _resolved_data(manifest) -> dict:
@@ -215,6 +294,10 @@ def cmd_machine_run(args) -> int:
 
     resolved = Path(args.resolved)
     manifest = View.load(resolved)
+    if args.lock_fd is not None:  # run/machine.lock, taken before the exec: no child of ours inherits it
+        os.set_inheritable(args.lock_fd, False)
+    else:  # started directly: one machine per state directory all the same
+        _hold_machine_lock(manifest.source, Path(manifest.machine.state_dir), manifest.machine.id)
     # The token stays out of every file: read from the variable the manifest names, as load() did.
     token = os.environ.get(manifest.health.token_env, "").strip() or None
     hw = hardware.probe()

@@ -7,6 +7,7 @@ signal handlers only `put` small frozen events; `handle()` alone changes the pha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import enum
 import json
@@ -40,6 +41,13 @@ log = logging.getLogger("emp.machine")
 
 SWEEP_INTERVAL = 1.0
 FORCE_EXIT_CODE = 1
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a closed terminal drains like a stop
+# Once supervisord exited at shutdown: what its services left behind (a child that ignores SIGTERM, or in its
+# own session) gets this long after a SIGTERM, then SIGKILL.
+LEFTOVER_GRACE = 2.0
+# A supervisord of this state dir left by a machine that died stops its processes by itself (plugin.py: one
+# tier at a time, 2 s each) and frees the socket; a new boot waits this long for it, then SIGKILLs it.
+STALE_SUPERVISORD_WAIT = 15.0
 
 
 class Phase(enum.Enum):
@@ -170,11 +178,12 @@ class Machine:
         self.publisher = st.Publisher(self.aggregate, self._redis, plan.redis_url, manifest.status.interval)
         self._publisher_task: asyncio.Task | None = None
         self._announced_shutdown = False
+        self._supervisords: list[asyncio.subprocess.Process] = []  # ours: their watchers reap them, never the sweep
 
     # -- main loop ---------------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self.inbox.put_nowait, SignalReceived(sig))
         _become_subreaper()
         self.boot_started = self.clock()
@@ -207,7 +216,7 @@ class Machine:
                 await self._redis.aclose()
             except Exception:  # noqa: BLE001 - closing a client of a Redis that is gone
                 pass
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in SHUTDOWN_SIGNALS:
                 loop.remove_signal_handler(sig)
             self._remove_pointer()
         return self.exit_code
@@ -260,6 +269,7 @@ class Machine:
     # -- boot --------------------------------------------------------------------------------------------
     async def _start_supervisord(self) -> None:
         try:
+            await asyncio.to_thread(self._clear_stale_supervisord)
             svconfig.write(list(self.plan.specs), self.paths, parent_pid=os.getpid(),
                            machine_id=self.plan.machine_id, log_max_bytes=self.manifest.logs.max_size,
                            log_backups=self.manifest.logs.backups)
@@ -270,6 +280,7 @@ class Machine:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "supervisor.supervisord", "-c", str(self.paths.conf),
                 env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+            self._supervisords.append(self.proc)
             self._spawn(self._watch_supervisord(self.proc))
             deadline = self.clock() + self.manifest.supervisor.boot_timeout
             while not await asyncio.to_thread(self.control.is_up):
@@ -284,6 +295,38 @@ class Machine:
             self.inbox.put_nowait(SupervisordUp())
         except Exception as exc:  # noqa: BLE001 - reported through the decider, which shuts down cleanly
             self.inbox.put_nowait(StepFailed("supervisord", str(exc)))
+
+    def _clear_stale_supervisord(self) -> None:
+        """A supervisord of this state dir that outlived its machine (killed, crashed) still stops its processes
+        and owns the socket: a new one started now exits 2 ("Another program is already listening"). Wait for
+        it (bounded), then SIGKILL it and what is left of its process tree."""
+        ours = {proc.pid for proc in self._supervisords}
+        stale = _stale_supervisord(self.paths.pidfile, self.paths.conf, ours)
+        if stale is None:
+            return
+        tree = [stale, *_children(stale)]
+        step("boot.stale_supervisord", level=logging.WARNING, pid=stale.pid, wait_seconds=STALE_SUPERVISORD_WAIT,
+             reason="left running by an earlier machine on this state dir")
+        killed = []
+        try:
+            stale.wait(STALE_SUPERVISORD_WAIT)
+        except psutil.TimeoutExpired:
+            tree += _children(stale)
+            with contextlib.suppress(OSError):
+                os.killpg(stale.pid, signal.SIGKILL)  # its own group (it was started in a new session)
+                killed.append(stale.pid)
+        except psutil.Error:
+            pass
+        for proc in tree:  # what it left: a service's child that ignores SIGTERM or runs in its own session
+            if proc.pid in killed or _status(proc) in (psutil.STATUS_ZOMBIE, None):
+                continue
+            try:
+                proc.kill()  # psutil checks it is still the same process (no pid reuse)
+                killed.append(proc.pid)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(tree, timeout=5)
+        step("boot.stale_supervisord_gone", pid=stale.pid, killed=killed)
 
     async def _on_supervisord_up(self) -> None:
         if self.phase is not Phase.STARTING:
@@ -484,14 +527,37 @@ class Machine:
         """Every second: process table from supervisord; memory of each limited process tree."""
         limits = {s.name: s.memory_limit for s in self.plan.specs if s.memory_limit}
         next_memory_check = 0.0
+        unanswered = 0  # process-list calls in a row that failed
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            self._supervisords = [proc for proc in self._supervisords if proc.returncode is None]
+            await asyncio.to_thread(self._reap_orphans, {proc.pid for proc in self._supervisords})
             if self.proc is None or self.proc.returncode is not None:
                 continue
-            try:
-                rows = tuple(await asyncio.to_thread(self.control.processes))
-            except SupervisorError:
+            try:  # a short timeout of its own: a hung supervisord must not look healthy for 10 s
+                rows = tuple(await asyncio.to_thread(
+                    Supervisor(self.paths.socket, timeout=2 * SWEEP_INTERVAL).processes))
+            except SupervisorError as exc:
+                unanswered += 1
+                # Two in a row (about 6 s): one slow answer on a loaded machine is not a hung supervisord.
+                if unanswered >= 2 and self._supervisord_up and self.proc.returncode is None \
+                        and not self.aggregate.supervisor_silent:
+                    # running but not answering (hung, SIGSTOPped): say so, and the table is no longer known
+                    reason = f"supervisord not answering: {exc}"[:300]
+                    step("supervisord.not_answering", level=logging.WARNING, error=str(exc))
+                    self.aggregate.set_supervisor_silent(reason)
+                    now = int(time.time())
+                    self.aggregate.set_processes(tuple(
+                        ProcessInfo(name=s.name, state="UNKNOWN", pid=0, start=0, now=now,
+                                    restarts=info.restarts if (info := self.processes.get(s.name)) else 0,
+                                    exit_status=None, errored_reason="", restart_in=None,
+                                    description=f"not known: {reason}") for s in self.plan.specs))
+                    self.inbox.put_nowait(RefreshRequested())  # the decider commits: /health, event_driven
                 continue
+            unanswered = 0
+            if self.aggregate.supervisor_silent:
+                step("supervisord.answering")
+                self.aggregate.set_supervisor_silent("")  # the sweep below brings the real table back
             self.inbox.put_nowait(ProcessesSwept(rows))
             if limits and self.clock() >= next_memory_check:
                 next_memory_check = self.clock() + self.manifest.supervisor.memory_check_interval
@@ -501,6 +567,14 @@ class Machine:
                         rss = await asyncio.to_thread(hw.tree_rss, row.pid)
                         if rss > limit:
                             self.inbox.put_nowait(MemoryExceeded(row.name, rss, limit))
+
+    @staticmethod
+    def _reap_orphans(supervisords: set[int]) -> None:
+        """As the subreaper, the machine inherits what supervisord's processes orphan (a service's background
+        child): reap those that exited. Never a supervisord of ours: its watcher waits on it."""
+        reaped = _reap_orphans(supervisords)
+        if reaped:
+            log.debug("reaped orphans", extra={"fields": {"event_type": "machine.orphans_reaped", "pids": reaped}})
 
     async def _restart(self, name: str) -> None:
         grace = self.plan.spec(name).stop_grace
@@ -572,6 +646,10 @@ class Machine:
                 self.proc.kill()
                 await self.proc.wait()
             step("shutdown.supervisord", returncode=self.proc.returncode)
+        # supervisord is gone: what its services left (re-parented to us) would outlive a clean exit
+        left = await asyncio.to_thread(_kill_descendants, LEFTOVER_GRACE)
+        if left:
+            step("shutdown.leftovers", level=logging.WARNING, pids=left, action="terminated")
         self.inbox.put_nowait(ShutdownDone())
 
     async def _stop(self, name: str) -> None:
@@ -612,11 +690,13 @@ def _become_subreaper() -> None:
             pass
 
 
-def _kill_descendants(grace: float) -> None:
-    """TERM every descendant, KILL what is left after `grace` seconds, and reap them."""
+def _kill_descendants(grace: float) -> list[int]:
+    """TERM every descendant, KILL what is left after `grace` seconds, and reap them. Returns the pids of
+    those that were still running (not zombies)."""
     children = psutil.Process().children(recursive=True)
     if not children:
-        return
+        return []
+    running = [child.pid for child in children if _status(child) not in (psutil.STATUS_ZOMBIE, None)]
     for child in children:
         try:
             child.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
@@ -629,6 +709,58 @@ def _kill_descendants(grace: float) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+    return running
+
+
+def _status(proc: psutil.Process) -> str | None:
+    try:
+        return proc.status()
+    except psutil.Error:
+        return None
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _reap_orphans(keep: set[int]) -> list[int]:
+    """Reap our zombie children but those in `keep` and those in our own session (a child this process
+    started itself: its owner waits on it). Orphans adopted from supervisord's tree are in its session."""
+    own_session = os.getsid(0)
+    reaped = []
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for child in children:
+        if child.pid in keep or _status(child) != psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if os.getsid(child.pid) == own_session:
+                continue
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+        except OSError:  # reaped meanwhile
+            continue
+        if pid:
+            reaped.append(pid)
+    return reaped
+
+
+def _stale_supervisord(pidfile: Path, conf: Path, ours: set[int]) -> psutil.Process | None:
+    """The live supervisord that `pidfile` names, if it runs this state dir's config and is not one of ours."""
+    try:
+        pid = int(pidfile.read_text(encoding="ascii").strip())
+        proc = psutil.Process(pid)
+        cmdline = proc.cmdline()
+        zombie = proc.status() == psutil.STATUS_ZOMBIE
+    except (OSError, ValueError, psutil.Error):
+        return None
+    if pid in ours or zombie or "supervisor.supervisord" not in cmdline or str(conf) not in cmdline:
+        return None
+    return proc
 
 
 def resolved_manifest_path(state_dir: Path) -> Path:

@@ -6,7 +6,9 @@ budget with supervisord is 80 MB. The machine only polls worker state and publis
 the CLI and tests keep redis-py. Replies are decoded to `str` like redis-py's `decode_responses=True`.
 
 Errors: a connection that cannot be made or breaks raises `ConnectionError` (an `OSError`) and is reopened
-on the next call; a server error reply raises `RespError`; slow replies are the caller's `wait_for`.
+on the next call; a server error reply raises `RespError`; a round trip longer than `timeout` (counted from
+when this caller holds the connection, not while it waits for another caller's round trip) raises
+`TimeoutError` (an `OSError`) and drops the connection, whose late reply could never be matched.
 """
 
 from __future__ import annotations
@@ -96,27 +98,36 @@ class _Target:
 class MiniRedis:
     """One connection, used by one caller at a time (a lock orders concurrent calls)."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 2.0):
+    def __init__(self, url: str, *, connect_timeout: float = 2.0, timeout: float | None = None):
         self._target = _Target(url)
         self._connect_timeout = connect_timeout
+        self._timeout = timeout
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
 
     async def execute_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send all commands, read all replies (error replies are returned as RespError values)."""
-        async with self._lock:
-            if self._conn is None:
-                self._conn = await self._target.open(self._connect_timeout)
-            reader, writer = self._conn
+        async with self._lock:  # the timeout starts here: waiting for another caller's round trip is not ours
+            if self._timeout is None:
+                return await self._round_trip(commands)
             try:
-                writer.write(b"".join(_encode(cmd) for cmd in commands))
-                await writer.drain()
-                return [await _read_reply(reader) for _ in commands]
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError) as exc:
-                self._drop()  # half-read replies: this connection can never be trusted again
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                raise ConnectionError(f"Redis connection lost: {exc.__class__.__name__}") from None
+                return await asyncio.wait_for(self._round_trip(commands), self._timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no reply from Redis within {self._timeout:g}s") from None
+
+    async def _round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        if self._conn is None:
+            self._conn = await self._target.open(self._connect_timeout)
+        reader, writer = self._conn
+        try:
+            writer.write(b"".join(_encode(cmd) for cmd in commands))
+            await writer.drain()
+            return [await _read_reply(reader) for _ in commands]
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError) as exc:
+            self._drop()  # half-read replies: this connection can never be trusted again
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise ConnectionError(f"Redis connection lost: {exc.__class__.__name__}") from None
 
     async def execute(self, *args: Any) -> Any:
         reply = (await self.execute_many([args]))[0]

@@ -76,8 +76,10 @@ def health_url(public_url: str, host: str, port: int, environ: Mapping[str, str]
 
 
 def redis_client(url: str) -> MiniRedis:
-    """The machine's Redis client (runtime/resp.py); slow replies are bounded by the callers' wait_for."""
-    return MiniRedis(url, connect_timeout=REDIS_TIMEOUT)
+    """The machine's Redis client (runtime/resp.py). The poller, the publisher and the offline marker share
+    its one connection; each round trip gets 2 s counted from when its caller holds the connection, so a slow
+    but working Redis (1 s a reply) is not reported unreachable for the time spent queueing behind another."""
+    return MiniRedis(url, connect_timeout=REDIS_TIMEOUT, timeout=REDIS_TIMEOUT * 2)
 
 
 def _why(exc: BaseException, url: str) -> str:
@@ -88,7 +90,7 @@ def _why(exc: BaseException, url: str) -> str:
 async def poll_redis(client: MiniRedis, url: str, worker_ids: list[str], inbox: asyncio.Queue) -> None:
     while True:
         try:
-            ok, rows = await asyncio.wait_for(jobs.read_workers(client, worker_ids), REDIS_TIMEOUT * 2)
+            ok, rows = await jobs.read_workers(client, worker_ids)  # bounded by the client's own timeout
             inbox.put_nowait(RedisPolled(ok, "" if ok else "PING failed", tuple(rows)))
         except (RespError, OSError, asyncio.TimeoutError) as exc:
             inbox.put_nowait(RedisPolled(False, _why(exc, url)))
@@ -192,8 +194,7 @@ class Publisher:
     async def publish(self, kind: str, *, phase: str | None = None) -> bool:
         message = json.dumps(self.aggregate.message(kind, phase=phase), separators=(",", ":"))
         try:
-            await asyncio.wait_for(jobs.publish_machine_status(self.client, self.aggregate.plan.machine_id, message),
-                                   REDIS_TIMEOUT * 2)
+            await jobs.publish_machine_status(self.client, self.aggregate.plan.machine_id, message)
         except (RespError, OSError, asyncio.TimeoutError) as exc:
             self.failed += 1
             if not self._down:

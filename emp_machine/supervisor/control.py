@@ -17,6 +17,9 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from emp_machine.errors import SupervisorError
 
+# supervisord's answers to a start whose command cannot be run (it does not try, or the spawn failed)
+REFUSED_START = (Faults.NO_FILE, Faults.NOT_EXECUTABLE, Faults.SPAWN_ERROR)
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -70,7 +73,7 @@ class Supervisor:
         for info in infos:
             extra = policy.get(info["name"], {})
             state = info["statename"]
-            if extra.get("errored") and state in ("EXITED", "FATAL", "BACKOFF"):
+            if extra.get("errored") and state in ("EXITED", "FATAL", "BACKOFF", "STOPPED"):
                 state = "ERRORED"
             rows.append(ProcessInfo(
                 name=info["name"], state=state, pid=info["pid"], start=info["start"], now=info["now"],
@@ -81,11 +84,19 @@ class Supervisor:
         return rows
 
     def start(self, name: str, wait: bool = False) -> None:
+        """Start `name`. A start supervisord refuses because the command cannot be run marks it errored (the
+        restart policy tries again after its cool-down; `ps` and /health give the reason) and raises."""
         try:
             self._rpc("supervisor.startProcess", name, wait)
         except xmlrpc.client.Fault as fault:
-            if fault.faultCode != Faults.ALREADY_STARTED:
-                raise SupervisorError(f"could not start {name}: {fault.faultString}") from None
+            if fault.faultCode == Faults.ALREADY_STARTED:
+                return
+            if fault.faultCode in REFUSED_START:
+                try:
+                    self._rpc("emp.markErrored", name, f"could not start: {fault.faultString}")
+                except (xmlrpc.client.Fault, SupervisorError):
+                    pass  # the start error below says what happened
+            raise SupervisorError(f"could not start {name}: {fault.faultString}") from None
 
     def stop(self, name: str, wait: bool = True) -> None:
         """Stop `name` and keep it down: the restart policy will not bring it back."""

@@ -110,9 +110,11 @@ class _Restarter:
             process = self._process(name)
             if process is None or name in self.held:
                 continue
-            if process.get_state() not in (ProcessStates.EXITED, ProcessStates.FATAL):
-                continue  # started meanwhile, or in supervisord's own BACKOFF retry
             tracker = self.tracker(name)
+            state = process.get_state()
+            if state not in (ProcessStates.EXITED, ProcessStates.FATAL) and not (
+                    tracker.errored and state == ProcessStates.STOPPED):  # (STOPPED: a start was refused)
+                continue  # started meanwhile, or in supervisord's own BACKOFF retry
             if tracker.errored:
                 tracker.on_cooldown_retry()
                 self.errored_reason.pop(name, None)
@@ -187,6 +189,16 @@ class _Restarter:
             self.options.logger.warn(f"emp: {name} errored: {decision.reason}; retry in "
                                      f"{self.tracker(name).policy.cooldown:g}s")
 
+    def mark_errored(self, name: str, reason: str) -> None:
+        """A start of `name` was refused (its command cannot be run): errored as when supervisord gives up on
+        it (FATAL), so the cool-down retry applies; the refused start was deliberate, so it is not held."""
+        tracker = self.tracker(name)
+        tracker.on_fatal(time.monotonic(), reason)
+        self.held.discard(name)
+        self.errored_reason[name] = reason
+        self.due[name] = tracker.retry_at
+        self.options.logger.warn(f"emp: {name} errored: {reason}; retry in {tracker.policy.cooldown:g}s")
+
     # -- helpers -----------------------------------------------------------------------------------------
     def tracker(self, name: str) -> RestartTracker:
         if name not in self.trackers:
@@ -243,6 +255,19 @@ class EmpNamespace:
             raise RPCError(Faults.BAD_NAME, name)
         self._r.held.add(name)
         self._r.due.pop(name, None)
+        return True
+
+    def markErrored(self, name: str, reason: str) -> bool:
+        """supervisord refused to start `name` (NO_FILE, NOT_EXECUTABLE: its command cannot be run), which
+        leaves it STOPPED with nothing to retry it: errored with `reason`, tried again after the cool-down.
+        False (nothing done) while it runs, or while supervisord's own BACKOFF retry is under way (its FATAL
+        end is errored already)."""
+        process = self._r._process(name)
+        if process is None:
+            raise RPCError(Faults.BAD_NAME, name)
+        if process.get_state() not in (ProcessStates.STOPPED, ProcessStates.EXITED, ProcessStates.FATAL):
+            return False
+        self._r.mark_errored(name, " ".join(str(reason).split())[:500] or "could not be started")
         return True
 
 

@@ -1,0 +1,184 @@
+"""Health reporting tells the truth: a slow Redis is not "unreachable", a hung supervisord is not healthy, and
+a crash restarted within one sweep is still a transition."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from types import SimpleNamespace
+
+from emp_machine.runtime import hardware, plan
+from emp_machine.runtime import manifest as mf
+from emp_machine.runtime import status as st
+from emp_machine.runtime.aggregate import Aggregator
+from emp_machine.supervisor.control import ProcessInfo
+from harness import health_base, http_json, wait_for
+
+DELAY = 1.2  # every reply: slower than half the 2 s limit, so two queued round trips exceed it together
+
+
+class DelayingProxy:
+    """A TCP proxy in front of the test Redis that holds every reply DELAY seconds (a slow, working Redis)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.ready = threading.Event()
+        self.port = 0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self.ready.wait(5), "proxy did not start"
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        async with server:
+            await self._stop.wait()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    async def _handle(self, cr, cw) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def up():
+            while data := await cr.read(65536):
+                uw.write(data)
+            uw.close()
+
+        async def down():
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def read():
+                while data := await ur.read(65536):
+                    queue.put_nowait((time.monotonic() + DELAY, data))
+                queue.put_nowait(None)
+
+            reader = asyncio.ensure_future(read())
+            while (item := await queue.get()) is not None:
+                await asyncio.sleep(max(0.0, item[0] - time.monotonic()))
+                cw.write(item[1])
+            await reader
+            cw.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+
+def test_a_slow_redis_shared_by_poller_and_publisher_is_not_reported_unreachable(redis_server, redis):
+    """Each reply takes 1.2 s. The publisher's round trip and the poller's queue on one connection: the 2 s
+    limit counts each caller's own round trip only, so both succeed (it used to time out the one waiting)."""
+    proxy = DelayingProxy(redis_server.port)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("machine:status:slow")
+    wait_for(lambda: pubsub.get_message(timeout=0.05) is None and pubsub.subscribed, 5, message="subscribed")
+
+    async def scenario():
+        client = st.redis_client(url)
+        await client.ping()  # connection open (a slow PING), so both calls below are round trips only
+        fake_agg = SimpleNamespace(plan=SimpleNamespace(machine_id="slow"),
+                                   message=lambda kind, phase=None: {"update_type": kind})
+        publisher = st.Publisher(fake_agg, client, url, 10.0)
+        inbox: asyncio.Queue = asyncio.Queue()
+        publishing = asyncio.create_task(publisher.publish("periodic"))  # holds the connection first
+        await asyncio.sleep(0)
+        poller = asyncio.create_task(st.poll_redis(client, url, [], inbox))  # queues behind it
+        try:
+            polled = await asyncio.wait_for(inbox.get(), 10)
+            published = await publishing
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+            await client.aclose()
+        return polled, published
+
+    try:
+        polled, published = asyncio.run(scenario())
+        assert polled.ok, polled.reason
+        assert published
+        got = wait_for(lambda: pubsub.get_message(timeout=0.1), 5, message="the status message in Redis")
+        assert json.loads(got["data"]) == {"update_type": "periodic"}
+    finally:
+        pubsub.close()
+        proxy.close()
+
+
+def test_a_hung_supervisord_is_reported_unhealthy_and_recovers(machine_factory, redis_url, redis):
+    """supervisord SIGSTOPped: /health says the supervisor component does not answer and shows the processes
+    as unknown, an event_driven message goes out; after SIGCONT it is healthy again."""
+    events = redis.pubsub(ignore_subscribe_messages=True)
+    events.psubscribe("machine:status:*")
+    machine = machine_factory("""
+status: {interval: 30s}
+workers:
+  sim:
+    connector: simulation
+    count: 1
+""")
+    machine.wait_ready()
+    base = health_base(machine)
+    wait_for(lambda: http_json(base + "/health")[0] == 200, 20, message="healthy")
+    sup_pid = int((machine.state_dir / "run" / "supervisord.pid").read_text())
+    seen: list[dict] = []
+
+    def drain():
+        while (m := events.get_message(timeout=0.01)) is not None:
+            if m["type"] == "pmessage":
+                seen.append(json.loads(m["data"]))
+        return seen
+
+    os.kill(sup_pid, signal.SIGSTOP)
+    try:
+        def hung():
+            code, body = http_json(base + "/health")
+            sup = body["components"]["supervisor"]
+            return code == 503 and not sup["healthy"] and sup["reason"].startswith("supervisord not answering") \
+                and body
+        body = wait_for(hung, 10, message="/health reporting the hung supervisord")
+        assert body["services"]["worker-0"]["state"] == "unknown", body["services"]
+        wait_for(lambda: any(m["update_type"] == "event_driven" and all(
+            s["pm2_status"] != "online" for s in m["status"]["services"].values()) for m in drain()), 10,
+            message="an event_driven message without the stale online")
+        assert machine.event("supervisord.not_answering"), machine.tail()
+    finally:
+        os.kill(sup_pid, signal.SIGCONT)
+    wait_for(lambda: http_json(base + "/health")[0] == 200 and http_json(base + "/health")[1]["components"][
+        "supervisor"]["healthy"], 20, message="healthy again once supervisord answers")
+    assert machine.event("supervisord.answering"), machine.tail()
+    events.close()
+
+
+def _row(name: str, pid: int, restarts: int) -> ProcessInfo:
+    now = int(time.time())
+    return ProcessInfo(name=name, state="RUNNING", pid=pid, start=now - 5, now=now, restarts=restarts,
+                       exit_status=None, errored_reason="", restart_in=None, description="")
+
+
+def test_a_crash_restarted_within_one_sweep_is_a_transition(tmp_path):
+    """Two sweeps both see RUNNING, but the pid and restart count changed in between (a crash supervisord
+    restarted at once): the aggregator flags a transition, so an event_driven message tells the monitor."""
+    manifest = mf.loads(f"machine: {{type: test, id: ct, state_dir: {tmp_path / 'state'}}}\n"
+                        "redis: {url: 'redis://127.0.0.1:1'}\n"
+                        "workers: {sim: {connector: simulation, count: 1}}\n", environ={})
+    the_plan = plan.build(manifest, hardware.probe(), resolved_manifest=tmp_path / "manifest.json", environ={})
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        names = [s.name for s in the_plan.specs]
+        agg.set_processes(tuple(_row(n, 100 + i, 0) for i, n in enumerate(names)))
+        agg.commit()
+        agg.transition.clear()
+        agg.set_processes(tuple(_row(n, 100 + i, 0) for i, n in enumerate(names)))
+        agg.commit()
+        assert not agg.transition.is_set(), "the same table again is no transition"
+        agg.set_processes(tuple(_row(n, 900 + i, 1) for i, n in enumerate(names)))
+        agg.commit()
+        return agg.transition.is_set()
+
+    assert asyncio.run(scenario()), "a restarted worker (new pid, restarts + 1) must be a transition"
