@@ -117,11 +117,11 @@ def test_restart_is_refused_while_the_machine_drains(machine_factory):
 services:
   stubborn:
     command: {PY} -c "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-    stop_grace: 12s
+    stop_grace: 8s
 workers:
   sim:
     connector: simulation
-    stop_grace: 5s
+    stop_grace: 2s
 """)
     machine.wait_ready()
     wait_for(lambda: '"worker.spawned"' in machine.log_of("worker-0"), message="worker-0 up")
