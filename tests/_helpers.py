@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -74,3 +75,31 @@ def install_plugin(site: Path, prefix: str, source: str, entry_points: dict[str,
     (info / "entry_points.txt").write_text(
         f"[{GROUP}]\n" + "".join(f"{name} = {module}:{cls}\n" for name, cls in entry_points.items()))
     return module
+
+
+class TcpProxy:
+    """A TCP proxy in front of Redis on a loopback port of its own, served by a thread's event loop;
+    subclasses say what `_handle` does with a connection."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.ready = threading.Event()
+        self.port = 0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self.ready.wait(5), "proxy did not start"
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        async with server:
+            await self._stop.wait()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        raise NotImplementedError

@@ -14,6 +14,7 @@ import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore, function_library
+from _helpers import TcpProxy as _Proxy
 from harness import Messages, WorkerProcs, wait_for
 
 CAPS = {"worker_id": "w1", "machine_id": "m1", "services": ["sim"]}
@@ -171,34 +172,6 @@ def test_a_fail_after_the_api_cancelled_the_attempt_is_still_cancelled(store, re
 
 
 # -- end to end: real worker processes ------------------------------------------------------------------------
-
-class _Proxy:
-    """A TCP proxy in front of Redis on a loopback port of its own, served by a thread's event loop;
-    subclasses say what `_handle` does with a connection."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.ready = threading.Event()
-        self.port = 0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        assert self.ready.wait(5), "proxy did not start"
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        async with server:
-            await self._stop.wait()
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
-
-    async def _handle(self, client_reader, client_writer) -> None:
-        raise NotImplementedError
-
 
 class DropFailReply(_Proxy):
     """A TCP proxy in front of Redis. The first `fail` FCALL reaches Redis, but its reply is dropped and the

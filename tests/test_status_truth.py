@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import time
 from types import SimpleNamespace
 
@@ -16,33 +15,14 @@ from emp_machine.runtime import manifest as mf
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.supervisor.control import ProcessInfo
+from _helpers import TcpProxy
 from harness import health_base, http_json, wait_for
 
 DELAY = 1.2  # every reply: slower than half the 2 s limit, so two queued round trips exceed it together
 
 
-class DelayingProxy:
+class DelayingProxy(TcpProxy):
     """A TCP proxy in front of the test Redis that holds every reply DELAY seconds (a slow, working Redis)."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.ready = threading.Event()
-        self.port = 0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        assert self.ready.wait(5), "proxy did not start"
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        async with server:
-            await self._stop.wait()
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
 
     async def _handle(self, cr, cw) -> None:
         ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
