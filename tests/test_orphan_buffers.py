@@ -336,3 +336,22 @@ def test_drops_found_while_adopting_are_counted_and_reported_by_the_adopter(tmp_
         assert _leftovers(tmp_path, "m1-worker-3.db") == []
     finally:
         machine.shutdown(timeout=2)
+
+
+def test_an_orphan_the_collector_does_not_take_is_left_and_the_next_one_gets_its_turn(tmp_path, monkeypatch):
+    # The adopter waited on the first file as long as its records stayed pending: with the collector down all
+    # boot, no other orphan got its retention or its shipping.
+    from emp_machine.telemetry import orphans
+
+    monkeypatch.setattr(orphans, "ORPHAN_STALL_S", 0.5)
+    _boot_down(tmp_path, "m1", ["m1-worker-1", "m1-worker-2"])
+    down = f"http://127.0.0.1:{free_port()}"
+    machine = _process(tmp_path, down, "m1", None, records=0)
+    try:
+        adopter = machine.adopt_orphan_buffers([])
+        assert adopter.done.wait(30), f"the adoption did not finish: {adopter.adopted}"
+        assert [entry["file"] for entry in adopter.adopted] == ["m1-worker-1.db", "m1-worker-2.db"]
+        assert all(entry["stalled_s"] == 0.5 and entry["removed"] is False and entry["pending"]
+                   for entry in adopter.adopted), adopter.adopted
+    finally:
+        machine.shutdown(timeout=2)

@@ -63,6 +63,9 @@ RESERVED_CAPABILITIES = {
 }
 
 
+
+MAX_GPUS = 64  # machine.gpus at most (plan.build refuses a larger --gpus or driver count the same way)
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,7 +74,7 @@ class MachineSection(_Model):
     id: str = Field("", description="stable machine id; empty: MACHINE_ID, else Railway replica, else host name")
     type: str = Field("generic", pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$", description="machine type, e.g. comfyui")
     region: str = ""
-    gpus: Union[Literal["auto"], Annotated[int, Field(ge=0, le=64)]] = Field(
+    gpus: Union[Literal["auto"], Annotated[int, Field(ge=0, le=MAX_GPUS)]] = Field(
         "auto", description="GPU count: 'auto' asks the NVIDIA driver (none found is 0)")
     state_dir: str = Field("", description="runtime files (socket, logs, embedded Redis); empty: per-user default")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from emp_machine.errors import EmpError
 from emp_machine.runtime import identity
 from emp_machine.runtime.hardware import Hardware
+from emp_machine.runtime.manifest import MAX_GPUS  # a larger count (--gpus, a driver's) is refused, not laid out
 from emp_machine.runtime.redis_server import find_server_binary, free_port, server_argv
 from emp_machine.supervisor.config import Paths, ProcessSpec
 from emp_machine.supervisor.policy import RestartPolicy
@@ -22,7 +23,6 @@ if TYPE_CHECKING:  # build() reads a manifest by attribute: the pydantic model o
     from emp_machine.runtime.manifest import Manifest
 
 REDIS_PROCESS = "redis"
-MAX_GPUS = 64  # as the manifest's machine.gpus: a larger count (--gpus, a driver's) would lay out that many
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 

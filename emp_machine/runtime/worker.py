@@ -274,6 +274,7 @@ class Worker:
         self.claims_paused_since: float | None = None  # monotonic; None while claims go on (logged once each way)
         self._health_checked_at = 0.0  # monotonic time of the last health check (the watch's or a job's)
         self._health_wake = asyncio.Event()  # a pause: the health watch shortens its wait at once
+        self._health_cleared = 0  # counts jobs that found the service gone (see _health_watch)
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -675,6 +676,7 @@ class Worker:
             return
         if isinstance(error, ServiceUnreachable):
             self.service_ok.clear()  # no claim while the check below runs (it is set again if healthy)
+            self._health_cleared += 1  # a healthy answer to a check begun before now does not reopen claims
             if not await asyncio.shield(self._service_unreachable(job, error)):
                 span.set_attribute("job.handed_back", True)  # not its failure: no error trace (as a drain's)
                 span.set_status(StatusCode.OK)
@@ -950,7 +952,11 @@ class Worker:
                     pass
                 continue
             self._health_checked_at = time.monotonic()
-            await self._note_health(await self._read_connector_statuses())
+            cleared = self._health_cleared
+            statuses = await self._read_connector_statuses()
+            if cleared != self._health_cleared and statuses[self.group.connector]["health"] == "healthy":
+                continue  # begun before a job found the service gone: that job's own check decides
+            await self._note_health(statuses)
 
     async def _note_health(self, statuses: dict[str, Any]) -> bool:
         """A health check's outcome: claims pause or resume by it, and a change is an event
@@ -1086,20 +1092,26 @@ def run(manifest_path: Path, index: int, environ: Mapping[str, str]) -> int:
     manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    code = loop.run_until_complete(serve(manifest, index, environ))
-    # Tasks still running now are connector runs that ignored their cancellation (_call_connector): cancelled
-    # once more and given EXIT_WAIT_S, never waited for without end as asyncio.run does (the worker hung at
-    # exit until supervisord's SIGKILL). Everything of ours (the hand-backs, the offline write, telemetry's
-    # flush) is done by now.
-    left = asyncio.all_tasks(loop)
-    for task in left:
-        task.cancel()
-    if left:
-        loop.run_until_complete(asyncio.wait(left, timeout=EXIT_WAIT_S))
-    if any(not task.done() for task in left):
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)  # a coroutine that refuses to end cannot keep the process
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
+    code, finished = 1, False
+    try:
+        code = loop.run_until_complete(serve(manifest, index, environ))
+        finished = True
+    finally:
+        # Tasks still running now are connector runs that ignored their cancellation (_call_connector): cancelled
+        # once more and given EXIT_WAIT_S, never waited for without end as asyncio.run does (the worker hung at
+        # exit until supervisord's SIGKILL). Everything of ours (the hand-backs, the offline write, telemetry's
+        # flush) is done by now.
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=EXIT_WAIT_S))
+        if finished and any(not task.done() for task in left):
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(code)  # a coroutine that refuses to end cannot keep the process
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        if finished:
+            loop.run_until_complete(loop.shutdown_default_executor())  # as asyncio.run: to_thread calls joined
+        loop.close()
     return code

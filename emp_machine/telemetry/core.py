@@ -286,10 +286,16 @@ class Telemetry:
         if self._closed:
             return
         self._closed = True
+        # One deadline for the steps below (each used to get the whole timeout, so a collector that never
+        # answers made a worker's exit overrun its budget); the buffer's own close, local, gets at least 1 s.
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
         if self.adopter is not None:  # bounded: what is left of an orphan file stays there for the next boot
             self.adopter.stop(min(2.0, timeout / 2))
         self._stop.set()
-        self._housekeeper.join(timeout)
+        self._housekeeper.join(left())
         for tailer in self._tailers:
             tailer.stop()
         root = logging.getLogger()
@@ -299,10 +305,10 @@ class Telemetry:
         # first snapshot interval would otherwise never record. The values stay readable for /metrics until
         # the machine counts the worker as gone.
         self.publish_snapshot()
-        self.flush(timeout)
+        self.flush(max(left(), 1.0))
         if self.shipper is not None:
-            self.shipper.stop(drain_timeout=timeout)
-        self.buffer.close(timeout)
+            self.shipper.stop(drain_timeout=left())
+        self.buffer.close(max(left(), 1.0))
 
     # --- internals -----------------------------------------------------------------------------------
 

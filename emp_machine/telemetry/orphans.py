@@ -16,7 +16,8 @@ time, in a background thread:
   waiting for batches to fill;
 - once nothing is pending in it and it holds no dead letters, the file is closed and removed, with its -wal,
   -shm, stage and lock files (under the lock, taken again). Otherwise (no endpoint for some signal, dead
-  letters kept, the collector down) it is closed and left for the next boot.
+  letters kept, the collector down: nothing shipped for ORPHAN_STALL_S) it is closed and left for the next
+  boot, and the next file is taken.
 
 Drops found while adopting are counted in the adopting process's own buffer (reason as usual) and reported
 like any drop. One `telemetry.orphan_buffers` event names the files found and their pending records; one
@@ -37,6 +38,8 @@ from typing import Any
 
 from emp_machine.telemetry.buffer import Buffer, BufferInUse, BufferUnreadable, _lock_held, inspect_buffer
 from emp_machine.telemetry.shipper import SIGNALS, Shipper
+
+ORPHAN_STALL_S = 60.0  # an orphan whose records stopped shipping for this long is left for the next boot
 
 _KINDS = {name: kind for kind, name in SIGNALS.items()}  # "traces" -> Kind.SPAN ...
 
@@ -200,9 +203,18 @@ class OrphanAdopter:
             if shipper is not None:
                 kinds = [_KINDS[name] for name in shipper.stats.signals]
                 shipper.start()
-                # Until what can be shipped is (records of a signal with no endpoint stay) or we are stopped.
-                while any(buffer.pending(kind) for kind in kinds) and not self._stop.wait(self.poll):
-                    pass
+                # Until what can be shipped is (records of a signal with no endpoint stay) or we are stopped, or
+                # nothing has shipped for ORPHAN_STALL_S (the collector down): the file waits for the next boot
+                # and the next file gets its retention and its turn (one file held every other before).
+                last, since = None, time.monotonic()
+                while left := sum(buffer.pending(kind) for kind in kinds):
+                    if last is None or left < last:
+                        last, since = left, time.monotonic()
+                    elif time.monotonic() - since >= ORPHAN_STALL_S:
+                        summary["stalled_s"] = ORPHAN_STALL_S
+                        break
+                    if self._stop.wait(self.poll):
+                        break
         finally:
             if shipper is not None:
                 shipper.stop(drain_timeout=0.5)
