@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+MAX_GPUS = 64  # GPUs a machine may have: machine.gpus at most, and plan.build refuses a larger --gpus
+
 
 @dataclass(frozen=True)
 class GpuReading:

@@ -33,6 +33,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
+from emp_machine.runtime.hardware import MAX_GPUS
 from emp_machine.supervisor.config import COMMENT_FIX, STOP_SIGNALS, config_value_problem, env_value_problem
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.telemetry.urls import http_url_problem, url_problem
@@ -63,8 +64,6 @@ RESERVED_CAPABILITIES = {
 }
 
 
-
-MAX_GPUS = 64  # machine.gpus at most (plan.build refuses a larger --gpus or driver count the same way)
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

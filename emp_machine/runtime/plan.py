@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from emp_machine.errors import EmpError
 from emp_machine.runtime import identity
-from emp_machine.runtime.hardware import Hardware
-from emp_machine.runtime.manifest import MAX_GPUS  # a larger count (--gpus, a driver's) is refused, not laid out
+from emp_machine.runtime.hardware import MAX_GPUS, Hardware  # a larger count (--gpus, a driver's) is refused
 from emp_machine.runtime.redis_server import find_server_binary, free_port, server_argv
 from emp_machine.supervisor.config import Paths, ProcessSpec
 from emp_machine.supervisor.policy import RestartPolicy

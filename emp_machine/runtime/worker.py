@@ -265,6 +265,7 @@ class Worker:
         self.instance = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._status_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Task] = set()
+        self._abandoned: set[asyncio.Task] = set()  # connector runs that ignored their cancellation (never waited for)
         self._signals: JobSignals | None = None
         self.connector_statuses: dict[str, Any] = {}  # as last written to worker:{id}
         # Set while the connector's last health check said healthy: the claim loop claims only then. Cleared
@@ -637,6 +638,11 @@ class Worker:
                            extra={"event_type": "job.abandoned", "job_id": job.id,
                                   "connector": self.group.connector})
             run.add_done_callback(functools.partial(self._abandoned_run_ended, job.id))
+            # Kept referenced, but not a side task: a drain waited for it (it refuses to end) for its whole
+            # grace when it began while a job was still running, and supervisord's SIGKILL came first.
+            self._side_tasks.discard(run)
+            self._abandoned.add(run)
+            run.add_done_callback(self._abandoned.discard)
         elif not run.cancelled():
             run.exception()  # whatever it returned or raised once cancelled is not the job's outcome
         if stopped:
