@@ -14,7 +14,8 @@ from _helpers import connector_context, TRACEPARENT, Progress, job, wait_for
 from fakes.comfyui import FakeComfyUI
 
 from emp_machine.connectors._comfyui_events import ProgressTracker, execution_error
-from emp_machine.connectors.comfyui import STOP_PROMPT_GRACE_S, ComfyUIConnector
+from emp_machine.connectors._http import STOP_GRACE_S as STOP_PROMPT_GRACE_S
+from emp_machine.connectors.comfyui import ComfyUIConnector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
 

@@ -46,9 +46,6 @@ from emp_machine.connectors.base import (
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
-# Stopping a prompt (POST /queue delete + POST /interrupt) gets this long in all (see _http.STOP_GRACE_S).
-STOP_PROMPT_GRACE_S = _http.STOP_GRACE_S
-
 
 class ComfyUISettings(ConnectorSettings):
     # The caller (manifest) fills this from the service instance bound to the worker; no env reads here.
@@ -118,14 +115,14 @@ class ComfyUIConnector(_http.HttpSession, Connector):
             return
         headers = _http.service_headers(active.job)
         try:
-            async with asyncio.timeout(STOP_PROMPT_GRACE_S):
+            async with asyncio.timeout(_http.STOP_GRACE_S):  # queue delete + interrupt, in all
                 await self._call("POST", "/queue", headers, json={"delete": [active.prompt_id]})
                 await self._call("POST", "/interrupt", headers, json={"prompt_id": active.prompt_id})
         except RetryableJobError as exc:  # the server is gone: nothing left to stop
             self._log("cancel_failed", active, logging.WARNING, error=str(exc))
         except TimeoutError:  # hung: it may still run the prompt, but waiting longer changes nothing
             self._log("cancel_failed", active, logging.WARNING,
-                      error=f"ComfyUI did not answer the stop within {STOP_PROMPT_GRACE_S:g} s")
+                      error=f"ComfyUI did not answer the stop within {_http.STOP_GRACE_S:g} s")
 
     # -- run -----------------------------------------------------------------------------------------
 

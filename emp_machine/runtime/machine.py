@@ -137,6 +137,8 @@ class Machine:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.phase = Phase.STARTING
         self.control = Supervisor(self.paths.socket)
+        # The sweep's own handle, with a short timeout: a hung supervisord must not look healthy for 10 s
+        self._sweep_control = Supervisor(self.paths.socket, timeout=2 * SWEEP_INTERVAL)
         self.proc: asyncio.subprocess.Process | None = None
         self.supervisord_restarts = 0
         self.health: dict[str, bool] = {}
@@ -534,9 +536,8 @@ class Machine:
             await asyncio.to_thread(self._reap_orphans, {proc.pid for proc in self._supervisords})
             if self.proc is None or self.proc.returncode is not None:
                 continue
-            try:  # a short timeout of its own: a hung supervisord must not look healthy for 10 s
-                rows = tuple(await asyncio.to_thread(
-                    Supervisor(self.paths.socket, timeout=2 * SWEEP_INTERVAL).processes))
+            try:
+                rows = tuple(await asyncio.to_thread(self._sweep_control.processes))
             except SupervisorError as exc:
                 unanswered += 1
                 # Two in a row (about 6 s): one slow answer on a loaded machine is not a hung supervisord.

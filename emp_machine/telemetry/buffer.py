@@ -422,13 +422,19 @@ def _set_aside(path: Path) -> Path:
     return aside
 
 
+def _connect_ro(path: Path, immutable: bool, **kwargs: float) -> sqlite3.Connection:
+    """A buffer file opened read-only; `immutable`: the file alone, as it is on disk (no -wal/-shm files made
+    beside it, no WAL shared with a running owner)."""
+    return sqlite3.connect(path.absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro"),
+                           uri=True, isolation_level=None, **kwargs)
+
+
 def _pending_in(path: Path) -> int | None:
     """The records a set-aside buffer file held pending, where it can still tell (None where it cannot)."""
     # Immutable where it has no WAL: a read-only WAL reader would leave new -wal/-shm files beside it.
     immutable = not path.with_name(path.name + "-wal").exists()
     try:
-        db = sqlite3.connect(path.absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro"),
-                             uri=True, isolation_level=None)
+        db = _connect_ro(path, immutable)
     except sqlite3.Error:
         return None
     try:
@@ -1669,10 +1675,9 @@ def inspect_buffer(path: Path, *, spans: int = 0, logs: int = 0, dead_letters: b
     # An owner gone, its WAL folded in at close: the file alone is the data, opened immutable so that reading
     # it leaves no -wal/-shm files behind. Otherwise a read-only WAL reader (it shares the owner's -shm).
     immutable = owner is False and not path.with_name(path.name + "-wal").exists()
-    uri = path.absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
     db = None
     try:
-        db = sqlite3.connect(uri, uri=True, timeout=2.0, isolation_level=None)
+        db = _connect_ro(path, immutable, timeout=2.0)
         db.execute("BEGIN")  # one snapshot for every query below
         pending = {int(k): int(n) for k, n in db.execute(
             "SELECT kind, SUM(count - sent) FROM chunks GROUP BY kind").fetchall()}
@@ -1752,9 +1757,9 @@ def _read_state(path: Path, key: str) -> str | None:
     """A state value from a buffer file its owner could not open for writing (a start on a full disk), so that
     the tailer resumes where it was rather than from the start of each file: read-only, through the WAL where
     SQLite can share it, else the file alone (immutable: perhaps a little behind). None where neither works."""
-    for mode in ("?mode=ro", "?mode=ro&immutable=1"):
+    for immutable in (False, True):
         try:
-            db = sqlite3.connect(path.absolute().as_uri() + mode, uri=True, isolation_level=None)
+            db = _connect_ro(path, immutable)
         except sqlite3.Error:
             continue
         try:
