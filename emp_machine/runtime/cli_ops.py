@@ -198,7 +198,6 @@ def _instances(state_dir: Path, manifest_source) -> dict[str, list[str]]:
 
 
 def cmd_errors(args) -> int:
-    from emp_machine.runtime import manifest as mf
     from emp_machine.runtime import queries
     from emp_machine.units import parse_duration
 
@@ -210,13 +209,7 @@ def cmd_errors(args) -> int:
         source = args.machine if args.machine.startswith(("http://", "https://")) else _health_url_of(args)
         rows = _remote_errors(source, args.since)
     else:
-        try:
-            logs_dir = Path(_target(args)["logs"])
-        except SeveralMachinesRunning:
-            raise  # --manifest says which
-        except NoMachineRunning:  # a stopped machine's logs are still worth reading
-            state = mf.load(getattr(args, "manifest", None) or mf.default_manifest()).machine.state_dir
-            logs_dir = Path(state) / "logs"
+        logs_dir = _logs_dir(args)[0]
         source = str(logs_dir)
         rows = queries.recent_errors(logs_dir, since)
     if args.json:
@@ -269,19 +262,27 @@ def _remote_errors(base_url: str, since: str) -> list:
         raise EmpError(f"could not read errors from {url}: {exc}") from None
 
 
-def cmd_logs(args) -> int:
+def _logs_dir(args) -> tuple[Path, object, NoMachineRunning | None]:
+    """(the machine's logs folder, its manifest, None): the running machine's; else (stopped or crashed: its
+    logs are still worth reading) the folder in the manifest's state dir, with the NoMachineRunning met.
+    Several machines running is the user's to settle (--manifest): raised."""
     from emp_machine.runtime import manifest as mf
 
     try:
         doc = _target(args)
-        logs_dir, source = Path(doc["logs"]), doc.get("manifest")
+        return Path(doc["logs"]), doc.get("manifest"), None
     except SeveralMachinesRunning:
         raise  # --manifest says which
-    except NoMachineRunning:  # a stopped or crashed machine's logs are still on disk: read those
-        source = getattr(args, "manifest", None) or os.environ.get("EMP_MANIFEST") or mf.default_manifest()
-        logs_dir = Path(mf.load(source).machine.state_dir) / "logs"
+    except NoMachineRunning as exc:
+        source = getattr(args, "manifest", None) or mf.default_manifest()
+        return Path(mf.load(source).machine.state_dir) / "logs", source, exc
+
+
+def cmd_logs(args) -> int:
+    logs_dir, source, not_running = _logs_dir(args)
+    if not_running is not None:  # a stopped or crashed machine's logs are still on disk: read those
         if not logs_dir.is_dir():
-            raise
+            raise not_running
         print(f"emp-machine: no machine is running; showing the log files in {logs_dir}", file=sys.stderr,
               flush=True)
     path = logs_dir / f"{args.name}.log"
