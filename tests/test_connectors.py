@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import ConnectorContext, ConnectorJob
 from emp_machine.connectors.registry import GROUP, ConnectorRegistry
 from emp_machine.connectors.simulation import SimulationConnector
@@ -105,6 +106,21 @@ def test_simulation_output_stays_inside_the_output_dir_whatever_the_job_id(tmp_p
     assert ".." not in path.parts and path.resolve().is_relative_to(root.resolve()) and path.stat().st_size == 16
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written == [path]
+
+
+@pytest.mark.parametrize("ids", [("a/b", "c/b"), ("x:1", "x_1"), ("../j", "j"), ("..", "...")])
+def test_job_ids_that_differ_only_in_unsafe_characters_never_share_an_output_directory(tmp_path, ids):
+    # A second job's output must not overwrite (or be returned for) the first's: each id has its own folder.
+    root = tmp_path / "outputs"
+    context = ConnectorContext(machine_id="m1", worker_id="m1-worker-0", output_dir=root)
+    paths = []
+    for job_id in ids:
+        result, _ = run(sim(context), {"steps": 1, "step_ms": 0, "output_bytes": 16}, job_id=job_id)
+        [out] = result.outputs
+        paths.append(Path(out.path))
+    assert paths[0].parent != paths[1].parent and all(p.stat().st_size == 16 for p in paths)
+    assert all(p.resolve().is_relative_to(root.resolve()) for p in paths)
+    assert job_dir(root, "job-7f3a") == root / "job-7f3a"  # a plain id stays readable
 
 
 def test_simulation_disk_full_is_retryable_and_leaves_no_output_file(context, tmp_path):

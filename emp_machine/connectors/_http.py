@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import json
 import mimetypes
 import re
@@ -170,6 +171,17 @@ def safe_name(name: str, default: str = "output") -> str:
     """A file name that cannot leave its directory, whatever the service called the file."""
     cleaned = _UNSAFE.sub("_", Path(name).name).strip("._")
     return cleaned[:120] or default
+
+
+def job_dir(output_dir: str | Path, job_id: str) -> Path:
+    """The directory of one job's outputs under `output_dir`: the id itself when it is a plain file name,
+    else its safe form and a digest of the whole id, so that ids differing only in the characters
+    safe_name drops (`a/b` and `c/b`, `x:1` and `x_1`) never share a directory, and no id leaves
+    `output_dir`."""
+    name = safe_name(job_id, "job")
+    if name != job_id:
+        name = f"{name[:100]}-{hashlib.sha256(job_id.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+    return Path(output_dir) / name
 
 
 def unique_path(directory: Path, name: str) -> Path:

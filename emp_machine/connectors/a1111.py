@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -177,7 +176,7 @@ class A1111Connector(_http.HttpSession, Connector):
             if status >= 500 or status == 429:
                 raise RetryableJobError(text, retry_after_s=retry_after_s)
             raise FatalJobError(text)
-        directory = Path(self.context.output_dir) / _http.safe_name(job.id, "job")
+        directory = _http.job_dir(self.context.output_dir, job.id)
         files = []
         for index, encoded in enumerate(answer.get("images") or []):
             try:

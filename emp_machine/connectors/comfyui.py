@@ -377,7 +377,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         data. Cached re-runs list the old files (§4.3): fetched again, they are still this job's result."""
         files: list[OutputFile] = []
         other: dict[str, dict] = {}
-        directory = Path(self.context.output_dir) / _http.safe_name(active.job.id, "job")
+        directory = _http.job_dir(self.context.output_dir, active.job.id)
         for node_id, ui in sorted(outputs.items()):
             for key, items in (ui or {}).items():
                 if not isinstance(items, list):

@@ -154,7 +154,7 @@ class OpenAIConnector(_http.HttpSession, Connector):
                 headers: Mapping[str, str]) -> JobResult:
         if not isinstance(answer, dict):
             raise FatalJobError(f"OpenAI answered 200 with a non-object body: {str(answer)[:200]}")
-        directory = Path(self.context.output_dir) / _http.safe_name(job.id, "job")
+        directory = _http.job_dir(self.context.output_dir, job.id)
         files: list[OutputFile] = []
         data: dict[str, Any] = {"id": answer.get("id")}
         if endpoint == "images":

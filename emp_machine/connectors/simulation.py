@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from emp_machine.connectors._http import ms_since, safe_name
+from emp_machine.connectors._http import job_dir, ms_since
 from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
@@ -127,8 +126,8 @@ class SimulationConnector(Connector):
 
     def _write_output(self, job_id: str, size: int) -> OutputFile:
         # Written synchronously: simulation outputs are small; a real connector streams to disk.
-        # The job id comes from whoever submitted the job: safe_name keeps '../' and '/' out of the path.
-        directory = Path(self.context.output_dir) / safe_name(job_id, "job")
+        # The job id comes from whoever submitted the job: job_dir keeps '../' and '/' out of the path.
+        directory = job_dir(self.context.output_dir, job_id)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "simulation.bin"
         chunk = bytes(range(256)) * (_WRITE_CHUNK // 256)

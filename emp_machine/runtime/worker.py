@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from emp_machine.connectors._http import safe_name
+from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, classify
@@ -716,7 +716,7 @@ class Worker:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         mark = time.monotonic()
         if outputs.needs_spill(result):  # a base64 image or a huge text inline: to files (contract)
-            directory = Path(self.connector.context.output_dir) / safe_name(job.id, "job")
+            directory = job_dir(self.connector.context.output_dir, job.id)
             try:
                 result = await asyncio.to_thread(outputs.spill, result, directory)
             except OSError as exc:
