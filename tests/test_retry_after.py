@@ -77,11 +77,59 @@ def test_the_delay_is_capped_and_a_final_failure_keeps_no_due_time(redis):
     ahead_ms = int(redis.hget(f"job:{job_id}", "retry_at")) - redis_ms(redis)
     assert (MAX_RETRY_DELAY_S - 5) * 1000 < ahead_ms <= MAX_RETRY_DELAY_S * 1000
     assert store.claim(W2) is None and store.claimable_in_s <= MAX_RETRY_DELAY_S + 0.002
-    redis.hset(f"job:{job_id}", "retry_at", 0)  # as if the 300 s had passed
-    assert store.claim(W2).id == job_id
+    # As if the 300 s had passed: the due time in the hash and in the index's delayed set (lib.lua).
+    redis.hset(f"job:{job_id}", "retry_at", 0)
+    redis.zadd("jobs:idx:delayed", {job_id: 0})
+    assert wait_for(lambda: store.claim(W2), timeout=5, message="the retry once due").id == job_id
     outcome = store.fail(job_id, "w2", "answered 429", retryable=True, retry_delay_s=5)
     assert (outcome.outcome, outcome.retry_count) == ("failed", 2)
     assert "retry_at" not in redis.hgetall(f"job:{job_id}")
+
+
+def hash_reads(redis) -> int:
+    stats = redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("hgetall", "hmget", "hget"))
+
+
+def test_claims_do_not_read_the_retries_that_wait_out_a_rate_limit(redis):
+    # Retries keep their submission score, so forty of them waiting out a Retry-After sat at the head of
+    # their queue and every claim of that type read all forty hashes before reaching a claimable job.
+    store = JobStore(redis, avoid_reclaim_s=0)
+    waiting = [store.submit("sim", {}, max_retries=5) for _ in range(40)]
+    for job_id in waiting:
+        assert store.claim(W1).id == job_id
+        assert store.fail(job_id, "w1", "answered 429", retryable=True, retry_delay_s=60).outcome == "retried"
+    fresh = store.submit("sim", {}, priority=10)  # a lower priority than theirs (50), queued after them
+    redis.config_resetstat()
+    assert store.claim(W2).id == fresh
+    assert hash_reads(redis) <= 6, f"{hash_reads(redis)} hash reads for one claim"
+    # They are still pending, in jobs:pending as the API sees them, and indexed (the counts agree).
+    assert all(redis.zscore("jobs:pending", j) is not None for j in waiting)
+    assert redis.zcard("jobs:pending") == redis.hlen("jobs:idx:of") == 40
+    # Once due, they come back in their order: the oldest first.
+    redis.zadd("jobs:idx:delayed", {j: 0 for j in waiting})
+    redis.hset(f"job:{waiting[0]}", "retry_at", 0)
+    got = wait_for(lambda: store.claim(W2), timeout=5, message="the first due retry")
+    assert got.id == waiting[0]
+
+
+def test_a_waiting_retry_that_the_api_removed_leaves_the_index_and_one_resubmitted_runs_at_once(redis):
+    store = JobStore(redis, avoid_reclaim_s=0)
+    gone, again = store.submit("sim", {}), store.submit("sim", {})
+    for job_id in (gone, again):
+        assert store.claim(W1).id == job_id
+        store.fail(job_id, "w1", "answered 429", retryable=True, retry_delay_s=60)
+    # The API cancels one (its own way: status, jobs:pending) and submits the other's id again.
+    redis.hset(f"job:{gone}", "status", "cancelled")
+    redis.zrem("jobs:pending", gone)
+    store.submit("sim", {}, job_id=again)
+    assert store.claim(W2).id == again, "a resubmitted job waited out its earlier attempt's delay"
+    assert redis.zscore("jobs:idx:delayed", again) is None
+    redis.zadd("jobs:idx:delayed", {gone: 0})  # due now
+    claims = []  # a claim moves the due retries out of the delayed set (lib.lua's promote_due)
+    wait_for(lambda: claims.append(store.claim(W2)) or redis.zcard("jobs:idx:delayed") == 0, timeout=5,
+             message="the cancelled retry to leave the delayed set")
+    assert claims == [None] * len(claims) and not redis.hexists("jobs:idx:of", gone)
 
 
 # ---- the connectors: Retry-After of a real HTTP answer ends up on the RetryableJobError ----

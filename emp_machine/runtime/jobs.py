@@ -8,6 +8,7 @@ Our additions beside the contract's keys (documented in docs/jobs.md):
 - `jobs:idx:*`: a per-job-type, per-requirement-class index of `jobs:pending`, so a claim looks at the
   head of a few queues instead of walking the whole queue. Jobs the EMP API submits (only `jobs:pending`
   and `job:{id}`) are adopted into it from their `job_submitted` message, or by `reconcile()`.
+  Retries held back by a delay (`retry_at`) wait in `jobs:idx:delayed` until due, outside their queue.
 - `jobs:leases`: claim leases (job id -> expiry ms), renewed by the heartbeat, reaped when expired.
 - `job:{id}:events`: an append-only timeline per job (submitted, claimed, started, failed, ...).
 - channel `job_requeued`: a job went back to the queue (retry, hand-back, expired lease); wakes workers.

@@ -13,9 +13,10 @@
 -- Returns {job_id, 0, job JSON} (the JSON is the jobs:active entry: the job hash as it stands after the
 -- claim), or {'', unindexed[, wait_ms]} where unindexed is 1 when jobs:pending holds jobs our index lacks
 -- (by count: stale index entries can hide them, which the caller's slow sweep catches) and wait_ms, when
--- present, is how soon the first job passed over because this worker just failed it, or because its retry
--- is not due yet (our field retry_at, written by fail.lua), becomes claimable by this worker, so a lone
--- worker retries it then rather than at its next sweep.
+-- present, is how soon the first job passed over because this worker just failed it, or the first delayed
+-- retry (fail.lua's retry_at: it waits in jobs:idx:delayed, see lib.lua, and each claim first moves the
+-- due ones into their queues) becomes due, so a lone worker retries it then rather than at its next sweep.
+-- (The delayed retry may be of a type this worker does not serve: it then finds nothing, once.)
 --
 -- Order: highest index score (priority, then oldest first). Each requirement class is matched once (see
 -- match.lua) and only the heads of the matching class queues are read, so the cost does not grow with
@@ -31,6 +32,7 @@ local start = ARGV[5] == '1'
 local now = now_ms()
 
 for i = 6, #ARGV do adopt(ARGV[i], true) end
+promote_due(now)
 
 local function unindexed()
   if redis.call('ZCARD', KEYS[1]) > redis.call('HLEN', KEYS[2]) then return 1 end
@@ -117,7 +119,12 @@ while true do
       if m and (not best_score or score > best_score) then best, best_score, member = c, score, m end
     end
   end
-  if not best then return {'', unindexed(), soonest} end
+  if not best then
+    -- a delayed retry (lib.lua's index_delay) this worker may be able to run: say when it is due too
+    local left = delayed_in(now)
+    if left and (not soonest or left < soonest) then soonest = left end
+    return {'', unindexed(), soonest}
+  end
   id = job_of(member)
   local flat = redis.call('HGETALL', 'job:' .. id)
   -- The constructor names the fields a job hash usually has, so the table is allocated at its final size

@@ -38,10 +38,11 @@ if retryable and new < max then
   if delay then
     delay = math.floor(delay)
     redis.call('HSET', jkey, 'retry_at', now + delay)
+    enqueue(id, now + delay)  -- into its class queue only once due (see index_delay in lib.lua)
   else
     redis.call('HDEL', jkey, 'retry_at')
+    enqueue(id)
   end
-  enqueue(id)
   add_event(id, {t = now, ev = 'failed', worker_id = wid, error = err, retry_count = new, can_retry = true,
     retry_in_ms = delay, steps = steps})
   publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = err, failed_at = at,

@@ -222,6 +222,17 @@ local function index_place(f)
   return f[1] or '', cls, raw, cust, p * PRIORITY_SHIFT - t
 end
 
+-- Retries held back until a due time (fail.lua's retry_at, e.g. a service's Retry-After) wait outside their
+-- class queue: in jobs:idx:delayed (ZSET job id -> due time, Redis clock ms), with '@<due>' as their
+-- jobs:idx:of entry (so they count as indexed). Claims move the due ones into their queues (promote_due).
+-- In their queue they sat at its head (a retry keeps its submission score), and every claim of their job
+-- type read each of them before passing it over: one hash read per waiting job while a rate limit lasted.
+local DELAYED = 'jobs:idx:delayed'
+-- The earliest due time in jobs:idx:delayed, known to this library (kept between calls under FCALL; nil:
+-- look). Never more than a second ahead, so entries another writer (another version's library) added are
+-- promoted within a second of their due time.
+local delayed_next
+
 local function index_add(id, f)
   index_remove(id)  -- a job queued again (resubmitted, re-queued) keeps one entry, never two
   local svc, cls, raw, cust, score = index_place(f)
@@ -237,6 +248,10 @@ function index_remove(id)
   local loc = redis.call('HGET', KEYS[2], id)
   if not loc then return end
   redis.call('HDEL', KEYS[2], id)
+  if string.byte(loc, 1) == 64 then  -- '@<due>': a delayed retry, in no queue (see index_delay)
+    redis.call('ZREM', DELAYED, id)
+    return
+  end
   local svc, cls, member = index_location(id, loc)
   local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
   redis.call('ZREM', q, member)
@@ -244,11 +259,20 @@ function index_remove(id)
   return q, member
 end
 
--- Put a job (back) into the pending queue and our index, with the submission score.
-local function enqueue(id)
+-- A retry's index entry until `due` (Redis clock ms): in jobs:idx:delayed, not in its class queue.
+local function index_delay(id, due)
+  index_remove(id)
+  redis.call('ZADD', DELAYED, due, id)
+  redis.call('HSET', KEYS[2], id, '@' .. string.format('%d', due))
+  if delayed_next and due < delayed_next then delayed_next = due end
+end
+
+-- Put a job (back) into the pending queue and our index, with the submission score; with `due` (Redis clock
+-- ms), into jobs:pending now (the API sees it as before) but into its class queue only once due.
+local function enqueue(id, due)
   local f = redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS))
   redis.call('ZADD', KEYS[1], fmt(pending_score(f)), id)
-  index_add(id, f)
+  if due then index_delay(id, due) else index_add(id, f) end
 end
 
 local function dequeue(id)
@@ -259,6 +283,7 @@ end
 -- Whether a job's index entry (`loc`, from jobs:idx:of) still says what its hash says: the same job type
 -- and class, and (when the job has a time of its own) the same score.
 local function index_current(id, loc, f)
+  if string.byte(loc, 1) == 64 then return true end  -- delayed: placed from its hash when it is due
   local svc, cls, member = index_location(id, loc)
   local want_svc, want_cls, _, _, score = index_place(f)
   if svc ~= want_svc or cls ~= want_cls then return false end
@@ -311,6 +336,42 @@ local function adopt(id, deep)
   if loc and index_current(id, loc, f) then return 0 end
   index_add(id, f)
   return 1
+end
+
+-- Move the delayed retries that are due (at most 100 a call) into their class queues, placed from their
+-- hashes as they stand; one no longer in jobs:pending just leaves the index. A call when nothing is due
+-- costs nothing (delayed_next), else one ZRANGEBYSCORE and one ZRANGE.
+local function promote_due(now)
+  if delayed_next and delayed_next > now then return end
+  local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', DELAYED, id)
+    local loc = redis.call('HGET', KEYS[2], id)
+    if loc and string.byte(loc, 1) == 64 then
+      redis.call('HDEL', KEYS[2], id)
+      adopt(id, false)
+    end
+  end
+  if #due == 100 then
+    delayed_next = nil  -- more may be due: the next call looks again
+    return
+  end
+  local head = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
+  delayed_next = now + 1000
+  if head[2] and tonumber(head[2]) < delayed_next then delayed_next = tonumber(head[2]) end
+end
+
+-- How soon (ms, at least 1) the first delayed retry is due, nil when none waits. One already due makes the
+-- next promote_due look.
+local function delayed_in(now)
+  local head = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
+  if not head[2] then return nil end
+  local left = tonumber(head[2]) - now
+  if left < 1 then
+    delayed_next = nil
+    left = 1
+  end
+  return left
 end
 
 -- The per-job timeline (our addition): an append-only list of small JSON events.
