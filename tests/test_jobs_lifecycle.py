@@ -177,6 +177,28 @@ def test_reaped_worker_with_a_live_heartbeat_key_is_idle_until_the_key_lapses(st
     sub.close()
 
 
+def test_a_worker_that_died_idle_is_set_offline_once_its_heartbeat_key_lapsed(store, redis):
+    """No lease to reap: the worker was killed while idle (or its whole machine went). It used to stay "idle"
+    in worker:{id} for good, counted as capacity by the monitor."""
+    sub, seen = _worker_status_messages(redis)
+    store.register_worker("w1", "m1", CAPS)
+    store.register_worker("w3", "m1", {**CAPS, "worker_id": "w3"})
+    store.heartbeat("w3")
+    # As if 60 s had passed without a beat from w1: its key lapsed, its noted expiry is past.
+    redis.delete("worker:w1:heartbeat")
+    redis.zadd("jobs:worker_beats", {"w1": 0})
+    assert store.reap_expired_leases() == []
+    assert redis.hget("worker:w1", "status") == "offline" and redis.hget("worker:w3", "status") == "idle"
+    until(lambda: [(m["worker_id"], m["old_status"], m["new_status"]) for m in seen()
+                   if m["new_status"] == "offline"] == [("w1", "idle", "offline")], what="worker_status offline")
+    # A worker that registers again (supervisord restarted it) is idle and watched again; a clean exit is not.
+    store.register_worker("w1", "m1", CAPS)
+    assert redis.hget("worker:w1", "status") == "idle" and redis.zscore("jobs:worker_beats", "w1") is not None
+    store.set_worker_status("w3", "offline")
+    assert redis.zscore("jobs:worker_beats", "w3") is None
+    sub.close()
+
+
 def test_heartbeat_renews_the_lease(store, redis):
     job_id = store.submit("sim", {})
     store.register_worker("w1", "m1", CAPS)

@@ -7,6 +7,7 @@ local wid = ARGV[1]
 local now = now_ms()
 local at = iso(now)
 redis.call('SET', 'worker:' .. wid .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
+redis.call('ZADD', BEATS, now + tonumber(ARGV[3]) * 1000, wid)
 redis.call('HSET', 'worker:' .. wid, 'last_heartbeat', at)
 local out = {}
 for _, id in ipairs(redis.call('HKEYS', 'jobs:active:' .. wid)) do

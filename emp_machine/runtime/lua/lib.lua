@@ -9,6 +9,10 @@
 -- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter).
 
 local EVENTS_TTL_S = 7 * 86400
+-- Our ZSET worker id -> when its heartbeat key lapses (Redis clock ms), written with the key: the reaper
+-- finds workers whose key lapsed while they held no job (an idle worker killed, a machine gone), which
+-- nothing else would ever set offline.
+local BEATS = 'jobs:worker_beats'
 -- Index score: priority first, then creation time in ms. 2^42 ms reaches the year 2109; the contract
 -- score cannot order by time within one priority (50 x 10^15 exceeds 2^53, so it moves in steps of 8 s).
 local PRIORITY_SHIFT = 4398046511104

@@ -8,6 +8,7 @@
 -- may be alive, its loop stalled). A lease (3 s, say) can run out long before the 60 s heartbeat key does: such
 -- a worker waits in our HASH jobs:reaped_workers (worker id -> its heartbeat key's value when reaped) and is set
 -- offline by a later call once the key lapsed unrenewed; a new beat (another value) takes it off the list.
+-- A worker whose key lapsed while it held no job is found through jobs:worker_beats (lib.lua).
 local now = now_ms()
 local out = {}
 local REAPED = 'jobs:reaped_workers'
@@ -19,6 +20,13 @@ for i = 1, #watched, 2 do
     redis.call('HDEL', REAPED, wid)
     if not beat then refresh_worker(wid, now, false, nil, true) end
   end
+end
+-- Workers whose heartbeat key lapsed while they held no lease (killed while idle, their machine gone):
+-- offline, as a reaped worker is. One whose key is still there (beaten by a writer that does not note it
+-- here) leaves the list until its next beat.
+for _, wid in ipairs(redis.call('ZRANGEBYSCORE', BEATS, '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', BEATS, wid)
+  if redis.call('EXISTS', 'worker:' .. wid .. ':heartbeat') == 0 then refresh_worker(wid, now, false, nil, true) end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   redis.call('ZREM', KEYS[3], id)

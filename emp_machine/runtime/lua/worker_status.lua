@@ -31,8 +31,10 @@ if new ~= 'busy' then
 end
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', wkey .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
+  redis.call('ZADD', BEATS, now + tonumber(ARGV[3]) * 1000, wid)
 else
   redis.call('DEL', wkey .. ':heartbeat')
+  redis.call('ZREM', BEATS, wid)
 end
 if old ~= new then
   redis.call('HSET', wkey, 'last_status_change', at)
