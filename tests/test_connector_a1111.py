@@ -8,6 +8,7 @@ import json
 import logging
 import time
 
+import aiohttp
 import pytest
 from _helpers import connector_context, TRACEPARENT, Progress, job, wait_for
 from aiohttp import web
@@ -85,7 +86,7 @@ def test_img2img_is_chosen_by_init_images(fake, context):
 
 
 @pytest.mark.parametrize("payload,fragment", [
-    ({"endpoint": "img2img", "steps": 2}, "422.*init_images.*Field required"),
+    ({"endpoint": "img2img", "steps": 2}, "404.*Init image not found"),
     ({"steps": "many"}, "422.*valid integer"),
     ({"steps": 2, "sampler_name": "Nope"}, "404.*Sampler not found"),
 ])
@@ -233,3 +234,115 @@ def test_an_info_that_is_not_a_json_object_is_kept_raw(serve, context, info):
     assert len(result.outputs) == 1
     assert result.data == {"seed": None, "all_seeds": None, "infotexts": None}
     assert result.service_metadata["sampler"] == "Euler a" and result.service_metadata["steps"] == 2
+
+
+GOOD_INIT = base64.b64encode(png(8, 8, 0)).decode()
+
+
+@pytest.mark.parametrize("payload,knobs,fragment", [
+    ({"init_images": ["not-an-image"]}, {}, "Invalid encoded image: init_images and mask must be base64 images"),
+    ({"init_images": ["data:image/png;base64," + base64.b64encode(b"hello").decode()]}, {},
+     "Invalid encoded image"),
+    ({"init_images": [GOOD_INIT], "mask": "bm90IGFuIGltYWdl"}, {}, "Invalid encoded image"),
+    ({"init_images": ["http://127.0.0.1:9/cat.png"]}, {}, "Request to local resource not allowed: .*base64"),
+    ({"init_images": ["https://example.com/cat.png"]}, {"api_enable_requests": False},
+     "Requests not allowed: .*api_enable_requests"),
+    ({"init_images": ["{url}/sdapi/v1/options"]}, {"api_forbid_local_requests": False}, "Invalid image url"),
+], ids=["base64", "data-url", "mask", "local-url", "requests-off", "url-not-an-image"])
+def test_a1111_refusing_bad_input_with_a_500_is_permanent(fake, context, payload, knobs, fragment):
+    # A1111 answers its deliberate HTTPExceptions for bad input with 500 (decode_base64_to_image): the same
+    # request fails the same way every time, so it is no retryable server error (it was).
+    server = fake(**knobs)
+    payload = {**payload, "steps": 2, "init_images": [i.replace("{url}", server.url) for i in payload["init_images"]]}
+    with pytest.raises(FatalJobError, match=f"A1111 img2img refused the request: {fragment}") as caught:
+        run(connector(context, server), payload)
+    assert str(caught.value).endswith("(500)")
+
+
+def test_a1111_500_that_is_not_an_http_exception_stays_retryable(fake, context):
+    server = fake()
+    server.fail_next = (500, {"error": "RuntimeError", "detail": "", "body": "", "errors": "CUDA error: launch failure"})
+    with pytest.raises(RetryableJobError, match="500.*CUDA error"):
+        run(connector(context, server), {"init_images": [GOOD_INIT], "steps": 2})
+
+
+def test_an_interrupt_by_someone_else_cancels_the_job(fake, context):
+    # The A1111 UI's Interrupt button (or another client) stops our generation: A1111 answers 200 with the
+    # partial images, which used to complete the job. /progress said `interrupted` meanwhile.
+    server = fake(step_s=0.05)
+    progress = Progress()
+
+    async def interrupt():
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/sdapi/v1/interrupt") as response:
+                assert await response.json() == {}  # what A1111 answers
+    progress.when(lambda p, m: p >= 10, interrupt)
+    with pytest.raises(JobCancelled, match="someone else"):
+        run(connector(context, server), {"steps": 100, "width": 8, "height": 8}, progress)
+    assert progress.percents[-1] < 100 and list(context.output_dir.glob("**/*")) == []
+
+
+def test_an_interrupt_by_someone_else_before_the_first_poll_is_caught_after_the_answer(fake, context):
+    # No /progress poll during the run (a short generation): the one reading after the answer still shows it.
+    server = fake(step_s=0.05)
+
+    async def main():
+        conn = connector(context, server, progress_interval_s=60)
+        task = asyncio.create_task(conn.run(job({"steps": 100, "width": 8, "height": 8}, service="a1111"),
+                                            Progress()))
+        await wait_for(lambda: server.state["step"] >= 3, 10)
+        async with aiohttp.ClientSession() as http:
+            await http.post(server.url + "/sdapi/v1/interrupt")
+        try:
+            with pytest.raises(JobCancelled, match="someone else"):
+                await task
+        finally:
+            await conn.close()
+    asyncio.run(main())
+
+
+def test_an_interrupted_run_before_ours_does_not_cancel_ours(fake, context):
+    # Our request waits for A1111's queue lock behind another client's run, which is interrupted: /progress
+    # says `interrupted` with that run's job_timestamp, not ours (the flag is reset when ours begins).
+    server = fake(step_s=0.05)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            other = asyncio.create_task(http.post(server.url + "/sdapi/v1/txt2img", json={"steps": 60}))
+            await wait_for(lambda: server.state["steps"] == 60, 10)
+            conn = connector(context, server)
+            task = asyncio.create_task(conn.run(job({"steps": 5, "width": 8, "height": 8}, service="a1111"),
+                                                Progress()))
+            # >1 s into the other run: our run's job_timestamp (second resolution) is another second
+            await wait_for(lambda: server.state["step"] >= 25, 10)
+            async with http.post(server.url + "/sdapi/v1/interrupt"):
+                pass
+            (await other).release()
+            try:
+                return await task
+            finally:
+                await conn.close()
+    result = asyncio.run(main())
+    assert len(result.outputs) == 1
+
+
+@pytest.mark.parametrize("how", ["timeout", "dropped"])
+def test_a_generation_request_that_timed_out_or_dropped_is_interrupted(serve, context, how):
+    # A1111 goes on generating after our request gave up (request_timeout_s) or lost its connection, holding
+    # its queue lock for nobody: it is interrupted, in the background, as on a cancel.
+    class Dropping(FakeA1111):
+        async def txt2img(self, request):
+            generation = asyncio.ensure_future(super().txt2img(request))
+            await wait_for(lambda: self.state["step"] > 0, 5)
+            request.transport.close()  # the connection is lost; the generation goes on
+            return await generation
+
+    server = serve(Dropping if how == "dropped" else FakeA1111, step_s=0.05)
+    with pytest.raises(RetryableJobError, match="timed out" if how == "timeout" else "unreachable"):
+        run(connector(context, server, request_timeout_s=0.5 if how == "timeout" else 30),
+            {"steps": 400, "width": 8, "height": 8})
+
+    async def stopped():
+        await wait_for(lambda: server.state["job_count"] == 0, STOP_GRACE_S + 2)
+    asyncio.run(stopped())
+    assert ("POST", "/sdapi/v1/interrupt") in [r[:2] for r in server.requests]

@@ -369,3 +369,83 @@ def test_progress_tracker_counts_cached_nodes_and_never_goes_back():
     assert tracker.percent() == 62.5
     tracker.tick("3", "bad", None)  # ignored, not a crash
     assert tracker.report()[0] == 62.5 and tracker.report()[0] is None
+
+
+@pytest.mark.parametrize("removal", ["delete", "clear"])
+def test_our_pending_prompt_removed_by_someone_else_fails_retryable_at_once(fake, context, removal):
+    # POST /queue {"delete"|"clear"} by another client (the UI's "Clear queue"): no frame names our prompt,
+    # only a status frame with a lower queue_remaining, and /history stays {} (§6.3). It used to wait for
+    # job_timeout_s (1 h by default).
+    server = fake()
+    conn = connector(context, server, job_timeout_s=30)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/prompt", json={"prompt": sleeper(30)}) as response:
+                blocker = (await response.json())["prompt_id"]
+            queued = asyncio.Event()
+
+            async def on_queued():
+                queued.set()
+            progress = Progress()
+            progress.when(lambda p, m: m.startswith("queued"), on_queued)
+            task = asyncio.create_task(conn.run(job(sleeper(0.1)), progress))
+            await asyncio.wait_for(queued.wait(), 10)
+            ours = conn._active["job-1"].prompt_id
+            body = {"delete": [ours]} if removal == "delete" else {"clear": True}
+            mark = time.monotonic()
+            await http.post(server.url + "/queue", json=body)
+            with pytest.raises(RetryableJobError, match=f"prompt {ours} was removed from ComfyUI's queue"):
+                await asyncio.wait_for(task, 10)
+            assert time.monotonic() - mark < 3
+            async with http.get(server.url + "/queue") as response:
+                assert [i[1] for i in (await response.json())["queue_running"]] == [blocker]
+            await http.post(server.url + "/interrupt")
+        await conn.close()
+    asyncio.run(main())
+
+
+def test_a_prompt_ahead_of_ours_finishing_is_not_taken_for_a_removal(fake, context):
+    # The queue shrinking because the prompt before ours finished looks the same in the status frame: the
+    # one /queue read finds ours (now running) and the job completes.
+    server = fake()
+    conn = connector(context, server)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            await http.post(server.url + "/prompt", json={"prompt": sleeper(0.3)})
+            result = await conn.run(job(happy()), Progress())
+        await conn.close()
+        return result
+    result = asyncio.run(main())
+    assert len(result.outputs) == 2
+    assert ("GET", "/queue") in [r[:2] for r in server.requests]  # the check ran, and found it
+
+
+@pytest.mark.parametrize("how", ["request_timeout", "cancelled"])
+def test_a_prompt_posted_without_an_answer_is_stopped(fake, context, how):
+    # ComfyUI queued the prompt but its answer never came (request_timeout_s), or the worker cancelled run()
+    # while POST /prompt was in flight (job timeout, drain): the prompt used to run for nobody. We chose its
+    # id, so it is stopped (queue delete + targeted interrupt) in the background.
+    server = fake(blur_s=0.5, prompt_answer_delay_s=3)
+    conn = connector(context, server, request_timeout_s=0.5)
+
+    async def main():
+        task = asyncio.create_task(conn.run(job(slow_chain()), Progress()))
+        await wait_for(lambda: server.proc.running is not None or server.proc.queue, 5)
+        prompt_id = conn._active["job-1"].prompt_id
+        if how == "request_timeout":
+            with pytest.raises(RetryableJobError, match="ComfyUI timed out at .*/prompt"):
+                await task
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await wait_for(lambda: prompt_id in server.proc.history, STOP_PROMPT_GRACE_S + 5)
+        await conn.close()
+        return prompt_id
+    prompt_id = asyncio.run(main())
+    assert {"prompt_id": prompt_id} in server.interrupt_calls
+    assert ("POST", "/queue") in [r[:2] for r in server.requests]
+    messages = server.proc.history[prompt_id]["status"]["messages"]
+    assert messages[-1][0] == "execution_interrupted" and server.proc.history[prompt_id]["outputs"] == {}

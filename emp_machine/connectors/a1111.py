@@ -4,10 +4,19 @@ Payload: the endpoint's request body plus an optional `"endpoint"` (`txt2img`, `
 with `init_images` is img2img. The call blocks until the images are ready, so progress comes from polling
 `/sdapi/v1/progress` meanwhile (A1111 runs one generation at a time, so its progress is ours). Cancel is
 `/sdapi/v1/interrupt`: A1111 then *returns 200 with the partial images*, which the connector discards and
-reports as cancelled. Base64 images in the answer become output files; `info` (a JSON string) is parsed.
+reports as cancelled. An interrupt by someone else (the UI's button, another client) gives the same partial
+200: a `/progress` reading of our run with `state.interrupted` true (polled during the run, read once more
+after the answer) makes it JobCancelled too, as ComfyUI's `execution_interrupted` is. A reading is our run's
+when its `job_timestamp` is the one in the answer's `info` (A1111 resets the flag when a run begins, so a
+stale flag of an earlier run read while ours waited for A1111's queue lock is not ours); without one (another
+build), any reading of a running job counts. Base64 images in the answer become output files; `info` (a JSON
+string) is parsed.
 
-422 (request validation) and other 4xx are permanent; 5xx (A1111 answers 500 for CUDA out of memory) and
-connection failures are retryable.
+422 (request validation) and other 4xx are permanent, and so are A1111's deliberate 500s for bad input (body
+`"error": "HTTPException"`: "Invalid encoded image", "Invalid image url", "Requests not allowed", ...); other
+5xx (A1111 answers 500 `"error": "OutOfMemoryError"` for CUDA out of memory) and connection failures are
+retryable. A generation request that timed out or whose connection dropped leaves A1111 generating (and
+holding its queue lock): it is interrupted, in the background, as on a cancel.
 """
 
 from __future__ import annotations
@@ -28,6 +37,18 @@ from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
+
+
+# What to do about A1111's deliberate 500s (decode_base64_to_image in its modules/api/api.py).
+_BAD_INPUT_HINTS = {
+    "Invalid encoded image": ": init_images and mask must be base64 images (PNG, JPEG, WebP), optionally as "
+                             "data:image/...;base64, URLs",
+    "Invalid image url": ": an image URL in the request did not return an image",
+    "Requests not allowed": ": this A1111 does not fetch image URLs (its api_enable_requests option); send the "
+                            "image as base64",
+    "Request to local resource not allowed": ": this A1111 does not fetch URLs of local addresses (its "
+                                             "api_forbid_local_requests option); send the image as base64",
+}
 
 
 class A1111Settings(ConnectorSettings):
@@ -94,12 +115,26 @@ class A1111Connector(_http.HttpSession, Connector):
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         headers = _http.service_headers(job)
         generate = asyncio.create_task(self._generate(endpoint, headers, body))
+        readings: list[tuple[Any, bool]] = []  # (job_timestamp, interrupted) of /progress during a job
         try:
             await progress(0.0, "started")
-            await self._watch(job, generate, cancelled, progress, headers, logged)
-            status, answer, wait = generate.result()
+            await self._watch(job, generate, cancelled, progress, headers, logged, readings)
+            try:
+                status, answer, wait = generate.result()
+            except ServiceUnreachable:
+                raise  # never reached A1111: nothing to interrupt
+            except RetryableJobError:
+                # Timed out or dropped after the request went out: A1111 goes on generating for nobody,
+                # holding its queue lock. Interrupted as on a cancel, bounded and in the background.
+                self._stop_in_background(self._interrupt(headers))
+                raise
             if cancelled.is_set():
                 raise JobCancelled(f"a1111 job {job.id} interrupted")
+            if status == 200 and isinstance(answer, dict) and \
+                    await self._interrupted_by_others(answer, headers, readings):
+                raise JobCancelled(f"A1111 interrupted job {job.id}'s generation at the request of someone "
+                                   "else (its UI's Interrupt button or another client); its partial images "
+                                   "were discarded")
             result = self._result(job, status, answer, fields, wait)
             await progress(100.0, "done")
             self.joblog.completed(job.id, _http.ms_since(started), outputs=len(result.outputs), **logged)
@@ -123,10 +158,36 @@ class A1111Connector(_http.HttpSession, Connector):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._call("POST", "/sdapi/v1/interrupt", headers), _http.STOP_GRACE_S)
 
+    async def _interrupted_by_others(self, answer: dict, headers: dict, readings: list) -> bool:
+        """Whether a /progress reading of our run said `interrupted` (see the module's docstring); one more
+        reading is taken now, as a short run can answer before the first poll (the flag stays set until the
+        next run begins). A failed reading is no reading: the images are in hand."""
+        with contextlib.suppress(RetryableJobError):
+            status, state = await self._call("GET", "/sdapi/v1/progress?skip_current_image=true", headers,
+                                             timeout=_http.STOP_GRACE_S)
+            if status == 200 and isinstance(state, dict):
+                self._note_reading(state, readings, after=True)
+        try:
+            info = json.loads(answer.get("info") or "{}")
+        except (TypeError, ValueError):
+            info = None
+        ours = info.get("job_timestamp") if isinstance(info, dict) else None
+        return any(interrupted and (ours is None or stamp == ours) for stamp, interrupted in readings)
+
+    @staticmethod
+    def _note_reading(state: dict, readings: list, after: bool = False) -> None:
+        """Keep a /progress reading's (job_timestamp, interrupted) when it is of a running job (job_count not
+        0; after the answer, A1111 has ended our run and says 0, so any reading counts then)."""
+        detail = state.get("state")
+        if not isinstance(detail, dict) or not (after or detail.get("job_count")):
+            return
+        readings.append((detail.get("job_timestamp"), detail.get("interrupted") is True))
+
     async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,
-                     headers: dict, logged: dict) -> None:
+                     headers: dict, logged: dict, readings: list) -> None:
         """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer.
-        `logged`: the job's record fields (sampler, steps, size), on each job.progress record too."""
+        `logged`: the job's record fields (sampler, steps, size), on each job.progress record too; `readings`
+        gets each reading's interrupted flag (_note_reading)."""
         reported = 0.0  # run() already said 0
         cancel_wait = asyncio.ensure_future(cancelled.wait())
         try:
@@ -142,6 +203,7 @@ class A1111Connector(_http.HttpSession, Connector):
                 status, state = await self._call("GET", "/sdapi/v1/progress?skip_current_image=true", headers)
                 if status != 200 or not isinstance(state, dict):
                     continue
+                self._note_reading(state, readings)
                 try:
                     fraction = float(state.get("progress") or 0)
                 except (TypeError, ValueError):  # not a number (another build, a proxy): the generation goes on
@@ -173,6 +235,12 @@ class A1111Connector(_http.HttpSession, Connector):
             text = f"A1111 {fields['endpoint']} answered {status}: {json.dumps(detail)[:500]}"
             if errors:
                 text += f" ({str(errors)[:300]})"
+            if status >= 500 and isinstance(answer, dict) and answer.get("error") == "HTTPException":
+                # A1111 raised it on purpose: bad input (an init image or mask that does not decode, an image
+                # URL it may not or cannot fetch). The same request fails the same way every time.
+                hint = _BAD_INPUT_HINTS.get(str(detail), "")
+                raise FatalJobError(f"A1111 {fields['endpoint']} refused the request: {str(detail)[:300]}"
+                                    f"{hint} ({status})")
             if status >= 500 or status == 429:
                 raise RetryableJobError(text, retry_after_s=retry_after_s)
             raise FatalJobError(text)

@@ -15,6 +15,12 @@ Error classification (the decisions, and why):
   out-of-memory or connection/timeout error (a custom node fetching something): those depend on the
   machine's state, not the workflow, so another attempt (maybe elsewhere) can succeed.
 * `execution_interrupted` (§6.3): JobCancelled.
+* Our prompt deleted from the queue by someone else before it started (`POST /queue {"delete"|"clear"}`,
+  §6.3): no frame names it, only a `status` frame with a lower `queue_remaining`. On such a frame, while our
+  prompt has not started, one `/queue` read (and, when it is gone, one `/history` read) tells: in neither =
+  retryable "removed from ComfyUI's queue", not a wait until the job timeout.
+* A `POST /prompt` whose answer never came (timeout, connection dropped, run() cancelled meanwhile): ComfyUI
+  may have queued it, and we know its id, so it is stopped (queue delete + interrupt) in the background.
 * Socket dropped (1006, §6.4): reconnect with the same client id, then `/history` non-empty = finished,
   prompt in `/queue` = still running or pending (keep listening), neither = lost with a restarted server:
   retryable. The server unreachable past `reconnect_timeout_s`: retryable.
@@ -72,7 +78,11 @@ class _Active:
     prompt_id: str
     client_id: str
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    submitted: bool = False
+    submitted: bool = False  # POST /prompt answered 200: ComfyUI has it
+    # POST /prompt sent and not refused: ComfyUI may hold the prompt even when its answer never came
+    may_be_queued: bool = False
+    started: bool = False  # a frame of its run came (execution_start and after)
+    queue_remaining: int | None = None  # from the last `status` frame
 
 
 class ComfyUIConnector(_http.HttpSession, Connector):
@@ -111,7 +121,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         """Delete it if pending, interrupt it if running. Both are sent: `delete` ignores a running prompt
         and a targeted interrupt ignores any prompt but the running one (§6.3), so the pair is race-free
         where checking /queue first would not be."""
-        if not active.submitted:
+        if not (active.submitted or active.may_be_queued):
             return
         headers = _http.service_headers(active.job)
         try:
@@ -205,7 +215,20 @@ class ComfyUIConnector(_http.HttpSession, Connector):
     async def _submit(self, active: _Active, graph: dict) -> None:
         body = {"prompt": graph, "client_id": active.client_id, "prompt_id": active.prompt_id,
                 "extra_data": {"emp_job_id": active.job.id}}
-        status, answer = await self._call("POST", "/prompt", _http.service_headers(active.job), json=body)
+        # ComfyUI may queue the prompt before its answer reaches us: from here a stop is worth sending.
+        active.may_be_queued = True
+        try:
+            status, answer = await self._call("POST", "/prompt", _http.service_headers(active.job), json=body)
+        except ServiceUnreachable:  # no connection was made: nothing was sent
+            active.may_be_queued = False
+            raise
+        except RetryableJobError:
+            # Timed out or dropped after it was sent: the prompt may be queued and would run for nobody.
+            # Harmless for an id ComfyUI does not know (§6.3); in the background, as on a cancel.
+            self._stop_in_background(self._stop_prompt(active))
+            raise
+        if status != 200:
+            active.may_be_queued = False  # refused: nothing was queued
         if status == 200 and isinstance(answer, dict):
             active.submitted = True
             if answer.get("node_errors"):
@@ -241,6 +264,11 @@ class ComfyUIConnector(_http.HttpSession, Connector):
                     cancel_by = time.monotonic() + self.settings.cancel_wait_s
                     if not await self._in_queue(active):  # deleted while pending: no frames will come
                         raise JobCancelled(f"ComfyUI prompt {active.prompt_id} cancelled")
+                continue
+            if kind == "frame" and cancel_by is None and self._removed_hint(active, item):
+                entry = await self._gone_before_start(active)
+                if entry is not None:
+                    return await self._finish(active, tracker, entry, progress)
                 continue
             if kind == "closed":
                 if cancel_by is not None:
@@ -279,6 +307,8 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         # client id of our own per job, a frame on our socket without prompt_id is ours.
         if data.get("prompt_id", active.prompt_id) != active.prompt_id:
             return None
+        if kind in ("execution_start", "execution_cached", "executing", "progress", "executed"):
+            active.started = True
         if kind == "executing":
             if data.get("node") is None:
                 return "done" if "prompt_id" in data else None
@@ -296,6 +326,35 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         if kind == "execution_interrupted":
             return "interrupted"
         return None
+
+    @staticmethod
+    def _removed_hint(active: _Active, frame: Any) -> bool:
+        """True for a `status` frame with a lower queue_remaining than the last one while our prompt has not
+        started: the only sign of a prompt deleted from the queue (§6.3). A prompt ahead of ours finishing
+        lowers it too; one /queue read then tells them apart."""
+        if not (isinstance(frame, dict) and frame.get("type") == "status" and isinstance(frame.get("data"), dict)):
+            return False
+        info = frame["data"].get("status")
+        exec_info = info.get("exec_info") if isinstance(info, dict) else None
+        remaining = exec_info.get("queue_remaining") if isinstance(exec_info, dict) else None
+        if not isinstance(remaining, int) or isinstance(remaining, bool):
+            return False
+        lower = active.queue_remaining is not None and remaining < active.queue_remaining
+        active.queue_remaining = remaining
+        return lower and active.submitted and not active.started
+
+    async def _gone_before_start(self, active: _Active) -> dict | None:
+        """Our prompt, not started yet, after the queue shrank: still in /queue (pending, or running now):
+        None, keep listening; finished meanwhile (its frames missed): its history entry; in neither: someone
+        deleted it or cleared the queue (§6.3), retryable. ComfyUI moves a prompt from the queue to the
+        history under one lock, so reading /queue first and /history second cannot miss a finished one."""
+        if await self._in_queue(active):
+            return None
+        entry = await self._history(active, 0)
+        if entry is not None:
+            return entry
+        raise RetryableJobError(f"ComfyUI prompt {active.prompt_id} was removed from ComfyUI's queue before it "
+                                "started (someone deleted it or cleared the queue)")
 
     async def _in_queue(self, active: _Active) -> bool:
         status, body = await self._call("GET", "/queue", _http.service_headers(active.job))

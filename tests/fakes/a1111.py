@@ -2,6 +2,15 @@
 JSON string), `/sdapi/v1/progress`, `/sdapi/v1/interrupt` (the running request still answers 200 with what it
 has), `/internal/ping`, `/sdapi/v1/options`, FastAPI's 422 shape and A1111's error shape for 404/500.
 
+img2img decodes `init_images` (inside the queue lock) and `mask` (before it) as A1111's
+decode_base64_to_image does: base64 (optionally a `data:image/...;base64,` URL) that is no image is its
+HTTPException 500 "Invalid encoded image"; an http(s) URL is fetched unless `api_enable_requests` is off
+("Requests not allowed") or `api_forbid_local_requests` is on and the URL's netloc does not resolve to global
+addresses only ("Request to local resource not allowed"; a netloc with a port never resolves, as there);
+a fetched body that is no image is "Invalid image url". Without `init_images` it is 404 "Init image not
+found". A run's `job_timestamp` is set when it begins, shown by /progress and written in `info`, and
+`interrupted` is reset then, as A1111's shared.state.begin() does.
+
 `fail_next` = (status, body) answers the next generation with that, e.g. the 500 of CUDA out of memory.
 `hang_interrupt` = True: `/sdapi/v1/interrupt` never answers (a wedged server).
 """
@@ -10,9 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import ipaddress
 import json
+import socket
 import time
+from urllib.parse import urlparse
 
+import aiohttp
 from aiohttp import web
 
 from ._server import ServerThread
@@ -24,8 +38,10 @@ OOM = (500, {"error": "OutOfMemoryError", "detail": "", "body": "",
 
 
 class FakeA1111:
-    def __init__(self, *, step_s: float = 0.02, ping: bool = True):
+    def __init__(self, *, step_s: float = 0.02, ping: bool = True, api_enable_requests: bool = True,
+                 api_forbid_local_requests: bool = True):
         self.step_s, self.ping = step_s, ping
+        self.api_enable_requests, self.api_forbid_local_requests = api_enable_requests, api_forbid_local_requests
         self.fail_next: tuple[int, dict] | None = None
         self.hang_interrupt = False
         self.requests: list[tuple[str, str, dict]] = []
@@ -46,6 +62,7 @@ class FakeA1111:
         self.lock = asyncio.Lock()
         self.interrupted = False
         self.state = {"step": 0, "steps": 0, "job_count": 0}
+        self.job_timestamp = "0"
         app = web.Application(middlewares=[self._record])
         app.router.add_post("/sdapi/v1/txt2img", self.txt2img)
         app.router.add_post("/sdapi/v1/img2img", self.img2img)
@@ -67,10 +84,61 @@ class FakeA1111:
     async def img2img(self, request):
         return await self._generate(await request.json(), img2img=True)
 
+    @staticmethod
+    def _error(status: int, error: str, detail: str = "", errors: str | None = None):
+        """A1111's exception handler: {"error": class name, "detail", "body", "errors": str(exc)}."""
+        return web.json_response({"error": error, "detail": detail, "body": "",
+                                  "errors": f"{status}: {detail}" if errors is None else errors}, status=status)
+
+    async def _decode_image(self, encoding):
+        """None when `encoding` is an image, else A1111's error answer (decode_base64_to_image)."""
+        if not isinstance(encoding, str):
+            return self._error(500, "AttributeError", errors=f"'{type(encoding).__name__}' object has no "
+                                                            "attribute 'startswith'")
+        if encoding.startswith(("http://", "https://")):
+            if not self.api_enable_requests:
+                return self._error(500, "HTTPException", "Requests not allowed")
+            if self.api_forbid_local_requests and not self._global_url(encoding):
+                return self._error(500, "HTTPException", "Request to local resource not allowed")
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                    async with http.get(encoding) as response:
+                        data = await response.read()
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:  # requests' error, unhandled
+                return self._error(500, "ConnectionError", errors=str(exc))
+            return None if self._is_image(data) else self._error(500, "HTTPException", "Invalid image url")
+        if encoding.startswith("data:image/"):
+            try:
+                encoding = encoding.split(";")[1].split(",")[1]
+            except IndexError:
+                return self._error(500, "IndexError", errors="list index out of range")
+        try:
+            data = base64.b64decode(encoding)
+        except (binascii.Error, ValueError):
+            data = b""
+        return None if self._is_image(data) else self._error(500, "HTTPException", "Invalid encoded image")
+
+    @staticmethod
+    def _global_url(url: str) -> bool:
+        """A1111's verify_url: every address of the URL's netloc is global (a netloc with a port fails)."""
+        try:
+            addresses = socket.gethostbyname_ex(urlparse(url).netloc)[2]
+            return all(ipaddress.ip_address(a).is_global for a in addresses)
+        except Exception:  # noqa: BLE001 - as there: anything that fails is "not global"
+            return False
+
+    @staticmethod
+    def _is_image(data: bytes) -> bool:
+        return data.startswith((b"\x89PNG", b"\xff\xd8", b"GIF87a", b"GIF89a")) or \
+            (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
     async def _generate(self, body: dict, img2img: bool):
-        if img2img and not body.get("init_images"):
-            return web.json_response({"detail": [{"type": "missing", "loc": ["body", "init_images"],
-                                                  "msg": "Field required", "input": None}]}, status=422)
+        if img2img:
+            if body.get("init_images") is None:
+                return self._error(404, "HTTPException", "Init image not found")
+            if body.get("mask"):
+                if (bad := await self._decode_image(body["mask"])) is not None:
+                    return bad
         steps = body.get("steps", 20)
         if not isinstance(steps, int):
             return web.json_response({"detail": [{"type": "int_parsing", "loc": ["body", "steps"], "msg":
@@ -84,7 +152,11 @@ class FakeA1111:
                 status, answer = self.fail_next
                 self.fail_next = None
                 return web.json_response(answer, status=status)
-            self.interrupted = False
+            for encoding in (body.get("init_images") or []) if img2img else []:
+                if (bad := await self._decode_image(encoding)) is not None:
+                    return bad
+            self.interrupted = False  # shared.state.begin()
+            self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
             self.state = {"step": 0, "steps": steps, "job_count": 1}
             for step in range(1, steps + 1):
                 if self.interrupted:
@@ -98,6 +170,7 @@ class FakeA1111:
         info = {"prompt": body.get("prompt", ""), "all_prompts": [body.get("prompt", "")] * count, "seed": seed,
                 "all_seeds": [seed + i for i in range(count)], "sampler_name": sampler, "steps": steps,
                 "width": width, "height": height, "sd_model_name": "v1-5-pruned-emaonly",
+                "job_timestamp": self.job_timestamp,
                 "infotexts": [f"{body.get('prompt', '')}\nSteps: {steps}, Sampler: {sampler}, Seed: {seed + i}"
                               for i in range(count)]}
         images = [base64.b64encode(png(width, height, 0x101010 * (i + 1))).decode() for i in range(count)]
@@ -110,7 +183,7 @@ class FakeA1111:
             "progress": fraction, "eta_relative": (steps - self.state["step"]) * self.step_s,
             "state": {"skipped": False, "interrupted": self.interrupted, "stopping_generation": False,
                       "job": "txt2img" if steps else "", "job_count": self.state["job_count"],
-                      "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "job_no": 0,
+                      "job_timestamp": self.job_timestamp, "job_no": 0,
                       "sampling_step": self.state["step"], "sampling_steps": steps},
             "current_image": None, "textinfo": None})
 
@@ -121,7 +194,7 @@ class FakeA1111:
         if self.hang_interrupt:
             await asyncio.sleep(3600)
         self.interrupted = True
-        return web.json_response(None)
+        return web.json_response({})
 
     async def options(self, request):
         return web.json_response({"sd_model_checkpoint": "v1-5-pruned-emaonly.safetensors [6ce0161689]",

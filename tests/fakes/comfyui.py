@@ -7,7 +7,9 @@ files. `kill()` drops it the way SIGTERM does (sockets cut without a close frame
 
 Knobs beyond the capture, for fault injection: `history_hidden_gets` answers `{}` to that many GETs of a
 finished prompt's history (the race of §5.1, made deterministic), `preview_frames` sends binary preview
-frames (§4, sent by samplers on a real server), `blur_s`/`node_s` set node run times. `freeze()` blocks the
+frames (§4, sent by samplers on a real server), `blur_s`/`node_s` set node run times, `prompt_answer_delay_s`
+holds the answer of an accepted `POST /prompt` that long after the prompt was queued (a late answer or a
+connection lost before it: the prompt runs anyway). `freeze()` blocks the
 server's event loop, as a node holding it does on a real server: connections are still accepted (by the
 kernel) but no request is answered and no frame is sent until `close()`.
 """
@@ -68,8 +70,9 @@ class _Process:
 
 class FakeComfyUI:
     def __init__(self, *, node_s: float = 0.0, blur_s: float = 0.3, history_hidden_gets: int = 0,
-                 preview_frames: bool = False):
+                 preview_frames: bool = False, prompt_answer_delay_s: float = 0.0):
         self.node_s, self.blur_s = node_s, blur_s
+        self.prompt_answer_delay_s = prompt_answer_delay_s
         self.history_hidden_gets = history_hidden_gets
         self.preview_frames = preview_frames
         self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename): the "disk"
@@ -238,6 +241,8 @@ class FakeComfyUI:
         proc.queue.append(_Item(number, prompt_id, prompt, extra, outputs))
         await self._status(proc)
         proc.wake.set()
+        if self.prompt_answer_delay_s:
+            await asyncio.sleep(self.prompt_answer_delay_s)
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
     async def get_history(self, request):
