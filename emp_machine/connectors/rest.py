@@ -8,7 +8,8 @@ value at `progress_path` (0-1, or 0-100 with `progress_scale: 100`).
 URLs are templates: `{job_id}` is the job's id, any other `{a.b}` is a dot path into the submit answer
 (`{id}`, `{data.task_id}`), URL-quoted. Paths are dot paths with integer indexes (`output.0.url`); an empty
 path means the whole answer. Header values come from environment variables *named* in `header_env` (read
-once at construction through an injectable mapping) and are redacted from errors and logs.
+once at construction through an injectable mapping) and are redacted from errors, logs, health reasons and
+results, whole and in the parts a service may quote back (the token after `Bearer`, Basic's password).
 
 429 and 5xx are retryable, other 4xx permanent; connection failures and timeouts retryable.
 """
@@ -16,13 +17,14 @@ once at construction through an injectable mapping) and are redacted from errors
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import re
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -88,6 +90,42 @@ def render(template: str, job_id: str, submitted: Any) -> str:
     return _FIELD.sub(field, template)
 
 
+# Masking the connector's secrets in a successful result skips shorter ones (see RestConnector._mask_result).
+RESULT_SECRET_MIN = 8
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9._~+-]*")
+
+
+def _secrets_of(header_values: Iterable[str], urls: Iterable[str | None]) -> list[str]:
+    """Every form in which the connector's credentials may be quoted back: each secret header value whole and
+    its credential after a scheme word (`Bearer x`, `Token x`, `Basic x`: a service's error often names the
+    bare token), for Basic also the decoded `user:password` and the password, and the password of any URL's
+    userinfo. Longest first, so that a whole value is masked before a part of it."""
+    found: set[str] = set()
+    for value in header_values:
+        value = value.strip()
+        found.add(value)
+        scheme, _, credential = value.partition(" ")
+        credential = credential.strip()
+        if not credential or not _SCHEME.fullmatch(scheme):
+            continue
+        found.add(credential)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credential, validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                continue
+            found.add(decoded)
+            found.add(decoded.partition(":")[2])
+    for url in urls:
+        try:
+            password = urllib.parse.urlsplit(url or "").password
+        except ValueError:
+            password = None
+        if password:
+            found.update({password, urllib.parse.unquote(password)})
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
 class RestConnector(_http.HttpSession, Connector):
     name = "rest"
     Settings = RestSettings
@@ -97,10 +135,31 @@ class RestConnector(_http.HttpSession, Connector):
         super().__init__(settings, context)
         env = os.environ if env is None else env
         self._secret_headers = {name: env.get(var, "") for name, var in settings.header_env.items()}
+        self._secrets = _secrets_of(self._secret_headers.values(), (
+            settings.submit_url, settings.status_url, settings.cancel_url, settings.health_url))
         self._cancel: dict[str, asyncio.Event] = {}
 
     def _redact(self, text: str) -> str:
-        return _http.redact(text, self._secret_headers.values())
+        return _http.redact(text, self._secrets)
+
+    def _mask_result(self, value: Any) -> Any:
+        """`value` (a result's data or metadata) with the connector's own secrets masked in every string, keys
+        included: a service that echoes the request's headers must not publish the machine's token in
+        complete_job. Only secrets of RESULT_SECRET_MIN characters or more: a short one could turn up by
+        chance in an inline image's base64 and corrupt it. The producer's data is left as it is."""
+        secrets = [s for s in self._secrets if len(s) >= RESULT_SECRET_MIN]
+        if not secrets:
+            return value
+
+        def walk(item: Any) -> Any:
+            if isinstance(item, str):
+                return _http.redact(item, secrets)
+            if isinstance(item, Mapping):
+                return {walk(k) if isinstance(k, str) else k: walk(v) for k, v in item.items()}
+            if isinstance(item, (list, tuple)):
+                return [walk(v) for v in item]
+            return item
+        return walk(value)
 
     async def cancel(self, job_id: str) -> None:
         event = self._cancel.get(job_id)
@@ -167,7 +226,8 @@ class RestConnector(_http.HttpSession, Connector):
             await progress(100.0, "done")
             self.joblog.completed(job.id, _http.ms_since(started), method=settings.method, endpoint=endpoint,
                                   status_code=status)
-            return JobResult(data=result, service_metadata={"connector": self.name, "mode": settings.mode})
+            return JobResult(data=self._mask_result(result),
+                             service_metadata=self._mask_result({"connector": self.name, "mode": settings.mode}))
         except TimeoutError:
             error = RetryableJobError(f"job did not finish within {settings.job_timeout_s:g} s")
             self.joblog.failed(job.id, error, _http.ms_since(started), True, method=settings.method,

@@ -4,7 +4,9 @@ GET  /health   200 when the machine can do its work, else 503 (JSON: components 
 GET  /ready    200 once booted and not draining, else 503
 GET  /status   the machine status document published to Redis
 GET  /metrics  Prometheus text exposition of the machine's meter and its workers' (see WorkerMetrics)
-GET  /errors?since=1h  error records from the machine's log files (`emp-machine errors --machine`)
+GET  /errors?since=1h  error records from the machine's log files (`emp-machine errors --machine`): they can
+               quote what services answered, so with a token configured it needs `Authorization: Bearer
+               <token>`; without one only loopback clients are answered (403 for others)
 GET  /         a small self-refreshing status page
 POST /processes/{name}/restart, POST /refresh-status: `Authorization: Bearer <token>`; 403 without a
                configured token. Actions are put on the machine's inbox; the decider carries them out.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -32,6 +35,16 @@ log = logging.getLogger("emp.machine.health")
 
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _is_loopback(remote: str | None) -> bool:
+    """Whether a request's peer address is this host (127.0.0.0/8, ::1, or either IPv4-mapped)."""
+    try:
+        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def _error(status: int, message: str, **extra) -> web.Response:
@@ -183,7 +196,17 @@ class HealthServer:
         return web.Response(text=text, headers={"Content-Type": PROMETHEUS})
 
     async def errors(self, request: web.Request) -> web.Response:
-        """Read from the log files on demand (in a thread): the one read that is not pre-aggregated."""
+        """Read from the log files on demand (in a thread): the one read that is not pre-aggregated. Error texts
+        quote services' answers (which may hold what a secret-blind redaction missed): not for anyone who can
+        reach the public port. The token's holders may read them; with no token, only this host's clients."""
+        if self._token is not None:
+            denied = self._authorise(request)
+            if denied is not None:
+                return denied
+        elif not _is_loopback(request.remote):
+            return _error(403, f"/errors answers only local clients while no token is configured: set the "
+                               f"{self._token_env} environment variable and send it as `Authorization: Bearer "
+                               f"<token>`")
         if self._errors is None:
             return _error(404, "no error source configured")
         try:

@@ -142,6 +142,10 @@ def render(specs: list[ProcessSpec], paths: Paths, *, parent_pid: int, machine_i
         "logfile_maxbytes = 10MB",
         "logfile_backups = 2",
         "loglevel = info",
+        # Logs, telemetry databases and metric snapshots can quote services' answers: owner-only files. This
+        # one counts only where supervisord daemonizes (nodaemon ignores it); each program's umask below is
+        # what its process gets.
+        "umask = 077",
         f"pidfile = {_escape(str(paths.pidfile))}",
         f"childlogdir = {_escape(str(paths.logs))}",
         "",
@@ -169,6 +173,7 @@ def render(specs: list[ProcessSpec], paths: Paths, *, parent_pid: int, machine_i
             "startsecs = 0",
             "startretries = 3",
             "exitcodes = 0",
+            "umask = 077",  # what it creates (telemetry/*.db, metrics/*.json) is its owner's alone
             f"stopsignal = {spec.stop_signal}",
             f"stopwaitsecs = {max(1, math.ceil(spec.stop_grace))}",  # whole seconds, never shorter than asked
             "stopasgroup = true",

@@ -1,0 +1,214 @@
+"""Secrets that reached users' surfaces in the audit: a rest service quoting the bare token (errors, logs,
+health reasons), one echoing the request headers in a successful answer (complete_job), /errors open to the
+public port, and machine files readable by everyone."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import socket
+import stat
+import sys
+
+import aiohttp
+import pytest
+from _helpers import Progress, connector_context, job
+from aiohttp import web
+from fakes._server import ServerThread
+from harness import wait_for
+
+from emp_machine.connectors.rest import RestConnector
+from emp_machine.errors import FatalJobError, RetryableJobError, ServiceUnreachable
+from emp_machine.runtime.health import HealthServer
+
+TOKEN = "RestTok-a1b2c3d4e5f6g7h8"
+PASSWORD = "BasicPw-9z8y7x6w5v"
+PRODUCER = "Bearer ProducerBearer-6y7u8i9o0p"  # the job's own data: never the connector's to mask
+
+
+def _bare_credential(header: str) -> str:
+    """What a service would name: the token after the scheme; for Basic, the decoded user:password."""
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() == "basic":
+        return base64.b64decode(credential).decode()
+    return credential or header
+
+
+class Service:
+    """POST /run answers 401 naming the bare credential; POST /echo answers 200 quoting the request's headers
+    and payload; GET /health answers 503 naming the bare token."""
+
+    def __init__(self):
+        self.thread = ServerThread(self.app).start()
+        self.url = self.thread.url
+
+    def app(self):
+        app = web.Application()
+        app.router.add_post("/run", self.run)
+        app.router.add_post("/echo", self.echo)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def run(self, request):
+        credential = _bare_credential(request.headers.get("Authorization", ""))
+        return web.json_response({"detail": f"The token {credential} has expired",
+                                  "password": credential.partition(":")[2]}, status=401)
+
+    async def echo(self, request):
+        headers = dict(request.headers)
+        return web.json_response({"headers": headers, "payload": await request.json(),
+                                  "by_token": {headers.get("Authorization", ""): "seen"}})
+
+    async def health(self, request):
+        credential = _bare_credential(request.headers.get("Authorization", ""))
+        return web.json_response({"detail": f"token {credential} is not allowed here"}, status=503)
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = Service()
+    yield svc
+    svc.thread.close()
+
+
+@pytest.fixture
+def context(tmp_path):
+    return connector_context(tmp_path, "secrets")
+
+
+def _connector(context, url: str, authorization: str, **settings) -> RestConnector:
+    return RestConnector(RestConnector.Settings(submit_url=url, header_env={"Authorization": "AUTH"}, **settings),
+                         context, env={"AUTH": authorization})
+
+
+def _run(conn: RestConnector, payload):
+    async def main():
+        try:
+            return await conn.run(job(payload, service="rest"), Progress())
+        finally:
+            await conn.close()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("authorization,leaks", [
+    (f"Bearer {TOKEN}", [TOKEN]),
+    (f"Token {TOKEN}", [TOKEN]),
+    ("Basic " + base64.b64encode(f"svc-user:{PASSWORD}".encode()).decode(), [PASSWORD, f"svc-user:{PASSWORD}"]),
+])
+def test_a_service_error_naming_the_bare_credential_is_masked(context, service, caplog, authorization, leaks):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(FatalJobError) as raised:  # becomes the job's error, timeline, jobs:failed, job_failed
+        _run(_connector(context, service.url + "/run", authorization), {"x": 1})
+    text = str(raised.value)
+    assert "answered 401" in text and "[REDACTED]" in text
+    [failed] = [r for r in caplog.records if getattr(r, "event_type", "") == "job.failed"]
+    for secret in leaks:
+        assert secret not in text, text
+        assert secret not in failed.fields["error.message"]
+        assert secret not in caplog.text  # logs, and through them telemetry and /errors
+
+
+def test_a_health_check_answer_naming_the_bare_token_is_masked(context, service):
+    conn = _connector(context, service.url + "/run", f"Bearer {TOKEN}", health_url=service.url + "/health")
+
+    async def main():
+        try:
+            return await conn.health()
+        finally:
+            await conn.close()
+    health = asyncio.run(main())  # its reason goes to worker:{id} connector_statuses and the logs
+    assert not health.healthy and "answered 503" in health.reason
+    assert TOKEN not in health.reason and "[REDACTED]" in health.reason
+
+
+def test_a_password_in_a_url_is_masked_when_the_service_is_unreachable(context):
+    conn = RestConnector(RestConnector.Settings(submit_url=f"http://svc:{TOKEN}@127.0.0.1:9/run"), context,
+                         env={})
+    with pytest.raises(RetryableJobError) as raised:
+        _run(conn, {})
+    assert type(raised.value) is ServiceUnreachable  # the class survives the masking
+    assert TOKEN not in str(raised.value) and "[REDACTED]" in str(raised.value)
+
+
+def test_a_successful_answer_echoing_the_headers_does_not_publish_the_machines_token(context, service):
+    payload = {"prompt": "hi", "headers": {"Authorization": PRODUCER}}
+    result = _run(_connector(context, service.url + "/echo", f"Bearer {TOKEN}"), payload)
+    published = json.dumps(result.to_json())  # what complete_job / jobs:completed carry
+    assert TOKEN not in published and "[REDACTED]" in published
+    assert result.data["headers"]["Authorization"] == "[REDACTED]"
+    assert result.data["by_token"] == {"[REDACTED]": "seen"}  # keys too
+    # the producer's own data is theirs: untouched, as is everything else in the answer
+    assert result.data["payload"] == payload and {k.lower(): v for k, v in result.data["headers"].items()}["x-job-id"] == "job-1"
+    assert result.service_metadata == {"connector": "rest", "mode": "sync"}
+
+
+# -- GET /errors ----------------------------------------------------------------------------------------
+
+def _non_loopback_address() -> str | None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: only the route's source address is chosen
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+ROWS = [{"message": "POST http://svc/run answered 500: boom", "process": "worker-0"}]
+
+
+def _errors_status(token: str | None, host: str, headers: dict | None = None) -> tuple[int, object]:
+    server = HealthServer(None, host="0.0.0.0", port=0, token=token, token_env="EMP_HEALTH_TOKEN",
+                          cors_origins=(), process_names=set(), restart=lambda name: None, refresh=lambda: None,
+                          metrics=lambda: "", errors=lambda since_s: ROWS)
+
+    async def main():
+        port = await server.start()
+        try:
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://{host}:{port}/errors?since=1h", headers=headers or {}) as response:
+                return response.status, await response.json()
+        finally:
+            await server.stop()
+    return asyncio.run(main())
+
+
+def test_errors_need_the_token_when_one_is_configured():
+    assert _errors_status("health-tok-1234", "127.0.0.1")[0] == 401
+    assert _errors_status("health-tok-1234", "127.0.0.1", {"Authorization": "Bearer wrong"})[0] == 401
+    assert _errors_status("health-tok-1234", "127.0.0.1",
+                          {"Authorization": "Bearer health-tok-1234"}) == (200, ROWS)
+
+
+def test_errors_without_a_token_answer_only_loopback_clients():
+    assert _errors_status(None, "127.0.0.1") == (200, ROWS)
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to connect from")
+    status, body = _errors_status(None, address)
+    assert status == 403 and "EMP_HEALTH_TOKEN" in body["error"] and body != ROWS
+
+
+# -- file modes -----------------------------------------------------------------------------------------
+
+def test_processes_under_supervisord_create_owner_only_files(machine_factory, tmp_path):
+    made = tmp_path / "made-by-service.txt"
+    machine = machine_factory(f"""
+services:
+  writer:
+    command: {sys.executable} -c "import time; open('{made}', 'w').write('x'); time.sleep(600)"
+workers:
+  sim: {{connector: simulation, count: 1}}
+""")
+    machine.wait_ready()
+    wait_for(lambda: made.exists(), message="the service to write its file")
+    snapshots = machine.state_dir / "metrics"
+    wait_for(lambda: any(snapshots.glob("*.json")), timeout=20, message="the worker's metric snapshot")
+    files = [made, *snapshots.glob("*.json"), *(machine.state_dir / "telemetry").glob("*-worker-*")]
+    for path in files:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
