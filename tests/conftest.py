@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import redis as redis_lib
@@ -14,6 +17,11 @@ from harness import deployment_variable
 # or the machines and workers they start, to the shared queue: gone for the whole session.
 for _name in [name for name in os.environ if deployment_variable(name)]:
     del os.environ[_name]
+
+# Nor write into the developer's own state root (~/.local/state/emp-machine): default state dirs and the
+# registry of running machines (`.running/`) go to a folder of this session's.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="emp-tests-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 @pytest.fixture(scope="session")

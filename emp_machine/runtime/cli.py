@@ -140,13 +140,15 @@ def _parser() -> argparse.ArgumentParser:
     trying.add_argument("--output-dir", default="./emp-try-outputs")
     trying.set_defaults(func=ops.cmd_try)
 
-    machine_run = sub.add_parser("machine-run", help=argparse.SUPPRESS)
+    # Internal commands: no help= at all, so that the command list leaves them out (help=SUPPRESS prints
+    # "==SUPPRESS==" there)
+    machine_run = sub.add_parser("machine-run")
     machine_run.add_argument("resolved")
     machine_run.add_argument("--demo", action="store_true")
     machine_run.add_argument("--lock-fd", type=int)
     machine_run.set_defaults(func=cmd_machine_run)
 
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("worker")
     worker.add_argument("--index", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
 
@@ -366,9 +368,36 @@ def cmd_render(args) -> int:
 
 
 def _redact_config(text: str, redact_url) -> str:
-    """Hide URL passwords and the values of secret-looking variables in a rendered config."""
+    """Hide URL passwords and the values of secret-looking variables in a rendered config: each
+    `environment = K="v",K2='v2'` pair whose name is secret by the telemetry's rule (any case), or holds
+    KEY, TOKEN, SECRET, PASS or AUTH, has its value shown as ***; other values lose secret-shaped parts."""
     import re
 
-    secret = re.compile(r'(\b[A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH)[A-Z0-9_]*=)(["\'])[^"\']*\2')
-    text = secret.sub(lambda m: f"{m.group(1)}{m.group(2)}***{m.group(2)}", text)
+    from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
+
+    named = re.compile(r"(?i)key|token|secret|pass|auth")
+    # supervisord's values: quoted with " or ', holding the other quote but never their own (supervisor/config.py)
+    pair = re.compile(r"""([^=,\s]+)=("[^"]*"|'[^']*')(,|$)""")
+
+    def environment(line: str) -> str:
+        head, sep, pairs = line.partition("=")
+        out, at = [], 0
+        while at < len(pairs):
+            lead = len(pairs) - len(pairs[at:].lstrip(" "))
+            m = pair.match(pairs, lead)
+            if m is None:  # not a shape this knows: nothing of the rest is shown
+                out.append(pairs[at:lead] + "***")
+                break
+            name, quoted, comma = m.groups()
+            quote, value = quoted[0], quoted[1:-1]
+            if named.search(name) or redact_fields({name: value}).get(name) == REDACTED:
+                value = "***"
+            else:
+                value = redact_text(value)
+            out.append(f"{pairs[at:lead]}{name}={quote}{value}{quote}{comma}")
+            at = m.end()
+        return head + sep + "".join(out)
+
+    text = "\n".join(environment(line) if line.startswith("environment") and "=" in line else line
+                     for line in text.split("\n"))
     return re.sub(r"\b(?:redis|rediss|https?)://[^\s\"',]+", lambda m: redact_url(m.group(0)), text)

@@ -125,10 +125,19 @@ def cmd_restart(args) -> int:
                     f"; processes: {', '.join(names)}" + (f"; services and worker groups: {', '.join(groups)}"
                                                           if groups else ""))
             raise EmpError(f"no process named {args.name}{hint}")
+    failed = []  # as `pm2 restart`: every target is tried; those that could not restart are listed at the end
     for name in targets:
         _refuse_while_stopping(doc, name)  # checked before each: a drain may begin during a group's restarts
-        Supervisor(doc["socket"], timeout=120).restart(name)
+        try:
+            Supervisor(doc["socket"], timeout=120).restart(name)
+        except EmpError as exc:
+            print(f"could not restart {name}: {exc}", file=sys.stderr, flush=True)
+            failed.append(name)
+            continue
         print(f"restarted {name}", flush=True)
+    if failed:
+        raise EmpError(f"{len(failed)} of {len(targets)} process(es) could not restart: {', '.join(failed)} "
+                       f"(see above; `emp-machine logs <name>` shows why)")
     return 0
 
 

@@ -121,8 +121,11 @@ class RefreshRequested:
 
 
 def step(name: str, level: int = logging.INFO, **fields) -> None:
-    """One structured line per boot/shutdown step (JSON on stdout and a record in the telemetry buffer)."""
-    log.log(level, name, extra={"fields": {"event_type": f"machine.{name}", **fields}})
+    """One structured line per boot/shutdown step (JSON on stdout and a record in the telemetry buffer), an
+    event: `event.name` (the OTel attribute collectors and `emp-machine telemetry --logs` read) is its full
+    name, machine.<name>, as docs/operations.md lists it; event_type repeats it for older readers."""
+    full = f"machine.{name}"
+    log.log(level, name, extra={"fields": {"event.name": full, "event_type": full, **fields}})
 
 
 class Machine:
@@ -674,11 +677,28 @@ class Machine:
                "health_host": self.manifest.health.host}
         target = self.paths.run / "machine.json"  # in run/ (0700): the Redis URL may hold a password
         target.write_text(json.dumps(doc), encoding="utf-8")
+        # And an entry in the per-user registry, for a state dir outside the per-user state root: the operator
+        # commands find this machine without --manifest wherever its state is. Only a convenience: a failure to
+        # write it changes nothing else.
+        entry = registry_entry(self.paths.state, os.environ)
+        try:
+            entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"state_dir": str(self.paths.state), "pid": os.getpid()}), encoding="utf-8")
+            os.replace(tmp, entry)
+        except OSError as exc:
+            log.debug("machine registry entry not written: %s", exc)
 
     def _remove_pointer(self) -> None:
         try:
             (self.paths.run / "machine.json").unlink()
         except FileNotFoundError:
+            pass
+        entry = registry_entry(self.paths.state, os.environ)
+        try:
+            if json.loads(entry.read_text(encoding="utf-8")).get("pid") == os.getpid():  # ours, not a successor's
+                entry.unlink()
+        except (OSError, ValueError, AttributeError):
             pass
 
 
@@ -762,6 +782,21 @@ def _stale_supervisord(pidfile: Path, conf: Path, ours: set[int]) -> psutil.Proc
     if pid in ours or zombie or "supervisor.supervisord" not in cmdline or str(conf) not in cmdline:
         return None
     return proc
+
+
+REGISTRY_DIR = ".running"  # under the per-user state root: one <hash of state dir>.json per running machine
+
+
+def registry_entry(state_dir: Path, environ) -> Path:
+    """The per-user registry's file for the machine using `state_dir`: {"state_dir": ..., "pid": ...}, written
+    once the machine is up, removed at its exit; one whose process is gone is ignored by its readers
+    (manifest.running_machines)."""
+    import hashlib
+
+    from emp_machine.runtime.identity import state_root
+
+    digest = hashlib.sha256(str(Path(state_dir).absolute()).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return state_root(environ) / REGISTRY_DIR / f"{digest}.json"
 
 
 def resolved_manifest_path(state_dir: Path) -> Path:

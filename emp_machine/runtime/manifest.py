@@ -240,21 +240,90 @@ class Manifest(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
         # Environment first: an EMP_* variable beats the YAML value, as operators expect of an override.
-        return (_MappingEnvSource(settings_cls, _ENVIRON.get()), init_settings)
+        return (_MappingEnvSource(settings_cls, _ENVIRON.get(), _DATA.get()), init_settings)
 
 
 _ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("emp_manifest_environ", default={})
+_DATA: ContextVar[Mapping[str, Any]] = ContextVar("emp_manifest_data", default={})  # the YAML, interpolated
 
 
 class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' env source, reading a given mapping instead of os.environ (tests pass dicts)."""
+    """pydantic-settings' env source, reading a given mapping instead of os.environ (tests pass dicts).
 
-    def __init__(self, settings_cls, environ: Mapping[str, str]):
+    pydantic-settings (case_sensitive=False) lowercases every part of a variable's name; here the keys of
+    free-form maps keep the case the variable gives (see _override_path)."""
+
+    def __init__(self, settings_cls, environ: Mapping[str, str], data: Mapping[str, Any]):
         self._environ = environ
+        self._data = data
+        self._original = {key.lower(): key for key in environ}
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+    def explode_env_vars(self, field_name: str, field, env_vars: Mapping[str, str | None]) -> dict[str, Any]:
+        # One variable at a time (pydantic-settings' own parsing of each), its keys put back in their case.
+        result: dict[str, Any] = {}
+        for name, value in env_vars.items():
+            one = super().explode_env_vars(field_name, field, {name: value})
+            if not one:
+                continue
+            original = self._original.get(name)
+            if original is not None:
+                _recase(one, _override_path(original, self._data)[1:])
+            _deep_merge(result, one)
+        return result
+
+
+def _recase(nested: dict, path: tuple) -> None:
+    """Rename the keys along the one path of `nested` (lowercased by pydantic-settings) to `path`'s."""
+    node: Any = nested
+    for key in path:
+        if not isinstance(node, dict) or len(node) != 1:
+            return
+        (old, value), = node.items()
+        if old != key:
+            if not isinstance(old, str) or old != key.lower():
+                return
+            del node[old]
+            node[key] = value
+        node = value
+
+
+def _deep_merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _override_path(name: str, data: Mapping[str, Any] | None) -> tuple:
+    """The manifest path an `EMP_<SECTION>__<FIELD>...` variable sets. Field names are matched whatever their
+    case; a key of a map of names (a service, a worker group, a connector setting) is the existing key that
+    matches it whatever its case, else the name lowercased (names are lower-case: EMP_WORKERS__SIM__CONNECTOR
+    adds `sim`, ...__SETTINGS__BASE_URL sets base_url); a key of a free-form map (env, capabilities,
+    job_timeouts, telemetry.otlp_headers) is the key as the variable gives it."""
+    annotation: Any = Manifest
+    existing: Any = data
+    path = []
+    for part in name[len(ENV_PREFIX):].split("__"):
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[-1]
+            key = part
+            # Keys that are names: entries (models) and a connector's settings (its fields, lower-case)
+            names_map = _model_of(annotation) is not None or path[:1] + path[2:] == ["workers", "settings"]
+            if names_map and not (isinstance(existing, dict) and part in existing):
+                names = existing if isinstance(existing, dict) else ()
+                key = next((k for k in names if isinstance(k, str) and k.lower() == part.lower()), part.lower())
+        else:
+            key = part.lower()
+            model = _model_of(annotation)
+            annotation = model.model_fields[key].annotation if model and key in model.model_fields else None
+        path.append(key)
+        existing = existing.get(key) if isinstance(existing, dict) else None
+    return tuple(path)
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -279,12 +348,12 @@ def loads(text: str, *, file: str = "<manifest>", environ: Mapping[str, str] | N
     problems: list[ManifestProblem] = []
     hidden: set[tuple] = set()  # paths whose value came from the environment: never repeated in a message
     data = _interpolate(data, environ, (), lines, problems, hidden)
-    overrides = _env_overrides(environ)
+    overrides = _env_overrides(environ, data)
     problems += _not_settable(data, lines, overrides)
     if problems:
         raise ManifestError(file, problems)
     hidden |= set(overrides)
-    token = _ENVIRON.set(environ)
+    token, data_token = _ENVIRON.set(environ), _DATA.set(data)
     try:
         manifest = Manifest(**data)
     except ValidationError as exc:
@@ -293,6 +362,7 @@ def loads(text: str, *, file: str = "<manifest>", environ: Mapping[str, str] | N
         raise ManifestError(file, _bad_json_overrides(exc, environ, overrides)) from None
     finally:
         _ENVIRON.reset(token)
+        _DATA.reset(data_token)
     problems = _cross_check(manifest, lines, hidden)
     if problems:
         raise ManifestError(file, problems)
@@ -539,14 +609,14 @@ def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dic
     return _VAR.sub(replace, value)
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[tuple, str]:
-    """EMP_HEALTH__PORT -> ('health', 'port'): which paths the environment overrides, for error messages."""
+def _env_overrides(environ: Mapping[str, str], data: Mapping[str, Any] | None = None) -> dict[tuple, str]:
+    """EMP_HEALTH__PORT -> ('health', 'port'): which paths the environment overrides, for error messages
+    (keys cased as the override sets them: see _override_path)."""
     fields = set(Manifest.model_fields)
     found = {}
     for key in environ:
-        upper = key.upper()
-        if upper.startswith(ENV_PREFIX):
-            parts = tuple(p.lower() for p in upper[len(ENV_PREFIX):].split("__"))
+        if key.upper().startswith(ENV_PREFIX):
+            parts = _override_path(key, data)
             if parts and parts[0] in fields:
                 found[parts] = key
     return found
@@ -1051,11 +1121,27 @@ def running_machine(state_dir: Path) -> dict | None:
 
 
 def running_machines(environ: Mapping[str, str] | None = None) -> list[dict]:
-    """Pointer documents of the live machines under the per-user state root."""
+    """Pointer documents of this user's live machines: those under the per-user state root, and those the
+    per-user registry names (a machine whose manifest sets machine.state_dir elsewhere: machine.py
+    registry_entry). An entry whose machine is gone (its pid dead, no run/machine.json) is ignored."""
+    from emp_machine.runtime.machine import REGISTRY_DIR
+
     environ = os.environ if environ is None else environ
-    pointers = sorted(identity.state_root(environ).glob("*/run/machine.json"))
-    found = (running_machine(pointer.parent.parent) for pointer in pointers)
-    return [doc for doc in found if doc is not None]
+    root = identity.state_root(environ)
+    state_dirs = {pointer.parent.parent for pointer in sorted(root.glob("*/run/machine.json"))}
+    for entry in sorted((root / REGISTRY_DIR).glob("*.json")):
+        try:
+            doc = json.loads(entry.read_text(encoding="utf-8"))
+            os.kill(int(doc["pid"]), 0)
+            state_dirs.add(Path(doc["state_dir"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    found = (running_machine(state_dir) for state_dir in sorted(state_dirs))
+    docs = {}
+    for doc in found:
+        if doc is not None:
+            docs.setdefault(doc.get("socket"), doc)  # a state dir reached both ways: once
+    return list(docs.values())
 
 
 def telemetry_with_env(telemetry: TelemetryConfig, environ: Mapping[str, str], file: str, *, where: str = "",
