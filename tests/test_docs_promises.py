@@ -39,8 +39,13 @@ services:
       Session_Cookie: 'say "SECRETDQ" now'
       GREETING: hello
       NOTE: "uses sk-SECRETINTEXT123 here"
+      UPSTREAM: "${{UPSTREAM_SECRET}}"
+      MODEL_ARGS: "--listen --token SECRETFLAG1 --api-key=SECRETFLAG2"
+      DB_URL: "postgres://app:SECRETPG@db/x"
+  other:
+    command: "serve --auth ${{UPSTREAM_SECRET}}"
 """)
-    env = {**os.environ, "HF_TOKEN": "hf_SECRETVALUE", "K": "sk-SECRETK"}
+    env = {**os.environ, "HF_TOKEN": "hf_SECRETVALUE", "K": "sk-SECRETK", "UPSTREAM_SECRET": "EnvSECRETupstream"}
     env.pop("EMP_MANIFEST", None)
     out = _emp("render", str(manifest), env=env)
     assert out.returncode == 0, out.stderr

@@ -106,6 +106,34 @@ workers:
     assert unknown.returncode == 1 and "no status message from machine no-such-machine" in unknown.stderr
 
 
+def test_errors_of_a_machine_with_a_health_token_need_the_token(machine_factory):
+    from harness import health_base
+
+    from emp_machine.runtime.redis_server import free_port
+
+    port = free_port()
+    machine = machine_factory(f"""
+health: {{port: {port}, public_url: "http://127.0.0.1:{port}"}}
+workers:
+  sim: {{connector: simulation, count: 1}}
+""", env={"EMP_HEALTH_TOKEN": "tok-for-errors-1234"})
+    machine.wait_ready()
+    base = health_base(machine)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+
+    def errors(**extra):
+        return subprocess.run([sys.executable, "-m", "emp_machine", "errors", "--machine", base, "--json"],
+                              capture_output=True, text=True, timeout=30, env={**env, **extra})
+
+    without = errors()
+    assert without.returncode == 1 and "EMP_HEALTH_TOKEN" in without.stderr and "401" in without.stderr
+    wrong = errors(EMP_HEALTH_TOKEN="not-the-token")
+    assert wrong.returncode == 1 and "refused" in wrong.stderr and "not-the-token" not in wrong.stderr
+    right = errors(EMP_HEALTH_TOKEN="tok-for-errors-1234")
+    assert right.returncode == 0, right.stderr
+    assert json.loads(right.stdout) == []  # nothing failed on this machine
+
+
 def test_job_timeline_has_queue_wait_and_the_workers_step_durations(machine_factory, redis, redis_url):
     from emp_machine.runtime.jobs import JobStore
     from emp_machine.runtime.queries import timeline

@@ -208,7 +208,11 @@ workers:
     wait_for(lambda: made.exists(), message="the service to write its file")
     snapshots = machine.state_dir / "metrics"
     wait_for(lambda: any(snapshots.glob("*.json")), timeout=20, message="the worker's metric snapshot")
-    files = [made, *snapshots.glob("*.json"), *(machine.state_dir / "telemetry").glob("*-worker-*")]
+    wait_for(lambda: any((machine.state_dir / "logs").glob("worker-*.log")), message="the worker's log file")
+    # and the files supervisord and the machine write themselves: logs, the machine's telemetry buffer
+    files = [made, *snapshots.glob("*.json"), *(machine.state_dir / "telemetry").glob("*"),
+             *(machine.state_dir / "logs").glob("*.log")]
+    assert any(p.name == "supervisord.log" for p in files) and any("machine" in p.name for p in files), files
     for path in files:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}"

@@ -186,6 +186,10 @@ def _validate_then_exec(manifest, *, demo: bool) -> int:
     from emp_machine.runtime.machine import resolved_manifest_path
     from emp_machine.runtime.view import View
 
+    # Every file of the machine and of what it starts (logs that may quote a job's error, telemetry buffers,
+    # the resolved manifest, outputs) is its user's alone: supervisord and its programs inherit this mask
+    # (supervisord ignores its own umask option when it does not daemonize).
+    os.umask(os.umask(0o077) | 0o077)
     state_dir = Path(manifest.machine.state_dir)
     resolved = resolved_manifest_path(state_dir)
     # First: a machine already running on this state dir is refused before anything of its is rewritten
@@ -363,11 +367,29 @@ def cmd_render(args) -> int:
     text = svconfig.render(list(the_plan.specs), the_plan.paths, parent_pid=os.getpid(),
                            machine_id=the_plan.machine_id, log_max_bytes=manifest.logs.max_size,
                            log_backups=manifest.logs.backups)
-    print(_redact_config(text, redact_url))
+    print(_redact_config(text, redact_url, _environment_secrets(args.path, os.environ)))
     return 0
 
 
-def _redact_config(text: str, redact_url) -> str:
+_SECRET_NAME = r"(?i)key|token|secret|pass|auth|credential|pwd|cookie|signature"
+
+
+def _environment_secrets(path, environ) -> list[str]:
+    """Values render must not show wherever they land (a command line, a setting): those of the variables
+    with secret-like names that the manifest takes with ${VAR} or that override it (EMP_*)."""
+    import re
+
+    from emp_machine.runtime.manifest import _VAR
+
+    try:
+        names = {m.group(1) for m in _VAR.finditer(Path(path).read_text(encoding="utf-8")) if m.group(1)}
+    except (OSError, UnicodeDecodeError):
+        names = set()
+    names |= {name for name in environ if name.startswith("EMP_")}
+    return [environ[name] for name in names if re.search(_SECRET_NAME, name) and len(environ.get(name, "")) >= 4]
+
+
+def _redact_config(text: str, redact_url, secrets: list[str] = ()) -> str:
     """Hide URL passwords and the values of secret-looking variables in a rendered config: each
     `environment = K="v",K2='v2'` pair whose name is secret by the telemetry's rule (any case), or holds
     KEY, TOKEN, SECRET, PASS or AUTH, has its value shown as ***; other values lose secret-shaped parts."""
@@ -375,7 +397,9 @@ def _redact_config(text: str, redact_url) -> str:
 
     from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
 
-    named = re.compile(r"(?i)key|token|secret|pass|auth")
+    named = re.compile(_SECRET_NAME)
+    # a credential given as a command-line flag inside a value: --token X, --api-key=X
+    flag = re.compile(r"(?i)(--?[\w-]*(?:key|token|secret|pass|auth)[\w-]*)([= ])([^\s\"',]+)")
     # supervisord's values: quoted with " or ', holding the other quote but never their own (supervisor/config.py)
     pair = re.compile(r"""([^=,\s]+)=("[^"]*"|'[^']*')(,|$)""")
 
@@ -393,11 +417,14 @@ def _redact_config(text: str, redact_url) -> str:
             if named.search(name) or redact_fields({name: value}).get(name) == REDACTED:
                 value = "***"
             else:
-                value = redact_text(value)
+                value = flag.sub(lambda f: f"{f.group(1)}{f.group(2)}***", redact_text(value))
             out.append(f"{pairs[at:lead]}{name}={quote}{value}{quote}{comma}")
             at = m.end()
         return head + sep + "".join(out)
 
     text = "\n".join(environment(line) if line.startswith("environment") and "=" in line else line
                      for line in text.split("\n"))
-    return re.sub(r"\b(?:redis|rediss|https?)://[^\s\"',]+", lambda m: redact_url(m.group(0)), text)
+    text = re.sub(r"\b(?:redis|rediss|https?)://[^\s\"',]+", lambda m: redact_url(m.group(0)), text)
+    for secret in sorted(set(secrets), key=len, reverse=True):  # the longest first: one may hold another
+        text = text.replace(secret, "***")
+    return text

@@ -258,15 +258,27 @@ def _health_url_of(args) -> str:
     raise EmpError(f"no status message from machine {args.machine} within 12 s: is it running and using this Redis?")
 
 
+HEALTH_TOKEN_ENV = "EMP_HEALTH_TOKEN"  # the default health.token_env: the bearer token `errors --machine` sends
+
+
 def _remote_errors(base_url: str, since: str) -> list:
     import urllib.error
     import urllib.parse
     import urllib.request
 
     url = f"{base_url.rstrip('/')}/errors?since={urllib.parse.quote(since)}"
+    # A machine with a health token serves /errors only with it (others: only to their own host).
+    token = os.environ.get(HEALTH_TOKEN_ENV, "").strip()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            given = "was refused" if token else "is needed"
+            raise EmpError(f"could not read errors from {url}: {exc.code}: the machine's health token {given} "
+                           f"(set {HEALTH_TOKEN_ENV} to the token the machine was started with)") from None
+        raise EmpError(f"could not read errors from {url}: {exc}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise EmpError(f"could not read errors from {url}: {exc}") from None
 
