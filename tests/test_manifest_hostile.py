@@ -295,6 +295,19 @@ def test_a_variable_holding_braces_is_text_not_placeholders():
     assert mf.expand_settings(manifest.workers["sim"].settings, values) == {"unhealthy_reason": '{"a": {"b": 1}}'}
 
 
+def test_settings_placeholders_fill_known_names_and_leave_a_connectors_own_templates():
+    # A rest URL with the instance's port and the connector's own {job_id} / {id} (filled per job by rest.py):
+    # str.format gave up on the whole string at {job_id}, so {service_port} stayed unfilled.
+    values = {"service_port": 8188, "worker_id": "m1-worker-0", "index": 0}
+    settings = {"submit_url": "http://127.0.0.1:{service_port}/run/{job_id}",
+                "status_url": "http://127.0.0.1:{service_port}/status/{id}?w={worker_id}",
+                "body": '{"a": {"b": 1}}', "list": ["{index}", "{data.task_id}"]}
+    assert mf.expand_settings(settings, values) == {
+        "submit_url": "http://127.0.0.1:8188/run/{job_id}",
+        "status_url": "http://127.0.0.1:8188/status/{id}?w=m1-worker-0",
+        "body": '{"a": {"b": 1}}', "list": ["0", "{data.task_id}"]}
+
+
 # -- 8. Ports and GPU counts -------------------------------------------------------------------------------
 
 def test_a_port_range_past_65535_is_refused():

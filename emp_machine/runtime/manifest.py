@@ -857,13 +857,23 @@ def _cross_check(manifest: Manifest, lines: dict, hidden: set | frozenset = froz
 CONNECTOR_GROUP = "emp_machine.connectors"
 
 
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
-    """Fill placeholders (`{service_port}`, `{worker_id}`, ...) in connector settings strings."""
+    """Fill placeholders (`{service_port}`, `{worker_id}`, ...) in connector settings strings (str.format,
+    which also turns the `{{`/`}}` that interpolation made of a variable's braces back into one). A string
+    that does not format as a whole (a rest URL's own `{job_id}` beside `{service_port}`, a JSON text) gets
+    only the known names filled, the rest left as it is: str.format alone gave up on the whole string, so
+    `{service_port}` beside `{job_id}` was never filled."""
     if isinstance(value, str):
+        if "{" not in value:
+            return value
         try:
             return value.format(**values)
         except (KeyError, IndexError, ValueError, AttributeError):
-            return value
+            return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0),
+                                    value)
     if isinstance(value, dict):
         return {k: expand_settings(v, values) for k, v in value.items()}
     if isinstance(value, list):
