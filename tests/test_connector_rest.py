@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from emp_machine.connectors.base import ConnectorContext
 from emp_machine.connectors.rest import RestConnector
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable
 
 TOKEN = "tok-5c2e8a91d4f7b3e6a0c9"
 
@@ -130,6 +130,18 @@ def test_status_codes_are_classified(context, service, status, error):
     with pytest.raises(error) as caught:
         run(sync_connector(context, service), {"numbers": [], "status": status})
     assert type(caught.value) is error and f"answered {status}" in str(caught.value)
+
+
+def test_a_header_variable_missing_from_the_workers_env_sends_nothing_and_is_unhealthy(context, service):
+    # The machine exported MY_TOKEN but the group's env did not list it: the request went out with an empty
+    # header, the service answered 401 and every job failed for good.
+    raw = {"submit_url": service.thread.url + "/run", "result_path": "output", "header_env": {"X-Api-Key": "MY_TOKEN"}}
+    conn = RestConnector(RestConnector.Settings(**raw), context, env={"OTHER": "x"})
+    health = asyncio.run(conn.health())
+    assert not health.healthy and "MY_TOKEN" in health.reason and "workers.<group>.env" in health.reason
+    with pytest.raises(ServiceUnreachable, match="MY_TOKEN"):
+        run(conn, {"numbers": [1]})
+    assert service.requests == []
 
 
 def test_secret_header_value_is_redacted(context, service, caplog):

@@ -135,6 +135,9 @@ class RestConnector(_http.HttpSession, Connector):
         super().__init__(settings, context)
         env = os.environ if env is None else env
         self._secret_headers = {name: env.get(var, "") for name, var in settings.header_env.items()}
+        # A header_env variable this process lacks (the worker gets only its group's `env`): no request goes
+        # out with an empty credential (the service answered 401 and each job failed for good).
+        self._unset = sorted({var for var in settings.header_env.values() if not env.get(var)})
         self._secrets = _secrets_of(self._secret_headers.values(), (
             settings.submit_url, settings.status_url, settings.cancel_url, settings.health_url))
         self._cancel: dict[str, asyncio.Event] = {}
@@ -166,7 +169,14 @@ class RestConnector(_http.HttpSession, Connector):
         if event is not None:
             event.set()
 
+    def _unset_reason(self) -> str:
+        names = ", ".join(self._unset)
+        return (f"environment variable {names} (header_env) is not set in this worker: list it under "
+                f"workers.<group>.env in the manifest (a worker gets only its group's env)")
+
     async def health(self) -> Health:
+        if self._unset:
+            return Health(False, self._unset_reason())
         if not self.settings.health_url:
             return Health(True)
         try:
@@ -176,6 +186,8 @@ class RestConnector(_http.HttpSession, Connector):
         return Health(status < 400, "" if status < 400 else f"health check answered {status}")
 
     async def _call(self, job: ConnectorJob | None, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+        if self._unset:  # never sent: the worker checks health (unhealthy), hands the job back, pauses claims
+            raise ServiceUnreachable(self._unset_reason())
         headers = {**self.settings.headers, **self._secret_headers, **(_http.service_headers(job) if job else {})}
         started = time.monotonic()
         try:
