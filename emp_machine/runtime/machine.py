@@ -24,7 +24,7 @@ import psutil
 
 from emp_machine.errors import SupervisorError
 from emp_machine.runtime import hardware as hw
-from emp_machine.runtime import jobs, queries
+from emp_machine.runtime import jobs, output_retention, queries
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.runtime.health import HealthServer, WorkerMetrics
@@ -198,6 +198,7 @@ class Machine:
         if await self._start_health():
             self._spawn(self._start_supervisord())
         self._spawn(self._sweep())
+        self._spawn(self._prune_outputs())
         workers = [w.worker_id for w in self.plan.workers]
         self._spawn(st.poll_redis(self._redis, self.plan.redis_url, workers, self.inbox))
         if workers:
@@ -571,6 +572,20 @@ class Machine:
                         rss = await asyncio.to_thread(hw.tree_rss, row.pid)
                         if rss > limit:
                             self.inbox.put_nowait(MemoryExceeded(row.name, rss, limit))
+
+    async def _prune_outputs(self) -> None:
+        """Job output folders past outputs.retention, then the oldest while over outputs.max_size: deleted a
+        minute after boot and every PRUNE_INTERVAL_S (runtime/output_retention.py)."""
+        bounds = self.manifest.outputs
+        if not bounds.retention and not bounds.max_size:
+            return
+        await asyncio.sleep(60.0)
+        while True:
+            pruned = await asyncio.to_thread(output_retention.prune, self.paths.state / "outputs",
+                                             bounds.retention, bounds.max_size, time.time())
+            if pruned.folders:
+                step("outputs.pruned", folders=pruned.folders, bytes=pruned.bytes)
+            await asyncio.sleep(output_retention.PRUNE_INTERVAL_S)
 
     @staticmethod
     def _reap_orphans(supervisords: set[int]) -> None:

@@ -129,6 +129,14 @@ class LogsSection(_Model):
         return value
 
 
+class OutputsSection(_Model):
+    """Job output files kept under <state_dir>/outputs (runtime/output_retention.py prunes them)."""
+
+    retention: Duration = Field(86400.0, ge=0, description="job output folders older than this are deleted (0: kept)")
+    max_size: ByteSize = Field(10 * 2**30, ge=0, description="the oldest job output folders are deleted while all "
+                                                             "of them take more than this (0: no bound)")
+
+
 class SupervisorSection(_Model):
     memory_check_interval: Duration = Field(2.0, gt=0)
     boot_timeout: Duration = Field(60.0, gt=0, description="longest wait for supervisord to come up")
@@ -228,6 +236,7 @@ class Manifest(BaseSettings):
     health: HealthSection = Field(default_factory=HealthSection)
     status: StatusSection = Field(default_factory=StatusSection)
     logs: LogsSection = Field(default_factory=LogsSection)
+    outputs: OutputsSection = Field(default_factory=OutputsSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     services: dict[str, ServiceSection] = Field(default_factory=dict)
     workers: dict[str, WorkerGroup] = Field(default_factory=dict)
