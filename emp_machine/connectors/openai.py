@@ -55,16 +55,29 @@ class OpenAIConnector(_http.HttpSession, Connector):
 
     def __init__(self, settings: OpenAISettings, context, env: Mapping[str, str] | None = None):
         super().__init__(settings, context)
-        self._key = (os.environ if env is None else env).get(settings.api_key_env) or ""
+        env = os.environ if env is None else env
+        self._key = env.get(settings.api_key_env) or ""
+        self._group = env.get("WORKER_GROUP") or ""  # set by the machine for each worker it starts
         self._base = settings.base_url.rstrip("/")
         self._cancel: dict[str, asyncio.Event] = {}
 
     def _redact(self, text: str) -> str:
         return _http.redact(text, [self._key])
 
+    def _key_missing(self) -> str:
+        """Why there is no key, and the fix. A worker's environment is only its group's `env:` (supervisord
+        passes nothing else), so a key exported to the machine alone is not there. Never shows a value."""
+        name = self.settings.api_key_env
+        where = f"workers.{self._group}.env" if self._group else "workers.<group>.env"
+        if self._group:
+            return (f"environment variable {name} is not set in this worker's environment: a worker gets only "
+                    f"the variables listed in {where}, not the machine's; add {name}: ${{{name}}} there")
+        return (f"environment variable {name} is not set: export it (a machine's workers get only the variables "
+                f"listed in {where}: add {name}: ${{{name}}} there)")
+
     async def health(self) -> Health:
         if not self._key:
-            return Health(False, f"environment variable {self.settings.api_key_env} is not set")
+            return Health(False, self._key_missing())
         return Health(True)  # the API has no free liveness probe; every call would cost a request
 
     async def cancel(self, job_id: str) -> None:
@@ -86,7 +99,7 @@ class OpenAIConnector(_http.HttpSession, Connector):
         if not isinstance(job.payload, dict):
             raise FatalJobError("openai payload must be a JSON object (the endpoint's request body)")
         if not self._key:
-            raise FatalJobError(f"environment variable {self.settings.api_key_env} is not set")
+            raise FatalJobError(self._key_missing())
         endpoint = self._endpoint(job.payload)
         body = {k: v for k, v in job.payload.items() if k != "endpoint"}
         if "model" not in body and self.settings.default_model:

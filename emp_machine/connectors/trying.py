@@ -7,6 +7,7 @@ before deploying a manifest.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from emp_machine.connectors.base import ConnectorContext, ConnectorJob
-from emp_machine.connectors.registry import ConnectorRegistry
-from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, JobCancelled, classify
+from emp_machine.connectors.registry import ConnectorRegistry, describe_exception
+from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, FatalJobError, JobCancelled, classify
 
 
 async def try_connector(name: str, settings: dict[str, Any], payload: Any, output_dir: str | Path,
@@ -37,6 +38,13 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}" for e in exc.errors())
         print_fn(f"error: bad settings for connector {name!r}: {problems}")
         return 1
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise  # the caller (or the person at the terminal) is stopping
+    except BaseException as exc:  # noqa: BLE001 - a plugin's __init__ failing (even SystemExit) is its error
+        origin = registry.origin(name)
+        print_fn(f"error: connector {name!r}{f' ({origin})' if origin else ''} could not be constructed: "
+                 f"{describe_exception(exc)}; fix the connector's __init__ or its settings")
+        return 1
     job = ConnectorJob(id=f"try-{uuid.uuid4().hex[:12]}", service_required=name, payload=payload)
 
     async def progress(percent: float, message: str) -> None:
@@ -47,7 +55,10 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
     except BaseException as exc:  # noqa: BLE001 - a connector's bug must end as a classified exit 1
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt / CancelledError: the caller is stopping
-        outcome = classify(exc)
+        try:
+            outcome = classify(exc)
+        except Exception:  # noqa: BLE001 - its __str__ raised: named by its type
+            outcome = FatalJobError(f"connector raised {describe_exception(exc)}")
         if isinstance(outcome, JobCancelled):
             print_fn(f"cancelled: {outcome}")
         else:
@@ -58,7 +69,7 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
         try:
             await connector.close()
         except Exception as exc:  # closing must not hide the job's outcome
-            print_fn(f"warning: closing the connector failed: {type(exc).__name__}: {exc}")
+            print_fn(f"warning: closing the connector failed: {describe_exception(exc)}")
     print_fn("completed")
     for output in result.outputs:
         print_fn(f"output {output.path} ({output.mime_type}, {output.size_bytes} bytes)")

@@ -30,13 +30,14 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
-from emp_machine.connectors.registry import ConnectorRegistry
-from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, classify
+from emp_machine.connectors.registry import ConnectorRegistry, describe_exception
+from emp_machine.errors import (ConnectorLoadError, FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable,
+                                classify)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
                                       statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
-from emp_machine.telemetry.redact import redact_text
+from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
@@ -62,9 +63,65 @@ class _CancelledAtComplete(JobCancelled):
 
 @dataclass(frozen=True)
 class _Escaped:
-    """A BaseException (SystemExit) out of connector.run, boxed on its way out of the run's task."""
+    """A BaseException (SystemExit, KeyboardInterrupt, GeneratorExit, a plugin's own) out of a connector call,
+    boxed on its way out of the call's task: raised out of a task, the event loop re-raises SystemExit and
+    KeyboardInterrupt and the worker ends (supervisord restarts it into the same job, forever)."""
 
     error: BaseException
+
+
+async def _boxed(call):
+    """Await a connector's coroutine; a BaseException of its own comes back as _Escaped. The worker handles
+    SIGINT and SIGTERM itself (signal handlers), so a KeyboardInterrupt here can only be the plugin's."""
+    try:
+        return await call
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - see above
+        return _Escaped(exc)
+
+
+def _escaped_error(exc: BaseException) -> FatalJobError:
+    """A connector's BaseException as its job's failure: not retryable, naming it ("connector raised
+    KeyboardInterrupt")."""
+    error = FatalJobError(f"connector raised {describe_exception(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+MIN_MASKED_LEN = 4  # a shorter secret value is not masked in messages: it would mangle every word holding it
+
+
+def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The exact values a worker masks in what it writes (job errors, health reasons, its logs): settings
+    whose key looks like a credential (telemetry.redact's key rule: api_key, token, password...), the values
+    of the variables that `*_env` settings name (api_key_env: OPENAI_API_KEY), and the group's `env` values
+    whose name looks like a credential. Pattern-based redaction misses a plain password a plugin echoes.
+    The worker cannot tell which settings came from `${VAR}` (run/manifest.json holds them resolved), so the
+    key decides. Longest first, so one value inside another is masked whole."""
+    found: set[str] = set()
+
+    def secret_key(key: Any) -> bool:
+        return isinstance(key, str) and redact_fields({key: "x"})[key] == REDACTED
+
+    def walk(value: Any, secret: bool, names: bool) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                is_names = names or (isinstance(key, str) and key.lower().endswith("_env"))
+                walk(item, secret or (not is_names and secret_key(key)), is_names)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, secret, names)
+        elif isinstance(value, str):
+            if names:
+                value = environ.get(value) or ""
+                secret = True
+            if secret and len(value) >= MIN_MASKED_LEN:
+                found.add(value)
+
+    walk(settings, False, False)
+    walk({key: value for key, value in env.items() if secret_key(key)}, True, False)
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 class _StoppedAtStart(Exception):
@@ -237,10 +294,13 @@ class _Progress:
 
 class Worker:
     def __init__(self, manifest: Manifest, ident: WorkerIdentity, client: aioredis.Redis, connector: Connector,
-                 telemetry: Any, hardware: Mapping[str, Any]):
+                 telemetry: Any, hardware: Mapping[str, Any], secrets: tuple[str, ...] | None = None):
         self.manifest = manifest
         self.ident = ident
         self.group = manifest.workers[ident.group]
+        # Exact values masked in every message the worker writes (see secret_values)
+        self.secrets = secret_values(self.group.settings, self.group.env, os.environ) if secrets is None \
+            else secrets
         self.redis = client
         self.store = AsyncJobStore(client, lease_s=self.group.lease)
         self.connector = connector
@@ -275,6 +335,7 @@ class Worker:
         self.claims_paused_since: float | None = None  # monotonic; None while claims go on (logged once each way)
         self._health_checked_at = 0.0  # monotonic time of the last health check (the watch's or a job's)
         self._health_wake = asyncio.Event()  # a pause: the health watch shortens its wait at once
+        self._health_abandoned: asyncio.Task | None = None  # a check that timed out and ignored its cancellation
         self._health_cleared = 0  # counts jobs that found the service gone (see _health_watch)
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -292,7 +353,7 @@ class Worker:
             # Told to stop while Redis was unreachable: exit now rather than wait for Redis (supervisord
             # would SIGKILL us at stopwaitsecs) and then register a worker that was told to stop.
             await signals.close()
-            await self.connector.close()
+            await self._close_connector()
             self.log.info("worker stopped before start-up finished (Redis unreachable)",
                           extra={"event_type": "worker.stopped"})
             return 0
@@ -315,9 +376,31 @@ class Worker:
                                             for name, entry in self.connector_statuses.items()})
                 except RedisError:
                     pass
-            await self.connector.close()
+            await self._close_connector()
         self.log.info("worker stopped", extra={"event_type": "worker.stopped"})
         return 0
+
+    def _redact(self, text: str) -> str:
+        """`text` as it may leave the worker: the group's secret values masked exactly (secret_values), then
+        pattern-based redaction (keys, bearer tokens, URL passwords...)."""
+        for value in self.secrets:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return redact_text(text)
+
+    async def _close_connector(self) -> None:
+        """connector.close() at stop: whatever it raises is one warning line, never a traceback or an exit."""
+        try:
+            outcome = await _boxed(self.connector.close())
+            error = outcome.error if isinstance(outcome, _Escaped) else None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - stopping goes on
+            error = exc
+        if error is not None:
+            self.log.warning(self._redact(f"connector {self.group.connector} failed to close: "
+                                          f"{describe_exception(error)}"),
+                             extra={"event_type": "worker.connector_close_failed"})
 
     async def _claim_loop(self, signals: JobSignals) -> None:
         backoff = 0.1
@@ -559,7 +642,7 @@ class Worker:
                 await self._job_error(job, exc, span, started, steps)
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
-                    raise
+                    raise  # not the connector's: one out of connector.run comes boxed (_connector_run)
                 # SystemExit (or a plugin's own BaseException) out of a connector: the event loop would
                 # re-raise SystemExit and end the worker with its jobs claimed. Its job's failure instead.
                 await self._job_error(job, exc, span, started, steps)
@@ -615,8 +698,8 @@ class Worker:
                 del self._stop_wakers[job.id]
         if run.done():  # it ended on its own, before the deadline or a stop's grace ran out
             value = run.result()
-            if isinstance(value, _Escaped):
-                raise value.error
+            if isinstance(value, _Escaped):  # SystemExit, KeyboardInterrupt...: this job's failure, not retried
+                raise _escaped_error(value.error)
             return value
         stopped = job.id in self.stop_requested
         progress.close()  # the run is cancelled now: a progress call it still makes is not written
@@ -650,22 +733,18 @@ class Worker:
         raise RetryableJobError(f"job timed out after {timeout:g}s")
 
     async def _connector_run(self, connector_job: ConnectorJob, progress: _Progress) -> JobResult | _Escaped:
-        """connector.run, with a BaseException of its own (SystemExit) handed over boxed: raised out of a
-        task, the event loop re-raises SystemExit and the worker ends. _call_connector raises it again in
-        the job's task, where it fails the job alone."""
-        try:
-            return await self.connector.run(connector_job, progress)
-        except (Exception, asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - see above
-            return _Escaped(exc)
+        """connector.run, with a BaseException of its own (SystemExit, KeyboardInterrupt, GeneratorExit)
+        handed over boxed: raised out of a task, the event loop re-raises SystemExit and KeyboardInterrupt
+        and the worker ends; re-raised as themselves in the job's task, they read as a drain and the job went
+        back uncounted to kill every worker that took it. _call_connector fails the job with it instead."""
+        return await _boxed(self.connector.run(connector_job, progress))
 
     def _abandoned_run_ended(self, job_id: str, run: asyncio.Task) -> None:
         """An abandoned run ended after all: its outcome is read (no 'never retrieved' noise) and dropped."""
         error = None if run.cancelled() else run.exception()
         self.log.warning("an abandoned connector run ended; its outcome was dropped",
                          extra={"event_type": "job.abandoned_ended", "job_id": job_id,
-                                "error": "" if error is None else f"{type(error).__name__}: {error}"})
+                                "error": "" if error is None else self._redact(describe_exception(error))})
 
     def _keep_side_task(self, task: asyncio.Future) -> asyncio.Future:
         """A task the job no longer waits for, kept (a drain gives it what is left of its budget)."""
@@ -676,7 +755,10 @@ class Worker:
     async def _job_error(self, job: Job, exc: BaseException, span: Any, started: float,
                          steps: dict[str, float]) -> None:
         """An exception out of the job's run, classified (errors.classify) and recorded as its outcome."""
-        error = classify(exc)
+        try:
+            error = classify(exc)
+        except Exception:  # noqa: BLE001 - its __str__ raised: named by its type alone, still its job's failure
+            error = _escaped_error(exc)
         if isinstance(error, JobCancelled):
             await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
             return
@@ -687,7 +769,7 @@ class Worker:
                 span.set_attribute("job.handed_back", True)  # not its failure: no error trace (as a drain's)
                 span.set_status(StatusCode.OK)
                 return
-        span.set_status(StatusCode.ERROR, str(error))  # keeps the whole trace of a failed job
+        span.set_status(StatusCode.ERROR, self._redact(str(error)))  # keeps the whole trace of a failed job
         await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
 
     async def _service_unreachable(self, job: Job, error: ServiceUnreachable) -> bool:
@@ -702,7 +784,7 @@ class Worker:
             return True
         try:
             await self._hand_back(job, "service unreachable", deadline_s=self.group.lease,
-                                  error=redact_text(str(error)))
+                                  error=self._redact(str(error)))
         except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back or it is reaped
             self.log.error("job not handed back: Redis unreachable; the job will run again",
                            extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
@@ -739,7 +821,7 @@ class Worker:
         retryable = bool(getattr(error, "retryable", False))
         # A service's error can quote a key or a URL with its password: the job hash and job_failed carry the
         # message to the API and the monitor, so it leaves here redacted, as every log record does.
-        message = redact_text(str(error))
+        message = self._redact(str(error))
         # A service's own back-off (HTTP Retry-After on a 429/503): no worker claims the retry before then.
         outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, message,
                                        retryable=retryable, steps=steps, token=job.token,
@@ -771,7 +853,7 @@ class Worker:
             await self._finish_failed(job, FatalJobError(f"interrupted: {reason}"), duration_s)
             return
         self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "job_id": job.id,
-                                                                 "reason": reason})
+                                                                 "reason": self._redact(reason)})
         # The API already wrote the failure; this only drops our bookkeeping (the script sees 'cancelled').
         await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False,
                              token=job.token)
@@ -825,9 +907,12 @@ class Worker:
 
     async def _safe_cancel(self, job_id: str) -> None:
         try:
-            await asyncio.wait_for(self.connector.cancel(job_id), 5)
+            outcome = await asyncio.wait_for(_boxed(self.connector.cancel(job_id)), 5)
+            if isinstance(outcome, _Escaped):
+                raise _escaped_error(outcome.error)
         except Exception as exc:  # noqa: BLE001 - best effort: the job is being given up anyway
-            self.log.warning("connector cancel failed", extra={"job_id": job_id, "error": str(exc)})
+            self.log.warning("connector cancel failed",
+                             extra={"job_id": job_id, "error": self._redact(describe_exception(exc))})
 
     async def _retrying(self, fn, *args, deadline_s: float | None = None, **kwargs):
         """Finishing writes must land: retry through a Redis outage until the lease would have expired."""
@@ -1001,18 +1086,50 @@ class Worker:
     async def _read_connector_statuses(self) -> dict[str, Any]:
         """`connector_statuses` for worker:{id}, in the machine status's words: {connector: {status: active,
         health: healthy | unhealthy, reason}} from the connector's own health check (the service it calls,
-        as this worker reaches it). The reason is redacted: a service's error can quote a URL's password."""
+        as this worker reaches it). The reason is redacted: a service's error can quote a URL's password.
+
+        The check runs as a task of its own, bounded by HEALTH_TIMEOUT_S: one that ignores its cancellation is
+        abandoned (never waited for, as wait_for would, which hung the worker for good), and no other check
+        starts while it still runs. Whatever it raises (SystemExit, KeyboardInterrupt, an exception whose
+        str() raises) is its unhealth, never the worker's end."""
         entry: dict[str, Any] = {"status": "active"}
-        try:
-            health = await asyncio.wait_for(self.connector.health(), HEALTH_TIMEOUT_S)
-            entry["health"] = "healthy" if health.healthy else "unhealthy"
-            reason = "" if health.healthy else health.reason
-        except TimeoutError:
-            entry["health"], reason = "unhealthy", f"health check took over {HEALTH_TIMEOUT_S:g}s"
-        except Exception as exc:  # noqa: BLE001 - a connector's broken health check is its unhealth, not ours
-            entry["health"], reason = "unhealthy", f"health check failed: {type(exc).__name__}: {exc}"
+        reason = ""
+        abandoned = self._health_abandoned
+        if abandoned is not None and not abandoned.done():
+            entry["health"] = "unhealthy"
+            reason = (f"an earlier health check took over {HEALTH_TIMEOUT_S:g}s and ignored its cancellation; "
+                      f"it still runs (the connector's health() must let asyncio.CancelledError end it)")
+        else:
+            self._health_abandoned = None
+            check = asyncio.ensure_future(_boxed(self.connector.health()))
+            try:
+                await asyncio.wait({check}, timeout=HEALTH_TIMEOUT_S)
+            except asyncio.CancelledError:
+                check.cancel()  # the caller stops (the health watch at exit): the check goes with it
+                raise
+            if not check.done():
+                check.cancel()
+                self._health_abandoned = check
+                check.add_done_callback(lambda t: t.cancelled() or t.exception())  # its outcome is dropped
+                entry["health"], reason = "unhealthy", f"health check took over {HEALTH_TIMEOUT_S:g}s"
+            elif check.cancelled():
+                entry["health"], reason = "unhealthy", "health check was cancelled"
+            elif check.exception() is not None:
+                entry["health"] = "unhealthy"
+                reason = f"health check failed: {describe_exception(check.exception())}"
+            elif isinstance(check.result(), _Escaped):
+                entry["health"] = "unhealthy"
+                reason = f"health check failed: {describe_exception(check.result().error)}"
+            else:
+                health = check.result()
+                try:
+                    healthy = bool(health.healthy)
+                    reason = "" if healthy else str(health.reason or "")
+                except Exception:  # noqa: BLE001 - not a Health, or a reason whose str() raises
+                    healthy, reason = False, f"health check returned {type(health).__name__}, not a Health"
+                entry["health"] = "healthy" if healthy else "unhealthy"
         if reason:
-            entry["reason"] = redact_text(reason)[:300]
+            entry["reason"] = self._redact(reason)[:300]
         return {self.group.connector: entry}
 
     async def _write_connector_statuses(self, statuses: dict[str, Any]) -> None:
@@ -1071,7 +1188,11 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
     # library records into this job's trace (set once per process, here: OTel refuses a second provider).
     otel_trace.set_tracer_provider(tel.tracer_provider)
     try:
-        registry = ConnectorRegistry.discover()
+        # Only this worker's own connector is imported: another plugin installed here that is broken, exits or
+        # sleeps at import is not this worker's concern (validate and each of its own workers report it).
+        registry = ConnectorRegistry.for_connector(group.connector)
+        for failure in registry.failures:  # a clash with a built-in (the built-in is used): said once, here
+            tel.logger("emp.worker").warning(failure.render(), extra={"event_type": "worker.connector_clash"})
         values = {"index": index, "machine_id": ident.machine_id, "worker_id": ident.worker_id,
                   "service_port": ident.service_port or "", "name": f"worker-{index}"}
         context = ConnectorContext(machine_id=ident.machine_id, worker_id=ident.worker_id,
@@ -1081,17 +1202,48 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
                                    # counting nothing: the worker counts jobs and errors from each job's outcome
                                    joblog=tel.connector_logger(f"{group.connector}-{index}",
                                                                group.service or group.connector, counts=False))
-        connector = registry.get(group.connector).from_settings(expand_settings(group.settings, values), context)
+        settings = expand_settings(group.settings, values)
+        secrets = secret_values(settings, group.env, environ)
+        connector = _construct(registry, group.connector, settings, context, f"workers.{ident.group}", secrets)
         hardware = probed_hardware(hw.probe())
         client = aioredis.Redis.from_url(ident.redis_url, decode_responses=True, socket_connect_timeout=5,
                                          socket_keepalive=True, health_check_interval=30)
-        worker = Worker(manifest, ident, client, connector, tel, hardware)
+        worker = Worker(manifest, ident, client, connector, tel, hardware, secrets=secrets)
         try:
             return await worker.run()
         finally:
             await client.aclose()
     finally:
         tel.shutdown(timeout=worker.shutdown_budget() if worker is not None else TELEMETRY_SHUTDOWN_S)
+
+
+def _construct(registry: ConnectorRegistry, name: str, settings: Mapping[str, Any], context: ConnectorContext,
+               where: str, secrets: tuple[str, ...] = ()) -> Connector:
+    """The group's connector, built from its settings. A failure (not installed, broken, __init__ raising,
+    even SystemExit) is one ConnectorLoadError line naming the connector, its entry point and distribution:
+    the CLI prints it and the worker exits non-zero, so supervisord's backoff applies (no traceback per start,
+    no silent exit 0 or 130 for a SystemExit or KeyboardInterrupt of the plugin's)."""
+    cls = registry.get(name)  # ConnectorNotFound / ConnectorLoadError name the entry point already
+    origin = registry.origin(name)
+    try:
+        return cls.from_settings(settings, context)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - see above
+        if hasattr(exc, "errors") and type(exc).__name__ == "ValidationError":  # pydantic's: field by field
+            try:
+                detail = "bad settings: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}" for e in exc.errors())
+            except Exception:  # noqa: BLE001
+                detail = describe_exception(exc)
+            hint = f"fix {where}.settings"
+        else:
+            detail, hint = describe_exception(exc), f"fix the connector's __init__ or {where}.settings"
+        message = f"connector {name!r}{f' ({origin})' if origin else ''} could not be constructed: {detail}; {hint}"
+        for value in secrets:
+            message = message.replace(value, REDACTED)
+        message = redact_text(message)
+        raise ConnectorLoadError(message.replace("\n", " ")) from None
 
 
 def run(manifest_path: Path, index: int, environ: Mapping[str, str]) -> int:
