@@ -143,7 +143,7 @@ class Aggregator:
             return
         row = worker.row or WorkerRow(worker_id, "", "", "", "", 0)
         worker.row = WorkerRow(worker_id, status, current_job_id, at, row.last_heartbeat,
-                               row.heartbeat_ttl_ms if status != "offline" else -2)
+                               row.heartbeat_ttl_ms if status != "offline" else -2, row.problem)
         self.dirty = True
 
     def set_hardware(self, state: HardwareState) -> None:
@@ -212,6 +212,8 @@ class Aggregator:
             return False, f"process {w.process} is {(info.state if info else 'not started').lower()}"
         if not self.redis_ok:
             return False, "heartbeat unknown: Redis unreachable"
+        if w.row is not None and w.row.problem:
+            return False, w.row.problem  # its own keys unreadable (a stray key): Redis itself answers
         if w.row is None or not w.row.status:
             return False, "not registered in Redis yet"
         if w.row.status == "offline":

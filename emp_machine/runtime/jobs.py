@@ -428,6 +428,7 @@ class _JobOps:
         self._busy_sweep_from = time.monotonic()  # a new store's first claims never sweep
         self._last_sweep = float("-inf")
         self._sweep_cursors = (0, 0)  # ZSCAN of jobs:pending, HSCAN of jobs:idx:of: carried between steps
+        self._upkeep_error = ""  # the last index upkeep failure logged (see _upkeep)
         # After a claim that found nothing: seconds until a job it passed over (one this worker just failed)
         # is claimable by this worker; None when it passed over none.
         self.claimable_in_s: float | None = None
@@ -489,13 +490,13 @@ class _JobOps:
         if not reply[0] and not int(reply[1]) and time.monotonic() - self._last_sweep >= self._sweep_every:
             # The counts agree, but stale index entries may hide an unindexed job: one bounded sweep step.
             self._last_sweep = time.monotonic()
-            found = yield from self._sweep_step()
-            if found.adopted or found.pruned:
+            found = yield from self._upkeep(self._sweep_step())
+            if found is None or found.adopted or found.pruned:
                 reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin), raw=True)
         if not reply[0] and int(reply[1]) and self._reconcile_allowed():
             # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
             self._last_reconcile = time.monotonic()
-            yield from self._reconcile()
+            yield from self._upkeep(self._reconcile())
             reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin), raw=True)
         if not reply[0]:
             # 2 ms more, so timer rounding never brings the worker back a claim too early.
@@ -504,13 +505,31 @@ class _JobOps:
         self.claimable_in_s = None
         job = _claimed_job(reply[0], reply[2])
         if time.monotonic() - max(self._last_sweep, self._busy_sweep_from) >= self._busy_sweep_every:
-            # What it adopts is claimed by the next claims, in priority order.
+            # What it adopts is claimed by the next claims, in priority order. A failure here must never
+            # lose the job just claimed (it would wait out its lease).
             self._last_sweep = time.monotonic()
-            yield from self._sweep_step()
+            yield from self._upkeep(self._sweep_step())
         return job
 
     def _reconcile_allowed(self) -> bool:
         return time.monotonic() - self._last_reconcile >= self._reconcile_every
+
+    def _upkeep(self, step: _Op) -> _Op:
+        """A claim's index upkeep (a sweep step, a reconcile), whose failure never fails the claim: one odd
+        key (another producer's job:{id}, a stray index key) used to fail every claim of every job type after
+        each Redis blip. The error is logged once (again only when it changes); returns None when it failed."""
+        try:
+            done = yield from step
+        except Exception as exc:  # noqa: BLE001 - the claim goes on; a lost connection fails the claim next
+            text = f"{exc.__class__.__name__}: {exc}"[:300]
+            if text != self._upkeep_error:
+                self._upkeep_error = text
+                _log.warning("jobs.index_upkeep_failed", extra={"fields": {
+                    "event_type": "jobs.index_upkeep_failed", "error": text,
+                    "effect": "claiming without it; jobs the API submitted may wait for a later sweep"}})
+            return None
+        self._upkeep_error = ""
+        return done
 
     def _reconcile(self) -> _Op:
         adopted = removed = pruned = 0
@@ -771,7 +790,12 @@ class JobStore(_Api):
         try:
             call = next(op)
             while True:
-                call = op.send(self._exec(call))
+                try:
+                    reply = self._exec(call)
+                except Exception as exc:  # raised where the operation yielded: it may handle it (_claim)
+                    call = op.throw(exc)
+                else:
+                    call = op.send(reply)
         except StopIteration as done:
             return done.value
 
@@ -809,11 +833,16 @@ class AsyncJobStore(_Api):
         except NoScriptError:  # EVAL loads it for the next EVALSHA
             return await self._client.execute_command("EVAL", source, *args, **_options(call))
 
-    async def _drive(self, op: _Op) -> Any:
+    async def _drive(self, op: _Op) -> Any:  # JobStore._drive with awaits
         try:
             call = next(op)
             while True:
-                call = op.send(await self._exec(call))
+                try:
+                    reply = await self._exec(call)
+                except Exception as exc:
+                    call = op.throw(exc)
+                else:
+                    call = op.send(reply)
         except StopIteration as done:
             return done.value
 
@@ -996,22 +1025,43 @@ class WorkerRow:
     last_status_change: str
     last_heartbeat: str
     heartbeat_ttl_ms: int  # > 0 while worker:{id}:heartbeat exists (the contract's liveness), else <= 0
+    problem: str = ""  # why the worker's keys could not be read (a stray key of another type), else ""
 
 
 async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, list[WorkerRow]]:
-    """PING and every worker's hash and heartbeat TTL in one round trip (an async client)."""
+    """PING and every worker's hash and heartbeat TTL in one round trip, on the machine's MiniRedis
+    (runtime/resp.py; its execute_many returns error replies in place). Reachability is the PING's alone: an
+    error reply for one worker's keys (worker:{id} holding a list, say) used to fail the whole read, so the
+    machine reported Redis unreachable and every worker disconnected. Now it is that worker's own `problem`.
+    A PING error reply (NOAUTH, LOADING...) is raised."""
     ids = list(worker_ids)
-    pipe = client.pipeline(transaction=False)
-    pipe.ping()
+    commands: list[tuple[Any, ...]] = [("PING",)]
     for wid in ids:
-        pipe.hmget(worker_key(wid), ["status", "current_job_id", "last_status_change", "last_heartbeat"])
-        pipe.pttl(heartbeat_key(wid))
-    replies = _text(await pipe.execute())
-    rows = []
+        commands.append(("HMGET", worker_key(wid), "status", "current_job_id", "last_status_change", "last_heartbeat"))
+        commands.append(("PTTL", heartbeat_key(wid)))
+    replies = await client.execute_many(commands)
+    if isinstance(replies[0], Exception):
+        raise replies[0]
+    rows, stray = [], []
     for i, wid in enumerate(ids):
-        status, job, changed, beat = replies[1 + 2 * i]
-        rows.append(WorkerRow(wid, status or "", job or "", changed or "", beat or "", int(replies[2 + 2 * i])))
-    return bool(replies[0]), rows
+        fields, ttl = replies[1 + 2 * i], replies[2 + 2 * i]
+        if isinstance(fields, Exception) or isinstance(ttl, Exception):
+            stray.append(i)
+            rows.append(WorkerRow(wid, "", "", "", "", 0, str(fields if isinstance(fields, Exception) else ttl)))
+            continue
+        status, job, changed, beat = _text(fields)
+        rows.append(WorkerRow(wid, status or "", job or "", changed or "", beat or "", int(ttl)))
+    if stray:  # rare: one more round trip, so the reason names what holds the key
+        kinds = await client.execute_many([("TYPE", worker_key(rows[i].worker_id)) for i in stray])
+        for i, kind in zip(stray, kinds):
+            row = rows[i]
+            if isinstance(kind, str | bytes) and _text(kind) not in ("hash", "none"):
+                why = (f"worker:{row.worker_id} holds a {_text(kind)}, not the worker hash the job contract keeps "
+                       f"there: delete or rename that stray key")
+            else:
+                why = f"reading worker:{row.worker_id} failed: {row.problem}"
+            rows[i] = WorkerRow(row.worker_id, "", "", "", "", 0, why[:300])
+    return replies[0] in ("PONG", b"PONG", True), rows
 
 
 async def mark_worker_offline(client: Any, worker_id: str) -> str:

@@ -30,6 +30,10 @@ local lease_ms = tonumber(ARGV[2])
 local avoid_ms = tonumber(ARGV[3])
 local start = ARGV[5] == '1'
 local now = now_ms()
+-- The keys the claim writes once it has taken a job: a stray one of another type would fail the claim after
+-- the job left jobs:pending (see wrong_types in lib.lua), so they are checked before any write. 3 calls.
+local stray = worker_keys_wrong(wid)
+if stray then return stray end
 
 for i = 6, #ARGV do adopt(ARGV[i], true) end
 promote_due(now)
@@ -126,7 +130,9 @@ while true do
     return {'', unindexed(), soonest}
   end
   id = job_of(member)
-  local flat = redis.call('HGETALL', 'job:' .. id)
+  -- pcall: a job:{id} of another type (another producer's, a clobbered key) is dropped as a missing one
+  -- is, with a timeline event saying why; it made every claim of its job type fail.
+  local flat = redis.pcall('HGETALL', 'job:' .. id)
   -- The constructor names the fields a job hash usually has, so the table is allocated at its final size
   -- instead of growing (rehashing) five times while it fills: ~0.6 us.
   job = {id = nil, service_required = nil, priority = nil, payload = nil, requirements = nil, customer_id = nil,
@@ -137,7 +143,11 @@ while true do
   for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
   local status = job.status
   best.i = best.i + 2
-  if #flat == 0 then
+  if flat.err then
+    drop(best, member, id, dequeue)
+    add_event(id, {t = now, ev = 'dropped', reason = 'job:' .. id .. ' holds a '
+      .. redis.call('TYPE', 'job:' .. id).ok .. ', not a job hash'})
+  elseif #flat == 0 then
     drop(best, member, id, dequeue)
   elseif status and status ~= '' and status ~= 'pending' then
     drop(best, member, id, dequeue)

@@ -6,7 +6,8 @@
 -- ARGV[6] = step timings JSON ({step: ms} measured by the worker; '' for none), kept in the timeline,
 -- ARGV[7] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'; 'ok' too for a retry of this attempt's completion
--- that already landed (nothing is written again).
+-- that already landed (nothing is written again). An error reply, changing nothing, when a key it writes
+-- holds another type (see wrong_types in lib.lua).
 local id, wid, result = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
 local state, newer = ownership(id, wid, ARGV[7])
@@ -15,6 +16,10 @@ if state ~= 'ok' then
   if not newer then release_not_owned(id, wid, now, state) end
   return state
 end
+-- A stray key where the bookkeeping below writes would fail the script with the job marked completed but
+-- its result never recorded nor announced (and a retry of this completion then says 'ok'): checked first.
+local stray = worker_keys_wrong(wid) or wrong_types('jobs:completed', 'hash')
+if stray then return stray end
 local at = iso(now)
 local jkey = 'job:' .. id
 local msg = add_workflow_fields({job_id = id, worker_id = wid, progress = 100, status = 'completed',

@@ -8,7 +8,8 @@
 --           our field retry_at (Redis clock, epoch ms; see claim.lua), e.g. a service's Retry-After
 -- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'. The
 -- attempt's token is kept in failed_token (our field), so a retry of a fail that already landed returns
--- what it did ('retried' or 'failed' and the count) and changes nothing.
+-- what it did ('retried' or 'failed' and the count) and changes nothing. An error reply, changing nothing,
+-- when a key it writes holds another type (see wrong_types in lib.lua).
 local id, wid, err = ARGV[1], ARGV[2], ARGV[3]
 local token = ARGV[6] or ''
 local delay = finite_number(ARGV[7])
@@ -31,8 +32,15 @@ local at = iso(now)
 local f = redis.call('HMGET', jkey, 'retry_count', 'max_retries')
 local new = (finite_number(f[1]) or 0) + 1
 local max = finite_number(f[2]) or 3
+local retry = retryable and new < max
+-- A stray key where the writes below go would fail the script halfway: the job out of jobs:active and
+-- the leases but still in_progress, or pending outside jobs:pending (see wrong_types in lib.lua).
+local stray = worker_keys_wrong(wid)
+if not stray and retry then stray = wrong_types(KEYS[1], 'zset', KEYS[2], 'hash') end
+if not stray and not retry then stray = wrong_types('jobs:failed', 'hash') end
+if stray then return stray end
 release(id, wid, now, state)
-if retryable and new < max then
+if retry then
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,
     'last_failed_worker', wid, 'failed_at', at, 'error', err, 'failed_token', token)
   if delay then

@@ -2,11 +2,16 @@
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = reason,
 -- ARGV[4] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
--- Returns 'ok', 'cancelled', 'lost' or 'missing'.
+-- Returns 'ok', 'cancelled', 'lost' or 'missing'; an error reply, changing nothing, when a key it writes
+-- holds another type.
 local id, wid = ARGV[1], ARGV[2]
 local now = now_ms()
 local state = ownership_or_release(id, wid, now, ARGV[4])
 if state ~= 'ok' then return state end
+-- A stray key where the writes below go would leave the job pending outside jobs:pending (lib.lua's
+-- wrong_types): checked before the first write.
+local stray = worker_keys_wrong(wid) or wrong_types(KEYS[1], 'zset', KEYS[2], 'hash')
+if stray then return stray end
 local jkey = 'job:' .. id
 redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
 release(id, wid, now, state)

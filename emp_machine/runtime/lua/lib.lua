@@ -322,8 +322,11 @@ local function in_class(svc, cls, raw, customer_id)
   return (class_of(raw, customer_id)) == cls
 end
 
+local add_event  -- the timeline, below
+
 -- Index a job that reached jobs:pending without us (the EMP API writes only jobs:pending + job:{id}).
--- 1 = indexed, 0 = nothing to do, -1 = its hash is missing, so it was removed from the queue.
+-- 1 = indexed, 0 = nothing to do, -1 = its hash is missing (or job:{id} holds no hash), so it was removed
+-- from the queue.
 -- `deep`: a job already indexed is indexed again when its hash no longer says what the entry says (the API
 -- wrote the id again with another type, requirements or priority: the old entry let a worker that does not
 -- meet the new requirements claim it, or hid it from its new type). A few calls more per indexed id, so
@@ -332,8 +335,14 @@ local function adopt(id, deep)
   local loc = redis.call('HGET', KEYS[2], id)
   if loc and not deep then return 0 end
   if not redis.call('ZSCORE', KEYS[1], id) then return 0 end
-  if redis.call('EXISTS', 'job:' .. id) == 0 then
+  local kind = redis.call('TYPE', 'job:' .. id).ok
+  if kind ~= 'hash' then
+    -- A job:{id} of another type (another producer's, a clobbered key) is dropped like a missing one: its
+    -- HMGET below raised, failing every claim that adopted it and every reconcile.
     dequeue(id)
+    if kind ~= 'none' then
+      add_event(id, {t = now_ms(), ev = 'dropped', reason = 'job:' .. id .. ' holds a ' .. kind .. ', not a job hash'})
+    end
     return -1
   end
   local f = redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS))
@@ -383,7 +392,7 @@ end
 -- A timeline write never fails its script (redis.pcall): the key can hold something else (job `a:events`'s
 -- hash is job `a`'s timeline key), and a script that raised after its first writes left a claim half done
 -- (the job assigned, never handed to the worker, and the same on every later claim of it).
-local function add_event(id, ev, final)
+function add_event(id, ev, final)
   local key = 'job:' .. id .. ':events'
   local n = redis.pcall('RPUSH', key, cjson.encode(ev))
   if type(n) == 'number' and (n == 1 or final) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
@@ -397,6 +406,30 @@ end
 
 local function publish(channel, msg)
   redis.call('PUBLISH', channel, cjson.encode(msg))
+end
+
+-- Stray keys. Redis keeps the writes a script made before one of its calls raised (WRONGTYPE: another
+-- tool's key of another type where we write), so a script that changes a job's state and then writes the
+-- worker's bookkeeping left the job half moved: in_progress with no lease and in no jobs:active (nothing
+-- ever found it again), or pending outside jobs:pending. Such scripts check the keys they will write first
+-- (one TYPE each) and, when one holds another type, change nothing and reply with an error naming it.
+-- wrong_types(key1, type1, key2, type2, ...): that error reply, nil when each key holds its type or none.
+local function wrong_types(...)
+  local n = select('#', ...)
+  for i = 1, n, 2 do
+    local key, want = select(i, ...)
+    local kind = redis.call('TYPE', key).ok
+    if kind ~= want and kind ~= 'none' then
+      return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ' where the job contract keeps a '
+        .. want .. ': nothing was changed; delete or rename that stray key')
+    end
+  end
+  return nil
+end
+
+-- The keys every script that moves a job writes for its worker: jobs:active:{wid}, worker:{wid}, the leases.
+local function worker_keys_wrong(wid)
+  return wrong_types('jobs:active:' .. wid, 'hash', 'worker:' .. wid, 'hash', KEYS[3], 'zset')
 end
 
 -- Worker status follows its active jobs: busy while any remain. Publishes worker_status on a change.
@@ -425,7 +458,10 @@ end
 -- maybe by the same worker) is then 'lost' too, and the second result is true when the job is wid's again:
 -- its bookkeeping (jobs:active, the lease) belongs to the newer attempt.
 local function ownership(id, wid, token)
-  local f = redis.call('HMGET', 'job:' .. id, 'status', 'worker_id', 'assigned_at')
+  -- pcall: a job:{id} that holds no hash (clobbered while it ran) is 'missing', the worker's bookkeeping
+  -- for it released; it failed the worker's heartbeat for all its jobs and every write for this one.
+  local f = redis.pcall('HMGET', 'job:' .. id, 'status', 'worker_id', 'assigned_at')
+  if f.err then return 'missing' end
   if not f[1] and redis.call('EXISTS', 'job:' .. id) == 0 then return 'missing' end
   if token and token ~= '' and f[3] ~= token then return 'lost', f[2] == wid end
   if f[1] == 'failed' or f[1] == 'cancelled' then return 'cancelled' end
@@ -453,7 +489,7 @@ end
 -- returns that outcome and changes nothing, instead of 'lost' (a completed job logged as not completed)
 -- or 'cancelled' (a spurious cancelled event). Asked only after ownership() said no: rarely.
 local function finished_before(id, wid, token)
-  if not token or token == '' then return nil end
+  if not token or token == '' or redis.call('TYPE', 'job:' .. id).ok ~= 'hash' then return nil end
   local f = redis.call('HMGET', 'job:' .. id, 'status', 'worker_id', 'assigned_at', 'failed_token')
   if f[1] == 'completed' and f[2] == wid and f[3] == token then return 'completed' end
   if f[4] == token then

@@ -12,13 +12,26 @@
 local now = now_ms()
 local out = {}
 local REAPED = 'jobs:reaped_workers'
+-- Stray keys (lib.lua's wrong_types): a queue key of another type would fail the script with a job taken off
+-- its lease but never queued again: checked first. A worker's own keys of another type are left alone (its
+-- bookkeeping is skipped, the job is queued again all the same), so one stray key never holds the reaper.
+local stray = wrong_types(KEYS[1], 'zset', KEYS[2], 'hash')
+if stray then return stray end
+local function worker_keys_ok(wid)
+  return not wrong_types('jobs:active:' .. wid, 'hash', 'worker:' .. wid, 'hash')
+end
+local function beat_of(wid)  -- the heartbeat key's value; false when absent or holding no string
+  local beat = redis.pcall('GET', 'worker:' .. wid .. ':heartbeat')
+  if type(beat) ~= 'string' then return false end
+  return beat
+end
 local watched = redis.call('HGETALL', REAPED)
 for i = 1, #watched, 2 do
   local wid, seen = watched[i], watched[i + 1]
-  local beat = redis.call('GET', 'worker:' .. wid .. ':heartbeat')
+  local beat = beat_of(wid)
   if beat ~= seen then
     redis.call('HDEL', REAPED, wid)
-    if not beat then refresh_worker(wid, now, false, nil, true) end
+    if not beat and worker_keys_ok(wid) then refresh_worker(wid, now, false, nil, true) end
   end
 end
 -- Workers whose heartbeat key lapsed while they held no lease (killed while idle, their machine gone):
@@ -26,19 +39,22 @@ end
 -- here) leaves the list until its next beat.
 for _, wid in ipairs(redis.call('ZRANGEBYSCORE', BEATS, '-inf', now, 'LIMIT', 0, 100)) do
   redis.call('ZREM', BEATS, wid)
-  if redis.call('EXISTS', 'worker:' .. wid .. ':heartbeat') == 0 then refresh_worker(wid, now, false, nil, true) end
+  if redis.call('EXISTS', 'worker:' .. wid .. ':heartbeat') == 0 and worker_keys_ok(wid) then
+    refresh_worker(wid, now, false, nil, true)
+  end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   redis.call('ZREM', KEYS[3], id)
   local jkey = 'job:' .. id
-  local f = redis.call('HMGET', jkey, 'status', 'worker_id', 'service_required', 'retry_count')
+  local f = redis.pcall('HMGET', jkey, 'status', 'worker_id', 'service_required', 'retry_count')
+  if f.err then f = {} end  -- job:{id} holds no hash (clobbered): nothing to queue again
   if f[1] == 'assigned' or f[1] == 'in_progress' then
     local wid = f[2] or ''
     redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
-    if wid ~= '' then
+    if wid ~= '' and worker_keys_ok(wid) then
       redis.call('HDEL', 'jobs:active:' .. wid, id)
       refresh_worker(wid, now, false, nil, true)
-      local beat = redis.call('GET', 'worker:' .. wid .. ':heartbeat')
+      local beat = beat_of(wid)
       if beat and redis.call('EXISTS', 'worker:' .. wid) == 1 then redis.call('HSET', REAPED, wid, beat) end
     end
     enqueue(id)
@@ -50,7 +66,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0
     publish('job_requeued', {job_id = id, service_required = f[3], reason = 'lease_expired',
       worker_id = wid, timestamp = now})
     table.insert(out, id)
-  elseif f[2] and f[2] ~= '' then
+  elseif f[2] and f[2] ~= '' and worker_keys_ok(f[2]) then
     redis.call('HDEL', 'jobs:active:' .. f[2], id)  -- cancelled under a worker that then died
   end
 end
