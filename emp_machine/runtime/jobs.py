@@ -1064,6 +1064,27 @@ async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, li
     return replies[0] in ("PONG", b"PONG", True), rows
 
 
+FINISHED_RETENTION_S = 7 * 86400  # an embedded Redis forgets finished jobs after this (as their timelines)
+
+
+async def expire_finished(client: Any, now_ms: int, retention_s: float = FINISHED_RETENTION_S) -> int:
+    """On the machine's embedded Redis only: delete the hashes, progress hashes and jobs:completed /
+    jobs:failed entries of jobs that finished more than `retention_s` ago (expire_finished.lua, one HSCAN
+    chunk a call, EVAL on the machine's MiniRedis). Returns how many jobs were forgotten."""
+    source = script_source("expire_finished")
+    keys = list(_FIXED_KEYS)
+    removed = 0
+    for key in (COMPLETED, FAILED):
+        cursor = "0"
+        while True:
+            cursor, count = _text(await client.execute("EVAL", source, len(keys), *keys, key, cursor,
+                                                       int(now_ms - retention_s * 1000), _CHUNK))
+            removed += int(count)
+            if str(cursor) == "0":
+                break
+    return removed
+
+
 async def mark_worker_offline(client: Any, worker_id: str) -> str:
     """For a worker that died and cannot say so itself: `worker:{id}` offline, heartbeat key gone, and
     `worker_status` published when that is a change (the worker_status script, sent with EVAL so that any

@@ -199,6 +199,8 @@ class Machine:
             self._spawn(self._start_supervisord())
         self._spawn(self._sweep())
         self._spawn(self._prune_outputs())
+        if self.plan.redis_probe:  # our embedded Redis: nobody else forgets its finished jobs
+            self._spawn(self._expire_finished())
         workers = [w.worker_id for w in self.plan.workers]
         self._spawn(st.poll_redis(self._redis, self.plan.redis_url, workers, self.inbox))
         if workers:
@@ -587,6 +589,20 @@ class Machine:
                 step("outputs.pruned", folders=pruned.folders, bytes=pruned.bytes)
             await asyncio.sleep(output_retention.PRUNE_INTERVAL_S)
 
+    async def _expire_finished(self) -> None:
+        """The embedded Redis keeps every finished job's hash, progress and result (an external one is the EMP
+        API's to clean): those older than jobs.FINISHED_RETENTION_S are deleted, a minute after boot and every
+        EXPIRE_FINISHED_INTERVAL_S. A failure (Redis restarting) waits for the next round."""
+        await asyncio.sleep(60.0)
+        while True:
+            try:
+                removed = await jobs.expire_finished(self._redis, int(time.time() * 1000))
+                if removed:
+                    step("redis.finished_expired", jobs=removed)
+            except (OSError, RespError, TimeoutError) as exc:
+                log.debug("finished jobs not expired this round: %s", exc)
+            await asyncio.sleep(EXPIRE_FINISHED_INTERVAL_S)
+
     @staticmethod
     def _reap_orphans(supervisords: set[int]) -> None:
         """As the subreaper, the machine inherits what supervisord's processes orphan (a service's background
@@ -798,6 +814,8 @@ def _stale_supervisord(pidfile: Path, conf: Path, ours: set[int]) -> psutil.Proc
         return None
     return proc
 
+
+EXPIRE_FINISHED_INTERVAL_S = 600.0  # how often the embedded Redis's finished jobs are looked at
 
 REGISTRY_DIR = ".running"  # under the per-user state root: one <hash of state dir>.json per running machine
 
