@@ -422,6 +422,24 @@ def test_a_prompt_ahead_of_ours_finishing_is_not_taken_for_a_removal(fake, conte
     assert ("GET", "/queue") in [r[:2] for r in server.requests]  # the check ran, and found it
 
 
+def test_an_unreadable_queue_answer_is_not_taken_for_a_removal(fake, context):
+    # A proxy's 502 for the one /queue read after the queue shrank said nothing about our prompt: it used to
+    # fail the job ("removed from ComfyUI's queue") while ComfyUI still ran it, for nobody.
+    server = fake()
+    server.queue_read_failures = 1
+    conn = connector(context, server)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            await http.post(server.url + "/prompt", json={"prompt": sleeper(0.3)})
+            result = await conn.run(job(sleeper(0.5)), Progress())  # still pending when the check runs
+        await conn.close()
+        return result
+    asyncio.run(main())  # completed: not failed as "removed"
+    assert server.queue_read_failures == 0  # the 502 was given
+    assert [r[:2] for r in server.requests].count(("GET", "/queue")) == 1
+
+
 @pytest.mark.parametrize("how", ["request_timeout", "cancelled"])
 def test_a_prompt_posted_without_an_answer_is_stopped(fake, context, how):
     # ComfyUI queued the prompt but its answer never came (request_timeout_s), or the worker cancelled run()

@@ -262,7 +262,7 @@ class ComfyUIConnector(_http.HttpSession, Connector):
                     self._log("job.cancelling", active)
                     await self._stop_prompt(active)
                     cancel_by = time.monotonic() + self.settings.cancel_wait_s
-                    if not await self._in_queue(active):  # deleted while pending: no frames will come
+                    if await self._in_queue(active) is False:  # deleted while pending: no frames will come
                         raise JobCancelled(f"ComfyUI prompt {active.prompt_id} cancelled")
                 continue
             if kind == "frame" and cancel_by is None and self._removed_hint(active, item):
@@ -347,8 +347,9 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         """Our prompt, not started yet, after the queue shrank: still in /queue (pending, or running now):
         None, keep listening; finished meanwhile (its frames missed): its history entry; in neither: someone
         deleted it or cleared the queue (§6.3), retryable. ComfyUI moves a prompt from the queue to the
-        history under one lock, so reading /queue first and /history second cannot miss a finished one."""
-        if await self._in_queue(active):
+        history under one lock, so reading /queue first and /history second cannot miss a finished one. An
+        unreadable /queue answer (a proxy's 502) tells nothing: keep listening."""
+        if await self._in_queue(active) is not False:
             return None
         entry = await self._history(active, 0)
         if entry is not None:
@@ -356,10 +357,11 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         raise RetryableJobError(f"ComfyUI prompt {active.prompt_id} was removed from ComfyUI's queue before it "
                                 "started (someone deleted it or cleared the queue)")
 
-    async def _in_queue(self, active: _Active) -> bool:
+    async def _in_queue(self, active: _Active) -> bool | None:
+        """Whether /queue lists our prompt (running or pending); None when its answer could not be read."""
         status, body = await self._call("GET", "/queue", _http.service_headers(active.job))
         if status != 200 or not isinstance(body, dict):
-            return False
+            return None
         items = (body.get("queue_running") or []) + (body.get("queue_pending") or [])
         return any(isinstance(i, list) and len(i) > 1 and i[1] == active.prompt_id for i in items)
 

@@ -73,6 +73,7 @@ class FakeComfyUI:
                  preview_frames: bool = False, prompt_answer_delay_s: float = 0.0):
         self.node_s, self.blur_s = node_s, blur_s
         self.prompt_answer_delay_s = prompt_answer_delay_s
+        self.queue_read_failures = 0  # GET /queue answers this many 502s (a proxy in front of ComfyUI) first
         self.history_hidden_gets = history_hidden_gets
         self.preview_frames = preview_frames
         self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename): the "disk"
@@ -194,6 +195,9 @@ class FakeComfyUI:
                                          "name": name, "output_node": name in nodes.OUTPUT_NODES}})
 
     async def get_queue(self, request):
+        if self.queue_read_failures > 0:
+            self.queue_read_failures -= 1
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>")
         proc = self.proc
         running = [proc.running.as_list()] if proc.running else []
         pending = [i.as_list() for i in sorted(proc.queue, key=lambda i: i.number)]
