@@ -24,8 +24,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from opentelemetry.trace import StatusCode
+from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError, BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from emp_machine.connectors._http import job_dir
@@ -54,6 +55,54 @@ HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unh
 PAUSED_HEALTH_INTERVAL_S = 1.0
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
+# Redis refusing a command for a passing reason: maxmemory reached with noeviction (OOM), a replica after a
+# failover (READONLY), another client's long script (BUSY), a restart loading its data (LOADING), a replica
+# cut off from its primary (MASTERDOWN), a cluster moving slots (TRYAGAIN). A refused command never ran (a
+# script is refused whole: nothing written), so it is retried as an outage is. redis-py strips the code of
+# the replies it maps to a class, and leaves BUSY a plain ResponseError.
+_REFUSAL_CLASSES = ((OutOfMemoryError, "OOM"), (ReadOnlyError, "READONLY"), (BusyLoadingError, "LOADING"),
+                    (MasterDownError, "MASTERDOWN"), (TryAgainError, "TRYAGAIN"))
+_REFUSAL_CODES = frozenset(("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN"))
+_CREDENTIAL_CODES = frozenset(("NOAUTH", "WRONGPASS"))
+
+
+def _reply_code(exc: BaseException) -> str:
+    """The first word of an error reply redis-py left unmapped ("BUSY Redis is busy running a script...")."""
+    return str(exc).split(" ", 1)[0].lstrip("-") if isinstance(exc, ResponseError) else ""
+
+
+def redis_refusal(exc: BaseException) -> str | None:
+    """The code of a passing refusal (OOM, READONLY, BUSY, LOADING, MASTERDOWN, TRYAGAIN), else None."""
+    for cls, code in _REFUSAL_CLASSES:
+        if isinstance(exc, cls):
+            return code
+    code = _reply_code(exc)
+    return code if code in _REFUSAL_CODES else None
+
+
+def credentials_refused(exc: BaseException) -> bool:
+    """A wrong or missing password (AuthenticationError, or a NOAUTH / WRONGPASS reply)."""
+    return isinstance(exc, (AuthenticationError, AuthenticationWrongNumberOfArgsError)) \
+        or _reply_code(exc) in _CREDENTIAL_CODES
+
+
+def redis_passing(exc: BaseException) -> bool:
+    """Worth retrying: Redis unreachable, refusing our credentials, or refusing for a passing reason. Any
+    other error reply (WRONGTYPE, a script's own error) would only come back: raised at once."""
+    return isinstance(exc, _REDIS_DOWN) or credentials_refused(exc) or redis_refusal(exc) is not None
+
+
+def redis_trouble(exc: BaseException) -> str:
+    """What went wrong, in a log line's words: "Redis refused our credentials", "Redis refused the command
+    (OOM)", "Redis unreachable", or "Redis error". Never the password (the replies do not carry it)."""
+    if credentials_refused(exc):
+        return "Redis refused our credentials"
+    code = redis_refusal(exc)
+    if code is not None:
+        return f"Redis refused the command ({code})"
+    if isinstance(exc, _REDIS_DOWN):
+        return "Redis unreachable"
+    return "Redis error"
 
 
 class _CancelledAtComplete(JobCancelled):
@@ -269,7 +318,8 @@ class _Progress:
                     total_steps=self.job.total_steps, estimated_completion=self.estimate(percent),
                     token=self.job.token)
             except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
-                self.worker.log.warning("progress not recorded", extra={"job_id": self.job.id, "error": str(exc)})
+                self.worker.log.warning("progress not recorded", extra={"fields": {
+                    "job_id": self.job.id, "error": self.worker._redis_error(exc)}})
                 return
         if own is Ownership.OK or self.worker.running.get(self.job.id) is not self.task:
             return  # ours, or this attempt was already superseded here: a stop now would hit the newer one
@@ -337,6 +387,7 @@ class Worker:
         self._health_wake = asyncio.Event()  # a pause: the health watch shortens its wait at once
         self._health_abandoned: asyncio.Task | None = None  # a check that timed out and ignored its cancellation
         self._health_cleared = 0  # counts jobs that found the service gone (see _health_watch)
+        self._start_trouble = "Redis unreachable"  # why start-up last waited (redis_trouble), for its stop line
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -354,7 +405,7 @@ class Worker:
             # would SIGKILL us at stopwaitsecs) and then register a worker that was told to stop.
             await signals.close()
             await self._close_connector()
-            self.log.info("worker stopped before start-up finished (Redis unreachable)",
+            self.log.info(f"worker stopped before start-up finished ({self._start_trouble})",
                           extra={"event_type": "worker.stopped"})
             return 0
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_watch()),
@@ -379,6 +430,14 @@ class Worker:
             await self._close_connector()
         self.log.info("worker stopped", extra={"event_type": "worker.stopped"})
         return 0
+
+    def _redis_error(self, exc: BaseException) -> str:
+        """A Redis error for a log line's `error` field: what went wrong, then what Redis or the client said,
+        redacted (a connection error can quote the URL). Credentials refused say which setting to fix."""
+        if credentials_refused(exc):  # no "key: value" shape: redaction would take "Authentication...: x"
+            return self._redact(f"{redis_trouble(exc)} ({exc or type(exc).__name__}); fix the password in the "
+                                f"Redis URL (redis.url in the manifest, or REDIS_URL)")
+        return self._redact(f"{redis_trouble(exc)}: {type(exc).__name__}: {exc}")
 
     def _redact(self, text: str) -> str:
         """`text` as it may leave the worker: the group's secret values masked exactly (secret_values), then
@@ -418,7 +477,7 @@ class Worker:
                 backoff = 0.1
             except RedisError as exc:
                 self.slots.release()
-                self.log.warning("claim failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self.log.warning("claim failed", extra={"fields": {"error": self._redis_error(exc)}})
                 await self._sleep_or_drain(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
                 continue
@@ -426,7 +485,7 @@ class Worker:
                 # (the worker would exit with its jobs claimed, and supervisord would restart it into the same)
                 self.slots.release()
                 self.log.error("claim failed unexpectedly; retrying", exc_info=exc,
-                               extra={"error": f"{type(exc).__name__}: {exc}"})
+                               extra={"fields": {"error": self._redact(f"{type(exc).__name__}: {exc}")}})
                 await self._sleep_or_drain(backoff)  # backing off: never a tight loop of failing claims
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
                 continue
@@ -500,7 +559,8 @@ class Worker:
         else:
             self.slots.release()
         if not task.cancelled() and task.exception() is not None:
-            self.log.error("job task failed unexpectedly", exc_info=task.exception(), extra={"job_id": job_id})
+            self.log.error("job task failed unexpectedly", exc_info=task.exception(),
+                           extra={"fields": {"job_id": job_id}})
 
     def _free_slot(self, task: asyncio.Task) -> None:
         """The connector is done with the job and its outcome is ready to record (a result's blobs already
@@ -536,8 +596,8 @@ class Worker:
             return
         grace, margin = self.drain_budget()
         ends = time.monotonic() + grace + margin / 2  # the rest: the offline write and closing, before SIGKILL
-        self.log.info("draining", extra={"event_type": "worker.draining", "running": list(self.running),
-                                         "grace_s": grace})
+        self.log.info("draining", extra={"event_type": "worker.draining",
+                                         "fields": {"running": list(self.running), "grace_s": grace}})
         _, pending = await asyncio.wait(list(self.running.values()), timeout=grace)
         for task in pending:
             task.cancel()
@@ -629,15 +689,15 @@ class Worker:
                 raise
             except _CancelledAtComplete as exc:
                 self.log.info("job stopped without completing", extra={
-                    "event_type": "job.cancelled", "job_id": job.id, "reason": str(exc)})
+                    "event_type": "job.cancelled", "fields": {"job_id": job.id, "reason": str(exc)}})
             except JobCancelled as exc:
                 await asyncio.shield(self._finish_cancelled(job, str(exc), time.monotonic() - started))
             except RedisError as exc:
                 # Only our own finishing writes reach Redis (connectors never do): an outage that outlasted
                 # the retries is not the job's failure. The job stays in jobs:active; once Redis is back the
                 # heartbeat hands it back (a stray) or the reaper re-queues it: run again, never lost.
-                self.log.error("job result not recorded: Redis unreachable; the job will run again",
-                               extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
+                self.log.error(f"job result not recorded: {redis_trouble(exc)}; the job will run again",
+                               extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
             except Exception as exc:  # noqa: BLE001 - a connector cannot kill the worker (STYLE.md 3)
                 await self._job_error(job, exc, span, started, steps)
             except BaseException as exc:
@@ -718,8 +778,8 @@ class Worker:
                            f"running {CANCEL_GRACE_S:g}s after it; the worker stopped waiting for it (it goes on "
                            f"detached, its result is dropped) and takes the next job. The connector must let "
                            f"asyncio.CancelledError end its run()",
-                           extra={"event_type": "job.abandoned", "job_id": job.id,
-                                  "connector": self.group.connector})
+                           extra={"event_type": "job.abandoned",
+                                  "fields": {"job_id": job.id, "connector": self.group.connector}})
             run.add_done_callback(functools.partial(self._abandoned_run_ended, job.id))
             # Kept referenced, but not a side task: a drain waited for it (it refuses to end) for its whole
             # grace when it began while a job was still running, and supervisord's SIGKILL came first.
@@ -743,8 +803,9 @@ class Worker:
         """An abandoned run ended after all: its outcome is read (no 'never retrieved' noise) and dropped."""
         error = None if run.cancelled() else run.exception()
         self.log.warning("an abandoned connector run ended; its outcome was dropped",
-                         extra={"event_type": "job.abandoned_ended", "job_id": job_id,
-                                "error": "" if error is None else self._redact(describe_exception(error))})
+                         extra={"event_type": "job.abandoned_ended", "fields": {
+                             "job_id": job_id,
+                             "error": "" if error is None else self._redact(describe_exception(error))}})
 
     def _keep_side_task(self, task: asyncio.Future) -> asyncio.Future:
         """A task the job no longer waits for, kept (a drain gives it what is left of its budget)."""
@@ -786,8 +847,8 @@ class Worker:
             await self._hand_back(job, "service unreachable", deadline_s=self.group.lease,
                                   error=self._redact(str(error)))
         except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back or it is reaped
-            self.log.error("job not handed back: Redis unreachable; the job will run again",
-                           extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"})
+            self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
+                           extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
         return False
 
     async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool,
@@ -847,13 +908,13 @@ class Worker:
         the job with its own message instead: "cancelled by user" would be untrue."""
         if job.id in self.lost:
             self.log.info("job lost while running; left to its new owner",
-                          extra={"event_type": "job.lost", "job_id": job.id, "reason": reason})
+                          extra={"event_type": "job.lost", "fields": {"job_id": job.id, "reason": reason}})
             return
         if job.id not in self.cancelled:
             await self._finish_failed(job, FatalJobError(f"interrupted: {reason}"), duration_s)
             return
-        self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "job_id": job.id,
-                                                                 "reason": self._redact(reason)})
+        self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "fields": {
+            "job_id": job.id, "reason": self._redact(reason)}})
         # The API already wrote the failure; this only drops our bookkeeping (the script sees 'cancelled').
         await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False,
                              token=job.token)
@@ -885,7 +946,8 @@ class Worker:
             try:
                 own = await self.store.hand_back(job_id, self.ident.worker_id, reason)
             except RedisError as exc:
-                self.log.warning("could not hand back an orphaned job", extra={"job_id": job_id, "error": str(exc)})
+                self.log.warning("could not hand back an orphaned job",
+                                 extra={"fields": {"job_id": job_id, "error": self._redis_error(exc)}})
                 continue
             self.telemetry.events.emit("job.handed_back", level=logging.WARNING, job_id=job_id,
                                        ownership=str(own), reason=reason)
@@ -912,20 +974,31 @@ class Worker:
                 raise _escaped_error(outcome.error)
         except Exception as exc:  # noqa: BLE001 - best effort: the job is being given up anyway
             self.log.warning("connector cancel failed",
-                             extra={"job_id": job_id, "error": self._redact(describe_exception(exc))})
+                             extra={"fields": {"job_id": job_id, "error": self._redact(describe_exception(exc))}})
 
     async def _retrying(self, fn, *args, deadline_s: float | None = None, **kwargs):
-        """Finishing writes must land: retry through a Redis outage until the lease would have expired."""
+        """Finishing writes must land: retry through a Redis outage, or Redis refusing the write for a passing
+        reason (OOM, READONLY, BUSY...: see redis_refusal), until the lease would have expired. A refused
+        script changed nothing and a retried one carries the attempt's token, so a retry never writes twice.
+        A refusal is logged once per write, with what Redis said."""
         deadline = time.monotonic() + (deadline_s or self.group.lease)
         backoff = 0.1
+        told = False
+        job_id = str(args[0]) if args else ""  # every finishing write takes the job's id first
         while True:
             try:
                 return await fn(*args, **kwargs)
-            except _REDIS_DOWN as exc:
-                if time.monotonic() > deadline:
-                    self.log.error("giving up a finishing write: Redis unreachable; the reaper will requeue the "
-                                   "job", extra={"error": str(exc)})
+            except (RedisError, OSError) as exc:
+                if not redis_passing(exc):
                     raise
+                if time.monotonic() > deadline:
+                    self.log.error(f"giving up a finishing write: {redis_trouble(exc)}; the reaper will requeue "
+                                   f"the job", extra={"fields": {"job_id": job_id, "error": self._redis_error(exc)}})
+                    raise
+                if not told and (credentials_refused(exc) or redis_refusal(exc) is not None):
+                    told = True  # an outage is silent until it outlasts the deadline, as before
+                    self.log.warning(f"finishing write not accepted: {redis_trouble(exc)}; retrying",
+                                     extra={"fields": {"job_id": job_id, "error": self._redis_error(exc)}})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
 
@@ -936,8 +1009,14 @@ class Worker:
         while True:
             try:
                 return await self._start_or_drain(fn(*args))
-            except _REDIS_DOWN as exc:
-                self.log.warning("Redis unreachable at start; retrying", extra={"error": str(exc)})
+            except (RedisError, OSError) as exc:
+                # A refusal (OOM, READONLY, BUSY...) passes too: raised, it ended the worker, and supervisord
+                # restarted it into the same refusal.
+                if not redis_passing(exc):
+                    raise
+                self._start_trouble = redis_trouble(exc)
+                self.log.warning(f"{self._start_trouble} at start; retrying",
+                                 extra={"fields": {"error": self._redis_error(exc)}})
                 await self._sleep_or_drain(backoff)
                 backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
 
@@ -1016,7 +1095,7 @@ class Worker:
                                                      self.connector_statuses, instance=self.instance)
                     await self._refresh_status()
             except RedisError as exc:
-                self.log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self.log.warning("heartbeat failed", extra={"fields": {"error": self._redis_error(exc)}})
                 continue
             for job_id in beat.cancelled:
                 self._on_cancel(job_id, "cancelled (seen by heartbeat)")
@@ -1061,7 +1140,7 @@ class Worker:
             try:
                 await self._write_connector_statuses(statuses)
             except RedisError as exc:
-                self.log.warning("connector status not recorded", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self.log.warning("connector status not recorded", extra={"fields": {"error": self._redis_error(exc)}})
         return healthy
 
     def _claims_open(self, healthy: bool, reason: str = "") -> None:
