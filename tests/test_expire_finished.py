@@ -58,7 +58,26 @@ def test_a_resubmitted_id_and_unreadable_entries_are_handled(redis, redis_url):
     redis.hset("jobs:failed", "ghost", "not json")  # no hash, no readable time: kept (nothing says it is old)
     redis.hset("jobs:failed", "orphan", json.dumps({"failed_at": "2020-01-01T00:00:00.000Z"}))
     now = int(redis.time()[0]) * 1000
-    # The orphan entry goes; the resubmitted id is pending again, so nothing of it is touched.
-    assert expire(redis_url, now + 8 * DAY_MS) == 1
+    # The orphan entry goes, and the resubmitted id's old result entry; its hash (pending again) stays.
+    assert expire(redis_url, now + 8 * DAY_MS) == 2
     assert redis.hget(f"job:{old}", "status") == "pending" and redis.zscore("jobs:pending", old) is not None
     assert redis.hexists("jobs:failed", "ghost") and not redis.hexists("jobs:failed", "orphan")
+
+
+def test_a_job_that_finished_again_recently_keeps_its_hash_and_odd_entries_do_not_stop_expiry(redis, redis_url):
+    store = JobStore(redis)
+    again = finish(store, True)
+    now = int(redis.time()[0]) * 1000
+    # Long ago it completed; resubmitted, it failed again just now: its old completed entry goes, its hash stays.
+    redis.hset("jobs:completed", again, json.dumps({"success": True, "data": {}, "completed_at": "2020-01-01T00:00:00.000Z"}))
+    redis.hset(f"job:{again}", mapping={"status": "failed", "failed_at": jobs.iso_now()})
+    redis.hset("jobs:failed", again, json.dumps({"failed_at": jobs.iso_now()}))
+    # Entries whose time is no text, one without a hash but with a progress hash left behind.
+    redis.hset("jobs:failed", "null-time", json.dumps({"failed_at": None}))
+    redis.hset("jobs:failed", "num-time", json.dumps({"failed_at": 5}))
+    redis.hset("jobs:failed", "gone", json.dumps({"failed_at": "2020-01-01T00:00:00.000Z"}))
+    redis.hset("job:gone:progress", "progress", "40")
+    assert expire(redis_url, now) == 2  # again's old completed entry, gone's entry (with its progress hash)
+    assert redis.hget(f"job:{again}", "status") == "failed" and redis.hexists("jobs:failed", again)
+    assert not redis.hexists("jobs:completed", again)
+    assert not redis.exists("job:gone:progress") and redis.hexists("jobs:failed", "null-time")

@@ -191,6 +191,11 @@ def test_a_worker_that_died_idle_is_set_offline_once_its_heartbeat_key_lapsed(st
     assert redis.hget("worker:w1", "status") == "offline" and redis.hget("worker:w3", "status") == "idle"
     until(lambda: [(m["worker_id"], m["old_status"], m["new_status"]) for m in seen()
                    if m["new_status"] == "offline"] == [("w1", "idle", "offline")], what="worker_status offline")
+    # Alive after all (a partition, a stall past the key's 60 s): its next beat makes it idle again.
+    store.heartbeat("w1")
+    assert redis.hget("worker:w1", "status") == "idle"
+    until(lambda: [(m["worker_id"], m["new_status"]) for m in seen()][-1:] == [("w1", "idle")],
+          what="worker_status idle again")
     # A worker that registers again (supervisord restarted it) is idle and watched again; a clean exit is not.
     store.register_worker("w1", "m1", CAPS)
     assert redis.hget("worker:w1", "status") == "idle" and redis.zscore("jobs:worker_beats", "w1") is not None

@@ -301,8 +301,11 @@ def test_settings_placeholders_fill_known_names_and_leave_a_connectors_own_templ
     values = {"service_port": 8188, "worker_id": "m1-worker-0", "index": 0}
     settings = {"submit_url": "http://127.0.0.1:{service_port}/run/{job_id}",
                 "status_url": "http://127.0.0.1:{service_port}/status/{id}?w={worker_id}",
-                "body": '{"a": {"b": 1}}', "list": ["{index}", "{data.task_id}"]}
+                "body": '{"a": {"b": 1}}', "list": ["{index}", "{data.task_id}"],
+                # a ${VAR} value's braces come doubled from interpolation: halved, as str.format does
+                "query": "http://h:{service_port}/run/{job_id}?q={{a}}", "json": '{"a": {"b": "{worker_id}"}}'}
     assert mf.expand_settings(settings, values) == {
+        "query": "http://h:8188/run/{job_id}?q={a}", "json": '{"a": {"b": "m1-worker-0"}}',
         "submit_url": "http://127.0.0.1:8188/run/{job_id}",
         "status_url": "http://127.0.0.1:8188/status/{id}?w=m1-worker-0",
         "body": '{"a": {"b": 1}}', "list": ["0", "{data.task_id}"]}

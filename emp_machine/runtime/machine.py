@@ -583,10 +583,13 @@ class Machine:
             return
         await asyncio.sleep(60.0)
         while True:
-            pruned = await asyncio.to_thread(output_retention.prune, self.paths.state / "outputs",
-                                             bounds.retention, bounds.max_size, time.time())
-            if pruned.folders:
-                step("outputs.pruned", folders=pruned.folders, bytes=pruned.bytes)
+            try:
+                pruned = await asyncio.to_thread(output_retention.prune, self.paths.state / "outputs",
+                                                 bounds.retention, bounds.max_size, time.time())
+                if pruned.folders:
+                    step("outputs.pruned", folders=pruned.folders, bytes=pruned.bytes)
+            except Exception as exc:  # noqa: BLE001 - one bad round must not end pruning for the machine's life
+                step("outputs.prune_failed", level=logging.WARNING, error=f"{type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(output_retention.PRUNE_INTERVAL_S)
 
     async def _expire_finished(self) -> None:
@@ -594,13 +597,20 @@ class Machine:
         API's to clean): those older than jobs.FINISHED_RETENTION_S are deleted, a minute after boot and every
         EXPIRE_FINISHED_INTERVAL_S. A failure (Redis restarting) waits for the next round."""
         await asyncio.sleep(60.0)
+        failing = ""
         while True:
             try:
                 removed = await jobs.expire_finished(self._redis, int(time.time() * 1000))
                 if removed:
                     step("redis.finished_expired", jobs=removed)
-            except (OSError, RespError, TimeoutError) as exc:
+                failing = ""
+            except (OSError, TimeoutError) as exc:  # Redis restarting: the next round
                 log.debug("finished jobs not expired this round: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - a script error (a stray key): said once, never the end
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                if error != failing:
+                    failing = error
+                    step("redis.finished_expiry_failed", level=logging.WARNING, error=error)
             await asyncio.sleep(EXPIRE_FINISHED_INTERVAL_S)
 
     @staticmethod

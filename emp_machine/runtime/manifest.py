@@ -866,7 +866,18 @@ def _cross_check(manifest: Manifest, lines: dict, hidden: set | frozenset = froz
 CONNECTOR_GROUP = "emp_machine.connectors"
 
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _fill_known(values: Mapping[str, Any], halve: bool):
+    """For _PLACEHOLDER.sub: a known name's value, a doubled brace as one when `halve` (as str.format), else
+    the text as it is."""
+    def fill(m: re.Match) -> str:
+        name = m.group(1)
+        if name is None:
+            return m.group(0)[0] if halve else m.group(0)
+        return str(values[name]) if name in values else m.group(0)
+    return fill
 
 
 def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
@@ -881,8 +892,10 @@ def expand_settings(value: Any, values: Mapping[str, Any]) -> Any:
         try:
             return value.format(**values)
         except (KeyError, IndexError, ValueError, AttributeError):
-            return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0),
-                                    value)
+            # Only format-style text (every brace doubled or a {name}) has its doubled braces halved, as
+            # str.format would; other brace text (a JSON literal) keeps every brace.
+            halve = not any(c in _PLACEHOLDER.sub("", value) for c in "{}")
+            return _PLACEHOLDER.sub(_fill_known(values, halve), value)
     if isinstance(value, dict):
         return {k: expand_settings(v, values) for k, v in value.items()}
     if isinstance(value, list):

@@ -9,6 +9,9 @@ local at = iso(now)
 redis.call('SET', 'worker:' .. wid .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
 redis.call('ZADD', BEATS, now + tonumber(ARGV[3]) * 1000, wid)
 redis.call('HSET', 'worker:' .. wid, 'last_heartbeat', at)
+-- Set offline while its key had lapsed (a partition, a stall past 60 s: the reaper's jobs:worker_beats
+-- pass): alive again, it is idle (or busy) again, announced as any change is.
+if redis.call('HGET', 'worker:' .. wid, 'status') == 'offline' then refresh_worker(wid, now, false) end
 local out = {}
 for _, id in ipairs(redis.call('HKEYS', 'jobs:active:' .. wid)) do
   local state = ownership_or_release(id, wid, now)
