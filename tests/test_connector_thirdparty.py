@@ -78,7 +78,7 @@ def test_a_plugin_raising_an_unexpected_exception_fails_only_its_job(plugin, tmp
 def test_try_reports_bad_settings_and_unknown_names(plugin, tmp_path):
     lines: list[str] = []
     assert asyncio.run(try_connector("echo", {"sufix": "?"}, {}, tmp_path, lines.append)) == 1
-    assert lines[-1].startswith("error: bad settings for connector 'echo': sufix: Extra inputs")
+    assert lines[-1].startswith("error: connector 'echo'") and "bad settings: sufix: Extra inputs" in lines[-1]
     assert asyncio.run(try_connector("ecoh", {}, {}, tmp_path, lines.append)) == 1
     assert "did you mean 'echo'?" in lines[-1]
 

@@ -270,3 +270,13 @@ def test_other_unclassified_errors_stay_final(error):
     assert can_retry(error) is False
     outcome = classify(error)
     assert isinstance(outcome, FatalJobError) and "this machine's problem" not in str(outcome)
+
+
+def test_a_worker_registry_names_every_installed_connector_when_its_own_is_missing():
+    # for_connector imports only the worker's own entry point; a typo used to say "installed: (none)".
+    registry = ConnectorRegistry.for_connector("simulaton")
+    with pytest.raises(Exception) as caught:
+        registry.get("simulaton")
+    text = str(caught.value)
+    assert "installed: a1111, comfyui, openai, rest, simulation" in text and "did you mean 'simulation'" in text
+    assert registry.names() == []  # nothing was imported for it

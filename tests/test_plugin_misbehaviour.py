@@ -62,7 +62,12 @@ class SickConnector(Connector):
     name = "sick"
     Settings = SickSettings
 
-    async def health(self):
+    def health(self):  # a plain def returning the coroutine: "sync" raises before any coroutine exists
+        if self.settings.mode == "sync":
+            raise RuntimeError("sync health exploded")
+        return self._health()
+
+    async def _health(self):
         mode = self.settings.mode
         if mode == "sysexit":
             raise SystemExit(4)
@@ -135,7 +140,7 @@ class DictSettingsConnector(Connector):
 EPS = {"kbi": "KbiConnector", "sick": "SickConnector", "leaky": "LeakyConnector", "closer": "CloserConnector",
        "initfail": "InitFailConnector", "initkbi": "InitKbiConnector", "abstract": "AbstractConnector",
        "dictsettings": "DictSettingsConnector"}
-HEALTH_MODES = ("sysexit", "kbi", "base", "badstr", "hang")
+HEALTH_MODES = ("sysexit", "kbi", "base", "badstr", "hang", "sync")
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +227,7 @@ def test_a_keyboard_interrupt_out_of_run_fails_its_job_and_the_worker_goes_on(cl
     ("kbi", "health check failed: KeyboardInterrupt"),
     ("base", "health check failed: Weird: weird base"),
     ("badstr", "health check failed: BadStr: (its message could not be shown"),
+    ("sync", "health check failed: RuntimeError: sync health exploded"),
 ])
 def test_a_health_check_raising_anything_reads_as_unhealthy(client, workers, mode, reason):
     group = f"h_{mode}"

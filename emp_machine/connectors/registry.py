@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from emp_machine.connectors.base import Connector
 from emp_machine.errors import ConnectorLoadError, ConnectorNotFound
@@ -79,12 +79,16 @@ class ConnectorRegistry:
         self._connectors = connectors
         self.failures = failures
         self.origins = origins or {}  # name -> (entry point "module:attr", distribution or '')
+        self.installed: list[str] = []  # every entry point name of the group (for_connector: not imported)
 
     @classmethod
     def for_connector(cls, name: str) -> ConnectorRegistry:
         """Only the entry points named `name` (a worker's own connector): another plugin that is broken,
         exits or hangs at import is never imported here. Same-named ones are all kept (clashes: discover)."""
-        return cls.discover([ep for ep in entry_points(group=GROUP) if ep.name == name])
+        every = entry_points(group=GROUP)
+        registry = cls.discover([ep for ep in every if ep.name == name])
+        registry.installed = sorted({ep.name for ep in every})
+        return registry
 
     @classmethod
     def discover(cls, found: Iterable[EntryPoint] | None = None) -> ConnectorRegistry:
@@ -144,6 +148,23 @@ class ConnectorRegistry:
                                                   f"ConnectorSettings", dist)
         return obj
 
+    def construction_failure(self, name: str, exc: BaseException, where: str = "its") -> str:
+        """What to say when connector `name`'s construction raised `exc`: pydantic's errors field by field
+        (bad settings), else the exception, with its entry point and distribution and what to fix; `where`
+        names the settings' place (`workers.<group>` in a manifest)."""
+        origin = self.origin(name)
+        settings = f"{where}.settings" if where != "its" else "its settings"
+        if isinstance(exc, ValidationError):
+            try:
+                detail = "bad settings: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}" for e in exc.errors())
+            except Exception:  # noqa: BLE001 - a plugin's own validator may carry anything
+                detail = describe_exception(exc)
+            hint = f"fix {settings}"
+        else:
+            detail, hint = describe_exception(exc), f"fix the connector's __init__ or {settings}"
+        return f"connector {name!r}{f' ({origin})' if origin else ''} could not be constructed: {detail}; {hint}"
+
     def origin(self, name: str) -> str:
         """'entry point module:attr, distribution x' for a loaded connector, for messages ('' if unknown)."""
         value, dist = self.origins.get(name, ("", ""))
@@ -162,8 +183,9 @@ class ConnectorRegistry:
         for failure in self.failures:
             if failure.name == name:
                 raise ConnectorLoadError(failure.render())
-        known = self.names() + [f.name for f in self.failures]
-        message = f"no connector named {name!r}; installed: {', '.join(self.names()) or '(none)'}"
+        installed = sorted(set(self.installed) | set(self.names()))
+        known = installed + [f.name for f in self.failures]
+        message = f"no connector named {name!r}; installed: {', '.join(installed) or '(none)'}"
         nearest = difflib.get_close_matches(name, known, n=1)
         if nearest:
             message += f"; did you mean {nearest[0]!r}?"

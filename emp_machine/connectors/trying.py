@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 
 from emp_machine.connectors.base import ConnectorContext, ConnectorJob
 from emp_machine.connectors.registry import ConnectorRegistry, describe_exception
@@ -34,16 +33,10 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
                                service_type=name)
     try:
         connector = cls.from_settings(settings, context)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}" for e in exc.errors())
-        print_fn(f"error: bad settings for connector {name!r}: {problems}")
-        return 1
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise  # the caller (or the person at the terminal) is stopping
     except BaseException as exc:  # noqa: BLE001 - a plugin's __init__ failing (even SystemExit) is its error
-        origin = registry.origin(name)
-        print_fn(f"error: connector {name!r}{f' ({origin})' if origin else ''} could not be constructed: "
-                 f"{describe_exception(exc)}; fix the connector's __init__ or its settings")
+        print_fn(f"error: {registry.construction_failure(name, exc)}")
         return 1
     job = ConnectorJob(id=f"try-{uuid.uuid4().hex[:12]}", service_required=name, payload=payload)
 

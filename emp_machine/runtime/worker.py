@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from emp_machine.connectors import _http
 from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry, describe_exception
@@ -119,11 +120,13 @@ class _Escaped:
     error: BaseException
 
 
-async def _boxed(call):
-    """Await a connector's coroutine; a BaseException of its own comes back as _Escaped. The worker handles
-    SIGINT and SIGTERM itself (signal handlers), so a KeyboardInterrupt here can only be the plugin's."""
+async def _boxed(method, *args):
+    """Call a connector's coroutine method and await it; a BaseException of its own comes back as _Escaped.
+    Called here, not by the caller, so that one that raises before returning a coroutine (a plain def) is
+    boxed too. The worker handles SIGINT and SIGTERM itself (signal handlers), so a KeyboardInterrupt here
+    can only be the plugin's."""
     try:
-        return await call
+        return await method(*args)
     except (Exception, asyncio.CancelledError):
         raise
     except BaseException as exc:  # noqa: BLE001 - see above
@@ -138,7 +141,11 @@ def _escaped_error(exc: BaseException) -> FatalJobError:
     return error
 
 
-MIN_MASKED_LEN = 4  # a shorter secret value is not masked in messages: it would mangle every word holding it
+def redact_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` as it may leave the worker: the group's secret values masked exactly (secret_values; _http.redact
+    leaves those under 4 characters, which would mangle ordinary words), then pattern-based redaction (keys,
+    bearer tokens, URL passwords...)."""
+    return redact_text(_http.redact(text, secrets))
 
 
 def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -165,7 +172,7 @@ def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, s
             if names:
                 value = environ.get(value) or ""
                 secret = True
-            if secret and len(value) >= MIN_MASKED_LEN:
+            if secret and value:
                 found.add(value)
 
     walk(settings, False, False)
@@ -440,17 +447,12 @@ class Worker:
         return self._redact(f"{redis_trouble(exc)}: {type(exc).__name__}: {exc}")
 
     def _redact(self, text: str) -> str:
-        """`text` as it may leave the worker: the group's secret values masked exactly (secret_values), then
-        pattern-based redaction (keys, bearer tokens, URL passwords...)."""
-        for value in self.secrets:
-            if value in text:
-                text = text.replace(value, REDACTED)
-        return redact_text(text)
+        return redact_secrets(text, self.secrets)
 
     async def _close_connector(self) -> None:
         """connector.close() at stop: whatever it raises is one warning line, never a traceback or an exit."""
         try:
-            outcome = await _boxed(self.connector.close())
+            outcome = await _boxed(self.connector.close)
             error = outcome.error if isinstance(outcome, _Escaped) else None
         except asyncio.CancelledError:
             raise
@@ -797,7 +799,7 @@ class Worker:
         handed over boxed: raised out of a task, the event loop re-raises SystemExit and KeyboardInterrupt
         and the worker ends; re-raised as themselves in the job's task, they read as a drain and the job went
         back uncounted to kill every worker that took it. _call_connector fails the job with it instead."""
-        return await _boxed(self.connector.run(connector_job, progress))
+        return await _boxed(self.connector.run, connector_job, progress)
 
     def _abandoned_run_ended(self, job_id: str, run: asyncio.Task) -> None:
         """An abandoned run ended after all: its outcome is read (no 'never retrieved' noise) and dropped."""
@@ -969,7 +971,7 @@ class Worker:
 
     async def _safe_cancel(self, job_id: str) -> None:
         try:
-            outcome = await asyncio.wait_for(_boxed(self.connector.cancel(job_id)), 5)
+            outcome = await asyncio.wait_for(_boxed(self.connector.cancel, job_id), 5)
             if isinstance(outcome, _Escaped):
                 raise _escaped_error(outcome.error)
         except Exception as exc:  # noqa: BLE001 - best effort: the job is being given up anyway
@@ -1180,7 +1182,7 @@ class Worker:
                       f"it still runs (the connector's health() must let asyncio.CancelledError end it)")
         else:
             self._health_abandoned = None
-            check = asyncio.ensure_future(_boxed(self.connector.health()))
+            check = asyncio.ensure_future(_boxed(self.connector.health))
             try:
                 await asyncio.wait({check}, timeout=HEALTH_TIMEOUT_S)
             except asyncio.CancelledError:
@@ -1270,8 +1272,9 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
         # Only this worker's own connector is imported: another plugin installed here that is broken, exits or
         # sleeps at import is not this worker's concern (validate and each of its own workers report it).
         registry = ConnectorRegistry.for_connector(group.connector)
-        for failure in registry.failures:  # a clash with a built-in (the built-in is used): said once, here
-            tel.logger("emp.worker").warning(failure.render(), extra={"event_type": "worker.connector_clash"})
+        if group.connector in registry.names():  # loaded: what failed beside it is a plugin that clashed with it
+            for failure in registry.failures:  # (a failure of its own is raised by get() in _construct)
+                tel.logger("emp.worker").warning(failure.render(), extra={"event_type": "worker.connector_clash"})
         values = {"index": index, "machine_id": ident.machine_id, "worker_id": ident.worker_id,
                   "service_port": ident.service_port or "", "name": f"worker-{index}"}
         context = ConnectorContext(machine_id=ident.machine_id, worker_id=ident.worker_id,
@@ -1303,26 +1306,13 @@ def _construct(registry: ConnectorRegistry, name: str, settings: Mapping[str, An
     the CLI prints it and the worker exits non-zero, so supervisord's backoff applies (no traceback per start,
     no silent exit 0 or 130 for a SystemExit or KeyboardInterrupt of the plugin's)."""
     cls = registry.get(name)  # ConnectorNotFound / ConnectorLoadError name the entry point already
-    origin = registry.origin(name)
     try:
         return cls.from_settings(settings, context)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:  # noqa: BLE001 - see above
-        if hasattr(exc, "errors") and type(exc).__name__ == "ValidationError":  # pydantic's: field by field
-            try:
-                detail = "bad settings: " + "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}" for e in exc.errors())
-            except Exception:  # noqa: BLE001
-                detail = describe_exception(exc)
-            hint = f"fix {where}.settings"
-        else:
-            detail, hint = describe_exception(exc), f"fix the connector's __init__ or {where}.settings"
-        message = f"connector {name!r}{f' ({origin})' if origin else ''} could not be constructed: {detail}; {hint}"
-        for value in secrets:
-            message = message.replace(value, REDACTED)
-        message = redact_text(message)
-        raise ConnectorLoadError(message.replace("\n", " ")) from None
+        message = registry.construction_failure(name, exc, where)
+        raise ConnectorLoadError(redact_secrets(message, secrets).replace("\n", " ")) from None
 
 
 def run(manifest_path: Path, index: int, environ: Mapping[str, str]) -> int:
