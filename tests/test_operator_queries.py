@@ -102,8 +102,9 @@ workers:
     assert by_id.returncode == 0, by_id.stderr  # found through health_url in its status messages
     assert job_id in by_id.stdout and "job.failed" in by_id.stdout
     unknown = subprocess.run([sys.executable, "-m", "emp_machine", "errors", "--machine", "no-such-machine",
-                              "--redis", redis_url], capture_output=True, text=True, timeout=40, env=env)
-    assert unknown.returncode == 1 and "no status message from machine no-such-machine" in unknown.stderr
+                              "--redis", redis_url, "--wait", "1s"], capture_output=True, text=True, timeout=40,
+                             env=env)
+    assert unknown.returncode == 1 and "no status message from machine no-such-machine within 1 s" in unknown.stderr
 
 
 def test_errors_of_a_machine_with_a_health_token_need_the_token(machine_factory):

@@ -432,6 +432,7 @@ telemetry:
             assert (attrs["process"], attrs["service_type"]) == (f"chatty-{index}", "chatty")
             assert attrs["worker_id"] == f"{machine_id}-worker-{index}"  # each instance serves one worker
             assert attrs["source"] == "output"  # supervisord merges stderr into the one file
+        machine.close()  # while the receiver still answers: its exit flush does not wait on a dead collector
     finally:
         receiver.stop()
 

@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     errors.add_argument("--machine", help="another machine: its health URL (http://host:9090) or its machine id "
                                           "(its health_url is read from its status messages in Redis)")
     errors.add_argument("--redis", help="Redis URL used to find --machine by id")
+    errors.add_argument("--wait", default="12s", help="how long to wait for --machine's status message, which "
+                                                     "gives its health URL (machines publish one every 10 s)")
     errors.set_defaults(func=ops.cmd_errors)
 
     telemetry = sub.add_parser("telemetry", help="what each process's telemetry buffer holds (read-only; also "

@@ -215,7 +215,11 @@ def cmd_errors(args) -> int:
     except ValueError as exc:
         raise EmpError(f"--since: {exc}") from None
     if args.machine:
-        source = args.machine if args.machine.startswith(("http://", "https://")) else _health_url_of(args)
+        try:
+            wait = parse_duration(args.wait)
+        except ValueError as exc:
+            raise EmpError(f"--wait: {exc}") from None
+        source = args.machine if args.machine.startswith(("http://", "https://")) else _health_url_of(args, wait)
         rows = _remote_errors(source, args.since)
     else:
         logs_dir = _logs_dir(args)[0]
@@ -235,14 +239,14 @@ def cmd_errors(args) -> int:
     return 0
 
 
-def _health_url_of(args) -> str:
-    """A machine's health_url from its next status message (machines publish one every 10 s)."""
+def _health_url_of(args, wait_s: float = 12.0) -> str:
+    """A machine's health_url from its next status message within `wait_s` (machines publish one every 10 s)."""
     from emp_machine.runtime.jobs import machine_status_channel
 
     client, _ = _store(args)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(machine_status_channel(args.machine))
-    deadline = time.monotonic() + 12
+    deadline = time.monotonic() + wait_s
     try:
         while time.monotonic() < deadline:
             message = pubsub.get_message(timeout=1.0)
@@ -255,7 +259,8 @@ def _health_url_of(args) -> str:
                     return url
     finally:
         pubsub.close()
-    raise EmpError(f"no status message from machine {args.machine} within 12 s: is it running and using this Redis?")
+    raise EmpError(f"no status message from machine {args.machine} within {wait_s:g} s: is it running and using "
+                   f"this Redis?")
 
 
 HEALTH_TOKEN_ENV = "EMP_HEALTH_TOKEN"  # the default health.token_env: the bearer token `errors --machine` sends
