@@ -265,17 +265,6 @@ def test_a_count_that_is_no_number_fails_that_job_alone_and_never_loops(client, 
 
 # -- heartbeat -----------------------------------------------------------------------------------------------
 
-def test_the_heartbeat_is_renewed_within_the_contracts_30s_even_with_a_long_lease(client, workers):
-    # lease 300s: a third of it would be a beat every 100 s, past the key's 60 s TTL. The worker registered
-    # before this test began, so its next beat is due within one capped interval (20 s) from now.
-    key = f"worker:{workers.ids[0]}"
-    assert json.loads(client.hget(key, "capabilities"))["services"] == ["gapsim"]  # the 300s-lease worker
-    first = client.hget(key, "last_heartbeat")
-    wait_for(lambda: client.hget(key, "last_heartbeat") != first, timeout=22, interval=0.2,
-             message="a heartbeat within 22 s")
-    assert client.ttl(f"{key}:heartbeat") > 55
-
-
 def test_a_slow_connector_health_check_never_delays_the_heartbeat(client, store, workers):
     # A beat is a third of the 3 s lease; the health check answers in 2.5 s. It used to run inside the beat
     # loop, so beats came 3.5 s apart and the reaper re-queued the job again and again: it never completed.

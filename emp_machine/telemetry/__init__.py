@@ -18,10 +18,7 @@ from emp_machine.telemetry.context import (
     new_trace_id,
     worker_id_for,
 )
-from emp_machine.telemetry.core import Telemetry, setup
-from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.redact import redact_fields, redact_text
-from emp_machine.telemetry.tailer import ServiceOutputTailer, TailSource
 
 __all__ = [
     "ConnectorLogger", "Incoming", "Telemetry", "TelemetryConfig", "apply_otel_env", "bind", "current_fields",
@@ -31,11 +28,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The config model imports pydantic: loaded only when asked for, so that a process which receives an
-    # already-validated config (the machine) does not pay for pydantic.
-    if name in ("TelemetryConfig", "apply_otel_env"):
-        from emp_machine.telemetry import config
+# Loaded when first asked for: the config model imports pydantic, which a process that receives an
+# already-validated config (the machine) does not pay for; the pipeline (core: the OTel SDK's encoders, the
+# buffer, the shipper) is not needed by the CLI commands that only read a manifest (~60 ms a call).
+_LAZY = {"TelemetryConfig": "config", "apply_otel_env": "config", "Telemetry": "core", "setup": "core",
+         "ConnectorLogger": "joblog", "ServiceOutputTailer": "tailer", "TailSource": "tailer"}
 
-        return getattr(config, name)
-    raise AttributeError(name)
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f"emp_machine.telemetry.{module}"), name)
