@@ -334,19 +334,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_supervisord_after(request):
-    """Every test in this module must leave no supervisord of its own behind."""
-    before = {p.pid for p in psutil.process_iter() if _is_supervisord(p)}
+def _no_stray_supervisord_after(request, tmp_path_factory):
+    """Every test in this module must leave no supervisord of its own behind (its own: one whose config is
+    under this session's temporary folder, not another test session's)."""
+    ours = (str(tmp_path_factory.getbasetemp()), os.environ["XDG_STATE_HOME"])  # see conftest.py
+    before = {p.pid for p in psutil.process_iter() if _is_supervisord(p, ours)}
     yield
-    wait_for(lambda: not ({p.pid for p in psutil.process_iter() if _is_supervisord(p)} - before), timeout=15,
+    wait_for(lambda: not ({p.pid for p in psutil.process_iter() if _is_supervisord(p, ours)} - before), timeout=15,
              message="no stray supervisord")
 
 
-def _is_supervisord(proc: psutil.Process) -> bool:
+def _is_supervisord(proc: psutil.Process, under: tuple[str, ...]) -> bool:
     try:
-        return "supervisor.supervisord" in " ".join(proc.cmdline())
+        cmdline = " ".join(proc.cmdline())
     except psutil.Error:
         return False
+    return "supervisor.supervisord" in cmdline and any(folder in cmdline for folder in under)
 
 
 def test_the_running_machine_process_does_not_load_pydantic(machine_factory):
