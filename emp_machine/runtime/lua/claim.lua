@@ -30,10 +30,6 @@ local lease_ms = tonumber(ARGV[2])
 local avoid_ms = tonumber(ARGV[3])
 local start = ARGV[5] == '1'
 local now = now_ms()
--- The keys the claim writes once it has taken a job: a stray one of another type would fail the claim after
--- the job left jobs:pending (see wrong_types in lib.lua), so they are checked before any write. 3 calls.
-local stray = worker_keys_wrong(wid)
-if stray then return stray end
 
 for i = 6, #ARGV do adopt(ARGV[i], true) end
 promote_due(now)
@@ -166,8 +162,8 @@ while true do
     -- this worker just failed it: leave it to others for a while (idle ones were woken by its requeue)
     local left = avoid_ms - now + time_ms(job.failed_at)
     if not soonest or left < soonest then soonest = left end
-  elseif redis.call('ZREM', KEYS[1], id) == 1 then
-    break
+  elseif redis.call('ZSCORE', KEYS[1], id) then
+    break  -- still in jobs:pending: taken below, once the worker's own keys took their writes
   else
     drop(best, member, id, index_remove)
   end
@@ -175,20 +171,32 @@ end
 
 local jkey = 'job:' .. id
 local at = iso(now)
+job.worker_id, job.assigned_at = wid, at
+if start then job.status, job.started_at = 'in_progress', at else job.status = 'assigned' end
+local job_json = cjson.encode(job)
+-- The worker's own keys first, before the job leaves jobs:pending: Redis keeps what a script wrote before a
+-- call failed, so a stray key of another type there (another tool's, a clobbered key) used to fail the claim
+-- with the job taken and in_progress, in no lease and maybe no jobs:active: lost. Now such a claim changes
+-- nothing and names the key (stray_reply in lib.lua; no TYPE call unless a write fails).
+local wkey, akey = 'worker:' .. wid, 'jobs:active:' .. wid
+local old_status = redis.pcall('HGET', wkey, 'status')
+if type(old_status) == 'table' then return stray_reply(old_status, wkey, 'hash') end
+local wrote = redis.pcall('HSET', akey, id, job_json)
+if type(wrote) == 'table' then return stray_reply(wrote, akey, 'hash') end
+wrote = redis.pcall('ZADD', KEYS[3], now + lease_ms, id)
+if type(wrote) == 'table' then
+  redis.call('HDEL', akey, id)
+  return stray_reply(wrote, KEYS[3], 'zset')
+end
+old_status = old_status or ''
+redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
 redis.call('ZREM', best.q, member)
-job.worker_id, job.assigned_at = wid, at
 if start then
-  job.status, job.started_at = 'in_progress', at
   redis.call('HSET', jkey, 'status', 'in_progress', 'worker_id', wid, 'assigned_at', at, 'started_at', at)
 else
-  job.status = 'assigned'
   redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', wid, 'assigned_at', at)
 end
-local job_json = cjson.encode(job)
-redis.call('HSET', 'jobs:active:' .. wid, id, job_json)
-local wkey = 'worker:' .. wid
-local old_status = redis.call('HGET', wkey, 'status') or ''
 if old_status ~= 'busy' then
   redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id, 'last_status_change', at)
   publish('worker_status', {worker_id = wid, old_status = old_status, new_status = 'busy', current_job_id = id,
@@ -196,7 +204,6 @@ if old_status ~= 'busy' then
 else
   redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id)
 end
-redis.call('ZADD', KEYS[3], now + lease_ms, id)
 -- The timeline events and the messages are concatenated, with the worker's ids encoded once per capability
 -- set (match.lua's memo) and the time's text kept (lib.lua): cheaper than building and encoding tables (~3 us),
 -- and than string.format, which costs ~3.7k instructions per call inside Redis (276k -> 254k instructions

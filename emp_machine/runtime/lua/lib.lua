@@ -427,6 +427,13 @@ local function wrong_types(...)
   return nil
 end
 
+-- The reply for a write that failed (redis.pcall's error table `err`) on `key`: WRONGTYPE naming the key and
+-- what it holds, as wrong_types says it; any other error (OOM, READONLY...) as it came.
+local function stray_reply(err, key, want)
+  if string.sub(err.err or '', 1, 9) ~= 'WRONGTYPE' then return err end
+  return wrong_types(key, want) or err
+end
+
 -- The keys every script that moves a job writes for its worker: jobs:active:{wid}, worker:{wid}, the leases.
 local function worker_keys_wrong(wid)
   return wrong_types('jobs:active:' .. wid, 'hash', 'worker:' .. wid, 'hash', KEYS[3], 'zset')
