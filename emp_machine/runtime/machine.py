@@ -522,14 +522,19 @@ class Machine:
             rows = tuple(await asyncio.to_thread(Supervisor(self.paths.socket, timeout=5).processes))
         except SupervisorError as exc:
             step("status.processes_unknown", level=logging.WARNING, update_type=update_type, error=str(exc))
-            now = int(time.time())
-            self.aggregate.set_processes(tuple(
-                ProcessInfo(name=s.name, state="UNKNOWN", pid=0, start=0, now=now,
-                            restarts=info.restarts if (info := self.processes.get(s.name)) else 0,
-                            exit_status=None, errored_reason="", restart_in=None,
-                            description=f"not known: {exc}") for s in self.plan.specs))
+            self._processes_unknown(str(exc))
             return
         self._on_sweep(rows)
+
+    def _processes_unknown(self, reason: str) -> None:
+        """The process table as not known (supervisord gone or not answering): every process UNKNOWN, its
+        restart count kept, `reason` in its description."""
+        now = int(time.time())
+        self.aggregate.set_processes(tuple(
+            ProcessInfo(name=s.name, state="UNKNOWN", pid=0, start=0, now=now,
+                        restarts=info.restarts if (info := self.processes.get(s.name)) else 0,
+                        exit_status=None, errored_reason="", restart_in=None,
+                        description=f"not known: {reason}") for s in self.plan.specs))
 
     async def _sweep(self) -> None:
         """Every second: process table from supervisord; memory of each limited process tree."""
@@ -553,12 +558,7 @@ class Machine:
                     reason = f"supervisord not answering: {exc}"[:300]
                     step("supervisord.not_answering", level=logging.WARNING, error=str(exc))
                     self.aggregate.set_supervisor_silent(reason)
-                    now = int(time.time())
-                    self.aggregate.set_processes(tuple(
-                        ProcessInfo(name=s.name, state="UNKNOWN", pid=0, start=0, now=now,
-                                    restarts=info.restarts if (info := self.processes.get(s.name)) else 0,
-                                    exit_status=None, errored_reason="", restart_in=None,
-                                    description=f"not known: {reason}") for s in self.plan.specs))
+                    self._processes_unknown(reason)
                     self.inbox.put_nowait(RefreshRequested())  # the decider commits: /health, event_driven
                 continue
             unanswered = 0
