@@ -373,14 +373,22 @@ def cmd_render(args) -> int:
     return 0
 
 
-_SECRET_NAME = r"(?i)key|token|secret|pass|auth|credential|pwd|cookie|signature"
+# Names render treats as secret: the telemetry's rule (telemetry.redact.secret_key) and, shown to a person
+# where over-masking costs nothing, any name holding one of these words (DB_PASS, BASIC_AUTH, MY_KEY).
+_SECRET_WORDS = r"(?i)key|token|pass|auth"
+
+
+def _secret_name(name: str) -> bool:
+    import re
+
+    from emp_machine.telemetry.redact import secret_key
+
+    return secret_key(name) or re.search(_SECRET_WORDS, name) is not None
 
 
 def _environment_secrets(path, environ) -> list[str]:
     """Values render must not show wherever they land (a command line, a setting): those of the variables
     with secret-like names that the manifest takes with ${VAR} or that override it (EMP_*)."""
-    import re
-
     from emp_machine.runtime.manifest import _VAR
 
     try:
@@ -388,18 +396,17 @@ def _environment_secrets(path, environ) -> list[str]:
     except (OSError, UnicodeDecodeError):
         names = set()
     names |= {name for name in environ if name.startswith("EMP_")}
-    return [environ[name] for name in names if re.search(_SECRET_NAME, name) and len(environ.get(name, "")) >= 4]
+    return [environ[name] for name in names if _secret_name(name) and len(environ.get(name, "")) >= 4]
 
 
 def _redact_config(text: str, redact_url, secrets: list[str] = ()) -> str:
     """Hide URL passwords and the values of secret-looking variables in a rendered config: each
-    `environment = K="v",K2='v2'` pair whose name is secret by the telemetry's rule (any case), or holds
-    KEY, TOKEN, SECRET, PASS or AUTH, has its value shown as ***; other values lose secret-shaped parts."""
+    `environment = K="v",K2='v2'` pair whose name is secret (_secret_name, any case) has its value shown as
+    ***; other values lose secret-shaped parts."""
     import re
 
-    from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
+    from emp_machine.telemetry.redact import redact_text
 
-    named = re.compile(_SECRET_NAME)
     # a credential given as a command-line flag inside a value: --token X, --api-key=X
     flag = re.compile(r"(?i)(--?[\w-]*(?:key|token|secret|pass|auth)[\w-]*)([= ])([^\s\"',]+)")
     # supervisord's values: quoted with " or ', holding the other quote but never their own (supervisor/config.py)
@@ -416,7 +423,7 @@ def _redact_config(text: str, redact_url, secrets: list[str] = ()) -> str:
                 break
             name, quoted, comma = m.groups()
             quote, value = quoted[0], quoted[1:-1]
-            if named.search(name) or redact_fields({name: value}).get(name) == REDACTED:
+            if _secret_name(name):
                 value = "***"
             else:
                 value = flag.sub(lambda f: f"{f.group(1)}{f.group(2)}***", redact_text(value))

@@ -39,7 +39,8 @@ from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
                                       statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
-from emp_machine.telemetry.redact import REDACTED, redact_fields, redact_text
+from emp_machine.telemetry.redact import redact_text
+from emp_machine.telemetry.redact import secret_key as secret_name
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
@@ -158,7 +159,7 @@ def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, s
     found: set[str] = set()
 
     def secret_key(key: Any) -> bool:
-        return isinstance(key, str) and redact_fields({key: "x"})[key] == REDACTED
+        return isinstance(key, str) and secret_name(key)
 
     def walk(value: Any, secret: bool, names: bool) -> None:
         if isinstance(value, Mapping):

@@ -129,6 +129,13 @@ def _key_kind_cached(key: str) -> int:
     return hit
 
 
+def secret_key(key: str) -> bool:
+    """Whether a field, setting or variable of this name holds a secret when its value is text (api_key,
+    token, password, authorization, ...; not a token count such as max_tokens): the rule redact_fields
+    applies, for callers that mask values by name."""
+    return _key_kind_cached(key) != _PLAIN
+
+
 def redact_value(value: object) -> object:
     """`value` redacted: text, and the items of mappings, lists and tuples; numbers, booleans and None as
     they are; anything else (bytes, an exception, a URL object...) becomes its text, redacted: the JSON line
