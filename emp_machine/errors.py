@@ -139,6 +139,23 @@ def can_retry(error: BaseException) -> bool:
     return isinstance(error, (TimeoutError, ConnectionError)) or _machine_local(error) is not None
 
 
+def safe_str(exc: BaseException) -> str:
+    """str(exc), or a note saying it could not be shown: a plugin's broken __str__ must not break the report of
+    its error."""
+    try:
+        return str(exc)
+    except BaseException as inner:  # noqa: BLE001 - see above
+        if type(inner).__name__ == "CancelledError":  # asyncio's: the caller is being stopped
+            raise
+        return "(its message could not be shown: its __str__ raised)"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`Type: message` (the type alone for an empty message), safe for an exception whose str() raises."""
+    text = safe_str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def classify(error: BaseException) -> JobError | JobCancelled:
     """Any exception out of a connector's run, as a classified job outcome (STYLE.md section 3: a plugin
     cannot kill the host). Classified errors pass through; anything else becomes a JobError naming the
@@ -146,7 +163,7 @@ def classify(error: BaseException) -> JobError | JobCancelled:
     if isinstance(error, (JobError, JobCancelled)):
         return error
     cls = RetryableJobError if can_retry(error) else FatalJobError
-    message = f"connector raised {type(error).__name__}: {error}"
+    message = f"connector raised {type(error).__name__}: {safe_str(error)}"
     hint = _machine_local(error)
     if hint:
         message += f" (this machine's problem, not the job's: {hint})"

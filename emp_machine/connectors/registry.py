@@ -23,7 +23,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pydantic import BaseModel, ValidationError
 
 from emp_machine.connectors.base import Connector
-from emp_machine.errors import ConnectorLoadError, ConnectorNotFound
+from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, describe_exception  # noqa: F401 (re-exported)
 
 GROUP = "emp_machine.connectors"
 
@@ -38,17 +38,6 @@ class LoadFailure:
     def render(self) -> str:
         where = self.entry_point + (f", distribution {self.dist}" if self.dist else "")
         return f"connector {self.name!r} ({where}) failed to load: {self.error}"
-
-
-def describe_exception(exc: BaseException) -> str:
-    """`Type: message` (the type alone for an empty message), safe for an exception whose str() raises."""
-    try:
-        text = str(exc)
-    except asyncio.CancelledError:
-        raise
-    except BaseException:  # noqa: BLE001 - a plugin's broken __str__ must not break the report of its error
-        text = "(its message could not be shown: its __str__ raised)"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def dist_name(ep: EntryPoint) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 
 
 from emp_machine.connectors.base import ConnectorContext, ConnectorJob
-from emp_machine.connectors.registry import ConnectorRegistry, describe_exception
-from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, FatalJobError, JobCancelled, classify
+from emp_machine.connectors.registry import ConnectorRegistry
+from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, JobCancelled, classify, describe_exception
 
 
 async def try_connector(name: str, settings: dict[str, Any], payload: Any, output_dir: str | Path,
@@ -48,10 +48,7 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
     except BaseException as exc:  # noqa: BLE001 - a connector's bug must end as a classified exit 1
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt / CancelledError: the caller is stopping
-        try:
-            outcome = classify(exc)
-        except Exception:  # noqa: BLE001 - its __str__ raised: named by its type
-            outcome = FatalJobError(f"connector raised {describe_exception(exc)}")
+        outcome = classify(exc)  # safe for an exception whose str() raises
         if isinstance(outcome, JobCancelled):
             print_fn(f"cancelled: {outcome}")
         else:

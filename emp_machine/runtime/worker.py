@@ -32,9 +32,9 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from emp_machine.connectors import _http
 from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
-from emp_machine.connectors.registry import ConnectorRegistry, describe_exception
+from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable,
-                                classify)
+                                classify, describe_exception)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
                                       statuses_json, worker_key)
@@ -819,10 +819,7 @@ class Worker:
     async def _job_error(self, job: Job, exc: BaseException, span: Any, started: float,
                          steps: dict[str, float]) -> None:
         """An exception out of the job's run, classified (errors.classify) and recorded as its outcome."""
-        try:
-            error = classify(exc)
-        except Exception:  # noqa: BLE001 - its __str__ raised: named by its type alone, still its job's failure
-            error = _escaped_error(exc)
+        error = classify(exc)
         if isinstance(error, JobCancelled):
             await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
             return
