@@ -82,14 +82,17 @@ def test_rate_limit_is_retried_after_the_servers_wait(fake, context):
     assert time.monotonic() - started >= 0.3 and len(server.requests) == 2 and result.data["text"] == ["echo: x"]
 
 
-@pytest.mark.parametrize("answer", [RATE_LIMITED, SERVER_ERROR])
+SHORT_RATE_LIMIT = (429, RATE_LIMITED[1], {"retry-after-ms": "50"})
+
+
+@pytest.mark.parametrize("answer", [SHORT_RATE_LIMIT, SERVER_ERROR])
 def test_persistent_429_and_5xx_are_retryable_with_the_servers_wait(fake, context, answer):
     server = fake()
     server.script = [answer] * 3
     with pytest.raises(RetryableJobError) as caught:
-        run(connector(context, server, max_retries=1, max_retry_wait_s=0.05), {"model": "m", "prompt": "p"})
+        run(connector(context, server, max_retries=1, max_retry_wait_s=0.2), {"model": "m", "prompt": "p"})
     assert len(server.requests) == 2 and f"answered {answer[0]}" in str(caught.value)
-    assert caught.value.retry_after_s == (1.0 if answer is RATE_LIMITED else None)
+    assert caught.value.retry_after_s == (0.05 if answer is SHORT_RATE_LIMIT else None)
 
 
 @pytest.mark.parametrize("answer,fragment", [
@@ -147,3 +150,136 @@ def test_cancel_abandons_the_request(fake, context):
     with pytest.raises(JobCancelled):
         run(conn, {"model": "m", "prompt": "p"}, progress)
     assert time.monotonic() - started < 2
+
+
+# --- protocol audit: answers that are not what they seem, and what the real API does that the fake hid ---
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+HTML = {"Content-Type": "text/html"}
+
+
+@pytest.mark.parametrize("answer,payload,error,fragment", [
+    ((200, b"<html><body>Please sign in to the proxy</body></html>", HTML), CHAT, RetryableJobError, "not JSON"),
+    ((200, b'{"id": "chatcmpl-1", "choices": [{"mess', {}), CHAT, RetryableJobError, "cut short"),
+    ((200, b'data: {"id": "c1", "choices": []}\n\ndata: [DONE]\n\n', {"Content-Type": "text/event-stream"}), CHAT,
+     RetryableJobError, "not JSON"),
+    ((200, b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}), CHAT, RetryableJobError, "not UTF-8"),
+    ((200, {"error": {"message": "The server is overloaded", "type": "server_error"}}, {}), CHAT, RetryableJobError,
+     "with an error: server_error: The server is overloaded"),
+    ((200, {"error": {"message": "bad model", "type": "invalid_request_error", "code": 404}}, {}), CHAT,
+     FatalJobError, "with an error: invalid_request_error: bad model"),
+    ((200, {"id": "resp_1", "object": "response", "status": "queued", "error": None, "output": []}, {}),
+     {"model": "gpt-4.1", "input": "hi"}, RetryableJobError, "not finished (status queued)"),
+    ((200, [1, 2], {}), CHAT, RetryableJobError, "JSON list"),
+    ((200, {"created": 1, "data": ["https://x/y.png"]}, {}), {"model": "m", "prompt": "p"}, FatalJobError,
+     "'data' that is not a list of JSON objects"),
+])
+def test_a_200_that_is_no_finished_result_never_completes_empty(fake, context, answer, payload, error, fragment):
+    server = fake()
+    server.script = [answer]
+    with pytest.raises(error) as caught:
+        run(connector(context, server, max_retries=0), payload)
+    assert type(caught.value) is error and fragment in str(caught.value)
+
+
+def test_responses_failed_with_an_error_object_is_classified_and_error_null_is_success(fake, context):
+    server = fake()
+    server.script = [(200, {"id": "resp_1", "object": "response", "status": "failed", "output": [],
+                            "error": {"code": "invalid_prompt", "message": "prompt flagged"}}, {})]
+    with pytest.raises(FatalJobError, match="invalid_prompt: prompt flagged"):
+        run(connector(context, server), {"model": "gpt-4.1", "input": "hi"})
+    result, _ = run(connector(context, server), {"model": "gpt-4.1", "input": "hi"})  # the fake sends no "error"
+    assert result.data["status"] == "completed"
+
+
+@pytest.mark.parametrize("field", ["stream", "background"])
+def test_stream_and_background_are_refused_before_anything_is_sent(fake, context, field):
+    server = fake()
+    with pytest.raises(FatalJobError, match=f'"{field}": true.*remove "{field}"'):
+        run(connector(context, server), {"model": "gpt-4.1", "input": "hi", field: True})
+    assert server.requests == []
+    result, _ = run(connector(context, server), {"model": "gpt-4.1", "input": "hi", field: False})
+    assert result.data["text"] == ["echo: hi"]
+
+
+def test_url_images_are_downloaded_and_their_signature_kept_nowhere(fake, context, caplog):
+    server = fake()
+    caplog.set_level(logging.DEBUG)
+    result, _ = run(connector(context, server), {"model": "dall-e-3", "prompt": "a fox", "size": "16x16"})
+    [output] = result.outputs
+    assert output.mime_type == "image/png" and open(output.path, "rb").read().startswith(b"\x89PNG")
+    [(fetched, headers)] = server.downloads
+    assert "sig=" in fetched and "authorization" not in headers  # the key never goes to the image's host
+    signature = fetched.split("sig=")[1]
+    ours = lambda: "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records
+                              if r.name != "aiohttp.access")  # the fake's own access log shows it, of course
+    assert signature not in json.dumps(result.to_json()) and signature not in ours()
+    assert result.data["revised_prompts"] == ["a fox, detailed"]
+    # a URL that cannot be fetched (expired, say) is retryable, and its signature is not in the error
+    server.script = [(200, {"created": 1, "data": [{"url": f"{server.url}/files/gone.png?se=1&sig=SECRETSIG"}]}, {})]
+    with pytest.raises(RetryableJobError, match="answered 403") as caught:
+        run(connector(context, server), {"model": "dall-e-3", "prompt": "a fox"})
+    assert "SECRETSIG" not in str(caught.value) and "SECRETSIG" not in ours()
+    assert not list((context.output_dir / "job-1").glob("*.part"))
+
+
+@pytest.mark.parametrize("suffix", ["/v1", "/v1/", ""])
+def test_base_url_with_or_without_v1(fake, context, suffix):
+    server = fake()
+    result, _ = run(connector(context, server, base_url=server.url + suffix), CHAT)
+    assert result.data["text"] == ["echo: hi"] and server.requests[0][0] == "/v1/chat/completions"
+
+
+def test_a_wrong_base_url_names_the_url_called(fake, context):
+    server = fake()
+    with pytest.raises(FatalJobError) as caught:
+        run(connector(context, server, base_url=server.url + "/openai"), CHAT)
+    assert f"POST {server.url}/openai/v1/chat/completions answered 404" in str(caught.value)
+    assert "Invalid URL (POST /openai/v1/chat/completions)" in str(caught.value)
+
+
+def test_failures_carry_the_status_code_and_openais_request_id(fake, context, caplog):
+    server = fake()
+    caplog.set_level(logging.INFO, "test.openai")
+    server.script = [(400, {"error": {"message": "bad size", "type": "invalid_request_error"}},
+                      {"x-request-id": "req_abc123"})]
+    with pytest.raises(FatalJobError) as caught:
+        run(connector(context, server), {"model": "m", "prompt": "p"})
+    assert "answered 400 (x-request-id req_abc123)" in str(caught.value)
+    assert (caught.value.status_code, caught.value.request_id) == (400, "req_abc123")
+    [record] = [r for r in caplog.records if getattr(r, "event_type", "") == "job.failed"]
+    assert record.fields["status_code"] == 400 and record.fields["request_id"] == "req_abc123"
+
+
+@pytest.mark.parametrize("status,headers,retried", [
+    (408, {}, True), (409, {}, True), (400, {"x-should-retry": "true"}, True),
+    (500, {"x-should-retry": "false"}, False), (429, {"x-should-retry": "false"}, False),
+])
+def test_retries_follow_the_sdks_rules(fake, context, status, headers, retried):
+    server = fake()
+    server.script = [(status, {"error": {"message": "m", "type": "t"}}, {"retry-after-ms": "10", **headers})]
+    if retried:
+        result, _ = run(connector(context, server), CHAT)
+        assert len(server.requests) == 2 and result.data["text"] == ["echo: hi"]
+    else:
+        with pytest.raises(FatalJobError, match=f"answered {status}"):
+            run(connector(context, server), CHAT)
+        assert len(server.requests) == 1
+
+
+def test_a_wait_longer_than_max_retry_wait_goes_back_to_the_queue(fake, context):
+    server = fake()
+    server.script = [RATE_LIMITED]  # retry-after: 1, our cap 0.05 s: not re-sent early in process
+    started = time.monotonic()
+    with pytest.raises(RetryableJobError) as caught:
+        run(connector(context, server, max_retries=2, max_retry_wait_s=0.05), CHAT)
+    assert len(server.requests) == 1 and caught.value.retry_after_s == 1.0 and time.monotonic() - started < 0.9
+
+
+def test_a_reply_over_max_response_bytes_is_refused(fake, context):
+    server = fake()
+    server.script = [(200, b'{"id": "' + b"a" * 5000 + b'"}', {"Content-Type": "application/json"})]
+    with pytest.raises(FatalJobError, match="max_response_bytes"):
+        run(connector(context, server, max_response_bytes=1000), CHAT)
+    result, _ = run(connector(context, server, max_response_bytes=1000), CHAT)
+    assert result.data["text"] == ["echo: hi"]

@@ -17,6 +17,7 @@ from emp_machine.connectors.rest import RestConnector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable
 
 TOKEN = "tok-5c2e8a91d4f7b3e6a0c9"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # not UTF-8: the 0x89 alone says so
 
 
 class Service:
@@ -33,7 +34,41 @@ class Service:
         app.router.add_post("/tasks", self.submit)
         app.router.add_get("/tasks/{id}", self.status)
         app.router.add_post("/tasks/{id}/cancel", self.cancel)
+        app.router.add_get("/search", self.search)
+        app.router.add_post("/png", self.png)
+        app.router.add_route("*", "/redirect", self.redirect)
+        app.router.add_route("*", "/landing", self.landing)
+        app.router.add_post("/big", self.big)
         return app
+
+    async def search(self, request):
+        self.record(request)
+        return web.json_response({"output": {"query": request.query_string, "body": (await request.read()).decode()}})
+
+    async def png(self, request):
+        self.record(request)
+        return web.Response(body=PNG, content_type="image/png")
+
+    async def redirect(self, request):  # 307 to ?to= (a path here, or another origin), or to itself: a loop
+        self.record(request)
+        raise web.HTTPTemporaryRedirect(request.query.get("to") or "/redirect")
+
+    async def landing(self, request):
+        self.record(request)
+        return web.json_response({"output": {"landed": request.method, "body": (await request.read()).decode()}})
+
+    async def big(self, request):  # ?chunked=1: no Content-Length, the size shows only while reading
+        self.record(request)
+        body = b'{"output": "' + b"A" * (2 << 20) + b'"}'
+        if not request.query.get("chunked"):
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 1 << 16):
+            await response.write(body[start:start + (1 << 16)])
+        await response.write_eof()
+        return response
 
     def record(self, request):
         self.requests.append((request.method, request.path, {k.lower(): v for k, v in request.headers.items()}))
@@ -231,3 +266,75 @@ def test_missing_result_path_and_bad_settings(context, service):
         run(sync_connector(context, service, result_path="output.nope"), {"numbers": [1]})
     with pytest.raises(ValidationError, match="status_url is required"):
         RestConnector.from_settings({"mode": "async", "submit_url": "http://x"}, context)
+
+
+# --- protocol audit: GET payloads, binary replies, redirects carrying secrets, reply size ---
+
+def test_get_sends_a_flat_payload_as_query_parameters(context, service):
+    url = service.thread.url + "/search?fixed=1"
+    result, _ = run(sync_connector(context, service, method="GET", submit_url=url),
+                    {"q": "red fox", "n": 3, "tags": ["a", "b"], "hd": True, "skip": None})
+    assert result.data == {"query": "fixed=1&q=red fox&n=3&tags=a&tags=b&hd=true", "body": ""}
+    with pytest.raises(FatalJobError, match="'filter' holds a nested object"):
+        run(sync_connector(context, service, method="GET", submit_url=url), {"filter": {"a": 1}})
+    with pytest.raises(FatalJobError, match="must be a flat JSON object, not a list"):
+        run(sync_connector(context, service, method="GET", submit_url=url), [1, 2])
+
+
+def test_a_binary_reply_is_saved_as_an_output_file(context, service):
+    result, _ = run(sync_connector(context, service, submit_url=service.thread.url + "/png"), {"x": 1})
+    [output] = result.outputs
+    assert output.mime_type == "image/png" and output.size_bytes == len(PNG) and output.path.endswith(".png")
+    assert open(output.path, "rb").read() == PNG and result.data == {"mime_type": "image/png", "size_bytes": len(PNG)}
+    assert output.path.startswith(str(context.output_dir / "job-1"))
+
+
+def test_shared_exchange_decodes_a_binary_reply_without_raising(context, service):
+    conn = sync_connector(context, service)
+
+    async def main():
+        try:
+            return await conn._request("service", "POST", service.thread.url + "/png", {}, json={})
+        finally:
+            await conn.close()
+    status, text = asyncio.run(main())
+    assert status == 200 and text.startswith("\ufffdPNG")
+
+
+SECRETS = {"header_env": {"Authorization": "A", "X-Api-Key": "K"}}
+SECRET_ENV = {"A": f"Bearer {TOKEN}", "K": "key-0f1e2d3c4b5a6978"}
+
+
+def secret_connector(context, url, **settings):
+    return RestConnector(RestConnector.Settings(submit_url=url, result_path="output", **SECRETS, **settings),
+                         context, env=SECRET_ENV)
+
+
+def test_redirects_keep_secret_headers_on_the_same_origin_only(context, service):
+    base = service.thread.url
+    result, _ = run(secret_connector(context, f"{base}/redirect?to=/landing"), {"x": 1})
+    assert result.data == {"landed": "POST", "body": '{"x": 1}'}  # 307: method and body kept
+    landing = service.requests[-1][2]
+    assert landing["x-api-key"] == SECRET_ENV["K"] and landing["authorization"] == f"Bearer {TOKEN}"
+    service.requests.clear()
+    other = base.replace("127.0.0.1", "localhost") + "/landing"  # same server, another origin
+    result, _ = run(secret_connector(context, f"{base}/redirect?to={other}"), {"x": 1})
+    assert result.data["landed"] == "POST"
+    [first, landed] = [r[2] for r in service.requests]
+    assert first["x-api-key"] == SECRET_ENV["K"] and landed["host"].startswith("localhost")
+    assert "x-api-key" not in landed and "authorization" not in landed and landed["x-job-id"] == "job-1"
+
+
+def test_a_redirect_loop_is_a_clear_permanent_error(context, service):
+    with pytest.raises(FatalJobError, match="redirected more than 10 times"):
+        run(secret_connector(context, service.thread.url + "/redirect"), {"x": 1})
+    assert len(service.requests) == 11
+
+
+@pytest.mark.parametrize("query", ["", "?chunked=1"])
+def test_a_reply_over_max_response_bytes_is_refused(context, service, query):
+    with pytest.raises(FatalJobError, match="max_response_bytes"):
+        run(sync_connector(context, service, submit_url=service.thread.url + "/big" + query,
+                           max_response_bytes=1 << 20), {})
+    result, _ = run(sync_connector(context, service, submit_url=service.thread.url + "/big" + query), {})
+    assert len(result.data) == 2 << 20

@@ -15,6 +15,7 @@ import json
 import mimetypes
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from emp_machine.errors import JobCancelled, RetryableJobError, ServiceUnreachable
+from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable
 from emp_machine.telemetry.tracing import note_request_id
 
 REDACTED = "[REDACTED]"
@@ -31,6 +32,9 @@ REDACTED = "[REDACTED]"
 STOP_GRACE_S = 2.0
 # close() lets such stops still in flight finish for at most this long before the session goes.
 CLOSE_STOP_WAIT_S = 0.5
+# The default cap on a reply held in memory (JSON or text): a service answering 150 MiB cost +575 MiB of peak
+# memory. Files streamed to disk (save_response) are not capped by it.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 class HttpSession:
@@ -75,7 +79,8 @@ class HttpSession:
         """_request with the response's headers too (its Retry-After, say)."""
         try:
             async with self._http().request(method, url, headers=headers, **kwargs) as response:
-                text = await response.text()
+                # a binary or mis-encoded reply must not raise a bare UnicodeDecodeError (permanent, not ours)
+                text = await response.text(errors="replace")
         except TRANSPORT_ERRORS as exc:
             raise transport_error(service, url, exc) from None
         try:
@@ -199,6 +204,38 @@ def mime_for(name: str, header: str | None = None) -> str:
     if header and header.split(";")[0].strip() not in ("", "application/octet-stream"):
         return header.split(";")[0].strip()
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str,
+                       setting: str = "max_response_bytes") -> bytes:
+    """The whole body of `response`, refused (FatalJobError naming `setting`) when Content-Length says more
+    than `limit` bytes or the body read grows past it: an oversized reply is never held in memory whole."""
+    def too_big(size: str) -> FatalJobError:
+        return FatalJobError(f"{what} answered {size} bytes, more than {setting} ({limit} bytes): raise the "
+                             f"connector's {setting} setting or ask the service for a smaller answer")
+    length = response.content_length
+    if length is not None and length > limit:
+        raise too_big(str(length))
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise too_big(f"over {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Whether two absolute URLs share scheme, host and port (default ports made explicit)."""
+    def origin(url: str) -> tuple[str, str, int | None]:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        scheme = parts.scheme.lower()
+        return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+    return origin(a) == origin(b)
 
 
 async def save_response(response: aiohttp.ClientResponse, path: Path) -> int:

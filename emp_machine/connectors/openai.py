@@ -3,15 +3,23 @@
 Payload: the request body of one endpoint, plus an optional `"endpoint"`: `images` (/v1/images/generations),
 `chat` (/v1/chat/completions) or `responses` (/v1/responses). Without it the body decides: `messages` is
 chat, `input` is responses, `prompt` is images. `b64_json` images (and `image_generation_call` results of
-/v1/responses) become output files; token usage goes into the service metadata.
+/v1/responses) become output files, as do images answered as URLs (dall-e's default `response_format`): each
+is downloaded into the job's output directory (the signed URL itself is never kept); token usage goes into the
+service metadata. `"stream": true` and `"background": true` are refused: the connector needs the whole answer.
+`base_url` may end in `/v1` (the OpenAI SDK's OPENAI_BASE_URL form) or not.
 
 The API key is read once, at construction, from the environment variable *named* in the settings (the
 manifest never holds the key). It is sent only in the Authorization header and redacted from anything the
 connector says: errors, logs, results.
 
-429 and 5xx are retried here, waiting what Retry-After / retry-after-ms says (capped), `max_retries` times;
-after that the job fails as retryable carrying the server's wait. 429 `insufficient_quota` is permanent
-(billing, not load), as are the other 4xx.
+408, 409, 429 and 5xx are retried here (as OpenAI's SDKs do; an `x-should-retry: true|false` header decides
+first), waiting what Retry-After / retry-after-ms says, `max_retries` times; after that, or at once when the
+server asks for a longer wait than `max_retry_wait_s`, the job fails as retryable carrying the server's wait
+(`retry_after_s`: the queue delays it). 429 `insufficient_quota` is permanent (billing, not load), as are the
+other 4xx. A 200 that is not a finished JSON answer (a proxy's HTML page, a truncated or non-UTF-8 body, a
+JSON `error` object, a response still queued) is never completed empty: it fails, classified as its error
+says (unreadable bodies retryable). Errors and the failed record carry the status code and OpenAI's
+`x-request-id`. A reply larger than `max_response_bytes` is refused (permanent).
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
+import mimetypes
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 from pydantic import Field
 
 from emp_machine.connectors import _http
@@ -32,6 +43,19 @@ from emp_machine.connectors.base import (
     Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
+
+
+def _parse(raw: bytes) -> tuple[Any, str | None]:
+    """(the JSON in `raw`, None), or (None, why it is unreadable: not UTF-8, not JSON or cut short)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"a body that is not UTF-8 ({len(raw)} bytes)"
+    try:
+        return json.loads(text), None
+    except ValueError:
+        return None, f"a body that is not JSON or is cut short: {text[:200]!r}"
+
 
 PATHS = {"images": "/v1/images/generations", "chat": "/v1/chat/completions", "responses": "/v1/responses"}
 
@@ -46,6 +70,51 @@ class OpenAISettings(ConnectorSettings):
     request_timeout_s: float = Field(default=300, gt=0)
     max_retries: int = Field(default=2, ge=0)
     max_retry_wait_s: float = Field(default=30, ge=0)
+    max_response_bytes: int = Field(default=_http.DEFAULT_MAX_RESPONSE_BYTES, gt=0)
+
+
+def _api_root(base_url: str) -> str:
+    """`base_url` without its trailing slash and one trailing `/v1`: PATHS start with /v1, and the SDK's
+    OPENAI_BASE_URL (`https://api.openai.com/v1`, vLLM's and LiteLLM's `http://host:8000/v1`) includes it."""
+    base = base_url.rstrip("/")
+    return base[:-3] if base.endswith("/v1") else base
+
+
+def _transient(status: int, error: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
+    """Worth another attempt, as OpenAI's SDKs decide: the server's `x-should-retry` first, then 408, 409,
+    429 (not `insufficient_quota`: billing, not load) and 5xx."""
+    should = (headers.get("x-should-retry") or "").strip().lower()
+    if should in ("true", "false"):
+        return should == "true"
+    if status == 429:
+        return "insufficient_quota" not in (str(error.get("code")), str(error.get("type")))
+    return status in (408, 409) or status >= 500
+
+
+def _error_status(error: Mapping[str, Any]) -> int:
+    """The HTTP status an `error` object answered with a 200 stands for: its own numeric `code`/`status`
+    (vLLM's), else its OpenAI type or code; an unknown kind counts as a server error (retryable)."""
+    for key in ("status", "code"):
+        value = error.get(key)
+        if isinstance(value, (int, str)) and str(value).isdigit() and 400 <= int(value) <= 599:
+            return int(value)
+    kind = f"{error.get('code') or ''} {error.get('type') or ''}".lower()
+    if "insufficient_quota" in kind or "rate_limit" in kind or error.get("type") in ("requests", "tokens"):
+        return 429
+    if any(word in kind for word in ("invalid", "authentication", "permission", "not_found", "content_policy",
+                                     "context_length")):
+        return 400
+    return 500
+
+
+def _objects(document: Mapping[str, Any], key: str) -> list[dict]:
+    """`document[key]` as a list of objects ([] when absent); any other shape is a clear permanent error."""
+    items = document.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise FatalJobError(f"OpenAI's answer has a {key!r} that is not a list of JSON objects: {str(items)[:200]}")
+    return items
 
 
 class OpenAIConnector(_http.HttpSession, Connector):
@@ -58,7 +127,7 @@ class OpenAIConnector(_http.HttpSession, Connector):
         env = os.environ if env is None else env
         self._key = env.get(settings.api_key_env) or ""
         self._group = env.get("WORKER_GROUP") or ""  # set by the machine for each worker it starts
-        self._base = settings.base_url.rstrip("/")
+        self._base = _api_root(settings.base_url)
         self._cancel: dict[str, asyncio.Event] = {}
 
     def _redact(self, text: str) -> str:
@@ -101,6 +170,11 @@ class OpenAIConnector(_http.HttpSession, Connector):
         if not self._key:
             raise FatalJobError(self._key_missing())
         endpoint = self._endpoint(job.payload)
+        for field, why in (("stream", "it would answer a stream of server-sent events"),
+                           ("background", "it would answer a response still queued, to be polled")):
+            if job.payload.get(field):
+                raise FatalJobError(f'openai payload sets "{field}": true, which this connector cannot use: {why}, '
+                                    f'and the connector needs the whole answer in one reply; remove "{field}"')
         body = {k: v for k, v in job.payload.items() if k != "endpoint"}
         if "model" not in body and self.settings.default_model:
             body["model"] = self.settings.default_model
@@ -112,7 +186,8 @@ class OpenAIConnector(_http.HttpSession, Connector):
             await progress(0.0, f"calling {PATHS[endpoint]}")
             answer, headers = await _http.until_cancelled(self._post(job, endpoint, body), cancelled,
                                                           f"openai job {job.id}")
-            result = self._result(job, endpoint, model, answer, headers)
+            result = await _http.until_cancelled(self._result(job, endpoint, model, answer, headers), cancelled,
+                                                 f"openai job {job.id}")
             await progress(100.0, "done")
             meta = result.service_metadata
             self.joblog.completed(job.id, _http.ms_since(started), endpoint=endpoint, model=model,
@@ -125,13 +200,23 @@ class OpenAIConnector(_http.HttpSession, Connector):
         except Exception as exc:
             # the key is redacted from the text itself: it need not look like one to the telemetry's redaction
             self.joblog.failed(job.id, self._redact(f"{type(exc).__name__}: {exc}"), _http.ms_since(started),
-                               can_retry(exc), endpoint=endpoint, model=model)
+                               can_retry(exc), endpoint=endpoint, model=model,
+                               status_code=getattr(exc, "status_code", None),
+                               request_id=getattr(exc, "request_id", None))
             raise
         finally:
             self._cancel.pop(job.id, None)
 
+    def _failure(self, cls: type[Exception], text: str, status: int | None, request_id: str | None,
+                 **kwargs: Any) -> Exception:
+        """`cls(text)`, redacted, carrying the status code and OpenAI's request id (for the failed record)."""
+        error = cls(self._redact(text), **kwargs)
+        error.status_code, error.request_id = status, request_id
+        return error
+
     async def _post(self, job: ConnectorJob, endpoint: str, body: dict) -> tuple[Any, Mapping[str, str]]:
         url = self._base + PATHS[endpoint]
+        shown = _http.strip_query(url)
         headers = {**_http.service_headers(job), "Authorization": f"Bearer {self._key}"}
         if self.settings.organization:
             headers["OpenAI-Organization"] = self.settings.organization
@@ -140,61 +225,110 @@ class OpenAIConnector(_http.HttpSession, Connector):
             try:
                 async with self._http().post(url, json=body, headers=headers) as response:
                     status, response_headers = response.status, response.headers
-                    try:
-                        answer = await response.json(content_type=None)
-                    except ValueError:
-                        answer = {"error": {"message": (await response.text())[:300]}}
+                    raw = await _http.read_limited(response, self.settings.max_response_bytes, f"OpenAI POST {shown}")
             except _http.TRANSPORT_ERRORS as exc:
                 error = _http.transport_error("OpenAI", url, exc)
                 raise type(error)(self._redact(str(error))) from None  # ServiceUnreachable stays that
+            request_id = response_headers.get("x-request-id")
+            where = f"OpenAI POST {shown} answered {status}" + (f" (x-request-id {request_id})" if request_id else "")
+            answer, unreadable = _parse(raw)
             if status == 200:
-                return answer, response_headers
-            error = answer.get("error") if isinstance(answer, dict) and isinstance(answer.get("error"), dict) else {}
-            text = self._redact(f"OpenAI {PATHS[endpoint]} answered {status}: "
-                                f"{error.get('type') or error.get('code') or 'error'}: {error.get('message', '')}")
+                if unreadable:  # a proxy's page, a cut body: nothing says the request failed for good
+                    raise self._failure(RetryableJobError, f"{where} with {unreadable}", status, request_id)
+                if not isinstance(answer, dict):
+                    raise self._failure(RetryableJobError, f"{where} with a JSON {type(answer).__name__}, not the "
+                                        f"JSON object of a result: {str(answer)[:200]}", status, request_id)
+                if not answer.get("error"):  # /v1/responses always has "error": null
+                    if endpoint == "responses" and answer.get("status") in ("queued", "in_progress"):
+                        raise self._failure(RetryableJobError, f"{where} with a response not finished (status "
+                                            f"{answer.get('status')})", status, request_id)
+                    return answer, response_headers
+                error = answer["error"] if isinstance(answer["error"], dict) else {"message": str(answer["error"])}
+                where, effective = f"{where} with an error", _error_status(error)
+            else:
+                error = answer.get("error") if isinstance(answer, dict) else None
+                if not isinstance(error, dict):
+                    error = {"message": str(answer)[:300] if unreadable is None else unreadable}
+                effective = status
+            text = f"{where}: {error.get('type') or error.get('code') or 'error'}: {error.get('message', '')}"
             wait = _http.retry_after_s(response_headers)
-            transient = status == 429 and error.get("code") != "insufficient_quota" or status >= 500
-            if not transient:
-                raise FatalJobError(text)
-            if attempt >= self.settings.max_retries:
-                raise RetryableJobError(text, retry_after_s=wait)
+            if not _transient(effective, error, response_headers):
+                raise self._failure(FatalJobError, text, status, request_id)
+            if attempt >= self.settings.max_retries or (wait is not None and wait > self.settings.max_retry_wait_s):
+                # a longer wait than ours is the queue's to keep: the job goes back, delayed by retry_after_s
+                raise self._failure(RetryableJobError, text, status, request_id, retry_after_s=wait)
             attempt += 1
-            delay = min(self.settings.max_retry_wait_s, wait if wait is not None else 2.0 ** attempt)
-            self.joblog.event("service.retry", job.id, status_code=status, wait_s=round(delay, 3), attempt=attempt)
+            delay = wait if wait is not None else min(self.settings.max_retry_wait_s, 2.0 ** attempt)
+            self.joblog.event("service.retry", job.id, status_code=status, wait_s=round(delay, 3), attempt=attempt,
+                              request_id=request_id)
             await asyncio.sleep(delay)  # the server's own instruction, not a synchronisation guess
 
-    def _result(self, job: ConnectorJob, endpoint: str, model: str | None, answer: Any,
-                headers: Mapping[str, str]) -> JobResult:
-        if not isinstance(answer, dict):
-            raise FatalJobError(f"OpenAI answered 200 with a non-object body: {str(answer)[:200]}")
+    async def _result(self, job: ConnectorJob, endpoint: str, model: str | None, answer: dict,
+                      headers: Mapping[str, str]) -> JobResult:
         directory = _http.job_dir(self.context.output_dir, job.id)
         files: list[OutputFile] = []
         data: dict[str, Any] = {"id": answer.get("id")}
         if endpoint == "images":
-            urls, revised = [], []
-            for item in answer.get("data") or []:
+            revised = []
+            for item in _objects(answer, "data"):
                 if item.get("b64_json"):
                     files.append(self._save_b64(item["b64_json"], directory, f"image-{len(files)}"))
-                elif item.get("url"):
-                    urls.append(item["url"])  # hosted by OpenAI for an hour; not fetched here
+                elif item.get("url"):  # hosted for an hour behind a signed URL: fetched now, never passed on
+                    files.append(await self._download(str(item["url"]), directory, f"image-{len(files)}"))
                 if item.get("revised_prompt"):
                     revised.append(item["revised_prompt"])
-            data.update(urls=urls, revised_prompts=revised)
+            data.update(revised_prompts=revised)
         elif endpoint == "chat":
-            choices = answer.get("choices") or []
-            data.update(text=[(c.get("message") or {}).get("content") for c in choices],
+            choices = _objects(answer, "choices")
+            data.update(text=[c["message"].get("content") if isinstance(c.get("message"), dict) else None
+                              for c in choices],
                         finish_reason=[c.get("finish_reason") for c in choices])
         else:
             texts = []
-            for item in answer.get("output") or []:
+            for item in _objects(answer, "output"):
                 if item.get("type") == "message":
-                    texts += [c.get("text") for c in item.get("content") or [] if c.get("type") == "output_text"]
+                    texts += [c.get("text") for c in _objects(item, "content") if c.get("type") == "output_text"]
                 elif item.get("type") == "image_generation_call" and item.get("result"):
                     files.append(self._save_b64(item["result"], directory, f"image-{len(files)}"))
             data.update(text=texts, status=answer.get("status"))
         metadata = {"connector": self.name, "endpoint": endpoint, "model": answer.get("model") or model,
                     "usage": answer.get("usage") or {}, "request_id": headers.get("x-request-id")}
         return JobResult(data=data, outputs=files, service_metadata=metadata)
+
+    async def _download(self, url: str, directory: Path, stem: str) -> OutputFile:
+        """An image answered as a URL, streamed into `directory`. No Authorization goes with it (the URL is
+        signed, usually on another host), and its query string (the signature) is in no error: a failure is
+        retryable (the next attempt generates a fresh image and URL)."""
+        shown = _http.strip_query(url)
+        query = url[len(shown):]
+
+        def hide(text: str) -> str:
+            return self._redact(text.replace(query, "") if query else text)
+        part = _http.unique_path(directory, stem + ".part")
+        try:
+            async with self._http().get(url) as response:
+                if response.status != 200:
+                    raise RetryableJobError(f"downloading OpenAI's image {shown} answered {response.status}")
+                content_type = response.headers.get("Content-Type")
+                size = await _http.save_response(response, part)
+        except RetryableJobError:
+            part.unlink(missing_ok=True)
+            raise
+        except (*_http.TRANSPORT_ERRORS, aiohttp.ClientError, ValueError) as exc:
+            part.unlink(missing_ok=True)
+            raise RetryableJobError(hide(f"downloading OpenAI's image {shown} failed: {type(exc).__name__}: {exc}")) \
+                from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        with part.open("rb") as head:
+            suffix = _http.sniff_image_suffix(head.read(16))
+        if suffix == ".bin":
+            suffix = mimetypes.guess_extension((content_type or "").split(";")[0].strip()) or \
+                Path(shown).suffix or ".bin"
+        path = _http.unique_path(directory, stem + suffix)
+        part.rename(path)
+        return OutputFile(str(path), _http.mime_for(path.name, content_type), size)
 
     @staticmethod
     def _save_b64(encoded: str, directory: Path, stem: str) -> OutputFile:

@@ -12,6 +12,13 @@ once at construction through an injectable mapping) and are redacted from errors
 results, whole and in the parts a service may quote back (the token after `Bearer`, Basic's password).
 
 429 and 5xx are retryable, other 4xx permanent; connection failures and timeouts retryable.
+
+`method: GET` sends the payload as query parameters (a flat JSON object: scalar values, or lists of them as
+repeated parameters; anything nested is refused). Redirects are followed by hand, at most MAX_REDIRECTS: to
+the same origin (scheme, host, port) with every header, to another origin without the `header_env` headers
+(nor Authorization, Proxy-Authorization, Cookie), and none of them afterwards. A JSON or text answer is held
+in memory up to `max_response_bytes` (over it: permanent); in sync mode, an answer that is neither (an image,
+audio, application/octet-stream) is streamed to a file in the job's output directory, the job's output.
 """
 
 from __future__ import annotations
@@ -20,23 +27,31 @@ import asyncio
 import base64
 import json
 import logging
+import mimetypes
 import os
 import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
-    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, ProgressFn,
+    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
 _MISSING = object()
 _FIELD = re.compile(r"\{([^{}]+)\}")
+MAX_REDIRECTS = 10
+_REDIRECTS = (301, 302, 303, 307, 308)
+# Never sent to another origin than the configured URL's, whichever settings key they come from.
+_CREDENTIAL_HEADERS = {"authorization", "proxy-authorization", "cookie"}
+_TEXT_TYPES = {"application/json", "application/xml", "application/javascript", "application/ecmascript",
+               "application/x-ndjson", "application/x-www-form-urlencoded", "application/yaml", "application/x-yaml"}
 
 
 class RestSettings(ConnectorSettings):
@@ -59,6 +74,7 @@ class RestSettings(ConnectorSettings):
     connect_timeout_s: float = Field(default=5, gt=0)
     request_timeout_s: float = Field(default=60, gt=0)
     job_timeout_s: float = Field(default=3600, gt=0)
+    max_response_bytes: int = Field(default=_http.DEFAULT_MAX_RESPONSE_BYTES, gt=0)  # JSON/text held in memory
 
     @model_validator(mode="after")
     def _async_needs_status_url(self):
@@ -88,6 +104,37 @@ def render(template: str, job_id: str, submitted: Any) -> str:
         value = job_id if name == "job_id" else at_path(submitted, name)
         return urllib.parse.quote(str(value), safe="")
     return _FIELD.sub(field, template)
+
+
+def query_url(url: str, payload: Any) -> str:
+    """`url` with a flat JSON-object `payload` appended as query parameters (GET has no body)."""
+    if payload is None:
+        return url
+    if not isinstance(payload, dict):
+        raise FatalJobError(f"method GET sends the payload as query parameters, so it must be a flat JSON object, "
+                            f"not a {type(payload).__name__}: use POST or PUT for another body")
+    pairs = []
+    for key, value in payload.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (dict, list)):
+                raise FatalJobError(f"method GET sends the payload as query parameters: {key!r} holds a nested "
+                                    f"{'object' if isinstance(item, dict) else 'list'}; send a flat object or "
+                                    "use POST or PUT")
+            if item is not None:
+                pairs.append((str(key), "true" if item is True else "false" if item is False else str(item)))
+    if not pairs:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    query = "&".join(q for q in (parts.query, urllib.parse.urlencode(pairs)) if q)
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _is_text(content_type: str | None) -> bool | None:
+    """Whether a reply's Content-Type is JSON or text (None: it says nothing)."""
+    mime = (content_type or "").split(";")[0].strip().lower()
+    if not mime:
+        return None
+    return mime.startswith("text/") or mime.endswith(("+json", "+xml")) or mime in _TEXT_TYPES
 
 
 # Masking the connector's secrets in a successful result skips shorter ones (see RestConnector._mask_result).
@@ -135,6 +182,8 @@ class RestConnector(_http.HttpSession, Connector):
         super().__init__(settings, context)
         env = os.environ if env is None else env
         self._secret_headers = {name: env.get(var, "") for name, var in settings.header_env.items()}
+        # headers dropped on a redirect to another origin than the configured URL's
+        self._secret_names = {name.lower() for name in settings.header_env} | _CREDENTIAL_HEADERS
         # A header_env variable this process lacks (the worker gets only its group's `env`): no request goes
         # out with an empty credential (the service answered 401 and each job failed for good).
         self._unset = sorted({var for var in settings.header_env.values() if not env.get(var)})
@@ -185,28 +234,53 @@ class RestConnector(_http.HttpSession, Connector):
             return Health(False, str(exc))
         return Health(status < 400, "" if status < 400 else f"health check answered {status}")
 
-    async def _call(self, job: ConnectorJob | None, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    async def _call(self, job: ConnectorJob | None, method: str, url: str, body: Any = None,
+                    files: bool = False) -> tuple[int, Any]:
+        """One call: (status, the parsed JSON, or the text). With `files` (a sync submit), an answer that is
+        neither JSON nor text is streamed into the job's output directory and returned as an OutputFile."""
         if self._unset:  # never sent: the worker checks health (unhealthy), hands the job back, pauses claims
             raise ServiceUnreachable(self._unset_reason())
         headers = {**self.settings.headers, **self._secret_headers, **(_http.service_headers(job) if job else {})}
+        if method == "GET":
+            url, body = query_url(url, body), None
         started = time.monotonic()
+        origin, current, hops = url, url, 0
         try:
-            async with self._http().request(method, url, headers=headers,
-                                            json=body if method != "GET" else None) as response:
-                status, text, wait = response.status, await response.text(), _http.retry_after_s(response.headers)
+            while True:
+                async with self._http().request(method, current, headers=headers, json=body,
+                                                allow_redirects=False) as response:
+                    status, location = response.status, response.headers.get("Location")
+                    if status in _REDIRECTS and location:
+                        target = urllib.parse.urljoin(current, location)
+                        how = f"more than {MAX_REDIRECTS} times" if hops >= MAX_REDIRECTS else "to a non-HTTP URL" \
+                            if urllib.parse.urlsplit(target).scheme not in ("http", "https") else None
+                        if how:
+                            raise FatalJobError(self._redact(f"{method} {_http.strip_query(url)} was redirected "
+                                                             f"{how} (last {_http.strip_query(target)})"))
+                    else:
+                        wait = _http.retry_after_s(response.headers)
+                        answer = await self._read(job, response, current, status, files)
+                        break
+                hops += 1
+                if status == 303 and method != "HEAD" or status in (301, 302) and method == "POST":
+                    method, body = "GET", None  # as browsers and aiohttp do
+                if not _http.same_origin(origin, target):
+                    # the secrets are the configured origin's: another one never sees them, nor any hop after
+                    dropped = {k for k in headers if k.lower() in self._secret_names}
+                    headers = {k: v for k, v in headers.items() if k not in dropped}
+                if job is not None:
+                    self.joblog.event("service.redirect", job.id, logging.DEBUG, status_code=status,
+                                      endpoint=_http.strip_query(current), location=_http.strip_query(target))
+                current = target
         except _http.TRANSPORT_ERRORS as exc:
-            error = _http.transport_error("service", url, exc)
+            error = _http.transport_error("service", current, exc)
             raise type(error)(self._redact(str(error))) from None  # ServiceUnreachable stays that
         if job is not None:
-            self.joblog.event("service.call", job.id, logging.DEBUG, method=method, endpoint=_http.strip_query(url),
-                              status_code=status, duration_ms=_http.ms_since(started),
-                              request_id=headers.get("x-request-id"))
-        try:
-            answer = json.loads(text) if text else None
-        except ValueError:
-            answer = text
+            self.joblog.event("service.call", job.id, logging.DEBUG, method=method,
+                              endpoint=_http.strip_query(current), status_code=status,
+                              duration_ms=_http.ms_since(started), request_id=headers.get("x-request-id"))
         if status >= 400:
-            message = self._redact(f"{method} {_http.strip_query(url)} answered {status}: {str(answer)[:500]}")
+            message = self._redact(f"{method} {_http.strip_query(current)} answered {status}: {str(answer)[:500]}")
             if status == 429 or status >= 500:  # retried no sooner than the service's Retry-After, if it sent one
                 error = RetryableJobError(message, retry_after_s=wait)
             else:
@@ -214,6 +288,50 @@ class RestConnector(_http.HttpSession, Connector):
             error.status_code = status  # for the job.failed record
             raise error
         return status, answer
+
+    async def _read(self, job: ConnectorJob | None, response: Any, url: str, status: int, files: bool) -> Any:
+        """A reply's body: JSON parsed, text decoded (undecodable bytes replaced), held in memory up to
+        max_response_bytes; with `files` and a success, a binary body streamed to a file (OutputFile)."""
+        content_type = response.headers.get("Content-Type")
+        text_like = _is_text(content_type)
+        to_file = files and job is not None and status < 400
+        if to_file and text_like is False:
+            return await self._save(job, response, content_type)
+        raw = await _http.read_limited(response, self.settings.max_response_bytes,
+                                       f"{response.method} {_http.strip_query(url)}")
+        if to_file and text_like is None and raw:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:  # no Content-Type and not text: a file all the same
+                path = self._output_path(job, response, content_type, raw[:16])
+                path.write_bytes(raw)
+                return OutputFile(str(path), _http.mime_for(path.name, content_type), len(raw))
+        try:
+            text = raw.decode(response.charset or "utf-8", errors="replace")
+        except LookupError:  # a charset Python does not know
+            text = raw.decode("utf-8", errors="replace")
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return text
+
+    def _output_path(self, job: ConnectorJob, response: Any, content_type: str | None, head: bytes = b"") -> Path:
+        """Where a file answer goes: the name the service gave (Content-Disposition), made safe, else
+        `output` with the suffix of its type."""
+        named = re.search(r'filename="?([^";]+)"?', response.headers.get("Content-Disposition") or "")
+        mime = (content_type or "").split(";")[0].strip()
+        name = _http.safe_name(named.group(1)) if named else \
+            "output" + ((mimetypes.guess_extension(mime) if mime else None) or _http.sniff_image_suffix(head))
+        return _http.unique_path(_http.job_dir(self.context.output_dir, job.id), name)
+
+    async def _save(self, job: ConnectorJob, response: Any, content_type: str | None) -> OutputFile:
+        path = self._output_path(job, response, content_type)
+        try:
+            size = await _http.save_response(response, path)  # streamed: never whole in memory
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return OutputFile(str(path), _http.mime_for(path.name, content_type), size)
 
     async def run(self, job: ConnectorJob, progress: ProgressFn) -> JobResult:
         settings = self.settings
@@ -228,17 +346,23 @@ class RestConnector(_http.HttpSession, Connector):
                 await progress(0.0, "submitting")
                 url = render(settings.submit_url, job.id, {})
                 status, submitted = await _http.until_cancelled(
-                    self._call(job, settings.method, url, job.payload), cancelled, f"job {job.id}")
+                    self._call(job, settings.method, url, job.payload, files=settings.mode == "sync"), cancelled,
+                    f"job {job.id}")
                 posted = True
-                if settings.mode == "async":
+                outputs: list[OutputFile] = []
+                if isinstance(submitted, OutputFile):  # a binary answer, saved: the file is the result
+                    outputs, result = [submitted], {"mime_type": submitted.mime_type,
+                                                    "size_bytes": submitted.size_bytes}
+                    submitted = None
+                elif settings.mode == "async":
                     submitted = await self._poll(job, submitted, cancelled, progress)
                     result = at_path(submitted, settings.result_path)
                 else:
                     result = at_path(submitted, settings.result_path)
             await progress(100.0, "done")
             self.joblog.completed(job.id, _http.ms_since(started), method=settings.method, endpoint=endpoint,
-                                  status_code=status)
-            return JobResult(data=self._mask_result(result),
+                                  status_code=status, outputs=len(outputs))
+            return JobResult(data=self._mask_result(result), outputs=outputs,
                              service_metadata=self._mask_result({"connector": self.name, "mode": settings.mode}))
         except TimeoutError:
             error = RetryableJobError(f"job did not finish within {settings.job_timeout_s:g} s")

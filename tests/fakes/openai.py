@@ -2,7 +2,12 @@
 and error shapes (`{"error": {"message", "type", "param", "code"}}`), Bearer auth, `x-request-id`, and 429s
 with `retry-after` / `retry-after-ms`.
 
-`script` queues canned answers (status, body, headers) served before normal handling, for error sequences.
+`script` queues canned answers (status, body, headers) served before normal handling, for error sequences; a
+body given as bytes is sent as it is (a proxy's HTML page, a cut or non-UTF-8 body), with the headers given.
+Images honour `response_format` as the API does (dall-e's default is `url`, gpt-image-1 always answers
+`b64_json`): a `url` image is served by the fake itself under /files/, behind a signed query string (`se`,
+`sig`) as Azure blob URLs are, answering 403 without the signature. Unknown paths get OpenAI's JSON 404
+("Invalid URL (POST /v1/...)"); every answer carries an `x-request-id`.
 `echo_key` makes the 401 quote the whole key it was given: the worst a service could do, so the test can
 show the connector redacts it.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import secrets
 import time
 import uuid
 
@@ -38,6 +44,8 @@ class FakeOpenAI:
         self.key, self.echo_key, self.delay_s = key, echo_key, delay_s
         self.script: list[tuple[int, dict, dict]] = []
         self.requests: list[tuple[str, dict, dict]] = []  # (path, lower-cased headers, body)
+        self.files: dict[str, tuple[str, bytes]] = {}  # url images: name -> (signature, bytes)
+        self.downloads: list[tuple[str, dict]] = []  # (path with query, lower-cased headers) of /files/ GETs
         self._thread = ServerThread(self._app)
 
     @property
@@ -56,7 +64,22 @@ class FakeOpenAI:
         app.router.add_post("/v1/images/generations", self._wrap(self.images))
         app.router.add_post("/v1/chat/completions", self._wrap(self.chat))
         app.router.add_post("/v1/responses", self._wrap(self.responses))
+        app.router.add_get("/files/{name}", self.file)
+        app.router.add_route("*", "/{tail:.*}", self.unknown)
         return app
+
+    @staticmethod
+    async def unknown(request: web.Request) -> web.Response:
+        return web.json_response(error_body(f"Invalid URL ({request.method} {request.path})", "invalid_request_error"),
+                                 status=404, headers={"x-request-id": f"req_{uuid.uuid4().hex}"})
+
+    async def file(self, request: web.Request) -> web.Response:
+        self.downloads.append((request.path_qs, {k.lower(): v for k, v in request.headers.items()}))
+        signature, data = self.files.get(request.match_info["name"], (None, b""))
+        if signature is None or request.query.get("sig") != signature:
+            return web.Response(status=403, text="<Error><Code>AuthenticationFailed</Code></Error>",
+                                content_type="application/xml")
+        return web.Response(body=data, content_type="image/png")
 
     def _wrap(self, handler):
         async def wrapped(request: web.Request) -> web.Response:
@@ -66,6 +89,8 @@ class FakeOpenAI:
             request_id = f"req_{uuid.uuid4().hex}"
             if self.script:
                 status, answer, extra = self.script.pop(0)
+                if isinstance(answer, bytes):
+                    return web.Response(body=answer, status=status, headers={"x-request-id": request_id, **extra})
                 return web.json_response(answer, status=status, headers={"x-request-id": request_id, **extra})
             sent = headers.get("authorization", "").removeprefix("Bearer ")
             if sent != self.key:
@@ -76,17 +101,27 @@ class FakeOpenAI:
                                          headers={"x-request-id": request_id})
             if not body.get("model"):
                 return web.json_response(error_body("you must provide a model parameter", "invalid_request_error",
-                                                    None, None), status=400)
+                                                    None, None), status=400,
+                                         headers={"x-request-id": request_id})
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             return web.json_response(handler(body), headers={"x-request-id": request_id})
         return wrapped
 
-    @staticmethod
-    def images(body: dict) -> dict:
+    def images(self, body: dict) -> dict:
         width, height = (int(x) for x in str(body.get("size", "64x64")).split("x"))
-        images = [{"b64_json": base64.b64encode(png(width, height, 0x3366CC + i)).decode()}
-                  for i in range(int(body.get("n", 1)))]
+        model = str(body.get("model", ""))
+        as_url = body.get("response_format", "url" if model.startswith("dall-e") else "b64_json") == "url"
+        images = []
+        for i in range(int(body.get("n", 1))):
+            data = png(width, height, 0x3366CC + i)
+            if as_url:
+                name, signature = f"img-{uuid.uuid4().hex}.png", secrets.token_urlsafe(16)
+                self.files[name] = (signature, data)
+                images.append({"url": f"{self.url}/files/{name}?se=2030-01-01T00%3A00%3A00Z&sp=r&sig={signature}",
+                               "revised_prompt": f"{body.get('prompt')}, detailed" if model == "dall-e-3" else None})
+            else:
+                images.append({"b64_json": base64.b64encode(data).decode()})
         words = len(str(body.get("prompt", "")).split())
         return {"created": int(time.time()), "data": images, "background": "opaque", "output_format": "png",
                 "quality": "low", "size": body.get("size", "1024x1024"),
