@@ -2,11 +2,12 @@ import os
 import re
 import signal
 
+import pytest
 import redis as redis_lib
 from harness import wait_for
 
 from emp_machine.runtime.jobs import JobStore
-from emp_machine.runtime.redis_server import PrivateRedis, find_server_binary
+from emp_machine.runtime.redis_server import PrivateRedis, RedisServerNotFound, find_server_binary
 
 
 def test_binary_comes_from_the_installed_wheel():
@@ -25,6 +26,18 @@ def test_private_server_stops_cleanly(tmp_path):
         client.close()
         proc = server.proc
     assert proc.poll() is not None
+
+
+def test_a_port_held_by_another_server_is_refused_not_borrowed(tmp_path):
+    # Tests restart their Redis on the same port after an outage: had another server taken the port meanwhile,
+    # its PONG was taken for ours, and the caller was handed (and flushed) that foreign server.
+    with PrivateRedis(tmp_path / "first") as first:
+        client = redis_lib.Redis.from_url(first.url)
+        client.set("first", "1")
+        with pytest.raises(RedisServerNotFound, match="held by another server"):
+            PrivateRedis(tmp_path / "second").start(first.port)
+        assert client.get("first") == b"1"
+        client.close()
 
 
 def test_private_server_keeps_nothing_unless_asked_to_persist(tmp_path):

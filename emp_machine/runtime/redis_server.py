@@ -82,6 +82,30 @@ def wait_for_ping(host: str, port: int, deadline_s: float) -> bool:
     return False
 
 
+def server_pid(host: str, port: int) -> int | None:
+    """The process id the server on host:port reports (INFO server), None when it cannot be read."""
+    data, need = b"", None  # need: the whole reply's length, once its header ($<n>) is in
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as conn:
+            conn.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            while need is None or len(data) < need:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+                if need is None and b"\r\n" in data:
+                    if not data.startswith(b"$"):
+                        return None  # an error reply (NOAUTH, say)
+                    header = data.index(b"\r\n")
+                    need = header + 2 + int(data[1:header]) + 2
+    except (OSError, ValueError):
+        return None
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith("process_id:"):
+            return int(line.split(":", 1)[1])
+    return None
+
+
 @dataclass
 class PrivateRedis:
     """A server process owned by the caller (tests, benchmarks); stop() or the context manager ends it."""
@@ -107,6 +131,17 @@ class PrivateRedis:
         if not wait_for_ping(self.host, self.port, 10.0):
             self.stop()
             raise RedisServerNotFound(f"private Redis on {self.host}:{self.port} did not answer PING in 10 s")
+        # A PONG proves only that *a* server holds the port: another one already there answers it while ours
+        # fails to bind and exits, and the caller would be handed (and flush) that foreign server.
+        end = time.monotonic() + 5.0
+        while server_pid(self.host, self.port) != self.proc.pid:
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise RedisServerNotFound(f"{self.host}:{self.port} is held by another server: the private Redis "
+                                          f"could not listen there and exited")
+            if time.monotonic() > end:
+                break  # alive and answering through another process id: a wrapper that does not exec, say
+            time.sleep(0.02)
         return self
 
     def stop(self) -> None:
