@@ -83,6 +83,9 @@ def test_submit_writes_every_contract_field_as_the_api_does(store, redis, listen
     assert ISO.match(job["created_at"])
     # P and T come from the workflow fields when present.
     assert redis.zscore("jobs:pending", job_id) == submission_score(80, 1_700_000_000_123)
+    # ... which is the contract's P x 10^15 - floor(T_ms / 1000), written out independently of our code (the
+    # EMP API scores its own submissions so: a formula changed in both jobs.py and lib.lua must still fail here)
+    assert redis.zscore("jobs:pending", job_id) == float(80 * 10**15 - 1_700_000_000)
     [msg] = sub.wait_for("job_submitted")
     assert msg["job_id"] == job_id and msg["service_required"] == "sim" and msg["priority"] == 70
 
@@ -97,6 +100,7 @@ def test_submit_defaults_are_empty_strings_and_score_uses_created_at(store, redi
     created = calendar.timegm(time.strptime(job["created_at"][:19], "%Y-%m-%dT%H:%M:%S"))
     created_ms = int(created * 1000) + int(job["created_at"][20:23])
     assert redis.zscore("jobs:pending", job_id) == submission_score(50, created_ms)
+    assert redis.zscore("jobs:pending", job_id) == float(50 * 10**15 - created_ms // 1000)
 
 
 def test_claim_transitions_and_messages(store, redis, listen):

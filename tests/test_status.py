@@ -215,6 +215,10 @@ workers:
         machine.signal(signal.SIGTERM)
         assert machine.wait_exit() == 0
         _, last = wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")[0]
+        mid = ready["machine_id"]
+        # the shape in full: the loops below check nothing on a message that lists no service or worker
+        check_status_message(last, mid, [f"{mid}-worker-0", f"{mid}-worker-1"])
+        assert last["status"]["services"] and last["status"]["workers"], last
         for key, svc in last["status"]["services"].items():
             assert svc["pm2_status"] == "stopped" and svc["status"] == "inactive", (key, svc)
         for wid, w in last["status"]["workers"].items():
@@ -251,6 +255,8 @@ workers:
         os.kill(int((machine.state_dir / "run" / "supervisord.pid").read_text()), signal.SIGKILL)
         machine.wait_exit()
         _, last = wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")[0]
+        check_status_message(last, last["machine_id"], [f"{last['machine_id']}-worker-0"])
+        assert last["status"]["services"] and last["status"]["workers"], last
         for key, svc in last["status"]["services"].items():
             assert svc["pm2_status"] != "online" and svc["status"] == "inactive", (key, svc)
         for wid, w in last["status"]["workers"].items():
