@@ -247,7 +247,7 @@ def test_concurrent_reapers_requeue_each_job_exactly_once(redis, redis_url):
         reaper = JobStore(client)
         barrier.wait()
         got = []
-        while batch := reaper.reap_expired_leases(limit=3):
+        while batch := reaper.reap_expired_leases(limit=3, confirm_s=0):  # at first sight
             got.extend(batch)
         results.append(got)
         client.close()

@@ -616,8 +616,11 @@ class _JobOps:
     def _active_jobs(self, worker_id: str) -> _Op:
         return list((yield _Call(None, ("hkeys", active_key(worker_id)))))
 
-    def _reap(self, limit: int) -> _Op:
-        return list((yield _Call("reap", (limit,))))
+    def _reap(self, limit: int, confirm_s: float | None = None) -> _Op:
+        if confirm_s is None:  # one renewal interval of our lease (worker.heartbeat_interval) and half of one
+            beat_s = min(20.0, max(0.2, self.lease_ms / 3000))
+            confirm_s = beat_s + max(0.5, beat_s / 2)
+        return list((yield _Call("reap", (limit, int(confirm_s * 1000)))))
 
     def _stuck(self) -> _Op:
         seconds, micros = yield _Call(None, ("time",))
@@ -748,9 +751,12 @@ class _Api(_JobOps):
     timeline = _public("_timeline", "The job hash, its progress hash and its event list.")
     is_cancelled = _public("_is_cancelled", "True when the API cancelled (failed) the job.")
 
-    def reap_expired_leases(self, limit: int = 100):
-        """Re-queue up to `limit` jobs whose lease expired (retry count kept); returns their ids."""
-        return self._drive(self._reap(limit))
+    def reap_expired_leases(self, limit: int = 100, confirm_s: float | None = None):
+        """Re-queue up to `limit` jobs whose lease expired (retry count kept); returns their ids. A lease is
+        reaped only once an earlier call saw it expired at least `confirm_s` ago and no heartbeat renewed it
+        since (reap.lua: a clock step must not take running jobs from live workers). Default: one renewal
+        interval of this store's lease and half of one (at least 0.5 s); 0 reaps at first sight."""
+        return self._drive(self._reap(limit, confirm_s))
 
 
 class JobStore(_Api):
