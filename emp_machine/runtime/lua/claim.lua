@@ -13,15 +13,18 @@
 -- Returns {job_id, 0, job JSON} (the JSON is the jobs:active entry: the job hash as it stands after the
 -- claim), or {'', unindexed[, wait_ms]} where unindexed is 1 when jobs:pending holds jobs our index lacks
 -- (by count: stale index entries can hide them, which the caller's slow sweep catches) and wait_ms, when
--- present, is how soon the first job passed over because this worker just failed it, or the first delayed
+-- present, is 1 when the claim stopped at HEADS_MAX or took a heads repair step (claim again at once), or
+-- how soon the first job passed over because this worker just failed it, or the first delayed
 -- retry (fail.lua's retry_at: it waits in jobs:idx:delayed, see lib.lua, and each claim first moves the
 -- due ones into their queues) becomes due, so a lone worker retries it then rather than at its next sweep.
 -- (The delayed retry may be of a type this worker does not serve: it then finds nothing, once.)
 --
--- Order: highest index score (priority, then oldest first). Each requirement class is matched once (see
--- match.lua) and only the heads of the matching class queues are read, so the cost does not grow with
--- queue depth. Only the best head's job hash is read; a head that cannot run is cleaned out or passed
--- over and that queue's next entry competes instead (a worker restricted to one workflow_id walks its
+-- Order: highest index score (priority, then oldest first). Classes are reached through
+-- jobs:idx:heads:{type}, best bound first, and only as far as one can still beat the best job found; each is
+-- matched once (see match.lua) and only the heads of the matching class queues are read, so the cost grows
+-- neither with queue depth nor with the number of classes (up to HEADS_MAX heads a claim, below). Only the
+-- best head's job hash is read; a head that cannot run is cleaned out or passed over and that queue's next
+-- entry competes instead (a worker restricted to one workflow_id walks its
 -- classes' queues past other workflows' jobs).
 
 local w = worker_of(ARGV[1])
@@ -41,15 +44,48 @@ end
 if ARGV[4] == '1' and unindexed() == 1 then return {'', 1} end
 
 -- One cursor per matching class queue: `buf` holds entries read (member, score, ...); `offset` is the rank
--- of the first entry not read yet.
+-- of the first entry not read yet. Cursors are added as the walk of jobs:idx:heads:{type} (lib.lua: class ->
+-- a bound of its queue's head score) reaches their class, best bound first; the walk stops at the first
+-- bound not above the best job found (no entry of a later class can beat it), so a claim's cost follows the
+-- classes it must look at, not all the classes of its types.
 local cursors = {}
+-- Heads examined per claim at most. A claim that reaches it without finding a job remembers where it
+-- stopped (w.resume, kept with the worker's memo under FCALL) and says to claim again in 1 ms; the next
+-- claim goes on from there, until the end of the heads (then the next claim starts at the best again).
+-- Under EVAL nothing is kept between calls: classes past the first HEADS_MAX that no earlier one beats
+-- wait until the classes before them drain.
+local HEADS_MAX = 2000
+local readers, seen, fixes = {}, {}, {}
+local examined, capped, dropped_any = 0, false, false
+local resume = w.resume
+w.resume = nil
+w.claims = (w.claims or 0) + 1
 for _, svc in ipairs(w.types) do
-  local ckey = 'jobs:idx:classes:' .. svc
-  for _, cls in ipairs(redis.call('HKEYS', ckey)) do
-    if meets(w, svc, cls, ckey) then
-      table.insert(cursors, {q = 'jobs:idx:queue:' .. svc .. ':' .. cls, svc = svc, cls = cls,
-        buf = {}, i = 1, offset = 0, size = 1})
-    end
+  heads_repair(svc, now)
+  table.insert(readers, {svc = svc, key = 'jobs:idx:heads:' .. svc, ckey = 'jobs:idx:classes:' .. svc,
+    buf = {}, i = 1, offset = resume and resume[svc] or 0, size = 16})
+end
+
+-- A reader's current head (class, bound), reading further in chunks; nil at the end.
+local function next_head(r)
+  if r.i > #r.buf then
+    if r.done then return nil end
+    local chunk = redis.call('ZREVRANGE', r.key, r.offset, r.offset + r.size - 1, 'WITHSCORES')
+    -- a short chunk is the end: no further read (heads move only under drop(), which rewinds)
+    r.done = #chunk / 2 < r.size
+    r.buf, r.i, r.offset, r.size = chunk, 1, r.offset + #chunk / 2, math.min(r.size * 4, 256)
+    if #chunk == 0 then return nil end
+  end
+  return r.buf[r.i], tonumber(r.buf[r.i + 1])
+end
+
+-- After an index entry was removed or added (drop): heads may have moved by a rank or two, so each reader
+-- reads again from two ranks before its next unread one (classes already seen are passed).
+local function rewind_heads()
+  dropped_any = true
+  for _, r in ipairs(readers) do
+    local unread = r.offset - (#r.buf - r.i + 1) / 2
+    r.buf, r.i, r.offset, r.done, r.size = {}, 1, math.max(0, unread - 2), false, 16
   end
 end
 
@@ -59,8 +95,12 @@ local function head(c)
   if c.i > #c.buf then
     local chunk = redis.call('ZREVRANGE', c.q, c.offset, c.offset + c.size - 1, 'WITHSCORES')
     if #chunk == 0 then
-      -- The claim below leaves an emptied class listed (saving a call per claim); drop it here.
-      if c.offset == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. c.svc, c.cls) end
+      -- The claim below leaves an emptied class listed (saving a call per claim); drop it here (and its
+      -- head, once the walk is over: fix_heads).
+      if c.offset == 0 then
+        redis.call('HDEL', 'jobs:idx:classes:' .. c.svc, c.cls)
+        table.insert(fixes, c)
+      end
       c.done = true
       return nil
     end
@@ -77,6 +117,7 @@ end
 -- whole server).
 local function drop(c, member, id, remove)
   local q, indexed = remove(id)
+  rewind_heads()
   if q == c.q and indexed ~= member then
     redis.call('ZREM', c.q, member)
     local next_rank = c.offset - (#c.buf - c.i + 1) / 2
@@ -103,6 +144,73 @@ local function reindex(id)
   return q, indexed
 end
 
+-- The best cursor's current entry: cursor, score, member (nil when every cursor is at its end).
+local function best_cursor()
+  local b, bs, bm
+  for _, c in ipairs(cursors) do
+    if not c.done then
+      local m, score = head(c)
+      if m and (not bs or score > bs) then b, bs, bm = c, score, m end
+    end
+  end
+  return b, bs, bm
+end
+
+-- Add cursors for the classes whose bound is above `best_score` (all while it is nil), best first, as far
+-- as HEADS_MAX allows. A class whose queue's head is not its bound gets it corrected (fix_heads).
+local function add_classes(best_score)
+  while true do
+    local top_r, top_cls, top_s
+    for _, r in ipairs(readers) do
+      local cls, score = next_head(r)
+      if cls and (not top_s or score > top_s) then top_r, top_cls, top_s = r, cls, score end
+    end
+    if not top_r or (best_score and top_s <= best_score) then return end
+    if examined >= HEADS_MAX then
+      capped = true
+      return
+    end
+    top_r.i = top_r.i + 2
+    local key = top_r.svc .. '\n' .. top_cls
+    if not seen[key] then
+      seen[key] = true
+      examined = examined + 1
+      if meets(w, top_r.svc, top_cls, top_r.ckey) then
+        local c = {q = 'jobs:idx:queue:' .. top_r.svc .. ':' .. top_cls, svc = top_r.svc, cls = top_cls,
+          buf = {}, i = 1, offset = 0, size = 1}
+        local m, score = head(c)  -- an empty queue is listed in fixes by head()
+        if m then
+          table.insert(cursors, c)
+          if score ~= top_s then
+            c.real = score
+            table.insert(fixes, c)
+          end
+          if not best_score or score > best_score then best_score = score end
+        end
+      end
+    end
+  end
+end
+
+-- Write the bounds found wrong (after the walk: writes during it would move the readers' ranks). After a
+-- drop, this claim may have queued jobs itself (reindex), so each queue's head is read again then.
+local function fix_heads()
+  for _, c in ipairs(fixes) do
+    local hkey = 'jobs:idx:heads:' .. c.svc
+    local real = c.real
+    if dropped_any or not real then
+      local top = redis.call('ZREVRANGE', c.q, 0, 0, 'WITHSCORES')
+      real = top[2]
+    end
+    if real then
+      redis.call('ZADD', hkey, real, c.cls)
+    else
+      redis.call('ZREM', hkey, c.cls)
+      redis.call('HDEL', 'jobs:idx:classes:' .. c.svc, c.cls)
+    end
+  end
+end
+
 -- Take the best head until one can run: a job whose hash is missing, or that is no longer pending, is
 -- removed from the queue (never run from it); one whose hash says another type or requirement class than
 -- the queue's is indexed again where its hash says (never run from the stale entry; a later claim may take
@@ -112,14 +220,23 @@ end
 local id, member, job, best, soonest
 while true do
   local best_score
-  best = nil
-  for _, c in ipairs(cursors) do
-    if not c.done then
-      local m, score = head(c)
-      if m and (not best_score or score > best_score) then best, best_score, member = c, score, m end
-    end
-  end
+  best, best_score, member = best_cursor()
+  local known = #cursors
+  add_classes(best_score)
+  if #cursors > known then best, best_score, member = best_cursor() end
   if not best then
+    fix_heads()
+    if capped then
+      -- more heads than one claim looks at: the next claim goes on where this one stopped
+      w.resume = {}
+      for _, r in ipairs(readers) do w.resume[r.svc] = r.offset - (#r.buf - r.i + 1) / 2 end
+      if w.claims > 1 and (not soonest or soonest > 1) then soonest = 1 end
+    end
+    -- classes an older version indexed without a head: looked for now rather than in up to a second, and
+    -- when a repair step ran, claim again at once
+    for _, r in ipairs(readers) do
+      if heads_repair(r.svc, now, true) and (not soonest or soonest > 1) then soonest = 1 end
+    end
     -- a delayed retry (lib.lua's index_delay) this worker may be able to run: say when it is due too
     local left = delayed_in(now)
     if left and (not soonest or left < soonest) then soonest = left end
@@ -169,6 +286,7 @@ while true do
   end
 end
 
+fix_heads()
 local jkey = 'job:' .. id
 local at = iso(now)
 job.worker_id, job.assigned_at = wid, at

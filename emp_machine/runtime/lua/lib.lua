@@ -6,7 +6,9 @@
 -- KEYS[3] = jobs:leases         (our ZSET job id -> lease expiry, epoch ms)
 -- Dynamic keys (single-node Redis only, like the EMP API's own claim): job:{id}, job:{id}:events,
 -- jobs:active:{wid}, worker:{wid}, jobs:idx:classes:{service} (HASH class -> [requirements, customer]),
--- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter).
+-- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter),
+-- jobs:idx:heads:{service} (ZSET class -> bound of its queue's head score, see heads_repair),
+-- jobs:idx:heads_scan (HASH: cursors of heads_repair).
 
 local EVENTS_TTL_S = 7 * 86400
 -- Our ZSET worker id -> when its heartbeat key lapses (Redis clock ms), written with the key: the reaper
@@ -244,6 +246,68 @@ local function index_add(id, f)
   redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
   redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(score), tag .. '|' .. id)
   redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls .. '\n' .. tag)
+  -- The class's head score only ever rises here (see HEADS): an upper bound of its queue's head stays one.
+  local hkey = 'jobs:idx:heads:' .. svc
+  local h = redis.call('ZSCORE', hkey, cls)
+  if not h or tonumber(h) < tonumber(fmt(score)) then redis.call('ZADD', hkey, fmt(score), cls) end
+end
+
+-- jobs:idx:heads:{service}: ZSET class -> an upper bound of the score of its queue's head (its best entry),
+-- so a claim reads the classes best first and stops at the first whose bound is below the best job found,
+-- instead of matching every class of the type. index_add raises the bound (never lowers it); removals leave
+-- it where it is (still a bound); a claim that reads a queue whose head is lower writes the real score (or
+-- drops the class when the queue is empty), and index_remove drops it with the emptied class. A class
+-- listed in jobs:idx:classes but not here (indexed by an older version, or an index from before heads
+-- existed) is found by comparing the two counts, at most once a second per type under FCALL (every call
+-- under EVAL, and every claim while a repair is under way), and listed by bounded repair steps.
+local HEADS_REPAIR_STEP = 500
+local heads_check_at = {}  -- job type -> Redis clock ms of its next count check (kept under FCALL)
+
+-- Returns true when a repair step changed something or left more to do (a claim that found nothing then
+-- says to claim again at once; a pass that changes nothing ends that). `force`: check even when not due (a
+-- claim that found nothing: its worker would otherwise wait for the next wake-up).
+local function heads_repair(svc, now, force)
+  local due = heads_check_at[svc]
+  if due and due > now and not force then return false end
+  if force and due == now + 1000 then return false end  -- checked by this very claim
+  local ckey, hkey = 'jobs:idx:classes:' .. svc, 'jobs:idx:heads:' .. svc
+  local nclasses, nheads = redis.call('HLEN', ckey), redis.call('ZCARD', hkey)
+  heads_check_at[svc] = now + 1000
+  if nclasses == nheads then return false end
+  local field = svc .. (nclasses > nheads and '\nclasses' or '\nheads')
+  local cursor = redis.call('HGET', 'jobs:idx:heads_scan', field) or '0'
+  local r, changed = nil, false
+  if nclasses > nheads then
+    -- classes missing from heads: listed with their queue's real head (an empty queue's class is dropped)
+    r = redis.call('HSCAN', ckey, cursor, 'COUNT', HEADS_REPAIR_STEP)
+    for i = 1, #r[2], 2 do
+      local cls = r[2][i]
+      if nheads == 0 or not redis.call('ZSCORE', hkey, cls) then
+        local top = redis.call('ZREVRANGE', 'jobs:idx:queue:' .. svc .. ':' .. cls, 0, 0, 'WITHSCORES')
+        if top[2] then redis.call('ZADD', hkey, top[2], cls) else redis.call('HDEL', ckey, cls) end
+        changed = true
+      end
+    end
+  else
+    -- heads of classes gone (an older version's index_remove): dropped when their queue is empty
+    r = redis.call('ZSCAN', hkey, cursor, 'COUNT', HEADS_REPAIR_STEP)
+    for i = 1, #r[2], 2 do
+      local cls = r[2][i]
+      if redis.call('HEXISTS', ckey, cls) == 0
+          and redis.call('EXISTS', 'jobs:idx:queue:' .. svc .. ':' .. cls) == 0 then
+        redis.call('ZREM', hkey, cls)
+        changed = true
+      end
+    end
+  end
+  if r[1] == '0' then
+    redis.call('HDEL', 'jobs:idx:heads_scan', field)  -- a whole pass done: checked again in a second
+  else
+    redis.call('HSET', 'jobs:idx:heads_scan', field, r[1])
+    heads_check_at[svc] = nil  -- the next claim takes the next step
+    changed = true
+  end
+  return changed
 end
 
 -- Remove a job's index entry (the one jobs:idx:of points to). Returns its queue and member, nil when the
@@ -259,7 +323,10 @@ function index_remove(id)
   local svc, cls, member = index_location(id, loc)
   local q = 'jobs:idx:queue:' .. svc .. ':' .. cls
   redis.call('ZREM', q, member)
-  if redis.call('EXISTS', q) == 0 then redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls) end
+  if redis.call('EXISTS', q) == 0 then
+    redis.call('HDEL', 'jobs:idx:classes:' .. svc, cls)
+    redis.call('ZREM', 'jobs:idx:heads:' .. svc, cls)
+  end
   return q, member
 end
 
@@ -314,7 +381,12 @@ local function in_class(svc, cls, raw, customer_id)
     if ok and type(d) == 'table' and type(d[1]) == 'string' and type(d[2]) == 'string' then
       local _, _, probe = class_of(d[1], '?')  -- class_of keeps the customer only for isolating requirements
       e = {raw = d[1], cust = d[2], iso = probe == '?'}
-      if class_texts_size >= CLASS_TEXTS_MAX then class_texts, class_texts_size = {}, 0 end
+      if class_texts_size >= CLASS_TEXTS_MAX then  -- about half evicted, never all at once
+        for k in pairs(class_texts) do
+          if class_texts_size <= CLASS_TEXTS_MAX / 2 then break end
+          class_texts[k], class_texts_size = nil, class_texts_size - 1
+        end
+      end
       class_texts[cls], class_texts_size = e, class_texts_size + 1
     end
   end
@@ -392,16 +464,42 @@ end
 -- A timeline write never fails its script (redis.pcall): the key can hold something else (job `a:events`'s
 -- hash is job `a`'s timeline key), and a script that raised after its first writes left a claim half done
 -- (the job assigned, never handed to the worker, and the same on every later claim of it).
+-- Bounded: past EVENTS_MAX + EVENTS_SLACK events (a job retried thousands of times), the list keeps its first
+-- event, one `events_dropped` marker ({t, ev, dropped = how many in all, the marker's earlier count
+-- included}) and the last EVENTS_MAX; trimmed once per EVENTS_SLACK events, a few calls each time.
+local EVENTS_MAX, EVENTS_SLACK = 500, 100
+
+local function trim_events(key, n)
+  if n <= EVENTS_MAX + EVENTS_SLACK + 2 then return end
+  local first, second = redis.call('LINDEX', key, 0), redis.call('LINDEX', key, 1)
+  local before, from = 0, 1  -- events dropped earlier (the marker's count); first event after the marker
+  local ok, m = pcall(cjson.decode, second or '')
+  if ok and type(m) == 'table' and m.ev == 'events_dropped' then
+    before, from = tonumber(m.dropped) or 0, 2
+  end
+  local keep_from = n - EVENTS_MAX  -- index of the first of the last EVENTS_MAX
+  local ok2, kept = pcall(cjson.decode, redis.call('LINDEX', key, keep_from) or '')
+  local t = ok2 and type(kept) == 'table' and kept.t or nil
+  local marker = cjson.encode({t = t, ev = 'events_dropped', dropped = before + keep_from - from})
+  redis.call('LTRIM', key, keep_from, -1)
+  redis.call('LPUSH', key, marker, first)
+end
+
 function add_event(id, ev, final)
   local key = 'job:' .. id .. ':events'
   local n = redis.pcall('RPUSH', key, cjson.encode(ev))
-  if type(n) == 'number' and (n == 1 or final) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+  if type(n) == 'number' then
+    if n == 1 or final then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+    trim_events(key, n)
+  end
 end
 
 -- Several events already encoded, in one call.
 local function add_events(id, ...)
   local key = 'job:' .. id .. ':events'
-  if redis.pcall('RPUSH', key, ...) == select('#', ...) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+  local n = redis.pcall('RPUSH', key, ...)
+  if n == select('#', ...) then redis.call('EXPIRE', key, EVENTS_TTL_S) end
+  if type(n) == 'number' then trim_events(key, n) end
 end
 
 local function publish(channel, msg)

@@ -153,10 +153,41 @@ end
 -- Decoded capabilities and class answers per capabilities JSON. The table lives as long as the Lua chunk:
 -- one call under EVAL (so it only saves work within that call), the library's lifetime under FCALL, where
 -- a worker's claims then skip decoding its capabilities and re-matching known classes. Answers depend
--- only on the capabilities and the class (whose id hashes its requirements), so they never go stale;
--- the memo (or one worker's answers) is emptied when it grows past its bound.
-local MEMO_MAX, ANSWERS_MAX = 1024, 4096
-local memo, memo_size = {}, 0
+-- only on the capabilities and the class (whose id hashes its requirements), so they never go stale.
+-- Bounds for the whole library: MEMO_MAX capability sets and ANSWERS_MAX answers over all of them (each
+-- distinct worker id is its own set). Past either, about half is evicted (entries in table order, an
+-- arbitrary one), never all at once: a claim never has to re-match every class at once. The cost is
+-- amortised: one pass over the evicted half per half a budget of inserts.
+local MEMO_MAX, ANSWERS_MAX = 1024, 65536
+local memo, memo_size, answers_total = {}, 0, 0
+
+-- Evict about half of the answers (whole answer tables of sets first met, then single answers).
+local function evict_answers()
+  local goal = answers_total - math.floor(ANSWERS_MAX / 2)
+  for _, w in pairs(memo) do
+    if goal <= 0 then break end
+    if w.answered <= goal then
+      goal, answers_total = goal - w.answered, answers_total - w.answered
+      w.answers, w.answered = {}, 0
+    else
+      for k in pairs(w.answers) do
+        if goal <= 0 then break end
+        w.answers[k] = nil
+        goal, answers_total, w.answered = goal - 1, answers_total - 1, w.answered - 1
+      end
+    end
+  end
+end
+
+-- Evict about half of the capability sets (with their answers).
+local function evict_sets()
+  local goal = memo_size - math.floor(MEMO_MAX / 2)
+  for k, w in pairs(memo) do
+    if goal <= 0 then break end
+    memo[k] = nil
+    memo_size, answers_total, goal = memo_size - 1, answers_total - w.answered, goal - 1
+  end
+end
 
 -- {caps = decoded capabilities, types = job types (job_service_required_map, else services), wf = the
 -- workflow_id restriction or nil, machine = machine id or '', answers = class key -> bool}.
@@ -183,7 +214,7 @@ local function worker_of(caps_json)
   local machine = caps.machine_id
   if type(machine) ~= 'string' then machine = '' end
   w = {caps = caps, types = types, wf = wf, machine = machine, answers = {}, answered = 0}
-  if memo_size >= MEMO_MAX then memo, memo_size = {}, 0 end
+  if memo_size >= MEMO_MAX then evict_sets() end
   memo[caps_json], memo_size = w, memo_size + 1
   return w
 end
@@ -196,8 +227,8 @@ local function meets(w, svc, cls, ckey)
   if answer == nil then
     local d = cjson.decode(redis.call('HGET', ckey, cls) or '["",""]')
     answer = class_matches(w.caps, d[1], d[2], svc)
-    if w.answered >= ANSWERS_MAX then w.answers, w.answered = {}, 0 end
-    w.answers[key], w.answered = answer, w.answered + 1
+    if answers_total >= ANSWERS_MAX then evict_answers() end
+    w.answers[key], w.answered, answers_total = answer, w.answered + 1, answers_total + 1
   end
   return answer
 end
