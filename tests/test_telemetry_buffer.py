@@ -106,7 +106,7 @@ def test_full_buffer_drops_least_valuable_first_and_counts_it(tmp_path):
 
 def test_retention_expires_old_chunks_as_counted_drops(tmp_path):
     now = [1000.0]
-    buffer = Buffer(tmp_path / "b.db", retention=60, clock=lambda: now[0])
+    buffer = Buffer(tmp_path / "b.db", retention=60, clock=lambda: now[0], monotonic=lambda: now[0])
     try:
         for i in range(5):
             buffer.append(Kind.LOG, Value.ERROR, _log(i))
@@ -855,7 +855,8 @@ def test_a_chunk_dropped_while_in_flight_counts_what_no_ack_delivered_and_report
 def test_a_chunk_expired_while_in_flight_then_dead_lettered_is_a_dead_letter_not_a_drop(tmp_path):
     now = [1000.0]
     drops: list[tuple[str, int]] = []
-    buffer = Buffer(tmp_path / "b.db", retention=60, clock=lambda: now[0], on_drop=lambda r, n: drops.append((r, n)))
+    buffer = Buffer(tmp_path / "b.db", retention=60, clock=lambda: now[0], monotonic=lambda: now[0],
+                    on_drop=lambda r, n: drops.append((r, n)))
     try:
         for i in range(5):
             buffer.append(Kind.SPAN, Value.ERROR, (i,))

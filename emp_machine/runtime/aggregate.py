@@ -70,10 +70,12 @@ class Aggregator:
     version: str
     health_url: str
     required: set[str] = field(default_factory=set)  # service processes whose health decides the machine's
-    clock: Any = time.time
+    clock: Any = time.time  # wall time: the documents' timestamps only
+    monotonic: Any = time.monotonic  # uptime: immune to wall-clock steps (an NTP correction, a manual set)
 
     def __post_init__(self) -> None:
         self.started_at = self.clock()
+        self._started_mono = self.monotonic()
         self.phase = "starting"
         self.supervisord_up = False
         self.supervisor_silent = ""  # why supervisord, though running, does not answer (its table is stale)
@@ -105,6 +107,11 @@ class Aggregator:
         self.gauges = None  # (workers_active, workers_total) telemetry gauges, set by the machine
         self._page: tuple[int, bytes] = (-1, b"")
         self.commit()
+
+    def uptime(self) -> float:
+        """Seconds since the machine process started, by the monotonic clock: a wall-clock step (an NTP
+        correction) moves the documents' timestamps, never the uptime (it read -3564 s after a 1 h step back)."""
+        return max(0.0, self.monotonic() - self._started_mono)
 
     # -- inputs (the decider calls these) ----------------------------------------------------------------
     def set_phase(self, phase: str, supervisord_up: bool) -> None:
@@ -275,7 +282,7 @@ class Aggregator:
                 reasons.append(f"{w.worker_id}: {reason}")
         doc = {
             "healthy": not reasons, "phase": self.phase, "machine_id": self.plan.machine_id,
-            "timestamp": _iso(now), "uptime_s": round(now - self.started_at, 1), "reasons": reasons,
+            "timestamp": _iso(now), "uptime_s": round(self.uptime(), 1), "reasons": reasons,
             "components": {"supervisor": supervisor, "redis": redis}, "services": services, "workers": workers,
             "hardware": self._hardware_doc(),
         }
@@ -331,7 +338,7 @@ class Aggregator:
             "health_url": self.health_url,
             "structure": {"gpu_count": gpu_count, "capabilities": capabilities, "workers": s_workers,
                           "services": s_services},
-            "status": {"machine": {"phase": self.phase, "uptime_ms": int((now - self.started_at) * 1000)},
+            "status": {"machine": {"phase": self.phase, "uptime_ms": int(self.uptime() * 1000)},
                        "workers": st_workers, "services": st_services},
         }
 

@@ -45,7 +45,9 @@ held ones, were the commit killed), and are copied into the stage file, in order
 
 Limits (the manifest's `telemetry.buffer`): when the compressed size passes `max_size`, whole chunks are
 dropped, least valuable class first and oldest first within a class (see `Value`); error records go only when
-nothing else is left. Chunks older than `retention` are dropped as `expired`. Every dropped record is counted
+nothing else is left; a record that alone is over `max_size` is dropped on its own first (`oversize`, see `_rows`).
+Chunks older than `retention` are dropped as `expired`, by ages no wall-clock step changes (`Buffer._now`: a step
+moves the stored chunks' times with it). Every dropped record is counted
 by reason in `stats().dropped` and reported through `on_drop`, never silently: the chunks deleted and their
 count are one transaction. A chunk dropped while the shipper is sending it (handed out by `read()`, until
 the next read of its kind) frees its space at once, but its records are held as pending drops (saved in the
@@ -184,6 +186,14 @@ _marshal = marshal.dumps
 _fallocate = getattr(os, "posix_fallocate", None)
 _pack_frame = _FRAME.pack
 _pack_line = _LINE_HEAD.pack
+# Records' ages (`retention`) by a clock no wall-clock step moves: CLOCK_BOOTTIME where there is one (it counts a
+# suspend too, as the wall clock does: a record does age while the host sleeps), else time.monotonic.
+_CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+_elapsed = (lambda: time.clock_gettime(_CLOCK_BOOTTIME)) if _CLOCK_BOOTTIME is not None else time.monotonic
+# A wall clock that moved this much more (or less) than the elapsed clock since the last reading was stepped
+# (an NTP correction, a clock set by hand): the stored chunks' times are moved with it (`Buffer._now`). Under
+# it: the jitter of two readings (a thread preempted between them), never corrected.
+_STEP_MIN = 2.0
 
 
 def _read_frames(path: Path) -> tuple[dict[tuple[int, int], list], dict[str, str]]:
@@ -329,15 +339,39 @@ def _take(item: tuple, groups: dict[tuple[int, int], list], states: dict[str, st
     return len(item[1])
 
 
-def _rows(groups: dict[tuple[int, int], list], created: float) -> list[tuple]:
-    """Chunk rows for the chunks table: each group in chunks of at most one export batch, compressed."""
-    rows = []
+def _rows(groups: dict[tuple[int, int], list], created: float, max_size: int = 0) -> tuple[list[tuple], int]:
+    """Chunk rows for the chunks table: each group in chunks of at most one export batch, compressed; and the
+    number of records dropped as `oversize`. A chunk over `max_size` (the whole buffer's size) is split in
+    halves until each fits, and a record that alone does not is dropped: stored, it would only have made the size
+    cap drop every other record, error ones included, and then itself (600 error records went for one 3 MB log
+    record over a 1 MB buffer)."""
+    rows: list[tuple] = []
+    oversize = 0
     for (kind, value), records in groups.items():
         for start in range(0, len(records), 1000):
             part = records[start:start + 1000]
             data = _encode_chunk(part)
-            rows.append((kind, value, created, len(part), len(data), data))
-    return rows
+            if max_size and len(data) > max_size:
+                oversize += _split_rows(kind, value, created, part, max_size, rows)
+            else:
+                rows.append((kind, value, created, len(part), len(data), data))
+    return rows, oversize
+
+
+def _split_rows(kind: int, value: int, created: float, part: list, max_size: int, rows: list[tuple]) -> int:
+    """Rows for `part`, whose chunk is over `max_size`, in order: its halves, each split again while over it;
+    a single record over it is dropped. Returns the records dropped. (The rare path: only a chunk that big.)"""
+    if len(part) == 1:
+        return 1
+    dropped = 0
+    middle = len(part) // 2
+    for half in (part[:middle], part[middle:]):
+        data = _encode_chunk(half)
+        if len(data) > max_size:
+            dropped += _split_rows(kind, value, created, half, max_size, rows)
+        else:
+            rows.append((kind, value, created, len(half), len(data), data))
+    return dropped
 
 
 def _dumps(obj: object) -> bytes:
@@ -462,7 +496,7 @@ class Buffer:
                  retention: float = 3600.0, flush_interval: float = 0.09, commit_interval: float = 2.0,
                  idle_check: float = 30.0, retry_limit: int = 20_000,
                  on_drop: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.time,
-                 resource: dict[str, object] | None = None):
+                 resource: dict[str, object] | None = None, monotonic: Callable[[], float] = _elapsed):
         self.path = Path(path)
         # The OTel resource attributes of the process writing the records (its owner), recorded in the file at
         # each open (`_register_resource`); None for a reader that adds no records (an adopted orphan buffer).
@@ -478,7 +512,11 @@ class Buffer:
         self.idle_check = idle_check
         self.on_drop = on_drop
         self.on_commit: Callable[[int], None] | None = None  # called by the writer with the records stored
-        self._clock = clock
+        self._clock = clock  # wall time: chunks' `created`, dead letters' times
+        self._elapsed = monotonic  # steps of `clock` are measured against it (`_now`); the retention pass's rhythm
+        # (wall, elapsed) when the stored chunks' `created` last agreed with the wall clock (None: not read yet).
+        self._clock_ref: tuple[float, float] | None = None
+        self.clock_steps = 0  # wall-clock steps seen (and corrected for) by this buffer
         # Records a failing commit may keep (in memory and stage files) before the least valuable are dropped.
         self.retry_limit = retry_limit
         self._lock_file = None  # the advisory lock's file, once taken (`_open_file`)
@@ -755,12 +793,14 @@ class Buffer:
             return markers
         rows: list[tuple] = []
         saved: dict[str, int] = {}
+        oversize = 0
         try:
             if self._db is None:
                 self._open_file()
             if groups or states or self._retry_files or self._unsaved:
-                rows = _rows(groups, self._clock())
-                saved = self._store(rows, states, self._stage_seq - 1)
+                # (a record over the whole buffer's size is left out, and counted with this commit: once)
+                rows, oversize = _rows(groups, self._now(), self.max_size)
+                saved = self._store(rows, states, self._stage_seq - 1, {"oversize": oversize} if oversize else None)
         except (sqlite3.Error, OSError, BufferInUse) as exc:  # disk full, an I/O error: kept, tried again
             self._commit_failed(exc, bool(held))
             for marker in markers:
@@ -782,6 +822,12 @@ class Buffer:
             self._restage()
         for reason, dropped in saved.items():  # counted while nothing could be written: reported now
             self._notify_drop(reason, dropped)
+        if oversize:
+            count -= oversize
+            self._dropped["oversize"] = self._dropped.get("oversize", 0) + oversize
+            _report(f"telemetry buffer: {oversize} record(s) larger than the whole buffer (telemetry.buffer.max_size, "
+                    f"{self.max_size} bytes compressed) dropped (counted as dropped, reason oversize)")
+            self._notify_drop("oversize", oversize)
         nbytes = sum(row[4] for row in rows)
         self._written += count
         if self.on_commit is not None:
@@ -854,17 +900,22 @@ class Buffer:
         with self._db_lock:
             self._unsaved["write_error"] = self._unsaved.get("write_error", 0) + shed
 
-    def _store(self, rows: list[tuple], states: dict[str, str], seq: int) -> dict[str, int]:
+    def _store(self, rows: list[tuple], states: dict[str, str], seq: int,
+               extra: dict[str, int] | None = None) -> dict[str, int]:
         """`_insert`, with the drop counts not saved yet (`_unsaved`): returns those it saved. On a full disk
         (SQLITE_FULL) room is made (`_free_space`) and the insert tried again, up to three times, each making
         room for twice as much; when that did not help (the disk is too full for SQLite's journal, say), not
-        again until a commit works: it would only drop more."""
+        again until a commit works: it would only drop more. `extra`: drop counts of this commit's own (saved
+        in its transaction, not returned)."""
         rounds = 0
         while True:
             with self._db_lock:
                 unsaved = dict(self._unsaved)
+            drops = dict(unsaved)
+            for reason, count in (extra or {}).items():
+                drops[reason] = drops.get(reason, 0) + count
             try:
-                self._insert(rows, states, seq, unsaved)
+                self._insert(rows, states, seq, drops)
                 break
             except sqlite3.OperationalError as exc:
                 if getattr(exc, "sqlite_errorname", "") != "SQLITE_FULL" or self._freeing_futile or rounds == 3 \
@@ -1211,8 +1262,11 @@ class Buffer:
                 try:
                     groups, states, lost, notes = _scan_frames(path.read_bytes())
                     read = (sum(len(records) for records in groups.values()), lost)
+                    oversize = 0
                     if groups or states or lost:
-                        self._insert(_rows(groups, self._clock()), states, seq, {"corrupt": lost} if lost else None)
+                        rows, oversize = _rows(groups, self._now(), self.max_size)
+                        drops = {reason: n for reason, n in (("corrupt", lost), ("oversize", oversize)) if n}
+                        self._insert(rows, states, seq, drops or None)
                 except sqlite3.OperationalError:  # SQLite cannot write now (disk full, I/O): nothing against the file,
                     raise  # which stays as it is; the open fails and is tried again (`_open_file`)
                 except Exception as exc:  # an unreadable file must not stop telemetry from starting
@@ -1225,6 +1279,8 @@ class Buffer:
                     self._keep_bad(path)
                     continue
                 committed = seq
+                if oversize:
+                    self._startup_drops.append(("oversize", oversize, True))
                 if lost:
                     self._startup_drops.append(("corrupt", lost, True))
                     # A torn end is what a cut-short file leaves; damage before the end is kept for inspection.
@@ -1287,9 +1343,10 @@ class Buffer:
     def _enforce_limits(self) -> None:
         if self._db is None:  # not open yet (a start on a full disk)
             return
-        now = self._clock()
-        if now - self._last_retention >= 1.0:
-            self._last_retention = now
+        elapsed = self._elapsed()
+        if elapsed - self._last_retention >= 1.0 or not self._last_retention:
+            self._last_retention = elapsed
+            now = self._now()  # after a wall-clock step, the chunks' times are moved with it first
             report = 0
             with self._db_lock:
                 expired = self._db.execute(
@@ -1297,6 +1354,14 @@ class Buffer:
                 if expired:
                     report = self._drop_chunks("expired", expired)
             self._notify_drop("expired", report)
+        if self._stored_bytes > self.max_size:
+            # A chunk larger than the whole buffer alone (stored before the cap was lowered, say) goes first, on
+            # its own (`oversize`): choosing victims for it dropped every other chunk, error ones too, then it.
+            with self._db_lock:
+                big = self._db.execute(
+                    "SELECT id, count, sent, nbytes FROM chunks WHERE nbytes > ?", (self.max_size,)).fetchall()
+                report = self._drop_chunks("oversize", big) if big else 0
+            self._notify_drop("oversize", report)
         while self._stored_bytes > self.max_size:
             with self._db_lock:
                 # Least valuable class first, oldest first within it (ERROR only when nothing else remains).
@@ -1318,6 +1383,36 @@ class Buffer:
             with self._db_lock:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._db.execute("PRAGMA incremental_vacuum")
+
+    def _now(self) -> float:
+        """The wall time, to stamp chunks with (`created`) and to expire them by, once the stored chunks' times
+        agree with it: a wall clock that moved, since the last reading, more or less than the elapsed clock did
+        (by `_STEP_MIN` or more) was stepped, and every stored chunk's `created` is moved by the step, in one
+        transaction, before anything is stamped or expired by the new time. So a record's age is the time it
+        really spent here: a step forward of an hour (a host booted with its clock unset, then corrected by NTP)
+        no longer expires every record not shipped yet, nor does a step back keep them an hour too long; and
+        `created` stays true wall time for readers (`emp-machine telemetry`'s ages, an adopter). Only the writer
+        thread (and the open, before it starts) calls this: it alone stamps chunks, so none stamped after a step
+        is moved by it. A step while no process holds the file is not seen: the records stored before it have
+        only their wall time, and age by the wall clock (a step forward of `retention` or more expires them at
+        the next start; a step back keeps them longer)."""
+        wall, elapsed = self._clock(), self._elapsed()
+        ref = self._clock_ref
+        if ref is None:
+            self._clock_ref = (wall, elapsed)
+            return wall
+        step = (wall - ref[0]) - (elapsed - ref[1])
+        if abs(step) < _STEP_MIN:
+            return wall  # the reference stays: no drift accumulates unseen
+        if self._db is None:  # not open (a full disk): its chunks are moved once it is
+            return wall
+        with self._db_lock, self._transaction():  # an error: raised, the reference kept, moved at the next try
+            moved = self._db.execute("UPDATE chunks SET created = created + ?", (step,)).rowcount
+        self._clock_ref = (wall, elapsed)
+        self.clock_steps += 1
+        _report(f"telemetry buffer {self.path.name}: the wall clock was stepped by {step:+.1f} s; the times of the "
+                f"{moved} stored chunk(s) were moved with it, so their records keep their real age")
+        return wall
 
     def _drop_chunks(self, reason: str, rows: list[tuple[int, int, int, int]]) -> int:
         """Delete dropped chunks, rows (id, count, sent, nbytes), and add their unsent records to the `reason`

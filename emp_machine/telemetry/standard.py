@@ -10,9 +10,12 @@ from opentelemetry.metrics import Observation
 
 from emp_machine.telemetry.metrics import Meter
 
+_monotonic = time.monotonic  # the uptime's clock (a module attribute: a test steps it)
+
 
 class StandardMetrics:
-    """Instruments every process has; `system=True` adds the machine_* gauges (the machine process only)."""
+    """Instruments every process has; `system=True` adds the machine_* gauges (the machine process only).
+    `started_at`: when the machine started, a time.monotonic() reading (default: now)."""
 
     def __init__(self, meter: Meter, *, system: bool = False, started_at: float | None = None):
         m = meter
@@ -26,7 +29,7 @@ class StandardMetrics:
         self.worker_errors_total = m.create_counter("worker_errors_total", "1", "worker errors, by worker and kind")
         self._finished: dict[tuple, tuple] = {}
         if system:
-            self._system(m, started_at or time.time())
+            self._system(m, _monotonic() if started_at is None else started_at)
 
     def job_finished(self, job_type: str, status: str, duration_s: float | None, worker_id: str | None = None) -> None:
         # The bound cells per (type, status, worker): every job of a worker uses the same few, and a bound
@@ -50,7 +53,10 @@ class StandardMetrics:
         import psutil
 
         cpu = CpuShare()
-        m.create_observable_gauge("machine_uptime_seconds", [lambda _: [Observation(time.time() - started_at)]], "s")
+        # By the monotonic clock (`started_at` is a time.monotonic() reading): a wall-clock step (an NTP
+        # correction) must not make the uptime jump, nor go negative.
+        m.create_observable_gauge("machine_uptime_seconds",
+                                  [lambda _: [Observation(max(0.0, _monotonic() - started_at))]], "s")
         m.create_observable_gauge("machine_cpu_usage_percent", [lambda _: [Observation(cpu.read())]], "%")
         m.create_observable_gauge("machine_memory_usage_bytes",
                                   [lambda _: [Observation(psutil.virtual_memory().used)]], "By")

@@ -42,6 +42,7 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
+_monotonic_ns = time.monotonic_ns
 _perf_ns = time.perf_counter_ns
 _new = object.__new__
 
@@ -60,6 +61,30 @@ _MAX_JOB_LOGS = 10_000
 # Serialises whoever takes what a job holds (its decision, a thread that added to it while it was decided, a
 # log overflow), so that no two take the same item; adding takes no lock (list.append is atomic).
 _TAKE_LOCK = threading.Lock()
+# Span times: a live span's start, end and event times are time.monotonic_ns() readings, turned into wall time
+# (Unix ns) only when the span is written (`LightSpan.record`), by adding this process's anchor, wall minus
+# monotonic, as the OTel Java/JS SDKs anchor theirs: a wall-clock step (an NTP correction, a clock set by
+# hand) in the middle of a job can no longer give a span a negative duration (-3,589,933 ms was seen), nor
+# make the slow-job rule read one. The anchor is taken again once a sampler window (`_reanchor`, ~1 s), so the
+# written times follow a corrected wall clock within a second; a span's start and end are always written with
+# the same anchor, so its duration is exact. Explicit `start_time`/`end_time`/`timestamp` arguments (wall ns, by
+# the API) are turned into this clock with the current anchor.
+_wall_anchor_ns = _time_ns() - _monotonic_ns()
+_REANCHOR_NS = 1_000_000  # a drift of the anchor under 1 ms is jitter between the two readings: kept
+
+
+def _reanchor() -> None:
+    """Take the anchor again (off the hot path: once a sampler window), when the wall clock moved against
+    the monotonic clock (a step) by more than _REANCHOR_NS."""
+    global _wall_anchor_ns
+    anchor = _time_ns() - _monotonic_ns()
+    if abs(anchor - _wall_anchor_ns) > _REANCHOR_NS:
+        _wall_anchor_ns = anchor
+
+
+def _to_monotonic(wall_ns: int) -> int:
+    """An explicit wall time (Unix ns, as the API's start_time/end_time/timestamp) on the spans' clock."""
+    return wall_ns - _wall_anchor_ns
 _take_lock, _take_unlock = _TAKE_LOCK.acquire, _TAKE_LOCK.release  # (cheaper than a with block)
 
 
@@ -158,7 +183,7 @@ class LightSpan(otel_trace.Span):
         self._context: SpanContext | None = None
         self.name = name
         self._kind = kind
-        self._start = start or _time_ns()
+        self._start = _to_monotonic(start) if start else _monotonic_ns()
         self._end = 0
         self._attributes = dict(attributes) if attributes else {}
         self._events: list | None = None
@@ -194,7 +219,8 @@ class LightSpan(otel_trace.Span):
             return
         if self._events is None:
             self._events = []
-        self._events.append((timestamp or _time_ns(), name, dict(attributes) if attributes else {}))
+        self._events.append((_to_monotonic(timestamp) if timestamp else _monotonic_ns(), name,
+                             dict(attributes) if attributes else {}))
 
     def add_link(self, context: SpanContext, attributes: Mapping | None = None) -> None:
         pass  # links are not recorded (nothing in emp-machine creates them); see docs/telemetry.md
@@ -231,7 +257,7 @@ class LightSpan(otel_trace.Span):
         timed = self._t0
         if timed:
             t_end = _perf_ns()
-        self._end = end_time or _time_ns()
+        self._end = _to_monotonic(end_time) if end_time else _monotonic_ns()
         self._tracer._finish(self)
         if timed:
             self._tracer.meter.sample_span(self._t0 + _perf_ns() - t_end)
@@ -273,10 +299,12 @@ class LightSpan(otel_trace.Span):
         spans that are dropped never pay for it."""
         flags = 0x100 | (0x200 if self._remote_parent else 0) | (1 if self._flags & 1 else 0)
         events = self._events
-        return (self._trace_id, self._span_id, self._parent_id, self.name, _OTLP_KIND[self._kind], self._start,
-                self._end, redact_fields(self._attributes) if self._attributes else self._attributes, self._status,
+        anchor = _wall_anchor_ns  # monotonic -> wall, one anchor for all of the span's times
+        return (self._trace_id, self._span_id, self._parent_id, self.name, _OTLP_KIND[self._kind],
+                self._start + anchor, self._end + anchor,
+                redact_fields(self._attributes) if self._attributes else self._attributes, self._status,
                 redact_text(self._status_message) if self._status_message else "",
-                tuple((at, name, redact_fields(attributes) if attributes else attributes)
+                tuple((at + anchor, name, redact_fields(attributes) if attributes else attributes)
                       for at, name, attributes in events) if events else None,
                 self._state.to_header() if self._state else "", flags)
 
@@ -339,6 +367,15 @@ class Tracer(otel_trace.Tracer):
         self._stack_tokens = stacks_per_second
         self._stack_time = clock()
         self._clock = clock
+        # The span times' anchor is taken again at every sampler window, whoever adjusts it (this tracer, or the
+        # housekeeping thread's maybe_adjust when no span ends): off the hot path, nothing added to a span.
+        adjust = sampler.adjust
+
+        def adjust_and_reanchor(now: float) -> None:
+            adjust(now)
+            _reanchor()
+
+        sampler.adjust = adjust_and_reanchor
         self._n = 0
         self.base_attributes = dict(base_attributes or {})
         self.kept_spans = 0          # spans written to the buffer
