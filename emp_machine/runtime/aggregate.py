@@ -49,6 +49,7 @@ class HardwareState:
     disk_total_bytes: int
     gpus: tuple[GpuState, ...] = ()
     gpu_note: str = ""
+    disk_problem: str = ""  # "disk full: <path> (<free> free)" (status.disk_problem), "" while there is room
 
 
 @dataclass
@@ -202,6 +203,9 @@ class Aggregator:
             doc["status"] = status
         return doc
 
+    def _disk_problem(self) -> str:
+        return self.hardware.disk_problem if self.hardware is not None else ""
+
     def _service_type(self, worker) -> str:
         if worker.service_process:
             return next(s.service for s in self.plan.services if s.process == worker.service_process)
@@ -255,6 +259,10 @@ class Aggregator:
         redis = {"healthy": bool(self.redis_ok), "reason": "" if self.redis_ok else self.redis_reason}
         if not self.redis_ok:
             reasons.append(f"redis: {self.redis_reason}")
+        disk_reason = self._disk_problem()
+        disk = {"healthy": not disk_reason, "reason": disk_reason}  # a full disk fails every job's outputs
+        if disk_reason:
+            reasons.append(disk_reason)
         services: dict[str, Any] = {}
         for spec in self.plan.specs:
             info = self.processes.get(spec.name)
@@ -283,7 +291,8 @@ class Aggregator:
         doc = {
             "healthy": not reasons, "phase": self.phase, "machine_id": self.plan.machine_id,
             "timestamp": _iso(now), "uptime_s": round(self.uptime(), 1), "reasons": reasons,
-            "components": {"supervisor": supervisor, "redis": redis}, "services": services, "workers": workers,
+            "components": {"supervisor": supervisor, "redis": redis, "disk": disk},
+            "services": services, "workers": workers,
             "hardware": self._hardware_doc(),
         }
         return doc
@@ -299,6 +308,7 @@ class Aggregator:
 
     def _status_doc(self, now: float) -> dict[str, Any]:
         s_workers, s_services, st_workers, st_services = {}, {}, {}, {}
+        disk_full = bool(self._disk_problem())
         capabilities: list[str] = []
         for w in self.workers.values():
             for t in w.job_types:
@@ -315,7 +325,8 @@ class Aggregator:
             else:
                 known = w.row is not None or (winfo is not None and winfo.state != "RUNNING")
                 s_ok = w_healthy
-            health = "unknown" if not known else "healthy" if s_ok else "unhealthy"
+            # A full state disk fails every job (its outputs, logs): no service of this machine is healthy.
+            health = "unhealthy" if disk_full else "unknown" if not known else "healthy" if s_ok else "unhealthy"
             active = sinfo is not None and sinfo.state == "RUNNING" and winfo is not None and winfo.state == "RUNNING"
             row = w.row
             status = (row.status if row and row.status else "offline") if winfo and winfo.state == "RUNNING" \
@@ -344,7 +355,7 @@ class Aggregator:
 
     def _transition_signature(self) -> tuple:
         st = self.status_doc["status"]
-        return (self.phase, bool(self.redis_ok), self.supervisor_silent,
+        return (self.phase, bool(self.redis_ok), self.supervisor_silent, self._disk_problem(),
                 tuple((k, v["is_connected"], v["status"], v["current_job_id"]) for k, v in st["workers"].items()),
                 tuple((k, v["status"], v["health"], v["pm2_status"]) for k, v in st["services"].items()),
                 # pid and restarts too: a crash restarted within one sweep keeps the state RUNNING

@@ -196,6 +196,7 @@ def _validate_then_exec(manifest, *, demo: bool) -> int:
     resolved = resolved_manifest_path(state_dir)
     # First: a machine already running on this state dir is refused before anything of its is rewritten
     lock_fd = _hold_machine_lock(manifest.source, state_dir, manifest.machine.id)
+    _check_state_folders(manifest.source, state_dir)
     data = _resolved_data(manifest)
     plan.build(View(data), hardware.probe(), resolved_manifest=resolved, environ=dict(os.environ))
     _write_resolved(manifest.source, resolved, data)
@@ -232,6 +233,38 @@ def _hold_machine_lock(source: str, state_dir: Path, machine_id: str) -> int:
     except OSError:  # a full disk: the write of run/manifest.json says so
         pass
     return fd
+
+
+STATE_FOLDERS = ("logs", "outputs")  # written from the first second (the machine's log) and by every job
+
+
+def _check_state_folders(source: str, state_dir: Path) -> None:
+    """logs/ and outputs/ made and writable by this user, checked as run/ is: a file where the folder should be,
+    or a folder of another user's, is a clear problem here instead of a traceback once the machine runs."""
+    import errno
+
+    for name in STATE_FOLDERS:
+        path = state_dir / name
+        try:
+            path.mkdir(mode=0o700, exist_ok=True)
+        except FileExistsError:  # something that is not a folder (a file, a link to one) holds the name
+            raise ManifestError(source or "<manifest>", [ManifestProblem(
+                "machine.state_dir", f"cannot use {path}: it is a file, not a folder",
+                hint=f"move or remove {path}, or set machine.state_dir (or EMP_MACHINE__STATE_DIR) to another "
+                     "directory")]) from None
+        except OSError as exc:
+            raise _state_dir_error(source, path, exc) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            denied = OSError(errno.EACCES, f"Permission denied (owned by uid {_owner(path)}, this user is uid "
+                                           f"{os.getuid()})")
+            raise _state_dir_error(source, path, denied)
+
+
+def _owner(path: Path) -> str:
+    try:
+        return str(path.stat().st_uid)
+    except OSError:
+        return "?"
 
 
 def _already_running(state_dir: Path) -> str:

@@ -28,19 +28,28 @@ def _target(args) -> dict:
         state_dir = Path(mf.load(explicit).machine.state_dir)
         doc = mf.running_machine(state_dir)
         if doc is None:
+            _check_readable(state_dir / "run")  # another user's machine (0700): not "no machine is running"
             raise NoMachineRunning(f"no machine is running for {explicit} (looked in {state_dir / 'run'})")
         return doc
     machines = {m["socket"]: m for m in mf.running_machines()}
-    default = mf.running_machine(Path(mf.load(mf.default_manifest()).machine.state_dir))
+    default_state = Path(mf.load(mf.default_manifest()).machine.state_dir)
+    default = mf.running_machine(default_state)
     if default is not None:
         machines[default["socket"]] = default
     if not machines:
+        _check_readable(default_state / "run")
         raise NoMachineRunning("no machine is running on this host; start one with "
                                "`emp-machine --manifest <file>`, or name its manifest with --manifest")
     if len(machines) > 1:
         names = ", ".join(f"{m['machine_id']} ({m['manifest']})" for m in machines.values())
         raise SeveralMachinesRunning(f"{len(machines)} machines are running ({names}); choose one with --manifest")
     return next(iter(machines.values()))
+
+
+def _check_readable(folder: Path) -> None:
+    from emp_machine.runtime.queries import check_readable
+
+    check_readable(folder)
 
 
 def _control(doc: dict):
@@ -301,7 +310,9 @@ def _logs_dir(args) -> tuple[Path, object, NoMachineRunning | None]:
         raise  # --manifest says which
     except NoMachineRunning as exc:
         source = getattr(args, "manifest", None) or mf.default_manifest()
-        return Path(mf.load(source).machine.state_dir) / "logs", source, exc
+        logs_dir = Path(mf.load(source).machine.state_dir) / "logs"
+        _check_readable(logs_dir)
+        return logs_dir, source, exc
 
 
 def cmd_logs(args) -> int:
@@ -774,6 +785,8 @@ def cmd_job(args) -> int:
           f"retries {doc['retry_count']}/{doc['max_retries']}{default}  total {queries.format_ms(doc['total_ms'])}")
     if doc["trace_id"]:
         print(f"trace {doc['trace_id']}")
+    if doc.get("clock_note"):
+        print(f"note {doc['clock_note']}")
     if doc["error"]:
         print(f"error {doc['error']}")
     elif doc["earlier_error"]:

@@ -137,6 +137,50 @@ class WorkerMetrics:
             "path": str(self.directory / f"{worker_id}.json"), "error": error[:300]}})
 
 
+KEEPALIVE_TIMEOUT_S = 5.0  # an idle connection (none of its requests in flight) is closed after this long
+MAX_CONNECTIONS = 64  # open at once; the next ones are answered 503 and closed (lower under a low fd limit)
+LISTEN_BACKLOG = 64
+
+
+def max_connections() -> int:
+    """MAX_CONNECTIONS, or a quarter of this process's open-file limit where that is lower (a `ulimit -n 64`
+    the machine could not raise): the rest stay for supervisord's socket, Redis, logs and telemetry."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, soft // 4))
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: one 503 and closed, before anything is read."""
+
+    def connection_made(self, transport) -> None:
+        body = b'{"error": "too many open connections to the health server; try again"}'
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.close()
+
+
+class _Bounded:
+    """aiohttp's protocol factory (its web.Server), answering with _Refused past `limit` open connections."""
+
+    def __init__(self, server: web.Server, limit: int):
+        self.server, self.limit = server, limit
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) >= self.limit:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("health.connections_refused", extra={"fields": {
+                    "event_type": "health.connections_refused", "open": len(self.server.connections),
+                    "limit": self.limit, "refused": self.refused}})
+            return _Refused()
+        return self.server()
+
+
 class HealthServer:
     def __init__(self, aggregate: Aggregator, *, host: str, port: int, token: str | None,
                  token_env: str, cors_origins: tuple[str, ...], process_names: set[str],
@@ -151,6 +195,7 @@ class HealthServer:
         self._restart, self._refresh, self._metrics = restart, refresh, metrics
         self._errors = errors
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self.bound_port = 0
 
     def app(self) -> web.Application:
@@ -166,14 +211,22 @@ class HealthServer:
         return app
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # An idle connection (a client that connects and sends nothing, or keeps one open between polls) is
+        # closed after KEEPALIVE_TIMEOUT_S; past max_connections() open at once, a new one gets a 503 and is
+        # closed: idle clients cannot hold the machine's file descriptors (supervisord's socket, Redis, logs).
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     keepalive_timeout=KEEPALIVE_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        self.bound_port = self._runner.addresses[0][1]
+        factory = _Bounded(self._runner.server, max_connections())
+        self._listener = await asyncio.get_running_loop().create_server(
+            factory, self.host, self.port, reuse_address=True, backlog=LISTEN_BACKLOG)
+        self.bound_port = self._listener.sockets[0].getsockname()[1]
         return self.bound_port
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -5,10 +5,13 @@ Pure functions of what they are given: `manifest.load()` passes the environment 
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+
+from emp_machine.errors import EmpError
 
 
 def _slug(text: str) -> str:
@@ -47,8 +50,27 @@ def default_state_dir(machine_id_: str, environ: Mapping[str, str]) -> str:
     return str(state_root(environ) / _slug(machine_id_))
 
 
+class NoStateHome(EmpError):
+    """No place for the per-user state: no XDG_STATE_HOME, no HOME, and a uid with no passwd entry (`docker run
+    --user N`, OpenShift's random uid), so there is no home directory to put ~/.local/state under."""
+
+    exit_code = 2
+
+
 def state_root(environ: Mapping[str, str]) -> Path:
-    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    base = environ.get("XDG_STATE_HOME")
+    if not base:
+        home = environ.get("HOME")
+        if not home:
+            try:
+                home = str(Path.home())
+            except (RuntimeError, KeyError, OSError):  # no passwd entry for this uid and HOME unset
+                raise NoStateHome(
+                    f"no directory for the machine's state: this user (uid {os.getuid()}) has no home directory "
+                    "(no passwd entry) and HOME is unset; set machine.state_dir in the manifest (or the "
+                    "EMP_MACHINE__STATE_DIR environment variable) to a directory this user can write, or set "
+                    "XDG_STATE_HOME (or HOME)") from None
+        base = str(Path(home) / ".local" / "state")
     return Path(base) / "emp-machine"
 
 

@@ -28,6 +28,7 @@ from emp_machine.runtime import jobs, output_retention, queries
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.runtime.health import HealthServer, WorkerMetrics
+from emp_machine.runtime.identity import NoStateHome
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
 from emp_machine.runtime.resp import RespError
@@ -191,6 +192,8 @@ class Machine:
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self.inbox.put_nowait, SignalReceived(sig))
         _become_subreaper()
+        raise_open_file_limit()
+        loop.set_exception_handler(_quiet_accept_errors())
         self.boot_started = self.clock()
         step("boot.start", machine_id=self.plan.machine_id, manifest=self.manifest.source,
              processes=len(self.plan.specs), cpu_count=self.hardware.cpu_count,
@@ -721,13 +724,13 @@ class Machine:
         # And an entry in the per-user registry, for a state dir outside the per-user state root: the operator
         # commands find this machine without --manifest wherever its state is. Only a convenience: a failure to
         # write it changes nothing else.
-        entry = registry_entry(self.paths.state, os.environ)
         try:
+            entry = registry_entry(self.paths.state, os.environ)
             entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"state_dir": str(self.paths.state), "pid": os.getpid()}), encoding="utf-8")
             os.replace(tmp, entry)
-        except OSError as exc:
+        except (OSError, NoStateHome) as exc:  # NoStateHome: no home directory for the per-user registry
             log.debug("machine registry entry not written: %s", exc)
 
     def _remove_pointer(self) -> None:
@@ -735,12 +738,60 @@ class Machine:
             (self.paths.run / "machine.json").unlink()
         except FileNotFoundError:
             pass
-        entry = registry_entry(self.paths.state, os.environ)
         try:
+            entry = registry_entry(self.paths.state, os.environ)
             if json.loads(entry.read_text(encoding="utf-8")).get("pid") == os.getpid():  # ours, not a successor's
                 entry.unlink()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, NoStateHome):
             pass
+
+
+OPEN_FILES_WANTED = 65536  # the soft RLIMIT_NOFILE the machine asks for (never above the hard limit)
+
+
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> tuple[int, int]:
+    """Raise this process's soft open-file limit to min(hard, `wanted`): a container's `ulimit -n 1024` (or
+    64) would otherwise let a few dozen idle health clients starve supervisord's socket and Redis. What it
+    starts (supervisord, services, workers) inherits it. Returns (before, after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("open-file limit left at %s (hard %s): %s", soft, hard, exc)
+            return soft, soft
+        log.debug("open-file limit raised from %s to %s (hard %s)", soft, target, hard)
+        return soft, target
+    return soft, soft
+
+
+ACCEPT_ERROR_EVERY_S = 30.0  # "socket.accept() out of system resource": logged at most this often
+
+
+def _quiet_accept_errors(clock=time.monotonic):
+    """The loop's exception handler: asyncio logs each failed accept() of a listening socket out of file
+    descriptors, up to the backlog per retry, each second (44k lines in 17 s, rotating every other log line
+    away); one line per ACCEPT_ERROR_EVERY_S with the count, everything else as asyncio would."""
+    state = {"last": -ACCEPT_ERROR_EVERY_S, "count": 0}
+
+    def handler(loop, context) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        state["count"] += 1
+        now = clock()
+        if now - state["last"] >= ACCEPT_ERROR_EVERY_S:
+            exc = context.get("exception")
+            log.error("health.accept_failed", extra={"fields": {
+                "event_type": "machine.health.accept_failed", "error": str(exc)[:200], "failures": state["count"],
+                "detail": "out of file descriptors: new connections to the health port wait (raise the open-file "
+                          "limit, ulimit -n)"}})
+            state["last"], state["count"] = now, 0
+
+    return handler
 
 
 def _become_subreaper() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -16,6 +17,42 @@ from typing import Any
 from emp_machine.errors import EmpError
 from emp_machine.runtime.jobs import DEFAULT_MAX_RETRIES, JobStore, _number
 from emp_machine.telemetry.redact import redact_text
+
+
+class CannotRead(EmpError):
+    """A folder of the machine's that this user may not read (its state dir is 0700, its user's alone)."""
+
+    exit_code = 2
+
+
+def cannot_read(path: Path) -> CannotRead:
+    """"cannot read <path>: run this as the machine's user", naming that user (the owner of the nearest folder
+    above that this user can see)."""
+    import pwd
+
+    owner = "<user>"
+    for folder in (Path(path), *Path(path).parents):
+        try:
+            uid = folder.stat().st_uid
+        except OSError:
+            continue
+        try:
+            owner = pwd.getpwuid(uid).pw_name
+        except KeyError:  # a uid with no passwd entry (docker run --user N)
+            owner = str(uid)
+        break
+    return CannotRead(f"cannot read {path}: permission denied; run this as the machine's user (e.g. `docker exec "
+                      f"-u {owner} <container> emp-machine ...`, or `sudo -u {owner} emp-machine ...`)")
+
+
+def check_readable(folder: Path) -> None:
+    """Raise CannotRead where this user may not list `folder` (a missing one is not this function's business)."""
+    try:
+        os.listdir(folder)
+    except PermissionError:
+        raise cannot_read(folder) from None
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -58,7 +95,9 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         events = sorted(events + _hash_steps(job), key=lambda ev: _event_ms(ev.get("t")) or 0)
     steps: list[Step] = []
     previous = None
-    durations: dict[str, int | float] = {}
+    previous_event = ""
+    ahead_ms = 0  # how far the submitter's clock (created_at) runs ahead of Redis's (every later time)
+    durations: dict[str, int | float | None] = {}
     last: dict[str, int] = {}
     for ev in events:
         at = _event_ms(ev.get("t"))
@@ -75,20 +114,29 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         if name == "claimed" and "submitted" in last:  # the last attempt's wait (after a retry, since the retry)
             since = max(last.get("submitted", 0), last.get("failed", 0), last.get("handed_back", 0),
                         last.get("lease_expired", 0))
-            durations["queue_wait_ms"] = at - since
+            durations["queue_wait_ms"] = at - since if at >= since else None  # None: clocks disagree
+            if at < since and since == last.get("submitted"):
+                ahead_ms = max(ahead_ms, since - at)
         if name == "started" and "claimed" in last:
             durations["claim_to_start_ms"] = at - last["claimed"]
         if isinstance(ev.get("steps"), dict):  # measured by the worker, sent with its complete/fail
             durations.update({f"{k}_ms": v for k, v in ev["steps"].items()
                               if isinstance(v, int | float) and not isinstance(v, bool)})
-        steps.append(Step(at, name, worker, detail, None if previous is None else at - previous))
-        previous = at
+        since_previous = None if previous is None else at - previous
+        if since_previous is not None and since_previous < 0 and previous_event == "submitted":
+            # the submission stamped by the submitter's clock, the claim by Redis's: not a negative duration
+            ahead_ms, since_previous = max(ahead_ms, -since_previous), None
+        steps.append(Step(at, name, worker, detail, since_previous))
+        previous, previous_event = at, name
     status = job.get("status", "unknown")
     finished = _iso_to_ms(job.get("completed_at", "")) if status == "completed" else \
         _iso_to_ms(job.get("failed_at", "")) if status == "failed" else None
     started = _iso_to_ms(job.get("started_at", ""))
     if from_hash and finished and started and finished >= started:
         durations["run_ms"] = finished - started  # no worker-measured steps: the start to the end
+    total_ms = finished - created if finished and created else None
+    if total_ms is not None and total_ms < 0:  # created_at by the API host's clock, the end by Redis's
+        ahead_ms, total_ms = max(ahead_ms, -total_ms), None
     # Written by workers and the API as they were: an error or a progress message may quote a key or a URL
     # with its password (redacted as the machine's logs are).
     error = redact_text(str(job.get("error", "")))
@@ -106,7 +154,11 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         "error": error if status == "failed" else "",
         "earlier_error": error if status != "failed" else "",
         "trace_id": job.get("job_trace_id", ""),
-        "total_ms": finished - created if finished and created else None,
+        "total_ms": total_ms,
+        # The EMP API stamps created_at with its host's clock, the rest is Redis's TIME: where the first is
+        # ahead, the differences that involve it are shown as "-" (None), not as negative durations.
+        "clock_note": f"the submitter's clock is ahead of Redis by {ahead_ms / 1000:.1f} s: durations from the "
+                      "submission are not known" if ahead_ms else "",
         "progress": progress,
         "durations": {k: durations[k] for k in sorted((k for k in durations if k in _STEP_ORDER),
                                                       key=_STEP_ORDER.index)}
@@ -308,6 +360,7 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
     """
     now = time.time() if now is None else now
     cutoff = now - since_s
+    check_readable(Path(logs_dir))  # another user's machine: say so, not a PermissionError from glob
     found: list[dict] = []
     for path in sorted(Path(logs_dir).glob("*.log*")):
         try:

@@ -128,6 +128,44 @@ async def watch_worker_status(url: str, worker_ids: list[str], inbox: asyncio.Qu
                 pass
 
 
+DISK_FREE_FLOOR_BYTES = 64 * 1024 * 1024  # below min(this, DISK_FREE_FLOOR_FRACTION of the disk) free: "disk full"
+DISK_FREE_FLOOR_FRACTION = 0.01
+
+
+def disk_floor(total_bytes: int) -> int:
+    """The free space under which a disk counts as full: 1 % of it or 64 MiB, whichever is smaller."""
+    return min(DISK_FREE_FLOOR_BYTES, int(total_bytes * DISK_FREE_FLOOR_FRACTION))
+
+
+def disk_problem(paths, floor=disk_floor) -> str:
+    """"disk full: <path> (<free> free)" for each file system holding one of `paths` (the state dir, then the
+    outputs dir where it is another file system) with less free than `floor(total)`; "" when all have room.
+    Free is what this user may use (statvfs f_bavail): a disk full for jobs is full though root's 5 % remain.
+    A path that cannot be read is no verdict (its folder may not exist yet)."""
+    problems, seen = [], set()
+    for path in paths:
+        try:
+            st = os.statvfs(path)
+            dev = os.stat(path).st_dev
+        except OSError:
+            continue
+        if dev in seen:
+            continue
+        seen.add(dev)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        if total and free < floor(total):
+            problems.append(f"disk full: {path} ({_size(free)} free)")
+    return "; ".join(problems)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.0f} B"
+
+
 def _read_hardware(disk_path: str, last: list) -> HardwareState:
     times = psutil.cpu_times()
     busy, total = sum(times) - times.idle - getattr(times, "iowait", 0.0), sum(times)
@@ -145,7 +183,8 @@ def _read_hardware(disk_path: str, last: list) -> HardwareState:
     gpus, note = hw.read_gpus()
     return HardwareState(cpu, memory.total - memory.available, memory.total, disk_used, disk_total,
                          tuple(GpuState(g.index, g.name, g.utilization_percent, g.memory_used_bytes,
-                                        g.memory_total_bytes, g.temperature_c) for g in gpus), note)
+                                        g.memory_total_bytes, g.temperature_c) for g in gpus), note,
+                         disk_problem=disk_problem((disk_path, os.path.join(disk_path, "outputs"))))
 
 
 async def read_hardware(disk_path: str, inbox: asyncio.Queue) -> None:

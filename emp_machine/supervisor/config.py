@@ -120,6 +120,22 @@ def config_value_problem(value: str) -> str | None:
     return None
 
 
+SUPERVISORD_MINFDS = 1024  # supervisord's defaults for minfds and minprocs
+SUPERVISORD_MINPROCS = 200
+
+
+def _within_hard_limit(name: str, wanted: int) -> int:
+    """`wanted`, or the hard limit `name` (resource.RLIMIT_*) where that is lower: supervisord raises the
+    soft limit to minfds/minprocs itself and exits with an error where the hard one is below."""
+    import resource
+
+    try:
+        hard = resource.getrlimit(getattr(resource, name))[1]
+    except (AttributeError, OSError, ValueError):
+        return wanted
+    return wanted if hard == resource.RLIM_INFINITY or hard >= wanted else max(1, hard)
+
+
 def _env_value(value: str) -> str:
     quote = "'" if '"' in value else '"'
     return quote + _escape(value) + quote
@@ -148,6 +164,10 @@ def render(specs: list[ProcessSpec], paths: Paths, *, parent_pid: int, machine_i
         "umask = 077",
         f"pidfile = {_escape(str(paths.pidfile))}",
         f"childlogdir = {_escape(str(paths.logs))}",
+        # supervisord refuses to start under a hard limit below these (its defaults 1024 and 200), with a
+        # message about a config file the user never wrote: ask for no more than the host allows.
+        f"minfds = {_within_hard_limit('RLIMIT_NOFILE', SUPERVISORD_MINFDS)}",
+        f"minprocs = {_within_hard_limit('RLIMIT_NPROC', SUPERVISORD_MINPROCS)}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
