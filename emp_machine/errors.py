@@ -105,6 +105,10 @@ class ConnectorLoadError(EmpError):
     """A connector's entry point could not be imported or is not a Connector class."""
 
 
+class DuplicateWorkerId(EmpError):
+    """Another live process holds this worker's id (two machines started with one MACHINE_ID)."""
+
+
 # OSErrors that say something about this machine, not the job: a full disk, a quota, a read-only or
 # unwritable output directory, an exhausted file table, a failing disk. An operator fixes them (or another
 # machine runs the job), so they are retryable: permanent, a full disk would fail every job it claims.
@@ -117,6 +121,8 @@ _MACHINE_LOCAL_ERRNOS = {
         (errno.EMFILE, "raise the worker's open-file limit (ulimit -n)"),
         (errno.ENFILE, "raise the system's open-file limit (fs.file-max)"),
         (errno.EIO, "check the disk"),
+        (errno.ENOTDIR, "make the path named a directory (a file stands where a directory must be)"),
+        (errno.EPERM, "fix the permissions or attributes of the path named"),
     ) if code is not None
 }
 
@@ -126,6 +132,15 @@ def _machine_local(error: BaseException) -> str | None:
     if isinstance(error, OSError):
         return _MACHINE_LOCAL_ERRNOS.get(error.errno)
     return None
+
+
+def machine_local_hint(error: BaseException | None) -> str | None:
+    """The operator's fix when `error` is an OSError about this machine (a full disk, a read-only or
+    unwritable output directory, an exhausted file table...), or a retryable JobError raised from one
+    (`raise RetryableJobError(...) from exc`), else None. A FatalJobError is the connector's own verdict."""
+    if isinstance(error, JobError):
+        return _machine_local(error.__cause__) if error.retryable and error.__cause__ is not None else None
+    return _machine_local(error) if error is not None else None
 
 
 def can_retry(error: BaseException) -> bool:

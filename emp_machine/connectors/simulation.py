@@ -128,10 +128,10 @@ class SimulationConnector(Connector):
         # Written synchronously: simulation outputs are small; a real connector streams to disk.
         # The job id comes from whoever submitted the job: job_dir keeps '../' and '/' out of the path.
         directory = job_dir(self.context.output_dir, job_id)
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / "simulation.bin"
         chunk = bytes(range(256)) * (_WRITE_CHUNK // 256)
         try:
+            directory.mkdir(parents=True, exist_ok=True)
             with path.open("wb") as out:
                 left = size
                 while left:
@@ -142,5 +142,7 @@ class SimulationConnector(Connector):
             # A failed write (disk full, quota) leaves no partial file behind to be mistaken for output.
             with contextlib.suppress(OSError):  # never hide the write's own error behind the clean-up's
                 path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # nor an empty job folder (one per failed job, seen 100)
+                directory.rmdir()
             raise
         return OutputFile(str(path), "application/octet-stream", size)

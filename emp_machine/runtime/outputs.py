@@ -12,6 +12,11 @@ puts the reference in their place (the same shape as `JobResult.outputs` entries
 
 The scan is a walk over the result's data and metadata (cheap for the small results of most jobs); files
 are written only when something is found.
+
+A result can also be large without any large string (50 MB of short strings): written whole into
+jobs:completed and published on complete_job, it got the API's subscriber disconnected by Redis (pub/sub
+output buffer limit), losing other jobs' completions. `cap` stores a result whose JSON is over
+RESULT_MAX_BYTES as a file: its `data` (and, if still over, its metadata) become a reference.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import json
 import mimetypes
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -32,6 +39,8 @@ from emp_machine.connectors.base import JobResult, OutputFile
 DATA_URI_MIN = 1024
 BASE64_MIN = 16 * 1024
 TEXT_MIN = 256 * 1024
+RESULT_MAX_BYTES = 1024 * 1024  # a result's JSON above this is stored as a file (see cap)
+STORED_NOTE = "the result was larger than 1 MiB: it is stored as this JSON file"
 
 _DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]+={0,2}", re.ASCII)
@@ -134,3 +143,68 @@ def spill(result: JobResult, directory: Path) -> JobResult:
         spiller.discard()  # a spill that failed part-way leaves none of its files: the job is not recorded
         raise
     return replace(result, data=data, service_metadata=metadata, outputs=[*result.outputs, *spiller.files])
+
+
+def result_size(result: JobResult) -> int:
+    """The size in bytes of the result's JSON as it would be recorded (ASCII, as jobs.py writes it); 0 for a
+    result JSON cannot hold (the finishing write reports that)."""
+    try:
+        return len(json.dumps(result.to_json(), separators=(",", ":")))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _stored(value: Any, path: Path) -> dict[str, Any]:
+    """Write `value` as JSON to `path` (no partial file left on failure); its reference."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("w", encoding="utf-8") as out:
+            json.dump(value, out, ensure_ascii=False)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "mime_type": "application/json", "size_bytes": path.stat().st_size,
+            "stored_as_file": True, "note": STORED_NOTE}
+
+
+def cap(result: JobResult, directory: Path, limit: int = RESULT_MAX_BYTES) -> JobResult:
+    """`result` with its `data` (then its service_metadata, if still over) stored as a JSON file under
+    `directory` when its JSON is over `limit` bytes (blocking I/O: run it in a thread). The reference takes
+    the value's place and is listed in `outputs` too; the same object when the result is small enough."""
+    if result_size(result) <= limit:
+        return result
+    written: list[Path] = []
+    try:
+        data_ref = _stored(result.data, unique_path(directory, "result-data.json"))
+        written.append(Path(data_ref["path"]))
+        result = replace(result, data=data_ref, outputs=[*result.outputs, OutputFile(
+            data_ref["path"], "application/json", data_ref["size_bytes"])])
+        if result_size(result) > limit:
+            meta_ref = _stored(dict(result.service_metadata), unique_path(directory, "result-metadata.json"))
+            written.append(Path(meta_ref["path"]))
+            result = replace(result, service_metadata=meta_ref, outputs=[*result.outputs, OutputFile(
+                meta_ref["path"], "application/json", meta_ref["size_bytes"])])
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def probe_dir(directory: Path) -> None:
+    """Create `directory` and write, sync and remove a small file in it: raises the OSError that a job's
+    outputs would meet there (no space, read-only, a file in the directory's place, no file descriptors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".emp-probe-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -33,11 +34,11 @@ from emp_machine.connectors import _http
 from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
-from emp_machine.errors import (ConnectorLoadError, FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable,
-                                classify, describe_exception)
+from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
+                                ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
-                                      statuses_json, worker_key)
+                                      heartbeat_key, statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
 from emp_machine.telemetry.redact import secret_key as secret_name
@@ -56,6 +57,14 @@ HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unh
 # While its connector is unhealthy the worker claims nothing and checks this often, to resume soon after.
 PAUSED_HEALTH_INTERVAL_S = 1.0
 
+# A machine-local fault (a full disk, an unwritable output folder, no file descriptors left): claims pause and
+# a probe write into the output folder is retried, first after LOCAL_PROBE_FIRST_S (doubled for each fault in
+# a row, so a fault the probe does not see cannot bounce jobs fast), then backing off up to LOCAL_PROBE_MAX_S.
+LOCAL_PROBE_FIRST_S = 1.0
+LOCAL_PROBE_MAX_S = 30.0
+PROGRESS_MESSAGE_MAX = 4096  # characters of a progress message stored and published; longer is cut, marked
+_CUT = "… [truncated]"
+
 _REDIS_DOWN = (RedisConnectionError, RedisTimeout, OSError)
 # Redis refusing a command for a passing reason: maxmemory reached with noeviction (OOM), a replica after a
 # failover (READONLY), another client's long script (BUSY), a restart loading its data (LOADING), a replica
@@ -66,6 +75,50 @@ _REFUSAL_CLASSES = ((OutOfMemoryError, "OOM"), (ReadOnlyError, "READONLY"), (Bus
                     (MasterDownError, "MASTERDOWN"), (TryAgainError, "TRYAGAIN"))
 _REFUSAL_CODES = frozenset(("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN"))
 _CREDENTIAL_CODES = frozenset(("NOAUTH", "WRONGPASS"))
+
+
+# Worker instances running in this process (tests run several in one): a same-process instance in worker:{id}
+# is alive exactly while it is here (see _predecessor_dead).
+_LIVE_INSTANCES: set[str] = set()
+
+
+def _pid_space() -> str:
+    """Names the pid numbering this process sees: the kernel's boot id and this process's pid namespace.
+    Two processes with the same pid space can tell by pid whether the other is alive; a container (another
+    namespace) or another host cannot. '' when the kernel does not say (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        space = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}/{space}".encode()).hexdigest()[:12]
+
+
+def new_instance() -> str:
+    """This worker process's token in worker:{id}: `pid-random-pidspace`."""
+    return f"{os.getpid()}-{os.urandom(6).hex()}-{_pid_space()}"
+
+
+def _predecessor(instance: str) -> str:
+    """What is known of the process that registered `instance` in worker:{id}: 'dead' (the same pid space
+    and its pid is gone: a restart of this worker, taken over at once), 'unknown' (another host or container,
+    or its pid is alive or reused: the heartbeat watch decides), or 'legacy' (a token not of this form, from
+    an earlier version or a tool: taken over as before)."""
+    parts = instance.split("-")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
+        return "legacy"
+    if parts[2] != _pid_space():
+        return "unknown"
+    pid = int(parts[0])
+    if pid == os.getpid():
+        return "unknown" if instance in _LIVE_INSTANCES else "dead"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except OSError:  # EPERM: a process of another user holds that pid now
+        pass
+    return "unknown"
 
 
 def _reply_code(exc: BaseException) -> str:
@@ -290,6 +343,9 @@ class _Progress:
         if not math.isfinite(percent):
             return  # NaN or infinity is no progress (clamped, NaN read as 100: the job looked finished)
         percent = max(0.0, min(100.0, percent))
+        if isinstance(message, str) and len(message) > PROGRESS_MESSAGE_MAX:
+            # stored in the job hash and published whole, a connector's 1 MB message reached every subscriber
+            message = message[:PROGRESS_MESSAGE_MAX - len(_CUT)] + _CUT
         self.seq += 1
         now = time.monotonic()
         if percent in (0.0, 100.0):
@@ -380,7 +436,10 @@ class Worker:
         self.drain_started: float | None = None  # monotonic time of the first SIGTERM / SIGINT
         self.status = "offline"  # as last written to worker:{id}
         # This process's token in worker:{id}: its exit (offline) write leaves a same-id successor alone.
-        self.instance = f"{os.getpid()}-{os.urandom(6).hex()}"
+        # pid-random-pidspace (new_instance): a restart of this worker (same pid space, the old pid dead) takes
+        # the id over at once; another live process holding it refuses this one's start (_check_duplicate).
+        self.instance = new_instance()
+        self.duplicate_of: str | None = None  # the other live process's instance, once one was seen
         self._status_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Task] = set()
         self._abandoned: set[asyncio.Task] = set()  # connector runs that ignored their cancellation (never waited for)
@@ -396,6 +455,12 @@ class Worker:
         self._health_abandoned: asyncio.Task | None = None  # a check that timed out and ignored its cancellation
         self._health_cleared = 0  # counts jobs that found the service gone (see _health_watch)
         self._start_trouble = "Redis unreachable"  # why start-up last waited (redis_trouble), for its stop line
+        # Set while this machine can store outputs: cleared by a machine-local fault (a full disk, an unwritable
+        # output folder...), set again once a probe write into the output folder passes (_local_watch).
+        self.local_ok = asyncio.Event()
+        self.local_ok.set()
+        self._local_faults = 0  # machine-local faults in a row (reset by a completed job)
+        self._local_watcher: asyncio.Task | None = None
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -408,9 +473,16 @@ class Worker:
             await self._release_orphans(await self._retrying_start(self.store.active_jobs, self.ident.worker_id),
                                         "worker restarted")
             await self._start_or_drain(signals.start())
+            await self._check_output_dir()
+        except DuplicateWorkerId:
+            _LIVE_INSTANCES.discard(self.instance)
+            await signals.close()
+            await self._close_connector()
+            raise  # the CLI prints it and exits non-zero: supervisord shows the worker errored
         except _StoppedAtStart:
             # Told to stop while Redis was unreachable: exit now rather than wait for Redis (supervisord
             # would SIGKILL us at stopwaitsecs) and then register a worker that was told to stop.
+            _LIVE_INSTANCES.discard(self.instance)
             await signals.close()
             await self._close_connector()
             self.log.info(f"worker stopped before start-up finished ({self._start_trouble})",
@@ -435,8 +507,11 @@ class Worker:
                                             for name, entry in self.connector_statuses.items()})
                 except RedisError:
                     pass
+            _LIVE_INSTANCES.discard(self.instance)
             await self._close_connector()
         self.log.info("worker stopped", extra={"event_type": "worker.stopped"})
+        if self.duplicate_of is not None:
+            raise DuplicateWorkerId(self._duplicate_message(self.duplicate_of))
         return 0
 
     def _redis_error(self, exc: BaseException) -> str:
@@ -469,9 +544,12 @@ class Worker:
         while not self.draining.is_set():
             if not await self._service_up():  # its service is down: claimed, a job could only fail
                 return
+            if not await self._wait_or_drain(self.local_ok):  # no disk space, an unwritable output folder...
+                return
             if not await self._acquire_slot():
                 return
-            if not self.service_ok.is_set():  # a job found the service gone while this waited for its slot
+            # a job found the service gone (or this machine at fault) while this waited for its slot
+            if not self.service_ok.is_set() or not self.local_ok.is_set():
                 self.slots.release()
                 continue
             hints = signals.arm()
@@ -504,9 +582,13 @@ class Worker:
 
     async def _service_up(self) -> bool:
         """Wait, holding no slot, until the connector's health says healthy; False when a drain began first."""
-        if self.service_ok.is_set():
+        return await self._wait_or_drain(self.service_ok)
+
+    async def _wait_or_drain(self, event: asyncio.Event) -> bool:
+        """Wait, holding no slot, until `event` is set; False when a drain began first."""
+        if event.is_set():
             return True
-        up = asyncio.ensure_future(self.service_ok.wait())
+        up = asyncio.ensure_future(event.wait())
         drain = asyncio.ensure_future(self.draining.wait())
         await asyncio.wait({up, drain}, return_when=asyncio.FIRST_COMPLETED)
         up.cancel()
@@ -672,6 +754,7 @@ class Worker:
                     own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps,
                                                                asyncio.current_task()))
                 if own is Ownership.OK:
+                    self._local_faults = 0
                     tel.metrics.job_finished(job_type, "completed", time.monotonic() - started, self.ident.worker_id)
                     tel.events.emit("job.completed", job_id=job.id, job_type=job_type,
                                     duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -823,6 +906,22 @@ class Worker:
         if isinstance(error, JobCancelled):
             await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
             return
+        hint = machine_local_hint(error)
+        if hint is not None:
+            # This machine's fault (a full disk, an unwritable output folder...), not the job's: counted, every
+            # queued job became a final failure within milliseconds, its attempts bouncing between this
+            # machine's workers. Back to the queue uncounted (another machine may run it); claims pause here
+            # until a probe write into the output folder passes.
+            self._local_fault(self._redact(str(error)), hint, job_id=job.id)
+            span.set_attribute("job.handed_back", True)
+            span.set_status(StatusCode.OK)
+            try:
+                await asyncio.shield(self._hand_back(job, "machine fault", deadline_s=self.group.lease,
+                                                     error=self._redact(str(error))))
+            except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back, or the reaper
+                self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
+                               extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
+            return
         if isinstance(error, ServiceUnreachable):
             self.service_ok.clear()  # no claim while the check below runs (it is set again if healthy)
             self._health_cleared += 1  # a healthy answer to a check begun before now does not reopen claims
@@ -832,6 +931,67 @@ class Worker:
                 return
         span.set_status(StatusCode.ERROR, self._redact(str(error)))  # keeps the whole trace of a failed job
         await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
+
+    def _output_dir(self) -> Path | None:
+        context = getattr(self.connector, "context", None)
+        directory = getattr(context, "output_dir", None)
+        return Path(directory) if directory else None
+
+    def _local_fault(self, error: str, hint: str, **fields: Any) -> None:
+        """A machine-local fault: claims pause (once each way in the log) until _local_watch's probe passes."""
+        self._local_faults += 1
+        if self.local_ok.is_set():
+            self.local_ok.clear()
+            self.telemetry.events.emit(
+                "resource.exhausted", level=logging.ERROR, worker_id=self.ident.worker_id, error=error,
+                output_dir=str(self._output_dir() or ""), **fields,
+                hint=f"this machine's problem, not the job's: {hint}. No job is claimed here until a test write "
+                     f"into the output folder passes (retried with backoff); the job went back to the queue")
+        if self._local_watcher is None or self._local_watcher.done():
+            self._local_watcher = asyncio.get_running_loop().create_task(self._local_watch())
+            self._side_tasks.add(self._local_watcher)
+            self._local_watcher.add_done_callback(self._side_tasks.discard)
+
+    async def _local_watch(self) -> None:
+        """Probe-write into the output folder with backoff until it passes, then claims resume."""
+        paused = time.monotonic()
+        wait = min(LOCAL_PROBE_MAX_S, LOCAL_PROBE_FIRST_S * 2 ** max(0, self._local_faults - 1))
+        while True:
+            await self._sleep_or_drain(wait)
+            if self.draining.is_set():
+                return
+            if await self._probe_output_dir() is None:
+                break
+            wait = min(LOCAL_PROBE_MAX_S, wait * 2)
+        self.local_ok.set()
+        self.telemetry.events.emit("worker.claims_resumed", reason="the output folder is writable again",
+                                   output_dir=str(self._output_dir() or ""),
+                                   paused_s=round(time.monotonic() - paused, 3))
+
+    async def _probe_output_dir(self) -> str | None:
+        """None when a small file can be written (and synced) into the output folder, else why not."""
+        directory = self._output_dir()
+        if directory is None:
+            return None
+        try:
+            await asyncio.to_thread(outputs.probe_dir, directory)
+        except OSError as exc:
+            return f"{exc.strerror or type(exc).__name__} ({exc.filename or directory})"
+        return None
+
+    async def _check_output_dir(self) -> None:
+        """At start: the output folder is created and written to once; when it cannot be, no job is claimed
+        (each would fail for a reason of this machine) until it can, and the log says where and what to fix."""
+        problem = await self._probe_output_dir()
+        if problem is None:
+            return
+        directory = self._output_dir()
+        hint = (f"make {directory} a writable directory with free space (fix its permissions, free disk "
+                f"space, or remove a file that stands in its place)")
+        self.log.error(f"cannot write to the worker's output folder {directory}: {problem}; no job is claimed "
+                       f"until it can ({hint})", extra={"event_type": "worker.output_dir_unwritable",
+                                                         "fields": {"output_dir": str(directory)}})
+        self._local_fault(problem, hint)
 
     async def _service_unreachable(self, job: Job, error: ServiceUnreachable) -> bool:
         """The job never reached its service. The connector's health, checked now, decides: unhealthy, the
@@ -867,7 +1027,17 @@ class Worker:
                 # later): retryable, naming the directory; spill removed the files it had written.
                 raise RetryableJobError(f"cannot store the job's outputs in {directory}: "
                                         f"{exc.strerror or type(exc).__name__}; free space there or fix its "
-                                        f"permissions") from None
+                                        f"permissions") from exc
+        if outputs.result_size(result) > outputs.RESULT_MAX_BYTES:
+            # Written whole into jobs:completed and published on complete_job, a large result got the API's
+            # subscriber disconnected (Redis' pub/sub output buffer limit): stored as a file, referenced.
+            directory = job_dir(self.connector.context.output_dir, job.id)
+            try:
+                result = await asyncio.to_thread(outputs.cap, result, directory)
+            except OSError as exc:
+                raise RetryableJobError(f"cannot store the job's result in {directory}: "
+                                        f"{exc.strerror or type(exc).__name__}; free space there or fix its "
+                                        f"permissions") from exc
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
         self._free_slot(job_task)
@@ -1058,10 +1228,68 @@ class Worker:
         self._health_checked_at = time.monotonic()
         entry = self.connector_statuses[self.group.connector]
         self._claims_open(entry["health"] == "healthy", entry.get("reason", ""))
+        await self._check_duplicate()
+        _LIVE_INSTANCES.add(self.instance)
         await self._retrying_start(functools.partial(self.store.register_worker, instance=self.instance),
                                    self.ident.worker_id, self.ident.machine_id, self.caps, self.connector_statuses)
         await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
         self.status = "idle"
+
+    async def _check_duplicate(self) -> None:
+        """Refuse to start (DuplicateWorkerId) while another live process holds this worker id: two machines
+        started with one MACHINE_ID (a copied environment) share their worker ids, and each handed the
+        other's running jobs back (at start and as heartbeat strays), so jobs ran again and again, never
+        finishing. A restart of this worker takes the id over at once (its predecessor's pid is gone, even
+        though its heartbeat key lives on for up to 60 s); a holder this process cannot see (another host or
+        container) is watched for one heartbeat interval: a live one renews the heartbeat key meanwhile."""
+        wid = self.ident.worker_id
+        other = await self._retrying_start(self.redis.hget, worker_key(wid), "instance")
+        if not other or other == self.instance or _predecessor(other) != "unknown":
+            return
+        beat_key = heartbeat_key(wid)
+        first = await self._retrying_start(self.redis.get, beat_key)
+        if first is None:
+            return  # its heartbeat lapsed (or it went offline): gone
+        ends = time.monotonic() + heartbeat_interval(self.group.lease) + 1.0
+        while time.monotonic() < ends:
+            await self._sleep_or_drain(min(0.25, max(0.0, ends - time.monotonic())))
+            if self.draining.is_set():
+                raise _StoppedAtStart
+            beat, holder = await self._retrying_start(self._beat_and_holder, beat_key, wid)
+            if beat is None or holder != other:
+                return  # lapsed, or taken over by a process that will settle it with us the same way
+            if beat != first:
+                break
+        else:
+            return  # no beat for a whole interval: a dead process of another host or container
+        message = self._duplicate_message(other) + ". This worker does not start"
+        self.log.error(message, extra={"event_type": "worker.duplicate_id", "fields": {
+            "worker_id": wid, "machine_id": self.ident.machine_id, "other_instance": other}})
+        raise DuplicateWorkerId(message)
+
+    def _duplicate_message(self, other: str) -> str:
+        return (f"worker id {self.ident.worker_id} is already in use by another live process (machine id "
+                f"{self.ident.machine_id}, instance {other}): two machines run with the same MACHINE_ID (a "
+                f"copied environment?). Give each machine its own MACHINE_ID (or WORKER_ID), or stop the "
+                f"other one")
+
+    def _give_up_id(self, other: str) -> None:
+        """Another live process registered our worker id while we ran: stop claiming, hand our running jobs
+        back now (as a second SIGTERM does) and exit non-zero (run raises DuplicateWorkerId at its end)."""
+        self.duplicate_of = other
+        self.log.error(self._duplicate_message(other) + "; this worker stops", extra={
+            "event_type": "worker.duplicate_id", "fields": {
+                "worker_id": self.ident.worker_id, "machine_id": self.ident.machine_id, "other_instance": other}})
+        if not self.draining.is_set():
+            self._on_signal()
+        self._on_signal()
+
+    async def _beat_and_holder(self, beat_key: str, wid: str) -> tuple[str | None, str | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(beat_key)
+            pipe.hget(worker_key(wid), "instance")
+            beat, holder = await pipe.execute()
+        return beat, holder
 
     async def _refresh_status(self) -> None:
         """Write idle / busy as `self.running` stands now (after re-registering). While jobs run, the
@@ -1089,7 +1317,15 @@ class Worker:
             next_beat = max(next_beat, time.monotonic() - interval)  # after a stall, no burst of beats
             try:
                 beat = await self.store.heartbeat(self.ident.worker_id)
-                if not await self.redis.hexists(worker_key(self.ident.worker_id), "capabilities"):
+                has_caps, holder = await self.redis.hmget(worker_key(self.ident.worker_id), "capabilities",
+                                                          "instance")
+                if has_caps and holder and holder != self.instance:
+                    # Another process registered this worker id since (they started at once): its jobs
+                    # would be our strays and ours its. This one gives the id up: no hand-back of anything
+                    # not its own, its jobs back to the queue now, then it exits non-zero.
+                    self._give_up_id(holder)
+                    return
+                if not has_caps:
                     # Redis came back empty (restarted without persistence): register again
                     await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
                                                      self.connector_statuses, instance=self.instance)
