@@ -125,6 +125,17 @@ def iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# The contract renews `worker:{id}:heartbeat` (TTL 60 s) at least every 30 s, whatever the lease: a beat is
+# a third of the lease but never more than this, which leaves 10 s for a slow beat or a health check.
+HEARTBEAT_MAX_S = 20.0
+
+
+def heartbeat_interval(lease_s: float) -> float:
+    """A worker's beat: a third of the lease (so a lease survives two lost beats), capped by the contract's
+    heartbeat bound. The reaper waits one of these and a half before reaping an expired lease (reap.lua)."""
+    return min(HEARTBEAT_MAX_S, max(0.2, lease_s / 3))
+
+
 def submission_score(priority: float, time_ms: int) -> float:
     """The contract's score: P x 10^15 - floor(T_ms / 1000), in doubles like the TypeScript API."""
     return float(priority) * 1e15 - float(time_ms // 1000)
@@ -617,8 +628,8 @@ class _JobOps:
         return list((yield _Call(None, ("hkeys", active_key(worker_id)))))
 
     def _reap(self, limit: int, confirm_s: float | None = None) -> _Op:
-        if confirm_s is None:  # one renewal interval of our lease (worker.heartbeat_interval) and half of one
-            beat_s = min(20.0, max(0.2, self.lease_ms / 3000))
+        if confirm_s is None:  # one renewal interval of our lease and half of one
+            beat_s = heartbeat_interval(self.lease_ms / 1000)
             confirm_s = beat_s + max(0.5, beat_s / 2)
         return list((yield _Call("reap", (limit, int(confirm_s * 1000)))))
 

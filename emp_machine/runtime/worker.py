@@ -38,7 +38,7 @@ from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobE
                                 ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
-                                      heartbeat_key, statuses_json, worker_key)
+                                      heartbeat_interval, heartbeat_key, statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
 from emp_machine.telemetry.redact import secret_key as secret_name
@@ -50,9 +50,6 @@ TELEMETRY_SHUTDOWN_S = 5.0  # the last flush and shipping attempt at exit, at mo
 EXIT_WAIT_S = 1.0  # at exit, tasks still running (a connector run that ignores cancellation) get this long
 REDIS_RETRY_MAX_S = 5.0
 CANCEL_GRACE_S = 2.0  # a connector told to stop gets this long before its progress calls raise JobCancelled
-# The contract renews `worker:{id}:heartbeat` (TTL 60 s) at least every 30 s, whatever the lease: a beat is
-# a third of the lease but never more than this, which leaves 10 s for a slow beat or a health check.
-HEARTBEAT_MAX_S = 20.0
 HEALTH_TIMEOUT_S = 5.0  # a connector health check slower than this reads as unhealthy
 # While its connector is unhealthy the worker claims nothing and checks this often, to resume soon after.
 PAUSED_HEALTH_INTERVAL_S = 1.0
@@ -258,11 +255,6 @@ class WorkerIdentity:
                    machine_id=machine_id, group=group,
                    redis_url=environ.get("REDIS_URL") or manifest.redis.url,
                    service_port=int(port) if port else None)
-
-
-def heartbeat_interval(lease_s: float) -> float:
-    """A third of the lease (so a lease survives two lost beats), capped by the contract's heartbeat bound."""
-    return min(HEARTBEAT_MAX_S, max(0.2, lease_s / 3))
 
 
 def probed_hardware(probe: Any) -> dict[str, Any]:
