@@ -134,13 +134,32 @@ def _machine_local(error: BaseException) -> str | None:
     return None
 
 
+# Of those, the ones a job's own paths can cause as well (a file its payload names that this user cannot read,
+# a path through a file): the worker counts a second such fault of one job as the job's (see worker.py).
+_JOB_MAY_CAUSE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+
+def _local_oserror(error: BaseException | None) -> OSError | None:
+    """The OSError about this machine behind `error`: itself, or the cause of a retryable JobError raised from
+    one (`raise RetryableJobError(...) from exc`). A FatalJobError is the connector's own verdict: None."""
+    if isinstance(error, JobError):
+        error = error.__cause__ if error.retryable else None
+    return error if isinstance(error, OSError) and _machine_local(error) is not None else None
+
+
 def machine_local_hint(error: BaseException | None) -> str | None:
     """The operator's fix when `error` is an OSError about this machine (a full disk, a read-only or
-    unwritable output directory, an exhausted file table...), or a retryable JobError raised from one
-    (`raise RetryableJobError(...) from exc`), else None. A FatalJobError is the connector's own verdict."""
-    if isinstance(error, JobError):
-        return _machine_local(error.__cause__) if error.retryable and error.__cause__ is not None else None
-    return _machine_local(error) if error is not None else None
+    unwritable output directory, an exhausted file table...), or a retryable JobError raised from one, else
+    None."""
+    local = _local_oserror(error)
+    return _machine_local(local) if local is not None else None
+
+
+def job_may_cause(error: BaseException | None) -> bool:
+    """Whether `error`'s machine-local OSError is of a kind a job's own paths can cause too (permissions, a
+    file where a directory must be), unlike a full disk or an exhausted file table."""
+    local = _local_oserror(error)
+    return local is not None and local.errno in _JOB_MAY_CAUSE_ERRNOS
 
 
 def can_retry(error: BaseException) -> bool:

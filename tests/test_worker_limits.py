@@ -31,6 +31,8 @@ class EdgeConnector(Connector):
         p = job.payload if isinstance(job.payload, dict) else {}
         if p.get("progress_kb"):
             await progress(50, "m" * (p["progress_kb"] * 1024))
+        if p.get("unreadable"):  # a file the job names that this user cannot read: the job's fault
+            raise PermissionError(errno.EACCES, "Permission denied", p["unreadable"])
         if p.get("disk_full_while") and os.path.exists(p["disk_full_while"]):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.context.output_dir))
         if p.get("result_mb"):
@@ -170,6 +172,24 @@ def test_a_full_disk_hands_the_job_back_uncounted_and_pauses_claims_until_a_writ
         assert '"worker.claims_resumed"' in procs.log(0)
     finally:
         msgs.close()
+        procs.close()
+
+
+def test_a_permission_fault_of_the_jobs_own_is_counted_the_second_time_and_the_job_ends(
+        site, client, redis_url, tmp_path):
+    # EACCES on a file the job names looks machine-local, and was handed back uncounted at every attempt: the
+    # job went round for ever. The second such fault of one job here, with the output folder writable, counts.
+    procs = _edge(site, tmp_path, redis_url)
+    try:
+        procs.start()
+        procs.wait_up(client)
+        job_id = JobStore(client).submit("edge", {"unreadable": "/models/private.bin"}, max_retries=1)
+        wait_for(lambda: status_of(client, job_id) == "failed", 30, message=f"the job failed\n{procs.log(0)[-3000:]}")
+        error = client.hget(f"job:{job_id}", "error")
+        assert "Permission denied" in error and "/models/private.bin" in error, error
+        exhausted = [line for line in procs.log(0).splitlines() if '"resource.exhausted"' in line]
+        assert len(exhausted) == 1, exhausted  # the first fault only
+    finally:
         procs.close()
 
 

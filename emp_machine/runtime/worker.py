@@ -35,7 +35,8 @@ from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
-                                ServiceUnreachable, classify, describe_exception, machine_local_hint)
+                                ServiceUnreachable, classify, describe_exception, job_may_cause,
+                                machine_local_hint)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
                                       heartbeat_interval, heartbeat_key, statuses_json, worker_key)
@@ -59,6 +60,7 @@ PAUSED_HEALTH_INTERVAL_S = 1.0
 # a row, so a fault the probe does not see cannot bounce jobs fast), then backing off up to LOCAL_PROBE_MAX_S.
 LOCAL_PROBE_FIRST_S = 1.0
 LOCAL_PROBE_MAX_S = 30.0
+LOCAL_FAULT_JOBS_MAX = 10_000  # ids remembered for the rule "a second such fault of one job is the job's"
 PROGRESS_MESSAGE_MAX = 4096  # characters of a progress message stored and published; longer is cut, marked
 _CUT = "… [truncated]"
 
@@ -452,6 +454,7 @@ class Worker:
         self.local_ok = asyncio.Event()
         self.local_ok.set()
         self._local_faults = 0  # machine-local faults in a row (reset by a completed job)
+        self._local_fault_jobs: set[str] = set()  # jobs handed back here for a machine-local fault
         self._local_watcher: asyncio.Task | None = None
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -899,7 +902,16 @@ class Worker:
             await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
             return
         hint = machine_local_hint(error)
+        if hint is not None and job_may_cause(error) and job.id in self._local_fault_jobs \
+                and await self._probe_output_dir() is None:
+            # A permissions-like fault (not a full disk) met by the same job here before, while the output folder
+            # takes writes: the job's own (a file its payload names that cannot be read, say), not the machine's.
+            # Counted like any failure: handed back uncounted every time, it went round the fleet for ever.
+            hint = None
         if hint is not None:
+            if len(self._local_fault_jobs) >= LOCAL_FAULT_JOBS_MAX:
+                self._local_fault_jobs.clear()
+            self._local_fault_jobs.add(job.id)
             # This machine's fault (a full disk, an unwritable output folder...), not the job's: counted, every
             # queued job became a final failure within milliseconds, its attempts bouncing between this
             # machine's workers. Back to the queue uncounted (another machine may run it); claims pause here
