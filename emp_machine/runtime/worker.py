@@ -1015,6 +1015,18 @@ class Worker:
                            extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
         return False
 
+    async def _to_files(self, store: Any, result: JobResult, job: Job, what: str) -> JobResult:
+        """`store(result, the job's output folder)` in a thread (outputs.spill or outputs.cap). An OSError is
+        the worker's own step failing, not the connector's error (and the disk may have room again later):
+        retryable, naming the folder; `store` removed the files it had written."""
+        directory = job_dir(self.connector.context.output_dir, job.id)
+        try:
+            return await asyncio.to_thread(store, result, directory)
+        except OSError as exc:
+            raise RetryableJobError(f"cannot store the job's {what} in {directory}: "
+                                    f"{exc.strerror or type(exc).__name__}; free space there or fix its "
+                                    f"permissions") from exc
+
     async def _finish_ok(self, job: Job, result: JobResult, final_progress: bool,
                          steps: dict[str, float], job_task: asyncio.Task) -> Ownership:
         """Complete the job; `final_progress` records progress 100 in the same round trip. The slot of
@@ -1023,25 +1035,11 @@ class Worker:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         mark = time.monotonic()
         if outputs.needs_spill(result):  # a base64 image or a huge text inline: to files (contract)
-            directory = job_dir(self.connector.context.output_dir, job.id)
-            try:
-                result = await asyncio.to_thread(outputs.spill, result, directory)
-            except OSError as exc:
-                # The worker's own step, not the connector's error (and the disk may have room again
-                # later): retryable, naming the directory; spill removed the files it had written.
-                raise RetryableJobError(f"cannot store the job's outputs in {directory}: "
-                                        f"{exc.strerror or type(exc).__name__}; free space there or fix its "
-                                        f"permissions") from exc
+            result = await self._to_files(outputs.spill, result, job, "outputs")
         if outputs.result_size(result) > outputs.RESULT_MAX_BYTES:
             # Written whole into jobs:completed and published on complete_job, a large result got the API's
             # subscriber disconnected (Redis' pub/sub output buffer limit): stored as a file, referenced.
-            directory = job_dir(self.connector.context.output_dir, job.id)
-            try:
-                result = await asyncio.to_thread(outputs.cap, result, directory)
-            except OSError as exc:
-                raise RetryableJobError(f"cannot store the job's result in {directory}: "
-                                        f"{exc.strerror or type(exc).__name__}; free space there or fix its "
-                                        f"permissions") from exc
+            result = await self._to_files(outputs.cap, result, job, "result")
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
         self._free_slot(job_task)
