@@ -233,6 +233,35 @@ def test_failed_record_has_the_secret_header_redacted_and_no_status_without_an_a
     assert "status_code" not in fields and fields["error.type"] == "ServiceUnreachable"  # never reached it
 
 
+def test_a_dot_segment_job_id_never_changes_the_services_path(context, service):
+    # quote() leaves dots alone and the URL library drops dot segments: a job id `..` sent
+    # `/tasks/{job_id}/cancel` to `/cancel` (another endpoint than configured). Refused, nothing sent.
+    conn = sync_connector(context, service, submit_url=service.thread.url + "/tasks/{job_id}/run")
+
+    async def main():
+        try:
+            return await conn.run(job({"x": 1}, job_id="..", service="rest"), Progress())
+        finally:
+            await conn.close()
+    with pytest.raises(FatalJobError, match=r"\{job_id\} is '\.\.' here"):
+        asyncio.run(main())
+    assert service.requests == []
+
+
+def test_a_job_id_with_control_characters_is_sent_percent_encoded(context, service):
+    # aiohttp refused the raw id in x-job-id ("Forbidden control character"): the job failed for good,
+    # blamed on the connector. Printable ids go as they are.
+    conn = sync_connector(context, service)
+
+    async def main():
+        try:
+            return await conn.run(job({"numbers": [1]}, job_id="a-\x1b[31mRED\r\nX: y", service="rest"), Progress())
+        finally:
+            await conn.close()
+    assert asyncio.run(main()).data == {"sum": 1}
+    assert service.requests[0][2]["x-job-id"] == "a-%1B[31mRED%0D%0AX: y"
+
+
 def test_async_submit_then_poll_reports_progress_until_done(context, service):
     result, progress = run(async_connector(context, service), {"x": 1})
     assert result.data == {"url": "http://x/y.png"}

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable
+from emp_machine.telemetry.context import header_value
 from emp_machine.telemetry.tracing import note_request_id
 
 REDACTED = "[REDACTED]"
@@ -105,7 +106,7 @@ def service_headers(job: Any, request_id: str | None = None) -> dict[str, str]:
         headers = dict(given)
         headers["x-request-id"] = request_id
         return headers
-    headers = {"x-job-id": str(job.id), "x-request-id": request_id}
+    headers = {"x-job-id": header_value(str(job.id)), "x-request-id": request_id}
     for name in ("traceparent", "tracestate"):
         value = getattr(job, name, None)
         if value:

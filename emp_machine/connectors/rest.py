@@ -101,8 +101,13 @@ def at_path(document: Any, path: str, default: Any = _MISSING) -> Any:
 def render(template: str, job_id: str, submitted: Any) -> str:
     def field(match: re.Match) -> str:
         name = match.group(1)
-        value = job_id if name == "job_id" else at_path(submitted, name)
-        return urllib.parse.quote(str(value), safe="")
+        value = str(job_id if name == "job_id" else at_path(submitted, name))
+        if value in (".", ".."):
+            # quote() leaves dots alone and the URL library removes dot segments, even encoded: a job id `..`
+            # turned `/tasks/{job_id}/cancel` into `/cancel` on the service, another endpoint than configured
+            raise FatalJobError(f"{{{name}}} is {value!r} here, which would change the path of "
+                                f"{_http.strip_query(template)} on the service: refused")
+        return urllib.parse.quote(value, safe="")
     return _FIELD.sub(field, template)
 
 

@@ -12,6 +12,7 @@ import contextvars
 import functools
 import random
 import re
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -324,13 +325,26 @@ def _text(value: object) -> str | None:
 
 # --- HTTP ------------------------------------------------------------------------------------------------
 
+_PRINTABLE_ASCII = frozenset(chr(c) for c in range(0x20, 0x7F))
+_HEADER_SAFE = "".join(sorted(_PRINTABLE_ASCII - {"%"}))
+
+
+def header_value(value: str) -> str:
+    """`value` as an HTTP header value: as it is when it is printable ASCII, else percent-encoded (UTF-8). A job
+    id is the producer's: one with a control character (ESC, CR, LF) or beyond ASCII made aiohttp refuse the
+    request ("Forbidden control character ... header injection"), failing the job for good as a connector bug."""
+    if all(ch in _PRINTABLE_ASCII for ch in value):
+        return value
+    return urllib.parse.quote(value, safe=_HEADER_SAFE)
+
+
 def http_headers(job_id: str | None = None, request_id: str | None = None, *, machine_id: str = "",
                  worker_id: str | None = None, context: otel_context.Context | None = None) -> dict[str, str]:
     """Headers for a call to a service: `traceparent`, `tracestate` (with our `emp` member), `x-job-id`,
     `x-request-id` (a new `req-…` id when none is given)."""
     headers: dict[str, str] = {"x-request-id": request_id or new_request_id()}
     if job_id:
-        headers["x-job-id"] = job_id
+        headers["x-job-id"] = header_value(job_id)
     span_context = _current_span_context(context)
     if span_context is not None:
         headers["traceparent"] = format_traceparent(span_context)
