@@ -134,11 +134,6 @@ def _machine_local(error: BaseException) -> str | None:
     return None
 
 
-# Of those, the ones a job's own paths can cause as well (a file its payload names that this user cannot read,
-# a path through a file): the worker counts a second such fault of one job as the job's (see worker.py).
-_JOB_MAY_CAUSE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR})
-
-
 def _local_oserror(error: BaseException | None) -> OSError | None:
     """The OSError about this machine behind `error`: itself, or the cause of a retryable JobError raised from
     one (`raise RetryableJobError(...) from exc`). A FatalJobError is the connector's own verdict: None."""
@@ -153,13 +148,6 @@ def machine_local_hint(error: BaseException | None) -> str | None:
     None."""
     local = _local_oserror(error)
     return _machine_local(local) if local is not None else None
-
-
-def job_may_cause(error: BaseException | None) -> bool:
-    """Whether `error`'s machine-local OSError is of a kind a job's own paths can cause too (permissions, a
-    file where a directory must be), unlike a full disk or an exhausted file table."""
-    local = _local_oserror(error)
-    return local is not None and local.errno in _JOB_MAY_CAUSE_ERRNOS
 
 
 def can_retry(error: BaseException) -> bool:

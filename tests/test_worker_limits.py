@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -112,12 +113,45 @@ def test_a_worker_that_finds_its_id_taken_over_while_running_gives_it_up(client,
         procs.start()
         procs.wait_up(client)
         wid = procs.ids[0]
-        JobStore(client).register_worker(wid, "other", {"services": ["dupsim"]},
-                                         instance=f"1-abcdef012345-{'0' * 12}")
+        other = f"1-abcdef012345-{'0' * 12}"  # another pid space: a process this one cannot see
+        store = JobStore(client)
+        # The other process is alive: it writes its token again whenever it finds ours (as its beats do)
+        deadline = time.monotonic() + 15
+        while procs.procs[0].poll() is None and time.monotonic() < deadline:
+            if client.hget(f"worker:{wid}", "instance") != other:
+                store.register_worker(wid, "other", {"services": ["dupsim"]}, instance=other)
+            time.sleep(0.05)  # pacing the other process's writes, not a synchronisation
         assert procs.wait_exit(0, timeout=15) != 0
         log = procs.log(0)
         assert f"worker id {wid} is already in use by another live process" in log and "this worker stops" in log
         assert client.hget(f"worker:{wid}", "instance") == f"1-abcdef012345-{'0' * 12}"  # left to the other
+    finally:
+        procs.close()
+
+
+def test_a_dead_predecessors_token_brought_back_by_redis_does_not_stop_a_running_worker(
+        client, redis_url, tmp_path):
+    # A Redis restored from an older snapshot (or a replica behind) brings back worker:{id} as our own dead
+    # predecessor registered it: every running worker took that for a live duplicate, handed its jobs back
+    # and exited 1. The token is now written back, once, and the worker carries on.
+    from emp_machine.runtime.worker import _pid_space
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    procs = _sim(tmp_path, redis_url, "r", f"rs{uuid.uuid4().hex[:6]}", lease="3s", job_type="restoredsim")
+    try:
+        procs.start()
+        procs.wait_up(client)
+        wid = procs.ids[0]
+        mine = client.hget(f"worker:{wid}", "instance")
+        store = JobStore(client)
+        job_id = store.submit("restoredsim", {"steps": 20, "step_ms": 200})
+        wait_for(lambda: status_of(client, job_id) == "in_progress", message="the job running")
+        client.hset(f"worker:{wid}", "instance", f"{dead.pid}-abcdef012345-{_pid_space()}")
+        wait_for(lambda: client.hget(f"worker:{wid}", "instance") == mine, 15, message="its token written back")
+        wait_for(lambda: status_of(client, job_id) == "completed", 20, message=f"the job completed\n{procs.log(0)[-2000:]}")
+        assert procs.procs[0].poll() is None and "this worker stops" not in procs.log(0)
+        assert [e["ev"] for e in store.timeline(job_id).events].count("claimed") == 1
     finally:
         procs.close()
 
@@ -175,18 +209,23 @@ def test_a_full_disk_hands_the_job_back_uncounted_and_pauses_claims_until_a_writ
         procs.close()
 
 
-def test_a_permission_fault_of_the_jobs_own_is_counted_the_second_time_and_the_job_ends(
-        site, client, redis_url, tmp_path):
-    # EACCES on a file the job names looks machine-local, and was handed back uncounted at every attempt: the
-    # job went round for ever. The second such fault of one job here, with the output folder writable, counts.
+@pytest.mark.parametrize("fault", ["unreadable", "too_big"])
+def test_a_fault_of_the_jobs_own_is_counted_the_second_time_and_the_job_ends(
+        site, client, redis_url, tmp_path, fault):
+    # A machine-local errno raised while the output folder takes writes (EACCES on a file the job names; ENOSPC
+    # for an output bigger than the disk's free space) was handed back uncounted at every attempt: the job went
+    # round for ever. The second such fault of one job on a worker whose probe passes counts.
+    flag = tmp_path / "always"
+    flag.write_text("")
+    payload = {"unreadable": "/models/private.bin"} if fault == "unreadable" else {"disk_full_while": str(flag)}
     procs = _edge(site, tmp_path, redis_url)
     try:
         procs.start()
         procs.wait_up(client)
-        job_id = JobStore(client).submit("edge", {"unreadable": "/models/private.bin"}, max_retries=1)
+        job_id = JobStore(client).submit("edge", payload, max_retries=1)
         wait_for(lambda: status_of(client, job_id) == "failed", 30, message=f"the job failed\n{procs.log(0)[-3000:]}")
         error = client.hget(f"job:{job_id}", "error")
-        assert "Permission denied" in error and "/models/private.bin" in error, error
+        assert ("Permission denied" if fault == "unreadable" else "No space left") in error, error
         exhausted = [line for line in procs.log(0).splitlines() if '"resource.exhausted"' in line]
         assert len(exhausted) == 1, exhausted  # the first fault only
     finally:

@@ -35,8 +35,7 @@ from emp_machine.connectors._http import job_dir
 from emp_machine.connectors.base import Connector, ConnectorContext, ConnectorJob, JobResult
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
-                                ServiceUnreachable, classify, describe_exception, job_may_cause,
-                                machine_local_hint)
+                                ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
                                       heartbeat_interval, heartbeat_key, statuses_json, worker_key)
@@ -434,6 +433,7 @@ class Worker:
         # the id over at once; another live process holding it refuses this one's start (_check_duplicate).
         self.instance = new_instance()
         self.duplicate_of: str | None = None  # the other live process's instance, once one was seen
+        self._foreign_holder: str | None = None  # another live-looking token found in worker:{id} at the last beat
         self._status_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Task] = set()
         self._abandoned: set[asyncio.Task] = set()  # connector runs that ignored their cancellation (never waited for)
@@ -902,11 +902,11 @@ class Worker:
             await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
             return
         hint = machine_local_hint(error)
-        if hint is not None and job_may_cause(error) and job.id in self._local_fault_jobs \
-                and await self._probe_output_dir() is None:
-            # A permissions-like fault (not a full disk) met by the same job here before, while the output folder
-            # takes writes: the job's own (a file its payload names that cannot be read, say), not the machine's.
-            # Counted like any failure: handed back uncounted every time, it went round the fleet for ever.
+        if hint is not None and job.id in self._local_fault_jobs and await self._probe_output_dir() is None:
+            # The same job met such a fault here before, and the output folder takes writes: the job's own (a
+            # file its payload names that cannot be read, an output bigger than the disk's free space, a path
+            # outside the output folder), not the machine's. Counted like any failure: handed back uncounted
+            # every time (no attempt, no avoid window), it went round the fleet for ever.
             hint = None
         if hint is not None:
             if len(self._local_fault_jobs) >= LOCAL_FAULT_JOBS_MAX:
@@ -1321,12 +1321,28 @@ class Worker:
                 beat = await self.store.heartbeat(self.ident.worker_id)
                 has_caps, holder = await self.redis.hmget(worker_key(self.ident.worker_id), "capabilities",
                                                           "instance")
-                if has_caps and holder and holder != self.instance:
-                    # Another process registered this worker id since (they started at once): its jobs
-                    # would be our strays and ours its. This one gives the id up: no hand-back of anything
-                    # not its own, its jobs back to the queue now, then it exits non-zero.
+                contested = bool(has_caps and holder and holder != self.instance)
+                if contested and _predecessor(holder) == "unknown" and holder == self._foreign_holder:
+                    # Another process registered this worker id (they started at once) and wrote it again after
+                    # we wrote ours back: a live duplicate. Its jobs would be our strays and ours its. This one
+                    # gives the id up: no hand-back of anything not its own, its jobs back to the queue now,
+                    # then it exits non-zero.
                     self._give_up_id(holder)
                     return
+                if contested:
+                    # Another token, seen once: ours is written back. A live duplicate writes its own again
+                    # before our next beat (then the branch above); a token no live process holds (our own
+                    # dead predecessor's, brought back by a Redis restored from an older snapshot or a replica
+                    # behind) just goes: every worker of the machine gave its id up and quit for it.
+                    self._foreign_holder = holder if _predecessor(holder) == "unknown" else None
+                    self.log.warning("worker id registered under another token: registering again",
+                                     extra={"event_type": "worker.reregistered",
+                                            "fields": {"other_instance": holder}})
+                    await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
+                                                     self.connector_statuses, instance=self.instance)
+                    await self._refresh_status()
+                else:
+                    self._foreign_holder = None
                 if not has_caps:
                     # Redis came back empty (restarted without persistence): register again
                     await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
@@ -1339,6 +1355,9 @@ class Worker:
                 self._on_cancel(job_id, "cancelled (seen by heartbeat)")
             for job_id in beat.lost:
                 self.request_stop(job_id, lost=True)
+            if contested:  # the jobs in jobs:active may be another live process's: none is a stray now
+                self.orphans_seen = set()
+                continue
             # Orphans seen twice in a row (so not a claim whose reply is still on its way): hand back.
             strays = {j for j in beat.renewed if j not in self.running}
             await self._release_orphans(sorted(strays & self.orphans_seen), "not running on its worker")
