@@ -115,6 +115,86 @@ def test_small_differences_between_the_clocks_are_no_step(tmp_path):
         buffer.close()
 
 
+
+class StallingClocks(Clocks):
+    """Clocks whose wall reading is followed by a stall (swap, a stopped container, a long GIL hold, a preempted
+    thread) of `stall_s` for the next `stalls` readings: the elapsed clock read just after it is that much later,
+    and so is the wall clock at the next reading. A stall is no step: the two clocks move together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalls = 0
+        self.stall_s = 0.0
+
+    def read_wall(self) -> float:
+        wall = self.wall
+        if self.stalls:
+            self.stalls -= 1
+            self.pass_time(self.stall_s)
+        return wall
+
+
+def _created(path) -> list[float]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute("SELECT created FROM chunks ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_a_stall_between_the_clock_readings_is_no_step(tmp_path, capfd):
+    # The review: a stall of >= 2 s between the wall and the elapsed reading read as a step (-5 s here): every
+    # stored chunk was moved by it, the next clean reading "corrected" it back (+5 s), two false report lines,
+    # clock_steps 2.
+    clocks = StallingClocks()
+    buffer = Buffer(tmp_path / "b.db", retention=3600, clock=clocks.read_wall, monotonic=lambda: clocks.elapsed)
+    try:
+        buffer.append(Kind.LOG, Value.NORMAL, _log(0))
+        assert buffer.flush()
+        first = clocks.wall
+        clocks.pass_time(10)
+        clocks.stalls, clocks.stall_s = 1, 5.0  # one stalled reading: taken again
+        buffer.append(Kind.LOG, Value.NORMAL, _log(1))
+        assert buffer.flush()
+        assert buffer.clock_steps == 0
+        assert _created(tmp_path / "b.db") == [first, clocks.wall]
+        clocks.pass_time(10)
+        clocks.stalls = 3  # every reading of a commit stalled: no step is measured, the reference stays
+        buffer.append(Kind.LOG, Value.NORMAL, _log(2))
+        assert buffer.flush()
+        assert buffer.clock_steps == 0
+        assert _created(tmp_path / "b.db") == [first, first + 15, clocks.wall]
+        clocks.pass_time(10)
+        buffer.append(Kind.LOG, Value.NORMAL, _log(3))
+        assert buffer.flush()
+        assert buffer.clock_steps == 0 and buffer.stats().dropped == {}
+        assert _created(tmp_path / "b.db") == [first, first + 15, first + 40, clocks.wall]
+        assert "stepped" not in capfd.readouterr().err
+    finally:
+        buffer.close()
+
+
+def test_a_step_hidden_by_a_stalled_reading_is_corrected_once_at_the_next_clean_one(tmp_path):
+    # A chunk stamped while no reading could be trusted gets the reference's time, so the step seen at the next
+    # clean reading (here: the retention pass of the same flush) moves it with the others, and only once.
+    clocks = StallingClocks()
+    buffer = Buffer(tmp_path / "b.db", retention=3600, clock=clocks.read_wall, monotonic=lambda: clocks.elapsed)
+    try:
+        buffer.append(Kind.LOG, Value.NORMAL, _log(0))
+        assert buffer.flush()
+        first = clocks.wall
+        clocks.pass_time(10)
+        clocks.step(3600)
+        clocks.stalls, clocks.stall_s = 3, 1.0
+        buffer.append(Kind.LOG, Value.NORMAL, _log(1))
+        assert buffer.flush()
+        assert buffer.clock_steps == 1
+        assert _created(tmp_path / "b.db") == [first + 3600, clocks.wall]
+    finally:
+        buffer.close()
+
 # --- one record larger than the whole buffer ------------------------------------------------------------------
 
 def _random_text(rng: random.Random, n: int) -> str:
@@ -186,21 +266,31 @@ def test_a_stored_chunk_over_a_lowered_cap_goes_first_on_its_own(tmp_path):
 # --- spans --------------------------------------------------------------------------------------------------
 
 class FakeNs:
-    """tracing's wall and monotonic clocks, in ns."""
+    """tracing's wall and monotonic clocks, in ns. The next `stalls` wall readings are followed by a stall of
+    `stall_ns` (a thread preempted under load): the monotonic clock read just after it is that much later."""
 
     def __init__(self) -> None:
         self.wall = 1_800_000_000 * 10**9
         self.mono = 7_000 * 10**9
+        self.stalls = 0
+        self.stall_ns = 0
 
     def pass_time(self, ns: int) -> None:
         self.wall += ns
         self.mono += ns
 
+    def read_wall(self) -> int:
+        wall = self.wall
+        if self.stalls:
+            self.stalls -= 1
+            self.pass_time(self.stall_ns)
+        return wall
+
 
 @pytest.fixture
 def ns_clocks(monkeypatch):
     clocks = FakeNs()
-    monkeypatch.setattr(tracing, "_time_ns", lambda: clocks.wall)
+    monkeypatch.setattr(tracing, "_time_ns", clocks.read_wall)
     monkeypatch.setattr(tracing, "_monotonic_ns", lambda: clocks.mono)
     monkeypatch.setattr(tracing, "_wall_anchor_ns", clocks.wall - clocks.mono)  # restored after the test
     return clocks
@@ -261,6 +351,40 @@ def test_the_anchor_follows_a_corrected_wall_clock_without_changing_durations(ns
     assert long[6] - long[5] == 2 * 10**9 and long[6] == ns_clocks.wall - 10**6
     assert short[5] == ns_clocks.wall - 10**6 and short[6] - short[5] == 2 * 10**6
 
+
+
+def _sampler_window(tracer: Tracer) -> None:
+    tracer.sampler.next_adjust = 0.0
+    tracer.sampler.maybe_adjust()  # a due sampler window: the anchor is read again
+
+
+def test_a_stalled_anchor_reading_does_not_move_the_anchor(ns_clocks):
+    # The review: a thread preempted 30 ms between time_ns() and monotonic_ns() took an anchor off by 30 ms, over
+    # the 1 ms threshold: a child span written under it started before its parent, written under the next one.
+    tracer, kept = _tracer()
+    anchor = tracing._wall_anchor_ns
+    with tracer.start_as_current_span("parent"):
+        ns_clocks.pass_time(10**6)
+        with tracer.start_as_current_span("child"):
+            ns_clocks.pass_time(10**6)
+            ns_clocks.stalls, ns_clocks.stall_ns = 1, 30 * 10**6  # one stalled reading of three: not used
+            _sampler_window(tracer)
+            assert tracing._wall_anchor_ns == anchor
+            ns_clocks.pass_time(10**6)
+        ns_clocks.stalls, ns_clocks.stall_ns = 3, 20 * 10**6  # all three: off by half the stall, under 50 ms
+        _sampler_window(tracer)
+        assert tracing._wall_anchor_ns == anchor
+        ns_clocks.pass_time(10**6)
+        _sampler_window(tracer)
+    spans = {record[3]: record for _, _, record in kept}
+    parent, child = spans["parent"], spans["child"]
+    assert parent[5] < child[5] < child[6] < parent[6]
+    assert child[5] - parent[5] == 10**6
+    # A real step is still followed, exactly, though a reading of it stalled.
+    ns_clocks.wall += 2 * 10**9
+    ns_clocks.stalls, ns_clocks.stall_ns = 1, 40 * 10**6
+    _sampler_window(tracer)
+    assert tracing._wall_anchor_ns == anchor + 2 * 10**9
 
 # --- uptime -------------------------------------------------------------------------------------------------
 

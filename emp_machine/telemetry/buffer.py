@@ -194,6 +194,9 @@ _elapsed = (lambda: time.clock_gettime(_CLOCK_BOOTTIME)) if _CLOCK_BOOTTIME is n
 # (an NTP correction, a clock set by hand): the stored chunks' times are moved with it (`Buffer._now`). Under
 # it: the jitter of two readings (a thread preempted between them), never corrected.
 _STEP_MIN = 2.0
+# The wall reading is bracketed by two elapsed readings: further apart than this, the thread stalled between them
+# (swap, a stopped container, a long GIL hold), and the pair says nothing about a step (`Buffer._now`).
+_READ_MAX = 0.05
 
 
 def _read_frames(path: Path) -> tuple[dict[tuple[int, int], list], dict[str, str]]:
@@ -1395,8 +1398,22 @@ class Buffer:
         thread (and the open, before it starts) calls this: it alone stamps chunks, so none stamped after a step
         is moved by it. A step while no process holds the file is not seen: the records stored before it have
         only their wall time, and age by the wall clock (a step forward of `retention` or more expires them at
-        the next start; a step back keeps them longer)."""
-        wall, elapsed = self._clock(), self._elapsed()
+        the next start; a step back keeps them longer).
+        The wall reading is taken between two elapsed ones, up to 3 times: a stall of seconds between the two
+        clocks' readings (swap, a stopped container) read as a step, moved every chunk by it, and the next clean
+        reading moved them back. When no bracket is within `_READ_MAX`, no step is measured, the reference stays,
+        and the time returned is the reference's (its wall time plus the elapsed time since): a step hidden in
+        such a reading is then seen at the next clean one and moves a chunk stamped meanwhile with the others."""
+        for _ in range(3):
+            before = self._elapsed()
+            wall = self._clock()
+            after = self._elapsed()
+            if after - before <= _READ_MAX:
+                break
+        else:
+            ref = self._clock_ref
+            return wall if ref is None else ref[0] + (after - ref[1])
+        elapsed = (before + after) / 2
         ref = self._clock_ref
         if ref is None:
             self._clock_ref = (wall, elapsed)

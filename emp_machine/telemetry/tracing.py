@@ -69,15 +69,33 @@ _TAKE_LOCK = threading.Lock()
 # written times follow a corrected wall clock within a second; a span's start and end are always written with
 # the same anchor, so its duration is exact. Explicit `start_time`/`end_time`/`timestamp` arguments (wall ns, by
 # the API) are turned into this clock with the current anchor.
-_wall_anchor_ns = _time_ns() - _monotonic_ns()
-_REANCHOR_NS = 1_000_000  # a drift of the anchor under 1 ms is jitter between the two readings: kept
+# A change of the anchor under 50 ms is no step (real ones are seconds or more) but the error of a reading: a
+# thread preempted under load between the two clocks' readings (tens of ms); kept, so that a parent and a child
+# span are not written under anchors that differ by it (the child outside its parent).
+_REANCHOR_NS = 50_000_000
+
+
+def _read_anchor() -> int:
+    """Wall minus monotonic, from the tightest of 3 readings of the wall clock between two of the monotonic one
+    (anchored to the bracket's midpoint): a reading a preempted thread held up is not the one used."""
+    best_width = best = None
+    for _ in range(3):
+        before = _monotonic_ns()
+        wall = _time_ns()
+        after = _monotonic_ns()
+        if best_width is None or after - before < best_width:
+            best_width, best = after - before, wall - (before + after) // 2
+    return best
+
+
+_wall_anchor_ns = _read_anchor()
 
 
 def _reanchor() -> None:
     """Take the anchor again (off the hot path: once a sampler window), when the wall clock moved against
     the monotonic clock (a step) by more than _REANCHOR_NS."""
     global _wall_anchor_ns
-    anchor = _time_ns() - _monotonic_ns()
+    anchor = _read_anchor()
     if abs(anchor - _wall_anchor_ns) > _REANCHOR_NS:
         _wall_anchor_ns = anchor
 
