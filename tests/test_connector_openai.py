@@ -283,3 +283,18 @@ def test_a_reply_over_max_response_bytes_is_refused(fake, context):
         run(connector(context, server, max_response_bytes=1000), CHAT)
     result, _ = run(connector(context, server, max_response_bytes=1000), CHAT)
     assert result.data["text"] == ["echo: hi"]
+
+
+def test_an_error_answers_size_never_makes_it_permanent(fake, context):
+    server = fake()
+    server.script = [(502, b"<html>" + b"x" * 5000 + b"</html>", {"Content-Type": "text/html"})]
+    with pytest.raises(RetryableJobError, match="answered 502"):
+        run(connector(context, server, max_response_bytes=1000, max_retries=0), CHAT)
+
+
+def test_an_image_download_over_max_response_bytes_is_refused_and_leaves_no_file(fake, context):
+    server = fake()  # the answer (~500 bytes) fits, the image (761 bytes) does not
+    with pytest.raises(FatalJobError, match="downloading OpenAI's image .* max_response_bytes"):
+        run(connector(context, server, max_response_bytes=700), {"model": "dall-e-3", "prompt": "a fox",
+                                                                 "size": "256x256"})
+    assert not [p for p in context.output_dir.rglob("*") if p.is_file()]

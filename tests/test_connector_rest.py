@@ -60,8 +60,9 @@ class Service:
     async def big(self, request):  # ?chunked=1: no Content-Length, the size shows only while reading
         self.record(request)
         body = b'{"output": "' + b"A" * (2 << 20) + b'"}'
-        if not request.query.get("chunked"):
-            return web.Response(body=body, content_type="application/json")
+        kind = "application/octet-stream" if request.query.get("binary") else "application/json"
+        if not request.query.get("chunked"):  # ?status=503: a proxy's huge error page
+            return web.Response(body=body, content_type=kind, status=int(request.query.get("status", 200)))
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -367,3 +368,19 @@ def test_a_reply_over_max_response_bytes_is_refused(context, service, query):
                            max_response_bytes=1 << 20), {})
     result, _ = run(sync_connector(context, service, submit_url=service.thread.url + "/big" + query), {})
     assert len(result.data) == 2 << 20
+
+
+def test_an_error_answers_size_never_makes_it_permanent(context, service):
+    # read_limited raised "too large" (permanent) before the status was looked at: a proxy's huge 503 page
+    # failed the job for good. An error answer is read in part; its status decides.
+    with pytest.raises(RetryableJobError, match="answered 503"):
+        run(sync_connector(context, service, submit_url=service.thread.url + "/big?status=503",
+                           max_response_bytes=1 << 20), {})
+
+
+def test_a_binary_answer_over_max_response_bytes_is_refused_and_leaves_no_file(context, service):
+    # streamed to disk without a bound, an answer that never ends filled the disk
+    with pytest.raises(FatalJobError, match="max_response_bytes"):
+        run(sync_connector(context, service, submit_url=service.thread.url + "/big?binary=1",
+                           max_response_bytes=1 << 20), {})
+    assert not [p for p in context.output_dir.rglob("*") if p.is_file()]

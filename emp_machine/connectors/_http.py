@@ -34,7 +34,7 @@ STOP_GRACE_S = 2.0
 # close() lets such stops still in flight finish for at most this long before the session goes.
 CLOSE_STOP_WAIT_S = 0.5
 # The default cap on a reply held in memory (JSON or text): a service answering 150 MiB cost +575 MiB of peak
-# memory. Files streamed to disk (save_response) are not capped by it.
+# memory. Files streamed to disk (save_response) are capped by it where the connector passes it.
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
@@ -207,13 +207,18 @@ def mime_for(name: str, header: str | None = None) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
+def _too_big(what: str, size: str, limit: int, setting: str) -> FatalJobError:
+    return FatalJobError(f"{what} answered {size} bytes, more than {setting} ({limit} bytes): raise the "
+                         f"connector's {setting} setting or ask the service for a smaller answer")
+
+
 async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str,
                        setting: str = "max_response_bytes") -> bytes:
     """The whole body of `response`, refused (FatalJobError naming `setting`) when Content-Length says more
-    than `limit` bytes or the body read grows past it: an oversized reply is never held in memory whole."""
+    than `limit` bytes or the body read grows past it: an oversized reply is never held in memory whole.
+    For an error answer (status >= 400) read_head instead: its status decides, not its size."""
     def too_big(size: str) -> FatalJobError:
-        return FatalJobError(f"{what} answered {size} bytes, more than {setting} ({limit} bytes): raise the "
-                             f"connector's {setting} setting or ask the service for a smaller answer")
+        return _too_big(what, size, limit, setting)
     length = response.content_length
     if length is not None and length > limit:
         raise too_big(str(length))
@@ -239,13 +244,36 @@ def same_origin(a: str, b: str) -> bool:
     return origin(a) == origin(b)
 
 
-async def save_response(response: aiohttp.ClientResponse, path: Path) -> int:
-    """Stream a response body to `path` (outputs can be large: never hold them whole in memory)."""
+# What of an error answer's body is read (for its message): a proxy's huge error page must not turn a
+# retryable 429 or 5xx into a permanent "answer too large".
+ERROR_BODY_BYTES = 64 * 1024
+
+
+async def read_head(response: aiohttp.ClientResponse, limit: int = ERROR_BODY_BYTES) -> bytes:
+    """At most the first `limit` bytes of `response`'s body (the rest is left unread: the connection closes)."""
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        chunks.append(chunk[:limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
+async def save_response(response: aiohttp.ClientResponse, path: Path, limit: int | None = None,
+                        what: str = "the service", setting: str = "max_response_bytes") -> int:
+    """Stream a response body to `path` (outputs can be large: never hold them whole in memory); with `limit`,
+    refused (FatalJobError naming `setting`) past that many bytes: a body that never ends must not fill the
+    disk. The caller removes `path` on an error."""
+    if limit is not None and response.content_length is not None and response.content_length > limit:
+        raise _too_big(what, str(response.content_length), limit, setting)
     size = 0
     with path.open("wb") as out:
         async for chunk in response.content.iter_chunked(1 << 16):
-            out.write(chunk)
             size += len(chunk)
+            if limit is not None and size > limit:
+                raise _too_big(what, f"over {limit}", limit, setting)
+            out.write(chunk)
     return size
 
 

@@ -225,7 +225,9 @@ class OpenAIConnector(_http.HttpSession, Connector):
             try:
                 async with self._http().post(url, json=body, headers=headers) as response:
                     status, response_headers = response.status, response.headers
-                    raw = await _http.read_limited(response, self.settings.max_response_bytes, f"OpenAI POST {shown}")
+                    # an error answer is read in part: its status decides (a huge 502 page stays retryable)
+                    raw = await (_http.read_limited(response, self.settings.max_response_bytes, f"OpenAI POST {shown}")
+                                 if status < 400 else _http.read_head(response))
             except _http.TRANSPORT_ERRORS as exc:
                 error = _http.transport_error("OpenAI", url, exc)
                 raise type(error)(self._redact(str(error))) from None  # ServiceUnreachable stays that
@@ -310,7 +312,8 @@ class OpenAIConnector(_http.HttpSession, Connector):
                 if response.status != 200:
                     raise RetryableJobError(f"downloading OpenAI's image {shown} answered {response.status}")
                 content_type = response.headers.get("Content-Type")
-                size = await _http.save_response(response, part)
+                size = await _http.save_response(response, part, self.settings.max_response_bytes,
+                                                 f"downloading OpenAI's image {shown}")
         except RetryableJobError:
             part.unlink(missing_ok=True)
             raise

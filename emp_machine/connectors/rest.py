@@ -302,8 +302,10 @@ class RestConnector(_http.HttpSession, Connector):
         to_file = files and job is not None and status < 400
         if to_file and text_like is False:
             return await self._save(job, response, content_type)
-        raw = await _http.read_limited(response, self.settings.max_response_bytes,
-                                       f"{response.method} {_http.strip_query(url)}")
+        what = f"{response.method} {_http.strip_query(url)}"
+        # an error answer's size never decides its class: its status does (a proxy's huge 502 page stays retryable)
+        raw = await (_http.read_head(response) if status >= 400 else
+                     _http.read_limited(response, self.settings.max_response_bytes, what))
         if to_file and text_like is None and raw:
             try:
                 raw.decode("utf-8")
@@ -332,7 +334,8 @@ class RestConnector(_http.HttpSession, Connector):
     async def _save(self, job: ConnectorJob, response: Any, content_type: str | None) -> OutputFile:
         path = self._output_path(job, response, content_type)
         try:
-            size = await _http.save_response(response, path)  # streamed: never whole in memory
+            size = await _http.save_response(response, path, self.settings.max_response_bytes,  # streamed
+                                             f"{response.method} {_http.strip_query(str(response.url))}")
         except BaseException:
             path.unlink(missing_ok=True)
             raise
