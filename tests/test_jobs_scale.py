@@ -202,3 +202,60 @@ def test_a_timeline_is_bounded_with_a_marker_saying_how_many_events_were_dropped
     view = queries.timeline(store, "x")  # the marker renders as any other step
     assert [s["event"] for s in view["steps"]][:2] == ["submitted", "events_dropped"]
     assert "dropped=" in view["steps"][1]["detail"]
+
+
+def unmet_classes(redis, n=2500, priority=90):
+    """n classes of better jobs a worker with 8 GB cannot run (one GPU size each), ahead of anything lower."""
+    api_write(redis, [(f"big{i}", priority, BASE_MS + i, {"requirements": {"hardware": {"gpu_memory_gb": 100 + i}}})
+                      for i in range(n)])
+
+
+def capped_claim(store, worker):
+    """A claim that stops at the 2,000 heads cap finding nothing (it remembers where, under FCALL)."""
+    assert store.claim(worker) is None
+
+
+def test_a_claim_after_a_capped_one_takes_a_better_job_submitted_into_an_earlier_class(redis):
+    # The claim that went on where a capped one stopped looked only past it: a better job queued meanwhile
+    # into a class ranked before (here a new one, ranked first) was passed for a worse one further on.
+    unmet_classes(redis)
+    api_write(redis, [("low", 10, BASE_MS, {})])
+    store = store_of(redis, True)
+    store.reconcile()
+    worker = caps(hardware={"gpu_memory_gb": 8}, tag=["x"])
+    capped_claim(store, worker)
+    store.submit("sim", {}, job_id="urgent", priority=95, requirements={"tag": "x"})
+    assert store.claim(worker).id == "urgent"
+    assert claim_retrying(store, worker).id == "low"
+
+
+def test_a_claim_after_a_capped_one_sees_a_job_queued_below_an_early_class_bound(redis):
+    # A matching class ranked early whose only job the worker passes over (another workflow's): a job of the
+    # worker's workflow queued into it leaves jobs:idx:heads as it was (bound unchanged, no new class).
+    store = store_of(redis, True)
+    store.submit("sim", {}, job_id="other-wf", priority=99, requirements={"tag": "x"}, workflow_id="wf2")
+    unmet_classes(redis)
+    api_write(redis, [("low", 10, BASE_MS, {"workflow_id": "wf1"})])
+    store.reconcile()
+    worker = caps(hardware={"gpu_memory_gb": 8}, tag=["x"], workflow_id="wf1")
+    capped_claim(store, worker)
+    heads = redis.zrevrange("jobs:idx:heads:sim", 0, -1, withscores=True)
+    store.submit("sim", {}, job_id="mine", priority=95, requirements={"tag": "x"}, workflow_id="wf1")
+    assert redis.zrevrange("jobs:idx:heads:sim", 0, -1, withscores=True) == heads
+    assert store.claim(worker).id == "mine"
+
+
+def test_a_claim_after_a_capped_one_goes_on_from_the_class_it_stopped_at_when_classes_before_left(redis):
+    # Classes before the cap left meanwhile (another worker took their jobs): the ranks moved up, and going
+    # on at the saved rank passed over the classes that moved before it.
+    unmet_classes(redis)
+    api_write(redis, [("next", 90, BASE_MS + 2010, {"requirements": {"tag": "x"}}), ("low", 10, BASE_MS, {})])
+    store = store_of(redis, True)
+    store.reconcile()
+    worker = caps(hardware={"gpu_memory_gb": 8}, tag=["x"])
+    capped_claim(store, worker)
+    big = caps("w-big", hardware={"gpu_memory_gb": 100_000})
+    for i in range(100):
+        assert store.claim(big).id == f"big{i}"
+    assert redis.zcard("jobs:idx:heads:sim") < 2500  # emptied classes left the heads
+    assert claim_retrying(store, worker).id == "next"

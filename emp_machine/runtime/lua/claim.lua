@@ -22,7 +22,9 @@
 -- Order: highest index score (priority, then oldest first). Classes are reached through
 -- jobs:idx:heads:{type}, best bound first, and only as far as one can still beat the best job found; each is
 -- matched once (see match.lua) and only the heads of the matching class queues are read, so the cost grows
--- neither with queue depth nor with the number of classes (up to HEADS_MAX heads a claim, below). Only the
+-- neither with queue depth nor with the number of classes (up to HEADS_MAX heads a claim, below). The cap is
+-- the one exception to the order: a claim that reaches it takes the best job found among the heads it
+-- examined, though a class past them may hold a better one (finding none, the next claim goes on). Only the
 -- best head's job hash is read; a head that cannot run is cleaned out or passed over and that queue's next
 -- entry competes instead (a worker restricted to one workflow_id walks its
 -- classes' queues past other workflows' jobs).
@@ -52,18 +54,34 @@ local cursors = {}
 -- Heads examined per claim at most. A claim that reaches it without finding a job remembers where it
 -- stopped (w.resume, kept with the worker's memo under FCALL) and says to claim again in 1 ms; the next
 -- claim goes on from there, until the end of the heads (then the next claim starts at the best again).
--- Under EVAL nothing is kept between calls: classes past the first HEADS_MAX that no earlier one beats
--- wait until the classes before them drain.
+-- It goes on only if nothing the stopped claim passed could have changed: no job indexed since (any
+-- index_add, promote_due's included, counts jobs:idx:seq, and heads_repair counts it when it lists a class),
+-- and no job it passed over for its retry_at or this worker's failure due yet; else it starts at the best.
+-- It goes on from the first head not examined (found again by its class, since heads examined may have
+-- left or been lowered meanwhile: its rank is no anchor). Under EVAL nothing is kept between calls:
+-- classes past the first HEADS_MAX that no earlier one beats wait until the classes before them drain.
 local HEADS_MAX = 2000
 local readers, seen, fixes = {}, {}, {}
 local examined, capped, dropped_any = 0, false, false
 local resume = w.resume
 w.resume = nil
 w.claims = (w.claims or 0) + 1
+for _, svc in ipairs(w.types) do heads_repair(svc, now) end
+if resume and (resume.seq ~= redis.call('GET', 'jobs:idx:seq') or (resume.due and now >= resume.due)) then
+  resume = nil
+end
 for _, svc in ipairs(w.types) do
-  heads_repair(svc, now)
-  table.insert(readers, {svc = svc, key = 'jobs:idx:heads:' .. svc, ckey = 'jobs:idx:classes:' .. svc,
-    buf = {}, i = 1, offset = resume and resume[svc] or 0, size = 16})
+  local key, offset = 'jobs:idx:heads:' .. svc, 0
+  local at = resume and resume[svc]
+  if type(at) == 'number' then
+    offset = at  -- that reader had reached its end
+  elseif at then
+    -- at = {class, bound}: its rank now, or (its bound lowered, or gone) the first rank at or below the bound
+    if redis.call('ZSCORE', key, at[1]) == at[2] then offset = redis.call('ZREVRANK', key, at[1])
+    else offset = redis.call('ZCOUNT', key, '(' .. at[2], '+inf') end
+  end
+  table.insert(readers, {svc = svc, key = key, ckey = 'jobs:idx:classes:' .. svc,
+    buf = {}, i = 1, offset = offset, size = 16})
 end
 
 -- A reader's current head (class, bound), reading further in chunks; nil at the end.
@@ -227,9 +245,13 @@ while true do
   if not best then
     fix_heads()
     if capped then
-      -- more heads than one claim looks at: the next claim goes on where this one stopped
-      w.resume = {}
-      for _, r in ipairs(readers) do w.resume[r.svc] = r.offset - (#r.buf - r.i + 1) / 2 end
+      -- more heads than one claim looks at: the next claim goes on where this one stopped (see HEADS_MAX).
+      -- Each reader's next head was read (add_classes reads them all before it stops): kept by class.
+      w.resume = {seq = redis.call('GET', 'jobs:idx:seq'), due = soonest and now + soonest}
+      for _, r in ipairs(readers) do
+        if r.i <= #r.buf then w.resume[r.svc] = {r.buf[r.i], r.buf[r.i + 1]}
+        else w.resume[r.svc] = r.offset end
+      end
       if w.claims > 1 and (not soonest or soonest > 1) then soonest = 1 end
     end
     -- classes an older version indexed without a head: looked for now rather than in up to a second, and

@@ -268,6 +268,8 @@ local heads_check_at = {}  -- job type -> Redis clock ms of its next count check
 -- claim that found nothing: its worker would otherwise wait for the next wake-up).
 local function heads_repair(svc, now, force)
   local due = heads_check_at[svc]
+  -- a due more than a second ahead was set before the Redis clock stepped back: stale, check now
+  if due and due > now + 1000 then due = nil end
   if due and due > now and not force then return false end
   if force and due == now + 1000 then return false end  -- checked by this very claim
   local ckey, hkey = 'jobs:idx:classes:' .. svc, 'jobs:idx:heads:' .. svc
@@ -300,6 +302,8 @@ local function heads_repair(svc, now, force)
       end
     end
   end
+  -- a class listed now may rank before where a claim stopped at HEADS_MAX: claim.lua's resume then starts over
+  if changed and nclasses > nheads then redis.call('INCR', 'jobs:idx:seq') end
   if r[1] == '0' then
     redis.call('HDEL', 'jobs:idx:heads_scan', field)  -- a whole pass done: checked again in a second
   else
