@@ -161,9 +161,10 @@ def _non_loopback_address() -> str | None:
 ROWS = [{"message": "POST http://svc/run answered 500: boom", "process": "worker-0"}]
 
 
-def _errors_status(token: str | None, host: str, headers: dict | None = None) -> tuple[int, object]:
+def _errors_status(token: str | None, host: str, headers: dict | None = None, cors: tuple[str, ...] = (),
+                   seen: dict | None = None) -> tuple[int, object]:
     server = HealthServer(None, host="0.0.0.0", port=0, token=token, token_env="EMP_HEALTH_TOKEN",
-                          cors_origins=(), process_names=set(), restart=lambda name: None, refresh=lambda: None,
+                          cors_origins=cors, process_names=set(), restart=lambda name: None, refresh=lambda: None,
                           metrics=lambda: "", errors=lambda since_s: ROWS)
 
     async def main():
@@ -171,6 +172,8 @@ def _errors_status(token: str | None, host: str, headers: dict | None = None) ->
         try:
             async with aiohttp.ClientSession() as session, \
                     session.get(f"http://{host}:{port}/errors?since=1h", headers=headers or {}) as response:
+                if seen is not None:
+                    seen.update(response.headers)
                 return response.status, await response.json()
         finally:
             await server.stop()
@@ -191,6 +194,27 @@ def test_errors_without_a_token_answer_only_loopback_clients():
         pytest.skip("this host has no non-loopback IPv4 address to connect from")
     status, body = _errors_status(None, address)
     assert status == 403 and "EMP_HEALTH_TOKEN" in body["error"] and body != ROWS
+
+
+def test_errors_without_a_token_refuse_another_sites_page_and_a_foreign_host_name():
+    # A loopback peer alone was enough: with cors_origins ['*'] any website the local user opened read the
+    # error records (its Origin echoed back), and a hostile name rebound to 127.0.0.1 reached them too.
+    seen: dict = {}
+    status, body = _errors_status(None, "127.0.0.1", {"Origin": "http://attacker.example"}, cors=("*",), seen=seen)
+    assert status == 403 and body != ROWS and "Access-Control-Allow-Origin" not in seen
+    assert _errors_status(None, "127.0.0.1", {"Host": "attacker.example:9090"})[0] == 403
+    # this host's own pages and tools still read them, without CORS headers (no site may read them)
+    seen.clear()
+    assert _errors_status(None, "127.0.0.1", {"Origin": "http://localhost:3000"}, cors=("*",), seen=seen) \
+        == (200, ROWS)
+    assert "Access-Control-Allow-Origin" not in seen
+    assert _errors_status(None, "127.0.0.1", {"Host": "localhost:9090"}) == (200, ROWS)
+    # with a token, CORS applies as configured (the token decides who reads)
+    seen.clear()
+    assert _errors_status("health-tok-1234", "127.0.0.1", {"Authorization": "Bearer health-tok-1234",
+                                                            "Origin": "http://dash.example"},
+                          cors=("http://dash.example",), seen=seen) == (200, ROWS)
+    assert seen.get("Access-Control-Allow-Origin") == "http://dash.example"
 
 
 # -- file modes -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ GET  /status   the machine status document published to Redis
 GET  /metrics  Prometheus text exposition of the machine's meter and its workers' (see WorkerMetrics)
 GET  /errors?since=1h  error records from the machine's log files (`emp-machine errors --machine`): they can
                quote what services answered, so with a token configured it needs `Authorization: Bearer
-               <token>`; without one only loopback clients are answered (403 for others)
+               <token>`; without one only this host's own requests are answered (see _local_request; 403 for others)
 GET  /         a small self-refreshing status page
 POST /processes/{name}/restart, POST /refresh-status: `Authorization: Bearer <token>`; 403 without a
                configured token. Actions are put on the machine's inbox; the decider carries them out.
@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,30 @@ def _is_loopback(remote: str | None) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+def _loopback_name(host: str | None) -> bool:
+    """Whether a Host header or an Origin's host names this host: localhost, a loopback address, or nothing."""
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") and "]:" in host else host
+    name = name.strip("[]").lower()
+    return name == "localhost" or name.endswith(".localhost") or _is_loopback(name)
+
+
+def _local_request(request: web.Request) -> bool:
+    """A request of this host's own: from a loopback peer, to a loopback name (a DNS-rebound hostile name that
+    resolves to 127.0.0.1 carries its own Host), and not sent by a page of another site (no Origin, or a
+    loopback one): a loopback peer alone let any website the local user opened read /errors."""
+    if not _is_loopback(request.remote) or not _loopback_name(request.headers.get("Host")):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    try:
+        return _loopback_name(urllib.parse.urlsplit(origin).netloc)
+    except ValueError:
+        return False
 
 
 def _error(status: int, message: str, **extra) -> web.Response:
@@ -256,7 +281,7 @@ class HealthServer:
             denied = self._authorise(request)
             if denied is not None:
                 return denied
-        elif not _is_loopback(request.remote):
+        elif not _local_request(request):
             return _error(403, f"/errors answers only local clients while no token is configured: set the "
                                f"{self._token_env} environment variable and send it as `Authorization: Bearer "
                                f"<token>`")
@@ -325,7 +350,9 @@ class HealthServer:
             log.exception("health.handler_failed")
             response = _error(500, "internal error")
         origin = request.headers.get("Origin")
-        if origin and ("*" in self._origins or origin in self._origins):
+        # /errors without a token answers this host's own requests only: never another site's page
+        tokenless_errors = self._token is None and request.path == "/errors"
+        if origin and ("*" in self._origins or origin in self._origins) and not tokenless_errors:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
             if request.method == "OPTIONS":
