@@ -169,3 +169,21 @@ def test_job_redacts_an_unreadable_event(redis, redis_url):
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert "sk-abcdefghijklmnop1234" not in out.stdout and "hunter2" not in out.stdout, out.stdout
         assert "raw=oops api_key=[REDACTED] password=[REDACTED]" in out.stdout, out.stdout
+
+
+def test_job_and_stuck_show_control_characters_escaped_never_raw(redis, redis_url):
+    # Job ids, errors and progress messages are the producer's or a service's: printed raw, ESC sequences set
+    # the terminal's title, erased lines, or forged lines of output ("FAKE: job completed fine").
+    job_id = "a-\x1b]0;TITLE\x07\x1b[2K"
+    store = JobStore(redis)
+    store.submit("sim", {}, job_id=job_id)
+    redis.hset(f"job:{job_id}", mapping={"status": "in_progress", "worker_id": "w9\x1b[31m",
+                                          "error": "boom\nFAKE: job completed fine"})
+    redis.hset(f"jobs:active:w9\x1b[31m", job_id, "{}")
+    for args in (("job", job_id), ("stuck",)):
+        out = _cli(redis_url, *args)
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout, out.stdout
+        assert "a-\\x1b]0;TITLE\\x07\\x1b[2K" in out.stdout, out.stdout
+    out = _cli(redis_url, "job", job_id)
+    assert "boom\\x0aFAKE: job completed fine" in out.stdout and "\nFAKE" not in out.stdout, out.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -244,7 +245,7 @@ def cmd_errors(args) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["at"]))
         job = f" job={row['job_id']}" if row.get("job_id") else ""
         trace = f" trace={row['trace_id']}" if row.get("trace_id") else ""
-        print(f"{when}Z {row['process']:<12} {row['event'] or '':<18} {row['message']}{job}{trace}")
+        _say(f"{when}Z {row['process']:<12} {row['event'] or '':<18} {row['message']}{job}{trace}")
     return 0
 
 
@@ -703,6 +704,21 @@ def cmd_submit(args) -> int:
     return 0 if status == "completed" else 1
 
 
+# Control characters other than a tab (C0, DEL, C1): text the commands print from Redis or the logs (a job id,
+# an error, a progress message: the producer's or a service's) could set the terminal's title, erase lines or
+# forge lines of output with them. Shown escaped instead.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with its control characters (but tabs) written as \\xNN escapes, for a terminal."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def _say(text: str) -> None:
+    print(terminal_safe(text))
+
+
 WAIT_TIMED_OUT = 124  # `submit --wait`: 0 completed, 1 failed or cancelled, 124 timed out, 130 interrupted
 
 
@@ -717,7 +733,7 @@ class _ProgressView:
         self.step = None  # the last 10 % step printed (not on a terminal)
 
     def update(self, percent: float, message: str) -> None:
-        message = " ".join(message.split())  # one line, whatever the producer sent
+        message = terminal_safe(" ".join(message.split()))  # one line, no control character, whatever was sent
         if self.tty:
             filled = int(percent / 5)
             self.out.write(f"\r[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}% {message[:40]:<40}")
@@ -781,26 +797,26 @@ def cmd_job(args) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     default = " (default)" if doc["max_retries_is_default"] else ""  # the hash has none: the contract's 3
-    print(f"job {doc['job_id']}  type {doc['service_required']}  status {doc['status']}  "
+    _say(f"job {doc['job_id']}  type {doc['service_required']}  status {doc['status']}  "
           f"retries {doc['retry_count']}/{doc['max_retries']}{default}  total {queries.format_ms(doc['total_ms'])}")
     if doc["trace_id"]:
-        print(f"trace {doc['trace_id']}")
+        _say(f"trace {doc['trace_id']}")
     if doc.get("clock_note"):
-        print(f"note {doc['clock_note']}")
+        _say(f"note {doc['clock_note']}")
     if doc["error"]:
-        print(f"error {doc['error']}")
+        _say(f"error {doc['error']}")
     elif doc["earlier_error"]:
-        print(f"earlier attempt failed: {doc['earlier_error']}")
+        _say(f"earlier attempt failed: {doc['earlier_error']}")
     progress = doc["progress"]
     if progress.get("progress"):  # the last update the worker sent (job:{id}:progress)
-        print(f"progress {progress['progress']}%" + (f"  {progress['message']}" if progress.get("message") else "")
+        _say(f"progress {progress['progress']}%" + (f"  {progress['message']}" if progress.get("message") else "")
               + (f"  at {progress['updated_at']}" if progress.get("updated_at") else ""))
     if doc["durations"]:
-        print("steps " + ", ".join(f"{name.removesuffix('_ms').replace('_', ' ')} {queries.format_ms(ms)}"
+        _say("steps " + ", ".join(f"{name.removesuffix('_ms').replace('_', ' ')} {queries.format_ms(ms)}"
                                      for name, ms in doc["durations"].items()))
-    print(f"{'AT (UTC)':<13} {'STEP':<14} {'+TIME':>9}  {'WORKER':<28} DETAIL")
+    _say(f"{'AT (UTC)':<13} {'STEP':<14} {'+TIME':>9}  {'WORKER':<28} DETAIL")
     for step in doc["steps"]:
-        print(f"{queries.format_at(step['at_ms']):<13} {step['event']:<14} "
+        _say(f"{queries.format_at(step['at_ms']):<13} {step['event']:<14} "
               f"{queries.format_ms(step['since_previous_ms']):>9}  {step['worker_id']:<28} {step['detail']}")
     return 0
 
@@ -853,5 +869,5 @@ def cmd_stuck(args) -> int:
         return 0
     print(f"{'JOB':<40} {'STATUS':<12} {'WORKER':<30} REASON")
     for row in rows:
-        print(f"{row['job_id']:<40} {row['status']:<12} {row['worker_id']:<30} {row['reason']}")
+        _say(f"{row['job_id']:<40} {row['status']:<12} {row['worker_id']:<30} {row['reason']}")
     return 0
