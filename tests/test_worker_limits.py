@@ -351,3 +351,25 @@ def test_a_huge_progress_message_is_cut_to_a_few_kilobytes(site, client, redis_u
     finally:
         msgs.close()
         procs.close()
+
+
+def test_a_platform_drain_time_shorter_than_stop_grace_hands_the_job_back_within_it(client, redis_url, tmp_path):
+    # `docker stop` kills 10 s after its SIGTERM: a worker with stop_grace 60 s was still running its job at
+    # the SIGKILL (handed back only when its lease expired). EMP_DRAIN_SECONDS (or Railway's
+    # RAILWAY_DEPLOYMENT_DRAINING_SECONDS) bounds the drain.
+    body = "workers:\n  sim:\n    connector: simulation\n    job_types: [drainsim]\n    stop_grace: 60s\n"
+    procs = WorkerProcs(body, tmp_path / "d", redis_url, machine_id=f"dr{uuid.uuid4().hex[:6]}",
+                        environ={"EMP_DRAIN_SECONDS": "3"})
+    try:
+        procs.start()
+        procs.wait_up(client)
+        job_id = JobStore(client).submit("drainsim", {"steps": 1, "step_ms": 0, "hang": True})
+        wait_for(lambda: status_of(client, job_id) == "in_progress", message="the job running")
+        sent = time.monotonic()
+        procs.signal(0, signal.SIGTERM)
+        assert procs.wait_exit(0, timeout=30) == 0
+        took = time.monotonic() - sent
+        assert took < 3.0, took  # within the platform's 3 s, not the manifest's 60 s
+        assert status_of(client, job_id) == "pending" and client.hget(f"job:{job_id}", "retry_count") == "0"
+    finally:
+        procs.close()

@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # build() reads a manifest by attribute: the pydantic model o
     from emp_machine.runtime.manifest import Manifest
 
 REDIS_PROCESS = "redis"
-BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+                 # the platform's time between SIGTERM and SIGKILL: workers hand their jobs back within it
+                 "EMP_DRAIN_SECONDS", "RAILWAY_DEPLOYMENT_DRAINING_SECONDS")
 
 
 class PlanError(EmpError):

@@ -258,6 +258,19 @@ class WorkerIdentity:
                    service_port=int(port) if port else None)
 
 
+def platform_grace(environ: Mapping[str, str]) -> float | None:
+    """The seconds the platform leaves between its SIGTERM and its SIGKILL, when told: EMP_DRAIN_SECONDS, else
+    RAILWAY_DEPLOYMENT_DRAINING_SECONDS. None when neither holds a positive number."""
+    for name in ("EMP_DRAIN_SECONDS", "RAILWAY_DEPLOYMENT_DRAINING_SECONDS"):
+        try:
+            value = float(environ.get(name) or "")
+        except ValueError:
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
 def probed_hardware(probe: Any) -> dict[str, Any]:
     """The capability `hardware` object from a hardware.probe() reading: what the claim's matching reads
     (cpu_cores, ram_gb, gpu_memory_gb) and the contract's gpu_model. GPU keys only when there is a GPU."""
@@ -654,19 +667,26 @@ class Worker:
             self.slot_freed.add(task)
             self.slots.release()
 
+    def stop_grace(self) -> float:
+        """The group's stop_grace, or less when the platform kills sooner: EMP_DRAIN_SECONDS, else Railway's
+        RAILWAY_DEPLOYMENT_DRAINING_SECONDS (the time between its SIGTERM and its SIGKILL). `docker stop`
+        kills after 10 s by default: with a 60 s stop_grace the job was still running at the SIGKILL, handed
+        back only when its lease expired."""
+        return min(self.group.stop_grace, platform_grace(os.environ) or math.inf)
+
     def shutdown_budget(self) -> float:
         """What telemetry's last flush and shipping may take at exit: TELEMETRY_SHUTDOWN_S, or on a drain what
         is left of stop_grace (less a moment for the exit), so a collector that never answers does not keep the
         worker until supervisord's SIGKILL. The records stay in the buffer for the next start either way."""
         if self.drain_started is None:
             return TELEMETRY_SHUTDOWN_S
-        left = self.drain_started + self.group.stop_grace - 0.5 - time.monotonic()
+        left = self.drain_started + self.stop_grace() - 0.5 - time.monotonic()
         return min(TELEMETRY_SHUTDOWN_S, max(0.2, left))
 
     def drain_budget(self) -> tuple[float, float]:
         """(grace, margin): running jobs get `grace` to finish, then `margin` is left to hand them back
         before supervisord's SIGKILL (stopwaitsecs = stop_grace). The margin shrinks with a short grace."""
-        budget = self.group.stop_grace
+        budget = self.stop_grace()
         margin = min(DRAIN_MARGIN_S, budget / 2)
         return budget - margin, margin
 
