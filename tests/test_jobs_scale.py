@@ -259,3 +259,52 @@ def test_a_claim_after_a_capped_one_goes_on_from_the_class_it_stopped_at_when_cl
         assert store.claim(big).id == f"big{i}"
     assert redis.zcard("jobs:idx:heads:sim") < 2500  # emptied classes left the heads
     assert claim_retrying(store, worker).id == "next"
+
+
+def test_a_class_listed_in_heads_but_not_in_classes_is_never_taken_for_no_requirements(redis):
+    # An older version's removal (classes and queue, not heads) left a class in heads alone; meets() read it
+    # as having no requirements and the library's memo kept that answer: the class's later jobs went to any
+    # worker, customer isolation broken (the fuzzer's seed 8).
+    store = JobStore(redis, reconcile_min_interval_s=0, index_check_interval_s=0, sweep_interval_s=0)
+    outsider = {"worker_id": "wcpu", "machine_id": "m", "services": ["b"]}  # no customer_access at all
+    strict = {"customer_isolation": "strict"}
+    assert store.claim(outsider) is None
+    store.submit("b", {}, job_id="X", requirements=strict, customer_id="c2")
+    _, cls, tag = redis.hget("jobs:idx:of", "X").split("\n")
+    redis.hdel("jobs:idx:of", "X")  # an older version's index_remove: no heads update
+    redis.zrem(f"jobs:idx:queue:b:{cls}", f"{tag}|X")
+    redis.hdel("jobs:idx:classes:b", cls)
+    redis.delete("job:X")  # and the API deleted the job
+    assert store.claim(outsider) is None
+    store.submit("b", {}, job_id="Y", requirements=strict, customer_id="c2")
+    assert store.claim(outsider) is None  # Y is customer c2's, isolated
+    allowed = {"isolation": "strict", "allowed_customers": ["c2"]}
+    assert store.claim({**outsider, "worker_id": "w2", "customer_access": allowed}).id == "Y"
+
+
+def test_a_job_the_api_writes_again_is_not_held_back_by_the_old_attempts_retry_delay(redis):
+    # While a job waited out a retry delay in jobs:idx:delayed, the API wrote its id again as a new job (no
+    # retry_at): the '@<due>' entry still counted as current, so the new job waited up to the old due time.
+    store = JobStore(redis, reconcile_min_interval_s=0, index_check_interval_s=0, sweep_interval_s=0)
+    w1 = {"worker_id": "w1", "machine_id": "m", "services": ["a"]}
+    store.submit("a", {}, job_id="X")
+    job = store.claim(w1)
+    store.fail("X", "w1", "429", retryable=True, token=job.token, retry_delay_s=120)
+    assert redis.hget("jobs:idx:of", "X").startswith("@")
+    now = int(time.time() * 1000)
+    redis.delete("job:X")
+    redis.hset("job:X", mapping=contract_fields("X", "a", {}, priority=50, created_at=iso(now)))
+    redis.zadd("jobs:pending", {"X": submission_score(50, now)})
+    got = store.claim({**w1, "worker_id": "w2"}, hints=["X"])
+    assert got is not None and got.id == "X"
+
+
+def test_a_first_claim_that_stops_at_the_heads_cap_says_to_claim_again(redis):
+    # Under FCALL a capped claim remembers where it stopped and says "again in 1 ms"; a capability set new to
+    # the library (a worker's first claim) said nothing, and its worker slept until its 5 s fallback sweep.
+    unmet_classes(redis)
+    api_write(redis, [("low", 10, BASE_MS, {})])
+    store = store_of(redis, True)
+    store.reconcile()
+    capped_claim(store, caps("fresh", hardware={"gpu_memory_gb": 8}))
+    assert store.claimable_in_s is not None and store.claimable_in_s <= 0.01

@@ -91,8 +91,9 @@ def _preludes(name: str) -> tuple[str, ...]:
 
 def script_source(name: str) -> str:
     """The text sent with EVAL / EVALSHA for script `name`: lib.lua (and match.lua for the claim), then
-    the script itself."""
-    return "\n".join(_lua(part) for part in (*_preludes(name), name))
+    the script itself; `LIBRARY` is false there (nothing the scripts keep survives the call), true in the
+    function library."""
+    return "\n".join(["local LIBRARY = false", *(_lua(part) for part in (*_preludes(name), name))])
 
 
 @functools.cache
@@ -103,7 +104,7 @@ def function_library() -> tuple[str, str]:
     between calls. Each script body becomes a function that first points the library's KEYS and ARGV at
     its own arguments. Names carry a hash of the code, so machines of different versions sharing one
     Redis each call their own."""
-    parts = ["local KEYS, ARGV", _lua("lib"), _lua("match")]
+    parts = ["local KEYS, ARGV", "local LIBRARY = true", _lua("lib"), _lua("match")]
     for name in _SCRIPTS:
         parts.append(f"redis.register_function('@{name}', function(keys, args)\nKEYS, ARGV = keys, args\n"
                      f"{_lua(name)}\nend)")

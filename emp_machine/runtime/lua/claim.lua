@@ -65,7 +65,6 @@ local readers, seen, fixes = {}, {}, {}
 local examined, capped, dropped_any = 0, false, false
 local resume = w.resume
 w.resume = nil
-w.claims = (w.claims or 0) + 1
 for _, svc in ipairs(w.types) do heads_repair(svc, now) end
 if resume and (resume.seq ~= redis.call('GET', 'jobs:idx:seq') or (resume.due and now >= resume.due)) then
   resume = nil
@@ -193,7 +192,11 @@ local function add_classes(best_score)
     if not seen[key] then
       seen[key] = true
       examined = examined + 1
-      if meets(w, top_r.svc, top_cls, top_r.ckey) then
+      local met = meets(w, top_r.svc, top_cls, top_r.ckey)
+      if met == nil then
+        -- a head whose class is gone (an older version's removal): dropped if its queue is empty (fix_heads)
+        table.insert(fixes, {q = 'jobs:idx:queue:' .. top_r.svc .. ':' .. top_cls, svc = top_r.svc, cls = top_cls})
+      elseif met then
         local c = {q = 'jobs:idx:queue:' .. top_r.svc .. ':' .. top_cls, svc = top_r.svc, cls = top_cls,
           buf = {}, i = 1, offset = 0, size = 1}
         local m, score = head(c)  -- an empty queue is listed in fixes by head()
@@ -252,7 +255,7 @@ while true do
         if r.i <= #r.buf then w.resume[r.svc] = {r.buf[r.i], r.buf[r.i + 1]}
         else w.resume[r.svc] = r.offset end
       end
-      if w.claims > 1 and (not soonest or soonest > 1) then soonest = 1 end
+      if LIBRARY and (not soonest or soonest > 1) then soonest = 1 end
     end
     -- classes an older version indexed without a head: looked for now rather than in up to a second, and
     -- when a repair step ran, claim again at once

@@ -358,7 +358,12 @@ end
 -- Whether a job's index entry (`loc`, from jobs:idx:of) still says what its hash says: the same job type
 -- and class, and (when the job has a time of its own) the same score.
 local function index_current(id, loc, f)
-  if string.byte(loc, 1) == 64 then return true end  -- delayed: placed from its hash when it is due
+  if string.byte(loc, 1) == 64 then
+    -- delayed (placed from its hash when due) while the hash still waits for that due time: a job the API
+    -- wrote again under the id (no retry_at) was held back by the old attempt's delay, up to minutes
+    local retry_at = redis.call('HGET', 'job:' .. id, 'retry_at')
+    return retry_at ~= false and tonumber(retry_at) == tonumber(string.sub(loc, 2))
+  end
   local svc, cls, member = index_location(id, loc)
   local want_svc, want_cls, _, _, score = index_place(f)
   if svc ~= want_svc or cls ~= want_cls then return false end

@@ -220,12 +220,19 @@ local function worker_of(caps_json)
 end
 
 -- Does worker w (from worker_of) meet requirement class cls of service svc; the class's [requirements,
--- customer] JSON is read from ckey (jobs:idx:classes:{svc}) when the answer is not known yet.
+-- customer] JSON is read from ckey (jobs:idx:classes:{svc}) when the answer is not known yet. nil when the
+-- class is not listed there (unknown: not met).
 local function meets(w, svc, cls, ckey)
   local key = svc .. '\n' .. cls
   local answer = w.answers[key]
   if answer == nil then
-    local d = cjson.decode(redis.call('HGET', ckey, cls) or '["",""]')
+    local raw = redis.call('HGET', ckey, cls)
+    -- A class listed in heads but not in classes (an older version's removal, a repair not run yet) is
+    -- unknown, not "no requirements": read as none and kept in the memo (FCALL), it let workers claim its
+    -- later jobs whatever they required, customer isolation included. nil: not met, not remembered (the
+    -- claim drops its head when its queue is empty).
+    if not raw then return nil end
+    local d = cjson.decode(raw)
     answer = class_matches(w.caps, d[1], d[2], svc)
     if answers_total >= ANSWERS_MAX then evict_answers() end
     w.answers[key], w.answered, answers_total = answer, w.answered + 1, answers_total + 1
