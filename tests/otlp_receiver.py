@@ -87,7 +87,7 @@ class OtlpReceiver:
         self.port = port or free_port()
         self.requests: list[Received] = []
         self.statuses: list[int] = []  # every status answered, in order
-        self._script: list[tuple[int, dict]] = []
+        self._script: list[tuple[int, dict, bytes, str | None]] = []
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -99,10 +99,13 @@ class OtlpReceiver:
 
     # --- control -------------------------------------------------------------------------------------
 
-    def respond_next(self, status: int, count: int = 1, headers: dict | None = None) -> None:
-        """Answer the next `count` requests with `status` (and headers) instead of 200."""
+    def respond_next(self, status: int, count: int = 1, headers: dict | None = None, body: bytes = b"",
+                     content_type: str | None = None) -> None:
+        """Answer the next `count` requests with `status` (and headers, and a body of `content_type`: a
+        partial_success, a google.rpc.Status, a proxy's page) instead of 200. Scripted requests are not
+        recorded in `requests` (only counted in `statuses`)."""
         with self._lock:
-            self._script.extend([(status, headers or {})] * count)
+            self._script.extend([(status, headers or {}, body, content_type)] * count)
 
     def start(self) -> "OtlpReceiver":
         ready = threading.Event()
@@ -152,7 +155,11 @@ class OtlpReceiver:
             scripted = self._script.pop(0) if self._script else None
         if scripted is not None:
             self.statuses.append(scripted[0])
-            return web.Response(status=scripted[0], headers=scripted[1])
+            status, headers, answer, content_type = scripted
+            if not answer:
+                return web.Response(status=status, headers=headers)
+            return web.Response(status=status, headers=headers, body=answer,
+                                content_type=content_type or "application/x-protobuf")
         # aiohttp already inflates a gzip body; inflate here only if it did not (older versions).
         if request.headers.get("Content-Encoding") == "gzip" and body[:2] == b"\x1f\x8b":
             body = gzip.decompress(body)

@@ -14,7 +14,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
-from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
+from emp_machine.telemetry.encode import SDK_ATTRIBUTES, Encoder, encode_log, encode_span
 from emp_machine.telemetry.metrics import Meter, render_prometheus
 from otlp_receiver import attributes
 
@@ -49,7 +49,8 @@ def test_requests_carry_resource_and_scope():
     span = encode_span((1, 2, 0, "x", 0, 1, 2, {}, 0, "", None, "", 0))
     request = ExportTraceServiceRequest.FromString(encoder.traces([span, span]))
     (resource_spans,) = request.resource_spans
-    assert attributes(resource_spans.resource.attributes) == {"service.name": "svc", "machine.id": "m1"}
+    assert attributes(resource_spans.resource.attributes) == {"service.name": "svc", "machine.id": "m1",
+                                                              **SDK_ATTRIBUTES}  # telemetry.sdk.*: required
     assert resource_spans.scope_spans[0].scope.name == "emp_machine.telemetry"
     assert len(resource_spans.scope_spans[0].spans) == 2
     logs = ExportLogsServiceRequest.FromString(encoder.logs([encode_log((1, 9, "INFO", "x", {}, 0, 0, ""))]))

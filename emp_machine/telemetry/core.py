@@ -341,8 +341,10 @@ class Telemetry:
         from opentelemetry.metrics import Observation
 
         m, buffer, tracer, sampler = self.meter, self.buffer, self.tracer, self.sampler
+        # Counts of things: an annotation unit. "1" is for ratios: Prometheus' OTLP translation names a gauge of
+        # unit "1" with a `_ratio` suffix (telemetry_records_buffered_ratio).
         m.create_observable_gauge("telemetry_records_buffered", [
-            lambda _: [Observation(buffer.stats().stored_records + buffer.stats().queued)]], "1")
+            lambda _: [Observation(buffer.stats().stored_records + buffer.stats().queued)]], "{record}")
         m.create_observable_counter("telemetry_records_exported_total", [
             lambda _: [Observation(v, {"signal": k}) for k, v in
                        (self.shipper.stats.exported.items() if self.shipper else ())]], "1")
@@ -354,7 +356,7 @@ class Telemetry:
             lambda _: [Observation(v - before.get(k, 0), {"reason": k}) for k, v in buffer.stats().dropped.items()
                        if v > before.get(k, 0)]], "1")
         m.create_observable_gauge("telemetry_dead_letter_records", [
-            lambda _: [Observation(buffer.stats().dead_letter_records)]], "1")
+            lambda _: [Observation(buffer.stats().dead_letter_records)]], "{record}")
         m.create_observable_gauge("telemetry_sampling_rate", [lambda _: [Observation(sampler.rate)]], "1")
         m.create_observable_counter("telemetry_spans_kept_total", [lambda _: [Observation(tracer.kept_spans)]], "1")
         m.create_observable_counter("telemetry_spans_sampled_out_total", [

@@ -19,6 +19,7 @@ Record layouts (tuples, so they marshal into the buffer cheaply):
 from __future__ import annotations
 
 import struct
+from importlib import metadata
 
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_attributes, _encode_resource
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -29,6 +30,19 @@ from opentelemetry.sdk.resources import Resource
 from emp_machine.telemetry.metrics import as_float, sample_value, warn_not_a_number
 
 SPAN_TRACE_ID, SPAN_ID, SPAN_PARENT = 0, 1, 2
+
+
+def _sdk_version() -> str:
+    try:
+        return metadata.version("opentelemetry-sdk")
+    except metadata.PackageNotFoundError:  # a vendored or frozen install: the attribute is still there
+        return "unknown"
+
+
+# What the resource semantic conventions require of every resource (the SDK's Resource.create() adds them;
+# Resource() does not): merged into each encoder's resource, under what the caller set.
+SDK_ATTRIBUTES = {"telemetry.sdk.name": "opentelemetry", "telemetry.sdk.language": "python",
+                  "telemetry.sdk.version": _sdk_version()}
 
 _pack_q = struct.Struct("<Q").pack
 _pack_d = struct.Struct("<d").pack
@@ -65,7 +79,9 @@ def _any_value(value: object) -> bytes:
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"
     if kind is int:
-        return b"\x18" + _varint(value if -2**63 <= value < 2**63 else 0)
+        if -2**63 <= value < 2**63:
+            return b"\x18" + _varint(value)
+        return _ld(0x0A, str(value).encode())  # past int64 (a ComfyUI seed reaches 2**64-1): its digits, not 0
     if kind is float:
         return b"\x21" + _pack_d(value)
     if kind in (list, tuple):
@@ -73,13 +89,15 @@ def _any_value(value: object) -> bytes:
     if kind is bytes:
         return _ld(0x3A, value)
     if isinstance(value, dict):
-        return _ld(0x32, b"".join(_ld(0x0A, _key_value(str(k), v)) for k, v in value.items()))  # KeyValueList
+        return _ld(0x32, b"".join(_ld(0x0A, _key_value(k, v)) for k, v in value.items()))  # KeyValueList
     if value is None:
         return b""
     return _ld(0x0A, str(value).encode("utf-8", "replace"))
 
 
 def _key_value(key: str, value: object) -> bytes:
+    if not isinstance(key, str):  # {200: 3}: the key as text, as the JSON line writes it
+        key = str(key)
     return _ld(0x0A, key.encode("utf-8", "replace")) + _ld(0x12, _any_value(value))
 
 
@@ -173,8 +191,10 @@ class Encoder:
 
     def __init__(self, resource_attributes: dict[str, object], scope_name: str = "emp_machine.telemetry",
                  scope_version: str = ""):
-        # Resource(...) rather than Resource.create(): no detectors, so no environment is read here.
-        self._resource_pb = _encode_resource(Resource(resource_attributes))
+        # Resource(...) rather than Resource.create(): no detectors, so no environment is read here; the
+        # telemetry.sdk.* attributes are added as it would (a caller's own values win).
+        self._resource_pb = _encode_resource(Resource({**resource_attributes, **{
+            key: value for key, value in SDK_ATTRIBUTES.items() if key not in resource_attributes}}))
         self._resource = self._resource_pb.SerializeToString()
         self._scope = InstrumentationScope(name=scope_name, version=scope_version).SerializeToString()
         self._scope_args = (scope_name, scope_version)

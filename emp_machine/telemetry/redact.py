@@ -174,15 +174,28 @@ def _redacted_text_of(value: object) -> object:
     return redact_text(text)
 
 
+def _key_text(key: object) -> str:
+    """A mapping's non-str key as text (the JSON line and OTLP carry only text keys); a str subclass stays."""
+    if isinstance(key, str):
+        return key
+    try:
+        return str(key)
+    except Exception:  # a broken __str__ must not lose the caller's record
+        return f"<{type(key).__name__}>"
+
+
 _clean: set[str] = set()  # field values seen to hold nothing secret (event names, job types, statuses...)
 
 
 def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
-    """A copy of `fields` with secret keys and secret-shaped values redacted (nested mappings too)."""
+    """A copy of `fields` with secret keys and secret-shaped values redacted (nested mappings too). A key that
+    is not a str becomes its str() (a record with one raised TypeError into the caller and was lost)."""
     out: dict[str, object] = {}
     for key, value in fields.items():
         kind = _key_cache.get(key)
         if kind is None:
+            if type(key) is not str:  # {200: 3} (counts by HTTP status): judged, written and encoded as "200"
+                key = _key_text(key)
             kind = _key_kind_cached(key)
         if kind and value is not None and (type(value) is not str or value):  # not ==: numpy arrays
             if kind == _TOKEN_WORD and (type(value) in (int, float) or isinstance(value, Mapping)):

@@ -14,7 +14,11 @@ cannot be opened (refused, timed out, name not resolved, TLS handshake failed): 
 (scheme://host:port), so every signal sending there is held back with it, and one connection per backoff probes
 the origin instead of one per signal; once a connection opens, each signal goes on from its own state.
 A 4xx other than 429 means the collector will never take that batch: it moves to the buffer's dead-letter table
-(kept, counted).
+(kept, counted), its reason with the collector's message (the body's google.rpc.Status), logged once per reason.
+A 2xx's body is the signal's Export*ServiceResponse: what its partial_success rejected is counted as dropped
+(`rejected_by_collector`), not exported, and logged with the collector's message; it is never retried (the
+collector would reject it again). An empty body is a full success; a body that is no such response (a proxy's
+login page answered 200) means the collector never saw the records: retried like a 5xx, and logged.
 A 3xx means the endpoint is wrong, not the records: not followed, retried like a 5xx, and logged.
 Duplicates are possible only when a collector accepted a request and the reply was lost (at least once).
 Credentials in an endpoint's URL (http://user:password@collector:4318) are sent as Basic auth, as the stock
@@ -39,6 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
 from emp_machine.telemetry.buffer import Buffer, Kind
 from emp_machine.telemetry.urls import http_url_problem
 from emp_machine.telemetry.encode import Encoder, encode_log, encode_span
@@ -47,6 +58,11 @@ from emp_machine.telemetry.redact import redact_text
 PATHS = {Kind.SPAN: "/v1/traces", Kind.LOG: "/v1/logs", Kind.METRIC: "/v1/metrics"}
 SIGNALS = {Kind.SPAN: "traces", Kind.LOG: "logs", Kind.METRIC: "metrics"}
 _REQUEST_OVERHEAD = 4096  # resource + scope + framing, well above what ours take
+# Each signal's Export*ServiceResponse and its partial_success count of what the collector rejected.
+_RESPONSES = {Kind.SPAN: (ExportTraceServiceResponse, "rejected_spans"),
+              Kind.LOG: (ExportLogsServiceResponse, "rejected_log_records"),
+              Kind.METRIC: (ExportMetricsServiceResponse, "rejected_data_points")}
+REJECTED_BY_COLLECTOR = "rejected_by_collector"  # the drop reason of records a partial_success rejected
 
 
 @dataclass
@@ -68,6 +84,9 @@ class ShipperStats:
     requests_ok: int = 0
     requests_failed: int = 0
     dead_lettered: int = 0
+    # Spans and log records, and metric data points, a collector's partial_success said it rejected (2xx
+    # answers): counted as dropped (`rejected_by_collector`), not exported, never retried.
+    rejected: int = 0
     # Over the signals that have an endpoint (each in `signals`, by "traces"/"logs"/"metrics"): the most
     # consecutive failures of any, and whether any signal's circuit is open.
     consecutive_failures: int = 0
@@ -103,6 +122,7 @@ class _Signal:
     stats: SignalStats
     not_before: float = 0.0  # stays set until a 2xx (once passed, the usual waits hold)
     warned: str = ""  # once per distinct answer, until a 2xx
+    noted: str = ""  # the last warning a collector's full success carried (logged once per distinct one)
 
 
 @dataclass
@@ -177,6 +197,26 @@ def _retry_after(value: str | None, cap: float = MAX_RETRY_AFTER_S) -> float | N
     if math.isnan(seconds):
         return None
     return min(cap, max(0.0, seconds))
+
+
+def _status_message(answer: bytes, content_type: str | None) -> str:
+    """`: message` of a refusal's body, for its dead-letter reason: a google.rpc.Status (OTLP/HTTP's error
+    body), else the body's first 200 characters of text; redacted (it may quote what we sent), one line,
+    '' when there is nothing to say."""
+    if not answer:
+        return ""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    message = ""
+    if "protobuf" in media or not media:
+        try:
+            status = Status.FromString(answer)
+            message = status.message or (f"code {status.code}" if status.code else "")
+        except DecodeError:
+            message = ""
+    if not message and "protobuf" not in media:
+        message = answer[:800].decode("utf-8", "replace")[:200]
+    message = " ".join(redact_text(message).split())[:500]
+    return f": {message}" if message else ""
 
 
 def otlp_signals(config: Any) -> dict[str, tuple[str, dict[str, str]]]:
@@ -260,6 +300,7 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self.stats = ShipperStats()
         self._signals = {kind: _Signal(SignalStats()) for kind in self._targets}
+        self._dead_warned: set[str] = set()  # dead-letter reasons logged already
         # Signals that send to one origin share its reachability (the port as connected to: 80/443 if none).
         self._origin_of = {kind: (t.scheme, t.host, t.port or (443 if t.scheme == "https" else 80))
                            for kind, t in self._targets.items()}
@@ -392,18 +433,39 @@ class Shipper:
             body = self._body(kind, [item[2] for item in batch[0]], batch[1], encoder)
             progress = self._progress(batch[0])
             try:
-                self._post(kind, body)
-            except _Rejected as rejected:
-                self.buffer.dead_letter(kind, [item[2] for item in batch[0]], progress, str(rejected))
-                self.stats.dead_lettered += len(batch[0])
-                self.stats.last_error = str(rejected)
+                rejected = self._post(kind, body)
+            except _Rejected as rejection:
+                self.buffer.dead_letter(kind, [item[2] for item in batch[0]], progress, str(rejection))
+                self._dead_lettered(kind, len(batch[0]), str(rejection))
                 continue
-            self.buffer.ack(progress)
-            accepted += len(batch[0])
-            self.stats.exported[_KIND_NAMES[kind]] += len(batch[0])
-            if self.on_exported is not None:
-                self.on_exported(_KIND_NAMES[kind], len(batch[0]))
+            self.buffer.ack(progress)  # a partial success too: what it rejected would be rejected again
+            count = len(batch[0])
+            accepted += count
+            if rejected:
+                # Spans and log records are records; a metric record is every series' point, so its rejected
+                # data points are counted as such, and its records as exported (the rest of their points were).
+                dropped = rejected if kind == Kind.METRIC else min(rejected, count)
+                self.stats.rejected += dropped
+                self.buffer.count_drop(REJECTED_BY_COLLECTOR, dropped)
+                if kind != Kind.METRIC:
+                    count -= dropped
+            if count:
+                self.stats.exported[_KIND_NAMES[kind]] += count
+                if self.on_exported is not None:
+                    self.on_exported(_KIND_NAMES[kind], count)
         return accepted
+
+    def _dead_lettered(self, kind: Kind, count: int, reason: str) -> None:
+        """Count a batch the collector refused for good, and warn once per distinct reason."""
+        self.stats.dead_lettered += count
+        self.stats.last_error = reason
+        if reason not in self._dead_warned:
+            if len(self._dead_warned) >= 64:  # bounded: a collector's messages may quote each batch
+                self._dead_warned.clear()
+            self._dead_warned.add(reason)
+            _log.warning("telemetry shipper: %d %s dead-lettered: %s (the collector will not take them: kept in "
+                         "the buffer's dead-letter table, see `emp-machine telemetry --dead-letters`; this reason "
+                         "is not logged again)", count, _KIND_NAMES[kind], reason)
 
     def _encoder_for(self, chunk_id: int) -> Encoder:
         """The encoder for chunk `chunk_id`'s records: of the resource the buffer recorded for it, else ours."""
@@ -496,7 +558,10 @@ class Shipper:
                 except OSError:
                     pass
 
-    def _post(self, kind: Kind, body: bytes) -> None:
+    def _post(self, kind: Kind, body: bytes) -> int:
+        """Send one request; the number of records (metric data points) an accepted request's partial_success
+        says were rejected. Raises _Retry (and _Unreachable) for what may go through later, _Rejected for what
+        never will."""
         target = self._targets[kind]
         payload = _gzip(body) if self._compress else body
         conn = self._connection(target)
@@ -510,7 +575,7 @@ class Shipper:
         try:
             conn.request("POST", target.path, body=payload, headers=target.headers)
             response = conn.getresponse()
-            response.read()
+            answer = response.read()
         except (OSError, http.client.HTTPException, socket.timeout) as exc:
             self._close(target)
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
@@ -519,8 +584,9 @@ class Shipper:
         if response.getheader("Connection", "").lower() == "close":
             self._close(target)
         if 200 <= status < 300:
+            rejected = self._accepted(kind, status, answer, response.getheader("Content-Type") or "")
             self.stats.bytes_sent += len(payload)
-            return
+            return rejected
         if status == 429 or status >= 500:
             raise _Retry(f"HTTP {status}", _retry_after(response.getheader("Retry-After"), self.max_retry_after))
         if 300 <= status < 400:
@@ -533,7 +599,45 @@ class Shipper:
                 self._signals[kind].warned = reason
                 _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
             raise _Retry(reason)
-        raise _Rejected(f"HTTP {status} from {PATHS[kind]}")
+        message = _status_message(answer, response.getheader("Content-Type"))
+        raise _Rejected(f"HTTP {status} from {PATHS[kind]}{message}")
+
+    def _accepted(self, kind: Kind, status: int, answer: bytes, content_type: str) -> int:
+        """A 2xx answer's Export*ServiceResponse: the count its partial_success rejected (warned about with
+        the collector's message), 0 for an empty body. A body that is no such response (a proxy's login page
+        answered 200) raises _Retry: whatever answered, it was not the collector, so the records were not taken."""
+        if not answer:
+            return 0
+        response_type, rejected_field = _RESPONSES[kind]
+        media = content_type.split(";", 1)[0].strip().lower()
+        try:
+            if media == "text/html":
+                raise ValueError("an HTML page")
+            if media == "application/json":  # OTLP/JSON's answer, from a collector that ignores what we sent
+                response = json_format.Parse(answer, response_type(), ignore_unknown_fields=True)
+            else:
+                response = response_type.FromString(answer)
+        except (DecodeError, json_format.ParseError, ValueError, UnicodeDecodeError):
+            reason = f"HTTP {status} from {PATHS[kind]} whose body is not an OTLP response " \
+                     f"({media or 'no content type'}): a proxy or another service answered in the collector's " \
+                     f"place; check the OTLP endpoint"
+            if reason != self._signals[kind].warned:
+                self._signals[kind].warned = reason
+                _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
+            raise _Retry(reason) from None
+        partial = response.partial_success
+        rejected = getattr(partial, rejected_field)
+        message = " ".join(redact_text(partial.error_message).split())[:500]
+        what = "data points" if kind == Kind.METRIC else _KIND_NAMES[kind]
+        if rejected > 0:
+            _log.warning("telemetry shipper: the collector rejected %d %s of a request to %s: %s (counted as "
+                         "dropped, reason %s; not retried)", rejected, what, PATHS[kind],
+                         message or "no reason given", REJECTED_BY_COLLECTOR)
+        elif message and message != self._signals[kind].noted:  # accepted, with a warning of the collector's
+            self._signals[kind].noted = message
+            _log.warning("telemetry shipper: the collector accepted a whole request to %s and says: %s",
+                         PATHS[kind], message)
+        return max(0, rejected)
 
     # --- backoff and circuit breaker -----------------------------------------------------------------
 

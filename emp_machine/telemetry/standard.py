@@ -19,8 +19,8 @@ class StandardMetrics:
 
     def __init__(self, meter: Meter, *, system: bool = False, started_at: float | None = None):
         m = meter
-        self.workers_active = m.create_gauge("workers_active", "1", "workers busy with a job, by service")
-        self.workers_total = m.create_gauge("workers_total", "1", "workers running, by service")
+        self.workers_active = m.create_gauge("workers_active", "{worker}", "workers busy with a job, by service")
+        self.workers_total = m.create_gauge("workers_total", "{worker}", "workers running, by service")
         self.jobs_processed_total = m.create_counter("jobs_processed_total", "1", "jobs finished, by type and status")
         self.job_duration_seconds = m.create_histogram("job_duration_seconds", "s", "job run time, by type")
         self.worker_job_duration_seconds = m.create_histogram(
