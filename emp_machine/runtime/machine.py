@@ -49,6 +49,17 @@ LEFTOVER_GRACE = 2.0
 # A supervisord of this state dir left by a machine that died stops its processes by itself (plugin.py: one
 # tier at a time, 2 s each) and frees the socket; a new boot waits this long for it, then SIGKILLs it.
 STALE_SUPERVISORD_WAIT = 15.0
+# What outlived both its machine and its supervisord (kill -9 of both, the OOM killer) on this state dir: at the
+# next boot its workers and services get a SIGTERM, a second one after LEFTOVER_GRACE (a draining worker hands
+# its running jobs back at once on its second), then LEFTOVER_SECOND_GRACE before SIGKILL; the embedded Redis
+# last (the hand-backs go into it), LEFTOVER_REDIS_GRACE to write its append-only file and exit.
+LEFTOVER_SECOND_GRACE = 5.0  # (an orphaned worker hands back in ms, exits in about 3.5 s)
+LEFTOVER_REDIS_GRACE = 10.0
+# A second signal during the drain: each worker gets a SIGTERM of its own (its second: it hands its running
+# jobs back at once), another after FORCED_SECOND_TERM_AFTER (in case that one was its first), and up to
+# FORCED_WORKER_WAIT in all to exit, before everything left is SIGKILLed.
+FORCED_SECOND_TERM_AFTER = 0.25
+FORCED_WORKER_WAIT = 1.0
 
 
 class Phase(enum.Enum):
@@ -252,7 +263,7 @@ class Machine:
             case ProcessStarted(process, ok):
                 self._on_started(process, ok)
             case SignalReceived(signum):
-                self._on_signal(signum)
+                await self._on_signal(signum)
             case SupervisordExited(returncode):
                 self._supervisord_up = False
                 await self._on_supervisord_exit(returncode)
@@ -281,6 +292,9 @@ class Machine:
     async def _start_supervisord(self) -> None:
         try:
             await asyncio.to_thread(self._clear_stale_supervisord)
+            await asyncio.to_thread(self._clear_leftovers)
+            if self.phase is not Phase.STARTING:
+                return  # a signal came while the leftovers were stopped: the shutdown has nothing to stop
             svconfig.write(list(self.plan.specs), self.paths, parent_pid=os.getpid(),
                            machine_id=self.plan.machine_id, log_max_bytes=self.manifest.logs.max_size,
                            log_backups=self.manifest.logs.backups)
@@ -338,6 +352,23 @@ class Machine:
                 pass
         psutil.wait_procs(tree, timeout=5)
         step("boot.stale_supervisord_gone", pid=stale.pid, killed=killed)
+
+    def _clear_leftovers(self) -> None:
+        """Processes of this state dir that outlived their machine and its supervisord too (kill -9 of both, the
+        OOM killer, on a VM or a bare host): a worker still claiming jobs unsupervised and holding its telemetry
+        buffer (the new worker of its slot crash-loops on it), the embedded Redis still writing the append-only
+        file the new one opens. Stopped before anything of this boot starts: workers and services first, the
+        Redis last (the workers' hand-backs go into it). Never a process of another state dir."""
+        found = _leftovers(self.paths)
+        if not found:
+            return
+        for proc, kind, name in found:
+            step("boot.leftover", level=logging.WARNING, pid=proc.pid, kind=kind, process_name=name,
+                 reason="left running by an earlier machine on this state dir whose supervisord is gone too",
+                 action="terminate")
+        killed = _terminate([p for p, kind, _ in found if kind != "redis"], LEFTOVER_GRACE, LEFTOVER_SECOND_GRACE)
+        killed += _terminate([p for p, kind, _ in found if kind == "redis"], LEFTOVER_REDIS_GRACE)
+        step("boot.leftovers_stopped", pids=[p.pid for p, _, _ in found], killed=killed)
 
     async def _on_supervisord_up(self) -> None:
         if self.phase is not Phase.STARTING:
@@ -655,15 +686,29 @@ class Machine:
         self._spawn(self._start_supervisord())
 
     # -- shutdown ----------------------------------------------------------------------------------------
-    def _on_signal(self, signum: int) -> None:
+    async def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.phase in (Phase.STARTING, Phase.READY):
             step("shutdown.signal", signal=name)
             self._begin_shutdown(exit_code=0)
         else:
             step("shutdown.forced", level=logging.WARNING, signal=name)
-            _kill_descendants(0.0)
+            await asyncio.to_thread(self._force_stop)
             self.exit_code = FORCE_EXIT_CODE
+
+    def _force_stop(self) -> None:
+        """A second signal: the workers first get a SIGTERM of their own, which a draining worker takes as its
+        second and hands its running jobs back at once (a SIGKILL left them claimed until their lease ran out),
+        a short wait for them, then SIGKILL to everything left."""
+        argvs = {tuple(s.argv) for s in self.plan.specs if s.kind == "worker"}
+        workers = [p for p in _children(psutil.Process()) if _cmdline(p) in argvs]
+        if workers:
+            left = _signal_all(workers, signal.SIGTERM)
+            _, left = psutil.wait_procs(left, timeout=FORCED_SECOND_TERM_AFTER)
+            _, left = psutil.wait_procs(_signal_all(left, signal.SIGTERM),
+                                        timeout=FORCED_WORKER_WAIT - FORCED_SECOND_TERM_AFTER)
+            step("shutdown.forced_workers", pids=[p.pid for p in workers], exited=len(workers) - len(left))
+        _kill_descendants(0.0)
 
     def _begin_shutdown(self, exit_code: int) -> None:
         self.phase = Phase.DRAINING
@@ -678,7 +723,8 @@ class Machine:
             names = [s.name for s in self.plan.specs if s.kind == kind]
             if kind == "redis":
                 await self._announce_shutdown()
-            if names and self.proc is not None and self.proc.returncode is None:
+            # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked)
+            if names and self._supervisord_up and self.proc is not None and self.proc.returncode is None:
                 await asyncio.gather(*(self._stop(n) for n in names))
                 step(f"shutdown.{kind}_stopped", processes=names)
         self.phase = Phase.SHUTDOWN
@@ -686,13 +732,16 @@ class Machine:
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await asyncio.to_thread(self.control.shutdown)
-            except SupervisorError:
-                pass
+            except SupervisorError:  # not listening yet (still starting) or not answering: SIGTERM does the same
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.terminate()
             try:
                 await asyncio.wait_for(self.proc.wait(), 10)
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+            if self.proc.returncode < 0:  # killed by a signal: it could not remove its socket and pidfile
+                _remove_run_files(self.paths, self.proc.pid)
             step("shutdown.supervisord", returncode=self.proc.returncode)
         # supervisord is gone: what its services left (re-parented to us) would outlive a clean exit
         left = await asyncio.to_thread(_kill_descendants, LEFTOVER_GRACE)
@@ -825,6 +874,80 @@ def _kill_descendants(grace: float) -> list[int]:
     return running
 
 
+def _signal_all(procs: list[psutil.Process], sig: int) -> list[psutil.Process]:
+    """Send `sig` to each (psutil checks it is still the same process); returns those it reached."""
+    reached = []
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+            reached.append(proc)
+        except psutil.Error:
+            pass
+    return reached
+
+
+def _terminate(procs: list[psutil.Process], grace: float, second_grace: float = 0.0) -> list[int]:
+    """SIGTERM each, up to `grace` seconds to exit; with `second_grace`, a second SIGTERM to those left and that
+    long again; then SIGKILL. Returns the pids that had to be killed."""
+    if not procs:
+        return []
+    _, alive = psutil.wait_procs(_signal_all(procs, signal.SIGTERM), timeout=grace)
+    if alive and second_grace > 0:
+        _, alive = psutil.wait_procs(_signal_all(alive, signal.SIGTERM), timeout=second_grace)
+    killed = _signal_all(alive, signal.SIGKILL)
+    psutil.wait_procs(killed, timeout=5)
+    return [p.pid for p in killed]
+
+
+def _cmdline(proc: psutil.Process) -> tuple[str, ...]:
+    try:
+        return tuple(proc.cmdline())
+    except psutil.Error:
+        return ()
+
+
+def _leftovers(paths: svconfig.Paths) -> list[tuple[psutil.Process, str, str]]:
+    """This state dir's processes still running with no machine (the caller holds the state dir's lock), as
+    (process, kind, supervisord's name for it or ""): a worker (worker --manifest <state>/run/manifest.json), a
+    supervisord (-c <state>/run/supervisord.conf), the embedded Redis (--dir <state>/redis; it rewrites its
+    command line and environment into its process title, so also: a redis-server / valkey-server whose working
+    directory is <state>/redis, where --dir puts it), or a process started by this state dir's supervisord
+    (its SUPERVISOR_SERVER_URL, which a service's own children inherit). Only this user's; never this process
+    or its ancestors; not an operator's editor or redis-cli in those folders."""
+    norm = os.path.normpath
+    manifest, conf = norm(os.path.abspath(resolved_manifest_path(paths.state))), norm(os.path.abspath(paths.conf))
+    redis_dir = norm(os.path.abspath(paths.state / "redis"))
+    server_url = "unix://" + norm(os.path.abspath(paths.socket))
+    me = psutil.Process()
+    skip = {me.pid}
+    with contextlib.suppress(psutil.Error):
+        skip.update(p.pid for p in me.parents())
+    uid = os.getuid()
+    found = []
+    for proc in psutil.process_iter(["cmdline", "uids", "status", "name", "cwd"]):
+        info = proc.info
+        if proc.pid in skip or info["uids"] is None or info["uids"].real != uid \
+                or info["status"] in (psutil.STATUS_ZOMBIE, None):
+            continue
+        argv = info["cmdline"] or []
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            env = {}
+        name = env.get("SUPERVISOR_PROCESS_NAME", "")
+        flags = {argv[i]: norm(argv[i + 1]) for i in range(len(argv) - 1) if argv[i].startswith("-")}
+        server = (info["name"] or "").startswith(("redis-server", "valkey-server")) and info["cwd"] == redis_dir
+        if server or flags.get("--dir") == redis_dir:
+            found.append((proc, "redis", name or REDIS_PROCESS))
+        elif "worker" in argv and flags.get("--manifest") == manifest:
+            found.append((proc, "worker", name))
+        elif "supervisor.supervisord" in argv and flags.get("-c") == conf:
+            found.append((proc, "supervisord", name))
+        elif env.get("SUPERVISOR_SERVER_URL") == server_url:
+            found.append((proc, "service", name))
+    return found
+
+
 def _status(proc: psutil.Process) -> str | None:
     try:
         return proc.status()
@@ -860,6 +983,19 @@ def _reap_orphans(keep: set[int]) -> list[int]:
         if pid:
             reaped.append(pid)
     return reaped
+
+
+def _remove_run_files(paths: svconfig.Paths, pid: int) -> None:
+    """The socket and pidfile of our supervisord `pid`, which died without removing them."""
+    try:
+        named = int(paths.pidfile.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        named = None
+    if named not in (None, pid):
+        return  # another one's (never while this machine holds the state dir's lock)
+    for path in (paths.pidfile, paths.socket):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _stale_supervisord(pidfile: Path, conf: Path, ours: set[int]) -> psutil.Process | None:

@@ -1,0 +1,183 @@
+"""A machine's life cycle at its edges: a boot after the machine and its supervisord were both killed (their
+workers and embedded Redis left running), a second signal during the drain, a signal before supervisord listens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import redis as redis_lib
+
+from emp_machine.runtime.jobs import JobStore
+from harness import RunningMachine, pid_alive, wait_for
+
+PY = sys.executable
+
+HANGING = {"steps": 1, "step_ms": 0, "hang": True}  # runs until it is cancelled
+
+
+def _kill(*pids: int) -> None:
+    for pid in pids:
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_boot_after_the_machine_and_its_supervisord_were_killed_stops_what_they_left(machine_factory):
+    # kill -9 of both (the OOM killer): the worker kept claiming unsupervised and held its telemetry buffer (the
+    # new worker-0 crash-looped on it), the embedded Redis kept writing the AOF the new Redis opened too.
+    first = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    stop_grace: 30s
+    lease: 60s
+""", redis_url="embedded")
+    first.wait_ready(30)
+    run = first.state_dir / "run"
+    client = redis_lib.Redis.from_url(json.loads((run / "machine.json").read_text())["redis_url"],
+                                      decode_responses=True)
+    job = JobStore(client).submit("simulation", HANGING)
+    wait_for(lambda: client.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
+    client.close()
+    supervisord = int((run / "supervisord.pid").read_text())
+    worker, redis_pid = first.process("worker-0").pid, first.process("redis").pid
+    os.kill(supervisord, signal.SIGSTOP)  # no time to stop its processes when it sees its machine gone
+    first.proc.kill()
+    first.wait_exit(10)
+    os.kill(supervisord, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(supervisord), 10, message="supervisord gone")
+    assert pid_alive(worker) and pid_alive(redis_pid)  # what the next boot finds
+
+    second = RunningMachine(first.manifest, first.state_dir, first.env)
+    try:
+        second.wait_ready(40)
+        assert not pid_alive(worker) and not pid_alive(redis_pid)
+        assert second.event("boot.leftover", pid=worker, kind="worker", process_name="worker-0")
+        assert second.event("boot.leftover", pid=redis_pid, kind="redis", process_name="redis")
+        assert second.event("boot.leftovers_stopped")["killed"] == []  # the Redis wrote its AOF and exited
+        client = redis_lib.Redis.from_url(json.loads((run / "machine.json").read_text())["redis_url"],
+                                          decode_responses=True)
+        try:
+            # handed back by the worker on its second SIGTERM, into the old Redis (stopped after it): the new
+            # Redis read it from the append-only file
+            events = [e["ev"] for e in JobStore(client).timeline(job).events]
+            assert "handed_back" in events, events
+            assert client.hget(f"job:{job}", "retry_count") == "0"
+            wait_for(lambda: client.hget(f"job:{job}", "status") == "in_progress", 15,
+                     message="the job claimed again by the new worker")
+        finally:
+            client.close()
+        assert "held by another process" not in second.log_of("worker-0")
+        second.signal(signal.SIGTERM)
+        assert second.wait_exit(40) == 0
+    finally:
+        second.close()
+        _kill(worker, redis_pid, supervisord)
+
+
+def test_leftovers_are_this_state_dirs_processes_only(tmp_path, caplog):
+    from emp_machine.runtime import machine as machine_module
+    from emp_machine.supervisor.config import Paths
+
+    state, other, sibling = tmp_path / "m", tmp_path / "m2", tmp_path / "m-x"
+    paths = Paths(state)
+    sleep = [PY, "-c", "import time; time.sleep(120)"]
+    env = dict(os.environ)
+
+    for folder in (state / "redis", other / "redis"):
+        folder.mkdir(parents=True)
+    server = tmp_path / "valkey-server"  # a Redis rewrites its command line: found by its name and directory
+    server.symlink_to(PY)
+
+    def start(*args: str, server_url: str | None = None, name: str | None = None, cwd=None,
+              program: str = PY) -> subprocess.Popen:
+        extra = {"SUPERVISOR_SERVER_URL": server_url, "SUPERVISOR_PROCESS_NAME": name} if server_url else {}
+        return subprocess.Popen([program, *sleep[1:], *args], env={**env, **extra}, cwd=cwd)
+
+    ours = {
+        "worker": start("worker", "--manifest", str(state / "run" / "manifest.json"), "--index", "0"),
+        "redis": start("--port", "1", "--dir", str(state / "redis")),
+        "service": start(server_url=f"unix://{state}/run/supervisor.sock", name="svc-0"),
+        "server": start(program=str(server), cwd=state / "redis"),
+    }
+    theirs = [
+        start("worker", "--manifest", str(other / "run" / "manifest.json")),
+        start("worker", "--manifest", str(sibling / "run" / "manifest.json")),  # a name that starts like ours
+        start("--dir", str(other / "redis")),
+        start("--dir", str(state / "redis-old")),
+        start(server_url=f"unix://{other}/run/supervisor.sock", name="svc-0"),
+        start(cwd=state / "redis"),  # an operator's shell in that folder
+        start(str(state / "run" / "manifest.json")),  # an operator's editor on a file of run/
+        start(program=str(server), cwd=other / "redis"),
+    ]
+    everything = [*ours.values(), *theirs]
+    try:
+        # (Popen returns once each has exec'd: its command line and environment are readable)
+        found = {proc.pid: (kind, name) for proc, kind, name in machine_module._leftovers(paths)}
+        assert found == {ours["worker"].pid: ("worker", ""), ours["redis"].pid: ("redis", "redis"),
+                         ours["service"].pid: ("service", "svc-0"), ours["server"].pid: ("redis", "redis")}
+        fake = type("FakeMachine", (), {"paths": paths})()  # what the method reads
+        with caplog.at_level(logging.INFO, logger="emp.machine"):
+            machine_module.Machine._clear_leftovers(fake)
+        assert all(p.poll() is not None for p in ours.values())  # stopped and reaped
+        assert all(p.poll() is None for p in theirs)
+        done = [r for r in caplog.records if r.getMessage() == "boot.leftovers_stopped"]
+        assert done and sorted(done[0].fields["pids"]) == sorted(p.pid for p in ours.values())
+        assert done[0].fields["killed"] == []  # they exited on SIGTERM
+    finally:
+        for proc in everything:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_second_signal_during_the_drain_hands_running_jobs_back_before_killing(machine_factory, redis):
+    # The forced path SIGKILLed the workers: their jobs stayed in_progress until a lease ran out elsewhere.
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    stop_grace: 30s
+    lease: 60s
+""")
+    machine.wait_ready()
+    store = JobStore(redis)
+    job = store.submit("simulation", HANGING)
+    wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
+    machine.signal(signal.SIGTERM)
+    wait_for(lambda: '"worker.draining"' in machine.log_of("worker-0"), 15, message="the worker draining")
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit(15) == 1
+    assert machine.event("shutdown.forced", signal="SIGTERM")
+    got = redis.hgetall(f"job:{job}")
+    assert (got["status"], got["worker_id"], got["retry_count"]) == ("pending", "", "0")
+    assert [e["ev"] for e in store.timeline(job).events][-1] == "handed_back"
+
+
+def test_a_signal_before_supervisord_listens_stops_it_at_once_and_leaves_no_socket(machine_factory):
+    # control.shutdown failed (no socket yet), the machine then waited 10 s and SIGKILLed supervisord, leaving
+    # its socket and pidfile behind.
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    stop_grace: 10s
+""")
+    wait_for(lambda: machine.event("boot.config") or machine._dead("boot.config"), 30, interval=0.002,
+             message="boot.config")
+    machine.signal(signal.SIGTERM)
+    sent = time.monotonic()
+    assert machine.wait_exit(30) == 0
+    assert time.monotonic() - sent < 5, machine.tail()
+    assert not (machine.state_dir / "run" / "supervisor.sock").exists()
+    assert not (machine.state_dir / "run" / "supervisord.pid").exists()
+    assert not machine.event("process.stop_failed")
+    assert machine.event("shutdown.done", exit_code=0)
