@@ -333,7 +333,7 @@ def header_value(value: str) -> str:
     """`value` as an HTTP header value: as it is when it is printable ASCII, else percent-encoded (UTF-8). A job
     id is the producer's: one with a control character (ESC, CR, LF) or beyond ASCII made aiohttp refuse the
     request ("Forbidden control character ... header injection"), failing the job for good as a connector bug."""
-    if all(ch in _PRINTABLE_ASCII for ch in value):
+    if value.isascii() and value.isprintable():  # (C-speed: this runs for every request a job makes)
         return value
     return urllib.parse.quote(value, safe=_HEADER_SAFE)
 
