@@ -308,3 +308,36 @@ def test_a_first_claim_that_stops_at_the_heads_cap_says_to_claim_again(redis):
     store.reconcile()
     capped_claim(store, caps("fresh", hardware={"gpu_memory_gb": 8}))
     assert store.claimable_in_s is not None and store.claimable_in_s <= 0.01
+
+
+def test_jobs_of_other_types_do_not_keep_a_capped_claim_from_going_on(redis):
+    # The resume point was checked against one counter for every job type: with jobs of any other type queued
+    # between claims, each claim started over at the best, stopped at the cap again and said "again in 1 ms"
+    # (1.3 ms of Redis time each): the worker never reached its job, and busy-looped.
+    unmet_classes(redis)
+    api_write(redis, [("low", 10, BASE_MS, {})])
+    store = store_of(redis, True)
+    store.reconcile()
+    other = JobStore(redis, sweep_interval_s=3600, busy_sweep_interval_s=3600)
+    worker = caps(hardware={"gpu_memory_gb": 8})
+    for n in range(5):
+        job = store.claim(worker)
+        if job is not None:
+            break
+        other.submit("othertype", {}, job_id=f"o{n}")
+    assert job is not None and job.id == "low"
+
+
+def test_a_capped_claim_restarted_by_jobs_of_its_own_type_waits_longer_before_the_next(redis):
+    # A steady stream of jobs of its own type restarts every capped claim (a better job may be among them);
+    # the hint to claim again is then 100 ms, not 1 ms, so an idle worker does not busy-loop over the cap.
+    unmet_classes(redis)
+    store = store_of(redis, True)
+    store.reconcile()
+    worker = caps(hardware={"gpu_memory_gb": 8})
+    capped_claim(store, worker)
+    assert store.claimable_in_s <= 0.01
+    api_write(redis, [("big-more", 90, BASE_MS + 9999, {"requirements": {"hardware": {"gpu_memory_gb": 999}}})])
+    store.reconcile()
+    capped_claim(store, worker)
+    assert 0.05 <= store.claimable_in_s <= 0.2

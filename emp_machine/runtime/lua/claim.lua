@@ -54,20 +54,30 @@ local cursors = {}
 -- Heads examined per claim at most. A claim that reaches it without finding a job remembers where it
 -- stopped (w.resume, kept with the worker's memo under FCALL) and says to claim again in 1 ms; the next
 -- claim goes on from there, until the end of the heads (then the next claim starts at the best again).
--- It goes on only if nothing the stopped claim passed could have changed: no job indexed since (any
--- index_add, promote_due's included, counts jobs:idx:seq, and heads_repair counts it when it lists a class),
--- and no job it passed over for its retry_at or this worker's failure due yet; else it starts at the best.
+-- It goes on only if nothing the stopped claim passed could have changed: no job of its types indexed since
+-- (any index_add, promote_due's included, counts jobs:idx:seq:{type}, and heads_repair counts it when it
+-- lists a class), and no job it passed over for its retry_at or this worker's failure due yet; else it
+-- starts at the best (and, capped again, says to claim again in RESTARTED_WAIT_MS rather than 1 ms: under a
+-- steady stream of jobs of its types a worker whose runnable jobs lie past the cap waits for a lull).
 -- It goes on from the first head not examined (found again by its class, since heads examined may have
 -- left or been lowered meanwhile: its rank is no anchor). Under EVAL nothing is kept between calls:
 -- classes past the first HEADS_MAX that no earlier one beats wait until the classes before them drain.
 local HEADS_MAX = 2000
+local RESTARTED_WAIT_MS = 100
 local readers, seen, fixes = {}, {}, {}
 local examined, capped, dropped_any = 0, false, false
 local resume = w.resume
 w.resume = nil
 for _, svc in ipairs(w.types) do heads_repair(svc, now) end
-if resume and (resume.seq ~= redis.call('GET', 'jobs:idx:seq') or (resume.due and now >= resume.due)) then
-  resume = nil
+local restarted = false  -- a resume point dropped because something changed before it
+if resume and resume.due and now >= resume.due then resume = nil end
+if resume then
+  for _, svc in ipairs(w.types) do
+    if resume.seqs[svc] ~= redis.call('GET', 'jobs:idx:seq:' .. svc) then
+      resume, restarted = nil, true
+      break
+    end
+  end
 end
 for _, svc in ipairs(w.types) do
   local key, offset = 'jobs:idx:heads:' .. svc, 0
@@ -250,12 +260,16 @@ while true do
     if capped then
       -- more heads than one claim looks at: the next claim goes on where this one stopped (see HEADS_MAX).
       -- Each reader's next head was read (add_classes reads them all before it stops): kept by class.
-      w.resume = {seq = redis.call('GET', 'jobs:idx:seq'), due = soonest and now + soonest}
+      w.resume = {seqs = {}, due = soonest and now + soonest}
       for _, r in ipairs(readers) do
+        w.resume.seqs[r.svc] = redis.call('GET', 'jobs:idx:seq:' .. r.svc)
         if r.i <= #r.buf then w.resume[r.svc] = {r.buf[r.i], r.buf[r.i + 1]}
         else w.resume[r.svc] = r.offset end
       end
-      if LIBRARY and (not soonest or soonest > 1) then soonest = 1 end
+      -- again in 1 ms; after a restart (jobs of its types kept coming), in RESTARTED_WAIT_MS: a steady stream
+      -- of them restarted every claim, and the 1 ms hint made each idle worker a busy loop over the cap
+      local again = restarted and RESTARTED_WAIT_MS or 1
+      if LIBRARY and (not soonest or soonest > again) then soonest = again end
     end
     -- classes an older version indexed without a head: looked for now rather than in up to a second, and
     -- when a repair step ran, claim again at once

@@ -6,7 +6,7 @@
 -- KEYS[3] = jobs:leases         (our ZSET job id -> lease expiry, epoch ms)
 -- Dynamic keys (single-node Redis only, like the EMP API's own claim): job:{id}, job:{id}:events,
 -- jobs:active:{wid}, worker:{wid}, jobs:idx:classes:{service} (HASH class -> [requirements, customer]),
--- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter),
+-- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter), jobs:idx:seq:{service} (its job type's),
 -- jobs:idx:heads:{service} (ZSET class -> bound of its queue's head score, see heads_repair),
 -- jobs:idx:heads_scan (HASH: cursors of heads_repair).
 
@@ -243,6 +243,7 @@ local function index_add(id, f)
   index_remove(id)  -- a job queued again (resubmitted, re-queued) keeps one entry, never two
   local svc, cls, raw, cust, score = index_place(f)
   local tag = string.format('%015.0f', 999999999999999 - redis.call('INCR', 'jobs:idx:seq'))
+  redis.call('INCR', 'jobs:idx:seq:' .. svc)  -- per type: a claim resumed past the heads cap checks it
   redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
   redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(score), tag .. '|' .. id)
   redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls .. '\n' .. tag)
@@ -303,7 +304,7 @@ local function heads_repair(svc, now, force)
     end
   end
   -- a class listed now may rank before where a claim stopped at HEADS_MAX: claim.lua's resume then starts over
-  if changed and nclasses > nheads then redis.call('INCR', 'jobs:idx:seq') end
+  if changed and nclasses > nheads then redis.call('INCR', 'jobs:idx:seq:' .. svc) end
   if r[1] == '0' then
     redis.call('HDEL', 'jobs:idx:heads_scan', field)  -- a whole pass done: checked again in a second
   else
