@@ -157,6 +157,26 @@ def test_a_2xx_that_is_no_otlp_answer_is_retried_not_counted_as_exported(buffer,
     assert "HTTP 200 from /v1/traces" in warning and "not an OTLP response" in warning and "text/html" in warning
 
 
+def test_a_2xx_with_a_short_non_otlp_body_is_taken_as_accepted_never_resent(buffer, receiver, caplog):
+    # Retried, a receiver that took the records but answered "OK" (text/plain) got the same batch 20 times in
+    # 3 s, and nothing after it was ever sent. Only an HTML page (a proxy's) means the records were not taken.
+    receiver.respond_next(200, count=1, body=b"OK", content_type="text/plain")
+    for i in range(10):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    buffer.flush()
+    shipper = _shipper(buffer, receiver.endpoint)
+    with caplog.at_level("WARNING", logger=SHIPPER_LOG):
+        shipper.start()
+        try:
+            assert wait_until(lambda: buffer.pending() == 0, 10)
+        finally:
+            shipper.stop()
+    assert receiver.statuses == [200] and shipper.stats.requests_failed == 0
+    assert shipper.stats.exported["spans"] == 10
+    (warning,) = _shipper_warnings(caplog)
+    assert "not an OTLP response" in warning and "taken as accepted" in warning
+
+
 # --- 4. a refusal's google.rpc.Status ----------------------------------------------------------------------
 
 def test_a_400_dead_letter_carries_the_collectors_message_and_is_logged_once(buffer, receiver, caplog):

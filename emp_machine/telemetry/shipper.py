@@ -17,10 +17,12 @@ A 4xx other than 429 means the collector will never take that batch: it moves to
 (kept, counted), its reason with the collector's message (the body's google.rpc.Status), logged once per reason.
 A 2xx's body is the signal's Export*ServiceResponse: what its partial_success rejected is counted as dropped
 (`rejected_by_collector`), not exported, and logged with the collector's message; it is never retried (the
-collector would reject it again). An empty body is a full success; a body that is no such response (a proxy's
-login page answered 200) means the collector never saw the records: retried like a 5xx, and logged.
+collector would reject it again). An empty body is a full success; an HTML page (a proxy's login page answered 200)
+means the collector never saw the records: retried like a 5xx, and logged; any other body that is no such
+response ("OK" from a receiver that is not quite OTLP) is taken as a whole success, logged once.
 A 3xx means the endpoint is wrong, not the records: not followed, retried like a 5xx, and logged.
-Duplicates are possible only when a collector accepted a request and the reply was lost (at least once).
+Duplicates are possible only when a collector accepted a request and the reply was lost, or an HTML page
+answered for a receiver that had taken the records (at least once).
 Credentials in an endpoint's URL (http://user:password@collector:4318) are sent as Basic auth, as the stock
 OTel HTTP exporter does, unless an `Authorization` header is configured; no message or stat quotes them.
 """
@@ -604,27 +606,34 @@ class Shipper:
 
     def _accepted(self, kind: Kind, status: int, answer: bytes, content_type: str) -> int:
         """A 2xx answer's Export*ServiceResponse: the count its partial_success rejected (warned about with
-        the collector's message), 0 for an empty body. A body that is no such response (a proxy's login page
-        answered 200) raises _Retry: whatever answered, it was not the collector, so the records were not taken."""
+        the collector's message), 0 for an empty body. An HTML page answered 2xx (a proxy's login page) raises
+        _Retry: whatever answered, it was not the collector, so the records were not taken. Any other body that
+        is no such response ("OK", "Accepted", a JSON of another shape: receivers that are not quite OTLP) is
+        taken as a whole success, warned about once: retried, a receiver that did take the records got them
+        again and again, and nothing after them was ever sent."""
         if not answer:
             return 0
         response_type, rejected_field = _RESPONSES[kind]
         media = content_type.split(";", 1)[0].strip().lower()
+        unreadable = f"HTTP {status} from {PATHS[kind]} whose body is not an OTLP response ({media or 'no content type'})"
+        if media == "text/html":
+            reason = f"{unreadable}: a proxy or another service answered in the collector's place; check the " \
+                     f"OTLP endpoint"
+            if reason != self._signals[kind].warned:
+                self._signals[kind].warned = reason
+                _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
+            raise _Retry(reason)
         try:
-            if media == "text/html":
-                raise ValueError("an HTML page")
             if media == "application/json":  # OTLP/JSON's answer, from a collector that ignores what we sent
                 response = json_format.Parse(answer, response_type(), ignore_unknown_fields=True)
             else:
                 response = response_type.FromString(answer)
         except (DecodeError, json_format.ParseError, ValueError, UnicodeDecodeError):
-            reason = f"HTTP {status} from {PATHS[kind]} whose body is not an OTLP response " \
-                     f"({media or 'no content type'}): a proxy or another service answered in the collector's " \
-                     f"place; check the OTLP endpoint"
-            if reason != self._signals[kind].warned:
-                self._signals[kind].warned = reason
-                _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
-            raise _Retry(reason) from None
+            if unreadable != self._signals[kind].noted:
+                self._signals[kind].noted = unreadable
+                _log.warning("telemetry shipper: %s: taken as accepted (a receiver that is not quite OTLP)",
+                             unreadable)
+            return 0
         partial = response.partial_success
         rejected = getattr(partial, rejected_field)
         message = " ".join(redact_text(partial.error_message).split())[:500]
