@@ -134,20 +134,13 @@ def _machine_local(error: BaseException) -> str | None:
     return None
 
 
-def _local_oserror(error: BaseException | None) -> OSError | None:
-    """The OSError about this machine behind `error`: itself, or the cause of a retryable JobError raised from
-    one (`raise RetryableJobError(...) from exc`). A FatalJobError is the connector's own verdict: None."""
-    if isinstance(error, JobError):
-        error = error.__cause__ if error.retryable else None
-    return error if isinstance(error, OSError) and _machine_local(error) is not None else None
-
-
 def machine_local_hint(error: BaseException | None) -> str | None:
     """The operator's fix when `error` is an OSError about this machine (a full disk, a read-only or
-    unwritable output directory, an exhausted file table...), or a retryable JobError raised from one, else
-    None."""
-    local = _local_oserror(error)
-    return _machine_local(local) if local is not None else None
+    unwritable output directory, an exhausted file table...), or a retryable JobError raised from one
+    (`raise RetryableJobError(...) from exc`), else None. A FatalJobError is the connector's own verdict."""
+    if isinstance(error, JobError):
+        return _machine_local(error.__cause__) if error.retryable and error.__cause__ is not None else None
+    return _machine_local(error) if error is not None else None
 
 
 def can_retry(error: BaseException) -> bool:

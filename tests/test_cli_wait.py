@@ -341,3 +341,15 @@ def test_job_commands_refuse_to_guess_among_several_running_machines(tmp_path, r
         assert "2 machines are running (m-a (/x/a.yaml), m-b (/x/b.yaml)); choose one with --manifest" in out.stderr, \
             (args, out.stderr)
     assert redis.keys("job*") == []
+
+
+def test_wait_prints_a_failed_jobs_error_with_control_characters_escaped(cli, redis, redis_url):
+    # The error is a service's text: its ESC/OSC sequences reached the terminal raw (a title set, a line erased).
+    run, job_id = _submit_and_wait(cli, redis, redis_url, timeout="60")
+    redis.hset(f"job:{job_id}", mapping={"status": "failed", "error": "boom \x1b]0;PWNED\x07\x1b[2K",
+                                          "failed_at": "2026-01-01T00:00:01.000Z"})
+    redis.publish("job_failed", json.dumps({"job_id": job_id, "status": "failed", "error": "boom",
+                                            "can_retry": False}))
+    assert run.wait(20) == 1, run.err
+    assert "\x1b" not in run.out and "\x07" not in run.out
+    assert run.out.splitlines()[-1] == f"{job_id}: failed (boom \\x1b]0;PWNED\\x07\\x1b[2K)"

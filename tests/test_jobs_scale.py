@@ -341,3 +341,19 @@ def test_a_capped_claim_restarted_by_jobs_of_its_own_type_waits_longer_before_th
     store.reconcile()
     capped_claim(store, worker)
     assert 0.05 <= store.claimable_in_s <= 0.2
+
+
+@MODES
+def test_a_queue_whose_class_entry_was_lost_is_matched_again_from_its_jobs(redis, functions):
+    # A class unknown to jobs:idx:classes is not met (never "no requirements"); with jobs waiting in its queue,
+    # nothing gave the entry back and they waited for ever. The claim writes it again from the head job.
+    store = JobStore(redis, functions=functions, reconcile_min_interval_s=0, index_check_interval_s=0,
+                     sweep_interval_s=0)
+    store.submit("b", {}, job_id="X", requirements={"hardware": {"gpu_memory_gb": 24}})
+    _, cls, _ = redis.hget("jobs:idx:of", "X").split("\n")
+    redis.hdel("jobs:idx:classes:b", cls)  # the class entry lost, X still in its queue
+    small = {"worker_id": "w0", "machine_id": "m", "services": ["b"], "hardware": {"gpu_memory_gb": 8}}
+    assert store.claim(small) is None  # the entry comes back with X's own requirements: still not for 8 GB
+    assert redis.hexists("jobs:idx:classes:b", cls)
+    big = {"worker_id": "w1", "machine_id": "m", "services": ["b"], "hardware": {"gpu_memory_gb": 80}}
+    assert claim_retrying(store, big).id == "X"

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
@@ -135,6 +137,40 @@ def test_leftovers_are_this_state_dirs_processes_only(tmp_path, caplog):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_leftovers_in_another_mount_namespace_are_another_machines(tmp_path):
+    # Containers sharing a pid namespace (docker --pid=host, a pod's shareProcessNamespace) and a uid can mount
+    # different volumes at the same state path: matched by path alone, a boot stopped the other machine's
+    # worker and Redis.
+    import shutil
+
+    from emp_machine.runtime import machine as machine_module
+    from emp_machine.supervisor.config import Paths
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a mount namespace of its own")
+    state, other = tmp_path / "state", tmp_path / "other"
+    for folder in (state / "run", state / "redis", other / "run", other / "redis"):
+        folder.mkdir(parents=True)
+    manifest = state / "run" / "manifest.json"
+    sleep = f"{PY} -c 'import time; time.sleep(120)'"
+    script = (f"mount --bind {other} {state} && ({sleep} worker --manifest {manifest} &) && "
+              f"exec {sleep} --dir {state}/redis")
+    outer = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    try:
+        def planted() -> list[psutil.Process]:
+            return [p for p in psutil.process_iter(["cmdline"]) if str(manifest) in (p.info["cmdline"] or [])
+                    or f"{state}/redis" in (p.info["cmdline"] or [])]
+        if not wait_for(lambda: outer.poll() is not None or len(planted()) == 2, timeout=10,
+                        message="the other namespace's worker and Redis") or outer.poll() is not None:
+            pytest.skip("unshare -m refused here (no mount namespaces)")
+        assert machine_module._leftovers(Paths(state)) == []  # by path alone, both were taken for ours
+    finally:
+        for proc in planted():
+            proc.kill()
+        outer.kill()
+        outer.wait()
 
 
 def test_a_second_signal_during_the_drain_hands_running_jobs_back_before_killing(machine_factory, redis):

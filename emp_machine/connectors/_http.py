@@ -217,16 +217,14 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str,
     """The whole body of `response`, refused (FatalJobError naming `setting`) when Content-Length says more
     than `limit` bytes or the body read grows past it: an oversized reply is never held in memory whole.
     For an error answer (status >= 400) read_head instead: its status decides, not its size."""
-    def too_big(size: str) -> FatalJobError:
-        return _too_big(what, size, limit, setting)
     length = response.content_length
     if length is not None and length > limit:
-        raise too_big(str(length))
+        raise _too_big(what, str(length), limit, setting)
     chunks, size = [], 0
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > limit:
-            raise too_big(f"over {limit}")
+            raise _too_big(what, f"over {limit}", limit, setting)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -300,7 +300,8 @@ class OpenAIConnector(_http.HttpSession, Connector):
     async def _download(self, url: str, directory: Path, stem: str) -> OutputFile:
         """An image answered as a URL, streamed into `directory`. No Authorization goes with it (the URL is
         signed, usually on another host), and its query string (the signature) is in no error: a failure is
-        retryable (the next attempt generates a fresh image and URL)."""
+        retryable (the next attempt generates a fresh image and URL), but an image over max_response_bytes is
+        not (permanent: every attempt would answer as big)."""
         shown = _http.strip_query(url)
         query = url[len(shown):]
 

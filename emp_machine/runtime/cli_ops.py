@@ -700,7 +700,7 @@ def cmd_submit(args) -> int:
         print(f"{job_id}: still {status} after {args.timeout:g}s (the job goes on)")
         return WAIT_TIMED_OUT
     error = redact_text(job.get("error") or "")
-    print(f"{job_id}: {status}" + (f" ({error})" if status != "completed" and error else ""))
+    _say(f"{job_id}: {status}" + (f" ({error})" if status != "completed" and error else ""))
     return 0 if status == "completed" else 1
 
 

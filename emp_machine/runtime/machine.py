@@ -912,8 +912,9 @@ def _leftovers(paths: svconfig.Paths) -> list[tuple[psutil.Process, str, str]]:
     supervisord (-c <state>/run/supervisord.conf), the embedded Redis (--dir <state>/redis; it rewrites its
     command line and environment into its process title, so also: a redis-server / valkey-server whose working
     directory is <state>/redis, where --dir puts it), or a process started by this state dir's supervisord
-    (its SUPERVISOR_SERVER_URL, which a service's own children inherit). Only this user's; never this process
-    or its ancestors; not an operator's editor or redis-cli in those folders."""
+    (its SUPERVISOR_SERVER_URL, which a service's own children inherit). Only this user's, in this mount namespace
+    (another container sees another volume at the same path); never this process or its ancestors; not an
+    operator's editor or redis-cli in those folders."""
     norm = os.path.normpath
     manifest, conf = norm(os.path.abspath(resolved_manifest_path(paths.state))), norm(os.path.abspath(paths.conf))
     redis_dir = norm(os.path.abspath(paths.state / "redis"))
@@ -923,11 +924,16 @@ def _leftovers(paths: svconfig.Paths) -> list[tuple[psutil.Process, str, str]]:
     with contextlib.suppress(psutil.Error):
         skip.update(p.pid for p in me.parents())
     uid = os.getuid()
+    mounts = _mount_ns(me.pid)
     found = []
     for proc in psutil.process_iter(["cmdline", "uids", "status", "name", "cwd"]):
         info = proc.info
         if proc.pid in skip or info["uids"] is None or info["uids"].real != uid \
                 or info["status"] in (psutil.STATUS_ZOMBIE, None):
+            continue
+        if _mount_ns(proc.pid) != mounts:
+            # another mount namespace (a container sharing our pid namespace, same uid): the same path there
+            # may be another volume, another machine's state dir
             continue
         argv = info["cmdline"] or []
         try:
@@ -983,6 +989,14 @@ def _reap_orphans(keep: set[int]) -> list[int]:
         if pid:
             reaped.append(pid)
     return reaped
+
+
+def _mount_ns(pid: int) -> str | None:
+    """The mount namespace process `pid` lives in (None when it cannot be read: then it is not ours to judge)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
 
 
 def _remove_run_files(paths: svconfig.Paths, pid: int) -> None:

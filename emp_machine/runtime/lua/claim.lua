@@ -204,8 +204,20 @@ local function add_classes(best_score)
       examined = examined + 1
       local met = meets(w, top_r.svc, top_cls, top_r.ckey)
       if met == nil then
-        -- a head whose class is gone (an older version's removal): dropped if its queue is empty (fix_heads)
-        table.insert(fixes, {q = 'jobs:idx:queue:' .. top_r.svc .. ':' .. top_cls, svc = top_r.svc, cls = top_cls})
+        -- a head whose class entry is gone (an older version's removal, a damaged index): dropped if its queue
+        -- is empty (fix_heads); if jobs wait there, the entry is written again from the head job's own
+        -- requirements, so the next claim matches them as it should (unmatched, they waited for ever)
+        local q = 'jobs:idx:queue:' .. top_r.svc .. ':' .. top_cls
+        local top = redis.call('ZREVRANGE', q, 0, 0)
+        if top[1] then
+          local f = redis.pcall('HMGET', 'job:' .. job_of(top[1]), 'requirements', 'customer_id')
+          if not f.err then
+            local again, raw, cust = class_of(f[1], f[2])
+            if again == top_cls then redis.call('HSET', top_r.ckey, top_cls, cjson.encode({raw, cust})) end
+          end
+        else
+          table.insert(fixes, {q = q, svc = top_r.svc, cls = top_cls})
+        end
       elseif met then
         local c = {q = 'jobs:idx:queue:' .. top_r.svc .. ':' .. top_cls, svc = top_r.svc, cls = top_cls,
           buf = {}, i = 1, offset = 0, size = 1}
