@@ -597,12 +597,16 @@ class Shipper:
             self.stats.redirects += 1
             reason = f"HTTP {status} from {PATHS[kind]}{_moved_to(response.getheader('Location'))}: " \
                      f"redirects are not followed, fix the OTLP endpoint"
-            if reason != self._signals[kind].warned:
-                self._signals[kind].warned = reason
-                _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
-            raise _Retry(reason)
+            raise self._retry_warned(kind, reason)
         message = _status_message(answer, response.getheader("Content-Type"))
         raise _Rejected(f"HTTP {status} from {PATHS[kind]}{message}")
+
+    def _retry_warned(self, kind: Kind, reason: str) -> _Retry:
+        """_Retry(reason), warned about once while the answer stays the same (the endpoint is to fix)."""
+        if reason != self._signals[kind].warned:
+            self._signals[kind].warned = reason
+            _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
+        return _Retry(reason)
 
     def _accepted(self, kind: Kind, status: int, answer: bytes, content_type: str) -> int:
         """A 2xx answer's Export*ServiceResponse: the count its partial_success rejected (warned about with
@@ -615,14 +619,12 @@ class Shipper:
             return 0
         response_type, rejected_field = _RESPONSES[kind]
         media = content_type.split(";", 1)[0].strip().lower()
-        unreadable = f"HTTP {status} from {PATHS[kind]} whose body is not an OTLP response ({media or 'no content type'})"
+        unreadable = f"HTTP {status} from {PATHS[kind]} whose body is not an OTLP response " \
+                     f"({media or 'no content type'})"
         if media == "text/html":
             reason = f"{unreadable}: a proxy or another service answered in the collector's place; check the " \
                      f"OTLP endpoint"
-            if reason != self._signals[kind].warned:
-                self._signals[kind].warned = reason
-                _log.warning("telemetry shipper: %s (records stay buffered and are retried)", reason)
-            raise _Retry(reason)
+            raise self._retry_warned(kind, reason)
         try:
             if media == "application/json":  # OTLP/JSON's answer, from a collector that ignores what we sent
                 response = json_format.Parse(answer, response_type(), ignore_unknown_fields=True)
