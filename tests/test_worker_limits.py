@@ -149,7 +149,8 @@ def test_a_dead_predecessors_token_brought_back_by_redis_does_not_stop_a_running
         wait_for(lambda: status_of(client, job_id) == "in_progress", message="the job running")
         client.hset(f"worker:{wid}", "instance", f"{dead.pid}-abcdef012345-{_pid_space()}")
         wait_for(lambda: client.hget(f"worker:{wid}", "instance") == mine, 15, message="its token written back")
-        wait_for(lambda: status_of(client, job_id) == "completed", 20, message=f"the job completed\n{procs.log(0)[-2000:]}")
+        wait_for(lambda: status_of(client, job_id) == "completed", 20,
+                 message=f"the job completed\n{procs.log(0)[-2000:]}")
         assert procs.procs[0].poll() is None and "this worker stops" not in procs.log(0)
         assert [e["ev"] for e in store.timeline(job_id).events].count("claimed") == 1
     finally:
