@@ -27,6 +27,7 @@ from emp_machine.runtime import jobs
 from emp_machine.runtime.aggregate import Aggregator, GpuState, HardwareState
 from emp_machine.runtime.identity import redact_url
 from emp_machine.runtime.resp import MiniRedis, RespError
+from emp_machine.units import format_size
 
 log = logging.getLogger("emp.machine.status")
 
@@ -154,16 +155,8 @@ def disk_problem(paths, floor=disk_floor) -> str:
         seen.add(dev)
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         if total and free < floor(total):
-            problems.append(f"disk full: {path} ({_size(free)} free)")
+            problems.append(f"disk full: {path} ({format_size(free)} free)")
     return "; ".join(problems)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.0f} B"
 
 
 def _read_hardware(disk_path: str, last: list) -> HardwareState:

@@ -80,6 +80,7 @@ _CREDENTIAL_CODES = frozenset(("NOAUTH", "WRONGPASS"))
 _LIVE_INSTANCES: set[str] = set()
 
 
+@functools.cache
 def _pid_space() -> str:
     """Names the pid numbering this process sees: the kernel's boot id and this process's pid namespace.
     Two processes with the same pid space can tell by pid whether the other is alive; a container (another
