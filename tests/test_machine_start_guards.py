@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -193,7 +194,8 @@ def test_a_stale_supervisord_that_does_not_exit_is_killed_after_the_wait(tmp_pat
     try:
         wait_for(lambda: Supervisor(paths.socket).is_up(), timeout=20, message="the stale supervisord")
         monkeypatch.setattr(machine_module, "STALE_SUPERVISORD_WAIT", 0.5)
-        fake = type("FakeMachine", (), {"_supervisords": [], "paths": paths})()  # what the method reads
+        fake = type("FakeMachine", (), {"_supervisords": [], "paths": paths,  # what the method reads
+                                        "_stopping": threading.Event()})()
         with caplog.at_level("INFO", logger="emp.machine"):
             machine_module.Machine._clear_stale_supervisord(fake)
         # (its parent, this test, is alive: it would never have exited by itself)
@@ -204,6 +206,66 @@ def test_a_stale_supervisord_that_does_not_exit_is_killed_after_the_wait(tmp_pat
         if stale.poll() is None:
             stale.kill()
             stale.wait()
+
+
+def test_a_stop_during_the_wait_for_a_stale_supervisord_ends_the_wait(tmp_path, monkeypatch, caplog):
+    """A SIGTERM while a boot waited (up to 15 s) for a stale supervisord to stop was acted on only after the
+    wait. The shutdown now cuts it short: the stale one is killed at once, as after the wait."""
+    from emp_machine.runtime import machine as machine_module
+    from emp_machine.supervisor import config as svconfig
+    from emp_machine.supervisor.control import Supervisor
+
+    paths = svconfig.Paths(tmp_path / "state")
+    svconfig.write([], paths, parent_pid=os.getpid(), machine_id="stale", log_max_bytes=1 << 20, log_backups=1)
+    paths.logs.mkdir(exist_ok=True)
+    stale = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-c", str(paths.conf)], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: Supervisor(paths.socket).is_up(), timeout=20, message="the stale supervisord")
+        monkeypatch.setattr(machine_module, "STALE_SUPERVISORD_WAIT", 120.0)  # the test's own timeout is shorter
+        stopping = threading.Event()
+        fake = type("FakeMachine", (), {"_supervisords": [], "paths": paths, "_stopping": stopping})()
+        with caplog.at_level("INFO", logger="emp.machine"):
+            waiter = threading.Thread(target=machine_module.Machine._clear_stale_supervisord, args=(fake,))
+            waiter.start()
+            wait_for(lambda: any(r.getMessage() == "boot.stale_supervisord" for r in caplog.records), timeout=20,
+                     message="the wait to begin")
+            stopping.set()  # what the machine's shutdown does
+            waiter.join(60)
+            assert not waiter.is_alive()
+        assert _gone(stale.pid)
+        gone = [r for r in caplog.records if r.getMessage() == "boot.stale_supervisord_gone"]
+        assert gone and gone[0].fields["killed"] == [stale.pid]
+    finally:
+        if stale.poll() is None:
+            stale.kill()
+            stale.wait()
+
+
+def test_a_stop_signal_before_the_runner_has_its_handlers_drains_instead_of_being_lost(machine_factory):
+    """`run` execs into the runner, which spends ~0.5 s in imports and set-up before its handlers are in place.
+    A SIGTERM then used to kill it outright, and as a container's PID 1 (no init) the kernel dropped it: the
+    platform's SIGKILL came at its timeout. Held blocked until the handlers are in place, it drains."""
+    machine = machine_factory(ONE_WORKER)
+    wait_for(lambda: b"machine-run" in _cmdline(machine.proc.pid) or machine.proc.poll() is not None,
+             timeout=30, interval=0.001, message="the exec into the machine runner")
+    machine.proc.send_signal(signal.SIGTERM)  # (a later one, past the handlers, drains too: never a false alarm)
+    assert machine.wait_exit() == 0, machine.tail()
+    assert machine.event("shutdown.signal", signal="SIGTERM")
+    assert machine.event("shutdown.done", exit_code=0)
+
+
+def test_every_held_stop_signal_is_released_by_the_runner():
+    from emp_machine.runtime import cli, machine as machine_module
+
+    assert set(cli.HELD_SIGNALS) <= set(machine_module.SHUTDOWN_SIGNALS)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_sighup_drains_like_sigterm(machine_factory):

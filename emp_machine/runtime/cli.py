@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from emp_machine.errors import EmpError, ManifestError, ManifestProblem
 from emp_machine.runtime import cli_ops as ops
 
 USAGE_EXIT = 2
+# Stop signals held from the start of `run` and `demo` until the runner has its handlers (_hold_stop_signals;
+# Machine.run unblocks all of machine.SHUTDOWN_SIGNALS). Not SIGINT: Python's own handler takes it from the
+# start (KeyboardInterrupt, exit 130), which also stops a validation that hangs (a GPU driver's probe).
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 MACHINE_LOCK = "machine.lock"  # in run/: held (flock) by the machine process for its whole life
 # Where a shell points at a real queue: never the demo's Redis (its jobs would go there, its workers claim real ones)
 DEMO_IGNORED_ENV = ("REDIS_URL", "HUB_REDIS_URL", "EMP_REDIS_URL", "EMP_REDIS__URL")
@@ -160,13 +165,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # -- running a machine --------------------------------------------------------------------------------------
+def _hold_stop_signals() -> None:
+    """Block the stop signals until Machine.run has its handlers and unblocks them. A signal that finds no
+    handler kills a process that has not set one up yet, and one sent to a container's PID 1 (no init in the
+    image) is dropped by the kernel: a `docker stop` in the ~0.5 s of validation and imports before the runner's
+    handlers was lost, and the platform's SIGKILL came at its timeout. A blocked signal stays pending, across
+    the exec into the runner too, and is then taken as any stop is (a drain)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
 def cmd_run(args) -> int:
+    _hold_stop_signals()  # first: importing the manifest's models takes a while
     from emp_machine.runtime import manifest as mf
 
     return _validate_then_exec(mf.load(Path(args.manifest) if args.manifest else mf.default_manifest()), demo=False)
 
 
 def cmd_demo(args) -> int:
+    _hold_stop_signals()  # first: importing the manifest's models takes a while
     from emp_machine.runtime import manifest as mf
 
     ignored = [name for name in DEMO_IGNORED_ENV if os.environ.get(name)]

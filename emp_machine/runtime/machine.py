@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,12 +197,16 @@ class Machine:
         self._publisher_task: asyncio.Task | None = None
         self._announced_shutdown = False
         self._supervisords: list[asyncio.subprocess.Process] = []  # ours: their watchers reap them, never the sweep
+        self._stopping = threading.Event()  # set with the shutdown: boot steps in threads cut their waits short
 
     # -- main loop ---------------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self.inbox.put_nowait, SignalReceived(sig))
+        # `run`/`demo` held them (cli._hold_stop_signals): one that came meanwhile is taken now, and nothing this
+        # machine starts inherits them blocked (a child keeps its parent's signal mask)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
         _become_subreaper()
         raise_open_file_limit()
         loop.set_exception_handler(_quiet_accept_errors())
@@ -338,15 +343,12 @@ class Machine:
         step("boot.stale_supervisord", level=logging.WARNING, pid=stale.pid, wait_seconds=STALE_SUPERVISORD_WAIT,
              reason="left running by an earlier machine on this state dir")
         killed = []
-        try:
-            stale.wait(STALE_SUPERVISORD_WAIT)
-        except psutil.TimeoutExpired:
+        # a stop asked for meanwhile ends the wait: the stale one is killed now, as after the wait
+        if not _exits_within(stale, STALE_SUPERVISORD_WAIT, self._stopping):
             tree += _children(stale)
             with contextlib.suppress(OSError):
                 os.killpg(stale.pid, signal.SIGKILL)  # its own group (it was started in a new session)
                 killed.append(stale.pid)
-        except psutil.Error:
-            pass
         for proc in tree:  # what it left: a service's child that ignores SIGTERM or runs in its own session
             if proc.pid in killed or _status(proc) in (psutil.STATUS_ZOMBIE, None):
                 continue
@@ -717,6 +719,7 @@ class Machine:
 
     def _begin_shutdown(self, exit_code: int) -> None:
         self.phase = Phase.DRAINING
+        self._stopping.set()
         self._shutdown_exit_code = exit_code
         for task in self._probe_tasks:
             task.cancel()
@@ -877,6 +880,23 @@ def _kill_descendants(grace: float) -> list[int]:
             pass
     psutil.wait_procs(alive, timeout=5)
     return running
+
+
+def _exits_within(proc: psutil.Process, timeout: float, stop: threading.Event) -> bool:
+    """Whether `proc` exits (or is gone) within `timeout`, waited on in slices that `stop` cuts short (False)."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            proc.wait(min(left, 0.1))
+            return True
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.Error:
+            return True
+    return False
 
 
 def _signal_all(procs: list[psutil.Process], sig: int) -> list[psutil.Process]:
