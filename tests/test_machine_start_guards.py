@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import psutil
+import pytest
 
 from harness import RunningMachine, health_base, http_json, machine_env, pid_alive, wait_for, write_manifest
 
@@ -181,8 +182,10 @@ workers:
         second.close()
 
 
-def test_a_stale_supervisord_that_does_not_exit_is_killed_after_the_wait(tmp_path, monkeypatch, caplog):
-    from emp_machine.runtime import machine as machine_module
+@pytest.fixture
+def stale_supervisord(tmp_path):
+    """A supervisord of a state dir whose machine is gone, still holding its socket: (paths, its process). Its
+    parent, this test, stays alive, so it would never exit by itself."""
     from emp_machine.supervisor import config as svconfig
     from emp_machine.supervisor.control import Supervisor
 
@@ -193,53 +196,52 @@ def test_a_stale_supervisord_that_does_not_exit_is_killed_after_the_wait(tmp_pat
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: Supervisor(paths.socket).is_up(), timeout=20, message="the stale supervisord")
-        monkeypatch.setattr(machine_module, "STALE_SUPERVISORD_WAIT", 0.5)
-        fake = type("FakeMachine", (), {"_supervisords": [], "paths": paths,  # what the method reads
-                                        "_stopping": threading.Event()})()
-        with caplog.at_level("INFO", logger="emp.machine"):
-            machine_module.Machine._clear_stale_supervisord(fake)
-        # (its parent, this test, is alive: it would never have exited by itself)
-        assert _gone(stale.pid)  # killed and reaped (by psutil: Popen's own returncode is not told)
-        gone = [r for r in caplog.records if r.getMessage() == "boot.stale_supervisord_gone"]
-        assert gone and gone[0].fields["killed"] == [stale.pid]
+        yield paths, stale
     finally:
         if stale.poll() is None:
             stale.kill()
             stale.wait()
 
 
-def test_a_stop_during_the_wait_for_a_stale_supervisord_ends_the_wait(tmp_path, monkeypatch, caplog):
+def _boot_step_on(paths, stopping: threading.Event):
+    """What Machine._clear_stale_supervisord reads of its machine."""
+    return type("FakeMachine", (), {"_supervisords": [], "paths": paths, "_stopping": stopping})()
+
+
+def _assert_killed(stale: subprocess.Popen, caplog) -> None:
+    assert _gone(stale.pid)  # killed and reaped (by psutil: Popen's own returncode is not told)
+    gone = [r for r in caplog.records if r.getMessage() == "boot.stale_supervisord_gone"]
+    assert gone and gone[0].fields["killed"] == [stale.pid]
+
+
+def test_a_stale_supervisord_that_does_not_exit_is_killed_after_the_wait(stale_supervisord, monkeypatch, caplog):
+    from emp_machine.runtime import machine as machine_module
+
+    paths, stale = stale_supervisord
+    monkeypatch.setattr(machine_module, "STALE_SUPERVISORD_WAIT", 0.5)
+    with caplog.at_level("INFO", logger="emp.machine"):
+        machine_module.Machine._clear_stale_supervisord(_boot_step_on(paths, threading.Event()))
+    _assert_killed(stale, caplog)
+
+
+def test_a_stop_during_the_wait_for_a_stale_supervisord_ends_the_wait(stale_supervisord, monkeypatch, caplog):
     """A SIGTERM while a boot waited (up to 15 s) for a stale supervisord to stop was acted on only after the
     wait. The shutdown now cuts it short: the stale one is killed at once, as after the wait."""
     from emp_machine.runtime import machine as machine_module
-    from emp_machine.supervisor import config as svconfig
-    from emp_machine.supervisor.control import Supervisor
 
-    paths = svconfig.Paths(tmp_path / "state")
-    svconfig.write([], paths, parent_pid=os.getpid(), machine_id="stale", log_max_bytes=1 << 20, log_backups=1)
-    paths.logs.mkdir(exist_ok=True)
-    stale = subprocess.Popen([PY, "-m", "supervisor.supervisord", "-c", str(paths.conf)], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: Supervisor(paths.socket).is_up(), timeout=20, message="the stale supervisord")
-        monkeypatch.setattr(machine_module, "STALE_SUPERVISORD_WAIT", 120.0)  # the test's own timeout is shorter
-        stopping = threading.Event()
-        fake = type("FakeMachine", (), {"_supervisords": [], "paths": paths, "_stopping": stopping})()
-        with caplog.at_level("INFO", logger="emp.machine"):
-            waiter = threading.Thread(target=machine_module.Machine._clear_stale_supervisord, args=(fake,))
-            waiter.start()
-            wait_for(lambda: any(r.getMessage() == "boot.stale_supervisord" for r in caplog.records), timeout=20,
-                     message="the wait to begin")
-            stopping.set()  # what the machine's shutdown does
-            waiter.join(60)
-            assert not waiter.is_alive()
-        assert _gone(stale.pid)
-        gone = [r for r in caplog.records if r.getMessage() == "boot.stale_supervisord_gone"]
-        assert gone and gone[0].fields["killed"] == [stale.pid]
-    finally:
-        if stale.poll() is None:
-            stale.kill()
-            stale.wait()
+    paths, stale = stale_supervisord
+    monkeypatch.setattr(machine_module, "STALE_SUPERVISORD_WAIT", 120.0)  # the test's own timeout is shorter
+    stopping = threading.Event()
+    with caplog.at_level("INFO", logger="emp.machine"):
+        waiter = threading.Thread(target=machine_module.Machine._clear_stale_supervisord,
+                                  args=(_boot_step_on(paths, stopping),))
+        waiter.start()
+        wait_for(lambda: any(r.getMessage() == "boot.stale_supervisord" for r in caplog.records), timeout=20,
+                 message="the wait to begin")
+        stopping.set()  # what the machine's shutdown does
+        waiter.join(60)
+        assert not waiter.is_alive()
+    _assert_killed(stale, caplog)
 
 
 def test_a_stop_signal_before_the_runner_has_its_handlers_drains_instead_of_being_lost(machine_factory):
