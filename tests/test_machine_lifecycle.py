@@ -197,6 +197,40 @@ workers:
     assert [e["ev"] for e in store.timeline(job).events][-1] == "handed_back"
 
 
+def test_a_stop_reaches_every_worker_of_a_tier_at_once(machine_factory, redis):
+    """More workers than Python's default thread pool has threads (min(32, cores + 4)): the stops went through
+    that pool, so a tier of 64 workers was stopped six at a time on 2 cores and a platform's SIGKILL came before
+    most had even been told. Every worker now gets its SIGTERM at once: all drain before any has stopped."""
+    count = min(32, (os.cpu_count() or 1) + 4) + 2
+    machine = machine_factory(f"""
+workers:
+  sim:
+    connector: simulation
+    count: {count}
+    stop_grace: 4s
+    lease: 60s
+""")
+    machine.wait_ready(60)
+    store = JobStore(redis)
+    jobs = [store.submit("simulation", HANGING) for _ in range(count)]
+    wait_for(lambda: all(redis.hget(f"job:{j}", "status") == "in_progress" for j in jobs), 30,
+             message="a job running on every worker")
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit(60) == 0, machine.tail()
+
+    def times(event: str) -> list[str]:
+        found = []
+        for i in range(count):
+            lines = [json.loads(line) for line in machine.log_of(f"worker-{i}").splitlines() if event in line]
+            found += [line["timestamp"] for line in lines if line.get("event_type") == event]
+        return found
+
+    draining, stopped = times("worker.draining"), times("worker.stopped")
+    assert len(draining) == len(stopped) == count
+    assert max(draining) < min(stopped)  # (ISO-8601 UTC times of one clock: their text orders as they do)
+    assert all(redis.hget(f"job:{j}", "status") == "pending" for j in jobs)  # every job handed back
+
+
 def test_a_signal_before_supervisord_listens_stops_it_at_once_and_leaves_no_socket(machine_factory):
     # control.shutdown failed (no socket yet), the machine then waited 10 s and SIGKILLed supervisord, leaving
     # its socket and pidfile behind.

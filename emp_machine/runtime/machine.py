@@ -7,6 +7,7 @@ signal handlers only `put` small frozen events; `handle()` alone changes the pha
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import enum
@@ -733,7 +734,7 @@ class Machine:
                 await self._announce_shutdown()
             # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked)
             if names and self._supervisord_up and self.proc is not None and self.proc.returncode is None:
-                await asyncio.gather(*(self._stop(n) for n in names))
+                await self._stop_tier(names)
                 step(f"shutdown.{kind}_stopped", processes=names)
         self.phase = Phase.SHUTDOWN
         await self._announce_shutdown()
@@ -757,10 +758,22 @@ class Machine:
             step("shutdown.leftovers", level=logging.WARNING, pids=left, action="terminated")
         self.inbox.put_nowait(ShutdownDone())
 
-    async def _stop(self, name: str) -> None:
-        grace = self.plan.spec(name).stop_grace
+    async def _stop_tier(self, names: list[str]) -> None:
+        """Stop a tier's processes all at once, each within its own stop_grace. Each stop waits in a thread of
+        a pool as large as the tier: the default pool (min(32, cores + 4) threads, 6 on 2 cores) stopped 64
+        workers six at a time, so the tier took ~10 stop_graces and a platform's SIGKILL came first, with most
+        running jobs never handed back (and the supervisord sweep, on that pool too, stalled meanwhile)."""
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="emp-stop")
         try:
-            await asyncio.to_thread(Supervisor(self.paths.socket, timeout=grace + 15).stop, name, True)
+            await asyncio.gather(*(self._stop(name, pool) for name in names))
+        finally:
+            pool.shutdown(wait=False)
+
+    async def _stop(self, name: str, pool: concurrent.futures.Executor) -> None:
+        grace = self.plan.spec(name).stop_grace
+        stop = Supervisor(self.paths.socket, timeout=grace + 15).stop
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, stop, name, True)
         except SupervisorError as exc:
             step("process.stop_failed", level=logging.ERROR, process_name=name, error=str(exc))
 
