@@ -272,10 +272,16 @@ workers:
 """
 
 
-def jobs_through_workers(url: str, client, total: int = 3000) -> tuple[float, float]:
+IDLE_OTHER_JOBS = 20_000
+
+
+def jobs_through_workers(url: str, client, total: int = 3000) -> tuple[float, float, dict]:
     """Real `emp-machine worker` processes (2, laid out by plan.build exactly as the machine starts them,
     telemetry at its defaults: JSON log lines to a file and records in the local SQLite buffer) run
-    `total` zero-duration simulation jobs (`steps: 0`) submitted at once. Returns (jobs/s, seconds)."""
+    `total` zero-duration simulation jobs (`steps: 0`) submitted at once. Returns (jobs/s, seconds, idle):
+    then, with IDLE_OTHER_JOBS jobs of a type they do not serve pending, what the idle workers cost Redis
+    over two whole fallback periods (worker.FALLBACK_SWEEP_S): commands and Redis time, from INFO
+    commandstats, everything they send included (fallback claims, sweep steps, heartbeats)."""
     import subprocess
 
     from emp_machine.runtime import hardware, plan
@@ -315,7 +321,7 @@ def jobs_through_workers(url: str, client, total: int = 3000) -> tuple[float, fl
                 raise RuntimeError(f"only {client.hlen('jobs:completed')} of {total} jobs completed in 120 s")
             time.sleep(0.005)
         elapsed = time.perf_counter() - started
-        return total / elapsed, elapsed
+        return total / elapsed, elapsed, idle_cost(client, store, len(specs))
     finally:
         for proc in procs:
             proc.terminate()
@@ -323,6 +329,31 @@ def jobs_through_workers(url: str, client, total: int = 3000) -> tuple[float, fl
             proc.wait(30)
         for log in logs:
             log.close()
+
+
+def idle_cost(client, store: JobStore, workers: int) -> dict:
+    """What `workers` idle worker processes cost Redis over two fallback periods (and a second), with
+    IDLE_OTHER_JOBS jobs of another type pending (each sweep step looks at a chunk of them)."""
+    from emp_machine.runtime.worker import FALLBACK_SWEEP_S
+
+    script = store._scripts["submit"]
+    pipe = client.pipeline(transaction=False)
+    for i in range(IDLE_OTHER_JOBS):
+        fields = contract_fields(f"o{i}", "other", {})
+        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
+               args=[f"o{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    seconds = 2 * FALLBACK_SWEEP_S + 1
+    client.config_resetstat()
+    time.sleep(seconds)  # the measurement's window, not a synchronisation
+    stats = client.info("commandstats")
+    ours = {k: v for k, v in stats.items() if not k.startswith(("cmdstat_info", "cmdstat_config"))}
+    calls = sum(v["calls"] for v in ours.values())
+    usec = sum(v["usec"] for v in ours.values())
+    return {"seconds": seconds, "workers": workers, "per_worker_minute": calls / workers * 60 / seconds,
+            "busy_percent": usec / (seconds * 1e6) * 100, "fallback_s": FALLBACK_SWEEP_S}
 
 
 def redis_speed(client) -> float:
@@ -347,9 +378,10 @@ def main(only: str | None = None, server_binary: str | None = None, preload: str
     if only == "workers":
         with private_redis(server_binary, preload) as server:
             client = redis_lib.Redis.from_url(server.url, decode_responses=True)
-            rate, elapsed = jobs_through_workers(server.url, client)
+            rate, elapsed, idle = jobs_through_workers(server.url, client)
             print(f"jobs/s through 2 full workers (3000 zero-duration simulation jobs, telemetry on)  "
                   f"{rate:6.0f}/s  ({elapsed:.2f} s)  target >= 1000/s")
+            print_idle_cost(idle)
         return
     if only == "latency":
         with private_redis(server_binary, preload) as server:
@@ -401,9 +433,16 @@ def main(only: str | None = None, server_binary: str | None = None, preload: str
         print(f"  (this VM's floor: one PING round trip after 5 ms idle  p50 {p50 / 1000:.3f} ms  "
               f"p99 {p99 / 1000:.3f} ms)")
         print(f"Redis commands from an idle worker in 2 s            {idle}  target 0")
-        rate, elapsed = jobs_through_workers(server.url, client)
+        rate, elapsed, idle = jobs_through_workers(server.url, client)
         print(f"jobs/s through 2 full workers, telemetry on           {rate:8.0f}/s  ({elapsed:.2f} s for 3000 "
               f"zero-duration simulation jobs)  target >= 1000/s")
+        print_idle_cost(idle)
+
+
+def print_idle_cost(idle: dict) -> None:
+    print(f"  then idle, {IDLE_OTHER_JOBS} jobs of another type pending, over {idle['seconds']:.0f} s (two fallback "
+          f"periods of {idle['fallback_s']:.0f} s): {idle['per_worker_minute']:.0f} commands per worker per minute "
+          f"(those run inside scripts included), Redis {idle['busy_percent']:.2f} % busy")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ CH_CANCEL = "cancel_job"
 # Ours.
 INDEX_OF = "jobs:idx:of"
 LEASES = "jobs:leases"
+# The slow sweep's, shared by every store on one Redis (see _JobOps._sweep_step): a STRING held for one sweep
+# interval by the store taking a step, and a HASH of where the next step goes on (pending, index cursors).
+SWEEP_GATE = "jobs:sweep:gate"
+SWEEP_CURSORS = "jobs:sweep:cursors"
 CH_REQUEUED = "job_requeued"
 _FIXED_KEYS = [PENDING, INDEX_OF, LEASES]
 
@@ -419,7 +423,8 @@ class _JobOps:
         `sweep_interval_s`: at most once per interval, a claim that finds nothing also takes one bounded
         step of the slow sweep (`_sweep_step`), which finds what the count misses: a job the API submitted
         while stale index entries (jobs others removed from jobs:pending, e.g. Node machines sharing the
-        queue) make the counts agree. Keep it at most the worker's fallback sweep interval.
+        queue) make the counts agree. Keep it at most the worker's fallback sweep interval. The interval is
+        also the whole fleet's: every store on the Redis together takes at most one step per interval.
         `busy_sweep_interval_s`: a claim that gets a job takes such a step too, at most once per this longer
         interval (after the claim, ~1 ms once in a while): a worker that never runs out of work would
         otherwise never sweep, and such a job would wait until the queue drained.
@@ -439,7 +444,6 @@ class _JobOps:
         self._busy_sweep_every = busy_sweep_interval_s
         self._busy_sweep_from = time.monotonic()  # a new store's first claims never sweep
         self._last_sweep = float("-inf")
-        self._sweep_cursors = (0, 0)  # ZSCAN of jobs:pending, HSCAN of jobs:idx:of: carried between steps
         self._upkeep_error = ""  # the last index upkeep failure logged (see _upkeep)
         # After a claim that found nothing: seconds until a job it passed over (one this worker just failed)
         # is claimable by this worker; None when it passed over none.
@@ -572,14 +576,29 @@ class _JobOps:
         """One bounded step of the slow sweep: adopt one ZSCAN chunk of jobs:pending and prune one HSCAN
         chunk of jobs:idx:of (~_CHUNK entries each). The cursors carry over, so successive steps cover both
         keys whatever stale entries there are (a scan returns every element present throughout a full
-        iteration), without relying on the counts that stale entries can make agree."""
-        pending_cursor, index_cursor = self._sweep_cursors
+        iteration), without relying on the counts that stale entries can make agree.
+
+        The steps are the fleet's, not each store's: a step is taken only by the store that gets SWEEP_GATE
+        for the sweep interval (SET NX PX), and goes on from the cursors in SWEEP_CURSORS. Each idle worker
+        used to take its own step every interval, from its own cursors: 64 idle workers with 20k jobs of
+        another type pending kept Redis 17.7 % busy re-reading the same chunks (a step adopts each job of its
+        chunk, reading its hash). Together they now cover the queue as one worker would, at the cost of one
+        SET NX per interval each. Returns an empty report when another store holds the gate."""
+        gate_ms = int(min(self._sweep_every, self._busy_sweep_every) * 1000)
+        if gate_ms > 0 and not (yield _Call(None, ("set", SWEEP_GATE, "1"), {"nx": True, "px": gate_ms})):
+            # held by another store for the interval; a gate that never expires (a stray key, a PERSIST)
+            # would stop the sweep for good: passed by then
+            if (yield _Call(None, ("pttl", SWEEP_GATE))) != -1:
+                return ReconcileReport(0, 0, 0)
+        cursors = yield _Call(None, ("hmget", SWEEP_CURSORS, "pending", "index"))
+        pending_cursor, index_cursor = (int(c) if c and str(c).isdigit() else 0 for c in cursors)
         adopted = removed = 0
         pending_cursor, pairs = yield _Call(None, ("zscan", PENDING), {"cursor": pending_cursor, "count": _CHUNK})
         if pairs:
             adopted, removed = (int(n) for n in (yield _Call("adopt", ("1", *(member for member, _ in pairs)))))
         index_cursor, pruned = yield from self._prune_chunk(index_cursor)
-        self._sweep_cursors = (int(pending_cursor), index_cursor)
+        yield _Call(None, ("hset", SWEEP_CURSORS), {"mapping": {"pending": int(pending_cursor),
+                                                               "index": index_cursor}})
         return ReconcileReport(adopted, removed, pruned)
 
     # ---- running a job (`token`: the attempt's Job.token, '' for none; see progress()) ----

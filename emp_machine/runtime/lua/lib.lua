@@ -9,6 +9,7 @@
 -- jobs:idx:queue:{service}:{class} (ZSET '<tag>|<job id>' -> index score), jobs:idx:seq (enqueue counter), jobs:idx:seq:{service} (its job type's),
 -- jobs:idx:heads:{service} (ZSET class -> bound of its queue's head score, see heads_repair),
 -- jobs:idx:heads_scan (HASH: cursors of heads_repair).
+-- jobs:sweep:gate (STRING held for one sweep interval) and jobs:sweep:cursors (HASH): the slow sweep's, jobs.py.
 
 local EVENTS_TTL_S = 7 * 86400
 -- Our ZSET worker id -> when its heartbeat key lapses (Redis clock ms), written with the key: the reaper
