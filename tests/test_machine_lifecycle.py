@@ -16,7 +16,7 @@ import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
-from harness import RunningMachine, pid_alive, wait_for
+from harness import RunningMachine, health_base, http_json, pid_alive, wait_for
 
 PY = sys.executable
 
@@ -197,38 +197,67 @@ workers:
     assert [e["ev"] for e in store.timeline(job).events][-1] == "handed_back"
 
 
-def test_a_stop_reaches_every_worker_of_a_tier_at_once(machine_factory, redis):
-    """More workers than Python's default thread pool has threads (min(32, cores + 4)): the stops went through
-    that pool, so a tier of 64 workers was stopped six at a time on 2 cores and a platform's SIGKILL came before
-    most had even been told. Every worker now gets its SIGTERM at once: all drain before any has stopped."""
-    count = min(32, (os.cpu_count() or 1) + 4) + 2
-    machine = machine_factory(f"""
+# More workers than Python's default thread pool has threads (min(32, cores + 4)): stops and restarts waited
+# in that pool, so a tier of 64 workers was stopped six at a time on 2 cores and a platform's SIGKILL came
+# before most had even been told (and the once-a-second sweep, on that pool too, stalled meanwhile).
+MANY = min(32, (os.cpu_count() or 1) + 4) + 2
+MANY_BUSY = f"""
+health:
+  port: 0
+  token_env: TEST_RESTART_TOKEN
 workers:
   sim:
     connector: simulation
-    count: {count}
+    count: {MANY}
     stop_grace: 4s
     lease: 60s
-""")
+"""
+
+
+def _busy_machine(machine_factory, redis) -> tuple[RunningMachine, list[str]]:
+    machine = machine_factory(MANY_BUSY, env={"TEST_RESTART_TOKEN": "t0ken"})
     machine.wait_ready(60)
     store = JobStore(redis)
-    jobs = [store.submit("simulation", HANGING) for _ in range(count)]
+    jobs = [store.submit("simulation", HANGING) for _ in range(MANY)]
     wait_for(lambda: all(redis.hget(f"job:{j}", "status") == "in_progress" for j in jobs), 30,
              message="a job running on every worker")
+    return machine, jobs
+
+
+def _event_times(machine: RunningMachine, event: str) -> list[str]:
+    found = []
+    for i in range(MANY):
+        for line in machine.log_of(f"worker-{i}").splitlines():
+            if event in line and (record := json.loads(line)).get("event_type") == event:
+                found.append(record["timestamp"])
+    return found
+
+
+def _all_drained_before_any_stopped(machine: RunningMachine) -> None:
+    draining, stopped = _event_times(machine, "worker.draining"), _event_times(machine, "worker.stopped")
+    assert len(draining) == len(stopped) == MANY
+    assert max(draining) < min(stopped)  # (ISO-8601 UTC times of one clock: their text orders as they do)
+
+
+def test_a_stop_reaches_every_worker_of_a_tier_at_once(machine_factory, redis):
+    machine, jobs = _busy_machine(machine_factory, redis)
     machine.signal(signal.SIGTERM)
     assert machine.wait_exit(60) == 0, machine.tail()
-
-    def times(event: str) -> list[str]:
-        found = []
-        for i in range(count):
-            lines = [json.loads(line) for line in machine.log_of(f"worker-{i}").splitlines() if event in line]
-            found += [line["timestamp"] for line in lines if line.get("event_type") == event]
-        return found
-
-    draining, stopped = times("worker.draining"), times("worker.stopped")
-    assert len(draining) == len(stopped) == count
-    assert max(draining) < min(stopped)  # (ISO-8601 UTC times of one clock: their text orders as they do)
+    _all_drained_before_any_stopped(machine)
     assert all(redis.hget(f"job:{j}", "status") == "pending" for j in jobs)  # every job handed back
+
+
+def test_restarts_of_many_workers_at_once_all_begin_at_once(machine_factory, redis):
+    # (a memory leak that every worker hits, or an operator restarting them through /processes/*/restart)
+    machine, _ = _busy_machine(machine_factory, redis)
+    base = health_base(machine)
+    for i in range(MANY):
+        status, _ = http_json(f"{base}/processes/worker-{i}/restart", "POST",
+                              headers={"Authorization": "Bearer t0ken"})
+        assert status == 202
+    for i in range(MANY):
+        machine.wait_event("process.restarted", timeout=60, process_name=f"worker-{i}")
+    _all_drained_before_any_stopped(machine)
 
 
 def test_a_signal_before_supervisord_listens_stops_it_at_once_and_leaves_no_socket(machine_factory):

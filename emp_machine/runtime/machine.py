@@ -199,6 +199,13 @@ class Machine:
         self._announced_shutdown = False
         self._supervisords: list[asyncio.subprocess.Process] = []  # ours: their watchers reap them, never the sweep
         self._stopping = threading.Event()  # set with the shutdown: boot steps in threads cut their waits short
+        # Blocking waits on supervisord for one process (a stop or restart within its stop_grace): a thread each,
+        # from this pool, never the default one (min(32, cores + 4) threads, 6 on 2 cores), which the sweep needs
+        # every second: a tier of 64 workers was stopped six at a time, so it took ~10 stop_graces and a
+        # platform's SIGKILL came first, with most running jobs never handed back, and the sweep stalled. Room
+        # for a stop and a restart of every process at once; threads are made only as they are needed.
+        self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=2 * max(1, len(plan.specs)),
+                                                            thread_name_prefix="emp-wait")
 
     # -- main loop ---------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -246,6 +253,7 @@ class Machine:
                 pass
             for sig in SHUTDOWN_SIGNALS:
                 loop.remove_signal_handler(sig)
+            self._waits.shutdown(wait=False)
             self._remove_pointer()
         return self.exit_code
 
@@ -666,7 +674,8 @@ class Machine:
     async def _restart(self, name: str) -> None:
         grace = self.plan.spec(name).stop_grace
         try:
-            await asyncio.to_thread(Supervisor(self.paths.socket, timeout=grace + 15).restart, name)
+            restart = Supervisor(self.paths.socket, timeout=grace + 15).restart
+            await asyncio.get_running_loop().run_in_executor(self._waits, restart, name)
             step("process.restarted", process_name=name)
         except SupervisorError as exc:
             step("process.restart_failed", level=logging.ERROR, process_name=name, error=str(exc))
@@ -734,7 +743,7 @@ class Machine:
                 await self._announce_shutdown()
             # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked)
             if names and self._supervisord_up and self.proc is not None and self.proc.returncode is None:
-                await self._stop_tier(names)
+                await asyncio.gather(*(self._stop(name) for name in names))  # all at once: see self._waits
                 step(f"shutdown.{kind}_stopped", processes=names)
         self.phase = Phase.SHUTDOWN
         await self._announce_shutdown()
@@ -758,22 +767,11 @@ class Machine:
             step("shutdown.leftovers", level=logging.WARNING, pids=left, action="terminated")
         self.inbox.put_nowait(ShutdownDone())
 
-    async def _stop_tier(self, names: list[str]) -> None:
-        """Stop a tier's processes all at once, each within its own stop_grace. Each stop waits in a thread of
-        a pool as large as the tier: the default pool (min(32, cores + 4) threads, 6 on 2 cores) stopped 64
-        workers six at a time, so the tier took ~10 stop_graces and a platform's SIGKILL came first, with most
-        running jobs never handed back (and the supervisord sweep, on that pool too, stalled meanwhile)."""
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="emp-stop")
-        try:
-            await asyncio.gather(*(self._stop(name, pool) for name in names))
-        finally:
-            pool.shutdown(wait=False)
-
-    async def _stop(self, name: str, pool: concurrent.futures.Executor) -> None:
+    async def _stop(self, name: str) -> None:
         grace = self.plan.spec(name).stop_grace
         stop = Supervisor(self.paths.socket, timeout=grace + 15).stop
         try:
-            await asyncio.get_running_loop().run_in_executor(pool, stop, name, True)
+            await asyncio.get_running_loop().run_in_executor(self._waits, stop, name, True)
         except SupervisorError as exc:
             step("process.stop_failed", level=logging.ERROR, process_name=name, error=str(exc))
 
