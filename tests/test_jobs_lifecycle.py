@@ -152,6 +152,35 @@ def test_reaping_a_worker_whose_heartbeat_key_is_gone_sets_it_offline(store, red
     sub.close()
 
 
+OFFLINE_TTL_S = 86400  # lib.lua's: a worker hash left offline goes after a day
+
+
+def test_a_worker_hash_left_offline_expires_unless_the_worker_comes_back(store, redis):
+    """A worker gone for good (removed from its manifest, its machine's id changed, the machine destroyed)
+    stayed in Redis as worker:{id}, offline, for ever, where whatever lists worker:* found it."""
+    store.register_worker("w1", "m1", CAPS)
+    assert redis.ttl("worker:w1") == -1
+    store.set_worker_status("w1", "offline")  # a clean exit
+    assert 0 < redis.ttl("worker:w1") <= OFFLINE_TTL_S
+    store.register_worker("w1", "m1", CAPS)  # the same worker back (a restart, the next boot)
+    assert redis.ttl("worker:w1") == -1
+
+
+def test_a_worker_the_reaper_set_offline_expires_unless_it_beats_or_claims_again(store, redis):
+    store.register_worker("w1", "m1", CAPS)
+    job_id = store.submit("sim", {})
+    store.claim(CAPS)
+    redis.delete("worker:w1:heartbeat")  # dead: its key lapsed
+    assert until(lambda: store.reap_expired_leases(), what="lease expiry") == [job_id]
+    assert redis.hget("worker:w1", "status") == "offline" and 0 < redis.ttl("worker:w1") <= OFFLINE_TTL_S
+    store.heartbeat("w1")  # alive after all (a stall past the key's 60 s)
+    assert redis.hget("worker:w1", "status") == "idle" and redis.ttl("worker:w1") == -1
+    redis.hset("worker:w1", "status", "offline")  # set offline again meanwhile, and then it claims
+    redis.expire("worker:w1", OFFLINE_TTL_S)
+    assert store.claim(CAPS).id == job_id
+    assert redis.hget("worker:w1", "status") == "busy" and redis.ttl("worker:w1") == -1
+
+
 def test_reaped_worker_with_a_live_heartbeat_key_is_idle_until_the_key_lapses(store, redis):
     """A 0.3 s lease runs out long before the 60 s heartbeat key: reaped as idle (it may be alive, its loop
     stalled), then offline once the key lapsed unrenewed; a worker that beats again stays idle."""

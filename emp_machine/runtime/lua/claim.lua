@@ -368,6 +368,7 @@ else
 end
 if old_status ~= 'busy' then
   redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id, 'last_status_change', at)
+  worker_expiry(wkey, old_status, 'busy')
   publish('worker_status', {worker_id = wid, old_status = old_status, new_status = 'busy', current_job_id = id,
     timestamp = now})
 else

@@ -551,6 +551,16 @@ end
 -- Worker status follows its active jobs: busy while any remain. Publishes worker_status on a change.
 -- `reaping` (the reaper, after wid missed its lease renewals): with wid's heartbeat key gone too (TTL 60 s,
 -- deleted on a clean exit) the worker is dead, so it is written and announced offline, not idle capacity.
+-- A worker hash written offline expires after OFFLINE_TTL_S, unless the worker comes back first: the hash of
+-- a worker gone for good (removed from its manifest, its machine's id changed, a rented machine destroyed)
+-- used to stay in Redis, offline, for ever, where whatever lists worker:* found it. Any later status of the
+-- worker (registered again, a beat after a stall) takes the expiry away. Call after writing `new` over `old`.
+local OFFLINE_TTL_S = 86400
+local function worker_expiry(wkey, old, new)
+  if new == 'offline' then redis.call('EXPIRE', wkey, OFFLINE_TTL_S)
+  elseif old == 'offline' then redis.call('PERSIST', wkey) end
+end
+
 local function refresh_worker(wid, now, create, current, reaping)
   local wkey = 'worker:' .. wid
   if not create and redis.call('EXISTS', wkey) == 0 then return end
@@ -560,6 +570,7 @@ local function refresh_worker(wid, now, create, current, reaping)
   if reaping and redis.call('EXISTS', wkey .. ':heartbeat') == 0 then new, cur = 'offline', '' end
   local old = redis.call('HGET', wkey, 'status') or ''
   redis.call('HSET', wkey, 'status', new, 'current_job_id', cur)
+  worker_expiry(wkey, old, new)
   if old ~= new then
     redis.call('HSET', wkey, 'last_status_change', iso(now))
     publish('worker_status', {worker_id = wid, old_status = old, new_status = new, current_job_id = cur,

@@ -29,6 +29,7 @@ if new ~= 'busy' then
   cur = ''
   redis.call('HSET', wkey, 'current_job_id', '')
 end
+worker_expiry(wkey, old, new)
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', wkey .. ':heartbeat', at, 'EX', tonumber(ARGV[3]))
   redis.call('ZADD', BEATS, now + tonumber(ARGV[3]) * 1000, wid)
