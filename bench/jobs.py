@@ -53,21 +53,30 @@ def script_usec(client) -> tuple[int, float]:
     return int(calls), usec / calls if calls else 0.0
 
 
+def submit_all(client, store: JobStore, jobs, batch: int = 1000) -> None:
+    """Write jobs through the submit script, `batch` to a pipeline: `jobs` yields (id, job type, payload,
+    requirements or None)."""
+    script = store._scripts["submit"]
+    pipe = client.pipeline(transaction=False)
+    for n, (job_id, service, payload, requirements) in enumerate(jobs, 1):
+        fields = contract_fields(job_id, service, payload, requirements=requirements)
+        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
+               args=[job_id, *[x for kv in fields.items() for x in kv]], client=pipe)
+        if n % batch == 0:
+            pipe.execute()
+    pipe.execute()
+
+
 def fill(client, store: JobStore, total: int, mix: str) -> None:
     """`total` pending jobs written through the submit script. mix 'third': 1/3 claimable by SIM, 1/3
     another job type, 1/3 same type with unmet hardware; mix 'none': half each of the last two."""
-    script = store._scripts["submit"]
-    pipe = client.pipeline(transaction=False)
-    for i in range(total):
-        kind = i % 3 if mix == "third" else 1 + i % 2
-        service = "other" if kind == 1 else "sim"
-        requirements = {"hardware": {"gpu_memory_gb": 80}} if kind == 2 else None
-        fields = contract_fields(f"j{i}", service, {"steps": 1}, requirements=requirements)
-        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
-               args=[f"j{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
-        if i % 1000 == 999:
-            pipe.execute()
-    pipe.execute()
+    def jobs():
+        for i in range(total):
+            kind = i % 3 if mix == "third" else 1 + i % 2
+            yield (f"j{i}", "other" if kind == 1 else "sim", {"steps": 1},
+                   {"hardware": {"gpu_memory_gb": 80}} if kind == 2 else None)
+
+    submit_all(client, store, jobs())
 
 
 def server_instructions(pid: int, work) -> int | None:
@@ -143,16 +152,8 @@ def _claimer(url: str, index: int, start_at: float, duration_s: float, out) -> N
 
 def claims_per_second(client, url: str, workers: int = 8, duration_s: float = 3.0) -> tuple[float, float]:
     client.flushall()
-    store = JobStore(client)
-    pipe = client.pipeline(transaction=False)
-    script = store._scripts["submit"]
-    for i in range(50_000):  # all claimable, so the 8 workers never run dry (they take ~15k in 3 s)
-        fields = contract_fields(f"j{i}", "sim", {})
-        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
-               args=[f"j{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
-        if i % 1000 == 999:
-            pipe.execute()
-    pipe.execute()
+    # all claimable, so the 8 workers never run dry (they take ~15k in 3 s)
+    submit_all(client, JobStore(client), ((f"j{i}", "sim", {}, None) for i in range(50_000)))
     client.config_resetstat()
     queue: mp.Queue = mp.Queue()
     start_at = time.time() + 1.0
@@ -305,16 +306,8 @@ def jobs_through_workers(url: str, client, total: int = 3000) -> tuple[float, fl
             time.sleep(0.05)
         time.sleep(0.5)  # let both finish subscribing after registering (not part of the timing)
         store = JobStore(client)
-        script = store._scripts["submit"]
         started = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for i in range(total):
-            fields = contract_fields(f"w{i}", "simulation", {"steps": 0})
-            script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
-                   args=[f"w{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
-            if i % 200 == 199:
-                pipe.execute()
-        pipe.execute()
+        submit_all(client, store, ((f"w{i}", "simulation", {"steps": 0}, None) for i in range(total)), batch=200)
         deadline = time.monotonic() + 120
         while client.hlen("jobs:completed") < total:
             if time.monotonic() > deadline:
@@ -336,15 +329,7 @@ def idle_cost(client, store: JobStore, workers: int) -> dict:
     IDLE_OTHER_JOBS jobs of another type pending (each sweep step looks at a chunk of them)."""
     from emp_machine.runtime.worker import FALLBACK_SWEEP_S
 
-    script = store._scripts["submit"]
-    pipe = client.pipeline(transaction=False)
-    for i in range(IDLE_OTHER_JOBS):
-        fields = contract_fields(f"o{i}", "other", {})
-        script(keys=["jobs:pending", "jobs:idx:of", "jobs:leases"],
-               args=[f"o{i}", *[x for kv in fields.items() for x in kv]], client=pipe)
-        if i % 1000 == 999:
-            pipe.execute()
-    pipe.execute()
+    submit_all(client, store, ((f"o{i}", "other", {}, None) for i in range(IDLE_OTHER_JOBS)))
     seconds = 2 * FALLBACK_SWEEP_S + 1
     client.config_resetstat()
     time.sleep(seconds)  # the measurement's window, not a synchronisation
