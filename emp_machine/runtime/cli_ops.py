@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from emp_machine.errors import EmpError, NoMachineRunning
 
@@ -632,8 +633,24 @@ def _store(args):
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise EmpError(f"Redis at {redact_url(url)} is not reachable: {exc.__class__.__name__}") from None
+        raise EmpError(f"Redis at {redact_url(url)} is not reachable: {_redis_reason(exc, url)}") from None
     return client, JobStore(client)
+
+
+def _redis_reason(exc: BaseException, url: str) -> str:
+    """Why redis-py could not reach the server (a refused connection, a certificate that does not verify),
+    without the URL's user or password should its message quote them."""
+    text = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    try:
+        parts = urlsplit(url)
+        secrets = {s for s in (parts.password, parts.username) if s}
+    except ValueError:
+        secrets = set()
+    for secret in secrets | {unquote(s) for s in secrets}:
+        text = text.replace(secret, "***")
+    from emp_machine.runtime.identity import redact_url
+
+    return redact_url(text)[:300]
 
 
 def _payload(text: str):

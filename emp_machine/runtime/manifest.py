@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
@@ -34,6 +35,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
 from emp_machine.runtime.hardware import MAX_GPUS
+from emp_machine.runtime.resp import redis_url_db
 from emp_machine.supervisor.config import COMMENT_FIX, STOP_SIGNALS, config_value_problem, env_value_problem
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.telemetry.urls import http_url_problem, url_problem
@@ -78,6 +80,24 @@ class MachineSection(_Model):
     state_dir: str = Field("", description="runtime files (socket, logs, embedded Redis); empty: per-user default")
 
 
+def _redis_url_options_problem(url: str) -> str | None:
+    """What in a Redis URL's db or TLS options the machine and its workers would read differently or fail on:
+    redis-py (workers, CLI) takes a path that is no number as db 0, and fails at its first command on a ?db=
+    that is none or an unknown ssl_cert_reqs; the machine failed at boot with a traceback."""
+    parts = urlsplit(url)
+    path = unquote(parts.path).replace("/", "")
+    if parts.scheme != "unix" and path and not path.isdigit():
+        return f"has a path that is not a db number ({parts.path!r}): use /0, /1, ... or leave it out"
+    try:
+        redis_url_db(url)
+    except ValueError as exc:
+        return str(exc)
+    reqs = parse_qs(parts.query).get("ssl_cert_reqs")
+    if reqs and reqs[0] not in ("none", "optional", "required"):
+        return f"has ssl_cert_reqs={reqs[0]!r}: it must be none, optional or required"
+    return None
+
+
 class RedisSection(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # a URL carries passwords
 
@@ -89,6 +109,8 @@ class RedisSection(_Model):
         if value != "embedded" and not re.match(r"^(redis|rediss|unix)://", value):
             raise ValueError("expected 'embedded' or a URL starting with redis://, rediss:// or unix://")
         if value.startswith(("redis://", "rediss://")) and (problem := url_problem(value)):
+            raise ValueError(f"the Redis URL {problem}")
+        if value != "embedded" and (problem := _redis_url_options_problem(value)):
             raise ValueError(f"the Redis URL {problem}")
         return value
 

@@ -24,7 +24,10 @@ if TYPE_CHECKING:  # build() reads a manifest by attribute: the pydantic model o
 REDIS_PROCESS = "redis"
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
                  # the platform's time between SIGTERM and SIGKILL: workers hand their jobs back within it
-                 "EMP_DRAIN_SECONDS", "RAILWAY_DEPLOYMENT_DRAINING_SECONDS")
+                 "EMP_DRAIN_SECONDS", "RAILWAY_DEPLOYMENT_DRAINING_SECONDS",
+                 # where OpenSSL finds trusted CAs: a rediss:// Redis behind a private CA, which the machine and
+                 # the CLI trusted while every worker failed its certificate check
+                 "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 class PlanError(EmpError):

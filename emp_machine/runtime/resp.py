@@ -56,19 +56,41 @@ async def _read_reply(reader: asyncio.StreamReader) -> Any:
 
 
 class _Target:
-    """Where and how to connect, parsed once from a redis://, rediss:// or unix:// URL."""
+    """Where and how to connect, parsed once from a redis://, rediss:// or unix:// URL, the way redis-py's
+    `parse_url` reads it (the workers and the CLI connect with redis-py: every process must reach the same
+    server, user and db). The netloc's user and password win over `?username=` / `?password=`; `?db=` wins
+    over the path's db; a path that is no number is db 0. For rediss://, the TLS options redis-py takes from
+    the query (`ssl_cert_reqs` none / optional / required, `ssl_check_hostname`, `ssl_ca_certs`, `ssl_ca_path`,
+    `ssl_certfile`, `ssl_keyfile`, `ssl_password`) are honoured too: this client used to ignore them all, so
+    with `?db=3` the machine polled db 0 (workers "not registered" while they ran jobs in db 3), and with
+    `?ssl_cert_reqs=none` or a private CA in `?ssl_ca_certs=` it could not connect at all."""
 
     def __init__(self, url: str):
         parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        self.unix_path = parts.path if parts.scheme == "unix" else None
+        self.query = {name: values[0] for name, values in parse_qs(parts.query).items() if values}
+        self.unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
         self.tls = parts.scheme == "rediss"
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-        db = query.get("db", [""])[0] if self.unix_path else parts.path.lstrip("/")
-        self.db = int(db) if db else 0
+        self.username = unquote(parts.username) if parts.username else self.query.get("username")
+        self.password = unquote(parts.password) if parts.password else self.query.get("password")
+        self.db = redis_url_db(url)
+
+    def _tls_context(self) -> _ssl.SSLContext:
+        query = self.query
+        reqs = {"none": _ssl.CERT_NONE, "optional": _ssl.CERT_OPTIONAL,
+                "required": _ssl.CERT_REQUIRED}.get(query.get("ssl_cert_reqs", "required"))
+        if reqs is None:
+            raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {query['ssl_cert_reqs']!r}")
+        context = _ssl.create_default_context()
+        check = query.get("ssl_check_hostname", "")
+        context.check_hostname = reqs != _ssl.CERT_NONE and check.upper() not in ("0", "F", "FALSE", "N", "NO")
+        context.verify_mode = reqs
+        if query.get("ssl_certfile") or query.get("ssl_keyfile"):
+            context.load_cert_chain(query.get("ssl_certfile"), query.get("ssl_keyfile"), query.get("ssl_password"))
+        if query.get("ssl_ca_certs") or query.get("ssl_ca_path"):
+            context.load_verify_locations(query.get("ssl_ca_certs"), query.get("ssl_ca_path"))
+        return context
 
     async def open(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -76,10 +98,10 @@ class _Target:
                 opening = asyncio.open_unix_connection(self.unix_path)
             else:
                 opening = asyncio.open_connection(self.host, self.port,
-                                                  ssl=_ssl.create_default_context() if self.tls else None)
+                                                  ssl=self._tls_context() if self.tls else None)
             reader, writer = await asyncio.wait_for(opening, timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}") from None
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:  # (ssl.SSLError is an OSError)
+            raise ConnectionError(f"cannot connect to Redis: {_why(exc)}") from None
         hello = []
         if self.password is not None:
             hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
@@ -93,6 +115,34 @@ class _Target:
                     writer.close()
                     raise reply
         return reader, writer
+
+
+def _why(exc: BaseException) -> str:
+    """An exception's class, and for TLS the reason (a certificate that does not verify, a bad option): never
+    the URL, so no secret."""
+    if isinstance(exc, _ssl.SSLError) and getattr(exc, "reason", None):
+        return f"{exc.__class__.__name__} ({exc.reason})"
+    if isinstance(exc, ValueError):
+        return f"{exc.__class__.__name__} ({exc})"
+    return exc.__class__.__name__
+
+
+def redis_url_db(url: str) -> int:
+    """The db a Redis URL selects, as redis-py reads it: `?db=` first (a ValueError when it is no number),
+    else the path's number (redis:// and rediss:// only), else 0."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if query.get("db"):
+        try:
+            return int(query["db"][0])
+        except ValueError:
+            raise ValueError(f"its ?db= is not a number: {query['db'][0]!r}") from None
+    if parts.scheme != "unix" and parts.path:
+        try:
+            return int(unquote(parts.path).replace("/", ""))
+        except ValueError:
+            return 0
+    return 0
 
 
 class MiniRedis:

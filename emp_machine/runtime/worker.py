@@ -1564,8 +1564,11 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
         secrets = secret_values(settings, group.env, environ)
         connector = _construct(registry, group.connector, settings, context, f"workers.{ident.group}", secrets)
         hardware = probed_hardware(hw.probe())
+        # (TCP keepalive for TCP only: redis-py's unix socket connection refuses the option with a TypeError at
+        # its first command, which put every worker of a unix:// Redis in a crash loop)
+        keepalive = {} if ident.redis_url.startswith("unix:") else {"socket_keepalive": True}
         client = aioredis.Redis.from_url(ident.redis_url, decode_responses=True, socket_connect_timeout=5,
-                                         socket_keepalive=True, health_check_interval=30)
+                                         health_check_interval=30, **keepalive)
         worker = Worker(manifest, ident, client, connector, tel, hardware, secrets=secrets)
         try:
             return await worker.run()
