@@ -3,12 +3,14 @@ to the worker that failed it. Real Redis, real worker processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
-from emp_machine.runtime.jobs import JobStore, contract_fields, submission_score
+from emp_machine.runtime.jobs import JobSignals, JobStore, contract_fields, submission_score
 from harness import WorkerProcs, wait_for
 
 
@@ -103,6 +105,29 @@ def test_the_sweep_goes_on_where_another_workers_step_ended(redis):
     expected = int(redis.zscan("jobs:pending", ended, count=500)[0])
     assert second.claim(caps("w2")) is None
     assert int(redis.hget("jobs:sweep:cursors", "pending")) == expected
+
+
+def test_a_job_another_types_sweep_step_finds_wakes_the_idle_workers_of_its_type(redis, redis_url):
+    # The job was unindexed because nobody heard of it, and the worker whose step found it cannot run it: its
+    # own workers found it only at their next fallback claim (up to 5 s later).
+    stale_entries(redis, 1)  # the counts agree: only a sweep step finds the job below
+    pipe = redis.pipeline(transaction=False)
+    api_write(pipe, "hidden", service="gen")
+    pipe.execute()
+
+    async def scenario() -> bool:
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            async with JobSignals(client, ["gen"]) as signals:
+                signals.arm()
+                sweeper = JobStore(redis, sweep_interval_s=0)  # a "sim" worker: its idle claim takes the step
+                assert await asyncio.to_thread(sweeper.claim, caps()) is None
+                return await signals.wait(10)  # (False: the 10 s passed without a wake-up)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) is True
+    assert JobStore(redis).claim(caps("w2", services=("gen",))).id == "hidden"
 
 
 def test_a_sweep_gate_that_never_expires_does_not_stop_the_sweep(redis):

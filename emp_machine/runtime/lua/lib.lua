@@ -431,7 +431,7 @@ local function adopt(id, deep)
   local f = redis.call('HMGET', 'job:' .. id, unpack(ORDER_FIELDS))
   if loc and index_current(id, loc, f) then return 0 end
   index_add(id, f)
-  return 1
+  return 1, f[1]  -- (and its job type)
 end
 
 -- Move the delayed retries that are due (at most 100 a call) into their class queues, placed from their
