@@ -130,12 +130,27 @@ def test_a_job_another_types_sweep_step_finds_wakes_the_idle_workers_of_its_type
     assert JobStore(redis).claim(caps("w2", services=("gen",))).id == "hidden"
 
 
-def test_a_sweep_gate_that_never_expires_does_not_stop_the_sweep(redis):
-    redis.set("jobs:sweep:gate", "left by something else")  # no TTL: it would hold every step for ever
-    store = JobStore(redis, sweep_interval_s=3600, busy_sweep_interval_s=3600)
+@pytest.mark.parametrize("stray", ["string", "hash"])
+def test_a_sweep_gate_that_never_expires_is_taken_over(redis, stray):
+    # no TTL: it would hold every step for ever (or, passed, let every store step again)
+    if stray == "string":
+        redis.set("jobs:sweep:gate", "left by something else")
+    else:
+        redis.hset("jobs:sweep:gate", "a", "b")
+    stores = [JobStore(redis, sweep_interval_s=3600, busy_sweep_interval_s=3600) for _ in range(2)]
+    redis.config_resetstat()
+    assert stores[0].claim(caps("w1")) is None and stores[1].claim(caps("w2")) is None
+    assert commands(redis, "zscan") == 1  # the first took it over, with an expiry, and stepped; not the second
+    assert redis.pttl("jobs:sweep:gate") > 0
+
+
+def test_stray_sweep_cursors_do_not_stop_the_sweep(redis):
+    redis.rpush("jobs:sweep:cursors", "left by something else")  # HMGET on it: WRONGTYPE at every step
+    store = JobStore(redis, sweep_interval_s=0)
     redis.config_resetstat()
     assert store.claim(caps()) is None
     assert commands(redis, "zscan") == 1
+    assert redis.type("jobs:sweep:cursors") == "hash"
 
 
 def test_a_worker_that_never_runs_out_of_work_still_finds_a_hidden_api_job(redis):

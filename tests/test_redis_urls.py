@@ -66,12 +66,15 @@ def test_the_machines_client_reads_the_query_as_redis_py_does(socket_server):
     admin = redis_lib.Redis(port=port)
     admin.execute_command("ACL", "SETUSER", "emp", "on", ">p@ss w", "~*", "&*", "+@all")
     admin.execute_command("ACL", "SETUSER", "default", "on", ">d3fault")
-    for url in (f"redis://emp:p%40ss%20w@127.0.0.1:{port}/2?db=3",  # ?db= over the path's db
-                f"redis://127.0.0.1:{port}/1?username=emp&password=p%40ss%20w&db=3",
-                f"unix://{sock}?password=d3fault&db=3"):
-        expected = redis_lib.Redis.from_url(url).client_info()["db"]
-        assert expected == 3
-        assert "db=3" in _mini(url, "CLIENT", "INFO"), url
+    admin.execute_command("ACL", "SETUSER", "alice", "on", "nopass", "~*", "&*", "+@all")
+    for url, user in ((f"redis://emp:p%40ss%20w@127.0.0.1:{port}/2?db=3", "emp"),  # ?db= over the path's db
+                      (f"redis://127.0.0.1:{port}/1?username=emp&password=p%40ss%20w&db=3", "emp"),
+                      (f"unix://{sock}?password=d3fault&db=3", "default"),
+                      (f"redis://alice@127.0.0.1:{port}/3", "alice")):  # a user with no password
+        seen = redis_lib.Redis.from_url(url).client_info()
+        assert (seen["db"], seen["user"]) == (3, user)
+        info = _mini(url, "CLIENT", "INFO")
+        assert "db=3" in info and f" user={user} " in info, url
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +145,9 @@ def test_the_machines_client_takes_the_tls_options_of_the_url(tls_port, tls_file
     ("redis://127.0.0.1:6379/abc", "not a db number"),
     ("redis://127.0.0.1:6379/0?db=x", "?db= is not a number"),
     ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=maybe", "ssl_cert_reqs='maybe'"),
+    ("redis://127.0.0.1:6379/0?db=-1", "negative db"),
+    # redis-py hands TLS options to its plain connection, which refuses them: every worker crash-looped
+    ("redis://127.0.0.1:6379/0?ssl_cert_reqs=none", "not rediss://"),
 ])
 def test_a_redis_url_the_machine_and_its_workers_would_read_apart_is_refused_by_validate(tmp_path, url, problem):
     # a db path that is no number passed validation, then the machine failed at boot with a traceback

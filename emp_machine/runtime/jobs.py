@@ -586,11 +586,18 @@ class _JobOps:
         SET NX per interval each. Returns an empty report when another store holds the gate."""
         gate_ms = int(min(self._sweep_every, self._busy_sweep_every) * 1000)
         if gate_ms > 0 and not (yield _Call(None, ("set", SWEEP_GATE, "1"), {"nx": True, "px": gate_ms})):
-            # held by another store for the interval; a gate that never expires (a stray key, a PERSIST)
-            # would stop the sweep for good: passed by then
+            # held by another store for the interval. A gate that never expires (a stray key of any type, a
+            # PERSIST) would stop the sweep for good: it is taken over, with an expiry
             if (yield _Call(None, ("pttl", SWEEP_GATE))) != -1:
                 return ReconcileReport(0, 0, 0)
-        cursors = yield _Call(None, ("hmget", SWEEP_CURSORS, "pending", "index"))
+            yield _Call(None, ("set", SWEEP_GATE, "1"), {"px": gate_ms})
+        from redis.exceptions import ResponseError  # redis-py is there whenever a store runs scripts
+
+        try:
+            cursors = yield _Call(None, ("hmget", SWEEP_CURSORS, "pending", "index"))
+        except ResponseError:  # a stray key of another type: the sweep starts over (the HSET below needs a hash)
+            yield _Call(None, ("delete", SWEEP_CURSORS))
+            cursors = (None, None)
         pending_cursor, index_cursor = (int(c) if c and str(c).isdigit() else 0 for c in cursors)
         adopted = removed = 0
         pending_cursor, pairs = yield _Call(None, ("zscan", PENDING), {"cursor": pending_cursor, "count": _CHUNK})

@@ -89,10 +89,16 @@ def _redis_url_options_problem(url: str) -> str | None:
     if parts.scheme != "unix" and path and not path.isdigit():
         return f"has a path that is not a db number ({parts.path!r}): use /0, /1, ... or leave it out"
     try:
-        redis_url_db(url)
+        if redis_url_db(url) < 0:
+            return "selects a negative db"
     except ValueError as exc:
         return str(exc)
-    reqs = parse_qs(parts.query).get("ssl_cert_reqs")
+    query = parse_qs(parts.query)
+    if parts.scheme != "rediss" and (tls := sorted(name for name in query if name.startswith("ssl_"))):
+        # redis-py hands them to its plain connection, which refuses them at the first command: every worker
+        # crash-looped while the machine, which ignored them, said Redis was reachable
+        return f"has TLS options ({', '.join(tls)}) but is not rediss://: use rediss:// for TLS, or drop them"
+    reqs = query.get("ssl_cert_reqs")
     if reqs and reqs[0] not in ("none", "optional", "required"):
         return f"has ssl_cert_reqs={reqs[0]!r}: it must be none, optional or required"
     return None

@@ -103,8 +103,10 @@ class _Target:
         except (OSError, ValueError, asyncio.TimeoutError) as exc:  # (ssl.SSLError is an OSError)
             raise ConnectionError(f"cannot connect to Redis: {_why(exc)}") from None
         hello = []
-        if self.password is not None:
-            hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.username:  # a user with no password too, as redis-py logs in (AUTH user "")
+            hello.append(("AUTH", self.username, self.password or ""))
+        elif self.password is not None:
+            hello.append(("AUTH", self.password))
         if self.db:
             hello.append(("SELECT", self.db))
         if hello:
