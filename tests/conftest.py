@@ -11,7 +11,9 @@ import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.redis_server import PrivateRedis
+from emp_machine.telemetry.buffer import Buffer
 from harness import deployment_variable
+from otlp_receiver import OtlpReceiver
 
 # A REDIS_URL (or RAILWAY_*, PORT, MACHINE_ID...) exported in the developer's shell must not send the tests,
 # or the machines and workers they start, to the shared queue: gone for the whole session.
@@ -78,3 +80,18 @@ def serve():
     for server in servers:
         server.close()
 
+
+@pytest.fixture
+def receiver():
+    """A real OTLP/HTTP receiver on a free loopback port (tests/otlp_receiver.py), stopped after the test."""
+    rec = OtlpReceiver().start()
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture
+def buffer(tmp_path):
+    """A durable telemetry buffer in the test's folder, closed after the test."""
+    buf = Buffer(tmp_path / "buffer.db")
+    yield buf
+    buf.close()

@@ -45,6 +45,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def fast_shipper(buffer, endpoint: str, resource: dict[str, str], **kw):
+    """A Shipper of `buffer` to `endpoint` on test timings (sends every 50 ms, backs off 50-200 ms): the tests
+    wait on conditions, never on its intervals. Keyword arguments override them."""
+    from emp_machine.telemetry.encode import Encoder
+    from emp_machine.telemetry.shipper import Shipper
+
+    kw.setdefault("interval", 0.05)
+    kw.setdefault("poll", 0.01)
+    kw.setdefault("base_backoff", 0.05)
+    kw.setdefault("max_backoff", 0.2)
+    return Shipper(buffer, Encoder(resource), endpoint, **kw)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
     """Poll `predicate` until it holds or `timeout` passes; the last answer is returned."""
     deadline = time.monotonic() + timeout

@@ -16,7 +16,6 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from harness import RunningMachine, machine_env, wait_for, write_manifest
 from otlp_receiver import OtlpReceiver, attributes, free_port
 
@@ -97,13 +96,6 @@ def _leftovers(directory: Path, name: str) -> list[str]:
 def _events(tel, name: str) -> list[dict]:
     return [line for line in (json.loads(text) for text in tel.test_stream.getvalue().splitlines() if text)
             if line.get("message") == name]
-
-
-@pytest.fixture
-def receiver():
-    receiver = OtlpReceiver().start()
-    yield receiver
-    receiver.stop()
 
 
 def test_a_worker_scaled_away_is_shipped_once_with_its_own_resource_and_removed(tmp_path, receiver):

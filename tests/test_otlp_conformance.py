@@ -9,7 +9,6 @@ import json
 import logging
 import time
 
-import pytest
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
@@ -25,7 +24,7 @@ from emp_machine.telemetry.metrics import Meter, render_prometheus
 from emp_machine.telemetry.redact import redact_fields
 from emp_machine.telemetry.shipper import REJECTED_BY_COLLECTOR, Shipper
 from emp_machine.telemetry.standard import StandardMetrics
-from otlp_receiver import OtlpReceiver, attributes, wait_until
+from otlp_receiver import attributes, fast_shipper, wait_until
 
 SHIPPER_LOG = "emp_machine.telemetry.shipper"
 SECRET = "sk-abcdefghijklmnop1234"
@@ -40,26 +39,24 @@ def _log(i: int) -> tuple:
     return (time.time_ns(), 9, "INFO", f"line {i}", {"i": i}, 0, 0, "")
 
 
-@pytest.fixture
-def buffer(tmp_path):
-    buf = Buffer(tmp_path / "buffer.db")
-    yield buf
-    buf.close()
-
-
-@pytest.fixture
-def receiver():
-    rec = OtlpReceiver().start()
-    yield rec
-    rec.stop()
-
-
 def _shipper(buffer: Buffer, endpoint: str, **kw) -> Shipper:
-    kw.setdefault("interval", 0.05)
-    kw.setdefault("poll", 0.01)
-    kw.setdefault("base_backoff", 0.05)
-    kw.setdefault("max_backoff", 0.2)
-    return Shipper(buffer, Encoder({"service.name": "test"}), endpoint, **kw)
+    return fast_shipper(buffer, endpoint, {"service.name": "test"}, **kw)
+
+
+def _queue_spans(buffer: Buffer, count: int) -> None:
+    for i in range(count):
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
+    buffer.flush()
+
+
+def _ship_until(shipper: Shipper, caplog, done) -> None:
+    """Run `shipper`, its warnings captured, until `done()` holds (failing after 10 s), then stop it."""
+    with caplog.at_level("WARNING", logger=SHIPPER_LOG):
+        shipper.start()
+        try:
+            assert wait_until(done, 10)
+        finally:
+            shipper.stop()
 
 
 def _shipper_warnings(caplog) -> list[str]:
@@ -78,12 +75,7 @@ def test_a_partial_success_counts_the_rejected_as_dropped_not_exported_and_is_no
     buffer.flush()
     exported = []
     shipper = _shipper(buffer, receiver.endpoint, on_exported=lambda signal, n: exported.append((signal, n)))
-    with caplog.at_level("WARNING", logger=SHIPPER_LOG):
-        shipper.start()
-        try:
-            assert wait_until(lambda: buffer.pending() == 0, 10)
-        finally:
-            shipper.stop()
+    _ship_until(shipper, caplog, lambda: buffer.pending() == 0)
     assert receiver.statuses == [200]  # one request: a partial success is never retried
     assert shipper.stats.exported["spans"] == 13 and exported == [("spans", 13)]
     assert shipper.stats.rejected == 7
@@ -140,17 +132,10 @@ def test_an_empty_or_json_2xx_body_is_a_full_success(buffer, receiver):
 
 def test_a_2xx_that_is_no_otlp_answer_is_retried_not_counted_as_exported(buffer, receiver, caplog):
     receiver.respond_next(200, count=2, body=b"<html><body>Sign in</body></html>", content_type="text/html")
-    for i in range(10):
-        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
-    buffer.flush()
+    _queue_spans(buffer, 10)
     shipper = _shipper(buffer, receiver.endpoint)
-    with caplog.at_level("WARNING", logger=SHIPPER_LOG):
-        shipper.start()
-        try:
-            assert receiver.wait_for(lambda r: len(r.spans()) == 10, timeout=10)  # the third try reaches it
-            assert wait_until(lambda: buffer.pending() == 0, 10)
-        finally:
-            shipper.stop()
+    # the third try reaches it
+    _ship_until(shipper, caplog, lambda: len(receiver.spans()) == 10 and buffer.pending() == 0)
     assert receiver.statuses == [200, 200, 200]
     assert shipper.stats.requests_failed == 2 and shipper.stats.exported["spans"] == 10
     (warning,) = _shipper_warnings(caplog)  # once per distinct answer
@@ -161,16 +146,9 @@ def test_a_2xx_with_a_short_non_otlp_body_is_taken_as_accepted_never_resent(buff
     # Retried, a receiver that took the records but answered "OK" (text/plain) got the same batch 20 times in
     # 3 s, and nothing after it was ever sent. Only an HTML page (a proxy's) means the records were not taken.
     receiver.respond_next(200, count=1, body=b"OK", content_type="text/plain")
-    for i in range(10):
-        buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
-    buffer.flush()
+    _queue_spans(buffer, 10)
     shipper = _shipper(buffer, receiver.endpoint)
-    with caplog.at_level("WARNING", logger=SHIPPER_LOG):
-        shipper.start()
-        try:
-            assert wait_until(lambda: buffer.pending() == 0, 10)
-        finally:
-            shipper.stop()
+    _ship_until(shipper, caplog, lambda: buffer.pending() == 0)
     assert receiver.statuses == [200] and shipper.stats.requests_failed == 0
     assert shipper.stats.exported["spans"] == 10
     (warning,) = _shipper_warnings(caplog)
@@ -187,12 +165,7 @@ def test_a_400_dead_letter_carries_the_collectors_message_and_is_logged_once(buf
         buffer.append(Kind.SPAN, Value.ROUTINE, _span(i))
     buffer.flush()
     shipper = _shipper(buffer, receiver.endpoint, batch_max=5, eager=True)
-    with caplog.at_level("WARNING", logger=SHIPPER_LOG):
-        shipper.start()
-        try:
-            assert wait_until(lambda: buffer.pending() == 0 and shipper.stats.dead_lettered == 15, 10)
-        finally:
-            shipper.stop()
+    _ship_until(shipper, caplog, lambda: buffer.pending() == 0 and shipper.stats.dead_lettered == 15)
     reasons = [reason for _, _, reason, _ in buffer.dead_letters()]
     assert reasons[:2] == ["HTTP 400 from /v1/traces: invalid trace id length in span 3, token=[REDACTED]"] * 2
     assert reasons[2].startswith("HTTP 400 from /v1/traces: <p>bad request: xxx")  # the text, on one line

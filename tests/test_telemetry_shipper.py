@@ -11,9 +11,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from emp_machine.telemetry import TelemetryConfig
 from emp_machine.telemetry.buffer import Buffer, Kind, Value
-from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.shipper import MAX_RETRY_AFTER_S, Shipper, _retry_after
-from otlp_receiver import OtlpReceiver, attributes, free_port, wait_until
+from otlp_receiver import OtlpReceiver, attributes, fast_shipper, free_port, wait_until
 
 
 def _span(i: int, **attrs) -> tuple:
@@ -22,26 +21,8 @@ def _span(i: int, **attrs) -> tuple:
             0x100)
 
 
-@pytest.fixture
-def buffer(tmp_path):
-    buf = Buffer(tmp_path / "buffer.db")
-    yield buf
-    buf.close()
-
-
-@pytest.fixture
-def receiver():
-    rec = OtlpReceiver().start()
-    yield rec
-    rec.stop()
-
-
 def _shipper(buffer: Buffer, endpoint: str, **kw) -> Shipper:
-    kw.setdefault("interval", 0.05)
-    kw.setdefault("poll", 0.01)
-    kw.setdefault("base_backoff", 0.05)
-    kw.setdefault("max_backoff", 0.2)
-    return Shipper(buffer, Encoder({"service.name": "test", "machine.id": "m1"}), endpoint, **kw)
+    return fast_shipper(buffer, endpoint, {"service.name": "test", "machine.id": "m1"}, **kw)
 
 
 def test_spans_and_logs_arrive_once_with_resource(buffer, receiver):

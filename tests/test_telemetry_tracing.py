@@ -17,7 +17,7 @@ from emp_machine.telemetry import TelemetryConfig, bind, setup
 from emp_machine.telemetry.buffer import Kind
 from emp_machine.telemetry.sampling import AdaptiveSampler, OverheadMeter
 from emp_machine.telemetry.tracing import Tracer
-from otlp_receiver import OtlpReceiver, attributes
+from otlp_receiver import attributes
 
 
 class FakeClock:
@@ -256,13 +256,6 @@ def test_scope_options_and_spans_used_as_plain_api_spans():
     assert trace.get_current_span() is before
     with root:  # entered again: a plain span
         assert trace.get_current_span() is before
-
-
-@pytest.fixture
-def receiver():
-    rec = OtlpReceiver().start()
-    yield rec
-    rec.stop()
 
 
 def _telemetry(tmp_path, receiver, stream=None, **config):
