@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import given, settings
+from multidict import CIMultiDict
 from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
@@ -87,6 +88,144 @@ def test_placeholders_and_junk_are_absent_not_errors():
         incoming = extract_job_context(job_hash)
         assert incoming.span_context is None, job_hash
         assert not trace.get_current_span(incoming.context).get_span_context().is_valid
+
+
+def test_emp_id_fields_are_hex_digits_only():
+    """int(text, 16) alone took a sign, '_' between digits, '0x' and spaces: another trace id, or a negative one."""
+    tid, sid = f"{TRACE:032x}", f"{SPAN:016x}"
+    for bad_trace, bad_span in [(tid[:4] + "_" + tid[5:], sid), ("-" + tid[1:], sid), ("+" + tid[1:], sid),
+                                ("0x" + tid[2:], sid), (" " + tid[1:], sid), (tid[:-1] + " ", sid),
+                                (tid, "_" + sid[1:]), (tid, "-" + sid[1:]), (tid, "0x" + sid[2:])]:
+        incoming = extract_job_context({"job_trace_id": bad_trace, "job_span_id": bad_span})
+        assert incoming.span_context is None, (bad_trace, bad_span)
+    # not a W3C header: either case of hex is the same id
+    sc = extract_job_context({"job_trace_id": tid.upper(), "job_span_id": sid.upper()}).span_context
+    assert (sc.trace_id, sc.span_id) == (TRACE, SPAN)
+
+
+def test_traceparent_case_and_surrounding_white_space():
+    value = f"00-{TRACE:032x}-{SPAN:016x}-01"
+    # W3C: upper-case hex makes the header invalid, to be ignored
+    assert parse_traceparent(value.upper()) is None
+    assert parse_traceparent(f"00-{TRACE:032X}-{SPAN:016x}-01") is None
+    # white space around the value is no part of it: trailing was refused while leading was taken
+    for padded in (value + " ", value + "\t", value + "\n", " " + value, "\t" + value + " \r\n"):
+        sc = parse_traceparent(padded)
+        assert sc is not None and (sc.trace_id, sc.span_id) == (TRACE, SPAN), repr(padded)
+
+
+def test_a_tracestate_that_goes_with_a_malformed_traceparent_is_not_read():
+    """W3C: "If the vendor failed to parse traceparent, it MUST NOT attempt to parse tracestate"; the EMP id
+    fields still give the parent, without the state."""
+    fields = {"job_trace_id": f"{TRACE:032x}", "job_span_id": f"{SPAN:016x}", "tracestate": "congo=t61rcWkgMzE"}
+    sc = extract_job_context({**fields, "traceparent": "00-broken"}).span_context
+    assert sc.trace_id == TRACE and not sc.trace_state
+    # no traceparent at all: the state is the hash's only word and is kept
+    assert extract_job_context(fields).span_context.trace_state.get("congo") == "t61rcWkgMzE"
+
+
+def _long_state() -> str:
+    """32 valid members of 358 characters each (~11.5 KB): what a producer may legally send."""
+    return ",".join(f"{'k' * 100}{i:x}={'v' * 256}" for i in range(32))
+
+
+def test_a_long_tracestate_is_cut_by_whole_members_as_w3c_says():
+    incoming = parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01",
+                                 "short1=a,short2=b," + _long_state() + ",short3=c," + ",".join(f"s{i}=x" for i in range(200)))
+    with trace.use_span(NonRecordingSpan(incoming)):
+        headers = http_headers("job-1", machine_id="m1", worker_id="m1-worker-0")
+        fields = inject_job_fields({}, machine_id="m1", worker_id="m1-worker-0")
+        plain = inject_job_fields({})
+    for state in (headers["tracestate"], fields["tracestate"]):
+        assert len(state) <= 512
+        members = state.split(",")
+        # ours first, then the others in their order, members over 128 characters dropped first
+        assert members[0] == "emp=machine:m1;worker:m1-worker-0"
+        assert members[1:] == ["short1=a", "short2=b", "short3=c", "s0=x", "s1=x", "s2=x", "s3=x", "s4=x", "s5=x",
+                               "s6=x", "s7=x", "s8=x", "s9=x", "sa=x", "sb=x", "sc=x", "sd=x"][:len(members) - 1]
+        assert len(members) <= 32
+    assert plain["tracestate"] == "short1=a,short2=b"  # of the 32 members parsed, all but 2 were too long
+    # cut from the end when the short ones alone are too many characters
+    many = parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01", ",".join(f"k{i}={'v' * 120}" for i in range(30)))
+    with trace.use_span(NonRecordingSpan(many)):
+        state = http_headers(machine_id="m1")["tracestate"]
+    assert len(state) == 510 and state.split(",")[1:] == [f"k{i}={'v' * 120}" for i in range(4)]
+
+
+def test_a_service_accepts_a_request_made_under_a_producers_long_tracestate():
+    """The whole ~12 KB tracestate went on: aiohttp servers (ComfyUI's) refuse header lines over 8 KB with a 400,
+    and the job failed at its first call."""
+    incoming = parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01", _long_state())
+    assert len(incoming.trace_state) == 32
+    seen: dict = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["sc"] = extract_http(request.headers).span_context
+        return web.Response(text="ok")
+
+    async def main() -> int:
+        app = web.Application()
+        app.router.add_post("/prompt", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        with trace.use_span(NonRecordingSpan(incoming)):
+            headers = http_headers("job-7", machine_id="m1", worker_id="m1-worker-0")
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}/prompt", json={}, headers=headers) as response:
+                    return response.status
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(main()) == 200
+    assert seen["sc"].trace_id == TRACE and seen["sc"].trace_state.get("emp") == "machine:m1;worker:m1-worker-0"
+
+
+def test_extract_http_combines_tracestate_lines_and_reads_names_in_any_case():
+    value = f"00-{TRACE:032x}-{SPAN:016x}-01"
+    seen: dict = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["incoming"] = extract_http(request.headers)
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        # two tracestate header lines, as a proxy may split them (W3C: combined into one list)
+        headers = [("traceparent", value), ("tracestate", "congo=t61rcWkgMzE"), ("tracestate", "rojo=00f067aa0ba902b7"),
+                   ("X-JOB-ID", "job-9")]
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/", headers=CIMultiDict(headers)) as r:
+                    assert r.status == 200
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    incoming = seen["incoming"]
+    assert dict(incoming.span_context.trace_state.items()) == {"congo": "t61rcWkgMzE", "rojo": "00f067aa0ba902b7"}
+    assert incoming.job_id == "job-9"
+    # a plain dict with names in other cases than the ones looked up
+    incoming = extract_http({"traceparent": value, "TraceState": "congo=1", "X-JOB-ID": "job-1", "X-Request-ID": "req-1"})
+    assert incoming.span_context.trace_state.get("congo") == "1"
+    assert (incoming.job_id, incoming.request_id) == ("job-1", "req-1")
+    # http.client / http.server headers (an email Message)
+    import email.message
+
+    message = email.message.Message()
+    for name, text in (("Traceparent", value), ("Tracestate", "a=1"), ("tracestate", "b=2"), ("X-Job-Id", "job-2")):
+        message[name] = text
+    incoming = extract_http(message)
+    assert dict(incoming.span_context.trace_state.items()) == {"a": "1", "b": "2"} and incoming.job_id == "job-2"
 
 
 @settings(max_examples=300, deadline=None)

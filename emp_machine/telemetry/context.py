@@ -89,23 +89,22 @@ def worker_id_for(machine_id: str, index: int) -> str:
     return f"{machine_id}-worker-{index}"
 
 
+# int(text, 16) alone also takes a sign, '_' between digits, a '0x' and spaces ('4bf9_f35…' read as another
+# trace id, '-…' as a negative one): an EMP id field is hex digits only (either case: not a W3C header).
+_HEX_ID = re.compile(r"[0-9a-fA-F]+")
+
+
 def parse_trace_id(value: object) -> int:
     """The trace id as an int, or 0 when `value` is not 32 hex digits (or is all zero)."""
-    if type(value) is not str or len(value) != 32:
+    if type(value) is not str or len(value) != 32 or _HEX_ID.fullmatch(value) is None:
         return 0
-    try:
-        return int(value, 16)
-    except ValueError:
-        return 0
+    return int(value, 16)
 
 
 def parse_span_id(value: object) -> int:
-    if type(value) is not str or len(value) != 16:
+    if type(value) is not str or len(value) != 16 or _HEX_ID.fullmatch(value) is None:
         return 0
-    try:
-        return int(value, 16)
-    except ValueError:
-        return 0
+    return int(value, 16)
 
 
 # --- correlation fields ----------------------------------------------------------------------------------
@@ -165,9 +164,11 @@ def parse_traceparent(value: object, tracestate: object = None) -> SpanContext |
     """A remote SpanContext from a `traceparent` header value, or None for anything malformed."""
     if type(value) is not str:
         return None
-    if _TRACEPARENT.match(value) is None:  # lowercase hex only, as W3C requires; then slices are safe
-        value = value.strip().lower()      # tolerate what sloppy producers send
-        if _TRACEPARENT.match(value) is None:
+    # Lowercase hex only: W3C says a traceparent with upper-case hex MUST be ignored. White space around the
+    # value is not part of it (HTTP's OWS; a producer's trailing newline): a version-00 value is 55 long.
+    if len(value) != 55 or _TRACEPARENT.match(value) is None:
+        value = value.strip()
+        if _TRACEPARENT.match(value) is None:  # then slices are safe
             return None
     # version ff is invalid; version 00 has nothing after the flags; later versions may append "-..." fields
     if value[1] == "f" and value[0] == "f" or (len(value) > 55 and (value[:2] == "00" or value[55] != "-")):
@@ -218,12 +219,41 @@ def emp_tracestate(machine_id: str, worker_id: str | None) -> str:
     return f"emp={value[:256]}"
 
 
+# What we pass on of a tracestate, in characters: W3C asks every vendor to propagate at least 512 and to cut
+# whole members beyond what it keeps. A producer's 32 members of ~360 characters went on whole (~12 KB):
+# aiohttp servers (ComfyUI's among them) refuse a header line over 8 KB, and the job failed at its first call.
+TRACESTATE_MAX = 512
+_LONG_MEMBER = 128  # W3C: "Entries larger than 128 characters long SHOULD be removed first"
+
+
 def _merged_tracestate(state: TraceState | None, ours: str) -> str:
-    """Ours first (the W3C rule for a vendor that modifies the state), others after, at most 32 members."""
+    """Ours first (the W3C rule for a vendor that modifies the state), others after, at most 32 members and
+    TRACESTATE_MAX characters."""
     if not state:
         return ours
-    others = [f"{k}={v}" for k, v in state.items() if k != "emp"][:31]
-    return ",".join([ours, *others])
+    return ours + _bounded_tracestate([f"{k}={v}" for k, v in state.items() if k != "emp"], 31,
+                                      TRACESTATE_MAX - len(ours), ",")
+
+
+def _state_header(state: TraceState | None) -> str:
+    """A state passed on unchanged (no `emp` member of ours), within the same bounds."""
+    return _bounded_tracestate([f"{k}={v}" for k, v in state.items()], 32, TRACESTATE_MAX) if state else ""
+
+
+def _bounded_tracestate(members: list[str], count: int, size: int, lead: str = "") -> str:
+    """`members` joined in order, each after `lead` (a comma after our own member, else none before the first),
+    cut as W3C says: to `count` members, then, when over `size` characters, the members over 128 characters
+    go first, then members from the end."""
+    del members[count:]
+    if not members:
+        return ""
+    header = lead + ",".join(members)
+    if len(header) <= size:
+        return header
+    kept = [m for m in members if len(m) <= _LONG_MEMBER]
+    while kept and len(lead) + len(",".join(kept)) > size:
+        kept.pop()
+    return lead + ",".join(kept) if kept else ""
 
 
 # --- extraction results ----------------------------------------------------------------------------------
@@ -281,7 +311,7 @@ def inject_job_fields(job_fields: dict, *, machine_id: str = "", worker_id: str 
         return job_fields
     job_fields["traceparent"] = format_traceparent(span_context)
     state = _merged_tracestate(span_context.trace_state, emp_tracestate(machine_id, worker_id)) if machine_id \
-        else (span_context.trace_state.to_header() if span_context.trace_state else "")
+        else _state_header(span_context.trace_state)
     if state:
         job_fields["tracestate"] = state
     job_fields["job_trace_id"] = f"{span_context.trace_id:032x}"
@@ -303,8 +333,10 @@ def extract_job_context(job_hash: Mapping) -> Incoming:
     if span_context is None and get("job_trace_id"):
         trace_id, span_id = parse_trace_id(_text(get("job_trace_id"))), parse_span_id(_text(get("job_span_id")))
         if trace_id and span_id:
+            # the tracestate goes with the traceparent: one that did not parse takes it along (W3C: "If the
+            # vendor failed to parse traceparent, it MUST NOT attempt to parse tracestate")
             span_context = SpanContext(trace_id, span_id, True, UNDECIDED,
-                                       parse_tracestate(_text(get("tracestate"))))
+                                       _EMPTY_STATE if traceparent else parse_tracestate(_text(get("tracestate"))))
     workflow = get("workflow_trace_id")
     workflow = _text(workflow) if workflow else None
     job_id = get("id") or get("job_id")
@@ -349,20 +381,23 @@ def http_headers(job_id: str | None = None, request_id: str | None = None, *, ma
     if span_context is not None:
         headers["traceparent"] = format_traceparent(span_context)
         state = _merged_tracestate(span_context.trace_state, emp_tracestate(machine_id, worker_id)) \
-            if machine_id else (span_context.trace_state.to_header() if span_context.trace_state else "")
+            if machine_id else _state_header(span_context.trace_state)
         if state:
             headers["tracestate"] = state
     return headers
 
 
 def extract_http(headers: Mapping[str, str]) -> Incoming:
-    """Read `traceparent`, `tracestate`, `x-job-id`, `x-request-id` from incoming headers (any case)."""
-    get = headers.get
-    traceparent = get("traceparent") or get("Traceparent") or get("TRACEPARENT")
-    if traceparent is None and hasattr(headers, "items"):  # plain dicts with unusual casing
-        lowered = {str(k).lower(): v for k, v in headers.items()}
-        get = lowered.get
-        traceparent = get("traceparent")
-    tracestate = get("tracestate") or get("Tracestate")
-    return _incoming(parse_traceparent(traceparent, tracestate), get("x-job-id") or get("X-Job-Id") or None,
-                     get("x-request-id") or get("X-Request-Id") or None)
+    """Read `traceparent`, `tracestate`, `x-job-id`, `x-request-id` from incoming headers: names in any case,
+    several `tracestate` lines combined into one list (as W3C says), from aiohttp's headers (CIMultiDict),
+    http.client / http.server's (email Message) or a plain dict."""
+    getall = getattr(headers, "getall", None) or getattr(headers, "get_all", None)
+    if getall is not None:  # case-insensitive already, and each line of a repeated header kept
+        get = headers.get
+        lines = getall("tracestate", None)
+        tracestate = ",".join(lines) if lines else None
+    else:
+        get = {str(k).lower(): v for k, v in headers.items()}.get
+        tracestate = get("tracestate")
+    return _incoming(parse_traceparent(get("traceparent"), tracestate), get("x-job-id") or None,
+                     get("x-request-id") or None)
