@@ -92,6 +92,28 @@ def test_submit_refuses_jobs_no_worker_or_api_could_run(redis, redis_url, args, 
     assert redis.keys("job*") == []
 
 
+def test_submit_refuses_a_payload_nested_too_deeply_to_read(redis, redis_url):
+    deep = "[" * 5000 + "]" * 5000  # valid JSON past Python's ~1,000 levels: RecursionError, a traceback
+    out = _cli(redis_url, "submit", "--type", "simulation", "--payload", deep)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "--payload is JSON nested too deeply to read (over ~1,000 levels)" in out.stderr
+    assert redis.keys("job*") == []
+
+
+def test_job_shows_fields_that_are_not_utf8_with_a_replacement_character(redis, redis_url):
+    # Another producer's bytes, which the worker fails as a malformed job: reading them raised out of `job`.
+    redis.hset("job:latin", mapping={"id": "latin", "status": "failed", "service_required": "simulation",
+                                     "workflow_id": b"wf-\xff", "error": b"malformed \xff job"})
+    redis.rpush("job:latin:events", b'{"t": 1, "ev": "dropped", "reason": "caf\xe9"}')
+    out = _cli(redis_url, "job", "latin")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "reason=caf\ufffd" in out.stdout and "error malformed \ufffd job" in out.stdout
+    out = _cli(redis_url, "job", "latin", "--json")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "failed" and doc["steps"][0]["detail"] == "reason=caf\ufffd", doc
+
+
 def test_submit_still_takes_zero_retries(redis, redis_url):
     out = _cli(redis_url, "submit", "--type", "simulation", "--payload", '{"a": 1.5}', "--max-retries", "0")
     assert out.returncode == 0, out.stderr

@@ -200,6 +200,18 @@ def test_wait_timeout_exits_124_and_says_the_job_goes_on(cli, redis, redis_url):
     assert redis.hget(f"job:{job_id}", "status") == "pending"
 
 
+def test_wait_goes_on_past_another_jobs_message_that_is_not_utf8(cli, redis, redis_url):
+    # Channels every job shares: a message holding another producer's bytes (job_failed copies a hash's
+    # workflow_id as it is) raised UnicodeDecodeError out of every `submit --wait` following any job.
+    run, job_id = _submit_and_wait(cli, redis, redis_url)
+    redis.publish("job_failed", b'{"job_id": "other", "workflow_id": "wf-\xff", "status": "failed"}')
+    redis.publish("update_job_progress", b'{"job_id": "other", "progress": 5, "message": "caf\xe9"}')
+    _progress(redis, job_id, 40, "half way")
+    _complete(redis, job_id)
+    assert run.wait(20) == 0, run.err
+    assert run.out.splitlines()[-1] == f"{job_id}: completed" and "Traceback" not in run.err
+
+
 def test_wait_interrupted_exits_130(cli, redis, redis_url):
     run, job_id = _submit_and_wait(cli, redis, redis_url)
     run.proc.send_signal(signal.SIGINT)

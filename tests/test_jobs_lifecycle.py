@@ -337,3 +337,34 @@ def test_operations_on_a_missing_job_say_so(store):
     assert store.complete("nope", "w1", {}) == "missing"
     assert store.hand_back("nope", "w1") == "missing"
     assert store.fail("nope", "w1", "x", retryable=True).outcome == "missing"
+
+
+def test_text_holding_a_lone_surrogate_is_written_with_a_replacement_character(store, redis):
+    # A service's message cut inside an emoji ("\ud83d" alone: valid JSON, not UTF-8-encodable) passed on as a
+    # progress message or an error: the client's encoder raised, so a progress update failed a job that would
+    # have succeeded, and a failure could not be written at all (handed back and run again for ever).
+    cut = "CUDA out of memory \ud83d"
+    job_id = store.submit("sim", {}, max_retries=0)
+    store.claim(CAPS, start=True)
+    assert store.progress(job_id, "w1", 50, f"step 1 {cut}", estimated_completion=cut) == "ok"
+    assert redis.hget(f"job:{job_id}:progress", "message") == "step 1 CUDA out of memory \ufffd\ufffd\ufffd"
+    outcome = store.fail(job_id, "w1", cut, retryable=False)
+    assert outcome.outcome == "failed"
+    assert redis.hget(f"job:{job_id}", "error") == "CUDA out of memory \ufffd\ufffd\ufffd"
+    other = store.submit("sim", {})
+    store.claim(CAPS, start=True)
+    assert store.hand_back(other, "w1", f"drain {cut}") == "ok"
+    assert store.claim(CAPS, start=True).id == other
+    assert store.complete(other, "w1", {"ok": True}, cut) == "ok"
+
+
+def test_a_job_with_an_empty_id_is_claimed_as_a_job_not_read_as_none(store, redis):
+    # The claim's reply said "none" by an empty id: a producer's job with id '' was taken out of jobs:pending
+    # and marked running, then read as no job (its JSON as the wait): handed back and claimed again for ever.
+    from emp_machine.runtime.jobs import contract_fields, submission_score
+
+    redis.hset("job:", mapping=contract_fields("", "sim", {}))
+    redis.zadd("jobs:pending", {"": submission_score(50, int(time.time() * 1000))})
+    job = store.claim(CAPS, start=True)
+    assert job is not None and job.id == "" and job.service_required == "sim"
+    assert store.claim(CAPS) is None  # nothing else queued: none, as before

@@ -130,8 +130,9 @@ def _long_state() -> str:
 
 
 def test_a_long_tracestate_is_cut_by_whole_members_as_w3c_says():
+    shorts = ",".join(f"s{i}=x" for i in range(200))
     incoming = parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01",
-                                 "short1=a,short2=b," + _long_state() + ",short3=c," + ",".join(f"s{i}=x" for i in range(200)))
+                                 "short1=a,short2=b," + _long_state() + ",short3=c," + shorts)
     with trace.use_span(NonRecordingSpan(incoming)):
         headers = http_headers("job-1", machine_id="m1", worker_id="m1-worker-0")
         fields = inject_job_fields({}, machine_id="m1", worker_id="m1-worker-0")
@@ -215,7 +216,8 @@ def test_extract_http_combines_tracestate_lines_and_reads_names_in_any_case():
     assert dict(incoming.span_context.trace_state.items()) == {"congo": "t61rcWkgMzE", "rojo": "00f067aa0ba902b7"}
     assert incoming.job_id == "job-9"
     # a plain dict with names in other cases than the ones looked up
-    incoming = extract_http({"traceparent": value, "TraceState": "congo=1", "X-JOB-ID": "job-1", "X-Request-ID": "req-1"})
+    incoming = extract_http({"traceparent": value, "TraceState": "congo=1", "X-JOB-ID": "job-1",
+                             "X-Request-ID": "req-1"})
     assert incoming.span_context.trace_state.get("congo") == "1"
     assert (incoming.job_id, incoming.request_id) == ("job-1", "req-1")
     # http.client / http.server headers (an email Message)

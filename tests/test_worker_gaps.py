@@ -45,6 +45,11 @@ workers:
     job_types: [slowhealthsim]
     lease: 3s
     settings: {{health_delay_ms: 2500}}
+  cut:
+    connector: rest
+    job_types: [cutrest]
+    settings: {{mode: async, submit_url: "{url}/cut", status_url: "{url}/cut/{{id}}", poll_interval_s: 0.05,
+                health_url: "{url}/health"}}
 """
 ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
 
@@ -53,9 +58,26 @@ class _Health(BaseHTTPRequestHandler):
     status = 200
 
     def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.startswith("/cut/"):  # a service's error cut inside an emoji: "\ud83d" alone, valid JSON
+            return self._json({"status": "failed", "error": "CUDA out of memory \ud83d"})
         self.send_response(type(self).status)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/cut":
+            self.send_error(404)
+            return
+        self._json({"id": "c1"})
+
+    def _json(self, body):
+        data = json.dumps(body).encode()  # ensure_ascii: the lone surrogate goes as the escape \ud83d
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def log_message(self, *args):
         pass
@@ -297,18 +319,68 @@ def test_a_job_hash_holding_bytes_that_are_not_utf8_fails_that_job_alone(client,
     assert workers.procs[0].pid == pid and workers.procs[0].poll() is None
 
 
-def test_a_claim_whose_index_upkeep_fails_unexpectedly_is_logged_and_the_worker_goes_on(client, store, workers):
-    # A job id that is not UTF-8 in jobs:pending (another producer's): the claim's queue reconcile cannot
-    # read it. The claim loop caught only RedisError, so the worker exited; then the claim failed and was
-    # logged each time; now the upkeep's failure is logged (once) and the claim itself goes on.
+def test_an_id_that_is_not_utf8_in_the_queue_keeps_no_other_job_from_being_indexed(client, store, workers):
+    # A job id that is not UTF-8 in jobs:pending (another producer's bytes). The reconcile and the sweep read
+    # the queue decoded: both failed at it, every time, so a job the API submitted while no worker heard
+    # job_submitted was never indexed, never claimed. The id is now passed over (no worker can run a job its
+    # id cannot name) and logged, and the rest of the queue is indexed.
     client.zadd("jobs:pending", {b"raw-\xff": submission_score(50, int(time.time() * 1000))})
     try:
-        good = store.submit("gapsim", {"steps": 1, "step_ms": 0})  # wakes the worker: its claim reconciles
-        wait_status(client, good, "completed")
+        unheard = f"raw-{uuid.uuid4()}"  # as the API writes it, its job_submitted missed
+        client.hset(f"job:{unheard}", mapping=contract_fields(unheard, "gapsim", {"steps": 1, "step_ms": 0}))
+        client.zadd("jobs:pending", {unheard: submission_score(50, int(time.time() * 1000))})
+        heard = store.submit("gapsim", {"steps": 1, "step_ms": 0})  # wakes the worker: its claim reconciles
+        wait_status(client, heard, "completed")
+        wait_status(client, unheard, "completed")
         log = workers.log(0)
-        (line,) = [x for x in log.splitlines() if "jobs.index_upkeep_failed" in x][:1]
-        assert "UnicodeDecodeError" in line
-        assert "claim failed" not in log
+        lines = [x for x in log.splitlines() if "jobs.unreadable_job_id" in x]
+        assert len(lines) == 1 and json.loads(lines[0]).get("job_id") == "raw-\ufffd", lines
+        assert "index_upkeep_failed" not in log and "claim failed" not in log
         assert workers.procs[0].poll() is None
+        assert client.zscore("jobs:pending", b"raw-\xff") is not None  # left where its producer put it
     finally:
         client.zrem("jobs:pending", b"raw-\xff")
+
+
+# -- text a service or a producer sends that Python reads but cannot pass on as it is ----------------------
+
+def test_an_error_holding_a_lone_surrogate_fails_the_job_once(client, store, workers, messages):
+    # A service's error cut inside an emoji ("\ud83d" alone is valid JSON): writing the failure raised
+    # UnicodeEncodeError, the job task died with the job running, and the heartbeat handed it back to be run
+    # again, for ever, its retry count never moving.
+    job_id = store.submit("cutrest", {"prompt": "x"})
+    wait_status(client, job_id, "failed")
+    assert "CUDA out of memory \ufffd" in client.hget(f"job:{job_id}", "error")
+    (failed,) = wait_for(lambda: messages.of("job_failed", job_id=job_id), message="job_failed")
+    assert "\ufffd" in failed["error"]
+    assert claims(store, job_id) == ["claimed"]
+    cut = list(workers.manifest.workers).index("cut")
+    assert "job task failed unexpectedly" not in workers.log(cut)
+
+
+def test_a_job_with_an_empty_id_fails_as_malformed_once(client, store, workers, messages):
+    # The claim's reply said "none" by an empty id: the job was taken and marked running, read as no job,
+    # then handed back and claimed again for ever, the worker shown busy with it meanwhile.
+    client.hset("job:", mapping=contract_fields("", "gapsim", {"steps": 1, "step_ms": 0}))
+    client.zadd("jobs:pending", {"": submission_score(50, int(time.time() * 1000))})
+    client.publish("job_submitted", json.dumps({"job_id": "", "service_required": "gapsim", "priority": 50}))
+    try:
+        wait_status(client, "", "failed")
+        assert client.hget("job:", "error").startswith("malformed job: its id is empty")
+        assert [e["ev"] for e in store.timeline("").events].count("claimed") == 1
+        assert client.zscore("jobs:pending", "") is None and not client.hexists(f"jobs:active:{workers.ids[0]}", "")
+        good = store.submit("gapsim", {"steps": 1, "step_ms": 0})
+        wait_status(client, good, "completed")
+        assert "claim failed unexpectedly" not in workers.log(0)
+    finally:
+        client.delete("job:", "job::events", "job::progress")
+        client.zrem("jobs:pending", "")
+
+
+def test_a_payload_nested_too_deeply_to_read_fails_as_malformed_not_as_the_connectors_fault(client, store, workers):
+    depth = 5000  # valid JSON; Python's reader stops at ~1,000 levels (RecursionError)
+    job_id = submit_raw(client, "gapsim", payload="[" * depth + "]" * depth)
+    wait_status(client, job_id, "failed")
+    assert client.hget(f"job:{job_id}", "error") == ("malformed job payload: JSON nested too deeply to read (over "
+                                                     "~1,000 levels)")
+    assert claims(store, job_id) == ["claimed"]  # failed for good, not retried

@@ -626,7 +626,9 @@ def _store(args):
             raise NoMachineRunning("the manifest uses an embedded Redis and no machine is running: start the "
                                    "machine first, or pass --redis URL")
     try:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        # encoding_errors: a field or a message that is not UTF-8 (another producer's bytes, on channels every
+        # job shares) is shown with U+FFFD; strict decoding raised out of `job` and every `submit --wait`
+        client = redis.Redis.from_url(url, decode_responses=True, encoding_errors="replace", socket_connect_timeout=5)
     except ValueError:  # redis-py's message quotes the URL: only the redacted form is shown
         raise EmpError(f"not a Redis URL: {redact_url(url)} (expected redis://[:password@]host:port/db, "
                        f"rediss://… or unix://…)") from None
@@ -662,6 +664,8 @@ def _payload(text: str):
         raise EmpError(f"--payload file cannot be read: {exc}") from None
     except ValueError as exc:
         raise EmpError(f"--payload is not JSON: {exc}") from None
+    except RecursionError:
+        raise EmpError("--payload is JSON nested too deeply to read (over ~1,000 levels)") from None
 
 
 def cmd_try(args) -> int:

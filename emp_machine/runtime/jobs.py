@@ -337,9 +337,9 @@ def statuses_json(statuses: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class _Call:
-    """One round trip: a named script (args after the fixed keys) or a client method. `raw` (scripts only):
-    the reply comes back as bytes, undecoded, for the operation to decode itself (the claim's job hash may
-    hold bytes a producer wrote that are not UTF-8)."""
+    """One round trip: a named script (args after the fixed keys) or a client method. `raw` (scripts and
+    `execute_command`): the reply comes back as bytes, undecoded, for the operation to decode itself (the
+    claim's job hash, or a queued id, may hold bytes a producer wrote that are not UTF-8)."""
 
     script: str | None
     args: tuple[Any, ...]
@@ -369,6 +369,18 @@ def _retry_delay_ms(delay_s: float | None) -> str:
     return str(int(min(delay, MAX_RETRY_DELAY_S) * 1000))
 
 
+def _utf8(text: str) -> str:
+    """`text` as Redis can take it: a lone surrogate (a service's message cut inside an emoji, passed on as a
+    progress message or an error) made the client's encoder raise UnicodeEncodeError: a progress update failed
+    a job that would have succeeded, and a failure could not be written at all (the job was handed back and run
+    again for ever). Such a character becomes U+FFFD."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _text(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
@@ -377,6 +389,13 @@ def _text(value: Any) -> Any:
     if isinstance(value, dict):
         return {_text(k): _text(v) for k, v in value.items()}
     return value
+
+
+def _took_job(reply: list) -> bool:
+    """Whether a claim's reply holds a job: {id, 0, the job's JSON} (a string), against {'', unindexed[, wait_ms]}
+    (numbers). The id alone cannot say: a producer's job with an empty id was claimed, then read as "none" (its
+    JSON as the wait): never run, handed back by the heartbeat and claimed again for ever."""
+    return len(reply) > 2 and isinstance(reply[2], bytes)
 
 
 def _claimed_job(job_id: bytes, blob: bytes) -> Job:
@@ -445,6 +464,7 @@ class _JobOps:
         self._busy_sweep_from = time.monotonic()  # a new store's first claims never sweep
         self._last_sweep = float("-inf")
         self._upkeep_error = ""  # the last index upkeep failure logged (see _upkeep)
+        self._unreadable_id = b""  # the last id in jobs:pending that is not UTF-8 logged (see _readable_ids)
         # After a claim that found nothing: seconds until a job it passed over (one this worker just failed)
         # is claimable by this worker; None when it passed over none.
         self.claimable_in_s: float | None = None
@@ -503,18 +523,18 @@ class _JobOps:
         # Replies read undecoded (raw): the job hash comes back as the producer wrote it, see _claimed_job.
         reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "1" if check else "0", begin, *hints),
                             raw=True)
-        if not reply[0] and not int(reply[1]) and time.monotonic() - self._last_sweep >= self._sweep_every:
+        if not _took_job(reply) and not int(reply[1]) and time.monotonic() - self._last_sweep >= self._sweep_every:
             # The counts agree, but stale index entries may hide an unindexed job: one bounded sweep step.
             self._last_sweep = time.monotonic()
             found = yield from self._upkeep(self._sweep_step())
             if found is None or found.adopted or found.pruned:
                 reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin), raw=True)
-        if not reply[0] and int(reply[1]) and self._reconcile_allowed():
+        if not _took_job(reply) and int(reply[1]) and self._reconcile_allowed():
             # Jobs the API submitted while no worker heard job_submitted: index them, then claim.
             self._last_reconcile = time.monotonic()
             yield from self._upkeep(self._reconcile())
             reply = yield _Call("claim", (caps, self.lease_ms, self.avoid_ms, "0", begin), raw=True)
-        if not reply[0]:
+        if not _took_job(reply):
             # 2 ms more, so timer rounding never brings the worker back a claim too early.
             self.claimable_in_s = int(reply[2]) / 1000 + 0.002 if len(reply) > 2 else None
             return None
@@ -551,12 +571,14 @@ class _JobOps:
         adopted = removed = pruned = 0
         start = 0
         while True:
-            ids = yield _Call(None, ("zrange", PENDING, start, start + _CHUNK - 1))
-            if not ids:
+            queued = yield _Call(None, ("execute_command", "ZRANGE", PENDING, start, start + _CHUNK - 1), raw=True)
+            if not queued:
                 break
-            a, r = yield _Call("adopt", ("0", *ids))  # the whole queue: a changed hash waits for a sweep step
+            ids = self._readable_ids(queued)
+            # the whole queue: a changed hash waits for a sweep step
+            a, r = (yield _Call("adopt", ("0", *ids))) if ids else (0, 0)
             adopted, removed = adopted + int(a), removed + int(r)
-            start += len(ids) - int(r)  # removed ids shift the ranks after them
+            start += len(queued) - int(r)  # removed ids shift the ranks after them
         cursor = 0
         while True:
             cursor, dropped = yield from self._prune_chunk(cursor)
@@ -564,6 +586,25 @@ class _JobOps:
             if cursor == 0:
                 break
         return ReconcileReport(adopted, removed, pruned)
+
+    def _readable_ids(self, queued: list[bytes]) -> list[str]:
+        """The ids of `queued` (read raw from jobs:pending) that are UTF-8 text. One that is not (another
+        producer's bytes) failed the whole reconcile and every sweep step at it, so jobs the API submitted
+        while no worker heard job_submitted were never indexed, never claimed. It is passed over: no worker
+        can run a job its id cannot name (every key and message holds the id as text). Logged once per
+        store (again when another such id is found)."""
+        ids = []
+        for raw in queued:
+            try:
+                ids.append(raw.decode())
+            except UnicodeDecodeError:
+                if raw != self._unreadable_id:
+                    self._unreadable_id = raw
+                    _log.warning("jobs.unreadable_job_id", extra={"fields": {
+                        "event_type": "jobs.unreadable_job_id", "job_id": raw.decode("utf-8", "replace")[:200],
+                        "effect": "left in jobs:pending, unindexed: no worker runs a job whose id is not UTF-8 "
+                                  "text; its producer must write ids as UTF-8"}})
+        return ids
 
     def _prune_chunk(self, cursor: int) -> _Op:
         """One HSCAN chunk (~_CHUNK entries) of jobs:idx:of with the entries whose job left jobs:pending
@@ -600,9 +641,11 @@ class _JobOps:
             cursors = (None, None)
         pending_cursor, index_cursor = (int(c) if c and str(c).isdigit() else 0 for c in cursors)
         adopted = removed = 0
-        pending_cursor, pairs = yield _Call(None, ("zscan", PENDING), {"cursor": pending_cursor, "count": _CHUNK})
-        if pairs:
-            adopted, removed = (int(n) for n in (yield _Call("adopt", ("1", *(member for member, _ in pairs)))))
+        pending_cursor, pairs = yield _Call(None, ("execute_command", "ZSCAN", PENDING, pending_cursor, "COUNT",
+                                                   _CHUNK), raw=True)
+        ids = self._readable_ids([member for member, _ in pairs])
+        if ids:
+            adopted, removed = (int(n) for n in (yield _Call("adopt", ("1", *ids))))
         index_cursor, pruned = yield from self._prune_chunk(index_cursor)
         yield _Call(None, ("hset", SWEEP_CURSORS), {"mapping": {"pending": int(pending_cursor),
                                                                "index": index_cursor}})
@@ -616,26 +659,26 @@ class _JobOps:
     def _progress(self, job_id: str, worker_id: str, percent: float, message: str,
                   current_step: int | None, total_steps: int | None, estimated_completion: str | None,
                   token: str = "") -> _Op:
-        args = (job_id, worker_id, f"{max(0.0, min(100.0, float(percent))):g}", message,
+        args = (job_id, worker_id, f"{max(0.0, min(100.0, float(percent))):g}", _utf8(message),
                 "" if current_step is None else current_step, "" if total_steps is None else total_steps,
-                estimated_completion or "", token)
+                _utf8(estimated_completion or ""), token)
         return Ownership((yield _Call("progress", args)))
 
     def _complete(self, job_id: str, worker_id: str, result: Any, message: str, final_progress: bool,
                   steps: Mapping[str, float] | None = None, token: str = "") -> _Op:
         data = _result_json(result)
-        return Ownership((yield _Call("complete", (job_id, worker_id, data, message,
+        return Ownership((yield _Call("complete", (job_id, worker_id, data, _utf8(message),
                                                    "1" if final_progress else "0", _steps(steps), token))))
 
     def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool,
               steps: Mapping[str, float] | None = None, token: str = "",
               retry_delay_s: float | None = None) -> _Op:
-        outcome, count = yield _Call("fail", (job_id, worker_id, error, "1" if retryable else "0", _steps(steps),
+        outcome, count = yield _Call("fail", (job_id, worker_id, _utf8(error), "1" if retryable else "0", _steps(steps),
                                               token, _retry_delay_ms(retry_delay_s)))
         return FailOutcome(outcome, int(count))
 
     def _hand_back(self, job_id: str, worker_id: str, reason: str, token: str = "") -> _Op:
-        return Ownership((yield _Call("hand_back", (job_id, worker_id, reason, token))))
+        return Ownership((yield _Call("hand_back", (job_id, worker_id, _utf8(reason), token))))
 
     # ---- workers, leases, reaper ----
 
@@ -805,7 +848,8 @@ class JobStore(_Api):
             reply = self._script(call)
             return reply if call.raw else _text(reply)
         name, *args = call.args
-        return _text(getattr(self._client, name)(*args, **call.kwargs))
+        reply = getattr(self._client, name)(*args, **call.kwargs, **_options(call))
+        return reply if call.raw else _text(reply)
 
     def _script(self, call: _Call) -> Any:
         if self.uses_functions:
@@ -852,7 +896,8 @@ class AsyncJobStore(_Api):
             reply = await self._script(call)
             return reply if call.raw else _text(reply)
         name, *args = call.args
-        return _text(await getattr(self._client, name)(*args, **call.kwargs))
+        reply = await getattr(self._client, name)(*args, **call.kwargs, **_options(call))
+        return reply if call.raw else _text(reply)
 
     async def _script(self, call: _Call) -> Any:  # JobStore._script with awaits
         if self.uses_functions:

@@ -730,6 +730,9 @@ class Worker:
             _ = job.max_retries
         except ValueError as exc:
             attempt, malformed = 0, FatalJobError(f"malformed job: {exc}")
+        if not job.id:  # no key the contract can name it by (job:, its events, jobs:active): failed for good
+            attempt, malformed = 0, FatalJobError("malformed job: its id is empty (jobs:pending held ''); its "
+                                                  "producer must give every job an id")
         if job.not_utf8:  # bytes another producer wrote (the claim reads them undecoded: see jobs._claimed_job)
             attempt, malformed = 0, FatalJobError(
                 f"malformed job: job:{job.id} holds bytes that are not UTF-8 text in {', '.join(job.not_utf8)}; "
@@ -748,6 +751,9 @@ class Worker:
                         payload = job.payload()
                     except ValueError as exc:
                         raise FatalJobError(f"malformed job payload: not JSON ({exc})") from None
+                    except RecursionError:  # valid JSON, nested past Python's limit: not the connector's fault
+                        raise FatalJobError("malformed job payload: JSON nested too deeply to read (over ~1,000 "
+                                            "levels)") from None
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
                                                  attempt=attempt)
                 steps["preprocessing"] = (time.monotonic() - mark) * 1000
