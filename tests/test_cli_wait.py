@@ -33,6 +33,8 @@ class Cli:
         master = slave = None
         if tty:
             master, slave = pty.openpty()
+        # faulthandler: a run that hangs is sent SIGABRT by wait(), which then shows where each thread was
+        env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "emp_machine", *args], env=env,
                                      stdout=slave if tty else subprocess.PIPE, stderr=subprocess.PIPE)
         if tty:
@@ -69,7 +71,15 @@ class Cli:
                         timeout=20, message="the job id on stdout")
 
     def wait(self, timeout: float) -> int:
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to stderr
+            self.proc.wait(10)
+            for t in self._threads:
+                t.join(5)
+            raise AssertionError(f"still running after {timeout} s; its stacks and output:\n{self.err}\n"
+                                 f"stdout: {self.out[-2000:]}") from None
         for t in self._threads:
             t.join(5)
         return rc
