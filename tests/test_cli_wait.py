@@ -35,8 +35,12 @@ class Cli:
             master, slave = pty.openpty()
         # faulthandler: a run that hangs is sent SIGABRT by wait(), which then shows where each thread was
         env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+        # SIGINT as at a terminal: a suite started in the background by a non-interactive shell (`... &`) runs
+        # with SIGINT and SIGQUIT ignored, which its children inherit and Python keeps; the Ctrl-C test then
+        # waited on a CLI that could not hear it
         self.proc = subprocess.Popen([sys.executable, "-m", "emp_machine", *args], env=env,
-                                     stdout=slave if tty else subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=slave if tty else subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         if tty:
             os.close(slave)
             out = threading.Thread(target=self._read_fd, args=(master, self._out), daemon=True)
@@ -74,12 +78,16 @@ class Cli:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            try:  # signals pending, blocked, ignored, caught (hex masks): a SIGINT that did nothing shows why
+                masks = [line for line in open(f"/proc/{self.proc.pid}/status") if line.startswith("Sig")]
+            except OSError as exc:
+                masks = [str(exc)]
             self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to stderr
             self.proc.wait(10)
             for t in self._threads:
                 t.join(5)
-            raise AssertionError(f"still running after {timeout} s; its stacks and output:\n{self.err}\n"
-                                 f"stdout: {self.out[-2000:]}") from None
+            raise AssertionError(f"still running after {timeout} s; {''.join(masks)}its stacks and output:\n"
+                                 f"{self.err}\nstdout: {self.out[-2000:]}") from None
         for t in self._threads:
             t.join(5)
         return rc

@@ -99,6 +99,54 @@ def test_a_full_state_disk_makes_health_status_and_the_status_message_unhealthy(
 
 # --- 2. file descriptors --------------------------------------------------------------------------------------
 
+def test_a_connection_that_sends_nothing_is_closed_whatever_aiohttp_does(monkeypatch):
+    """aiohttp before 3.14.4 started its keep-alive timeout only after a response: a client that connected and
+    never sent a request kept its connection for ever. The machine's own deadline closes it, around any
+    protocol (here one that would keep every connection open); a client that sends something is left to the
+    protocol."""
+    from emp_machine.runtime import health
+
+    monkeypatch.setattr(health, "KEEPALIVE_TIMEOUT_S", 0.3)
+
+    class KeepsEverything(asyncio.Protocol):
+        def __init__(self):
+            self.received = b""
+
+        def data_received(self, data):
+            self.received += data
+
+    async def scenario():
+        server = await asyncio.get_running_loop().create_server(
+            lambda: health._SaysSomething(KeepsEverything()), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        def clients():
+            silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+            talking = socket.create_connection(("127.0.0.1", port), timeout=5)
+            talking.sendall(b"GET /health HTTP/1.1\r\n")  # a request begun: the protocol's to time out, or not
+            started = time.monotonic()
+            closed = silent.recv(10)
+            waited = time.monotonic() - started
+            talking.settimeout(1.0)
+            try:
+                still_open = talking.recv(10) != b""
+            except TimeoutError:
+                still_open = True
+            silent.close()
+            talking.close()
+            return closed, waited, still_open
+
+        try:
+            return await asyncio.to_thread(clients)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    closed, waited, still_open = asyncio.run(scenario())
+    assert closed == b"" and waited < 4  # closed at the deadline, not left to the 5 s socket timeout
+    assert still_open
+
+
 def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path, monkeypatch):
     from emp_machine.runtime import health
     from emp_machine.runtime.aggregate import Aggregator

@@ -316,7 +316,9 @@ def test_embedded_redis_is_supervised_and_workers_wait_for_it(machine_factory):
     machine.wait_ready()
     procs = machine.processes()
     assert procs["redis"].state == "RUNNING"
-    port = next(c.laddr.port for c in psutil.Process(procs["redis"].pid).net_connections()
+    server = psutil.Process(procs["redis"].pid)
+    # net_connections() is psutil 6's name for connections() (pyproject allows 5.9)
+    port = next(c.laddr.port for c in (getattr(server, "net_connections", None) or server.connections)()
                 if c.status == psutil.CONN_LISTEN)
     client = redis_lib.Redis(host="127.0.0.1", port=port)
     assert client.ping()

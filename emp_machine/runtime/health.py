@@ -188,6 +188,44 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+class _SaysSomething(asyncio.Protocol):
+    """aiohttp's handler of one connection, closed after KEEPALIVE_TIMEOUT_S when its client has sent nothing.
+    aiohttp before 3.14.4 starts its keep-alive timeout only after a response: a client that connects and never
+    sends a request kept its connection, and its file descriptor, for ever, and enough of them held every slot
+    of max_connections() (/health answered 503 to the monitor until they went)."""
+
+    __slots__ = ("_handler", "_deadline")
+
+    def __init__(self, handler: asyncio.Protocol):
+        self._handler = handler
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self._deadline = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT_S, transport.close)
+        self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+
 class _Bounded:
     """aiohttp's protocol factory (its web.Server), answering with _Refused past `limit` open connections."""
 
@@ -203,7 +241,7 @@ class _Bounded:
                     "event_type": "health.connections_refused", "open": len(self.server.connections),
                     "limit": self.limit, "refused": self.refused}})
             return _Refused()
-        return self.server()
+        return _SaysSomething(self.server())
 
 
 class HealthServer:
