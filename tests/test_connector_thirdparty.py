@@ -4,10 +4,12 @@ entry_points.txt on sys.path) is found by the registry and runs; `try_connector`
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from _helpers import install_plugin
 from fakes.comfyui import FakeComfyUI
+from fakes.comfyui_nodes import full_type_name
 from test_connector_comfyui import happy
 
 from emp_machine.connectors.registry import ConnectorRegistry
@@ -93,7 +95,8 @@ def test_try_against_comfyui_prints_the_services_own_error(tmp_path):
                  "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
         code = asyncio.run(try_connector("comfyui", {"base_url": server.url}, {"workflow": graph}, tmp_path,
                                          lines.append))
-        assert code == 1 and lines[-1].startswith("failed (permanent): ComfyUI node 2 (RegexReplace) raised re.error")
+        assert code == 1 and lines[-1].startswith("failed (permanent): ComfyUI node 2 (RegexReplace) raised "
+                                                  f"{full_type_name(re.error('x'))}: missing )")
         lines.clear()
         code = asyncio.run(try_connector("comfyui", {"base_url": server.url}, {"workflow": happy()}, tmp_path,
                                          lines.append))

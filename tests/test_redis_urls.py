@@ -84,11 +84,15 @@ def tls_files(tmp_path_factory):
         pytest.skip("no openssl to make a test CA")
     d = tmp_path_factory.mktemp("tls")
     run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)  # noqa: E731
+    # The extensions Python 3.13's default context checks (VERIFY_X509_STRICT): a CA's key usage, a leaf's
+    # authority key identifier
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=emp test CA")
+        "-subj", "/CN=emp test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-                               "extendedKeyUsage=serverAuth\n")
+                               "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                               "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
         "server.pem", "-days", "2", "-extfile", "ext.cnf")
     return d / "ca.pem", d / "server.pem", d / "server.key"

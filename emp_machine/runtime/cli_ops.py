@@ -665,7 +665,7 @@ def _payload(text: str):
     except ValueError as exc:
         raise EmpError(f"--payload is not JSON: {exc}") from None
     except RecursionError:
-        raise EmpError("--payload is JSON nested too deeply to read (over ~1,000 levels)") from None
+        raise EmpError("--payload is JSON nested too deeply to read (past Python's recursion limit)") from None
 
 
 def cmd_try(args) -> int:

@@ -752,8 +752,8 @@ class Worker:
                     except ValueError as exc:
                         raise FatalJobError(f"malformed job payload: not JSON ({exc})") from None
                     except RecursionError:  # valid JSON, nested past Python's limit: not the connector's fault
-                        raise FatalJobError("malformed job payload: JSON nested too deeply to read (over ~1,000 "
-                                            "levels)") from None
+                        raise FatalJobError("malformed job payload: JSON nested too deeply to read (past Python's "
+                                            "recursion limit)") from None
                     connector_job = ConnectorJob(id=job.id, service_required=job_type, payload=payload,
                                                  attempt=attempt)
                 steps["preprocessing"] = (time.monotonic() - mark) * 1000
