@@ -158,61 +158,21 @@ def test_a_service_accepts_a_request_made_under_a_producers_long_tracestate():
     and the job failed at its first call."""
     incoming = parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01", _long_state())
     assert len(incoming.trace_state) == 32
-    seen: dict = {}
-
-    async def handler(request: web.Request) -> web.Response:
-        seen["sc"] = extract_http(request.headers).span_context
-        return web.Response(text="ok")
-
-    async def main() -> int:
-        app = web.Application()
-        app.router.add_post("/prompt", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        with trace.use_span(NonRecordingSpan(incoming)):
-            headers = http_headers("job-7", machine_id="m1", worker_id="m1-worker-0")
-        try:
-            async with aiohttp.ClientSession() as session:
-                async with session.post(f"http://127.0.0.1:{port}/prompt", json={}, headers=headers) as response:
-                    return response.status
-        finally:
-            await runner.cleanup()
-
-    assert asyncio.run(main()) == 200
-    assert seen["sc"].trace_id == TRACE and seen["sc"].trace_state.get("emp") == "machine:m1;worker:m1-worker-0"
+    with trace.use_span(NonRecordingSpan(incoming)):
+        headers = http_headers("job-7", machine_id="m1", worker_id="m1-worker-0")
+    status, seen = _through_a_local_server("POST", headers)
+    assert status == 200
+    assert seen.span_context.trace_id == TRACE
+    assert seen.span_context.trace_state.get("emp") == "machine:m1;worker:m1-worker-0"
 
 
 def test_extract_http_combines_tracestate_lines_and_reads_names_in_any_case():
     value = f"00-{TRACE:032x}-{SPAN:016x}-01"
-    seen: dict = {}
-
-    async def handler(request: web.Request) -> web.Response:
-        seen["incoming"] = extract_http(request.headers)
-        return web.Response(text="ok")
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_get("/", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        # two tracestate header lines, as a proxy may split them (W3C: combined into one list)
-        headers = [("traceparent", value), ("tracestate", "congo=t61rcWkgMzE"), ("tracestate", "rojo=00f067aa0ba902b7"),
-                   ("X-JOB-ID", "job-9")]
-        try:
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/", headers=CIMultiDict(headers)) as r:
-                    assert r.status == 200
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
-    incoming = seen["incoming"]
+    # two tracestate header lines, as a proxy may split them (W3C: combined into one list)
+    status, incoming = _through_a_local_server("GET", CIMultiDict([
+        ("traceparent", value), ("tracestate", "congo=t61rcWkgMzE"), ("tracestate", "rojo=00f067aa0ba902b7"),
+        ("X-JOB-ID", "job-9")]))
+    assert status == 200
     assert dict(incoming.span_context.trace_state.items()) == {"congo": "t61rcWkgMzE", "rojo": "00f067aa0ba902b7"}
     assert incoming.job_id == "job-9"
     # a plain dict with names in other cases than the ones looked up
@@ -264,37 +224,45 @@ def test_emp_tracestate_is_one_valid_w3c_member():
     assert parse_traceparent(f"00-{TRACE:032x}-{SPAN:016x}-01", value).trace_state.get("emp") == value[4:]
 
 
-def test_http_round_trip_through_a_local_server():
+def _through_a_local_server(method: str, headers) -> tuple[int, object]:
+    """One request with `headers` to an aiohttp server on loopback: (its status, what extract_http read from
+    the headers the server got)."""
     seen: dict = {}
 
     async def handler(request: web.Request) -> web.Response:
-        incoming = extract_http(request.headers)
-        seen.update(job_id=incoming.job_id, request_id=incoming.request_id, sc=incoming.span_context)
+        seen["incoming"] = extract_http(request.headers)
         return web.Response(text="ok")
 
-    async def main() -> dict:
+    async def main() -> int:
         app = web.Application()
-        app.router.add_get("/", handler)
+        app.router.add_route(method, "/", handler)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        with trace.use_span(_span()):
-            headers = http_headers("job-7", machine_id="m1", worker_id="m1-worker-0")
         try:
             async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/", headers=headers) as response:
-                    assert response.status == 200
+                async with session.request(method, f"http://127.0.0.1:{port}/", headers=headers,
+                                           json={} if method == "POST" else None) as response:
+                    return response.status
         finally:
             await runner.cleanup()
-        return headers
 
-    headers = asyncio.run(main())
-    assert seen["job_id"] == "job-7"
-    assert seen["request_id"] == headers["x-request-id"] and headers["x-request-id"].startswith("req-")
-    assert (seen["sc"].trace_id, seen["sc"].span_id, seen["sc"].trace_flags.sampled) == (TRACE, SPAN, True)
-    assert seen["sc"].trace_state.get("emp") == "machine:m1;worker:m1-worker-0"
+    status = asyncio.run(main())
+    return status, seen.get("incoming")
+
+
+def test_http_round_trip_through_a_local_server():
+    with trace.use_span(_span()):
+        headers = http_headers("job-7", machine_id="m1", worker_id="m1-worker-0")
+    status, incoming = _through_a_local_server("GET", headers)
+    assert status == 200
+    assert incoming.job_id == "job-7"
+    assert incoming.request_id == headers["x-request-id"] and headers["x-request-id"].startswith("req-")
+    sc = incoming.span_context
+    assert (sc.trace_id, sc.span_id, sc.trace_flags.sampled) == (TRACE, SPAN, True)
+    assert sc.trace_state.get("emp") == "machine:m1;worker:m1-worker-0"
 
 
 def test_headers_without_a_current_span_still_carry_ids():
