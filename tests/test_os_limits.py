@@ -99,11 +99,11 @@ def test_a_full_state_disk_makes_health_status_and_the_status_message_unhealthy(
 
 # --- 2. file descriptors --------------------------------------------------------------------------------------
 
-def test_a_connection_that_sends_nothing_is_closed_whatever_aiohttp_does(monkeypatch):
-    """aiohttp before 3.14.4 started its keep-alive timeout only after a response: a client that connected and
-    never sent a request kept its connection for ever. The machine's own deadline closes it, around any
-    protocol (here one that would keep every connection open); a client that sends something is left to the
-    protocol."""
+def test_a_connection_that_sends_no_whole_request_head_is_closed_whatever_aiohttp_does(monkeypatch):
+    """aiohttp before 3.14.4 started its keep-alive timeout only after a response, with no deadline for a request
+    never finished: a client that connected and sent nothing, or a byte, kept its connection for ever. The
+    machine's own deadline closes it, around any protocol (here one that would keep every connection open); a
+    client that sent a whole request head is left to the protocol."""
     from emp_machine.runtime import health
 
     monkeypatch.setattr(health, "KEEPALIVE_TIMEOUT_S", 0.3)
@@ -122,18 +122,22 @@ def test_a_connection_that_sends_nothing_is_closed_whatever_aiohttp_does(monkeyp
 
         def clients():
             silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+            dribbling = socket.create_connection(("127.0.0.1", port), timeout=5)
+            dribbling.sendall(b"G")  # a request begun and never finished
             talking = socket.create_connection(("127.0.0.1", port), timeout=5)
-            talking.sendall(b"GET /health HTTP/1.1\r\n")  # a request begun: the protocol's to time out, or not
+            # a whole head, in two pieces, its blank line split between them: the protocol's to answer
+            talking.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r")
+            talking.sendall(b"\n")
             started = time.monotonic()
-            closed = silent.recv(10)
+            closed = [silent.recv(10), dribbling.recv(10)]
             waited = time.monotonic() - started
             talking.settimeout(1.0)
             try:
                 still_open = talking.recv(10) != b""
             except TimeoutError:
                 still_open = True
-            silent.close()
-            talking.close()
+            for s in (silent, dribbling, talking):
+                s.close()
             return closed, waited, still_open
 
         try:
@@ -143,7 +147,7 @@ def test_a_connection_that_sends_nothing_is_closed_whatever_aiohttp_does(monkeyp
             await server.wait_closed()
 
     closed, waited, still_open = asyncio.run(scenario())
-    assert closed == b"" and waited < 4  # closed at the deadline, not left to the 5 s socket timeout
+    assert closed == [b"", b""] and waited < 4  # closed at the deadline, not left to the 5 s socket timeout
     assert still_open
 
 

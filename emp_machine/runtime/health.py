@@ -189,16 +189,18 @@ class _Refused(asyncio.Protocol):
 
 
 class _SaysSomething(asyncio.Protocol):
-    """aiohttp's handler of one connection, closed after KEEPALIVE_TIMEOUT_S when its client has sent nothing.
-    aiohttp before 3.14.4 starts its keep-alive timeout only after a response: a client that connects and never
-    sends a request kept its connection, and its file descriptor, for ever, and enough of them held every slot
-    of max_connections() (/health answered 503 to the monitor until they went)."""
+    """aiohttp's handler of one connection, closed after KEEPALIVE_TIMEOUT_S unless its client has sent the head
+    of a request by then. aiohttp before 3.14.4 starts its keep-alive timeout only after a response and has no
+    deadline for a request never finished: a client that connected and sent nothing (or one byte) kept its
+    connection, and its file descriptor, for ever, and enough of them held every slot of max_connections()
+    (/health answered 503 to the monitor until they went)."""
 
-    __slots__ = ("_handler", "_deadline")
+    __slots__ = ("_handler", "_deadline", "_tail")
 
     def __init__(self, handler: asyncio.Protocol):
         self._handler = handler
         self._deadline: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes received, while the head's end (a blank line) is looked for
 
     def connection_made(self, transport) -> None:
         self._deadline = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT_S, transport.close)
@@ -206,8 +208,12 @@ class _SaysSomething(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:  # a whole head: the rest is aiohttp's
+                self._deadline.cancel()
+                self._deadline = None
+            else:
+                self._tail = seen[-3:]
         self._handler.data_received(data)
 
     def eof_received(self) -> bool | None:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping
@@ -373,12 +374,15 @@ def _utf8(text: str) -> str:
     """`text` as Redis can take it: a lone surrogate (a service's message cut inside an emoji, passed on as a
     progress message or an error) made the client's encoder raise UnicodeEncodeError: a progress update failed
     a job that would have succeeded, and a failure could not be written at all (the job was handed back and run
-    again for ever). Such a character becomes U+FFFD."""
+    again for ever). Each such character becomes one U+FFFD."""
     try:
         text.encode()
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _text(value: Any) -> Any:

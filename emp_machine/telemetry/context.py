@@ -164,10 +164,11 @@ def parse_traceparent(value: object, tracestate: object = None) -> SpanContext |
     """A remote SpanContext from a `traceparent` header value, or None for anything malformed."""
     if type(value) is not str:
         return None
-    # Lowercase hex only: W3C says a traceparent with upper-case hex MUST be ignored. White space around the
-    # value is not part of it (HTTP's OWS; a producer's trailing newline): a version-00 value is 55 long.
+    # Lowercase hex only: W3C says a traceparent with upper-case hex MUST be ignored. Spaces and tabs around the
+    # value are not part of it (HTTP's OWS), nor a line end a producer left in a job hash: a version-00 value
+    # is 55 long.
     if len(value) != 55 or _TRACEPARENT.match(value) is None:
-        value = value.strip()
+        value = value.strip(" \t\r\n")
         if _TRACEPARENT.match(value) is None:  # then slices are safe
             return None
     # version ff is invalid; version 00 has nothing after the flags; later versions may append "-..." fields
@@ -242,15 +243,19 @@ def _state_header(state: TraceState | None) -> str:
 
 def _bounded_tracestate(members: list[str], count: int, size: int, lead: str = "") -> str:
     """`members` joined in order, each after `lead` (a comma after our own member, else none before the first),
-    cut as W3C says: to `count` members, then, when over `size` characters, the members over 128 characters
-    go first, then members from the end."""
+    cut as W3C says: to `count` members, then, while over `size` characters, members over 128 characters go
+    (from the end), then members from the end."""
     del members[count:]
     if not members:
         return ""
     header = lead + ",".join(members)
     if len(header) <= size:
         return header
-    kept = [m for m in members if len(m) <= _LONG_MEMBER]
+    kept, i = members[:], len(members) - 1
+    while i >= 0 and len(lead) + len(",".join(kept)) > size:  # long members first, from the end, only as needed
+        if len(kept[i]) > _LONG_MEMBER:
+            del kept[i]
+        i -= 1
     while kept and len(lead) + len(",".join(kept)) > size:
         kept.pop()
     return lead + ",".join(kept) if kept else ""
