@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_a_connection_that_sends_no_whole_request_head_is_closed_whatever_aiohtt
 
     async def scenario():
         server = await asyncio.get_running_loop().create_server(
-            lambda: health._SaysSomething(KeepsEverything()), "127.0.0.1", 0)
+            lambda: health._SaysSomething(KeepsEverything(), {}), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
 
         def clients():
@@ -169,26 +170,39 @@ def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path
         def clients():
             idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
             time.sleep(0.3)  # accepted (no deadline needed: the 5th below is refused only once these count)
-            status, _, body = http(f"http://127.0.0.1:{port}/health", timeout=5)
-            refused = (status, body)
+            # every slot held by a connection that sent nothing: a poll takes the oldest one's slot
+            taken = http(f"http://127.0.0.1:{port}/health", timeout=5)[2]
+            evicted = idle[0].recv(10)
             started = time.monotonic()
-            closed = [s.recv(10) for s in idle]  # b"": closed by the server, never answered
+            closed = [s.recv(10) for s in idle[1:]]  # b"": closed by the server, never answered
             waited = time.monotonic() - started
             for s in idle:
                 s.close()
+            # every slot held by a keep-alive connection that did send its request: the next one is refused
+            kept = []
+            for _ in range(4):
+                conn = HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                kept.append(conn)
+            status, _, body = http(f"http://127.0.0.1:{port}/health", timeout=5)
+            refused = (status, body)
+            for conn in kept:
+                conn.close()
             after = wait_for(lambda: http(f"http://127.0.0.1:{port}/health", timeout=5)[0] == 503 and
                              b"too many" not in http(f"http://127.0.0.1:{port}/health", timeout=5)[2], 10,
                              message="/health answered again")
-            return refused, closed, waited, after
+            return refused, (taken, evicted), closed, waited, after
 
         try:
             return await asyncio.to_thread(clients)
         finally:
             await server.stop()
 
-    (status, body), closed, waited, after = asyncio.run(scenario())
+    (status, body), (taken, evicted), closed, waited, after = asyncio.run(scenario())
+    assert b"too many" not in taken and evicted == b""  # answered (not refused), the oldest one closed
+    assert closed == [b""] * 3 and waited < 4.5  # the keep-alive timeout (1 s here), not the 5 s socket timeout
     assert status == 503 and b"too many open connections" in body
-    assert closed == [b""] * 4 and waited < 4.5  # the keep-alive timeout (1 s here), not the 5 s socket timeout
     assert after
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.supervisor.control import ProcessInfo
 from _helpers import TcpProxy
-from harness import health_base, http_json, wait_for
+from harness import health_base, http, http_json, wait_for
 
 DELAY = 1.2  # every reply: slower than half the 2 s limit, so two queued round trips exceed it together
 
@@ -132,6 +133,59 @@ workers:
         "supervisor"]["healthy"], 20, message="healthy again once supervisord answers")
     assert machine.event("supervisord.answering"), machine.tail()
     events.close()
+
+
+def test_workers_whose_start_a_stalled_supervisord_left_unanswered_still_make_the_machine_ready(
+        machine_factory, tmp_path):
+    """The gate service turns healthy while supervisord is stopped: the machine asks it to start 8 workers, and
+    each call times out (10 s): process.start_failed. supervisord then carries the starts out. Nothing counted
+    those workers: the machine stayed `starting` for good (/ready 503) with every worker running. And the
+    starts waited in asyncio's default pool (6 threads on 2 cores), where /metrics and the sweep wait too:
+    /metrics hung until supervisord answered."""
+    from emp_machine.runtime.redis_server import free_port
+
+    gate, port = tmp_path / "open", free_port()
+    script = tmp_path / "gate.py"
+    script.write_text(f"""import os, socket, sys, time
+while not os.path.exists({str(gate)!r}):
+    time.sleep(0.02)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(600)
+""")
+    machine = machine_factory(f"""
+services:
+  gate:
+    command: {sys.executable} {script} {{port}}
+    port: {port}
+    health: {{tcp: "{{port}}", interval: 100ms, start_period: 60s}}
+workers:
+  sim:
+    connector: simulation
+    service: gate
+    count: 8
+""")
+    wait_for(lambda: (p := machine.process("gate-0")) and p.state == "RUNNING", 20, message="the gate running")
+    base = health_base(machine)
+    sup_pid = int((machine.state_dir / "run" / "supervisord.pid").read_text())
+    os.kill(sup_pid, signal.SIGSTOP)
+    try:
+        gate.write_text("go")
+        wait_for(lambda: machine.event("service.healthy", process_name="gate-0"), 10, message="the gate healthy")
+        # the 8 starts are asked for at once and each waits up to 10 s: /metrics, asked meanwhile, must answer
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            asked = time.monotonic()
+            code, _, _ = http(base + "/metrics", timeout=20)
+            assert code == 200 and time.monotonic() - asked < 3, "/metrics waited behind the stalled starts"
+        wait_for(lambda: machine.event("process.start_failed"), 20, message="a start timing out")
+    finally:
+        os.kill(sup_pid, signal.SIGCONT)
+    machine.wait_ready(timeout=40)
+    wait_for(lambda: http_json(base + "/ready") == (200, {"ready": True, "phase": "ready"}), 10,
+             message=f"/ready 200 (now {http_json(base + '/ready')})")
 
 
 def _row(name: str, pid: int, restarts: int) -> ProcessInfo:

@@ -193,25 +193,40 @@ class _SaysSomething(asyncio.Protocol):
     of a request by then. aiohttp before 3.14.4 starts its keep-alive timeout only after a response and has no
     deadline for a request never finished: a client that connected and sent nothing (or one byte) kept its
     connection, and its file descriptor, for ever, and enough of them held every slot of max_connections()
-    (/health answered 503 to the monitor until they went)."""
+    (/health answered 503 to the monitor until they went). Until its head has come, the connection is listed
+    in `waiting` (oldest first), where _Bounded takes the oldest from when the slots are full."""
 
-    __slots__ = ("_handler", "_deadline", "_tail")
+    __slots__ = ("_handler", "_deadline", "_tail", "_waiting", "_transport")
 
-    def __init__(self, handler: asyncio.Protocol):
+    def __init__(self, handler: asyncio.Protocol, waiting: dict):
         self._handler = handler
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes received, while the head's end (a blank line) is looked for
+        self._waiting = waiting
+        self._transport = None
 
     def connection_made(self, transport) -> None:
+        self._transport = transport
         self._deadline = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT_S, transport.close)
+        self._waiting[self] = None
         self._handler.connection_made(transport)
+
+    def _said(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._waiting.pop(self, None)
+
+    def evict(self) -> None:
+        """Closed for a newer connection (the slots are full): it has sent no whole request head yet."""
+        self._said()
+        self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is not None:
             seen = self._tail + data
             if b"\r\n\r\n" in seen or b"\n\n" in seen:  # a whole head: the rest is aiohttp's
-                self._deadline.cancel()
-                self._deadline = None
+                self._said()
             else:
                 self._tail = seen[-3:]
         self._handler.data_received(data)
@@ -220,9 +235,7 @@ class _SaysSomething(asyncio.Protocol):
         return self._handler.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._said()
         self._handler.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -233,21 +246,34 @@ class _SaysSomething(asyncio.Protocol):
 
 
 class _Bounded:
-    """aiohttp's protocol factory (its web.Server), answering with _Refused past `limit` open connections."""
+    """aiohttp's protocol factory (its web.Server), holding `limit` open connections. Past it, a new connection
+    takes the slot of the oldest one that has not sent a whole request head yet; with none such, it gets
+    _Refused (503). Refused, one client holding the slots with connections that never finish a request (and
+    opening new ones as the old were cut) kept the monitor's every poll out: 60 of 60 answered 503."""
 
     def __init__(self, server: web.Server, limit: int):
         self.server, self.limit = server, limit
-        self.refused = 0
+        self.refused = self.evicted = 0
+        self.waiting: dict[_SaysSomething, None] = {}
 
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self.server.connections) >= self.limit:
+            if self.waiting:
+                next(iter(self.waiting)).evict()
+                self.evicted += 1
+                if self.evicted == 1 or self.evicted % 1000 == 0:
+                    log.warning("health.connection_evicted", extra={"fields": {
+                        "event_type": "health.connection_evicted", "open": len(self.server.connections),
+                        "limit": self.limit, "evicted": self.evicted,
+                        "why": "every slot taken: the oldest connection without a whole request closed"}})
+                return _SaysSomething(self.server(), self.waiting)
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warning("health.connections_refused", extra={"fields": {
                     "event_type": "health.connections_refused", "open": len(self.server.connections),
                     "limit": self.limit, "refused": self.refused}})
             return _Refused()
-        return _SaysSomething(self.server())
+        return _SaysSomething(self.server(), self.waiting)
 
 
 class HealthServer:

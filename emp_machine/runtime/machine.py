@@ -199,12 +199,14 @@ class Machine:
         self._announced_shutdown = False
         self._supervisords: list[asyncio.subprocess.Process] = []  # ours: their watchers reap them, never the sweep
         self._stopping = threading.Event()  # set with the shutdown: boot steps in threads cut their waits short
-        # Blocking waits on supervisord for one process (a stop or restart within its stop_grace): a thread each,
-        # from this pool, never the default one (min(32, cores + 4) threads, 6 on 2 cores), which the sweep needs
-        # every second: a tier of 64 workers was stopped six at a time, so it took ~10 stop_graces and a
-        # platform's SIGKILL came first, with most running jobs never handed back, and the sweep stalled. Room
-        # for a stop and a restart of every process at once; threads are made only as they are needed.
-        self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=2 * max(1, len(plan.specs)),
+        # Blocking waits on supervisord for one process (a start, or a stop or restart within its stop_grace): a
+        # thread each, from this pool, never the default one (min(32, cores + 4) threads, 6 on 2 cores), which
+        # the sweep and /metrics need every second: a tier of 64 workers was stopped six at a time, so it took
+        # ~10 stop_graces and a platform's SIGKILL came first, with most running jobs never handed back, and the
+        # sweep stalled; 32 starts waiting on a stalled supervisord (10 s each) held /metrics 21 s and hid the
+        # stall from the sweep. Room for a start, a stop and a restart of every process at once; threads are
+        # made only as they are needed.
+        self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=3 * max(1, len(plan.specs)),
                                                             thread_name_prefix="emp-wait")
 
     # -- main loop ---------------------------------------------------------------------------------------
@@ -450,7 +452,7 @@ class Machine:
 
     async def _start(self, name: str) -> None:
         try:
-            await asyncio.to_thread(self.control.start, name, False)
+            await asyncio.get_running_loop().run_in_executor(self._waits, self.control.start, name, False)
             step("process.start", process_name=name)
             self.inbox.put_nowait(ProcessStarted(name, True))
         except SupervisorError as exc:
@@ -487,7 +489,13 @@ class Machine:
                      errored_reason=row.errored_reason or None)
             self.processes[row.name] = row
             self._note_worker_down(row)
+            if row.state == "RUNNING" and row.name in self.started_workers and row.name not in self.running_workers:
+                # its start was asked for and went unanswered (supervisord stalled past the call's timeout:
+                # process.start_failed), then carried out: running all the same. Nothing counted it, and the
+                # machine stayed `starting` for good, /ready 503, with every worker up.
+                self.running_workers.add(row.name)
         self.aggregate.set_processes(rows)
+        self._check_ready()
 
     def _note_worker_down(self, row: ProcessInfo) -> None:
         """A worker that died cannot say so in Redis: mark it offline for it, once per time down.
