@@ -77,6 +77,22 @@ def install_plugin(site: Path, prefix: str, source: str, entry_points: dict[str,
     return module
 
 
+def gated_listener(folder: Path) -> tuple[Path, Path]:
+    """A service for manifests: a script (argv[1] = port) that listens on its port only once the file `gate`
+    exists, so a TCP health check turns healthy when the test says. Returns (gate, script)."""
+    gate, script = folder / "open", folder / "listener.py"
+    script.write_text(f"""import os, socket, sys, time
+while not os.path.exists({str(gate)!r}):
+    time.sleep(0.02)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(600)
+""")
+    return gate, script
+
+
 class TcpProxy:
     """A TCP proxy in front of Redis on a loopback port of its own, served by a thread's event loop;
     subclasses say what `_handle` does with a connection."""

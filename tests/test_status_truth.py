@@ -16,7 +16,7 @@ from emp_machine.runtime import manifest as mf
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.supervisor.control import ProcessInfo
-from _helpers import TcpProxy
+from _helpers import TcpProxy, gated_listener
 from harness import health_base, http, http_json, wait_for
 
 DELAY = 1.2  # every reply: slower than half the 2 s limit, so two queued round trips exceed it together
@@ -144,17 +144,8 @@ def test_workers_whose_start_a_stalled_supervisord_left_unanswered_still_make_th
     /metrics hung until supervisord answered."""
     from emp_machine.runtime.redis_server import free_port
 
-    gate, port = tmp_path / "open", free_port()
-    script = tmp_path / "gate.py"
-    script.write_text(f"""import os, socket, sys, time
-while not os.path.exists({str(gate)!r}):
-    time.sleep(0.02)
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen()
-time.sleep(600)
-""")
+    gate, script = gated_listener(tmp_path)
+    port = free_port()
     machine = machine_factory(f"""
 services:
   gate:
@@ -167,7 +158,7 @@ workers:
     service: gate
     count: 8
 """)
-    wait_for(lambda: (p := machine.process("gate-0")) and p.state == "RUNNING", 20, message="the gate running")
+    wait_for(lambda: (p := machine.process("gate-0")) and p.state == "RUNNING", 40, message="the gate running")
     base = health_base(machine)
     sup_pid = int((machine.state_dir / "run" / "supervisord.pid").read_text())
     os.kill(sup_pid, signal.SIGSTOP)
@@ -184,8 +175,7 @@ workers:
     finally:
         os.kill(sup_pid, signal.SIGCONT)
     machine.wait_ready(timeout=40)
-    wait_for(lambda: http_json(base + "/ready") == (200, {"ready": True, "phase": "ready"}), 10,
-             message=f"/ready 200 (now {http_json(base + '/ready')})")
+    wait_for(lambda: http_json(base + "/ready") == (200, {"ready": True, "phase": "ready"}), 10, message="/ready 200")
 
 
 def _row(name: str, pid: int, restarts: int) -> ProcessInfo:

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from _helpers import gated_listener
 from harness import pid_alive, wait_for
 
 PY = sys.executable
@@ -133,18 +134,8 @@ services:
 
 
 def test_worker_bound_to_a_service_starts_only_once_the_service_is_healthy(machine_factory, tmp_path):
-    gate = tmp_path / "open"
+    gate, script = gated_listener(tmp_path)
     port = _free_port()
-    script = tmp_path / "listener.py"
-    script.write_text(f"""import os, socket, sys, time
-while not os.path.exists({str(gate)!r}):
-    time.sleep(0.02)
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen()
-time.sleep(600)
-""")
     machine = machine_factory(f"""
 services:
   slow:

@@ -1150,16 +1150,18 @@ def test_the_dropped_metric_counts_from_each_process_start(tmp_path):
             log = telemetry.logger("test.drops")
             for i in range(lines):
                 log.info("noise %d %s", i, "x" * (i % 97))
-            telemetry.flush()
-            points = {name: pts for name, _, _, _, _, pts in telemetry.metrics_snapshot()}
-            metric = {attrs["reason"]: value for attrs, value in points.get("telemetry_records_dropped_total", [])}
-            return metric, telemetry.buffer.stats().dropped, telemetry.meter.start_ns
         finally:
+            # Read after the shutdown: its last writes (a metrics record, the drop events) can drop a chunk of
+            # the full buffer too, a drop of this process's (read before it, the next process's start showed
+            # 1,000 more than this one had said: a failure under load)
             telemetry.shutdown()
+        points = {name: pts for name, _, _, _, _, pts in telemetry.metrics_snapshot()}
+        metric = {attrs["reason"]: value for attrs, value in points.get("telemetry_records_dropped_total", [])}
+        return metric, telemetry.buffer.stats().dropped, telemetry.meter.start_ns
 
     first, kept_first, _ = run(3000)
     assert first["buffer_full"] > 0 and first == kept_first
-    second, kept_second, _ = run(0)
-    assert second == {} and kept_second == kept_first  # no new drops: nothing to count since this start
+    second, kept_second, _ = run(0)  # writes nothing but its shutdown's few records
+    assert second.get("buffer_full", 0) == kept_second["buffer_full"] - kept_first["buffer_full"] < 1500
     third, kept_third, _ = run(3000)
-    assert third["buffer_full"] == kept_third["buffer_full"] - kept_first["buffer_full"] > 0
+    assert third["buffer_full"] == kept_third["buffer_full"] - kept_second["buffer_full"] > 0
