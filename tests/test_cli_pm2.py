@@ -134,3 +134,83 @@ workers:
         assert not refused.stdout.strip()
     assert machine.process("worker-0").state == "STOPPED"
     assert machine.wait_exit(40) == 0
+
+
+# A service instance that, when told to stop, waits (up to its bound) for the other instance of its group to be
+# told too; it writes down whether they met. Its pid file names the instance that runs now.
+PAIR = """
+import os, pathlib, signal, sys, time
+folder, bound = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+me = os.environ["SERVICE_TYPE"] + "-" + os.environ["SERVICE_INDEX"]
+other = os.environ["SERVICE_TYPE"] + "-" + str(1 - int(os.environ["SERVICE_INDEX"]))
+(folder / f"pid-{me}").write_text(str(os.getpid()))
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+def on_term(*_):
+    (folder / f"stopping-{me}-{os.getpid()}").touch()
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        pid = (folder / f"pid-{other}").read_text()  # (the last one's, until a new one has written its own)
+        # (the other may have met this one and exited already)
+        if (folder / f"stopping-{other}-{pid}").exists() and (alive(int(pid)) or (folder / f"met-{other}").exists()):
+            (folder / f"met-{me}").touch()
+            sys.exit(0)
+        time.sleep(0.02)
+    (folder / f"alone-{me}").touch()
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_restart_stops_a_group_at_once_and_reload_one_at_a_time(machine_factory, tmp_path):
+    """`restart` as `pm2 restart`: every instance told to stop at once (a group of busy workers is back after one
+    grace, not one grace per instance); `reload` as `pm2 reload`: one at a time, the others keep working."""
+    script = tmp_path / "pair.py"
+    script.write_text(PAIR)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    machine = machine_factory(f"""
+services:
+  meet:
+    command: {PY} {script} {marks} 20
+    instances: 2
+    stop_grace: 30s
+  roll:
+    command: {PY} {script} {marks} 1
+    instances: 2
+    stop_grace: 30s
+workers:
+  sim:
+    connector: simulation
+""")
+    machine.wait_ready()
+    for name in ("meet-0", "meet-1", "roll-0", "roll-1"):
+        wait_for(lambda: (marks / f"pid-{name}").exists(), message=f"{name} up")
+    before = {name: row.pid for name, row in machine.processes().items()}
+
+    restarted = machine.cli("restart", "meet", timeout=60)
+    assert restarted.returncode == 0, restarted.stderr
+    assert restarted.stdout.split("\n")[:2] == ["restarted meet-0", "restarted meet-1"]
+    # Each was told while the other was stopping too (one at a time, the first would wait out its 20 s alone).
+    assert (marks / "met-meet-0").exists() and (marks / "met-meet-1").exists(), sorted(p.name for p in marks.iterdir())
+
+    reloaded = machine.cli("reload", "roll", timeout=60)
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert reloaded.stdout.split("\n")[:2] == ["restarted roll-0", "restarted roll-1"]
+    # Neither was told while the other was: each waited out its second alone, then the next was told.
+    assert (marks / "alone-roll-0").exists() and (marks / "alone-roll-1").exists(), sorted(
+        p.name for p in marks.iterdir())
+    assert not list(marks.glob("met-roll-*"))
+    after = machine.processes()
+    assert all(after[n].pid != before[n] and after[n].state == "RUNNING" for n in ("meet-0", "meet-1", "roll-0",
+                                                                                 "roll-1")), after
+    assert after["worker-0"].pid == before["worker-0"]

@@ -83,9 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=ops.cmd_ps)
 
     restart = sub.add_parser("restart", help="gracefully restart a process, a service or worker group (each "
-                             "instance), or `all`")
+                             "instance), or `all`: every target at once, like `pm2 restart`")
     restart.add_argument("name")
-    restart.set_defaults(func=ops.cmd_restart)
+    restart.set_defaults(func=ops.cmd_restart, rolling=False)
+
+    reload = sub.add_parser("reload", help="the same, one process at a time (each stopped, then started, before "
+                            "the next), like `pm2 reload`: the others keep working meanwhile")
+    reload.add_argument("name")
+    reload.set_defaults(func=ops.cmd_restart, rolling=True)
 
     logs = sub.add_parser("logs", help="show a process's log, or each instance's of a service or worker group")
     logs.add_argument("name")
@@ -159,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", type=int, required=True)
     worker.set_defaults(func=cmd_worker)
 
-    for p in (run, demo, ps, restart, logs, worker, submit, job, stuck, errors):
+    for p in (run, demo, ps, restart, reload, logs, worker, submit, job, stuck, errors):
         p.add_argument("--manifest", "-m", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

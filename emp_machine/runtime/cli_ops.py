@@ -116,8 +116,6 @@ def _ago(seconds: float) -> str:
 
 
 def cmd_restart(args) -> int:
-    from emp_machine.supervisor.control import Supervisor
-
     doc = _target(args)
     control = _control(doc)
     names = [r.name for r in control.processes()]
@@ -136,20 +134,46 @@ def cmd_restart(args) -> int:
                     f"; processes: {', '.join(names)}" + (f"; services and worker groups: {', '.join(groups)}"
                                                           if groups else ""))
             raise EmpError(f"no process named {args.name}{hint}")
-    failed = []  # as `pm2 restart`: every target is tried; those that could not restart are listed at the end
-    for name in targets:
-        _refuse_while_stopping(doc, name)  # checked before each: a drain may begin during a group's restarts
-        try:
-            Supervisor(doc["socket"], timeout=120).restart(name)
-        except EmpError as exc:
-            print(f"could not restart {name}: {exc}", file=sys.stderr, flush=True)
-            failed.append(name)
-            continue
-        print(f"restarted {name}", flush=True)
-    if failed:
+    _refuse_while_stopping(doc, targets[0])
+    if getattr(args, "rolling", False):  # `reload`: one at a time, as `pm2 reload`, so the rest keep working
+        results = []
+        for name in targets:
+            _refuse_while_stopping(doc, name)  # checked before each: a drain may begin during a group's restarts
+            results.append(_restart_one(doc["socket"], name))
+            _report_restart(name, results[-1])
+    else:  # `restart`: every target at once, as `pm2 restart`; each stops within its own grace
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(targets), _RESTART_AT_ONCE)) as pool:
+            results = list(pool.map(lambda name: _restart_one(doc["socket"], name), targets))
+        for name, error in zip(targets, results):
+            _report_restart(name, error)
+    failed = [name for name, error in zip(targets, results) if error is not None]
+    if failed:  # as `pm2 restart`: every target is tried; those that could not restart are listed at the end
         raise EmpError(f"{len(failed)} of {len(targets)} process(es) could not restart: {', '.join(failed)} "
                        f"(see above; `emp-machine logs <name>` shows why)")
     return 0
+
+
+_RESTART_AT_ONCE = 32  # restarts `restart` runs at once (each holds one supervisord connection)
+
+
+def _restart_one(socket: str, name: str) -> str | None:
+    """One graceful restart through supervisord; the reason it could not be done, or None."""
+    from emp_machine.supervisor.control import Supervisor
+
+    try:
+        Supervisor(socket, timeout=120).restart(name)
+    except EmpError as exc:
+        return str(exc)
+    return None
+
+
+def _report_restart(name: str, error: str | None) -> None:
+    if error is None:
+        print(f"restarted {name}", flush=True)
+    else:
+        print(f"could not restart {name}: {error}", file=sys.stderr, flush=True)
 
 
 def _refuse_while_stopping(doc: dict, name: str) -> None:
