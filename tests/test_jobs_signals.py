@@ -112,10 +112,14 @@ def test_requeued_job_wakes_workers_and_cancel_reaches_the_callback(redis, redis
 def test_lost_subscription_reconnects_and_wakes_the_worker(redis, redis_url):
     async def main():
         client = aioredis.from_url(redis_url, decode_responses=True)
-        async with JobSignals(client, ["sim"], reconnect_delay_s=0.05) as signals:
+        resubscribed = []
+        async with JobSignals(client, ["sim"], reconnect_delay_s=0.05,
+                              on_resubscribed=lambda: resubscribed.append(1)) as signals:
             signals.arm()
+            assert not resubscribed  # (not for the first subscription)
             assert redis.client_kill_filter(_type="pubsub") >= 1
             assert await signals.wait(5) is True  # woken: messages may have been missed
+            assert resubscribed == [1]  # and told, to look up the cancels it may have missed
             signals.arm()
             for _ in range(500):  # wait until the new subscription is in place
                 if redis.pubsub_numsub("job_submitted")[0][1] >= 1:
@@ -131,8 +135,8 @@ def test_lost_subscription_reconnects_and_wakes_the_worker(redis, redis_url):
 def test_a_malformed_message_never_ends_the_listener(redis, redis_url):
     # Another producer's message with a field of the wrong type (service_required a list) raised TypeError in
     # the listener and ended it: no more wake-ups or cancels for that worker, silently. Now such a field is
-    # read as absent, a message that cannot even be decoded (not UTF-8) costs a resubscription, and a
-    # failing on_cancel is logged: the listener goes on.
+    # read as absent, a message that is not UTF-8 is read with replacement characters, and a failing
+    # on_cancel is logged: the listener goes on.
     import redis as redis_lib
 
     cancelled = []
@@ -165,14 +169,20 @@ def test_a_malformed_message_never_ends_the_listener(redis, redis_url):
             redis.publish("cancel_job", json.dumps({"job_id": ["x1"], "reason": "no id"}))  # ignored
             redis.publish("cancel_job", json.dumps({"job_id": "boom", "reason": "callback fails"}))
             raw.publish("job_submitted", b'{"job_id": "caf\xe9", "service_required": "sim"}')  # not UTF-8
-            assert await signals.wait(5) is True  # woken by the resubscription: messages may have been lost
-            signals.arm()
-            await until(subscribed)
+            # Read with a replacement character, on the same subscription: the cancel right behind it is not
+            # lost (it cost the subscription, and a cancel then waited for the heartbeat, 20 s by default).
+            raw.publish("cancel_job", b'{"job_id": "j\xff", "reason": "bytes"}')
             redis.publish("cancel_job", json.dumps({"job_id": "j2", "reason": "user asked"}))
+            assert await signals.wait(5) is True
+            await until(lambda: cancelled)
+            assert signals.arm() == ["caf\ufffd"] and cancelled == [("j\ufffd", "bytes"), ("j2", "user asked")]
+            assert subscribed() and redis.pubsub_numsub("cancel_job")[0][1] == 1  # never resubscribed
+            cancelled.clear()
+            redis.publish("cancel_job", json.dumps({"job_id": "j3", "reason": "user asked"}))
             redis.publish("job_submitted", json.dumps({"job_id": "after", "service_required": "sim"}))
             assert await signals.wait(5) is True
             await until(lambda: cancelled)
-            assert signals.arm() == ["after"] and cancelled == [("j2", "user asked")]
+            assert signals.arm() == ["after"] and cancelled == [("j3", "user asked")]
             assert not signals._task.done()
         raw.close()
         await client.aclose()

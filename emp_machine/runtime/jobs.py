@@ -395,6 +395,14 @@ def _text(value: Any) -> Any:
     return value
 
 
+def _lenient_client(client: Any) -> Any:
+    """A client of the same server, credentials and connection kind as `client` (TLS, unix socket) that decodes
+    replies as UTF-8 with replacement, on a pool of its own (JobSignals' subscription)."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": True, "encoding_errors": "replace"}
+    return type(client)(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+
+
 def _took_job(reply: list) -> bool:
     """Whether a claim's reply holds a job: {id, 0, the job's JSON} (a string), against {'', unindexed[, wait_ms]}
     (numbers). The id alone cannot say: a producer's job with an empty id was claimed, then read as "none" (its
@@ -971,16 +979,22 @@ class JobSignals:
     messages come back from the next `arm()`, to pass to `claim(hints=...)`, which indexes API-submitted
     jobs in the same round trip). `wait()` also returns at its timeout: the caller's slow fallback sweep
     for anything missed. After a lost connection it wakes the worker, since messages may have been lost.
-    `cancel_job` messages call `on_cancel(job_id, reason)`.
+    `cancel_job` messages call `on_cancel(job_id, reason)`; after a lost subscription, `on_resubscribed()` is
+    called once subscribed again, for the caller to look up what it may have missed (the jobs it runs that
+    were cancelled meanwhile).
+
+    The subscription has a connection of its own that decodes with replacement: a message whose bytes are
+    not UTF-8 (any publisher may send one) raised in redis-py's reader and cost the subscription.
     """
 
     _MAX_HINTS = 256
 
     def __init__(self, client: Any, job_types: Iterable[str], on_cancel: Any = None,
-                 reconnect_delay_s: float = 0.5):
-        self._client = client
+                 reconnect_delay_s: float = 0.5, on_resubscribed: Any = None):
+        self._client = _lenient_client(client)
         self._types = set(job_types)
         self._on_cancel = on_cancel
+        self._on_resubscribed = on_resubscribed
         self._reconnect_delay_s = reconnect_delay_s
         self._woken = False  # a wake-up came since the last arm(): the next wait() returns at once
         self._waiter: asyncio.Future | None = None  # the pending wait()'s future, resolved by a wake-up
@@ -997,6 +1011,7 @@ class JobSignals:
             # Its loop waits in a redis-py call, where a cancellation can be lost: not waited on forever.
             await cancel_and_wait([self._task])
             self._task = None
+        await self._client.aclose()
 
     async def __aenter__(self) -> JobSignals:
         await self.start()
@@ -1078,6 +1093,8 @@ class JobSignals:
                 self._subscribed.set()
                 if not first:
                     self._set()  # messages may have been missed while disconnected
+                    if self._on_resubscribed is not None:
+                        self._on_resubscribed()
                 first = False
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
@@ -1089,7 +1106,7 @@ class JobSignals:
                                            extra={"channel": str(msg["channel"])})
             except (RedisConnectionError, RedisTimeout, OSError):
                 await asyncio.sleep(self._reconnect_delay_s)
-            except Exception:  # noqa: BLE001 - e.g. a message whose bytes are not UTF-8 (the client decodes)
+            except Exception:  # noqa: BLE001 - one the reader cannot take: as after a lost connection
                 _log.exception("job signals: reading a message failed; subscribing again")
                 await asyncio.sleep(self._reconnect_delay_s)  # as after a lost connection: never a spin
             finally:
