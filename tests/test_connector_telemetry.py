@@ -101,6 +101,11 @@ def scenario(redis_server, tmp_path_factory):
         for job_id in jobs.values():
             wait_for(lambda: client.hget(f"job:{job_id}", "status") in ("completed", "failed"), 20,
                      message=f"job {job_id} to end")
+        # One more, cancelled by the API while it runs (its steps done, it hangs until then).
+        jobs["sim_cancelled"] = cancelled = store.submit("simulation", {"steps": 1, "step_ms": 0, "hang": True})
+        wait_for(lambda: client.hget(f"job:{cancelled}:progress", "progress") == "100", 20, message="steps done")
+        assert store.cancel(cancelled, "user pressed stop")
+        wait_for(lambda: not client.hexists(f"jobs:active:{procs.ids[2]}", cancelled), message="cancel seen")
         outcome = {name: client.hget(f"job:{job_id}", "status") for name, job_id in jobs.items()}
         results = {name: json.loads(client.hget("jobs:completed", job_id) or '{"data": null}')["data"]
                    for name, job_id in jobs.items()}
@@ -191,6 +196,19 @@ def test_a_failed_job_counts_worker_errors_total_once(scenario):
     assert (failed["steps"], failed["error.type"], failed["can_retry"]) == (3, "FatalJobError", False)
     [received] = [r for r in recorded.events("job.received", scenario["jobs"]["sim_ok"])]
     assert received["steps"] == 2 and received["connector_id"] == "simulation-2"
+
+
+def test_a_cancelled_job_is_counted_and_marked_on_its_span(scenario):
+    """jobs_processed_total{status="cancelled"} (it was counted nowhere) and `job.cancelled` on the job's span,
+    whose status stays unset: a cancel is the user's, not an error."""
+    recorded = scenario["recorded"]["sim"]
+    job_id = scenario["jobs"]["sim_cancelled"]
+    assert scenario["outcome"]["sim_cancelled"] == "failed"
+    processed = {tuple(sorted(a.items())): v for a, v in recorded.metrics["jobs_processed_total"]}
+    assert processed[(("status", "cancelled"), ("type", "simulation"))] == 1
+    assert processed[(("status", "completed"), ("type", "simulation"))] == 1  # not counted as completed
+    [execution] = [s for s in recorded.spans if s[3] == "job.execution" and s[7].get("job.id") == job_id]
+    assert execution[7].get("job.cancelled") is True and execution[8] == 0, execution
 
 
 def test_worker_memory_usage_bytes_is_the_workers_rss(scenario):

@@ -401,3 +401,33 @@ def test_an_invalid_otel_variable_in_a_groups_env_is_a_clear_error_naming_it(red
     assert "workers.bad.env" in out and "OTEL_EXPORTER_OTLP_ENDPOINT" in out and "fix or unset it" in out, out
     assert "telemetry.otlp_endpoint" in out  # the setting it stands for
     assert "Traceback" not in out and "hunter2" not in out, out
+
+
+def test_a_cancel_missed_while_the_signals_reconnect_stops_the_job_at_once(client, redis_server, tmp_path):
+    """The API writes the cancel, then publishes it; a worker whose subscription was down at that moment missed
+    the message and stopped the job only at its next heartbeat (a third of the lease: 20 s by default). Now it
+    looks at its running jobs' hashes once subscribed again. The lease here is 10 min: the heartbeat cannot be
+    the one that notices within this test."""
+    procs = WorkerProcs("""
+workers:
+  patient:
+    connector: simulation
+    job_types: [patient]
+    lease: 600s
+""", tmp_path, redis_server.url, machine_id="missed")
+    with procs.running(client):
+        store = JobStore(client)
+        job_id = store.submit("patient", {"steps": 1, "step_ms": 0, "hang": True})
+        wait_status(client, job_id, "in_progress")
+        wid = client.hget(f"job:{job_id}", "worker_id")
+        # Its steps done (their progress writes would see the cancel too), it hangs:
+        wait_for(lambda: client.hget(f"job:{job_id}:progress", "progress") == "100", message="steps done")
+        # The API's cancel with its message lost: the hash only.
+        client.hset(f"job:{job_id}", mapping={"status": "failed", "error": "Job cancelled by user"})
+        assert client.client_kill_filter(_type="pubsub") >= 1
+        wait_for(lambda: not client.hexists(f"jobs:active:{wid}", job_id), timeout=15,
+                 message="the worker to let the cancelled job go")
+        wait_for(lambda: client.hget(f"worker:{wid}", "status") == "idle", message="worker idle")
+        assert "cancelled" in events(store, job_id)
+        follower = store.submit("patient", {"steps": 1, "step_ms": 0})
+        wait_status(client, follower, "completed")

@@ -317,3 +317,60 @@ def test_a_job_handed_back_by_a_drain_is_no_error_trace(redis_server, tmp_path):
     sampled = roots()[jobs["01"]]
     assert sampled.status.code == 1 and attributes(sampled.attributes)["job.handed_back"] is True
     assert jobs["00"] not in roots()  # unsampled and not failed: sampled out, as a job that ended well
+
+
+def test_a_job_cancelled_while_its_outputs_download_leaves_no_files(redis_server, tmp_path):
+    """ComfyUI's outputs are fetched after the prompt ends; a cancel then left the file being downloaded cut
+    short, and the ones already fetched, in the job's output folder until the retention (24 h) removed them."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    release = threading.Event()
+
+    class SlowTempView(FakeComfyUI):
+        """/view of a temp image as over a slow link: half of it, then the rest once the test releases it."""
+
+        async def view(self, request):
+            data = self.files.get((request.query.get("type", "output"), request.query.get("subfolder", ""),
+                                   request.query.get("filename")))
+            if data is None or request.query.get("type") != "temp":
+                return await super().view(request)
+            response = web.StreamResponse(headers={"Content-Type": "image/png"})
+            response.content_length = len(data)
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 60)
+            await response.write(data[len(data) // 2:])
+            return response
+
+    fake = SlowTempView(node_s=0.02).start()
+    procs = WorkerProcs(f"""
+workers:
+  comfy:
+    connector: comfyui
+    job_types: [cutshort]
+    settings: {{base_url: "{fake.url}"}}
+""", tmp_path / "w", redis_server.url, machine_id="cutshort")
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    store = JobStore(client)
+    try:
+        procs.start()
+        procs.wait_up(client, timeout=40)
+        job_id = store.submit("cutshort", {"workflow": happy()})  # (not the module's comfy worker's type)
+        folder = tmp_path / "w" / "outputs" / procs.ids[0] / job_id
+        # The saved image is fetched whole, the temp one half: both files are in the job's folder.
+        wait_for(lambda: folder.is_dir() and len(list(folder.iterdir())) == 2, 20, message="the download going")
+        assert store.cancel(job_id, "user pressed stop")
+        wait_for(lambda: not client.hexists(f"jobs:active:{procs.ids[0]}", job_id), 20, message="cancel seen")
+        wait_for(lambda: not folder.exists(), message=f"the folder gone: {list(folder.glob('*'))}")
+        assert client.hget(f"job:{job_id}", "status") == "failed" and not client.hexists("jobs:completed", job_id)
+        follower = store.submit("cutshort", {"workflow": happy()})  # the worker goes on
+        release.set()
+        wait_for(lambda: client.hget(f"job:{follower}", "status") == "completed", 20, message="the next job")
+    finally:
+        release.set()
+        client.close()
+        procs.close()
+        fake.close()

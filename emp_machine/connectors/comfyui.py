@@ -32,6 +32,7 @@ Error classification (the decisions, and why):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -467,6 +468,10 @@ class ComfyUIConnector(_http.HttpSession, Connector):
                                             f"{params['filename']} answered {response.status}")
                 size = await _http.save_response(response, path)
                 mime = _http.mime_for(item["filename"], response.headers.get("Content-Type"))
-        except _http.TRANSPORT_ERRORS as exc:
-            raise _http.transport_error("ComfyUI", url, exc) from None
+        except BaseException as exc:  # a cancel or a drain too: no file cut short is left behind
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            if isinstance(exc, _http.TRANSPORT_ERRORS):
+                raise _http.transport_error("ComfyUI", url, exc) from None
+            raise
         return OutputFile(str(path), mime, size)

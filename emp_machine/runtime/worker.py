@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -476,7 +477,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        signals = self._signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel)
+        signals = self._signals = JobSignals(self.redis, self.job_types, on_cancel=self._on_cancel,
+                                             on_resubscribed=self._on_resubscribed)
         try:
             await self._register()
             await self._release_orphans(await self._retrying_start(self.store.active_jobs, self.ident.worker_id),
@@ -798,8 +800,9 @@ class Worker:
             except _CancelledAtComplete as exc:
                 self.log.info("job stopped without completing", extra={
                     "event_type": "job.cancelled", "fields": {"job_id": job.id, "reason": str(exc)}})
+                self._count_cancelled(job, span)
             except JobCancelled as exc:
-                await asyncio.shield(self._finish_cancelled(job, str(exc), time.monotonic() - started))
+                await asyncio.shield(self._finish_cancelled(job, str(exc), time.monotonic() - started, span))
             except RedisError as exc:
                 # Only our own finishing writes reach Redis (connectors never do): an outage that outlasted
                 # the retries is not the job's failure. The job stays in jobs:active; once Redis is back the
@@ -926,7 +929,7 @@ class Worker:
         """An exception out of the job's run, classified (errors.classify) and recorded as its outcome."""
         error = classify(exc)
         if isinstance(error, JobCancelled):
-            await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started))
+            await asyncio.shield(self._finish_cancelled(job, str(error), time.monotonic() - started, span))
             return
         hint = machine_local_hint(error)
         if hint is not None and job.id in self._local_fault_jobs and await self._probe_output_dir() is None:
@@ -1101,7 +1104,7 @@ class Worker:
             self.telemetry.events.emit("job.failed", level=logging.ERROR, job_id=job.id, error=message,
                                        retryable=retryable, retry_count=outcome.retry_count)
 
-    async def _finish_cancelled(self, job: Job, reason: str, duration_s: float) -> None:
+    async def _finish_cancelled(self, job: Job, reason: str, duration_s: float, span: Any = None) -> None:
         """Never completed: the API already failed it (cancel) or it went to someone else (lost lease).
         A connector that reports a cancellation nobody asked for (a service interrupted by hand) fails
         the job with its own message instead: "cancelled by user" would be untrue."""
@@ -1114,9 +1117,23 @@ class Worker:
             return
         self.log.info("job stopped without completing", extra={"event_type": "job.cancelled", "fields": {
             "job_id": job.id, "reason": self._redact(reason)}})
+        self._count_cancelled(job, span)
         # The API already wrote the failure; this only drops our bookkeeping (the script sees 'cancelled').
         await self._retrying(self.store.fail, job.id, self.ident.worker_id, CANCELLED_ERROR, retryable=False,
                              token=job.token)
+        # What the connector had saved (a download cut short by the cancel) is no job's output now: never
+        # completed, a cancelled job's folder waited for the output retention (24 h by default).
+        output_dir = self._output_dir()
+        if output_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, job_dir(output_dir, job.id), True)
+
+    def _count_cancelled(self, job: Job, span: Any) -> None:
+        """A job the API cancelled: counted (jobs_processed_total, status `cancelled`) and marked on its span
+        (`job.cancelled`; the span's status stays unset: a cancel is no error). Its time is a user's choice,
+        not the service's, so it goes in no duration histogram."""
+        self.telemetry.metrics.job_finished(job.service_required, "cancelled", None, self.ident.worker_id)
+        if span is not None:
+            span.set_attribute("job.cancelled", True)
 
     async def _hand_back(self, job: Job, reason: str = "drain", *, deadline_s: float = DRAIN_MARGIN_S,
                          **fields: Any) -> None:
@@ -1249,6 +1266,22 @@ class Worker:
 
     def _on_cancel(self, job_id: str, reason: str) -> None:
         self.request_stop(job_id, lost=False)
+
+    def _on_resubscribed(self) -> None:
+        """The job signals' subscription was lost and is back: a `cancel_job` published meanwhile was missed.
+        The running jobs' hashes say (the API writes the cancel before it publishes it); without this look
+        only the next heartbeat (a third of the lease: 20 s by default) stopped such a job."""
+        if self.running:
+            self._keep_side_task(asyncio.get_running_loop().create_task(self._look_for_cancels(list(self.running))))
+
+    async def _look_for_cancels(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                cancelled = await self.store.is_cancelled(job_id)
+            except (RedisError, OSError):
+                return  # Redis is away again: the next resubscription or the heartbeat looks
+            if cancelled:
+                self._on_cancel(job_id, "cancelled while the job signals were reconnecting")
 
     async def _register(self) -> None:
         # The machine starts a worker once its service is ready, so this first check normally says healthy;
