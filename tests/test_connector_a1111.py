@@ -346,3 +346,152 @@ def test_a_generation_request_that_timed_out_or_dropped_is_interrupted(serve, co
         await wait_for(lambda: server.state["job_count"] == 0, STOP_GRACE_S + 2)
     asyncio.run(stopped())
     assert ("POST", "/sdapi/v1/interrupt") in [r[:2] for r in server.requests]
+
+
+def _job(name: str, steps: int, **payload):
+    return job({"prompt": name, "steps": steps, "width": 8, "height": 8, **payload}, f"job-{name}", "a1111")
+
+
+def _posts(server) -> int:
+    return [r[1] for r in server.requests].count("/sdapi/v1/txt2img")
+
+
+@pytest.mark.parametrize("how", ["cancel", "run-cancelled"])
+def test_a_job_cancelled_while_another_of_this_worker_generates_leaves_that_one_alone(fake, context, how):
+    # concurrency 2: job B waits for job A. A1111's interrupt is global: B's cancel (or its timeout) used to
+    # stop A after a few of its 60 steps, and B then ran to the end for nobody. The connector now runs one
+    # generation of its own at A1111 at a time: B waits here, and a cancel then sends nothing.
+    server = fake(step_s=0.05)
+
+    async def main():
+        conn = connector(context, server)
+        try:
+            a = asyncio.create_task(conn.run(_job("a", 60), Progress()))
+            await wait_for(lambda: server.state["step"] >= 3, 10)
+            waiting = Progress()
+            b = asyncio.create_task(conn.run(_job("b", 60), waiting))
+            await wait_for(lambda: any(m.startswith("waiting for A1111") for _, m in waiting.seen)
+                           or _posts(server) == 2, 10)
+            if how == "cancel":
+                await conn.cancel("job-b")
+                with pytest.raises(JobCancelled):
+                    await b
+            else:  # the worker's timeout, a drain
+                b.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await b
+            assert not a.done()  # B's end did not wait for A's
+            return await a
+        finally:
+            await conn.close()
+    result = asyncio.run(main())
+    assert len(result.outputs) == 1
+    assert [(r["task_id"].startswith("emp-job-a-"), r["done"], r["interrupted"]) for r in server.runs] == \
+        [(True, 60, False)]
+    assert server.interrupts == [] and _posts(server) == 1
+
+
+def test_a_job_waiting_for_another_of_this_worker_reports_none_of_its_progress(fake, context):
+    # A1111's /progress is of whatever it runs: B, sent while A ran, reported A's steps as its own.
+    server = fake(step_s=0.03)
+
+    async def main():
+        conn = connector(context, server)
+        try:
+            a = asyncio.create_task(conn.run(_job("a", 40), Progress()))
+            await wait_for(lambda: server.state["step"] >= 3, 10)
+            progress = Progress()
+            b = await conn.run(_job("b", 10), progress)
+            await a
+            return b, progress
+        finally:
+            await conn.close()
+    b, progress = asyncio.run(main())
+    assert len(b.outputs) == 1 and [r["done"] for r in server.runs] == [40, 10]
+    steps = [m for _, m in progress.seen if m.startswith("step ")]
+    assert steps and all(m.endswith("/10") for m in steps), progress.seen
+    assert progress.seen[1] == (0.0, "waiting for A1111: another job of this worker is generating")
+
+
+def test_a_cancel_of_a_run_queued_behind_another_clients_waits_until_it_begins(fake, context):
+    # Two workers (or machines) on one A1111: B's request waits for A1111's queue lock while A (the other
+    # connector's) generates. B's cancel used to interrupt A; B then ran to the end for nobody. Now B's run
+    # ends at once, and its generation is interrupted as soon as A1111 begins it (/internal/progress of B's
+    # force_task_id says "active").
+    server = fake(step_s=0.05)
+
+    async def main():
+        mine, other = connector(context, server), connector(context, server)
+        try:
+            a = asyncio.create_task(other.run(_job("a", 60), Progress()))
+            await wait_for(lambda: server.state["step"] >= 3, 10)
+            b = asyncio.create_task(mine.run(_job("b", 60), Progress()))
+            await wait_for(lambda: len(server.pending_tasks) == 1, 10)  # B queued behind A
+            await mine.cancel("job-b")
+            with pytest.raises(JobCancelled):
+                await b
+            assert not a.done()  # B's end did not wait for A's
+            result = await a
+            await wait_for(lambda: len(server.runs) == 2 and not mine._stopping, 10)
+            return result
+        finally:
+            await mine.close()
+            await other.close()
+    result = asyncio.run(main())
+    assert len(result.outputs) == 1
+    a_run, b_run = server.runs
+    assert a_run["task_id"].startswith("emp-job-a-") and (a_run["done"], a_run["interrupted"]) == (60, False)
+    assert b_run["task_id"].startswith("emp-job-b-") and b_run["interrupted"] and b_run["done"] <= 10, b_run
+    assert server.interrupts == [b_run["task_id"]]
+
+
+def test_a_request_that_timed_out_queued_behind_another_clients_is_stopped_once_it_begins(fake, context):
+    # Our request timed out while A1111 still had it queued behind another client's run: the interrupt went
+    # to that run. It now waits (in the background) until ours begins.
+    server = fake(step_s=0.05)
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            other = asyncio.create_task(http.post(server.url + "/sdapi/v1/txt2img",
+                                                  json={"steps": 40, "force_task_id": "other"}))
+            await wait_for(lambda: server.state["step"] >= 3, 10)
+            conn = connector(context, server, request_timeout_s=1.5)
+            try:
+                with pytest.raises(RetryableJobError, match="timed out"):
+                    await conn.run(_job("b", 60), Progress())
+                (await other).release()
+                await wait_for(lambda: len(server.runs) == 2 and not conn._stopping, 10)
+            finally:
+                await conn.close()
+    asyncio.run(main())
+    other_run, b_run = server.runs
+    assert other_run == {"task_id": "other", "steps": 40, "done": 40, "interrupted": False}
+    assert b_run["task_id"].startswith("emp-job-b-") and b_run["interrupted"] and b_run["done"] <= 10, b_run
+    assert server.interrupts == [b_run["task_id"]]
+
+
+@pytest.mark.parametrize("build", [{"internal_progress": False}, {"task_ids": False}],
+                         ids=["no-internal-progress", "before-1.6"])
+def test_a_build_that_cannot_name_our_run_is_interrupted_as_before(fake, context, build):
+    # Without /internal/progress (404), or where A1111 never knows our force_task_id (before 1.6: still
+    # unknown STOP_GRACE_S after the request went out), a cancel interrupts whatever runs, as before.
+    server = fake(step_s=0.05, **build)
+
+    async def main():
+        conn = connector(context, server)
+        progress = Progress()
+        progress.when(lambda p, m: p > 0, lambda: conn.cancel("job-1"))
+        try:
+            with pytest.raises(JobCancelled):
+                await conn.run(job({"steps": 400, "width": 8, "height": 8}, service="a1111"), progress)
+            await wait_for(lambda: server.runs and not conn._stopping, STOP_GRACE_S + 5)
+        finally:
+            await conn.close()
+    asyncio.run(main())
+    assert server.runs[0]["interrupted"] and server.runs[0]["done"] < 200 and len(server.interrupts) == 1
+
+
+def test_the_payloads_own_force_task_id_is_kept(fake, context):
+    server = fake()
+    run(connector(context, server), {"steps": 2, "width": 8, "height": 8, "force_task_id": "mine-1"})
+    assert [r["task_id"] for r in server.runs] == ["mine-1"]

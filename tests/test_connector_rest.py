@@ -7,11 +7,12 @@ import base64
 import logging
 
 import pytest
-from _helpers import TRACEPARENT, Progress, job
+from _helpers import TRACEPARENT, Progress, job, wait_for
 from aiohttp import web
 from fakes._server import ServerThread
 from pydantic import ValidationError
 
+from emp_machine.connectors import _http
 from emp_machine.connectors.base import ConnectorContext
 from emp_machine.connectors.rest import RestConnector
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable
@@ -21,12 +22,21 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # not UTF-8: the 0x89 alone 
 
 
 class Service:
-    """Sync: POST /run. Async: POST /tasks -> {"task": {"id"}}, GET /tasks/{id} advancing 25 % per poll."""
+    """Sync: POST /run. Async: POST /tasks -> {"task": {"id"}}, GET /tasks/{id} advancing 25 % per poll.
+
+    `{"slow": true}`: the task is created at once, its id answered only once `answer_submit` is set (a busy
+    gateway). `hold_cancel` set: POST /tasks/{id}/cancel is recorded, then answered only once it is cleared."""
 
     def __init__(self):
         self.tasks: dict[str, dict] = {}
         self.requests: list[tuple[str, str, dict]] = []
+        self.answer_submit = asyncio.Event()  # set from the test through the server's loop (release)
+        self.cancel_answered = asyncio.Event()
+        self.hold_cancel = False
         self.thread = ServerThread(self.app).start()
+
+    def release(self, event: asyncio.Event) -> None:
+        self.thread.loop.call_soon_threadsafe(event.set)
 
     def app(self):
         app = web.Application()
@@ -94,6 +104,8 @@ class Service:
         body = await request.json()
         task_id = f"t{len(self.tasks) + 1}"
         self.tasks[task_id] = {"polls": 0, "fail": body.get("fail"), "forever": body.get("forever")}
+        if body.get("slow"):
+            await self.answer_submit.wait()
         return web.json_response({"task": {"id": task_id}}, status=202)
 
     async def status(self, request):
@@ -111,7 +123,12 @@ class Service:
     async def cancel(self, request):
         self.record(request)
         self.tasks[request.match_info["id"]]["cancelled"] = True
+        if self.hold_cancel:
+            await self.cancel_answered.wait()
         return web.json_response({})
+
+    def cancels(self) -> list[str]:
+        return [path for method, path, _ in self.requests if method == "POST" and path.endswith("/cancel")]
 
 
 @pytest.fixture
@@ -289,6 +306,92 @@ def test_async_job_timeout_and_refused_connection_are_retryable(context, service
         run(async_connector(context, service, job_timeout_s=0.2), {"forever": True})
     with pytest.raises(RetryableJobError, match="unreachable"):
         run(RestConnector.from_settings({"submit_url": "http://127.0.0.1:9/run"}, context), {})
+
+
+# --- cancellation audit: the service is told to stop its task however the job ends before it finished ---
+
+def other_task(service) -> str:
+    """A task of someone else's, already on the service: ours is then t2, and t1 must never be stopped."""
+    service.tasks["t1"] = {"polls": 0, "fail": None, "forever": True}
+    return "/tasks/t2/cancel"
+
+
+def test_a_cancel_while_the_submit_is_answered_still_stops_the_task(context, service):
+    # The service created the task, then answered the submit slowly: the cancel abandoned the submit and the
+    # task ran on for nobody. The submit now finishes in the background and cancel_url gets its answer.
+    ours = other_task(service)
+    conn = async_connector(context, service)
+
+    async def main():
+        try:
+            run = asyncio.ensure_future(conn.run(job({"slow": True}, service="rest"), Progress()))
+            await wait_for(lambda: "t2" in service.tasks)
+            await conn.cancel("job-1")
+            with pytest.raises(JobCancelled):
+                await run  # at once: the submit is still unanswered
+            service.release(service.answer_submit)
+            await wait_for(lambda: service.cancels() == [ours])
+        finally:
+            await conn.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["polling", "submitting"])
+def test_job_timeout_stops_the_task(context, service, slow):
+    ours = other_task(service)
+    conn = async_connector(context, service, job_timeout_s=0.5)
+
+    async def main():
+        try:
+            with pytest.raises(RetryableJobError, match="did not finish within 0.5 s"):
+                await conn.run(job({"forever": True, "slow": slow}, service="rest"), Progress())
+            service.release(service.answer_submit)
+            await wait_for(lambda: service.cancels() == [ours])
+        finally:
+            await conn.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["polling", "submitting"])
+def test_a_drain_stops_the_task_in_the_background(context, service, slow):
+    # A drain (or the worker's job_timeout) cancels run(): the job goes back to pending and runs again
+    # elsewhere, so the service must drop its copy; a cancel endpoint that hangs must not hold the hand-back.
+    ours = other_task(service)
+    service.hold_cancel = True
+    conn = async_connector(context, service)
+    progress = Progress()
+
+    async def main():
+        try:
+            run = asyncio.ensure_future(conn.run(job({"forever": True, "slow": slow}, service="rest"), progress))
+            await wait_for(lambda: "t2" in service.tasks if slow else any(p >= 50 for p in progress.percents))
+            run.cancel()
+            await asyncio.wait({run}, timeout=_http.STOP_GRACE_S / 2)
+            assert run.cancelled()  # ended without waiting for the service's answer to the cancel
+            service.release(service.answer_submit)
+            await wait_for(lambda: service.cancels() == [ours])
+        finally:
+            service.release(service.cancel_answered)
+            await conn.close()
+    asyncio.run(main())
+
+
+def test_without_a_cancel_url_a_cancel_during_the_submit_abandons_it(context, service):
+    conn = async_connector(context, service, cancel_url=None)
+
+    async def main():
+        try:
+            run = asyncio.ensure_future(conn.run(job({"slow": True}, service="rest"), Progress()))
+            await wait_for(lambda: "t1" in service.tasks)
+            await conn.cancel("job-1")
+            with pytest.raises(JobCancelled):
+                await run
+            assert not conn._stopping  # nothing left going on in the background
+        finally:
+            service.release(service.answer_submit)
+            await conn.close()
+    asyncio.run(main())
+    assert service.cancels() == []
 
 
 def test_missing_result_path_and_bad_settings(context, service):

@@ -1,22 +1,35 @@
 """The a1111 connector: Automatic1111 / Forge `/sdapi/v1/txt2img` and `/img2img`.
 
-Payload: the endpoint's request body plus an optional `"endpoint"` (`txt2img`, `img2img`); without it a body
-with `init_images` is img2img. The call blocks until the images are ready, so progress comes from polling
-`/sdapi/v1/progress` meanwhile (A1111 runs one generation at a time, so its progress is ours). Cancel is
-`/sdapi/v1/interrupt`: A1111 then *returns 200 with the partial images*, which the connector discards and
-reports as cancelled. An interrupt by someone else (the UI's button, another client) gives the same partial
-200: a `/progress` reading of our run with `state.interrupted` true (polled during the run, read once more
-after the answer) makes it JobCancelled too, as ComfyUI's `execution_interrupted` is. A reading is our run's
-when its `job_timestamp` is the one in the answer's `info` (A1111 resets the flag when a run begins, so a
-stale flag of an earlier run read while ours waited for A1111's queue lock is not ours); without one (another
-build), any reading of a running job counts. Base64 images in the answer become output files; `info` (a JSON
-string) is parsed.
+Payload: the endpoint's request body plus an optional `"endpoint"` (`txt2img`, `img2img`); without it a body with
+`init_images` is img2img. The call blocks until the images are ready, so progress comes from polling
+`/sdapi/v1/progress` meanwhile (A1111 runs one generation at a time, so its progress is ours; while ours waits
+behind another client's run, it is that run's). Cancel is `/sdapi/v1/interrupt` (see below): A1111 then *returns
+200 with the partial images*, which the connector discards and reports as cancelled. An interrupt by someone else
+(the UI's button, another client) gives the same partial 200: a `/progress` reading of our run with
+`state.interrupted` true (polled during the run, read once more after the answer) makes it JobCancelled too, as
+ComfyUI's `execution_interrupted` is. A reading is our run's when its `job_timestamp` is the one in the answer's
+`info` (A1111 resets the flag when a run begins, so a stale flag of an earlier run read while ours waited for
+A1111's queue lock is not ours); without one (another build), any reading of a running job counts. Base64 images
+in the answer become output files; `info` (a JSON string) is parsed.
+
+A1111's interrupt stops whatever it is generating, not a request of ours. So a connector (one worker process)
+has one generation at A1111 at a time: with `concurrency` >= 2 the other jobs wait here at progress 0 ("waiting
+for A1111: another job of this worker is generating"; the job's timeout counts), and one cancelled while waiting
+sends nothing. Against other clients of the same A1111 (other workers or machines, its UI) each generation
+carries a `force_task_id` of ours (`emp-{job id}-{random}`, or the payload's own), and a stop asks
+`POST /internal/progress {"id_task"}` (A1111 >= 1.6, Forge) first: our run active, interrupt; queued behind
+another client's run (an interrupt would stop that one, and ours would still run once begun: its begin resets
+the flag), the job ends at once as cancelled and, in the background, the run is watched until it begins, then
+interrupted (for at most request_timeout_s; this connector's next job waits until then); completed, nothing.
+Where A1111 cannot tell (no `/internal/progress`: 404 on an older build; a failed reading; an id still unknown
+STOP_GRACE_S after the request went out, a build before 1.6 that ignores force_task_id), it interrupts as before:
+what it stops may then be another client's run.
 
 422 (request validation) and other 4xx are permanent, and so are A1111's deliberate 500s for bad input (body
 `"error": "HTTPException"`: "Invalid encoded image", "Invalid image url", "Requests not allowed", ...); other
 5xx (A1111 answers 500 `"error": "OutOfMemoryError"` for CUDA out of memory) and connection failures are
 retryable. A generation request that timed out or whose connection dropped leaves A1111 generating (and
-holding its queue lock): it is interrupted, in the background, as on a cancel.
+holding its queue lock): it is stopped, in the background, as on a cancel (an interrupt once it runs).
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import base64
 import binascii
 import json
 import time
+import uuid
 from typing import Any, Literal
 
 import aiohttp
@@ -68,6 +82,8 @@ class A1111Connector(_http.HttpSession, Connector):
         super().__init__(settings, context)
         self._base = settings.base_url.rstrip("/")
         self._cancel: dict[str, asyncio.Event] = {}
+        self._turn: asyncio.Lock | None = None  # one generation of ours at A1111 at a time (_turns)
+        self._turn_loop: asyncio.AbstractEventLoop | None = None
 
     async def _call(self, method: str, path: str, headers: dict, timeout: float | None = None,
                     **kwargs) -> tuple[int, Any]:
@@ -114,19 +130,32 @@ class A1111Connector(_http.HttpSession, Connector):
         self.joblog.received(job.id, **logged)
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         headers = _http.service_headers(job)
-        generate = asyncio.create_task(self._generate(endpoint, headers, body))
+        # Our run's id at A1111 (its force_task_id), so that a stop interrupts it and nobody else's
+        task_id = body.get("force_task_id") or f"emp-{job.id}-{uuid.uuid4().hex[:12]}"
+        body["force_task_id"] = task_id
+        turn = self._turns()
+        holding = False  # this run holds `turn` (released at its end, or by the stop it hands it to)
+        generate: asyncio.Task | None = None
+        sent_at = 0.0
         readings: list[tuple[Any, bool]] = []  # (job_timestamp, interrupted) of /progress during a job
         try:
             await progress(0.0, "started")
-            await self._watch(job, generate, cancelled, progress, headers, logged, readings)
+            holding = await self._wait_turn(job, turn, cancelled, progress)
+            generate = asyncio.create_task(self._generate(endpoint, headers, body))
+            sent_at = time.monotonic()
+            await self._watch(job, generate, cancelled, progress, headers, logged, readings, task_id, sent_at)
+            if not generate.done():  # cancelled before A1111 began our run: stopped in the background (finally)
+                raise JobCancelled(f"a1111 job {job.id} cancelled before A1111 began its generation (queued "
+                                   "behind another client's); it is interrupted there once it begins")
             try:
                 status, answer, wait = generate.result()
             except ServiceUnreachable:
                 raise  # never reached A1111: nothing to interrupt
             except RetryableJobError:
                 # Timed out or dropped after the request went out: A1111 goes on generating for nobody,
-                # holding its queue lock. Interrupted as on a cancel, bounded and in the background.
-                self._stop_in_background(self._interrupt(headers))
+                # holding its queue lock. Stopped as on a cancel, in the background.
+                self._stop_in_background(self._stop(task_id, headers, None, sent_at, turn.release))
+                holding = False
                 raise
             if cancelled.is_set():
                 raise JobCancelled(f"a1111 job {job.id} interrupted")
@@ -147,16 +176,115 @@ class A1111Connector(_http.HttpSession, Connector):
             raise
         finally:
             self._cancel.pop(job.id, None)
-            if not generate.done():
-                # Leaving before A1111 answered (a cancel seen by the progress callback, a timeout, a drain):
-                # interrupt it there too, or the GPU goes on generating for nobody. In the background: a
+            if holding and generate is not None and not generate.done():
+                # Leaving before A1111 answered (a cancel, one seen by the progress callback, a timeout, a
+                # drain): stop it there too, or the GPU goes on generating for nobody. In the background: a
                 # hung A1111 held a drain's hand-back past its 2 s margin.
-                self._stop_in_background(self._interrupt(headers))
-                generate.cancel()
+                self._stop_in_background(self._stop(task_id, headers, generate, sent_at, turn.release))
+            elif holding:
+                turn.release()
+
+    def _turns(self) -> asyncio.Lock:
+        """This connector's turn at A1111 (A1111's interrupt stops whatever it runs: two runs of ours there at
+        once, a cancel of the waiting one stopped the other). One per event loop: a lock is bound to its loop."""
+        loop = asyncio.get_running_loop()
+        if self._turn is None or self._turn_loop is not loop:
+            self._turn, self._turn_loop = asyncio.Lock(), loop
+        return self._turn
+
+    async def _wait_turn(self, job: ConnectorJob, turn: asyncio.Lock, cancelled: asyncio.Event,
+                         progress: ProgressFn) -> bool:
+        """Take `turn` (True); a cancel while waiting for it is JobCancelled, with nothing sent to A1111."""
+        if not turn.locked():
+            await turn.acquire()  # free: taken at once
+            return True
+        await progress(0.0, "waiting for A1111: another job of this worker is generating")
+        acquire = asyncio.ensure_future(turn.acquire())
+        cancel_wait = asyncio.ensure_future(cancelled.wait())
+        try:
+            await asyncio.wait({acquire, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._give_up_turn(acquire, turn)
+            raise
+        finally:
+            cancel_wait.cancel()
+        if cancelled.is_set():
+            self._give_up_turn(acquire, turn)
+            raise JobCancelled(f"a1111 job {job.id} cancelled while it waited for another job of this worker")
+        return True
+
+    @staticmethod
+    def _give_up_turn(acquire: asyncio.Future, turn: asyncio.Lock) -> None:
+        """Stop waiting for `turn`: released again if the wait got it meanwhile."""
+        def release(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is None:
+                turn.release()
+        if acquire.done():
+            release(acquire)
+        else:
+            acquire.cancel()
+            acquire.add_done_callback(release)
 
     async def _interrupt(self, headers: dict) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._call("POST", "/sdapi/v1/interrupt", headers), _http.STOP_GRACE_S)
+
+    async def _task_state(self, task_id: str, headers: dict) -> str | None:
+        """Our run at A1111, as its `POST /internal/progress` tells: "active", "queued", "completed", "unknown"
+        (no such id: the request has not reached it yet, or a build before 1.6 ignored force_task_id), or None
+        where it cannot tell (no such endpoint, 404 on an older build; no answer; an answer of another shape)."""
+        try:
+            status, answer = await self._call("POST", "/internal/progress", headers, timeout=_http.STOP_GRACE_S,
+                                              json={"id_task": task_id, "id_live_preview": -1,
+                                                    "live_preview": False})
+        except RetryableJobError:
+            return None
+        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
+            return None
+        if answer["active"]:
+            return "active"
+        if answer.get("queued") is True:
+            return "queued"
+        return "completed" if answer.get("completed") is True else "unknown"
+
+    @staticmethod
+    def _stop_now(state: str | None, sent_at: float) -> str:
+        """What a stop does about our run in `state`: "interrupt" it (it runs, or A1111 cannot tell: then as
+        before task ids), "wait" (A1111 has not begun it: an interrupt now stops another client's run, and
+        ours still runs once it begins, which resets the flag), or nothing ("done": it ended). An id still
+        unknown STOP_GRACE_S after the request went out is a build that ignores force_task_id: interrupt."""
+        if state is None or state == "active":
+            return "interrupt"
+        if state == "completed":
+            return "done"
+        if state == "unknown" and time.monotonic() - sent_at >= _http.STOP_GRACE_S:
+            return "interrupt"
+        return "wait"
+
+    async def _stop(self, task_id: str, headers: dict, generate: asyncio.Task | None, sent_at: float,
+                    release: Any) -> None:
+        """Stop our run at A1111, in the background (_stop_now says how): one that A1111 has not begun is
+        watched until it begins, then interrupted, for at most request_timeout_s. `generate`: the request, still
+        outstanding (None: it failed); its answer ends the watch, and it is cancelled at the end. `release`:
+        called at the end, passing this connector's turn on (no second run of ours at A1111 meanwhile)."""
+        try:
+            deadline = time.monotonic() + self.settings.request_timeout_s
+            while self._session is not None and not self._session.closed:  # close() ends it
+                action = self._stop_now(await self._task_state(task_id, headers), sent_at)
+                if action == "interrupt":
+                    if not self._session.closed:
+                        await self._interrupt(headers)
+                    return
+                if action == "done" or time.monotonic() >= deadline:
+                    return
+                if generate is None:
+                    await asyncio.sleep(self.settings.progress_interval_s)
+                elif (await asyncio.wait({generate}, timeout=self.settings.progress_interval_s))[0]:
+                    return  # A1111 answered: nothing of ours runs there now
+        finally:
+            if generate is not None and not generate.done():
+                generate.cancel()
+            release()
 
     async def _interrupted_by_others(self, answer: dict, headers: dict, readings: list) -> bool:
         """Whether a /progress reading of our run said `interrupted` (see the module's docstring); one more
@@ -184,10 +312,11 @@ class A1111Connector(_http.HttpSession, Connector):
         readings.append((detail.get("job_timestamp"), detail.get("interrupted") is True))
 
     async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,
-                     headers: dict, logged: dict, readings: list) -> None:
-        """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer.
-        `logged`: the job's record fields (sampler, steps, size), on each job.progress record too; `readings`
-        gets each reading's interrupted flag (_note_reading)."""
+                     headers: dict, logged: dict, readings: list, task_id: str, sent_at: float) -> None:
+        """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer, or,
+        when A1111 has not begun our run (`task_id`, sent at `sent_at`; _stop_now), return at once (run()
+        leaves, and stops it in the background). `logged`: the job's record fields (sampler, steps, size), on
+        each job.progress record too; `readings` gets each reading's interrupted flag (_note_reading)."""
         reported = 0.0  # run() already said 0
         cancel_wait = asyncio.ensure_future(cancelled.wait())
         try:
@@ -195,8 +324,9 @@ class A1111Connector(_http.HttpSession, Connector):
                 await asyncio.wait({generate, cancel_wait}, timeout=self.settings.progress_interval_s,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if cancelled.is_set():
-                    await self._call("POST", "/sdapi/v1/interrupt", headers)
-                    await generate  # A1111 answers once the current step ends
+                    if self._stop_now(await self._task_state(task_id, headers), sent_at) == "interrupt":
+                        await self._call("POST", "/sdapi/v1/interrupt", headers)
+                        await generate  # A1111 answers once the current step ends
                     return
                 if generate.done():
                     return

@@ -5,6 +5,15 @@ submits the same way, then polls `status_url` every `poll_interval_s` until the 
 of `done_values` (result from that answer) or `failed_values` (message from `error_path`), reporting the
 value at `progress_path` (0-1, or 0-100 with `progress_scale: 100`).
 
+Stopping an async task: with a `cancel_url`, the service is told (a POST, given `_http.STOP_GRACE_S` in all,
+its failure logged as `cancel_failed`, never raised) whenever the job ends before the service finished it: a
+user's cancel (awaited, before the job reports cancelled), `job_timeout_s` or the worker cancelling run() (its
+job timeout, a drain handing the job back to run elsewhere: in the background, so nothing waits for a hung
+service). A cancel, timeout or drain while the submit is still being answered does not abandon it (the
+service may have created the task and be slow to answer): it goes on in the background, bounded by
+`request_timeout_s`, and cancel_url is posted with its answer. Without a `cancel_url` the submit is
+abandoned and the service is never told: it runs the task to its end.
+
 URLs are templates: `{job_id}` is the job's id, any other `{a.b}` is a dot path into the submit answer
 (`{id}`, `{data.task_id}`), URL-quoted. Paths are dot paths with integer indexes (`output.0.url`); an empty
 path means the whole answer. Header values come from environment variables *named* in `header_env` (read
@@ -59,7 +68,7 @@ class RestSettings(ConnectorSettings):
     method: Literal["POST", "PUT", "GET"] = "POST"
     submit_url: str
     status_url: str | None = None
-    cancel_url: str | None = None  # async only: POSTed (templated) when the job is cancelled
+    cancel_url: str | None = None  # async only: POSTed (templated) when the job is cancelled, times out, is drained
     health_url: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     header_env: dict[str, str] = Field(default_factory=dict)  # header name -> env var NAME
@@ -349,13 +358,12 @@ class RestConnector(_http.HttpSession, Connector):
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         submitted: Any = None
         posted = False  # the submit call was answered: the job reached the service
+        task: Any = _MISSING  # async: the submit's answer while the service runs the task (cancel_url's fields)
         try:
             async with asyncio.timeout(settings.job_timeout_s):
                 await progress(0.0, "submitting")
                 url = render(settings.submit_url, job.id, {})
-                status, submitted = await _http.until_cancelled(
-                    self._call(job, settings.method, url, job.payload, files=settings.mode == "sync"), cancelled,
-                    f"job {job.id}")
+                status, submitted = await self._submit(job, url, cancelled)
                 posted = True
                 outputs: list[OutputFile] = []
                 if isinstance(submitted, OutputFile):  # a binary answer, saved: the file is the result
@@ -363,7 +371,9 @@ class RestConnector(_http.HttpSession, Connector):
                                                     "size_bytes": submitted.size_bytes}
                     submitted = None
                 elif settings.mode == "async":
+                    task = submitted
                     submitted = await self._poll(job, submitted, cancelled, progress)
+                    task = _MISSING  # the service finished it: nothing left to stop
                     result = at_path(submitted, settings.result_path)
                 else:
                     result = at_path(submitted, settings.result_path)
@@ -372,17 +382,22 @@ class RestConnector(_http.HttpSession, Connector):
                                   status_code=status, outputs=len(outputs))
             return JobResult(data=self._mask_result(result), outputs=outputs,
                              service_metadata=self._mask_result({"connector": self.name, "mode": settings.mode}))
+        except asyncio.CancelledError:
+            # The worker cancelled run(): a drain (the job goes back to pending and runs again elsewhere) or its
+            # job_timeout. The service is told in the background: the hand-back is not held by a hung service.
+            if task is not _MISSING and settings.cancel_url:
+                self._stop_in_background(self._stop(job, task))
+            raise
         except TimeoutError:
+            if task is not _MISSING and settings.cancel_url:  # job_timeout_s: the service would go on with it
+                self._stop_in_background(self._stop(job, task))
             error = RetryableJobError(f"job did not finish within {settings.job_timeout_s:g} s")
             self.joblog.failed(job.id, error, _http.ms_since(started), True, method=settings.method,
                                endpoint=endpoint)
             raise error from None
         except JobCancelled:
-            if settings.cancel_url and submitted is not None:
-                try:
-                    await self._call(job, "POST", render(settings.cancel_url, job.id, submitted))
-                except (RetryableJobError, FatalJobError) as exc:
-                    self.joblog.event("cancel_failed", job.id, logging.WARNING, error=self._redact(str(exc)))
+            if task is not _MISSING and settings.cancel_url:
+                await self._stop(job, task)
             self.joblog.event("job.cancelled", job.id, method=settings.method, endpoint=endpoint)
             raise
         except Exception as caught:
@@ -410,6 +425,58 @@ class RestConnector(_http.HttpSession, Connector):
             raise
         finally:
             self._cancel.pop(job.id, None)
+
+    async def _submit(self, job: ConnectorJob, url: str, cancelled: asyncio.Event) -> tuple[int, Any]:
+        """The submit call, cut short by a cancel. In async mode with a `cancel_url`, a submit still in flight
+        when the job is cancelled, times out or is drained is not abandoned: the service may have created
+        the task already and only be slow to answer. It goes on in the background, and its answer names the
+        task that cancel_url stops (_stop_after_submit)."""
+        settings = self.settings
+        call = self._call(job, settings.method, url, job.payload, files=settings.mode == "sync")
+        if settings.mode != "async" or not settings.cancel_url:
+            return await _http.until_cancelled(call, cancelled, f"job {job.id}")
+        work = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(cancelled.wait())
+        try:
+            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # a drain, the worker's job timeout, job_timeout_s
+            self._stop_in_background(self._stop_after_submit(job, work))
+            raise
+        finally:
+            waiter.cancel()
+        if work.done():
+            return work.result()
+        self._stop_in_background(self._stop_after_submit(job, work))
+        raise JobCancelled(f"job {job.id} cancelled")
+
+    async def _stop_after_submit(self, job: ConnectorJob, work: asyncio.Future) -> None:
+        """Wait for a submit left in flight by a stopped job (request_timeout_s at most), then stop the task
+        its answer names. A submit that failed created no task we could name: nothing to stop."""
+        try:
+            done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout_s)
+        finally:
+            if not work.done():
+                work.cancel()
+        if not done:
+            self.joblog.event("cancel_failed", job.id, logging.WARNING, error=(
+                f"the submit was not answered within request_timeout_s ({self.settings.request_timeout_s:g} s) "
+                "after the job was stopped: cancel_url was not called and the service may still run the task"))
+            return
+        if work.cancelled() or work.exception() is not None:
+            return
+        await self._stop(job, work.result()[1])
+
+    async def _stop(self, job: ConnectorJob, submitted: Any) -> None:
+        """POST cancel_url for the task `submitted` (the submit's answer) names, bounded by STOP_GRACE_S in
+        all: a hung service holds neither the job's cancellation nor a drain. Failures are logged, not raised."""
+        try:
+            async with asyncio.timeout(_http.STOP_GRACE_S):
+                await self._call(job, "POST", render(self.settings.cancel_url or "", job.id, submitted))
+        except (RetryableJobError, FatalJobError) as exc:
+            self.joblog.event("cancel_failed", job.id, logging.WARNING, error=self._redact(str(exc)))
+        except TimeoutError:
+            self.joblog.event("cancel_failed", job.id, logging.WARNING, error=(
+                f"the service did not answer cancel_url within {_http.STOP_GRACE_S:g} s: it may still run the task"))
 
     async def _poll(self, job: ConnectorJob, submitted: Any, cancelled: asyncio.Event,
                     progress: ProgressFn) -> Any:

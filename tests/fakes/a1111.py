@@ -11,8 +11,21 @@ a fetched body that is no image is "Invalid image url". Without `init_images` it
 found". A run's `job_timestamp` is set when it begins, shown by /progress and written in `info`, and
 `interrupted` is reset then, as A1111's shared.state.begin() does.
 
+Task ids, as A1111 >= 1.6 and Forge keep them (modules/progress.py): a generation's id is the body's
+`force_task_id` or a `task(txt2img-XXXXXXX)` of its own; it is queued (`pending_tasks`) before the queue lock,
+becomes `current_task` once it holds the lock (after state.begin()) and goes to `finished_tasks` (the last 16)
+when it ends without an exception (an exception leaves it current; an init image that does not decode, inside
+the lock, leaves it queued). `POST /internal/progress {"id_task", "id_live_preview"}` answers
+{"active", "queued", "completed", "progress", "eta", "live_preview", "id_live_preview", "textinfo"}
+(progress and eta only when active). `/sdapi/v1/interrupt` sets the flag whatever runs: a queued request is not
+interrupted (its begin() resets the flag), the running one is.
+`runs` records each generation that ran: its task id, steps asked and run, and whether it was interrupted;
+`interrupts` the task that was running (None: none) when each interrupt came.
+
 `fail_next` = (status, body) answers the next generation with that, e.g. the 500 of CUDA out of memory.
 `hang_interrupt` = True: `/sdapi/v1/interrupt` never answers (a wedged server).
+`task_ids` = False: a build before 1.6, which ignores `force_task_id` and keeps no ids of API runs (its
+`/internal/progress` knows none of them); `internal_progress` = False: one without `/internal/progress` (404).
 """
 
 from __future__ import annotations
@@ -22,7 +35,9 @@ import base64
 import binascii
 import ipaddress
 import json
+import random
 import socket
+import string
 import time
 from urllib.parse import urlparse
 
@@ -39,12 +54,15 @@ OOM = (500, {"error": "OutOfMemoryError", "detail": "", "body": "",
 
 class FakeA1111:
     def __init__(self, *, step_s: float = 0.02, ping: bool = True, api_enable_requests: bool = True,
-                 api_forbid_local_requests: bool = True):
+                 api_forbid_local_requests: bool = True, task_ids: bool = True, internal_progress: bool = True):
         self.step_s, self.ping = step_s, ping
+        self.task_ids, self.internal_progress = task_ids, internal_progress
         self.api_enable_requests, self.api_forbid_local_requests = api_enable_requests, api_forbid_local_requests
         self.fail_next: tuple[int, dict] | None = None
         self.hang_interrupt = False
         self.requests: list[tuple[str, str, dict]] = []
+        self.runs: list[dict] = []  # per generation that ran: task_id, steps, done (steps run), interrupted
+        self.interrupts: list[str | None] = []  # the current task when each interrupt came
         self._thread = ServerThread(self._app)
 
     @property
@@ -63,12 +81,17 @@ class FakeA1111:
         self.interrupted = False
         self.state = {"step": 0, "steps": 0, "job_count": 0}
         self.job_timestamp = "0"
+        self.current_task: str | None = None
+        self.pending_tasks: dict[str, float] = {}
+        self.finished_tasks: list[str] = []
         app = web.Application(middlewares=[self._record])
         app.router.add_post("/sdapi/v1/txt2img", self.txt2img)
         app.router.add_post("/sdapi/v1/img2img", self.img2img)
         app.router.add_get("/sdapi/v1/progress", self.progress)
         app.router.add_post("/sdapi/v1/interrupt", self.interrupt)
         app.router.add_get("/sdapi/v1/options", self.options)
+        if self.internal_progress:
+            app.router.add_post("/internal/progress", self.internal_progress_handler)
         if self.ping:
             app.router.add_get("/internal/ping", self.ping_handler)
         return app
@@ -133,6 +156,9 @@ class FakeA1111:
             (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
     async def _generate(self, body: dict, img2img: bool):
+        kind = "img2img" if img2img else "txt2img"
+        task_id = body.get("force_task_id") or \
+            f"task({kind}-{''.join(random.choices(string.ascii_uppercase + string.digits, k=7))})"
         if img2img:
             if body.get("init_images") is None:
                 return self._error(404, "HTTPException", "Init image not found")
@@ -147,23 +173,36 @@ class FakeA1111:
         if sampler not in SAMPLERS:
             return web.json_response({"error": "HTTPException", "detail": "Sampler not found", "body": "",
                                       "errors": ""}, status=404)
+        if self.task_ids:
+            self.pending_tasks[task_id] = time.time()  # add_task_to_queue, before the queue lock
         async with self.lock:  # A1111's queue lock: one generation at a time
-            if self.fail_next:
-                status, answer = self.fail_next
-                self.fail_next = None
-                return web.json_response(answer, status=status)
             for encoding in (body.get("init_images") or []) if img2img else []:
                 if (bad := await self._decode_image(encoding)) is not None:
-                    return bad
+                    return bad  # raised before start_task: the id stays queued, as there
             self.interrupted = False  # shared.state.begin()
             self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
             self.state = {"step": 0, "steps": steps, "job_count": 1}
-            for step in range(1, steps + 1):
-                if self.interrupted:
-                    break  # stops after the current step and still answers with the image so far
-                await asyncio.sleep(self.step_s)
-                self.state["step"] = step
-            self.state = {"step": 0, "steps": 0, "job_count": 0}
+            if self.task_ids:  # start_task
+                self.current_task = task_id
+                self.pending_tasks.pop(task_id, None)
+            try:
+                if self.fail_next:  # raised inside process_images: no finish_task, the id stays current
+                    status, answer = self.fail_next
+                    self.fail_next = None
+                    return web.json_response(answer, status=status)
+                done = 0
+                for step in range(1, steps + 1):
+                    if self.interrupted:
+                        break  # stops after the current step and still answers with the image so far
+                    await asyncio.sleep(self.step_s)
+                    self.state["step"] = done = step
+                self.runs.append({"task_id": task_id, "steps": steps, "done": done, "interrupted": done < steps})
+                if self.task_ids:  # finish_task
+                    if self.current_task == task_id:
+                        self.current_task = None
+                    self.finished_tasks = [*self.finished_tasks, task_id][-16:]
+            finally:
+                self.state = {"step": 0, "steps": 0, "job_count": 0}  # shared.state.end()
         width, height = body.get("width", 512), body.get("height", 512)
         count = body.get("batch_size", 1) * body.get("n_iter", 1)
         seed = body.get("seed", -1) if body.get("seed", -1) != -1 else 1234
@@ -187,12 +226,42 @@ class FakeA1111:
                       "sampling_step": self.state["step"], "sampling_steps": steps},
             "current_image": None, "textinfo": None})
 
+    async def internal_progress_handler(self, request):
+        """modules/progress.py's progressapi: about one task id, whatever else runs."""
+        try:
+            req = await request.json()
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            return web.json_response({"detail": [{"type": "model_attributes_type", "loc": ["body"],
+                                                  "msg": "Input should be a valid dictionary", "input": req}]},
+                                     status=422)
+        id_task = req.get("id_task")
+        active = id_task == self.current_task
+        queued = id_task in self.pending_tasks
+        completed = id_task in self.finished_tasks
+        if not active:
+            textinfo = "Waiting..."
+            if queued:
+                order = sorted(self.pending_tasks, key=self.pending_tasks.__getitem__)
+                textinfo = f"In queue: {order.index(id_task) + 1}/{len(order)}"
+            return web.json_response({"active": False, "queued": queued, "completed": completed, "progress": None,
+                                      "eta": None, "live_preview": None, "id_live_preview": -1,
+                                      "textinfo": textinfo})
+        steps = self.state["steps"]
+        progress = min(self.state["step"] / steps, 1) if steps else 0
+        return web.json_response({"active": True, "queued": queued, "completed": completed, "progress": progress,
+                                  "eta": (steps - self.state["step"]) * self.step_s if progress else None,
+                                  "live_preview": None, "id_live_preview": req.get("id_live_preview", -1),
+                                  "textinfo": None})
+
     async def ping_handler(self, request):
         return web.json_response({})
 
     async def interrupt(self, request):
         if self.hang_interrupt:
             await asyncio.sleep(3600)
+        self.interrupts.append(self.current_task if self.task_ids else None)
         self.interrupted = True
         return web.json_response({})
 
