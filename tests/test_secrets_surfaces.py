@@ -217,6 +217,49 @@ def test_errors_without_a_token_refuse_another_sites_page_and_a_foreign_host_nam
     assert seen.get("Access-Control-Allow-Origin") == "http://dash.example"
 
 
+# -- a service's health check URL ----------------------------------------------------------------------
+
+def test_credentials_in_a_services_health_check_url_are_never_in_health_reasons(machine_factory, tmp_path):
+    """A failing check's reason is served by /health and the status page, which need no token: the URL in it
+    went whole, with its user info and a token in its query."""
+    from harness import health_base, http, http_json
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    server = tmp_path / "unwell.py"
+    server.write_text(f"""
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", {number}), H).serve_forever()
+""")
+    machine = machine_factory(f"""
+health: {{port: 0}}
+services:
+  api:
+    command: {sys.executable} {server}
+    port: {number}
+    health: {{http: "http://admin:{PASSWORD}@127.0.0.1:{{port}}/health?token={TOKEN}&view=1", interval: 100ms,
+              retries: 1, start_period: 0s}}
+workers:
+  sim: {{connector: simulation}}
+""")
+    base = health_base(machine)
+    # (the first failure's reason stays while the check keeps failing: refused at first, or the 503)
+    status, doc = wait_for(lambda: "127.0.0.1" in (r := http_json(base + "/health"))[1].get("services", {}).get(
+        "api-0", {}).get("reason", "") and r, 20, message="the check's failure on /health")
+    reason = doc["services"]["api-0"]["reason"]
+    assert "http://***@127.0.0.1:" in reason and "/health?token=***&view=1" in reason, reason
+    page = http(base + "/")[2].decode()
+    assert "http://***@127.0.0.1:" in page
+    for text in (json.dumps(doc), page, http(base + "/status")[2].decode()):
+        assert PASSWORD not in text and TOKEN not in text and "admin" not in text
+
+
 # -- file modes -----------------------------------------------------------------------------------------
 
 def test_processes_under_supervisord_create_owner_only_files(machine_factory, tmp_path):

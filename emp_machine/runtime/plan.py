@@ -48,7 +48,9 @@ class Probe:
     retries: int
 
     def describe(self) -> str:
-        return self.url or f"tcp 127.0.0.1:{self.tcp_port}"
+        """The check as reasons show it (/health, the status page: read without a token), credentials in its
+        URL hidden."""
+        return identity.redact_url(self.url) if self.url else f"tcp 127.0.0.1:{self.tcp_port}"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str
             async with session.get(probe.url, timeout=aiohttp.ClientTimeout(total=probe.timeout)) as resp:
                 if 200 <= resp.status < 300:
                     return None
-                return f"HTTP {resp.status} from {probe.url}"
+                return f"HTTP {resp.status} from {probe.describe()}"
         _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", probe.tcp_port), probe.timeout)
         writer.close()
         await writer.wait_closed()
@@ -30,7 +30,9 @@ async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str
     except asyncio.TimeoutError:
         return f"no answer from {probe.describe()} within {probe.timeout:g}s"
     except (aiohttp.ClientError, OSError) as exc:
-        return f"{probe.describe()}: {exc.__class__.__name__}: {exc}"
+        text = str(exc)  # aiohttp's may quote the URL (InvalidURL, a redirect's)
+        return f"{probe.describe()}: {exc.__class__.__name__}: " + (
+            text.replace(probe.url, probe.describe()) if probe.url else text)
 
 
 async def run_probe(process: str, probe: Probe, inbox: asyncio.Queue, event: Callable,
