@@ -55,6 +55,32 @@ def test_errors_command_against_a_stopped_machines_logs(tmp_path):
     assert bad.returncode == 1 and "--since" in bad.stderr
 
 
+def test_a_services_odd_json_lines_never_break_errors(tmp_path):
+    """A service's own JSON lines: one nested past Python's recursion limit made /errors answer 500 and
+    `emp-machine errors` end in a traceback; a NaN job id made /errors invalid JSON; a list as the message
+    (unhashable) raised too. Such a line is passed over, or its odd fields read as none."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - 5)) + ".000Z"
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    (state / "logs" / "svc-0.log").write_text(
+        '{"level": "error", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+        + f'{{"timestamp": "{stamp}", "level": "error", "error": "nan ids", "job_id": NaN, "trace_id": Infinity}}\n'
+        + f'{{"timestamp": "{stamp}", "level": "error", "message": ["a", "list"], "job_id": 42}}\n'
+        + _line("error", "job.failed", now - 4, job_id="j9", error="plain"))
+    rows = recent_errors(state / "logs", since_s=3600, now=now)
+    assert [(r["message"], r["job_id"], r["trace_id"]) for r in rows] == [
+        ("nan ids", None, None), ("['a', 'list']", "42", None), ("plain", "j9", None)]
+    json.dumps(rows, allow_nan=False)  # strict JSON: what /errors answers
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"machine: {{type: t, state_dir: {state}}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "errors", "--manifest", str(manifest), "--json"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert [r["message"] for r in json.loads(done.stdout)] == ["nan ids", "['a', 'list']", "plain"]
+
+
 def test_machine_log_is_teed_and_rotated(tmp_path):
     primary = io.StringIO()
     tee = RotatingTee(tmp_path / "machine.log", max_bytes=100, backups=2, primary=primary)

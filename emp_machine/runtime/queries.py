@@ -379,6 +379,16 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
     return found[-limit:]
 
 
+def _id_or_none(value: object) -> str | None:
+    """A name or id from a service's own JSON line, as text: a number as its digits, anything else (NaN, which
+    made /errors invalid JSON; a list, unhashable) as none."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _errors_in(text: str, process: str, cutoff: float, mtime: float) -> list[dict]:
     out: list[dict] = []
     lines = text.splitlines()
@@ -389,10 +399,10 @@ def _errors_in(text: str, process: str, cutoff: float, mtime: float) -> list[dic
         if line.startswith("{"):
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # a service's line, nested past Python's limit: not ours
                 continue
             level = str(rec.get("level", "")).lower()
-            name = rec.get("event.name") or rec.get("event_type") or rec.get("message")
+            name = _id_or_none(rec.get("event.name") or rec.get("event_type") or rec.get("message"))
             if level not in ERROR_LEVELS and name not in ERROR_EVENTS:
                 continue
             at = _iso_to_ms(str(rec.get("timestamp", "")))
@@ -401,7 +411,8 @@ def _errors_in(text: str, process: str, cutoff: float, mtime: float) -> list[dic
                 continue
             out.append({"at": at_s, "process": process, "level": level or "error",
                         "message": str(rec.get("error") or rec.get("reason") or rec.get("message") or ""),
-                        "event": name, "job_id": rec.get("job_id"), "trace_id": rec.get("trace_id")})
+                        "event": name, "job_id": _id_or_none(rec.get("job_id")),
+                        "trace_id": _id_or_none(rec.get("trace_id"))})
         elif line.startswith("Traceback (most recent call last)"):
             block = [line]
             while i < len(lines) and (lines[i].startswith((" ", "\t")) or not lines[i].strip()):
