@@ -112,7 +112,11 @@ def test_cors_allows_the_monitor_origin_only(healthy):
     status, headers, _ = http(base + "/processes/echo-0/restart", "OPTIONS",
                               headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
     assert status == 204 and "Authorization" in headers["Access-Control-Allow-Headers"]
-    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert "POST" in headers["Access-Control-Allow-Methods"] and headers["Allow"] == "OPTIONS, POST"
+    status, headers, _ = http(base + "/health", "OPTIONS")
+    assert status == 204 and headers["Allow"] == "GET, HEAD, OPTIONS"
+    status, _, body = http(base + "/no/such/thing", "OPTIONS", headers={"Origin": ORIGIN})  # 204 for any path
+    assert status == 404 and "error" in json.loads(body)
 
 
 def test_malformed_requests_get_4xx_json_and_the_server_survives(healthy):

@@ -404,10 +404,23 @@ class HealthServer:
         return web.Response(status=202, content_type=JSON, text=json.dumps({"refresh": "requested"}))
 
     # -- CORS and errors ---------------------------------------------------------------------------------
+    @staticmethod
+    def _options(request: web.Request) -> web.StreamResponse:
+        """OPTIONS (a CORS preflight, or asking what a path takes): 204 with `Allow` for a path that exists,
+        404 for one that does not (it answered 204 for any path)."""
+        refused = request.match_info.http_exception  # the router's: no route for the path, or not OPTIONS
+        if isinstance(refused, web.HTTPMethodNotAllowed):
+            methods = set(refused.allowed_methods) | {"OPTIONS"}
+        elif refused is not None:
+            raise refused
+        else:
+            methods = {request.method}
+        return web.Response(status=204, headers={"Allow": ", ".join(sorted(methods))})
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         try:
-            response = web.Response(status=204) if request.method == "OPTIONS" else await handler(request)
+            response = self._options(request) if request.method == "OPTIONS" else await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
