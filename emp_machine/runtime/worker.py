@@ -38,8 +38,9 @@ from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
                                 ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
-from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, cancel_and_wait,
-                                      heartbeat_interval, heartbeat_key, statuses_json, worker_key)
+from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, active_key,
+                                      cancel_and_wait, heartbeat_interval, heartbeat_key, job_key, statuses_json,
+                                      worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
 from emp_machine.telemetry.redact import secret_key as secret_name
@@ -1275,12 +1276,18 @@ class Worker:
             self._keep_side_task(asyncio.get_running_loop().create_task(self._look_for_cancels(list(self.running))))
 
     async def _look_for_cancels(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            try:
-                cancelled = await self.store.is_cancelled(job_id)
-            except (RedisError, OSError):
-                return  # Redis is away again: the next resubscription or the heartbeat looks
-            if cancelled:
+        """As the heartbeat's script judges: a job still in our jobs:active whose hash says failed (a job this
+        worker failed itself has left jobs:active in the same script: never taken for a cancel)."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hget(job_key(job_id), "status")
+                    pipe.hexists(active_key(self.ident.worker_id), job_id)
+                replies = await pipe.execute()
+        except (RedisError, OSError):
+            return  # Redis is away again: the next resubscription or the heartbeat looks
+        for job_id, status, ours in zip(job_ids, replies[::2], replies[1::2]):
+            if ours and status in ("failed", "cancelled"):
                 self._on_cancel(job_id, "cancelled while the job signals were reconnecting")
 
     async def _register(self) -> None:
