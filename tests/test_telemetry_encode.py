@@ -35,6 +35,23 @@ def test_span_round_trips_through_the_official_message():
     assert span.events[0].name == "exception" and attributes(span.events[0].attributes) == {"exception.type": "KeyError"}
 
 
+def test_dropped_counts_are_encoded_and_records_without_them_still_encode():
+    # A span past the tracer's limits carries two more fields (dropped attributes, dropped events) and an event
+    # that dropped attributes a 4th item; a 13-field record (an older version's, still in a buffer) encodes as
+    # before, with nothing dropped.
+    base = (5, 6, 0, "service.call", 1, 1_700_000_000_000_000_000, 1_700_000_000_500_000_000, {"a": 1}, 0, "",
+            ((1_700_000_000_100_000_000, "progress", {"step": 1}),), "", 0x100)
+    old = Span.FromString(encode_span(base))
+    assert (old.dropped_attributes_count, old.dropped_events_count, old.events[0].dropped_attributes_count) == (0, 0, 0)
+    assert attributes(old.events[0].attributes) == {"step": 1} and attributes(old.attributes) == {"a": 1}
+    events = ((1_700_000_000_100_000_000, "progress", {"step": 1}), (1_700_000_000_200_000_000, "wide", {"k": 2}, 7))
+    span = Span.FromString(encode_span(base[:10] + (events,) + base[11:] + (3, 300)))
+    assert (span.dropped_attributes_count, span.dropped_events_count) == (3, 300)
+    assert [(e.name, e.dropped_attributes_count) for e in span.events] == [("progress", 0), ("wide", 7)]
+    assert attributes(span.events[1].attributes) == {"k": 2} and attributes(span.attributes) == {"a": 1}
+    assert span.status.code == 0 and span.flags == 0x100 and span.name == "service.call"
+
+
 def test_log_round_trips_through_the_official_message():
     record = (1_700_000_000_000_000_000, 17, "ERROR", "boom ✓", {"job_id": "j"}, 5, 6, "job.failed")
     log = LogRecord.FromString(encode_log(record))

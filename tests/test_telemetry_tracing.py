@@ -63,12 +63,14 @@ def test_spans_costlier_than_their_budget_halve_the_rate_and_cheap_ones_let_it_r
     clock = FakeClock()
     tracer, _ = _tracer(1e9, clock, span_budget_us=100)
     sampler = tracer.sampler
-    sampler.meter.span_ns = 250_000  # as if timed spans cost 250 us each
+    for _ in range(3):
+        sampler.meter.sample_span(250_000)  # timed spans cost 250 us each (under the 4x clamp of 400 us)
     clock.now += 1.0
     sampler.maybe_adjust()
     assert sampler.overhead_factor == 0.5 and sampler.rate == 0.5
-    sampler.meter.span_ns = 5_000
     for _ in range(5):
+        for _ in range(40):
+            sampler.meter.sample_span(5_000)
         clock.now += 1.0
         sampler.maybe_adjust()
     assert sampler.overhead_factor == 1.0 and sampler.rate == 1.0
@@ -884,3 +886,117 @@ def test_the_machine_process_installs_its_tracer_as_otels_global_one(tmp_path, r
     resources = [attributes(g.resource.attributes) for r in receiver.requests if r.path == "/v1/traces"
                  for g in r.request.resource_spans if any(s.name == span.name for ss in g.scope_spans for s in ss.spans)]
     assert [a["service.type"] for a in resources] == ["machine"]
+
+
+KILLED_JOB = '''
+import io, sys, time
+from pathlib import Path
+from emp_machine.telemetry import TelemetryConfig, setup
+buffer_path, endpoint, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = TelemetryConfig(otlp_endpoint=endpoint, sampling={"spans_per_second": 1e9},
+                         export={"interval": "0.1s", "max_backoff": "0.3s"})
+telemetry = setup(config, machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
+                  buffer_path=buffer_path, stream=io.StringIO())
+if mode == "job":
+    tracer = telemetry.tracer
+    with telemetry.job_span("killed-job", job_type="simulation") as root:
+        assert root._job.sampled  # rate 1.0
+        for name in ("task.preprocessing", "service.call", "service.call"):
+            with tracer.start_as_current_span(name):
+                pass
+        assert telemetry.flush()  # whatever was queued is committed: a SIGKILL loses none of it
+        print("in the long step", flush=True)
+        with tracer.start_as_current_span("result.postprocessing"):
+            time.sleep(60)  # waits for the SIGKILL
+else:  # the restarted worker: ships what the killed one left in the buffer
+    deadline = time.monotonic() + 30
+    while telemetry.buffer.pending() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("drained" if not telemetry.buffer.pending() else "not drained", flush=True)
+    telemetry.shutdown(timeout=2)
+'''
+
+
+def test_a_sampled_jobs_ended_spans_survive_a_sigkill_mid_job(tmp_path):
+    # A sampled job held its ended child spans in memory until its root ended: a worker SIGKILLed mid-job (OOM,
+    # segfault) lost every span of the job, including ones that ended seconds before. They are now written
+    # as they end, so a kill loses at most what the buffer had not committed.
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from otlp_receiver import OtlpReceiver, free_port
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    receiver = OtlpReceiver(free_port())  # not listening until the restart: nothing leaves the first process
+
+    def start(mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(tmp_path / "worker.db"), receiver.endpoint,
+                                 mode], stdout=subprocess.PIPE, text=True, env=env)
+
+    worker = start("job")
+    restarted = None
+    try:
+        assert worker.stdout.readline().strip() == "in the long step"
+        worker.send_signal(signal.SIGKILL)
+        assert worker.wait(10) == -signal.SIGKILL
+        receiver.start()
+        restarted = start("restart")
+        assert restarted.stdout.readline().strip() == "drained"
+        assert restarted.wait(20) == 0
+    finally:
+        for proc in (worker, restarted):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        receiver.stop()
+    spans = receiver.spans()
+    assert sorted(s.name for s in spans) == ["service.call", "service.call", "task.preprocessing"]
+    assert len({s.trace_id for s in spans}) == 1
+
+
+def test_span_attributes_and_events_are_bounded_as_the_sdk_bounds_them():
+    # 300,000 add_event calls on one span held 215 MiB and went out as one 16 MB request. Now: 128 events a
+    # span (the oldest go: an escaping exception, recorded last, stays), 128 attributes a span (new keys past
+    # them dropped, existing ones still updated) and 128 an event; what is dropped is counted and exported.
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from emp_machine.telemetry.encode import encode_span
+    from emp_machine.telemetry.tracing import MAX_EVENT_ATTRIBUTES, MAX_SPAN_ATTRIBUTES, MAX_SPAN_EVENTS
+
+    assert MAX_SPAN_ATTRIBUTES == MAX_SPAN_EVENTS == MAX_EVENT_ATTRIBUTES == 128  # the OTel SDK's defaults
+    clock = FakeClock()
+    tracer, kept = _tracer(1e9, clock)
+    with pytest.raises(RuntimeError):
+        with tracer.start_as_current_span("service.call", attributes={"job.id": "j1"}) as span:
+            for i in range(1000):
+                span.add_event("progress", {"step": i})
+                assert len(span._events) <= 128  # bounded while the span runs, not only when written
+            for i in range(200):
+                span.set_attribute(f"a{i}", i)
+            span.set_attribute("job.id", "j1-updated")  # an existing key: still updated past the bound
+            span.set_attributes({f"b{i}": i for i in range(10)})
+            span.add_event("wide", {f"k{i}": i for i in range(130)})
+            raise RuntimeError("boom")
+    [(_, _, record)] = kept
+    decoded = Span.FromString(encode_span(record))
+    names = [e.name for e in decoded.events]
+    assert len(names) == 128 and names[-2:] == ["wide", "exception"]  # the newest kept, the exception last
+    assert attributes(decoded.events[0].attributes) == {"step": 874}
+    assert decoded.dropped_events_count == 1002 - 128
+    assert len(decoded.attributes) == 128 and decoded.dropped_attributes_count == 200 - 127 + 10
+    kept_attributes = attributes(decoded.attributes)
+    assert kept_attributes["job.id"] == "j1-updated" and "a126" in kept_attributes and "a127" not in kept_attributes
+    wide = decoded.events[-2]
+    assert len(wide.attributes) == 128 and wide.dropped_attributes_count == 2
+    assert attributes(wide.attributes)["k0"] == 0 and "k129" not in attributes(wide.attributes)
+
+    # Attributes given at the start count too; a span within the bounds writes the plain 13-field record.
+    with tracer.start_as_current_span("wide.start", attributes={f"c{i}": i for i in range(300)}):
+        pass
+    decoded = Span.FromString(encode_span(kept[-1][2]))
+    assert len(decoded.attributes) == 128 and decoded.dropped_attributes_count == 172
+    with tracer.start_as_current_span("plain") as plain:
+        plain.add_event("one", {"x": 1})
+    assert len(kept[-1][2]) == 13 and Span.FromString(encode_span(kept[-1][2])).dropped_events_count == 0

@@ -9,7 +9,10 @@ per interval) use the opentelemetry-proto classes and the OTel exporter's common
 
 Record layouts (tuples, so they marshal into the buffer cheaply):
   span: (trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, attributes, status_code,
-         status_message, events, trace_state, flags)  with events = ((time_ns, name, attributes), ...) or None
+         status_message, events, trace_state, flags)  with events = ((time_ns, name, attributes), ...) or None;
+        a span that dropped something past the tracer's limits has two more fields, dropped_attributes_count
+        and dropped_events_count, and an event that dropped attributes a 4th item, its dropped_attributes_count
+        (records without them, older ones in a buffer included, encode as none dropped)
   log:  (time_ns, severity_number, severity_text, body, attributes, trace_id, span_id, event_name)
   metric: (time_ns, start_ns, [(name, description, unit, kind, monotonic, points), ...]) where kind is
           "sum", "gauge" or "histogram" and points are (attributes, value) or
@@ -137,6 +140,11 @@ def _id(value: int, size: int) -> bytes:
 
 
 def encode_span(record: tuple) -> bytes:
+    if len(record) > 13:  # past the tracer's limits: the dropped counts follow the 13 fields
+        dropped_attributes, dropped_events = record[13], record[14]
+        record = record[:13]
+    else:
+        dropped_attributes = dropped_events = 0
     (trace_id, span_id, parent, name, kind, start, end, attributes, status_code, status_message, events,
      trace_state, flags) = record
     parts = [
@@ -154,10 +162,17 @@ def encode_span(record: tuple) -> bytes:
     parts.append(b"\x39" + _pack_q(start))
     parts.append(b"\x41" + _pack_q(end))
     parts.append(_attributes(0x4A, attributes))
+    if dropped_attributes:
+        parts.append(b"\x50" + _varint(dropped_attributes))  # field 10, dropped_attributes_count
     if events:
-        for time_ns, event_name, event_attributes in events:
-            parts.append(_ld(0x5A, b"\x09" + _pack_q(time_ns) + _ld(0x12, event_name.encode("utf-8", "replace"))
-                             + _attributes(0x1A, event_attributes)))
+        for event in events:  # (time_ns, name, attributes[, dropped_attributes_count])
+            body = b"\x09" + _pack_q(event[0]) + _ld(0x12, event[1].encode("utf-8", "replace")) + \
+                _attributes(0x1A, event[2])
+            if len(event) > 3 and event[3]:
+                body += b"\x20" + _varint(event[3])  # Event field 4, dropped_attributes_count
+            parts.append(_ld(0x5A, body))
+    if dropped_events:
+        parts.append(b"\x60" + _varint(dropped_events))  # field 12, dropped_events_count
     if status_code:
         status = (_ld(0x12, status_message.encode("utf-8", "replace")) if status_message else b"") + \
             b"\x18" + _varint(status_code)

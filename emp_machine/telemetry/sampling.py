@@ -4,10 +4,21 @@ Root decisions are trace-id based (the low 56 bits, as W3C random trace ids and 
 samplers use), so every process that sees a trace at the same rate decides the same way, and a trace kept at
 rate r is also kept at any higher rate. Once a second the rate is set so that the spans this process starts
 would keep `spans_per_second` (its share of the machine's budget): the new rate follows the offered load at
-once when it must go down and at most doubles per second when it may go up. The overhead factor multiplies it
+once when it must go down and at most doubles per second when it may go up. A window that lasted over twice
+its length (the process was stopped, throttled or idle) never raises it: its offered load, averaged over the
+stall, reads low. Within a window, new roots are sampled only while the spans kept in it stay under twice the
+window's target (`kept_limit`): the first second of a process (rate 1.0) or of a load step no longer keeps
+everything offered (2,000 spans against a budget of 200 were seen). The overhead factor multiplies the rate
 down while telemetry's measured CPU share (background threads measured exactly, hot-path operations by a timed
-sample of 1 in 32; smoothed over a few windows) is over budget, and lets it recover by 25 % a second when
-under.
+sample of 1 in 32; smoothed over a few windows) is over budget, or while timed spans cost more than their
+budget, and lets it recover by 25 % a second when under.
+
+Timed samples are wall-clock (perf_counter) readings: thread CPU time (`time.thread_time_ns`) is a system
+call costing ~0.57 us here against 0.05 us, four of them per timed span. So one sample spanning a pause (a
+SIGSTOP, a CPU-quota throttle, a GC, a thread switch) is clamped to 4x the span budget (`span_cap_ns`), which
+moves the average by at most 0.4x the budget: one pause read as 100 ms used to hold the rate at its floor for
+minutes. The per-span cost is judged only in windows that had new timed samples: at the floor almost no span
+is timed, and a stale average must not keep halving the factor.
 """
 
 from __future__ import annotations
@@ -34,18 +45,24 @@ class SamplerStats:
 class OverheadMeter:
     """Telemetry's cost in this process: per-operation averages from timed samples, plus background CPU."""
 
-    __slots__ = ("span_ns", "log_ns", "spans", "logs", "_background", "_last_background")
+    __slots__ = ("span_ns", "log_ns", "spans", "logs", "span_samples", "span_cap_ns", "_background",
+                 "_last_background")
 
     def __init__(self, background_cpu: Callable[[], float] = lambda: 0.0):
         self.span_ns = 0.0   # moving average CPU cost of one span (start + end), from timed samples
         self.log_ns = 0.0
         self.spans = 0       # operations since the last window
         self.logs = 0
+        self.span_samples = 0  # timed span samples since the last window (the sampler judges span_ns on fresh ones)
+        self.span_cap_ns = float("inf")  # one sample counts at most this much (the sampler sets 4x its budget)
         self._background = background_cpu
         self._last_background = 0.0
 
     def sample_span(self, ns: int) -> None:
+        if ns > self.span_cap_ns:  # a pause inside the timed span (wall clock), not telemetry's cost
+            ns = self.span_cap_ns
         self.span_ns = ns if not self.span_ns else 0.9 * self.span_ns + 0.1 * ns
+        self.span_samples += 1
 
     def sample_log(self, ns: int) -> None:
         self.log_ns = ns if not self.log_ns else 0.9 * self.log_ns + 0.1 * ns
@@ -70,6 +87,7 @@ class AdaptiveSampler:
         self.cpu_budget = cpu_budget            # fraction of one core
         self.span_budget_us = span_budget_us
         self.meter = meter or OverheadMeter()
+        self.meter.span_cap_ns = 4000.0 * span_budget_us  # 4x the budget, in ns (see the module's docstring)
         self.min_rate = min_rate
         self.window = window
         self._clock = clock
@@ -84,6 +102,8 @@ class AdaptiveSampler:
         self._window_start = clock()
         self.next_adjust = self._window_start + window
         self._first_window = True
+        # New roots are sampled only while kept_total < kept_limit: at most ~2x the window's target a window.
+        self.kept_limit = self._window_cap()
 
     @property
     def shedding(self) -> bool:
@@ -92,8 +112,12 @@ class AdaptiveSampler:
         return self.overhead_factor < 1.0
 
     def should_sample(self, trace_id: int) -> bool:
-        """The root decision for `trace_id` at the current rate."""
-        return (trace_id & _MASK56) < self.threshold
+        """The root decision for `trace_id` at the current rate (and while this window's spans are under its
+        cap)."""
+        return (trace_id & _MASK56) < self.threshold and self.kept_total < self.kept_limit
+
+    def _window_cap(self) -> float:
+        return self.kept_total + max(2.0 * self.target * self.window, 1.0)
 
     def maybe_adjust(self) -> None:
         """Cheap to call often: adjusts once per window."""
@@ -108,7 +132,10 @@ class AdaptiveSampler:
         self.offered_per_second = offered
         wanted = 1.0 if offered <= self.target else self.target / offered
         base = self.rate / self.overhead_factor if self.overhead_factor else self.rate
-        base = wanted if wanted < base else min(wanted, base * 2.0)
+        if wanted < base:
+            base = wanted
+        elif elapsed <= 2.0 * self.window:  # a stalled window's load, averaged over the stall, reads low
+            base = min(wanted, base * 2.0)
 
         window_share = self.meter.take_window() / elapsed
         # Smoothed over a few windows: the shipper's export every few seconds is a burst that one window
@@ -117,7 +144,9 @@ class AdaptiveSampler:
             self.cpu_share + CPU_SMOOTHING * (window_share - self.cpu_share)
         self._first_window = False
         over_cpu = self.cpu_share > self.cpu_budget
-        over_op = self.meter.span_ns / 1000.0 > self.span_budget_us
+        meter = self.meter
+        over_op = meter.span_samples > 0 and meter.span_ns / 1000.0 > self.span_budget_us  # fresh samples only
+        meter.span_samples = 0
         if over_cpu or over_op:
             shrink = min(self.cpu_budget / self.cpu_share if over_cpu else 1.0, 0.5 if over_op else 1.0)
             self.overhead_factor = max(0.01, self.overhead_factor * max(shrink, 0.1))
@@ -128,6 +157,7 @@ class AdaptiveSampler:
         self.threshold = int(self.rate * _ONE56)
         self._window_start = now
         self.next_adjust = now + self.window
+        self.kept_limit = self._window_cap()
 
     def stats(self) -> SamplerStats:
         return SamplerStats(self.rate, self.overhead_factor, self.offered_per_second, self.kept_total,
