@@ -35,12 +35,12 @@ def connector(context, server, **settings):
     return A1111Connector.from_settings({"base_url": server.url, "progress_interval_s": 0.02, **settings}, context)
 
 
-def run(conn, payload, progress=None):
+def run(conn, payload, progress=None, job_id="job-1"):
     progress = progress or Progress()
 
     async def main():
         try:
-            return await conn.run(job(payload, service="a1111"), progress)
+            return await conn.run(job(payload, job_id, service="a1111"), progress)
         finally:
             await conn.close()
     return asyncio.run(main()), progress
@@ -491,7 +491,38 @@ def test_a_build_that_cannot_name_our_run_is_interrupted_as_before(fake, context
     assert server.runs[0]["interrupted"] and server.runs[0]["done"] < 200 and len(server.interrupts) == 1
 
 
-def test_the_payloads_own_force_task_id_is_kept(fake, context):
+def test_a_payloads_own_force_task_id_is_replaced_by_one_per_run(fake, context):
+    # Kept, one id from a template shared by two jobs (or two attempts of one) named both runs: a stop of one
+    # read the other's run as its own and interrupted it.
     server = fake()
-    run(connector(context, server), {"steps": 2, "width": 8, "height": 8, "force_task_id": "mine-1"})
-    assert [r["task_id"] for r in server.runs] == ["mine-1"]
+    for job_id in ("job-1", "job-2"):
+        run(connector(context, server), {"steps": 2, "width": 8, "height": 8, "force_task_id": "from-template"},
+            job_id=job_id)
+    ids = [r["task_id"] for r in server.runs]
+    assert len(set(ids)) == 2 and "from-template" not in ids
+    assert ids[0].startswith("emp-job-1-") and ids[1].startswith("emp-job-2-")
+
+
+def test_a_job_arriving_as_the_turn_passes_still_hears_its_cancel(fake, context):
+    # Just released, the lock reads free while it is promised to the waiter it woke: a job arriving in that turn
+    # of the loop took a bare acquire() and waited out the next job's whole generation deaf to its cancel.
+    conn = connector(context, fake())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        turn = conn._turns()
+        await turn.acquire()  # job A generating
+        b = asyncio.ensure_future(turn.acquire())  # job B waiting
+        await asyncio.sleep(0)
+        cancelled = asyncio.Event()
+        loop.call_later(0.05, cancelled.set)  # C's cancel, while B generates
+        b.add_done_callback(lambda _: loop.call_later(3, turn.release))  # B's generation: 3 s
+        turn.release()  # A done: B woken, not run yet; C arrives in this same turn of the loop
+        assert not turn.locked()
+        # (deaf to it, C got the turn once B's generation ended and went on to generate)
+        with pytest.raises(JobCancelled):
+            await conn._wait_turn(job({}, "job-c", service="a1111"), turn, cancelled, Progress())
+        assert turn.locked()  # B's still: C took no turn
+        await b
+        await conn.close()
+    asyncio.run(main())

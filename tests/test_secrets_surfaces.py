@@ -260,6 +260,40 @@ workers:
         assert PASSWORD not in text and TOKEN not in text and "admin" not in text
 
 
+def test_a_failing_checks_reason_hides_every_url_aiohttp_quotes():
+    """aiohttp quotes our URL as yarl normalised it (%21 as !, a space as +) or a redirect's target: replacing the
+    configured text alone let the token through."""
+    from emp_machine.runtime.plan import Probe
+    from emp_machine.runtime.probes import check_once
+
+    async def loop(request):
+        raise web.HTTPFound(f"/loop?{request.query_string}")
+
+    async def away(request):
+        raise web.HTTPFound(f"ftp://127.0.0.1/x?api_key={TOKEN}")
+
+    def app():
+        application = web.Application()
+        application.router.add_get("/loop", loop)
+        application.router.add_get("/away", away)
+        return application
+
+    thread = ServerThread(app).start()
+
+    async def reasons():
+        async with aiohttp.ClientSession() as session:
+            return [await check_once(Probe(f"{thread.url}{path}", None, 1, 5, 0, 1), session)
+                    for path in (f"/loop?token={TOKEN}%21x", f"/loop?token={TOKEN}%20x", "/away")]
+    try:
+        found = asyncio.run(reasons())
+    finally:
+        thread.close()
+    assert "TooManyRedirects" in found[0] and "token=***" in found[0], found
+    assert "api_key=***" in found[2], found
+    for reason in found:
+        assert TOKEN not in reason, reason
+
+
 # -- file modes -----------------------------------------------------------------------------------------
 
 def test_processes_under_supervisord_create_owner_only_files(machine_factory, tmp_path):

@@ -16,7 +16,7 @@ A1111's interrupt stops whatever it is generating, not a request of ours. So a c
 has one generation at A1111 at a time: with `concurrency` >= 2 the other jobs wait here at progress 0 ("waiting
 for A1111: another job of this worker is generating"; the job's timeout counts), and one cancelled while waiting
 sends nothing. Against other clients of the same A1111 (other workers or machines, its UI) each generation
-carries a `force_task_id` of ours (`emp-{job id}-{random}`, or the payload's own), and a stop asks
+carries a `force_task_id` of ours (`emp-{job id}-{random}`, replacing any in the payload), and a stop asks
 `POST /internal/progress {"id_task"}` (A1111 >= 1.6, Forge) first: our run active, interrupt; queued behind
 another client's run (an interrupt would stop that one, and ours would still run once begun: its begin resets
 the flag), the job ends at once as cancelled and, in the background, the run is watched until it begins, then
@@ -131,7 +131,8 @@ class A1111Connector(_http.HttpSession, Connector):
         cancelled = self._cancel.setdefault(job.id, asyncio.Event())
         headers = _http.service_headers(job)
         # Our run's id at A1111 (its force_task_id), so that a stop interrupts it and nobody else's
-        task_id = body.get("force_task_id") or f"emp-{job.id}-{uuid.uuid4().hex[:12]}"
+        # (always ours: a payload's own, from a template shared by jobs or attempts, named other runs too)
+        task_id = f"emp-{job.id}-{uuid.uuid4().hex[:12]}"
         body["force_task_id"] = task_id
         turn = self._turns()
         holding = False  # this run holds `turn` (released at its end, or by the stop it hands it to)
@@ -195,10 +196,10 @@ class A1111Connector(_http.HttpSession, Connector):
     async def _wait_turn(self, job: ConnectorJob, turn: asyncio.Lock, cancelled: asyncio.Event,
                          progress: ProgressFn) -> bool:
         """Take `turn` (True); a cancel while waiting for it is JobCancelled, with nothing sent to A1111."""
-        if not turn.locked():
-            await turn.acquire()  # free: taken at once
-            return True
-        await progress(0.0, "waiting for A1111: another job of this worker is generating")
+        if turn.locked():
+            await progress(0.0, "waiting for A1111: another job of this worker is generating")
+        # Waited on beside the cancel even when the lock reads free: just released, it may still be promised to
+        # a woken waiter, and a bare acquire() then waited a whole generation deaf to a cancel.
         acquire = asyncio.ensure_future(turn.acquire())
         cancel_wait = asyncio.ensure_future(cancelled.wait())
         try:

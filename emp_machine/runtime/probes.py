@@ -6,12 +6,16 @@ A probe only reports: it puts a HealthChanged-like event on the machine's inbox 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
 import aiohttp
 
+from emp_machine.runtime.identity import redact_url
 from emp_machine.runtime.plan import Probe
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str | None:
@@ -30,9 +34,9 @@ async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str
     except asyncio.TimeoutError:
         return f"no answer from {probe.describe()} within {probe.timeout:g}s"
     except (aiohttp.ClientError, OSError) as exc:
-        text = str(exc)  # aiohttp's may quote the URL (InvalidURL, a redirect's)
-        return f"{probe.describe()}: {exc.__class__.__name__}: " + (
-            text.replace(probe.url, probe.describe()) if probe.url else text)
+        # aiohttp's text may quote a URL: ours as yarl normalised it (%21 as !), or a redirect's target
+        text = _URL.sub(lambda m: redact_url(m.group()), str(exc))
+        return f"{probe.describe()}: {exc.__class__.__name__}: {text}"
 
 
 async def run_probe(process: str, probe: Probe, inbox: asyncio.Queue, event: Callable,
