@@ -46,7 +46,8 @@ def test_one_pause_inside_a_timed_span_does_not_hold_the_rate_down():
     sampler, meter = tracer.sampler, tracer.meter
     for _ in range(20):
         meter.sample_span(5_000)  # the average so far: 5 us a span
-    for i in range(32):  # the 32nd span is the timed one (1 in 32)
+    tracer._n = 32  # the 32nd span from here is the next timed one (1 in 32, at random gaps)
+    for i in range(32):
         if i == 31:
             pause.set()
         tracer.start_span("x").end()
@@ -150,3 +151,34 @@ def test_a_stalled_window_does_not_raise_the_rate():
     assert sampler.rate <= rate
     after = _offer(tracer, clock, 1015.5, 3, 2000, spans_per_trace=1)
     assert all(n <= 2 * 200 + 1 for n in after), after
+
+
+def test_timed_samples_fall_on_every_place_of_a_job():
+    # A fixed 1 in 32 fell on the same span of every 4-span job (32 is a multiple of 4): the job's first span,
+    # touched cold after the worker's idle wait and many times dearer here, was never timed, and the estimated
+    # CPU share read a third of the true one (so the budget never held the rate down at 100 jobs/s).
+    import io
+
+    from emp_machine.telemetry.logs import RecordWriter
+
+    tracer, _ = _tracer(1e9, FakeClock())
+    timed_places = set()
+    for _ in range(2000):
+        for place in range(4):
+            span = tracer.start_span(f"step-{place}")
+            if span._t0:
+                timed_places.add(place)
+            span.end()
+    assert timed_places == {0, 1, 2, 3}
+
+    timed_lines = set()
+
+    class Noting(OverheadMeter):
+        def sample_log(self, ns: int) -> None:
+            timed_lines.add(line)
+
+    writer = RecordWriter(lambda record: None, {}, stream=io.StringIO(), meter=Noting())
+    for _ in range(2000):
+        for line in range(8):  # a job's 8 lines: a fixed 1 in 32 timed only one place of them
+            writer.write(9, "line %d", None, "t", args=(line,))  # (9: OTel's INFO severity)
+    assert timed_lines == set(range(8))

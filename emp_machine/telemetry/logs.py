@@ -26,7 +26,7 @@ from typing import IO
 from emp_machine.telemetry.buffer import Kind, Value
 from emp_machine.telemetry.context import _SPAN_KEY, _fields, _get_current
 from emp_machine.telemetry.redact import redact_fields, redact_text
-from emp_machine.telemetry.sampling import OverheadMeter
+from emp_machine.telemetry.sampling import OverheadMeter, next_timed_gap
 from emp_machine.telemetry.tracing import LightSpan, current_ids
 
 _SEVERITY = {logging.DEBUG: 5, logging.INFO: 9, logging.WARNING: 13, logging.ERROR: 17, logging.CRITICAL: 21}
@@ -174,7 +174,7 @@ class RecordWriter:
         # span follow each other. One tuple, replaced whole (threads may share a writer).
         self._ids: tuple = (0, 0, "", "", "")
         self.meter = meter or OverheadMeter()
-        self._n = 0
+        self._n = next_timed_gap()  # records until the next timed one
         self.deferred = 0
         self.shed = 0  # DEBUG/INFO records of unsampled jobs not held while over the CPU budget
 
@@ -198,9 +198,10 @@ class RecordWriter:
         else:
             job = None
             trace_id, span_id = current_ids()
-        self._n += 1
-        timed = not self._n & 31
+        self._n -= 1
+        timed = not self._n  # 1 in 32 at random gaps (sampling.next_timed_gap)
         if timed:
+            self._n = next_timed_gap()
             t0 = _perf_ns()
         if args is not None:
             try:

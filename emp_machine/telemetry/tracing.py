@@ -44,7 +44,7 @@ from emp_machine.telemetry.buffer import Kind, Value
 from emp_machine.telemetry.context import (_SPAN_KEY, UNDECIDED, _Context, _get_current, _get_value, _reset,
                                            _set_current, make_span_context)
 from emp_machine.telemetry.redact import redact_fields, redact_text
-from emp_machine.telemetry.sampling import AdaptiveSampler
+from emp_machine.telemetry.sampling import AdaptiveSampler, next_timed_gap
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -463,7 +463,7 @@ class Tracer(otel_trace.Tracer):
             _reanchor()
 
         sampler.adjust = adjust_and_reanchor
-        self._n = 0
+        self._n = next_timed_gap()  # spans until the next timed one
         self.base_attributes = dict(base_attributes or {})
         self.kept_spans = 0          # spans written to the buffer
         self.dropped_spans = 0       # spans discarded by sampling (jobs that were neither failed nor slow)
@@ -485,9 +485,10 @@ class Tracer(otel_trace.Tracer):
     def _start(self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping | None,
                start_time: int | None) -> tuple[otel_trace.Span, bool]:
         """(span, reused): reused when an unsampled parent stands in for its child."""
-        self._n += 1
-        timed = not self._n & 31
+        self._n -= 1
+        timed = not self._n  # 1 in 32 at random gaps (sampling.next_timed_gap)
         if timed:
+            self._n = next_timed_gap()
             t0 = _perf_ns()
         sampler = self.sampler
         sampler.offered += 1
