@@ -182,3 +182,20 @@ def test_timed_samples_fall_on_every_place_of_a_job():
         for line in range(8):  # a job's 8 lines: a fixed 1 in 32 timed only one place of them
             writer.write(9, "line %d", None, "t", args=(line,))  # (9: OTel's INFO severity)
     assert timed_lines == set(range(8))
+
+
+def test_one_outlying_sample_moves_an_average_by_30_percent_at_most():
+    # Samples are wall clock: one that took in another thread's turn (the writer's, whose CPU is measured on its
+    # own) or a pause counted that too; at 10 jobs/s one such log sample took the estimate past the CPU budget
+    # and cost traces. A sustained rise still moves the average (30 % a sample).
+    meter = OverheadMeter()
+    for _ in range(10):
+        meter.sample_span(10_000)
+        meter.sample_log(5_000)
+    meter.sample_span(5_000_000)
+    meter.sample_log(5_000_000)
+    assert meter.span_ns == pytest.approx(0.9 * 10_000 + 0.1 * 40_000)
+    assert meter.log_ns == pytest.approx(0.9 * 5_000 + 0.1 * 20_000)
+    for _ in range(40):
+        meter.sample_log(100_000)
+    assert meter.log_ns > 90_000  # a real change is followed

@@ -174,14 +174,16 @@ class RecordWriter:
         # span follow each other. One tuple, replaced whole (threads may share a writer).
         self._ids: tuple = (0, 0, "", "", "")
         self.meter = meter or OverheadMeter()
-        self._n = next_timed_gap()  # records until the next timed one
+        self._n = 32  # records until the first timed one (then at random gaps)
         self.deferred = 0
         self.shed = 0  # DEBUG/INFO records of unsampled jobs not held while over the CPU budget
 
     def write(self, severity: int, message: str, fields: Mapping[str, object] | None, logger: str = "",
-              event_name: str = "", time_ns: int | None = None, args: tuple | None = None) -> None:
+              event_name: str = "", time_ns: int | None = None, args: tuple | None = None,
+              started_ns: int = 0) -> None:
         """`args`: %-format arguments for `message` (a logger's call); formatted here, unless the record is
-        shed, at the time of the call either way."""
+        shed, at the time of the call either way. `started_ns`: when the caller's own part began (perf
+        counter), for a timed record to count it too (a logger call's path up to here)."""
         span = _get_current().get(_SPAN_KEY)
         if type(span) is LightSpan:
             job = span._job
@@ -202,7 +204,7 @@ class RecordWriter:
         timed = not self._n  # 1 in 32 at random gaps (sampling.next_timed_gap)
         if timed:
             self._n = next_timed_gap()
-            t0 = _perf_ns()
+            t0 = started_ns or _perf_ns()
         if args is not None:
             try:
                 message = (str(message) % args) if args else str(message)
@@ -392,6 +394,7 @@ class TelemetryLogger(logging.Logger):
         return f.f_code.co_filename, f.f_lineno, f.f_code.co_name, sinfo
 
     def _log(self, level, msg, args, exc_info=None, extra=None, stack_info=False, stacklevel=1) -> None:
+        started = _perf_ns()  # the whole call is telemetry's cost, for the writer's timed samples
         if exc_info and not isinstance(exc_info, tuple):
             exc_info = ((type(exc_info), exc_info, exc_info.__traceback__) if isinstance(exc_info, BaseException)
                         else sys.exc_info())
@@ -413,7 +416,7 @@ class TelemetryLogger(logging.Logger):
             fields = {**(fields or {}), "error.type": exc_type.__qualname__, "error.message": str(exc),
                       "error.stack": "".join(traceback.format_exception(exc_type, exc, tb))}
         # Formatted by the writer (never raising), and not at all for a record it sheds.
-        self.writer.write(_severity(level), msg, fields, self.name, "", None, args)
+        self.writer.write(_severity(level), msg, fields, self.name, "", None, args, started)
 
 
 class Events:

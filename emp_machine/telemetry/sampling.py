@@ -43,6 +43,11 @@ class SamplerStats:
     cpu_share: float  # telemetry's CPU, fraction of one core, last window
 
 
+# A timed sample counts at most this many times the running average. Samples are wall clock: one that took in
+# another thread's turn (the buffer writer's or shipper's, whose CPU is measured on its own), a GC or a pause
+# counted that too, and at 10 jobs/s one such sample took the estimate past the CPU budget and cost traces.
+# A sustained rise still moves the average up by 30 % a sample.
+_OUTLIER = 4.0
 _randrange = random.Random().randrange  # its own generator: a caller's random.seed() does not line it up
 
 
@@ -73,11 +78,19 @@ class OverheadMeter:
     def sample_span(self, ns: int) -> None:
         if ns > self.span_cap_ns:  # a pause inside the timed span (wall clock), not telemetry's cost
             ns = self.span_cap_ns
-        self.span_ns = ns if not self.span_ns else 0.9 * self.span_ns + 0.1 * ns
+        average = self.span_ns
+        if not average:
+            self.span_ns = ns
+        else:  # one sample moves the average by at most 30 %: see _OUTLIER
+            self.span_ns = 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
         self.span_samples += 1
 
     def sample_log(self, ns: int) -> None:
-        self.log_ns = ns if not self.log_ns else 0.9 * self.log_ns + 0.1 * ns
+        average = self.log_ns
+        if not average:
+            self.log_ns = ns
+        else:
+            self.log_ns = 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
 
     def take_window(self) -> float:
         """CPU seconds telemetry spent since the last call."""

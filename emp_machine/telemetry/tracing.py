@@ -338,7 +338,12 @@ class LightSpan(otel_trace.Span):
 
     def __enter__(self) -> "LightSpan":
         if self._scope and self._token is None:  # attach; a span from start_span() is not made current
-            self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: self}))
+            if self._t0:  # a timed span: its attach is telemetry's cost too (the sample is taken at its end)
+                t = _perf_ns()
+                self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: self}))
+                self._t0 += _perf_ns() - t
+            else:
+                self._token = _set_current(_Context({**_get_current(), _SPAN_KEY: self}))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -463,7 +468,7 @@ class Tracer(otel_trace.Tracer):
             _reanchor()
 
         sampler.adjust = adjust_and_reanchor
-        self._n = next_timed_gap()  # spans until the next timed one
+        self._n = 32  # spans until the first timed one (then at random gaps)
         self.base_attributes = dict(base_attributes or {})
         self.kept_spans = 0          # spans written to the buffer
         self.dropped_spans = 0       # spans discarded by sampling (jobs that were neither failed nor slow)
