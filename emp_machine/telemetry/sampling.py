@@ -15,8 +15,8 @@ budget, and lets it recover by 25 % a second when under.
 
 Timed samples are wall-clock (perf_counter) readings: thread CPU time (`time.thread_time_ns`) is a system
 call costing ~0.57 us here against 0.05 us, four of them per timed span. So one sample spanning a pause (a
-SIGSTOP, a CPU-quota throttle, a GC, a thread switch) is clamped to 4x the span budget (`span_cap_ns`), which
-moves the average by at most 0.4x the budget: one pause read as 100 ms used to hold the rate at its floor for
+SIGSTOP, a CPU-quota throttle, a GC, a thread switch) is clamped to 4x the span budget (`span_cap_ns`) and to 4x
+the running average (_OUTLIER), which moves the average by at most 0.4x the budget and 30 %: one pause read as 100 ms used to hold the rate at its floor for
 minutes. The per-span cost is judged only in windows that had new timed samples: at the floor almost no span
 is timed, and a stale average must not keep halving the factor.
 """
