@@ -258,27 +258,10 @@ def test_cancel_pending_prompt_deletes_it_from_the_queue(fake, context):
     asyncio.run(main())
 
 
-class _CutView(FakeComfyUI):
-    """/view of a temp image whose connection drops halfway through the body (a proxy or the network)."""
-
-    async def view(self, request):
-        from aiohttp import web
-
-        data = self.files.get((request.query.get("type", "output"), request.query.get("subfolder", ""),
-                               request.query.get("filename")))
-        if data is None or request.query.get("type") != "temp":
-            return await super().view(request)
-        response = web.StreamResponse(headers={"Content-Type": "image/png"})
-        response.content_length = len(data)
-        await response.prepare(request)
-        await response.write(data[: len(data) // 2])
-        request.transport.close()
-        return response
-
-
 def test_an_output_download_cut_short_leaves_no_partial_file(serve, context):
     # The retry fetches it again under another name (`-1`): the half file stayed in the job's folder for good.
-    server = serve(_CutView)
+    server = serve(FakeComfyUI)
+    server.temp_view_cut = True
     with pytest.raises(RetryableJobError):
         run(connector(context, server), happy())
     folder = context.output_dir / "job-1"

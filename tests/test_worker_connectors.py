@@ -322,30 +322,12 @@ def test_a_job_handed_back_by_a_drain_is_no_error_trace(redis_server, tmp_path):
 def test_a_job_cancelled_while_its_outputs_download_leaves_no_files(redis_server, tmp_path):
     """ComfyUI's outputs are fetched after the prompt ends; a cancel then left the file being downloaded cut
     short, and the ones already fetched, in the job's output folder until the retention (24 h) removed them."""
-    import asyncio
     import threading
 
-    from aiohttp import web
-
     release = threading.Event()
-
-    class SlowTempView(FakeComfyUI):
-        """/view of a temp image as over a slow link: half of it, then the rest once the test releases it."""
-
-        async def view(self, request):
-            data = self.files.get((request.query.get("type", "output"), request.query.get("subfolder", ""),
-                                   request.query.get("filename")))
-            if data is None or request.query.get("type") != "temp":
-                return await super().view(request)
-            response = web.StreamResponse(headers={"Content-Type": "image/png"})
-            response.content_length = len(data)
-            await response.prepare(request)
-            await response.write(data[: len(data) // 2])
-            await asyncio.get_running_loop().run_in_executor(None, release.wait, 60)
-            await response.write(data[len(data) // 2:])
-            return response
-
-    fake = SlowTempView(node_s=0.02).start()
+    fake = FakeComfyUI(node_s=0.02)
+    fake.temp_view_hold = release  # /view of the temp image: half, then the rest once released
+    fake.start()
     procs = WorkerProcs(f"""
 workers:
   comfy:

@@ -79,6 +79,8 @@ class FakeComfyUI:
         self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename): the "disk"
         self.requests: list[tuple[str, str, dict]] = []  # (method, path_qs, headers) of every request
         self.interrupt_calls: list[Any] = []
+        self.temp_view_cut = False  # /view of a temp image: the connection drops halfway through its body
+        self.temp_view_hold: threading.Event | None = None  # ... or the second half waits until it is set
         self.proc = _Process()
         self._thread = ServerThread(self._make_app)
         self._thawed = threading.Event()
@@ -289,6 +291,20 @@ class FakeComfyUI:
         data = self.files.get((q.get("type", "output"), q.get("subfolder", ""), filename))
         if data is None:
             return web.Response(status=404)
+        if q.get("type") == "temp" and (self.temp_view_cut or self.temp_view_hold is not None):
+            # A slow or broken link for temp images: half the body, then the connection dropped, or the rest
+            # once the test sets temp_view_hold.
+            response = web.StreamResponse(headers={"Content-Type": "image/png",
+                                                   "Content-Disposition": f'filename="{filename}"'})
+            response.content_length = len(data)
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            if self.temp_view_cut:
+                request.transport.close()
+                return response
+            await asyncio.get_running_loop().run_in_executor(None, self.temp_view_hold.wait, 60)
+            await response.write(data[len(data) // 2:])
+            return response
         return web.Response(body=data, content_type="image/png",
                             headers={"Content-Disposition": f'filename="{filename}"'})
 
