@@ -199,3 +199,13 @@ def test_one_outlying_sample_moves_an_average_by_30_percent_at_most():
     for _ in range(40):
         meter.sample_log(100_000)
     assert meter.log_ns > 90_000  # a real change is followed
+
+
+def test_a_pause_in_the_first_sample_does_not_seed_the_average():
+    # The first sample seeds the average whole: one with a pause in it (a GC, another thread's 5 ms turn) held
+    # the rate at its floor for 30-40 s at 10 jobs/s, where every trace should be kept.
+    meter = OverheadMeter()
+    sampler = AdaptiveSampler(200, clock=FakeClock(), meter=meter, span_budget_us=100)
+    meter.sample_span(5_000_000)
+    meter.sample_log(5_000_000)
+    assert sampler.meter.span_ns == 100_000 and meter.log_ns == 100_000

@@ -48,6 +48,7 @@ class SamplerStats:
 # counted that too, and at 10 jobs/s one such sample took the estimate past the CPU budget and cost traces.
 # A sustained rise still moves the average up by 30 % a sample.
 _OUTLIER = 4.0
+_FIRST_LOG_NS = 100_000  # the first log sample seeds the average with at most this (a cold line costs 30-50 us here)
 _randrange = random.Random().randrange  # its own generator: a caller's random.seed() does not line it up
 
 
@@ -79,8 +80,8 @@ class OverheadMeter:
         if ns > self.span_cap_ns:  # a pause inside the timed span (wall clock), not telemetry's cost
             ns = self.span_cap_ns
         average = self.span_ns
-        if not average:
-            self.span_ns = ns
+        if not average:  # the first seeds the average: at most the budget (a pause in it held the rate down)
+            self.span_ns = ns if ns < self.span_cap_ns / 4 else self.span_cap_ns / 4
         else:  # one sample moves the average by at most 30 %: see _OUTLIER
             self.span_ns = 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
         self.span_samples += 1
@@ -88,7 +89,7 @@ class OverheadMeter:
     def sample_log(self, ns: int) -> None:
         average = self.log_ns
         if not average:
-            self.log_ns = ns
+            self.log_ns = ns if ns < _FIRST_LOG_NS else _FIRST_LOG_NS
         else:
             self.log_ns = 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
 
