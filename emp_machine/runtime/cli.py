@@ -409,7 +409,6 @@ def cmd_validate(args) -> int:
 def cmd_render(args) -> int:
     from emp_machine.runtime import hardware, plan
     from emp_machine.runtime import manifest as mf
-    from emp_machine.runtime.identity import redact_url
     from emp_machine.runtime.machine import resolved_manifest_path
     from emp_machine.supervisor import config as svconfig
 
@@ -423,7 +422,7 @@ def cmd_render(args) -> int:
     text = svconfig.render(list(the_plan.specs), the_plan.paths, parent_pid=os.getpid(),
                            machine_id=the_plan.machine_id, log_max_bytes=manifest.logs.max_size,
                            log_backups=manifest.logs.backups)
-    print(_redact_config(text, redact_url, _environment_secrets(args.path, os.environ)))
+    print(_redact_config(text, _environment_secrets(args.path, os.environ)))
     return 0
 
 
@@ -453,12 +452,13 @@ def _environment_secrets(path, environ) -> list[str]:
     return [environ[name] for name in names if _secret_name(name) and len(environ.get(name, "")) >= 4]
 
 
-def _redact_config(text: str, redact_url, secrets: list[str] = ()) -> str:
+def _redact_config(text: str, secrets: list[str] = ()) -> str:
     """Hide URL passwords and the values of secret-looking variables in a rendered config: each
     `environment = K="v",K2='v2'` pair whose name is secret (_secret_name, any case) has its value shown as
     ***; other values lose secret-shaped parts."""
     import re
 
+    from emp_machine.runtime.identity import redact_urls
     from emp_machine.telemetry.redact import redact_text
 
     # a credential given as a command-line flag inside a value: --token X, --api-key=X
@@ -487,7 +487,7 @@ def _redact_config(text: str, redact_url, secrets: list[str] = ()) -> str:
 
     text = "\n".join(environment(line) if line.startswith("environment") and "=" in line else line
                      for line in text.split("\n"))
-    text = re.sub(r"\b(?:redis|rediss|https?)://[^\s\"',]+", lambda m: redact_url(m.group(0)), text)
+    text = redact_urls(text)
     for secret in sorted(set(secrets), key=len, reverse=True):  # the longest first: one may hold another
         text = text.replace(secret, "***")
     return text

@@ -134,7 +134,6 @@ def cmd_restart(args) -> int:
                     f"; processes: {', '.join(names)}" + (f"; services and worker groups: {', '.join(groups)}"
                                                           if groups else ""))
             raise EmpError(f"no process named {args.name}{hint}")
-    _refuse_while_stopping(doc, targets[0])
     if getattr(args, "rolling", False):  # `reload`: one at a time, as `pm2 reload`, so the rest keep working
         results = []
         for name in targets:
@@ -143,6 +142,8 @@ def cmd_restart(args) -> int:
             _report_restart(name, results[-1])
     else:  # `restart`: every target at once, as `pm2 restart`; each stops within its own grace
         from concurrent.futures import ThreadPoolExecutor
+
+        _refuse_while_stopping(doc, targets[0])
 
         with ThreadPoolExecutor(min(len(targets), _RESTART_AT_ONCE)) as pool:
             results = list(pool.map(lambda name: _restart_one(doc["socket"], name), targets))

@@ -77,6 +77,14 @@ def state_root(environ: Mapping[str, str]) -> Path:
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"',]+")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every URL in it passed through redact_url (a config file, an error message quoting one)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
 def redact_url(url: str) -> str:
     """Hide the user info of a URL (the password, and a user name that may be a token) and the values of
     query parameters named like a credential (password, username, token, secret, key...); anything else passes

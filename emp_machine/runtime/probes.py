@@ -6,16 +6,13 @@ A probe only reports: it puts a HealthChanged-like event on the machine's inbox 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 
 import aiohttp
 
-from emp_machine.runtime.identity import redact_url
+from emp_machine.runtime.identity import redact_urls
 from emp_machine.runtime.plan import Probe
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str | None:
@@ -35,7 +32,7 @@ async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str
         return f"no answer from {probe.describe()} within {probe.timeout:g}s"
     except (aiohttp.ClientError, OSError) as exc:
         # aiohttp's text may quote a URL: ours as yarl normalised it (%21 as !), or a redirect's target
-        text = _URL.sub(lambda m: redact_url(m.group()), str(exc))
+        text = redact_urls(str(exc))
         return f"{probe.describe()}: {exc.__class__.__name__}: {text}"
 
 

@@ -60,6 +60,14 @@ def next_timed_gap() -> int:
     return _randrange(16, 48)
 
 
+def _moved(average: float, ns: float, first_cap: float) -> float:
+    """A cost average after one timed sample: the first seeds it (at most `first_cap`), a later one moves it
+    by at most 30 % (_OUTLIER)."""
+    if not average:
+        return ns if ns < first_cap else first_cap
+    return 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
+
+
 class OverheadMeter:
     """Telemetry's cost in this process: per-operation averages from timed samples, plus background CPU."""
 
@@ -79,19 +87,12 @@ class OverheadMeter:
     def sample_span(self, ns: int) -> None:
         if ns > self.span_cap_ns:  # a pause inside the timed span (wall clock), not telemetry's cost
             ns = self.span_cap_ns
-        average = self.span_ns
-        if not average:  # the first seeds the average: at most the budget (a pause in it held the rate down)
-            self.span_ns = ns if ns < self.span_cap_ns / 4 else self.span_cap_ns / 4
-        else:  # one sample moves the average by at most 30 %: see _OUTLIER
-            self.span_ns = 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
+        # the first seeds the average with at most the budget (a pause in it held the rate down)
+        self.span_ns = _moved(self.span_ns, ns, self.span_cap_ns / 4)
         self.span_samples += 1
 
     def sample_log(self, ns: int) -> None:
-        average = self.log_ns
-        if not average:
-            self.log_ns = ns if ns < _FIRST_LOG_NS else _FIRST_LOG_NS
-        else:
-            self.log_ns = 0.9 * average + 0.1 * (ns if ns < _OUTLIER * average else _OUTLIER * average)
+        self.log_ns = _moved(self.log_ns, ns, _FIRST_LOG_NS)
 
     def take_window(self) -> float:
         """CPU seconds telemetry spent since the last call."""
