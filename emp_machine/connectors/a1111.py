@@ -20,7 +20,8 @@ carries a `force_task_id` of ours (`emp-{job id}-{random}`, replacing any in the
 `POST /internal/progress {"id_task"}` (A1111 >= 1.6, Forge) first: our run active, interrupt; queued behind
 another client's run (an interrupt would stop that one, and ours would still run once begun: its begin resets
 the flag), the job ends at once as cancelled and, in the background, the run is watched until it begins, then
-interrupted (for at most request_timeout_s; this connector's next job waits until then); completed, nothing.
+interrupted (for at most request_timeout_s; this connector's next job waits until then, and until an
+interrupted run of ours has answered); completed, nothing.
 Where A1111 cannot tell (no `/internal/progress`: 404 on an older build; a failed reading; an id still unknown
 STOP_GRACE_S after the request went out, a build before 1.6 that ignores force_task_id), it interrupts as before:
 what it stops may then be another client's run.
@@ -139,12 +140,14 @@ class A1111Connector(_http.HttpSession, Connector):
         generate: asyncio.Task | None = None
         sent_at = 0.0
         readings: list[tuple[Any, bool]] = []  # (job_timestamp, interrupted) of /progress during a job
+        interrupted: list[bool] = []  # _watch sent the interrupt (a cancel)
         try:
             await progress(0.0, "started")
             holding = await self._wait_turn(job, turn, cancelled, progress)
             generate = asyncio.create_task(self._generate(endpoint, headers, body))
             sent_at = time.monotonic()
-            await self._watch(job, generate, cancelled, progress, headers, logged, readings, task_id, sent_at)
+            await self._watch(job, generate, cancelled, progress, headers, logged, readings, task_id, sent_at,
+                              interrupted)
             if not generate.done():  # cancelled before A1111 began our run: stopped in the background (finally)
                 raise JobCancelled(f"a1111 job {job.id} cancelled before A1111 began its generation (queued "
                                    "behind another client's); it is interrupted there once it begins")
@@ -181,7 +184,8 @@ class A1111Connector(_http.HttpSession, Connector):
                 # Leaving before A1111 answered (a cancel, one seen by the progress callback, a timeout, a
                 # drain): stop it there too, or the GPU goes on generating for nobody. In the background: a
                 # hung A1111 held a drain's hand-back past its 2 s margin.
-                self._stop_in_background(self._stop(task_id, headers, generate, sent_at, turn.release))
+                self._stop_in_background(self._stop(task_id, headers, generate, sent_at, turn.release,
+                                                    interrupted=bool(interrupted)))
             elif holding:
                 turn.release()
 
@@ -263,18 +267,27 @@ class A1111Connector(_http.HttpSession, Connector):
         return "wait"
 
     async def _stop(self, task_id: str, headers: dict, generate: asyncio.Task | None, sent_at: float,
-                    release: Any) -> None:
+                    release: Any, interrupted: bool = False) -> None:
         """Stop our run at A1111, in the background (_stop_now says how): one that A1111 has not begun is
-        watched until it begins, then interrupted, for at most request_timeout_s. `generate`: the request, still
-        outstanding (None: it failed); its answer ends the watch, and it is cancelled at the end. `release`:
-        called at the end, passing this connector's turn on (no second run of ours at A1111 meanwhile)."""
+        watched until it begins, then interrupted, and an interrupted one waited for until A1111 answers, all for at
+        most request_timeout_s. `generate`: the request, still outstanding (None: it failed); its answer ends the
+        watch, and it is cancelled at the end. `release`:
+        called at the end, passing this connector's turn on (no second run of ours at A1111 meanwhile).
+        `interrupted`: the interrupt was sent already (by _watch); only the answer is waited for."""
         try:
             deadline = time.monotonic() + self.settings.request_timeout_s
             while self._session is not None and not self._session.closed:  # close() ends it
-                action = self._stop_now(await self._task_state(task_id, headers), sent_at)
+                action = "interrupt" if interrupted else \
+                    self._stop_now(await self._task_state(task_id, headers), sent_at)
                 if action == "interrupt":
-                    if not self._session.closed:
+                    if not interrupted and not self._session.closed:
                         await self._interrupt(headers)
+                    if generate is not None:
+                        # A1111 ends the run after its current step and answers. Until then it still runs,
+                        # with the `interrupted` flag of our interrupt: the turn passed now, the next job's
+                        # request queued behind it and read that flag (a job_timestamp of the same second)
+                        # as its own, reporting a whole generation cancelled.
+                        await asyncio.wait({generate}, timeout=max(0.0, deadline - time.monotonic()))
                     return
                 if action == "done" or time.monotonic() >= deadline:
                     return
@@ -285,6 +298,8 @@ class A1111Connector(_http.HttpSession, Connector):
         finally:
             if generate is not None and not generate.done():
                 generate.cancel()
+            elif generate is not None and not generate.cancelled():
+                generate.exception()  # read: A1111 gone meanwhile is no "exception was never retrieved"
             release()
 
     async def _interrupted_by_others(self, answer: dict, headers: dict, readings: list) -> bool:
@@ -313,11 +328,13 @@ class A1111Connector(_http.HttpSession, Connector):
         readings.append((detail.get("job_timestamp"), detail.get("interrupted") is True))
 
     async def _watch(self, job, generate: asyncio.Task, cancelled: asyncio.Event, progress: ProgressFn,
-                     headers: dict, logged: dict, readings: list, task_id: str, sent_at: float) -> None:
+                     headers: dict, logged: dict, readings: list, task_id: str, sent_at: float,
+                     interrupted: list) -> None:
         """Poll /progress until the generation answers; on cancel, interrupt and wait for that answer, or,
         when A1111 has not begun our run (`task_id`, sent at `sent_at`; _stop_now), return at once (run()
         leaves, and stops it in the background). `logged`: the job's record fields (sampler, steps, size), on
-        each job.progress record too; `readings` gets each reading's interrupted flag (_note_reading)."""
+        each job.progress record too; `readings` gets each reading's interrupted flag (_note_reading); `interrupted`
+        gets True once the interrupt was sent."""
         reported = 0.0  # run() already said 0
         cancel_wait = asyncio.ensure_future(cancelled.wait())
         try:
@@ -327,7 +344,11 @@ class A1111Connector(_http.HttpSession, Connector):
                 if cancelled.is_set():
                     if self._stop_now(await self._task_state(task_id, headers), sent_at) == "interrupt":
                         await self._call("POST", "/sdapi/v1/interrupt", headers)
-                        await generate  # A1111 answers once the current step ends
+                        interrupted.append(True)
+                        # A1111 answers once the current step ends. Shielded: a run() cancelled meanwhile
+                        # (the worker's grace ran out) leaves it to the background stop, which holds the
+                        # turn until A1111 answers (_stop).
+                        await asyncio.shield(generate)
                     return
                 if generate.done():
                     return

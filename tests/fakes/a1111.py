@@ -24,6 +24,9 @@ interrupted (its begin() resets the flag), the running one is.
 
 `fail_next` = (status, body) answers the next generation with that, e.g. the 500 of CUDA out of memory.
 `hang_interrupt` = True: `/sdapi/v1/interrupt` never answers (a wedged server).
+`interrupt_lag_s`: how long an interrupted run takes to end after its current step (A1111 decodes the partial
+latents: seconds for a large image), still holding the queue lock, running, with the flag set.
+`queued_behind` records the task id of each generation that arrived while another one held the queue lock.
 `task_ids` = False: a build before 1.6, which ignores `force_task_id` and keeps no ids of API runs (its
 `/internal/progress` knows none of them); `internal_progress` = False: one without `/internal/progress` (404).
 """
@@ -60,6 +63,8 @@ class FakeA1111:
         self.api_enable_requests, self.api_forbid_local_requests = api_enable_requests, api_forbid_local_requests
         self.fail_next: tuple[int, dict] | None = None
         self.hang_interrupt = False
+        self.interrupt_lag_s = 0.0
+        self.queued_behind: list[str] = []
         self.requests: list[tuple[str, str, dict]] = []
         self.runs: list[dict] = []  # per generation that ran: task_id, steps, done (steps run), interrupted
         self.interrupts: list[str | None] = []  # the current task when each interrupt came
@@ -175,6 +180,8 @@ class FakeA1111:
                                       "errors": ""}, status=404)
         if self.task_ids:
             self.pending_tasks[task_id] = time.time()  # add_task_to_queue, before the queue lock
+        if self.lock.locked():
+            self.queued_behind.append(task_id)
         async with self.lock:  # A1111's queue lock: one generation at a time
             for encoding in (body.get("init_images") or []) if img2img else []:
                 if (bad := await self._decode_image(encoding)) is not None:
@@ -192,8 +199,9 @@ class FakeA1111:
                     return web.json_response(answer, status=status)
                 done = 0
                 for step in range(1, steps + 1):
-                    if self.interrupted:
-                        break  # stops after the current step and still answers with the image so far
+                    if self.interrupted:  # stops after the current step and still answers with the image so far
+                        await asyncio.sleep(self.interrupt_lag_s)
+                        break
                     await asyncio.sleep(self.step_s)
                     self.state["step"] = done = step
                 self.runs.append({"task_id": task_id, "steps": steps, "done": done, "interrupted": done < steps})
