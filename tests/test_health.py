@@ -145,7 +145,15 @@ def test_status_page_loads_in_a_real_headless_browser(healthy, chromium, tmp_pat
     for attempt in range(3):
         # The page shows the verdict of the moment: on a loaded machine a late heartbeat can flip it for a
         # moment (truthfully). So the page is loaded while /health says healthy, again if it flipped meanwhile.
-        wait_for(lambda: http(base + "/health")[0] == 200, 30, message="the machine healthy")
+        last = []
+
+        def healthy_now():
+            last[:] = [http(base + "/health")]
+            return last[0][0] == 200
+        try:
+            wait_for(healthy_now, 30, message="the machine healthy")
+        except AssertionError as exc:  # say why not: the verdict's reasons
+            raise AssertionError(f"{exc}: /health answered {last[0][0]} {last[0][2][:1500]!r}") from None
         proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                "--no-first-run", f"--user-data-dir={tmp_path / f'profile{attempt}'}", "--dump-dom",
