@@ -393,6 +393,18 @@ def test_a_job_cancelled_while_another_of_this_worker_generates_leaves_that_one_
     assert server.interrupts == [] and _posts(server) == 1
 
 
+async def _cancel_past_its_grace(conn, server) -> None:
+    """Job A runs, is cancelled (the interrupt goes out), and its run() is cancelled before A1111 answered, as
+    the worker does once a cancel's grace ran out (a drain, the job's timeout)."""
+    a = asyncio.create_task(conn.run(_job("a", 200), Progress()))
+    await wait_for(lambda: server.state["step"] >= 2, 10)
+    await conn.cancel("job-a")
+    await wait_for(lambda: server.interrupts, 10)
+    a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await a
+
+
 def test_the_next_job_is_not_sent_before_an_interrupted_run_has_ended(fake, context):
     # A cancelled job whose run() the worker cancelled once its grace ran out (the interrupt sent, A1111 still
     # ending the run) passed the turn on at once: the next job's request queued behind the interrupted run,
@@ -404,13 +416,7 @@ def test_the_next_job_is_not_sent_before_an_interrupted_run_has_ended(fake, cont
     async def main():
         conn = connector(context, server)
         try:
-            a = asyncio.create_task(conn.run(_job("a", 200), Progress()))
-            await wait_for(lambda: server.state["step"] >= 2, 10)
-            await conn.cancel("job-a")
-            await wait_for(lambda: server.interrupts, 10)
-            a.cancel()  # the worker's grace ran out (a drain, the job's timeout)
-            with pytest.raises(asyncio.CancelledError):
-                await a
+            await _cancel_past_its_grace(conn, server)
             b = await conn.run(_job("b", 3), Progress())
             await wait_for(lambda: not conn._stopping, 10)
             return b
@@ -437,19 +443,12 @@ def test_a1111_going_away_during_a_background_stop_leaves_no_unretrieved_error(f
         loop.set_exception_handler(lambda _, context: complaints.append(context.get("message")))
         conn = connector(context, server)
         try:
-            a = asyncio.create_task(conn.run(_job("a", 200), Progress()))
-            await wait_for(lambda: server.state["step"] >= 2, 10)
-            await conn.cancel("job-a")
-            await wait_for(lambda: server.interrupts, 10)
-            a.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await a
+            await _cancel_past_its_grace(conn, server)
             assert conn._stopping
             await server._thread.acall(server._thread._stop())  # A1111 gone, its connections cut
             await wait_for(lambda: not conn._stopping, 10)
         finally:
             await conn.close()
-        del a
         gc.collect()
         await asyncio.sleep(0)  # the handler is called from a task's finaliser, on the loop
         return complaints
