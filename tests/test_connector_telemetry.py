@@ -200,7 +200,8 @@ def test_a_failed_job_counts_worker_errors_total_once(scenario):
 
 def test_a_cancelled_job_is_counted_and_marked_on_its_span(scenario):
     """jobs_processed_total{status="cancelled"} (it was counted nowhere) and `job.cancelled` on the job's span,
-    whose status stays unset: a cancel is the user's, not an error."""
+    whose status is OK: a cancel is the user's, not an error (unset, the call it ended made it a failed job's
+    trace, kept whatever the sampling)."""
     recorded = scenario["recorded"]["sim"]
     job_id = scenario["jobs"]["sim_cancelled"]
     assert scenario["outcome"]["sim_cancelled"] == "failed"
@@ -208,7 +209,7 @@ def test_a_cancelled_job_is_counted_and_marked_on_its_span(scenario):
     assert processed[(("status", "cancelled"), ("type", "simulation"))] == 1
     assert processed[(("status", "completed"), ("type", "simulation"))] == 1  # not counted as completed
     [execution] = [s for s in recorded.spans if s[3] == "job.execution" and s[7].get("job.id") == job_id]
-    assert execution[7].get("job.cancelled") is True and execution[8] == 0, execution
+    assert execution[7].get("job.cancelled") is True and execution[8] == 1, execution
 
 
 def test_worker_memory_usage_bytes_is_the_workers_rss(scenario):

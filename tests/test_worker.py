@@ -431,3 +431,50 @@ workers:
         assert "cancelled" in events(store, job_id)
         follower = store.submit("patient", {"steps": 1, "step_ms": 0})
         wait_status(client, follower, "completed")
+
+
+def test_a_cancelled_unsampled_job_is_not_kept_as_a_failed_trace(redis_server, tmp_path):
+    """A cancel is no error: the JobCancelled that ended the job's service.call made that span an error, and the
+    tail rule then kept every cancelled job's trace as a failed one, whatever the sampling. An unsampled
+    cancelled job sends nothing now; an unsampled failed one still sends its whole trace."""
+    from otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    body = f"""
+    telemetry:
+      otlp_endpoint: {receiver.endpoint}
+      export: {{interval: 0.1s, metrics_interval: 30s}}
+    workers:
+      tail:
+        connector: simulation
+        job_types: [tailcxl]
+    """
+    procs = WorkerProcs(body, tmp_path / "w", redis_server.url, machine_id="wtail")
+    c = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    store = JobStore(c)
+    traces = {"cxl": "c1" * 16, "bad": "b1" * 16}
+
+    def submit(name: str, payload: dict) -> str:
+        job_id = store.submit("tailcxl", payload, max_retries=0)
+        c.hset(f"job:{job_id}", "traceparent", f"00-{traces[name]}-{'c' * 16}-00")  # the producer's: unsampled
+        return job_id
+
+    def spans_of(name: str) -> list:
+        return [s for s in receiver.spans() if s.trace_id.hex() == traces[name]]
+
+    try:
+        with procs.running(c, timeout=40):
+            cancelled = submit("cxl", {"steps": 1, "step_ms": 0, "hang": True})
+            wait_for(lambda: c.hget(f"job:{cancelled}", "status") == "in_progress", 20, message="the job running")
+            assert store.cancel(cancelled, "user pressed stop")
+            wait_for(lambda: not c.hexists(f"jobs:active:{procs.ids[0]}", cancelled), 20,
+                     message="the worker to let go")
+            failed = submit("bad", {"steps": 2, "step_ms": 0, "fail_at_step": 1, "fail_retryable": False})
+            wait_for(lambda: c.hget(f"job:{failed}", "status") == "failed", 20, message="the failing job")
+            # the failed job's trace arrives whole; the cancelled one's, buffered before it, would be there too
+            wait_for(lambda: {"job.execution", "service.call"} <= {s.name for s in spans_of("bad")}, 20,
+                     message="the failed job's trace")
+    finally:
+        c.close()
+        receiver.stop()
+    assert spans_of("cxl") == [], [(s.name, s.status.code) for s in spans_of("cxl")]

@@ -9,6 +9,7 @@ per job, finishing writes shielded so a cancellation cannot half-record a job. I
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import logging
@@ -472,6 +473,7 @@ class Worker:
         self._local_faults = 0  # machine-local faults in a row (reset by a completed job)
         self._local_fault_jobs: set[str] = set()  # jobs handed back here for a machine-local fault
         self._local_watcher: asyncio.Task | None = None
+        self._own_context = contextvars.Context()  # run() takes its own (_own_task)
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -500,6 +502,7 @@ class Worker:
             self.log.info(f"worker stopped before start-up finished ({self._start_trouble})",
                           extra={"event_type": "worker.stopped"})
             return 0
+        self._own_context = contextvars.copy_context()  # the worker's, for its tasks started inside a job's
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_watch()),
                       asyncio.create_task(self._reaper())]
         self.telemetry.events.emit("worker.spawned", worker_id=self.ident.worker_id,
@@ -919,6 +922,13 @@ class Worker:
                              "job_id": job_id,
                              "error": "" if error is None else self._redact(describe_exception(error))}})
 
+    def _own_task(self, coro: Any) -> asyncio.Task:
+        """A task of the worker's own, though a job's code starts it (a fault it met, a health check after its
+        service failed): run in the worker's context, not the job's. Started in the job's, it took the job's ids
+        (a machine-wide `worker.claims_resumed` filed under that job) and, the job unsampled, its records were
+        held or shed with the job's and never written."""
+        return asyncio.get_running_loop().create_task(coro, context=self._own_context.copy())
+
     def _keep_side_task(self, task: asyncio.Future) -> asyncio.Future:
         """A task the job no longer waits for, kept (a drain gives it what is left of its budget)."""
         self._side_tasks.add(task)
@@ -983,7 +993,7 @@ class Worker:
                 hint=f"this machine's problem, not the job's: {hint}. No job is claimed here until a test write "
                      f"into the output folder passes (retried with backoff); the job went back to the queue")
         if self._local_watcher is None or self._local_watcher.done():
-            self._local_watcher = asyncio.get_running_loop().create_task(self._local_watch())
+            self._local_watcher = self._own_task(self._local_watch())
             self._side_tasks.add(self._local_watcher)
             self._local_watcher.add_done_callback(self._side_tasks.discard)
 
@@ -1130,11 +1140,14 @@ class Worker:
 
     def _count_cancelled(self, job: Job, span: Any) -> None:
         """A job the API cancelled: counted (jobs_processed_total, status `cancelled`) and marked on its span
-        (`job.cancelled`; the span's status stays unset: a cancel is no error). Its time is a user's choice,
-        not the service's, so it goes in no duration histogram."""
+        (`job.cancelled`). A cancel is no error: the span is OK, as a drained job's, so the tracer does not take
+        the call the cancel ended (its JobCancelled made that span an error) for a failed job and keep every
+        cancelled job's trace as one. Its time is a user's choice, not the service's, so it goes in no
+        duration histogram."""
         self.telemetry.metrics.job_finished(job.service_required, "cancelled", None, self.ident.worker_id)
         if span is not None:
             span.set_attribute("job.cancelled", True)
+            span.set_status(StatusCode.OK)
 
     async def _hand_back(self, job: Job, reason: str = "drain", *, deadline_s: float = DRAIN_MARGIN_S,
                          **fields: Any) -> None:
@@ -1504,7 +1517,7 @@ class Worker:
                       f"it still runs (the connector's health() must let asyncio.CancelledError end it)")
         else:
             self._health_abandoned = None
-            check = asyncio.ensure_future(_boxed(self.connector.health))
+            check = self._own_task(_boxed(self.connector.health))
             try:
                 await asyncio.wait({check}, timeout=HEALTH_TIMEOUT_S)
             except asyncio.CancelledError:

@@ -6,8 +6,9 @@ current span, and whatever the call passed in `extra={"fields": {...}}`. It is w
 stdout and appended to the durable buffer as an OTel log record. Messages and fields are redacted first.
 
 Inside a job whose trace was not sampled, DEBUG and INFO records are deferred with the job's spans and written
-(buffer only) when the job turns out failed or slow, or holds tracing._MAX_JOB_LOGS or more (it is then
-kept); warnings and errors are never deferred. While telemetry is over its CPU budget, such jobs shed their
+(to the buffer and stdout, with the time of their call: on stdout they follow lines written after them) when the
+job turns out failed or slow, or holds tracing._MAX_JOB_LOGS or more (it is then kept); warnings and errors are
+never deferred. While telemetry is over its CPU budget, such jobs shed their
 DEBUG and INFO records instead (counted). That is what keeps telemetry under its CPU budget at high job
 rates (docs/telemetry.md).
 """
