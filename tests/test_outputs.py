@@ -40,3 +40,29 @@ def test_a_blob_that_is_not_valid_base64_is_kept_as_text_not_lost(tmp_path):
     broken = "data:image/png;base64," + "A" * 2000 + "!!"
     spilled = outputs.spill(JobResult(data=broken), tmp_path)
     assert spilled.data["mime_type"] == "text/plain" and open(spilled.data["path"]).read() == broken
+
+
+def test_text_in_base64s_alphabet_is_never_decoded_into_garbage(tmp_path):
+    # 520 sha256 hex digests (33,280 characters, a multiple of 4) matched the base64 pattern and were stored as
+    # their "decoding": the text was lost. So were other alphanumeric texts, and a list of UUIDs matched
+    # URL-safe base64's alphabet.
+    import hashlib
+    import uuid
+
+    digests = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(520))
+    uuids = "\n".join(str(uuid.UUID(int=i * 7919)) for i in range(600))
+    big_hex = digests * 9  # past TEXT_MIN: stored, as the text it is
+    assert len(digests) % 4 == 0 and len(big_hex) >= outputs.TEXT_MIN
+    spilled = outputs.spill(JobResult(data={"digests": digests, "ids": uuids, "big": big_hex}), tmp_path)
+    assert spilled.data["digests"] == digests and spilled.data["ids"] == uuids
+    assert spilled.data["big"]["mime_type"] == "text/plain" and open(spilled.data["big"]["path"]).read() == big_hex
+
+
+def test_url_safe_base64_of_a_file_is_stored_as_that_file(tmp_path):
+    # A service's base64url image (`-`, `_`, no padding) stayed inline, 133 KB of it in jobs:completed and on
+    # complete_job; the same image in standard base64 was stored.
+    encoded = base64.urlsafe_b64encode(PNG).decode().rstrip("=")
+    assert "-" in encoded or "_" in encoded
+    spilled = outputs.spill(JobResult(data={"image": encoded}), tmp_path)
+    ref = spilled.data["image"]
+    assert ref["mime_type"] == "image/png" and open(ref["path"], "rb").read() == PNG

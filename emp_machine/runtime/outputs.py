@@ -7,7 +7,10 @@ Before a result is recorded, `spill` moves such values into files beside the con
 puts the reference in their place (the same shape as `JobResult.outputs` entries, which list them too):
 
 - a `data:<mime>;base64,...` URI of at least DATA_URI_MIN characters: decoded, with the mime type it names;
-- a string of at least BASE64_MIN characters that is base64: decoded, its type sniffed from its bytes;
+- a string of at least BASE64_MIN characters that is base64: decoded, its type sniffed from its bytes. Only
+  base64 that shows it is (a `+`, `/` or `=`, as base64 of any real file has), or URL-safe base64 (`-`, `_`)
+  whose bytes start as a known file does: a long hex digest or an alphanumeric text has base64's alphabet,
+  and was stored as its "decoding" (garbage; the text itself was lost), a list of UUIDs URL-safe base64's;
 - any other string of at least TEXT_MIN characters: stored as text.
 
 The scan is a walk over the result's data and metadata (cheap for the small results of most jobs); files
@@ -44,15 +47,28 @@ STORED_NOTE = "the result was larger than 1 MiB: it is stored as this JSON file"
 
 _DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]+={0,2}", re.ASCII)
+_BASE64URL = re.compile(r"[A-Za-z0-9_\-\r\n]+={0,2}", re.ASCII)
+_URL_TO_STANDARD = str.maketrans("-_", "+/", "\r\n")
+# The first bytes of the files services send as base64 (images, audio, video, PDF, zip).
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"GIF87a", b"GIF89a", b"RIFF", b"ID3", b"\xff\xfb", b"\xff\xf3", b"OggS",
+               b"fLaC", b"%PDF", b"PK\x03\x04", b"\x1aE\xdf\xa3")
+
+
+def _known_file(data: bytes | None) -> bool:
+    return data is not None and (data.startswith(_SIGNATURES) or data[4:8] == b"ftyp")  # ftyp: MP4, MOV
 
 
 def _kind(value: str) -> str | None:
-    """'data-uri', 'base64', 'text' or None (kept inline)."""
+    """'data-uri', 'base64', 'base64url', 'text' or None (kept inline)."""
     size = len(value)
     if size >= DATA_URI_MIN and value.startswith("data:") and _DATA_URI.match(value):
         return "data-uri"
-    if size >= BASE64_MIN and _BASE64.fullmatch(value):
-        return "base64"
+    if size >= BASE64_MIN:
+        if _BASE64.fullmatch(value):
+            if "+" in value or "/" in value or value.endswith("="):
+                return "base64"
+        elif _BASE64URL.fullmatch(value) and _known_file(_Spiller._decode_url(value[:64])):
+            return "base64url"
     if size >= TEXT_MIN:
         return "text"
     return None
@@ -95,6 +111,8 @@ class _Spiller:
             data = self._decode(payload)
         elif kind == "base64":
             data = self._decode(value)
+        elif kind == "base64url":
+            data = self._decode_url(value)
         if data is None:  # not decodable after all: kept as the text it is
             mime, data, suffix = "text/plain", value.encode(), ".txt"
         else:
@@ -126,6 +144,17 @@ class _Spiller:
     def _decode(payload: str) -> bytes | None:
         try:
             return base64.b64decode(payload.replace("\n", "").replace("\r", ""), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    @staticmethod
+    def _decode_url(payload: str) -> bytes | None:
+        """URL-safe base64, padded or not (as JWTs and many APIs send it)."""
+        standard = payload.translate(_URL_TO_STANDARD).rstrip("=")
+        if len(standard) % 4 == 1:
+            return None
+        try:
+            return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
         except (binascii.Error, ValueError):
             return None
 
