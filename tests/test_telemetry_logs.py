@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -331,3 +332,54 @@ def test_filters_added_to_a_telemetry_logger_are_applied(tmp_path):
     # The record names the caller, as the stdlib's does (not a frame of the logger's own module).
     assert seen == [("log_calls", "test_telemetry_logs.py", level)
                     for level in (logging.INFO, logging.WARNING, logging.INFO, logging.INFO, logging.ERROR)]
+
+
+def test_what_an_unsampled_job_sheds_and_its_span_set_up_count_in_the_cpu_estimate(tmp_path):
+    # Over the CPU budget an unsampled job sheds its INFO records and events (~13 a job in the benchmark) and
+    # they were counted nowhere, nor was the job span's set-up (the producer's context read, the job id bound):
+    # at 100 jobs/s the estimate read half the share the process spent, and the rate settled near 0.1-0.25
+    # instead of its floor.
+    telemetry = _telemetry(tmp_path, io.StringIO(), sampled=False, shedding=True)
+    meter, tracer = telemetry.overhead, telemetry.tracer
+    log = telemetry.logger("emp.connector.sim")
+    clog = telemetry.connector_logger("sim-0", "sim")
+    try:
+        meter.take_window()
+        root_samples = []
+        for i in range(400):
+            tracer._n = 1 if i % 40 == 0 else max(tracer._n, 2)  # every 40th job's root is timed
+            with telemetry.job_span(f"job-{i}", job_hash={"traceparent": ""}) as span:
+                if span._t0:
+                    root_samples.append(span._t0)
+                for _ in range(10):
+                    log.info("step of %s", f"job-{i}")
+                clog.started(f"job-{i}")
+        assert meter.shed == 400 * 11 and meter.logs == 0  # ten lines and an event a job, none written
+        assert meter.shed_ns > 0  # timed at random gaps, as written records are
+        shed_part = meter.shed * meter.shed_ns / 1e9
+        assert meter.take_window() >= shed_part > 0 and meter.shed == 0
+        assert len(root_samples) == 10
+    finally:
+        telemetry.shutdown(2)
+
+
+def test_a_timed_job_root_counts_its_own_set_up(tmp_path, monkeypatch):
+    # The job span's sample covered the tracer's part only: reading the producer's context and binding the job
+    # id (its dearest steps after an idle wait, 10-27 us each here) were telemetry's cost counted nowhere.
+    from emp_machine.telemetry import context as ctx
+
+    telemetry = _telemetry(tmp_path, io.StringIO(), sampled=False, shedding=True)
+    slow_read = ctx.extract_job_context
+
+    def extract(job_hash):
+        spin_until = time.perf_counter_ns() + 2_000_000  # 2 ms of the set-up's own work
+        while time.perf_counter_ns() < spin_until:
+            pass
+        return slow_read(job_hash)
+    monkeypatch.setattr(ctx, "extract_job_context", extract)
+    try:
+        telemetry.tracer._n = 1  # the next span is timed
+        with telemetry.job_span("job-1", job_hash={"traceparent": ""}) as span:
+            assert span._t0 >= 2_000_000
+    finally:
+        telemetry.shutdown(2)

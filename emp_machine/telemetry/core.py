@@ -27,6 +27,8 @@ from emp_machine.telemetry.standard import StandardMetrics
 from emp_machine.telemetry.tailer import ServiceOutputTailer
 from emp_machine.telemetry.tracing import JOB_ROOT, LightSpan, Tracer, TracerProvider
 
+_perf_ns = time.perf_counter_ns
+
 try:
     from importlib.metadata import version as _dist_version
 
@@ -69,8 +71,14 @@ class _JobSpan:
         self._token = None
 
     def __enter__(self) -> LightSpan:
-        self._token = ctx.push_fields(job_id=self._job_id)
-        return self._scope.__enter__()
+        scope = self._scope
+        if scope._t0:  # a timed root: binding the job's id is telemetry's cost too (see job_span)
+            t = _perf_ns()
+            self._token = ctx.push_fields(job_id=self._job_id)
+            scope._t0 += _perf_ns() - t
+        else:
+            self._token = ctx.push_fields(job_id=self._job_id)
+        return scope.__enter__()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -166,6 +174,7 @@ class Telemetry:
         """`job.execution` for one job on this machine: child of the producer's context from `job_hash` when
         it has one, with `job_id` bound for every log and event in the block. Kept when sampled, failed (an
         exception or an error status) or slower than `sampling.slow_job`."""
+        started = _perf_ns()
         incoming = ctx.extract_job_context(job_hash) if job_hash is not None else None
         span_attributes = {"job.id": job_id, "service.type": self.service_type}
         if self.worker_id:
@@ -176,8 +185,11 @@ class Telemetry:
             span_attributes["workflow.trace_id"] = incoming.workflow_trace_id
         if attributes:
             span_attributes.update(attributes)
-        return _JobSpan(job_id, self.tracer.start_as_current_span(
-            JOB_ROOT, incoming.context if incoming else None, SpanKind.CONSUMER, span_attributes))
+        span = self.tracer.start_as_current_span(JOB_ROOT, incoming.context if incoming else None, SpanKind.CONSUMER,
+                                                 span_attributes)
+        if span._t0:  # timed: its sample covers this set-up too (the producer's context read, the attributes), a
+            span._t0 = _perf_ns() - started  # job's dearest telemetry step after an idle wait, counted nowhere
+        return _JobSpan(job_id, span)
 
     def tail_service_output(self, sources: list, *, poll: float = 0.25) -> ServiceOutputTailer:
         """Start tailing supervisor log files: `sources` are (path, process name, service_type[, worker_id]).

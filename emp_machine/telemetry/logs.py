@@ -185,6 +185,11 @@ class RecordWriter:
         """`args`: %-format arguments for `message` (a logger's call); formatted here, unless the record is
         shed, at the time of the call either way. `started_ns`: when the caller's own part began (perf
         counter), for a timed record to count it too (a logger call's path up to here)."""
+        self._n -= 1
+        timed = not self._n  # 1 in 32 at random gaps (sampling.next_timed_gap), shed records too
+        if timed:
+            self._n = next_timed_gap()
+            t0 = started_ns or _perf_ns()
         span = _get_current().get(_SPAN_KEY)
         if type(span) is LightSpan:
             job = span._job
@@ -193,6 +198,10 @@ class RecordWriter:
                     job = None  # written now
                 elif job.lean:  # decided before any other work: most records' path when over budget
                     self.shed += 1
+                    meter = self.meter
+                    meter.shed += 1
+                    if timed:
+                        meter.sample_shed(_perf_ns() - t0)
                     return
             trace_id, span_id = span._trace_id, span._span_id
         elif span is None:
@@ -201,11 +210,6 @@ class RecordWriter:
         else:
             job = None
             trace_id, span_id = current_ids()
-        self._n -= 1
-        timed = not self._n  # 1 in 32 at random gaps (sampling.next_timed_gap)
-        if timed:
-            self._n = next_timed_gap()
-            t0 = started_ns or _perf_ns()
         if args is not None:
             try:
                 message = (str(message) % args) if args else str(message)
@@ -445,7 +449,10 @@ class Events:
         self._writer._write_now(time_ns, _severity(level), name, fields, "", name, bound, trace_id, span_id)
 
     def shed(self) -> None:
-        self._writer.shed += 1
+        """Count an event an unsampled job shed (its cost is taken as a shed log record's)."""
+        writer = self._writer
+        writer.shed += 1
+        writer.meter.shed += 1
 
     def held(self) -> None:
         """Count an event held by an unsampled job, as RecordWriter.write counts the log records it holds."""
