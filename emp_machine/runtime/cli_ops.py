@@ -634,7 +634,7 @@ def _store(args):
 
     from emp_machine.runtime import manifest as mf
     from emp_machine.runtime.identity import redact_url
-    from emp_machine.runtime.jobs import JobStore
+    from emp_machine.runtime.jobs import JobStore, redis_socket_options
 
     url = args.redis
     if not url:
@@ -653,7 +653,8 @@ def _store(args):
     try:
         # encoding_errors: a field or a message that is not UTF-8 (another producer's bytes, on channels every
         # job shares) is shown with U+FFFD; strict decoding raised out of `job` and every `submit --wait`
-        client = redis.Redis.from_url(url, decode_responses=True, encoding_errors="replace", socket_connect_timeout=5)
+        client = redis.Redis.from_url(url, decode_responses=True, encoding_errors="replace",
+                                      **redis_socket_options(url))
     except ValueError:  # redis-py's message quotes the URL: only the redacted form is shown
         raise EmpError(f"not a Redis URL: {redact_url(url)} (expected redis://[:password@]host:port/db, "
                        f"rediss://… or unix://…)") from None

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping
@@ -393,6 +394,29 @@ def _text(value: Any) -> Any:
     if isinstance(value, dict):
         return {_text(k): _text(v) for k, v in value.items()}
     return value
+
+
+# A quiet subscription is PINGed after this long (JobSignals): as often as an idle worker's fallback sweep looks
+# for jobs anyway, so an idle worker's cost to Redis stays that of its sweeps and heartbeats.
+SIGNALS_PING_AFTER_S = 5.0
+REDIS_SOCKET_TIMEOUT_S = 5.0  # a reply (or a connection) that takes longer counts as a lost connection
+# TCP keepalive that notices a peer gone without a word (a dropped NAT entry) in about 25 s, not the kernel's 2 h
+_KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+
+
+def redis_socket_options(url: str) -> dict[str, Any]:
+    """The socket options of a redis-py client (the worker's, the CLI's) for `url`: connect and read timeouts
+    of their own, since redis-py before 8 read without a timeout (a silently dropped connection froze the
+    worker for ever: no heartbeat, its job left in_progress, nothing logged). TCP keepalive for TCP only:
+    redis-py's unix socket connection refuses the option with a TypeError at its first command (every worker
+    of a unix:// Redis in a crash loop)."""
+    options: dict[str, Any] = {"socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S,
+                               "socket_timeout": REDIS_SOCKET_TIMEOUT_S}
+    if not url.startswith("unix:"):
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = {getattr(socket, name): value for name, value in _KEEPALIVE
+                                               if hasattr(socket, name)}  # (not every platform has all three)
+    return options
 
 
 def _lenient_client(client: Any) -> Any:
@@ -985,17 +1009,24 @@ class JobSignals:
 
     The subscription has a connection of its own that decodes with replacement: a message whose bytes are
     not UTF-8 (any publisher may send one) raised in redis-py's reader and cost the subscription.
+
+    A subscription quiet for `ping_after_s` is PINGed, and one that does not answer within `pong_within_s` is
+    taken for lost: a connection dropped without a word (a NAT entry gone) otherwise left a read that waited
+    for ever, and the worker deaf to new jobs (found by the 5 s fallback sweep) and to cancels (the heartbeat).
     """
 
     _MAX_HINTS = 256
 
     def __init__(self, client: Any, job_types: Iterable[str], on_cancel: Any = None,
-                 reconnect_delay_s: float = 0.5, on_resubscribed: Any = None):
+                 reconnect_delay_s: float = 0.5, on_resubscribed: Any = None,
+                 ping_after_s: float = SIGNALS_PING_AFTER_S, pong_within_s: float = 2.0):
         self._client = _lenient_client(client)
         self._types = set(job_types)
         self._on_cancel = on_cancel
         self._on_resubscribed = on_resubscribed
         self._reconnect_delay_s = reconnect_delay_s
+        self._ping_after_s = ping_after_s
+        self._pong_within_s = pong_within_s
         self._woken = False  # a wake-up came since the last arm(): the next wait() returns at once
         self._waiter: asyncio.Future | None = None  # the pending wait()'s future, resolved by a wake-up
         self._hints: list[str] = []
@@ -1096,9 +1127,25 @@ class JobSignals:
                     if self._on_resubscribed is not None:
                         self._on_resubscribed()
                 first = False
+                heard, pinged = time.monotonic(), None  # when the connection last said anything; our PING's time
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if msg is not None and msg.get("type") == "message":
+                    now = time.monotonic()
+                    if pinged is None and now - heard >= self._ping_after_s:
+                        await pubsub.ping()
+                        pinged = now
+                    due = (pinged + self._pong_within_s) if pinged is not None else (heard + self._ping_after_s)
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=max(0.01, due - now))
+                    if msg is None and pinged is not None and time.monotonic() >= due:
+                        # (once more without waiting: a blocked event loop, not Redis, may have made us late)
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                        if msg is None:
+                            _log.warning("job signals: no reply to PING within %gs; subscribing again",
+                                         self._pong_within_s, extra={"event_type": "job_signals.deaf"})
+                            raise RedisTimeout("no reply to PING")
+                    if msg is None:
+                        continue
+                    heard, pinged = time.monotonic(), None
+                    if msg.get("type") == "message":
                         try:
                             self._handle(_text(msg["channel"]), _text(msg["data"]))
                         except Exception:  # noqa: BLE001 - one message must never end the listener

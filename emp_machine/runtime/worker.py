@@ -40,8 +40,8 @@ from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobE
                                 ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, active_key,
-                                      cancel_and_wait, heartbeat_interval, heartbeat_key, job_key, statuses_json,
-                                      worker_key)
+                                      cancel_and_wait, heartbeat_interval, heartbeat_key, job_key,
+                                      redis_socket_options, statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
 from emp_machine.telemetry.redact import secret_key as secret_name
@@ -516,11 +516,13 @@ class Worker:
             async with self._status_lock:
                 try:
                     # One conditional write: a same-id successor's status and connector statuses stay its own.
-                    await self.store.set_worker_status(
+                    # Within what is left of stop_grace: a stalled Redis kept a drained worker past its SIGKILL.
+                    await asyncio.wait_for(self.store.set_worker_status(
                         self.ident.worker_id, "offline", instance=self.instance,
                         connector_statuses={name: {**entry, "status": "inactive"}
-                                            for name, entry in self.connector_statuses.items()})
-                except RedisError:
+                                            for name, entry in self.connector_statuses.items()}),
+                        self._offline_write_budget())
+                except (RedisError, TimeoutError):
                     pass
             _LIVE_INSTANCES.discard(self.instance)
             await self._close_connector()
@@ -690,6 +692,13 @@ class Worker:
         left = self.drain_started + self.stop_grace() - 0.5 - time.monotonic()
         return min(TELEMETRY_SHUTDOWN_S, max(0.2, left))
 
+    def _offline_write_budget(self) -> float | None:
+        """The exit's offline write: unbounded but by the client's socket timeout, or on a drain what is left of
+        stop_grace less a second for telemetry's flush and the exit."""
+        if self.drain_started is None:
+            return None
+        return max(0.1, self.drain_started + self.stop_grace() - 1.0 - time.monotonic())
+
     def drain_budget(self) -> tuple[float, float]:
         """(grace, margin): running jobs get `grace` to finish, then `margin` is left to hand them back
         before supervisord's SIGKILL (stopwaitsecs = stop_grace). The margin shrinks with a short grace."""
@@ -721,7 +730,7 @@ class Worker:
             try:
                 await asyncio.wait({after})
             except asyncio.CancelledError:
-                await asyncio.shield(self._hand_back(job))
+                await asyncio.shield(self._hand_back_at_stop(job))
                 raise
             self._forget_stop(job.id)
         tel = self.telemetry
@@ -799,7 +808,7 @@ class Worker:
                 # not turn it into ERROR, and the tracer does not count its cancelled calls as a failed job).
                 span.set_attribute("job.handed_back", True)
                 span.set_status(StatusCode.OK)
-                await asyncio.shield(self._hand_back(job))
+                await asyncio.shield(self._hand_back_at_stop(job))
                 raise
             except _CancelledAtComplete as exc:
                 self.log.info("job stopped without completing", extra={
@@ -1166,6 +1175,19 @@ class Worker:
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
 
+    async def _hand_back_at_stop(self, job: Job) -> None:
+        """A drain's hand-back. Redis down or stalled past its deadline is a logged give-up, as elsewhere: it
+        escaped the job's task as "job task failed unexpectedly", with a traceback."""
+        deadline_s = DRAIN_MARGIN_S
+        if self.drain_started is not None:  # done by the drain's end (_drain): the rest is the exit's
+            grace, margin = self.drain_budget()
+            deadline_s = max(0.1, self.drain_started + grace + margin / 2 - time.monotonic())
+        try:
+            await self._hand_back(job, deadline_s=deadline_s)
+        except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back or it is reaped
+            self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
+                           extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
+
     async def _release_orphans(self, job_ids: list[str], reason: str) -> None:
         """Jobs Redis says we run but this process does not (a previous process with our worker id was
         killed, or a finishing write gave up): back to the queue, no attempt counted. Without this our
@@ -1217,11 +1239,16 @@ class Worker:
         job_id = str(args[0]) if args else ""  # every finishing write takes the job's id first
         while True:
             try:
-                return await fn(*args, **kwargs)
+                try:
+                    # Each attempt within the deadline too: one that waits for a stalled Redis takes the whole
+                    # socket timeout, so a drain's hand-back outlasted stop_grace.
+                    return await asyncio.wait_for(fn(*args, **kwargs), max(0.1, deadline - time.monotonic()))
+                except TimeoutError:  # wait_for's (redis-py's own TimeoutError is a RedisError)
+                    raise RedisTimeout("no reply from Redis before the write's deadline") from None
             except (RedisError, OSError) as exc:
                 if not redis_passing(exc):
                     raise
-                if time.monotonic() > deadline:
+                if time.monotonic() >= deadline:
                     self.log.error(f"giving up a finishing write: {redis_trouble(exc)}; the reaper will requeue "
                                    f"the job", extra={"fields": {"job_id": job_id, "error": self._redis_error(exc)}})
                     raise
@@ -1574,6 +1601,11 @@ class Worker:
 
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """The worker's Redis client: read and connect timeouts and TCP keepalive of its own (redis_socket_options)."""
+    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **redis_socket_options(url))
+
+
 async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> int:
     """Build the worker's parts (telemetry, Redis client, connector) and run it until drained."""
     from opentelemetry import trace as otel_trace
@@ -1623,11 +1655,7 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
         secrets = secret_values(settings, group.env, environ)
         connector = _construct(registry, group.connector, settings, context, f"workers.{ident.group}", secrets)
         hardware = probed_hardware(hw.probe())
-        # (TCP keepalive for TCP only: redis-py's unix socket connection refuses the option with a TypeError at
-        # its first command, which put every worker of a unix:// Redis in a crash loop)
-        keepalive = {} if ident.redis_url.startswith("unix:") else {"socket_keepalive": True}
-        client = aioredis.Redis.from_url(ident.redis_url, decode_responses=True, socket_connect_timeout=5,
-                                         health_check_interval=30, **keepalive)
+        client = redis_client(ident.redis_url)
         worker = Worker(manifest, ident, client, connector, tel, hardware, secrets=secrets)
         try:
             return await worker.run()
