@@ -13,6 +13,7 @@ import ctypes
 import enum
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -62,6 +63,9 @@ LEFTOVER_REDIS_GRACE = 10.0
 # FORCED_WORKER_WAIT in all to exit, before everything left is SIGKILLed.
 FORCED_SECOND_TERM_AFTER = 0.25
 FORCED_WORKER_WAIT = 1.0
+# A stop asks supervisord first whether it answers at all, within this: a hung one (SIGSTOPped) held each tier's
+# stop call for its grace + 15 s before anything was signalled (45 s with a 3 s grace, ~72 s with the defaults).
+STOP_ANSWER_TIMEOUT = 2.0
 
 
 class Phase(enum.Enum):
@@ -197,6 +201,7 @@ class Machine:
         self.publisher = st.Publisher(self.aggregate, self._redis, plan.redis_url, manifest.status.interval)
         self._publisher_task: asyncio.Task | None = None
         self._announced_shutdown = False
+        self._unanswering = ""  # why supervisord did not answer at the stop: its processes are stopped directly
         self._supervisords: list[asyncio.subprocess.Process] = []  # ours: their watchers reap them, never the sweep
         self._stopping = threading.Event()  # set with the shutdown: boot steps in threads cut their waits short
         # Blocking waits on supervisord for one process (a start, or a stop or restart within its stop_grace): a
@@ -577,6 +582,8 @@ class Machine:
         try:
             if self.proc.returncode is not None:
                 raise SupervisorError(f"supervisord has exited (exit code {self.proc.returncode})")
+            if self._unanswering:
+                raise SupervisorError(self._unanswering)
             rows = tuple(await asyncio.to_thread(Supervisor(self.paths.socket, timeout=5).processes))
         except SupervisorError as exc:
             step("status.processes_unknown", level=logging.WARNING, update_type=update_type, error=str(exc))
@@ -698,13 +705,20 @@ class Machine:
     async def _on_supervisord_exit(self, returncode: int | None) -> None:
         if self.phase in (Phase.DRAINING, Phase.SHUTDOWN):
             return  # the shutdown sequence waits for it
-        await asyncio.to_thread(_kill_descendants, 5.0)
-        if self.supervisord_restarts >= 1:
-            step("supervisord.lost", level=logging.ERROR, returncode=returncode, action="exit")
+        final = self.supervisord_restarts >= 1
+        step("supervisord.lost", level=logging.ERROR, returncode=returncode,
+             action="exit" if final else "restart once")
+        await asyncio.to_thread(self._stop_orphaned, False)
+        if self.proc is not None:
+            _remove_run_files(self.paths, self.proc.pid)  # killed, it could not remove them
+        if final:
+            self.phase = Phase.SHUTDOWN
+            await self._announce_shutdown()  # while the embedded Redis still runs
+            await asyncio.to_thread(self._stop_orphaned, True)
             self.exit_code = 1
             return
+        await asyncio.to_thread(self._stop_orphaned, True)
         self.supervisord_restarts += 1
-        step("supervisord.lost", level=logging.ERROR, returncode=returncode, action="restart once")
         self.phase = Phase.STARTING
         self.processes = {}
         self.aggregate.set_processes(())
@@ -719,6 +733,8 @@ class Machine:
         else:
             step("shutdown.forced", level=logging.WARNING, signal=name)
             await asyncio.to_thread(self._force_stop)
+            if self.proc is not None:
+                _remove_run_files(self.paths, self.proc.pid)  # SIGKILLed, it could not remove them
             self.exit_code = FORCE_EXIT_CODE
 
     def _force_stop(self) -> None:
@@ -735,6 +751,26 @@ class Machine:
             step("shutdown.forced_workers", pids=[p.pid for p in workers], exited=len(workers) - len(left))
         _kill_descendants(0.0)
 
+    def _stop_orphaned(self, last: bool) -> None:
+        """supervisord died: what it ran is ours now (the subreaper), running unsupervised. Stopped in the
+        machine's order: the workers, each a second SIGTERM shortly after its first (draining on its stop_grace,
+        one SIGTERM and a SIGKILL 5 s later left its running jobs claimed by a dead worker until the lease ran
+        out; on its second it hands them back at once), then the services and what else is left; with `last`,
+        the embedded Redis (the hand-backs and the shutdown message go into it first), then any straggler."""
+        redis_dir = os.path.normpath(os.path.abspath(self.paths.state / "redis"))
+        tree = [p for p in _children(psutil.Process()) if _status(p) not in (psutil.STATUS_ZOMBIE, None)]
+        redis = [p for p in tree if _is_embedded_redis(p, redis_dir)]
+        if last:
+            killed = _terminate(redis, LEFTOVER_REDIS_GRACE) + _kill_descendants(LEFTOVER_GRACE)
+        else:
+            argvs = {tuple(s.argv) for s in self.plan.specs if s.kind == "worker"}
+            workers = [p for p in tree if _cmdline(p) in argvs]
+            killed = _terminate(workers, FORCED_SECOND_TERM_AFTER, LEFTOVER_SECOND_GRACE)
+            killed += _terminate([p for p in tree if p not in workers and p not in redis], LEFTOVER_GRACE)
+        if tree:
+            step("supervisord.orphans_stopped", pids=[p.pid for p in tree], killed=killed,
+                 tier="redis" if last else "workers and services")
+
     def _begin_shutdown(self, exit_code: int) -> None:
         self.phase = Phase.DRAINING
         self._stopping.set()
@@ -750,17 +786,33 @@ class Machine:
             if kind == "redis":
                 await self._announce_shutdown()
             # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked)
-            if names and self._supervisord_up and self.proc is not None and self.proc.returncode is None:
-                await asyncio.gather(*(self._stop(name) for name in names))  # all at once: see self._waits
+            if not (names and self._supervisord_up and self.proc is not None and self.proc.returncode is None):
+                continue
+            if not self._unanswering:
+                await self._check_answering(self.aggregate.supervisor_silent)
+            if not self._unanswering:
+                stopped = await asyncio.gather(*(self._stop(name) for name in names))  # all at once: self._waits
+                if not all(stopped):  # refused, or timed out: a supervisord that hung meanwhile?
+                    await self._check_answering("")
+            if self._unanswering:
+                known = {row.pid: row.name for row in self.processes.values() if row.pid}  # the last sweep's
+                killed = await asyncio.to_thread(self._stop_directly, names, known)
+                step(f"shutdown.{kind}_stopped", processes=names, direct=True, killed=killed)
+            else:
                 step(f"shutdown.{kind}_stopped", processes=names)
         self.phase = Phase.SHUTDOWN
         await self._announce_shutdown()
         if self.proc is not None and self.proc.returncode is None:
             try:
+                if self._unanswering:
+                    raise SupervisorError(self._unanswering)
                 await asyncio.to_thread(self.control.shutdown)
             except SupervisorError:  # not listening yet (still starting) or not answering: SIGTERM does the same
                 with contextlib.suppress(ProcessLookupError):
-                    self.proc.terminate()
+                    if self._unanswering:  # a hung one would not act on a SIGTERM; what it ran is stopped
+                        self.proc.kill()
+                    else:
+                        self.proc.terminate()
             try:
                 await asyncio.wait_for(self.proc.wait(), 10)
             except asyncio.TimeoutError:
@@ -775,13 +827,61 @@ class Machine:
             step("shutdown.leftovers", level=logging.WARNING, pids=left, action="terminated")
         self.inbox.put_nowait(ShutdownDone())
 
-    async def _stop(self, name: str) -> None:
+    async def _stop(self, name: str) -> bool:
         grace = self.plan.spec(name).stop_grace
         stop = Supervisor(self.paths.socket, timeout=grace + 15).stop
         try:
             await asyncio.get_running_loop().run_in_executor(self._waits, stop, name, True)
+            return True
         except SupervisorError as exc:
             step("process.stop_failed", level=logging.ERROR, process_name=name, error=str(exc))
+            return False
+
+    async def _check_answering(self, known_silent: str) -> None:
+        """Whether supervisord answers a short call (unless the sweep already found it silent); if not, the rest
+        of the stop goes without it (self._unanswering)."""
+        reason = known_silent
+        if not reason:
+            try:
+                await asyncio.to_thread(Supervisor(self.paths.socket, timeout=STOP_ANSWER_TIMEOUT).call,
+                                        "supervisor.getState")
+                return
+            except SupervisorError as exc:
+                reason = f"supervisord not answering: {exc}"[:300]
+        self._unanswering = reason
+        step("shutdown.supervisord_not_answering", level=logging.WARNING, error=reason,
+             action="stop its processes directly, then SIGKILL it")
+
+    def _stop_directly(self, names: list[str], known: dict[int, str]) -> list[int]:
+        """supervisord does not answer: stop these processes of its as it would have (stopasgroup, killasgroup):
+        each one's stop signal to its process group, up to its stop_grace (a worker drains on it and hands back
+        what still runs before its grace ends), then SIGKILL to the group. Returns the pids that were killed."""
+        targets = []
+        for proc in _direct_children(self.proc.pid):
+            try:  # (the embedded Redis overwrites its environment with its title: the sweep's pid then)
+                name = proc.environ().get("SUPERVISOR_PROCESS_NAME") or known.get(proc.pid)
+            except psutil.Error:
+                name = known.get(proc.pid)
+            if name in names and _status(proc) not in (psutil.STATUS_ZOMBIE, None):
+                targets.append((proc, self.plan.spec(name)))
+        start = time.monotonic()
+        for proc, spec in targets:
+            with contextlib.suppress(OSError):  # a program leads its own group (supervisord's setpgrp)
+                os.killpg(proc.pid, getattr(signal, f"SIG{spec.stop_signal}"))
+        killed = []
+        # polled, not waited on: their parent is hung, so they stay zombies (gone for us), which psutil waits out
+        while targets:
+            time.sleep(0.05)
+            now = time.monotonic()
+            for proc, spec in list(targets):
+                if _status(proc) in (psutil.STATUS_ZOMBIE, None):
+                    targets.remove((proc, spec))
+                elif now - start >= math.ceil(spec.stop_grace):  # as supervisord's stopwaitsecs
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                    targets.remove((proc, spec))
+        return killed
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _spawn(self, coro) -> None:
@@ -941,6 +1041,25 @@ def _terminate(procs: list[psutil.Process], grace: float, second_grace: float = 
     killed = _signal_all(alive, signal.SIGKILL)
     psutil.wait_procs(killed, timeout=5)
     return [p.pid for p in killed]
+
+
+def _is_embedded_redis(proc: psutil.Process, redis_dir: str) -> bool:
+    """Whether `proc` is the embedded Redis of the state dir whose redis folder is `redis_dir` (it rewrites its
+    command line into its process title: also a redis-server / valkey-server working in that folder)."""
+    try:
+        argv = proc.cmdline()
+        if proc.name().startswith(("redis-server", "valkey-server")) and proc.cwd() == redis_dir:
+            return True
+    except psutil.Error:
+        return False
+    return any(argv[i] == "--dir" and os.path.normpath(argv[i + 1]) == redis_dir for i in range(len(argv) - 1))
+
+
+def _direct_children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children()
+    except psutil.Error:
+        return []
 
 
 def _cmdline(proc: psutil.Process) -> tuple[str, ...]:

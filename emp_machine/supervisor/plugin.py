@@ -169,6 +169,8 @@ class _Restarter:
                 self.tracker(name).on_manual_start()
                 self.errored_reason.pop(name, None)
             return
+        if state == ProcessStates.EXITED and process.pid:  # (a stop ends STOPPED; the pid is still set here)
+            _kill_group(process.pid)
         if name in self.held or self._orphaned or self.options.mood < SupervisorStates.RUNNING:
             return
         now = time.monotonic()
@@ -215,6 +217,18 @@ class _Restarter:
     def close(self) -> None:
         self.options.poller.poll = self._original_poll
         events.unsubscribe(events.ProcessStateEvent, self.on_state)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL what is left of the process group of the program `pid`, which exited on its own (supervisord makes
+    each program the leader of its own group). stopasgroup/killasgroup reach the group only on a stop: after a
+    crash its children (a service's workers or subprocesses, with their memory, GPU and ports) ran on under the
+    machine, one more set at each restart. Sent as it is reaped: while one member is left, the kernel keeps the
+    pid for the group."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # no one left in it
+        pass
 
 
 def _is_worker(process) -> bool:

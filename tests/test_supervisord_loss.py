@@ -1,0 +1,196 @@
+"""The machine's process tree when its supervisord dies or hangs: jobs handed back, a shutdown message, no strays."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import redis as redis_lib
+
+from emp_machine.runtime.jobs import JobStore
+from harness import pid_alive, wait_for
+
+PY = sys.executable
+
+HANGING_WORKERS = """
+workers:
+  sim:
+    connector: simulation
+    count: 2
+    lease: 60s
+    stop_grace: {grace}
+"""
+
+
+class StatusListener:
+    """The machine status messages (update_type, phase), from a pattern subscription in a thread."""
+
+    def __init__(self, url: str):
+        self.client = redis_lib.Redis.from_url(url, decode_responses=True)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe("machine:status:*")
+        self.got: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+            except (redis_lib.ConnectionError, OSError, ValueError):
+                return
+            if msg and msg["type"] == "pmessage":
+                self.got.append(json.loads(msg["data"])["update_type"])
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.pubsub.close()
+        self.client.close()
+
+
+def _supervisord_pid(machine) -> int:
+    return int((machine.state_dir / "run" / "supervisord.pid").read_text())
+
+
+def _running_jobs(redis, count: int = 2) -> list[str]:
+    store = JobStore(redis)
+    jobs = [store.submit("simulation", {"steps": 1, "step_ms": 0, "hang": True}) for _ in range(count)]
+    wait_for(lambda: all(redis.hget(f"job:{j}", "status") == "in_progress" for j in jobs), timeout=15,
+             message="the jobs running")
+    return jobs
+
+
+def _handed_back(redis, jobs: list[str], timeout: float) -> None:
+    wait_for(lambda: all(redis.hget(f"job:{j}", "status") == "pending" for j in jobs), timeout=timeout,
+             interval=0.05, message=f"the jobs handed back: {[redis.hgetall(f'job:{j}') for j in jobs]}")
+    store = JobStore(redis)
+    for job_id in jobs:
+        assert redis.hget(f"job:{job_id}", "worker_id") == ""
+        assert [e["ev"] for e in store.timeline(job_id).events][-1] == "handed_back"
+
+
+def test_a_stop_right_after_supervisord_is_lost_hands_the_running_jobs_back(machine_factory, redis):
+    # The orphaned workers got one SIGTERM (they drain on their 30 s stop_grace) and a SIGKILL 5 s later: the
+    # machine then exited 0 with both jobs in_progress under dead workers until their lease ran out.
+    machine = machine_factory(HANGING_WORKERS.format(grace="30s"))
+    machine.wait_ready()
+    jobs = _running_jobs(redis)
+    workers = [p.pid for p in machine.processes().values()]
+    os.kill(_supervisord_pid(machine), signal.SIGKILL)
+    machine.wait_event("supervisord.lost", action="restart once")
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit(20) == 0
+    _handed_back(redis, jobs, timeout=2)
+    assert not any(pid_alive(p) for p in workers)
+
+
+def test_second_supervisord_loss_hands_jobs_back_announces_shutdown_and_leaves_no_run_files(machine_factory,
+                                                                                          redis, redis_url):
+    listener = StatusListener(redis_url)
+    try:
+        machine = machine_factory(HANGING_WORKERS.format(grace="30s"))
+        machine.wait_ready()
+        first = _supervisord_pid(machine)
+        os.kill(first, signal.SIGKILL)
+        machine.wait_event("supervisord.lost", action="restart once")
+        wait_for(lambda: len([e for e in machine.events() if e.get("message") == "machine_ready"]) == 2,
+                 timeout=20, message="ready again under a new supervisord")
+        jobs = _running_jobs(redis)
+        second = _supervisord_pid(machine)
+        assert second != first
+        workers = [p.pid for p in psutil.Process(second).children()]
+        os.kill(second, signal.SIGKILL)
+        assert machine.wait_exit(20) == 1
+        _handed_back(redis, jobs, timeout=2)
+        assert not any(pid_alive(p) for p in workers)
+        # the contract's shutdown message goes out on exit, this one too
+        wait_for(lambda: listener.got and listener.got[-1] == "shutdown", timeout=5,
+                 message=f"a shutdown status message last: {listener.got[-5:]}")
+        run = machine.state_dir / "run"
+        assert not (run / "supervisor.sock").exists() and not (run / "supervisord.pid").exists()
+    finally:
+        listener.close()
+
+
+def test_a_stop_while_supervisord_hangs_stops_the_workers_within_their_grace(machine_factory, redis):
+    # Each tier's stop call waited grace + 15 s on the silent supervisord, then the status read 5 s, then its
+    # shutdown call: 45 s with a 3 s stop_grace, and no signal reached the workers for 43 s of them.
+    machine = machine_factory(HANGING_WORKERS.format(grace="3s"))
+    machine.wait_ready()
+    jobs = _running_jobs(redis)
+    supervisord = _supervisord_pid(machine)
+    workers = [p.pid for p in psutil.Process(supervisord).children()]
+    os.kill(supervisord, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        machine.signal(signal.SIGTERM)
+        assert machine.wait_exit(3 + 7) == 0  # stop_grace, 2 s to find supervisord silent, and a margin
+        elapsed = time.monotonic() - started
+        _handed_back(redis, jobs, timeout=1)
+        assert not any(pid_alive(p) for p in [*workers, supervisord])
+        # each drained on its own within its grace, not killed (its own log is not written: supervisord, stopped,
+        # holds the pipe)
+        assert machine.event("shutdown.worker_stopped", direct=True, killed=[])
+        assert elapsed < 10
+    finally:
+        if pid_alive(supervisord):
+            os.kill(supervisord, signal.SIGCONT)
+
+
+def test_a_forced_stop_leaves_no_socket_or_pidfile(machine_factory):
+    machine = machine_factory(f"""
+services:
+  stubborn:
+    command: {PY} -c "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); time.sleep(600)"
+    stop_grace: 60s
+""")
+    machine.wait_ready()
+    wait_for(lambda: "deaf" in machine.log_of("stubborn-0"), timeout=10, message="the service ignoring SIGTERM")
+    run = machine.state_dir / "run"
+    assert (run / "supervisor.sock").exists() and (run / "supervisord.pid").exists()
+    machine.signal(signal.SIGTERM)
+    machine.wait_event("shutdown.drain")
+    machine.signal(signal.SIGINT)
+    assert machine.wait_exit(10) == 1
+    assert not (run / "supervisor.sock").exists()
+    assert not (run / "supervisord.pid").exists()
+
+
+def test_a_crashed_services_process_group_does_not_outlive_it(machine_factory, tmp_path):
+    # stopasgroup/killasgroup act on a stop only: after a crash the service's children ran on under the
+    # machine, one more set at each restart.
+    pids = tmp_path / "children"
+    script = tmp_path / "svc.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pids)!r}, 'a').write(f'{{child.pid}}\\n')\n"
+        "time.sleep(600)\n", encoding="utf-8")
+    machine = machine_factory(f"""
+services:
+  svc:
+    command: {PY} {script}
+    stop_grace: 2s
+""")
+    machine.wait_ready()
+
+    def children() -> list[int]:
+        return [int(x) for x in pids.read_text().split()] if pids.exists() else []
+
+    wait_for(lambda: len(children()) == 1, timeout=10, message="the service's child")
+    old = machine.process("svc-0").pid
+    child = children()[0]
+    assert os.getpgid(child) == old  # in its service's group (supervisord makes each program a group leader)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: (p := machine.process("svc-0")) and p.state == "RUNNING" and p.pid != old, timeout=15,
+             message="the service restarted")
+    wait_for(lambda: len(children()) == 2, timeout=10, message="the new service's child")
+    wait_for(lambda: not pid_alive(child), timeout=5, interval=0.05, message=f"the old child {child} gone")
+    assert pid_alive(children()[1])
