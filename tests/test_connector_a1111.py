@@ -431,6 +431,29 @@ def test_the_next_job_is_not_sent_before_an_interrupted_run_has_ended(fake, cont
     assert len(server.interrupts) == 1 and server.interrupts[0] == a_run["task_id"]
 
 
+def test_the_next_job_waits_for_an_interrupted_run_whose_request_timed_out(fake, context):
+    # The request gone (timed out, dropped), the stop had no answer to wait for and passed the turn on at once:
+    # the next job queued behind the run A1111 was still ending. It now waits until A1111 says the run is no
+    # longer active (/internal/progress).
+    server = fake(step_s=0.05)
+    server.interrupt_lag_s = 0.5  # within request_timeout_s, which bounds the stop's wait too
+
+    async def main():
+        conn = connector(context, server, request_timeout_s=2.0)
+        try:
+            with pytest.raises(RetryableJobError, match="timed out"):
+                await conn.run(_job("a", 200), Progress())
+            b = await conn.run(_job("b", 3), Progress())
+            await wait_for(lambda: not conn._stopping, 10)
+            return b
+        finally:
+            await conn.close()
+    b = asyncio.run(main())
+    assert len(b.outputs) == 1 and server.queued_behind == []
+    a_run, b_run = server.runs
+    assert a_run["interrupted"] and (b_run["done"], b_run["interrupted"]) == (3, False)
+
+
 def test_a1111_going_away_during_a_background_stop_leaves_no_unretrieved_error(fake, context):
     # The stop waits for the interrupted run's answer; A1111 going away instead failed the request, and nobody
     # read that failure: asyncio logged "Task exception was never retrieved" with a traceback.

@@ -66,3 +66,7 @@ def test_url_safe_base64_of_a_file_is_stored_as_that_file(tmp_path):
     spilled = outputs.spill(JobResult(data={"image": encoded}), tmp_path)
     ref = spilled.data["image"]
     assert ref["mime_type"] == "image/png" and open(ref["path"], "rb").read() == PNG
+    for head in (b"BM", b"II*\x00", b"glTF", b"\xff\xf1", b"\xff\xf2"):  # BMP, TIFF, glTF, AAC, MPEG-2 audio
+        blob = head + bytes(range(256)) * 80
+        spilled = outputs.spill(JobResult(data=base64.urlsafe_b64encode(blob).decode().rstrip("=")), tmp_path)
+        assert open(spilled.data["path"], "rb").read() == blob, head

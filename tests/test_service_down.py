@@ -131,6 +131,8 @@ def test_jobs_wait_uncounted_while_the_service_is_down_and_all_run_once_it_is_ba
         wait_for(lambda: health(client, workers, 0) == "unhealthy", 5, message="connector_statuses unhealthy")
         (paused,) = wait_for(lambda: events(workers, 0, "worker.claims_paused"), 5, message="claims paused")
         assert "ComfyUI unreachable" in paused["reason"], paused
+        # the worker's own record, though the job's failure asked for the check: not filed under the job
+        assert "job_id" not in paused and "trace_id" not in paused, paused
 
         def nothing_burnt():
             return (not msgs.of("job_failed") and len(msgs.of("job_claimed")) <= 1

@@ -472,8 +472,10 @@ def test_a_cancelled_unsampled_job_is_not_kept_as_a_failed_trace(redis_server, t
             failed = submit("bad", {"steps": 2, "step_ms": 0, "fail_at_step": 1, "fail_retryable": False})
             wait_for(lambda: c.hget(f"job:{failed}", "status") == "failed", 20, message="the failing job")
             # the failed job's trace arrives whole; the cancelled one's, buffered before it, would be there too
-            wait_for(lambda: {"job.execution", "service.call"} <= {s.name for s in spans_of("bad")}, 20,
-                     message="the failed job's trace")
+            wait_for(lambda: {"job.execution", "service.call"} <= {s.name for s in spans_of("bad")}, 45,
+                     message=f"the failed job's trace (spans received: "
+                             f"{sorted((s.name, s.trace_id.hex()[:8]) for s in receiver.spans())}; worker log: "
+                             f"{procs.log(0)[-1500:]})")
     finally:
         c.close()
         receiver.stop()

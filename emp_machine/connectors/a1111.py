@@ -282,12 +282,17 @@ class A1111Connector(_http.HttpSession, Connector):
                 if action == "interrupt":
                     if not interrupted and not self._session.closed:
                         await self._interrupt(headers)
+                    # A1111 ends the run after its current step. Until then it still runs, with the
+                    # `interrupted` flag of our interrupt: the turn passed now, the next job's request queued
+                    # behind it and read that flag (a job_timestamp of the same second) as its own, reporting
+                    # a whole generation cancelled. Waited for: its answer, or (the request gone: it timed
+                    # out or dropped) A1111 saying our run is no longer active.
                     if generate is not None:
-                        # A1111 ends the run after its current step and answers. Until then it still runs,
-                        # with the `interrupted` flag of our interrupt: the turn passed now, the next job's
-                        # request queued behind it and read that flag (a job_timestamp of the same second)
-                        # as its own, reporting a whole generation cancelled.
                         await asyncio.wait({generate}, timeout=max(0.0, deadline - time.monotonic()))
+                    else:
+                        while time.monotonic() < deadline and not self._session.closed and \
+                                await self._task_state(task_id, headers) == "active":
+                            await asyncio.sleep(self.settings.progress_interval_s)
                     return
                 if action == "done" or time.monotonic() >= deadline:
                     return

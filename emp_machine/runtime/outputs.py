@@ -49,9 +49,12 @@ _DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.A
 _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]+={0,2}", re.ASCII)
 _BASE64URL = re.compile(r"[A-Za-z0-9_\-\r\n]+={0,2}", re.ASCII)
 _URL_TO_STANDARD = str.maketrans("-_", "+/", "\r\n")
-# The first bytes of the files services send as base64 (images, audio, video, PDF, zip).
-_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"GIF87a", b"GIF89a", b"RIFF", b"ID3", b"\xff\xfb", b"\xff\xf3", b"OggS",
-               b"fLaC", b"%PDF", b"PK\x03\x04", b"\x1aE\xdf\xa3")
+# The first bytes of the files services send as base64: images (PNG, JPEG, GIF, WebP/WAV/AVI's RIFF, BMP, TIFF),
+# audio (MP3 with an ID3 tag or a bare MPEG frame, AAC's ADTS, Ogg, FLAC), video (Matroska/WebM; MP4/MOV by
+# their `ftyp` at byte 4), 3D (glTF binary), PDF, zip.
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"GIF87a", b"GIF89a", b"RIFF", b"BM", b"II*\x00", b"MM\x00*", b"ID3",
+               b"\xff\xfb", b"\xff\xfa", b"\xff\xf3", b"\xff\xf2", b"\xff\xf1", b"\xff\xf9", b"OggS", b"fLaC",
+               b"\x1aE\xdf\xa3", b"glTF", b"%PDF", b"PK\x03\x04")
 
 
 def _known_file(data: bytes | None) -> bool:

@@ -1053,9 +1053,7 @@ class Worker:
         (returns False); healthy, only this job's address is unreachable and its attempt counts (True).
         Failed as every other retryable error, a down service emptied the queue into final failures, max_retries
         claims per job in a tight loop."""
-        statuses = await self._read_connector_statuses()
-        self._health_checked_at = time.monotonic()
-        if await self._note_health(statuses):
+        if await self._own_task(self._check_health_now()):
             return True
         try:
             await self._hand_back(job, "service unreachable", deadline_s=self.group.lease,
@@ -1064,6 +1062,13 @@ class Worker:
             self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
                            extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
         return False
+
+    async def _check_health_now(self) -> bool:
+        """The connector's health read and noted now (claims paused or resumed): the worker's own records, in its
+        own context (_own_task), though a job's failure asks for it."""
+        statuses = await self._read_connector_statuses()
+        self._health_checked_at = time.monotonic()
+        return await self._note_health(statuses)
 
     async def _to_files(self, store: Any, result: JobResult, job: Job, what: str) -> JobResult:
         """`store(result, the job's output folder)` in a thread (outputs.spill or outputs.cap). An OSError is
