@@ -455,8 +455,14 @@ def test_a_cancelled_unsampled_job_is_not_kept_as_a_failed_trace(redis_server, t
     traces = {"cxl": "c1" * 16, "bad": "b1" * 16}
 
     def submit(name: str, payload: dict) -> str:
-        job_id = store.submit("tailcxl", payload, max_retries=0)
-        c.hset(f"job:{job_id}", "traceparent", f"00-{traces[name]}-{'c' * 16}-00")  # the producer's: unsampled
+        # As the EMP API writes a job, with the producer's unsampled traceparent in the same hash write (set
+        # after the submission, an idle worker could claim the job first and trace it under an id of its own)
+        job_id = f"tail-{name}-{uuid.uuid4()}"
+        fields = {**contract_fields(job_id, "tailcxl", payload, max_retries=0),
+                  "traceparent": f"00-{traces[name]}-{'c' * 16}-00"}
+        c.hset(f"job:{job_id}", mapping=fields)
+        c.zadd("jobs:pending", {job_id: 50e15 - int(time.time())})
+        c.publish("job_submitted", json.dumps({"job_id": job_id, "service_required": "tailcxl", "priority": 50}))
         return job_id
 
     def spans_of(name: str) -> list:
@@ -472,10 +478,13 @@ def test_a_cancelled_unsampled_job_is_not_kept_as_a_failed_trace(redis_server, t
             failed = submit("bad", {"steps": 2, "step_ms": 0, "fail_at_step": 1, "fail_retryable": False})
             wait_for(lambda: c.hget(f"job:{failed}", "status") == "failed", 20, message="the failing job")
             # the failed job's trace arrives whole; the cancelled one's, buffered before it, would be there too
-            wait_for(lambda: {"job.execution", "service.call"} <= {s.name for s in spans_of("bad")}, 45,
-                     message=f"the failed job's trace (spans received: "
-                             f"{sorted((s.name, s.trace_id.hex()[:8]) for s in receiver.spans())}; worker log: "
-                             f"{procs.log(0)[-1500:]})")
+            try:
+                wait_for(lambda: {"job.execution", "service.call"} <= {s.name for s in spans_of("bad")}, 45,
+                         message="the failed job's trace")
+            except AssertionError as exc:  # what did arrive, and the worker's last lines
+                raise AssertionError(f"{exc}; spans received: "
+                                     f"{sorted((s.name, s.trace_id.hex()[:8]) for s in receiver.spans())}; "
+                                     f"worker log: {procs.log(0)[-1500:]}") from None
     finally:
         c.close()
         receiver.stop()
