@@ -206,3 +206,42 @@ def test_a_crash_restarted_within_one_sweep_is_a_transition(tmp_path):
         return agg.transition.is_set()
 
     assert asyncio.run(scenario()), "a restarted worker (new pid, restarts + 1) must be a transition"
+
+
+def test_a_stalled_worker_is_unhealthy_past_its_lease_and_its_job_is_reaped_by_the_machine(
+        machine_factory, redis):
+    """A worker SIGSTOPped mid-job on a one-worker machine, lease 3 s. Its heartbeat key lives the contract's 60 s
+    whatever the lease, so /health stayed 200 for a minute; and only workers reaped, so no one re-queued the job
+    (it stayed in_progress for good). Now /health says so once the heartbeat is older than the lease, and the
+    machine's own reaper puts the job back."""
+    from emp_machine.runtime.jobs import JobStore
+
+    machine = machine_factory("""
+workers:
+  stall:
+    connector: simulation
+    job_types: [stallmachine]
+    count: 1
+    lease: 3s
+    stop_grace: 2s
+""")
+    machine.wait_ready()
+    base = health_base(machine)
+    wait_for(lambda: http_json(base + "/health")[0] == 200, 20, message="healthy")
+    store = JobStore(redis)
+    job_id = store.submit("stallmachine", {"steps": 1, "step_ms": 0, "hang": True})
+    wait_for(lambda: redis.hget(f"job:{job_id}", "status") == "in_progress", 10, message="the job running")
+    pid = machine.process("worker-0").pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        def stale():
+            code, body = http_json(base + "/health")
+            reason = body["services"]["worker-0"].get("reason", "")
+            return code == 503 and "past its 3s lease" in reason and body
+        wait_for(stale, 12, message="/health reporting the stalled worker")
+        # lease 3 s, a confirmation of 1.5 s, the reaper's round (0.75 s): well within 15 s
+        wait_for(lambda: redis.hget(f"job:{job_id}", "status") == "pending", 15, message="the job re-queued")
+        assert machine.event("jobs.requeued"), machine.tail()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: http_json(base + "/health")[0] == 200, 20, message="healthy again once it beats")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from emp_machine.runtime.jobs import WorkerRow
+from emp_machine.runtime.jobs import HEARTBEAT_TTL_S, WorkerRow
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan
 from emp_machine.supervisor.control import ProcessInfo
 
@@ -61,6 +61,7 @@ class _Worker:
     job_types: tuple[str, ...]
     service_process: str | None
     gpu: int | None
+    lease_s: float = 0.0  # its group's lease: a heartbeat older than that is a stalled worker's
     row: WorkerRow | None = None
 
 
@@ -71,6 +72,7 @@ class Aggregator:
     version: str
     health_url: str
     required: set[str] = field(default_factory=set)  # service processes whose health decides the machine's
+    leases: dict[str, float] = field(default_factory=dict)  # worker group -> lease in seconds
     clock: Any = time.time  # wall time: the documents' timestamps only
     monotonic: Any = time.monotonic  # uptime: immune to wall-clock steps (an NTP correction, a manual set)
 
@@ -88,7 +90,7 @@ class Aggregator:
         self.workers = {
             w.worker_id: _Worker(w.worker_id, w.process, self._service_type(w), w.connector,
                                  self.job_types.get(w.group, (w.connector,)), w.service_process,
-                                 self._gpu_of(w.service_process))
+                                 self._gpu_of(w.service_process), self.leases.get(w.group, 0.0))
             for w in self.plan.workers}
         self._by_process = {w.process: w for w in self.workers.values()}
         self.required = self.required or {s.process for s in self.plan.services if s.required}
@@ -229,8 +231,15 @@ class Aggregator:
             return False, "not registered in Redis yet"
         if w.row.status == "offline":
             return False, "reports offline"
-        if w.row.heartbeat_ttl_ms <= 0 and w.row.heartbeat_ttl_ms != -1:
+        ttl_ms = w.row.heartbeat_ttl_ms
+        if ttl_ms <= 0 and ttl_ms != -1:
             return False, f"no heartbeat (worker:{w.worker_id}:heartbeat missing or expired)"
+        # The key lives the contract's 60 s whatever the lease, so its expiry alone left a stalled worker (SIGSTOP,
+        # a blocked event loop) healthy for a minute, past the lease after which its jobs are reaped. Its age is
+        # read off Redis's own TTL: no clock of ours comes into it.
+        age_s = HEARTBEAT_TTL_S - ttl_ms / 1000
+        if w.lease_s and ttl_ms > 0 and age_s > w.lease_s:
+            return False, f"heartbeat {age_s:.0f}s old, past its {w.lease_s:g}s lease (the worker is stalled)"
         return True, ""
 
     def _process_health(self, name: str, info: ProcessInfo | None) -> tuple[bool, str]:

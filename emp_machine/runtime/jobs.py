@@ -1251,6 +1251,18 @@ async def mark_worker_offline(client: Any, worker_id: str) -> str:
                                       "offline", "0"))
 
 
+async def reap_with(client: Any, lease_s: float, limit: int = 100) -> list[str]:
+    """reap_expired_leases() over the machine's MiniRedis (EVAL, as mark_worker_offline): the machine reaps
+    too, so the job of a worker that stalled is re-queued though no other worker of the fleet runs (a one-worker
+    machine, or every worker of it wedged). `lease_s`: the longest lease the caller's workers use, which sets
+    the confirmation wait as a store of that lease would."""
+    beat_s = heartbeat_interval(lease_s)
+    confirm_ms = int((beat_s + max(0.5, beat_s / 2)) * 1000)
+    keys = list(_FIXED_KEYS)
+    return [str(x) for x in _text(await client.execute("EVAL", script_source("reap"), len(keys), *keys, limit,
+                                                      confirm_ms)) or []]
+
+
 async def publish_machine_status(client: Any, machine_id: str, message: str) -> int:
     """PUBLISH machine:status:{machine_id} (the contract's machine status message, JSON text)."""
     return int(await client.publish(machine_status_channel(machine_id), message))

@@ -183,7 +183,8 @@ class Machine:
         # Health and status: the aggregator is fed here only (handle() and the on_* steps); the HTTP server
         # and the publisher read it.
         self.aggregate = Aggregator(plan, {name: g.job_types or (g.connector,) for name, g in manifest.workers.items()},
-                                    st.version(), health_url="")
+                                    st.version(), health_url="",
+                                    leases={name: g.lease for name, g in manifest.workers.items()})
         metrics = getattr(telemetry, "metrics", None)
         if metrics is not None and hasattr(metrics, "workers_active"):
             self.aggregate.gauges = (metrics.workers_active, metrics.workers_total)
@@ -235,6 +236,8 @@ class Machine:
         self._spawn(self._prune_outputs())
         if self.plan.redis_probe:  # our embedded Redis: nobody else forgets its finished jobs
             self._spawn(self._expire_finished())
+        if self.manifest.workers:
+            self._spawn(self._reaper())
         workers = [w.worker_id for w in self.plan.workers]
         self._spawn(st.poll_redis(self._redis, self.plan.redis_url, workers, self.inbox))
         if workers:
@@ -677,6 +680,30 @@ class Machine:
                     failing = error
                     step("redis.finished_expiry_failed", level=logging.WARNING, error=error)
             await asyncio.sleep(EXPIRE_FINISHED_INTERVAL_S)
+
+    async def _reaper(self) -> None:
+        """Every machine reaps expired leases, not only its workers: a one-worker machine whose worker stalled
+        (SIGSTOP, a blocked event loop) left its job in_progress for good, no one else running to reap it. Its
+        workers' pace (a quarter of the shortest lease, at most 15 s); a round that fails waits for the next."""
+        leases = [g.lease for g in self.manifest.workers.values()]
+        interval = min(15.0, max(0.5, min(leases) / 4))
+        failing = ""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                requeued = await jobs.reap_with(self._redis, max(leases))
+                failing = ""
+            except (OSError, TimeoutError) as exc:  # Redis restarting or unreachable: the next round
+                log.debug("leases not reaped this round: %s", exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a script error (a stray key): said once, never the end
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                if error != failing:
+                    failing = error
+                    step("redis.reap_failed", level=logging.WARNING, error=error)
+                continue
+            if requeued:
+                step("jobs.requeued", level=logging.WARNING, job_ids=requeued, reason="lease expired")
 
     @staticmethod
     def _reap_orphans(supervisords: set[int]) -> None:
