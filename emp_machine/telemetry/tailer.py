@@ -139,6 +139,21 @@ def _char_end(data: bytes, start: int) -> int:
     return end
 
 
+def _parse_saved(saved: str) -> tuple[dict, _Identity, bytes]:
+    """A file's saved state (`ServiceOutputTailer._commit`): the values, the file's identity and the carry.
+    Raises ValueError (or KeyError, TypeError) when it is not what `_commit` writes."""
+    data = json.loads(saved)
+    if type(data) is not dict:
+        raise ValueError(f"a {type(data).__name__} where an object was saved")
+    for name in ("inode", "offset"):
+        if type(data[name]) is not int or data[name] < 0:
+            raise ValueError(f"{name} {data[name]!r}")
+    dev = data.get("dev")
+    if dev is not None and type(dev) is not int:
+        raise ValueError(f"dev {dev!r}")
+    return data, (dev, data["inode"], bytes.fromhex(data.get("head", ""))), bytes.fromhex(data.get("carry", ""))
+
+
 def _same(dev: int, inode: int, head: bytes, identity: _Identity) -> bool:
     known_dev, known_inode, known_head = identity
     return inode == known_inode and known_dev in (None, dev) and head[:len(known_head)] == known_head
@@ -264,9 +279,19 @@ class ServiceOutputTailer:
         saved = self.buffer.state(state.key)
         if not saved:
             return
-        data = json.loads(saved)
-        wanted = (data.get("dev"), data["inode"], bytes.fromhex(data.get("head", "")))
-        carry = bytes.fromhex(data.get("carry", ""))
+        try:
+            data, wanted, carry = _parse_saved(saved)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Damaged (a torn or flipped frame, a bad disk): raised here, it stopped the machine's boot at every
+            # start, the value being in SQLite. Read as a file never seen: from the live file's start (lines may
+            # ship twice), reported, and the bad value replaced in the same commit, so this is said once.
+            problem = " ".join(str(exc).split()) or type(exc).__name__
+            record = self._lost(state, f"the saved read offset of {state.source.path} is unreadable ({problem}); "
+                                       "reading starts again at the beginning of the live file: output written "
+                                       "while the machine was down may be lost, lines read before may be sent twice")
+            self.buffer.append_with_state([record], state.key, "")
+            self.lost_gaps += 1
+            return
         chain = _chain(state.source.path)
         for candidate in chain:  # the live file, or where rotations moved it while we were down
             if _matches(candidate, wanted) and self._open(state, candidate, wanted):
