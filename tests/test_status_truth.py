@@ -126,6 +126,11 @@ workers:
         wait_for(lambda: any(m["update_type"] == "event_driven" and all(
             s["pm2_status"] != "online" for s in m["status"]["services"].values()) for m in drain()), 10,
             message="an event_driven message without the stale online")
+        # the worker runs and beats all along: its own state in Redis, not offline (supervisord says nothing)
+        hung = next(m for m in seen if m["update_type"] == "event_driven" and all(
+            s["pm2_status"] != "online" for s in m["status"]["services"].values()))
+        (worker,) = hung["status"]["workers"].values()
+        assert worker["status"] == "idle" and worker["is_connected"], worker
         assert machine.event("supervisord.not_answering"), machine.tail()
     finally:
         os.kill(sup_pid, signal.SIGCONT)

@@ -221,7 +221,9 @@ class Aggregator:
 
     def _worker_health(self, w: _Worker) -> tuple[bool, str]:
         info = self.processes.get(w.process)
-        if info is None or info.state != "RUNNING":
+        # UNKNOWN: supervisord does not answer (or is gone), so its table says nothing of the worker; its own
+        # heartbeat in Redis does (it was reported offline, not connected, while it ran and beat)
+        if info is None or info.state not in ("RUNNING", "UNKNOWN"):
             return False, f"process {w.process} is {(info.state if info else 'not started').lower()}"
         if not self.redis_ok:
             return False, "heartbeat unknown: Redis unreachable"
@@ -338,8 +340,8 @@ class Aggregator:
             health = "unhealthy" if disk_full else "unknown" if not known else "healthy" if s_ok else "unhealthy"
             active = sinfo is not None and sinfo.state == "RUNNING" and winfo is not None and winfo.state == "RUNNING"
             row = w.row
-            status = (row.status if row and row.status else "offline") if winfo and winfo.state == "RUNNING" \
-                else "offline"
+            status = (row.status if row and row.status else "offline") \
+                if winfo and winfo.state in ("RUNNING", "UNKNOWN") else "offline"
             s_workers[w.worker_id] = {"worker_id": w.worker_id, "gpu_id": w.gpu, "worker_type": w.connector,
                                       "services": list(w.job_types), "connectors": [w.connector]}
             s_services[key] = {"worker_id": w.worker_id, "service_type": w.service_type,
