@@ -221,9 +221,7 @@ class Aggregator:
 
     def _worker_health(self, w: _Worker) -> tuple[bool, str]:
         info = self.processes.get(w.process)
-        # UNKNOWN: supervisord does not answer (or is gone), so its table says nothing of the worker; its own
-        # heartbeat in Redis does (it was reported offline, not connected, while it ran and beat)
-        if info is None or info.state not in ("RUNNING", "UNKNOWN"):
+        if info is None or not (info.state == "RUNNING" or self._table_unknown(info)):
             return False, f"process {w.process} is {(info.state if info else 'not started').lower()}"
         if not self.redis_ok:
             return False, "heartbeat unknown: Redis unreachable"
@@ -243,6 +241,12 @@ class Aggregator:
         if w.lease_s and ttl_ms > 0 and age_s > w.lease_s:
             return False, f"heartbeat {age_s:.0f}s old, past its {w.lease_s:g}s lease (the worker is stalled)"
         return True, ""
+
+    def _table_unknown(self, info: ProcessInfo) -> bool:
+        """supervisord does not answer (its table is UNKNOWN) while the machine runs: its table then says nothing
+        of a worker, and the worker's own heartbeat in Redis does (a beating, busy worker was reported offline
+        and not connected). The shutdown message keeps them offline: the machine is going away."""
+        return info.state == "UNKNOWN" and self.phase != "shutdown"
 
     def _process_health(self, name: str, info: ProcessInfo | None) -> tuple[bool, str]:
         if name in self._by_process:
@@ -341,7 +345,7 @@ class Aggregator:
             active = sinfo is not None and sinfo.state == "RUNNING" and winfo is not None and winfo.state == "RUNNING"
             row = w.row
             status = (row.status if row and row.status else "offline") \
-                if winfo and winfo.state in ("RUNNING", "UNKNOWN") else "offline"
+                if winfo and (winfo.state == "RUNNING" or self._table_unknown(winfo)) else "offline"
             s_workers[w.worker_id] = {"worker_id": w.worker_id, "gpu_id": w.gpu, "worker_type": w.connector,
                                       "services": list(w.job_types), "connectors": [w.connector]}
             s_services[key] = {"worker_id": w.worker_id, "service_type": w.service_type,
