@@ -333,3 +333,28 @@ def test_a_flipped_byte_that_still_decodes_is_caught_by_the_frame_checksum(tmp_p
         assert (tmp_path / f"{stage.name}.bad").exists()
     finally:
         buffer.close()
+
+
+def test_an_ack_of_a_chunk_of_a_file_renewed_since_deletes_nothing_of_the_new_one(tmp_path):
+    # The new file numbers its chunks from 1 again: an ack of the old file's chunk 1 (a request in flight while
+    # the file was renewed) deleted the new file's chunk 1, never shipped and never counted (review 146).
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        for i in range(200):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        assert buffer.flush()
+        handed = buffer.read(Kind.LOG, 100)  # the shipper's request in flight
+        buffer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _smash_index(tmp_path / "b.db")
+        buffer._db.execute("PRAGMA shrink_memory")
+        buffer.read(Kind.SPAN, 100)  # meets the damage: the file is set aside, its 200 records counted
+        for i in range(50):
+            buffer.append(Kind.LOG, Value.NORMAL, _log(10_000 + i))
+        assert buffer.flush()
+        assert buffer.pending() == 50
+        buffer.ack([(chunk.id, chunk.count) for chunk in handed])  # the old request's 200 OK
+        assert buffer.pending() == 50
+        assert sum(chunk.count for chunk in buffer.read(Kind.LOG, 10**9)) == 50
+        assert buffer.stats().dropped.get("corrupt_buffer") == 200
+    finally:
+        buffer.close()

@@ -603,6 +603,8 @@ class Buffer:
         # delivered since] (the rest are pending drops); and records of them known lost, by reason, whose count
         # could not be saved yet (an SQLite error; tried again at the next settling, else the next start).
         self._handed: dict[int, int] = {}
+        self._renewals = 0  # files set aside while running (`_renew`): a commit's count goes to the file it is in
+        self._inserted_in = 0
         self._dropped_handed: dict[int, list] = {}
         self._settled: dict[str, int] = {}
         self._db_broken = False  # the connection was closed after a failed ROLLBACK and not opened again yet
@@ -909,8 +911,14 @@ class Buffer:
         self._written += count
         if self.on_commit is not None:
             self.on_commit(self._stored_records + count)
-        self._stored_bytes += nbytes
-        self._stored_records += count
+        with self._db_lock:  # (a renewal holds it: counted in the file they are in, or with the one set aside)
+            renewed = self._inserted_in != self._renewals
+            if not renewed:
+                self._stored_bytes += nbytes
+                self._stored_records += count
+        if renewed:  # committed into a file set aside since (the shipper's read or ack met its damage): lost
+            self._dropped["corrupt_buffer"] = self._dropped.get("corrupt_buffer", 0) + count
+            self._notify_drop("corrupt_buffer", count)
         self._since_checkpoint += nbytes
         return markers
 
@@ -1048,6 +1056,7 @@ class Buffer:
         in, the drop counts of its damaged frames (counted exactly once, with the frames that were kept)."""
         resource = self._resource_unsaved and bool(rows)
         with self._db_lock, self._transaction():
+            self._inserted_in = self._renewals  # the file these rows went into (`_commit` counts them in it)
             if resource:  # not recorded at open (a full disk): before this owner's first records
                 self._record_resource()
             self._db.executemany(
@@ -1164,8 +1173,8 @@ class Buffer:
         open connection, is copied into a new file at the path, nothing lost (should the copy fail, counted as
         for a damaged file). The state values (the tailer's offsets) and the drop counts go into the new file.
         Returns the drops counted and saved, to be reported (`on_drop`)."""
-        if self._db is not db or self._db_broken:
-            return {}
+        if self._db is not db or (self._db_broken and not (exc is not None and _corrupt(exc))):
+            return {}  # (broken and damaged: reopening it fails at its check every time, so it is set aside)
         problem = (" ".join(str(exc).split()) or type(exc).__name__) if exc is not None else ""
         states: dict[str, str] = {}
         with contextlib.suppress(sqlite3.Error):
@@ -1175,7 +1184,9 @@ class Buffer:
         if exc is None and "" not in present:  # removed: its -wal and -shm (copied below, with it) are no use alone
             for suffix in present:
                 _unlink(Path(f"{self.path}{suffix}"))
-        elif present:  # damaged, or a file put in its place: kept for inspection
+        elif exc is None:  # another file put in its place: kept for inspection, alone (the -wal and -shm at the
+            aside = _set_aside(self.path, ("",))  # path are ours, closed below; beside it they spoil that file)
+        elif present:  # damaged: kept for inspection
             aside = _set_aside(self.path)
         copied = False
         if exc is None:
@@ -1198,6 +1209,7 @@ class Buffer:
         drops: dict[str, int] = {}
         pending = self._stored_records
         if not copied:  # its records are not shipped; those dropped while in flight can be delivered no more
+            self._renewals += 1
             drops["corrupt_buffer"] = self._stored_records
             for reason, count, delivered in self._dropped_handed.values():
                 drops[reason] = drops.get(reason, 0) + count - delivered
@@ -1866,6 +1878,10 @@ class Buffer:
         freed_bytes = 0
         late: dict[int, int] = {}
         for chunk_id, sent in progress:
+            if chunk_id not in self._handed and chunk_id not in self._dropped_handed:
+                # handed out from a file since renewed (`_renew`): the new file numbers its chunks from 1 again,
+                # and an ack of the old file's chunk 1 deleted the new one's, never shipped, uncounted
+                continue
             row = self._db.execute("SELECT count, sent, nbytes FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
             if row is None:
                 if chunk_id in self._dropped_handed:
