@@ -816,7 +816,7 @@ class Machine:
             if not (names and self._supervisord_up and self.proc is not None and self.proc.returncode is None):
                 continue
             if not self._unanswering:
-                await self._check_answering(self.aggregate.supervisor_silent)
+                await self._check_answering("")  # asked even when the sweep found it silent: it may be back
             if not self._unanswering:
                 stopped = await asyncio.gather(*(self._stop(name) for name in names))  # all at once: self._waits
                 if not all(stopped):  # refused, or timed out: a supervisord that hung meanwhile?
