@@ -216,13 +216,18 @@ def test_a_crash_restarted_within_one_sweep_is_a_transition(tmp_path):
 
 
 def test_a_stalled_worker_is_unhealthy_past_its_lease_and_its_job_is_reaped_by_the_machine(
-        machine_factory, redis):
+        machine_factory, tmp_path):
     """A worker SIGSTOPped mid-job on a one-worker machine, lease 3 s. Its heartbeat key lives the contract's 60 s
     whatever the lease, so /health stayed 200 for a minute; and only workers reaped, so no one re-queued the job
     (it stayed in_progress for good). Now /health says so once the heartbeat is older than the lease, and the
-    machine's own reaper puts the job back."""
-    from emp_machine.runtime.jobs import JobStore
+    machine's own reaper puts the job back. A Redis of its own: any other test's worker still running on the
+    shared one reaps too (CI's run did), and the reaping must be this machine's."""
+    import redis as redis_lib
 
+    from emp_machine.runtime.redis_server import PrivateRedis
+
+    private = PrivateRedis(tmp_path / "redis").start()
+    redis = redis_lib.Redis.from_url(private.url, decode_responses=True)
     machine = machine_factory("""
 workers:
   stall:
@@ -231,7 +236,18 @@ workers:
     count: 1
     lease: 3s
     stop_grace: 2s
-""")
+""", redis_url=private.url)
+    try:
+        _stall_and_recover(machine, redis)
+    finally:
+        machine.close()
+        redis.close()
+        private.stop()
+
+
+def _stall_and_recover(machine, redis) -> None:
+    from emp_machine.runtime.jobs import JobStore
+
     machine.wait_ready()
     base = health_base(machine)
     wait_for(lambda: http_json(base + "/health")[0] == 200, 20, message="healthy")
