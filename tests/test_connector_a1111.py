@@ -405,6 +405,18 @@ async def _cancel_past_its_grace(conn, server) -> None:
         await a
 
 
+async def _job_b_after(conn, first):
+    """`first(conn)` (job A's end), then job B (3 steps) on the same connector; returns B's result once every
+    background stop of the connector has ended."""
+    try:
+        await first(conn)
+        b = await conn.run(_job("b", 3), Progress())
+        await wait_for(lambda: not conn._stopping, 10)
+        return b
+    finally:
+        await conn.close()
+
+
 def test_the_next_job_is_not_sent_before_an_interrupted_run_has_ended(fake, context):
     # A cancelled job whose run() the worker cancelled once its grace ran out (the interrupt sent, A1111 still
     # ending the run) passed the turn on at once: the next job's request queued behind the interrupted run,
@@ -413,16 +425,7 @@ def test_the_next_job_is_not_sent_before_an_interrupted_run_has_ended(fake, cont
     server = fake(step_s=0.05)
     server.interrupt_lag_s = 1.0
 
-    async def main():
-        conn = connector(context, server)
-        try:
-            await _cancel_past_its_grace(conn, server)
-            b = await conn.run(_job("b", 3), Progress())
-            await wait_for(lambda: not conn._stopping, 10)
-            return b
-        finally:
-            await conn.close()
-    b = asyncio.run(main())
+    b = asyncio.run(_job_b_after(connector(context, server), lambda conn: _cancel_past_its_grace(conn, server)))
     assert len(b.outputs) == 1
     assert server.queued_behind == []
     a_run, b_run = server.runs
@@ -438,17 +441,10 @@ def test_the_next_job_waits_for_an_interrupted_run_whose_request_timed_out(fake,
     server = fake(step_s=0.05)
     server.interrupt_lag_s = 0.5  # within request_timeout_s, which bounds the stop's wait too
 
-    async def main():
-        conn = connector(context, server, request_timeout_s=2.0)
-        try:
-            with pytest.raises(RetryableJobError, match="timed out"):
-                await conn.run(_job("a", 200), Progress())
-            b = await conn.run(_job("b", 3), Progress())
-            await wait_for(lambda: not conn._stopping, 10)
-            return b
-        finally:
-            await conn.close()
-    b = asyncio.run(main())
+    async def a_times_out(conn):
+        with pytest.raises(RetryableJobError, match="timed out"):
+            await conn.run(_job("a", 200), Progress())
+    b = asyncio.run(_job_b_after(connector(context, server, request_timeout_s=2.0), a_times_out))
     assert len(b.outputs) == 1 and server.queued_behind == []
     a_run, b_run = server.runs
     assert a_run["interrupted"] and (b_run["done"], b_run["interrupted"]) == (3, False)
