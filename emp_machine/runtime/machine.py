@@ -904,9 +904,11 @@ class Machine:
                 if _status(proc) in (psutil.STATUS_ZOMBIE, None):
                     targets.remove((proc, spec))
                 elif now - start >= math.ceil(spec.stop_grace):  # as supervisord's stopwaitsecs
-                    with contextlib.suppress(OSError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
+                    # (is_running compares the start time: a pid reaped meanwhile and reused is someone else's)
+                    with contextlib.suppress(OSError, psutil.Error):
+                        if proc.is_running():
+                            os.killpg(proc.pid, signal.SIGKILL)
+                            killed.append(proc.pid)
                     targets.remove((proc, spec))
         return killed
 
