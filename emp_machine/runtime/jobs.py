@@ -137,6 +137,13 @@ def iso_now() -> str:
 HEARTBEAT_MAX_S = 20.0
 
 
+def _reap_confirm_s(lease_s: float) -> float:
+    """How long reap.lua waits on an expired lease before it reaps it: one renewal interval of the lease and
+    half of one (at least 0.5 s)."""
+    beat_s = heartbeat_interval(lease_s)
+    return beat_s + max(0.5, beat_s / 2)
+
+
 def heartbeat_interval(lease_s: float) -> float:
     """A worker's beat: a third of the lease (so a lease survives two lost beats), capped by the contract's
     heartbeat bound. The reaper waits one of these and a half before reaping an expired lease (reap.lua)."""
@@ -734,9 +741,8 @@ class _JobOps:
         return list((yield _Call(None, ("hkeys", active_key(worker_id)))))
 
     def _reap(self, limit: int, confirm_s: float | None = None) -> _Op:
-        if confirm_s is None:  # one renewal interval of our lease and half of one
-            beat_s = heartbeat_interval(self.lease_ms / 1000)
-            confirm_s = beat_s + max(0.5, beat_s / 2)
+        if confirm_s is None:
+            confirm_s = _reap_confirm_s(self.lease_ms / 1000)
         return list((yield _Call("reap", (limit, int(confirm_s * 1000)))))
 
     def _stuck(self) -> _Op:
@@ -1228,14 +1234,12 @@ async def expire_finished(client: Any, now_ms: int, retention_s: float = FINISHE
     """On the machine's embedded Redis only: delete the hashes, progress hashes and jobs:completed /
     jobs:failed entries of jobs that finished more than `retention_s` ago (expire_finished.lua, one HSCAN
     chunk a call, EVAL on the machine's MiniRedis). Returns how many jobs were forgotten."""
-    source = script_source("expire_finished")
-    keys = list(_FIXED_KEYS)
     removed = 0
     for key in (COMPLETED, FAILED):
         cursor = "0"
         while True:
-            cursor, count = _text(await client.execute("EVAL", source, len(keys), *keys, key, cursor,
-                                                       int(now_ms - retention_s * 1000), _CHUNK))
+            cursor, count = await _run_script(client, "expire_finished", key, cursor,
+                                              int(now_ms - retention_s * 1000), _CHUNK)
             removed += int(count)
             if str(cursor) == "0":
                 break
@@ -1244,30 +1248,39 @@ async def expire_finished(client: Any, now_ms: int, retention_s: float = FINISHE
 
 async def mark_worker_offline(client: Any, worker_id: str) -> str:
     """For a worker that died and cannot say so itself: `worker:{id}` offline, heartbeat key gone, and
-    `worker_status` published when that is a change (the worker_status script, sent with EVAL so that any
+    `worker_status` published when that is a change (the worker_status script, by _run_script so that any
     client that can run a command will do). Returns the old status."""
-    keys = list(_FIXED_KEYS)
-    return _text(await client.execute("EVAL", script_source("worker_status"), len(keys), *keys, worker_id,
-                                      "offline", "0"))
+    return await _run_script(client, "worker_status", worker_id, "offline", "0")
 
 
 async def reap_with(client: Any, lease_s: float, limit: int = 100) -> list[str]:
-    """reap_expired_leases() over the machine's MiniRedis (EVAL, as mark_worker_offline): the machine reaps
-    too, so the job of a worker that stalled is re-queued though no other worker of the fleet runs (a one-worker
-    machine, or every worker of it wedged). `lease_s`: the longest lease the caller's workers use, which sets
-    the confirmation wait as a store of that lease would."""
-    beat_s = heartbeat_interval(lease_s)
-    confirm_ms = int((beat_s + max(0.5, beat_s / 2)) * 1000)
+    """reap_expired_leases() over the machine's MiniRedis (_run_script, as mark_worker_offline): the machine
+    reaps too, so the job of a worker that stalled is re-queued though no other worker of the fleet runs (a
+    one-worker machine, or every worker of it wedged). `lease_s`: the longest lease the caller's workers use,
+    which sets the confirmation wait as a store of that lease would."""
+    reply = await _run_script(client, "reap", limit, int(_reap_confirm_s(lease_s) * 1000))
+    return [str(x) for x in reply or []]
+
+
+@functools.cache
+def _source_and_sha(name: str) -> tuple[str, str]:
+    source = script_source(name)
+    return source, hashlib.sha1(source.encode()).hexdigest()
+
+
+async def _run_script(client: Any, name: str, *args: Any) -> Any:
+    """Script `name` on a client with MiniRedis's `execute` (the machine's): EVALSHA, and EVAL when the server
+    lacks it (NOSCRIPT), which loads it for the next call. EVAL alone sent the ~39 KB source every time (the
+    machine's reaper: 52 KB/s with 3 s leases)."""
+    source, sha = _source_and_sha(name)
     keys = list(_FIXED_KEYS)
-    source = script_source("reap")
-    sha = hashlib.sha1(source.encode()).hexdigest()
-    try:  # EVALSHA: the ~39 KB source went with every round (52 KB/s a machine with 3 s leases)
-        reply = await client.execute("EVALSHA", sha, len(keys), *keys, limit, confirm_ms)
+    try:
+        reply = await client.execute("EVALSHA", sha, len(keys), *keys, *args)
     except Exception as exc:  # noqa: BLE001 - MiniRedis raises its RespError; only NOSCRIPT is ours to handle
         if "NOSCRIPT" not in str(exc):
             raise
-        reply = await client.execute("EVAL", source, len(keys), *keys, limit, confirm_ms)  # loads it too
-    return [str(x) for x in _text(reply) or []]
+        reply = await client.execute("EVAL", source, len(keys), *keys, *args)
+    return _text(reply)
 
 
 async def publish_machine_status(client: Any, machine_id: str, message: str) -> int:
