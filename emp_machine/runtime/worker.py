@@ -969,12 +969,8 @@ class Worker:
             self._local_fault(self._redact(str(error)), hint, job_id=job.id)
             span.set_attribute("job.handed_back", True)
             span.set_status(StatusCode.OK)
-            try:
-                await asyncio.shield(self._hand_back(job, "machine fault", deadline_s=self.group.lease,
-                                                     error=self._redact(str(error))))
-            except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back, or the reaper
-                self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
-                               extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
+            await asyncio.shield(self._hand_back_or_say(job, "machine fault", deadline_s=self.group.lease,
+                                                        error=self._redact(str(error))))
             return
         if isinstance(error, ServiceUnreachable):
             self.service_ok.clear()  # no claim while the check below runs (it is set again if healthy)
@@ -1055,12 +1051,8 @@ class Worker:
         claims per job in a tight loop."""
         if await self._own_task(self._check_health_now()):
             return True
-        try:
-            await self._hand_back(job, "service unreachable", deadline_s=self.group.lease,
-                                  error=self._redact(str(error)))
-        except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back or it is reaped
-            self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
-                           extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
+        await self._hand_back_or_say(job, "service unreachable", deadline_s=self.group.lease,
+                                     error=self._redact(str(error)))
         return False
 
     async def _check_health_now(self) -> bool:
@@ -1181,15 +1173,20 @@ class Worker:
             task.add_done_callback(self._side_tasks.discard)
 
     async def _hand_back_at_stop(self, job: Job) -> None:
-        """A drain's hand-back. Redis down or stalled past its deadline is a logged give-up, as elsewhere: it
-        escaped the job's task as "job task failed unexpectedly", with a traceback."""
+        """A drain's hand-back, done by the drain's end (_drain: the rest is the exit's). Redis down or stalled
+        past it is a logged give-up: it escaped the job's task as "job task failed unexpectedly", a traceback."""
         deadline_s = DRAIN_MARGIN_S
-        if self.drain_started is not None:  # done by the drain's end (_drain): the rest is the exit's
+        if self.drain_started is not None:
             grace, margin = self.drain_budget()
             deadline_s = max(0.1, self.drain_started + grace + margin / 2 - time.monotonic())
+        await self._hand_back_or_say(job, deadline_s=deadline_s)
+
+    async def _hand_back_or_say(self, job: Job, reason: str = "drain", *, deadline_s: float, **fields: Any) -> None:
+        """_hand_back, a write that gives up logged: the job stays in jobs:active, where the heartbeat hands it
+        back (a stray) or the reaper re-queues it."""
         try:
-            await self._hand_back(job, deadline_s=deadline_s)
-        except (RedisError, OSError) as exc:  # left in jobs:active: the heartbeat hands it back or it is reaped
+            await self._hand_back(job, reason, deadline_s=deadline_s, **fields)
+        except (RedisError, OSError) as exc:
             self.log.error(f"job not handed back: {redis_trouble(exc)}; the job will run again",
                            extra={"fields": {"job_id": job.id, "error": self._redis_error(exc)}})
 
