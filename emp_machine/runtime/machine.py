@@ -816,11 +816,11 @@ class Machine:
             if not (names and self._supervisord_up and self.proc is not None and self.proc.returncode is None):
                 continue
             if not self._unanswering:
-                await self._check_answering("")  # asked even when the sweep found it silent: it may be back
+                await self._check_answering()  # asked even when the sweep found it silent: it may be back
             if not self._unanswering:
                 stopped = await asyncio.gather(*(self._stop(name) for name in names))  # all at once: self._waits
                 if not all(stopped):  # refused, or timed out: a supervisord that hung meanwhile?
-                    await self._check_answering("")
+                    await self._check_answering()
             if self._unanswering:
                 known = {row.pid: row.name for row in self.processes.values() if row.pid}  # the last sweep's
                 killed = await asyncio.to_thread(self._stop_directly, names, known)
@@ -864,17 +864,15 @@ class Machine:
             step("process.stop_failed", level=logging.ERROR, process_name=name, error=str(exc))
             return False
 
-    async def _check_answering(self, known_silent: str) -> None:
-        """Whether supervisord answers a short call (unless the sweep already found it silent); if not, the rest
-        of the stop goes without it (self._unanswering)."""
-        reason = known_silent
-        if not reason:
-            try:
-                await asyncio.to_thread(Supervisor(self.paths.socket, timeout=STOP_ANSWER_TIMEOUT).call,
-                                        "supervisor.getState")
-                return
-            except SupervisorError as exc:
-                reason = f"supervisord not answering: {exc}"[:300]
+    async def _check_answering(self) -> None:
+        """Whether supervisord answers a short call; if not, the rest of the stop goes without it
+        (self._unanswering)."""
+        try:
+            await asyncio.to_thread(Supervisor(self.paths.socket, timeout=STOP_ANSWER_TIMEOUT).call,
+                                    "supervisor.getState")
+            return
+        except SupervisorError as exc:
+            reason = f"supervisord not answering: {exc}"[:300]
         self._unanswering = reason
         step("shutdown.supervisord_not_answering", level=logging.WARNING, error=reason,
              action="stop its processes directly, then SIGKILL it")
@@ -884,7 +882,7 @@ class Machine:
         each one's stop signal to its process group, up to its stop_grace (a worker drains on it and hands back
         what still runs before its grace ends), then SIGKILL to the group. Returns the pids that were killed."""
         targets = []
-        for proc in _direct_children(self.proc.pid):
+        for proc in _children(psutil.Process(self.proc.pid), recursive=False):
             try:  # (the embedded Redis overwrites its environment with its title: the sweep's pid then)
                 name = proc.environ().get("SUPERVISOR_PROCESS_NAME") or known.get(proc.pid)
             except psutil.Error:
@@ -1073,22 +1071,20 @@ def _terminate(procs: list[psutil.Process], grace: float, second_grace: float = 
 
 
 def _is_embedded_redis(proc: psutil.Process, redis_dir: str) -> bool:
-    """Whether `proc` is the embedded Redis of the state dir whose redis folder is `redis_dir` (it rewrites its
-    command line into its process title: also a redis-server / valkey-server working in that folder)."""
+    """Whether `proc` is the embedded Redis of the state dir whose redis folder is `redis_dir` (_redis_of)."""
     try:
-        argv = proc.cmdline()
-        if proc.name().startswith(("redis-server", "valkey-server")) and proc.cwd() == redis_dir:
-            return True
+        return _redis_of(proc.name(), proc.cwd(), proc.cmdline(), redis_dir)
     except psutil.Error:
         return False
+
+
+def _redis_of(name: str | None, cwd: str | None, argv: list[str], redis_dir: str) -> bool:
+    """A process (its name, working directory, command line) is the embedded Redis whose folder is `redis_dir`:
+    `--dir` names it, or (it rewrites its command line and environment into its process title) a redis-server /
+    valkey-server works there."""
+    if (name or "").startswith(("redis-server", "valkey-server")) and cwd == redis_dir:
+        return True
     return any(argv[i] == "--dir" and os.path.normpath(argv[i + 1]) == redis_dir for i in range(len(argv) - 1))
-
-
-def _direct_children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children()
-    except psutil.Error:
-        return []
 
 
 def _cmdline(proc: psutil.Process) -> tuple[str, ...]:
@@ -1134,8 +1130,7 @@ def _leftovers(paths: svconfig.Paths) -> list[tuple[psutil.Process, str, str]]:
             env = {}
         name = env.get("SUPERVISOR_PROCESS_NAME", "")
         flags = {argv[i]: norm(argv[i + 1]) for i in range(len(argv) - 1) if argv[i].startswith("-")}
-        server = (info["name"] or "").startswith(("redis-server", "valkey-server")) and info["cwd"] == redis_dir
-        if server or flags.get("--dir") == redis_dir:
+        if _redis_of(info["name"], info["cwd"], argv, redis_dir):
             found.append((proc, "redis", name or REDIS_PROCESS))
         elif "worker" in argv and flags.get("--manifest") == manifest:
             found.append((proc, "worker", name))
@@ -1153,9 +1148,9 @@ def _status(proc: psutil.Process) -> str | None:
         return None
 
 
-def _children(proc: psutil.Process) -> list[psutil.Process]:
+def _children(proc: psutil.Process, recursive: bool = True) -> list[psutil.Process]:
     try:
-        return proc.children(recursive=True)
+        return proc.children(recursive=recursive)
     except psutil.Error:
         return []
 
