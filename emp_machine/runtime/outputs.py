@@ -154,12 +154,7 @@ class _Spiller:
     def _decode_url(payload: str) -> bytes | None:
         """URL-safe base64, padded or not (as JWTs and many APIs send it)."""
         standard = payload.translate(_URL_TO_STANDARD).rstrip("=")
-        if len(standard) % 4 == 1:
-            return None
-        try:
-            return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            return None
+        return None if len(standard) % 4 == 1 else _Spiller._decode(standard + "=" * (-len(standard) % 4))
 
 
 def spill(result: JobResult, directory: Path) -> JobResult:
