@@ -185,6 +185,19 @@ def http(url: str, method: str = "GET", headers: dict | None = None, timeout: fl
         return err.code, dict(err.headers), err.read()
 
 
+def wait_healthy(base: str, timeout: float, message: str = "the machine healthy") -> None:
+    """Wait for /health 200; at the deadline, fail saying what /health answered last (its reasons)."""
+    last = []
+
+    def healthy() -> bool:
+        last[:] = [http(base + "/health")]
+        return last[0][0] == 200
+    try:
+        wait_for(healthy, timeout, message=message)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: /health answered {last[0][0]} {last[0][2][:1500]!r}") from None
+
+
 def http_json(url: str, method: str = "GET", headers: dict | None = None):
     status, _, body = http(url, method, headers)
     return status, json.loads(body)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emp_machine.runtime.jobs import JobStore
-from harness import RunningMachine, health_base, http, http_json, machine_env, wait_for, write_manifest
+from harness import RunningMachine, health_base, http, http_json, machine_env, wait_for, wait_healthy, write_manifest
 from status_shape import check_status_message
 
 PY = sys.executable
@@ -145,15 +145,7 @@ def test_status_page_loads_in_a_real_headless_browser(healthy, chromium, tmp_pat
     for attempt in range(3):
         # The page shows the verdict of the moment: on a loaded machine a late heartbeat can flip it for a
         # moment (truthfully). So the page is loaded while /health says healthy, again if it flipped meanwhile.
-        last = []
-
-        def healthy_now():
-            last[:] = [http(base + "/health")]
-            return last[0][0] == 200
-        try:
-            wait_for(healthy_now, 30, message="the machine healthy")
-        except AssertionError as exc:  # say why not: the verdict's reasons
-            raise AssertionError(f"{exc}: /health answered {last[0][0]} {last[0][2][:1500]!r}") from None
+        wait_healthy(base, 30)
         proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                "--no-first-run", f"--user-data-dir={tmp_path / f'profile{attempt}'}", "--dump-dom",

@@ -17,7 +17,7 @@ from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.supervisor.control import ProcessInfo
 from _helpers import TcpProxy, gated_listener
-from harness import health_base, http, http_json, wait_for
+from harness import health_base, http, http_json, wait_for, wait_healthy
 
 DELAY = 1.2  # every reply: slower than half the 2 s limit, so two queued round trips exceed it together
 
@@ -268,15 +268,7 @@ def _stall_and_recover(machine, redis) -> None:
         wait_for(lambda: machine.event("jobs.requeued"), 5, message="the machine's jobs.requeued")
     finally:
         os.kill(pid, signal.SIGCONT)
-    last = []
-
-    def healthy():
-        last[:] = [http_json(base + "/health")]
-        return last[0][0] == 200
-    try:
-        wait_for(healthy, 30, message="healthy again once it beats")
-    except AssertionError as exc:  # say why not (it failed once under a loaded machine)
-        raise AssertionError(f"{exc}: {last[0][1].get('services')}") from None
+    wait_healthy(base, 30, message="healthy again once it beats")  # (it failed once under a loaded machine)
 
 
 def test_the_machines_reaper_sends_its_script_once(redis_server, redis):
