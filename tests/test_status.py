@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import psutil
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
@@ -229,7 +230,9 @@ workers:
 
 def test_shutdown_message_with_supervisord_gone_does_not_repeat_a_stale_online(machine_factory, redis, redis_url):
     """supervisord killed while the machine drains: its table cannot be read, and the shutdown message must not
-    show the worker as the last sweep saw it (running, busy); the machine logs why it could not read it."""
+    show the worker as the last sweep saw it (running, busy); the machine logs why it could not read it. The
+    worker it ran is the machine's now (the subreaper): stopped as supervisord would have, within its grace, its
+    running job handed back, and the machine exits (it used to hang for good when supervisord was reaped first)."""
     import os
 
     listener = Listener(redis_url, "machine:status:*")
@@ -241,19 +244,20 @@ workers:
   sim:
     connector: simulation
     count: 1
-    stop_grace: 30s
+    stop_grace: 6s
 """)
         machine.wait_ready()
         worker_pid = wait_for(lambda: (p := machine.process("worker-0")) and p.state == "RUNNING" and p.pid, 10,
                               message="worker-0 running")
-        job = JobStore(redis).submit("simulation", {"steps": 200, "step_ms": 100})
+        job = JobStore(redis).submit("simulation", {"steps": 600, "step_ms": 100})
         wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
         wait_for(lambda: any(w["status"] == "busy" for _, m in listener.status() for w in m["status"]["workers"]
                              .values()), 10, message="a status message showing the busy worker")
         machine.signal(signal.SIGTERM)
         machine.wait_event("shutdown.drain")
-        os.kill(int((machine.state_dir / "run" / "supervisord.pid").read_text()), signal.SIGKILL)
-        machine.wait_exit()
+        supervisord_pid = int((machine.state_dir / "run" / "supervisord.pid").read_text())
+        os.kill(supervisord_pid, signal.SIGKILL)
+        assert machine.wait_exit() == 0, machine.tail()
         _, last = wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")[0]
         check_status_message(last, last["machine_id"], [f"{last['machine_id']}-worker-0"])
         assert last["status"]["services"] and last["status"]["workers"], last
@@ -262,9 +266,13 @@ workers:
         for wid, w in last["status"]["workers"].items():
             assert w["status"] == "offline" and w["is_connected"] is False, (wid, w)
         assert machine.event("status.processes_unknown", update_type="shutdown"), machine.tail()
+        assert machine.event("shutdown.worker_stopped", direct=True), machine.tail()
+        assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+        assert redis.hget(f"job:{job}", "status") == "pending", redis.hgetall(f"job:{job}")  # handed back
+        assert not (machine.state_dir / "run" / "supervisord.pid").exists()  # the killed one's run files
     finally:
         listener.close()
-        if worker_pid:  # the worker outlives its killed supervisord: end it here
+        if worker_pid:  # should the machine have left it running
             try:
                 os.kill(worker_pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -807,13 +807,26 @@ class Machine:
         self._spawn(self._shutdown())
 
     async def _shutdown(self) -> None:
+        try:
+            await self._stop_in_order()
+        except Exception as exc:  # noqa: BLE001 - a failed stop must still end: a machine hung for good never restarts
+            step("shutdown.failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}"[:300],
+                 action="stop every process directly")
+            await asyncio.to_thread(self._force_stop)
+            if self._shutdown_exit_code == 0:
+                self._shutdown_exit_code = 1
+        self.inbox.put_nowait(ShutdownDone())
+
+    async def _stop_in_order(self) -> None:
         step("shutdown.drain", phase=self.phase.value)
         for kind in ("worker", "service", "redis"):
             names = [s.name for s in self.plan.specs if s.kind == kind]
             if kind == "redis":
                 await self._announce_shutdown()
-            # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked)
-            if not (names and self._supervisord_up and self.proc is not None and self.proc.returncode is None):
+            # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked; one that
+            # died during the stop does not answer, and what it ran, the machine's now as the subreaper, is
+            # stopped directly)
+            if not (names and self._supervisord_up and self.proc is not None):
                 continue
             if not self._unanswering:
                 await self._check_answering()  # asked even when the sweep found it silent: it may be back
@@ -845,14 +858,13 @@ class Machine:
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-            if self.proc.returncode < 0:  # killed by a signal: it could not remove its socket and pidfile
-                _remove_run_files(self.paths, self.proc.pid)
             step("shutdown.supervisord", returncode=self.proc.returncode)
+        if self.proc is not None and (self.proc.returncode or 0) < 0:  # killed: it left its socket and pidfile
+            _remove_run_files(self.paths, self.proc.pid)
         # supervisord is gone: what its services left (re-parented to us) would outlive a clean exit
         left = await asyncio.to_thread(_kill_descendants, LEFTOVER_GRACE)
         if left:
             step("shutdown.leftovers", level=logging.WARNING, pids=left, action="terminated")
-        self.inbox.put_nowait(ShutdownDone())
 
     async def _stop(self, name: str) -> bool:
         grace = self.plan.spec(name).stop_grace
@@ -882,7 +894,7 @@ class Machine:
         each one's stop signal to its process group, up to its stop_grace (a worker drains on it and hands back
         what still runs before its grace ends), then SIGKILL to the group. Returns the pids that were killed."""
         targets = []
-        for proc in _children(psutil.Process(self.proc.pid), recursive=False):
+        for proc in self._supervisords_children():
             try:  # (the embedded Redis overwrites its environment with its title: the sweep's pid then)
                 name = proc.environ().get("SUPERVISOR_PROCESS_NAME") or known.get(proc.pid)
             except psutil.Error:
@@ -909,6 +921,20 @@ class Machine:
                             killed.append(proc.pid)
                     targets.remove((proc, spec))
         return killed
+
+    def _supervisords_children(self) -> list[psutil.Process]:
+        """What supervisord runs: its children and, should it have died, those the machine adopted from it as the
+        subreaper: its children outside the machine's own session (supervisord leads a session of its own)."""
+        try:
+            found = {p.pid: p for p in _children(psutil.Process(self.proc.pid), recursive=False)}
+        except psutil.Error:  # gone, and reaped
+            found = {}
+        own_session = os.getsid(0)
+        for proc in _children(psutil.Process(), recursive=False):
+            with contextlib.suppress(OSError):
+                if proc.pid != self.proc.pid and os.getsid(proc.pid) != own_session:
+                    found.setdefault(proc.pid, proc)
+        return list(found.values())
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _spawn(self, coro) -> None:
