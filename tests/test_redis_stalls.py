@@ -144,3 +144,57 @@ def test_drain_with_redis_stalled_ends_within_stop_grace(redis, proxy, tmp_path)
     finally:
         proxy.resume()
         procs.close()
+
+
+def test_machines_worker_status_subscription_silently_cut_is_pinged_and_replaced(redis, proxy, caplog):
+    """The machine's own worker_status subscription (resp.PubSub), black-holed: a quiet one is PINGed, and with
+    no answer it subscribes again; transitions published after that reach the machine's inbox again."""
+    import asyncio
+    import json
+    import logging
+
+    from emp_machine.runtime import jobs
+    from emp_machine.runtime.status import WorkerStatusSeen, watch_worker_status
+
+    async def scenario():
+        inbox: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(watch_worker_status(proxy.url, ["m-ws-worker-0"], inbox,
+                                                       ping_after_s=0.5, pong_within_s=0.5))
+
+        async def seen(status: str, within: float) -> WorkerStatusSeen | None:
+            """Publish `status` for our worker until the machine's inbox shows it, or `within` runs out."""
+            deadline = time.monotonic() + within
+            while time.monotonic() < deadline:
+                await asyncio.to_thread(redis.publish, jobs.CH_WORKER_STATUS,
+                                        json.dumps({"worker_id": "m-ws-worker-0", "new_status": status}))
+                try:
+                    got = await asyncio.wait_for(inbox.get(), 0.1)
+                except asyncio.TimeoutError:
+                    continue
+                if got.status == status:
+                    return got
+            return None
+
+        try:
+            assert await seen("idle", 5), "the subscription never carried a message"
+            # quiet past ping_after_s, it pinged and was answered: still the one subscription
+            await asyncio.sleep(1.5)
+            assert proxy.opened(b"SUBSCRIBE") == 1
+            assert proxy.cut(b"SUBSCRIBE") == 1
+            await asyncio.to_thread(redis.publish, jobs.CH_WORKER_STATUS,
+                                    json.dumps({"worker_id": "m-ws-worker-0", "new_status": "busy"}))
+            await asyncio.sleep(0.2)
+            assert inbox.empty()  # published into the black hole
+            # a PING within ping_after_s of quiet, no pong within pong_within_s: subscribed again
+            deadline = time.monotonic() + 5
+            while proxy.opened(b"SUBSCRIBE") < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert proxy.opened(b"SUBSCRIBE") == 2
+            assert await seen("busy", 5), "transitions did not reach the machine after subscribing again"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="emp.machine.status"):
+        asyncio.run(scenario())
+    assert any(r.getMessage() == "status.worker_status_deaf" for r in caplog.records)

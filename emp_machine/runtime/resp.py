@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -242,10 +243,20 @@ class PubSub:
         self._target = target
         self._connect_timeout = connect_timeout
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.last_reply = time.monotonic()  # when the server last said anything on this connection
 
     async def subscribe(self, *channels: str) -> None:
         self._conn = await self._target.open(self._connect_timeout)
         self._conn[1].write(_encode(("SUBSCRIBE", *channels)))
+        await self._conn[1].drain()
+        self.last_reply = time.monotonic()
+
+    async def ping(self) -> None:
+        """PING on the subscribed connection; its ["pong", ""] reply only moves `last_reply` (get_message returns
+        None for it): a quiet subscription that stays silent past a PING was dropped without a word."""
+        if self._conn is None:
+            raise ConnectionError("not subscribed")
+        self._conn[1].write(_encode(("PING",)))
         await self._conn[1].drain()
 
     async def get_message(self, ignore_subscribe_messages: bool = True, timeout: float | None = None) -> dict | None:
@@ -257,6 +268,7 @@ class PubSub:
             return None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             raise ConnectionError(f"Redis subscription lost: {exc.__class__.__name__}") from None
+        self.last_reply = time.monotonic()
         if isinstance(reply, RespError):
             raise reply
         if not isinstance(reply, list) or len(reply) < 3:

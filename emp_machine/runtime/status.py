@@ -98,16 +98,35 @@ async def poll_redis(client: MiniRedis, url: str, worker_ids: list[str], inbox: 
         await asyncio.sleep(REDIS_POLL_INTERVAL)
 
 
-async def watch_worker_status(url: str, worker_ids: list[str], inbox: asyncio.Queue) -> None:
-    """`worker_status` messages of our workers, as they happen (a transition must reach Redis within 1 s)."""
+async def watch_worker_status(url: str, worker_ids: list[str], inbox: asyncio.Queue,
+                              ping_after_s: float = jobs.SIGNALS_PING_AFTER_S, pong_within_s: float = 2.0) -> None:
+    """`worker_status` messages of our workers, as they happen (a transition must reach Redis within 1 s).
+
+    A subscription quiet for `ping_after_s` is PINGed, and subscribed again when nothing answers within
+    `pong_within_s`: a connection dropped without a word (a NAT entry gone) otherwise read nothing for ever,
+    every transition then waiting for the next poll of the workers' hashes (as the workers' own JobSignals)."""
     ours = set(worker_ids)
     while True:
         client = redis_client(url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(jobs.CH_WORKER_STATUS)
+            pinged = 0.0  # when the unanswered PING went out; 0: none
             while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                due = (pinged + pong_within_s) if pinged else (pubsub.last_reply + ping_after_s)
+                msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                               timeout=max(0.0, due - time.monotonic()))
+                now = time.monotonic()
+                if pinged and pubsub.last_reply >= pinged:
+                    pinged = 0.0  # answered (by the pong or a message): the connection carries
+                if pinged and now - pinged >= pong_within_s:
+                    log.warning("status.worker_status_deaf", extra={"fields": {
+                        "event_type": "machine.status.worker_status_deaf", "action": "subscribe again",
+                        "error": f"no reply to PING within {pong_within_s:g} s"}})
+                    break
+                if not pinged and now - pubsub.last_reply >= ping_after_s:
+                    await pubsub.ping()
+                    pinged = now
                 if msg is None or msg.get("type") != "message":
                     continue
                 try:
