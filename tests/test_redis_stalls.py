@@ -198,3 +198,37 @@ def test_machines_worker_status_subscription_silently_cut_is_pinged_and_replaced
     with caplog.at_level(logging.WARNING, logger="emp.machine.status"):
         asyncio.run(scenario())
     assert any(r.getMessage() == "status.worker_status_deaf" for r in caplog.records)
+
+
+def test_a_stalled_redis_does_not_hold_the_connectors_progress_calls(redis, proxy, tmp_path):
+    """Progress is written off the connector's path: with every byte to Redis held, the simulation connector still
+    runs all its steps (each awaited write used to hold it a round trip: 3x a job's time with Redis 100 ms
+    away), the values reported meanwhile are coalesced, and the job completes at 100 once Redis is back."""
+    import json
+
+    procs = _workers(tmp_path, proxy.url, "stallprog", "stallprog")
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        job = store.submit("stallprog", {"steps": 20, "step_ms": 20})
+        wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 5, interval=0.01)
+        proxy.stall()
+        try:
+            def connector_done():
+                for line in procs.log(0).splitlines():
+                    if f'"{job}"' in line and '"job.completed"' in line and '"connector_id"' in line:
+                        return json.loads(line)
+                return None
+            # 20 steps of 20 ms: done well before a reply could come (the old worker waited for each)
+            done = wait_for(connector_done, 4, interval=0.02,
+                            message=f"the connector to finish while Redis is stalled\n{procs.log(0)[-3000:]}")
+            assert redis.hget(f"job:{job}", "status") == "in_progress"  # its completion waits for Redis
+        finally:
+            proxy.resume()
+        wait_for(lambda: redis.hget(f"job:{job}", "status") == "completed", 10, interval=0.01)
+        assert float(redis.hget(f"job:{job}:progress", "progress")) == 100
+        assert "progress not recorded" not in procs.log(0)
+        assert done["duration_ms"] < 2000, done
+    finally:
+        procs.close()

@@ -312,22 +312,26 @@ class _Progress:
     """The connector's progress callback for one job: throttled writes, cancellation surfaced as JobCancelled.
 
     The latest value is kept and written at most every PROGRESS_INTERVAL_S; 0 and 100 go out at once (once
-    each: the claim already announced 0, and the completion records 100 unless the connector did). Writes
-    are serialised and numbered, so a throttled value that was overtaken is dropped rather than written
-    after a newer one (progress never goes backwards on the wire). Each message carries the job's workflow
-    current_step / total_steps (from its hash) and an estimated_completion extrapolated from the rate so far."""
+    each: the claim already announced 0, and the completion records 100 unless the connector did). Writes go
+    out off the connector's path, one at a time: a call returns at once, and a value due while a write is in
+    flight waits for it, a newer one replacing it (with Redis 100 ms away, each awaited write held a simulation
+    job's steps and a service's message reader for a round trip). Progress never goes backwards on the wire.
+    Each message carries the job's workflow current_step / total_steps (from its hash) and an
+    estimated_completion extrapolated from the rate so far."""
 
     def __init__(self, worker: "Worker", job: Job):
         self.worker, self.job = worker, job
         self.task = asyncio.current_task()  # the job's task (built in _run_job): `running` names the newest attempt
         self.started = time.monotonic()  # the claim's reply: the rate that estimated_completion extrapolates
-        self.last_sent = 0.0
-        self.last_percent = 0.0  # the claim announced 0 (contract), so a 0 from here would repeat it
+        self.last_sent = 0.0  # when the newest value was handed to the writer
+        self.last_percent = 0.0  # the newest value handed to the writer; the claim announced 0 (contract)
+        self.written_percent = 0.0  # the newest value written (or being written)
         self.seq = 0  # numbers every call
         self.sent_seq = 0  # the newest call written
-        self.pending: tuple[int, float, str] | None = None
+        self.due: tuple[int, float, str] | None = None  # to be written as soon as the write in flight ends
+        self.pending: tuple[int, float, str] | None = None  # throttled: handed over by the flusher
         self.flusher: asyncio.Task | None = None
-        self.lock = asyncio.Lock()
+        self.writer: asyncio.Task | None = None
         self.closed = False  # the connector's time is over (it returned, or its deadline passed): nothing is written
         self.abandoned = False  # the worker stopped waiting for the connector (_call_connector): its calls raise
 
@@ -361,40 +365,54 @@ class _Progress:
         if percent in (0.0, 100.0):
             if percent == self.last_percent:
                 return  # announced already (the worker and the connector both report the ends)
-            self.pending = None
-            await self._send(self.seq, percent, message)
+            self._hand_over(self.seq, percent, message)
         elif now - self.last_sent >= PROGRESS_INTERVAL_S:
-            self.pending = None
-            await self._send(self.seq, percent, message)
+            self._hand_over(self.seq, percent, message)
         else:
             self.pending = (self.seq, percent, message)
             if self.flusher is None or self.flusher.done():
                 delay = PROGRESS_INTERVAL_S - (now - self.last_sent)
                 self.flusher = asyncio.create_task(self._flush_later(delay))
 
+    def _hand_over(self, seq: int, percent: float, message: str) -> None:
+        """Give the writer a value to write now (replacing one still waiting for the write in flight)."""
+        self.pending = None
+        self.due = (seq, percent, message)
+        self.last_sent = time.monotonic()
+        self.last_percent = percent
+        if self.writer is None or self.writer.done():
+            # kept by the worker: it may outlive this job's task by one round trip
+            self.writer = self.worker._keep_side_task(asyncio.create_task(self._write()))
+
     async def _flush_later(self, delay: float) -> None:
         await asyncio.sleep(max(0.0, delay))
-        if self.pending is not None:
-            seq, percent, message = self.pending
-            self.pending = None
-            await self._send(seq, percent, message)
+        if self.pending is not None and not self.closed:
+            self._hand_over(*self.pending)
+
+    async def _write(self) -> None:
+        while self.due is not None and not self.closed:
+            seq, percent, message = self.due
+            self.due = None
+            try:
+                await self._send(seq, percent, message)
+            except Exception as exc:  # noqa: BLE001 - off the connector's path, nothing else would hear of it
+                self.worker.log.warning("progress not recorded", extra={"fields": {
+                    "job_id": self.job.id, "error": f"{type(exc).__name__}: {exc}"[:300]}})
 
     async def _send(self, seq: int, percent: float, message: str) -> None:
-        async with self.lock:
-            if seq <= self.sent_seq:
-                return  # a newer value went out meanwhile
-            self.sent_seq = seq
-            self.last_sent = time.monotonic()
-            self.last_percent = percent
-            try:
-                own = await self.worker.store.progress(
-                    self.job.id, self.worker.ident.worker_id, percent, message, current_step=self.job.current_step,
-                    total_steps=self.job.total_steps, estimated_completion=self.estimate(percent),
-                    token=self.job.token)
-            except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
-                self.worker.log.warning("progress not recorded", extra={"fields": {
-                    "job_id": self.job.id, "error": self.worker._redis_error(exc)}})
-                return
+        if seq <= self.sent_seq:
+            return  # a newer value went out meanwhile
+        self.sent_seq = seq
+        self.written_percent = percent
+        try:
+            own = await self.worker.store.progress(
+                self.job.id, self.worker.ident.worker_id, percent, message, current_step=self.job.current_step,
+                total_steps=self.job.total_steps, estimated_completion=self.estimate(percent),
+                token=self.job.token)
+        except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
+            self.worker.log.warning("progress not recorded", extra={"fields": {
+                "job_id": self.job.id, "error": self.worker._redis_error(exc)}})
+            return
         if own is Ownership.OK or self.worker.running.get(self.job.id) is not self.task:
             return  # ours, or this attempt was already superseded here: a stop now would hit the newer one
         self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
@@ -411,9 +429,18 @@ class _Progress:
         return eta.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def close(self) -> None:
+        """Nothing more is written: a value still waiting (throttled, or behind the write in flight) is dropped."""
         self.closed = True
+        self.due = self.pending = None
         if self.flusher is not None:
             self.flusher.cancel()
+
+    async def settle(self) -> None:
+        """close(), then wait for the write in flight: the completion goes after it (a progress write landing
+        after the completion is refused as not ours, and would leave the job's progress short of 100)."""
+        self.close()
+        if self.writer is not None and not self.writer.done():
+            await asyncio.wait({self.writer})
 
 
 class Worker:
@@ -787,8 +814,8 @@ class Worker:
                         if not returned:  # failed: the slot goes to the next claim while the failure is written
                             self._free_slot(asyncio.current_task())
                 with tel.tracer.start_as_current_span("result.postprocessing"):
-                    progress.close()  # a throttled value still waiting is overtaken by the completion
-                    own = await asyncio.shield(self._finish_ok(job, result, progress.last_percent < 100, steps,
+                    await progress.settle()  # a value still waiting is overtaken by the completion
+                    own = await asyncio.shield(self._finish_ok(job, result, progress.written_percent < 100, steps,
                                                                asyncio.current_task()))
                 if own is Ownership.OK:
                     self._local_faults = 0
