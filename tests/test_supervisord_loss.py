@@ -194,3 +194,43 @@ services:
     wait_for(lambda: len(children()) == 2, timeout=10, message="the new service's child")
     wait_for(lambda: not pid_alive(child), timeout=5, interval=0.05, message=f"the old child {child} gone")
     assert pid_alive(children()[1])
+
+
+def test_a_crashed_services_setsid_child_is_killed_but_the_current_runs_is_not(machine_factory, tmp_path):
+    # A child that left its service's process group (setsid) escapes the crash kill of the group: the machine,
+    # which adopts it as the subreaper, kills it once it sees it is an earlier run's. The current run's own
+    # setsid child (a helper it daemonized) is left alone.
+    pids = tmp_path / "children"
+    script = tmp_path / "svc.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        f"open({str(pids)!r}, 'a').write(f'{{child.pid}}\\n')\n"
+        "time.sleep(600)\n", encoding="utf-8")
+    machine = machine_factory(f"""
+services:
+  svc:
+    command: {PY} {script}
+    stop_grace: 2s
+""")
+    machine.wait_ready()
+
+    def children() -> list[int]:
+        return [int(x) for x in pids.read_text().split()] if pids.exists() else []
+
+    wait_for(lambda: len(children()) == 1, timeout=10, message="the service's child")
+    old = machine.process("svc-0").pid
+    child = children()[0]
+    assert os.getsid(child) == child  # out of its service's group and session
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: (p := machine.process("svc-0")) and p.state == "RUNNING" and p.pid != old, timeout=15,
+             message="the service restarted")
+    wait_for(lambda: len(children()) == 2, timeout=10, message="the new service's child")
+    wait_for(lambda: not pid_alive(child), timeout=5, interval=0.05, message=f"the old child {child} gone")
+    assert machine.event("process.leftovers_killed", process_name="svc-0"), machine.tail()
+    # the current run's child outlives a few more rounds of the sweep (one a second)
+    new_child = children()[1]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert pid_alive(new_child)
+        time.sleep(0.1)

@@ -612,7 +612,11 @@ class Machine:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self._supervisords = [proc for proc in self._supervisords if proc.returncode is None]
-            await asyncio.to_thread(self._reap_orphans, {proc.pid for proc in self._supervisords})
+            # the table of now, for the leftovers of programs that died (not known while supervisord is
+            # silent, lost or restarting, nor once the stop began: those paths stop everything themselves)
+            table = {name: (row.state, row.pid) for name, row in self.processes.items()} \
+                if self.phase is Phase.READY and not self.aggregate.supervisor_silent else None
+            await asyncio.to_thread(self._reap_orphans, {proc.pid for proc in self._supervisords}, table)
             if self.proc is None or self.proc.returncode is not None:
                 continue
             try:
@@ -706,12 +710,18 @@ class Machine:
                 step("jobs.requeued", level=logging.WARNING, job_ids=requeued, reason="lease expired")
 
     @staticmethod
-    def _reap_orphans(supervisords: set[int]) -> None:
+    def _reap_orphans(supervisords: set[int], table: dict[str, tuple[str, int]] | None) -> None:
         """As the subreaper, the machine inherits what supervisord's processes orphan (a service's background
-        child): reap those that exited. Never a supervisord of ours: its watcher waits on it."""
-        reaped = _reap_orphans(supervisords)
+        child): reap those that exited. Never a supervisord of ours: its watcher waits on it. With `table`
+        (program -> (state, pid)), kill those left by a program run that ended (_kill_leftovers)."""
+        children = _children(psutil.Process(), recursive=False)  # (reads every process's parent: once a round)
+        reaped = _reap_orphans(supervisords, children)
         if reaped:
             log.debug("reaped orphans", extra={"fields": {"event_type": "machine.orphans_reaped", "pids": reaped}})
+        if table is not None:
+            for name, pids in _kill_leftovers(supervisords, table, children).items():
+                step("process.leftovers_killed", level=logging.WARNING, process_name=name, pids=pids,
+                     reason="left running by an earlier run of the program, outside its process group")
 
     async def _restart(self, name: str) -> None:
         grace = self.plan.spec(name).stop_grace
@@ -1181,15 +1191,11 @@ def _children(proc: psutil.Process, recursive: bool = True) -> list[psutil.Proce
         return []
 
 
-def _reap_orphans(keep: set[int]) -> list[int]:
-    """Reap our zombie children but those in `keep` and those in our own session (a child this process
+def _reap_orphans(keep: set[int], children: list[psutil.Process]) -> list[int]:
+    """Reap our zombie `children` but those in `keep` and those in our own session (a child this process
     started itself: its owner waits on it). Orphans adopted from supervisord's tree are in its session."""
     own_session = os.getsid(0)
     reaped = []
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return reaped
     for child in children:
         if child.pid in keep or _status(child) != psutil.STATUS_ZOMBIE:
             continue
@@ -1202,6 +1208,48 @@ def _reap_orphans(keep: set[int]) -> list[int]:
         if pid:
             reaped.append(pid)
     return reaped
+
+
+LIVE_STATES = ("RUNNING", "STARTING")
+
+
+def _kill_leftovers(supervisords: set[int], table: dict[str, tuple[str, int]],
+                    children: list[psutil.Process]) -> dict[str, list[int]]:
+    """SIGKILL what a program's earlier run left running outside its process group (a child that called setsid:
+    the crash kill of the group, plugin._kill_group, misses it), with its own group. The machine, as the
+    subreaper, adopts it when its parents die: a live child of ours outside our session that carries a
+    program's SUPERVISOR_PROCESS_NAME and was started before that program's current process (`table`: program
+    -> (state, pid)), or whose program has no current process. One started since is the current run's (a
+    helper it daemonized): left alone. Start times are compared as the kernel keeps them (a wall clock
+    stepped since would misjudge). Returns {program: [pids killed]}."""
+    own_session = os.getsid(0)
+    killed: dict[str, list[int]] = {}
+    for child in children:
+        try:
+            if child.pid in supervisords or os.getsid(child.pid) == own_session \
+                    or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            name = child.environ().get("SUPERVISOR_PROCESS_NAME")
+            if not name:
+                continue
+            state, pid = table.get(name, ("", 0))
+            if state in LIVE_STATES and pid:
+                try:
+                    current = psutil.Process(pid).create_time()
+                except psutil.Error:
+                    continue  # ended since the table was read: judged at the next round
+                if child.create_time() >= current:
+                    continue
+            if not child.is_running():  # (compares the start time: a pid reused since is someone else's)
+                continue
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signal.SIGKILL)
+            else:
+                os.kill(child.pid, signal.SIGKILL)
+        except (OSError, psutil.Error):  # gone meanwhile, or not ours to read
+            continue
+        killed.setdefault(name, []).append(child.pid)
+    return killed
 
 
 def _mount_ns(pid: int) -> str | None:
