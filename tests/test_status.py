@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 
@@ -238,8 +239,12 @@ def test_shutdown_message_with_supervisord_gone_does_not_repeat_a_stale_online(m
     listener = Listener(redis_url, "machine:status:*")
     worker_pid = 0
     try:
-        machine = machine_factory("""
-status: {interval: 10s}
+        machine = machine_factory(f"""
+status: {{interval: 10s}}
+services:
+  idle:
+    command: {sys.executable} -c "import time; time.sleep(600)"
+    stop_grace: 6s
 workers:
   sim:
     connector: simulation
@@ -267,6 +272,8 @@ workers:
             assert w["status"] == "offline" and w["is_connected"] is False, (wid, w)
         assert machine.event("status.processes_unknown", update_type="shutdown"), machine.tail()
         assert machine.event("shutdown.worker_stopped", direct=True), machine.tail()
+        # the next tier too, though supervisord's exit was seen by then
+        assert machine.event("shutdown.service_stopped", direct=True), machine.tail()
         assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
         assert redis.hget(f"job:{job}", "status") == "pending", redis.hgetall(f"job:{job}")  # handed back
         assert not (machine.state_dir / "run" / "supervisord.pid").exists()  # the killed one's run files

@@ -829,6 +829,7 @@ class Machine:
 
     async def _stop_in_order(self) -> None:
         step("shutdown.drain", phase=self.phase.value)
+        started = False  # supervisord came up: what it started is stopped, even should it die meanwhile
         for kind in ("worker", "service", "redis"):
             names = [s.name for s in self.plan.specs if s.kind == kind]
             if kind == "redis":
@@ -836,7 +837,8 @@ class Machine:
             # (a supervisord not up yet has started nothing: nothing to stop, and it could not be asked; one that
             # died during the stop does not answer, and what it ran, the machine's now as the subreaper, is
             # stopped directly)
-            if not (names and self._supervisord_up and self.proc is not None):
+            started = started or self._supervisord_up
+            if not (names and started and self.proc is not None):
                 continue
             if not self._unanswering:
                 await self._check_answering()  # asked even when the sweep found it silent: it may be back
