@@ -54,6 +54,8 @@ class ManifestProblem:
 class SupervisorError(EmpError):
     """supervisord could not be started, reached or commanded."""
 
+    unreached = False  # True: the call never reached supervisord (nothing listening at its socket)
+
 
 class NoMachineRunning(EmpError):
     """An operator command found no running machine to talk to."""

@@ -234,3 +234,27 @@ services:
     while time.monotonic() < deadline:
         assert pid_alive(new_child)
         time.sleep(0.1)
+
+
+def test_supervisord_dying_while_a_worker_drains_lets_it_finish_its_job(machine_factory, redis):
+    # supervisord had sent the worker its SIGTERM (the worker drains) and died before answering the stop: the
+    # machine, stopping the worker itself, sent a second SIGTERM, which a worker takes as "hand the running
+    # jobs back at once", and a job that would have finished within the grace was given up and run again.
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    stop_grace: 20s
+""")
+    machine.wait_ready()
+    store = JobStore(redis)
+    job = store.submit("simulation", {"steps": 30, "step_ms": 100})
+    wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 10, message="the job running")
+    machine.signal(signal.SIGTERM)
+    wait_for(lambda: '"worker.draining"' in machine.log_of("worker-0"), 10, interval=0.02,
+             message="the worker draining on supervisord's SIGTERM")
+    os.kill(_supervisord_pid(machine), signal.SIGKILL)
+    assert machine.wait_exit(25) == 0, machine.tail()
+    assert redis.hget(f"job:{job}", "status") == "completed", redis.hgetall(f"job:{job}")
+    assert machine.event("shutdown.worker_stopped", direct=True), machine.tail()

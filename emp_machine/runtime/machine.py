@@ -36,7 +36,7 @@ from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
 from emp_machine.runtime.resp import RespError
 from emp_machine.supervisor import config as svconfig
-from emp_machine.supervisor.control import ProcessInfo, Supervisor
+from emp_machine.supervisor.control import ProcessInfo, StopUnanswered, Supervisor
 
 if TYPE_CHECKING:  # the machine reads the resolved manifest through runtime/view.py, not the model
     from emp_machine.runtime.manifest import Manifest
@@ -842,13 +842,14 @@ class Machine:
                 continue
             if not self._unanswering:
                 await self._check_answering()  # asked even when the sweep found it silent: it may be back
+            asked: dict[str, float] = {}  # name -> when a stop went to supervisord that answered nothing
             if not self._unanswering:
-                stopped = await asyncio.gather(*(self._stop(name) for name in names))  # all at once: self._waits
+                stopped = await asyncio.gather(*(self._stop(name, asked) for name in names))  # at once: self._waits
                 if not all(stopped):  # refused, or timed out: a supervisord that hung meanwhile?
                     await self._check_answering()
             if self._unanswering:
                 known = {row.pid: row.name for row in self.processes.values() if row.pid}  # the last sweep's
-                killed = await asyncio.to_thread(self._stop_directly, names, known)
+                killed = await asyncio.to_thread(self._stop_directly, names, known, asked)
                 step(f"shutdown.{kind}_stopped", processes=names, direct=True, killed=killed)
             else:
                 step(f"shutdown.{kind}_stopped", processes=names)
@@ -878,13 +879,18 @@ class Machine:
         if left:
             step("shutdown.leftovers", level=logging.WARNING, pids=left, action="terminated")
 
-    async def _stop(self, name: str) -> bool:
+    async def _stop(self, name: str, asked: dict[str, float]) -> bool:
+        """supervisord stops `name`; False when it did not. A stop it took and never answered (it died or
+        hung meanwhile) goes into `asked` with when it was sent: the stop signal may have gone out."""
         grace = self.plan.spec(name).stop_grace
         stop = Supervisor(self.paths.socket, timeout=grace + 15).stop
+        sent = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(self._waits, stop, name, True)
             return True
         except SupervisorError as exc:
+            if isinstance(exc, StopUnanswered):
+                asked[name] = sent
             step("process.stop_failed", level=logging.ERROR, process_name=name, error=str(exc))
             return False
 
@@ -901,38 +907,63 @@ class Machine:
         step("shutdown.supervisord_not_answering", level=logging.WARNING, error=reason,
              action="stop its processes directly, then SIGKILL it")
 
-    def _stop_directly(self, names: list[str], known: dict[int, str]) -> list[int]:
+    def _stop_directly(self, names: list[str], known: dict[int, str], asked: dict[str, float]) -> list[int]:
         """supervisord does not answer: stop these processes of its as it would have (stopasgroup, killasgroup):
         each one's stop signal to its process group, up to its stop_grace (a worker drains on it and hands back
-        what still runs before its grace ends), then SIGKILL to the group. Returns the pids that were killed."""
-        targets = []
-        for proc in self._supervisords_children():
-            try:  # (the embedded Redis overwrites its environment with its title: the sweep's pid then)
-                name = proc.environ().get("SUPERVISOR_PROCESS_NAME") or known.get(proc.pid)
-            except psutil.Error:
-                name = known.get(proc.pid)
-            if name in names and _status(proc) not in (psutil.STATUS_ZOMBIE, None):
-                targets.append((proc, self.plan.spec(name)))
+        what still runs before its grace ends), then SIGKILL to the group. Returns the pids that were killed.
+
+        Those in `asked` (name -> when), whose stop supervisord took and never answered, may have had their
+        signal: not sent again now (a worker takes a second SIGTERM as "hand the running jobs back at once",
+        and would give up jobs it could still finish). Their grace counts from the stop sent; one still running
+        at its end had no signal after all, or ignored it: its stop signal then (a worker's twice, to hand back
+        at once), and SIGKILL LEFTOVER_SECOND_GRACE later."""
+        # (the embedded Redis overwrites its environment with its title: known, the sweep's pid -> name, then)
+        targets = [(proc, name) for proc in self._supervisords_children()
+                   if (name := self._name_of(proc, known)) in names
+                   and _status(proc) not in (psutil.STATUS_ZOMBIE, None)]
         start = time.monotonic()
-        for proc, spec in targets:
-            with contextlib.suppress(OSError):  # a program leads its own group (supervisord's setpgrp)
-                os.killpg(proc.pid, getattr(signal, f"SIG{spec.stop_signal}"))
+        deadline, late = {}, set()  # pid -> when its group is SIGKILLed; pids signalled at their grace's end
+        for proc, name in targets:
+            spec = self.plan.spec(name)
+            deadline[proc.pid] = asked.get(name, start) + math.ceil(spec.stop_grace)  # as supervisord's stopwaitsecs
+            if name not in asked:
+                _signal_group(proc, spec.stop_signal)
         killed = []
         # polled, not waited on: their parent is hung, so they stay zombies (gone for us), which psutil waits out
         while targets:
             time.sleep(0.05)
             now = time.monotonic()
-            for proc, spec in list(targets):
+            for proc, name in list(targets):
                 if _status(proc) in (psutil.STATUS_ZOMBIE, None):
-                    targets.remove((proc, spec))
-                elif now - start >= math.ceil(spec.stop_grace):  # as supervisord's stopwaitsecs
-                    # (is_running compares the start time: a pid reaped meanwhile and reused is someone else's)
-                    with contextlib.suppress(OSError, psutil.Error):
-                        if proc.is_running():
-                            os.killpg(proc.pid, signal.SIGKILL)
-                            killed.append(proc.pid)
-                    targets.remove((proc, spec))
+                    targets.remove((proc, name))
+                    continue
+                if now < deadline[proc.pid]:
+                    continue
+                if name in asked and proc.pid not in late:
+                    late.add(proc.pid)
+                    spec = self.plan.spec(name)
+                    with contextlib.suppress(psutil.Error):
+                        if proc.is_running():  # (not a pid reaped meanwhile and reused)
+                            _signal_group(proc, spec.stop_signal)
+                            if spec.kind == "worker":
+                                time.sleep(FORCED_SECOND_TERM_AFTER)
+                                _signal_group(proc, spec.stop_signal)
+                    deadline[proc.pid] = time.monotonic() + LEFTOVER_SECOND_GRACE
+                    continue
+                # (is_running compares the start time: a pid reaped meanwhile and reused is someone else's)
+                with contextlib.suppress(OSError, psutil.Error):
+                    if proc.is_running():
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                targets.remove((proc, name))
         return killed
+
+    @staticmethod
+    def _name_of(proc: psutil.Process, known: dict[int, str]) -> str:
+        try:
+            return proc.environ().get("SUPERVISOR_PROCESS_NAME") or known.get(proc.pid, "")
+        except psutil.Error:
+            return known.get(proc.pid, "")
 
     def _supervisords_children(self) -> list[psutil.Process]:
         """What supervisord runs: its children and, should it have died, those the machine adopted from it as the
@@ -1093,6 +1124,12 @@ def _signal_all(procs: list[psutil.Process], sig: int) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return reached
+
+
+def _signal_group(proc: psutil.Process, stop_signal: str) -> None:
+    """`stop_signal` (a name without SIG) to the process group `proc` leads (supervisord's setpgrp)."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, getattr(signal, f"SIG{stop_signal}"))
 
 
 def _terminate(procs: list[psutil.Process], grace: float, second_grace: float = 0.0) -> list[int]:

@@ -99,13 +99,19 @@ class Supervisor:
             raise SupervisorError(f"could not start {name}: {fault.faultString}") from None
 
     def stop(self, name: str, wait: bool = True) -> None:
-        """Stop `name` and keep it down: the restart policy will not bring it back."""
+        """Stop `name` and keep it down: the restart policy will not bring it back. StopUnanswered: the stop
+        reached supervisord and no answer came back (it died or hung meanwhile): it may have sent the stop
+        signal already."""
         self.call("emp.hold", name)
         try:
             self._rpc("supervisor.stopProcess", name, wait)
         except xmlrpc.client.Fault as fault:
             if fault.faultCode != Faults.NOT_RUNNING:
                 raise SupervisorError(f"could not stop {name}: {fault.faultString}") from None
+        except SupervisorError as exc:
+            if exc.unreached:
+                raise
+            raise StopUnanswered(str(exc)) from None
 
     def restart(self, name: str) -> None:
         """Graceful restart: stop within the process's grace, then start (clears an errored state)."""
@@ -126,7 +132,14 @@ class Supervisor:
         try:
             return target(*args)
         except (OSError, http.client.HTTPException) as exc:
-            raise SupervisorError(f"supervisord is not reachable at {self.socket_path}: {exc}") from None
+            error = SupervisorError(f"supervisord is not reachable at {self.socket_path}: {exc}")
+            # nothing listens (or no socket): the call never reached supervisord
+            error.unreached = isinstance(exc, (ConnectionRefusedError, FileNotFoundError))
+            raise error from None
+
+
+class StopUnanswered(SupervisorError):
+    """A stop that reached supervisord, with no answer: whether it signalled the process is not known."""
 
 
 class _TimeoutUnixConnection(http.client.HTTPConnection):
