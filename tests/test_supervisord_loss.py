@@ -258,3 +258,42 @@ workers:
     assert machine.wait_exit(25) == 0, machine.tail()
     assert redis.hget(f"job:{job}", "status") == "completed", redis.hgetall(f"job:{job}")
     assert machine.event("shutdown.worker_stopped", direct=True), machine.tail()
+
+
+def test_a_restarted_services_daemonized_helper_is_left_alone(machine_factory, tmp_path):
+    # The leftover check judged against the sweep's table of a round before: a service seen waiting out its
+    # restart backoff, then started again, had the helper its new run daemonized (double fork and setsid, so
+    # the machine adopts it at once) SIGKILLed as if it were the ended run's.
+    helpers = tmp_path / "helpers"
+    script = tmp_path / "svc.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "daemon = 'import subprocess, sys; p = subprocess.Popen([sys.executable, \"-c\", '\n"
+        "daemon += '\"import time; time.sleep(600)\"], start_new_session=True, '\n"
+        "daemon += 'stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); '\n"
+        "daemon += 'print(p.pid)'\n"
+        "pid = subprocess.run([sys.executable, '-c', daemon], capture_output=True, text=True).stdout.strip()\n"
+        f"runs = open({str(helpers)!r}, 'a+')\n"
+        "runs.write(pid + '\\n'); runs.flush(); runs.seek(0)\n"
+        "if len(runs.read().split()) == 1:\n"
+        "    time.sleep(0.5); sys.exit(3)  # the first run crashes; the second stays\n"
+        "time.sleep(600)\n", encoding="utf-8")
+    machine = machine_factory(f"""
+services:
+  svc:
+    command: {PY} {script}
+    stop_grace: 2s
+    restart: {{backoff_initial: 1500ms}}
+""")
+
+    def started() -> list[int]:
+        return [int(x) for x in helpers.read_text().split()] if helpers.exists() else []
+
+    wait_for(lambda: len(started()) == 2, timeout=20, message="the service's second run and its helper")
+    first, second = started()
+    wait_for(lambda: not pid_alive(first), timeout=5, interval=0.05, message=f"the first run's helper {first} gone")
+    # the second run's helper outlives several rounds of the sweep (one a second)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert pid_alive(second), machine.tail()
+        time.sleep(0.1)

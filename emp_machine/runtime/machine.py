@@ -612,11 +612,10 @@ class Machine:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self._supervisords = [proc for proc in self._supervisords if proc.returncode is None]
-            # the table of now, for the leftovers of programs that died (not known while supervisord is
-            # silent, lost or restarting, nor once the stop began: those paths stop everything themselves)
-            table = {name: (row.state, row.pid) for name, row in self.processes.items()} \
-                if self.phase is Phase.READY and not self.aggregate.supervisor_silent else None
-            await asyncio.to_thread(self._reap_orphans, {proc.pid for proc in self._supervisords}, table)
+            # the leftovers of programs' ended runs are judged only while READY (supervisord silent, lost or
+            # restarting, or the stop begun: those paths stop everything themselves)
+            judge = self.phase is Phase.READY and not self.aggregate.supervisor_silent
+            await asyncio.to_thread(self._reap_orphans, {proc.pid for proc in self._supervisords}, judge)
             if self.proc is None or self.proc.returncode is not None:
                 continue
             try:
@@ -710,16 +709,16 @@ class Machine:
                 step("jobs.requeued", level=logging.WARNING, job_ids=requeued, reason="lease expired")
 
     @staticmethod
-    def _reap_orphans(supervisords: set[int], table: dict[str, tuple[str, int]] | None) -> None:
+    def _reap_orphans(supervisords: set[int], judge: bool) -> None:
         """As the subreaper, the machine inherits what supervisord's processes orphan (a service's background
-        child): reap those that exited. Never a supervisord of ours: its watcher waits on it. With `table`
-        (program -> (state, pid)), kill those left by a program run that ended (_kill_leftovers)."""
+        child): reap those that exited. Never a supervisord of ours: its watcher waits on it. With `judge`,
+        kill those left by a program run that ended (_kill_leftovers)."""
         children = _children(psutil.Process(), recursive=False)  # (reads every process's parent: once a round)
         reaped = _reap_orphans(supervisords, children)
         if reaped:
             log.debug("reaped orphans", extra={"fields": {"event_type": "machine.orphans_reaped", "pids": reaped}})
-        if table is not None:
-            for name, pids in _kill_leftovers(supervisords, table, children).items():
+        if judge:
+            for name, pids in _kill_leftovers(supervisords, children).items():
                 step("process.leftovers_killed", level=logging.WARNING, process_name=name, pids=pids,
                      reason="left running by an earlier run of the program, outside its process group")
 
@@ -968,10 +967,7 @@ class Machine:
     def _supervisords_children(self) -> list[psutil.Process]:
         """What supervisord runs: its children and, should it have died, those the machine adopted from it as the
         subreaper: its children outside the machine's own session (supervisord leads a session of its own)."""
-        try:
-            found = {p.pid: p for p in _children(psutil.Process(self.proc.pid), recursive=False)}
-        except psutil.Error:  # gone, and reaped
-            found = {}
+        found = {p.pid: p for p in _children_of(self.proc.pid)}  # (none once it is gone and reaped)
         own_session = os.getsid(0)
         for proc in _children(psutil.Process(), recursive=False):
             with contextlib.suppress(OSError):
@@ -1249,46 +1245,60 @@ def _reap_orphans(keep: set[int], children: list[psutil.Process]) -> list[int]:
     return reaped
 
 
-LIVE_STATES = ("RUNNING", "STARTING")
-
-
-def _kill_leftovers(supervisords: set[int], table: dict[str, tuple[str, int]],
-                    children: list[psutil.Process]) -> dict[str, list[int]]:
+def _kill_leftovers(supervisords: set[int], children: list[psutil.Process]) -> dict[str, list[int]]:
     """SIGKILL what a program's earlier run left running outside its process group (a child that called setsid:
     the crash kill of the group, plugin._kill_group, misses it), with its own group. The machine, as the
-    subreaper, adopts it when its parents die: a live child of ours outside our session that carries a
-    program's SUPERVISOR_PROCESS_NAME and was started before that program's current process (`table`: program
-    -> (state, pid)), or whose program has no current process. One started since is the current run's (a
-    helper it daemonized): left alone. Start times are compared as the kernel keeps them (a wall clock
-    stepped since would misjudge). Returns {program: [pids killed]}."""
+    subreaper, adopts it when its parents die: one of our `children` (read first) outside our session that
+    carries a program's SUPERVISOR_PROCESS_NAME and was started before that program's current process (read
+    from supervisord's children after ours: a helper of the current run was started after it, so it is seen),
+    or whose program has no current process. One started since is the current run's (a helper it
+    daemonized): left alone. Start times are compared as the kernel keeps them (a wall clock stepped since
+    would misjudge), not against supervisord's table, which is a round old. Returns {program: [pids killed]}."""
     own_session = os.getsid(0)
-    killed: dict[str, list[int]] = {}
+    candidates = []
     for child in children:
         try:
             if child.pid in supervisords or os.getsid(child.pid) == own_session \
                     or child.status() == psutil.STATUS_ZOMBIE:
                 continue
             name = child.environ().get("SUPERVISOR_PROCESS_NAME")
-            if not name:
+        except (OSError, psutil.Error):  # gone meanwhile, or not ours to read
+            continue
+        if name:
+            candidates.append((child, name))
+    if not candidates:
+        return {}
+    current: dict[str, float] = {}  # program -> when its current process started
+    for pid in supervisords:
+        for proc in _children_of(pid):
+            try:
+                name = proc.environ().get("SUPERVISOR_PROCESS_NAME")
+                if name:
+                    current[name] = proc.create_time()
+            except psutil.Error:
                 continue
-            state, pid = table.get(name, ("", 0))
-            if state in LIVE_STATES and pid:
-                try:
-                    current = psutil.Process(pid).create_time()
-                except psutil.Error:
-                    continue  # ended since the table was read: judged at the next round
-                if child.create_time() >= current:
-                    continue
+    killed: dict[str, list[int]] = {}
+    for child, name in candidates:
+        try:
+            if name in current and child.create_time() >= current[name]:
+                continue
             if not child.is_running():  # (compares the start time: a pid reused since is someone else's)
                 continue
             if os.getpgid(child.pid) == child.pid:
                 os.killpg(child.pid, signal.SIGKILL)
             else:
                 os.kill(child.pid, signal.SIGKILL)
-        except (OSError, psutil.Error):  # gone meanwhile, or not ours to read
+        except (OSError, psutil.Error):
             continue
         killed.setdefault(name, []).append(child.pid)
     return killed
+
+
+def _children_of(pid: int) -> list[psutil.Process]:
+    try:
+        return _children(psutil.Process(pid), recursive=False)
+    except psutil.Error:
+        return []
 
 
 def _mount_ns(pid: int) -> str | None:
