@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,11 +74,12 @@ class RunningMachine:
         return {row.name: row for row in self.control.processes()}
 
     def process(self, name: str):
-        """The process row, or None while supervisord is not (yet) answering."""
+        """The process row, or None while supervisord is not (yet) answering; AssertionError with the machine's
+        log once the machine has exited (a wait on it would time out saying nothing of why)."""
         try:
             return self.processes().get(name)
         except SupervisorError:
-            return None
+            return self._dead(f"process {name}")
 
     def wait_ready(self, timeout: float = 20.0) -> dict:
         return self.wait_event("machine_ready", timeout)
@@ -114,11 +116,14 @@ class RunningMachine:
 def write_manifest(path: Path, body: str, state_dir: Path, redis_url: str) -> Path:
     """A test manifest: the given sections plus a private state dir and the test Redis (or embedded)."""
     text = textwrap.dedent(body).strip() + "\n"
-    if "machine:" not in text:
+    def has(section: str) -> bool:  # a top-level key (a service's own `health:` check is not the section)
+        return re.search(rf"^{section}:", text, re.M) is not None
+
+    if not has("machine"):
         text = f"machine:\n  type: test\n  id: test-{state_dir.name}\n  state_dir: {state_dir}\n" + text
-    if "health:" not in text:  # never the real :9090 in tests: a free port, read from run/machine.json
+    if not has("health"):  # never the real :9090 in tests: a free port, read from run/machine.json
         text += "health:\n  port: 0\n"
-    if "redis:" not in text:
+    if not has("redis"):
         text += f"redis:\n  url: {redis_url}\n"
     path.write_text(text, encoding="utf-8")
     return path
