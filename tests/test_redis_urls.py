@@ -127,8 +127,17 @@ def tls_port(tls_files, redis_server):
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
+        async def shut():  # the pipes end (and close their writers) before the loop stops, not after it closed
+            server.close()
+            pipes = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pipes:
+                task.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()
 
 
 def test_the_machines_client_takes_the_tls_options_of_the_url(tls_port, tls_files):
