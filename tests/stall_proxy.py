@@ -4,6 +4,8 @@ stall():  nothing is forwarded either way; connections stay open and new ones ar
 cut(marker=b""): a dropped NAT entry: every connection open now (or only those whose client has sent `marker`,
           e.g. b"SUBSCRIBE") is black-holed for good: bytes read and discarded, never closed. New ones work.
 opened(marker): how many connections whose client sent `marker` were opened so far (a resubscription shows).
+split(marker, pause): every reply carrying `marker` reaches the client in two TCP segments, `pause` apart,
+          the first ending just after `marker` (a reply half read when a reader's timeout fires).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class StallProxy:
         self.port = 0
         self.loop = asyncio.new_event_loop()
         self._flowing: asyncio.Event | None = None
+        self._split: tuple[bytes, float] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._started = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -63,6 +66,9 @@ class StallProxy:
                 c.dead = True
             return len(hit)
         return self._call(f)
+
+    def split(self, marker: bytes, pause: float) -> None:
+        self._split = (marker, pause)
 
     def opened(self, marker: bytes = b"") -> int:
         return self._call(lambda: sum(1 for c in self.conns if marker in c.sent))
@@ -110,5 +116,11 @@ class StallProxy:
             await self._flowing.wait()
             if conn.dead:
                 continue
+            if not from_client and self._split and (at := data.find(self._split[0])) >= 0:
+                cut = at + len(self._split[0])
+                writer.write(data[:cut])
+                await writer.drain()
+                await asyncio.sleep(self._split[1])
+                data = data[cut:]
             writer.write(data)
             await writer.drain()

@@ -232,3 +232,38 @@ def test_a_stalled_redis_does_not_hold_the_connectors_progress_calls(redis, prox
         assert done["duration_ms"] < 2000, done
     finally:
         procs.close()
+
+
+def test_machines_worker_status_message_half_read_at_a_timeout_is_not_lost(redis, proxy):
+    """The subscription's read is bounded (until the next PING is due): a timeout that fired with a message half
+    read cancelled the read, its header was lost and the rest taken for replies of their own: the transition
+    never reached the machine. The half-read reply is now picked up by the next read."""
+    import asyncio
+    import json
+
+    from emp_machine.runtime import jobs
+    from emp_machine.runtime.status import watch_worker_status
+
+    proxy.split(b"message\r\n", 0.6)  # every published message arrives in two parts, 0.6 s apart
+
+    async def scenario():
+        inbox: asyncio.Queue = asyncio.Queue()
+        # PINGs every 0.2 s of quiet: each read has at most that long, so the pause falls inside one
+        task = asyncio.create_task(watch_worker_status(proxy.url, ["m-split-worker-0"], inbox,
+                                                       ping_after_s=0.2, pong_within_s=2.0))
+        try:
+            deadline = time.monotonic() + 5
+            while not (await asyncio.to_thread(redis.pubsub_numsub, jobs.CH_WORKER_STATUS))[0][1] \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            receivers = await asyncio.to_thread(redis.publish, jobs.CH_WORKER_STATUS, json.dumps(
+                {"worker_id": "m-split-worker-0", "new_status": "busy", "current_job_id": "j1"}))
+            assert receivers == 1
+            seen = await asyncio.wait_for(inbox.get(), 5)
+            assert (seen.worker_id, seen.status, seen.current_job_id) == ("m-split-worker-0", "busy", "j1")
+            assert proxy.opened(b"SUBSCRIBE") == 1  # no resubscription on the way (the PINGs were answered)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())

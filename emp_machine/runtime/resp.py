@@ -243,6 +243,7 @@ class PubSub:
         self._target = target
         self._connect_timeout = connect_timeout
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._reading: asyncio.Task | None = None  # a reply being read, kept across get_message's timeouts
         self.last_reply = time.monotonic()  # when the server last said anything on this connection
 
     async def subscribe(self, *channels: str) -> None:
@@ -262,10 +263,16 @@ class PubSub:
     async def get_message(self, ignore_subscribe_messages: bool = True, timeout: float | None = None) -> dict | None:
         if self._conn is None:
             raise ConnectionError("not subscribed")
-        try:
-            reply = await asyncio.wait_for(_read_reply(self._conn[0]), timeout)
-        except asyncio.TimeoutError:
+        # A timeout must not cancel a reply half read (its header consumed, its elements then taken for replies
+        # of their own: the message lost): the read goes on in its task, picked up by the next call.
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(_read_reply(self._conn[0]))
+        done, _ = await asyncio.wait({self._reading}, timeout=timeout)
+        if not done:
             return None
+        reading, self._reading = self._reading, None
+        try:
+            reply = reading.result()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             raise ConnectionError(f"Redis subscription lost: {exc.__class__.__name__}") from None
         self.last_reply = time.monotonic()
@@ -279,6 +286,10 @@ class PubSub:
         return {"type": kind, "channel": reply[1], "data": reply[2]}
 
     async def aclose(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+            self._reading = None
         if self._conn is not None:
             self._conn[1].close()
             self._conn = None
