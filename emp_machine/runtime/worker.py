@@ -366,8 +366,10 @@ class _Progress:
             if percent == self.last_percent:
                 return  # announced already (the worker and the connector both report the ends)
             self._hand_over(self.seq, percent, message)
-        elif now - self.last_sent >= PROGRESS_INTERVAL_S:
+            await asyncio.sleep(0)  # a turn for the writer and the rest (a connector that only computes between
+        elif now - self.last_sent >= PROGRESS_INTERVAL_S:  # calls would otherwise starve the heartbeat)
             self._hand_over(self.seq, percent, message)
+            await asyncio.sleep(0)
         else:
             self.pending = (self.seq, percent, message)
             if self.flusher is None or self.flusher.done():
