@@ -821,7 +821,12 @@ class Machine:
         except Exception as exc:  # noqa: BLE001 - a failed stop must still end: a machine hung for good never restarts
             step("shutdown.failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}"[:300],
                  action="stop every process directly")
+            self.phase = Phase.SHUTDOWN
+            with contextlib.suppress(Exception):  # the monitor's last word, while Redis may still be up
+                await asyncio.wait_for(self._announce_shutdown(), 5)
             await asyncio.to_thread(self._force_stop)
+            if self.proc is not None:
+                _remove_run_files(self.paths, self.proc.pid)  # SIGKILLed with the rest: it could not remove them
             if self._shutdown_exit_code == 0:
                 self._shutdown_exit_code = 1
         self.inbox.put_nowait(ShutdownDone())
@@ -1266,10 +1271,15 @@ def _kill_leftovers(supervisords: set[int], children: list[psutil.Process]) -> d
             continue
         if name:
             candidates.append((child, name))
-    if not candidates:
+    if not candidates or not supervisords:  # (none: it died and was reaped; the supervisord-loss path stops all)
         return {}
     current: dict[str, float] = {}  # program -> when its current process started
     for pid in supervisords:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return {}  # supervisord died: what it ran is adopted, and the supervisord-loss path stops it
+        except psutil.Error:
+            return {}
         for proc in _children_of(pid):
             try:
                 name = proc.environ().get("SUPERVISOR_PROCESS_NAME")
