@@ -48,6 +48,8 @@ from emp_machine.telemetry.redact import secret_key as secret_name
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
+PROGRESS_RETRY_S = 1.0  # a progress value Redis did not take is written again after this, unless a newer one came
+PROGRESS_SETTLE_S = 0.5  # the completion waits this long at most for the progress write in flight
 DRAIN_MARGIN_S = 2.0  # kept from stop_grace to hand a job back before supervisord's SIGKILL
 TELEMETRY_SHUTDOWN_S = 5.0  # the last flush and shipping attempt at exit, at most (within stop_grace on a drain)
 EXIT_WAIT_S = 1.0  # at exit, tasks still running (a connector run that ignores cancellation) get this long
@@ -315,8 +317,9 @@ class _Progress:
     each: the claim already announced 0, and the completion records 100 unless the connector did). Writes go
     out off the connector's path, one at a time: a call returns at once, and a value due while a write is in
     flight waits for it, a newer one replacing it (with Redis 100 ms away, each awaited write held a simulation
-    job's steps and a service's message reader for a round trip). Progress never goes backwards on the wire.
-    Each message carries the job's workflow current_step / total_steps (from its hash) and an
+    job's steps and a service's message reader for a round trip). Progress never goes backwards on the wire: a
+    value below one already taken is dropped. One Redis did not take is written again PROGRESS_RETRY_S later
+    unless a newer one came, and the completion records 100 unless Redis took a 100. Each message carries the job's workflow current_step / total_steps (from its hash) and an
     estimated_completion extrapolated from the rate so far."""
 
     def __init__(self, worker: "Worker", job: Job):
@@ -325,7 +328,8 @@ class _Progress:
         self.started = time.monotonic()  # the claim's reply: the rate that estimated_completion extrapolates
         self.last_sent = 0.0  # when the newest value was handed to the writer
         self.last_percent = 0.0  # the newest value handed to the writer; the claim announced 0 (contract)
-        self.written_percent = 0.0  # the newest value written (or being written)
+        self.highest = 0.0  # the highest value taken (handed over or throttled): none lower is written after it
+        self.written_percent = 0.0  # the newest value Redis took (a write refused or lost leaves it)
         self.seq = 0  # numbers every call
         self.sent_seq = 0  # the newest call written
         self.due: tuple[int, float, str] | None = None  # to be written as soon as the write in flight ends
@@ -360,6 +364,9 @@ class _Progress:
         if isinstance(message, str) and len(message) > PROGRESS_MESSAGE_MAX:
             # stored in the job hash and published whole, a connector's 1 MB message reached every subscriber
             message = message[:PROGRESS_MESSAGE_MAX - len(_CUT)] + _CUT
+        if percent < self.highest:
+            return  # never backwards on the wire (a connector's own counter starting over at a new stage)
+        self.highest = percent
         self.seq += 1
         now = time.monotonic()
         if percent in (0.0, 100.0):
@@ -405,7 +412,6 @@ class _Progress:
         if seq <= self.sent_seq:
             return  # a newer value went out meanwhile
         self.sent_seq = seq
-        self.written_percent = percent
         try:
             own = await self.worker.store.progress(
                 self.job.id, self.worker.ident.worker_id, percent, message, current_step=self.job.current_step,
@@ -414,7 +420,15 @@ class _Progress:
         except RedisError as exc:  # progress is advisory: a Redis blip must not fail the job
             self.worker.log.warning("progress not recorded", extra={"fields": {
                 "job_id": self.job.id, "error": self.worker._redis_error(exc)}})
+            if self.due is None and self.pending is None and not self.closed:
+                # nothing newer to say: this value again later (a quiet stage would show it stale till its end)
+                self.sent_seq = seq - 1
+                self.pending = (seq, percent, message)
+                if self.flusher is None or self.flusher.done():
+                    self.flusher = asyncio.create_task(self._flush_later(PROGRESS_RETRY_S))
             return
+        if own is Ownership.OK:
+            self.written_percent = percent
         if own is Ownership.OK or self.worker.running.get(self.job.id) is not self.task:
             return  # ours, or this attempt was already superseded here: a stop now would hit the newer one
         self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
@@ -438,11 +452,13 @@ class _Progress:
             self.flusher.cancel()
 
     async def settle(self) -> None:
-        """close(), then wait for the write in flight: the completion goes after it (a progress write landing
-        after the completion is refused as not ours, and would leave the job's progress short of 100)."""
+        """close(), then wait for the write in flight, up to PROGRESS_SETTLE_S: whether Redis took a 100 decides
+        whether the completion records 100 itself (`written_percent`). A write still out then (Redis slow, its
+        connection lost) does not hold the completion and the job's slot: should it land after the
+        completion it is refused as not ours, and the completion has recorded 100."""
         self.close()
         if self.writer is not None and not self.writer.done():
-            await asyncio.wait({self.writer})
+            await asyncio.wait({self.writer}, timeout=PROGRESS_SETTLE_S)
 
 
 class Worker:
