@@ -10,6 +10,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
@@ -163,14 +164,18 @@ services:
     assert not (run / "supervisord.pid").exists()
 
 
-def test_a_crashed_services_process_group_does_not_outlive_it(machine_factory, tmp_path):
+@pytest.mark.parametrize("setsid", [False, True], ids=["in its group", "setsid"])
+def test_a_crashed_services_child_does_not_outlive_it_but_the_current_runs_does(machine_factory, tmp_path, setsid):
     # stopasgroup/killasgroup act on a stop only: after a crash the service's children ran on under the
-    # machine, one more set at each restart.
+    # machine, one more set at each restart. A child in its group goes with the group's crash kill; one that
+    # left it (setsid) is adopted by the machine, the subreaper, which kills it once it sees it is an earlier
+    # run's. The current run's own child (a helper it daemonized) is left alone.
     pids = tmp_path / "children"
     script = tmp_path / "svc.py"
     script.write_text(
         "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+        f"start_new_session={setsid})\n"
         f"open({str(pids)!r}, 'a').write(f'{{child.pid}}\\n')\n"
         "time.sleep(600)\n", encoding="utf-8")
     machine = machine_factory(f"""
@@ -187,47 +192,17 @@ services:
     wait_for(lambda: len(children()) == 1, timeout=10, message="the service's child")
     old = machine.process("svc-0").pid
     child = children()[0]
-    assert os.getpgid(child) == old  # in its service's group (supervisord makes each program a group leader)
+    if setsid:
+        assert os.getsid(child) == child  # out of its service's group and session
+    else:
+        assert os.getpgid(child) == old  # in its service's group (supervisord makes each program a group leader)
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: (p := machine.process("svc-0")) and p.state == "RUNNING" and p.pid != old, timeout=15,
              message="the service restarted")
     wait_for(lambda: len(children()) == 2, timeout=10, message="the new service's child")
     wait_for(lambda: not pid_alive(child), timeout=5, interval=0.05, message=f"the old child {child} gone")
-    assert pid_alive(children()[1])
-
-
-def test_a_crashed_services_setsid_child_is_killed_but_the_current_runs_is_not(machine_factory, tmp_path):
-    # A child that left its service's process group (setsid) escapes the crash kill of the group: the machine,
-    # which adopts it as the subreaper, kills it once it sees it is an earlier run's. The current run's own
-    # setsid child (a helper it daemonized) is left alone.
-    pids = tmp_path / "children"
-    script = tmp_path / "svc.py"
-    script.write_text(
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
-        f"open({str(pids)!r}, 'a').write(f'{{child.pid}}\\n')\n"
-        "time.sleep(600)\n", encoding="utf-8")
-    machine = machine_factory(f"""
-services:
-  svc:
-    command: {PY} {script}
-    stop_grace: 2s
-""")
-    machine.wait_ready()
-
-    def children() -> list[int]:
-        return [int(x) for x in pids.read_text().split()] if pids.exists() else []
-
-    wait_for(lambda: len(children()) == 1, timeout=10, message="the service's child")
-    old = machine.process("svc-0").pid
-    child = children()[0]
-    assert os.getsid(child) == child  # out of its service's group and session
-    os.kill(old, signal.SIGKILL)
-    wait_for(lambda: (p := machine.process("svc-0")) and p.state == "RUNNING" and p.pid != old, timeout=15,
-             message="the service restarted")
-    wait_for(lambda: len(children()) == 2, timeout=10, message="the new service's child")
-    wait_for(lambda: not pid_alive(child), timeout=5, interval=0.05, message=f"the old child {child} gone")
-    assert machine.event("process.leftovers_killed", process_name="svc-0"), machine.tail()
+    if setsid:
+        assert machine.event("process.leftovers_killed", process_name="svc-0"), machine.tail()
     # the current run's child outlives a few more rounds of the sweep (one a second)
     new_child = children()[1]
     deadline = time.monotonic() + 3
