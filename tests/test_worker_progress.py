@@ -37,22 +37,21 @@ class ReportConnector(Connector):
 @pytest.fixture
 def workers(tmp_path, monkeypatch):
     """One worker running the report connector on a Redis of its own (the tests make it refuse writes)."""
-    server = PrivateRedis(tmp_path / "redis").start()
     site = tmp_path / "site"
     site.mkdir()
     install_plugin(site, "emp_plugin_report", PLUGIN, {"report": "ReportConnector"})
     monkeypatch.syspath_prepend(str(site))  # the manifest is validated here too, against installed connectors
-    procs = WorkerProcs("workers:\n  rep:\n    connector: report\n    job_types: [report]\n", tmp_path / "w",
-                        server.url, machine_id="prog", environ={"PYTHONPATH": str(site)})
-    client = redis_lib.Redis.from_url(server.url, decode_responses=True)
-    try:
-        procs.start()
-        procs.wait_up(client)
-        yield procs, client, JobStore(client)
-    finally:
-        procs.close()
-        client.close()
-        server.stop()
+    with PrivateRedis(tmp_path / "redis") as server:  # stopped whatever fails after it started
+        procs = WorkerProcs("workers:\n  rep:\n    connector: report\n    job_types: [report]\n", tmp_path / "w",
+                            server.url, machine_id="prog", environ={"PYTHONPATH": str(site)})
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        try:
+            procs.start()
+            procs.wait_up(client)
+            yield procs, client, JobStore(client)
+        finally:
+            procs.close()
+            client.close()
 
 
 def _progress_values(messages: Messages, job_id: str) -> list[float]:
