@@ -81,3 +81,28 @@ def test_a_job_that_finished_again_recently_keeps_its_hash_and_odd_entries_do_no
     assert redis.hget(f"job:{again}", "status") == "failed" and redis.hexists("jobs:failed", again)
     assert not redis.hexists("jobs:completed", again)
     assert not redis.exists("job:gone:progress") and redis.hexists("jobs:failed", "null-time")
+
+
+def test_cancelled_jobs_are_forgotten_too(redis, redis_url):
+    # A cancel (the API's, or ours) fails the job in its hash and writes no jobs:failed entry: the clean-up,
+    # which walked jobs:completed and jobs:failed only, kept every cancelled job's hash for good (soak BL:
+    # 194 of every 10,000 jobs in its mix). Running, queued, and one resubmitted since.
+    store = JobStore(redis)
+    running = store.submit("sim", {})
+    assert store.claim(W, start=True).id == running
+    store.progress(running, "w1", 40)
+    assert store.cancel(running, "user")
+    assert store.progress(running, "w1", 50) is jobs.Ownership.CANCELLED  # the worker sees it
+    queued = store.submit("sim", {})
+    assert store.cancel(queued, "user")
+    again = store.submit("sim", {})
+    assert store.cancel(again, "user")
+    store.submit("sim", {}, job_id=again)  # the same id queued again since: its hash is the new job's
+    assert redis.zscore("jobs:cancelled", running) and redis.zscore("jobs:cancelled", queued)
+    now = int(redis.time()[0]) * 1000
+    assert expire(redis_url, now) == 0
+    assert redis.exists(f"job:{running}", f"job:{running}:progress", f"job:{queued}") == 3
+    assert expire(redis_url, now + 8 * DAY_MS) == 2
+    assert not redis.exists(f"job:{running}", f"job:{running}:progress", f"job:{queued}")
+    assert redis.hget(f"job:{again}", "status") == "pending"
+    assert not redis.zcard("jobs:cancelled")

@@ -51,6 +51,7 @@ LEASES = "jobs:leases"
 SWEEP_GATE = "jobs:sweep:gate"
 SWEEP_CURSORS = "jobs:sweep:cursors"
 CH_REQUEUED = "job_requeued"
+CANCELLED = "jobs:cancelled"  # ours: ZSET job id -> when a cancel of it was seen (lib.lua's note_cancelled)
 _FIXED_KEYS = [PENDING, INDEX_OF, LEASES]
 
 CANCELLED_ERROR = "Job cancelled by user"
@@ -1232,10 +1233,11 @@ FINISHED_RETENTION_S = 7 * 86400  # an embedded Redis forgets finished jobs afte
 
 async def expire_finished(client: Any, now_ms: int, retention_s: float = FINISHED_RETENTION_S) -> int:
     """On the machine's embedded Redis only: delete the hashes, progress hashes and jobs:completed /
-    jobs:failed entries of jobs that finished more than `retention_s` ago (expire_finished.lua, one HSCAN
-    chunk a call, EVAL on the machine's MiniRedis). Returns how many jobs were forgotten."""
+    jobs:failed entries of jobs that finished more than `retention_s` ago, and of jobs cancelled that long
+    ago (jobs:cancelled: a cancel writes no jobs:failed entry) (expire_finished.lua, one chunk a call, EVAL on
+    the machine's MiniRedis). Returns how many jobs were forgotten."""
     removed = 0
-    for key in (COMPLETED, FAILED):
+    for key in (COMPLETED, FAILED, CANCELLED):
         cursor = "0"
         while True:
             cursor, count = await _run_script(client, "expire_finished", key, cursor,

@@ -10,5 +10,6 @@ if not f[1] or f[1] == 'completed' or f[1] == 'failed' then return 0 end
 local now = now_ms()
 redis.call('HSET', jkey, 'status', 'failed', 'error', 'Job cancelled by user', 'failed_at', iso(now))
 add_event(id, {t = now, ev = 'cancel_requested', reason = ARGV[2]})
+note_cancelled(id, now)
 publish('cancel_job', {job_id = id, worker_id = f[2] or '', reason = ARGV[2], timestamp = now})
 return 1

@@ -315,7 +315,10 @@ while true do
     drop(best, member, id, dequeue)
   elseif status and status ~= '' and status ~= 'pending' then
     drop(best, member, id, dequeue)
-    if status == 'failed' or status == 'cancelled' then add_event(id, {t = now, ev = 'dropped', status = status}) end
+    if status == 'failed' or status == 'cancelled' then
+      add_event(id, {t = now, ev = 'dropped', status = status})
+      if job.error == 'Job cancelled by user' or status == 'cancelled' then note_cancelled(id, now) end
+    end
   elseif (job.service_required or '') ~= best.svc
       or not in_class(best.svc, best.cls, job.requirements, job.customer_id) then
     -- read through a stale entry: never run from it (a worker of the old type or class would run it)

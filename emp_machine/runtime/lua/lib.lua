@@ -12,6 +12,16 @@
 -- jobs:sweep:gate (STRING held for one sweep interval) and jobs:sweep:cursors (HASH): the slow sweep's, jobs.py.
 
 local EVENTS_TTL_S = 7 * 86400
+-- Our ZSET job id -> when a cancel of it was seen (ms): a cancelled job is failed in its hash but in no
+-- jobs:failed entry (the API's cancel writes none), so the embedded Redis's clean-up (expire_finished.lua)
+-- finds it here. Trimmed to 8 days at each write: on a shared Redis it holds one week's cancels.
+local CANCELLED = 'jobs:cancelled'
+
+-- Note that job `id` was seen cancelled at `now`.
+local function note_cancelled(id, now)
+  redis.call('ZADD', CANCELLED, now, id)
+  redis.call('ZREMRANGEBYSCORE', CANCELLED, '-inf', '(' .. (now - 8 * 86400000))
+end
 -- Our ZSET worker id -> when its heartbeat key lapses (Redis clock ms), written with the key: the reaper
 -- finds workers whose key lapsed while they held no job (an idle worker killed, a machine gone), which
 -- nothing else would ever set offline.
@@ -607,7 +617,10 @@ end
 -- Bookkeeping for a job its worker can no longer finish, for every non-'ok' ownership state.
 local function release_not_owned(id, wid, now, state)
   release(id, wid, now, state)
-  if state == 'cancelled' then add_event(id, {t = now, ev = 'cancelled', worker_id = wid}) end
+  if state == 'cancelled' then
+    add_event(id, {t = now, ev = 'cancelled', worker_id = wid})
+    note_cancelled(id, now)
+  end
 end
 
 -- What a finishing write of attempt `token` already did, when it is retried after its first try landed
