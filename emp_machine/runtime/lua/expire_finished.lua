@@ -1,9 +1,10 @@
 -- expire_finished.lua: forget jobs that finished long ago, on the machine's EMBEDDED Redis only (an external
 -- Redis is the EMP API's to clean; nothing cleans the embedded one, which grew by every job's hash, progress
--- hash and result for good). One HSCAN chunk of jobs:completed or jobs:failed per call.
+-- hash and result for good). One HSCAN chunk of jobs:completed or jobs:failed, or one chunk of our
+-- jobs:cancelled (below), per call.
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua; unused)
--- ARGV[1] = 'jobs:completed', 'jobs:failed' or 'jobs:cancelled' (below), ARGV[2] = HSCAN cursor, ARGV[3] = cutoff (epoch ms): what
--- finished before it goes, ARGV[4] = HSCAN COUNT
+-- ARGV[1] = 'jobs:completed', 'jobs:failed' or 'jobs:cancelled', ARGV[2] = HSCAN cursor, ARGV[3] = cutoff
+-- (epoch ms): what finished before it goes, ARGV[4] = HSCAN COUNT (jobs:cancelled: ids a call)
 -- An entry goes when its own time (completed_at / failed_at in its JSON, else the job hash's) is before the
 -- cutoff. The job hash and its progress hash go with it only when the hash's own completed_at and failed_at
 -- are both before the cutoff too and it is not pending or running: an id resubmitted since (running again,
