@@ -272,3 +272,35 @@ services:
     while time.monotonic() < deadline:
         assert pid_alive(second), machine.tail()
         time.sleep(0.1)
+
+
+def test_a_stop_that_fails_still_ends_the_machine_and_its_processes(machine_factory, redis_url, tmp_path):
+    # The shutdown sequence raising (as it did when supervisord was reaped under it) left the machine running
+    # for good with nothing stopped. A fault injected into it (a sitecustomize on the machine's PYTHONPATH
+    # replaces the ordered stop with one that raises): the machine logs why, sends its shutdown message,
+    # stops everything itself, removes supervisord's run files and exits 1.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "from emp_machine.runtime import machine\n"
+        "async def _failing_stop(self):\n"
+        "    raise RuntimeError('injected: the ordered stop failed')\n"
+        "machine.Machine._stop_in_order = _failing_stop\n", encoding="utf-8")
+    listener = StatusListener(redis_url)
+    try:
+        machine = machine_factory(HANGING_WORKERS.format(grace="30s"),
+                                  env={"PYTHONPATH": os.pathsep.join(filter(None, [
+                                      str(inject), os.environ.get("PYTHONPATH", "")]))})
+        machine.wait_ready()
+        workers = [p.pid for p in machine.processes().values()]
+        supervisord = _supervisord_pid(machine)
+        machine.signal(signal.SIGTERM)
+        assert machine.wait_exit(20) == 1, machine.tail()
+        assert machine.event("shutdown.failed"), machine.tail()
+        assert not any(pid_alive(p) for p in [*workers, supervisord])
+        run = machine.state_dir / "run"
+        assert not (run / "supervisor.sock").exists() and not (run / "supervisord.pid").exists()
+        wait_for(lambda: listener.got and listener.got[-1] == "shutdown", timeout=5,
+                 message=f"a shutdown status message last: {listener.got[-5:]}")
+    finally:
+        listener.close()
