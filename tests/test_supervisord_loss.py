@@ -298,6 +298,11 @@ def test_a_stop_that_fails_still_ends_the_machine_and_its_processes(machine_fact
         assert machine.wait_exit(20) == 1, machine.tail()
         assert machine.event("shutdown.failed"), machine.tail()
         assert not any(pid_alive(p) for p in [*workers, supervisord])
+        # nor one that supervisord started again meanwhile (it restarted the workers the stop had ended, and
+        # those outlived the machine)
+        left = [p.pid for p in psutil.process_iter(["cmdline"])
+                if str(machine.state_dir) in " ".join(p.info["cmdline"] or []) and pid_alive(p.pid)]
+        assert not left, left
         run = machine.state_dir / "run"
         assert not (run / "supervisor.sock").exists() and not (run / "supervisord.pid").exists()
         wait_for(lambda: listener.got and listener.got[-1] == "shutdown", timeout=5,

@@ -776,7 +776,12 @@ class Machine:
     def _force_stop(self) -> None:
         """A second signal: the workers first get a SIGTERM of their own, which a draining worker takes as its
         second and hands its running jobs back at once (a SIGKILL left them claimed until their lease ran out),
-        a short wait for them, then SIGKILL to everything left."""
+        a short wait for them, then SIGKILL to everything left. supervisord goes first (SIGKILL): it would start
+        again what exits meanwhile (a program not yet held by the stop), after the last look for descendants,
+        and that one would outlive the machine. What it ran is the machine's then, as the subreaper."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # (not reaped yet: the pid is still ours)
+                os.kill(self.proc.pid, signal.SIGKILL)
         argvs = {tuple(s.argv) for s in self.plan.specs if s.kind == "worker"}
         workers = [p for p in _children(psutil.Process()) if _cmdline(p) in argvs]
         if workers:
