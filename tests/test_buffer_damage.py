@@ -44,6 +44,11 @@ def _log(i: int) -> tuple:
     return (i, 9, "INFO", f"line {i}", {"i": i}, 0, 0, "")
 
 
+def _append_logs(buffer: Buffer, ids) -> None:
+    for i in ids:
+        buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+
+
 def _pending_ids(buffer: Buffer) -> list[int]:
     return [r[0] for c in buffer.read(Kind.LOG, 10**9) for r in c.records[c.sent:]]
 
@@ -107,8 +112,7 @@ def test_a_damaged_index_is_found_at_open_set_aside_and_counted(tmp_path, capfd)
     # It passed the open's reads (tables only): every flush failed after it and every read raised, restarts
     # included, so that nothing shipped again while each start counted the staged records as write_error.
     buffer = Buffer(tmp_path / "b.db")
-    for i in range(3000):
-        buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+    _append_logs(buffer, range(3000))
     assert buffer.flush()
     buffer.close()
     _smash_index(tmp_path / "b.db")
@@ -119,8 +123,7 @@ def test_a_damaged_index_is_found_at_open_set_aside_and_counted(tmp_path, capfd)
         assert drops == [("corrupt_buffer", 3000)]
         assert "is corrupt" in capfd.readouterr().err
         assert len(list(tmp_path.glob("b.db.corrupt-*"))) == 1
-        for i in range(50):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(10_000 + i))
+        _append_logs(buffer, range(10_000, 10_000 + 50))
         assert buffer.flush(5)
         assert _pending_ids(buffer) == [10_000 + i for i in range(50)]
     finally:
@@ -130,8 +133,7 @@ def test_a_damaged_index_is_found_at_open_set_aside_and_counted(tmp_path, capfd)
 def test_an_index_damaged_while_the_buffer_runs_is_set_aside_at_the_first_error(tmp_path, capfd):
     buffer = Buffer(tmp_path / "b.db")
     try:
-        for i in range(3000):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        _append_logs(buffer, range(3000))
         assert buffer.flush()
         buffer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the pages in the file, where the disk damages them
         _smash_index(tmp_path / "b.db")
@@ -140,8 +142,7 @@ def test_an_index_damaged_while_the_buffer_runs_is_set_aside_at_the_first_error(
         assert buffer.stats().dropped == {"corrupt_buffer": 3000} and buffer.pending() == 0
         assert "is corrupt" in capfd.readouterr().err
         assert len([p for p in tmp_path.glob("b.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
-        for i in range(50):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(10_000 + i))
+        _append_logs(buffer, range(10_000, 10_000 + 50))
         assert buffer.flush(5)
         assert _pending_ids(buffer) == [10_000 + i for i in range(50)]
     finally:
@@ -199,21 +200,18 @@ def test_no_loss_is_counted_where_the_wal_is_whole(tmp_path):
 def test_a_buffer_file_removed_while_in_use_is_made_again_with_everything_it_held(tmp_path, capfd):
     buffer = Buffer(tmp_path / "b.db")
     try:
-        for i in range(100):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        _append_logs(buffer, range(100))
         buffer.append_with_state([], "tail:/var/log/x.log", "offset 1234")
         assert buffer.flush()
         inode = os.stat(tmp_path / "b.db").st_ino
         for suffix in ("", "-wal", "-shm"):
             os.unlink(f"{tmp_path / 'b.db'}{suffix}")
-        for i in range(100, 150):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        _append_logs(buffer, range(100, 150))
         assert buffer.flush()  # the pass after this commit sees it
         wait_for(lambda: (tmp_path / "b.db").exists() and os.stat(tmp_path / "b.db").st_ino != inode,
                  message="the buffer file made again")
         assert "was removed or replaced while in use" in capfd.readouterr().err
-        for i in range(150, 160):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        _append_logs(buffer, range(150, 160))
         assert buffer.flush()
     finally:
         buffer.close()
@@ -232,8 +230,7 @@ def test_a_buffer_file_removed_while_in_use_is_made_again_with_everything_it_hel
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
 def test_a_buffer_path_that_is_not_a_file_is_set_aside(tmp_path, capfd, which, kind):
     buffer = Buffer(tmp_path / "b.db")
-    for i in range(20):
-        buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+    _append_logs(buffer, range(20))
     assert buffer.flush()
     buffer.close()  # the WAL folded in: the file alone holds the records
     path = f"{tmp_path / 'b.db'}{which}"
@@ -340,16 +337,14 @@ def test_an_ack_of_a_chunk_of_a_file_renewed_since_deletes_nothing_of_the_new_on
     # the file was renewed) deleted the new file's chunk 1, never shipped and never counted (review 146).
     buffer = Buffer(tmp_path / "b.db")
     try:
-        for i in range(200):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(i))
+        _append_logs(buffer, range(200))
         assert buffer.flush()
         handed = buffer.read(Kind.LOG, 100)  # the shipper's request in flight
         buffer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         _smash_index(tmp_path / "b.db")
         buffer._db.execute("PRAGMA shrink_memory")
         buffer.read(Kind.SPAN, 100)  # meets the damage: the file is set aside, its 200 records counted
-        for i in range(50):
-            buffer.append(Kind.LOG, Value.NORMAL, _log(10_000 + i))
+        _append_logs(buffer, range(10_000, 10_000 + 50))
         assert buffer.flush()
         assert buffer.pending() == 50
         buffer.ack([(chunk.id, chunk.count) for chunk in handed])  # the old request's 200 OK

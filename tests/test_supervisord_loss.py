@@ -56,6 +56,19 @@ class StatusListener:
         self.client.close()
 
 
+def _service_machine(machine_factory, tmp_path, source: str, settings: str = ""):
+    """A machine running one service `svc`: `source` as its Python program, 2 s stop_grace, `settings` more."""
+    script = tmp_path / "svc.py"
+    script.write_text(source, encoding="utf-8")
+    return machine_factory(f"""
+services:
+  svc:
+    command: {PY} {script}
+    stop_grace: 2s
+    {settings}
+""")
+
+
 def _supervisord_pid(machine) -> int:
     return int((machine.state_dir / "run" / "supervisord.pid").read_text())
 
@@ -171,19 +184,13 @@ def test_a_crashed_services_child_does_not_outlive_it_but_the_current_runs_does(
     # left it (setsid) is adopted by the machine, the subreaper, which kills it once it sees it is an earlier
     # run's. The current run's own child (a helper it daemonized) is left alone.
     pids = tmp_path / "children"
-    script = tmp_path / "svc.py"
-    script.write_text(
+    machine = _service_machine(
+        machine_factory, tmp_path,
         "import subprocess, sys, time\n"
         f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
         f"start_new_session={setsid})\n"
         f"open({str(pids)!r}, 'a').write(f'{{child.pid}}\\n')\n"
-        "time.sleep(600)\n", encoding="utf-8")
-    machine = machine_factory(f"""
-services:
-  svc:
-    command: {PY} {script}
-    stop_grace: 2s
-""")
+        "time.sleep(600)\n")
     machine.wait_ready()
 
     def children() -> list[int]:
@@ -240,8 +247,8 @@ def test_a_restarted_services_daemonized_helper_is_left_alone(machine_factory, t
     # restart backoff, then started again, had the helper its new run daemonized (double fork and setsid, so
     # the machine adopts it at once) SIGKILLed as if it were the ended run's.
     helpers = tmp_path / "helpers"
-    script = tmp_path / "svc.py"
-    script.write_text(
+    machine = _service_machine(
+        machine_factory, tmp_path,
         "import subprocess, sys, time\n"
         "daemon = 'import subprocess, sys; p = subprocess.Popen([sys.executable, \"-c\", '\n"
         "daemon += '\"import time; time.sleep(600)\"], start_new_session=True, '\n"
@@ -252,14 +259,8 @@ def test_a_restarted_services_daemonized_helper_is_left_alone(machine_factory, t
         "runs.write(pid + '\\n'); runs.flush(); runs.seek(0)\n"
         "if len(runs.read().split()) == 1:\n"
         "    time.sleep(0.5); sys.exit(3)  # the first run crashes; the second stays\n"
-        "time.sleep(600)\n", encoding="utf-8")
-    machine = machine_factory(f"""
-services:
-  svc:
-    command: {PY} {script}
-    stop_grace: 2s
-    restart: {{backoff_initial: 1500ms}}
-""")
+        "time.sleep(600)\n",
+        "restart: {backoff_initial: 1500ms}")
 
     def started() -> list[int]:
         return [int(x) for x in helpers.read_text().split()] if helpers.exists() else []
