@@ -327,8 +327,7 @@ class _Progress:
         self.task = asyncio.current_task()  # the job's task (built in _run_job): `running` names the newest attempt
         self.started = time.monotonic()  # the claim's reply: the rate that estimated_completion extrapolates
         self.last_sent = 0.0  # when the newest value was handed to the writer
-        self.last_percent = 0.0  # the newest value handed to the writer; the claim announced 0 (contract)
-        self.highest = 0.0  # the highest value taken (handed over or throttled): none lower is written after it
+        self.highest = 0.0  # the highest value taken (handed over or throttled); the claim announced 0 (contract)
         self.written_percent = 0.0  # the newest value Redis took (a write refused or lost leaves it)
         self.seq = 0  # numbers every call
         self.sent_seq = 0  # the newest call written
@@ -366,12 +365,12 @@ class _Progress:
             message = message[:PROGRESS_MESSAGE_MAX - len(_CUT)] + _CUT
         if percent < self.highest:
             return  # never backwards on the wire (a connector's own counter starting over at a new stage)
+        if percent == self.highest and percent in (0.0, 100.0):
+            return  # announced already (the claim announces 0; the worker and the connector both report 100)
         self.highest = percent
         self.seq += 1
         now = time.monotonic()
         if percent in (0.0, 100.0):
-            if percent == self.last_percent:
-                return  # announced already (the worker and the connector both report the ends)
             self._hand_over(self.seq, percent, message)
             await asyncio.sleep(0)  # a turn for the writer and the rest (a connector that only computes between
         elif now - self.last_sent >= PROGRESS_INTERVAL_S:  # calls would otherwise starve the heartbeat)
@@ -388,7 +387,6 @@ class _Progress:
         self.pending = None
         self.due = (seq, percent, message)
         self.last_sent = time.monotonic()
-        self.last_percent = percent
         if self.writer is None or self.writer.done():
             # kept by the worker: it may outlive this job's task by one round trip
             self.writer = self.worker._keep_side_task(asyncio.create_task(self._write()))
