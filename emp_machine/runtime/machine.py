@@ -978,11 +978,8 @@ class Machine:
         """What supervisord runs: its children and, should it have died, those the machine adopted from it as the
         subreaper: its children outside the machine's own session (supervisord leads a session of its own)."""
         found = {p.pid: p for p in _children_of(self.proc.pid)}  # (none once it is gone and reaped)
-        own_session = os.getsid(0)
-        for proc in _children(psutil.Process(), recursive=False):
-            with contextlib.suppress(OSError):
-                if proc.pid != self.proc.pid and os.getsid(proc.pid) != own_session:
-                    found.setdefault(proc.pid, proc)
+        for proc in _adopted(_children(psutil.Process(), recursive=False), {self.proc.pid}):
+            found.setdefault(proc.pid, proc)
         return list(found.values())
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -1236,17 +1233,27 @@ def _children(proc: psutil.Process, recursive: bool = True) -> list[psutil.Proce
         return []
 
 
-def _reap_orphans(keep: set[int], children: list[psutil.Process]) -> list[int]:
-    """Reap our zombie `children` but those in `keep` and those in our own session (a child this process
-    started itself: its owner waits on it). Orphans adopted from supervisord's tree are in its session."""
+def _adopted(children: list[psutil.Process], supervisords: set[int]) -> list[psutil.Process]:
+    """Those of our `children` the machine adopted as the subreaper: outside its own session (a child this
+    process started itself is in it; supervisord leads a session of its own, and its programs are in that),
+    supervisords excepted."""
     own_session = os.getsid(0)
-    reaped = []
+    adopted = []
     for child in children:
-        if child.pid in keep or _status(child) != psutil.STATUS_ZOMBIE:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if child.pid not in supervisords and os.getsid(child.pid) != own_session:
+                adopted.append(child)
+    return adopted
+
+
+def _reap_orphans(keep: set[int], children: list[psutil.Process]) -> list[int]:
+    """Reap our zombie `children` that we adopted (_adopted), but those in `keep`: a child this process
+    started itself has its owner waiting on it."""
+    reaped = []
+    for child in _adopted(children, keep):
+        if _status(child) != psutil.STATUS_ZOMBIE:
             continue
         try:
-            if os.getsid(child.pid) == own_session:
-                continue
             pid, _ = os.waitpid(child.pid, os.WNOHANG)
         except OSError:  # reaped meanwhile
             continue
@@ -1264,12 +1271,10 @@ def _kill_leftovers(supervisords: set[int], children: list[psutil.Process]) -> d
     or whose program has no current process. One started since is the current run's (a helper it
     daemonized): left alone. Start times are compared as the kernel keeps them (a wall clock stepped since
     would misjudge), not against supervisord's table, which is a round old. Returns {program: [pids killed]}."""
-    own_session = os.getsid(0)
     candidates = []
-    for child in children:
+    for child in _adopted(children, supervisords):
         try:
-            if child.pid in supervisords or os.getsid(child.pid) == own_session \
-                    or child.status() == psutil.STATUS_ZOMBIE:
+            if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             name = child.environ().get("SUPERVISOR_PROCESS_NAME")
         except (OSError, psutil.Error):  # gone meanwhile, or not ours to read
