@@ -96,8 +96,9 @@ def test_partial_success_of_logs_and_metrics(buffer, receiver):
     receiver.respond_next(200, body=logs.SerializeToString())
     shipper = _shipper(buffer, receiver.endpoint).start()
     try:
-        assert wait_until(lambda: buffer.pending() == 0, 10)
-        assert shipper.stats.exported["logs"] == 3 and buffer.stats().dropped[REJECTED_BY_COLLECTOR] == 2
+        # the shipper's thread acks the batch (the buffer empties) before it counts it: wait for both
+        assert wait_until(lambda: buffer.pending() == 0 and shipper.stats.exported["logs"] == 3, 10)
+        assert buffer.stats().dropped[REJECTED_BY_COLLECTOR] == 2
         metrics = ExportMetricsServiceResponse()
         metrics.partial_success.rejected_data_points = 4
         receiver.respond_next(200, body=metrics.SerializeToString())
