@@ -186,9 +186,11 @@ def test_a1111_through_the_worker(client, store, messages, fakes, workers):
     assert "CUDA out of memory" in one_failure(messages, oom)["error"]
     # classified retryable (max_retries=1 leaves no attempt: with one a1111 worker a retry would wait out
     # the claim's avoid_reclaim_s, 10 s)
-    logged = [json.loads(line) for line in workers.log(1).splitlines()
-              if oom in line and '"message":"job.failed"' in line and '"retryable"' in line]
-    assert logged and logged[0]["retryable"] is True
+    # the worker logs job.failed after its failure reached Redis: waited for, not read at once
+    logged = wait_for(lambda: [json.loads(line) for line in workers.log(1).splitlines()
+                               if oom in line and '"message":"job.failed"' in line and '"retryable"' in line],
+                      5, message="the worker's job.failed line")
+    assert logged[0]["retryable"] is True
     rejected = store.submit("a1111", {"steps": 2, "sampler_name": "Nope"})
     assert finished(client, rejected)["status"] == "failed"
     msg = one_failure(messages, rejected)
