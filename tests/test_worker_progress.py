@@ -3,6 +3,8 @@ never backwards, a value Redis refused written again, and a refused 100 recorded
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import redis as redis_lib
 
@@ -31,19 +33,35 @@ class ReportConnector(Connector):
             if i < len(values) - 1:
                 await asyncio.sleep(job.payload.get("sleep", 0))
         return JobResult(data={"reported": values})
+
+
+class BusyConnector(Connector):
+    """Computes for payload["seconds"], calling progress() every millisecond and awaiting nothing else."""
+    name = "busy"
+
+    async def run(self, job, progress):
+        import time
+        start = time.monotonic()
+        end = start + job.payload["seconds"]
+        while (now := time.monotonic()) < end:
+            spin = now + 0.001
+            while time.monotonic() < spin:
+                pass
+            await progress(1 + 98 * (now - start) / (end - start))
+        return JobResult(data={})
 '''
 
 
-@pytest.fixture
-def workers(tmp_path, monkeypatch):
-    """One worker running the report connector on a Redis of its own (the tests make it refuse writes)."""
+@contextlib.contextmanager
+def _plugin_worker(tmp_path, monkeypatch, group: str):
+    """One worker of the plugin's connectors (`group`: its manifest entry) on a Redis of its own."""
     site = tmp_path / "site"
     site.mkdir()
-    install_plugin(site, "emp_plugin_report", PLUGIN, {"report": "ReportConnector"})
+    install_plugin(site, "emp_plugin_report", PLUGIN, {"report": "ReportConnector", "busy": "BusyConnector"})
     monkeypatch.syspath_prepend(str(site))  # the manifest is validated here too, against installed connectors
     with PrivateRedis(tmp_path / "redis") as server:  # stopped whatever fails after it started
-        procs = WorkerProcs("workers:\n  rep:\n    connector: report\n    job_types: [report]\n", tmp_path / "w",
-                            server.url, machine_id="prog", environ={"PYTHONPATH": str(site)})
+        procs = WorkerProcs(f"workers:\n{group}", tmp_path / "w", server.url, machine_id="prog",
+                            environ={"PYTHONPATH": str(site)})
         client = redis_lib.Redis.from_url(server.url, decode_responses=True)
         try:
             procs.start()
@@ -52,6 +70,13 @@ def workers(tmp_path, monkeypatch):
         finally:
             procs.close()
             client.close()
+
+
+@pytest.fixture
+def workers(tmp_path, monkeypatch):
+    """One worker running the report connector (the tests make its Redis refuse writes)."""
+    with _plugin_worker(tmp_path, monkeypatch, "  rep:\n    connector: report\n    job_types: [report]\n") as w:
+        yield w
 
 
 def _progress_values(messages: Messages, job_id: str) -> list[float]:
@@ -115,3 +140,19 @@ def test_a_refused_progress_value_is_written_again_while_the_job_goes_quiet(work
     last.write_text("go")
     wait_for(lambda: client.hget(f"job:{job}", "status") == "completed", 10, interval=0.02)
     assert client.hget(f"job:{job}:progress", "progress") == "100"
+
+
+def test_a_connector_that_only_computes_between_progress_calls_does_not_starve_the_heartbeat(tmp_path, monkeypatch):
+    """progress() awaits nothing of its own (its writes go out in a task): it yields once per value it hands
+    over, so a connector that only computes between calls leaves the worker its heartbeat. Without that, a
+    1 s lease was never renewed while the job ran."""
+    group = "  busy:\n    connector: busy\n    job_types: [busy]\n    lease: 1s\n"
+    with _plugin_worker(tmp_path, monkeypatch, group) as (procs, client, store):
+        job = store.submit("busy", {"seconds": 3})
+        first = wait_for(lambda: client.zscore("jobs:leases", job), 10, interval=0.01, message="the job's lease")
+        wait_for(lambda: (client.zscore("jobs:leases", job) or 0) >= first + 1000, 2.5, interval=0.02,
+                 message="the lease renewed by the heartbeat while the job computes")
+        assert client.hget(f"job:{job}", "status") == "in_progress"
+        wait_for(lambda: client.hget(f"job:{job}", "status") == "completed", 10, interval=0.02,
+                 message="the busy job completed")
+        assert "job.lost" not in procs.log(0)

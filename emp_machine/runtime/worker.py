@@ -354,6 +354,16 @@ class _Progress:
     async def __call__(self, percent: float, message: str = "") -> None:
         if self.abandoned:  # a connector still running after the worker gave its job up: told to stop again
             raise JobCancelled(f"job {self.job.id} is no longer running on this worker")
+        self._take(percent, message)
+        # Every call is a turn of the event loop (~2 us): the writes go out in a task, so without it a connector
+        # that only computes between calls held the loop the whole job: no heartbeat renewed its lease (the
+        # job was reaped and run again elsewhere while it ran here), no cancel was read. One turn a call is
+        # enough for the heartbeat's few steps; a yield only when a value was handed over (every 100 ms at
+        # most) was not: the lease of a 1 s-lease worker was not renewed in 3 s of such a job.
+        await asyncio.sleep(0)
+
+    def _take(self, percent: float, message: str) -> None:
+        """The value of one call: dropped, throttled or handed to the writer."""
         if self._stopping() or self.closed:
             return  # nothing more is written for a job that is not ours to report on
         percent = float(percent)
@@ -370,12 +380,8 @@ class _Progress:
         self.highest = percent
         self.seq += 1
         now = time.monotonic()
-        if percent in (0.0, 100.0):
+        if percent in (0.0, 100.0) or now - self.last_sent >= PROGRESS_INTERVAL_S:
             self._hand_over(self.seq, percent, message)
-            await asyncio.sleep(0)  # a turn for the writer and the rest (a connector that only computes between
-        elif now - self.last_sent >= PROGRESS_INTERVAL_S:  # calls would otherwise starve the heartbeat)
-            self._hand_over(self.seq, percent, message)
-            await asyncio.sleep(0)
         else:
             self.pending = (self.seq, percent, message)
             if self.flusher is None or self.flusher.done():
