@@ -242,6 +242,48 @@ def bench_cpu_share(tmp: Path, endpoint: str, rounds: int = 3) -> None:
                   f"{4 * r['jobs']}")
 
 
+def _lines_run(fn) -> tuple[int, int]:
+    """(distinct source lines, lines executed) of Python run by one call of fn (sys.settrace)."""
+    seen: set = set()
+    count = [0]
+
+    def trace(frame, event, arg):
+        if event == "line":
+            seen.add((frame.f_code, frame.f_lineno))
+            count[0] += 1
+        return trace
+    sys.settrace(trace)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return len(seen), count[0]
+
+
+def bench_footprint(tmp: Path) -> None:
+    """How much Python one job's telemetry runs: a count, so it does not drift with the VM as the CPU share does.
+    After an idle wait, code costs about what it touches (the caches were taken while the vCPU slept), so this
+    is what the share at 100 jobs/s follows (docs/benchmarks.md, 2026-11-25: a held job of ~250 distinct lines
+    cost 85-185 us paced at 100/s and 18-23 us warm; a 12-line stand-in of the same shape, 37 us paced). The
+    job function's own lines are counted too."""
+    print("Footprint of the benchmark job's telemetry (Python lines; one job, traced)")
+    for label, overhead in (("held by the sampler (over budget: shed)", 0.01), ("every trace kept", 100)):
+        telemetry = setup(TelemetryConfig(sampling={"spans_per_second": 1e9 if overhead == 100 else 100},
+                                          overhead={"cpu_percent": overhead}),
+                          machine_id="m1", worker_id="m1-worker-0", service_type="simulation",
+                          buffer_path=tmp / f"footprint{overhead}.db", stream=open(os.devnull, "w"),
+                          start_shipper=False)
+        job = make_job(telemetry, "bench.footprint")
+        for i in range(200):  # paced, so the sampler settles where this load puts it
+            job(i)
+            time.sleep(0.01)
+        distinct, run = _lines_run(lambda: job(10**6))
+        row(f"lines, {label}", distinct, "", "-", "-")
+        print(f"    {run} lines executed; sampling rate {telemetry.sampler.rate:.3f}, shedding "
+              f"{telemetry.sampler.shedding}")
+        telemetry.shutdown(timeout=5)
+
+
 PRODUCER = textwrap.dedent("""
     import io, signal, sys, time
     from pathlib import Path
@@ -392,7 +434,7 @@ def stock_reference() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--outage-seconds", type=float, default=25.0)
-    parser.add_argument("--only", choices=["ops", "cpu", "durability"], help="run one part")
+    parser.add_argument("--only", choices=["ops", "cpu", "footprint", "durability"], help="run one part")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)
     t0 = time.monotonic()
@@ -402,6 +444,8 @@ def main() -> None:
         if args.only in (None, "ops"):
             stock_reference()
             bench_operations(tmp)
+        if args.only in (None, "footprint"):
+            bench_footprint(tmp)
         if args.only in (None, "cpu"):
             port = free_port()
             receiver = start_receiver(port)
