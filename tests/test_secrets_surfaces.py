@@ -317,3 +317,78 @@ workers:
     for path in files:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+
+
+# -- a plugin's own secrets: plain values, no secret shape ---------------------------------------------------
+PLAIN_KEY = "plainPLUGINKEY1234"  # an api_key setting: masked by value only (no `sk-`, no `key=`)
+ENV_TOKEN = "tokSECRET9876xyz"  # a credential-named variable of the group's env
+ECHO_PLUGIN = '''
+import logging, os
+from emp_machine.connectors.base import Connector, ConnectorSettings, JobResult
+
+
+class EchoSettings(ConnectorSettings):
+    api_key: str = ""
+
+
+class EchoConnector(Connector):
+    """Says its own secrets everywhere a careless plugin would: its log, progress, the result, an error."""
+    name = "echosecret"
+    Settings = EchoSettings
+
+    async def run(self, job, progress):
+        key, token = self.settings.api_key, os.environ["ECHO_TOKEN"]
+        self.context.logger.info("running %s with key %s token %s", job.id, key, token)
+        logging.getLogger("echo.lib").warning("a library quoting %s", key)
+        await progress(50, f"half way, key {key}")
+        if job.payload.get("fail"):
+            raise ValueError(f"internal boom with key {key} and token {token}")
+        return JobResult(data={"echo": key, "nested": [f"t {token}"], key: "as a key"},
+                         service_metadata={"auth": f"used {key}"})
+'''
+
+
+def test_a_plugins_plain_secrets_reach_no_log_progress_result_or_error(tmp_path, monkeypatch):
+    import redis as redis_lib
+    from _helpers import install_plugin
+    from harness import Messages, WorkerProcs
+
+    from emp_machine.runtime.jobs import JobStore
+    from emp_machine.runtime.redis_server import PrivateRedis
+
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site, "emp_plugin_echo", ECHO_PLUGIN, {"echosecret": "EchoConnector"})
+    monkeypatch.syspath_prepend(str(site))  # the manifest is validated here too, against installed connectors
+    body = (f"workers:\n  echo:\n    connector: echosecret\n    job_types: [echo]\n"
+            f"    settings: {{api_key: {PLAIN_KEY}}}\n    env: {{ECHO_TOKEN: {ENV_TOKEN}}}\n")
+    with PrivateRedis(tmp_path / "redis") as server:
+        procs = WorkerProcs(body, tmp_path / "w", server.url, machine_id="sec", environ={"PYTHONPATH": str(site)})
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        messages = None
+        try:
+            procs.start()
+            procs.wait_up(client)
+            store = JobStore(client)
+            messages = Messages(client, "update_job_progress")
+            ok, bad = store.submit("echo", {}), store.submit("echo", {"fail": True}, max_retries=0)
+            for job_id in (ok, bad):
+                wait_for(lambda job_id=job_id: client.hget(f"job:{job_id}", "status") in ("completed", "failed"),
+                         15, message=f"{job_id} finished")
+            assert client.hget(f"job:{ok}", "status") == "completed"
+            assert client.hget(f"job:{bad}", "status") == "failed"
+            # every surface: the result, the progress, the error, the worker's log lines (what it ships too)
+            surfaces = {"result": client.hget("jobs:completed", ok) or "",
+                        "progress": json.dumps([body for _, body in list(messages.seen)]),
+                        "error": client.hget(f"job:{bad}", "error") or "",
+                        "failed": client.hget("jobs:failed", bad) or ""}
+            assert "[REDACTED]" in surfaces["result"] and "half way" in surfaces["progress"], surfaces
+            wait_for(lambda: "a library quoting" in procs.log(0), 5, message="the plugin's log lines")
+            surfaces["log"] = procs.log(0)
+            for name, text in surfaces.items():
+                assert PLAIN_KEY not in text and ENV_TOKEN not in text, (name, text[-3000:])
+        finally:
+            if messages is not None:
+                messages.close()
+            procs.close()
+            client.close()

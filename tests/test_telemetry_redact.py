@@ -231,3 +231,49 @@ def test_no_secret_in_a_span_attribute_of_any_type_reaches_the_wire():
     assert record[7]["body"] == f'{{"password": "{REDACTED}"}}'
     wire = encode_span(record)
     assert [k for k in _SECRETS if k.encode() in wire] == []
+
+
+@pytest.fixture
+def registered():
+    """set_secret_values for one test; the process's registry emptied after it."""
+    from emp_machine.telemetry.redact import set_secret_values
+
+    yield set_secret_values
+    set_secret_values(())
+
+
+def test_registered_secret_values_are_masked_wherever_they_appear(registered):
+    plain, short = "plainPLUGINKEY1234", "q7Zx"
+    assert redact_text(f"running with {plain}") == f"running with {plain}"  # no secret shape: not before
+    assert redact_fields({"note": f"used {plain} today"}) == {"note": f"used {plain} today"}  # judged clean
+    registered([plain, short, "abc", ""])
+    assert redact_text(f"running with {plain} and {short}") == f"running with {REDACTED} and {REDACTED}"
+    # a value judged clean before the registration is judged again, and a 4-character one is checked too
+    assert redact_fields({"note": f"used {plain} today", "id": short, "x": "abc"}) == {
+        "note": f"used {REDACTED} today", "id": REDACTED, "x": "abc"}  # under 4 characters: ignored
+    registered(())
+    assert redact_text(f"running with {plain}") == f"running with {plain}"
+
+
+def test_a_registered_value_inside_another_is_masked_whole(registered):
+    registered(["abcd1234", "xxabcd1234yy"])
+    assert redact_text("k=xxabcd1234yy!").count(REDACTED) == 1 and "xx" not in redact_text("v xxabcd1234yy")
+
+
+def test_a_log_line_of_six_characters_that_is_a_registered_secret_is_masked(registered, tmp_path):
+    import io
+    import json
+
+    from emp_machine.telemetry import TelemetryConfig, setup
+
+    out = io.StringIO()
+    telemetry = setup(TelemetryConfig(), machine_id="m1", worker_id="m1-worker-0", service_type="t",
+                      buffer_path=tmp_path / "b.db", stream=out, start_shipper=False)
+    try:
+        registered(["Zq81xT"])
+        telemetry.logger("t").warning("Zq81xT")
+        telemetry.logger("t").warning("pw Zq81xT", extra={"fields": {"v": "Zq81xT"}})
+    finally:
+        telemetry.shutdown()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == [REDACTED, f"pw {REDACTED}"] and lines[1]["v"] == REDACTED

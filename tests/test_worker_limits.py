@@ -22,7 +22,7 @@ from _helpers import install_plugin
 from harness import Messages, WorkerProcs, wait_for
 
 PLUGIN = '''
-import errno, os
+import asyncio, errno, os
 from emp_machine.connectors.base import Connector, JobResult
 
 class EdgeConnector(Connector):
@@ -36,6 +36,11 @@ class EdgeConnector(Connector):
             raise PermissionError(errno.EACCES, "Permission denied", p["unreadable"])
         if p.get("disk_full_while") and os.path.exists(p["disk_full_while"]):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.context.output_dir))
+        if p.get("rows"):  # a large result of small items, built before the gate file says so
+            rows = ["abcdefgh"] * p["rows"]
+            open(p["built"], "w").close()
+            await asyncio.sleep(0.3)
+            return JobResult(data={"rows": rows})
         if p.get("result_mb"):
             n = p["result_mb"] * 1024 * 1024 // 100
             return JobResult(data={"items": ["x" * 96 for _ in range(n)]})
@@ -334,6 +339,35 @@ def test_a_large_result_reaches_redis_as_a_reference(site, client, redis_url, tm
         assert len(json.load(open(stored["path"], encoding="utf-8"))["items"]) == 5 * 1024 * 1024 // 100
     finally:
         msgs.close()
+        procs.close()
+
+
+def test_a_large_result_is_prepared_while_the_heartbeat_renews_the_lease(site, client, redis_url, tmp_path):
+    """Sizing a large result (C json.dumps holds the GIL whole, even in a thread) and walking it for blobs held
+    the worker's loop: 26 MB of rows stopped the heartbeat 1.8 s, and a 1 s lease expired before the job was
+    recorded (the reaper then ran it again elsewhere)."""
+    procs = _edge(site, tmp_path, redis_url, lease="1s")
+    built = tmp_path / "built"
+    try:
+        procs.start()
+        procs.wait_up(client)
+        job_id = JobStore(client).submit("edge", {"rows": 4_000_000, "built": str(built)})
+        wait_for(built.exists, 30, interval=0.01, message="the connector built its result")
+        renewals, last, ended = [time.monotonic()], client.zscore("jobs:leases", job_id), None
+        while ended is None:  # every lease renewal until the job is recorded
+            score = client.zscore("jobs:leases", job_id)
+            if score is None:
+                ended = time.monotonic()
+            elif score != last:
+                renewals.append(time.monotonic())
+                last = score
+            assert time.monotonic() - renewals[0] < 60, "the job did not end"
+            time.sleep(0.01)
+        assert status_of(client, job_id) == "completed"
+        gaps = [b - a for a, b in zip(renewals, [*renewals[1:], ended])]
+        assert max(gaps) < 0.8, f"the 1 s lease went unrenewed for {max(gaps):.2f} s: {gaps}"
+        assert "job.lost" not in procs.log(0)
+    finally:
         procs.close()
 
 

@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emp_machine.connectors._http import safe_name, sniff_image_suffix, unique_path
+from emp_machine.connectors._http import REDACTED, safe_name, sniff_image_suffix, unique_path
 from emp_machine.connectors.base import JobResult, OutputFile
 
 DATA_URI_MIN = 1024
@@ -172,13 +172,88 @@ def spill(result: JobResult, directory: Path) -> JobResult:
     return replace(result, data=data, service_metadata=metadata, outputs=[*result.outputs, *spiller.files])
 
 
-def result_size(result: JobResult) -> int:
+def result_size(result: JobResult, limit: int | None = None) -> int:
     """The size in bytes of the result's JSON as it would be recorded (ASCII, as jobs.py writes it); 0 for a
-    result JSON cannot hold (the finishing write reports that)."""
+    result JSON cannot hold (the finishing write reports that). With `limit`, counting stops once past it
+    (a size over `limit` is then all it says), in Python's incremental encoder: the C one holds the GIL for the
+    whole value, so even in a thread it stopped the worker's loop (a 26 MB result, 0.4 s a call)."""
     try:
-        return len(json.dumps(result.to_json(), separators=(",", ":")))
+        if limit is None:
+            return len(json.dumps(result.to_json(), separators=(",", ":")))
+        size = 0
+        for chunk in _ENCODER.iterencode(result.to_json()):  # not one-shot: the Python encoder, chunk by chunk
+            size += len(chunk)
+            if size > limit:
+                break
+        return size
     except (TypeError, ValueError):
         return 0
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+SMALL_RESULT_CHARS = 256 * 1024  # a result with less text than this is checked on the worker's loop (is_small)
+
+
+def is_small(result: JobResult, budget: int = SMALL_RESULT_CHARS) -> bool:
+    """Whether the result holds less than `budget` characters of text and items (keys, strings, scalars): a
+    walk that stops once past it. Such a result's checks (needs_spill, result_size, mask) cost little on the
+    worker's loop; a larger one is prepared in a thread (`prepare`)."""
+    left = budget
+    stack: list[Any] = [result.data, result.service_metadata]
+    while stack:
+        value = stack.pop()
+        if type(value) is str:
+            left -= len(value) + 2
+        elif isinstance(value, Mapping):
+            left -= len(value)
+            for key, item in value.items():
+                if type(key) is str:
+                    left -= len(key)
+                stack.append(item)
+        elif isinstance(value, (list, tuple)):
+            left -= len(value)
+            stack.extend(value)
+        else:
+            left -= 8
+        if left < 0:
+            return False
+    return True
+
+
+def mask(result: JobResult, secrets: tuple[str, ...]) -> JobResult:
+    """`result` with `secrets` (the worker's secret values, of 4 characters or more) replaced in its text:
+    a connector that echoes its API key or a service's answer quoting it would publish the key to every
+    reader of jobs:completed. The same object when none appears."""
+    secrets = tuple(secret for secret in secrets if len(secret) >= 4)
+    if not secrets:
+        return result
+    changed = [False]
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+                    changed[0] = True
+            return value
+        if isinstance(value, Mapping):
+            return {walk(key) if isinstance(key, str) else key: walk(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(item) for item in value]
+        return value
+
+    data, metadata = walk(result.data), walk(dict(result.service_metadata))
+    return replace(result, data=data, service_metadata=metadata) if changed[0] else result
+
+
+def prepare(result: JobResult, directory: Path, secrets: tuple[str, ...] = ()) -> JobResult:
+    """`result` as it is recorded: the secrets masked, inline blobs spilled to files, and over RESULT_MAX_BYTES
+    stored as a file (blocking I/O and walks of a large value: run it in a thread). Sized with the bounded
+    incremental encoder, so the worker's loop (its heartbeat, cancels) runs between its steps."""
+    result = spill(mask(result, secrets), directory)
+    if result_size(result, RESULT_MAX_BYTES) > RESULT_MAX_BYTES:
+        result = cap(result, directory)
+    return result
 
 
 def _stored(value: Any, path: Path) -> dict[str, Any]:
@@ -199,7 +274,7 @@ def cap(result: JobResult, directory: Path, limit: int = RESULT_MAX_BYTES) -> Jo
     """`result` with its `data` (then its service_metadata, if still over) stored as a JSON file under
     `directory` when its JSON is over `limit` bytes (blocking I/O: run it in a thread). The reference takes
     the value's place and is listed in `outputs` too; the same object when the result is small enough."""
-    if result_size(result) <= limit:
+    if result_size(result, limit) <= limit:
         return result
     written: list[Path] = []
     try:
@@ -207,7 +282,7 @@ def cap(result: JobResult, directory: Path, limit: int = RESULT_MAX_BYTES) -> Jo
         written.append(Path(data_ref["path"]))
         result = replace(result, data=data_ref, outputs=[*result.outputs, OutputFile(
             data_ref["path"], "application/json", data_ref["size_bytes"])])
-        if result_size(result) > limit:
+        if result_size(result, limit) > limit:
             meta_ref = _stored(dict(result.service_metadata), unique_path(directory, "result-metadata.json"))
             written.append(Path(meta_ref["path"]))
             result = replace(result, service_metadata=meta_ref, outputs=[*result.outputs, OutputFile(

@@ -44,7 +44,7 @@ from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSi
                                       redis_socket_options, statuses_json, worker_key)
 from emp_machine.runtime.manifest import Manifest, WorkerGroup, expand_settings
 from emp_machine.telemetry.redact import redact_text
-from emp_machine.telemetry.redact import secret_key as secret_name
+from emp_machine.telemetry.redact import secret_values, set_secret_values
 
 FALLBACK_SWEEP_S = 5.0  # an idle worker looks anyway this often, for anything a wake-up missed
 PROGRESS_INTERVAL_S = 0.1  # at most one progress write per job per 100 ms (0 and 100 always go out)
@@ -206,38 +206,6 @@ def redact_secrets(text: str, secrets: tuple[str, ...]) -> str:
     return redact_text(_http.redact(text, secrets))
 
 
-def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, str]) -> tuple[str, ...]:
-    """The exact values a worker masks in what it writes (job errors, health reasons, its logs): settings
-    whose key looks like a credential (telemetry.redact's key rule: api_key, token, password...), the values
-    of the variables that `*_env` settings name (api_key_env: OPENAI_API_KEY), and the group's `env` values
-    whose name looks like a credential. Pattern-based redaction misses a plain password a plugin echoes.
-    The worker cannot tell which settings came from `${VAR}` (run/manifest.json holds them resolved), so the
-    key decides. Longest first, so one value inside another is masked whole."""
-    found: set[str] = set()
-
-    def secret_key(key: Any) -> bool:
-        return isinstance(key, str) and secret_name(key)
-
-    def walk(value: Any, secret: bool, names: bool) -> None:
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                is_names = names or (isinstance(key, str) and key.lower().endswith("_env"))
-                walk(item, secret or (not is_names and secret_key(key)), is_names)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item, secret, names)
-        elif isinstance(value, str):
-            if names:
-                value = environ.get(value) or ""
-                secret = True
-            if secret and value:
-                found.add(value)
-
-    walk(settings, False, False)
-    walk({key: value for key, value in env.items() if secret_key(key)}, True, False)
-    return tuple(sorted(found, key=len, reverse=True))
-
-
 class _StoppedAtStart(Exception):
     """SIGTERM (or SIGINT) while start-up was still waiting for Redis: nothing ran, nothing to hand back."""
 
@@ -373,6 +341,8 @@ class _Progress:
         if isinstance(message, str) and len(message) > PROGRESS_MESSAGE_MAX:
             # stored in the job hash and published whole, a connector's 1 MB message reached every subscriber
             message = message[:PROGRESS_MESSAGE_MAX - len(_CUT)] + _CUT
+        if message and isinstance(message, str):  # published: the group's secrets and secret shapes masked
+            message = self.worker._redact(message)
         if percent < self.highest:
             return  # never backwards on the wire (a connector's own counter starting over at a new stage)
         if percent == self.highest and percent in (0.0, 100.0):
@@ -1130,12 +1100,20 @@ class Worker:
         if job.id in self.cancelled or job.id in self.lost:
             raise JobCancelled(f"job {job.id} was cancelled before it completed")
         mark = time.monotonic()
-        if outputs.needs_spill(result):  # a base64 image or a huge text inline: to files (contract)
-            result = await self._to_files(outputs.spill, result, job, "outputs")
-        if outputs.result_size(result) > outputs.RESULT_MAX_BYTES:
-            # Written whole into jobs:completed and published on complete_job, a large result got the API's
-            # subscriber disconnected (Redis' pub/sub output buffer limit): stored as a file, referenced.
-            result = await self._to_files(outputs.cap, result, job, "result")
+        if not outputs.is_small(result):
+            # Masked, spilled, sized and capped in a thread with a bounded Python encoder (outputs.prepare): on
+            # the loop, a 26 MB result held the heartbeat 1.8 s (a 1 s lease expired; at 47 MB, 6 s: the job
+            # was reaped and run again while this worker still finished it).
+            result = await self._to_files(functools.partial(outputs.prepare, secrets=self.secrets), result, job,
+                                          "outputs")
+        else:
+            result = outputs.mask(result, self.secrets)  # a connector echoing its key: never published
+            if outputs.needs_spill(result):  # a base64 image or a huge text inline: to files (contract)
+                result = await self._to_files(outputs.spill, result, job, "outputs")
+            if outputs.result_size(result) > outputs.RESULT_MAX_BYTES:
+                # Written whole into jobs:completed and published on complete_job, a large result got the API's
+                # subscriber disconnected (Redis' pub/sub output buffer limit): stored as a file, referenced.
+                result = await self._to_files(outputs.cap, result, job, "result")
         data = result.to_json()
         steps["postprocessing"] = (time.monotonic() - mark) * 1000
         self._free_slot(job_task)
@@ -1704,6 +1682,7 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
                                                                group.service or group.connector, counts=False))
         settings = expand_settings(group.settings, values)
         secrets = secret_values(settings, group.env, environ)
+        set_secret_values(secrets)  # masked in every record of this process, the connector's own logs too
         connector = _construct(registry, group.connector, settings, context, f"workers.{ident.group}", secrets)
         hardware = probed_hardware(hw.probe())
         client = redis_client(ident.redis_url)

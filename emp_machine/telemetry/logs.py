@@ -26,6 +26,7 @@ from typing import IO
 
 from emp_machine.telemetry.buffer import Kind, Value
 from emp_machine.telemetry.context import _SPAN_KEY, _fields, _get_current
+from emp_machine.telemetry import redact as _redact
 from emp_machine.telemetry.redact import redact_fields, redact_text
 from emp_machine.telemetry.sampling import OverheadMeter, next_timed_gap
 from emp_machine.telemetry.tracing import LightSpan, current_ids
@@ -230,7 +231,7 @@ class RecordWriter:
 
     def _write_now(self, time_ns: int, severity: int, message: str, fields: Mapping[str, object] | None,
                    logger: str, event_name: str, bound: Mapping[str, object], trace_id: int, span_id: int) -> None:
-        if len(message) >= 7 and message is not event_name:  # an event's message is its (code-given) name
+        if len(message) >= _redact._shortest and message is not event_name:  # an event's is its code-given name
             message = redact_text(message)
         # One dict serves as the record's attributes and describes the JSON line: the encoder leaves out the keys
         # that OTLP carries in their own fields (timestamp, level, message, trace_id, span_id).

@@ -3,13 +3,16 @@
 Two rules: a field whose key looks secret (api_key, token, password, authorization, secret, cookie,
 credential...) has its value replaced; a string value shaped like a bearer token, a well-known key format
 (`sk-…`, `hf_…`, `ghp_…`, AWS and Google keys) or a `key=value` secret inside free text has that part
-replaced. Redaction runs on the hot path, so the common case (nothing secret) is a few substring tests.
+replaced. A third, for values with no secret shape: the exact values a process registers
+(`set_secret_values`: a worker's credential settings and env) are replaced wherever they appear. Redaction
+runs on the hot path, so the common case (nothing secret) is a few substring tests.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 REDACTED = "[REDACTED]"
 
@@ -83,7 +86,11 @@ def _may_hold_secret(low: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """`text` with secret-shaped parts replaced (returns `text` itself when there is nothing to replace)."""
+    """`text` with this process's secret values (set_secret_values) and secret-shaped parts replaced (returns
+    `text` itself when there is nothing to replace)."""
+    for value in _exact:
+        if value in text:
+            text = text.replace(value, REDACTED)
     low = text.lower()
     if not _may_hold_secret(low):
         return text
@@ -203,7 +210,7 @@ def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
             else:
                 out[key] = REDACTED
         elif type(value) is str:
-            if len(value) < 7 or value in _clean:  # nothing shorter can match
+            if len(value) < _shortest or value in _clean:  # nothing shorter can match
                 out[key] = value
             else:
                 out[key] = redacted = redact_text(value)
@@ -216,3 +223,57 @@ def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
         else:
             out[key] = redact_value(value)
     return out
+
+# Exact values this process masks wherever they appear (set_secret_values): a plain password a plugin logs or
+# echoes has no secret shape. _shortest: the shortest text that can hold a secret (7 for the shapes).
+_exact: tuple[str, ...] = ()
+_shortest = 7
+
+
+def set_secret_values(values: Iterable[str]) -> None:
+    """Make `values` (a worker's secret_values) masked in every record this process writes: log lines, events,
+    span attributes, on stdout, in the buffer and at the collector. Values under 4 characters are ignored (they
+    would mask ordinary words); longest first, so a value inside another is masked whole."""
+    global _exact, _shortest
+    _exact = tuple(sorted({value for value in values if isinstance(value, str) and len(value) >= 4},
+                          key=len, reverse=True))
+    _shortest = min([7, *map(len, _exact)])
+    _clean.clear()  # values judged clean before may hold one of them
+
+
+def shortest_secret() -> int:
+    """The shortest text that can hold a secret: shorter text needs no redact_text."""
+    return _shortest
+
+
+def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The exact values a worker masks in what it writes (job errors, health reasons, progress, results, its
+    records through set_secret_values): settings
+    whose key looks like a credential (telemetry.redact's key rule: api_key, token, password...), the values
+    of the variables that `*_env` settings name (api_key_env: OPENAI_API_KEY), and the group's `env` values
+    whose name looks like a credential. Pattern-based redaction misses a plain password a plugin echoes.
+    The worker cannot tell which settings came from `${VAR}` (run/manifest.json holds them resolved), so the
+    key decides. Longest first, so one value inside another is masked whole."""
+    found: set[str] = set()
+
+    def named_secret(key: Any) -> bool:
+        return isinstance(key, str) and secret_key(key)
+
+    def walk(value: Any, secret: bool, names: bool) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                is_names = names or (isinstance(key, str) and key.lower().endswith("_env"))
+                walk(item, secret or (not is_names and named_secret(key)), is_names)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, secret, names)
+        elif isinstance(value, str):
+            if names:
+                value = environ.get(value) or ""
+                secret = True
+            if secret and value:
+                found.add(value)
+
+    walk(settings, False, False)
+    walk({key: value for key, value in env.items() if named_secret(key)}, True, False)
+    return tuple(sorted(found, key=len, reverse=True))
