@@ -18,6 +18,7 @@ from emp_machine.connectors.trying import try_connector
 PLUGIN = '''
 """A connector from outside emp-machine: writes its payload's text to a file."""
 from pathlib import Path
+from pydantic import BaseModel, ConfigDict
 from emp_machine.connectors.base import Connector, ConnectorSettings, JobResult, OutputFile
 
 
@@ -37,6 +38,28 @@ class EchoConnector(Connector):
         return JobResult(data={"echoed": True}, outputs=[OutputFile(str(path), "text/plain", path.stat().st_size)])
 
 
+class PlainSettings(BaseModel):  # a plain pydantic model, not ConnectorSettings: pydantic would ignore extras
+    width: int = 8
+
+
+class PlainConnector(Connector):
+    name = "plain"
+    Settings = PlainSettings
+
+    async def run(self, job, progress):
+        return JobResult(data={"width": self.settings.width})
+
+
+class OpenSettings(BaseModel):
+    model_config = ConfigDict(extra="allow")  # says it takes any key: taken at its word
+    width: int = 8
+
+
+class OpenConnector(PlainConnector):
+    name = "open"
+    Settings = OpenSettings
+
+
 class BoomConnector(Connector):
     name = "boom"
 
@@ -49,7 +72,8 @@ class BoomConnector(Connector):
 def plugin(tmp_path, monkeypatch):
     """A distribution laid out as `pip install --target` leaves it, then put on sys.path."""
     site = tmp_path / "site"  # a fresh package per test: sys.modules keeps imports
-    module = install_plugin(site, "emp_plugin_", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector"})
+    module = install_plugin(site, "emp_plugin_", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector",
+                                                        "plain": "PlainConnector", "open": "OpenConnector"})
     monkeypatch.syspath_prepend(str(site))
     return module
 
@@ -83,6 +107,23 @@ def test_try_reports_bad_settings_and_unknown_names(plugin, tmp_path):
     assert lines[-1].startswith("error: connector 'echo'") and "bad settings: sufix: Extra inputs" in lines[-1]
     assert asyncio.run(try_connector("ecoh", {}, {}, tmp_path, lines.append)) == 1
     assert "did you mean 'echo'?" in lines[-1]
+
+
+def test_a_plain_pydantic_settings_model_refuses_a_misspelt_key_too(plugin, tmp_path):
+    """pydantic's default drops unknown keys: a plugin's plain BaseModel took `widht` and ran on width 8."""
+    lines: list[str] = []
+    assert asyncio.run(try_connector("plain", {"widht": 3}, {}, tmp_path, lines.append)) == 1
+    assert "bad settings: widht: Extra inputs" in lines[-1], lines
+    assert asyncio.run(try_connector("plain", {"width": 3}, {}, tmp_path, lines.append)) == 0
+    assert '"width": 3' in lines[-1]
+    # a model that says extra="allow" keeps its extras
+    assert asyncio.run(try_connector("open", {"width": 3, "other": 1}, {}, tmp_path, lines.append)) == 0
+    # and the manifest says it at load, with the path, the line and the nearest name
+    from test_manifest import problems
+
+    found = {p.path: p for p in problems("workers:\n  w:\n    connector: plain\n    settings:\n      widht: 3")}
+    assert "workers.w.settings.widht" in found and found["workers.w.settings.widht"].line == 5, found
+    assert "did you mean 'width'?" in found["workers.w.settings.widht"].hint
 
 
 def test_try_against_comfyui_prints_the_services_own_error(tmp_path):

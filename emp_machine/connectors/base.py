@@ -29,6 +29,22 @@ class ConnectorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_STRICT: dict[type, type] = {}
+
+
+def validate_settings(model: type[BaseModel], raw: Mapping[str, Any]) -> BaseModel:
+    """`raw` validated by a connector's Settings. Unknown keys are errors for any pydantic model that does not
+    say otherwise: a plain BaseModel (pydantic's default drops them) took a misspelt key in silence, and the
+    connector ran on its default. A model whose config names `extra` ("allow", "ignore") is taken at its word."""
+    if "extra" not in model.model_config:
+        strict = _STRICT.get(model)
+        if strict is None:  # the model with extra="forbid", for the check only: the connector gets `model`'s own
+            strict = _STRICT[model] = type(model.__name__, (model,), {
+                "__module__": model.__module__, "model_config": ConfigDict(**model.model_config, extra="forbid")})
+        strict.model_validate(raw)
+    return model.model_validate(raw)
+
+
 @dataclass(frozen=True)
 class ConnectorContext:
     """What a connector shares with its worker: identity, where outputs go, and the telemetry handles.
@@ -45,6 +61,14 @@ class ConnectorContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_machine.connectors"))
     tracer: Any = None
     joblog: ConnectorLogger | None = None
+
+    def job_dir(self, job_id: str) -> Path:
+        """The folder for one job's output files: under `output_dir` whatever the id holds (a producer's
+        `../../x` included: `output_dir / job.id` would write outside it, beyond output retention). Not
+        created: the connector makes it when it writes."""
+        from emp_machine.connectors._http import job_dir
+
+        return job_dir(self.output_dir, job_id)
 
 
 @dataclass(frozen=True)
@@ -120,7 +144,7 @@ class Connector(abc.ABC):
     @classmethod
     def from_settings(cls, raw: Mapping[str, Any], context: ConnectorContext) -> Connector:
         """Validate raw manifest settings (pydantic ValidationError names the field) and construct."""
-        return cls(cls.Settings.model_validate(dict(raw)), context)
+        return cls(validate_settings(cls.Settings, dict(raw)), context)
 
     async def health(self) -> Health:
         """Cheap enough to call every few seconds. The default says healthy; services override it."""

@@ -943,6 +943,7 @@ def _connector_entry_points(search_path: tuple[str, ...]) -> tuple:
 def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: dict, add,
                      hidden: set | frozenset = frozenset()) -> None:
     """The connector is installed, imports, and accepts these settings (validated as the worker will)."""
+    from emp_machine.connectors.base import validate_settings
     from emp_machine.connectors.registry import ConnectorRegistry
     from emp_machine.errors import ConnectorLoadError
 
@@ -965,7 +966,7 @@ def _check_connector(name: str, group: WorkerGroup, manifest: Manifest, lines: d
     sample = {"index": 0, "machine_id": "m", "worker_id": "m-worker-0", "name": "worker-0",
               "service_port": service.port if service and service.port else 1, "service_index": 0}
     try:
-        cls.Settings.model_validate(expand_settings(group.settings, sample))
+        validate_settings(cls.Settings, expand_settings(group.settings, sample))
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             loc = ("workers", name, "settings", *_clean_loc(err["loc"]))
