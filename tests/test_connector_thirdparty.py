@@ -60,6 +60,24 @@ class OpenConnector(PlainConnector):
     Settings = OpenSettings
 
 
+class LeakSettings(ConnectorSettings):
+    api_key: str = ""
+
+
+class LeakConnector(Connector):
+    """Says its key in its progress, its log, its result or its error."""
+    name = "leak"
+    Settings = LeakSettings
+
+    async def run(self, job, progress):
+        key = self.settings.api_key
+        self.log.warning("using %s", key)
+        await progress(10, f"with {key}")
+        if job.payload.get("fail"):
+            raise ValueError(f"service refused {key}")
+        return JobResult(data={"echo": key})
+
+
 class BoomConnector(Connector):
     name = "boom"
 
@@ -73,7 +91,8 @@ def plugin(tmp_path, monkeypatch):
     """A distribution laid out as `pip install --target` leaves it, then put on sys.path."""
     site = tmp_path / "site"  # a fresh package per test: sys.modules keeps imports
     module = install_plugin(site, "emp_plugin_", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector",
-                                                        "plain": "PlainConnector", "open": "OpenConnector"})
+                                                        "plain": "PlainConnector", "open": "OpenConnector",
+                                                        "leak": "LeakConnector"})
     monkeypatch.syspath_prepend(str(site))
     return module
 
@@ -124,6 +143,31 @@ def test_a_plain_pydantic_settings_model_refuses_a_misspelt_key_too(plugin, tmp_
     found = {p.path: p for p in problems("workers:\n  w:\n    connector: plain\n    settings:\n      widht: 3")}
     assert "workers.w.settings.widht" in found and found["workers.w.settings.widht"].line == 5, found
     assert "did you mean 'width'?" in found["workers.w.settings.widht"].hint
+
+
+def test_try_masks_the_connectors_plain_secret_in_every_line_it_prints(plugin, tmp_path, capsys):
+    from emp_machine.telemetry.redact import set_secret_values
+
+    key = "plainKEY12345"
+    lines: list[str] = []
+    try:
+        assert asyncio.run(try_connector("leak", {"api_key": key}, {}, tmp_path, lines.append)) == 0
+        assert asyncio.run(try_connector("leak", {"api_key": key}, {"fail": True}, tmp_path, lines.append)) == 1
+    finally:
+        set_secret_values(())
+    assert lines[0] == "progress  10.0% with [REDACTED]" and lines[-1].startswith("failed (permanent): "), lines
+    assert '"echo": "[REDACTED]"' in "".join(lines) and not any(key in line for line in lines), lines
+    err = capsys.readouterr().err  # its log records, where Python's last-resort handler showed them as they came
+    assert "using [REDACTED]" in err and key not in err, err
+
+
+def test_a_plugin_writing_to_its_job_dir_stays_in_the_output_folder(tmp_path):
+    from emp_machine.connectors.base import ConnectorContext
+
+    context = ConnectorContext(machine_id="m", worker_id="m-worker-0", output_dir=tmp_path / "out")
+    for job_id in ("../../escape/x", "/etc/passwd", "..", "job-1"):
+        assert context.job_dir(job_id).resolve().parent == (tmp_path / "out").resolve(), job_id
+    assert context.job_dir("job-1") == tmp_path / "out" / "job-1"
 
 
 def test_try_against_comfyui_prints_the_services_own_error(tmp_path):

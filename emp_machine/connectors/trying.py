@@ -9,25 +9,59 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
+from emp_machine.connectors._http import redact
 from emp_machine.connectors.base import ConnectorContext, ConnectorJob
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, JobCancelled, classify, describe_exception
+from emp_machine.telemetry.redact import redact_text, secret_values, set_secret_values
 
 
 async def try_connector(name: str, settings: dict[str, Any], payload: Any, output_dir: str | Path,
                         print_fn: Callable[[str], None] = print,
                         registry: ConnectorRegistry | None = None) -> int:
     registry = registry or ConnectorRegistry.discover()
+    # As a worker does: the settings' credentials (and the variables `*_env` settings name) are masked in what
+    # is printed and in every log record, a plain value too; the result by value only.
+    secrets = secret_values(settings, {}, os.environ)
+    set_secret_values(secrets)
+
+    def say(line: str) -> None:
+        print_fn(redact_text(line))
+
+    # The connector's log records (and its libraries'), shown on stderr as Python's last-resort handler would,
+    # masked likewise: that handler printed a plugin's `log.warning("using %s", key)` as it came.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Redacting())
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        return await _try(name, settings, payload, output_dir, say, print_fn, secrets, registry)
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+class _Redacting(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+async def _try(name: str, settings: dict[str, Any], payload: Any, output_dir: str | Path,
+               say: Callable[[str], None], print_fn: Callable[[str], None], secrets: tuple[str, ...],
+               registry: ConnectorRegistry) -> int:
+    """try_connector's run: `say` prints a line redacted, `print_fn` as it is (the result, masked by value)."""
     try:
         cls = registry.get(name)
     except (ConnectorNotFound, ConnectorLoadError) as exc:
-        print_fn(f"error: {exc}")
+        say(f"error: {exc}")
         return 1
     context = ConnectorContext(machine_id="try", worker_id="try-worker-0", output_dir=Path(output_dir),
                                service_type=name)
@@ -36,12 +70,12 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise  # the caller (or the person at the terminal) is stopping
     except BaseException as exc:  # noqa: BLE001 - a plugin's __init__ failing (even SystemExit) is its error
-        print_fn(f"error: {registry.construction_failure(name, exc)}")
+        say(f"error: {registry.construction_failure(name, exc)}")
         return 1
     job = ConnectorJob(id=f"try-{uuid.uuid4().hex[:12]}", service_required=name, payload=payload)
 
     async def progress(percent: float, message: str) -> None:
-        print_fn(f"progress {percent:5.1f}% {message}")
+        say(f"progress {percent:5.1f}% {message}")
 
     try:
         result = await connector.run(job, progress)
@@ -50,18 +84,18 @@ async def try_connector(name: str, settings: dict[str, Any], payload: Any, outpu
             raise  # KeyboardInterrupt / CancelledError: the caller is stopping
         outcome = classify(exc)  # safe for an exception whose str() raises
         if isinstance(outcome, JobCancelled):
-            print_fn(f"cancelled: {outcome}")
+            say(f"cancelled: {outcome}")
         else:
             kind = "retryable" if outcome.retryable else "permanent"
-            print_fn(f"failed ({kind}): {outcome}")
+            say(f"failed ({kind}): {outcome}")
         return 1
     finally:
         try:
             await connector.close()
         except Exception as exc:  # closing must not hide the job's outcome
-            print_fn(f"warning: closing the connector failed: {describe_exception(exc)}")
-    print_fn("completed")
+            say(f"warning: closing the connector failed: {describe_exception(exc)}")
+    say("completed")
     for output in result.outputs:
-        print_fn(f"output {output.path} ({output.mime_type}, {output.size_bytes} bytes)")
-    print_fn("result " + json.dumps(result.to_json(), default=str))
+        say(f"output {output.path} ({output.mime_type}, {output.size_bytes} bytes)")
+    print_fn("result " + redact(json.dumps(result.to_json(), default=str), secrets))
     return 0
