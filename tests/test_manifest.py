@@ -138,6 +138,8 @@ BAD = {
     "gpu placeholder without per_gpu": ("services:\n  s:\n    command: run --gpu {gpu}", {},
                                         "services.s.command", 3, "per_gpu"),
     "missing command": ("services:\n  s:\n    instances: 1", {}, "services.s.command", 2, "required"),
+    "connector name in capitals": ("workers:\n  w:\n    connector: WordSvc", {}, "workers.w.connector", 3,
+                                   "did you mean 'wordsvc'? names are lower-case"),
     "missing connector": ("workers:\n  w:\n    count: 2", {}, "workers.w.connector", 2, "required"),
     "reserved service name": ("services:\n  redis:\n    command: x", {}, "services.redis", 2, "reserved"),
     "bad service name": ("services:\n  My Service:\n    command: x", {}, "services.My Service", 2, "lower-case"),

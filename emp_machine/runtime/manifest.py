@@ -740,7 +740,14 @@ def _message(err: dict, loc: tuple, hidden: set | frozenset = frozenset()) -> tu
         from_env = any(loc[:cut] in hidden for cut in range(1, len(loc) + 1))
         shown = _hidden_repr(got, from_env) if secret and (from_env or isinstance(got, str)) else _safe_repr(loc, got)
         message += f" (got {shown})"
-    return message, None
+    hint = None
+    pattern = str((err.get("ctx") or {}).get("pattern", ""))
+    if kind == "string_pattern_mismatch" and pattern.startswith(("^[a-z]", "[a-z]")):  # a name: say the rule
+        message = message.replace(f"String should match pattern '{pattern}'", "not a valid name")
+        hint = "names are lower-case letters, digits, '-' and '_', starting with a letter"
+        if isinstance(got, str) and not secret and re.fullmatch(pattern.strip("^$"), got.lower()):
+            hint = f"did you mean '{got.lower()}'? {hint}"
+    return message, hint
 
 
 _SECRET_KEY = re.compile(r"(pass|secret|token|key|auth|credential)", re.IGNORECASE)
