@@ -202,7 +202,7 @@ def test_job_and_stuck_show_control_characters_escaped_never_raw(redis, redis_ur
     store.submit("sim", {}, job_id=job_id)
     redis.hset(f"job:{job_id}", mapping={"status": "in_progress", "worker_id": "w9\x1b[31m",
                                           "error": "boom\nFAKE: job completed fine"})
-    redis.hset(f"jobs:active:w9\x1b[31m", job_id, "{}")
+    redis.hset("jobs:active:w9\x1b[31m", job_id, "{}")
     for args in (("job", job_id), ("stuck",)):
         out = _cli(redis_url, *args)
         assert out.returncode == 0, out.stderr
