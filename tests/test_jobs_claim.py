@@ -206,6 +206,23 @@ RULES = [
                                 "negative_requirements": {"features": "int4"}}, "", True),
     ("malformed JSON counts as none", "{not json", "", True),
     ("non-object JSON counts as none", "[1,2]", "", True),
+    # valid JSON deeper than cjson decodes (the API's JSON.parse takes it) is not "none": that switched off
+    # strict isolation and the GPU need; it matches no worker
+    ("deep JSON with strict isolation", '{"customer_isolation":"strict","meta":' + "[" * 1001 + "]" * 1001 + "}",
+     "other", False),
+    ("deep JSON with a GPU need", '{"hardware":{"gpu_memory_gb":80},"meta":' + "[" * 1001 + "]" * 1001 + "}",
+     "", False),
+    ("deep JSON within cjson's depth", '{"negative_requirements":{"meta":' + "[" * 900 + "]" * 900 + "}}", "",
+     True),
+    # "no preference", as JS clients send it: met (each kept the job pending for ever)
+    ("null capability", {"region": None}, "", True),
+    ("empty list capability", {"features": []}, "", True),
+    ("empty list of an unknown capability", {"quantum": []}, "", True),
+    ("false of a capability the worker lacks", {"debug": False}, "", True),
+    ("null in a nested object", {"extras": {"vae": None}}, "", True),
+    ("negative null rejects nobody", {"negative_requirements": {"region": None, "features": []}}, "", True),
+    # NaN (cjson reads it; JSON.stringify never writes it) matched every worker: unmet
+    ("NaN gpu memory", '{"hardware":{"gpu_memory_gb":NaN}}', "", False),
 ]
 
 
@@ -288,6 +305,17 @@ def test_api_job_with_missing_hash_is_removed_by_adoption(store, redis):
     redis.zadd("jobs:pending", {"ghost": 1})
     assert store.claim(caps()) is None
     assert redis.zcard("jobs:pending") == 0
+
+
+@pytest.mark.parametrize("status", ["PENDING", "queued", "Pending ", "assigned"])
+def test_a_queued_job_whose_status_is_not_pending_leaves_the_queue_with_a_timeline_event(store, redis, status):
+    api_submit(redis, "odd")
+    redis.hset("job:odd", "status", status)  # a producer's own word for it
+    api_submit(redis, "fine")
+    assert claim_all(store, caps()) == ["fine"]
+    assert redis.zscore("jobs:pending", "odd") is None
+    events = [json.loads(e) for e in redis.lrange("job:odd:events", 0, -1)]
+    assert {"ev": "dropped", "status": status} in [{k: e.get(k) for k in ("ev", "status")} for e in events], events
 
 
 def test_cancelled_pending_job_is_never_claimed(store, redis):

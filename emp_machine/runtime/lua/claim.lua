@@ -314,11 +314,11 @@ while true do
   elseif #flat == 0 then
     drop(best, member, id, dequeue)
   elseif status and status ~= '' and status ~= 'pending' then
+    -- not pending (failed, cancelled; or a producer's own word, 'PENDING', 'queued': the contract's is
+    -- 'pending'): off the queue, and the timeline says why (it left without a trace)
     drop(best, member, id, dequeue)
-    if status == 'failed' or status == 'cancelled' then
-      add_event(id, {t = now, ev = 'dropped', status = status})
-      if job.error == 'Job cancelled by user' or status == 'cancelled' then note_cancelled(id, now) end
-    end
+    add_event(id, {t = now, ev = 'dropped', status = status})
+    if job.error == 'Job cancelled by user' or status == 'cancelled' then note_cancelled(id, now) end
   elseif (job.service_required or '') ~= best.svc
       or not in_class(best.svc, best.cls, job.requirements, job.customer_id) then
     -- read through a stale entry: never run from it (a worker of the old type or class would run it)

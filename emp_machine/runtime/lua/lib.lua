@@ -187,10 +187,16 @@ local function pending_score(f)
   return p * 1e15 - math.floor(t / 1000)
 end
 
+-- Requirements JSON nested deeper than cjson decodes (1000 levels: the API's JSON.parse takes it) is no
+-- malformed JSON: counted as none, it switched every requirement off (strict customer isolation, a GPU).
+-- Such a class matches no worker instead (match.lua).
+local UNMATCHABLE = {unmatchable = true}
+
 local function parse_requirements(raw)
   if not raw or raw == '' then return nil end
   local ok, v = pcall(cjson.decode, raw)
   if ok and type(v) == 'table' and v[1] == nil then return v end
+  if not ok and string.find(tostring(v), 'nested', 1, true) then return UNMATCHABLE end
   return nil  -- malformed (or non-object) requirements count as none (contract)
 end
 

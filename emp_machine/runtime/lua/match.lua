@@ -52,12 +52,24 @@ local function lookup(obj, path)
   return v
 end
 
-local function check_capability(worker, key, rv)
+-- A positive requirement that asks for nothing: null, an empty list or object (a JS client's "no
+-- preference"), or false where the worker has no such capability (an absent flag is false). Each made its
+-- job unclaimable for ever.
+local function no_preference(wv, rv)
+  return rv == cjson.null or (type(rv) == 'table' and next(rv) == nil) or (rv == false and not present(wv))
+end
+
+-- `positive`: a requirement (no preference is met); else a negative one (no preference matches nothing: an
+-- empty list "contains all of nothing" and rejected every worker having the capability).
+local function check_capability(worker, key, rv, positive)
   local wv = lookup(worker, key)
+  if no_preference(wv, rv) then return positive end
   if type(rv) == 'table' and not is_array(rv) then
     if type(wv) ~= 'table' then return false end
     for k, sub in pairs(rv) do
-      if not satisfies(wv[k], sub) then return false end
+      local met
+      if no_preference(wv[k], sub) then met = positive else met = satisfies(wv[k], sub) end
+      if not met then return false end
     end
     return true
   end
@@ -72,6 +84,7 @@ local function check_hardware(hw, req)
   for k, rv in pairs(req) do
     if rv ~= 'all' and present(rv) then
       local need = tonumber(rv)
+      if need ~= need then return false end  -- NaN (cjson takes it): matched every worker (have < NaN is false)
       if need then
         local have = 0
         if present(hw[k]) then have = tonumber(hw[k]) end
@@ -123,6 +136,7 @@ local SPECIAL = {service_type = true, hardware = true, customer_isolation = true
 local function class_matches(worker, raw, customer_id, service)
   local req = parse_requirements(raw)
   if not req then return true end
+  if req == UNMATCHABLE then return false end
   local pos = req.positive_requirements
   if type(pos) ~= 'table' then pos = req end
   if pos.hardware ~= nil and not check_hardware(worker.hardware, pos.hardware) then return false end
@@ -131,7 +145,7 @@ local function class_matches(worker, raw, customer_id, service)
   end
   if pos.models ~= nil and not check_models(worker.models, pos.models, service) then return false end
   for key, rv in pairs(pos) do
-    if not SPECIAL[key] and not check_capability(worker, key, rv) then return false end
+    if not SPECIAL[key] and not check_capability(worker, key, rv, true) then return false end
   end
   local neg = req.negative_requirements
   if type(neg) == 'table' then
@@ -142,7 +156,7 @@ local function class_matches(worker, raw, customer_id, service)
             if present(worker.hardware[hk]) and satisfies(worker.hardware[hk], hv) then return false end
           end
         end
-      elseif check_capability(worker, key, rv) then
+      elseif check_capability(worker, key, rv, false) then
         return false
       end
     end
