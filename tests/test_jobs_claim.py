@@ -220,6 +220,8 @@ RULES = [
     ("empty list of an unknown capability", {"quantum": []}, "", True),
     ("false of a capability the worker lacks", {"debug": False}, "", True),
     ("null in a nested object", {"extras": {"vae": None}}, "", True),
+    ("null in an object the worker lacks", {"tuning": {"level": None}}, "", True),
+    ("a value in an object the worker lacks", {"tuning": {"level": 2}}, "", False),
     ("negative null rejects nobody", {"negative_requirements": {"region": None, "features": []}}, "", True),
     # NaN (cjson reads it; JSON.stringify never writes it) matched every worker: unmet
     ("NaN gpu memory", '{"hardware":{"gpu_memory_gb":NaN}}', "", False),
@@ -307,15 +309,27 @@ def test_api_job_with_missing_hash_is_removed_by_adoption(store, redis):
     assert redis.zcard("jobs:pending") == 0
 
 
-@pytest.mark.parametrize("status", ["PENDING", "queued", "Pending ", "assigned"])
-def test_a_queued_job_whose_status_is_not_pending_leaves_the_queue_with_a_timeline_event(store, redis, status):
+@pytest.mark.parametrize("status,noted", [("PENDING", True), ("queued", True), ("Pending ", True),
+                                          ("failed", True), ("assigned", False), ("in_progress", False)])
+def test_a_queued_job_whose_status_is_not_pending_leaves_the_queue_with_a_timeline_event(store, redis, status,
+                                                                                          noted):
+    """A producer's own word ('PENDING', 'queued') left without a trace; a live job's status (another claimer
+    of a mixed fleet took it) is not the timeline's news."""
     api_submit(redis, "odd")
-    redis.hset("job:odd", "status", status)  # a producer's own word for it
+    redis.hset("job:odd", "status", status)
     api_submit(redis, "fine")
     assert claim_all(store, caps()) == ["fine"]
     assert redis.zscore("jobs:pending", "odd") is None
-    events = [json.loads(e) for e in redis.lrange("job:odd:events", 0, -1)]
-    assert {"ev": "dropped", "status": status} in [{k: e.get(k) for k in ("ev", "status")} for e in events], events
+    events = [{k: json.loads(e).get(k) for k in ("ev", "status")} for e in redis.lrange("job:odd:events", 0, -1)]
+    assert ({"ev": "dropped", "status": status} in events) is noted, events
+
+
+def test_requirements_too_deep_to_decode_leave_an_event_saying_no_worker_matches(store, redis):
+    deep = '{"customer_isolation":"strict","meta":' + "[" * 1001 + "]" * 1001 + "}"
+    store.submit("sim", {}, job_id="deep", requirements=deep)
+    assert store.claim(caps(**WORKER)) is None
+    events = [json.loads(e) for e in redis.lrange("job:deep:events", 0, -1)]
+    assert any(e.get("ev") == "unmatchable" and "nested deeper" in e.get("reason", "") for e in events), events
 
 
 def test_cancelled_pending_job_is_never_claimed(store, redis):

@@ -20,7 +20,7 @@ from fakes._server import ServerThread
 from harness import wait_for
 
 from emp_machine.connectors.rest import RestConnector
-from emp_machine.errors import FatalJobError, RetryableJobError, ServiceUnreachable
+from emp_machine.errors import FatalJobError, ManifestError, RetryableJobError, ServiceUnreachable
 from emp_machine.runtime.health import HealthServer
 
 TOKEN = "RestTok-a1b2c3d4e5f6g7h8"
@@ -343,7 +343,7 @@ class EchoConnector(Connector):
         await progress(50, f"half way, key {key}")
         if job.payload.get("fail"):
             raise ValueError(f"internal boom with key {key} and token {token}")
-        return JobResult(data={"echo": key, "nested": [f"t {token}"], key: "as a key"},
+        return JobResult(data={"echo": key, "nested": [f"t {token}"], "quoted": f'say "{key}"'},
                          service_metadata={"auth": f"used {key}"})
 '''
 
@@ -392,3 +392,67 @@ def test_a_plugins_plain_secrets_reach_no_log_progress_result_or_error(tmp_path,
                 messages.close()
             procs.close()
             client.close()
+
+
+# -- the machine's own secrets: its services' output, what its workers hold ---------------------------------
+SVC_TOKEN = "SvcEnvVal6p0cQ"  # a credential-named env value of a service: no secret shape
+
+
+def test_the_machine_masks_a_services_credential_in_the_output_it_ships_and_serves(machine_factory, tmp_path):
+    """The machine tails its services' output into telemetry and /errors: a service printing its own API_TOKEN
+    went out as printed (pattern redaction sees no shape in it)."""
+    from harness import health_base, http_json
+
+    script = tmp_path / "svc.py"
+    script.write_text("import os, sys, time\n"
+                      "print('ERROR: upstream rejected credential ' + os.environ['API_TOKEN'], flush=True)\n"
+                      "time.sleep(600)\n")
+    machine = machine_factory(f"""
+health: {{port: 0}}
+services:
+  svc:
+    command: {sys.executable} {script}
+    env: {{API_TOKEN: {SVC_TOKEN}, PLAIN_SETTING: visible-value}}
+workers:
+  sim: {{connector: simulation}}
+""")
+    machine.wait_ready()
+    base = health_base(machine)
+    rows = wait_for(lambda: [r for r in http_json(f"{base}/errors?since=10m")[1] or []
+                             if "upstream rejected" in r.get("message", "")], 20, message="the service's error")
+    assert "credential [REDACTED]" in rows[0]["message"] and SVC_TOKEN not in json.dumps(rows), rows
+
+
+def test_machine_secrets_gather_every_credential_a_process_of_the_machine_holds(monkeypatch):
+    from emp_machine.runtime.identity import machine_secrets, url_secrets
+    from emp_machine.runtime.manifest import loads
+
+    assert url_secrets("redis://user1:Pw%40rd99@h:6379/0?token=QueryTok1&db=2") == [
+        "Pw%40rd99", "Pw@rd99", "QueryTok1", "QueryTok1"]  # a user beside a password is a name (`default`)
+    assert url_secrets("https://TokAsUser123@h/x") == ["TokAsUser123", "TokAsUser123"]
+    manifest = loads(f"""
+redis: {{url: "redis://:RedisPw7q2x9@127.0.0.1:6379/0"}}
+telemetry: {{otlp_endpoint: "http://127.0.0.1:4318", otlp_headers: {{x-api-key: OtlpHdr4k8m1,
+  x-honeycomb-team: hcTeamKey0a1b2c3d4e5, x-honeycomb-dataset: workers}}}}
+services:
+  svc: {{command: run, env: {{API_TOKEN: {SVC_TOKEN}, MODE: fast}}}}
+workers:
+  w: {{connector: openai, settings: {{api_key_env: OPENAI_KEY}}}}
+""", environ={"OPENAI_KEY": "sk-plainOpenAi1"})
+    environ = {"EMP_HEALTH_TOKEN": "HealthTok3j5n", "OPENAI_KEY": "sk-plainOpenAi1",
+               "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20TraceHdr9"}
+    found = machine_secrets(manifest, environ)
+    for value in ("RedisPw7q2x9", "OtlpHdr4k8m1", "hcTeamKey0a1b2c3d4e5", SVC_TOKEN, "sk-plainOpenAi1",
+                  "HealthTok3j5n", "Bearer TraceHdr9"):
+        assert value in found, (value, found)
+    assert "fast" not in found and "run" not in found and "workers" not in found  # names, not credentials
+    assert "sk-plainOpenAi1" not in machine_secrets(manifest, environ, groups=())  # a worker gives its own
+
+
+def test_a_public_url_with_credentials_is_refused_before_it_is_published():
+    from emp_machine.runtime.manifest import loads
+
+    with pytest.raises(ManifestError) as bad:
+        loads("health: {public_url: 'https://pubuser:PubPw12345@mon.example.com'}")
+    assert "health.public_url" in str(bad.value) and "carries credentials" in str(bad.value)
+    assert "PubPw12345" not in str(bad.value)

@@ -99,14 +99,14 @@ def test_remembered_clean_values_never_let_a_secret_through():
     from emp_machine.telemetry import redact
 
     clean = {"event_type": "job.completed", "status": "completed"}
-    assert redact_fields(clean) == clean and "job.completed" in redact._clean  # remembered as clean
+    assert redact_fields(clean) == clean and "job.completed" in redact._state[2]  # remembered as clean
     secret = {"note": "retry with sk-abcdefgh12345678"}
     for _ in range(2):  # a secret-shaped value is redacted every time: it is never remembered
         assert "abcdefgh12345678" not in redact_fields(secret)["note"]
-    assert secret["note"] not in redact._clean
+    assert secret["note"] not in redact._state[2]
     for i in range(5000):  # unique values (job ids) do not grow the memory without bound
         redact_fields({"job_id": f"job-{i:08d}"})
-    assert 0 < len(redact._clean) <= 4096
+    assert 0 < len(redact._state[2]) <= 4096
 
 
 def test_the_pre_check_lets_every_shape_through():
@@ -277,3 +277,17 @@ def test_a_log_line_of_six_characters_that_is_a_registered_secret_is_masked(regi
         telemetry.shutdown()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["message"] for line in lines] == [REDACTED, f"pw {REDACTED}"] and lines[1]["v"] == REDACTED
+
+
+def test_mask_values_masks_text_before_encoding_and_leaves_keys_and_short_values():
+    import json
+
+    from emp_machine.telemetry.redact import mask_values
+
+    odd = 'pa"ss\\wörd12'  # escaped in JSON text, where a search after encoding missed it
+    value = {"a": [f"x {odd} y", {"b": odd}], f"{odd}": 1, "n": 3, "short": "test here"}
+    masked = mask_values(value, [odd, "test"])  # "test": under 8 characters, an ordinary word in a result
+    assert masked == {"a": [f"x {REDACTED} y", {"b": REDACTED}], odd: 1, "n": 3, "short": "test here"}
+    assert odd not in json.dumps(masked["a"]) and masked is not value
+    same = {"a": ["nothing here"]}
+    assert mask_values(same, [odd]) is same and mask_values(value, []) is value

@@ -365,7 +365,7 @@ def test_a_large_result_is_prepared_while_the_heartbeat_renews_the_lease(site, c
             time.sleep(0.01)
         assert status_of(client, job_id) == "completed"
         gaps = [b - a for a, b in zip(renewals, [*renewals[1:], ended])]
-        assert max(gaps) < 0.8, f"the 1 s lease went unrenewed for {max(gaps):.2f} s: {gaps}"
+        assert max(gaps) < 0.9, f"the 1 s lease went unrenewed for {max(gaps):.2f} s: {gaps}"
         assert "job.lost" not in procs.log(0)
     finally:
         procs.close()

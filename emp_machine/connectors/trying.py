@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 
-from emp_machine.connectors._http import redact
 from emp_machine.connectors.base import ConnectorContext, ConnectorJob
 from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import ConnectorLoadError, ConnectorNotFound, JobCancelled, classify, describe_exception
-from emp_machine.telemetry.redact import redact_text, secret_values, set_secret_values
+from emp_machine.telemetry.redact import mask_values, redact_text, secret_values, set_secret_values
 
 
 async def try_connector(name: str, settings: dict[str, Any], payload: Any, output_dir: str | Path,
@@ -97,5 +96,5 @@ async def _try(name: str, settings: dict[str, Any], payload: Any, output_dir: st
     say("completed")
     for output in result.outputs:
         say(f"output {output.path} ({output.mime_type}, {output.size_bytes} bytes)")
-    print_fn("result " + redact(json.dumps(result.to_json(), default=str), secrets))
+    print_fn("result " + json.dumps(mask_values(result.to_json(), secrets), default=str))
     return 0

@@ -349,13 +349,17 @@ def cmd_machine_run(args) -> int:
     from opentelemetry import trace as otel_trace
 
     from emp_machine import telemetry
-    from emp_machine.runtime import demo, hardware, plan
+    from emp_machine.runtime import demo, hardware, identity, plan
     from emp_machine.runtime.logfile import RotatingTee
     from emp_machine.runtime.machine import Machine
     from emp_machine.runtime.view import View
+    from emp_machine.telemetry.redact import set_secret_values
 
     resolved = Path(args.resolved)
     manifest = View.load(resolved)
+    # Masked exactly in every record of this process (the services' output it ships among them): their
+    # credential env values, the Redis URL's, the OTLP headers', the health token, the workers' settings'.
+    set_secret_values(identity.machine_secrets(manifest, os.environ))
     if args.lock_fd is not None:  # run/machine.lock, taken before the exec: no child of ours inherits it
         os.set_inheritable(args.lock_fd, False)
     else:  # started directly: one machine per state directory all the same

@@ -307,21 +307,24 @@ def _remote_errors(base_url: str, since: str) -> list:
     import urllib.parse
     import urllib.request
 
+    from emp_machine.runtime.identity import redact_url, redact_urls
+
     url = f"{base_url.rstrip('/')}/errors?since={urllib.parse.quote(since)}"
     # A machine with a health token serves /errors only with it (others: only to their own host).
     token = os.environ.get(HEALTH_TOKEN_ENV, "").strip()
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    shown = redact_url(url)  # a --machine URL may carry user:password@
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             given = "was refused" if token else "is needed"
-            raise EmpError(f"could not read errors from {url}: {exc.code}: the machine's health token {given} "
+            raise EmpError(f"could not read errors from {shown}: {exc.code}: the machine's health token {given} "
                            f"(set {HEALTH_TOKEN_ENV} to the token the machine was started with)") from None
-        raise EmpError(f"could not read errors from {url}: {exc}") from None
+        raise EmpError(f"could not read errors from {shown}: {redact_urls(str(exc))}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise EmpError(f"could not read errors from {url}: {exc}") from None
+        raise EmpError(f"could not read errors from {shown}: {redact_urls(str(exc))}") from None
 
 
 def _logs_dir(args) -> tuple[Path, object, NoMachineRunning | None]:

@@ -98,3 +98,67 @@ def redact_url(url: str) -> str:
     # clients ?token=, ?api_key=...): its value goes, up to the next parameter (a "#" may be the password's).
     return head + mark + re.sub(r"(?i)((?:^|[&;])[^=&;#]*(?:pass|pwd|token|secret|key|user|auth|credential|sig)"
                                 r"[^=&;#]*=)[^&;]*", r"\1***", query)
+
+
+_CREDENTIAL_PARAM = re.compile(r"(?i)pass|pwd|token|secret|key|user|auth|credential|sig")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials a URL carries, for exact masking (what redact_url hides): its user info's user and
+    password, and the values of query parameters named like a credential, as written and percent-decoded."""
+    from urllib.parse import unquote
+
+    found: list[str] = []
+    if match := re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@", url):
+        user, colon, password = match.group(1).partition(":")
+        # the password; the user name only when it stands alone (a token as user: https://TOKEN@host). A user
+        # beside a password is a name (Railway's `default`): masked, it mangled every text holding the word.
+        found += [password, unquote(password)] if colon else [user, unquote(user)]
+    for part in re.split("[&;]", url.partition("?")[2].partition("#")[0]):
+        key, _, value = part.partition("=")
+        if value and _CREDENTIAL_PARAM.search(key):
+            found += [value, unquote(value)]
+    return [value for value in found if value]
+
+
+def _credential_header(name: str, value: str) -> bool:
+    """An OTLP header that carries a credential: named like one (authorization, x-api-key...), or a value shaped
+    like a token (16+ characters, letters and digits: Honeycomb's x-honeycomb-team). Not a dataset name
+    (`x-honeycomb-dataset: workers`), which masked would mangle every text holding the word."""
+    from emp_machine.telemetry.redact import secret_key
+
+    word = value.rpartition(" ")[2]  # "Bearer abc...": the token
+    return secret_key(name) or (len(word) >= 16 and any(c.isdigit() for c in word) and any(c.isalpha() for c in word))
+
+
+def machine_secrets(manifest, environ: Mapping[str, str], groups: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The exact values a process of this machine masks in everything it writes (telemetry.redact's
+    set_secret_values): the Redis URL's credentials, every OTLP header value (the manifest's and the
+    OTEL_EXPORTER_OTLP_*HEADERS variables'), the health token, the credential-named `env` values of every
+    service (their output is shipped by the machine), and each worker group's secret values (`groups`: only
+    these; a worker gives its own). `manifest`: the validated Manifest or the running machine's View."""
+    from urllib.parse import unquote
+
+    from emp_machine.telemetry.redact import secret_key, secret_values
+
+    found: list[str] = []
+    redis_url = str(getattr(manifest.redis, "url", "") or "")
+    found += url_secrets(redis_url)
+    telemetry = manifest.telemetry
+    for headers in (telemetry.otlp_headers, telemetry.otlp_traces.headers, telemetry.otlp_logs.headers,
+                    telemetry.otlp_metrics.headers):
+        found += [str(value) for name, value in (headers or {}).items() if _credential_header(str(name), str(value))]
+    for name, text in environ.items():
+        if name.startswith("OTEL_EXPORTER_OTLP_") and name.endswith("HEADERS"):
+            for item in text.split(","):
+                header, _, value = item.partition("=")
+                if _credential_header(unquote(header.strip()), value := unquote(value.strip())):
+                    found.append(value)
+    if token := environ.get(str(manifest.health.token_env or ""), "").strip():
+        found.append(token)
+    for service in manifest.services.values():
+        found += [str(value) for key, value in (service.env or {}).items() if secret_key(str(key))]
+    for name, group in manifest.workers.items():
+        if groups is None or name in groups:
+            found += secret_values(group.settings, group.env or {}, environ)
+    return tuple(sorted({value for value in found if value}, key=len, reverse=True))

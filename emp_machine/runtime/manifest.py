@@ -136,6 +136,10 @@ class HealthSection(_Model):
     def _public_url_form(cls, value: str) -> str:
         if value and (problem := http_url_problem(value)):
             raise ValueError(f"the URL {problem} (e.g. https://my-machine.up.railway.app)")
+        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            # published in every status message and on the unauthenticated /status: no place for a password
+            raise ValueError("the URL carries credentials (user@ or user:password@), which every status message "
+                             "and /status would publish; give the bare URL and protect /health with health.token_env")
         return value
 
 

@@ -36,8 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emp_machine.connectors._http import REDACTED, safe_name, sniff_image_suffix, unique_path
+from emp_machine.connectors._http import safe_name, sniff_image_suffix, unique_path
 from emp_machine.connectors.base import JobResult, OutputFile
+from emp_machine.telemetry.redact import mask_values
 
 DATA_URI_MIN = 1024
 BASE64_MIN = 16 * 1024
@@ -202,7 +203,7 @@ def is_small(result: JobResult, budget: int = SMALL_RESULT_CHARS) -> bool:
     stack: list[Any] = [result.data, result.service_metadata]
     while stack:
         value = stack.pop()
-        if type(value) is str:
+        if isinstance(value, (str, bytes, bytearray)):
             left -= len(value) + 2
         elif isinstance(value, Mapping):
             left -= len(value)
@@ -221,29 +222,15 @@ def is_small(result: JobResult, budget: int = SMALL_RESULT_CHARS) -> bool:
 
 
 def mask(result: JobResult, secrets: tuple[str, ...]) -> JobResult:
-    """`result` with `secrets` (the worker's secret values, of 4 characters or more) replaced in its text:
-    a connector that echoes its API key or a service's answer quoting it would publish the key to every
-    reader of jobs:completed. The same object when none appears."""
-    secrets = tuple(secret for secret in secrets if len(secret) >= 4)
-    if not secrets:
+    """`result` with `secrets` (the worker's secret values, of 8 characters or more: telemetry.redact's
+    mask_values) replaced in its text, keys left alone: a connector that echoes its API key, or a service's
+    answer quoting it, would publish the key to every reader of jobs:completed. The same object when none
+    appears."""
+    data = mask_values(result.data, secrets)
+    metadata = mask_values(result.service_metadata, secrets)
+    if data is result.data and metadata is result.service_metadata:
         return result
-    changed = [False]
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-                    changed[0] = True
-            return value
-        if isinstance(value, Mapping):
-            return {walk(key) if isinstance(key, str) else key: walk(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(item) for item in value]
-        return value
-
-    data, metadata = walk(result.data), walk(dict(result.service_metadata))
-    return replace(result, data=data, service_metadata=metadata) if changed[0] else result
+    return replace(result, data=data, service_metadata=metadata)
 
 
 def prepare(result: JobResult, directory: Path, secrets: tuple[str, ...] = ()) -> JobResult:

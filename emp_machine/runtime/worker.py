@@ -39,6 +39,7 @@ from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
                                 ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
+from emp_machine.runtime.identity import machine_secrets, url_secrets
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, active_key,
                                       cancel_and_wait, heartbeat_interval, heartbeat_key, job_key,
                                       redis_socket_options, statuses_json, worker_key)
@@ -338,15 +339,16 @@ class _Progress:
         if not math.isfinite(percent):
             return  # NaN or infinity is no progress (clamped, NaN read as 100: the job looked finished)
         percent = max(0.0, min(100.0, percent))
-        if isinstance(message, str) and len(message) > PROGRESS_MESSAGE_MAX:
-            # stored in the job hash and published whole, a connector's 1 MB message reached every subscriber
-            message = message[:PROGRESS_MESSAGE_MAX - len(_CUT)] + _CUT
-        if message and isinstance(message, str):  # published: the group's secrets and secret shapes masked
-            message = self.worker._redact(message)
         if percent < self.highest:
             return  # never backwards on the wire (a connector's own counter starting over at a new stage)
         if percent == self.highest and percent in (0.0, 100.0):
             return  # announced already (the claim announces 0; the worker and the connector both report 100)
+        if message and isinstance(message, str):
+            # published: the secrets masked first (a cut through one would publish its start), then cut (a
+            # connector's 1 MB message, stored in the job hash and published whole, reached every subscriber)
+            message = self.worker._redact(message)
+            if len(message) > PROGRESS_MESSAGE_MAX:
+                message = message[:PROGRESS_MESSAGE_MAX - len(_CUT)] + _CUT
         self.highest = percent
         self.seq += 1
         now = time.monotonic()
@@ -1681,8 +1683,11 @@ async def serve(manifest: Manifest, index: int, environ: Mapping[str, str]) -> i
                                    joblog=tel.connector_logger(f"{group.connector}-{index}",
                                                                group.service or group.connector, counts=False))
         settings = expand_settings(group.settings, values)
-        secrets = secret_values(settings, group.env, environ)
-        set_secret_values(secrets)  # masked in every record of this process, the connector's own logs too
+        # Its group's credentials, and the machine's it holds too (the Redis password, the OTLP headers' values):
+        # masked in every record of this process, the connector's own logs included, and in what it publishes.
+        secrets = tuple(sorted({*secret_values(settings, group.env, environ), *url_secrets(ident.redis_url),
+                                *machine_secrets(manifest, environ, groups=())}, key=len, reverse=True))
+        set_secret_values(secrets)
         connector = _construct(registry, group.connector, settings, context, f"workers.{ident.group}", secrets)
         hardware = probed_hardware(hw.probe())
         client = redis_client(ident.redis_url)

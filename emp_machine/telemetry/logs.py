@@ -231,7 +231,7 @@ class RecordWriter:
 
     def _write_now(self, time_ns: int, severity: int, message: str, fields: Mapping[str, object] | None,
                    logger: str, event_name: str, bound: Mapping[str, object], trace_id: int, span_id: int) -> None:
-        if len(message) >= _redact._shortest and message is not event_name:  # an event's is its code-given name
+        if len(message) >= _redact._state[1] and message is not event_name:  # an event's is its code-given name
             message = redact_text(message)
         # One dict serves as the record's attributes and describes the JSON line: the encoder leaves out the keys
         # that OTLP carries in their own fields (timestamp, level, message, trace_id, span_id).

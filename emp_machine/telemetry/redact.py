@@ -88,7 +88,7 @@ def _may_hold_secret(low: str) -> bool:
 def redact_text(text: str) -> str:
     """`text` with this process's secret values (set_secret_values) and secret-shaped parts replaced (returns
     `text` itself when there is nothing to replace)."""
-    for value in _exact:
+    for value in _state[0]:
         if value in text:
             text = text.replace(value, REDACTED)
     low = text.lower()
@@ -191,13 +191,13 @@ def _key_text(key: object) -> str:
         return f"<{type(key).__name__}>"
 
 
-_clean: set[str] = set()  # field values seen to hold nothing secret (event names, job types, statuses...)
 
 
 def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
     """A copy of `fields` with secret keys and secret-shaped values redacted (nested mappings too). A key that
     is not a str becomes its str() (a record with one raised TypeError into the caller and was lost)."""
     out: dict[str, object] = {}
+    _, shortest, clean = _state  # one state for the whole call (set_secret_values replaces it whole)
     for key, value in fields.items():
         kind = _key_cache.get(key)
         if kind is None:
@@ -210,14 +210,14 @@ def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
             else:
                 out[key] = REDACTED
         elif type(value) is str:
-            if len(value) < _shortest or value in _clean:  # nothing shorter can match
+            if len(value) < shortest or value in clean:  # nothing shorter can match
                 out[key] = value
             else:
                 out[key] = redacted = redact_text(value)
                 if redacted is value and len(value) <= 256:  # only values that hold no secret are remembered
-                    if len(_clean) >= 4096:  # bounded; unique values (job ids) would otherwise fill it
-                        _clean.clear()
-                    _clean.add(value)
+                    if len(clean) >= 4096:  # bounded; unique values (job ids) would otherwise fill it
+                        clean.clear()
+                    clean.add(value)
         elif type(value) in (int, float, bool) or value is None:
             out[key] = value
         else:
@@ -225,25 +225,25 @@ def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
     return out
 
 # Exact values this process masks wherever they appear (set_secret_values): a plain password a plugin logs or
-# echoes has no secret shape. _shortest: the shortest text that can hold a secret (7 for the shapes).
-_exact: tuple[str, ...] = ()
-_shortest = 7
+# echoes has no secret shape), the shortest text that can hold a secret (7 for the shapes), and the field
+# values seen to hold nothing secret (event names, job types, statuses...). One tuple, replaced whole: a thread
+# judging a value by the old values adds it to the old set, never to the one that goes with the new values.
+_state: tuple[tuple[str, ...], int, set[str]] = ((), 7, set())
 
 
 def set_secret_values(values: Iterable[str]) -> None:
     """Make `values` (a worker's secret_values) masked in every record this process writes: log lines, events,
     span attributes, on stdout, in the buffer and at the collector. Values under 4 characters are ignored (they
     would mask ordinary words); longest first, so a value inside another is masked whole."""
-    global _exact, _shortest
-    _exact = tuple(sorted({value for value in values if isinstance(value, str) and len(value) >= 4},
-                          key=len, reverse=True))
-    _shortest = min([7, *map(len, _exact)])
-    _clean.clear()  # values judged clean before may hold one of them
+    global _state
+    exact = tuple(sorted({value for value in values if isinstance(value, str) and len(value) >= 4},
+                         key=len, reverse=True))
+    _state = (exact, min([7, *map(len, exact)]), set())  # values judged clean before may hold one of them
 
 
 def shortest_secret() -> int:
     """The shortest text that can hold a secret: shorter text needs no redact_text."""
-    return _shortest
+    return _state[1]
 
 
 def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -277,3 +277,30 @@ def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, s
     walk(settings, False, False)
     walk({key: value for key, value in env.items() if named_secret(key)}, True, False)
     return tuple(sorted(found, key=len, reverse=True))
+
+
+def mask_values(value: Any, secrets: Iterable[str], min_length: int = 8) -> Any:
+    """`value` (a JSON-like result: mappings, lists, text) with each of `secrets` of `min_length` characters or
+    more replaced by [REDACTED] in its text, before it is encoded (a secret holding a quote or a non-ASCII
+    character is escaped in JSON text, where a search for it misses). Keys are left alone (two could become
+    one). The same object when nothing changed. A result is a service's answer: shorter values (a password
+    of "test") would mangle ordinary words in it, so the floor is higher than for log records."""
+    secrets = tuple(secret for secret in secrets if isinstance(secret, str) and len(secret) >= min_length)
+    if not secrets:
+        return value
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, str):
+            for secret in secrets:
+                if secret in item:
+                    item = item.replace(secret, REDACTED)
+            return item
+        if isinstance(item, Mapping):
+            new = {key: walk(sub) for key, sub in item.items()}
+            return item if all(new[key] is sub for key, sub in item.items()) else new
+        if isinstance(item, (list, tuple)):
+            new_items = [walk(sub) for sub in item]
+            return item if all(a is b for a, b in zip(new_items, item)) else new_items
+        return item
+
+    return walk(value)

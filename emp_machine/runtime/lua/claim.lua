@@ -314,10 +314,13 @@ while true do
   elseif #flat == 0 then
     drop(best, member, id, dequeue)
   elseif status and status ~= '' and status ~= 'pending' then
-    -- not pending (failed, cancelled; or a producer's own word, 'PENDING', 'queued': the contract's is
-    -- 'pending'): off the queue, and the timeline says why (it left without a trace)
+    -- not pending: off the queue. The timeline says why, unless it is a live job's (another claimer in a
+    -- mixed fleet took it without our index): failed, cancelled, or a producer's own word ('PENDING',
+    -- 'queued': the contract's is 'pending'), which left without a trace.
     drop(best, member, id, dequeue)
-    add_event(id, {t = now, ev = 'dropped', status = status})
+    if status ~= 'assigned' and status ~= 'in_progress' and status ~= 'completed' then
+      add_event(id, {t = now, ev = 'dropped', status = status})
+    end
     if job.error == 'Job cancelled by user' or status == 'cancelled' then note_cancelled(id, now) end
   elseif (job.service_required or '') ~= best.svc
       or not in_class(best.svc, best.cls, job.requirements, job.customer_id) then

@@ -187,6 +187,8 @@ local function pending_score(f)
   return p * 1e15 - math.floor(t / 1000)
 end
 
+local add_event  -- the timeline, below
+
 -- Requirements JSON nested deeper than cjson decodes (1000 levels: the API's JSON.parse takes it) is no
 -- malformed JSON: counted as none, it switched every requirement off (strict customer isolation, a GPU).
 -- Such a class matches no worker instead (match.lua).
@@ -264,6 +266,10 @@ local function index_add(id, f)
   redis.call('HSET', 'jobs:idx:classes:' .. svc, cls, cjson.encode({raw, cust}))
   redis.call('ZADD', 'jobs:idx:queue:' .. svc .. ':' .. cls, fmt(score), tag .. '|' .. id)
   redis.call('HSET', KEYS[2], id, svc .. '\n' .. cls .. '\n' .. tag)
+  if #raw > 1000 and parse_requirements(raw) == UNMATCHABLE then  -- (only such text can nest 1000 deep)
+    add_event(id, {t = now_ms(), ev = 'unmatchable', reason = 'requirements nested deeper than Redis can decode '
+      .. '(1000 levels): no worker is matched to them'})
+  end
   -- The class's head score only ever rises here (see HEADS): an upper bound of its queue's head stays one.
   local hkey = 'jobs:idx:heads:' .. svc
   local h = redis.call('ZSCORE', hkey, cls)
@@ -421,7 +427,6 @@ local function in_class(svc, cls, raw, customer_id)
   return (class_of(raw, customer_id)) == cls
 end
 
-local add_event  -- the timeline, below
 
 -- Index a job that reached jobs:pending without us (the EMP API writes only jobs:pending + job:{id}).
 -- 1 = indexed, 0 = nothing to do, -1 = its hash is missing (or job:{id} holds no hash), so it was removed

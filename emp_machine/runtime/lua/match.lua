@@ -65,7 +65,10 @@ local function check_capability(worker, key, rv, positive)
   local wv = lookup(worker, key)
   if no_preference(wv, rv) then return positive end
   if type(rv) == 'table' and not is_array(rv) then
-    if type(wv) ~= 'table' then return false end
+    if type(wv) ~= 'table' then
+      if not positive then return false end
+      wv = {}  -- a worker without the object: only subkeys that ask for nothing are met
+    end
     for k, sub in pairs(rv) do
       local met
       if no_preference(wv[k], sub) then met = positive else met = satisfies(wv[k], sub) end
