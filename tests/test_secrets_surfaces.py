@@ -323,7 +323,7 @@ workers:
 PLAIN_KEY = "plainPLUGINKEY1234"  # an api_key setting: masked by value only (no `sk-`, no `key=`)
 ENV_TOKEN = "tokSECRET9876xyz"  # a credential-named variable of the group's env
 ECHO_PLUGIN = '''
-import logging, os
+import asyncio, logging, os
 from emp_machine.connectors.base import Connector, ConnectorSettings, JobResult
 
 
@@ -341,6 +341,9 @@ class EchoConnector(Connector):
         self.context.logger.info("running %s with key %s token %s", job.id, key, token)
         logging.getLogger("echo.lib").warning("a library quoting %s", key)
         await progress(50, f"half way, key {key}")
+        # a long message whose cut (4096 characters, with its 13-character mark) falls inside the key
+        await asyncio.sleep(0.15)  # past the 100 ms throttle: written, not replaced
+        await progress(75, "x" * 4080 + key)
         if job.payload.get("fail"):
             raise ValueError(f"internal boom with key {key} and token {token}")
         return JobResult(data={"echo": key, "nested": [f"t {token}"], "quoted": f'say "{key}"'},
@@ -383,6 +386,7 @@ def test_a_plugins_plain_secrets_reach_no_log_progress_result_or_error(tmp_path,
                         "error": client.hget(f"job:{bad}", "error") or "",
                         "failed": client.hget("jobs:failed", bad) or ""}
             assert "[REDACTED]" in surfaces["result"] and "half way" in surfaces["progress"], surfaces
+            assert "x" + PLAIN_KEY[:3] not in surfaces["progress"]  # masked before the cut, not cut through
             wait_for(lambda: "a library quoting" in procs.log(0), 5, message="the plugin's log lines")
             surfaces["log"] = procs.log(0)
             for name, text in surfaces.items():
