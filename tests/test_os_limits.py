@@ -147,12 +147,87 @@ def test_a_connection_that_sends_no_whole_request_head_is_closed_whatever_aiohtt
 
 
 def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path, monkeypatch):
+    """Past the limit a new connection takes the slot of the oldest idle one: one that sent nothing, or a
+    keep-alive one between requests (70 such clients polling every 4.5 s used to keep the monitor out: 0 of
+    198 polls answered). Only when every slot has a request being handled is a connection refused, with a
+    503 the client can read (closed at once, its request unread, the kernel's reset threw the 503 away)."""
+    import threading
+
     from emp_machine.runtime import health
     from emp_machine.runtime.aggregate import Aggregator
     from emp_machine.runtime.health import HealthServer
 
     monkeypatch.setattr(health, "MAX_CONNECTIONS", 4)
     monkeypatch.setattr(health, "KEEPALIVE_TIMEOUT_S", 1.0)
+    agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
+    gate = threading.Event()  # /metrics is held until the test lets it go: a request being handled
+
+    async def scenario():
+        server = HealthServer(agg, host="127.0.0.1", port=0, token=None, token_env="T", cors_origins=(),
+                              process_names=set(), restart=lambda name: None, refresh=lambda: None,
+                              metrics=lambda: (gate.wait(20), "")[1])
+        port = await server.start()
+        url = f"http://127.0.0.1:{port}"
+
+        def clients():
+            idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+            wait_for(lambda: len(server._bounded.idle) == 4, 5, message="four connections accepted")
+            # every slot held by a connection that sent nothing: a poll takes the oldest one's slot
+            taken = http(f"{url}/health", timeout=5)[2]
+            evicted = idle[0].recv(10)
+            started = time.monotonic()
+            closed = [s.recv(10) for s in idle[1:]]  # b"": closed by the server, never answered
+            waited = time.monotonic() - started
+            for s in idle:
+                s.close()
+            # every slot held by a keep-alive connection between requests: a poll takes the oldest one's slot
+            kept = []
+            for _ in range(4):
+                conn = HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                kept.append(conn)
+            kept_taken = http(f"{url}/health", timeout=5)
+            for conn in kept:
+                conn.close()
+            # every slot with a request being handled: the next connection is refused, and reads the 503
+            wait_for(lambda: not server._bounded.of, 5, message="the keep-alive connections gone")
+            busy = [threading.Thread(target=http, args=(f"{url}/metrics",), kwargs={"timeout": 20})
+                    for _ in range(4)]
+            for thread in busy:
+                thread.start()
+            wait_for(lambda: len(server._bounded.of) == 4 and not server._bounded.idle, 5,
+                     message="four requests in flight")
+            status, _, body = http(f"{url}/health", timeout=5)
+            refused = (status, body)
+            gate.set()
+            for thread in busy:
+                thread.join(20)
+            after = http(f"{url}/health", timeout=5)
+            return refused, (taken, evicted), closed, waited, kept_taken, after
+
+        try:
+            return await asyncio.to_thread(clients)
+        finally:
+            gate.set()
+            await server.stop()
+
+    (status, body), (taken, evicted), closed, waited, kept_taken, after = asyncio.run(scenario())
+    assert b"too many" not in taken and evicted == b""  # answered (not refused), the oldest one closed
+    assert closed == [b""] * 3 and waited < 4.5  # the keep-alive timeout (1 s here), not the 5 s socket timeout
+    assert b"too many" not in kept_taken[2], kept_taken  # an idle keep-alive connection gave its slot
+    assert status == 503 and b"too many open connections" in body
+    assert b"too many" not in after[2]
+
+
+def test_malformed_requests_are_counted_not_logged_one_traceback_each(tmp_path, caplog):
+    """aiohttp logs each malformed request as an ERROR with a traceback: junk sent to the public port wrote
+    ~2,950 records a second into machine.log (its rotation wiped in under two minutes, /errors filled)."""
+    import logging
+
+    from emp_machine.runtime.aggregate import Aggregator
+    from emp_machine.runtime.health import HealthServer
+
     agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
 
     async def scenario():
@@ -162,42 +237,72 @@ def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path
         port = await server.start()
 
         def clients():
-            idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
-            time.sleep(0.3)  # accepted (no deadline needed: the 5th below is refused only once these count)
-            # every slot held by a connection that sent nothing: a poll takes the oldest one's slot
-            taken = http(f"http://127.0.0.1:{port}/health", timeout=5)[2]
-            evicted = idle[0].recv(10)
-            started = time.monotonic()
-            closed = [s.recv(10) for s in idle[1:]]  # b"": closed by the server, never answered
-            waited = time.monotonic() - started
-            for s in idle:
-                s.close()
-            # every slot held by a keep-alive connection that did send its request: the next one is refused
-            kept = []
-            for _ in range(4):
-                conn = HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                conn.getresponse().read()
-                kept.append(conn)
-            status, _, body = http(f"http://127.0.0.1:{port}/health", timeout=5)
-            refused = (status, body)
-            for conn in kept:
-                conn.close()
-            after = wait_for(lambda: http(f"http://127.0.0.1:{port}/health", timeout=5)[0] == 503 and
-                             b"too many" not in http(f"http://127.0.0.1:{port}/health", timeout=5)[2], 10,
-                             message="/health answered again")
-            return refused, (taken, evicted), closed, waited, after
+            answers = []
+            for junk in (b"GET / HTTP/9.9\r\n\r\n", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+                         b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n") * 5:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                    conn.sendall(junk)
+                    answers.append(conn.recv(12))
+            return answers, http(f"http://127.0.0.1:{port}/health", timeout=5)[0]
 
         try:
             return await asyncio.to_thread(clients)
         finally:
             await server.stop()
 
-    (status, body), (taken, evicted), closed, waited, after = asyncio.run(scenario())
-    assert b"too many" not in taken and evicted == b""  # answered (not refused), the oldest one closed
-    assert closed == [b""] * 3 and waited < 4.5  # the keep-alive timeout (1 s here), not the 5 s socket timeout
-    assert status == 503 and b"too many open connections" in body
-    assert after
+    with caplog.at_level(logging.DEBUG):
+        answers, health_status = asyncio.run(scenario())
+    assert all(answer[:10] in (b"HTTP/1.1 4", b"HTTP/1.0 4") for answer in answers), answers
+    assert health_status in (200, 503)  # answered as usual (503: the machine's state in this test, not a refusal)
+    server_errors = [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.ERROR]
+    assert server_errors == []
+    said = [r for r in caplog.records if r.getMessage() == "health.bad_requests"]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_one_errors_read_at_a_time_in_a_thread_of_its_own(tmp_path):
+    """/errors reads every log file (1.9 s for 150 MB): eight at once in the default pool slowed /health and
+    the machine's sweep, which shares that pool. A second read while one is under way gets 429."""
+    import threading
+
+    from emp_machine.runtime.aggregate import Aggregator
+    from emp_machine.runtime.health import HealthServer
+
+    agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
+    gate, threads = threading.Event(), []
+
+    def errors(since):
+        threads.append(threading.current_thread().name)
+        gate.wait(20)
+        return [{"message": "boom"}]
+
+    async def scenario():
+        server = HealthServer(agg, host="127.0.0.1", port=0, token=None, token_env="T", cors_origins=(),
+                              process_names=set(), restart=lambda name: None, refresh=lambda: None,
+                              metrics=lambda: "", errors=errors)
+        port = await server.start()
+        url = f"http://127.0.0.1:{port}/errors?since=1h"
+
+        def clients():
+            first: list = []
+            reader = threading.Thread(target=lambda: first.append(http(url, timeout=20)))
+            reader.start()
+            wait_for(lambda: threads, 5, message="the first read under way")
+            second = http(url, timeout=5)
+            gate.set()
+            reader.join(20)
+            return first[0], second, http(url, timeout=5)
+
+        try:
+            return await asyncio.to_thread(clients)
+        finally:
+            gate.set()
+            await server.stop()
+
+    first, second, third = asyncio.run(scenario())
+    assert first[0] == 200 and b"boom" in first[2] and third[0] == 200
+    assert second[0] == 429 and second[1].get("Retry-After") == "2"
+    assert set(threads) == {threads[0]} and threads[0].startswith("health-errors")
 
 
 def test_failed_accepts_out_of_descriptors_are_logged_once_per_interval(caplog):
