@@ -178,6 +178,7 @@ class Machine:
         self._supervisord_up = False
         self._worker_ids = {w.process: w.worker_id for w in plan.workers}
         self._offline_marked: set[str] = set()
+        self._offline_failing: set[str] = set()  # workers whose offline mark failed (said once per spell)
         self._redis_ok: bool | None = None
         self._unhealthy_since: dict[str, float] = {}
         # Health and status: the aggregator is fed here only (handle() and the on_* steps); the HTTP server
@@ -525,8 +526,12 @@ class Machine:
             old = await asyncio.wait_for(jobs.mark_worker_offline(self._redis, worker_id), 5)
         except (RespError, OSError, asyncio.TimeoutError) as exc:
             self._offline_marked.discard(process)  # try again at the next sweep
-            step("worker.offline_failed", level=logging.WARNING, process_name=process, error=str(exc))
+            if process not in self._offline_failing:  # once per failing spell: it was once a second per worker
+                self._offline_failing.add(process)  # while Redis was down (~86k lines a day each)
+                step("worker.offline_failed", level=logging.WARNING, process_name=process, error=str(exc),
+                     note="tried again each sweep; said again once it succeeds or fails after succeeding")
             return
+        self._offline_failing.discard(process)
         if old != "offline":
             step("worker.offline", level=logging.WARNING, process_name=process, worker_id=worker_id,
                  previous=old or None)
