@@ -146,6 +146,17 @@ def test_a_connection_that_sends_no_whole_request_head_is_closed_whatever_aiohtt
     assert still_open
 
 
+def _health_server(tmp_path, **callbacks):
+    """A HealthServer on a free loopback port over a one-worker plan; `callbacks` override metrics/errors."""
+    from emp_machine.runtime.aggregate import Aggregator
+    from emp_machine.runtime.health import HealthServer
+
+    agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
+    return HealthServer(agg, host="127.0.0.1", port=0, token=None, token_env="T", cors_origins=(),
+                        process_names=set(), restart=lambda name: None, refresh=lambda: None,
+                        **{"metrics": lambda: "", **callbacks})
+
+
 def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path, monkeypatch):
     """Past the limit a new connection takes the slot of the oldest idle one: one that sent nothing, or a
     keep-alive one between requests (70 such clients polling every 4.5 s used to keep the monitor out: 0 of
@@ -154,18 +165,13 @@ def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path
     import threading
 
     from emp_machine.runtime import health
-    from emp_machine.runtime.aggregate import Aggregator
-    from emp_machine.runtime.health import HealthServer
 
     monkeypatch.setattr(health, "MAX_CONNECTIONS", 4)
     monkeypatch.setattr(health, "KEEPALIVE_TIMEOUT_S", 1.0)
-    agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
     gate = threading.Event()  # /metrics is held until the test lets it go: a request being handled
 
     async def scenario():
-        server = HealthServer(agg, host="127.0.0.1", port=0, token=None, token_env="T", cors_origins=(),
-                              process_names=set(), restart=lambda name: None, refresh=lambda: None,
-                              metrics=lambda: (gate.wait(20), "")[1])
+        server = _health_server(tmp_path, metrics=lambda: (gate.wait(20), "")[1])
         port = await server.start()
         url = f"http://127.0.0.1:{port}"
 
@@ -225,15 +231,8 @@ def test_malformed_requests_are_counted_not_logged_one_traceback_each(tmp_path, 
     ~2,950 records a second into machine.log (its rotation wiped in under two minutes, /errors filled)."""
     import logging
 
-    from emp_machine.runtime.aggregate import Aggregator
-    from emp_machine.runtime.health import HealthServer
-
-    agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
-
     async def scenario():
-        server = HealthServer(agg, host="127.0.0.1", port=0, token=None, token_env="T", cors_origins=(),
-                              process_names=set(), restart=lambda name: None, refresh=lambda: None,
-                              metrics=lambda: "")
+        server = _health_server(tmp_path)
         port = await server.start()
 
         def clients():
@@ -265,10 +264,7 @@ def test_one_errors_read_at_a_time_in_a_thread_of_its_own(tmp_path):
     the machine's sweep, which shares that pool. A second read while one is under way gets 429."""
     import threading
 
-    from emp_machine.runtime.aggregate import Aggregator
-    from emp_machine.runtime.health import HealthServer
 
-    agg = Aggregator(_plan(tmp_path), {"sim": ("simulation",)}, "test", health_url="http://vm:9090")
     gate, threads = threading.Event(), []
 
     def errors(since):
@@ -277,9 +273,7 @@ def test_one_errors_read_at_a_time_in_a_thread_of_its_own(tmp_path):
         return [{"message": "boom"}]
 
     async def scenario():
-        server = HealthServer(agg, host="127.0.0.1", port=0, token=None, token_env="T", cors_origins=(),
-                              process_names=set(), restart=lambda name: None, refresh=lambda: None,
-                              metrics=lambda: "", errors=errors)
+        server = _health_server(tmp_path, errors=errors)
         port = await server.start()
         url = f"http://127.0.0.1:{port}/errors?since=1h"
 

@@ -288,8 +288,9 @@ class _Progress:
     flight waits for it, a newer one replacing it (with Redis 100 ms away, each awaited write held a simulation
     job's steps and a service's message reader for a round trip). Progress never goes backwards on the wire: a
     value below one already taken is dropped. One Redis did not take is written again PROGRESS_RETRY_S later
-    unless a newer one came, and the completion records 100 unless Redis took a 100. Each message carries the job's workflow current_step / total_steps (from its hash) and an
-    estimated_completion extrapolated from the rate so far."""
+    unless a newer one came, and the completion records 100 unless Redis took a 100. Each message carries the
+    job's workflow current_step / total_steps (from its hash) and an estimated_completion extrapolated from the
+    rate so far."""
 
     def __init__(self, worker: "Worker", job: Job):
         self.worker, self.job = worker, job

@@ -191,6 +191,11 @@ def _key_text(key: object) -> str:
         return f"<{type(key).__name__}>"
 
 
+# Exact values this process masks wherever they appear (set_secret_values): a plain password a plugin logs or
+# echoes has no secret shape, the shortest text that can hold a secret (7 for the shapes), and the field
+# values seen to hold nothing secret (event names, job types, statuses...). One tuple, replaced whole: a thread
+# judging a value by the old values adds it to the old set, never to the one that goes with the new values.
+_state: tuple[tuple[str, ...], int, set[str]] = ((), 7, set())
 
 
 def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
@@ -223,12 +228,6 @@ def redact_fields(fields: Mapping[str, object]) -> dict[str, object]:
         else:
             out[key] = redact_value(value)
     return out
-
-# Exact values this process masks wherever they appear (set_secret_values): a plain password a plugin logs or
-# echoes has no secret shape), the shortest text that can hold a secret (7 for the shapes), and the field
-# values seen to hold nothing secret (event names, job types, statuses...). One tuple, replaced whole: a thread
-# judging a value by the old values adds it to the old set, never to the one that goes with the new values.
-_state: tuple[tuple[str, ...], int, set[str]] = ((), 7, set())
 
 
 def set_secret_values(values: Iterable[str]) -> None:
