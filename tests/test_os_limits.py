@@ -226,6 +226,44 @@ def test_the_health_server_closes_idle_connections_and_bounds_open_ones(tmp_path
     assert b"too many" not in after[2]
 
 
+def test_clients_that_never_read_a_large_response_do_not_hold_slots_past_the_limit(tmp_path, monkeypatch):
+    """An evicted connection whose client never reads its multi-MB response stayed open for ever (a close()
+    waits for the write buffer to drain): 12 such clients held 12 connections against a limit of 4."""
+    from emp_machine.runtime import health
+
+    monkeypatch.setattr(health, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(health, "EVICTED_DRAIN_S", 0.2)
+    big = "x" * (4 * 1024 * 1024)
+
+    async def scenario():
+        server = _health_server(tmp_path, metrics=lambda: big)
+        port = await server.start()
+
+        def clients():
+            stuck = []
+            try:
+                for _ in range(12):
+                    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+                    stuck.append(conn)
+                    time.sleep(0.05)
+                open_now = wait_for(lambda: (n := len(server._bounded.server.connections)) <= 4 and n or None, 10,
+                                    message="connections back within the limit")
+                return open_now, http(f"http://127.0.0.1:{port}/health", timeout=5)[0]
+            finally:
+                for conn in stuck:
+                    conn.close()
+
+        try:
+            return await asyncio.to_thread(clients)
+        finally:
+            await server.stop()
+
+    open_now, polled = asyncio.run(scenario())
+    assert open_now <= 4 and polled in (200, 503)
+
+
 def test_malformed_requests_are_counted_not_logged_one_traceback_each(tmp_path, caplog):
     """aiohttp logs each malformed request as an ERROR with a traceback: junk sent to the public port wrote
     ~2,950 records a second into machine.log (its rotation wiped in under two minutes, /errors filled)."""

@@ -182,11 +182,11 @@ class _Refused(asyncio.Protocol):
     """A connection over the limit: one 503, then closed. Closed at once with the client's request unread, the
     kernel answered it with a reset that threw the 503 away (the monitor saw a network error, not why): so the
     write side is shut and the connection closed once the request has come (or after REFUSED_LINGER_S), for
-    at most REFUSED_LINGERING at once (past them, closed at once: a flood must not hold descriptors)."""
+    at most REFUSED_LINGERING at once (past them, closed at once: a flood must not hold descriptors). The
+    lingering ones are listed in `lingering` (their server's), which closes them when it stops."""
 
-    lingering = 0
-
-    def __init__(self):
+    def __init__(self, lingering: set):
+        self._lingering = lingering
         self._transport = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -194,13 +194,17 @@ class _Refused(asyncio.Protocol):
         body = b'{"error": "too many open connections to the health server; try again"}'
         transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        if _Refused.lingering >= REFUSED_LINGERING or not transport.can_write_eof():
+        if len(self._lingering) >= REFUSED_LINGERING or not transport.can_write_eof():
             transport.close()
             return
-        _Refused.lingering += 1
+        self._lingering.add(self)
         self._transport = transport
         transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._transport is not None and (b"\r\n\r\n" in data or b"\n\n" in data):
@@ -210,15 +214,15 @@ class _Refused(asyncio.Protocol):
         return False  # closed
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._transport = None
-            _Refused.lingering -= 1
-            if self._timer is not None:
-                self._timer.cancel()
+        self._lingering.discard(self)
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 REFUSED_LINGER_S = 1.0
 REFUSED_LINGERING = 64
+EVICTED_DRAIN_S = 1.0  # an evicted connection's unsent response: this long to drain, then the connection aborted
 
 
 class _BadRequests(logging.Filter):
@@ -288,12 +292,22 @@ class _SaysSomething(asyncio.Protocol):
             self._idle[self] = None  # the newest idle
 
     def evict(self) -> None:
-        """Closed for a newer connection (the slots are full): no request of it is being handled."""
+        """Closed for a newer connection (the slots are full): no request of it is being handled. A response
+        its client is not reading would hold a plain close() for ever (asyncio waits for the write buffer to
+        drain): given EVICTED_DRAIN_S, then aborted."""
         self._said()
         self._idle.pop(self, None)
-        self._transport.close()
+        transport = self._transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(EVICTED_DRAIN_S, transport.abort)
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_flight and self in self._idle:
+            # a keep-alive client sending its next request: the newest idle now (the oldest, it was evicted
+            # between its bytes arriving and the middleware's begin(), the request lost without an answer)
+            del self._idle[self]
+            self._idle[self] = None
         if self._deadline is not None:
             seen = self._tail + data
             if b"\r\n\r\n" in seen or b"\n\n" in seen:  # a whole head: the rest is aiohttp's
@@ -331,6 +345,7 @@ class _Bounded:
         self.refused = self.evicted = 0
         self.idle: dict[_SaysSomething, None] = {}
         self.of: dict[Any, _SaysSomething] = {}  # aiohttp's handler -> its wrapper, for the middleware
+        self.lingering: set[_Refused] = set()
 
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self.server.connections) >= self.limit:
@@ -348,7 +363,7 @@ class _Bounded:
                 log.warning("health.connections_refused", extra={"fields": {
                     "event_type": "health.connections_refused", "open": len(self.server.connections),
                     "limit": self.limit, "refused": self.refused}})
-            return _Refused()
+            return _Refused(self.lingering)
         return self._wrapped()
 
     def _wrapped(self) -> _SaysSomething:
@@ -422,6 +437,9 @@ class HealthServer:
         if self._listener is not None:
             self._listener.close()  # no new connections; the runner closes the open ones
             self._listener = None
+        if self._bounded is not None:
+            for refused in list(self._bounded.lingering):  # the runner knows nothing of these
+                refused.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
