@@ -312,3 +312,23 @@ def test_a_stop_that_fails_still_ends_the_machine_and_its_processes(machine_fact
                  message=f"a shutdown status message last: {listener.got[-5:]}")
     finally:
         listener.close()
+
+
+def test_a_supervisorctl_reload_has_every_program_started_again_in_order(machine_factory, redis):
+    """`supervisorctl reload` on run/supervisord.conf: the same supervisord, every program stopped and none
+    started again (none is autostart); the machine sat with nothing running, /health 503, for good."""
+    machine = machine_factory("""
+health: {port: 0}
+workers:
+  sim: {connector: simulation, count: 1}
+""")
+    machine.wait_ready()
+    old = machine.process("worker-0").pid
+    machine.control.call("supervisor.restart")  # what `supervisorctl reload` sends
+    machine.wait_event("supervisord.reloaded", 30)
+    wait_for(lambda: (p := machine.process("worker-0")) and p.state == "RUNNING" and p.pid != old, 30,
+             message="the worker running again")
+    wait_for(lambda: len([e for e in machine.events() if e.get("message") == "machine_ready"]) == 2, 30,
+             message="the machine ready again")
+    job = JobStore(redis).submit("simulation", {"steps": 2, "step_ms": 1})
+    wait_for(lambda: redis.hget(f"job:{job}", "status") == "completed", 20, message="a job run after the reload")

@@ -504,7 +504,22 @@ class Machine:
                 # machine stayed `starting` for good, /ready 503, with every worker up.
                 self.running_workers.add(row.name)
         self.aggregate.set_processes(rows)
+        if self.phase is Phase.READY and self._reloaded(rows):
+            # `supervisorctl reload` on run/supervisord.conf: the same supervisord, every program stopped and
+            # none started again (none is autostart), and the machine sat READY-then-unhealthy with nothing
+            # running, for good. Started again in order, as after a supervisord restart.
+            step("supervisord.reloaded", level=logging.WARNING, action="start every program again, in order")
+            self.phase = Phase.STARTING
+            self._spawn(self._on_supervisord_up())
+            return
         self._check_ready()
+
+    def _reloaded(self, rows: tuple[ProcessInfo, ...]) -> bool:
+        """supervisord reloaded its configuration: each of the plan's programs it lists is stopped and was never
+        started since (a program stopped by anyone keeps its last start time)."""
+        ours = {spec.name for spec in self.plan.specs}
+        listed = [row for row in rows if row.name in ours]
+        return bool(listed) and all(row.state == "STOPPED" and not row.start for row in listed)
 
     def _note_worker_down(self, row: ProcessInfo) -> None:
         """A worker that died cannot say so in Redis: mark it offline for it, once per time down.
