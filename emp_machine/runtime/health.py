@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.telemetry.metrics import SNAPSHOT_MAX_AGE, merge_snapshots, parse_snapshot, render_prometheus
@@ -236,8 +237,6 @@ class _BadRequests(logging.Filter):
         self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
-
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
@@ -259,10 +258,11 @@ class _SaysSomething(asyncio.Protocol):
     begun, or its response handed over, even if the client never reads it) it is listed in `idle`, oldest
     first, where _Bounded takes the oldest from when the slots are full."""
 
-    __slots__ = ("_handler", "_deadline", "_tail", "_idle", "_transport", "_in_flight")
+    __slots__ = ("_handler", "_deadline", "_tail", "_idle", "_transport", "_in_flight", "_of")
 
-    def __init__(self, handler: asyncio.Protocol, idle: dict):
+    def __init__(self, handler: asyncio.Protocol, idle: dict, of: dict | None = None):
         self._handler = handler
+        self._of = of  # _Bounded.of (handler -> wrapper), left when the connection is lost
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes received, while the head's end (a blank line) is looked for
         self._idle = idle
@@ -322,6 +322,8 @@ class _SaysSomething(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._said()
         self._idle.pop(self, None)
+        if self._of is not None:
+            self._of.pop(self._handler, None)
         self._transport = None
         self._handler.connection_lost(exc)
 
@@ -368,22 +370,8 @@ class _Bounded:
 
     def _wrapped(self) -> _SaysSomething:
         handler = self.server()
-        wrapper = self.of[handler] = _Forgetting(handler, self.idle, self.of)
+        self.of[handler] = wrapper = _SaysSomething(handler, self.idle, self.of)
         return wrapper
-
-
-class _Forgetting(_SaysSomething):
-    """_SaysSomething that leaves _Bounded.of when its connection is lost."""
-
-    __slots__ = ("_of",)
-
-    def __init__(self, handler: asyncio.Protocol, idle: dict, of: dict):
-        super().__init__(handler, idle)
-        self._of = of
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._of.pop(self._handler, None)
-        super().connection_lost(exc)
 
 
 class HealthServer:

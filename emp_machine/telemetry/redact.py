@@ -240,11 +240,6 @@ def set_secret_values(values: Iterable[str]) -> None:
     _state = (exact, min([7, *map(len, exact)]), set())  # values judged clean before may hold one of them
 
 
-def shortest_secret() -> int:
-    """The shortest text that can hold a secret: shorter text needs no redact_text."""
-    return _state[1]
-
-
 def secret_values(settings: Any, env: Mapping[str, str], environ: Mapping[str, str]) -> tuple[str, ...]:
     """The exact values a worker masks in what it writes (job errors, health reasons, progress, results, its
     records through set_secret_values): settings
