@@ -322,3 +322,117 @@ workers:
     listening = machine.wait_event("health.listening")
     port = health_base(machine).rsplit(":", 1)[1]
     assert listening["health_url"] == f"http://sim.railway.internal:{port}", listening
+
+
+class _ErroringRedis:
+    """A TCP server on a Redis's address that answers every command with an error, as a Redis refusing writes
+    does (OOM, a failed replica): it counts the commands with `needle` and `offline` among their arguments
+    (the machine's offline marks of one worker). Only what a client needs: RESP arrays of bulk strings in, one error line out per command."""
+
+    def __init__(self, port: int, needle: bytes):
+        import socket
+
+        self.needle, self.count, self._stop, self.conns = needle, 0, False, []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        reader = conn.makefile("rb")
+        try:
+            while not self._stop:
+                head = reader.readline()
+                if not head.startswith(b"*"):
+                    return
+                args = []
+                for _ in range(int(head[1:])):
+                    size = int(reader.readline()[1:])
+                    args.append(reader.read(size + 2)[:-2])
+                if self.needle in args and b"offline" in args:  # whole arguments: not a status message's JSON
+                    self.count += 1
+                conn.sendall(b"-ERR test: this Redis refuses every command\r\n")
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        self.thread.join(5)
+        for conn in self.conns:  # the port is free for the real server again
+            try:
+                conn.shutdown(2)
+            except OSError:
+                pass
+            conn.close()
+
+
+def test_a_worker_offline_mark_failing_each_sweep_is_reported_once(machine_factory, tmp_path):
+    """While Redis refuses the offline mark of a worker that stays down, the machine tries again each sweep and
+    says `worker.offline_failed` once for the spell (it said it each second: ~86k lines a day per worker); the
+    mark lands once Redis takes it."""
+    import os
+
+    server = PrivateRedis(tmp_path / "redis").start()
+    refusing = None
+    try:
+        machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    restart: {max_restarts: 1, window: 10m, cooldown: 10m, reset_after: 10m}
+""", redis_url=server.url)
+        machine.wait_ready()
+        worker_id = f"test-{machine.state_dir.name}-worker-0"
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        try:
+            wait_for(lambda: client.hget(f"worker:{worker_id}", "status") == "idle", timeout=20,
+                     message="the worker registered as idle")
+        finally:
+            client.close()
+        server.stop()
+        refusing = _ErroringRedis(server.port, worker_id.encode())
+        killed: set[int] = set()
+
+        def errored() -> bool:  # killed until its restarts are spent (it may also give up on its own)
+            row = machine.process("worker-0")
+            if row is not None and row.state == "RUNNING" and row.pid not in killed:
+                killed.add(row.pid)
+                os.kill(row.pid, signal.SIGKILL)
+            return row is not None and row.state == "ERRORED"
+
+        wait_for(errored, timeout=30, message="worker-0 errored")
+        wait_for(lambda: refusing.count >= 4, timeout=20, message="four offline marks tried (one a sweep)")
+        failed = [e for e in machine.events() if e.get("message") == "worker.offline_failed"]
+        assert len(failed) == 1, failed
+        assert failed[0]["process_name"] == "worker-0" and "refuses every command" in failed[0]["error"]
+
+        refusing.close()
+        refusing = None
+        server.start(server.port)
+        machine.wait_event("worker.offline", process_name="worker-0")
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        try:
+            assert client.hget(f"worker:{worker_id}", "status") == "offline"
+        finally:
+            client.close()
+        assert len([e for e in machine.events() if e.get("message") == "worker.offline_failed"]) == 1
+    finally:
+        if refusing is not None:
+            refusing.close()
+        server.stop()
