@@ -403,8 +403,8 @@ SVC_TOKEN = "SvcEnvVal6p0cQ"  # a credential-named env value of a service: no se
 
 
 def test_the_machine_masks_a_services_credential_in_the_output_it_ships_and_serves(machine_factory, tmp_path):
-    """The machine tails its services' output into telemetry and /errors: a service printing its own API_TOKEN
-    went out as printed (pattern redaction sees no shape in it)."""
+    """The machine tails its services' output into telemetry and /errors, and `emp-machine errors` reads their
+    log files: a service printing its own API_TOKEN went out as printed (pattern redaction sees no shape in it)."""
     from harness import health_base, http_json
 
     script = tmp_path / "svc.py"
@@ -425,6 +425,11 @@ workers:
     rows = wait_for(lambda: [r for r in http_json(f"{base}/errors?since=10m")[1] or []
                              if "upstream rejected" in r.get("message", "")], 20, message="the service's error")
     assert "credential [REDACTED]" in rows[0]["message"] and SVC_TOKEN not in json.dumps(rows), rows
+    # `emp-machine errors` on this box reads the raw log files itself: the same values masked (by patterns
+    # alone, the line went out as printed)
+    local = machine.cli("errors", "--since", "10m", "--json")
+    assert local.returncode == 0, local.stderr
+    assert "upstream rejected credential [REDACTED]" in local.stdout and SVC_TOKEN not in local.stdout, local.stdout
 
 
 def test_machine_secrets_gather_every_credential_a_process_of_the_machine_holds(monkeypatch):

@@ -260,6 +260,7 @@ def cmd_errors(args) -> int:
     else:
         logs_dir = _logs_dir(args)[0]
         source = str(logs_dir)
+        _mask_machine_secrets(logs_dir.parent)
         rows = queries.recent_errors(logs_dir, since)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -273,6 +274,20 @@ def cmd_errors(args) -> int:
         trace = f" trace={row['trace_id']}" if row.get("trace_id") else ""
         _say(f"{when}Z {row['process']:<12} {row['event'] or '':<18} {row['message']}{job}{trace}")
     return 0
+
+
+def _mask_machine_secrets(state_dir: Path) -> None:
+    """Mask the machine's secret values exactly (a service printing its own token), as the machine does in what
+    it ships, in what this command prints from the raw log files: from the resolved manifest the machine runs
+    (or last ran) from, and this environment. Unreadable: the patterns alone, as before."""
+    from emp_machine.runtime.identity import machine_secrets
+    from emp_machine.runtime.view import View
+    from emp_machine.telemetry.redact import set_secret_values
+
+    try:
+        set_secret_values(machine_secrets(View.load(state_dir / "run" / "manifest.json"), os.environ))
+    except (EmpError, OSError, ValueError, LookupError, AttributeError, TypeError):
+        pass
 
 
 def _health_url_of(args, wait_s: float = 12.0) -> str:
