@@ -82,6 +82,78 @@ def test_a_server_refusing_function_load_gets_evalsha(redis, redis_server):
         redis.acl_deluser(user)
 
 
+def test_a_user_without_fcall_gets_evalsha_at_once(redis, redis_server):
+    # FUNCTION allowed but FCALL not (an ACL that names commands one by one): loading the library helped
+    # nothing, and every job call failed with NOPERM.
+    redis.function_flush()
+    user, password = f"nofcall-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-fcall"])
+    limited = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, username=user, password=password,
+                              decode_responses=True)
+    try:
+        store = JobStore(limited)
+        redis.config_resetstat()
+        job_id = run_one_job(store)
+        assert not store.uses_functions and calls(redis, "evalsha") >= 3
+        assert redis.hget("job:" + job_id, "status") == "completed"
+    finally:
+        limited.close()
+        redis.acl_deluser(user)
+
+
+def test_a_server_with_fcall_renamed_away_gets_evalsha(tmp_path):
+    # FCALL renamed away (rename-command), FUNCTION LOAD still there: the library loaded, and every FCALL
+    # after it failed "unknown command" (only a load that failed switched to EVALSHA).
+    import subprocess
+
+    from emp_machine.runtime.redis_server import find_server_binary, free_port, server_argv, wait_for_ping
+
+    port = free_port()
+    server = subprocess.Popen([*server_argv(find_server_binary(), port, tmp_path), "--rename-command", "FCALL", ""],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis_lib.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        assert wait_for_ping("127.0.0.1", port, 10.0)
+        store = JobStore(client)
+        job_id = run_one_job(store)
+        assert not store.uses_functions and client.hget("job:" + job_id, "status") == "completed"
+        run_one_job(store, "w2")  # and on: no FCALL tried again
+        assert int(client.info("commandstats")["cmdstat_evalsha"]["calls"]) >= 6
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_store_that_loads_the_library_deletes_the_oldest_beyond_the_kept_ones(redis):
+    # Each version of the scripts is a library (~255 KB of the server's memory); a shared Redis kept every
+    # version a fleet ever ran. The store that loads one keeps the LIBRARIES_KEPT last loaded.
+    from emp_machine.runtime.jobs import LIBRARIES_KEPT, LIBRARIES_KEY
+
+    redis.function_flush()
+    redis.delete(LIBRARIES_KEY)
+    old = [f"emp_jobs_{i:012x}" for i in range(LIBRARIES_KEPT + 2)]
+    for name in old:
+        redis.function_load(f"#!lua name={name}\nredis.register_function('{name}_f', function() return 1 end)")
+    # loaded at 1000, 2000, ... ms except the first two, from before the list was kept (never noted)
+    redis.hset(LIBRARIES_KEY, mapping={name: 1000 * i for i, name in enumerate(old) if i >= 2})
+    redis.hset(LIBRARIES_KEY, "emp_jobs_gone00000000", 5)  # noted, then flushed by someone: forgotten
+    store = JobStore(redis)
+    run_one_job(store)
+    ours = "emp_jobs_" + function_library()[1].split("_")[2]
+    kept = sorted(our_libraries(redis))
+    assert kept == sorted([ours, *old[-(LIBRARIES_KEPT - 1):]]), kept
+    noted = redis.hgetall(LIBRARIES_KEY)
+    assert sorted(noted) == kept and float(noted[ours]) > 1e12  # the server's clock, in ms
+    redis.function_delete(ours)  # a machine of the newest version deleted it: this one loads it again
+    run_one_job(store)
+    assert ours in our_libraries(redis) and len(our_libraries(redis)) == LIBRARIES_KEPT
+    for name in old[-(LIBRARIES_KEPT - 1):]:
+        redis.function_delete(name)
+    redis.delete(LIBRARIES_KEY)
+
+
 def test_a_lost_connection_does_not_switch_functions_off():
     from emp_machine.runtime.redis_server import free_port
 

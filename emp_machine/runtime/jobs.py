@@ -123,9 +123,24 @@ def function_library() -> tuple[str, str]:
 
 
 def _function_missing(error: Exception) -> bool:
-    """FCALL failed because this server lacks our library (new, restarted or flushed) or functions."""
+    """FCALL failed because this server lacks our library (new, restarted or flushed)."""
+    return "function not found" in str(error).lower()
+
+
+def _fcall_refused(error: Exception) -> bool:
+    """FCALL itself is not to be had: a server without functions (Redis < 7), one where it was renamed away,
+    or a user whose ACL lacks it. EVALSHA runs the same scripts. (Loading the library first did not help the
+    last two: it loaded, and every call then failed.)"""
     text = str(error).lower()
-    return "function not found" in text or "unknown command" in text
+    return "'fcall'" in text and ("unknown command" in text or "no permissions" in text)
+
+
+# Our function libraries a Redis keeps: each version of the scripts is a library of its own (~255 KB of the
+# server's memory with its Lua state), loaded by the first machine of that version to call it. A store that
+# loads one (the server had not got it) deletes the oldest beyond this many, by when each was last loaded
+# (jobs:libraries); one deleted while a machine still uses it is loaded again by that machine's next call.
+LIBRARIES_KEPT = 8
+LIBRARIES_KEY = "jobs:libraries"  # HASH library name -> when a store last loaded it (Redis clock, ms)
 
 
 def iso_now() -> str:
@@ -525,6 +540,45 @@ class _JobOps:
         script = self._scripts[call.script]
         return script.script, script.sha, (len(_FIXED_KEYS), *_FIXED_KEYS, *call.args)
 
+    def _loaded(self) -> _Op:
+        """After this store loaded the library: note when, and delete our libraries beyond LIBRARIES_KEPT,
+        oldest loaded first (one never noted, by a version before this, counts as oldest). Housekeeping: a
+        failure is logged, never raised into the call that loaded."""
+        name = function_library()[1][:-1]
+        try:
+            seconds, micros = yield _Call(None, ("time",))
+            yield _Call(None, ("hset", LIBRARIES_KEY, name, int(seconds) * 1000 + int(micros) // 1000))
+            listing = yield _Call(None, ("function_list", "emp_jobs_*"))
+            present = []
+            for entry in listing or []:
+                fields = dict(zip(entry[::2], entry[1::2])) if isinstance(entry, list) else dict(entry)
+                library = _text(fields.get("library_name") or fields.get(b"library_name") or "")
+                if library.startswith("emp_jobs_") and library != name:
+                    present.append(library)
+            loaded = yield _Call(None, ("hgetall", LIBRARIES_KEY))
+            when: dict[str, float] = {}
+            for library, at in (loaded or {}).items():
+                try:
+                    when[_text(library)] = float(at)
+                except (TypeError, ValueError):
+                    pass  # not ours to judge: counted as never noted
+            present.sort(key=lambda library: when.get(library, 0.0), reverse=True)
+            for library in present[LIBRARIES_KEPT - 1:]:
+                yield _Call(None, ("function_delete", library))
+            gone = [library for library in when if library != name and library not in present[:LIBRARIES_KEPT - 1]]
+            if gone:
+                yield _Call(None, ("hdel", LIBRARIES_KEY, *gone))
+        except Exception as exc:  # noqa: BLE001 (housekeeping must not fail the job call that loaded)
+            _log.warning("jobs.library_prune_failed", extra={"fields": {"error": str(exc)[:300]}})
+
+    def _fcall_failed(self, error: Exception) -> None:
+        """FCALL raised: return to load the library (missing), or to use EVALSHA from now on (FCALL refused);
+        re-raise anything else (the script's own error, a lost connection)."""
+        if _fcall_refused(error):
+            self.uses_functions = False
+        elif not _function_missing(error):
+            raise error
+
     def _load_failed(self, error: Exception) -> None:
         """FUNCTION LOAD failed: keep calling functions if the library is there now (another client loaded
         it first); use EVALSHA from now on when the server refused it; re-raise anything else (a lost
@@ -899,12 +953,14 @@ class JobStore(_Api):
             try:
                 return self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
             except Exception as exc:
-                if not _function_missing(exc):
-                    raise
-            try:
-                self._client.function_load(function_library()[0])
-            except Exception as exc:
-                self._load_failed(exc)
+                self._fcall_failed(exc)
+            if self.uses_functions:
+                try:
+                    self._client.function_load(function_library()[0])
+                except Exception as exc:
+                    self._load_failed(exc)
+                else:
+                    self._drive(self._loaded())
             if self.uses_functions:
                 return self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
         if not call.raw:
@@ -947,12 +1003,14 @@ class AsyncJobStore(_Api):
             try:
                 return await self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
             except Exception as exc:
-                if not _function_missing(exc):
-                    raise
-            try:
-                await self._client.function_load(function_library()[0])
-            except Exception as exc:
-                self._load_failed(exc)
+                self._fcall_failed(exc)
+            if self.uses_functions:
+                try:
+                    await self._client.function_load(function_library()[0])
+                except Exception as exc:
+                    self._load_failed(exc)
+                else:
+                    await self._drive(self._loaded())
             if self.uses_functions:
                 return await self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
         if not call.raw:
