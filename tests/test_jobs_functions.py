@@ -126,6 +126,19 @@ def test_a_server_with_fcall_renamed_away_gets_evalsha(tmp_path):
         server.wait(10)
 
 
+def test_fcall_refusals_are_told_from_a_missing_library_and_script_errors():
+    # Redis 6 has no FCALL at all and quotes it `FCALL` (no such server here to run: its reply's text)
+    from emp_machine.runtime.jobs import _fcall_refused, _function_missing
+
+    for refusal in ("ERR unknown command `FCALL`, with args beginning with: `emp_jobs_x_claim`, `3`, ",
+                    "ERR unknown command 'FCALL', with args beginning with: 'emp_jobs_x_claim' '3' ",
+                    "User u has no permissions to run the 'fcall' command"):
+        assert _fcall_refused(Exception(refusal)) and not _function_missing(Exception(refusal))
+    for other in ("ERR Function not found", "WRONGTYPE Operation against a key holding the wrong kind of value",
+                  "NOPERM No permissions to access a key"):
+        assert not _fcall_refused(Exception(other))
+
+
 def test_a_store_that_loads_the_library_deletes_the_oldest_beyond_the_kept_ones(redis):
     # Each version of the scripts is a library (~255 KB of the server's memory); a shared Redis kept every
     # version a fleet ever ran. The store that loads one keeps the LIBRARIES_KEPT last loaded.

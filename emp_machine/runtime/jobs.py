@@ -131,8 +131,8 @@ def _fcall_refused(error: Exception) -> bool:
     """FCALL itself is not to be had: a server without functions (Redis < 7), one where it was renamed away,
     or a user whose ACL lacks it. EVALSHA runs the same scripts. (Loading the library first did not help the
     last two: it loaded, and every call then failed.)"""
-    text = str(error).lower()
-    return "'fcall'" in text and ("unknown command" in text or "no permissions" in text)
+    text = str(error).lower()  # (Redis 6 quotes the command `FCALL`, 7 'FCALL')
+    return "fcall" in text and ("unknown command" in text or "no permissions" in text)
 
 
 # Our function libraries a Redis keeps: each version of the scripts is a library of its own (~255 KB of the
