@@ -126,6 +126,36 @@ def test_a_server_with_fcall_renamed_away_gets_evalsha(tmp_path):
         server.wait(10)
 
 
+def test_an_async_store_loads_the_library_and_notes_it(redis, redis_url):
+    # the workers' store: the same load, note and prune, awaited
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from emp_machine.runtime.jobs import LIBRARIES_KEY, AsyncJobStore
+
+    redis.function_flush()
+    redis.delete(LIBRARIES_KEY)
+    redis.function_load("#!lua name=emp_jobs_000000000000\nredis.register_function('emp_jobs_000000000000_f', "
+                        "function() return 1 end)")
+
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            store = AsyncJobStore(client)
+            job_id = await store.submit("sim", {"n": 1})
+            assert (await store.claim(caps())).id == job_id and store.uses_functions
+            assert await store.complete(job_id, "w1", {"ok": True}) == "ok"
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    ours = "emp_jobs_" + function_library()[1].split("_")[2]
+    assert sorted(our_libraries(redis)) == ["emp_jobs_000000000000", ours]  # within the kept ones
+    assert list(redis.hgetall(LIBRARIES_KEY)) == [ours]
+    redis.function_delete("emp_jobs_000000000000")
+
+
 def test_fcall_refusals_are_told_from_a_missing_library_and_script_errors():
     # Redis 6 has no FCALL at all and quotes it `FCALL` (no such server here to run: its reply's text)
     from emp_machine.runtime.jobs import _fcall_refused, _function_missing
