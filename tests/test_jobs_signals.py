@@ -187,3 +187,44 @@ def test_a_malformed_message_never_ends_the_listener(redis, redis_url):
         raw.close()
         await client.aclose()
     asyncio.run(main())
+
+
+def test_a_quiet_subscription_on_a_healthy_redis_is_kept(tmp_path, caplog):
+    """A quiet subscription is PINGed and, answered, kept: the answer was lost in redis-py's decoding (Valkey
+    answers a subscribed PING with a plain PONG), so every idle worker said `job_signals.deaf` and subscribed
+    again every 7.5 s. Its messages still arrive decoded, bytes that are not UTF-8 replaced."""
+    import logging
+    from pathlib import Path
+
+    import redis as redis_lib
+
+    from emp_machine.runtime.redis_server import PrivateRedis
+
+    with PrivateRedis(Path(tmp_path)) as server:
+        admin = redis_lib.Redis.from_url(server.url, decode_responses=True)
+
+        def calls(command: str) -> int:
+            return int(admin.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        async def main() -> None:
+            client = aioredis.from_url(server.url, decode_responses=True)  # as the worker's own client
+            resubscribed = []
+            signals = JobSignals(client, ["sim"], on_resubscribed=lambda: resubscribed.append(1),
+                                 ping_after_s=0.1, pong_within_s=0.5, reconnect_delay_s=0.05)
+            async with signals:
+                pings = calls("ping")
+                deadline = asyncio.get_running_loop().time() + 10
+                while calls("ping") < pings + 5:  # five quiet spells, each PINGed
+                    assert asyncio.get_running_loop().time() < deadline, "no PINGs from the quiet subscription"
+                    await asyncio.sleep(0.05)
+                assert resubscribed == [] and calls("subscribe") == 1
+                signals.arm()
+                admin.publish("job_submitted", b'{"job_id": "j\xff1", "service_required": "sim"}')
+                assert await signals.wait(5) is True
+                assert signals.arm() == ["j\ufffd1"]
+            await client.aclose()
+
+        with caplog.at_level(logging.WARNING, logger="emp.jobs"):
+            asyncio.run(main())
+        assert not [r for r in caplog.records if "no reply to PING" in r.getMessage()]
+        admin.close()

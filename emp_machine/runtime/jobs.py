@@ -442,12 +442,21 @@ def redis_socket_options(url: str) -> dict[str, Any]:
     return options
 
 
-def _lenient_client(client: Any) -> Any:
-    """A client of the same server, credentials and connection kind as `client` (TLS, unix socket) that decodes
-    replies as UTF-8 with replacement, on a pool of its own (JobSignals' subscription)."""
+def _undecoded_client(client: Any) -> Any:
+    """A client of the same server, credentials and connection kind as `client` (TLS, unix socket) that leaves
+    replies as bytes, on a pool of its own (JobSignals' subscription, which decodes with replacement itself).
+    Decoding in redis-py lost the answer to the subscription's PING: Valkey (and Redis under RESP3) answers a
+    subscribed PING with a plain PONG, which redis-py's pub/sub recognises only as bytes, so every quiet
+    subscription was taken for lost every 7.5 s (a `job_signals.deaf` warning and a new subscription)."""
     pool = client.connection_pool
-    kwargs = {**pool.connection_kwargs, "decode_responses": True, "encoding_errors": "replace"}
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
     return type(client)(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+
+
+def _lenient_text(value: Any) -> str:
+    """A channel name or message as text: bytes decoded as UTF-8 with replacement (any publisher may send bytes
+    that are not UTF-8: strict decoding raised in the reader and cost the subscription)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _took_job(reply: list) -> bool:
@@ -1072,8 +1081,9 @@ class JobSignals:
     called once subscribed again, for the caller to look up what it may have missed (the jobs it runs that
     were cancelled meanwhile).
 
-    The subscription has a connection of its own that decodes with replacement: a message whose bytes are
-    not UTF-8 (any publisher may send one) raised in redis-py's reader and cost the subscription.
+    The subscription has a connection of its own whose replies stay bytes, decoded here with replacement: a
+    message whose bytes are not UTF-8 (any publisher may send one) raised in redis-py's reader and cost the
+    subscription (see `_undecoded_client` for why redis-py does not decode them).
 
     A subscription quiet for `ping_after_s` is PINGed, and one that does not answer within `pong_within_s` is
     taken for lost: a connection dropped without a word (a NAT entry gone) otherwise left a read that waited
@@ -1085,7 +1095,7 @@ class JobSignals:
     def __init__(self, client: Any, job_types: Iterable[str], on_cancel: Any = None,
                  reconnect_delay_s: float = 0.5, on_resubscribed: Any = None,
                  ping_after_s: float = SIGNALS_PING_AFTER_S, pong_within_s: float = 2.0):
-        self._client = _lenient_client(client)
+        self._client = _undecoded_client(client)
         self._types = set(job_types)
         self._on_cancel = on_cancel
         self._on_resubscribed = on_resubscribed
@@ -1212,7 +1222,7 @@ class JobSignals:
                     heard, pinged = time.monotonic(), None
                     if msg.get("type") == "message":
                         try:
-                            self._handle(_text(msg["channel"]), _text(msg["data"]))
+                            self._handle(_lenient_text(msg["channel"]), _lenient_text(msg["data"]))
                         except Exception:  # noqa: BLE001 - one message must never end the listener
                             _log.exception("job signal not handled; going on",
                                            extra={"channel": str(msg["channel"])})
