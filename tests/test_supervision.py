@@ -135,6 +135,34 @@ services:
     machine.wait_event("process.restarted", process_name="hog-0")
 
 
+def test_memory_restarts_back_off_and_too_many_leave_the_process_errored(machine_factory):
+    """A limit under a process's working size restarted it every sweep for good (each worker restart handing
+    its job back): memory restarts follow its `restart` policy as crashes do (backoff, window, errored)."""
+    machine = machine_factory(f"""
+supervisor:
+  memory_check_interval: 200ms
+services:
+  hog:
+    command: {PY} -c "x = bytearray(200 * 2**20); import time; time.sleep(600)"
+    memory_limit: 100MiB
+    restart: {{max_restarts: 2, window: 10m, backoff_initial: 300ms, reset_after: 10m, cooldown: 10m}}
+""")
+    machine.wait_ready()
+
+    def exhausted() -> list[dict]:  # the machine's log lines (its telemetry event of each has `process`)
+        return [e for e in machine.events() if e.get("message") == "resource.exhausted" and "action" in e]
+
+    wait_for(lambda: machine.event("process.errored", process_name="hog-0") or machine._dead("errored"), 40,
+             message=f"hog-0 errored after its memory restarts\n{machine.tail()}")
+    actions = [(e["action"], e.get("delay_s")) for e in exhausted()]
+    assert actions == [("graceful restart", 0.0), ("graceful restart", 0.3), ("errored", None)], actions
+    assert "memory over its limit" in exhausted()[-1]["reason"] and "memory_limit" in exhausted()[-1]["hint"]
+    row = wait_for(lambda: (p := machine.process("hog-0")) and p.state == "ERRORED" and p, 10,
+                   message="hog-0 shown errored")
+    assert row.pid == 0 and "memory over its limit" in row.errored_reason and row.restart_in > 60
+    assert len(exhausted()) == 3  # left down: no more memory checks of it
+
+
 def test_worker_bound_to_a_service_starts_only_once_the_service_is_healthy(machine_factory, tmp_path):
     gate, script = gated_listener(tmp_path)
     port = _free_port()

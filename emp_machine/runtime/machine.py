@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ from emp_machine.runtime.probes import run_probe
 from emp_machine.runtime.resp import RespError
 from emp_machine.supervisor import config as svconfig
 from emp_machine.supervisor.control import ProcessInfo, StopUnanswered, Supervisor
+from emp_machine.supervisor.policy import ALWAYS, RestartTracker
 
 if TYPE_CHECKING:  # the machine reads the resolved manifest through runtime/view.py, not the model
     from emp_machine.runtime.manifest import Manifest
@@ -171,6 +172,7 @@ class Machine:
         self._tasks: set[asyncio.Task] = set()
         self._probe_tasks: list[asyncio.Task] = []
         self._restarting: set[str] = set()
+        self._memory_restarts: dict[str, RestartTracker] = {}  # process -> its memory restarts' policy count
         self._tailing = False
         self._probes: dict[str, Probe] = {s.process: s.probe for s in plan.services if s.probe}
         if plan.redis_probe:
@@ -279,12 +281,7 @@ class Machine:
                 self._on_sweep(rows)
             case MemoryExceeded(process, rss, limit):
                 if process not in self._restarting and self.phase in (Phase.STARTING, Phase.READY):
-                    step("resource.exhausted", level=logging.WARNING, process_name=process, rss_bytes=rss,
-                         limit_bytes=limit, action="graceful restart")
-                    self.telemetry.events.emit("resource.exhausted", level=logging.WARNING, process=process,
-                                               rss_bytes=rss, limit_bytes=limit)
-                    self._restarting.add(process)
-                    self._spawn(self._restart(process))
+                    self._on_memory_exceeded(process, rss, limit)
             case ProcessStarted(process, ok):
                 self._on_started(process, ok)
             case SignalReceived(signum):
@@ -742,11 +739,63 @@ class Machine:
                 step("process.leftovers_killed", level=logging.WARNING, process_name=name, pids=pids,
                      reason="left running by an earlier run of the program, outside its process group")
 
-    async def _restart(self, name: str) -> None:
-        grace = self.plan.spec(name).stop_grace
+    def _on_memory_exceeded(self, process: str, rss: int, limit: int) -> None:
+        """A graceful restart, under the process's `restart` policy as a crash is: repeated ones (each after a
+        run shorter than `reset_after`) wait out the backoff first, and more than `max_restarts` within `window`
+        leave it `errored` (stopped; the cool-down starts it again), where they used to loop for good (a limit
+        under a worker's working size: a restart every 2 s, each handing its job back). Counted apart from the
+        crashes supervisord sees (the plugin's count)."""
+        tracker = self._memory_restarts.get(process)
+        if tracker is None:
+            # (whatever restarts its exits: `never` and `on-failure` said nothing of memory restarts)
+            policy = replace(self.plan.spec(process).restart, policy=ALWAYS)
+            tracker = self._memory_restarts[process] = RestartTracker(policy)
+        row = self.processes.get(process)
+        decision = tracker.on_exit(time.monotonic(), row.uptime if row is not None else 0.0, expected=False)
+        fields = {"process_name": process, "rss_bytes": rss, "limit_bytes": limit}
+        self.telemetry.events.emit("resource.exhausted", level=logging.WARNING, process=process, rss_bytes=rss,
+                                   limit_bytes=limit)
+        self._restarting.add(process)
+        if decision.restart:
+            step("resource.exhausted", level=logging.WARNING, **fields, action="graceful restart",
+                 delay_s=round(decision.delay, 3))
+            self._spawn(self._restart(process, decision.delay))
+        else:
+            reason = f"memory over its limit ({rss} > {limit} bytes): {decision.reason}"
+            step("resource.exhausted", level=logging.WARNING, **fields, action="errored", reason=reason,
+                 hint="raise memory_limit above the process's working size, or find what grows")
+            del self._memory_restarts[process]  # after the cool-down: a fresh count
+            self._spawn(self._memory_errored(process, reason))
+
+    async def _memory_errored(self, name: str, reason: str) -> None:
+        """Stop `name` and leave it errored with `reason` (its restart policy's cool-down starts it again)."""
+        control = Supervisor(self.paths.socket, timeout=self.plan.spec(name).stop_grace + 15)
+
+        def stop_errored() -> None:
+            control.stop(name, wait=True)
+            control.call("emp.markErrored", name, reason)
+
         try:
-            restart = Supervisor(self.paths.socket, timeout=grace + 15).restart
-            await asyncio.get_running_loop().run_in_executor(self._waits, restart, name)
+            await asyncio.get_running_loop().run_in_executor(self._waits, stop_errored)
+            step("process.errored", level=logging.ERROR, process_name=name, reason=reason)
+        except SupervisorError as exc:
+            step("process.restart_failed", level=logging.ERROR, process_name=name, error=str(exc))
+        finally:
+            self._restarting.discard(name)
+
+    async def _restart(self, name: str, delay: float = 0.0) -> None:
+        """Graceful restart; `delay`: seconds between the stop and the start (a memory restart's backoff)."""
+        control = Supervisor(self.paths.socket, timeout=self.plan.spec(name).stop_grace + 15)
+        loop = asyncio.get_running_loop()
+        try:
+            if delay > 0:
+                await loop.run_in_executor(self._waits, control.stop, name)
+                await asyncio.sleep(delay)
+                if self.phase not in (Phase.STARTING, Phase.READY):
+                    return  # the machine stops meanwhile: nothing to start
+                await loop.run_in_executor(self._waits, control.start, name)
+            else:
+                await loop.run_in_executor(self._waits, control.restart, name)
             step("process.restarted", process_name=name)
         except SupervisorError as exc:
             step("process.restart_failed", level=logging.ERROR, process_name=name, error=str(exc))
