@@ -281,3 +281,21 @@ def test_job_without_max_retries_shows_the_contracts_default(redis, redis_url):
     redis.hset("job:five", mapping=contract_fields("five", "sim", {}, max_retries=5))
     shown = _emp("job", "five", "--redis", redis_url)
     assert "retries 0/5  " in shown.stdout and "(default)" not in shown.stdout, shown.stdout
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
+    """`emp-machine logs worker-0 | head -1`: the reader leaves while the command still writes; it ended in a
+    BrokenPipeError traceback (and Python's "Exception ignored" at its last flush)."""
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    (state / "logs" / "worker-0.log").write_text("".join(f"line {i} " + "x" * 100 + "\n" for i in range(20_000)))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"machine: {{type: t, state_dir: {state}}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+    proc = subprocess.Popen([sys.executable, "-m", "emp_machine", "logs", "worker-0", "-n", "20000", "--manifest",
+                             str(manifest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline().startswith(b"line 0 ")
+    proc.stdout.close()  # as `head -1` exits: 2 MB more to write, far past the pipe's buffer
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err and b"Exception ignored" not in err, err

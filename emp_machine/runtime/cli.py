@@ -6,6 +6,7 @@ Heavy imports stay inside the commands: `emp-machine worker` starts for every wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`emp-machine job X | head`): quiet, as a command killed by SIGPIPE, and nothing
+        # left for the interpreter's last flush of stdout to fail on again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _count(text: str) -> int:
