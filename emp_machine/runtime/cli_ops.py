@@ -334,12 +334,30 @@ def _remote_errors(base_url: str, since: str) -> list:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
+            if not token and "no token is configured" in _error_text(exc):
+                # a machine without a token answers its own host only, by a loopback address: its health_url
+                # names the host as the fleet reaches it, so even a read on that host was refused
+                port = urllib.parse.urlsplit(base_url).port
+                raise EmpError(f"could not read errors from {shown}: {exc.code}: the machine has no health token, "
+                               "so it answers /errors only to its own host by a loopback address: on that host "
+                               f"use --machine http://127.0.0.1:{port or '<health port>'}; to read them from "
+                               f"elsewhere, start it with a health token (health.token_env) and set "
+                               f"{HEALTH_TOKEN_ENV} here to the same") from None
             given = "was refused" if token else "is needed"
             raise EmpError(f"could not read errors from {shown}: {exc.code}: the machine's health token {given} "
                            f"(set {HEALTH_TOKEN_ENV} to the token the machine was started with)") from None
         raise EmpError(f"could not read errors from {shown}: {redact_urls(str(exc))}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise EmpError(f"could not read errors from {shown}: {redact_urls(str(exc))}") from None
+
+
+def _error_text(exc) -> str:
+    """The `error` of a JSON error answer (the health server's), '' when there is none to read."""
+    try:
+        error = json.loads(exc.read(4096)).get("error")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return error if isinstance(error, str) else ""
 
 
 def _logs_dir(args) -> tuple[Path, object, NoMachineRunning | None]:
