@@ -374,6 +374,23 @@ def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     assert good.returncode == 0 and "valid" in good.stdout
 
 
+def test_a_state_dir_too_long_for_supervisords_socket_is_refused_by_validate(tmp_path):
+    # `validate` said valid, then the machine refused to boot on it
+    long_dir = tmp_path / ("d" * 60) / ("e" * 60)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"machine: {{type: t, id: s1, state_dir: {long_dir}}}\n")
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "validate", str(manifest)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "machine.state_dir: the state directory is too long for supervisord's socket" in done.stderr
+    assert "over the unix limit of 107" in done.stderr and "shorter directory" in done.stderr
+    shorter = tmp_path / "m2.yaml"
+    shorter.write_text(f"machine: {{type: t, id: s1, state_dir: {tmp_path / 'short'}}}\n")
+    ok = subprocess.run([sys.executable, "-m", "emp_machine", "validate", str(shorter)], capture_output=True,
+                        text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_cli_counts_must_be_whole_numbers_from_zero():
     for argv, says in ((["logs", "worker-0", "--lines", "-5"], "expected 0 or more, got -5"),
                        (["render", str(MACHINES / "comfyui.yaml"), "--gpus", "two"], "expected a whole number")):

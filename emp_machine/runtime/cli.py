@@ -411,6 +411,8 @@ def cmd_validate(args) -> int:
     from emp_machine.runtime import manifest as mf
 
     manifest = mf.load(args.path)
+    if (problem := mf.socket_problem(manifest, args.path)) is not None:
+        raise problem
     workers = sum(1 for _ in manifest.workers)
     print(f"{args.path}: valid (machine {manifest.machine.id}, {len(manifest.services)} service(s), "
           f"{workers} worker group(s))")

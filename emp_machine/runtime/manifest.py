@@ -36,7 +36,9 @@ from emp_machine.errors import ManifestError, ManifestProblem
 from emp_machine.runtime import identity
 from emp_machine.runtime.hardware import MAX_GPUS
 from emp_machine.runtime.resp import redis_url_db
-from emp_machine.supervisor.config import COMMENT_FIX, STOP_SIGNALS, config_value_problem, env_value_problem
+from emp_machine.supervisor.config import (COMMENT_FIX, MAX_UNIX_SOCKET_PATH, STOP_SIGNALS, Paths, config_value_problem,
+                                           env_value_problem)
+
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.telemetry.urls import http_url_problem, url_problem
 from emp_machine.units import ByteSize, Duration
@@ -1137,6 +1139,18 @@ def _check_resolved(resolved: Manifest, manifest: Manifest, environ: Mapping[str
                                         hint="percent-encode the character in the URL (e.g. %20 for a space)"))
     return problems
 
+
+def socket_problem(manifest: Manifest, source: str) -> ManifestError | None:
+    """A resolved state directory too long for supervisord's socket in it: the machine refuses to boot there,
+    so `validate` says so (other commands need no socket: a preview on a box with a long XDG_STATE_HOME)."""
+    socket_path = Paths(Path(manifest.machine.state_dir).absolute()).socket
+    if len(str(socket_path)) <= MAX_UNIX_SOCKET_PATH:
+        return None
+    return ManifestError(source, [ManifestProblem(
+        "machine.state_dir", f"the state directory is too long for supervisord's socket in it ({socket_path}: "
+                             f"{len(str(socket_path))} characters, over the unix limit of {MAX_UNIX_SOCKET_PATH})",
+        hint="set machine.state_dir (or EMP_MACHINE__STATE_DIR; by default it is under XDG_STATE_HOME or HOME) "
+             "to a shorter directory")])
 
 # -- resolution ---------------------------------------------------------------------------------------------
 
