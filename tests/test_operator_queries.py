@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -314,4 +315,22 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
     proc.stdout.close()  # as `head -1` exits: 2 MB more to write, far past the pipe's buffer
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 141, err
+    assert f"showing the machine of {manifest}: log files" in err.decode(), err  # whose logs these are
     assert b"Traceback" not in err and b"BrokenPipe" not in err and b"Exception ignored" not in err, err
+
+
+def test_logs_with_no_machine_and_no_manifest_say_whose_logs_they_show(tmp_path):
+    """With no machine running and no --manifest, `logs` reads the built-in manifest's state dir: it said only
+    "no machine is running; showing the log files in <dir>", read as the machine just stopped (another one)."""
+    from emp_machine.runtime import manifest as mf
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMP_")}
+    env["XDG_STATE_HOME"] = str(tmp_path / "xdg")
+    logs = Path(mf.load(mf.BUILTIN_DEFAULT, environ=env).machine.state_dir) / "logs"
+    logs.mkdir(parents=True)
+    (logs / "worker-0.log").write_text("the demo's line\n")
+    done = subprocess.run([sys.executable, "-m", "emp_machine", "logs", "worker-0", "-n", "1"], capture_output=True,
+                          text=True, timeout=30, env=env)
+    assert done.returncode == 0 and done.stdout == "the demo's line\n", done.stderr
+    assert (f"showing the built-in simulation manifest's log files in {logs} (--manifest FILE for another "
+            "machine's)") in done.stderr, done.stderr

@@ -383,8 +383,13 @@ def cmd_logs(args) -> int:
     if not_running is not None:  # a stopped or crashed machine's logs are still on disk: read those
         if not logs_dir.is_dir():
             raise not_running
-        print(f"emp-machine: no machine is running; showing the log files in {logs_dir}", file=sys.stderr,
-              flush=True)
+        from emp_machine.runtime import manifest as mf
+
+        which = ("the built-in simulation manifest's" if Path(source) == mf.BUILTIN_DEFAULT
+                 else f"the machine of {source}:")
+        hint = "" if getattr(args, "manifest", None) else " (--manifest FILE for another machine's)"
+        print(f"emp-machine: no machine is running; showing {which} log files in {logs_dir}{hint}",
+              file=sys.stderr, flush=True)
     path = logs_dir / f"{args.name}.log"
     if path.exists():
         for line in _tail(path, args.lines):
