@@ -125,6 +125,10 @@ BAD = {
                                           "services.comfyui.instances", 6, "per_gpu"),
     "health with both http and tcp": (GOOD.replace('start_period: 2m', 'tcp: 1'), {}, "services.comfyui.health",
                                       8, "exactly one of 'http'"),
+    "health tcp port past 65535": (GOOD.replace('http: "http://127.0.0.1:{port}/system_stats", ', 'tcp: 99999, '),
+                                   {}, "services.comfyui.health.tcp", 8, "port 99999 is not a TCP port"),
+    "health tcp port 0 as text": (GOOD.replace('http: "http://127.0.0.1:{port}/system_stats", ', 'tcp: "0", '),
+                                  {}, "services.comfyui.health.tcp", 8, "from 1 to 65535"),
     "health with neither": (GOOD.replace('http: "http://127.0.0.1:{port}/system_stats", ', ''), {},
                             "services.comfyui.health", 8, "exactly one"),
     "worker bound to unknown service": (GOOD.replace("service: comfyui", "service: comfyiu"), {},
@@ -389,6 +393,18 @@ def test_a_state_dir_too_long_for_supervisords_socket_is_refused_by_validate(tmp
     ok = subprocess.run([sys.executable, "-m", "emp_machine", "validate", str(shorter)], capture_output=True,
                         text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_tcp_probe_of_a_port_past_65535_fails_as_a_check_not_as_the_probe():
+    # asyncio raised OverflowError out of check_once, ending the probe's task without a word: its service was
+    # never healthy nor unhealthy, and the machine stayed `starting`
+    import asyncio
+
+    from emp_machine.runtime.plan import Probe
+    from emp_machine.runtime.probes import check_once
+
+    reason = asyncio.run(check_once(Probe(None, 99999, 1, 1, 0, 1), None))
+    assert reason is not None and "tcp 127.0.0.1:99999" in reason and "OverflowError" in reason, reason
 
 
 def test_cli_counts_must_be_whole_numbers_from_zero():

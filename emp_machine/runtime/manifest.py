@@ -854,6 +854,11 @@ def _cross_check(manifest: Manifest, lines: dict, hidden: set | frozenset = froz
             texts.append((("services", name, "health", "tcp"), svc.health.tcp))
             if svc.health.tcp != "{port}" and not svc.health.tcp.isdigit():
                 add(("services", name, "health", "tcp"), "expected a port number or '{port}'")
+        tcp = svc.health.tcp if svc.health else None
+        if (isinstance(tcp, int) or (isinstance(tcp, str) and tcp.isdigit())) and not 1 <= int(tcp) <= 65535:
+            # (a probe of it failed without a word, for ever: the machine stayed `starting`)
+            add(("services", name, "health", "tcp"), f"port {tcp} is not a TCP port",
+                "a port from 1 to 65535, or '{port}' (the instance's own)")
         for path, text in texts:
             _check_placeholders(text, placeholders, path, add, svc)
         _check_command(name, svc, add)

@@ -30,7 +30,8 @@ async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str
         return None
     except asyncio.TimeoutError:
         return f"no answer from {probe.describe()} within {probe.timeout:g}s"
-    except (aiohttp.ClientError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is a failed check (a port past 65535 raised OverflowError
+        # and ended the probe without a word: the machine stayed `starting` for ever)
         # aiohttp's text may quote a URL: ours as yarl normalised it (%21 as !), or a redirect's target
         text = redact_urls(str(exc))
         return f"{probe.describe()}: {exc.__class__.__name__}: {text}"
