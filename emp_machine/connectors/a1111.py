@@ -49,7 +49,7 @@ from pydantic import Field
 
 from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
-    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
+    Connector, ConnectorJob, ConnectorSettings, Health, HttpUrl, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
@@ -67,7 +67,7 @@ _BAD_INPUT_HINTS = {
 
 
 class A1111Settings(ConnectorSettings):
-    base_url: str = "http://127.0.0.1:7860"
+    base_url: HttpUrl = "http://127.0.0.1:7860"
     endpoint: Literal["txt2img", "img2img"] | None = None
     connect_timeout_s: float = Field(default=5, gt=0)
     request_timeout_s: float = Field(default=900, gt=0)

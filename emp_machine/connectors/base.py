@@ -14,13 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from emp_machine.telemetry.joblog import ConnectorLogger
+from emp_machine.telemetry.urls import http_url_problem
 
 # Awaited with (percent 0-100, message). It may raise JobCancelled when the job was cancelled meanwhile:
 # a connector lets that propagate (after stopping its service-side work) rather than catching it.
 ProgressFn = Callable[[float, str], Awaitable[None]]
+
+
+def _http_url(value: str) -> str:
+    problem = http_url_problem(value)
+    if problem is not None:  # (the URL is not quoted: it may carry credentials)
+        raise ValueError(f"the URL {problem}")
+    return value
+
+
+# A settings field holding the http(s) URL of a service (a connector's base_url): checked when the manifest is,
+# where a base_url of ftp://, '' or a bare word went through, the machine was healthy, and every job failed.
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class ConnectorSettings(BaseModel):

@@ -49,14 +49,14 @@ from emp_machine.connectors._comfyui_events import (
     ProgressTracker, execution_error, node_errors_text, rejection_text, workflow_from_payload,
 )
 from emp_machine.connectors.base import (
-    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
+    Connector, ConnectorJob, ConnectorSettings, Health, HttpUrl, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
 
 class ComfyUISettings(ConnectorSettings):
     # The caller (manifest) fills this from the service instance bound to the worker; no env reads here.
-    base_url: str = "http://127.0.0.1:8188"
+    base_url: HttpUrl = "http://127.0.0.1:8188"
     connect_timeout_s: float = Field(default=5, gt=0)
     request_timeout_s: float = Field(default=30, gt=0)
     job_timeout_s: float = Field(default=3600, gt=0)

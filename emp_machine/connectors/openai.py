@@ -40,7 +40,7 @@ from pydantic import Field
 
 from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
-    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
+    Connector, ConnectorJob, ConnectorSettings, Health, HttpUrl, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, can_retry
 
@@ -61,7 +61,7 @@ PATHS = {"images": "/v1/images/generations", "chat": "/v1/chat/completions", "re
 
 
 class OpenAISettings(ConnectorSettings):
-    base_url: str = "https://api.openai.com"
+    base_url: HttpUrl = "https://api.openai.com"
     api_key_env: str = "OPENAI_API_KEY"
     organization: str | None = None
     endpoint: Literal["images", "chat", "responses"] | None = None

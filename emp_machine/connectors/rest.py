@@ -49,7 +49,7 @@ from pydantic import Field, model_validator
 
 from emp_machine.connectors import _http
 from emp_machine.connectors.base import (
-    Connector, ConnectorJob, ConnectorSettings, Health, JobResult, OutputFile, ProgressFn,
+    Connector, ConnectorJob, ConnectorSettings, Health, HttpUrl, JobResult, OutputFile, ProgressFn,
 )
 from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, ServiceUnreachable, can_retry
 
@@ -66,10 +66,10 @@ _TEXT_TYPES = {"application/json", "application/xml", "application/javascript", 
 class RestSettings(ConnectorSettings):
     mode: Literal["sync", "async"] = "sync"
     method: Literal["POST", "PUT", "GET"] = "POST"
-    submit_url: str
-    status_url: str | None = None
-    cancel_url: str | None = None  # async only: POSTed (templated) when the job is cancelled, times out, is drained
-    health_url: str | None = None
+    submit_url: HttpUrl
+    status_url: HttpUrl | None = None
+    cancel_url: HttpUrl | None = None  # async only: POSTed (templated) when the job is cancelled, times out, is drained
+    health_url: HttpUrl | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     header_env: dict[str, str] = Field(default_factory=dict)  # header name -> env var NAME
     result_path: str = ""
