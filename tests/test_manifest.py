@@ -133,6 +133,8 @@ BAD = {
                                     {}, "workers.llm.settings.base_url", 4, "must start with http:// or https://"),
     "rest submit_url without a scheme": ("workers:\n  r:\n    connector: rest\n    settings: {submit_url: 5ms}", {},
                                          "workers.r.settings.submit_url", 4, "has no scheme"),
+    "state_dir with a percent sign": ("machine: {type: t, state_dir: /tmp/st/100%}", {}, "machine.state_dir", 1,
+                                      "holds '%'"),
     "health with neither": (GOOD.replace('http: "http://127.0.0.1:{port}/system_stats", ', ''), {},
                             "services.comfyui.health", 8, "exactly one"),
     "worker bound to unknown service": (GOOD.replace("service: comfyui", "service: comfyiu"), {},

@@ -1138,6 +1138,14 @@ def _check_resolved(resolved: Manifest, manifest: Manifest, environ: Mapping[str
                                         line=_line(lines, path),
                                         hint=where + "choose a path without ' ;', ' #', line breaks or spaces at "
                                                      "the ends (set machine.state_dir)"))
+    elif "%" in state_dir:
+        # supervisord expands its programs' log file paths twice, so no escape of ours survives: the boot failed
+        # on its format error (or, with '%(here)s', the logs went elsewhere)
+        where = "" if manifest.machine.state_dir else "it comes from XDG_STATE_HOME (or HOME): "
+        problems.append(ManifestProblem("machine.state_dir", "the state directory holds '%', which supervisord "
+                                                             "expands in the log file paths it writes there",
+                                        line=_line(lines, ("machine", "state_dir")),
+                                        hint=where + "choose a path without '%' (set machine.state_dir)"))
     if resolved.redis.url != "embedded" and (problem := env_value_problem(resolved.redis.url)) is not None:
         problems.append(ManifestProblem("redis.url", f"the Redis URL {problem}, which supervisord cannot pass to "
                                                      "the workers", line=_line(lines, ("redis", "url")),
