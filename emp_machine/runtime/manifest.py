@@ -596,7 +596,7 @@ def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems
             _index_lines(item, path + (i,), lines, problems)
 
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}|(\$\{)")
 
 
 def _is_template(path: tuple) -> bool:
@@ -637,7 +637,18 @@ def _interpolate(value: Any, environ: Mapping[str, str], path: tuple, lines: dic
             problems.append(ManifestProblem(_dotted(path), f"malformed variable reference {match.group(0)!r}",
                                             line=_line(lines, path), hint="write ${NAME} or ${NAME:-default}"))
             return ""
+        if match.group(4) is not None:  # kept as text, it became the value (a machine id '${MACHINE_NAME')
+            problems.append(ManifestProblem(_dotted(path), "a variable reference '${' is not closed by '}'",
+                                            line=_line(lines, path),
+                                            hint="write ${NAME} or ${NAME:-default}; $$ for a literal $"))
+            return ""
         name, default = match.group(1), match.group(2)
+        if default is not None and "${" in default:  # ${A:-${B:-x}}: the inner one ended at its own brace
+            problems.append(ManifestProblem(_dotted(path), f"a default holding another reference "
+                                                           f"(${{{name}:-${{...}}}}) is not supported",
+                                            line=_line(lines, path),
+                                            hint=f"give {name} a plain default, or set it in the environment"))
+            return ""
         current = environ.get(name)
         if current is None or (current == "" and default is not None):
             if default is not None:
