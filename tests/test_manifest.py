@@ -388,6 +388,23 @@ def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     assert good.returncode == 0 and "valid" in good.stdout
 
 
+def test_a_manifest_that_is_not_utf8_says_where_and_how_to_save_it(tmp_path):
+    # it said "cannot read the file: 'utf-8' codec can't decode byte 0xe9 in position 22: ..."
+    from emp_machine.runtime.manifest import load as load_file
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("machine:\n  type: café\n".encode("latin-1"))
+    with pytest.raises(ManifestError) as bad:
+        load_file(latin)
+    assert "line 2, (top level): the file is not UTF-8 text (byte 0xe9 is not UTF-8)" in str(bad.value)
+    assert "save it as UTF-8" in str(bad.value) and "codec" not in str(bad.value)
+    wide = tmp_path / "wide.yaml"
+    wide.write_bytes("machine:\n  type: t\n".encode("utf-16"))
+    with pytest.raises(ManifestError) as bad:
+        load_file(wide)
+    assert "the file is UTF-16 text, not UTF-8" in str(bad.value) and "iconv -f utf-16" in str(bad.value)
+
+
 def test_a_state_dir_too_long_for_supervisords_socket_is_refused_by_validate(tmp_path):
     # `validate` said valid, then the machine refused to boot on it
     long_dir = tmp_path / ("d" * 60) / ("e" * 60)

@@ -378,7 +378,17 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> M
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(file, [ManifestProblem("", "file not found", hint="check the --manifest path")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raw = exc.object if isinstance(exc.object, bytes) else b""
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise ManifestError(file, [ManifestProblem(
+            "", "the file is UTF-16 text, not UTF-8" if utf16 else
+                f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x} is not UTF-8)" if raw else
+                "the file is not UTF-8 text",
+            line=None if utf16 or not raw else raw[:exc.start].count(b"\n") + 1,
+            hint=f"save it as UTF-8 (an editor's encoding setting, or e.g. iconv -f {'utf-16' if utf16 else 'latin1'} "
+                 "-t utf-8)")]) from None
+    except OSError as exc:
         raise ManifestError(file, [ManifestProblem("", f"cannot read the file: {exc}")]) from None
     return loads(text, file=file, environ=os.environ if environ is None else environ,
                  base_dir=Path(path).resolve().parent)
