@@ -93,6 +93,18 @@ def test_small_aliases_still_work():
     assert m.workers["b"].count == 2
 
 
+def test_a_merge_key_with_an_override_is_yaml_not_a_duplicate():
+    # PyYAML adds the merged keys to the mapping: a key written once beside `<<` was "this key appears twice"
+    m = mf.loads("workers:\n  a: &w {connector: simulation, count: 1}\n  b:\n    <<: *w\n    count: 2\n",
+                 file="h.yaml", environ=ENV)
+    assert (m.workers["a"].count, m.workers["b"].count, m.workers["b"].connector) == (1, 2, "simulation")
+    with pytest.raises(ManifestError) as twice:  # written twice beside it: still a duplicate
+        mf.loads("workers:\n  a: &w {connector: simulation}\n  b:\n    <<: *w\n    count: 2\n    count: 3\n",
+                 file="h.yaml", environ=ENV)
+    assert [(p.path, p.line) for p in twice.value.problems] == [("workers.b.count", 6)]
+    assert "appears twice" in twice.value.problems[0].message
+
+
 @pytest.mark.parametrize("text,path,line", [
     ("workers: &a\n  sim: *a\n", "workers.sim", 2),
     ("machine:\n  region: &a [*a]\n", "machine.region[0]", 2),

@@ -559,6 +559,7 @@ def _parse_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
     try:
         loader = _Loader(text)  # reads the text at once: a character YAML forbids (NUL) is reported here
         node = loader.get_single_node()
+        written = _written_keys(node)  # before construction: a merge key (<<) then adds the merged keys
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -582,28 +583,50 @@ def _parse_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
                                                        f"{type(data).__name__}", line=1)])
     lines: dict[tuple, int] = {}
     problems: list[ManifestProblem] = []
-    _index_lines(node, (), lines, problems)
+    _index_lines(node, (), lines, problems, written)
     if problems:
         raise ManifestError(file, problems)
     return data, lines
 
 
-def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems: list[ManifestProblem]) -> None:
+def _written_keys(node: yaml.Node | None) -> dict[int, set[int]]:
+    """Each mapping node's id -> the ids of the key nodes written in it (before construction adds a merge's),
+    each node visited once (an alias reuses its node)."""
+    written: dict[int, set[int]] = {}
+    seen: set[int] = set()
+    stack = [node] if node is not None else []
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            written[id(current)] = {id(key_node) for key_node, _ in current.value}
+            stack.extend(value_node for _, value_node in current.value)
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+    return written
+
+
+def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems: list[ManifestProblem],
+                 written: dict[int, set[int]]) -> None:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
+        own = written.get(id(node), set())
         for key_node, value_node in node.value:
             key = key_node.value
-            if key in seen:
-                problems.append(ManifestProblem(_dotted(path + (key,)), "this key appears twice",
-                                                line=key_node.start_mark.line + 1, hint="keep one of them"))
-            seen.add(key)
+            if id(key_node) in own:  # (a key a merge (<<) brought in may be written again: it overrides)
+                if key in seen:
+                    problems.append(ManifestProblem(_dotted(path + (key,)), "this key appears twice",
+                                                    line=key_node.start_mark.line + 1, hint="keep one of them"))
+                seen.add(key)
             lines[path + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, path + (key,), lines, problems)
+            _index_lines(value_node, path + (key,), lines, problems, written)
             lines[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, path + (i,), lines, problems)
+            _index_lines(item, path + (i,), lines, problems, written)
 
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}|(\$\{)")
