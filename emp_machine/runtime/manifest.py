@@ -773,6 +773,12 @@ def _message(err: dict, loc: tuple, hidden: set | frozenset = frozenset()) -> tu
         return "unknown key", hint
     if kind == "missing":
         return "required field is missing", None
+    if kind in ("model_type", "dict_type"):  # pydantic names its class: "... or instance of RedisSection"
+        valid = _valid_keys(loc) if loc else []
+        got = err.get("input")
+        what = "nothing" if got is None else _yaml_kind(got)
+        return (f"expected a mapping (its keys indented under it), got {what}",
+                f"valid keys: {', '.join(valid)}" if valid else "write `key: value` lines under it")
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
@@ -798,6 +804,19 @@ def _message(err: dict, loc: tuple, hidden: set | frozenset = frozenset()) -> tu
         if isinstance(got, str) and not secret and re.fullmatch(pattern.strip("^$"), got.lower()):
             hint = f"did you mean '{got.lower()}'? {hint}"
     return message, hint
+
+
+def _yaml_kind(value: Any) -> str:
+    """What a value is, in YAML's words (not Python's class names)."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
 
 
 _SECRET_KEY = re.compile(r"(pass|secret|token|key|auth|credential)", re.IGNORECASE)
