@@ -69,9 +69,9 @@ _BAD_INPUT_HINTS = {
 class A1111Settings(ConnectorSettings):
     base_url: HttpUrl = "http://127.0.0.1:7860"
     endpoint: Literal["txt2img", "img2img"] | None = None
-    connect_timeout_s: float = Field(default=5, gt=0)
-    request_timeout_s: float = Field(default=900, gt=0)
-    progress_interval_s: float = Field(default=0.5, gt=0)
+    connect_timeout_s: float = Field(default=5, gt=0, allow_inf_nan=False)
+    request_timeout_s: float = Field(default=900, gt=0, allow_inf_nan=False)
+    progress_interval_s: float = Field(default=0.5, gt=0, allow_inf_nan=False)
 
 
 class A1111Connector(_http.HttpSession, Connector):

@@ -57,15 +57,15 @@ from emp_machine.errors import FatalJobError, JobCancelled, RetryableJobError, S
 class ComfyUISettings(ConnectorSettings):
     # The caller (manifest) fills this from the service instance bound to the worker; no env reads here.
     base_url: HttpUrl = "http://127.0.0.1:8188"
-    connect_timeout_s: float = Field(default=5, gt=0)
-    request_timeout_s: float = Field(default=30, gt=0)
-    job_timeout_s: float = Field(default=3600, gt=0)
+    connect_timeout_s: float = Field(default=5, gt=0, allow_inf_nan=False)
+    request_timeout_s: float = Field(default=30, gt=0, allow_inf_nan=False)
+    job_timeout_s: float = Field(default=3600, gt=0, allow_inf_nan=False)
     # How long /history may stay empty after the terminal frame (captured: never, but see §5.1).
-    history_wait_s: float = Field(default=5, gt=0)
+    history_wait_s: float = Field(default=5, gt=0, allow_inf_nan=False)
     # A real restart took 10.2 s to ready (§6.4); beyond this the job fails as retryable.
-    reconnect_timeout_s: float = Field(default=60, gt=0)
+    reconnect_timeout_s: float = Field(default=60, gt=0, allow_inf_nan=False)
     # Interrupts are cooperative (§6.3): wait this long for ComfyUI to confirm before reporting cancelled.
-    cancel_wait_s: float = Field(default=15, gt=0)
+    cancel_wait_s: float = Field(default=15, gt=0, allow_inf_nan=False)
     # Which `type`s of listed images to download: "output" (SaveImage) and "temp" (PreviewImage).
     output_types: tuple[str, ...] = ("output", "temp")
     client_id_prefix: str = "emp"

@@ -66,10 +66,10 @@ class OpenAISettings(ConnectorSettings):
     organization: str | None = None
     endpoint: Literal["images", "chat", "responses"] | None = None
     default_model: str | None = None
-    connect_timeout_s: float = Field(default=10, gt=0)
-    request_timeout_s: float = Field(default=300, gt=0)
+    connect_timeout_s: float = Field(default=10, gt=0, allow_inf_nan=False)
+    request_timeout_s: float = Field(default=300, gt=0, allow_inf_nan=False)
     max_retries: int = Field(default=2, ge=0)
-    max_retry_wait_s: float = Field(default=30, ge=0)
+    max_retry_wait_s: float = Field(default=30, ge=0, allow_inf_nan=False)
     max_response_bytes: int = Field(default=_http.DEFAULT_MAX_RESPONSE_BYTES, gt=0)
 
 

@@ -75,14 +75,14 @@ class RestSettings(ConnectorSettings):
     result_path: str = ""
     status_path: str = "status"
     progress_path: str | None = None
-    progress_scale: float = Field(default=1.0, gt=0)
+    progress_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     error_path: str = "error"
     done_values: list[str] = Field(default_factory=lambda: ["done", "completed", "succeeded", "success"])
     failed_values: list[str] = Field(default_factory=lambda: ["failed", "error", "cancelled", "canceled"])
-    poll_interval_s: float = Field(default=1.0, gt=0)
-    connect_timeout_s: float = Field(default=5, gt=0)
-    request_timeout_s: float = Field(default=60, gt=0)
-    job_timeout_s: float = Field(default=3600, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    connect_timeout_s: float = Field(default=5, gt=0, allow_inf_nan=False)
+    request_timeout_s: float = Field(default=60, gt=0, allow_inf_nan=False)
+    job_timeout_s: float = Field(default=3600, gt=0, allow_inf_nan=False)
     max_response_bytes: int = Field(default=_http.DEFAULT_MAX_RESPONSE_BYTES, gt=0)  # JSON/text held in memory
 
     @model_validator(mode="after")

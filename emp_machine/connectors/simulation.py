@@ -29,7 +29,7 @@ class SimulationSettings(ConnectorSettings):
     # When set, health() reports unhealthy with this reason: lets tests drive health-gated behaviour.
     unhealthy_reason: str | None = None
     # How long health() takes: a slow service's health check, for tests of what waits on it.
-    health_delay_ms: float = Field(default=0, ge=0)
+    health_delay_ms: float = Field(default=0, ge=0, allow_inf_nan=False)
     max_output_bytes: int = Field(default=1 << 30, ge=0)
 
 
@@ -37,7 +37,7 @@ class SimulationPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     steps: int = Field(default=5, ge=0, le=1_000_000)
-    step_ms: float = Field(default=100, ge=0)
+    step_ms: float = Field(default=100, ge=0, allow_inf_nan=False)
     output_bytes: int = Field(default=0, ge=0)
     fail_at_step: int | None = Field(default=None, ge=1)
     fail_retryable: bool = True

@@ -27,8 +27,8 @@ from typing import Annotated, Any, Literal, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -186,6 +186,25 @@ class RestartSection(_Model):
     window: Duration = Field(60.0, gt=0)
     cooldown: Duration = Field(300.0, gt=0, description="an errored process is tried again after this")
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "RestartSection":
+        if self.backoff_initial > self.backoff_max:  # (the cap would make every delay backoff_max)
+            raise ValueError(f"backoff_initial ({self.backoff_initial:g}s) is above backoff_max "
+                             f"({self.backoff_max:g}s): the first delay cannot exceed the cap")
+        return self
+
+
+# A memory limit of 0 read as none (a falsy limit), and one under a process's interpreter alone restarts it at
+# every check: at least 1 MiB, omitted for none.
+def _memory_limit(value: int) -> int:
+    if value < 2**20:
+        raise ValueError("a memory limit under 1MiB restarts the process at every check (0 is no limit: omit "
+                         "memory_limit for that)")
+    return value
+
+
+MemoryLimit = Annotated[ByteSize, AfterValidator(_memory_limit)]
+
 
 class HealthCheck(_Model):
     http: str | None = Field(None, description="URL template answered with 2xx when healthy, e.g. "
@@ -212,7 +231,7 @@ class ServiceSection(_Model):
     health: HealthCheck | None = None
     required: bool = Field(True, description="the machine is unhealthy while this service is")
     restart: RestartSection = Field(default_factory=RestartSection)
-    memory_limit: ByteSize | None = Field(None, description="restart gracefully when the process tree's RSS "
+    memory_limit: MemoryLimit | None = Field(None, description="restart gracefully when the process tree's RSS "
                                                             "exceeds this")
     stop_signal: Literal[STOP_SIGNALS] = "TERM"  # type: ignore[valid-type]
     stop_grace: Duration = 30.0
@@ -229,14 +248,14 @@ class WorkerGroup(_Model):
     capabilities: dict[str, Any] = Field(default_factory=dict, description="extra capability keys for matching")
     env: dict[str, str] = Field(default_factory=dict)
     restart: RestartSection = Field(default_factory=RestartSection)
-    memory_limit: ByteSize | None = None
+    memory_limit: MemoryLimit | None = None
     stop_grace: Duration = Field(30.0, description="on SIGTERM a running job has this long to finish, less "
                                                    "a margin to hand it back; then SIGKILL")
     lease: Duration = Field(60.0, ge=1.0, description="claim lease: a dead worker's job is re-queued this long "
                                                       "after its last heartbeat (at most 10m); the heartbeat "
                                                       "renews it every third of it, at most every 20s")
     job_timeout: Duration = Field(3600.0, gt=0, description="a job running longer fails as retryable")
-    job_timeouts: dict[str, Duration] = Field(default_factory=dict, description="per job type")
+    job_timeouts: dict[str, Annotated[Duration, Field(gt=0)]] = Field(default_factory=dict, description="per job type")
 
     @field_validator("capabilities")
     @classmethod
