@@ -348,6 +348,11 @@ def test_embedded_redis_is_supervised_and_workers_wait_for_it(machine_factory):
     assert events.index("service.healthy:redis") < events.index("process.start:worker-0")
     env = (machine.state_dir / "run" / "supervisord.conf").read_text()
     assert f'REDIS_URL="redis://127.0.0.1:{port}/0"' in env
+    # a clean stop stops it last, after the last status message: no warning that it went away (every stop said
+    # `redis.unreachable`)
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit(40) == 0
+    assert machine.event("shutdown.redis_stopped") and machine.event("redis.unreachable") is None
 
 
 def _free_port() -> int:

@@ -552,8 +552,9 @@ class Machine:
         if ok != self._redis_ok:
             if ok:
                 step("redis.reachable", redis_url=st.redact_url(self.plan.redis_url))
-            elif self._redis_ok is not None or self.plan.redis_probe is None:
-                # (an embedded Redis that is still starting is not worth a warning)
+            elif (self._redis_ok is not None or self.plan.redis_probe is None) and not self._announced_shutdown:
+                # (an embedded Redis that is still starting is not worth a warning; nor one the stop has
+                # stopped, after the last status message: every clean stop warned of it)
                 step("redis.unreachable", level=logging.WARNING, reason=reason)
             self._redis_ok = ok
         self.aggregate.set_redis(ok, reason, list(rows))
