@@ -31,3 +31,54 @@ def make_job(telemetry: Any, logger_name: str = "bench.job") -> Callable[[int], 
             clog.completed(job_id, 5.0)  # + jobs_processed_total, job_duration_seconds, worker_job_...
 
     return job
+
+
+class NoSdk:
+    """The same job's telemetry calls with no SDK behind them, as an application instrumented with the
+    OpenTelemetry API runs when no SDK is installed: OTel's NoOpTracer, a logger below its level, metric
+    instruments and a connector logger that do nothing. What the benchmark job costs on this object is the
+    job's own code and its instrumentation's call sites, which no telemetry pipeline can take away (the way
+    OpenTelemetry measures an SDK's overhead: against the API alone)."""
+
+    worker_id = "bench"
+
+    def __init__(self) -> None:
+        import logging
+
+        from opentelemetry.metrics import NoOpMeter
+        from opentelemetry.trace import NoOpTracer
+
+        self.tracer = NoOpTracer()
+        meter = NoOpMeter("bench")
+
+        class _Bound:
+            def __init__(self, name: str, attributes: dict) -> None:
+                self._gauge, self._attributes = meter.create_gauge(name), attributes
+
+            def set(self, value: float) -> None:
+                self._gauge.set(value, self._attributes)
+
+        class _Metrics:
+            class workers_active:  # noqa: N801 (StandardMetrics' attribute names)
+                bind = staticmethod(lambda **a: _Bound("workers_active", a))
+
+            class worker_memory_usage_bytes:  # noqa: N801
+                bind = staticmethod(lambda **a: _Bound("worker_memory_usage_bytes", a))
+
+        self.metrics = _Metrics()
+        self._logger = logging.getLogger("bench.no_sdk")
+        self._logger.setLevel(logging.WARNING)
+        self._logger.propagate = False
+
+    def logger(self, name: str) -> Any:
+        return self._logger
+
+    def connector_logger(self, connector_id: str, service_type: str) -> Any:
+        class _Nothing:
+            def started(self, job_id: str) -> None: ...
+            def received(self, job_id: str) -> None: ...
+            def completed(self, job_id: str, duration: float) -> None: ...
+        return _Nothing()
+
+    def job_span(self, job_id: str, *, job_hash: Any = None, job_type: str | None = None) -> Any:
+        return self.tracer.start_as_current_span("job.execution", attributes={"job.id": job_id})

@@ -35,7 +35,7 @@ from emp_machine.telemetry.encode import Encoder, encode_span  # noqa: E402
 from emp_machine.telemetry.shipper import _gzip  # noqa: E402
 from otlp_receiver import free_port  # noqa: E402
 
-from _job import make_job  # noqa: E402  (bench/, this script's folder)
+from _job import NoSdk, make_job  # noqa: E402  (bench/, this script's folder)
 
 RECEIVER = textwrap.dedent("""
     import sys, time, signal
@@ -240,6 +240,14 @@ def bench_cpu_share(tmp: Path, endpoint: str, rounds: int = 3) -> None:
             print(f"    share {r['share']:.2f} % (process {r['process']:.2f} %, baseline {r['baseline']:.2f} %), "
                   f"{r['jobs']} jobs, sampling rate at the end {r['rate']:.2f}, spans kept {r['kept']} of "
                   f"{4 * r['jobs']}")
+        if rate == 100:  # the floor under any pipeline: the same job on OTel's API alone (no SDK), paced alike
+            no_sdk = make_job(NoSdk())
+            floors = sorted(paced(no_sdk, rate, 5.0, 1.0) - paced(lambda i: None, rate, 3.0, 0.5)
+                            for _ in range(rounds))
+            row(f"  of it, the job on OTel's API with no SDK at {rate} jobs/s (median; information)",
+                statistics.median(floors), "%", "-", "-")
+            print(f"    rounds {', '.join(f'{f:.2f}' for f in floors)} %: the job's own code and its telemetry call "
+                  f"sites; the share above minus this is what the SDK and pipeline cost")
 
 
 def _lines_run(fn) -> tuple[int, int]:
