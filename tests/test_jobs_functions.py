@@ -3,6 +3,7 @@ EVALSHA when the server will not have it; the claim's memo of capabilities and c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 
@@ -60,16 +61,26 @@ def test_two_stores_loading_at_once_both_keep_functions(redis):
     assert first.uses_functions and second.uses_functions
 
 
-def test_a_server_refusing_function_load_gets_evalsha(redis, redis_server):
-    # A user whose ACL forbids FUNCTION (as some managed Redis plans do): FCALL finds no library, FUNCTION
-    # LOAD is refused, and the store runs the same scripts with EVALSHA from then on.
+@contextlib.contextmanager
+def limited_user(redis, redis_server, denied: str):
+    """A client of a fresh ACL user allowed every command but `denied`; the user is deleted afterwards."""
     redis.function_flush()
-    user, password = f"nofn-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    user, password = f"no{denied}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     redis.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
-                      commands=["+@all", "-function"])
+                      commands=["+@all", f"-{denied}"])
     limited = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, username=user, password=password,
                               decode_responses=True)
     try:
+        yield limited
+    finally:
+        limited.close()
+        redis.acl_deluser(user)
+
+
+def test_a_server_refusing_function_load_gets_evalsha(redis, redis_server):
+    # A user whose ACL forbids FUNCTION (as some managed Redis plans do): FCALL finds no library, FUNCTION
+    # LOAD is refused, and the store runs the same scripts with EVALSHA from then on.
+    with limited_user(redis, redis_server, "function") as limited:
         with pytest.raises(redis_lib.exceptions.NoPermissionError):
             limited.function_list()
         store = JobStore(limited)
@@ -77,29 +88,17 @@ def test_a_server_refusing_function_load_gets_evalsha(redis, redis_server):
         job_id = run_one_job(store)
         assert not store.uses_functions and calls(redis, "evalsha") >= 3 and our_libraries(redis) == []
         assert redis.hget("job:" + job_id, "status") == "completed"
-    finally:
-        limited.close()
-        redis.acl_deluser(user)
 
 
 def test_a_user_without_fcall_gets_evalsha_at_once(redis, redis_server):
     # FUNCTION allowed but FCALL not (an ACL that names commands one by one): loading the library helped
     # nothing, and every job call failed with NOPERM.
-    redis.function_flush()
-    user, password = f"nofcall-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    redis.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
-                      commands=["+@all", "-fcall"])
-    limited = redis_lib.Redis(host="127.0.0.1", port=redis_server.port, username=user, password=password,
-                              decode_responses=True)
-    try:
+    with limited_user(redis, redis_server, "fcall") as limited:
         store = JobStore(limited)
         redis.config_resetstat()
         job_id = run_one_job(store)
         assert not store.uses_functions and calls(redis, "evalsha") >= 3
         assert redis.hget("job:" + job_id, "status") == "completed"
-    finally:
-        limited.close()
-        redis.acl_deluser(user)
 
 
 def test_a_server_with_fcall_renamed_away_gets_evalsha(tmp_path):

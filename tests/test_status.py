@@ -152,18 +152,22 @@ workers:
         server.stop()
 
 
-def test_a_worker_that_stays_down_is_marked_offline_for_it(machine_factory, redis):
-    """A SIGKILLed worker cannot announce itself offline; once it stays down (here: errored) the machine does."""
-    import os
-    import signal
-
-    machine = machine_factory("""
+# One worker whose first crash is restarted and second leaves it errored (down for its 10 min cool-down).
+ONE_WORKER_ERRORED_AT_ITS_SECOND_CRASH = """
 workers:
   sim:
     connector: simulation
     count: 1
     restart: {max_restarts: 1, window: 10m, cooldown: 10m, reset_after: 10m}
-""")
+"""
+
+
+def test_a_worker_that_stays_down_is_marked_offline_for_it(machine_factory, redis):
+    """A SIGKILLed worker cannot announce itself offline; once it stays down (here: errored) the machine does."""
+    import os
+    import signal
+
+    machine = machine_factory(ONE_WORKER_ERRORED_AT_ITS_SECOND_CRASH)
     machine.wait_ready()
     worker_id = f"test-{machine.state_dir.name}-worker-0"
     wait_for(lambda: redis.hget(f"worker:{worker_id}", "status") == "idle", timeout=20,
@@ -390,13 +394,7 @@ def test_a_worker_offline_mark_failing_each_sweep_is_reported_once(machine_facto
     server = PrivateRedis(tmp_path / "redis").start()
     refusing = None
     try:
-        machine = machine_factory("""
-workers:
-  sim:
-    connector: simulation
-    count: 1
-    restart: {max_restarts: 1, window: 10m, cooldown: 10m, reset_after: 10m}
-""", redis_url=server.url)
+        machine = machine_factory(ONE_WORKER_ERRORED_AT_ITS_SECOND_CRASH, redis_url=server.url)
         machine.wait_ready()
         worker_id = f"test-{machine.state_dir.name}-worker-0"
         client = redis_lib.Redis.from_url(server.url, decode_responses=True)

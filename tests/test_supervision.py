@@ -117,15 +117,19 @@ services:
     wait_for(lambda: machine.process("steady-0").state == "RUNNING", message="the replacement RUNNING")
 
 
-def test_process_over_its_memory_limit_is_restarted_gracefully(machine_factory):
-    machine = machine_factory(f"""
+# A service holding 200 MiB under a 100 MiB limit, checked every 200 ms.
+HOG = f"""
 supervisor:
   memory_check_interval: 200ms
 services:
   hog:
     command: {PY} -c "x = bytearray(200 * 2**20); import time; time.sleep(600)"
     memory_limit: 100MiB
-""")
+"""
+
+
+def test_process_over_its_memory_limit_is_restarted_gracefully(machine_factory):
+    machine = machine_factory(HOG)
     machine.wait_ready()
     first = wait_for(lambda: (p := machine.process("hog-0")) and p.pid and p, message="hog running")
     event = machine.wait_event("resource.exhausted", timeout=20, process_name="hog-0")
@@ -138,15 +142,8 @@ services:
 def test_memory_restarts_back_off_and_too_many_leave_the_process_errored(machine_factory):
     """A limit under a process's working size restarted it every sweep for good (each worker restart handing
     its job back): memory restarts follow its `restart` policy as crashes do (backoff, window, errored)."""
-    machine = machine_factory(f"""
-supervisor:
-  memory_check_interval: 200ms
-services:
-  hog:
-    command: {PY} -c "x = bytearray(200 * 2**20); import time; time.sleep(600)"
-    memory_limit: 100MiB
-    restart: {{max_restarts: 2, window: 10m, backoff_initial: 300ms, reset_after: 10m, cooldown: 10m}}
-""")
+    machine = machine_factory(HOG + "    restart: {max_restarts: 2, window: 10m, backoff_initial: 300ms, "
+                                    "reset_after: 10m, cooldown: 10m}\n")
     machine.wait_ready()
 
     def exhausted() -> list[dict]:  # the machine's log lines (its telemetry event of each has `process`)
