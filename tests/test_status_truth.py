@@ -290,3 +290,28 @@ def test_the_machines_reaper_sends_its_script_once(redis_server, redis):
     stats = redis.info("commandstats")
     assert stats.get("cmdstat_eval", {}).get("calls") == 1, stats.get("cmdstat_eval")
     assert stats.get("cmdstat_evalsha", {}).get("calls") == 3, stats.get("cmdstat_evalsha")
+
+
+def test_a_stop_just_after_supervisord_recovers_asks_it_rather_than_killing_it(machine_factory):
+    """The sweep's `not answering` flag can be up to a sweep old: a stop right after a hung supervisord came back
+    took it as still hung, stopped its processes directly and SIGKILLed it. The stop asks it first (2 s)."""
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+""")
+    machine.wait_ready()
+    base = health_base(machine)
+    sup_pid = int((machine.state_dir / "run" / "supervisord.pid").read_text())
+    os.kill(sup_pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not http_json(base + "/health")[1]["components"]["supervisor"]["healthy"], 15,
+                 message="/health reporting the hung supervisord")
+    finally:
+        os.kill(sup_pid, signal.SIGCONT)
+    machine.signal(signal.SIGTERM)  # at once: the flag still says hung
+    assert machine.wait_exit(40) == 0
+    stopped = machine.event("shutdown.worker_stopped")
+    assert stopped is not None and not stopped.get("direct"), stopped
+    assert machine.event("shutdown.supervisord_not_answering") is None, machine.tail()
