@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import logging
+import signal
 import socket
 import stat
 import sys
@@ -430,6 +431,18 @@ workers:
     local = machine.cli("errors", "--since", "10m", "--json")
     assert local.returncode == 0, local.stderr
     assert "upstream rejected credential [REDACTED]" in local.stdout and SVC_TOKEN not in local.stdout, local.stdout
+    # stopped, the machine leaves no secret in run/ (supervisord.conf and run/manifest.json held it resolved)
+    assert SVC_TOKEN in (machine.state_dir / "run" / "supervisord.conf").read_text()  # while it runs
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit(40) == 0
+    run = machine.state_dir / "run"
+    assert not (run / "supervisord.conf").exists()
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert SVC_TOKEN.encode() not in path.read_bytes(), path
+    assert "visible-value" in (run / "manifest.json").read_text()  # its shape kept: names, plain values
+    group = machine.cli("logs", "svc", "-n", "1")  # a group's processes, named from it after the stop
+    assert group.returncode == 0 and "svc-0 | ERROR: upstream rejected credential" in group.stdout, group.stderr
 
 
 def test_machine_secrets_gather_every_credential_a_process_of_the_machine_holds(monkeypatch):
