@@ -779,9 +779,10 @@ class _JobOps:
 
     def _fail(self, job_id: str, worker_id: str, error: str, retryable: bool,
               steps: Mapping[str, float] | None = None, token: str = "",
-              retry_delay_s: float | None = None) -> _Op:
+              retry_delay_s: float | None = None, trace: tuple[int, int] | None = None) -> _Op:
+        ids = f"{trace[0]:032x}:{trace[1]:016x}" if trace and trace[0] and trace[1] else ""
         outcome, count = yield _Call("fail", (job_id, worker_id, _utf8(error), "1" if retryable else "0", _steps(steps),
-                                              token, _retry_delay_ms(retry_delay_s)))
+                                              token, _retry_delay_ms(retry_delay_s), ids))
         return FailOutcome(outcome, int(count))
 
     def _hand_back(self, job_id: str, worker_id: str, reason: str, token: str = "") -> _Op:
@@ -895,11 +896,14 @@ class _Api(_JobOps):
         return self._drive(self._complete(job_id, worker_id, result, message, final_progress, steps, token))
 
     def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool,
-             steps: Mapping[str, float] | None = None, token: str = "", retry_delay_s: float | None = None):
+             steps: Mapping[str, float] | None = None, token: str = "", retry_delay_s: float | None = None,
+             trace: tuple[int, int] | None = None):
         """Retry (retryable and attempts left) or fail for good; returns FailOutcome. `steps` as complete().
         `retry_delay_s` (e.g. the service's Retry-After): a retry stays in jobs:pending but no worker claims
-        it before then (capped at MAX_RETRY_DELAY_S); None or 0 retries at once."""
-        return self._drive(self._fail(job_id, worker_id, error, retryable, steps, token, retry_delay_s))
+        it before then (capped at MAX_RETRY_DELAY_S); None or 0 retries at once. `trace`: (trace id, span id)
+        of the attempt's job span, written as the job's job_trace_id/job_span_id when its producer gave it no
+        trace context (fail.lua), so its retry joins that trace."""
+        return self._drive(self._fail(job_id, worker_id, error, retryable, steps, token, retry_delay_s, trace))
 
     def hand_back(self, job_id: str, worker_id: str, reason: str = "drain", *, token: str = ""):
         """Return a running job to the queue without counting an attempt; returns Ownership."""

@@ -1002,7 +1002,9 @@ class Worker:
                 span.set_status(StatusCode.OK)
                 return
         span.set_status(StatusCode.ERROR, self._redact(str(error)))  # keeps the whole trace of a failed job
-        await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps))
+        context = span.get_span_context()  # its retry joins this trace (fail.lua's ARGV[8])
+        await asyncio.shield(self._finish_failed(job, error, time.monotonic() - started, steps,
+                                                 trace=(context.trace_id, context.span_id)))
 
     def _output_dir(self) -> Path | None:
         context = getattr(self.connector, "context", None)
@@ -1127,7 +1129,7 @@ class Worker:
         return own
 
     async def _finish_failed(self, job: Job, error: Exception, duration_s: float,
-                             steps: dict[str, float] | None = None) -> None:
+                             steps: dict[str, float] | None = None, trace: tuple[int, int] | None = None) -> None:
         retryable = bool(getattr(error, "retryable", False))
         # A service's error can quote a key or a URL with its password: the job hash and job_failed carry the
         # message to the API and the monitor, so it leaves here redacted, as every log record does.
@@ -1135,7 +1137,7 @@ class Worker:
         # A service's own back-off (HTTP Retry-After on a 429/503): no worker claims the retry before then.
         outcome = await self._retrying(self.store.fail, job.id, self.ident.worker_id, message,
                                        retryable=retryable, steps=steps, token=job.token,
-                                       retry_delay_s=getattr(error, "retry_after_s", None))
+                                       retry_delay_s=getattr(error, "retry_after_s", None), trace=trace)
         if outcome.outcome not in ("retried", "failed"):
             self.telemetry.events.emit("job.not_failed", level=logging.WARNING, job_id=job.id, error=message,
                                        ownership=outcome.outcome)

@@ -6,6 +6,10 @@
 -- ARGV[6] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
 -- ARGV[7] = retry delay in ms ('' or absent: none): a retry is not claimed by any worker before it, kept as
 --           our field retry_at (Redis clock, epoch ms; see claim.lua), e.g. a service's Retry-After
+-- ARGV[8] = '<trace id>:<span id>' of the attempt's job.execution span ('' or absent: none): written as the
+--           job's job_trace_id / job_span_id when the job carries no trace context of its producer, so a
+--           retry joins the failed attempt's trace (a failed trace is always exported) and `emp-machine job`
+--           names it; each attempt was a trace of its own, and the job's hash never said which
 -- Returns {outcome, retry_count}: outcome 'retried', 'failed', 'cancelled', 'lost' or 'missing'. The
 -- attempt's token is kept in failed_token (our field), so a retry of a fail that already landed returns
 -- what it did ('retried' or 'failed' and the count) and changes nothing. An error reply, changing nothing,
@@ -40,6 +44,13 @@ if not stray and retry then stray = wrong_types(KEYS[1], 'zset', KEYS[2], 'hash'
 if not stray and not retry then stray = wrong_types('jobs:failed', 'hash') end
 if stray then return stray end
 release(id, wid, now, state)
+local trace, span = string.match(ARGV[8] or '', '^(%x+):(%x+)$')
+if trace then
+  local had = redis.call('HMGET', jkey, 'job_trace_id', 'traceparent')
+  if (had[1] or '') == '' and (had[2] or '') == '' then
+    redis.call('HSET', jkey, 'job_trace_id', trace, 'job_span_id', span)
+  end
+end
 if retry then
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '', 'retry_count', new,
     'last_failed_worker', wid, 'failed_at', at, 'error', err, 'failed_token', token)
