@@ -8,6 +8,7 @@ import json
 import re
 
 from emp_machine.runtime.jobs import JobStore
+from emp_machine.runtime.queries import timeline
 from harness import WorkerProcs, wait_for
 
 CAPS = {"worker_id": "w1", "machine_id": "m1", "services": ["trsim"]}
@@ -58,5 +59,15 @@ def test_a_retry_runs_in_the_trace_of_the_attempt_that_failed(redis, redis_url, 
         events = {r.get("event_type") or r.get("message") for r in mine}
         assert {"job.retry", "job.completed"} <= events, events
         assert {r["trace_id"] for r in mine} == {trace}, [(r.get("message"), r["trace_id"]) for r in mine]
+        assert timeline(store, job_id)["trace_id"] == trace  # what `emp-machine job` shows
     finally:
         procs.close()
+
+
+def test_the_job_command_names_the_trace_of_a_producer_that_wrote_only_a_traceparent(redis):
+    store = JobStore(redis)
+    job_id = store.submit("trsim-tp", {}, job_id="tr-tp")
+    redis.hset(f"job:{job_id}", "traceparent", f"00-{TRACE:032x}-{SPAN:016x}-01")
+    assert timeline(store, job_id)["trace_id"] == f"{TRACE:032x}"
+    redis.hset(f"job:{job_id}", "traceparent", "00-" + "0" * 32 + f"-{SPAN:016x}-01")  # an invalid (zero) id
+    assert timeline(store, job_id)["trace_id"] == ""

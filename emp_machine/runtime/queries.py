@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -153,7 +154,7 @@ def timeline(store: JobStore, job_id: str) -> dict[str, Any] | None:
         # The hash keeps the last failure's error after a retry succeeds: an error only when the job failed.
         "error": error if status == "failed" else "",
         "earlier_error": error if status != "failed" else "",
-        "trace_id": job.get("job_trace_id", ""),
+        "trace_id": _trace_id(job),
         "total_ms": total_ms,
         # The EMP API stamps created_at with its host's clock, the rest is Redis's TIME: where the first is
         # ahead, the differences that involve it are shown as "-" (None), not as negative durations.
@@ -377,6 +378,15 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
         if "detail" in row:
             row["detail"] = redact_text(row["detail"])
     return found[-limit:]
+
+
+def _trace_id(job: dict) -> str:
+    """The job's trace: its `job_trace_id` (the EMP API's, or a failed attempt's), else its W3C traceparent's
+    (a producer that wrote only that showed none)."""
+    if job.get("job_trace_id"):
+        return job["job_trace_id"]
+    match = re.fullmatch(r"\s*[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}\s*", job.get("traceparent") or "")
+    return match.group(1) if match and match.group(1).strip("0") else ""
 
 
 def _id_or_none(value: object) -> str | None:
