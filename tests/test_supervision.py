@@ -134,6 +134,8 @@ def test_process_over_its_memory_limit_is_restarted_gracefully(machine_factory):
     first = wait_for(lambda: (p := machine.process("hog-0")) and p.pid and p, message="hog running")
     event = machine.wait_event("resource.exhausted", timeout=20, process_name="hog-0")
     assert event["rss_bytes"] > event["limit_bytes"] == 100 * 2**20
+    # its telemetry event names the process as the step line does (it said `process`)
+    machine.wait_event("resource.exhausted", timeout=5, process_name="hog-0", event_type="resource.exhausted")
     wait_for(lambda: (p := machine.process("hog-0")) and p.pid not in (0, first.pid), timeout=15,
              message="hog restarted with a new pid")
     machine.wait_event("process.restarted", process_name="hog-0")
@@ -158,6 +160,24 @@ def test_memory_restarts_back_off_and_too_many_leave_the_process_errored(machine
                    message="hog-0 shown errored")
     assert row.pid == 0 and "memory over its limit" in row.errored_reason and row.restart_in > 60
     assert len(exhausted()) == 3  # left down: no more memory checks of it
+
+
+def test_a_workers_memory_restart_says_which_worker(machine_factory):
+    """A worker's `resource.exhausted` carried its process name only, not the worker id its own records use."""
+    machine = machine_factory("""
+supervisor:
+  memory_check_interval: 200ms
+workers:
+  sim:
+    connector: simulation
+    memory_limit: 2MiB
+    restart: {max_restarts: 1, window: 10m, cooldown: 10m}
+""")
+    worker_id = f"test-{machine.state_dir.name}-worker-0"
+    step = machine.wait_event("resource.exhausted", timeout=30, process_name="worker-0")
+    assert step["worker_id"] == worker_id, step
+    machine.wait_event("resource.exhausted", timeout=5, process_name="worker-0", event_type="resource.exhausted",
+                       worker_id=worker_id)
 
 
 def test_worker_bound_to_a_service_starts_only_once_the_service_is_healthy(machine_factory, tmp_path):

@@ -483,7 +483,7 @@ class Machine:
         else:
             self._unhealthy_since[process] = self.clock()
             step("service.unhealthy", level=logging.WARNING, process_name=process, reason=reason)
-            self.telemetry.events.emit("service.unhealthy", level=logging.WARNING, process=process, reason=reason)
+            self.telemetry.events.emit("service.unhealthy", level=logging.WARNING, process_name=process, reason=reason)
 
     def _on_sweep(self, rows: tuple[ProcessInfo, ...]) -> None:
         for row in rows:
@@ -755,9 +755,10 @@ class Machine:
             tracker = self._memory_restarts[process] = RestartTracker(policy)
         row = self.processes.get(process)
         decision = tracker.on_exit(time.monotonic(), row.uptime if row is not None else 0.0, expected=False)
-        fields = {"process_name": process, "rss_bytes": rss, "limit_bytes": limit}
-        self.telemetry.events.emit("resource.exhausted", level=logging.WARNING, process=process, rss_bytes=rss,
-                                   limit_bytes=limit)
+        # (a worker's says which: the id its own records carry)
+        fields = {"process_name": process, "rss_bytes": rss, "limit_bytes": limit,
+                  **({"worker_id": self._worker_ids[process]} if process in self._worker_ids else {})}
+        self.telemetry.events.emit("resource.exhausted", level=logging.WARNING, **fields)
         self._restarting.add(process)
         if decision.restart:
             step("resource.exhausted", level=logging.WARNING, **fields, action="graceful restart",
