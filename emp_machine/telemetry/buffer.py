@@ -185,6 +185,11 @@ _RETRY_FILES = 4
 _KIND_NAMES = {1: "span", 2: "log", 3: "metric"}
 _ADD_COUNTER = ("INSERT INTO counters(name, value) VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
+# Every reason a record is dropped for (docs/telemetry.md): the buffer's, and the shipper's records a collector
+# rejected (partial success). Exported from the start, each at 0 until it happens.
+DROP_REASONS = ("buffer_full", "oversize", "expired", "write_error", "disk_full", "dead_letter_overflow", "corrupt",
+                "corrupt_buffer", "rejected_by_collector")
+
 # Records dropped while in flight, by reason, not counted yet (see `Buffer._drop_chunks`).
 _ADD_PENDING = ("INSERT INTO pending_drops(name, value) VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")

@@ -15,7 +15,7 @@ from typing import IO, Any
 from opentelemetry.trace import SpanKind
 
 from emp_machine.telemetry import context as ctx
-from emp_machine.telemetry.buffer import Buffer, Kind, Value
+from emp_machine.telemetry.buffer import DROP_REASONS, Buffer, Kind, Value
 from emp_machine.telemetry.encode import Encoder
 from emp_machine.telemetry.joblog import ConnectorLogger
 from emp_machine.telemetry.logs import Events, RecordWriter, TelemetryLogger, TelemetryLogHandler
@@ -363,10 +363,16 @@ class Telemetry:
         # Drops since this process opened its buffer: the buffer keeps earlier runs' counts too (`emp-machine
         # telemetry` shows them), but a point's start time is this process's, so counting them again at each
         # restart made every earlier drop count anew wherever cumulative points are turned into deltas.
+        # Every known reason from the start, at 0 until one drops: absent, a query or alert on drops found no data
+        # rather than none.
         before = buffer.dropped_before_open
-        m.create_observable_counter("telemetry_records_dropped_total", [
-            lambda _: [Observation(v - before.get(k, 0), {"reason": k}) for k, v in buffer.stats().dropped.items()
-                       if v > before.get(k, 0)]], "1")
+
+        def dropped(_):
+            counts = buffer.stats().dropped
+            return [Observation(max(0, counts.get(k, 0) - before.get(k, 0)), {"reason": k})
+                    for k in sorted(set(DROP_REASONS) | set(counts))]
+
+        m.create_observable_counter("telemetry_records_dropped_total", [dropped], "1")
         m.create_observable_gauge("telemetry_dead_letter_records", [
             lambda _: [Observation(buffer.stats().dead_letter_records)]], "{record}")
         m.create_observable_gauge("telemetry_sampling_rate", [lambda _: [Observation(sampler.rate)]], "1")
