@@ -180,6 +180,16 @@ def test_connector_logger_events_metrics_and_otlp(tmp_path):
         a1111 = telemetry.connector_logger("a1111-0", "a1111")
         a1111.started("job-3", sampler="Euler a", steps=20, size=(512, 768))
         telemetry.events.emit("machine.started", boot_ms=1234)
+        # a step line of the machine's (runtime/machine.py step()): a record through logging, named by its fields
+        steps = logging.getLogger("test.machine_steps")
+        steps.addHandler(telemetry.log_handler)
+        steps.setLevel(logging.INFO)
+        steps.propagate = False
+        try:
+            steps.info("boot.start", extra={"fields": {
+                "event.name": "machine.boot.start", "event_type": "machine.boot.start", "processes": 2}})
+        finally:
+            steps.removeHandler(telemetry.log_handler)
         prom = telemetry.render_prometheus()
     finally:
         telemetry.shutdown()
@@ -198,7 +208,8 @@ def test_connector_logger_events_metrics_and_otlp(tmp_path):
     assert 'jobs_processed_total{status="failed",type="openai"} 1' in prom
     assert 'worker_errors_total{kind="job_failed",worker_id="m1-worker-1"} 1' in prom
     events = {r.event_name for r in receiver.logs()}
-    assert {"job.received", "job.completed", "job.failed", "machine.started"} <= events
+    assert {"job.received", "job.completed", "job.failed", "machine.started", "machine.boot.start"} <= events
+    assert by_event["machine.boot.start"]["event.name"] == "machine.boot.start"  # the JSON line as before
     names = {m.name for m in receiver.metrics()}
     assert {"jobs_processed_total", "job_duration_seconds", "telemetry_sampling_rate"} <= names
     assert all("sk-abcdefghijklmnop" not in str(r) for r in receiver.logs())

@@ -340,7 +340,11 @@ class TelemetryLogHandler(logging.Handler):
             event_type = getattr(record, "event_type", "")
             if event_type:
                 fields = {**(fields or {}), "event_type": event_type}
-            self.writer.write(_severity(record.levelno), message, fields, record.name, "",
+            event_name = ""
+            if fields and "event.name" in fields:  # a named event logged as a record (the machine's steps): the
+                fields = dict(fields)  # OTLP record's event_name, as an Events.emit record has (it had the
+                event_name = str(fields.pop("event.name"))  # attribute only); the JSON line keeps event.name
+            self.writer.write(_severity(record.levelno), message, fields, record.name, event_name,
                               int(record.created * 1e9))
         except Exception:
             self.handleError(record)
