@@ -331,7 +331,8 @@ workers:
 class _ErroringRedis:
     """A TCP server on a Redis's address that answers every command with an error, as a Redis refusing writes
     does (OOM, a failed replica): it counts the commands with `needle` and `offline` among their arguments
-    (the machine's offline marks of one worker). Only what a client needs: RESP arrays of bulk strings in, one error line out per command."""
+    (the machine's offline marks of one worker). Only what a client needs: RESP arrays of bulk strings in,
+    one error line out per command."""
 
     def __init__(self, port: int, needle: bytes):
         import socket
