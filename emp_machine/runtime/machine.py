@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +31,7 @@ from emp_machine.runtime import jobs, output_retention, queries
 from emp_machine.runtime import status as st
 from emp_machine.runtime.aggregate import Aggregator
 from emp_machine.runtime.health import HealthServer, WorkerMetrics
-from emp_machine.runtime.identity import NoStateHome, machine_secrets
+from emp_machine.runtime.identity import NoStateHome
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan, Probe
 from emp_machine.runtime.probes import run_probe
 from emp_machine.runtime.resp import RespError
@@ -1086,15 +1085,14 @@ class Machine:
             log.debug("machine registry entry not written: %s", exc)
 
     def _scrub_run_files(self) -> None:
-        """A stopped machine leaves no secret in run/: supervisord.conf (every process's resolved environment;
-        written again at each boot) goes, and run/manifest.json (read after the stop by `logs` and `ps` for the
-        process names) keeps its shape with the secret values masked. Left as they are while the supervisord
-        they belong to still runs."""
+        """A stopped machine leaves supervisord.conf (every process's resolved environment, secrets included;
+        written again at each boot) no more. Left while the supervisord it belongs to still runs. run/manifest.json
+        stays as it is (0600): `emp-machine errors` reads the exact secret values from it to mask them in the raw
+        service logs, which keep whatever a service printed (masked there, the token showed in plain text)."""
         if self.proc is not None and self.proc.returncode is None:
             return
         with contextlib.suppress(OSError):
             self.paths.conf.unlink()
-        _scrub_resolved(resolved_manifest_path(self.paths.state), os.environ)
 
     def _remove_pointer(self) -> None:
         try:
@@ -1415,29 +1413,6 @@ def _mount_ns(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/ns/mnt")
     except OSError:
         return None
-
-
-def _scrub_resolved(path: Path, environ: Mapping[str, str]) -> None:
-    """run/manifest.json with the machine's secret values masked, in place (0600, whole or not at all)."""
-    from emp_machine.runtime.view import View
-    from emp_machine.telemetry.redact import mask_values
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        masked = mask_values(data, machine_secrets(View(data), environ), min_length=1)
-    except (OSError, ValueError, LookupError, AttributeError, TypeError):
-        return
-    if masked is data:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.scrub")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w", encoding="utf-8") as fh:
-            json.dump(masked, fh)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _remove_run_files(paths: svconfig.Paths, pid: int) -> None:
