@@ -196,6 +196,25 @@ def test_a_store_that_loads_the_library_deletes_the_oldest_beyond_the_kept_ones(
     redis.delete(LIBRARIES_KEY)
 
 
+def test_live_versions_past_the_kept_number_do_not_delete_each_other(redis):
+    # Ten versions at once (each loaded within the hour): a load deleted the oldest, whose machines loaded it
+    # again and deleted the next, hundreds of loads a second, calls failing "Function not found" (review 167).
+    from emp_machine.runtime.jobs import LIBRARIES_KEPT, LIBRARIES_KEY
+
+    redis.function_flush()
+    redis.delete(LIBRARIES_KEY)
+    seconds, _ = redis.time()
+    live = [f"emp_jobs_{i:012x}" for i in range(LIBRARIES_KEPT + 2)]
+    for i, name in enumerate(live):
+        redis.function_load(f"#!lua name={name}\nredis.register_function('{name}_f', function() return 1 end)")
+        redis.hset(LIBRARIES_KEY, name, seconds * 1000 - 60_000 * i)  # the oldest loaded 9 minutes ago
+    run_one_job(JobStore(redis))
+    assert set(live) <= set(our_libraries(redis)) and len(our_libraries(redis)) == len(live) + 1
+    for name in live:
+        redis.function_delete(name)
+    redis.delete(LIBRARIES_KEY)
+
+
 def test_a_lost_connection_does_not_switch_functions_off():
     from emp_machine.runtime.redis_server import free_port
 

@@ -138,8 +138,12 @@ def _fcall_refused(error: Exception) -> bool:
 # Our function libraries a Redis keeps: each version of the scripts is a library of its own (~255 KB of the
 # server's memory with its Lua state), loaded by the first machine of that version to call it. A store that
 # loads one (the server had not got it) deletes the oldest beyond this many, by when each was last loaded
-# (jobs:libraries); one deleted while a machine still uses it is loaded again by that machine's next call.
+# (jobs:libraries), among those not loaded for LIBRARY_IDLE_S: one deleted while a machine still uses it is
+# loaded again by that machine's next call, which notes it recent, so live versions never delete each other
+# in turn (with more than LIBRARIES_KEPT of them, a load deleted the oldest, whose machines loaded it again and
+# deleted the next: hundreds of loads a second, and calls failing "Function not found").
 LIBRARIES_KEPT = 8
+LIBRARY_IDLE_S = 3600
 LIBRARIES_KEY = "jobs:libraries"  # HASH library name -> when a store last loaded it (Redis clock, ms)
 
 
@@ -572,9 +576,15 @@ class _JobOps:
                 except (TypeError, ValueError):
                     pass  # not ours to judge: counted as never noted
             present.sort(key=lambda library: when.get(library, 0.0), reverse=True)
-            for library in present[LIBRARIES_KEPT - 1:]:
-                yield _Call(None, ("function_delete", library))
-            gone = [library for library in when if library != name and library not in present[:LIBRARIES_KEPT - 1]]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            stale = [library for library in present[LIBRARIES_KEPT - 1:]
+                     if when.get(library, 0.0) < now_ms - LIBRARY_IDLE_S * 1000]
+            for library in stale:
+                try:
+                    yield _Call(None, ("function_delete", library))
+                except Exception:  # noqa: BLE001 - deleted by another store meanwhile: gone either way
+                    pass
+            gone = [library for library in when if library != name and (library in stale or library not in present)]
             if gone:
                 yield _Call(None, ("hdel", LIBRARIES_KEY, *gone))
         except Exception as exc:  # noqa: BLE001 (housekeeping must not fail the job call that loaded)
@@ -975,7 +985,13 @@ class JobStore(_Api):
                 else:
                     self._drive(self._loaded())
             if self.uses_functions:
-                return self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
+                try:
+                    return self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
+                except Exception as exc:
+                    if not _function_missing(exc):
+                        raise
+                    # deleted again between our load and this call (another store's prune): this call by
+                    # EVALSHA, the next one loads it again
         if not call.raw:
             return self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
         from redis.exceptions import NoScriptError
@@ -1025,7 +1041,11 @@ class AsyncJobStore(_Api):
                 else:
                     await self._drive(self._loaded())
             if self.uses_functions:
-                return await self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
+                try:
+                    return await self._client.execute_command("FCALL", *self._fcall_args(call), **_options(call))
+                except Exception as exc:
+                    if not _function_missing(exc):
+                        raise
         if not call.raw:
             return await self._scripts[call.script](keys=_FIXED_KEYS, args=list(call.args))
         from redis.exceptions import NoScriptError
