@@ -28,11 +28,21 @@ def test_a_failed_attempt_names_its_trace_in_the_hash_unless_the_producer_gave_o
     assert store.fail(plain, "w1", "for good", retryable=False, token=again.token, trace=(1, 2)).outcome == "failed"
     assert redis.hget(f"job:{plain}", "job_trace_id") == f"{TRACE:032x}"
 
-    given = store.submit("trsim", {}, job_id="tr-given", trace={"job_trace_id": "ab" * 16, "job_span_id": "cd" * 8})
+    given = store.submit("trsim", {}, job_id="tr-given", trace={"job_trace_id": "ab" * 16, "job_span_id": "cd" * 8},
+                         max_retries=10)
     job = store.claim(CAPS, start=True)
     store.fail(given, "w1", "transient", retryable=True, token=job.token, trace=(TRACE, SPAN))
     assert (redis.hget(f"job:{given}", "job_trace_id"), redis.hget(f"job:{given}", "job_span_id")) == \
         ("ab" * 16, "cd" * 8)  # the producer's context stays the job's
+    # a producer's placeholder or half a context is none (as the reader takes them): replaced by the attempt's
+    for junk in ({"job_trace_id": "temp-trace-id", "job_span_id": ""}, {"job_trace_id": "", "job_span_id": "cd" * 8},
+                 {"job_trace_id": "0" * 32, "job_span_id": "cd" * 8}):
+        redis.hset(f"job:{given}", mapping={**junk, "traceparent": "garbage"})
+        job = store.claim(CAPS, start=True)
+        store.fail(given, "w1", "transient", retryable=True, token=job.token, trace=(TRACE, SPAN))
+        assert (redis.hget(f"job:{given}", "job_trace_id"), redis.hget(f"job:{given}", "job_span_id")) == \
+            (f"{TRACE:032x}", f"{SPAN:016x}"), junk
+        assert timeline(store, given)["trace_id"] == f"{TRACE:032x}"
     redis.hset(f"job:{given}", "traceparent", f"00-{'12' * 16}-{'34' * 8}-01")
     redis.hset(f"job:{given}", mapping={"job_trace_id": "", "job_span_id": ""})
     job = store.claim(CAPS, start=True)

@@ -383,8 +383,9 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
 def _trace_id(job: dict) -> str:
     """The job's trace: its `job_trace_id` (the EMP API's, or a failed attempt's), else its W3C traceparent's
     (a producer that wrote only that showed none)."""
-    if job.get("job_trace_id"):
-        return job["job_trace_id"]
+    trace = job.get("job_trace_id") or ""
+    if re.fullmatch(r"[0-9a-fA-F]{32}", trace) and trace.strip("0"):  # (not a placeholder: temp-trace-id)
+        return trace.lower()
     match = re.fullmatch(r"\s*[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}\s*", job.get("traceparent") or "")
     return match.group(1) if match and match.group(1).strip("0") else ""
 

@@ -46,8 +46,14 @@ if stray then return stray end
 release(id, wid, now, state)
 local trace, span = string.match(ARGV[8] or '', '^(%x+):(%x+)$')
 if trace then
-  local had = redis.call('HMGET', jkey, 'job_trace_id', 'traceparent')
-  if (had[1] or '') == '' and (had[2] or '') == '' then
+  -- the producer's context as the reader (context.extract_job_context) takes it: a W3C traceparent, or both
+  -- ids as hex of their size, not all zero; a placeholder (temp-trace-id) or half of it is none
+  local function id(v, size)
+    return type(v) == 'string' and #v == size and string.match(v, '^%x+$') and string.match(v, '[1-9a-fA-F]')
+  end
+  local had = redis.call('HMGET', jkey, 'job_trace_id', 'job_span_id', 'traceparent')
+  local t, s = string.match(had[3] or '', '^%s*%x%x%-(%x+)%-(%x+)%-%x%x%s*$')
+  if not ((id(had[1], 32) and id(had[2], 16)) or (id(t, 32) and id(s, 16))) then
     redis.call('HSET', jkey, 'job_trace_id', trace, 'job_span_id', span)
   end
 end
