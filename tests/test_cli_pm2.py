@@ -95,7 +95,7 @@ def test_logs_are_readable_and_followed_after_the_machine_stopped(machine_factor
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [last]
     assert "no machine is running" in shown.stderr and str(machine.state_dir / "logs") in shown.stderr
-    assert f"the machine of {machine.manifest}:" in shown.stderr, shown.stderr  # whose logs these are
+    assert f"the log files of the machine of {machine.manifest} in" in shown.stderr, shown.stderr  # whose logs these are
     group = machine.cli("logs", "sim", "-n", "1")  # group names too, from the manifest the machine ran
     assert group.returncode == 0, group.stderr
     assert [line.split(" | ")[0] for line in group.stdout.splitlines() if not line.startswith("==>")] == [

@@ -434,6 +434,12 @@ def test_a_state_dir_too_long_for_supervisords_socket_is_refused_by_validate(tmp
     assert ok.returncode == 0, ok.stderr
 
 
+def test_backoff_max_alone_below_the_default_initial_is_no_backoff():
+    # refused since the backoff-order check compared it with a default the user never wrote (review 167)
+    assert load("workers:\n  w: {connector: simulation, restart: {backoff_max: 0s}}").workers["w"].restart \
+        .backoff_max == 0
+
+
 def test_the_embedded_redis_is_probed_fast_only_until_it_answers(tmp_path):
     # every 0.5 s for the machine's life, the probe's connect and close churned 172,800 connections a day
     # (audit BW); until the first answer run_probe checks every 0.1 s whatever the interval

@@ -315,7 +315,7 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
     proc.stdout.close()  # as `head -1` exits: 2 MB more to write, far past the pipe's buffer
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 141, err
-    assert f"showing the machine of {manifest}: log files" in err.decode(), err  # whose logs these are
+    assert f"showing the log files of the machine of {manifest} in" in err.decode(), err  # whose logs these are
     assert b"Traceback" not in err and b"BrokenPipe" not in err and b"Exception ignored" not in err, err
 
 
@@ -332,5 +332,5 @@ def test_logs_with_no_machine_and_no_manifest_say_whose_logs_they_show(tmp_path)
     done = subprocess.run([sys.executable, "-m", "emp_machine", "logs", "worker-0", "-n", "1"], capture_output=True,
                           text=True, timeout=30, env=env)
     assert done.returncode == 0 and done.stdout == "the demo's line\n", done.stderr
-    assert (f"showing the built-in simulation manifest's log files in {logs} (--manifest FILE for another "
-            "machine's)") in done.stderr, done.stderr
+    assert (f"showing the log files of the built-in simulation manifest's machine in {logs} (--manifest FILE "
+            "for another machine's)") in done.stderr, done.stderr

@@ -385,10 +385,10 @@ def cmd_logs(args) -> int:
             raise not_running
         from emp_machine.runtime import manifest as mf
 
-        which = ("the built-in simulation manifest's" if Path(source) == mf.BUILTIN_DEFAULT
-                 else f"the machine of {source}:")
+        which = ("the built-in simulation manifest's machine" if Path(source) == mf.BUILTIN_DEFAULT
+                 else f"the machine of {source}")
         hint = "" if getattr(args, "manifest", None) else " (--manifest FILE for another machine's)"
-        print(f"emp-machine: no machine is running; showing {which} log files in {logs_dir}{hint}",
+        print(f"emp-machine: no machine is running; showing the log files of {which} in {logs_dir}{hint}",
               file=sys.stderr, flush=True)
     path = logs_dir / f"{args.name}.log"
     if path.exists():

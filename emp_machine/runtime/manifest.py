@@ -188,7 +188,9 @@ class RestartSection(_Model):
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "RestartSection":
-        if self.backoff_initial > self.backoff_max:  # (the cap would make every delay backoff_max)
+        # (the cap would make every delay backoff_max); only when both are written: `backoff_max: 0` alone is
+        # "no backoff", below the default backoff_initial
+        if {"backoff_initial", "backoff_max"} <= self.model_fields_set and self.backoff_initial > self.backoff_max:
             raise ValueError(f"backoff_initial ({self.backoff_initial:g}s) is above backoff_max "
                              f"({self.backoff_max:g}s): the first delay cannot exceed the cap")
         return self
