@@ -555,12 +555,13 @@ class _JobOps:
 
     def _loaded(self) -> _Op:
         """After this store loaded the library: note when, and delete our libraries beyond LIBRARIES_KEPT,
-        oldest loaded first (one never noted, by a version before this, counts as oldest). Housekeeping: a
-        failure is logged, never raised into the call that loaded."""
+        oldest loaded first (one never noted, by a version before this, counts as oldest), among those not loaded
+        for LIBRARY_IDLE_S. Housekeeping: a failure is logged, never raised into the call that loaded."""
         name = function_library()[1][:-1]
         try:
             seconds, micros = yield _Call(None, ("time",))
-            yield _Call(None, ("hset", LIBRARIES_KEY, name, int(seconds) * 1000 + int(micros) // 1000))
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            yield _Call(None, ("hset", LIBRARIES_KEY, name, now_ms))
             listing = yield _Call(None, ("function_list", "emp_jobs_*"))
             present = []
             for entry in listing or []:
@@ -576,7 +577,6 @@ class _JobOps:
                 except (TypeError, ValueError):
                     pass  # not ours to judge: counted as never noted
             present.sort(key=lambda library: when.get(library, 0.0), reverse=True)
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
             stale = [library for library in present[LIBRARIES_KEPT - 1:]
                      if when.get(library, 0.0) < now_ms - LIBRARY_IDLE_S * 1000]
             for library in stale:
@@ -1249,7 +1249,7 @@ class JobSignals:
                             self._handle(_lenient_text(msg["channel"]), _lenient_text(msg["data"]))
                         except Exception:  # noqa: BLE001 - one message must never end the listener
                             _log.exception("job signal not handled; going on",
-                                           extra={"channel": str(msg["channel"])})
+                                           extra={"channel": _lenient_text(msg["channel"])})
             except (RedisConnectionError, RedisTimeout, OSError):
                 await asyncio.sleep(self._reconnect_delay_s)
             except Exception:  # noqa: BLE001 - one the reader cannot take: as after a lost connection

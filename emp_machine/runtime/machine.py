@@ -268,7 +268,7 @@ class Machine:
                 loop.remove_signal_handler(sig)
             self._waits.shutdown(wait=False)
             self._remove_pointer()
-            self._scrub_run_files()
+            self._remove_config()
         return self.exit_code
 
     async def handle(self, event) -> None:
@@ -1084,7 +1084,7 @@ class Machine:
         except (OSError, NoStateHome) as exc:  # NoStateHome: no home directory for the per-user registry
             log.debug("machine registry entry not written: %s", exc)
 
-    def _scrub_run_files(self) -> None:
+    def _remove_config(self) -> None:
         """A stopped machine leaves supervisord.conf (every process's resolved environment, secrets included;
         written again at each boot) no more. Left while the supervisord it belongs to still runs. run/manifest.json
         stays as it is (0600): `emp-machine errors` reads the exact secret values from it to mask them in the raw

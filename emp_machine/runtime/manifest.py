@@ -38,7 +38,6 @@ from emp_machine.runtime.hardware import MAX_GPUS
 from emp_machine.runtime.resp import redis_url_db
 from emp_machine.supervisor.config import (COMMENT_FIX, MAX_UNIX_SOCKET_PATH, STOP_SIGNALS, Paths, config_value_problem,
                                            env_value_problem)
-
 from emp_machine.telemetry.config import TelemetryConfig, apply_otel_env
 from emp_machine.telemetry.urls import http_url_problem, url_problem
 from emp_machine.units import ByteSize, Duration
@@ -1215,21 +1214,18 @@ def _check_resolved(resolved: Manifest, manifest: Manifest, environ: Mapping[str
                 "machine.id", "the machine id has no letters or digits: its state directory would be the one "
                               "every such machine shares", line=_line(lines, path),
                 hint=id_from + "use letters, digits and '-', e.g. comfyui-1"))
-    if (problem := config_value_problem(state_dir)) is not None:
-        path = ("machine", "state_dir")
-        where = "" if manifest.machine.state_dir else "it comes from XDG_STATE_HOME (or HOME): "
-        problems.append(ManifestProblem("machine.state_dir", f"the state directory {problem}",
-                                        line=_line(lines, path),
-                                        hint=where + "choose a path without ' ;', ' #', line breaks or spaces at "
-                                                     "the ends (set machine.state_dir)"))
-    elif "%" in state_dir:
+    problem = config_value_problem(state_dir)
+    fix = "choose a path without ' ;', ' #', line breaks or spaces at the ends"
+    if problem is None and "%" in state_dir:
         # supervisord expands its programs' log file paths twice, so no escape of ours survives: the boot failed
         # on its format error (or, with '%(here)s', the logs went elsewhere)
+        problem = "holds '%', which supervisord expands in the log file paths it writes there"
+        fix = "choose a path without '%'"
+    if problem is not None:
         where = "" if manifest.machine.state_dir else "it comes from XDG_STATE_HOME (or HOME): "
-        problems.append(ManifestProblem("machine.state_dir", "the state directory holds '%', which supervisord "
-                                                             "expands in the log file paths it writes there",
+        problems.append(ManifestProblem("machine.state_dir", f"the state directory {problem}",
                                         line=_line(lines, ("machine", "state_dir")),
-                                        hint=where + "choose a path without '%' (set machine.state_dir)"))
+                                        hint=f"{where}{fix} (set machine.state_dir)"))
     if resolved.redis.url != "embedded" and (problem := env_value_problem(resolved.redis.url)) is not None:
         problems.append(ManifestProblem("redis.url", f"the Redis URL {problem}, which supervisord cannot pass to "
                                                      "the workers", line=_line(lines, ("redis", "url")),
@@ -1248,6 +1244,7 @@ def socket_problem(manifest: Manifest, source: str) -> ManifestError | None:
                              f"{len(str(socket_path))} characters, over the unix limit of {MAX_UNIX_SOCKET_PATH})",
         hint="set machine.state_dir (or EMP_MACHINE__STATE_DIR; by default it is under XDG_STATE_HOME or HOME) "
              "to a shorter directory")])
+
 
 # -- resolution ---------------------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -383,11 +382,12 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
 def _trace_id(job: dict) -> str:
     """The job's trace: its `job_trace_id` (the EMP API's, or a failed attempt's), else its W3C traceparent's
     (a producer that wrote only that showed none)."""
-    trace = job.get("job_trace_id") or ""
-    if re.fullmatch(r"[0-9a-fA-F]{32}", trace) and trace.strip("0"):  # (not a placeholder: temp-trace-id)
-        return trace.lower()
-    match = re.fullmatch(r"\s*[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}\s*", job.get("traceparent") or "")
-    return match.group(1) if match and match.group(1).strip("0") else ""
+    from emp_machine.telemetry.context import parse_trace_id, parse_traceparent  # (the reader's own rules)
+
+    trace = parse_trace_id(job.get("job_trace_id"))  # 0 for a placeholder (temp-trace-id)
+    if not trace and (parent := parse_traceparent(job.get("traceparent"))) is not None:
+        trace = parent.trace_id
+    return f"{trace:032x}" if trace else ""
 
 
 def _id_or_none(value: object) -> str | None:
