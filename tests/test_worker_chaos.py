@@ -310,6 +310,43 @@ def test_redis_restarted_mid_run_workers_reconnect_and_carry_on(tmp_path):
         server.stop()
 
 
+def test_a_worker_registers_again_at_once_when_redis_is_flushed_or_comes_back_empty(tmp_path):
+    """Audit BZ: with the default 60 s lease a worker beats every 20 s, and only the beat looked for its
+    registration: after a FLUSHALL or an empty restart the machine saw no heartbeat (/health 503) for up to
+    20 s while the worker ran jobs. A job whose hash vanished now makes it look at once, as does its
+    subscription coming back; and that job is said to have vanished (a WARNING), not to be "left to its new
+    owner". Every step below ends well before the first beat, 20 s after the start."""
+    port = free_port()
+    server = PrivateRedis(tmp_path / "redis").start(port)
+    client = redis_lib.Redis(port=port, decode_responses=True)
+    procs = WorkerProcs(_sim_workers(1), tmp_path / "w", server.url)
+    wid = procs.ids[0]
+
+    def registered(c):
+        return c.hget(f"worker:{wid}", "capabilities") and c.exists(f"worker:{wid}:heartbeat")
+
+    try:
+        procs.start()
+        procs.wait_up(client)
+        job_id = JobStore(client).submit("simulation", {"steps": 400, "step_ms": 50})  # 20 s of progress
+        wait_status(client, job_id, "in_progress")
+        client.flushall()  # the job's hash and the worker's registration with it
+        wait_for(lambda: registered(client), timeout=8, message=f"{wid} to register again\n{procs.log(0)[-2000:]}")
+        wait_for(lambda: '"job.vanished"' in procs.log(0), timeout=8, message=procs.log(0)[-2000:])
+        assert "left to its new owner" not in procs.log(0)
+        assert not client.exists(f"job:{job_id}")  # nothing written for the vanished job
+        wait_for(lambda: client.hget(f"worker:{wid}", "status") == "idle", timeout=8)
+
+        server.stop()  # and an empty restart with the worker idle: its subscription comes back, and looks
+        server.start(port)
+        client = redis_lib.Redis(port=port, decode_responses=True)
+        wait_for(lambda: registered(client), timeout=8, message=f"{wid} to register again\n{procs.log(0)[-2000:]}")
+        assert procs.log(0).count('"worker.registration_lost"') == 2
+    finally:
+        procs.close()
+        server.stop()
+
+
 # -- a connector misbehaving: its own CancelledError, SystemExit, a slow cancel(), a large inline result ------
 
 CHAOS = '''

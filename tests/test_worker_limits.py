@@ -158,6 +158,9 @@ def test_a_dead_predecessors_token_brought_back_by_redis_does_not_stop_a_running
                  message=f"the job completed\n{procs.log(0)[-2000:]}")
         assert procs.procs[0].poll() is None and "this worker stops" not in procs.log(0)
         assert [e["ev"] for e in store.timeline(job_id).events].count("claimed") == 1
+        # said in words the log's redaction leaves alone ("another token: registering" read as a secret's
+        # value came out "another token: [REDACTED] again", audit BZ)
+        assert "held by another instance: registering again" in procs.log(0), procs.log(0)[-2000:]
     finally:
         procs.close()
 

@@ -408,7 +408,7 @@ class _Progress:
             self.written_percent = percent
         if own is Ownership.OK or self.worker.running.get(self.job.id) is not self.task:
             return  # ours, or this attempt was already superseded here: a stop now would hit the newer one
-        self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED)
+        self.worker.request_stop(self.job.id, lost=own is not Ownership.CANCELLED, vanished=own is Ownership.MISSING)
 
     def estimate(self, percent: float) -> str:
         """When the job should end at the rate it went so far (ISO-8601 UTC), '' before any progress: the
@@ -461,6 +461,8 @@ class Worker:
         self.slot_freed: set[asyncio.Task] = set()
         self.cancelled: set[str] = set()  # the API cancelled these: stop, never complete
         self.lost: set[str] = set()  # the lease went to the reaper (or the hash vanished): stop, write nothing
+        self.vanished: set[str] = set()  # of `lost`, those whose job hash is gone (Redis lost its data)
+        self._registering = False  # a _register_again in flight
         self.stop_requested: dict[str, float] = {}  # job id -> when the connector was told to stop it
         self._stop_wakers: dict[str, Callable[[], None]] = {}  # job id -> called by request_stop (_call_connector)
         self.orphans_seen: set[str] = set()  # in jobs:active for us but not running here, at the last heartbeat
@@ -672,11 +674,14 @@ class Worker:
     def _forget_stop(self, job_id: str) -> None:
         self.cancelled.discard(job_id)
         self.lost.discard(job_id)
+        self.vanished.discard(job_id)
         self.stop_requested.pop(job_id, None)
 
     def _job_done(self, job_id: str, task: asyncio.Task) -> None:
         if self.running.get(job_id) is task:  # else a newer attempt of the job runs here, with its own marks
             del self.running[job_id]
+            if job_id in self.vanished:  # no script ended it, so none set this worker idle (or busy with another)
+                self._keep_side_task(self._own_task(self._refresh_status()))
             self._forget_stop(job_id)
         if task in self.slot_freed:
             self.slot_freed.discard(task)
@@ -819,6 +824,8 @@ class Worker:
                                     duration_ms=round((time.monotonic() - started) * 1000, 1))
                 else:
                     tel.events.emit("job.not_completed", level=logging.WARNING, job_id=job.id, ownership=str(own))
+                    if own is Ownership.MISSING:  # the hash is gone: so may be this worker's registration
+                        self.register_again_soon()
             except asyncio.CancelledError as exc:
                 if not asyncio.current_task().cancelling() and not self.draining.is_set():
                     # Not this task's cancellation but the connector's own (an inner task of its was
@@ -1157,6 +1164,11 @@ class Worker:
         """Never completed: the API already failed it (cancel) or it went to someone else (lost lease).
         A connector that reports a cancellation nobody asked for (a service interrupted by hand) fails
         the job with its own message instead: "cancelled by user" would be untrue."""
+        if job.id in self.vanished:
+            self.log.warning("job hash vanished while running: Redis lost its data (restarted empty, flushed) or "
+                             "the key was deleted; the job is not completed", extra={
+                                 "event_type": "job.vanished", "fields": {"job_id": job.id}})
+            return
         if job.id in self.lost:
             self.log.info("job lost while running; left to its new owner",
                           extra={"event_type": "job.lost", "fields": {"job_id": job.id, "reason": reason}})
@@ -1238,12 +1250,15 @@ class Worker:
             self.telemetry.events.emit("job.handed_back", level=logging.WARNING, job_id=job_id,
                                        ownership=str(own), reason=reason)
 
-    def request_stop(self, job_id: str, *, lost: bool) -> None:
-        """The job was cancelled by the API (or, `lost`, went to another worker): never complete it, and
-        ask the connector to stop it. Called from callbacks; does not wait."""
+    def request_stop(self, job_id: str, *, lost: bool, vanished: bool = False) -> None:
+        """The job was cancelled by the API (or, `lost`, went to another worker; `vanished`, its hash is gone):
+        never complete it, and ask the connector to stop it. Called from callbacks; does not wait."""
         if job_id not in self.running:
             return
         (self.lost if lost else self.cancelled).add(job_id)
+        if vanished:
+            self.vanished.add(job_id)
+            self.register_again_soon()
         if job_id in self.stop_requested:
             return
         self.stop_requested[job_id] = time.monotonic()
@@ -1348,6 +1363,7 @@ class Worker:
         only the next heartbeat (a third of the lease: 20 s by default) stopped such a job."""
         if self.running:
             self._keep_side_task(asyncio.get_running_loop().create_task(self._look_for_cancels(list(self.running))))
+        self.register_again_soon()  # Redis may have come back empty
 
     async def _look_for_cancels(self, job_ids: list[str]) -> None:
         """As the heartbeat's script judges: a job still in our jobs:active whose hash says failed (a job this
@@ -1476,7 +1492,7 @@ class Worker:
                     # dead predecessor's, brought back by a Redis restored from an older snapshot or a replica
                     # behind) just goes: every worker of the machine gave its id up and quit for it.
                     self._foreign_holder = holder if _predecessor(holder) == "unknown" else None
-                    self.log.warning("worker id registered under another token: registering again",
+                    self.log.warning("worker id held by another instance: registering again",
                                      extra={"event_type": "worker.reregistered",
                                             "fields": {"other_instance": holder}})
                     await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
@@ -1485,10 +1501,7 @@ class Worker:
                 else:
                     self._foreign_holder = None
                 if not has_caps:
-                    # Redis came back empty (restarted without persistence): register again
-                    await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
-                                                     self.connector_statuses, instance=self.instance)
-                    await self._refresh_status()
+                    await self._registration_lost()
             except RedisError as exc:
                 self.log.warning("heartbeat failed", extra={"fields": {"error": self._redis_error(exc)}})
                 continue
@@ -1503,6 +1516,37 @@ class Worker:
             strays = {j for j in beat.renewed if j not in self.running}
             await self._release_orphans(sorted(strays & self.orphans_seen), "not running on its worker")
             self.orphans_seen = strays - self.orphans_seen
+
+    def register_again_soon(self) -> None:
+        """Redis may have lost this worker's registration (its subscription came back after a lost connection,
+        or a job's hash vanished): look now. Only the next beat (a third of the lease: 20 s by default) looked,
+        and until then the machine reported a worker running jobs as having no heartbeat (/health 503)."""
+        if not self._registering:
+            self._registering = True
+            self._keep_side_task(self._own_task(self._register_again()))
+
+    async def _register_again(self) -> None:
+        try:
+            # a few tries: after a restart the pool's first connection is the dead one (Connection closed)
+            for delay in (0.0, 0.2, 1.0):
+                await asyncio.sleep(delay)
+                try:
+                    if not await self.redis.hexists(worker_key(self.ident.worker_id), "capabilities"):
+                        await self._registration_lost()
+                    return
+                except RedisError:
+                    continue  # then the next beat looks
+        finally:
+            self._registering = False
+
+    async def _registration_lost(self) -> None:
+        """worker:{id} lost its registration (Redis restarted without its data, or was flushed): written again,
+        heartbeat key included, and said (it was silent: the only sign was the machine's missing heartbeat)."""
+        self.log.warning("worker registration gone from Redis (restarted without its data, or flushed): "
+                         "registering again", extra={"event_type": "worker.registration_lost"})
+        await self.store.register_worker(self.ident.worker_id, self.ident.machine_id, self.caps,
+                                         self.connector_statuses, instance=self.instance)
+        await self._refresh_status()
 
     async def _health_watch(self) -> None:
         """The connector's health, checked as often as the heartbeat beats but in its own task (a check may
