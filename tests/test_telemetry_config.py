@@ -47,14 +47,42 @@ def test_each_process_buffer_gets_its_share_of_the_machines_limits(tmp_path):
     # three workers and its own process stays within 100 MB in all, not 4 x 100 MB.
     from emp_machine.telemetry import setup
 
-    config = TelemetryConfig(buffer={"max_size": "100MB", "segment_size": "40MB"})
+    config = TelemetryConfig(buffer={"max_size": "100MB", "segment_size": "40MB"},
+                             sampling={"spans_per_second": 100}, overhead={"cpu_percent": 2})
     telemetry = setup(config, machine_id="m1", worker_id="m1-worker-0", service_type="sim",
                       buffer_path=tmp_path / "w0.db", process_share=0.25, stream=open("/dev/null", "w"),
                       start_shipper=False)
     try:
         assert (telemetry.buffer.max_size, telemetry.buffer.segment_size) == (25 * 10**6, 10 * 10**6)
+        # and the span and CPU budgets (mutation audit M3: no test held them to the share)
+        assert telemetry.sampler.target == pytest.approx(25.0)
+        assert telemetry.sampler.cpu_budget == pytest.approx(0.005)
     finally:
         telemetry.shutdown(timeout=2)
+
+
+def test_a_machine_splits_the_span_budget_across_its_processes(machine_factory):
+    # The manifest's budget is the machine's: with two workers, the machine process and each worker get a
+    # third of it (said at start: machine.started, worker.spawned). A worker that took the whole budget, or
+    # the machine counting its workers wrong, let a machine of N workers export N+1 times its budget.
+    import json
+
+    from harness import wait_for
+
+    machine = machine_factory("""
+    telemetry:
+      sampling: {spans_per_second: 90}
+    workers:
+      sim:
+        connector: simulation
+        count: 2
+    """)
+    machine.wait_ready(60)
+    assert machine.wait_event("machine.started")["spans_per_second"] == pytest.approx(30.0)
+    for i in range(2):
+        spawned = wait_for(lambda: [json.loads(line) for line in machine.log_of(f"worker-{i}").splitlines()
+                                    if '"worker.spawned"' in line], timeout=30, message=f"worker-{i} spawned")
+        assert spawned[0]["spans_per_second"] == pytest.approx(30.0), spawned
 
 
 @pytest.mark.parametrize("env, variable", [

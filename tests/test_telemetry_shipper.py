@@ -720,3 +720,22 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap(buffer):
         cap = min(8.0, 2.0 ** n)
         assert cap / 2 <= wait <= cap, (n, waits)
     assert waits[3] > waits[0] * 2  # it grows: 4-8 s after the fourth failure against 0.5-1 s after the first
+    # and it is jittered: machines back from one outage do not retry in step (each wait its own fraction)
+    assert len({round(wait / min(8.0, 2.0 ** n), 6) for n, wait in enumerate(waits)}) > 1, waits
+
+
+def test_a_retry_after_longer_than_the_backoff_is_what_the_shipper_waits(buffer, receiver):
+    # The collector's Retry-After, not the (shorter) backoff, decides when a signal is tried again (a fake clock:
+    # the real-time test above cannot tell the two waits apart).
+    receiver.respond_next(503, headers={"Retry-After": "5"})
+    clock = [1000.0]
+    shipper = _shipper(buffer, receiver.endpoint, batch_min=1, batch_max=1, base_backoff=0.05, max_backoff=0.2,
+                       clock=lambda: clock[0])
+    try:
+        buffer.append(Kind.SPAN, Value.ROUTINE, _span(0))
+        buffer.flush()
+        shipper.ship_once()
+        assert receiver.statuses == [503]
+        assert shipper._held_until(Kind.SPAN) - clock[0] == pytest.approx(5.0)
+    finally:
+        shipper._close()

@@ -217,6 +217,49 @@ def test_a_span_ending_after_its_job_root_follows_the_jobs_decision(fail):
         assert late_names == ["late.failing"] and tracer.dropped_spans == dropped + 1
 
 
+@pytest.mark.parametrize("root_status, kept_whole", [(None, True), (StatusCode.OK, False)])
+def test_a_failed_child_keeps_an_unsampled_jobs_trace_unless_the_root_says_ok(root_status, kept_whole):
+    # A job whose service call failed while its root ended with no status is a failed job: its whole trace is
+    # kept at any rate. An OK status set on the root is the job's own word that it did not fail (a job a drain
+    # handed back, whose cancelled calls ended in error): dropped then, and counted (mutation audit M3).
+    clock = FakeClock()
+    tracer, kept = _tracer(1, clock)
+    tracer.sampler.threshold = 0  # unsampled: kept only if the job fails (or is slow)
+    tracer.sampler.next_adjust = float("inf")
+    with tracer.start_as_current_span("job.execution") as root:
+        with tracer.start_as_current_span("task.preprocessing"):
+            pass
+        with tracer.start_as_current_span("service.call") as call:
+            call.set_status(StatusCode.ERROR, "the service said no")
+        if root_status is not None:
+            root.set_status(root_status)
+    names = sorted(record[3] for _, _, record in kept)
+    if kept_whole:
+        assert names == ["job.execution", "service.call", "task.preprocessing"]
+        assert tracer.tail_kept_jobs == 1 and tracer.dropped_spans == 0
+    else:
+        assert names == [] and tracer.tail_kept_jobs == 0 and tracer.dropped_spans == 3
+
+
+def test_the_rate_at_most_doubles_a_second_when_the_load_falls():
+    # From its floor the rate climbs back by doubling (the docstring's rule): a jump straight to 1.0 let the
+    # next burst keep up to the window cap at once.
+    clock = FakeClock()
+    tracer, _ = _tracer(100, clock)
+    for i in range(3000):  # 1000 spans/s for 3 s: ten times the budget
+        clock.now = 1000 + i / 1000
+        tracer.start_span("x").end()
+    rates = [tracer.sampler.rate]
+    assert rates[0] < 0.2
+    for second in range(6):  # then 10 spans/s: far under the budget
+        for i in range(10):
+            clock.now = 1003 + second + i / 10
+            tracer.start_span("x").end()
+        rates.append(tracer.sampler.rate)
+    assert rates[-1] == 1.0, rates
+    assert all(later <= 2 * earlier + 1e-9 for earlier, later in zip(rates, rates[1:])), rates
+
+
 def test_exceptions_keep_type_and_message_and_stacks_are_rate_limited():
     clock = FakeClock()
     tracer, kept = _tracer(1000, clock)

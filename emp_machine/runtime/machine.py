@@ -455,7 +455,8 @@ class Machine:
             step("machine_ready", boot_seconds=boot_seconds, workers=len(self.plan.workers),
                  services=len(self.plan.services))
             self.telemetry.events.emit("machine.started", boot_seconds=boot_seconds,
-                                       workers=len(self.plan.workers), services=len(self.plan.services))
+                                       workers=len(self.plan.workers), services=len(self.plan.services),
+                                       spans_per_second=round(self.telemetry.sampler.target, 3))  # its share
 
     async def _start(self, name: str) -> None:
         try:

@@ -529,8 +529,10 @@ class Worker:
         self._own_context = contextvars.copy_context()  # the worker's, for its tasks started inside a job's
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._health_watch()),
                       asyncio.create_task(self._reaper())]
+        # spans_per_second: this process's share of the manifest's budget (split across the machine's processes)
         self.telemetry.events.emit("worker.spawned", worker_id=self.ident.worker_id,
-                                   connector=self.group.connector, job_types=self.job_types)
+                                   connector=self.group.connector, job_types=self.job_types,
+                                   spans_per_second=round(self.telemetry.sampler.target, 3))
         try:
             await self._claim_loop(signals)
             await self._drain()
