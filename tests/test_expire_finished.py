@@ -70,7 +70,9 @@ def test_a_job_that_finished_again_recently_keeps_its_hash_and_odd_entries_do_no
     now = int(redis.time()[0]) * 1000
     # Long ago it completed; resubmitted, it failed again just now: its old completed entry goes, its hash stays.
     redis.hset("jobs:completed", again, json.dumps({"success": True, "data": {}, "completed_at": "2020-01-01T00:00:00.000Z"}))
-    redis.hset(f"job:{again}", mapping={"status": "failed", "failed_at": jobs.iso_now()})
+    # (its hash's completed_at is the old run's: only the recent failed_at says the hash is current)
+    redis.hset(f"job:{again}", mapping={"status": "failed", "failed_at": jobs.iso_now(),
+                                        "completed_at": "2020-01-01T00:00:00.000Z"})
     redis.hset("jobs:failed", again, json.dumps({"failed_at": jobs.iso_now()}))
     # Entries whose time is no text, one without a hash but with a progress hash left behind.
     redis.hset("jobs:failed", "null-time", json.dumps({"failed_at": None}))
@@ -106,3 +108,30 @@ def test_cancelled_jobs_are_forgotten_too(redis, redis_url):
     assert not redis.exists(f"job:{running}", f"job:{running}:progress", f"job:{queued}")
     assert redis.hget(f"job:{again}", "status") == "pending"
     assert not redis.zcard("jobs:cancelled")
+
+
+def test_a_resubmitted_id_claimed_but_not_started_keeps_its_hash(redis, redis_url):
+    # `assigned` is running as much as in_progress is: an old result entry of the id goes, the current hash
+    # (with the old run's completed_at still in it) stays (mutation audit M1).
+    store = JobStore(redis)
+    old = finish(store, True)
+    redis.hset("jobs:completed", old, json.dumps({"success": True, "completed_at": "2020-01-01T00:00:00.000Z"}))
+    store.submit("sim", {}, job_id=old)
+    assert store.claim(W).id == old  # claimed, not started: assigned
+    redis.hset(f"job:{old}", "completed_at", "2020-01-01T00:00:00.000Z")
+    assert expire(redis_url, int(redis.time()[0]) * 1000) == 1
+    assert redis.hget(f"job:{old}", "status") == "assigned" and not redis.hexists("jobs:completed", old)
+
+
+def test_every_chunk_of_old_cancels_is_forgotten_in_one_run(redis, redis_url):
+    # More cancels than one call takes: the run goes on to the last chunk (mutation audit M1: a pass that
+    # stopped after its first chunk left the rest for the next run, a day later, and fell behind for good).
+    count = jobs._CHUNK * 2 + 5
+    long_ago = int(redis.time()[0]) * 1000 - 9 * DAY_MS
+    pipe = redis.pipeline()
+    for i in range(count):
+        pipe.zadd("jobs:cancelled", {f"c{i}": long_ago})
+        pipe.hset(f"job:c{i}", mapping={"status": "failed", "failed_at": "2020-01-01T00:00:00.000Z"})
+    pipe.execute()
+    assert expire(redis_url, int(redis.time()[0]) * 1000) == count
+    assert redis.zcard("jobs:cancelled") == 0 and not redis.exists(*(f"job:c{i}" for i in range(count)))

@@ -229,6 +229,7 @@ def test_complete_transitions_and_message(store, redis, listen):
                           workflow_datetime_ms=1_700_000_000_000)
     store.claim(CAPS)
     store.start(job_id, "w1")
+    redis.hset("worker:w1", "last_status_change", "2000-01-01T00:00:00.000Z")  # to see it written again
     result = {"outputs": [{"path": "/out/a.png", "mime": "image/png", "size": 10}], "empty": []}
     assert store.complete(job_id, "w1", result, "done") == "ok"
     stored = redis.hgetall(f"job:{job_id}")
@@ -242,7 +243,12 @@ def test_complete_transitions_and_message(store, redis, listen):
                    "current_step": 2, "total_steps": 3, "workflow_priority": 60,
                    "workflow_datetime": 1_700_000_000_000}
     assert redis.hget("worker:w1", "status") == "idle"
-    assert sub.wait_for("worker_status", 3)[-1]["new_status"] == "idle"
+    changed = redis.hget("worker:w1", "last_status_change")
+    assert ISO.match(changed) and changed > "2000-01-01T00:00:00.000Z"
+    idle = sub.wait_for("worker_status", 3)[-1]
+    assert idle == {"worker_id": "w1", "old_status": "busy", "new_status": "idle", "current_job_id": "",
+                    "timestamp": idle["timestamp"]}  # the contract's fields, current_job_id "" when idle
+    assert isinstance(idle["timestamp"], int)
     assert redis.zscore("jobs:leases", job_id) is None
 
 
@@ -297,10 +303,12 @@ def test_retry_then_final_failure_with_can_retry_always_set(redis, listen):
     sub = listen("job_failed")
     job_id = store.submit("sim", {}, max_retries=3, priority=40)
     score = redis.zscore("jobs:pending", job_id)
+    retried_at = []
     for attempt in (1, 2):
         assert store.claim(CAPS).id == job_id
         assert store.fail(job_id, "w1", f"boom {attempt}", retryable=True).outcome == "retried"
         stored = redis.hgetall(f"job:{job_id}")
+        retried_at.append(stored["failed_at"])
         assert stored["status"] == "pending" and stored["worker_id"] == "" and stored["assigned_at"] == ""
         assert stored["retry_count"] == str(attempt) and stored["last_failed_worker"] == "w1"
         assert stored["error"] == f"boom {attempt}" and ISO.match(stored["failed_at"])
@@ -316,6 +324,9 @@ def test_retry_then_final_failure_with_can_retry_always_set(redis, listen):
         "error": "boom 3", "failed_at": stored["failed_at"], "retry_count": 3}
     msgs = sub.wait_for("job_failed", 3)
     assert [m["can_retry"] for m in msgs] == [True, True, False]
+    for n, (msg, failed_at) in enumerate(zip(msgs, retried_at), 1):  # a retry's message, whole
+        assert msg == {"job_id": job_id, "worker_id": "w1", "status": "pending", "error": f"boom {n}",
+                       "failed_at": failed_at, "retry_count": n, "can_retry": True, "timestamp": msg["timestamp"]}
     assert msgs[-1] == {"job_id": job_id, "worker_id": "w1", "status": "failed", "error": "boom 3",
                         "failed_at": stored["failed_at"], "retry_count": 3, "can_retry": False,
                         "timestamp": msgs[-1]["timestamp"]}
@@ -376,3 +387,77 @@ def test_submit_refuses_nan_in_requirements_and_ctx(store, redis, field, value):
     with pytest.raises(ValueError, match=f"^{field} holds NaN or Infinity"):
         store.submit("sim", {}, **{field: value})
     assert redis.keys("job*") == [] and redis.zcard("jobs:pending") == 0
+
+
+def test_a_heartbeat_moves_the_workers_entry_in_the_beats_index(store, redis):
+    # jobs:worker_beats is how the reaper finds a worker killed while idle (its heartbeat key lapsed, no job to
+    # reap): each beat must move the worker's entry with its key, or the entry lapses under a live worker, is
+    # dropped, and the worker's later death is never seen (shown idle for good). Mutation audit M1.
+    store.register_worker("w1", "m1", CAPS)
+    redis.zadd("jobs:worker_beats", {"w1": 0})  # as the registration's entry stands a minute later
+    store.heartbeat("w1")
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    assert now_ms + 55_000 <= redis.zscore("jobs:worker_beats", "w1") <= now_ms + 60_000
+
+
+def test_a_fail_retried_after_it_landed_returns_what_it_did(redis):
+    # A fail whose reply was lost is sent again with the same claim token: it changes nothing and says what
+    # the first did, with its count (the worker's job.retry / job.failed events carry it). Mutation audit M1.
+    store = JobStore(redis, avoid_reclaim_s=0)
+    job_id = store.submit("sim", {}, max_retries=2)
+    job = store.claim(CAPS)
+    first = store.fail(job_id, "w1", "boom", retryable=True, token=job.token)
+    assert (first.outcome, first.retry_count) == ("retried", 1)
+    again = store.fail(job_id, "w1", "boom", retryable=True, token=job.token)
+    assert (again.outcome, again.retry_count) == ("retried", 1)
+    job = store.claim(CAPS)
+    final = store.fail(job_id, "w1", "boom", retryable=True, token=job.token)
+    assert (final.outcome, final.retry_count) == ("failed", 2)
+    again = store.fail(job_id, "w1", "boom", retryable=True, token=job.token)
+    assert (again.outcome, again.retry_count) == ("failed", 2)
+    assert redis.hget(f"job:{job_id}", "retry_count") == "2"
+
+
+def test_cancel_and_hand_back_messages_are_the_contracts(store, redis, listen):
+    # cancel_job {job_id, worker_id, reason, timestamp}; a hand-back announces the job on job_requeued, which
+    # wakes idle workers (without it the job waited for their fallback sweep). Mutation audit M1.
+    sub = listen("cancel_job", "job_requeued")
+    running, back = store.submit("sim", {}), store.submit("sim", {})
+    assert {store.claim(CAPS).id, store.claim(CAPS).id} == {running, back}
+    assert store.cancel(running, "not needed")
+    [cancel] = sub.wait_for("cancel_job")
+    assert cancel == {"job_id": running, "worker_id": "w1", "reason": "not needed", "timestamp": cancel["timestamp"]}
+    assert isinstance(cancel["timestamp"], int)
+    assert store.hand_back(back, "w1", "drain") == "ok"
+    [requeued] = sub.wait_for("job_requeued")
+    assert requeued == {"job_id": back, "service_required": "sim", "reason": "drain",
+                        "timestamp": requeued["timestamp"]}
+
+
+@pytest.mark.parametrize("end", ["never", "completed", "failed"])
+def test_a_jobs_timeline_always_expires_and_its_end_renews_it(store, redis, end):
+    # A job that never ends (its producer gone) must not keep its timeline for ever: it expires from the first
+    # event; the end of a job gives it the full week again from then. Mutation audit M1.
+    job_id = store.submit("sim", {}, max_retries=1)
+    key = f"job:{job_id}:events"
+    assert 7 * 86400 - 60 <= redis.ttl(key) <= 7 * 86400
+    if end == "never":
+        return
+    redis.expire(key, 100)  # as if the job had waited almost a week
+    store.claim(CAPS, start=True)
+    if end == "completed":
+        assert store.complete(job_id, "w1", {}) == "ok"
+    else:
+        assert store.fail(job_id, "w1", "boom", retryable=False).outcome == "failed"
+    assert redis.ttl(key) > 7 * 86400 - 60
+
+
+def test_the_cancelled_jobs_index_keeps_eight_days(store, redis):
+    # Ours (the embedded Redis's clean-up reads it); on a shared Redis nothing else trims it. Mutation audit M1.
+    seconds, _ = redis.time()
+    redis.zadd("jobs:cancelled", {"ancient": seconds * 1000 - 9 * 86400 * 1000,
+                                  "recent": seconds * 1000 - 86400 * 1000})
+    job_id = store.submit("sim", {})
+    assert store.cancel(job_id, "user")
+    assert set(redis.zrange("jobs:cancelled", 0, -1)) == {"recent", job_id}
