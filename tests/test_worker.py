@@ -311,6 +311,17 @@ def test_a_job_reaped_while_running_is_not_completed_by_its_first_worker(client,
     assert evs.index(("lease_expired", first)) < evs.index(("completed", done["worker_id"]))
     assert done["worker_id"] != first, evs  # the second run's worker, never the one that lost it
     assert evs.count(("completed", done["worker_id"])) == 1
+    # And the first worker stopped its run when its next progress write said the job was no longer its own:
+    # the only word it gets (the reap removed the job from its jobs:active, so no heartbeat names it). Running
+    # on to the end, it held its slot and its service for a job another worker ran (mutation audit M4).
+    index = workers.ids.index(first)
+
+    def said(event):
+        return [line for line in workers.log(index).splitlines() if f'"{event}"' in line and job_id in line]
+
+    wait_for(lambda: said("job.lost"), timeout=10,
+             message=f"the first worker to stop the job\n{workers.log(index)[-2000:]}")
+    assert not said("job.not_completed"), workers.log(index)[-2000:]
 
 
 def test_a_concurrency_1_worker_frees_its_slot_once_per_job(client, store, workers, messages):

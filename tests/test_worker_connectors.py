@@ -39,13 +39,33 @@ class BoomConnector(Connector):
 
     async def run(self, job, progress):
         return {}["a bug in a plugin"]
+
+
+class MarkConnector(Connector):
+    """Leaves a file for each cancel() it gets (in the folder its job names), hangs, or cancels itself."""
+    name = "mark"
+    folders = {}
+
+    async def cancel(self, job_id):
+        import pathlib
+        pathlib.Path(self.folders[job_id], f"cancelled-{job_id}").write_text("cancel() called")
+
+    async def run(self, job, progress):
+        import asyncio
+        from emp_machine.errors import JobCancelled
+        self.folders[job.id] = job.payload["folder"]
+        await progress(50, "half")
+        if job.payload.get("mode") == "self_cancel":  # a service interrupted by hand: nobody asked
+            raise JobCancelled("the service was interrupted by hand")
+        await asyncio.Event().wait()
 '''
 
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
-    install_plugin(site, "emp_plugin_w", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector"})
+    install_plugin(site, "emp_plugin_w", PLUGIN, {"echo": "EchoConnector", "boom": "BoomConnector",
+                                                  "mark": "MarkConnector"})
     sys.path.insert(0, str(site))  # the manifest is validated here too, against installed connectors
     yield site
     sys.path.remove(str(site))
@@ -103,6 +123,11 @@ def workers(client, redis_server, fakes, plugin_site, tmp_path_factory):
         job_types: [echo, boom-echo]
       boom:
         connector: boom
+      mark:
+        connector: mark
+        job_types: [mark, mark-timeout]
+        lease: 3s
+        job_timeouts: {{mark-timeout: 1s}}
     """)
     procs = WorkerProcs(body, tmp_path_factory.mktemp("cw"), redis_server.url,
                         environ={"PYTHONPATH": str(plugin_site)})
@@ -358,3 +383,37 @@ workers:
         client.close()
         procs.close()
         fake.close()
+
+
+@pytest.mark.parametrize("how", ["the API's cancel", "its job timeout"])
+def test_a_cancel_or_a_timeout_reaches_the_connectors_cancel(client, store, workers, tmp_path, how):
+    # The service must hear of it (A1111's /interrupt, ComfyUI's): the run's task is cancelled after a grace
+    # either way, so without cancel() the job ended here while the service went on using the GPU for it
+    # (mutation audit M4: both calls could be dropped with every test passing).
+    job_id = store.submit("mark-timeout" if how == "its job timeout" else "mark", {"folder": str(tmp_path)})
+    wait_for(lambda: client.hget(f"job:{job_id}:progress", "progress") == "50", message="the job to run")
+    if how == "the API's cancel":
+        assert store.cancel(job_id, "user pressed stop")
+    wait_for(lambda: (tmp_path / f"cancelled-{job_id}").exists(), timeout=10, message="connector.cancel(job)")
+    wait_for(lambda: client.hget(f"job:{job_id}", "status") in ("failed", "pending"), message="the job to end")
+
+
+def test_a_cancel_seen_only_by_the_heartbeat_stops_the_job_and_frees_its_slot(client, store, workers, tmp_path):
+    # The API's cancel whose cancel_job message never reached the worker (its subscription intact, the message
+    # lost): the heartbeat's script finds the job failed and says so; the job must stop and its slot serve the
+    # next job (mutation audit M4: dropping the heartbeat's cancels left the slot held for good).
+    job_id = store.submit("mark", {"folder": str(tmp_path)})
+    wait_for(lambda: client.hget(f"job:{job_id}:progress", "progress") == "50", message="the job to run")
+    client.hset(f"job:{job_id}", mapping={"status": "failed", "error": "Job cancelled by user"})  # no message
+    wait_for(lambda: (tmp_path / f"cancelled-{job_id}").exists(), timeout=10, message="the heartbeat's cancel")
+    follower = store.submit("mark", {"folder": str(tmp_path), "mode": "self_cancel"})
+    assert finished(client, follower)["status"] == "failed"  # it ran: the slot was free
+
+
+def test_a_connectors_own_cancellation_nobody_asked_for_fails_the_job_with_its_words(client, store, workers,
+                                                                                     messages, tmp_path):
+    # "cancelled by user" would be untrue, and leaving it claimed would hand it back and run it again and again.
+    job_id = store.submit("mark", {"folder": str(tmp_path), "mode": "self_cancel"}, max_retries=3)
+    job = finished(client, job_id)
+    assert (job["status"], job["error"]) == ("failed", "interrupted: the service was interrupted by hand")
+    assert one_failure(messages, job_id)["can_retry"] is False
