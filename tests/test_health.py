@@ -103,6 +103,29 @@ def test_metrics_parse_as_prometheus_text(healthy):
     assert any(name.startswith("telemetry_") for name in families)
 
 
+def test_workers_active_counts_the_busy_workers(healthy, redis_server):
+    # The family's presence was checked, never its value: idle workers counted as active passed (mutation
+    # audit M2). 0 while idle, 1 while one job runs, 0 again after.
+    import redis as redis_lib
+
+    _, base = healthy
+
+    def active():
+        body = http(base + "/metrics")[2].decode()
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        return {s.labels["service"]: s.value for s in families["workers_active"].samples}
+
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert active() == {"simulation": 0.0}
+        job_id = JobStore(client).submit("simulation", {"steps": 40, "step_ms": 100})
+        wait_for(lambda: active() == {"simulation": 1.0}, 15, message="workers_active 1 while the job runs")
+        wait_for(lambda: client.hget(f"job:{job_id}", "status") == "completed", 20, message="the job done")
+        wait_for(lambda: active() == {"simulation": 0.0}, 15, message="workers_active 0 again")
+    finally:
+        client.close()
+
+
 def test_cors_allows_the_monitor_origin_only(healthy):
     _, base = healthy
     _, headers, _ = http(base + "/health", headers={"Origin": ORIGIN})

@@ -315,3 +315,158 @@ workers:
     stopped = machine.event("shutdown.worker_stopped")
     assert stopped is not None and not stopped.get("direct"), stopped
     assert machine.event("shutdown.supervisord_not_answering") is None, machine.tail()
+
+
+# -- rules of the aggregate no other test pinned (mutation audit M2), on the Aggregator itself ------------------
+
+def _rules_plan(tmp_path):
+    manifest = mf.loads(f"machine: {{type: test, id: ru, state_dir: {tmp_path / 'state'}}}\n"
+                        "redis: {url: 'redis://127.0.0.1:1'}\n"
+                        "services:\n"
+                        "  svc: {command: sleep 600, port: 18777,\n"
+                        "        health: {tcp: '{port}', interval: 200ms, start_period: 10m}}\n"
+                        "  opt: {command: sleep 600, required: false}\n"
+                        "workers: {sim: {connector: simulation, count: 2}}\n", environ={})
+    return plan.build(manifest, hardware.probe(), resolved_manifest=tmp_path / "manifest.json", environ={})
+
+
+def _running(the_plan, **states) -> tuple:
+    return tuple(ProcessInfo(name=s.name, state=states.get(s.name.replace("-", "_"), "RUNNING"), pid=100 + i,
+                             start=int(time.time()) - 5, now=int(time.time()), restarts=0, exit_status=None,
+                             errored_reason="", restart_in=None, description="")
+                 for i, s in enumerate(the_plan.specs))
+
+
+def _idle_rows(the_plan):
+    from emp_machine.runtime.jobs import WorkerRow
+
+    return [WorkerRow(w.worker_id, "idle", "", "2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.000Z", 50_000)
+            for w in the_plan.workers]
+
+
+def test_ready_waits_for_the_boot_and_health_for_a_probed_services_first_pass(tmp_path):
+    the_plan = _rules_plan(tmp_path)
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("starting", True)
+        agg.set_redis(True, "", _idle_rows(the_plan))
+        agg.set_processes(_running(the_plan))
+        agg.commit()
+        assert (agg.ready_code, json.loads(agg.ready_body)) == (503, {"ready": False, "phase": "starting"})
+        # Ready (every worker started), but the probed service has never passed its check: a service no worker
+        # waits for is not held back by the boot, and the machine must not say healthy for it meanwhile.
+        agg.set_phase("ready", True)
+        agg.commit()
+        assert agg.ready_code == 200
+        assert agg.health_code == 503
+        assert json.loads(agg.health_body)["reasons"] == ["svc-0: health check not passed yet"]
+        agg.set_health("svc-0", True, "")
+        agg.commit()
+        assert agg.health_code == 200, agg.health_body
+        # a service marked `required: false` that died leaves the machine healthy, and says so on its own line
+        agg.set_processes(_running(the_plan, opt_0="FATAL"))
+        agg.commit()
+        doc = json.loads(agg.health_body)
+        assert agg.health_code == 200 and doc["reasons"] == []
+        assert (doc["services"]["opt-0"]["healthy"], doc["services"]["opt-0"]["required"]) == (False, False)
+        # while Redis is unreachable no worker's heartbeat can be read: none is shown healthy or connected
+        agg.set_redis(False, "PING failed")
+        agg.commit()
+        doc, status = json.loads(agg.health_body), json.loads(agg.status_body)
+        assert agg.health_code == 503
+        assert all(not w["healthy"] and "Redis unreachable" in w["reason"] for w in doc["workers"].values()), doc
+        assert all(w["is_connected"] is False for w in status["status"]["workers"].values()), status
+
+    asyncio.run(scenario())
+
+
+def test_a_machine_ready_that_could_not_be_published_goes_out_once_redis_answers(redis_server, tmp_path):
+    # A Redis blip at boot must not cost the monitor the boot announcement: the publisher owes it and sends it
+    # (not a periodic) at its next try. The publisher's connection is black-holed (bytes dropped, never
+    # delivered later), so the announcement that did arrive is the one sent again.
+    import redis as redis_lib
+
+    from stall_proxy import StallProxy
+
+    the_plan = _rules_plan(tmp_path)
+    proxy = StallProxy("127.0.0.1", redis_server.port)
+    listener = redis_lib.Redis.from_url(redis_server.url, decode_responses=True).pubsub()
+    listener.subscribe(f"machine:status:{the_plan.machine_id}")
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("starting", True)
+        agg.commit()
+        publisher = st.Publisher(agg, st.redis_client(proxy.url), proxy.url, 0.3)
+        task = asyncio.create_task(publisher.run())
+        kinds: list[str] = []
+
+        async def until(condition, what, timeout=10.0):
+            deadline = time.monotonic() + timeout
+            while not condition():
+                while (msg := listener.get_message(timeout=0)) is not None:
+                    if msg["type"] == "message":
+                        kinds.append(json.loads(msg["data"])["update_type"])
+                assert time.monotonic() < deadline, f"{what}: {kinds}"
+                await asyncio.sleep(0.02)
+
+        try:
+            await until(lambda: publisher.published >= 1, "a first periodic message")
+            proxy.cut()  # the open connection is dead from now on
+            agg.set_phase("ready", True)
+            agg.commit()
+            await until(lambda: publisher.failed >= 1, "the machine_ready attempt to fail")
+            await until(lambda: "machine_ready" in kinds, "machine_ready once Redis answers")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await publisher.client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        listener.close()
+        proxy.close()
+
+
+def test_a_service_is_unhealthy_after_exactly_its_retries_in_failed_checks(tmp_path):
+    # `health.retries: 3`: the third failed check in a row is the verdict, not the fourth (a real HTTP check
+    # against a loopback server that answers 200 once, then 503).
+    from aiohttp import web
+
+    from emp_machine.runtime import probes
+    from emp_machine.runtime.plan import Probe
+
+    async def scenario():
+        answered = {"ok": 0, "failed": 0}
+
+        async def handle(request):
+            if answered["ok"] == 0:
+                answered["ok"] += 1
+                return web.Response(text="ok")
+            answered["failed"] += 1
+            return web.Response(status=503)
+
+        app = web.Application()
+        app.router.add_get("/health", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        inbox: asyncio.Queue = asyncio.Queue()
+        probe = Probe(f"http://127.0.0.1:{port}/health", None, 0.2, 2.0, 0.0, 3)
+        task = asyncio.create_task(probes.run_probe("svc-0", probe, inbox, lambda p, h, r: (h, r),
+                                                    lambda p: (1, time.time())))
+        try:
+            assert await asyncio.wait_for(inbox.get(), 10) == (True, "")
+            healthy, reason = await asyncio.wait_for(inbox.get(), 10)
+            assert healthy is False and "HTTP 503" in reason
+            assert answered["failed"] == 3  # read as the verdict lands: the next check is 0.2 s away
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.cleanup()
+
+    asyncio.run(scenario())
