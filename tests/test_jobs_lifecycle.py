@@ -134,6 +134,19 @@ def _worker_status_messages(redis):
     return sub, poll
 
 
+def test_a_job_cancelled_under_a_worker_that_then_died_leaves_its_active_jobs(store, redis):
+    # The API's cancel fails the job in its hash and leaves the worker's bookkeeping to the worker; a worker
+    # that died meanwhile never clears it. The reaper, finding the lease expired on a job no longer running,
+    # removes the entry (it is not re-queued: cancelled stays cancelled). Mutation audit M1.
+    job_id = store.submit("sim", {})
+    store.claim(CAPS, start=True)
+    assert store.cancel(job_id, "user")
+    redis.zadd("jobs:leases", {job_id: 0})  # w1 died: its lease ran out
+    assert store.reap_expired_leases(confirm_s=0) == []
+    assert not redis.hexists("jobs:active:w1", job_id)
+    assert redis.hget(f"job:{job_id}", "status") == "failed" and redis.zscore("jobs:pending", job_id) is None
+
+
 def test_reaping_a_worker_whose_heartbeat_key_is_gone_sets_it_offline(store, redis):
     sub, seen = _worker_status_messages(redis)
     store.register_worker("w1", "m1", CAPS)
