@@ -609,3 +609,22 @@ def test_a_job_arriving_as_the_turn_passes_still_hears_its_cancel(fake, context)
         await b
         await conn.close()
     asyncio.run(main())
+
+
+def test_a_busy_answer_with_retry_after_reaches_the_queue(fake, context):
+    # (a proxy in front of A1111 while it loads a model): retried when it said, not at once (mutation audit M6)
+    server = fake()
+    server.fail_next = (503, {"detail": "busy"}, {"Retry-After": "42"})
+    with pytest.raises(RetryableJobError) as caught:
+        run(connector(context, server), {"prompt": "a cat", "steps": 2})
+    assert caught.value.retry_after_s == 42
+
+
+def test_the_received_record_carries_the_generation_fields(fake, context, caplog):
+    server = fake()
+    caplog.set_level(logging.INFO, "test.a1111")
+    run(connector(context, server), {"prompt": "a cat", "steps": 2, "width": 64, "height": 32,
+                                     "sampler_name": "Euler"})
+    [received] = [r.fields for r in caplog.records if getattr(r, "event_type", "") == "job.received"]
+    assert (received["endpoint"], received["steps"], received["sampler"]) == ("txt2img", 2, "Euler")
+    assert (received["width"], received["height"]) == (64, 32)

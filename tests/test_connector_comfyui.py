@@ -485,3 +485,102 @@ def test_a_prompt_posted_without_an_answer_is_stopped(fake, context, how):
     assert ("POST", "/queue") in [r[:2] for r in server.requests]
     messages = server.proc.history[prompt_id]["status"]["messages"]
     assert messages[-1][0] == "execution_interrupted" and server.proc.history[prompt_id]["outputs"] == {}
+
+
+# -- rules mutation audit M6 found unpinned ----------------------------------------------------------------
+
+class _AnsweringPrompt(FakeComfyUI):
+    """POST /prompt answers `status` as it comes: a proxy in front of ComfyUI (502/503/504 while it restarts),
+    or ComfyUI's own 500 when the graph's validation raised (the same graph raises again on every retry)."""
+
+    def __init__(self, status: int, **knobs):
+        super().__init__(**knobs)
+        self.status = status
+
+    async def post_prompt(self, request):
+        from aiohttp import web
+
+        await request.read()
+        if self.status == 500:
+            return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
+        return web.Response(status=self.status, text=f"{self.status} from the proxy")
+
+
+@pytest.mark.parametrize("status, retryable", [(502, True), (503, True), (504, True), (500, False)])
+def test_post_prompt_answers_are_classified_as_the_service_means_them(serve, context, status, retryable):
+    server = serve(_AnsweringPrompt, status)
+    with pytest.raises(RetryableJobError if retryable else FatalJobError) as info:
+        run(connector(context, server), happy())
+    assert can_retry(info.value) is retryable and str(status) in str(info.value)
+
+
+def test_an_error_only_the_history_records_is_a_failure_naming_the_node(context):
+    # Its execution_error frame missed (the socket dropped meanwhile, §6.2), the history entry is all the
+    # connector has: it must fail the job, with the node and the exception, never complete it without outputs.
+    from emp_machine.connectors.comfyui import _Active
+
+    conn = connector(context, None)
+    active = _Active(job(happy()), "pid-1", "emp-x")
+    error = {"prompt_id": "pid-1", "node_id": "4", "node_type": "SaveImage", "exception_type": "ValueError",
+             "exception_message": "bad value", "traceback": [], "current_inputs": {}, "current_outputs": {}}
+    entry = {"status": {"status_str": "error", "completed": False,
+                        "messages": [["execution_start", {"prompt_id": "pid-1"}], ["execution_error", error]]},
+             "outputs": {}}
+    with pytest.raises(FatalJobError, match=r"node 4 \(SaveImage\) raised ValueError: bad value"):
+        asyncio.run(conn._finish(active, ProgressTracker(happy()), entry, Progress()))
+    bare = {"status": {"status_str": "error", "completed": False, "messages": []}, "outputs": {}}
+    with pytest.raises(FatalJobError):
+        asyncio.run(conn._finish(active, ProgressTracker(happy()), bare, Progress()))
+
+
+class _DeafToInterrupts(FakeComfyUI):
+    """/interrupt answers 200 and stops nothing (a custom node that never checks for it)."""
+
+    async def interrupt(self, request):
+        from aiohttp import web
+
+        self.interrupt_calls.append(await request.text())
+        return web.Response(status=200)
+
+
+def test_a_cancel_the_server_never_confirms_ends_after_cancel_wait(serve, context):
+    server = serve(_DeafToInterrupts)
+    conn = connector(context, server, cancel_wait_s=0.5)
+    progress = Progress()
+    progress.when(lambda p, m: m == "node 2 (TestSleep)", lambda: conn.cancel("job-1"))
+
+    async def main():
+        try:
+            return await asyncio.wait_for(conn.run(job(sleeper(20)), progress), 15)
+        finally:
+            await conn.close()
+
+    with pytest.raises(JobCancelled, match="not confirmed within 0.5 s"):  # not when the 20 s node ends
+        asyncio.run(main())
+    assert server.interrupt_calls
+
+
+class _HistoryElsewhere(FakeComfyUI):
+    """GET /history/{id} sends the client to a port nothing listens on: a connection that cannot be made once
+    ComfyUI took the prompt (as when it died between its terminal frame and our read of the history)."""
+
+    def __init__(self, closed_port: int, **knobs):
+        super().__init__(**knobs)
+        self.closed_port = closed_port
+
+    async def get_history(self, request):
+        from aiohttp import web
+
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{self.closed_port}{request.path}")
+
+
+def test_a_service_unreachable_after_it_took_the_prompt_is_a_counted_attempt(serve, context):
+    # Unreachable before the prompt was sent, the job never reached ComfyUI (handed back, no attempt counted);
+    # after it, a prompt that brings the server down must run out of retries: a retryable failure.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    server = serve(_HistoryElsewhere, closed_port)
+    with pytest.raises(RetryableJobError) as info:
+        run(connector(context, server), happy())
+    assert type(info.value) is RetryableJobError and "unreachable" in str(info.value).lower(), info.value

@@ -49,7 +49,12 @@ class Service:
         app.router.add_route("*", "/redirect", self.redirect)
         app.router.add_route("*", "/landing", self.landing)
         app.router.add_post("/big", self.big)
+        app.router.add_get("/health-quoting", self.health_quoting)
         return app
+
+    async def health_quoting(self, request):  # a failing health check that quotes the request's headers back
+        self.record(request)
+        return web.Response(status=503, text=f"auth backend down, got {request.headers.get('Authorization')}")
 
     async def search(self, request):
         self.record(request)
@@ -92,7 +97,8 @@ class Service:
         if body.get("echo"):  # a service that quotes the request's headers back
             return web.json_response({"headers": dict(request.headers)})
         if body.get("status"):
-            return web.json_response({"detail": "forced"}, status=body["status"])
+            wait = {"Retry-After": str(body["retry_after"])} if body.get("retry_after") else None
+            return web.json_response({"detail": "forced"}, status=body["status"], headers=wait)
         if body.get("inline_image_bytes"):  # a service that answers with its image inline, as many do
             image = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (body["inline_image_bytes"] // 256)
             return web.json_response({"output": {"sum": sum(body["numbers"]),
@@ -249,6 +255,42 @@ def test_failed_record_has_the_secret_header_redacted_and_no_status_without_an_a
         run(RestConnector.from_settings({"submit_url": "http://127.0.0.1:9/run"}, context), {})
     fields = failed_record(caplog)
     assert "status_code" not in fields and fields["error.type"] == "ServiceUnreachable"  # never reached it
+
+
+@pytest.mark.parametrize("status, form", [(429, "seconds"), (503, "seconds"), (503, "an HTTP date")])
+def test_a_services_retry_after_reaches_the_queue(context, service, status, form):
+    # The job is retried when the service said it could take it again, not at once (mutation audit M6).
+    import email.utils
+    import time
+
+    value = 42 if form == "seconds" else email.utils.formatdate(time.time() + 42, usegmt=True)
+    with pytest.raises(RetryableJobError) as caught:
+        run(sync_connector(context, service), {"numbers": [], "status": status, "retry_after": value})
+    assert caught.value.retry_after_s == pytest.approx(42, abs=2)
+
+
+def test_a_failing_health_check_that_quotes_a_secret_back_is_redacted(context, service):
+    # The health reason is served on /health and written to worker:{id}; job errors are redacted a second time
+    # on their way out, health reasons only here (mutation audit M6).
+    conn = sync_connector(context, service, health_url=service.thread.url + "/health-quoting")
+
+    async def main():
+        try:
+            return await conn.health()
+        finally:
+            await conn.close()
+
+    health = asyncio.run(main())
+    assert not health.healthy and "503" in health.reason
+    assert TOKEN not in health.reason and "[REDACTED]" in health.reason, health.reason
+
+
+def test_the_completed_record_carries_method_endpoint_and_status_code(context, service, caplog):
+    caplog.set_level(logging.DEBUG, "test.rest")
+    run(sync_connector(context, service), {"numbers": [1]})
+    [record] = [r for r in caplog.records if getattr(r, "event_type", "") == "job.completed"]
+    fields = record.fields
+    assert (fields["method"], fields["endpoint"], fields["status_code"]) == ("POST", service.thread.url + "/run", 200)
 
 
 def test_a_dot_segment_job_id_never_changes_the_services_path(context, service):

@@ -22,7 +22,7 @@ interrupted (its begin() resets the flag), the running one is.
 `runs` records each generation that ran: its task id, steps asked and run, and whether it was interrupted;
 `interrupts` the task that was running (None: none) when each interrupt came.
 
-`fail_next` = (status, body) answers the next generation with that, e.g. the 500 of CUDA out of memory.
+`fail_next` = (status, body[, headers]) answers the next generation with that, e.g. the 500 of CUDA out of memory.
 `hang_interrupt` = True: `/sdapi/v1/interrupt` never answers (a wedged server).
 `interrupt_lag_s`: how long an interrupted run takes to end after its current step (A1111 decodes the partial
 latents: seconds for a large image), still holding the queue lock, running, with the flag set.
@@ -194,9 +194,9 @@ class FakeA1111:
                 self.pending_tasks.pop(task_id, None)
             try:
                 if self.fail_next:  # raised inside process_images: no finish_task, the id stays current
-                    status, answer = self.fail_next
+                    status, answer, *headers = self.fail_next  # (a proxy's answer may carry Retry-After)
                     self.fail_next = None
-                    return web.json_response(answer, status=status)
+                    return web.json_response(answer, status=status, headers=headers[0] if headers else None)
                 done = 0
                 for step in range(1, steps + 1):
                     if self.interrupted:  # stops after the current step and still answers with the image so far
