@@ -210,3 +210,44 @@ def test_job_and_stuck_show_control_characters_escaped_never_raw(redis, redis_ur
         assert "a-\\x1b]0;TITLE\\x07\\x1b[2K" in out.stdout, out.stdout
     out = _cli(redis_url, "job", job_id)
     assert "boom\\x0aFAKE: job completed fine" in out.stdout and "\nFAKE" not in out.stdout, out.stdout
+
+
+def test_submit_writes_the_apis_fields_with_the_default_priority(redis, redis_url):
+    # The contract's default priority is 50: a CLI job at 0 would sink below every API job (the score is
+    # P x 10^15 - seconds). Mutation audit M9: no test submitted without --priority and read the hash.
+    from emp_machine.runtime.jobs import contract_fields
+
+    out = _cli(redis_url, "submit", "--type", "sim", "--payload", '{"a": 1}')
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    job = redis.hgetall(f"job:{job_id}")
+    assert set(job) == set(contract_fields("x", "sim", {})), job
+    assert (job["priority"], job["status"], job["max_retries"], job["payload"]) == ("50", "pending", "3", '{"a":1}')
+    assert 49e15 < redis.zscore("jobs:pending", job_id) <= 50e15
+
+
+def _running(redis, job_id: str, worker: str, *, lease_ms: int | None, heartbeat: bool) -> None:
+    redis.hset(f"job:{job_id}", mapping={"id": job_id, "status": "in_progress", "worker_id": worker,
+                                          "assigned_at": "2026-01-01T00:00:00.000Z", "service_required": "sim"})
+    redis.hset(f"jobs:active:{worker}", job_id, "{}")
+    if lease_ms is not None:
+        redis.zadd("jobs:leases", {job_id: lease_ms})
+    if heartbeat:
+        redis.set(f"worker:{worker}:heartbeat", "1", ex=60)
+
+
+def test_stuck_lists_a_dead_workers_job_and_nothing_else(redis, redis_url):
+    # Mutation audit M9: three rules no test held. A job a Node worker of the API runs has no lease of ours
+    # (its claim writes none): not stuck. A dead worker's jobs:active entry for a job retried onto a live
+    # worker since is not that job's state. And each --json row is whole.
+    now_ms = int(redis.time()[0]) * 1000
+    _running(redis, "healthy", "wa", lease_ms=now_ms + 600_000, heartbeat=True)
+    _running(redis, "node-claimed", "wn", lease_ms=None, heartbeat=True)
+    _running(redis, "dead", "wd", lease_ms=now_ms + 600_000, heartbeat=False)
+    _running(redis, "moved", "wm", lease_ms=now_ms + 600_000, heartbeat=True)
+    redis.hset("jobs:active:wgone", "moved", "{}")  # its first worker, dead, never cleared its entry
+    out = _cli(redis_url, "stuck", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"job_id": "dead", "worker_id": "wd", "status": "in_progress",
+                                       "assigned_at": "2026-01-01T00:00:00.000Z", "lease_expired": False,
+                                       "heartbeat_alive": False, "reason": "worker heartbeat missing"}]

@@ -383,3 +383,25 @@ def test_wait_prints_a_failed_jobs_error_with_control_characters_escaped(cli, re
     assert run.wait(20) == 1, run.err
     assert "\x1b" not in run.out and "\x07" not in run.out
     assert run.out.splitlines()[-1] == f"{job_id}: failed (boom \\x1b]0;PWNED\\x07\\x1b[2K)"
+
+
+def test_wait_shows_only_its_own_jobs_progress(cli, redis, redis_url):
+    # Progress of every job of the fleet comes on one channel: another job's must never show as this one's
+    # (mutation audit M9: dropping the job id filter passed every test; the chatter test never read the output).
+    run, job_id = _submit_and_wait(cli, redis, redis_url)
+    _progress(redis, "someone-else", 90, "OTHER")
+    _progress(redis, job_id, 40, "MINE")  # after the other's, on the same channel: read after it
+    wait_for(lambda: "MINE" in run.out, message="this job's progress line")
+    _complete(redis, job_id)
+    assert run.wait(20) == 0, run.err
+    assert run.out.splitlines() == [job_id, "progress 40%  MINE", f"{job_id}: completed"], run.out
+
+
+def test_wait_exits_1_for_a_job_a_producer_marked_cancelled(cli, redis, redis_url):
+    # The contract's cancel writes `failed`; a producer writing `cancelled` is an ending too, and not a success
+    # (mutation audit M9: `--wait` exiting 0 for it passed every test).
+    run, job_id = _submit_and_wait(cli, redis, redis_url)
+    redis.hset(f"job:{job_id}", mapping={"status": "cancelled", "error": "cancelled by the user"})
+    redis.publish("cancel_job", json.dumps({"job_id": job_id, "worker_id": "", "reason": "user"}))
+    assert run.wait(20) == 1, run.err
+    assert run.out.splitlines()[-1] == f"{job_id}: cancelled (cancelled by the user)", run.out
