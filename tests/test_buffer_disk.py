@@ -255,3 +255,27 @@ def test_one_damaged_chunk_does_not_stop_its_signal_from_shipping(tmp_path):
         shipper.stop()
         receiver.stop()
         buffer.close()
+
+
+def test_a_full_disk_makes_room_from_stored_debug_records_before_stored_error_ones(tmp_path):
+    # Stored error chunks first, then debug ones, then the disk fills: the room comes from the debug chunks,
+    # whatever their age (mutation audit M5: the order between classes was never exercised, and a query
+    # taking the most valuable first passed).
+    rng = random.Random(1)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        for i in range(300):
+            buffer.append(Kind.LOG, Value.ERROR if i < 100 else Value.DEBUG,
+                          _log(i, "ERROR" if i < 100 else "DEBUG", _noisy(rng)))
+            if i % 20 == 19:
+                assert buffer.flush(10)
+        pages = buffer._db.execute("PRAGMA page_count").fetchone()[0]
+        buffer._db.execute(f"PRAGMA max_page_count = {pages}")  # the file cannot grow: SQLITE_FULL
+        for i in range(300, 400):
+            buffer.append(Kind.LOG, Value.ERROR, _log(i, "ERROR", _noisy(rng)))
+        assert buffer.flush(10)
+        errors = sorted(r[0] for r in _logs(buffer) if r[2] == "ERROR")
+        assert errors == [*range(100), *range(300, 400)]  # every stored and new error record kept
+        assert set(buffer.stats().dropped) == {"disk_full"}
+    finally:
+        buffer.close()

@@ -347,3 +347,27 @@ def test_an_orphan_the_collector_does_not_take_is_left_and_the_next_one_gets_its
                    for entry in adopter.adopted), adopter.adopted
     finally:
         machine.shutdown(timeout=2)
+
+
+def test_an_orphan_holding_only_dead_letters_is_kept_with_them(tmp_path):
+    # Dead letters are kept (issue 3): an adopted file with nothing left to send but dead letters is not
+    # removed (mutation audit M5: removing it, dead letters and all, passed every test).
+    from emp_machine.telemetry.buffer import Buffer, Kind, Value
+    from emp_machine.telemetry.orphans import OrphanAdopter
+
+    path = tmp_path / "old-worker-1.db"
+    orphan = Buffer(path)
+    orphan.append(Kind.SPAN, Value.ROUTINE, (0, "a span the collector refused"))
+    orphan.flush()
+    (chunk,) = orphan.read(Kind.SPAN, 10)
+    orphan.dead_letter(Kind.SPAN, chunk.records, [(chunk.id, chunk.count)], "HTTP 400")
+    orphan.close()
+    adopter = OrphanAdopter(tmp_path, [], make_buffer=lambda p: Buffer(p), make_shipper=None,
+                            emit=lambda name, level, fields: None).start()
+    assert adopter.done.wait(30)
+    assert [a["removed"] for a in adopter.adopted] == [False], adopter.adopted
+    kept = Buffer(path)
+    try:
+        assert [(kind, count, reason) for kind, count, reason, _ in kept.dead_letters()] == [(Kind.SPAN, 1, "HTTP 400")]
+    finally:
+        kept.close()
