@@ -37,6 +37,28 @@ def test_restart_window_leads_to_errored_then_cooldown_gives_a_fresh_window():
     assert not t.errored and t.on_exit(now=64, uptime=0, expected=False).restart
 
 
+def test_the_cooldown_retry_opens_a_fresh_window_even_inside_the_old_one():
+    # The retry comes 5 s after the errored verdict, well inside the 60 s window: its next crash is restarted,
+    # not errored at once by the old window's entries (mutation audit M7; the test above retries after the
+    # window had emptied, so it could not tell).
+    t = RestartTracker(RestartPolicy(backoff_initial=0, max_restarts=3, window=60, cooldown=5))
+    assert all(t.on_exit(now=i, uptime=0, expected=False).restart for i in range(3))
+    assert t.on_exit(now=3, uptime=0, expected=False).errored
+    t.on_cooldown_retry()
+    assert t.on_exit(now=9, uptime=0, expected=False).restart
+
+
+def test_a_manual_start_forgets_the_crash_loops_backoff():
+    # `emp-machine restart` is deliberate: the next crash restarts at once (mutation audit M7).
+    t = RestartTracker(RestartPolicy(backoff_initial=1, max_restarts=100, reset_after=30))
+    for i in range(4):
+        t.on_exit(now=i, uptime=0, expected=False)
+    assert t.snapshot(5)["next_delay"] > 0
+    t.on_manual_start()
+    assert t.snapshot(10)["next_delay"] == 0.0
+    assert t.on_exit(now=11, uptime=0, expected=False).delay == 0.0
+
+
 def test_old_restarts_fall_out_of_the_window():
     t = RestartTracker(RestartPolicy(backoff_initial=0, max_restarts=2, window=10))
     t.on_exit(now=0, uptime=0, expected=False)

@@ -405,3 +405,113 @@ def test_the_running_machine_process_does_not_load_pydantic(machine_factory):
     assert not [p for p in libraries if "pydantic_core" in p]
     assert any("_sqlite3" in p for p in libraries)  # the check can see extension modules at all
     assert psutil.Process(machine.proc.pid).cmdline()[3] == "machine-run"  # same pid, replaced by exec
+
+
+# -- what mutation audit M7 found unpinned: each rule below could be broken with every other test passing ----
+
+def _stamps(path) -> list[float]:
+    return [float(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_memory_restarts_count_the_children_wait_their_backoff_and_follow_reset_after(machine_factory, tmp_path):
+    """`tree` holds its memory in a child (the limit is the process tree's, README), under `policy: never`
+    (a memory restart restarts all the same) with a 3 s backoff: restarts at 0 s, then after a real 3 s wait.
+    `late` grows past its limit 2.5 s into each run, past its reset_after of 1 s: each memory restart is
+    immediate, as after any stable run."""
+    tree, late = tmp_path / "tree", tmp_path / "late"
+    child = "x = bytearray(150 * 2**20); import time; time.sleep(600)"
+    machine = machine_factory(f"""
+supervisor:
+  memory_check_interval: 200ms
+services:
+  tree:
+    command: {PY} -c "import subprocess, sys, time; open('{tree}', 'a').write(repr(time.time()) + chr(10)); subprocess.Popen([sys.executable, '-c', '{child}']); time.sleep(600)"
+    memory_limit: 100MiB
+    restart: {{policy: never, max_restarts: 5, window: 10m, backoff_initial: 3s, reset_after: 10m, cooldown: 10m}}
+  late:
+    command: {PY} -c "import time; open('{late}', 'a').write(repr(time.time()) + chr(10)); time.sleep(2.5); x = bytearray(150 * 2**20); time.sleep(600)"
+    memory_limit: 100MiB
+    restart: {{max_restarts: 5, window: 10m, backoff_initial: 5s, reset_after: 1s, cooldown: 10m}}
+""")
+    machine.wait_ready()
+
+    def exhausted(name) -> list[dict]:
+        return [e for e in machine.events()
+                if e.get("message") == "resource.exhausted" and "action" in e and e.get("process_name") == name]
+
+    wait_for(lambda: len(_stamps(tree)) >= 3 and len(_stamps(late)) >= 3, 60,
+             message=f"two memory restarts of each\n{machine.tail()}")
+    assert [(e["action"], e["delay_s"]) for e in exhausted("tree-0")][:2] == [("graceful restart", 0.0),
+                                                                              ("graceful restart", 3.0)]
+    assert exhausted("tree-0")[0]["rss_bytes"] > 100 * 2**20
+    starts = _stamps(tree)
+    assert starts[2] - starts[1] >= 3.0, starts  # the backoff was waited, not only reported
+    assert [(e["action"], e["delay_s"]) for e in exhausted("late-0")][:2] == [("graceful restart", 0.0),
+                                                                              ("graceful restart", 0.0)]
+
+
+def test_restart_policy_ps_and_drain_as_promised(machine_factory, tmp_path):
+    """One machine, several promises: a crash after a stable run (past reset_after) restarts at once after a
+    crash loop's backoff; `on-failure` leaves a clean exit down; each worker runs its own group's job types
+    (WORKER_GROUP); `ps` shows each process's restarts and uptime; a service's stop_grace reaches supervisord;
+    the drain stops workers before services."""
+    flaky, once = tmp_path / "flaky", tmp_path / "once"
+    script = tmp_path / "flaky.py"
+    script.write_text(f"""import sys, time
+open({str(flaky)!r}, 'a').write(repr(time.time()) + chr(10))
+n = len(open({str(flaky)!r}).read().split())
+if n == 3:
+    time.sleep(1.5)  # a stable run: past reset_after
+if n >= 5:
+    time.sleep(600)
+sys.exit(3)
+""")
+    machine = machine_factory(f"""
+services:
+  flaky:
+    command: {PY} {script}
+    restart: {{backoff_initial: 2s, backoff_factor: 1, reset_after: 1s, max_restarts: 20, window: 10m}}
+  once:
+    command: {PY} -c "import time; open('{once}', 'a').write(repr(time.time()) + chr(10)); time.sleep(0.3)"
+    restart: {{policy: on-failure, backoff_initial: 0s}}
+  stubborn:
+    command: {PY} -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    stop_grace: 2s
+workers:
+  alpha:
+    connector: simulation
+    job_types: [alpha-job]
+  beta:
+    connector: simulation
+    job_types: [beta-job]
+""")
+    machine.wait_ready()
+    wait_for(lambda: len(_stamps(flaky)) >= 4, 30, message=f"four starts of flaky\n{machine.tail()}")
+    starts = _stamps(flaky)
+    assert starts[2] - starts[1] >= 1.9, starts  # the crash loop's backoff (2 s)
+    assert starts[3] - starts[2] < 1.5 + 1.0, starts  # after the stable run: at once, not 2 s more
+
+    for name, types in (("worker-0", ["alpha-job"]), ("worker-1", ["beta-job"])):
+        spawned = wait_for(lambda: [json.loads(line) for line in machine.log_of(name).splitlines()
+                                    if '"worker.spawned"' in line], 20, message=f"{name} spawned")
+        assert spawned[0]["job_types"] == types, spawned
+
+    assert machine.cli("restart", "worker-0").returncode == 0
+    ps = machine.cli("ps", "--json")
+    table = {row["name"]: row for row in json.loads(ps.stdout)["processes"]}
+    assert (table["worker-0"]["restarts"], table["worker-1"]["restarts"]) == (1, 0), table
+    assert table["worker-1"]["uptime_s"] >= 3 and table["worker-0"]["uptime_s"] < table["worker-1"]["uptime_s"]
+
+    # once-0 ended well at boot, seconds ago (a restart with no backoff would have come at once)
+    assert len(_stamps(once)) == 1 and machine.process("once-0").restarts == 0
+
+    conf = (machine.state_dir / "run" / "supervisord.conf").read_text()
+    section = conf.split("[program:stubborn-0]", 1)[1].split("\n[", 1)[0]
+    assert "stopwaitsecs = 2\n" in section or "stopwaitsecs=2\n" in section, section
+    began = time.monotonic()
+    machine.signal(signal.SIGTERM)
+    assert machine.wait_exit(30) == 0
+    assert time.monotonic() - began < 15  # stubborn SIGKILLed after its 2 s grace, not supervisord's default 30 s
+    messages = [e.get("message") for e in machine.events()]
+    order = ["shutdown.worker_stopped", "shutdown.service_stopped", "shutdown.done"]
+    assert [m for m in messages if m in order] == order, messages
