@@ -291,3 +291,17 @@ def test_fast_span_context_equals_the_constructors():
         fast, slow = make_span_context(*args), SpanContext(*args)
         assert fast == slow and tuple(fast) == tuple(slow) and fast.is_valid
         assert (fast.trace_id, fast.span_id, fast.is_remote, fast.trace_flags, fast.trace_state) == args
+
+
+def test_an_upstream_emp_member_is_replaced_not_repeated():
+    # A trace crossing a second machine: W3C forbids a key twice in tracestate, and each repeat uses up one of
+    # its 32 members (mutation audit M8: passing the upstream's `emp` member on as well passed every test).
+    upstream = {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01",
+                "tracestate": "emp=machine:up;worker:up-worker-0,vendor=abc"}
+    incoming = extract_job_context(upstream)
+    parent = trace.set_span_in_context(NonRecordingSpan(incoming.span_context))
+    for out in (inject_job_fields({}, machine_id="m2", worker_id="m2-worker-1", context=parent),
+                http_headers("j", machine_id="m2", worker_id="m2-worker-1", context=parent)):
+        members = [m.split("=", 1)[0] for m in out["tracestate"].split(",")]
+        assert members == ["emp", "vendor"], out["tracestate"]
+        assert out["tracestate"].startswith("emp=machine:m2;worker:m2-worker-1")

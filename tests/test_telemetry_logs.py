@@ -383,3 +383,109 @@ def test_a_timed_job_root_counts_its_own_set_up(tmp_path, monkeypatch):
             assert span._t0 >= 2_000_000
     finally:
         telemetry.shutdown(2)
+
+
+# -- what mutation audit M8 found unpinned -------------------------------------------------------------------
+
+def test_a_secret_in_a_bound_field_is_redacted(tmp_path):
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream)
+    try:
+        with ctx.bind(connector_id="c1", service_url="redis://:hunter2pass@db:6379/0", api_key="plainsecretvalue"):
+            telemetry.logger("emp.probe").info("connected")
+        telemetry.flush()
+        text = stream.getvalue()
+    finally:
+        telemetry.shutdown(2)
+    assert "connected" in text and "hunter2pass" not in text and "plainsecretvalue" not in text
+
+
+def test_held_lines_and_events_keep_the_bound_fields_of_their_call(tmp_path):
+    # An unsampled job holds its INFO lines and events until it ends; written because it failed, each carries
+    # the fields bound where it was called, not none and not those bound when the job ended.
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream, sampled=False)
+    log, clog = telemetry.logger("emp.connector.sim"), telemetry.connector_logger("sim-0", "sim")
+    try:
+        try:
+            with ctx.bind(job_id="job-7", connector_id="sim-0"):
+                with telemetry.job_span("job-7"):
+                    log.info("node executing")
+                    with ctx.bind(phase="preprocessing"):
+                        clog.started("job-7")
+                    raise RuntimeError("failed")
+        except RuntimeError:
+            pass
+        telemetry.flush()
+        lines = _lines(stream)
+    finally:
+        telemetry.shutdown(2)
+    [held] = [line for line in lines if line["message"] == "node executing"]
+    assert (held.get("job_id"), held.get("connector_id")) == ("job-7", "sim-0"), held
+    [started] = [line for line in lines if line.get("event.name") == "job.started"]
+    assert started.get("phase") == "preprocessing", started
+
+
+def test_a_connectors_warning_in_an_unsampled_job_is_written_though_the_job_succeeds(tmp_path):
+    # Warnings and errors are never held (issue 3): only DEBUG/INFO wait for the job's outcome.
+    import logging
+
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream, sampled=False)
+    clog = telemetry.connector_logger("sim-0", "sim")
+    try:
+        with telemetry.job_span("job-3"):
+            clog.event("job.retry", "job-3", logging.WARNING, attempt=2)
+        telemetry.flush()
+        lines = _lines(stream)
+    finally:
+        telemetry.shutdown(2)
+    assert [line["level"] for line in lines if line.get("event.name") == "job.retry"] == ["warning"]
+
+
+def test_a_stdlib_logger_exception_carries_the_error_message(tmp_path):
+    import logging
+
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream)
+    logger = logging.getLogger("probe.stdlib.m8")
+    logger.addHandler(telemetry.log_handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        try:
+            raise ValueError("disk full on /models")
+        except ValueError:
+            logger.exception("save failed")
+        telemetry.flush()
+        lines = _lines(stream)
+    finally:
+        logger.removeHandler(telemetry.log_handler)
+        telemetry.shutdown(2)
+    [line] = [line for line in lines if line["message"] == "save failed"]
+    assert (line["error.type"], line["error.message"]) == ("ValueError", "disk full on /models")
+
+
+def test_connector_logger_fields_health_levels_and_counts(tmp_path):
+    # a1111's size is width then height and the event names its job; an unhealthy check is a WARNING; a
+    # counting connector logger counts a failure as failed.
+    stream = io.StringIO()
+    telemetry = _telemetry(tmp_path, stream)
+    try:
+        telemetry.connector_logger("a1111-0", "a1111").received("job-42", sampler="Euler", steps=20, size=(512, 768))
+        health = telemetry.connector_logger("comfyui-0", "comfyui")
+        health.health_check(True)
+        health.health_check(False, reason="connection refused")
+        counting = telemetry.connector_logger("sim-0", "sim", "probe-type")
+        counting.completed("j1", duration_ms=10)
+        counting.failed("j2", RuntimeError("boom"), duration_ms=20)
+        telemetry.flush()
+        lines = _lines(stream)
+        points = {(a.get("type"), a.get("status")): v for a, v in telemetry.metrics.jobs_processed_total.points()}
+    finally:
+        telemetry.shutdown(2)
+    [received] = [line for line in lines if line.get("event.name") == "job.received"]
+    assert (received["width"], received["height"], received["job_id"]) == (512, 768, "job-42")
+    checks = [(line["healthy"], line["level"]) for line in lines if line.get("event.name") == "service.health_check"]
+    assert checks == [(True, "info"), (False, "warning")]
+    assert (points.get(("probe-type", "completed")), points.get(("probe-type", "failed"))) == (1, 1)

@@ -291,3 +291,29 @@ def test_mask_values_masks_text_before_encoding_and_leaves_keys_and_short_values
     assert odd not in json.dumps(masked["a"]) and masked is not value
     same = {"a": ["nothing here"]}
     assert mask_values(same, [odd]) is same and mask_values(value, []) is value
+
+
+# -- edges mutation audit M8 found unpinned ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, secret", [("retrying with Bearer abcd1234 now", "abcd1234"),
+                                          ("openai rejected sk-abcd1234 today", "abcd1234")])
+def test_the_shortest_bearer_and_sk_values_are_redacted(text, secret):
+    # eight characters is the documented floor of both shapes: one more in the pattern leaked these
+    out = redact_text(text)
+    assert secret not in out and REDACTED in out
+
+
+def test_masked_values_are_found_in_tuples_too():
+    import json
+
+    from emp_machine.telemetry.redact import mask_values
+
+    assert "hunter2secret" not in json.dumps(mask_values({"images": ("saved with hunter2secret",)}, ["hunter2secret"]))
+
+
+def test_a_setting_naming_its_variable_in_upper_case_masks_the_variables_value():
+    # `API_KEY_ENV: PROBE_KEY` names the variable holding the secret: its value is masked, not its name
+    from emp_machine.telemetry.redact import secret_values
+
+    found = secret_values({"API_KEY_ENV": "PROBE_KEY"}, {}, {"PROBE_KEY": "s3cr3t-value-xyz"})
+    assert "s3cr3t-value-xyz" in found and "PROBE_KEY" not in found

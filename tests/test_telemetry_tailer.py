@@ -714,3 +714,91 @@ def test_a_partial_line_is_never_cut_inside_a_character(tmp_path):
         assert not any("\ufffd" in body for body in bodies)
     finally:
         buffer.close()
+
+
+# -- what mutation audit M8 found unpinned -------------------------------------------------------------------
+
+def test_a_plain_line_with_a_secret_is_redacted(tmp_path):
+    # Only the traceback path was checked: a plain line went to the buffer as the service printed it.
+    records = _tailed(tmp_path, "INFO calling upstream with Authorization: Bearer abcdef0123456789xyz\n"
+                                "retrying with api_key=plainsecret42\n")
+    assert len(records) == 2
+    assert "abcdef0123456789xyz" not in repr(records) and "plainsecret42" not in repr(records)
+
+
+def test_levels_are_read_after_a_prefix_and_in_every_spelling(tmp_path):
+    records = _tailed(tmp_path, "2024-01-01 12:00:00,123 - comfy.model_management - WARNING - low VRAM mode\n"
+                                "Warning: xformers is not available\n"
+                                "CRITICAL: CUDA out of memory\n")
+    assert [(r[1], r[2]) for r in records] == [(13, "WARNING"), (13, "WARNING"), (21, "CRITICAL")]
+
+
+def test_a_partial_line_is_never_cut_inside_a_four_byte_character(tmp_path):
+    now = [0.0]
+    log = tmp_path / "svc.log"
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = ServiceOutputTailer(buffer, [(log, "svc", "simulation")], machine_id="m1", clock=lambda: now[0])
+        emoji = "\U0001F600".encode()  # 4 bytes
+        with open(log, "ab") as f:
+            f.write(b"saved image " + emoji[:3])  # ends inside the emoji
+        tailer.poll_once()
+        now[0] += 5  # past the wait for the line's end: what there is goes as it is, up to a whole character
+        tailer.poll_once()
+        with open(log, "ab") as f:
+            f.write(emoji[3:] + b" done\n")
+        tailer.poll_once()
+        assert _bodies(buffer) == ["saved image ", "\U0001F600 done"]
+    finally:
+        buffer.close()
+
+
+def test_the_unfinished_end_of_a_file_whose_successor_was_lost_is_still_read(tmp_path):
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = _svc_tailer(buffer, log)
+        expected = write("a", 10)
+        tailer.poll_once()
+        expected += write("a-unread", 50_000, pad=90)  # more than a pass
+        _append(log, "a-last-line-cut-by-rotation")  # no newline: its rest went to b, which is lost
+        _rotate(log)
+        write("b", 10)
+        tailer.poll_once()  # notes b as a's successor
+        for tag in ("c", "d", "e"):
+            _rotate(log)
+            expected += write(tag, 10)
+        _poll_until_idle(tailer)
+        lines = _lines(buffer)
+        assert len(_lost(buffer)) == 1
+    finally:
+        buffer.close()
+    assert "a-last-line-cut-by-rotation" in lines
+    assert [line for line in lines if line != "a-last-line-cut-by-rotation"] == expected
+
+
+def test_two_rotations_between_polls_with_ten_or_more_backups(tmp_path):
+    # logs.backups may be up to 100: backups are ordered by number, not by name (.10 before .2)
+    log = tmp_path / "svc.log"
+    write = Writer(log)
+    buffer = Buffer(tmp_path / "b.db")
+    try:
+        tailer = _svc_tailer(buffer, log)
+        expected = []
+        for i in range(12):
+            expected += write(f"r{i}", 3)
+            _poll_until_idle(tailer)
+            _rotate(log, backups=12)
+        expected += write("x", 3)
+        _poll_until_idle(tailer)
+        expected += write("x-unread", 3)
+        _rotate(log, backups=12)
+        expected += write("y", 3)
+        _rotate(log, backups=12)  # x is now svc.log.2, y svc.log.1
+        expected += write("z", 3)
+        _poll_until_idle(tailer)
+        lines, lost = _lines(buffer), _lost(buffer)
+    finally:
+        buffer.close()
+    assert not lost and lines == expected
