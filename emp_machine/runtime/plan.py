@@ -111,6 +111,25 @@ def gpu_count(manifest: Manifest, hardware: Hardware) -> int:
     return manifest.machine.gpus if isinstance(manifest.machine.gpus, int) else hardware.gpu_count
 
 
+def _check_port_ranges(services: list[ServiceInstance], health_port: int | None) -> None:
+    """The services' ports as laid out, apart and off health.port. The manifest checks them too, but a per_gpu
+    service on `machine.gpus: auto` has its range only here, once the GPU count is known: validated, it then
+    listened on another service's port (comfy on 8188-8189 per GPU beside another service on 8189)."""
+    owner: dict[int, str] = {}
+    for instance in services:
+        if instance.port is None:
+            continue
+        other = owner.setdefault(instance.port, instance.service)
+        if other != instance.service:
+            raise PlanError(f"services.{instance.service}: port {instance.port} is also a port of services.{other} "
+                            f"on this machine (instance i listens on port + i, one instance per GPU); give each "
+                            f"service its own range")
+        if instance.port == health_port:
+            raise PlanError(f"services.{instance.service}: port {instance.port} is also health.port on this "
+                            f"machine (instance i listens on port + i, one instance per GPU); pick another port "
+                            f"for the health server or the service")
+
+
 def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, environ: dict[str, str],
           redis_port: int | None = None) -> Plan:
     """Lay the manifest out. `resolved_manifest` is the JSON the workers load (the machine writes it)."""
@@ -176,6 +195,8 @@ def build(manifest: Manifest, hardware: Hardware, *, resolved_manifest: Path, en
             ))
             services.append(ServiceInstance(process, name, index, values["gpu"], port, _probe(svc.health, values),
                                             svc.required, svc.memory_limit))
+
+    _check_port_ranges(services, manifest.health.port)
 
     def bound_to(group) -> list[ServiceInstance]:
         return [s for s in services if s.service == group.service] if group.service else []
