@@ -347,6 +347,48 @@ def test_a_worker_registers_again_at_once_when_redis_is_flushed_or_comes_back_em
         server.stop()
 
 
+def test_a_vanished_jobs_end_leaves_the_worker_busy_with_its_next_job_then_idle(redis, redis_url, tmp_path):
+    """Review of the fix above: the worker wrote idle/busy itself when a vanished job ended, and that write
+    raced the next claim's busy (the worker shown idle while it ran the next job, then busy with the vanished
+    one until a heartbeat, as it stayed in jobs:active). The job is now released by a script, atomically."""
+    procs = WorkerProcs(_sim_workers(1), tmp_path, redis_url)  # default lease: no beat within this test
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        wid = procs.ids[0]
+        gone = store.submit("simulation", {"steps": 400, "step_ms": 50})
+        wait_status(redis, gone, "in_progress")
+        following = store.submit("simulation", {"steps": 20, "step_ms": 100})  # waits for the slot
+        redis.delete(f"job:{gone}")  # its next progress write finds the hash gone
+        wait_status(redis, following, "in_progress")
+        wait_for(lambda: redis.hmget(f"worker:{wid}", "status", "current_job_id") == ["busy", following],
+                 timeout=5, message=f"busy with {following}: {redis.hgetall(f'worker:{wid}')}")
+        wait_status(redis, following, "completed")
+        wait_for(lambda: redis.hmget(f"worker:{wid}", "status", "current_job_id") == ["idle", ""]
+                 and not redis.hlen(f"jobs:active:{wid}"), timeout=8,
+                 message=f"idle, nothing active: {redis.hgetall(f'worker:{wid}')}")
+    finally:
+        procs.close()
+
+
+def test_a_vanished_job_the_heartbeat_finds_is_said_to_have_vanished(redis, redis_url, tmp_path):
+    """A job quiet when its hash goes (no progress to write) is found by the heartbeat's script ('missing'):
+    logged as vanished too, not as "lost while running; left to its new owner"."""
+    procs = WorkerProcs(_sim_workers(1, "lease: 3s"), tmp_path, redis_url)  # a beat a second
+    store = JobStore(redis)
+    try:
+        procs.start()
+        procs.wait_up(redis)
+        job_id = store.submit("simulation", {"steps": 1, "step_ms": 0, "hang": True})
+        wait_status(redis, job_id, "in_progress")
+        redis.delete(f"job:{job_id}")
+        wait_for(lambda: '"job.vanished"' in procs.log(0), timeout=10, message=procs.log(0)[-2000:])
+        assert "left to its new owner" not in procs.log(0)
+    finally:
+        procs.close()
+
+
 def test_a_stray_in_a_workers_active_jobs_is_handed_back_at_its_second_sighting_not_its_first(redis, redis_url,
                                                                                                tmp_path):
     """A job in jobs:active for a worker that does not run it (a claim whose reply was lost) is handed back, but

@@ -284,6 +284,7 @@ class HeartbeatResult:
     renewed: list[str]
     lost: list[str]
     cancelled: list[str]
+    missing: list[str] = field(default_factory=list)  # of `lost`, those whose job hash is gone
 
 
 @dataclass(frozen=True)
@@ -807,10 +808,12 @@ class _JobOps:
 
     def _heartbeat(self, worker_id: str) -> _Op:
         reply = yield _Call("heartbeat", (worker_id, self.lease_ms, HEARTBEAT_TTL_S))
-        renewed, lost, cancelled = [], [], []
+        renewed, lost, cancelled, missing = [], [], [], []
         for state, job_id in zip(reply[::2], reply[1::2]):
             {"ok": renewed, "cancelled": cancelled}.get(state, lost).append(job_id)
-        return HeartbeatResult(renewed, lost, cancelled)
+            if state == "missing":
+                missing.append(job_id)
+        return HeartbeatResult(renewed, lost, cancelled, missing)
 
     def _active_jobs(self, worker_id: str) -> _Op:
         return list((yield _Call(None, ("hkeys", active_key(worker_id)))))

@@ -9,6 +9,7 @@ per job, finishing writes shielded so a cancellation cannot half-record a job. I
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -682,8 +683,6 @@ class Worker:
     def _job_done(self, job_id: str, task: asyncio.Task) -> None:
         if self.running.get(job_id) is task:  # else a newer attempt of the job runs here, with its own marks
             del self.running[job_id]
-            if job_id in self.vanished:  # no script ended it, so none set this worker idle (or busy with another)
-                self._keep_side_task(self._own_task(self._refresh_status()))
             self._forget_stop(job_id)
         if task in self.slot_freed:
             self.slot_freed.discard(task)
@@ -1170,6 +1169,11 @@ class Worker:
             self.log.warning("job hash vanished while running: Redis lost its data (restarted empty, flushed) or "
                              "the key was deleted; the job is not completed", extra={
                                  "event_type": "job.vanished", "fields": {"job_id": job.id}})
+            # No script ended it: this one takes it out of jobs:active and sets the worker idle (or busy with
+            # another job) atomically with any claim (a status written from here raced the next claim's busy).
+            with contextlib.suppress(RedisError, OSError):  # Redis away: the heartbeat drops it as missing
+                await self._retrying(self.store.hand_back, job.id, self.ident.worker_id, "vanished",
+                                     deadline_s=DRAIN_MARGIN_S, token=job.token)
             return
         if job.id in self.lost:
             self.log.info("job lost while running; left to its new owner",
@@ -1510,7 +1514,7 @@ class Worker:
             for job_id in beat.cancelled:
                 self._on_cancel(job_id, "cancelled (seen by heartbeat)")
             for job_id in beat.lost:
-                self.request_stop(job_id, lost=True)
+                self.request_stop(job_id, lost=True, vanished=job_id in beat.missing)
             if contested:  # the jobs in jobs:active may be another live process's: none is a stray now
                 self.orphans_seen = set()
                 continue
