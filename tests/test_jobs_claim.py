@@ -382,6 +382,17 @@ def test_reconcile_adopts_and_prunes(store, redis):
     assert redis.hlen("jobs:idx:of") == redis.zcard("jobs:pending") == 1
 
 
+def test_reconcile_adopts_the_job_right_behind_a_chunk_of_vanished_ids(store, redis):
+    # A whole chunk of queued ids whose hashes are gone: removed, they shift the ranks after them, and the
+    # next chunk must start where the first API job now is (mutation audit M12: counting them in skipped it).
+    redis.zadd("jobs:pending", {f"gone-{i}": i for i in range(500)})
+    api_submit(redis, "api-behind")
+    redis.zadd("jobs:pending", {"api-behind": 10_000})
+    report = store.reconcile()
+    assert (report.adopted, report.removed_missing) == (1, 500), report
+    assert redis.hexists("jobs:idx:of", "api-behind")
+
+
 def test_capabilities_need_a_worker_id(store):
     with pytest.raises(ValueError, match="worker_id"):
         store.claim({"services": ["sim"]})

@@ -279,3 +279,76 @@ def test_claim_messages_and_events_escape_odd_worker_ids(redis, functions):
     assert (claimed["ev"], claimed["worker_id"], claimed["machine_id"], claimed["retry_count"]) == \
         ("claimed", odd, 'm"\\1', 0)
     assert (started["ev"], started["worker_id"]) == ("started", odd) and started["t"] == claimed["t"]
+
+
+# -- races mutation audit M12 found unpinned: each client below sends every command to the real server; the
+# subclass only makes another store's step land at the one moment that matters ---------------------------------
+
+def _library_name() -> str:
+    return function_library()[1][:-1]
+
+
+class _PrunedRightAfterLoad(redis_lib.Redis):
+    """Another store prunes our library (FUNCTION DELETE, as a newer version's store does past LIBRARIES_KEPT)
+    right after this store loaded it, before its FCALL."""
+
+    def function_load(self, code, replace=False):
+        reply = super().function_load(code, replace)
+        redis_lib.Redis(connection_pool=self.connection_pool).function_delete(_library_name())
+        return reply
+
+
+class _LoadedByAnotherFirst(redis_lib.Redis):
+    """Another store loads the library between this store's FCALL (not found) and its own FUNCTION LOAD."""
+
+    def function_load(self, code, replace=False):
+        redis_lib.Redis(connection_pool=self.connection_pool).function_load(code)
+        return super().function_load(code, replace)  # "Library ... already exists"
+
+
+def test_a_library_deleted_between_the_load_and_the_call_runs_that_call_by_evalsha(redis, redis_server):
+    redis.function_flush()
+    client = _PrunedRightAfterLoad.from_url(redis_server.url, decode_responses=True)
+    try:
+        store = JobStore(client)
+        job_id = store.submit("sim", {"n": 1})  # FCALL: not found; load; deleted; FCALL again: EVALSHA
+        assert redis.hget(f"job:{job_id}", "status") == "pending"
+        assert store.uses_functions  # the next call loads it again
+    finally:
+        client.close()
+
+
+def test_a_store_that_loses_the_load_race_keeps_functions(redis, redis_server):
+    redis.function_flush()
+    redis.config_resetstat()
+    client = _LoadedByAnotherFirst.from_url(redis_server.url, decode_responses=True)
+    try:
+        store = JobStore(client)
+        job_id = store.submit("sim", {"n": 1})
+        assert redis.hget(f"job:{job_id}", "status") == "pending"
+        assert store.uses_functions and calls(redis, "evalsha") == 0  # "already exists" is no refusal
+    finally:
+        client.close()
+
+
+def test_the_machines_scripts_resend_their_source_on_noscript_only(redis, redis_url):
+    # Any other error (WRONGTYPE, NOPERM, a timeout) sent the ~39 KB source again by EVAL, and after a timeout
+    # could run the script twice.
+    import asyncio
+
+    from emp_machine.runtime.jobs import mark_worker_offline
+    from emp_machine.runtime.resp import MiniRedis, RespError
+
+    async def main():
+        client = MiniRedis(redis_url)
+        try:
+            await mark_worker_offline(client, "good")  # NOSCRIPT, then EVAL: cached from now on
+            redis.config_resetstat()
+            redis.rpush("worker:bad", "not a hash")
+            with pytest.raises(RespError, match="WRONGTYPE"):
+                await mark_worker_offline(client, "bad")
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    assert (calls(redis, "eval"), calls(redis, "evalsha")) == (0, 1)

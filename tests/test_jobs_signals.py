@@ -228,3 +228,29 @@ def test_a_quiet_subscription_on_a_healthy_redis_is_kept(tmp_path, caplog):
             asyncio.run(main())
         assert not [r for r in caplog.records if "no reply to PING" in r.getMessage()]
         admin.close()
+
+
+def test_hints_are_capped_while_a_worker_is_busy(redis, redis_url):
+    # A worker running a long job does not arm: announcements of API jobs pile up as hints, all handed to its
+    # next claim (one script adopting each). At most 256 are kept; the claim's reconcile finds the rest
+    # (mutation audit M12: the cap could go with every test passing).
+    marker = []
+
+    async def main():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            async with JobSignals(client, ["sim"], on_cancel=lambda j, r: marker.append(j)) as signals:
+                signals.arm()
+                for i in range(400):
+                    redis.publish("job_submitted", json.dumps({"job_id": f"api-{i}", "service_required": "sim"}))
+                redis.publish("cancel_job", json.dumps({"job_id": "marker", "worker_id": "", "reason": "-"}))
+                for _ in range(1000):  # read in order: once the marker is in, every announcement was read
+                    if marker:
+                        break
+                    await asyncio.sleep(0.01)
+                return signals.arm()
+        finally:
+            await client.aclose()
+
+    hints = asyncio.run(main())
+    assert marker == ["marker"] and hints == [f"api-{i}" for i in range(256)], len(hints)

@@ -90,3 +90,32 @@ def test_password_and_database_from_the_url_and_reconnect_after_a_restart(tmp_pa
         run(go())
     finally:
         server.stop()
+
+
+def test_a_refused_login_leaves_no_connection_open(redis, redis_url):
+    # The machine's poller tries a wrong password again every second: each refused AUTH closes its socket
+    # (mutation audit M12: without the close, one connection leaked a try, 20 after 20 tries).
+    import time
+
+    redis.acl_setuser("refused-user", enabled=True, passwords=["+right"], keys=["*"], commands=["+@all"])
+
+    async def main():
+        client = MiniRedis(redis_url.replace("redis://", "redis://refused-user:wrong@"))
+        errors = []
+        for _ in range(20):
+            try:
+                await client.ping()
+            except RespError as exc:
+                errors.append(exc)  # kept, as a caller logging its last error would
+        return errors
+
+    try:
+        before = redis.info("clients")["connected_clients"]
+        errors = asyncio.run(main())
+        assert len(errors) == 20
+        deadline = time.monotonic() + 5
+        while redis.info("clients")["connected_clients"] - before > 1:  # the server sees the closes soon after
+            assert time.monotonic() < deadline, redis.info("clients")["connected_clients"] - before
+            time.sleep(0.02)
+    finally:
+        redis.acl_deluser("refused-user")
