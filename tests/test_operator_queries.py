@@ -334,3 +334,31 @@ def test_logs_with_no_machine_and_no_manifest_say_whose_logs_they_show(tmp_path)
     assert done.returncode == 0 and done.stdout == "the demo's line\n", done.stderr
     assert (f"showing the log files of the built-in simulation manifest's machine in {logs} (--manifest FILE "
             "for another machine's)") in done.stderr, done.stderr
+
+
+# -- /errors rows: capped newest-last, and masked in every field a service's line fills (audit M11) ---------------
+
+SECRET = "SeCrEtVaLuE123456789"
+
+
+def test_errors_are_capped_at_the_limit_newest_kept(tmp_path):
+    now = time.time()
+    (tmp_path / "worker-0.log").write_text("".join(_line("error", f"e{i:03d}", now - 600 + i) for i in range(250)))
+    rows = recent_errors(tmp_path, since_s=3600, now=now)
+    assert [row["message"] for row in rows] == [f"e{i:03d}" for i in range(50, 250)]
+
+
+def test_a_secret_in_a_services_error_output_is_masked_in_every_field(tmp_path):
+    # A service's own JSON line with no event name: its message became the row's `event`, unmasked, while
+    # `message` was masked (found by audit M11, a leak through GET /errors and `emp-machine errors`); a
+    # traceback's detail and a plain ERROR line too.
+    now = time.time()
+    (tmp_path / "comfyui-gpu0.log").write_text(
+        _line("error", f"upstream refused Authorization: Bearer {SECRET}", now)
+        + _line("error", f"retrying with api_key={SECRET}", now, error="upstream 401", job_id=f"sk-{SECRET}")
+        + "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        f"    call(headers={{'Authorization': 'Bearer {SECRET}'}})\nRuntimeError: failed\n"
+        f"ERROR request with Authorization: Bearer {SECRET} failed\n")
+    rows = recent_errors(tmp_path, since_s=3600, now=now)
+    assert len(rows) == 4
+    assert SECRET not in json.dumps(rows), json.dumps(rows)

@@ -373,9 +373,9 @@ def recent_errors(logs_dir: Path, since_s: float, now: float | None = None, limi
         found.extend(_errors_in(text, process, cutoff, path.stat().st_mtime))
     found.sort(key=lambda e: e["at"])
     for row in found:  # raw service output was never redacted on its way into the log file
-        row["message"] = redact_text(row["message"])
-        if "detail" in row:
-            row["detail"] = redact_text(row["detail"])
+        for key in ("message", "detail", "event", "job_id", "trace_id"):  # each may be a line's own text
+            if isinstance(row.get(key), str):
+                row[key] = redact_text(row[key])
     return found[-limit:]
 
 
