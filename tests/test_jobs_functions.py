@@ -331,24 +331,31 @@ def test_a_store_that_loses_the_load_race_keeps_functions(redis, redis_server):
         client.close()
 
 
-def test_the_machines_scripts_resend_their_source_on_noscript_only(redis, redis_url):
+def test_the_machines_scripts_resend_their_source_on_noscript_only(tmp_path):
     # Any other error (WRONGTYPE, NOPERM, a timeout) sent the ~39 KB source again by EVAL, and after a timeout
-    # could run the script twice.
+    # could run the script twice. A server of its own: the counts are the whole server's.
     import asyncio
 
     from emp_machine.runtime.jobs import mark_worker_offline
+    from emp_machine.runtime.redis_server import PrivateRedis
     from emp_machine.runtime.resp import MiniRedis, RespError
 
-    async def main():
-        client = MiniRedis(redis_url)
-        try:
-            await mark_worker_offline(client, "good")  # NOSCRIPT, then EVAL: cached from now on
-            redis.config_resetstat()
-            redis.rpush("worker:bad", "not a hash")
-            with pytest.raises(RespError, match="WRONGTYPE"):
-                await mark_worker_offline(client, "bad")
-        finally:
-            await client.aclose()
+    with PrivateRedis(tmp_path / "redis") as server:
+        admin = redis_lib.Redis.from_url(server.url, decode_responses=True)
 
-    asyncio.run(main())
-    assert (calls(redis, "eval"), calls(redis, "evalsha")) == (0, 1)
+        async def main():
+            client = MiniRedis(server.url)
+            try:
+                await mark_worker_offline(client, "good")  # NOSCRIPT, then EVAL: cached from now on
+                admin.config_resetstat()
+                admin.rpush("worker:bad", "not a hash")
+                with pytest.raises(RespError, match="WRONGTYPE"):
+                    await mark_worker_offline(client, "bad")
+            finally:
+                await client.aclose()
+
+        try:
+            asyncio.run(main())
+            assert (calls(admin, "eval"), calls(admin, "evalsha")) == (0, 1)
+        finally:
+            admin.close()
