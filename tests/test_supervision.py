@@ -439,6 +439,11 @@ services:
         return [e for e in machine.events()
                 if e.get("message") == "resource.exhausted" and "action" in e and e.get("process_name") == name]
 
+    def tree_memory() -> int:  # `ps` shows the process tree's memory, as the limit counts it
+        rows = json.loads(machine.cli("ps", "--json").stdout)["processes"]
+        return next(row["memory_bytes"] for row in rows if row["name"] == "tree-0") or 0
+
+    wait_for(lambda: tree_memory() > 120 * 2**20, 30, message="ps to count the child's 150 MiB")
     wait_for(lambda: len(_stamps(tree)) >= 3 and len(_stamps(late)) >= 3, 60,
              message=f"two memory restarts of each\n{machine.tail()}")
     assert [(e["action"], e["delay_s"]) for e in exhausted("tree-0")][:2] == [("graceful restart", 0.0),
