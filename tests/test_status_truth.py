@@ -326,6 +326,7 @@ def _rules_plan(tmp_path):
                         "  svc: {command: sleep 600, port: 18777,\n"
                         "        health: {tcp: '{port}', interval: 200ms, start_period: 10m}}\n"
                         "  opt: {command: sleep 600, required: false}\n"
+                        "  plain: {command: sleep 600}\n"
                         "workers: {sim: {connector: simulation, count: 2}}\n", environ={})
     return plan.build(manifest, hardware.probe(), resolved_manifest=tmp_path / "manifest.json", environ={})
 
@@ -364,6 +365,11 @@ def test_ready_waits_for_the_boot_and_health_for_a_probed_services_first_pass(tm
         agg.set_health("svc-0", True, "")
         agg.commit()
         assert agg.health_code == 200, agg.health_body
+        # a service supervisord is still starting (its startsecs not yet passed) is not healthy yet
+        agg.set_processes(_running(the_plan, plain_0="STARTING"))
+        agg.commit()
+        assert agg.health_code == 503 and json.loads(agg.health_body)["reasons"] == ["plain-0: state starting"]
+        agg.set_processes(_running(the_plan))
         # a service marked `required: false` that died leaves the machine healthy, and says so on its own line
         agg.set_processes(_running(the_plan, opt_0="FATAL"))
         agg.commit()
