@@ -369,6 +369,11 @@ def test_ready_waits_for_the_boot_and_health_for_a_probed_services_first_pass(tm
         agg.set_processes(_running(the_plan, plain_0="STARTING"))
         agg.commit()
         assert agg.health_code == 503 and json.loads(agg.health_body)["reasons"] == ["plain-0: state starting"]
+        # and one waiting out a restart backoff (a crash loop) is shown launching, never online
+        agg.set_processes(_running(the_plan, plain_0="BACKOFF"))
+        agg.commit()
+        plain = json.loads(agg.health_body)["services"]["plain-0"]
+        assert (agg.health_code, plain["status"], plain["healthy"]) == (503, "launching", False)
         agg.set_processes(_running(the_plan))
         # a service marked `required: false` that died leaves the machine healthy, and says so on its own line
         agg.set_processes(_running(the_plan, opt_0="FATAL"))
