@@ -441,6 +441,51 @@ def test_a_machine_ready_that_could_not_be_published_goes_out_once_redis_answers
         proxy.close()
 
 
+def test_a_restarted_service_starts_its_count_of_failed_checks_afresh(tmp_path):
+    # Two failed checks of the old process (under retries: 3), then a restart (a new pid): the new process is
+    # judged on its own three failures, not on the old one's two plus one of its own (an M2 mutant the audit
+    # did not run: keeping the count passed every health test).
+    from aiohttp import web
+
+    from emp_machine.runtime import probes
+    from emp_machine.runtime.plan import Probe
+
+    async def scenario():
+        answered = {"ok": 0, "failed": 0}
+
+        async def handle(request):
+            if answered["ok"] == 0:
+                answered["ok"] += 1
+                return web.Response(text="ok")
+            answered["failed"] += 1
+            return web.Response(status=503)
+
+        app = web.Application()
+        app.router.add_get("/health", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        inbox: asyncio.Queue = asyncio.Queue()
+        probe = Probe(f"http://127.0.0.1:{port}/health", None, 0.05, 2.0, 0.0, 3)
+
+        def started(process):  # the process was restarted after the old one's second failed check
+            return (1 if answered["failed"] < 2 else 2), time.time()
+
+        task = asyncio.create_task(probes.run_probe("svc-0", probe, inbox, lambda p, h, r: (h, r), started))
+        try:
+            assert await asyncio.wait_for(inbox.get(), 10) == (True, "")
+            healthy, _ = await asyncio.wait_for(inbox.get(), 10)
+            assert healthy is False and answered["failed"] == 2 + 3
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
 def test_a_service_is_unhealthy_after_exactly_its_retries_in_failed_checks(tmp_path):
     # `health.retries: 3`: the third failed check in a row is the verdict, not the fourth (a real HTTP check
     # against a loopback server that answers 200 once, then 503).
