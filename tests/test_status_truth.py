@@ -441,10 +441,10 @@ def test_a_machine_ready_that_could_not_be_published_goes_out_once_redis_answers
         proxy.close()
 
 
-def test_a_restarted_service_starts_its_count_of_failed_checks_afresh(tmp_path):
-    # Two failed checks of the old process (under retries: 3), then a restart (a new pid): the new process is
-    # judged on its own three failures, not on the old one's two plus one of its own (an M2 mutant the audit
-    # did not run: keeping the count passed every health test).
+def _first_fall(interval: float, started) -> tuple[str, int]:
+    """run_probe (retries: 3) against a real loopback HTTP endpoint that answers 200 once, then 503 for good:
+    (the unhealthy verdict's reason, how many 503s had been answered when it landed). `started(process,
+    answered)` gives the process's (pid, start) as run_probe asks, `answered` the endpoint's counts so far."""
     from aiohttp import web
 
     from emp_machine.runtime import probes
@@ -468,61 +468,34 @@ def test_a_restarted_service_starts_its_count_of_failed_checks_afresh(tmp_path):
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         inbox: asyncio.Queue = asyncio.Queue()
-        probe = Probe(f"http://127.0.0.1:{port}/health", None, 0.05, 2.0, 0.0, 3)
-
-        def started(process):  # the process was restarted after the old one's second failed check
-            return (1 if answered["failed"] < 2 else 2), time.time()
-
-        task = asyncio.create_task(probes.run_probe("svc-0", probe, inbox, lambda p, h, r: (h, r), started))
-        try:
-            assert await asyncio.wait_for(inbox.get(), 10) == (True, "")
-            healthy, _ = await asyncio.wait_for(inbox.get(), 10)
-            assert healthy is False and answered["failed"] == 2 + 3
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await runner.cleanup()
-
-    asyncio.run(scenario())
-
-
-def test_a_service_is_unhealthy_after_exactly_its_retries_in_failed_checks(tmp_path):
-    # `health.retries: 3`: the third failed check in a row is the verdict, not the fourth (a real HTTP check
-    # against a loopback server that answers 200 once, then 503).
-    from aiohttp import web
-
-    from emp_machine.runtime import probes
-    from emp_machine.runtime.plan import Probe
-
-    async def scenario():
-        answered = {"ok": 0, "failed": 0}
-
-        async def handle(request):
-            if answered["ok"] == 0:
-                answered["ok"] += 1
-                return web.Response(text="ok")
-            answered["failed"] += 1
-            return web.Response(status=503)
-
-        app = web.Application()
-        app.router.add_get("/health", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        inbox: asyncio.Queue = asyncio.Queue()
-        probe = Probe(f"http://127.0.0.1:{port}/health", None, 0.2, 2.0, 0.0, 3)
+        probe = Probe(f"http://127.0.0.1:{port}/health", None, interval, 2.0, 0.0, 3)
         task = asyncio.create_task(probes.run_probe("svc-0", probe, inbox, lambda p, h, r: (h, r),
-                                                    lambda p: (1, time.time())))
+                                                    lambda process: started(process, answered)))
         try:
             assert await asyncio.wait_for(inbox.get(), 10) == (True, "")
             healthy, reason = await asyncio.wait_for(inbox.get(), 10)
-            assert healthy is False and "HTTP 503" in reason
-            assert answered["failed"] == 3  # read as the verdict lands: the next check is 0.2 s away
+            assert healthy is False
+            return reason, answered["failed"]  # read as the verdict lands: the next check is `interval` away
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await runner.cleanup()
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_restarted_service_starts_its_count_of_failed_checks_afresh():
+    # Two failed checks of the old process (under retries: 3), then a restart (a new pid): the new process is
+    # judged on its own three failures, not on the old one's two plus one of its own (an M2 mutant the audit
+    # did not run: keeping the count passed every health test).
+    def started(process, answered):  # the process was restarted after the old one's second failed check
+        return (1 if answered["failed"] < 2 else 2), time.time()
+
+    _, failed = _first_fall(0.05, started)
+    assert failed == 2 + 3
+
+
+def test_a_service_is_unhealthy_after_exactly_its_retries_in_failed_checks():
+    # `health.retries: 3`: the third failed check in a row is the verdict, not the fourth.
+    reason, failed = _first_fall(0.2, lambda process, answered: (1, time.time()))
+    assert "HTTP 503" in reason and failed == 3

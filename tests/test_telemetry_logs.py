@@ -224,28 +224,36 @@ def test_a_single_mapping_argument_formats_as_in_the_stdlib_and_arguments_are_re
 
 
 def test_held_records_keep_the_fields_of_their_call(tmp_path):
-    # An unsampled job holds its INFO records until it ends; a caller reusing one dict must not find every held
-    # line of a failed job written with the dict's last values.
+    # An unsampled job holds its INFO records and events until it ends; written because it failed, each carries
+    # the fields of its call: a caller reusing one dict must not find every held line written with the dict's
+    # last values, and the bound fields are those bound where it was called, not none and not those bound when
+    # the job ended (mutation audit M8).
     stream = io.StringIO()
     telemetry = _telemetry(tmp_path, stream, sampled=False)
-    log = telemetry.logger("emp.connector.sim")
+    log, clog = telemetry.logger("emp.connector.sim"), telemetry.connector_logger("sim-0", "sim")
     fields = {"node": None}
     try:
         try:
-            with telemetry.job_span("job-1"):
-                for node in ("LoadImage", "KSampler", "VAEDecode"):
-                    fields["node"] = node
-                    log.info("node executing", extra={"fields": fields})
-                fields["node"] = "after the calls"
-                raise RuntimeError("VAEDecode failed")
+            with ctx.bind(job_id="job-1", connector_id="sim-0"):
+                with telemetry.job_span("job-1"):
+                    for node in ("LoadImage", "KSampler", "VAEDecode"):
+                        fields["node"] = node
+                        log.info("node executing", extra={"fields": fields})
+                    fields["node"] = "after the calls"
+                    with ctx.bind(phase="preprocessing"):
+                        clog.started("job-1")
+                    raise RuntimeError("VAEDecode failed")
         except RuntimeError:
             pass
         telemetry.flush()
         lines = _lines(stream)
     finally:
         telemetry.shutdown(2)
-    assert [line["node"] for line in lines if line["message"] == "node executing"] == [
-        "LoadImage", "KSampler", "VAEDecode"]
+    held = [line for line in lines if line["message"] == "node executing"]
+    assert [line["node"] for line in held] == ["LoadImage", "KSampler", "VAEDecode"]
+    assert all((line.get("job_id"), line.get("connector_id")) == ("job-1", "sim-0") for line in held), held
+    [started] = [line for line in lines if line.get("event.name") == "job.started"]
+    assert started.get("phase") == "preprocessing", started
 
 
 def test_a_line_with_text_that_is_not_utf8_reaches_stdout_and_the_log_file_once(tmp_path):
@@ -398,32 +406,6 @@ def test_a_secret_in_a_bound_field_is_redacted(tmp_path):
     finally:
         telemetry.shutdown(2)
     assert "connected" in text and "hunter2pass" not in text and "plainsecretvalue" not in text
-
-
-def test_held_lines_and_events_keep_the_bound_fields_of_their_call(tmp_path):
-    # An unsampled job holds its INFO lines and events until it ends; written because it failed, each carries
-    # the fields bound where it was called, not none and not those bound when the job ended.
-    stream = io.StringIO()
-    telemetry = _telemetry(tmp_path, stream, sampled=False)
-    log, clog = telemetry.logger("emp.connector.sim"), telemetry.connector_logger("sim-0", "sim")
-    try:
-        try:
-            with ctx.bind(job_id="job-7", connector_id="sim-0"):
-                with telemetry.job_span("job-7"):
-                    log.info("node executing")
-                    with ctx.bind(phase="preprocessing"):
-                        clog.started("job-7")
-                    raise RuntimeError("failed")
-        except RuntimeError:
-            pass
-        telemetry.flush()
-        lines = _lines(stream)
-    finally:
-        telemetry.shutdown(2)
-    [held] = [line for line in lines if line["message"] == "node executing"]
-    assert (held.get("job_id"), held.get("connector_id")) == ("job-7", "sim-0"), held
-    [started] = [line for line in lines if line.get("event.name") == "job.started"]
-    assert started.get("phase") == "preprocessing", started
 
 
 def test_a_connectors_warning_in_an_unsampled_job_is_written_though_the_job_succeeds(tmp_path):
