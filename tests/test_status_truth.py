@@ -441,6 +441,51 @@ def test_a_machine_ready_that_could_not_be_published_goes_out_once_redis_answers
         proxy.close()
 
 
+def test_nothing_follows_the_shutdown_message_once_the_publisher_is_closed(redis_server, tmp_path):
+    # CI caught a machine_ready after the shutdown message: the machine cancelled its publisher as the phase
+    # went ready, and Python 3.11's wait_for swallowed the cancellation (it landed as the wait for that very
+    # transition ended), so the loop went on to announce the machine ready after it had said it stopped. Here
+    # the publisher is closed, never cancelled, just after the transition it was woken for: it must end
+    # without a word, and the shutdown message is the only one.
+    import redis as redis_lib
+
+    the_plan = _rules_plan(tmp_path)
+    listener = redis_lib.Redis.from_url(redis_server.url, decode_responses=True).pubsub()
+    listener.subscribe(f"machine:status:{the_plan.machine_id}")
+    wait_for(lambda: listener.get_message(timeout=0.05) is None and listener.subscribed, 5, message="subscribed")
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("starting", True)
+        agg.commit()
+        agg.transition.clear()
+        publisher = st.Publisher(agg, st.redis_client(redis_server.url), redis_server.url, 30.0)
+        task = asyncio.create_task(publisher.run())
+        try:
+            await asyncio.sleep(0)  # run() waits for a transition
+            agg.set_phase("ready", True)
+            agg.commit()  # a machine_ready owed, and run() woken for it
+            await asyncio.sleep(0)
+            publisher.close()
+            await asyncio.wait_for(asyncio.shield(task), 5)  # it ends by itself
+            assert await publisher.publish("shutdown", phase="shutdown")
+            return publisher.published
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await publisher.client.aclose()
+
+    try:
+        assert asyncio.run(scenario()) == 1
+        kinds = []
+        while "shutdown" not in kinds:
+            msg = wait_for(lambda: listener.get_message(timeout=0.05), 5, message=f"the shutdown message: {kinds}")
+            kinds.append(json.loads(msg["data"])["update_type"])
+        assert kinds == ["shutdown"]
+    finally:
+        listener.close()
+
+
 def _first_fall(interval: float, started) -> tuple[str, int]:
     """run_probe (retries: 3) against a real loopback HTTP endpoint that answers 200 once, then 503 for good:
     (the unhealthy verdict's reason, how many 503s had been answered when it landed). `started(process,

@@ -587,8 +587,9 @@ class Machine:
         if self._announced_shutdown:
             return
         self._announced_shutdown = True
+        self.publisher.close()
         if self._publisher_task is not None:
-            self._publisher_task.cancel()
+            self._publisher_task.cancel()  # a publish in flight: a slow one is not waited for
         await self._refresh_processes("shutdown")
         self.aggregate.set_phase(Phase.SHUTDOWN.value, self._supervisord_up)
         self.aggregate.commit()

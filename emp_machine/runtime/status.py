@@ -220,11 +220,21 @@ class Publisher:
         self.failed = 0
         self._owed: str | None = None  # a machine_ready that could not go out yet
         self._down = False
+        self._closed = False
+
+    def close(self) -> None:
+        """Send nothing more from run(): the machine's shutdown message is the last word.
+
+        Cancelling run() alone was not enough: Python 3.11's wait_for swallows a cancellation that lands as the
+        wait it guards ends, and the loop went on to send the machine_ready it owed after the shutdown message
+        (the monitor saw a stopped machine announce itself ready)."""
+        self._closed = True
+        self.aggregate.transition.set()  # wake run(), which ends
 
     async def run(self) -> None:
         next_periodic = self.clock() + self.interval
         transition = self.aggregate.transition
-        while True:
+        while not self._closed:
             try:
                 await asyncio.wait_for(transition.wait(), max(0.0, next_periodic - self.clock()))
             except asyncio.TimeoutError:
@@ -236,6 +246,8 @@ class Publisher:
                 await asyncio.sleep(COALESCE_S)  # everything that happens meanwhile goes out in one message
                 transition.clear()
                 kind = self.aggregate.take_kind()
+            if self._closed:
+                return
             if self._owed and kind != "shutdown":
                 kind, self._owed = self._owed, None
             ok = await self.publish(kind)
