@@ -544,3 +544,43 @@ def test_a_service_is_unhealthy_after_exactly_its_retries_in_failed_checks():
     # `health.retries: 3`: the third failed check in a row is the verdict, not the fourth.
     reason, failed = _first_fall(0.2, lambda process, answered: (1, time.time()))
     assert "HTTP 503" in reason and failed == 3
+
+
+def test_a_tcp_probe_cancelled_as_its_connect_completes_stops(monkeypatch):
+    # The machine's shutdown cancels its probes. Python 3.11's wait_for swallowed a cancellation that landed as
+    # the TCP check's connect completed, and the probe went on: once the drain stopped the service, it reported
+    # it unhealthy (service.unhealthy in a clean stop; the shutdown message showed it so). The probe connects
+    # for real to a real listener; its connect is only held at its end, so the cancellation lands as it ends.
+    from emp_machine.runtime import probes
+    from emp_machine.runtime.plan import Probe
+
+    async def scenario():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        real_open = asyncio.open_connection
+        connected, gate = asyncio.Event(), asyncio.Event()
+
+        async def held_open(*args, **kwargs):
+            conn = await real_open(*args, **kwargs)
+            connected.set()
+            await gate.wait()
+            return conn
+
+        monkeypatch.setattr(asyncio, "open_connection", held_open)
+        probe = Probe(None, server.sockets[0].getsockname()[1], 0.05, 1.0, 0.0, 1)
+        inbox: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(probes.run_probe("svc", probe, inbox, lambda p, h, r: (h, r),
+                                                    lambda process: (1, time.time())))
+        try:
+            await asyncio.wait_for(connected.wait(), 5)
+            gate.set()
+            await asyncio.sleep(0)  # the connect's last step runs
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2)
+            return bool(done) and task.cancelled()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(scenario()), "the probe went on checking after it was cancelled"

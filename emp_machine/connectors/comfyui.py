@@ -254,7 +254,8 @@ class ComfyUIConnector(_http.HttpSession, Connector):
         while True:
             timeout = None if cancel_by is None else max(0.0, cancel_by - time.monotonic())
             try:
-                kind, item = await asyncio.wait_for(active.inbox.get(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for, which in 3.11 can swallow the worker's
+                    kind, item = await active.inbox.get()  # cancellation as a frame arrives
             except TimeoutError:
                 raise JobCancelled(f"ComfyUI prompt {active.prompt_id} cancelled; the server had not "
                                    f"confirmed within {self.settings.cancel_wait_s:g} s") from None

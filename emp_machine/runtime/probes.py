@@ -24,7 +24,11 @@ async def check_once(probe: Probe, session: aiohttp.ClientSession | None) -> str
                 if 200 <= resp.status < 300:
                     return None
                 return f"HTTP {resp.status} from {probe.describe()}"
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", probe.tcp_port), probe.timeout)
+        # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that lands as the connect
+        # completes, and the probe went on checking after the machine's shutdown had cancelled it (reporting
+        # the service it was stopping unhealthy)
+        async with asyncio.timeout(probe.timeout):
+            _, writer = await asyncio.open_connection("127.0.0.1", probe.tcp_port)
         writer.close()
         await writer.wait_closed()
         return None
