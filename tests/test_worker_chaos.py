@@ -209,6 +209,34 @@ def test_a_worker_started_while_redis_is_unreachable_stops_on_sigterm(tmp_path):
         procs.close()
 
 
+def test_a_worker_stopped_once_registered_but_before_its_start_up_ended_goes_offline(tmp_path, redis, redis_url):
+    # A stop in the few milliseconds after the registration (a machine stopped just as it booted) ended
+    # start-up with no offline write: `worker:{id}` read idle, its heartbeat key alive, and the stopping machine
+    # does not correct it. Injected (a sitecustomize on the worker's PYTHONPATH): the first heartbeat after the
+    # registration sends the worker its own SIGTERM and never answers.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import asyncio, os, signal\n"
+        "from emp_machine.runtime import jobs\n"
+        "async def _stop_here(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    await asyncio.Event().wait()\n"
+        "jobs.AsyncJobStore.heartbeat = _stop_here\n", encoding="utf-8")
+    procs = WorkerProcs(_sim_workers(1), tmp_path / "state", redis_url, environ={"PYTHONPATH": os.pathsep.join(
+        filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))})
+    try:
+        procs.start()
+        assert procs.wait_exit(0, timeout=20) == 0, procs.log(0)
+        wid = procs.ids[0]
+        assert "worker stopped before start-up finished" in procs.log(0), procs.log(0)
+        worker = redis.hgetall(f"worker:{wid}")
+        assert worker.get("instance"), worker  # it had registered
+        assert worker["status"] == "offline" and not redis.exists(f"worker:{wid}:heartbeat"), worker
+    finally:
+        procs.close()
+
+
 def test_500_jobs_through_4_workers_sigkilled_at_random(machine_factory, redis, redis_url):
     machine = machine_factory("""
 workers:

@@ -490,6 +490,7 @@ class Worker:
         self._health_wake = asyncio.Event()  # a pause: the health watch shortens its wait at once
         self._health_abandoned: asyncio.Task | None = None  # a check that timed out and ignored its cancellation
         self._health_cleared = 0  # counts jobs that found the service gone (see _health_watch)
+        self._registered = False  # its registration landed: a stop from then on writes it offline
         self._start_trouble = "Redis unreachable"  # why start-up last waited (redis_trouble), for its stop line
         # Set while this machine can store outputs: cleared by a machine-local fault (a full disk, an unwritable
         # output folder...), set again once a probe write into the output folder passes (_local_watch).
@@ -520,7 +521,11 @@ class Worker:
             raise  # the CLI prints it and exits non-zero: supervisord shows the worker errored
         except _StoppedAtStart:
             # Told to stop while Redis was unreachable: exit now rather than wait for Redis (supervisord
-            # would SIGKILL us at stopwaitsecs) and then register a worker that was told to stop.
+            # would SIGKILL us at stopwaitsecs) and then register a worker that was told to stop. Told to stop
+            # once registered (a stop just after the start), it goes offline as any stopping worker does: it
+            # was left `idle` with a live heartbeat, which the machine, stopping, does not correct.
+            if self._registered:
+                await self._go_offline()
             _LIVE_INSTANCES.discard(self.instance)
             await signals.close()
             await self._close_connector()
@@ -540,17 +545,7 @@ class Worker:
         finally:
             await cancel_and_wait(background)
             await signals.close()
-            async with self._status_lock:
-                try:
-                    # One conditional write: a same-id successor's status and connector statuses stay its own.
-                    # Within what is left of stop_grace: a stalled Redis kept a drained worker past its SIGKILL.
-                    await asyncio.wait_for(self.store.set_worker_status(
-                        self.ident.worker_id, "offline", instance=self.instance,
-                        connector_statuses={name: {**entry, "status": "inactive"}
-                                            for name, entry in self.connector_statuses.items()}),
-                        self._offline_write_budget())
-                except (RedisError, TimeoutError):
-                    pass
+            await self._go_offline()
             _LIVE_INSTANCES.discard(self.instance)
             await self._close_connector()
         self.log.info("worker stopped", extra={"event_type": "worker.stopped"})
@@ -719,6 +714,20 @@ class Worker:
             return TELEMETRY_SHUTDOWN_S
         left = self.drain_started + self.stop_grace() - 0.5 - time.monotonic()
         return min(TELEMETRY_SHUTDOWN_S, max(0.2, left))
+
+    async def _go_offline(self) -> None:
+        """The exit's offline write. One conditional write: a same-id successor's status and connector statuses
+        stay its own. Within what is left of stop_grace: a stalled Redis kept a drained worker past its
+        SIGKILL."""
+        async with self._status_lock:
+            try:
+                await asyncio.wait_for(self.store.set_worker_status(
+                    self.ident.worker_id, "offline", instance=self.instance,
+                    connector_statuses={name: {**entry, "status": "inactive"}
+                                        for name, entry in self.connector_statuses.items()}),
+                    self._offline_write_budget())
+            except (RedisError, TimeoutError):
+                pass
 
     def _offline_write_budget(self) -> float | None:
         """The exit's offline write: unbounded but by the client's socket timeout, or on a drain what is left of
@@ -1397,6 +1406,7 @@ class Worker:
         _LIVE_INSTANCES.add(self.instance)
         await self._retrying_start(functools.partial(self.store.register_worker, instance=self.instance),
                                    self.ident.worker_id, self.ident.machine_id, self.caps, self.connector_statuses)
+        self._registered = True
         await self._retrying_start(self.store.heartbeat, self.ident.worker_id)
         self.status = "idle"
 
