@@ -36,7 +36,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory, redis_server):
-    """One machine for the read-only checks: a TCP-checked service and two simulation workers, a token."""
+    """One machine for the read-only checks: a TCP-checked service and two simulation workers, a token. On a
+    clean database: a simulation job another file's test left pending (a drain hands its job back) had these
+    workers busy, and the idle checks failed when such a file ran before this one on the same xdist worker."""
+    import redis as redis_lib
+
+    with redis_lib.Redis.from_url(redis_server.url) as client:
+        client.flushall()
     state = tmp_path_factory.mktemp("hm")
     port = _free_port()
     manifest = write_manifest(state / "manifest.yaml", f"""
