@@ -392,6 +392,37 @@ def test_ready_waits_for_the_boot_and_health_for_a_probed_services_first_pass(tm
     asyncio.run(scenario())
 
 
+def test_a_worker_finishing_its_job_through_a_stop_is_shown_busy_with_it(tmp_path):
+    # A drain gives a running job its stop_grace, and supervisord shows the worker STOPPING meanwhile: the
+    # status messages of the drain showed it offline with no job, and its service inactive and stopped, while
+    # it went on sending the job's progress and then completed it. A stopping worker is shown as Redis says;
+    # one that has said it is offline is shown so, with that reason.
+    from emp_machine.runtime.jobs import WorkerRow
+
+    the_plan = _rules_plan(tmp_path)
+    busy, done = (w.worker_id for w in the_plan.workers)
+    at = "2026-01-01T00:00:00.000Z"
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("draining", True)
+        agg.set_redis(True, "", [WorkerRow(busy, "busy", "job-1", at, at, 50_000),
+                                 WorkerRow(done, "offline", "", at, at, -2)])
+        agg.set_processes(_running(the_plan, worker_0="STOPPING", worker_1="STOPPING"))
+        agg.commit()
+        return json.loads(agg.status_body)["status"], json.loads(agg.health_body)
+
+    status, health = asyncio.run(scenario())
+    shown = status["workers"][busy]
+    assert (shown["status"], shown["current_job_id"], shown["is_connected"]) == ("busy", "job-1", True), shown
+    assert status["services"][f"{busy}.simulation"] == {"status": "active", "health": "healthy",
+                                                         "pm2_status": "online"}
+    shown = status["workers"][done]
+    assert (shown["status"], shown["current_job_id"], shown["is_connected"]) == ("offline", "", False), shown
+    assert health["workers"][done]["reason"] == "reports offline", health["workers"]
+    assert health["workers"][busy]["healthy"] is True and "machine is draining" in health["reasons"]
+
+
 def test_a_machine_ready_that_could_not_be_published_goes_out_once_redis_answers(redis_server, tmp_path):
     # A Redis blip at boot must not cost the monitor the boot announcement: the publisher owes it and sends it
     # (not a periodic) at its next try. The publisher's connection is black-holed (bytes dropped, never

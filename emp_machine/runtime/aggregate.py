@@ -21,9 +21,14 @@ from emp_machine.runtime.plan import REDIS_PROCESS, Plan
 from emp_machine.supervisor.control import ProcessInfo
 
 # supervisord states (and our ERRORED) in PM2's words, which the monitor reads
+# STOPPING is online: the process still runs (a draining worker finishes its job through its stop_grace), and
+# the contract has no word for PM2's own "stopping"; it reads stopped once it has exited.
 PM2_STATUS = {"RUNNING": "online", "STARTING": "launching", "BACKOFF": "launching", "STOPPED": "stopped",
-              "STOPPING": "stopped", "EXITED": "stopped", "UNKNOWN": "stopped", "FATAL": "errored",
+              "STOPPING": "online", "EXITED": "stopped", "UNKNOWN": "stopped", "FATAL": "errored",
               "ERRORED": "errored"}
+# The states in which a process runs: a worker told to stop keeps running its jobs, and Redis says how it is
+# (it was shown offline and idle while it finished its job and sent its progress).
+UP = ("RUNNING", "STOPPING")
 
 
 def pm2_status(state: str | None) -> str:
@@ -221,7 +226,7 @@ class Aggregator:
 
     def _worker_health(self, w: _Worker) -> tuple[bool, str]:
         info = self.processes.get(w.process)
-        if info is None or not (info.state == "RUNNING" or self._table_unknown(info)):
+        if info is None or not (info.state in UP or self._table_unknown(info)):
             return False, f"process {w.process} is {(info.state if info else 'not started').lower()}"
         if not self.redis_ok:
             return False, "heartbeat unknown: Redis unreachable"
@@ -335,17 +340,17 @@ class Aggregator:
             w_healthy, _ = self._worker_health(w)
             if w.service_process:
                 verdict = self.health.get(w.service_process)
-                known = verdict is not None or (sinfo is not None and sinfo.state != "RUNNING")
-                s_ok = bool(verdict and verdict[0]) and sinfo is not None and sinfo.state == "RUNNING"
+                known = verdict is not None or (sinfo is not None and sinfo.state not in UP)
+                s_ok = bool(verdict and verdict[0]) and sinfo is not None and sinfo.state in UP
             else:
-                known = w.row is not None or (winfo is not None and winfo.state != "RUNNING")
+                known = w.row is not None or (winfo is not None and winfo.state not in UP)
                 s_ok = w_healthy
             # A full state disk fails every job (its outputs, logs): no service of this machine is healthy.
             health = "unhealthy" if disk_full else "unknown" if not known else "healthy" if s_ok else "unhealthy"
-            active = sinfo is not None and sinfo.state == "RUNNING" and winfo is not None and winfo.state == "RUNNING"
+            active = sinfo is not None and sinfo.state in UP and winfo is not None and winfo.state in UP
             row = w.row
             status = (row.status if row and row.status else "offline") \
-                if winfo and (winfo.state == "RUNNING" or self._table_unknown(winfo)) else "offline"
+                if winfo and (winfo.state in UP or self._table_unknown(winfo)) else "offline"
             s_workers[w.worker_id] = {"worker_id": w.worker_id, "gpu_id": w.gpu, "worker_type": w.connector,
                                       "services": list(w.job_types), "connectors": [w.connector]}
             s_services[key] = {"worker_id": w.worker_id, "service_type": w.service_type,
@@ -385,7 +390,7 @@ class Aggregator:
             active.setdefault(w.service_type, 0)
             total.setdefault(w.service_type, 0)
             info = self.processes.get(w.process)
-            if info is not None and info.state == "RUNNING":
+            if info is not None and info.state in UP:
                 total[w.service_type] += 1
                 if w.row is not None and w.row.status == "busy":
                     active[w.service_type] += 1
