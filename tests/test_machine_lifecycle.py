@@ -17,6 +17,7 @@ import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
 from harness import RunningMachine, health_base, http_json, pid_alive, wait_for
+from test_status import Listener
 
 PY = sys.executable
 
@@ -173,9 +174,19 @@ def test_leftovers_in_another_mount_namespace_are_another_machines(tmp_path):
         outer.wait()
 
 
-def test_a_second_signal_during_the_drain_hands_running_jobs_back_before_killing(machine_factory, redis):
-    # The forced path SIGKILLed the workers: their jobs stayed in_progress until a lease ran out elsewhere.
-    machine = machine_factory("""
+def test_a_second_signal_during_the_drain_hands_running_jobs_back_before_killing(machine_factory, redis,
+                                                                                 redis_url):
+    # The forced path SIGKILLed the workers: their jobs stayed in_progress until a lease ran out elsewhere. And
+    # it sent no shutdown message (the stop in progress that would have was ended with the machine's loop,
+    # here held by a service that ignores SIGTERM): the monitor last heard "draining", and marked the machine
+    # disconnected 30 s on.
+    listener = Listener(redis_url, "machine:status:*")
+    try:
+        machine = machine_factory(f"""
+services:
+  stubborn:
+    command: {sys.executable} -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    stop_grace: 30s
 workers:
   sim:
     connector: simulation
@@ -183,18 +194,53 @@ workers:
     stop_grace: 30s
     lease: 60s
 """)
+        machine.wait_ready()
+        store = JobStore(redis)
+        job = store.submit("simulation", HANGING)
+        wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
+        machine.signal(signal.SIGTERM)
+        wait_for(lambda: '"worker.draining"' in machine.log_of("worker-0"), 15, message="the worker draining")
+        machine.signal(signal.SIGTERM)
+        assert machine.wait_exit(15) == 1
+        assert machine.event("shutdown.forced", signal="SIGTERM")
+        got = redis.hgetall(f"job:{job}")
+        assert (got["status"], got["worker_id"], got["retry_count"]) == ("pending", "", "0")
+        assert [e["ev"] for e in store.timeline(job).events][-1] == "handed_back"
+        wait_for(lambda: listener.status("shutdown"), 5, message="a shutdown message")
+        assert [m["update_type"] for _, m in listener.status()][-1] == "shutdown"
+    finally:
+        listener.close()
+
+
+def test_a_worker_dead_when_the_machine_stops_has_its_job_handed_back_and_is_marked_offline(machine_factory,
+                                                                                            redis):
+    # A worker SIGKILLed just before the stop (or crashed, or OOM-killed) can neither hand its job back nor say
+    # it is offline, and a stopping machine starts no replacement that would: after the machine's exit the API
+    # saw it busy, with a live heartbeat, and its job in_progress, until some other machine's reaper found the
+    # lease expired. (No restart here, so that no replacement does the work before the stop.)
+    machine = machine_factory("""
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    lease: 60s
+    restart: {policy: never}
+""")
     machine.wait_ready()
     store = JobStore(redis)
     job = store.submit("simulation", HANGING)
     wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
+    wid = redis.hget(f"job:{job}", "worker_id")
+    os.kill(machine.process("worker-0").pid, signal.SIGKILL)
     machine.signal(signal.SIGTERM)
-    wait_for(lambda: '"worker.draining"' in machine.log_of("worker-0"), 15, message="the worker draining")
-    machine.signal(signal.SIGTERM)
-    assert machine.wait_exit(15) == 1
-    assert machine.event("shutdown.forced", signal="SIGTERM")
+    assert machine.wait_exit(30) == 0, machine.tail()
     got = redis.hgetall(f"job:{job}")
-    assert (got["status"], got["worker_id"], got["retry_count"]) == ("pending", "", "0")
+    assert (got["status"], got["worker_id"], got["retry_count"]) == ("pending", "", "0"), got
+    assert redis.zscore("jobs:pending", job) is not None
     assert [e["ev"] for e in store.timeline(job).events][-1] == "handed_back"
+    assert redis.hget(f"worker:{wid}", "status") == "offline"
+    assert not redis.exists(f"worker:{wid}:heartbeat") and not redis.exists(f"jobs:active:{wid}")
+    assert machine.event("shutdown.worker_settled", worker_id=wid, handed_back=[job]), machine.tail()
 
 
 # More workers than Python's default thread pool has threads (min(32, cores + 4)): stops and restarts waited

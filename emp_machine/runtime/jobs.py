@@ -1350,6 +1350,24 @@ async def mark_worker_offline(client: Any, worker_id: str) -> str:
     return await _run_script(client, "worker_status", worker_id, "offline", "0")
 
 
+async def settle_dead_worker(client: Any, worker_id: str, reason: str) -> tuple[list[str], str]:
+    """For a worker that is gone for good (its machine stopping; no replacement will start to do it): every job
+    Redis says it runs back to the queue, no attempt counted (the hand-back script, as a drain does), and the
+    worker offline. Over the machine's MiniRedis. Returns (the ids handed back, its status before: "" when
+    it was offline already or never registered, and then left as it is)."""
+    keys, status = await client.execute_many([("HKEYS", active_key(worker_id)),
+                                              ("HGET", worker_key(worker_id), "status")])
+    for reply in (keys, status):
+        if isinstance(reply, Exception):
+            raise reply
+    handed = [job_id for job_id in _text(keys)
+              if await _run_script(client, "hand_back", job_id, worker_id, reason) == "ok"]
+    old = _text(status) or ""
+    if old in ("", "offline"):
+        return handed, ""
+    return handed, await mark_worker_offline(client, worker_id)
+
+
 async def reap_with(client: Any, lease_s: float, limit: int = 100) -> list[str]:
     """reap_expired_leases() over the machine's MiniRedis (_run_script, as mark_worker_offline): the machine
     reaps too, so the job of a worker that stalled is re-queued though no other worker of the fleet runs (a

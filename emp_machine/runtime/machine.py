@@ -64,6 +64,7 @@ LEFTOVER_REDIS_GRACE = 10.0
 # FORCED_WORKER_WAIT in all to exit, before everything left is SIGKILLed.
 FORCED_SECOND_TERM_AFTER = 0.25
 FORCED_WORKER_WAIT = 1.0
+FORCED_LAST_WORDS_S = 2.0  # a forced stop's shutdown message, and its hand-back of killed workers' jobs: each
 # A stop asks supervisord first whether it answers at all, within this: a hung one (SIGSTOPped) held each tier's
 # stop call for its grace + 15 s before anything was signalled (45 s with a 3 s grace, ~72 s with the defaults).
 STOP_ANSWER_TIMEOUT = 2.0
@@ -593,7 +594,10 @@ class Machine:
         await self._refresh_processes("shutdown")
         self.aggregate.set_phase(Phase.SHUTDOWN.value, self._supervisord_up)
         self.aggregate.commit()
-        await self.publisher.publish("shutdown", phase=Phase.SHUTDOWN.value)
+        if not await self.publisher.publish("shutdown", phase=Phase.SHUTDOWN.value):
+            # said even when the publisher's earlier failures were (it warns once a spell): the monitor marks the
+            # machine disconnected 30 s on, never stopped, and its workers as Redis last had them
+            step("status.shutdown_unsent", level=logging.WARNING, redis_url=st.redact_url(self.plan.redis_url))
 
     async def _refresh_processes(self, update_type: str) -> None:
         """supervisord's process table of now, for a status message about to go out (machine_ready, shutdown).
@@ -842,12 +846,25 @@ class Machine:
             self._begin_shutdown(exit_code=0)
         else:
             step("shutdown.forced", level=logging.WARNING, signal=name)
-            await asyncio.to_thread(self._force_stop)
+            await asyncio.to_thread(self._force_stop_workers)
+            # The monitor's last word, and the jobs of workers the force had to kill, while Redis (maybe our
+            # embedded one) is still up: the stop in progress, ended with the loop, never sent its shutdown
+            # message, and the monitor last heard "draining".
+            self.phase = Phase.SHUTDOWN
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._settle_dead_workers(), FORCED_LAST_WORDS_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._announce_shutdown(), FORCED_LAST_WORDS_S)
+            await asyncio.to_thread(_kill_descendants, 0.0)
             if self.proc is not None:
                 _remove_run_files(self.paths, self.proc.pid)  # SIGKILLed, it could not remove them
             self.exit_code = FORCE_EXIT_CODE
 
     def _force_stop(self) -> None:
+        self._force_stop_workers()
+        _kill_descendants(0.0)
+
+    def _force_stop_workers(self) -> None:
         """A second signal: the workers first get a SIGTERM of their own, which a draining worker takes as its
         second and hands its running jobs back at once (a SIGKILL left them claimed until their lease ran out),
         a short wait for them, then SIGKILL to everything left. supervisord goes first (SIGKILL): it would start
@@ -868,7 +885,8 @@ class Machine:
             _, left = psutil.wait_procs(_signal_all(left, signal.SIGTERM),
                                         timeout=FORCED_WORKER_WAIT - FORCED_SECOND_TERM_AFTER)
             step("shutdown.forced_workers", pids=[p.pid for p in workers], exited=len(workers) - len(left))
-        _kill_descendants(0.0)
+            _signal_all(left, signal.SIGKILL)
+            psutil.wait_procs(left, timeout=5)
 
     def _stop_orphaned(self, last: bool) -> None:
         """supervisord died: what it ran is ours now (the subreaper), running unsupervised. Stopped in the
@@ -889,6 +907,28 @@ class Machine:
         if tree:
             step("supervisord.orphans_stopped", pids=[p.pid for p in tree], killed=killed,
                  tier="redis" if last else "workers and services")
+
+    async def _settle_dead_workers(self) -> None:
+        """Workers the stop found dead (SIGKILLed or crashed just before it, or killed by it) could neither hand
+        their jobs back nor say they were offline, and a stopping machine starts no replacement to do it: the
+        API saw a busy worker with a live heartbeat for a minute after the machine had gone, its job claimed
+        until some other machine's reaper found the lease expired. Their jobs go back to the queue (no attempt
+        counted, as a drain's do) and they are marked offline. A worker still running is left alone; one that
+        drained has done both itself."""
+        running = await asyncio.to_thread(lambda: {_cmdline(p) for p in _children(psutil.Process())})
+        for slot in self.plan.workers:
+            if tuple(self.plan.spec(slot.process).argv) in running:
+                continue
+            try:
+                handed, old = await asyncio.wait_for(jobs.settle_dead_worker(
+                    self._redis, slot.worker_id, "its worker died; the machine is stopping"), 5)
+            except (RespError, OSError, asyncio.TimeoutError) as exc:
+                step("shutdown.worker_settle_failed", level=logging.WARNING, process_name=slot.process,
+                     worker_id=slot.worker_id, error=str(exc))
+                continue
+            if handed or old:
+                step("shutdown.worker_settled", level=logging.WARNING, process_name=slot.process,
+                     worker_id=slot.worker_id, handed_back=handed, previous=old or None)
 
     def _begin_shutdown(self, exit_code: int) -> None:
         self.phase = Phase.DRAINING
@@ -940,6 +980,8 @@ class Machine:
                 step(f"shutdown.{kind}_stopped", processes=names, direct=True, killed=killed)
             else:
                 step(f"shutdown.{kind}_stopped", processes=names)
+            if kind == "worker":
+                await self._settle_dead_workers()
         self.phase = Phase.SHUTDOWN
         await self._announce_shutdown()
         if self.proc is not None and self.proc.returncode is None:
