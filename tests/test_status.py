@@ -152,6 +152,29 @@ workers:
         server.stop()
 
 
+def test_a_shutdown_message_that_cannot_be_sent_is_said_so(machine_factory, tmp_path):
+    # A machine stopped while its Redis is down cannot tell the monitor it stopped; the publisher warns once
+    # per failing spell, so a spell that began before the stop left the lost shutdown message unmentioned.
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        machine = machine_factory("""
+health: {port: 0}
+workers:
+  sim:
+    connector: simulation
+    count: 1
+    stop_grace: 3s
+""", redis_url=server.url)
+        machine.wait_ready()
+        server.stop()
+        machine.wait_event("redis.unreachable")
+        machine.signal(signal.SIGTERM)
+        assert machine.wait_exit(30) == 0, machine.tail()
+        assert machine.event("status.shutdown_unsent", level="warning"), machine.tail()
+    finally:
+        server.stop()
+
+
 # One worker whose first crash is restarted and second leaves it errored (down for its 10 min cool-down).
 ONE_WORKER_ERRORED_AT_ITS_SECOND_CRASH = """
 workers:
