@@ -162,7 +162,7 @@ health: {port: 0}
 workers:
   sim:
     connector: simulation
-    count: 1
+    count: 2
     stop_grace: 3s
 """, redis_url=server.url)
         machine.wait_ready()
@@ -171,6 +171,9 @@ workers:
         machine.signal(signal.SIGTERM)
         assert machine.wait_exit(30) == 0, machine.tail()
         assert machine.event("status.shutdown_unsent", level="warning"), machine.tail()
+        # the workers could not go offline either, and the machine does not try each in turn: one try, said
+        assert [e.get("process_name") for e in machine.events()
+                if e.get("message") == "shutdown.worker_settle_failed"] == ["worker-0"], machine.tail()
     finally:
         server.stop()
 

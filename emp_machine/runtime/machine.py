@@ -923,8 +923,12 @@ class Machine:
                 handed, old = await asyncio.wait_for(jobs.settle_dead_worker(
                     self._redis, slot.worker_id, "its worker died; the machine is stopping"), 5)
             except (RespError, OSError, asyncio.TimeoutError) as exc:
+                unreachable = not isinstance(exc, RespError)
                 step("shutdown.worker_settle_failed", level=logging.WARNING, process_name=slot.process,
-                     worker_id=slot.worker_id, error=str(exc))
+                     worker_id=slot.worker_id, error=str(exc) or type(exc).__name__,
+                     note="Redis unreachable: the other workers are not tried" if unreachable else None)
+                if unreachable:  # each try would wait out its connect timeout: 64 workers, 2 minutes
+                    return
                 continue
             if handed or old:
                 step("shutdown.worker_settled", level=logging.WARNING, process_name=slot.process,
