@@ -22,10 +22,13 @@ def test_ping_pipeline_reads_and_error_replies(redis, redis_url):
         client = MiniRedis(redis_url)
         try:
             assert await client.ping()
-            replies = await client.pipeline().ping().hmget("worker:w1", ["status", "current_job_id", "nope"]) \
-                .pttl("worker:w1:heartbeat").pttl("worker:none:heartbeat").execute()
+            replies = await client.execute_many([("PING",), ("HMGET", "worker:w1", "status", "current_job_id", "nope"),
+                                                 ("PTTL", "worker:w1:heartbeat"), ("PTTL", "worker:none:heartbeat"),
+                                                 ("LPUSH", "worker:w1", "x"), ("PING",)])
             assert replies[0] == "PONG" and replies[1] == ["busy", "j1", None]
             assert 0 < replies[2] <= 50_000 and replies[3] == -2
+            # an error reply comes back in its place, the replies after it intact
+            assert isinstance(replies[4], RespError) and "WRONGTYPE" in str(replies[4]) and replies[5] == "PONG"
             with pytest.raises(RespError, match="WRONGTYPE"):
                 await client.execute("LPUSH", "worker:w1", "x")
             assert await client.ping()  # an error reply leaves the connection usable

@@ -423,6 +423,22 @@ def test_a_worker_finishing_its_job_through_a_stop_is_shown_busy_with_it(tmp_pat
     assert health["workers"][busy]["healthy"] is True and "machine is draining" in health["reasons"]
 
 
+def test_a_refresh_asked_for_while_the_ready_announcement_waits_does_not_replace_it(tmp_path):
+    # A refresh request (RefreshRequested) landing between the phase's turn to ready and the publisher's take
+    # must not turn the boot's one machine_ready into an event_driven (M2's unrun M23: that passed every test).
+    the_plan = _rules_plan(tmp_path)
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("ready", True)
+        agg.request_publish("event_driven")
+        first = agg.take_kind()
+        agg.request_publish("event_driven")
+        return first, agg.take_kind()
+
+    assert asyncio.run(scenario()) == ("machine_ready", "event_driven")
+
+
 def test_a_machine_ready_that_could_not_be_published_goes_out_once_redis_answers(redis_server, tmp_path):
     # A Redis blip at boot must not cost the monitor the boot announcement: the publisher owes it and sends it
     # (not a periodic) at its next try. The publisher's connection is black-holed (bytes dropped, never

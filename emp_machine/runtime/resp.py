@@ -194,9 +194,6 @@ class MiniRedis:
     async def publish(self, channel: str, message: str) -> int:
         return int(await self.execute("PUBLISH", channel, message))
 
-    def pipeline(self, transaction: bool = False) -> "Pipeline":
-        return Pipeline(self)
-
     def pubsub(self, ignore_subscribe_messages: bool = True) -> "PubSub":
         return PubSub(self._target, self._connect_timeout)
 
@@ -207,33 +204,6 @@ class MiniRedis:
 
     async def aclose(self) -> None:
         self._drop()
-
-
-class Pipeline:
-    """redis-py's pipeline shape for the few reads the machine makes: queue, then `execute()` once."""
-
-    def __init__(self, client: MiniRedis):
-        self._client = client
-        self._commands: list[tuple] = []
-
-    def ping(self) -> "Pipeline":
-        self._commands.append(("PING",))
-        return self
-
-    def hmget(self, key: str, fields: Sequence[str]) -> "Pipeline":
-        self._commands.append(("HMGET", key, *fields))
-        return self
-
-    def pttl(self, key: str) -> "Pipeline":
-        self._commands.append(("PTTL", key))
-        return self
-
-    async def execute(self) -> list[Any]:
-        replies = await self._client.execute_many(self._commands)
-        for reply in replies:
-            if isinstance(reply, RespError):
-                raise reply
-        return replies
 
 
 class PubSub:
