@@ -64,7 +64,8 @@ LEFTOVER_REDIS_GRACE = 10.0
 # FORCED_WORKER_WAIT in all to exit, before everything left is SIGKILLed.
 FORCED_SECOND_TERM_AFTER = 0.25
 FORCED_WORKER_WAIT = 1.0
-FORCED_LAST_WORDS_S = 2.0  # a forced stop's shutdown message, and its hand-back of killed workers' jobs: each
+FORCED_LAST_WORDS_S = 2.0  # what a forced stop waits, at most, for each of its last writes (the hand-backs of
+# the workers it killed, then its shutdown message) before it kills the rest, an embedded Redis among them
 # A stop asks supervisord first whether it answers at all, within this: a hung one (SIGSTOPped) held each tier's
 # stop call for its grace + 15 s before anything was signalled (45 s with a 3 s grace, ~72 s with the defaults).
 STOP_ANSWER_TIMEOUT = 2.0
@@ -924,9 +925,9 @@ class Machine:
                     self._redis, slot.worker_id, "its worker died; the machine is stopping"), 5)
             except (RespError, OSError, asyncio.TimeoutError) as exc:
                 unreachable = not isinstance(exc, RespError)
+                more = {"note": "Redis unreachable: the other workers are not tried"} if unreachable else {}
                 step("shutdown.worker_settle_failed", level=logging.WARNING, process_name=slot.process,
-                     worker_id=slot.worker_id, error=str(exc) or type(exc).__name__,
-                     note="Redis unreachable: the other workers are not tried" if unreachable else None)
+                     worker_id=slot.worker_id, error=str(exc) or type(exc).__name__, **more)
                 if unreachable:  # each try would wait out its connect timeout: 64 workers, 2 minutes
                     return
                 continue
