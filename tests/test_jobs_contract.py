@@ -252,6 +252,34 @@ def test_complete_transitions_and_message(store, redis, listen):
     assert redis.zscore("jobs:leases", job_id) is None
 
 
+def test_a_worker_running_several_jobs_names_one_and_says_so_when_it_ends(store, redis, listen):
+    # concurrency > 1: a second claim rewrote current_job_id without a message, and the end of the job the last
+    # worker_status named left the API shown the worker busy with it while the hash named another (helper-187,
+    # 3 of 3). And which remaining job the hash named after another's end was HKEYS' pick (jobs:active holds
+    # JSON past listpack size: a hashtable, in no order).
+    sub = listen("worker_status")
+    store.register_worker("w1", "m1", CAPS)
+    jobs = [store.submit("sim", {}) for _ in range(5)]
+    for job_id in jobs:
+        assert store.claim(CAPS, start=True).id == job_id
+
+    def named():
+        return redis.hget("worker:w1", "current_job_id")
+
+    assert named() == jobs[0]  # the one the idle -> busy message named, as long as it runs
+    for job_id in jobs[1:4]:
+        assert store.complete(job_id, "w1", {}, "done") == "ok"
+        assert named() == jobs[0]
+    assert store.complete(jobs[0], "w1", {}, "done") == "ok"
+    assert named() == jobs[4]
+    assert store.complete(jobs[4], "w1", {}, "done") == "ok"
+    messages = sub.wait_for("worker_status", 4)
+    while messages[-1]["new_status"] != "idle":
+        messages = sub.wait_for("worker_status", len(messages) + 1)
+    assert [(m["old_status"], m["new_status"], m["current_job_id"]) for m in messages] == [
+        ("", "idle", ""), ("idle", "busy", jobs[0]), ("busy", "busy", jobs[4]), ("busy", "idle", "")]
+
+
 def test_a_result_with_nan_or_infinity_is_written_as_json_the_api_can_parse(store, redis, listen):
     # Python's json writes NaN and Infinity as bare words, which JSON.parse refuses: the API would never
     # learn the job finished. They become null, as JSON.stringify writes them.

@@ -354,8 +354,8 @@ local job_json = cjson.encode(job)
 -- with the job taken and in_progress, in no lease and maybe no jobs:active: lost. Now such a claim changes
 -- nothing and names the key (stray_reply in lib.lua; no TYPE call unless a write fails).
 local wkey, akey = 'worker:' .. wid, 'jobs:active:' .. wid
-local old_status = redis.pcall('HGET', wkey, 'status')
-if type(old_status) == 'table' then return stray_reply(old_status, wkey, 'hash') end
+local was = redis.pcall('HMGET', wkey, 'status', 'current_job_id')
+if was.err then return stray_reply(was, wkey, 'hash') end
 local wrote = redis.pcall('HSET', akey, id, job_json)
 if type(wrote) == 'table' then return stray_reply(wrote, akey, 'hash') end
 wrote = redis.pcall('ZADD', KEYS[3], now + lease_ms, id)
@@ -363,7 +363,7 @@ if type(wrote) == 'table' then
   redis.call('HDEL', akey, id)
   return stray_reply(wrote, KEYS[3], 'zset')
 end
-old_status = old_status or ''
+local old_status = was[1] or ''
 redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
 redis.call('ZREM', best.q, member)
@@ -377,9 +377,15 @@ if old_status ~= 'busy' then
   worker_expiry(wkey, old_status, 'busy')
   publish('worker_status', {worker_id = wid, old_status = old_status, new_status = 'busy', current_job_id = id,
     timestamp = now})
-else
-  redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', id)
+elseif not was[2] or was[2] == '' then
+  -- busy naming no job (a hash another tool wrote): this one, and said, as refresh_worker does
+  redis.call('HSET', wkey, 'current_job_id', id)
+  publish('worker_status', {worker_id = wid, old_status = 'busy', new_status = 'busy', current_job_id = id,
+    timestamp = now})
 end
+-- Busy with another job already (concurrency > 1): current_job_id goes on naming that one, as the last
+-- worker_status said (this claim overwrote it without a word, so the API was shown a job that had ended
+-- while the hash named another); when it ends, refresh_worker (lib.lua) names one that remains, and says so.
 -- The timeline events and the messages are concatenated, with the worker's ids encoded once per capability
 -- set (match.lua's memo) and the time's text kept (lib.lua): cheaper than building and encoding tables (~3 us),
 -- and than string.format, which costs ~3.7k instructions per call inside Redis (276k -> 254k instructions

@@ -582,18 +582,28 @@ local function worker_expiry(wkey, old, new)
   elseif old == 'offline' then redis.call('PERSIST', wkey) end
 end
 
-local function refresh_worker(wid, now, create, current, reaping)
+-- The worker's status (idle / busy, offline when `reaping` finds its heartbeat key gone) and current job, from
+-- what it still runs; worker_status goes out when either changes. A worker running several jobs (concurrency
+-- > 1) is shown with one of them: the one it named while that still runs (the hash's order picked one at
+-- random), another when it ends, said in a busy -> busy message (the API was shown a job that had ended).
+local function refresh_worker(wid, now, create, reaping)
   local wkey = 'worker:' .. wid
   if not create and redis.call('EXISTS', wkey) == 0 then return end
   local remaining = redis.call('HKEYS', 'jobs:active:' .. wid)
+  local was = redis.call('HMGET', wkey, 'status', 'current_job_id')
+  local old, old_cur = was[1] or '', was[2] or ''
   local new, cur = 'idle', ''
-  if #remaining > 0 then new, cur = 'busy', current or remaining[1] end
+  if #remaining > 0 then
+    new, cur = 'busy', remaining[1]
+    for _, id in ipairs(remaining) do
+      if id == old_cur then cur = id break end
+    end
+  end
   if reaping and redis.call('EXISTS', wkey .. ':heartbeat') == 0 then new, cur = 'offline', '' end
-  local old = redis.call('HGET', wkey, 'status') or ''
   redis.call('HSET', wkey, 'status', new, 'current_job_id', cur)
   worker_expiry(wkey, old, new)
-  if old ~= new then
-    redis.call('HSET', wkey, 'last_status_change', iso(now))
+  if old ~= new then redis.call('HSET', wkey, 'last_status_change', iso(now)) end
+  if old ~= new or cur ~= old_cur then
     publish('worker_status', {worker_id = wid, old_status = old, new_status = new, current_job_id = cur,
       timestamp = now})
   end

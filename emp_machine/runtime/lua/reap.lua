@@ -48,7 +48,7 @@ for i = 1, #watched, 2 do
   local beat = beat_of(wid)
   if beat ~= seen then
     redis.call('HDEL', REAPED, wid)
-    if not beat and worker_keys_ok(wid) then refresh_worker(wid, now, false, nil, true) end
+    if not beat and worker_keys_ok(wid) then refresh_worker(wid, now, false, true) end
   end
 end
 -- Workers whose heartbeat key lapsed while they held no lease (killed while idle, their machine gone):
@@ -57,7 +57,7 @@ end
 for _, wid in ipairs(redis.call('ZRANGEBYSCORE', BEATS, '-inf', now, 'LIMIT', 0, 100)) do
   redis.call('ZREM', BEATS, wid)
   if redis.call('EXISTS', 'worker:' .. wid .. ':heartbeat') == 0 and worker_keys_ok(wid) then
-    refresh_worker(wid, now, false, nil, true)
+    refresh_worker(wid, now, false, true)
   end
 end
 local limit, confirm = tonumber(ARGV[1]), tonumber(ARGV[2]) or 0
@@ -77,7 +77,7 @@ local function reap(id)
     redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', '')
     if wid ~= '' and worker_keys_ok(wid) then
       redis.call('HDEL', 'jobs:active:' .. wid, id)
-      refresh_worker(wid, now, false, nil, true)
+      refresh_worker(wid, now, false, true)
       local beat = beat_of(wid)
       if beat and redis.call('EXISTS', 'worker:' .. wid) == 1 then redis.call('HSET', REAPED, wid, beat) end
     end
