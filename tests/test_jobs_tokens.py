@@ -369,3 +369,51 @@ def test_a_job_reaped_while_running_and_claimed_again_by_the_same_worker_runs_on
         after = [m["progress"] for m in stream[claims[1]:]]
         assert after == sorted(after) and after[-1] == 100, after
         assert '"job.lost"' in procs.log(0)  # the first attempt was told it lost the job, and stopped
+
+
+@pytest.mark.parametrize("holder, written", [
+    ("alive", False),    # this pid space, a live pid (this test's own process): left alone
+    ("foreign", False),  # another container's or host's token: its pid says nothing here, left alone
+    ("dead", True),      # this pid space, its pid gone: the dead worker's, marked offline, its job handed back
+    ("none", True),      # no token (a hash of an earlier version, or a tool's): as before
+])
+def test_a_machine_acts_for_a_dead_worker_only_when_the_id_is_not_a_live_processs(store, redis, redis_url,
+                                                                                   holder, written):
+    # The machine marks a worker of its own that died offline (and, stopping, hands its jobs back). A machine of
+    # the same id beside it (two containers overlapping in a deploy) did so for the other's live workers: their
+    # heartbeat keys deleted, then their running jobs taken (see test_machine_lifecycle's twin machines).
+    import os
+    import subprocess
+    import sys
+
+    from emp_machine.runtime import jobs
+    from emp_machine.runtime.identity import pid_space
+    from emp_machine.runtime.resp import MiniRedis
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tokens = {"alive": f"{os.getpid()}-abcdef012345-{pid_space()}", "foreign": f"{os.getpid()}-abcdef012345-0123456789ab",
+              "dead": f"{gone.pid}-abcdef012345-{pid_space()}", "none": ""}
+    store.register_worker("w1", "m1", CAPS, instance=tokens[holder] or None)
+    if not tokens[holder]:
+        redis.hdel("worker:w1", "instance")
+    job_id = store.submit("sim", {})
+    store.claim(CAPS, start=True)
+    store.heartbeat("w1")
+
+    async def act():
+        client = MiniRedis(redis_url)
+        try:
+            return await jobs.mark_worker_offline(client, "w1"), await jobs.settle_dead_worker(client, "w1", "test")
+        finally:
+            await client.aclose()
+
+    marked, (handed, _) = asyncio.run(act())
+    if written:
+        assert marked == "busy" and handed == [job_id]
+        assert redis.hget("worker:w1", "status") == "offline" and not redis.exists("worker:w1:heartbeat")
+        assert redis.hget(f"job:{job_id}", "status") == "pending"
+    else:
+        assert marked is None and handed == []
+        assert redis.hget("worker:w1", "status") == "busy" and redis.exists("worker:w1:heartbeat")
+        assert redis.hget(f"job:{job_id}", "status") == "in_progress"

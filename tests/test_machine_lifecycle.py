@@ -16,7 +16,7 @@ import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
-from harness import RunningMachine, health_base, http_json, pid_alive, wait_for
+from harness import RunningMachine, health_base, http_json, machine_env, pid_alive, wait_for, write_manifest
 from test_status import Listener
 
 PY = sys.executable
@@ -241,6 +241,50 @@ workers:
     assert redis.hget(f"worker:{wid}", "status") == "offline"
     assert not redis.exists(f"worker:{wid}:heartbeat") and not redis.exists(f"jobs:active:{wid}")
     assert machine.event("shutdown.worker_settled", worker_id=wid, handed_back=[job]), machine.tail()
+
+
+def test_a_machine_booted_beside_a_live_one_of_its_id_leaves_that_ones_workers_and_jobs_alone(
+        tmp_path, redis, redis_server):
+    # Two containers of one machine.id overlap in a deploy. The new one's worker refuses the id (the old one's is
+    # alive and beating), and the new machine, seeing it down, marked the id offline: that write deleted the live
+    # worker's heartbeat key, so the new machine's next worker took the id and handed the running job back
+    # (helper-188, 2 of 2: a job ran three times, and the machines took the ids from each other from then on).
+    # Its stop then handed back what the id held (a dead worker's jobs, it thought).
+    def boot(name: str) -> RunningMachine:
+        state = tmp_path / name
+        state.mkdir()
+        manifest = write_manifest(state / "manifest.yaml", f"""
+machine: {{type: test, id: twin, state_dir: {state}}}
+workers:
+  sim: {{connector: simulation, count: 1, lease: 3s, stop_grace: 2s}}
+""", state, redis_server.url)
+        return RunningMachine(manifest, state, machine_env())
+
+    first, second = boot("old"), None
+    try:
+        first.wait_ready()
+        job = JobStore(redis).submit("simulation", HANGING)
+        wait_for(lambda: redis.hget(f"job:{job}", "status") == "in_progress", 15, message="the job running")
+        wid = redis.hget(f"job:{job}", "worker_id")
+        held = {"status": "busy", "current_job_id": job, "instance": redis.hget(f"worker:{wid}", "instance")}
+
+        def untouched() -> None:
+            assert {k: redis.hget(f"worker:{wid}", k) for k in held} == held
+            assert redis.exists(f"worker:{wid}:heartbeat") and redis.hexists(f"jobs:active:{wid}", job)
+            got = redis.hgetall(f"job:{job}")
+            assert (got["status"], got["worker_id"], got["retry_count"]) == ("in_progress", wid, "0"), got
+
+        second = boot("new")
+        second.wait_event("worker.offline_left", 30, worker_id=wid)
+        untouched()
+        second.signal(signal.SIGTERM)
+        assert second.wait_exit(30) == 0, second.tail()
+        untouched()
+        assert first.process("worker-0").state == "RUNNING"
+    finally:
+        for machine in (second, first):
+            if machine is not None:
+                machine.close()
 
 
 # More workers than Python's default thread pool has threads (min(32, cores + 4)): stops and restarts waited

@@ -139,7 +139,7 @@ def test_a_dead_predecessors_token_brought_back_by_redis_does_not_stop_a_running
     # A Redis restored from an older snapshot (or a replica behind) brings back worker:{id} as our own dead
     # predecessor registered it: every running worker took that for a live duplicate, handed its jobs back
     # and exited 1. The token is now written back, once, and the worker carries on.
-    from emp_machine.runtime.worker import _pid_space
+    from emp_machine.runtime.identity import pid_space as _pid_space
 
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -5,6 +5,7 @@ Pure functions of what they are given: `manifest.load()` passes the environment 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -12,6 +13,37 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from emp_machine.errors import EmpError
+
+
+def pid_space() -> str:
+    """Names the pid numbering this process sees: the kernel's boot id and this process's pid namespace.
+    Two processes with the same pid space can tell by pid whether the other is alive; a container (another
+    namespace) or another host cannot. '' when the kernel does not say (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        space = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}/{space}".encode()).hexdigest()[:12]
+
+
+def token_pid_state(instance: str) -> str:
+    """What this process can know of the worker process whose token (`pid-random-pidspace`, the `instance` field
+    of worker:{id}: worker.new_instance) is `instance`: 'legacy' (not of that form: none, an earlier version's,
+    a tool's), 'foreign' (another host or container: its pid says nothing here), 'dead' (this pid space, its
+    pid gone) or 'alive' (this pid space, its pid alive: that process, or one that reused its pid)."""
+    parts = instance.split("-")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
+        return "legacy"
+    if parts[2] != pid_space():
+        return "foreign"
+    try:
+        os.kill(int(parts[0]), 0)
+    except ProcessLookupError:
+        return "dead"
+    except OSError:  # EPERM: a process of another user holds that pid now
+        pass
+    return "alive"
 
 
 def _slug(text: str) -> str:

@@ -36,6 +36,8 @@ from enum import StrEnum
 from importlib.resources import files
 from typing import Any
 
+from emp_machine.runtime.identity import token_pid_state
+
 
 # Contract keys and channels.
 PENDING = "jobs:pending"
@@ -1343,18 +1345,38 @@ async def expire_finished(client: Any, now_ms: int, retention_s: float = FINISHE
     return removed
 
 
-async def mark_worker_offline(client: Any, worker_id: str) -> str:
+async def _holder(client: Any, worker_id: str) -> tuple[str, str]:
+    """(the `instance` token in worker:{id}, what is known of its process: identity.token_pid_state), read
+    for a machine about to act for a dead worker of its own. ("", "legacy") when unreadable: the script that
+    follows says why."""
+    got = (await client.execute_many([("HGET", worker_key(worker_id), "instance")]))[0]
+    instance = "" if isinstance(got, Exception) else (_text(got) or "")
+    return instance, token_pid_state(instance)
+
+
+async def mark_worker_offline(client: Any, worker_id: str) -> str | None:
     """For a worker that died and cannot say so itself: `worker:{id}` offline, heartbeat key gone, and
     `worker_status` published when that is a change (the worker_status script, by _run_script so that any
-    client that can run a command will do). Returns the old status."""
-    return await _run_script(client, "worker_status", worker_id, "offline", "0")
+    client that can run a command will do). Returns the old status; None, writing nothing, while the id is
+    held by a process that may be alive: another host's or container's (a machine of the same id overlapping
+    in a deploy: its live workers were marked offline, their heartbeat keys deleted, and a worker of this
+    machine then took their running jobs), or one of this pid space whose pid is alive. The write carries the
+    token read, so a process that registers meanwhile keeps its own status (worker_status.lua)."""
+    instance, state = await _holder(client, worker_id)
+    if state in ("alive", "foreign"):
+        return None
+    return await _run_script(client, "worker_status", worker_id, "offline", "0",
+                             *(("instance", instance) if instance else ()))
 
 
 async def settle_dead_worker(client: Any, worker_id: str, reason: str) -> tuple[list[str], str]:
     """For a worker that is gone for good (its machine stopping; no replacement will start to do it): every job
     Redis says it runs back to the queue, no attempt counted (the hand-back script, as a drain does), and the
     worker offline. Over the machine's MiniRedis. Returns (the ids handed back, its status before: "" when
-    it was offline already or never registered, and then left as it is)."""
+    it was offline already or never registered). Nothing is done while another live process may hold the id
+    (see mark_worker_offline)."""
+    if (await _holder(client, worker_id))[1] in ("alive", "foreign"):
+        return [], ""  # another live process holds the id (see mark_worker_offline): its jobs are its own
     keys, status = await client.execute_many([("HKEYS", active_key(worker_id)),
                                               ("HGET", worker_key(worker_id), "status")])
     for reply in (keys, status):
@@ -1363,9 +1385,11 @@ async def settle_dead_worker(client: Any, worker_id: str, reason: str) -> tuple[
     handed = [job_id for job_id in _text(keys)
               if await _run_script(client, "hand_back", job_id, worker_id, reason) == "ok"]
     old = _text(status) or ""
-    if old in ("", "offline"):
+    if not old or (old == "offline" and not handed):
         return handed, ""
-    return handed, await mark_worker_offline(client, worker_id)
+    # offline (again: a hand-back's bookkeeping set an offline worker idle, as it stood with no job left)
+    await mark_worker_offline(client, worker_id)
+    return handed, "" if old == "offline" else old
 
 
 async def reap_with(client: Any, lease_s: float, limit: int = 100) -> list[str]:

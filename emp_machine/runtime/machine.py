@@ -548,7 +548,10 @@ class Machine:
                      note="tried again each sweep; said again once it succeeds or fails after succeeding")
             return
         self._offline_failing.discard(process)
-        if old != "offline":
+        if old is None:  # the id is another live process's (a same-id machine beside this one): left to it
+            step("worker.offline_left", process_name=process, worker_id=worker_id,
+                 reason="worker:{id} is held by another process that may be alive")
+        elif old != "offline":
             step("worker.offline", level=logging.WARNING, process_name=process, worker_id=worker_id,
                  previous=old or None)
 

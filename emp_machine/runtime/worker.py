@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
                                 ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
-from emp_machine.runtime.identity import machine_secrets, url_secrets
+from emp_machine.runtime.identity import machine_secrets, pid_space, token_pid_state, url_secrets
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, active_key,
                                       cancel_and_wait, heartbeat_interval, heartbeat_key, job_key,
                                       redis_socket_options, statuses_json, worker_key)
@@ -88,21 +87,9 @@ _LIVE_INSTANCES: set[str] = set()
 
 
 @functools.cache
-def _pid_space() -> str:
-    """Names the pid numbering this process sees: the kernel's boot id and this process's pid namespace.
-    Two processes with the same pid space can tell by pid whether the other is alive; a container (another
-    namespace) or another host cannot. '' when the kernel does not say (not Linux)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
-        space = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-    return hashlib.sha256(f"{boot}/{space}".encode()).hexdigest()[:12]
-
-
 def new_instance() -> str:
     """This worker process's token in worker:{id}: `pid-random-pidspace`."""
-    return f"{os.getpid()}-{os.urandom(6).hex()}-{_pid_space()}"
+    return f"{os.getpid()}-{os.urandom(6).hex()}-{pid_space()}"
 
 
 def _predecessor(instance: str) -> str:
@@ -110,21 +97,12 @@ def _predecessor(instance: str) -> str:
     and its pid is gone: a restart of this worker, taken over at once), 'unknown' (another host or container,
     or its pid is alive or reused: the heartbeat watch decides), or 'legacy' (a token not of this form, from
     an earlier version or a tool: taken over as before)."""
-    parts = instance.split("-")
-    if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
-        return "legacy"
-    if parts[2] != _pid_space():
-        return "unknown"
-    pid = int(parts[0])
-    if pid == os.getpid():
+    state = token_pid_state(instance)
+    if state in ("legacy", "foreign"):
+        return "legacy" if state == "legacy" else "unknown"
+    if int(instance.split("-")[0]) == os.getpid():
         return "unknown" if instance in _LIVE_INSTANCES else "dead"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "dead"
-    except OSError:  # EPERM: a process of another user holds that pid now
-        pass
-    return "unknown"
+    return "dead" if state == "dead" else "unknown"
 
 
 def _reply_code(exc: BaseException) -> str:
