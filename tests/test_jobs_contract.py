@@ -450,9 +450,11 @@ def test_a_fail_retried_after_it_landed_returns_what_it_did(redis):
 def test_cancel_and_hand_back_messages_are_the_contracts(store, redis, listen):
     # cancel_job {job_id, worker_id, reason, timestamp}; a hand-back announces the job on job_requeued, which
     # wakes idle workers (without it the job waited for their fallback sweep). Mutation audit M1.
-    sub = listen("cancel_job", "job_requeued")
-    running, back = store.submit("sim", {}), store.submit("sim", {})
-    assert {store.claim(CAPS).id, store.claim(CAPS).id} == {running, back}
+    # A drain's hand-back is no failure: nothing on job_failed; an attempt lost with its worker process is
+    # said there too, as the reaper says an expired lease (helper-188).
+    sub = listen("cancel_job", "job_requeued", "job_failed")
+    running, back, lost = store.submit("sim", {}), store.submit("sim", {}), store.submit("sim", {})
+    assert {store.claim(CAPS).id for _ in range(3)} == {running, back, lost}
     assert store.cancel(running, "not needed")
     [cancel] = sub.wait_for("cancel_job")
     assert cancel == {"job_id": running, "worker_id": "w1", "reason": "not needed", "timestamp": cancel["timestamp"]}
@@ -461,6 +463,13 @@ def test_cancel_and_hand_back_messages_are_the_contracts(store, redis, listen):
     [requeued] = sub.wait_for("job_requeued")
     assert requeued == {"job_id": back, "service_required": "sim", "reason": "drain",
                         "timestamp": requeued["timestamp"]}
+    assert store.hand_back(lost, "w1", "not running on its worker", lost=True) == "ok"
+    sub.wait_for("job_requeued", 2)
+    [failed] = [m for c, m in sub.messages if c == "job_failed"]  # the lost one's alone, before its requeue
+    assert failed == {"job_id": lost, "worker_id": "w1", "status": "pending",
+                      "error": "worker lost: not running on its worker", "failed_at": failed["failed_at"],
+                      "retry_count": 0, "can_retry": True, "timestamp": failed["timestamp"]}
+    assert ISO.match(failed["failed_at"]) and redis.hget(f"job:{lost}", "retry_count") == "0"
 
 
 @pytest.mark.parametrize("end", ["never", "completed", "failed"])

@@ -167,9 +167,11 @@ def test_a_dead_predecessors_token_brought_back_by_redis_does_not_stop_a_running
 
 def test_a_restarted_worker_takes_its_dead_predecessors_id_over_at_once(client, redis_url, tmp_path):
     # Its predecessor was SIGKILLed: its heartbeat key lives on for up to 60 s, but its pid is gone. The
-    # restart must not wait that out (nor one heartbeat interval: 20 s with the default lease).
+    # restart must not wait that out (nor one heartbeat interval: 20 s with the default lease). The hand-back
+    # is also said on the contract's channel, as the reaper says an expired lease: the API's last word on the
+    # job was its progress on the dead worker until some worker claimed it again (helper-188).
     procs = _sim(tmp_path, redis_url, "a", f"re{uuid.uuid4().hex[:6]}", job_type="restartsim")  # lease 60 s
-    msgs = Messages(client, "job_requeued")
+    msgs = Messages(client, "job_requeued", "job_failed")
     try:
         procs.start()
         procs.wait_up(client)
@@ -186,6 +188,11 @@ def test_a_restarted_worker_takes_its_dead_predecessors_id_over_at_once(client, 
         assert time.monotonic() - started < 10
         wait_for(lambda: msgs.of("job_requeued", job_id=job_id, reason="worker restarted"), 10,
                  message="the orphan handed back")
+        [failed] = msgs.of("job_failed", job_id=job_id)
+        assert failed == {"job_id": job_id, "worker_id": wid, "status": "pending",
+                          "error": "worker lost: worker restarted", "failed_at": failed["failed_at"],
+                          "retry_count": 0, "can_retry": True, "timestamp": failed["timestamp"]}
+        assert client.hget(f"job:{job_id}", "retry_count") == "0"  # no attempt counted
     finally:
         msgs.close()
         procs.close()

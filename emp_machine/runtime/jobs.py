@@ -798,8 +798,8 @@ class _JobOps:
                                               token, _retry_delay_ms(retry_delay_s), ids))
         return FailOutcome(outcome, int(count))
 
-    def _hand_back(self, job_id: str, worker_id: str, reason: str, token: str = "") -> _Op:
-        return Ownership((yield _Call("hand_back", (job_id, worker_id, _utf8(reason), token))))
+    def _hand_back(self, job_id: str, worker_id: str, reason: str, token: str = "", lost: bool = False) -> _Op:
+        return Ownership((yield _Call("hand_back", (job_id, worker_id, _utf8(reason), token, "1" if lost else ""))))
 
     # ---- workers, leases, reaper ----
 
@@ -920,9 +920,12 @@ class _Api(_JobOps):
         trace context (fail.lua), so its retry joins that trace."""
         return self._drive(self._fail(job_id, worker_id, error, retryable, steps, token, retry_delay_s, trace))
 
-    def hand_back(self, job_id: str, worker_id: str, reason: str = "drain", *, token: str = ""):
-        """Return a running job to the queue without counting an attempt; returns Ownership."""
-        return self._drive(self._hand_back(job_id, worker_id, reason, token))
+    def hand_back(self, job_id: str, worker_id: str, reason: str = "drain", *, token: str = "", lost: bool = False):
+        """Return a running job to the queue without counting an attempt; returns Ownership. `lost`: the
+        attempt ended with the worker process that ran it (a dead predecessor's job, a stray, a dead worker's
+        at its machine's stop), also announced as the reaper announces an expired lease (job_failed,
+        can_retry), so the API stops showing it on that worker; a drain's is not (nothing ended badly)."""
+        return self._drive(self._hand_back(job_id, worker_id, reason, token, lost))
 
     def register_worker(self, worker_id: str, machine_id: str, capabilities: Mapping[str, Any],
                         connector_statuses: Mapping[str, Any] | None = None, *, instance: str = ""):
@@ -1383,7 +1386,7 @@ async def settle_dead_worker(client: Any, worker_id: str, reason: str) -> tuple[
         if isinstance(reply, Exception):
             raise reply
     handed = [job_id for job_id in _text(keys)
-              if await _run_script(client, "hand_back", job_id, worker_id, reason) == "ok"]
+              if await _run_script(client, "hand_back", job_id, worker_id, reason, "", "1") == "ok"]
     old = _text(status) or ""
     if not old or (old == "offline" and not handed):
         return handed, ""

@@ -1235,7 +1235,7 @@ class Worker:
             if job_id in self.running:
                 continue
             try:
-                own = await self.store.hand_back(job_id, self.ident.worker_id, reason)
+                own = await self.store.hand_back(job_id, self.ident.worker_id, reason, lost=True)
             except RedisError as exc:
                 self.log.warning("could not hand back an orphaned job",
                                  extra={"fields": {"job_id": job_id, "error": self._redis_error(exc)}})

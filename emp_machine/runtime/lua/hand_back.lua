@@ -2,6 +2,9 @@
 -- KEYS[1] = jobs:pending, KEYS[2] = jobs:idx:of, KEYS[3] = jobs:leases (see lib.lua)
 -- ARGV[1] = job id, ARGV[2] = worker id, ARGV[3] = reason,
 -- ARGV[4] = claim token (the claim's assigned_at; '' or absent: none; see ownership() in lib.lua)
+-- ARGV[5] = '1': the attempt ended with the worker process that ran it (a dead predecessor's job, a stray):
+--           announced on job_failed too, as reap.lua announces an expired lease (status pending, can_retry
+--           true, retry_count kept), so the API stops showing it on that worker. A drain's is not.
 -- Returns 'ok', 'cancelled', 'lost' or 'missing'; an error reply, changing nothing, when a key it writes
 -- holds another type.
 local id, wid = ARGV[1], ARGV[2]
@@ -17,6 +20,11 @@ redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', 'assigned_at', ''
 release(id, wid, now, state)
 enqueue(id)
 add_event(id, {t = now, ev = 'handed_back', worker_id = wid, reason = ARGV[3]})
+if ARGV[5] == '1' then
+  publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = 'worker lost: ' .. ARGV[3],
+    failed_at = iso(now), retry_count = finite_number(redis.call('HGET', jkey, 'retry_count')) or 0,
+    can_retry = true, timestamp = now})
+end
 publish('job_requeued', {job_id = id, service_required = redis.call('HGET', jkey, 'service_required'),
   reason = ARGV[3], timestamp = now})
 return 'ok'
