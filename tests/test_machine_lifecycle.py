@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -243,6 +244,42 @@ workers:
     assert machine.event("shutdown.worker_settled", worker_id=wid, handed_back=[job]), machine.tail()
 
 
+def _boot_as(state: Path, machine_id: str, settings: str, redis_url: str) -> RunningMachine:
+    """A machine of `machine_id` (one simulation worker with `settings`) on its own state dir `state`."""
+    state.mkdir()
+    manifest = write_manifest(state / "manifest.yaml", f"""
+machine: {{type: test, id: {machine_id}, state_dir: {state}}}
+workers:
+  sim: {{connector: simulation, count: 1, {settings}}}
+""", state, redis_url)
+    return RunningMachine(manifest, state, machine_env())
+
+
+def test_a_machine_booted_after_its_ids_last_container_died_shows_its_own_worker_only(tmp_path, redis, redis_url):
+    # A new container of the same service: the dead one's worker hash (busy, a job) and heartbeat key live on
+    # for up to a minute. The new machine showed that worker as its own, busy and connected, and /health 200,
+    # for the ~20 s its own worker took to take the id over (helper-188, 2 of 2). Here with a 15 s lease its
+    # worker watches the old holder for 6 s first.
+    wid = "ghost-worker-0"
+    redis.hset(f"worker:{wid}", mapping={"worker_id": wid, "machine_id": "ghost", "status": "busy",
+                                         "current_job_id": "job-of-the-dead", "instance": "4242-abcdef012345-0123456789ab"})
+    redis.set(f"worker:{wid}:heartbeat", "2026-01-01T00:00:00.000Z", ex=60)
+    machine = _boot_as(tmp_path / "new", "ghost", "lease: 15s, stop_grace: 2s", redis_url)
+    try:
+        base = health_base(machine)
+        def ghost_named():
+            status, doc = http_json(base + "/health")
+            shown = doc.get("workers", {}).get(wid, {})
+            return "another host's or container's" in shown.get("reason", "") and (status, shown)
+
+        status, shown = wait_for(ghost_named, 20, message="/health naming the old holder's registration")
+        assert status == 503 and not shown["healthy"] and shown["current_job_id"] == "", shown
+        # and once its own worker has taken the id over, it is
+        wait_for(lambda: http_json(base + "/health")[0] == 200, 30, message="/health 200 with its own worker")
+    finally:
+        machine.close()
+
+
 def test_a_machine_booted_beside_a_live_one_of_its_id_leaves_that_ones_workers_and_jobs_alone(
         tmp_path, redis, redis_server):
     # Two containers of one machine.id overlap in a deploy. The new one's worker refuses the id (the old one's is
@@ -251,14 +288,7 @@ def test_a_machine_booted_beside_a_live_one_of_its_id_leaves_that_ones_workers_a
     # (helper-188, 2 of 2: a job ran three times, and the machines took the ids from each other from then on).
     # Its stop then handed back what the id held (a dead worker's jobs, it thought).
     def boot(name: str) -> RunningMachine:
-        state = tmp_path / name
-        state.mkdir()
-        manifest = write_manifest(state / "manifest.yaml", f"""
-machine: {{type: test, id: twin, state_dir: {state}}}
-workers:
-  sim: {{connector: simulation, count: 1, lease: 3s, stop_grace: 2s}}
-""", state, redis_server.url)
-        return RunningMachine(manifest, state, machine_env())
+        return _boot_as(tmp_path / name, "twin", "lease: 3s, stop_grace: 2s", redis_server.url)
 
     first, second = boot("old"), None
     try:

@@ -423,6 +423,47 @@ def test_a_worker_finishing_its_job_through_a_stop_is_shown_busy_with_it(tmp_pat
     assert health["workers"][busy]["healthy"] is True and "machine is draining" in health["reasons"]
 
 
+def test_a_worker_id_registered_by_another_process_is_not_shown_as_this_machines_worker(tmp_path):
+    # A machine booted with the id of one killed a moment before (a new container of the same service) read
+    # that one's dead workers' hashes and live heartbeat keys as its own: busy, connected, /health 200, for the
+    # ~20 s its own workers took to take the ids over (helper-188). The token in worker:{id} (pid-random-
+    # pidspace) tells: a worker is this machine's once the token names its process (the pid supervisord shows).
+    from emp_machine.runtime.identity import pid_space
+    from emp_machine.runtime.jobs import WorkerRow
+
+    the_plan = _rules_plan(tmp_path)
+    first, second = (w.worker_id for w in the_plan.workers)
+    at = "2026-01-01T00:00:00.000Z"
+    processes = _running(the_plan)
+    pid_of = {p.name: p.pid for p in processes}
+    tokens = {"own": f"{pid_of['worker-0']}-abcdef012345-{pid_space()}",
+              "other pid": f"{pid_of['worker-0'] + 1000}-abcdef012345-{pid_space()}",
+              "other container": f"{pid_of['worker-0']}-abcdef012345-0123456789ab",
+              "no token": ""}
+
+    async def shown(token: str):
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("ready", True)
+        agg.set_processes(processes)
+        agg.set_health("svc-0", True, "")
+        agg.set_redis(True, "", [WorkerRow(first, "busy", "ghost-job", at, at, 50_000, instance=token),
+                                 WorkerRow(second, "idle", "", at, at, 50_000,
+                                           instance=f"{pid_of['worker-1']}-abcdef012345-{pid_space()}")])
+        agg.commit()
+        return json.loads(agg.health_body), json.loads(agg.status_body)["status"]["workers"][first]
+
+    for case, token in tokens.items():
+        health, status = asyncio.run(shown(token))
+        if case in ("own", "no token"):
+            assert health["workers"][first]["healthy"] and health["healthy"], (case, health)
+            assert (status["status"], status["current_job_id"], status["is_connected"]) == ("busy", "ghost-job",
+                                                                                              True), case
+        else:
+            assert not health["healthy"] and "not registered in Redis yet" in health["workers"][first]["reason"]
+            assert (status["status"], status["current_job_id"], status["is_connected"]) == ("offline", "", False)
+        assert health["workers"][second]["healthy"], (case, health)
+
+
 def test_a_refresh_asked_for_while_the_ready_announcement_waits_does_not_replace_it(tmp_path):
     # A refresh request (RefreshRequested) landing between the phase's turn to ready and the publisher's take
     # must not turn the boot's one machine_ready into an event_driven (M2's unrun M23: that passed every test).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from emp_machine.runtime.identity import pid_space
 from emp_machine.runtime.jobs import HEARTBEAT_TTL_S, WorkerRow
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan
 from emp_machine.supervisor.control import ProcessInfo
@@ -84,6 +85,7 @@ class Aggregator:
     def __post_init__(self) -> None:
         self.started_at = self.clock()
         self._started_mono = self.monotonic()
+        self._pid_space = pid_space()  # the workers', as supervisord starts them here
         self.phase = "starting"
         self.supervisord_up = False
         self.supervisor_silent = ""  # why supervisord, though running, does not answer (its table is stale)
@@ -158,7 +160,7 @@ class Aggregator:
             return
         row = worker.row or WorkerRow(worker_id, "", "", "", "", 0)
         worker.row = WorkerRow(worker_id, status, current_job_id, at, row.last_heartbeat,
-                               row.heartbeat_ttl_ms if status != "offline" else -2, row.problem)
+                               row.heartbeat_ttl_ms if status != "offline" else -2, row.problem, row.instance)
         self.dirty = True
 
     def set_hardware(self, state: HardwareState) -> None:
@@ -234,6 +236,8 @@ class Aggregator:
             return False, w.row.problem  # its own keys unreadable (a stray key): Redis itself answers
         if w.row is None or not w.row.status:
             return False, "not registered in Redis yet"
+        if other := self._others_registration(w, info):
+            return False, f"not registered in Redis yet: worker:{w.worker_id} {other}"
         if w.row.status == "offline":
             return False, "reports offline"
         ttl_ms = w.row.heartbeat_ttl_ms
@@ -246,6 +250,24 @@ class Aggregator:
         if w.lease_s and ttl_ms > 0 and age_s > w.lease_s:
             return False, f"heartbeat {age_s:.0f}s old, past its {w.lease_s:g}s lease (the worker is stalled)"
         return True, ""
+
+    def _others_registration(self, w: _Worker, info: ProcessInfo | None) -> str:
+        """Why worker:{id} is not the registration of this machine's worker process ("" when it is, or when
+        that cannot be told): its token (worker.new_instance: pid-random-pidspace) names another pid, or
+        another host or container. A machine booted with the id of one killed a moment before (a new container
+        of the same service) showed that one's dead workers as its own, busy and connected, and /health 200,
+        for the ~20 s its own workers took to take the ids over; or a same-id machine's live ones beside it."""
+        row = w.row
+        if row is None or not row.instance or info is None or not info.pid or info.state not in UP:
+            return ""
+        parts = row.instance.split("-")
+        if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
+            return ""  # no token of that form (an earlier version's, a tool's): as before
+        if parts[2] != self._pid_space:
+            return "holds the registration of another host's or container's process"
+        if int(parts[0]) != info.pid:
+            return f"holds the registration of another process (pid {parts[0]}; this worker's is {info.pid})"
+        return ""
 
     def _table_unknown(self, info: ProcessInfo) -> bool:
         """supervisord does not answer (its table is UNKNOWN) while the machine runs: its table then says nothing
@@ -300,7 +322,8 @@ class Aggregator:
         workers: dict[str, Any] = {}
         for w in self.workers.values():
             healthy, reason = self._worker_health(w)
-            row = w.row
+            # another process's registration is not this worker's status, job or heartbeat
+            row = None if self._others_registration(w, self.processes.get(w.process)) else w.row
             workers[w.worker_id] = {
                 "healthy": healthy, "process": w.process, "status": (row.status if row else "") or "unknown",
                 "current_job_id": row.current_job_id if row else "",
@@ -348,7 +371,7 @@ class Aggregator:
             # A full state disk fails every job (its outputs, logs): no service of this machine is healthy.
             health = "unhealthy" if disk_full else "unknown" if not known else "healthy" if s_ok else "unhealthy"
             active = sinfo is not None and sinfo.state in UP and winfo is not None and winfo.state in UP
-            row = w.row
+            row = None if self._others_registration(w, winfo) else w.row  # another process's: not this worker's
             status = (row.status if row and row.status else "offline") \
                 if winfo and (winfo.state in UP or self._table_unknown(winfo)) else "offline"
             s_workers[w.worker_id] = {"worker_id": w.worker_id, "gpu_id": w.gpu, "worker_type": w.connector,
@@ -392,7 +415,7 @@ class Aggregator:
             info = self.processes.get(w.process)
             if info is not None and info.state in UP:
                 total[w.service_type] += 1
-                if w.row is not None and w.row.status == "busy":
+                if w.row is not None and w.row.status == "busy" and not self._others_registration(w, info):
                     active[w.service_type] += 1
         for service, n in total.items():
             total_gauge.set(n, {"service": service})

@@ -1290,6 +1290,7 @@ class WorkerRow:
     last_heartbeat: str
     heartbeat_ttl_ms: int  # > 0 while worker:{id}:heartbeat exists (the contract's liveness), else <= 0
     problem: str = ""  # why the worker's keys could not be read (a stray key of another type), else ""
+    instance: str = ""  # the token of the process that registered last (worker.new_instance), "" when none
 
 
 async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, list[WorkerRow]]:
@@ -1301,7 +1302,8 @@ async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, li
     ids = list(worker_ids)
     commands: list[tuple[Any, ...]] = [("PING",)]
     for wid in ids:
-        commands.append(("HMGET", worker_key(wid), "status", "current_job_id", "last_status_change", "last_heartbeat"))
+        commands.append(("HMGET", worker_key(wid), "status", "current_job_id", "last_status_change", "last_heartbeat",
+                         "instance"))
         commands.append(("PTTL", heartbeat_key(wid)))
     replies = await client.execute_many(commands)
     if isinstance(replies[0], Exception):
@@ -1313,8 +1315,9 @@ async def read_workers(client: Any, worker_ids: Iterable[str]) -> tuple[bool, li
             stray.append(i)
             rows.append(WorkerRow(wid, "", "", "", "", 0, str(fields if isinstance(fields, Exception) else ttl)))
             continue
-        status, job, changed, beat = _text(fields)
-        rows.append(WorkerRow(wid, status or "", job or "", changed or "", beat or "", int(ttl)))
+        status, job, changed, beat, instance = _text(fields)
+        rows.append(WorkerRow(wid, status or "", job or "", changed or "", beat or "", int(ttl),
+                              instance=instance or ""))
     if stray:  # rare: one more round trip, so the reason names what holds the key
         kinds = await client.execute_many([("TYPE", worker_key(rows[i].worker_id)) for i in stray])
         for i, kind in zip(stray, kinds):
