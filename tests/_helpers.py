@@ -59,6 +59,16 @@ def connector_context(tmp_path, name: str):
                             logger=logging.getLogger(f"test.{name}"))
 
 
+def sitecustomize_env(folder: Path, source: str) -> dict[str, str]:
+    """A fault injected into the processes a test starts: `source` as a sitecustomize module in `folder`,
+    which Python imports at start-up; the environment to start them with (PYTHONPATH, this run's kept)."""
+    import os
+
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(source, encoding="utf-8")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH", "")]))}
+
+
 def install_plugin(site: Path, prefix: str, source: str, entry_points: dict[str, str]) -> str:
     """A connector distribution laid out in `site` as `pip install --target` leaves it: a package named
     `prefix` plus a random suffix (fresh each call: sys.modules keeps imports) holding `source`, and its

@@ -14,6 +14,7 @@ import pytest
 import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
+from _helpers import sitecustomize_env
 from harness import pid_alive, wait_for
 
 PY = sys.executable
@@ -282,18 +283,14 @@ def test_a_stop_that_fails_still_ends_the_machine_and_its_processes(machine_fact
     # for good with nothing stopped. A fault injected into it (a sitecustomize on the machine's PYTHONPATH
     # replaces the ordered stop with one that raises): the machine logs why, sends its shutdown message,
     # stops everything itself, removes supervisord's run files and exits 1.
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "from emp_machine.runtime import machine\n"
-        "async def _failing_stop(self):\n"
-        "    raise RuntimeError('injected: the ordered stop failed')\n"
-        "machine.Machine._stop_in_order = _failing_stop\n", encoding="utf-8")
+    env = sitecustomize_env(tmp_path / "inject",
+                            "from emp_machine.runtime import machine\n"
+                            "async def _failing_stop(self):\n"
+                            "    raise RuntimeError('injected: the ordered stop failed')\n"
+                            "machine.Machine._stop_in_order = _failing_stop\n")
     listener = StatusListener(redis_url)
     try:
-        machine = machine_factory(HANGING_WORKERS.format(grace="30s"),
-                                  env={"PYTHONPATH": os.pathsep.join(filter(None, [
-                                      str(inject), os.environ.get("PYTHONPATH", "")]))})
+        machine = machine_factory(HANGING_WORKERS.format(grace="30s"), env=env)
         machine.wait_ready()
         workers = [p.pid for p in machine.processes().values()]
         supervisord = _supervisord_pid(machine)

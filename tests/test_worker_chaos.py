@@ -18,7 +18,7 @@ import redis as redis_lib
 
 from emp_machine.runtime.jobs import JobStore
 from emp_machine.runtime.redis_server import PrivateRedis, free_port
-from _helpers import install_plugin
+from _helpers import install_plugin, sitecustomize_env
 from harness import Messages, WorkerProcs, wait_for
 
 
@@ -214,17 +214,14 @@ def test_a_worker_stopped_once_registered_but_before_its_start_up_ended_goes_off
     # start-up with no offline write: `worker:{id}` read idle, its heartbeat key alive, and the stopping machine
     # does not correct it. Injected (a sitecustomize on the worker's PYTHONPATH): the first heartbeat after the
     # registration sends the worker its own SIGTERM and never answers.
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "import asyncio, os, signal\n"
-        "from emp_machine.runtime import jobs\n"
-        "async def _stop_here(self, *args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    await asyncio.Event().wait()\n"
-        "jobs.AsyncJobStore.heartbeat = _stop_here\n", encoding="utf-8")
-    procs = WorkerProcs(_sim_workers(1), tmp_path / "state", redis_url, environ={"PYTHONPATH": os.pathsep.join(
-        filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))})
+    env = sitecustomize_env(tmp_path / "inject",
+                            "import asyncio, os, signal\n"
+                            "from emp_machine.runtime import jobs\n"
+                            "async def _stop_here(self, *args, **kwargs):\n"
+                            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                            "    await asyncio.Event().wait()\n"
+                            "jobs.AsyncJobStore.heartbeat = _stop_here\n")
+    procs = WorkerProcs(_sim_workers(1), tmp_path / "state", redis_url, environ=env)
     try:
         procs.start()
         assert procs.wait_exit(0, timeout=20) == 0, procs.log(0)
