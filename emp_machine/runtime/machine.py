@@ -207,6 +207,9 @@ class Machine:
         self.publisher = st.Publisher(self.aggregate, self._redis, plan.redis_url, manifest.status.interval)
         self._publisher_task: asyncio.Task | None = None
         self._announced_shutdown = False
+        self._announcing: asyncio.Future | None = None  # the one shutdown message, which every caller awaits
+        self._shutdown_task: asyncio.Task | None = None
+        self._settle_lock = asyncio.Lock()
         self._unanswering = ""  # why supervisord did not answer at the stop: its processes are stopped directly
         self._supervisords: list[asyncio.subprocess.Process] = []  # ours: their watchers reap them, never the sweep
         self._stopping = threading.Event()  # set with the shutdown: boot steps in threads cut their waits short
@@ -588,9 +591,15 @@ class Machine:
         return True
 
     async def _announce_shutdown(self) -> None:
-        """The `shutdown` status message, once, while Redis (maybe our embedded one) is still up."""
-        if self._announced_shutdown:
-            return
+        """The `shutdown` status message, once, while Redis (maybe our embedded one) is still up. Every caller
+        waits for that one message to have gone out (or failed): a second caller used to return at once, and
+        the stop went on to kill the embedded Redis under the first caller's publish (no shutdown message, 1 run
+        in 3 of a forced stop). A caller that gives up waiting (cancelled, timed out) leaves it going."""
+        if self._announcing is None:
+            self._announcing = asyncio.ensure_future(self._announce_shutdown_once())
+        await asyncio.shield(self._announcing)
+
+    async def _announce_shutdown_once(self) -> None:
         self._announced_shutdown = True
         self.publisher.close()
         if self._publisher_task is not None:
@@ -850,28 +859,33 @@ class Machine:
             self._begin_shutdown(exit_code=0)
         else:
             step("shutdown.forced", level=logging.WARNING, signal=name)
-            await asyncio.to_thread(self._force_stop_workers)
-            # The monitor's last word, and the jobs of workers the force had to kill, while Redis (maybe our
-            # embedded one) is still up: the stop in progress, ended with the loop, never sent its shutdown
-            # message, and the monitor last heard "draining".
-            self.phase = Phase.SHUTDOWN
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._settle_dead_workers(), FORCED_LAST_WORDS_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._announce_shutdown(), FORCED_LAST_WORDS_S)
-            await asyncio.to_thread(_kill_descendants, 0.0)
-            if self.proc is not None:
-                _remove_run_files(self.paths, self.proc.pid)  # SIGKILLed, it could not remove them
+            if self._shutdown_task is not None:  # the ordered stop in progress ends here: it would go on beside
+                await jobs.cancel_and_wait([self._shutdown_task])  # this one, and kill the Redis under it
+            await self._forced_end()
             self.exit_code = FORCE_EXIT_CODE
 
-    def _force_stop(self) -> None:
-        self._force_stop_workers()
-        _kill_descendants(0.0)
+    async def _forced_end(self) -> None:
+        """The end of a stop that cannot be ordered (a second signal, or the ordered stop failing): the workers
+        stopped at once (each hands its running jobs back on its second SIGTERM), then, while Redis (maybe our
+        embedded one) is still up, the jobs of workers that had to be killed handed back and the shutdown
+        message, each within FORCED_LAST_WORDS_S; then everything left is SIGKILLed. The forced stop sent no
+        shutdown message (the ordered stop that would have was ended with the machine's loop: the monitor last
+        heard "draining"), and a failed one left the killed workers' jobs claimed until their leases ran out."""
+        await asyncio.to_thread(self._force_stop_workers)
+        self.phase = Phase.SHUTDOWN
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._settle_dead_workers(), FORCED_LAST_WORDS_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._announce_shutdown(), FORCED_LAST_WORDS_S)
+        await asyncio.to_thread(_kill_descendants, 0.0)
+        if self.proc is not None:
+            _remove_run_files(self.paths, self.proc.pid)  # SIGKILLed with the rest: it could not remove them
 
     def _force_stop_workers(self) -> None:
         """A second signal: the workers first get a SIGTERM of their own, which a draining worker takes as its
         second and hands its running jobs back at once (a SIGKILL left them claimed until their lease ran out),
-        a short wait for them, then SIGKILL to everything left. supervisord goes first (SIGKILL): it would start
+        a short wait for them, then SIGKILL to the workers left (the rest is _forced_end's, after the last
+        words). supervisord goes first (SIGKILL): it would start
         again what exits meanwhile (a program not yet held by the stop), after the last look for descendants,
         and that one would outlive the machine. What it ran is the machine's then, as the subreaper."""
         argvs = {tuple(s.argv) for s in self.plan.specs if s.kind == "worker"}
@@ -919,6 +933,10 @@ class Machine:
         until some other machine's reaper found the lease expired. Their jobs go back to the queue (no attempt
         counted, as a drain's do) and they are marked offline. A worker still running is left alone; one that
         drained has done both itself."""
+        async with self._settle_lock:  # (the ordered stop's and a forced end's, one after the other)
+            await self._settle_dead_workers_now()
+
+    async def _settle_dead_workers_now(self) -> None:
         running = await asyncio.to_thread(lambda: {_cmdline(p) for p in _children(psutil.Process())})
         for slot in self.plan.workers:
             if tuple(self.plan.spec(slot.process).argv) in running:
@@ -944,7 +962,9 @@ class Machine:
         self._shutdown_exit_code = exit_code
         for task in self._probe_tasks:
             task.cancel()
-        self._spawn(self._shutdown())
+        self._shutdown_task = asyncio.create_task(self._shutdown())
+        self._tasks.add(self._shutdown_task)
+        self._shutdown_task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self) -> None:
         try:
@@ -952,12 +972,7 @@ class Machine:
         except Exception as exc:  # noqa: BLE001 - a failed stop must still end: a machine hung for good never restarts
             step("shutdown.failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}"[:300],
                  action="stop every process directly")
-            self.phase = Phase.SHUTDOWN
-            with contextlib.suppress(Exception):  # the monitor's last word, while Redis may still be up
-                await asyncio.wait_for(self._announce_shutdown(), 5)
-            await asyncio.to_thread(self._force_stop)
-            if self.proc is not None:
-                _remove_run_files(self.paths, self.proc.pid)  # SIGKILLed with the rest: it could not remove them
+            await self._forced_end()
             if self._shutdown_exit_code == 0:
                 self._shutdown_exit_code = 1
         self.inbox.put_nowait(ShutdownDone())
