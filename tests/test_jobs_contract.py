@@ -467,7 +467,7 @@ def test_cancel_and_hand_back_messages_are_the_contracts(store, redis, listen):
     sub.wait_for("job_requeued", 2)
     [failed] = [m for c, m in sub.messages if c == "job_failed"]  # the lost one's alone, before its requeue
     assert failed == {"job_id": lost, "worker_id": "w1", "status": "pending",
-                      "error": "worker lost: not running on its worker", "failed_at": failed["failed_at"],
+                      "error": "attempt lost: not running on its worker", "failed_at": failed["failed_at"],
                       "retry_count": 0, "can_retry": True, "timestamp": failed["timestamp"]}
     assert ISO.match(failed["failed_at"]) and redis.hget(f"job:{lost}", "retry_count") == "0"
 

@@ -372,9 +372,10 @@ def test_a_job_reaped_while_running_and_claimed_again_by_the_same_worker_runs_on
 
 
 @pytest.mark.parametrize("holder, written", [
-    ("alive", False),    # this pid space, a live pid (this test's own process): left alone
+    ("alive", False),    # this pid space, a live worker process (its argv `-m emp_machine worker`): left alone
     ("foreign", False),  # another container's or host's token: its pid says nothing here, left alone
     ("dead", True),      # this pid space, its pid gone: the dead worker's, marked offline, its job handed back
+    ("reused", True),    # its pid alive but no worker's (reused): dead all the same
     ("none", True),      # no token (a hash of an earlier version, or a tool's): as before
 ])
 def test_a_machine_acts_for_a_dead_worker_only_when_the_id_is_not_a_live_processs(store, redis, redis_url,
@@ -392,8 +393,12 @@ def test_a_machine_acts_for_a_dead_worker_only_when_the_id_is_not_a_live_process
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    tokens = {"alive": f"{os.getpid()}-abcdef012345-{pid_space()}", "foreign": f"{os.getpid()}-abcdef012345-0123456789ab",
-              "dead": f"{gone.pid}-abcdef012345-{pid_space()}", "none": ""}
+    # a process with a worker's argv (`python -c ... emp_machine worker`), alive for the test
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "emp_machine", "worker"],
+                             stdin=subprocess.PIPE)
+    tokens = {"alive": f"{alive.pid}-abcdef012345-{pid_space()}", "foreign": f"{alive.pid}-abcdef012345-0123456789ab",
+              "dead": f"{gone.pid}-abcdef012345-{pid_space()}", "reused": f"{os.getpid()}-abcdef012345-{pid_space()}",
+              "none": ""}
     store.register_worker("w1", "m1", CAPS, instance=tokens[holder] or None)
     if not tokens[holder]:
         redis.hdel("worker:w1", "instance")
@@ -408,7 +413,10 @@ def test_a_machine_acts_for_a_dead_worker_only_when_the_id_is_not_a_live_process
         finally:
             await client.aclose()
 
-    marked, (handed, _) = asyncio.run(act())
+    try:
+        marked, (handed, _) = asyncio.run(act())
+    finally:
+        alive.communicate(b"")
     if written:
         assert marked == "busy" and handed == [job_id]
         assert redis.hget("worker:w1", "status") == "offline" and not redis.exists("worker:w1:heartbeat")

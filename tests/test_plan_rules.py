@@ -76,6 +76,20 @@ def test_per_instance_workers_are_bound_one_to_each_gpu_instance():
     laid = build(m)
     assert [w.service_process for w in laid.workers] == ["comfy-gpu0", "comfy-gpu1"]
     assert [laid.spec(f"worker-{i}").env["EMP_SERVICE_PORT"] for i in range(2)] == ["8188", "8189"]
+    # and the status message counts those GPUs, though this host's NVML reads none (helper-190: gpu_count 0
+    # beside workers on GPU 0 and GPU 1)
+    import asyncio
+
+    from emp_machine.runtime.aggregate import Aggregator, HardwareState
+
+    async def structure():
+        agg = Aggregator(laid, {"c": ("simulation",)}, "test", health_url="")
+        agg.set_hardware(HardwareState(1.0, 1, 2, 1, 2))
+        agg.commit()
+        return agg.message("periodic")["structure"]
+
+    shown = asyncio.run(structure())
+    assert shown["gpu_count"] == 2 and sorted(w["gpu_id"] for w in shown["workers"].values()) == [0, 1]
 
 
 @pytest.mark.parametrize("length, ok", [(40, True), (41, False)])

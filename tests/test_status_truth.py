@@ -408,7 +408,7 @@ def test_a_worker_finishing_its_job_through_a_stop_is_shown_busy_with_it(tmp_pat
         agg.set_phase("draining", True)
         agg.set_redis(True, "", [WorkerRow(busy, "busy", "job-1", at, at, 50_000),
                                  WorkerRow(done, "offline", "", at, at, -2)])
-        agg.set_processes(_running(the_plan, worker_0="STOPPING", worker_1="STOPPING"))
+        agg.set_processes(_running(the_plan, worker_0="STOPPING", worker_1="STOPPING", plain_0="STOPPING"))
         agg.commit()
         return json.loads(agg.status_body)["status"], json.loads(agg.health_body)
 
@@ -421,6 +421,9 @@ def test_a_worker_finishing_its_job_through_a_stop_is_shown_busy_with_it(tmp_pat
     assert (shown["status"], shown["current_job_id"], shown["is_connected"]) == ("offline", "", False), shown
     assert health["workers"][done]["reason"] == "reports offline", health["workers"]
     assert health["workers"][busy]["healthy"] is True and "machine is draining" in health["reasons"]
+    assert health["services"]["worker-0"]["status"] == "online"
+    # a service being stopped is not: its check is no longer asked (helper-189: it read active, healthy, online)
+    assert (health["services"]["plain-0"]["status"], health["services"]["plain-0"]["healthy"]) == ("stopped", False)
 
 
 def test_a_worker_id_registered_by_another_process_is_not_shown_as_this_machines_worker(tmp_path):
@@ -462,6 +465,59 @@ def test_a_worker_id_registered_by_another_process_is_not_shown_as_this_machines
             assert not health["healthy"] and "not registered in Redis yet" in health["workers"][first]["reason"]
             assert (status["status"], status["current_job_id"], status["is_connected"]) == ("offline", "", False)
         assert health["workers"][second]["healthy"], (case, health)
+
+
+def test_a_worker_that_says_it_registered_is_shown_so_before_the_next_poll(tmp_path):
+    # At boot, and after supervisord restarted a worker: the last poll read no heartbeat key (or the dead
+    # predecessor's token), and the worker's own worker_status (idle) was applied on top of it: shown not
+    # connected, "no heartbeat" (helper-190: 8 boots in 10, for 0.4-0.7 s) or "another process's
+    # registration" (helper-189), until the next poll.
+    from emp_machine.runtime.identity import pid_space
+    from emp_machine.runtime.jobs import WorkerRow
+
+    the_plan = _rules_plan(tmp_path)
+    first, second = (w.worker_id for w in the_plan.workers)
+    processes = _running(the_plan)
+    predecessor = f"{processes[0].pid + 1000}-abcdef012345-{pid_space()}"
+    at = "2026-01-01T00:00:00.000Z"
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("ready", True)
+        agg.set_processes(processes)
+        agg.set_health("svc-0", True, "")
+        agg.set_redis(True, "", [WorkerRow(first, "offline", "", at, at, -2, instance=predecessor),
+                                 WorkerRow(second, "", "", "", "", -2)])
+        agg.commit()
+        before = json.loads(agg.health_body)["workers"]
+        agg.set_worker_status(first, "idle", "", at)
+        agg.set_worker_status(second, "idle", "", at)
+        agg.commit()
+        return before, json.loads(agg.health_body), json.loads(agg.status_body)["status"]["workers"]
+
+    before, health, status = asyncio.run(scenario())
+    assert not before[first]["healthy"] and not before[second]["healthy"]
+    assert health["healthy"], health["reasons"]
+    assert all(status[w]["is_connected"] and status[w]["status"] == "idle" for w in (first, second)), status
+
+
+def test_a_worker_not_started_yet_has_its_service_health_unknown_not_unhealthy(tmp_path):
+    # Redis answers a row (status "") for a worker that never registered: read as known, every boot's first
+    # messages said its service unhealthy before anything had been checked (helper-190); the contract's word
+    # for that is unknown.
+    from emp_machine.runtime.jobs import WorkerRow
+
+    the_plan = _rules_plan(tmp_path)
+
+    async def scenario():
+        agg = Aggregator(the_plan, {"sim": ("simulation",)}, "test", health_url="")
+        agg.set_phase("starting", True)
+        agg.set_processes(tuple(p for p in _running(the_plan) if not p.name.startswith("worker-")))
+        agg.set_redis(True, "", [WorkerRow(w.worker_id, "", "", "", "", -2) for w in the_plan.workers])
+        agg.commit()
+        return json.loads(agg.status_body)["status"]["services"]
+
+    assert {s["health"] for s in asyncio.run(scenario()).values()} == {"unknown"}
 
 
 def test_a_refresh_asked_for_while_the_ready_announcement_waits_does_not_replace_it(tmp_path):

@@ -190,7 +190,7 @@ def test_a_restarted_worker_takes_its_dead_predecessors_id_over_at_once(client, 
                  message="the orphan handed back")
         [failed] = msgs.of("job_failed", job_id=job_id)
         assert failed == {"job_id": job_id, "worker_id": wid, "status": "pending",
-                          "error": "worker lost: worker restarted", "failed_at": failed["failed_at"],
+                          "error": "attempt lost: worker restarted", "failed_at": failed["failed_at"],
                           "retry_count": 0, "can_retry": True, "timestamp": failed["timestamp"]}
         assert client.hget(f"job:{job_id}", "retry_count") == "0"  # no attempt counted
     finally:

@@ -22,17 +22,20 @@ from emp_machine.runtime.plan import REDIS_PROCESS, Plan
 from emp_machine.supervisor.control import ProcessInfo
 
 # supervisord states (and our ERRORED) in PM2's words, which the monitor reads
-# STOPPING is online: the process still runs (a draining worker finishes its job through its stop_grace), and
-# the contract has no word for PM2's own "stopping"; it reads stopped once it has exited.
 PM2_STATUS = {"RUNNING": "online", "STARTING": "launching", "BACKOFF": "launching", "STOPPED": "stopped",
-              "STOPPING": "online", "EXITED": "stopped", "UNKNOWN": "stopped", "FATAL": "errored",
+              "STOPPING": "stopped", "EXITED": "stopped", "UNKNOWN": "stopped", "FATAL": "errored",
               "ERRORED": "errored"}
-# The states in which a process runs: a worker told to stop keeps running its jobs, and Redis says how it is
-# (it was shown offline and idle while it finished its job and sent its progress).
+# The states in which a WORKER process runs: one told to stop keeps running its jobs through its stop_grace,
+# and Redis says how it is (it was shown offline and idle while it finished its job and sent its progress).
+# A service being stopped is not (its health check is not asked for any more): stopped, as before.
 UP = ("RUNNING", "STOPPING")
 
 
-def pm2_status(state: str | None) -> str:
+def pm2_status(state: str | None, worker: bool = False) -> str:
+    """PM2's word for a supervisord state; a worker draining (STOPPING) is online: the contract has no word for
+    PM2's own "stopping", and it reads stopped once it has exited."""
+    if worker and state == "STOPPING":
+        return "online"
     return PM2_STATUS.get(state or "", "stopped")
 
 
@@ -159,8 +162,15 @@ class Aggregator:
         if worker is None:
             return
         row = worker.row or WorkerRow(worker_id, "", "", "", "", 0)
-        worker.row = WorkerRow(worker_id, status, current_job_id, at, row.last_heartbeat,
-                               row.heartbeat_ttl_ms if status != "offline" else -2, row.problem, row.instance)
+        if status == "offline":
+            ttl = -2
+        elif row.heartbeat_ttl_ms > 0 or row.heartbeat_ttl_ms == -1:
+            ttl = row.heartbeat_ttl_ms
+        else:  # its sender just wrote the heartbeat key (a registration) or claimed: alive, until the next poll
+            ttl = HEARTBEAT_TTL_S * 1000  # reads the key (a worker that had just registered read "no heartbeat")
+        # The token is the next poll's to read: the last poll's may be a restarted worker's predecessor's, which
+        # showed the new process as "holding another process's registration" until then.
+        worker.row = WorkerRow(worker_id, status, current_job_id, at, row.last_heartbeat, ttl, row.problem)
         self.dirty = True
 
     def set_hardware(self, state: HardwareState) -> None:
@@ -310,7 +320,7 @@ class Aggregator:
             info = self.processes.get(spec.name)
             healthy, reason = self._process_health(spec.name, info)
             services[spec.name] = {
-                "healthy": healthy, "status": pm2_status(info.state if info else None),
+                "healthy": healthy, "status": pm2_status(info.state if info else None, spec.kind == "worker"),
                 "state": (info.state if info else "NOT_STARTED").lower(), "pid": info.pid if info and info.pid else None,
                 "restarts": info.restarts if info else 0, "uptime": round(info.uptime) if info else 0,
                 "kind": spec.kind, "required": spec.kind != "service" or spec.name in self.required,
@@ -363,14 +373,16 @@ class Aggregator:
             w_healthy, _ = self._worker_health(w)
             if w.service_process:
                 verdict = self.health.get(w.service_process)
-                known = verdict is not None or (sinfo is not None and sinfo.state not in UP)
-                s_ok = bool(verdict and verdict[0]) and sinfo is not None and sinfo.state in UP
+                known = verdict is not None or (sinfo is not None and sinfo.state != "RUNNING")
+                s_ok = bool(verdict and verdict[0]) and sinfo is not None and sinfo.state == "RUNNING"
             else:
-                known = w.row is not None or (winfo is not None and winfo.state not in UP)
+                # (Redis answers a row for a worker that never registered: status "", not yet known)
+                known = bool(w.row and w.row.status) or (winfo is not None and winfo.state not in UP)
                 s_ok = w_healthy
             # A full state disk fails every job (its outputs, logs): no service of this machine is healthy.
             health = "unhealthy" if disk_full else "unknown" if not known else "healthy" if s_ok else "unhealthy"
-            active = sinfo is not None and sinfo.state in UP and winfo is not None and winfo.state in UP
+            s_up = sinfo is not None and (sinfo.state == "RUNNING" if w.service_process else sinfo.state in UP)
+            active = s_up and winfo is not None and winfo.state in UP
             row = None if self._others_registration(w, winfo) else w.row  # another process's: not this worker's
             status = (row.status if row and row.status else "offline") \
                 if winfo and (winfo.state in UP or self._table_unknown(winfo)) else "offline"
@@ -384,9 +396,12 @@ class Aggregator:
                 "last_activity": (row.last_status_change or row.last_heartbeat) if row else "",
                 "version": self.version}
             st_services[key] = {"status": "active" if active else "inactive", "health": health,
-                                "pm2_status": pm2_status(sinfo.state if sinfo else None)}
-        gpu_count = len(self.hardware.gpus) if self.hardware else len({s.gpu for s in self.plan.services
-                                                                       if s.gpu is not None})
+                                "pm2_status": pm2_status(sinfo.state if sinfo else None, not w.service_process)}
+        # The GPUs the machine runs services on (a manifest's `machine.gpus: 2` on a host whose NVML reads none,
+        # or fewer) or those NVML reads, whichever is more: the hardware reading alone said 0 beside workers on
+        # GPU 0 and GPU 1 (helper-190).
+        planned = len({s.gpu for s in self.plan.services if s.gpu is not None})
+        gpu_count = max(planned, len(self.hardware.gpus) if self.hardware else 0)
         return {
             "machine_id": self.plan.machine_id, "timestamp": 0, "update_type": "periodic",
             "health_url": self.health_url,

@@ -31,7 +31,8 @@ def token_pid_state(instance: str) -> str:
     """What this process can know of the worker process whose token (`pid-random-pidspace`, the `instance` field
     of worker:{id}: worker.new_instance) is `instance`: 'legacy' (not of that form: none, an earlier version's,
     a tool's), 'foreign' (another host or container: its pid says nothing here), 'dead' (this pid space, its
-    pid gone) or 'alive' (this pid space, its pid alive: that process, or one that reused its pid)."""
+    pid gone, or held now by a process that is no emp-machine worker: the pid was reused) or 'alive' (this
+    pid space, its pid an emp-machine worker's, or a process this one may not read)."""
     parts = instance.split("-")
     if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
         return "legacy"
@@ -42,8 +43,13 @@ def token_pid_state(instance: str) -> str:
     except ProcessLookupError:
         return "dead"
     except OSError:  # EPERM: a process of another user holds that pid now
-        pass
-    return "alive"
+        return "alive"
+    try:
+        argv = Path(f"/proc/{parts[0]}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "alive"
+    ours = any(b"emp_machine" in arg or b"emp-machine" in arg for arg in argv)  # -m emp_machine, or the script
+    return "alive" if ours and b"worker" in argv else "dead"
 
 
 def _slug(text: str) -> str:

@@ -21,7 +21,7 @@ release(id, wid, now, state)
 enqueue(id)
 add_event(id, {t = now, ev = 'handed_back', worker_id = wid, reason = ARGV[3]})
 if ARGV[5] == '1' then
-  publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = 'worker lost: ' .. ARGV[3],
+  publish('job_failed', {job_id = id, worker_id = wid, status = 'pending', error = 'attempt lost: ' .. ARGV[3],
     failed_at = iso(now), retry_count = finite_number(redis.call('HGET', jkey, 'retry_count')) or 0,
     can_retry = true, timestamp = now})
 end
