@@ -885,9 +885,9 @@ class Machine:
         """A second signal: the workers first get a SIGTERM of their own, which a draining worker takes as its
         second and hands its running jobs back at once (a SIGKILL left them claimed until their lease ran out),
         a short wait for them, then SIGKILL to the workers left (the rest is _forced_end's, after the last
-        words). supervisord goes first (SIGKILL): it would start
-        again what exits meanwhile (a program not yet held by the stop), after the last look for descendants,
-        and that one would outlive the machine. What it ran is the machine's then, as the subreaper."""
+        words). supervisord goes first (SIGKILL): it would start again what exits meanwhile (a program not yet
+        held by the stop), after the last look for descendants, and that one would outlive the machine. What
+        it ran is the machine's then, as the subreaper."""
         argvs = {tuple(s.argv) for s in self.plan.specs if s.kind == "worker"}
         # The workers are found before supervisord goes, under it: looked for after its SIGKILL, a worker read
         # while still its child, with supervisord already reaped (gone from /proc), was reached from nowhere,
