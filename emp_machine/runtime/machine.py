@@ -611,6 +611,12 @@ class Machine:
             # said even when the publisher's earlier failures were (it warns once a spell): the monitor marks the
             # machine disconnected 30 s on, never stopped, and its workers as Redis last had them
             step("status.shutdown_unsent", level=logging.WARNING, redis_url=st.redact_url(self.plan.redis_url))
+            return
+        # Redis hands a message to its subscribers after the publisher's reply, in the same pass of its loop: a
+        # Redis SIGKILLed as soon as that reply came (a forced stop's embedded one) could take the monitor's
+        # copy with it (CI, once). A second round trip ends after that pass.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._redis.ping(), 1.0)
 
     async def _refresh_processes(self, update_type: str) -> None:
         """supervisord's process table of now, for a status message about to go out (machine_ready, shutdown).
