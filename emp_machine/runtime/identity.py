@@ -5,6 +5,7 @@ Pure functions of what they are given: `manifest.load()` passes the environment 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 from emp_machine.errors import EmpError
 
 
+@functools.cache
 def pid_space() -> str:
     """Names the pid numbering this process sees: the kernel's boot id and this process's pid namespace.
     Two processes with the same pid space can tell by pid whether the other is alive; a container (another

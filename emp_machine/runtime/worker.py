@@ -86,7 +86,6 @@ _CREDENTIAL_CODES = frozenset(("NOAUTH", "WRONGPASS"))
 _LIVE_INSTANCES: set[str] = set()
 
 
-@functools.cache
 def new_instance() -> str:
     """This worker process's token in worker:{id}: `pid-random-pidspace`."""
     return f"{os.getpid()}-{os.urandom(6).hex()}-{pid_space()}"
