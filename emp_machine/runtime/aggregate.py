@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from emp_machine.runtime.identity import pid_space
+from emp_machine.runtime.identity import pid_space, token_parts
 from emp_machine.runtime.jobs import HEARTBEAT_TTL_S, WorkerRow
 from emp_machine.runtime.plan import REDIS_PROCESS, Plan
 from emp_machine.supervisor.control import ProcessInfo
@@ -270,13 +270,14 @@ class Aggregator:
         row = w.row
         if row is None or not row.instance or info is None or not info.pid or info.state not in UP:
             return ""
-        parts = row.instance.split("-")
-        if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
+        parts = token_parts(row.instance)
+        if parts is None:
             return ""  # no token of that form (an earlier version's, a tool's): as before
-        if parts[2] != self._pid_space:
+        pid, space = parts
+        if space != self._pid_space:
             return "holds the registration of another host's or container's process"
-        if int(parts[0]) != info.pid:
-            return f"holds the registration of another process (pid {parts[0]}; this worker's is {info.pid})"
+        if pid != info.pid:
+            return f"holds the registration of another process (pid {pid}; this worker's is {info.pid})"
         return ""
 
     def _table_unknown(self, info: ProcessInfo) -> bool:

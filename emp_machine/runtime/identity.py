@@ -29,25 +29,35 @@ def pid_space() -> str:
     return hashlib.sha256(f"{boot}/{space}".encode()).hexdigest()[:12]
 
 
+def token_parts(instance: str) -> tuple[int, str] | None:
+    """(pid, pid space) of a worker token (`pid-random-pidspace`: worker.new_instance); None for any other text
+    (none, an earlier version's, a tool's)."""
+    parts = instance.split("-")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
+        return None
+    return int(parts[0]), parts[2]
+
+
 def token_pid_state(instance: str) -> str:
     """What this process can know of the worker process whose token (`pid-random-pidspace`, the `instance` field
     of worker:{id}: worker.new_instance) is `instance`: 'legacy' (not of that form: none, an earlier version's,
     a tool's), 'foreign' (another host or container: its pid says nothing here), 'dead' (this pid space, its
     pid gone, or held now by a process that is no emp-machine worker: the pid was reused) or 'alive' (this
     pid space, its pid an emp-machine worker's, or a process this one may not read)."""
-    parts = instance.split("-")
-    if len(parts) != 3 or not parts[0].isdigit() or len(parts[2]) != 12:
+    parts = token_parts(instance)
+    if parts is None:
         return "legacy"
-    if parts[2] != pid_space():
+    pid, space = parts
+    if space != pid_space():
         return "foreign"
     try:
-        os.kill(int(parts[0]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return "dead"
     except OSError:  # EPERM: a process of another user holds that pid now
         return "alive"
     try:
-        argv = Path(f"/proc/{parts[0]}/cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "alive"
     ours = any(b"emp_machine" in arg or b"emp-machine" in arg for arg in argv)  # -m emp_machine, or the script

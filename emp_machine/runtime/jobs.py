@@ -1381,13 +1381,14 @@ async def settle_dead_worker(client: Any, worker_id: str, reason: str) -> tuple[
     worker offline. Over the machine's MiniRedis. Returns (the ids handed back, its status before: "" when
     it was offline already or never registered). Nothing is done while another live process may hold the id
     (see mark_worker_offline)."""
-    if (await _holder(client, worker_id))[1] in ("alive", "foreign"):
-        return [], ""  # another live process holds the id (see mark_worker_offline): its jobs are its own
-    keys, status = await client.execute_many([("HKEYS", active_key(worker_id)),
-                                              ("HGET", worker_key(worker_id), "status")])
-    for reply in (keys, status):
+    instance, keys, status = await client.execute_many([("HGET", worker_key(worker_id), "instance"),
+                                                        ("HKEYS", active_key(worker_id)),
+                                                        ("HGET", worker_key(worker_id), "status")])
+    for reply in (instance, keys, status):
         if isinstance(reply, Exception):
             raise reply
+    if token_pid_state(_text(instance) or "") in ("alive", "foreign"):
+        return [], ""  # another live process holds the id (see mark_worker_offline): its jobs are its own
     handed = [job_id for job_id in _text(keys)
               if await _run_script(client, "hand_back", job_id, worker_id, reason, "", "1") == "ok"]
     old = _text(status) or ""

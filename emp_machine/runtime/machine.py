@@ -969,9 +969,7 @@ class Machine:
         self._shutdown_exit_code = exit_code
         for task in self._probe_tasks:
             task.cancel()
-        self._shutdown_task = asyncio.create_task(self._shutdown())
-        self._tasks.add(self._shutdown_task)
-        self._shutdown_task.add_done_callback(self._tasks.discard)
+        self._shutdown_task = self._spawn(self._shutdown())
 
     async def _shutdown(self) -> None:
         try:
@@ -1133,10 +1131,11 @@ class Machine:
         return list(found.values())
 
     # -- helpers -----------------------------------------------------------------------------------------
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _write_pointer(self) -> None:
         """`run/machine.json` lets `emp-machine ps|restart|logs` find this machine without its manifest."""

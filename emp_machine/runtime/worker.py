@@ -39,7 +39,7 @@ from emp_machine.connectors.registry import ConnectorRegistry
 from emp_machine.errors import (ConnectorLoadError, DuplicateWorkerId, FatalJobError, JobCancelled, RetryableJobError,
                                 ServiceUnreachable, classify, describe_exception, machine_local_hint)
 from emp_machine.runtime import outputs
-from emp_machine.runtime.identity import machine_secrets, pid_space, token_pid_state, url_secrets
+from emp_machine.runtime.identity import machine_secrets, pid_space, token_parts, token_pid_state, url_secrets
 from emp_machine.runtime.jobs import (CANCELLED_ERROR, AsyncJobStore, Job, JobSignals, Ownership, active_key,
                                       cancel_and_wait, heartbeat_interval, heartbeat_key, job_key,
                                       redis_socket_options, statuses_json, worker_key)
@@ -99,7 +99,7 @@ def _predecessor(instance: str) -> str:
     state = token_pid_state(instance)
     if state in ("legacy", "foreign"):
         return "legacy" if state == "legacy" else "unknown"
-    if int(instance.split("-")[0]) == os.getpid():
+    if token_parts(instance)[0] == os.getpid():
         return "unknown" if instance in _LIVE_INSTANCES else "dead"
     return "dead" if state == "dead" else "unknown"
 
